@@ -1,0 +1,317 @@
+"""The hvctl command line: parses arguments, renders tables and progress. The only module that prints or exits."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from hvctl import __version__
+from hvctl.context import DEFAULT_URI, Context
+from hvctl.errors import GuestTimeout, HvctlError
+from hvctl.paths import DEFAULT_STATE_DIR
+
+app = typer.Typer(
+    name="hvctl", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    help="Provision and run model VMs on libvirt hosts: quotas, GPUs, an in-guest agent.",
+)
+image_app = typer.Typer(no_args_is_help=True, help="Build, list and remove guest images.")
+app.add_typer(image_app, name="image")
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
+
+
+class State:
+    debug = False
+    ctx: Context | None = None
+
+
+def ctx() -> Context:
+    assert State.ctx is not None
+    return State.ctx
+
+
+@app.callback()
+def main_options(
+    connect: Annotated[str, typer.Option("--connect", "-c", envvar="HVCTL_CONNECT",
+                                         help="libvirt URI of the host to act on.")] = DEFAULT_URI,
+    state_dir: Annotated[Path, typer.Option("--state-dir", envvar="HVCTL_STATE_DIR",
+                                            help="Where the ledger, images and VM disks live.")] = DEFAULT_STATE_DIR,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+) -> None:
+    State.debug = debug
+    State.ctx = Context(state_dir=state_dir, uri=connect)
+
+
+class RichReporter:
+    """Shows each step with a spinner on stderr, so stdout stays clean for --json."""
+
+    def __init__(self, title: str) -> None:
+        self.title = title
+        self.status = err.status(title)
+        self.started = time.monotonic()
+        self.last: tuple[str, float] | None = None
+
+    def step(self, message: str) -> None:
+        now = time.monotonic()
+        if self.last is not None:
+            err.print(f"  [green]✓[/] {self.last[0]} [dim]({now - self.last[1]:.2f} s)[/]")
+        self.last = (message, now)
+        self.status.update(f"{self.title}: {message}")
+
+    def __enter__(self) -> RichReporter:
+        self.status.start()
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self.status.stop()
+        if self.last is not None and exc is None:
+            err.print(f"  [green]✓[/] {self.last[0]} [dim]({time.monotonic() - self.last[1]:.2f} s)[/]")
+
+
+def emit_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+# -- VM lifecycle ---------------------------------------------------------------------------------------------
+
+
+@app.command()
+def create(
+    name: str,
+    vcpus: Annotated[int, typer.Option(help="Virtual CPUs.")] = 1,
+    memory: Annotated[int, typer.Option(help="Memory in MiB.")] = 256,
+    disk: Annotated[int, typer.Option(help="Overlay disk size in GiB.")] = 1,
+    image: Annotated[str, typer.Option(help="Image name (see `hvctl image list`).")] = "minimal",
+    tenant: Annotated[str, typer.Option(help="Owning tenant.")] = "default",
+    boot_timeout: Annotated[float, typer.Option(help="Seconds to wait for the guest to report ready.")] = 120.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create a VM: overlay disk, domain, start, and wait until the guest itself reports it is up."""
+    from hvctl.ops.create import create as create_vm
+    from hvctl.spec import VMSpec
+
+    spec = VMSpec.parse(name=name, vcpus=vcpus, memory_mib=memory, disk_gib=disk, image=image, tenant=tenant,
+                        host=ctx().host_name)
+    started = time.monotonic()
+    with RichReporter(f"create {name}") as reporter:
+        record = create_vm(ctx(), spec, reporter, boot_timeout=boot_timeout)
+    elapsed = time.monotonic() - started
+    if as_json:
+        emit_json(record.as_dict() | {"create_seconds": round(elapsed, 3)})
+    else:
+        out.print(f"[bold]{name}[/] is up on {record.host} in {elapsed:.1f} s "
+                  f"(ssh forward 127.0.0.1:{record.ssh_port})")
+
+
+@app.command("list")
+def list_cmd(as_json: JsonOpt = False) -> None:
+    """List VMs with the ledger's state, libvirt's state, and any disagreement between them."""
+    from hvctl.ops.inspect import list_vms
+
+    views, orphans = list_vms(ctx())
+    if as_json:
+        emit_json({"vms": [v.as_dict() for v in views], "orphans": [o.as_dict() for o in orphans]})
+        return
+    table = Table("NAME", "TENANT", "HOST", "STATE", "LIBVIRT", "VCPU", "MEM MiB", "SSH", "DRIFT")
+    for v in views:
+        r = v.record
+        table.add_row(r.name, r.tenant, r.host, r.state, v.actual.value if v.actual else "?", str(r.spec.vcpus),
+                      str(r.spec.memory_mib), str(r.ssh_port), f"[red]{v.drift}[/]" if v.drift else "")
+    for o in orphans:
+        table.add_row(o.vm, "?", o.host, "-", "?", "", "", "", f"[red]{o.problem}[/]")
+    out.print(table)
+
+
+@app.command()
+def show(name: str, as_json: JsonOpt = False) -> None:
+    """Everything hvctl knows about one VM, with its recent events."""
+    from hvctl.ops.inspect import describe_drift
+
+    c = ctx()
+    record = c.ledger.get_vm(name)
+    host = c.host(record.host)
+    actual = host.state(name)
+    data = record.as_dict() | {"actual": actual.value, "drift": describe_drift(record, actual)}
+    data["events"] = [{"ts": e.ts, "kind": e.kind, "message": e.message} for e in c.ledger.events(name, 20)]
+    if as_json:
+        emit_json(data)
+        return
+    table = Table.grid(padding=(0, 2))
+    for key in ("name", "tenant", "host", "state", "actual", "drift", "image", "vcpus", "memory_mib", "disk_gib",
+                "ssh_port", "overlay", "console_log", "agent_socket"):
+        value = data[key]
+        table.add_row(f"[bold]{key}[/]", f"[red]{value}[/]" if key == "drift" and value else str(value))
+    out.print(table)
+    out.print("[bold]events[/]")
+    for e in data["events"]:
+        out.print(f"  {time.strftime('%H:%M:%S', time.localtime(e['ts']))} {e['kind']:<18} {e['message']}")
+
+
+@app.command()
+def start(name: str, as_json: JsonOpt = False) -> None:
+    """Start a stopped VM and wait until the guest reports ready."""
+    from hvctl.ops.lifecycle import start as start_vm
+
+    with RichReporter(f"start {name}") as reporter:
+        waited = start_vm(ctx(), name, reporter)
+    if as_json:
+        emit_json({"name": name, "state": "running", "boot_seconds": round(waited, 3)})
+    else:
+        out.print(f"{name} is up ({waited:.1f} s)")
+
+
+@app.command()
+def stop(
+    name: str,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for a graceful power-off before destroying.")] = 30,
+    as_json: JsonOpt = False,
+) -> None:
+    """Gracefully shut a VM down; destroy it if it has not powered off within the timeout."""
+    from hvctl.ops.lifecycle import stop as stop_vm
+
+    with RichReporter(f"stop {name}") as reporter:
+        how = stop_vm(ctx(), name, timeout, reporter)
+    if as_json:
+        emit_json({"name": name, "state": "stopped", "how": how})
+    else:
+        out.print(f"{name} stopped ({how})")
+
+
+@app.command()
+def destroy(name: str, as_json: JsonOpt = False) -> None:
+    """Remove a VM entirely: domain, overlay disk, console log and ledger entry."""
+    from hvctl.ops.lifecycle import destroy as destroy_vm
+
+    with RichReporter(f"destroy {name}") as reporter:
+        destroy_vm(ctx(), name, reporter)
+    if as_json:
+        emit_json({"name": name, "destroyed": True})
+    else:
+        out.print(f"{name} destroyed")
+
+
+@app.command("console-log")
+def console_log(
+    name: str,
+    lines: Annotated[int, typer.Option("--lines", "-n", help="Only the last N lines (0: all).")] = 0,
+) -> None:
+    """Print the guest's serial console output."""
+    from hvctl.console import read_console
+
+    text = read_console(ctx().ledger.get_vm(name).console_log)
+    if lines:
+        text = "\n".join(text.splitlines()[-lines:])
+    sys.stdout.write(text if text.endswith("\n") or not text else text + "\n")
+
+
+@app.command()
+def doctor(as_json: JsonOpt = False) -> None:
+    """Check libvirtd, the accelerator, images, the state dir, and drift between the ledger and libvirt."""
+    from hvctl.doctor import run_checks
+
+    checks = run_checks(ctx())
+    if as_json:
+        emit_json([c.as_dict() for c in checks])
+    else:
+        for c in checks:
+            mark = "[green]ok[/]  " if c.ok else "[red]FAIL[/]"
+            out.print(f"{mark} {c.name:<14} {c.detail}" + (f"\n       [dim]{c.hint}[/]" if c.hint and not c.ok else ""))
+    if not all(c.ok for c in checks):
+        raise typer.Exit(1)
+
+
+# -- images ---------------------------------------------------------------------------------------------------
+
+
+@image_app.command("build")
+def image_build(
+    recipe: Annotated[str, typer.Argument(help="Shipped recipe name or path to a recipe .toml.")] = "minimal",
+    force: Annotated[bool, typer.Option(help="Rebuild even if an identical build is cached.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Build a guest image from a recipe; an unchanged recipe is served from the cache."""
+    started = time.monotonic()
+    with RichReporter(f"image build {recipe}") as reporter:
+        image = ctx().images.build(recipe, reporter.step, force=force)
+    if as_json:
+        emit_json(json.loads(image.model_dump_json()))
+    else:
+        out.print(f"image {image.name}@{image.content_hash} ready in {time.monotonic() - started:.1f} s "
+                  f"(kernel {image.kernel_version}, {image.size_bytes / 2**20:.1f} MiB)")
+
+
+@image_app.command("list")
+def image_list(as_json: JsonOpt = False) -> None:
+    """List built images."""
+    images = ctx().images.list()
+    if as_json:
+        emit_json([json.loads(i.model_dump_json()) for i in images])
+        return
+    table = Table("NAME", "HASH", "KIND", "KERNEL", "SIZE MiB", "BUILT")
+    for i in images:
+        table.add_row(i.name, i.content_hash, i.kind.value, i.kernel_version, f"{i.size_bytes / 2**20:.1f}",
+                      time.strftime("%Y-%m-%d %H:%M", time.localtime(i.built_at)))
+    out.print(table)
+
+
+@image_app.command("rm")
+def image_rm(name: str, as_json: JsonOpt = False) -> None:
+    """Remove every build of an image, unless a VM still uses it."""
+    c = ctx()
+    in_use = {r.base_disk for r in c.ledger.list_vms()}
+    removed = c.images.remove(name, in_use)
+    if as_json:
+        emit_json({"removed": [f"{i.name}@{i.content_hash}" for i in removed]})
+    else:
+        out.print(f"removed {len(removed)} build(s) of {name}")
+
+
+# -- entry point ----------------------------------------------------------------------------------------------
+
+
+def fail(message: str, code: int, hint: str | None = None, detail: str = "") -> NoReturn:
+    err.print(f"[red]hvctl: error:[/] {message}" + (f" [dim](hint: {hint})[/]" if hint else ""), soft_wrap=True)
+    if detail:
+        err.print(detail, markup=False, soft_wrap=True)
+    raise SystemExit(code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        try:
+            # Standalone mode: typer reports usage errors (unknown option, missing argument) itself, exit code 2.
+            app(args=argv, prog_name="hvctl")
+        finally:
+            if State.ctx is not None:
+                State.ctx.close()
+    except GuestTimeout as exc:
+        if State.debug:
+            raise
+        tail = "\n".join("  | " + line for line in exc.console_tail.splitlines())
+        fail(exc.message, exc.exit_code, exc.hint, f"last console lines:\n{tail}" if tail else "")
+    except HvctlError as exc:
+        if State.debug:
+            raise
+        fail(exc.message, exc.exit_code, exc.hint)
+    except KeyboardInterrupt:
+        fail("interrupted", 130)
+
+
+def version_string() -> str:
+    return f"hvctl {__version__}"
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("COLUMNS", "120")
+    main()

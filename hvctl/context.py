@@ -1,0 +1,78 @@
+"""What every command needs: the state dir, the ledger, the image store and a connection to the target host.
+
+Each is opened on first use, so a command that only reads the ledger never connects to libvirt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+from hvctl.designer import HostCapabilities
+from hvctl.domain import Accel
+from hvctl.errors import ImageError
+from hvctl.host import Host
+from hvctl.ledger import Ledger
+from hvctl.paths import StateDir
+from images.store import Image, ImageStore
+
+DEFAULT_URI = "qemu:///system"
+LOCAL_HOST = "local"
+
+
+@dataclass
+class Context:
+    state_dir: Path
+    uri: str = DEFAULT_URI
+    host_name: str = LOCAL_HOST
+    _hosts: dict[str, Host] = field(default_factory=dict, repr=False)
+
+    @cached_property
+    def paths(self) -> StateDir:
+        paths = StateDir(self.state_dir)
+        paths.ensure()
+        return paths
+
+    @cached_property
+    def ledger(self) -> Ledger:
+        ledger = Ledger(self.paths.ledger)
+        ledger.ensure_host(self.host_name, self.uri)
+        return ledger
+
+    @cached_property
+    def images(self) -> ImageStore:
+        return ImageStore(self.paths.images)
+
+    def host(self, name: str | None = None) -> Host:
+        name = name or self.host_name
+        if name not in self._hosts:
+            self._hosts[name] = Host(self.ledger.get_host(name).uri)
+        return self._hosts[name]
+
+    def capabilities(self, name: str | None = None) -> HostCapabilities:
+        """Host facts with the accelerator, probed once per host and cached in the ledger."""
+        name = name or self.host_name
+        record = self.ledger.get_host(name)
+        if record.accel is None or record.cpus is None or record.memory_mib is None:
+            host = self.host(name)
+            facts = host.facts()
+            probe_image = self._probe_image()
+            accel = host.probe_accelerator(probe_image.kernel, probe_image.initrd, self.paths.root / "probe")
+            self.ledger.record_host_facts(name, accel.value, facts.cpus, facts.memory_mib)
+            record = self.ledger.get_host(name)
+        return HostCapabilities(name=name, accel=Accel(record.accel or "qemu"), cpus=record.cpus or 1,
+                                memory_mib=record.memory_mib or 0)
+
+    def _probe_image(self) -> Image:
+        try:
+            return self.images.get("minimal")
+        except ImageError as exc:
+            raise ImageError("the accelerator probe boots the `minimal` image, which is not built",
+                             hint="run `hvctl image build minimal`") from exc
+
+    def close(self) -> None:
+        for host in self._hosts.values():
+            host.close()
+        if "ledger" in self.__dict__:
+            self.ledger.close()

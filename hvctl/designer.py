@@ -1,0 +1,99 @@
+"""Decisions: a VMSpec plus a host's capabilities plus what the ledger allocated becomes a Domain.
+
+The domain model only describes; every choice of accelerator, CPU model, devices and boot arguments is made here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from hvctl.domain import (
+    Accel,
+    CpuMode,
+    DirectBoot,
+    Disk,
+    Domain,
+    PcieRoot,
+    PciHostdev,
+    Rng,
+    SerialFile,
+    UnixChannel,
+    UserNetwork,
+)
+from hvctl.domain.devices import Device
+from hvctl.spec import VMSpec
+
+AGENT_CHANNEL = "org.hvctl.agent.0"
+
+
+@dataclass(frozen=True)
+class HostCapabilities:
+    """What the designer needs to know of a host; gathered by the host layer."""
+
+    name: str
+    accel: Accel
+    arch: str = "x86_64"
+    cpus: int = 1
+    memory_mib: int = 1024
+
+
+@dataclass(frozen=True)
+class BootArtifacts:
+    kernel: Path
+    initrd: Path
+    # Images with a root filesystem on the disk boot with root=/dev/vda; an initramfs image runs from RAM.
+    root_on_disk: bool = False
+
+
+@dataclass(frozen=True)
+class VMAllocation:
+    """Per-VM resources the ledger handed out: paths on the host and the SSH forward port."""
+
+    overlay: Path
+    console_log: Path
+    agent_socket: Path
+    ssh_port: int
+    ssh_bind_address: str = "127.0.0.1"
+    hostdevs: tuple[PciHostdev, ...] = ()
+    pcihole64_kib: int | None = None
+
+
+def kernel_cmdline(spec: VMSpec, boot: BootArtifacts, extra: tuple[str, ...] = ()) -> str:
+    args = ["console=ttyS0", "quiet", f"hvctl.name={spec.name}"]
+    if boot.root_on_disk:
+        args += ["root=/dev/vda", "rw"]
+    return " ".join([*args, *extra])
+
+
+def design(
+    spec: VMSpec,
+    host: HostCapabilities,
+    boot: BootArtifacts,
+    alloc: VMAllocation,
+    extra_cmdline: tuple[str, ...] = (),
+) -> Domain:
+    # Under TCG "maximum" gives the guest every feature QEMU can emulate (SSE4.2, AVX2: numpy 2 and torch need
+    # them); under KVM the host's own CPU is passed through so workloads get the real instruction set.
+    cpu_mode = CpuMode.HOST_PASSTHROUGH if host.accel is Accel.KVM else CpuMode.MAXIMUM
+    devices: tuple[Device, ...] = (
+        Disk(source=alloc.overlay),
+        SerialFile(path=alloc.console_log),
+        UnixChannel(path=alloc.agent_socket, name=AGENT_CHANNEL),
+        Rng(),
+        *alloc.hostdevs,
+    )
+    return Domain(
+        name=spec.name,
+        accel=host.accel,
+        memory_mib=spec.memory_mib,
+        vcpus=spec.vcpus,
+        boot=DirectBoot(boot.kernel, boot.initrd, kernel_cmdline(spec, boot, extra_cmdline)),
+        machine="q35",
+        arch=host.arch,
+        cpu_mode=cpu_mode,
+        devices=devices,
+        root_controller=PcieRoot(pcihole64_kib=alloc.pcihole64_kib),
+        network=UserNetwork(ssh_port=alloc.ssh_port, bind_address=alloc.ssh_bind_address),
+        metadata=(("tenant", spec.tenant), ("image", spec.image), ("spec", spec.model_dump_json())),
+    )

@@ -1,0 +1,82 @@
+"""hvctl doctor: is this host able to run hvctl's VMs, and does the ledger agree with libvirt?"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from hvctl.context import Context
+from hvctl.errors import HvctlError
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    hint: str | None = None
+    # A warning does not fail the doctor: the host works, but a capability (such as GPU passthrough) is absent.
+    warning: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "ok": self.ok, "warning": self.warning, "detail": self.detail, "hint": self.hint}
+
+
+def run_checks(ctx: Context) -> list[Check]:
+    checks: list[Check] = []
+    try:
+        ctx.paths.ensure()
+        writable = os.access(ctx.paths.root, os.W_OK)
+        checks.append(Check("state dir", writable, str(ctx.paths.root),
+                            None if writable else "run as root or pass --state-dir"))
+        checks.append(Check("ledger", True, f"{ctx.paths.ledger} (schema v{ctx.ledger.schema_version})"))
+    except HvctlError as exc:
+        return [*checks, Check("state dir", False, exc.message, exc.hint)]
+
+    from hvctl.host import libvirt_version
+
+    try:
+        host = ctx.host()
+        facts = host.facts()
+        checks.append(Check("libvirtd", True, f"{ctx.uri}: libvirt {libvirt_version()}, {facts.cpus} CPUs, "
+                                              f"{facts.memory_mib} MiB"))
+    except HvctlError as exc:
+        checks.append(Check("libvirtd", False, exc.message, exc.hint or "start libvirtd (`make daemons`)"))
+        return checks
+
+    images = ctx.images.list()
+    damaged = []
+    for image in images:
+        try:
+            image.verify()
+        except HvctlError as exc:
+            damaged.append(exc.message)
+    if not images:
+        checks.append(Check("images", False, "no images built", "run `hvctl image build minimal`"))
+    else:
+        names = ", ".join(f"{i.name}@{i.content_hash[:8]}" for i in images)
+        checks.append(Check("images", not damaged, "; ".join(damaged) or names,
+                            "rebuild with `hvctl image build NAME --force`" if damaged else None))
+
+    try:
+        caps = ctx.capabilities()
+        detail = "KVM (hardware virtualisation)" if caps.accel.value == "kvm" else \
+            "TCG (software emulation): KVM is absent or could not boot a probe kernel"
+        checks.append(Check("accelerator", True, detail, warning=caps.accel.value != "kvm"))
+    except HvctlError as exc:
+        checks.append(Check("accelerator", False, exc.message, exc.hint))
+
+    from vfio import host_checks
+
+    for vc in host_checks("/sys"):
+        checks.append(Check(vc.name, True, "present" if vc.ok else "missing: GPU passthrough unavailable",
+                            None if vc.ok else vc.hint, warning=not vc.ok))
+
+    from hvctl.ops.inspect import drift_report
+
+    drift = drift_report(ctx)
+    checks.append(Check("drift", not drift, "; ".join(f"{d.vm}@{d.host}: {d.problem}" for d in drift)
+                        or "ledger and libvirt agree",
+                        "inspect with `hvctl show NAME`; `hvctl destroy NAME` removes what is left" if drift else None))
+    return checks

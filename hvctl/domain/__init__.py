@@ -1,0 +1,9 @@
+"""Typed libvirt domain model: objects that turn into domain XML and back, with no decisions inside."""
+
+from hvctl.domain.devices import Disk, PciAddress, PcieRoot, PciHostdev, Rng, SerialFile, UnixChannel
+from hvctl.domain.model import Accel, CpuMode, DirectBoot, Domain, UserNetwork
+
+__all__ = [
+    "Accel", "CpuMode", "DirectBoot", "Disk", "Domain", "PciAddress", "PciHostdev", "PcieRoot", "Rng",
+    "SerialFile", "UnixChannel", "UserNetwork",
+]

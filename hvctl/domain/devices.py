@@ -1,0 +1,179 @@
+"""One class per device kind. Each turns itself into its libvirt XML element and parses it back; none decides."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Protocol, Self
+from xml.etree import ElementTree as ET
+
+
+class Device(Protocol):
+    tag: ClassVar[str]
+
+    def to_xml(self) -> ET.Element: ...
+
+
+class DeviceParser(Protocol):
+    def __call__(self, el: ET.Element) -> Device: ...
+
+
+def sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) -> ET.Element:
+    el = ET.SubElement(parent, tag, attrs)
+    if text is not None:
+        el.text = text
+    return el
+
+
+def req(el: ET.Element, path: str, attr: str | None = None) -> str:
+    """A required value from parsed XML; a missing one is a bug in whoever wrote the XML, so fail loudly."""
+    found = el.find(path) if path != "." else el
+    if found is None:
+        raise ValueError(f"<{el.tag}> lacks <{path}>")
+    value = found.get(attr) if attr else found.text
+    if value is None:
+        raise ValueError(f"<{el.tag}>/{path} lacks {attr or 'text'}")
+    return value
+
+
+@dataclass(frozen=True)
+class Disk:
+    tag: ClassVar[str] = "disk"
+    source: Path
+    target: str = "vda"
+    fmt: str = "qcow2"
+    bus: str = "virtio"
+    readonly: bool = False
+
+    def to_xml(self) -> ET.Element:
+        el = ET.Element("disk", type="file", device="disk")
+        sub(el, "driver", name="qemu", type=self.fmt)
+        sub(el, "source", file=str(self.source))
+        sub(el, "target", dev=self.target, bus=self.bus)
+        if self.readonly:
+            sub(el, "readonly")
+        return el
+
+    @classmethod
+    def from_xml(cls, el: ET.Element) -> Self:
+        return cls(source=Path(req(el, "source", "file")), target=req(el, "target", "dev"),
+                   fmt=req(el, "driver", "type"), bus=req(el, "target", "bus"),
+                   readonly=el.find("readonly") is not None)
+
+
+@dataclass(frozen=True)
+class SerialFile:
+    """The guest's first serial port, written to a file on the host: hvctl reads boot output from it."""
+
+    tag: ClassVar[str] = "serial"
+    path: Path
+
+    def to_xml(self) -> ET.Element:
+        el = ET.Element("serial", type="file")
+        sub(el, "source", path=str(self.path))
+        sub(el, "target", port="0")
+        return el
+
+    @classmethod
+    def from_xml(cls, el: ET.Element) -> Self:
+        return cls(path=Path(req(el, "source", "path")))
+
+
+@dataclass(frozen=True)
+class UnixChannel:
+    """A virtio-serial port whose host side is a unix socket; the agent RPC needs no guest network."""
+
+    tag: ClassVar[str] = "channel"
+    path: Path
+    name: str
+
+    def to_xml(self) -> ET.Element:
+        el = ET.Element("channel", type="unix")
+        sub(el, "source", mode="bind", path=str(self.path))
+        sub(el, "target", type="virtio", name=self.name)
+        return el
+
+    @classmethod
+    def from_xml(cls, el: ET.Element) -> Self:
+        return cls(path=Path(req(el, "source", "path")), name=req(el, "target", "name"))
+
+
+@dataclass(frozen=True)
+class Rng:
+    tag: ClassVar[str] = "rng"
+    backend: str = "/dev/urandom"
+
+    def to_xml(self) -> ET.Element:
+        el = ET.Element("rng", model="virtio")
+        sub(el, "backend", self.backend, model="random")
+        return el
+
+    @classmethod
+    def from_xml(cls, el: ET.Element) -> Self:
+        return cls(backend=req(el, "backend"))
+
+
+@dataclass(frozen=True)
+class PciAddress:
+    domain: int
+    bus: int
+    slot: int
+    function: int
+
+    @classmethod
+    def parse(cls, text: str) -> Self:
+        dom, bus, rest = text.split(":")
+        slot, fn = rest.split(".")
+        return cls(int(dom, 16), int(bus, 16), int(slot, 16), int(fn, 16))
+
+    def __str__(self) -> str:
+        return f"{self.domain:04x}:{self.bus:02x}:{self.slot:02x}.{self.function:x}"
+
+
+@dataclass(frozen=True)
+class PciHostdev:
+    """A host PCI function passed through with VFIO. ``managed='no'``: hvctl binds and releases it itself."""
+
+    tag: ClassVar[str] = "hostdev"
+    address: PciAddress
+
+    def to_xml(self) -> ET.Element:
+        el = ET.Element("hostdev", mode="subsystem", type="pci", managed="no")
+        sub(el, "driver", name="vfio")
+        source = sub(el, "source")
+        a = self.address
+        sub(source, "address", domain=f"0x{a.domain:04x}", bus=f"0x{a.bus:02x}", slot=f"0x{a.slot:02x}",
+            function=f"0x{a.function:x}")
+        return el
+
+    @classmethod
+    def from_xml(cls, el: ET.Element) -> Self:
+        def num(attr: str) -> int:
+            return int(req(el, "source/address", attr), 16)
+
+        return cls(PciAddress(num("domain"), num("bus"), num("slot"), num("function")))
+
+
+@dataclass(frozen=True)
+class PcieRoot:
+    """The q35 root complex. ``pcihole64_kib`` enlarges the 64-bit MMIO window that large-BAR GPUs need."""
+
+    tag: ClassVar[str] = "controller"
+    pcihole64_kib: int | None = None
+
+    def to_xml(self) -> ET.Element:
+        el = ET.Element("controller", type="pci", index="0", model="pcie-root")
+        if self.pcihole64_kib is not None:
+            sub(el, "pcihole64", str(self.pcihole64_kib), unit="KiB")
+        return el
+
+    @classmethod
+    def from_xml(cls, el: ET.Element) -> Self:
+        hole = el.find("pcihole64")
+        return cls(pcihole64_kib=int(hole.text) if hole is not None and hole.text else None)
+
+
+DEVICE_PARSERS: dict[str, DeviceParser] = {
+    "disk": Disk.from_xml, "serial": SerialFile.from_xml, "channel": UnixChannel.from_xml, "rng": Rng.from_xml,
+    "hostdev": PciHostdev.from_xml,
+}

@@ -1,0 +1,153 @@
+"""The libvirt domain as typed objects. ``Domain.to_xml()`` and ``Domain.from_xml()`` are inverses; no policy here.
+
+XML is built with ElementTree, never from string templates, so no value can change the document's structure.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Self
+from xml.etree import ElementTree as ET
+
+from hvctl.domain.devices import DEVICE_PARSERS, Device, PcieRoot, req, sub
+
+QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
+HVCTL_NS = "https://hvctl.dev/xmlns/vm/1"
+ET.register_namespace("qemu", QEMU_NS)
+ET.register_namespace("hvctl", HVCTL_NS)
+
+
+class Accel(enum.StrEnum):
+    KVM = "kvm"
+    # libvirt calls TCG, QEMU's software emulation, domain type "qemu".
+    TCG = "qemu"
+
+
+class CpuMode(enum.StrEnum):
+    HOST_PASSTHROUGH = "host-passthrough"
+    MAXIMUM = "maximum"
+
+
+@dataclass(frozen=True)
+class DirectBoot:
+    kernel: Path
+    initrd: Path
+    cmdline: str
+
+
+@dataclass(frozen=True)
+class UserNetwork:
+    """QEMU user-mode networking with an SSH forward, through <qemu:commandline>.
+
+    This libvirt rejects <interface type='user'> with the passt backend, and the built-in slirp interface cannot
+    forward host ports, so the NIC is passed to QEMU directly. It gets an explicit PCI slot on pcie.0; without one
+    it collides with the pcie-root-ports libvirt adds. ``restrict`` cuts the guest off from the host and from every
+    other VM's forwarded port; inbound forwards still work.
+    """
+
+    ssh_port: int
+    bind_address: str = "127.0.0.1"
+    restrict: bool = True
+    pci_slot: int = 0x9
+
+    def qemu_args(self) -> list[str]:
+        netdev = f"user,id=hvctl-net0,hostfwd=tcp:{self.bind_address}:{self.ssh_port}-:22"
+        if self.restrict:
+            netdev += ",restrict=on"
+        device = f"virtio-net-pci,netdev=hvctl-net0,bus=pcie.0,addr=0x{self.pci_slot:x}"
+        return ["-netdev", netdev, "-device", device]
+
+    @classmethod
+    def from_args(cls, args: list[str]) -> Self | None:
+        for i, arg in enumerate(args[:-1]):
+            if arg == "-netdev" and args[i + 1].startswith("user,id=hvctl-net0,"):
+                opts = dict(o.split("=", 1) for o in args[i + 1].split(",")[1:])
+                _proto, addr, ports = opts["hostfwd"].split(":", 2)
+                device = next(a for a in args if a.startswith("virtio-net-pci,netdev=hvctl-net0"))
+                slot = int(device.rsplit("addr=", 1)[1], 16)
+                return cls(ssh_port=int(ports.split("-")[0]), bind_address=addr,
+                           restrict=opts.get("restrict") == "on", pci_slot=slot)
+        return None
+
+
+@dataclass(frozen=True)
+class Domain:
+    name: str
+    accel: Accel
+    memory_mib: int
+    vcpus: int
+    boot: DirectBoot
+    machine: str = "q35"
+    arch: str = "x86_64"
+    cpu_mode: CpuMode = CpuMode.MAXIMUM
+    uuid: str | None = None
+    devices: tuple[Device, ...] = ()
+    root_controller: PcieRoot = field(default_factory=PcieRoot)
+    network: UserNetwork | None = None
+    metadata: tuple[tuple[str, str], ...] = ()
+
+    def to_xml(self) -> str:
+        root = ET.Element("domain", type=self.accel.value)
+        sub(root, "name", self.name)
+        if self.uuid:
+            sub(root, "uuid", self.uuid)
+        if self.metadata:
+            vm = sub(sub(root, "metadata"), f"{{{HVCTL_NS}}}vm")
+            for key, value in self.metadata:
+                sub(vm, f"{{{HVCTL_NS}}}{key}", value)
+        sub(root, "memory", str(self.memory_mib), unit="MiB")
+        sub(root, "vcpu", str(self.vcpus))
+        os_el = sub(root, "os")
+        sub(os_el, "type", "hvm", arch=self.arch, machine=self.machine)
+        sub(os_el, "kernel", str(self.boot.kernel))
+        sub(os_el, "initrd", str(self.boot.initrd))
+        sub(os_el, "cmdline", self.boot.cmdline)
+        sub(sub(root, "features"), "acpi")
+        sub(root, "cpu", mode=self.cpu_mode.value)
+        sub(root, "on_poweroff", "destroy")
+        sub(root, "on_reboot", "restart")
+        sub(root, "on_crash", "destroy")
+        devices = sub(root, "devices")
+        devices.append(self.root_controller.to_xml())
+        for device in self.devices:
+            devices.append(device.to_xml())
+        if self.network is not None:
+            cmdline = sub(root, f"{{{QEMU_NS}}}commandline")
+            for arg in self.network.qemu_args():
+                sub(cmdline, f"{{{QEMU_NS}}}arg", value=arg)
+        ET.indent(root)
+        return ET.tostring(root, encoding="unicode") + "\n"
+
+    @classmethod
+    def from_xml(cls, xml: str) -> Self:
+        root = ET.fromstring(xml)
+        devices: list[Device] = []
+        root_controller = PcieRoot()
+        for el in root.find("devices") or []:
+            if el.tag == "controller" and el.get("model") == "pcie-root":
+                root_controller = PcieRoot.from_xml(el)
+            elif el.tag in DEVICE_PARSERS and not (el.tag == "serial" and el.get("type") != "file"):
+                devices.append(DEVICE_PARSERS[el.tag](el))
+        args = [a.get("value", "") for a in root.iterfind(f"{{{QEMU_NS}}}commandline/{{{QEMU_NS}}}arg")]
+        meta = root.find(f"metadata/{{{HVCTL_NS}}}vm")
+        memory = root.find("memory")
+        unit = memory.get("unit", "KiB") if memory is not None else "KiB"
+        memory_mib = int(req(root, "memory")) // (1 if unit == "MiB" else 1024 if unit == "KiB" else 1)
+        cpu = root.find("cpu")
+        return cls(
+            name=req(root, "name"),
+            accel=Accel(req(root, ".", "type")),
+            memory_mib=memory_mib,
+            vcpus=int(req(root, "vcpu")),
+            boot=DirectBoot(Path(req(root, "os/kernel")), Path(req(root, "os/initrd")), req(root, "os/cmdline")),
+            machine=req(root, "os/type", "machine"),
+            arch=req(root, "os/type", "arch"),
+            cpu_mode=CpuMode(cpu.get("mode", "maximum")) if cpu is not None else CpuMode.MAXIMUM,
+            uuid=root.findtext("uuid"),
+            devices=tuple(devices),
+            root_controller=root_controller,
+            network=UserNetwork.from_args(args),
+            metadata=tuple((child.tag.split("}")[1], child.text or "") for child in (meta if meta is not None else [])),
+        )

@@ -1,0 +1,206 @@
+"""The host layer: the only module that imports libvirt. One ``Host`` per connection URI, local or remote.
+
+Binding quirks are recorded where the call is made. libvirt errors become hvctl's typed errors here, so nothing above
+this module needs to know libvirt's exception type.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from xml.etree import ElementTree as ET
+
+import libvirt
+
+from hvctl.domain import Accel, DirectBoot, Domain, SerialFile
+from hvctl.domain.model import HVCTL_NS
+from hvctl.errors import HostUnreachable, HypervisorError, NotFound
+
+# libvirt prints every error to stderr by default, before the caller sees the exception. We report errors ourselves.
+libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+
+PROBE_MARKER = "HVCTL-PROBE-OK"
+
+
+class DomainState(enum.StrEnum):
+    RUNNING = "running"
+    PAUSED = "paused"
+    SHUTOFF = "shutoff"
+    CRASHED = "crashed"
+    SHUTTING_DOWN = "shutting-down"
+    OTHER = "other"
+    MISSING = "missing"
+
+
+_STATE_MAP = {
+    libvirt.VIR_DOMAIN_RUNNING: DomainState.RUNNING,
+    libvirt.VIR_DOMAIN_BLOCKED: DomainState.RUNNING,
+    libvirt.VIR_DOMAIN_PAUSED: DomainState.PAUSED,
+    libvirt.VIR_DOMAIN_PMSUSPENDED: DomainState.PAUSED,
+    libvirt.VIR_DOMAIN_SHUTDOWN: DomainState.SHUTTING_DOWN,
+    libvirt.VIR_DOMAIN_SHUTOFF: DomainState.SHUTOFF,
+    libvirt.VIR_DOMAIN_CRASHED: DomainState.CRASHED,
+}
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    arch: str
+    cpus: int
+    memory_mib: int
+    domain_types: frozenset[str]
+    hostname: str
+
+
+class Host:
+    def __init__(self, uri: str, timeout: float = 10.0) -> None:
+        self.uri = uri
+        try:
+            # libvirt.open() blocks until the daemon answers or the transport fails; a dead local socket fails
+            # at once ("No such file or directory"), an unreachable remote one when ssh/tcp gives up.
+            self.conn = libvirt.open(uri)
+        except libvirt.libvirtError as exc:
+            raise HostUnreachable(f"cannot reach libvirt at {uri}: {_msg(exc)}",
+                                  hint="is libvirtd running? (`make daemons` starts one)") from None
+
+    def close(self) -> None:
+        with contextlib.suppress(libvirt.libvirtError):
+            self.conn.close()
+
+    def facts(self) -> HostFacts:
+        caps = ET.fromstring(self.conn.getCapabilities())
+        info = self.conn.getInfo()  # [model, memory MiB, cpus, mhz, nodes, sockets, cores, threads]
+        types = frozenset(d.get("type", "") for d in caps.iterfind("guest/arch/domain"))
+        return HostFacts(arch=caps.findtext("host/cpu/arch") or "x86_64", cpus=int(info[2]),
+                         memory_mib=int(info[1]), domain_types=types, hostname=self.conn.getHostname())
+
+    # -- domains ----------------------------------------------------------------------------------------------
+
+    def _lookup(self, name: str) -> libvirt.virDomain:
+        try:
+            return self.conn.lookupByName(name)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                raise NotFound(f"no domain {name!r} on {self.uri}") from None
+            raise HypervisorError(f"lookup of {name} failed: {_msg(exc)}") from None
+
+    def exists(self, name: str) -> bool:
+        try:
+            self._lookup(name)
+            return True
+        except NotFound:
+            return False
+
+    def define(self, xml: str) -> None:
+        with _errors("define"):
+            self.conn.defineXML(xml)
+
+    def start(self, name: str) -> None:
+        with _errors(f"start of {name}"):
+            self._lookup(name).create()
+
+    def shutdown(self, name: str) -> None:
+        """Ask the guest to power off (ACPI power button). Returns at once; poll ``state`` for the result."""
+        with _errors(f"shutdown of {name}"):
+            self._lookup(name).shutdown()
+
+    def destroy(self, name: str) -> None:
+        dom = self._lookup(name)
+        with _errors(f"destroy of {name}"):
+            if dom.isActive():
+                dom.destroy()
+
+    def undefine(self, name: str) -> None:
+        dom = self._lookup(name)
+        with _errors(f"undefine of {name}"):
+            # NVRAM would make a plain undefine fail on UEFI guests; we boot kernels directly, but be safe.
+            dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
+
+    def state(self, name: str) -> DomainState:
+        try:
+            dom = self._lookup(name)
+        except NotFound:
+            return DomainState.MISSING
+        with _errors(f"state of {name}"):
+            code, _reason = dom.state()
+        return _STATE_MAP.get(code, DomainState.OTHER)
+
+    def domain_states(self) -> dict[str, DomainState]:
+        with _errors("listing domains"):
+            domains = self.conn.listAllDomains()
+            return {d.name(): _STATE_MAP.get(d.state()[0], DomainState.OTHER) for d in domains}
+
+    def domain_xml(self, name: str) -> str:
+        with _errors(f"reading {name}'s XML"):
+            return str(self._lookup(name).XMLDesc(0))
+
+    def hvctl_domains(self) -> set[str]:
+        """Names of domains hvctl created: they carry hvctl's metadata element."""
+        names = set()
+        with _errors("listing domains"):
+            for dom in self.conn.listAllDomains():
+                try:
+                    dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, HVCTL_NS)
+                except libvirt.libvirtError:
+                    continue  # No hvctl metadata: someone else's domain.
+                names.add(dom.name())
+        return names
+
+    # -- accelerator probe ------------------------------------------------------------------------------------
+
+    def probe_accelerator(self, kernel: Path, initrd: Path, workdir: Path, timeout: float = 15.0) -> Accel:
+        """Decide KVM vs TCG by booting a tiny kernel once under KVM, never by trusting /dev/kvm's existence.
+
+        A /dev/kvm that belongs to a nested PVM hypervisor exists and opens, yet a stock kernel crashes under it;
+        only a real boot tells. If libvirt does not even offer the kvm domain type, there is nothing to try.
+        """
+        if "kvm" not in self.facts().domain_types:
+            return Accel.TCG
+        workdir.mkdir(parents=True, exist_ok=True)
+        console = workdir / "accel-probe.log"
+        console.unlink(missing_ok=True)
+        probe = Domain(
+            name=f"hvctl-accel-probe-{int(time.time() * 1000) % 10**9}", accel=Accel.KVM, memory_mib=128, vcpus=1,
+            boot=DirectBoot(kernel, initrd, f"console=ttyS0 panic=-1 hvctl.probe {PROBE_MARKER.lower()}"),
+            devices=(SerialFile(console),),
+        )
+        try:
+            # A transient domain: it vanishes when it powers off or is destroyed, leaving nothing defined.
+            dom = self.conn.createXML(probe.to_xml(), 0)
+        except libvirt.libvirtError:
+            return Accel.TCG
+        try:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if console.exists() and PROBE_MARKER in console.read_text(errors="replace"):
+                    return Accel.KVM
+                time.sleep(0.1)
+            return Accel.TCG
+        finally:
+            # It may already have powered itself off, which is what a successful probe does.
+            with contextlib.suppress(libvirt.libvirtError):
+                dom.destroy()
+
+
+@contextmanager
+def _errors(action: str) -> Iterator[None]:
+    try:
+        yield
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() in (libvirt.VIR_ERR_NO_CONNECT, libvirt.VIR_ERR_RPC):
+            raise HostUnreachable(f"{action}: lost the libvirt connection: {_msg(exc)}") from None
+        raise HypervisorError(f"{action} failed: {_msg(exc)}") from None
+
+
+def _msg(exc: libvirt.libvirtError) -> str:
+    return (exc.get_error_message() or str(exc)).strip()
+
+
+def libvirt_version() -> str:
+    v = libvirt.getVersion()
+    return f"{v // 1_000_000}.{v // 1000 % 1000}.{v % 1000}"

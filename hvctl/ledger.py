@@ -1,0 +1,273 @@
+"""The ledger: SQLite record of what was asked for and what was allocated.
+
+libvirt is the truth for what runs; the ledger is the truth for what was requested and handed out (names, ports,
+disks). Every state change is one transaction. Writers take the database lock up front (BEGIN IMMEDIATE) so that a
+check-then-insert, such as "is this name free, which port is free", cannot interleave with another process's.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hvctl.errors import AlreadyExists, LedgerError, NotFound
+from hvctl.spec import VMSpec
+
+# Each entry moves the schema one version forward. Never edit a released entry; append a new one.
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE hosts (
+        name TEXT PRIMARY KEY,
+        uri TEXT NOT NULL,
+        accel TEXT,
+        accel_probed_at REAL,
+        cpus INTEGER,
+        memory_mib INTEGER,
+        enabled INTEGER NOT NULL DEFAULT 1,
+        added_at REAL NOT NULL
+    );
+    CREATE TABLE vms (
+        name TEXT PRIMARY KEY,
+        tenant TEXT NOT NULL,
+        host TEXT NOT NULL REFERENCES hosts(name),
+        spec TEXT NOT NULL,
+        state TEXT NOT NULL,
+        image TEXT NOT NULL,
+        base_disk TEXT NOT NULL,
+        overlay TEXT NOT NULL UNIQUE,
+        console_log TEXT NOT NULL,
+        agent_socket TEXT NOT NULL,
+        ssh_port INTEGER NOT NULL,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        UNIQUE (host, ssh_port)
+    );
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        ts REAL NOT NULL,
+        vm TEXT,
+        host TEXT,
+        kind TEXT NOT NULL,
+        message TEXT NOT NULL,
+        data TEXT
+    );
+    CREATE INDEX events_vm ON events (vm, id);
+    """,
+]
+
+VM_STATES = ("creating", "running", "stopped", "destroying")
+DEFAULT_PORT_RANGE = (22200, 22999)
+
+
+@dataclass(frozen=True)
+class HostRecord:
+    name: str
+    uri: str
+    accel: str | None
+    accel_probed_at: float | None
+    cpus: int | None
+    memory_mib: int | None
+    enabled: bool
+
+
+@dataclass(frozen=True)
+class VMRecord:
+    name: str
+    tenant: str
+    host: str
+    spec: VMSpec
+    state: str
+    image: str
+    base_disk: Path
+    overlay: Path
+    console_log: Path
+    agent_socket: Path
+    ssh_port: int
+    created_at: float
+    updated_at: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "tenant": self.tenant, "host": self.host, "state": self.state,
+            "image": self.image, "vcpus": self.spec.vcpus, "memory_mib": self.spec.memory_mib,
+            "disk_gib": self.spec.disk_gib, "overlay": str(self.overlay), "console_log": str(self.console_log),
+            "agent_socket": str(self.agent_socket), "ssh_port": self.ssh_port, "created_at": self.created_at,
+            "spec": self.spec.model_dump(mode="json"),
+        }
+
+
+@dataclass(frozen=True)
+class Event:
+    id: int
+    ts: float
+    vm: str | None
+    host: str | None
+    kind: str
+    message: str
+
+
+class Ledger:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            # isolation_level=None: we issue BEGIN ourselves, so each transaction's boundaries are explicit.
+            self.db = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
+            self.db.row_factory = sqlite3.Row
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA foreign_keys=ON")
+            self.db.execute("PRAGMA busy_timeout=30000")
+            self._migrate()
+        except sqlite3.DatabaseError as exc:
+            raise LedgerError(f"cannot open ledger {path}: {exc}") from None
+
+    def close(self) -> None:
+        self.db.close()
+
+    @property
+    def schema_version(self) -> int:
+        return int(self.db.execute("PRAGMA user_version").fetchone()[0])
+
+    def _migrate(self) -> None:
+        with self.transaction():
+            current = self.schema_version
+            if current > len(MIGRATIONS):
+                raise LedgerError(f"ledger {self.path} has schema v{current}, newer than this hvctl "
+                                  f"(v{len(MIGRATIONS)})", hint="upgrade hvctl")
+            for version, script in enumerate(MIGRATIONS[current:], start=current + 1):
+                for statement in filter(str.strip, script.split(";")):
+                    self.db.execute(statement)
+                self.db.execute(f"PRAGMA user_version = {version}")
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    # -- hosts ------------------------------------------------------------------------------------------------
+
+    def ensure_host(self, name: str, uri: str) -> HostRecord:
+        with self.transaction() as db:
+            row = db.execute("SELECT * FROM hosts WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                db.execute("INSERT INTO hosts (name, uri, added_at) VALUES (?, ?, ?)", (name, uri, time.time()))
+            elif row["uri"] != uri:
+                # The URI the user connects with is the host's address; a changed one invalidates the probe.
+                db.execute("UPDATE hosts SET uri = ?, accel = NULL, accel_probed_at = NULL WHERE name = ?",
+                           (uri, name))
+        return self.get_host(name)
+
+    def get_host(self, name: str) -> HostRecord:
+        row = self.db.execute("SELECT * FROM hosts WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise NotFound(f"unknown host {name!r}")
+        return HostRecord(row["name"], row["uri"], row["accel"], row["accel_probed_at"], row["cpus"],
+                          row["memory_mib"], bool(row["enabled"]))
+
+    def list_hosts(self) -> list[HostRecord]:
+        names = [r[0] for r in self.db.execute("SELECT name FROM hosts ORDER BY name")]
+        return [self.get_host(n) for n in names]
+
+    def record_host_facts(self, name: str, accel: str, cpus: int, memory_mib: int) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE hosts SET accel = ?, accel_probed_at = ?, cpus = ?, memory_mib = ? WHERE name = ?",
+                       (accel, time.time(), cpus, memory_mib, name))
+
+    # -- vms --------------------------------------------------------------------------------------------------
+
+    def reserve_vm(
+        self, spec: VMSpec, host: str, base_disk: Path, overlay: Path, console_log: Path, agent_socket: Path,
+        port_range: tuple[int, int] = DEFAULT_PORT_RANGE, bind_address: str = "127.0.0.1",
+    ) -> VMRecord:
+        """Record the intent to create a VM and allocate its SSH port, atomically. State starts as 'creating'."""
+        now = time.time()
+        with self.transaction() as db:
+            if db.execute("SELECT 1 FROM vms WHERE name = ?", (spec.name,)).fetchone():
+                raise AlreadyExists(f"VM {spec.name!r} already exists")
+            used = {r[0] for r in db.execute("SELECT ssh_port FROM vms WHERE host = ?", (host,))}
+            port = _free_port(port_range, used, bind_address)
+            db.execute(
+                "INSERT INTO vms (name, tenant, host, spec, state, image, base_disk, overlay, console_log, "
+                "agent_socket, ssh_port, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (spec.name, spec.tenant, host, spec.model_dump_json(), "creating", spec.image, str(base_disk),
+                 str(overlay), str(console_log), str(agent_socket), port, now, now),
+            )
+            self._event(db, spec.name, host, "create.requested", f"create {spec.name} on {host}, ssh port {port}")
+        return self.get_vm(spec.name)
+
+    def set_state(self, name: str, state: str, message: str | None = None) -> None:
+        assert state in VM_STATES, state
+        with self.transaction() as db:
+            cur = db.execute("UPDATE vms SET state = ?, updated_at = ? WHERE name = ?", (state, time.time(), name))
+            if cur.rowcount == 0:
+                raise NotFound(f"no VM named {name!r}")
+            host = db.execute("SELECT host FROM vms WHERE name = ?", (name,)).fetchone()[0]
+            self._event(db, name, host, f"state.{state}", message or f"{name} is {state}")
+
+    def get_vm(self, name: str) -> VMRecord:
+        row = self.db.execute("SELECT * FROM vms WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise NotFound(f"no VM named {name!r}", hint="`hvctl list` shows the VMs hvctl knows")
+        return _vm_from_row(row)
+
+    def list_vms(self, host: str | None = None) -> list[VMRecord]:
+        query = "SELECT * FROM vms" + (" WHERE host = ?" if host else "") + " ORDER BY name"
+        return [_vm_from_row(r) for r in self.db.execute(query, (host,) if host else ())]
+
+    def delete_vm(self, name: str, message: str) -> None:
+        with self.transaction() as db:
+            row = db.execute("SELECT host FROM vms WHERE name = ?", (name,)).fetchone()
+            db.execute("DELETE FROM vms WHERE name = ?", (name,))
+            self._event(db, name, row[0] if row else None, "vm.deleted", message)
+
+    # -- events -----------------------------------------------------------------------------------------------
+
+    def log_event(self, vm: str | None, host: str | None, kind: str, message: str,
+                  data: dict[str, Any] | None = None) -> None:
+        with self.transaction() as db:
+            self._event(db, vm, host, kind, message, data)
+
+    @staticmethod
+    def _event(db: sqlite3.Connection, vm: str | None, host: str | None, kind: str, message: str,
+               data: dict[str, Any] | None = None) -> None:
+        db.execute("INSERT INTO events (ts, vm, host, kind, message, data) VALUES (?,?,?,?,?,?)",
+                   (time.time(), vm, host, kind, message, json.dumps(data) if data else None))
+
+    def events(self, vm: str | None = None, limit: int = 50) -> list[Event]:
+        query = "SELECT * FROM events" + (" WHERE vm = ?" if vm else "") + " ORDER BY id DESC LIMIT ?"
+        rows = self.db.execute(query, (vm, limit) if vm else (limit,)).fetchall()
+        return [Event(r["id"], r["ts"], r["vm"], r["host"], r["kind"], r["message"]) for r in reversed(rows)]
+
+
+def _vm_from_row(row: sqlite3.Row) -> VMRecord:
+    return VMRecord(
+        name=row["name"], tenant=row["tenant"], host=row["host"], spec=VMSpec.model_validate_json(row["spec"]),
+        state=row["state"], image=row["image"], base_disk=Path(row["base_disk"]), overlay=Path(row["overlay"]),
+        console_log=Path(row["console_log"]), agent_socket=Path(row["agent_socket"]), ssh_port=row["ssh_port"],
+        created_at=row["created_at"], updated_at=row["updated_at"],
+    )
+
+
+def _free_port(port_range: tuple[int, int], used: set[int], bind_address: str) -> int:
+    """The lowest port in range that no VM in the ledger holds and that nothing on this machine is bound to."""
+    for port in range(port_range[0], port_range[1] + 1):
+        if port in used:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((bind_address, port))
+            except OSError:
+                continue
+        return port
+    raise LedgerError(f"no free SSH forward port in {port_range[0]}-{port_range[1]}")

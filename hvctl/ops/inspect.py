@@ -1,0 +1,79 @@
+"""Read-only views: list, show, and drift between the ledger (what was asked) and libvirt (what runs)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from hvctl.context import Context
+from hvctl.errors import HostUnreachable
+from hvctl.host import DomainState
+from hvctl.ledger import VMRecord
+
+# Ledger state → the libvirt states that agree with it.
+_AGREES = {
+    "running": {DomainState.RUNNING},
+    "stopped": {DomainState.SHUTOFF},
+}
+
+
+@dataclass(frozen=True)
+class Drift:
+    vm: str
+    host: str
+    problem: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"vm": self.vm, "host": self.host, "problem": self.problem}
+
+
+@dataclass(frozen=True)
+class VMView:
+    record: VMRecord
+    actual: DomainState | None  # None: the host could not be reached.
+    drift: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        data = self.record.as_dict()
+        data["actual"] = self.actual.value if self.actual else "unknown"
+        data["drift"] = self.drift
+        return data
+
+
+def describe_drift(record: VMRecord, actual: DomainState) -> str | None:
+    if record.state in ("creating", "destroying"):
+        return f"an interrupted {record.state[:-3]}e left it half-done (libvirt: {actual.value})"
+    if actual is DomainState.MISSING:
+        return "in the ledger but libvirt has no such domain"
+    if actual not in _AGREES.get(record.state, {actual}):
+        if record.state == "running" and actual in (DomainState.SHUTOFF, DomainState.CRASHED):
+            return f"the guest powered off or crashed outside hvctl (libvirt: {actual.value})"
+        return f"ledger says {record.state}, libvirt says {actual.value}"
+    return None
+
+
+def list_vms(ctx: Context) -> tuple[list[VMView], list[Drift]]:
+    """Every VM in the ledger with its live state, plus domains hvctl made that the ledger has forgotten."""
+    views: list[VMView] = []
+    orphans: list[Drift] = []
+    records = ctx.ledger.list_vms()
+    for host_name in sorted({r.host for r in records} | {ctx.host_name}):
+        try:
+            host = ctx.host(host_name)
+            states = host.domain_states()
+            ours = host.hvctl_domains()
+        except HostUnreachable:
+            views += [VMView(r, None, "host unreachable") for r in records if r.host == host_name]
+            continue
+        for record in (r for r in records if r.host == host_name):
+            actual = states.get(record.name, DomainState.MISSING)
+            views.append(VMView(record, actual, describe_drift(record, actual)))
+        known = {r.name for r in records if r.host == host_name}
+        orphans += [Drift(n, host_name, "domain made by hvctl but absent from the ledger")
+                    for n in sorted(ours - known)]
+    return sorted(views, key=lambda v: v.record.name), orphans
+
+
+def drift_report(ctx: Context) -> list[Drift]:
+    views, orphans = list_vms(ctx)
+    return [Drift(v.record.name, v.record.host, v.drift) for v in views if v.drift] + orphans

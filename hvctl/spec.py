@@ -1,0 +1,81 @@
+"""Typed, immutable requests. Everything a user types passes through here before it can reach XML, a path or a shell."""
+
+from __future__ import annotations
+
+import enum
+import re
+from typing import Annotated, Any, Self
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+
+from hvctl.errors import InvalidSpec
+
+# A name becomes a libvirt domain name, a directory name and part of a disk path. The pattern admits nothing that
+# XML, a shell or a path could interpret: no dots (so no ".."), no slashes, no quotes, no spaces.
+NAME_PATTERN = r"^[a-z][a-z0-9-]{0,62}$"
+Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
+# Image names may carry a dot for versions ("base-1.2") but never start with one.
+ImageName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9.-]{0,62}$")]
+GpuModel = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+
+MAX_VCPUS = 256
+MIN_MEMORY_MIB = 64
+MAX_MEMORY_MIB = 4 * 1024 * 1024
+MAX_DISK_GIB = 16 * 1024
+MAX_GPUS = 16
+
+
+class WorkloadKind(enum.StrEnum):
+    LLM = "llm"
+    PERCEPTION = "perception"
+    TRAIN = "train"
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    @classmethod
+    def parse(cls, **values: Any) -> Self:
+        """Validate, turning pydantic's multi-line report into one InvalidSpec line per the CLI's contract."""
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            raise InvalidSpec(describe_validation_error(exc)) from None
+
+
+class GPURequest(Frozen):
+    count: int = Field(default=0, ge=0, le=MAX_GPUS)
+    model: GpuModel | None = None
+
+
+class VMSpec(Frozen):
+    name: Name
+    tenant: Name = "default"
+    vcpus: int = Field(default=1, ge=1, le=MAX_VCPUS)
+    memory_mib: int = Field(default=256, ge=MIN_MEMORY_MIB, le=MAX_MEMORY_MIB)
+    disk_gib: int = Field(default=1, ge=1, le=MAX_DISK_GIB)
+    image: ImageName = "minimal"
+    workload: WorkloadKind | None = None
+    gpus: GPURequest = GPURequest()
+    host: Name = "local"
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line naming every bad field, its value and the rule it broke."""
+    parts = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "value"
+        value = err.get("input")
+        rule = err["msg"]
+        if err["type"] == "string_pattern_mismatch":
+            pattern = err.get("ctx", {}).get("pattern", "")
+            rule = f"must match {pattern.strip('^$')}"
+        shown = repr(value) if isinstance(value, str | int | float) else None
+        parts.append(f"{field} {shown}: {rule}" if shown is not None else f"{field}: {rule}")
+    return "invalid request: " + "; ".join(parts)
+
+
+def check_name(name: str, what: str = "name") -> str:
+    if not re.fullmatch(NAME_PATTERN, name):
+        raise InvalidSpec(f"invalid {what} {name!r}: must match [a-z][a-z0-9-]{{0,62}}")
+    return name

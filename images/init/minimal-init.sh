@@ -1,0 +1,47 @@
+#!/bin/busybox sh
+# /init of hvctl's minimal guest. Everything it prints goes to the serial console, which hvctl reads.
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+for m in $(cat /etc/hvctl-modules); do insmod "/lib/modules/$m" 2>/dev/null; done
+
+arg() { for w in $(cat /proc/cmdline); do case "$w" in "$1"=*) echo "${w#*=}";; esac; done; }
+name=$(arg hvctl.name)
+[ -n "$name" ] && hostname "$name"
+
+if grep -qw hvctl.probe /proc/cmdline; then
+    # Accelerator probe: reaching this line proves the kernel booted under the accelerator being tried.
+    echo "HVCTL-PROBE-OK"
+    poweroff -f
+fi
+
+# A graceful shutdown from the host is an ACPI power-button press; busybox acpid runs CONFDIR/PWRF/00000080.
+mkdir -p /etc/acpi/PWRF
+printf '#!/bin/sh\necho "HVCTL-POWEROFF"\numount /mnt 2>/dev/null\nsync\npoweroff -f\n' > /etc/acpi/PWRF/00000080
+chmod +x /etc/acpi/PWRF/00000080
+acpid -c /etc/acpi -l /dev/null
+
+mkdir -p /mnt
+disk="none"
+for _ in 1 2 3 4 5 6 7 8 9 10; do [ -b /dev/vda ] && break; sleep 0.2; done
+if [ -b /dev/vda ] && mount -t ext4 /dev/vda /mnt 2>/dev/null; then
+    disk="$(cat /mnt/hvctl-image 2>/dev/null)"
+    # Writing proves the overlay is writable and really ours.
+    echo "booted $(date +%s)" >> /mnt/boots
+    sync
+fi
+echo "HVCTL-READY name=${name} kernel=$(uname -r) cpus=$(grep -c ^processor /proc/cpuinfo) mem_kb=$(awk '/MemTotal/ {print $2}' /proc/meminfo) disk=${disk}"
+
+# hvctl.tick=1 prints a counter every second: migration tests watch it continue on the destination.
+tick=$(arg hvctl.tick)
+hog=$(arg hvctl.hog)
+if [ "$hog" = "1" ]; then
+    echo "HVCTL-HOG started"
+    while :; do :; done
+fi
+n=0
+while :; do
+    if [ "$tick" = "1" ]; then echo "hvctl-tick $n"; n=$((n + 1)); fi
+    sleep 1
+done

@@ -1,0 +1,66 @@
+"""A declarative image recipe, validated and content-hashed so an unchanged recipe never rebuilds."""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import tomllib
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+INIT_DIR = Path(__file__).parent / "init"
+# Bumped when a builder changes what it produces from the same recipe, so old cache entries stop matching.
+BUILDER_VERSION = 1
+
+PackageName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9+.-]{0,99}$")]
+
+
+class RecipeKind(enum.StrEnum):
+    INITRAMFS = "initramfs"
+    DEBOOTSTRAP = "debootstrap"
+
+
+class Recipe(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9.-]{0,62}$")]
+    kind: RecipeKind
+    suite: Annotated[str, StringConstraints(pattern=r"^[a-z]+$")] = "bookworm"
+    kernel_package: PackageName = "linux-image-cloud-amd64"
+    packages: tuple[PackageName, ...] = ()
+    modules: tuple[Annotated[str, StringConstraints(pattern=r"^[a-z0-9_-]+$")], ...] = ()
+    init: Annotated[str, StringConstraints(pattern=r"^[a-z0-9_.-]+$")] | None = None
+
+    def content_hash(self) -> str:
+        """Hash of everything that decides the image's bytes: the recipe, the files it names, the builder."""
+        digest = hashlib.sha256()
+        digest.update(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode())
+        digest.update(str(BUILDER_VERSION).encode())
+        if self.init:
+            digest.update((INIT_DIR / self.init).read_bytes())
+        return digest.hexdigest()[:16]
+
+
+def load_recipe(name_or_path: str) -> Recipe:
+    from hvctl.errors import ImageError
+
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = RECIPES_DIR / f"{name_or_path}.toml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.toml")))
+        raise ImageError(f"no image recipe {name_or_path!r}; shipped recipes: {known}")
+    try:
+        return Recipe(**tomllib.loads(path.read_text()))
+    except (tomllib.TOMLDecodeError, ValidationError) as exc:
+        first = str(exc).splitlines()[0] if isinstance(exc, tomllib.TOMLDecodeError) else _first_error(exc)
+        raise ImageError(f"{path}: {first}") from None
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    return f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"

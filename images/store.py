@@ -1,0 +1,136 @@
+"""The image store: built images live under ``STATE/images/<name>@<hash>/``, each an immutable directory.
+
+A build happens in a hidden temporary directory and is renamed into place only when complete, so a build that fails
+halfway leaves nothing in the store. Running VMs' overlays point at a version's base disk; a rebuilt recipe gets a
+new directory instead of overwriting the one they use.
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from hvctl.errors import ImageError
+from images.recipe import Recipe, RecipeKind, load_recipe
+
+Progress = Callable[[str], None]
+
+
+class Image(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    content_hash: str
+    kind: RecipeKind
+    directory: Path
+    kernel_version: str
+    built_at: float
+    size_bytes: int
+
+    @property
+    def kernel(self) -> Path:
+        return self.directory / "vmlinuz"
+
+    @property
+    def initrd(self) -> Path:
+        return self.directory / "initrd.img"
+
+    @property
+    def base_disk(self) -> Path:
+        return self.directory / "base.qcow2"
+
+    def verify(self) -> None:
+        """Refuse an image whose files went missing or whose base disk qemu-img cannot read."""
+        for part in (self.kernel, self.initrd, self.base_disk):
+            if not part.is_file() or part.stat().st_size == 0:
+                raise ImageError(f"image {self.name} is damaged: {part.name} is missing or empty",
+                                 hint=f"rebuild it with `hvctl image build {self.name}`")
+        check = subprocess.run(["qemu-img", "check", "-q", str(self.base_disk)], capture_output=True, text=True)
+        if check.returncode != 0:
+            raise ImageError(f"image {self.name} is damaged: {check.stderr.strip() or 'qemu-img check failed'}",
+                             hint=f"rebuild it with `hvctl image build {self.name}`")
+
+
+class ImageStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def list(self) -> builtins.list[Image]:
+        images = []
+        for manifest in sorted(self.root.glob("*@*/manifest.json")):
+            try:
+                images.append(Image.model_validate_json(manifest.read_text()))
+            except ValueError:
+                continue  # A damaged manifest is reported by `hvctl doctor`, not fatal to listing.
+        return sorted(images, key=lambda i: (i.name, -i.built_at))
+
+    def get(self, name: str) -> Image:
+        """The newest build of an image name."""
+        for image in self.list():
+            if image.name == name:
+                return image
+        known = sorted({i.name for i in self.list()})
+        raise ImageError(
+            f"unknown image {name!r}" + (f"; built images: {', '.join(known)}" if known else "; no images are built"),
+            hint=f"build it with `hvctl image build {name}`",
+        )
+
+    def find(self, recipe: Recipe) -> Image | None:
+        directory = self.root / f"{recipe.name}@{recipe.content_hash()}"
+        manifest = directory / "manifest.json"
+        return Image.model_validate_json(manifest.read_text()) if manifest.is_file() else None
+
+    def build(self, recipe_name: str, progress: Progress | None = None, force: bool = False) -> Image:
+        recipe = load_recipe(recipe_name)
+        cached = self.find(recipe)
+        if cached is not None and not force:
+            return cached
+        self.root.mkdir(parents=True, exist_ok=True)
+        final = self.root / f"{recipe.name}@{recipe.content_hash()}"
+        work = self.root / f".build-{recipe.name}-{time.time_ns()}"
+        work.mkdir()
+        say = progress or (lambda _msg: None)
+        try:
+            if recipe.kind is RecipeKind.INITRAMFS:
+                from images.initramfs import build_initramfs_image
+
+                kernel_version = build_initramfs_image(recipe, work, say)
+            else:
+                raise ImageError(f"recipe kind {recipe.kind.value!r} has no builder in this version of hvctl")
+            size = sum(p.stat().st_size for p in work.iterdir() if p.is_file())
+            image = Image(name=recipe.name, content_hash=recipe.content_hash(), kind=recipe.kind,
+                          directory=final, kernel_version=kernel_version, built_at=time.time(), size_bytes=size)
+            (work / "manifest.json").write_text(image.model_dump_json(indent=2))
+            if final.exists():
+                shutil.rmtree(final)
+            work.rename(final)
+            return image
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    def remove(self, name: str, in_use: set[Path] | None = None) -> builtins.list[Image]:
+        """Remove every build of ``name`` unless a VM's overlay still uses its base disk."""
+        victims = [i for i in self.list() if i.name == name]
+        if not victims:
+            raise ImageError(f"unknown image {name!r}")
+        busy = [i for i in victims if in_use and i.base_disk in in_use]
+        if busy:
+            raise ImageError(f"image {name} is in use by a VM's disk; destroy those VMs first")
+        for image in victims:
+            shutil.rmtree(image.directory)
+        return victims
+
+    def prune_failed_builds(self) -> None:
+        for leftover in self.root.glob(".build-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def dump(images: builtins.list[Image]) -> str:
+    return json.dumps([json.loads(i.model_dump_json()) for i in images], indent=2)
