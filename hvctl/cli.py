@@ -15,7 +15,8 @@ from rich.table import Table
 
 from hvctl import __version__
 from hvctl.context import DEFAULT_URI, Context
-from hvctl.errors import GuestTimeout, HvctlError
+from hvctl.errors import GuestTimeout, HostUnreachable, HvctlError
+from hvctl.ops.inspect import Drift, VMView
 from hvctl.paths import DEFAULT_STATE_DIR
 
 app = typer.Typer(
@@ -75,8 +76,9 @@ class RichReporter:
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         self.status.stop()
-        if self.last is not None and exc is None:
-            err.print(f"  [green]✓[/] {self.last[0]} [dim]({time.monotonic() - self.last[1]:.2f} s)[/]")
+        if self.last is not None:
+            mark = "[green]✓[/]" if exc is None else "[red]✗[/]"
+            err.print(f"  {mark} {self.last[0]} [dim]({time.monotonic() - self.last[1]:.2f} s)[/]")
 
 
 def emit_json(data: Any) -> None:
@@ -119,10 +121,18 @@ def list_cmd(as_json: JsonOpt = False) -> None:
     """List VMs with the ledger's state, libvirt's state, and any disagreement between them."""
     from hvctl.ops.inspect import list_vms
 
-    views, orphans = list_vms(ctx())
+    views, orphans, unreachable = list_vms(ctx())
     if as_json:
-        emit_json({"vms": [v.as_dict() for v in views], "orphans": [o.as_dict() for o in orphans]})
-        return
+        emit_json({"vms": [v.as_dict() for v in views], "orphans": [o.as_dict() for o in orphans],
+                   "unreachable_hosts": [u.as_dict() for u in unreachable]})
+    else:
+        print_vm_table(views, orphans)
+    if unreachable:
+        # Show what the ledger knows, but a listing that could not ask every host must not look like success.
+        fail("; ".join(f"host {u.host}: {u.problem}" for u in unreachable), HostUnreachable.exit_code)
+
+
+def print_vm_table(views: list[VMView], orphans: list[Drift]) -> None:
     table = Table("NAME", "TENANT", "HOST", "STATE", "LIBVIRT", "VCPU", "MEM MiB", "SSH", "DRIFT")
     for v in views:
         r = v.record

@@ -10,6 +10,8 @@ from pathlib import Path
 from hvctl.errors import GuestTimeout
 
 READY_MARKER = "HVCTL-READY"
+# Printed by the minimal image when booted with `hvctl.probe`: proof that a kernel ran under the accelerator tried.
+PROBE_MARKER = "HVCTL-PROBE-OK"
 # Guests print ANSI colour and carriage returns; strip them so a tail is readable in a one-line error.
 _NOISE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\r")
 

@@ -21,6 +21,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -147,15 +148,20 @@ class PrivateLibvirtd:
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
                 raise HostUnreachable(f"libvirtd under {self.root} exited at start: {self._log_tail()}")
-            if self.socket.exists() and self._answers():
+            if self.socket.exists() and self._answers(deadline - time.monotonic()):
                 return self
             time.sleep(0.1)
         self.stop()
         raise HostUnreachable(f"libvirtd under {self.root} did not answer within {timeout:.0f} s")
 
-    def _answers(self) -> bool:
-        # A cheap liveness check that does not need libvirt-python in this process.
-        result = subprocess.run(["virsh", "-q", "-c", self.uri, "version"], capture_output=True, timeout=10)
+    def _answers(self, timeout: float) -> bool:
+        # A liveness check that does not need libvirt-python in this process. The first call can be slow: a daemon
+        # that sees a usable-looking /dev/kvm probes QEMU's capabilities before it answers.
+        try:
+            result = subprocess.run(["virsh", "-q", "-c", self.uri, "version"], capture_output=True,
+                                    timeout=max(timeout, 1.0))
+        except subprocess.TimeoutExpired:
+            return False
         return result.returncode == 0
 
     def _log_tail(self) -> str:
@@ -223,6 +229,26 @@ def _terminate(pid: int | None, timeout: float) -> None:
     os.kill(pid, signal.SIGKILL)
 
 
+def boots_under(accel: str, kernel: Path, initrd: Path, timeout: float = 20.0) -> bool:
+    """Boot the minimal image once with plain QEMU under ``accel`` ("kvm" or "tcg") and look for its probe marker.
+
+    This runs before any libvirtd exists, to decide whether the daemon must be kept from seeing /dev/kvm. The
+    device node alone proves nothing: on a nested PVM hypervisor it opens, and a stock kernel then crashes.
+    """
+    from hvctl.console import PROBE_MARKER
+
+    if accel == "kvm" and not Path("/dev/kvm").exists():
+        return False
+    cmd = ["qemu-system-x86_64", "-accel", accel, "-machine", "q35", "-m", "128", "-nodefaults", "-display", "none",
+           "-serial", "stdio", "-no-reboot", "-kernel", str(kernel), "-initrd", str(initrd),
+           "-append", "console=ttyS0 panic=-1 hvctl.probe"]
+    try:
+        result = subprocess.run(cmd, capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired as exc:
+        return PROBE_MARKER.encode() in (exc.stdout or b"")
+    return PROBE_MARKER.encode() in result.stdout
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m hvctl.devhost start|stop ROOT [--system] [--tcp-port N]`` for Makefiles and CI scripts."""
     import argparse
@@ -232,10 +258,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("root", type=Path)
     parser.add_argument("--system", action="store_true", help="be the machine's qemu:///system daemon")
     parser.add_argument("--tcp-port", type=int)
-    parser.add_argument("--no-hide-kvm", action="store_true")
+    parser.add_argument("--hide-kvm", choices=["yes", "no", "auto"], default="yes",
+                        help="auto: hide /dev/kvm only if a probe kernel fails to boot under KVM")
+    parser.add_argument("--probe-image", type=Path, help="image dir with vmlinuz and initrd.img, for --hide-kvm auto")
     args = parser.parse_args(argv)
-    daemon = PrivateLibvirtd(args.root, private=not args.system, tcp_port=args.tcp_port,
-                             hide_kvm=not args.no_hide_kvm)
+    hide = args.hide_kvm == "yes"
+    if args.hide_kvm == "auto" and args.action == "start":
+        if args.probe_image is None:
+            parser.error("--hide-kvm auto needs --probe-image")
+        hide = not boots_under("kvm", args.probe_image / "vmlinuz", args.probe_image / "initrd.img")
+        print(f"KVM {'is unusable: libvirtd will not see /dev/kvm' if hide else 'works'}", file=sys.stderr)
+    daemon = PrivateLibvirtd(args.root, private=not args.system, tcp_port=args.tcp_port, hide_kvm=hide)
     if args.action == "start":
         daemon.start()
         print(daemon.uri)

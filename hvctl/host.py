@@ -17,6 +17,7 @@ from xml.etree import ElementTree as ET
 
 import libvirt
 
+from hvctl.console import PROBE_MARKER
 from hvctl.domain import Accel, DirectBoot, Domain, SerialFile
 from hvctl.domain.model import HVCTL_NS
 from hvctl.errors import HostUnreachable, HypervisorError, NotFound
@@ -24,7 +25,6 @@ from hvctl.errors import HostUnreachable, HypervisorError, NotFound
 # libvirt prints every error to stderr by default, before the caller sees the exception. We report errors ourselves.
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
 
-PROBE_MARKER = "HVCTL-PROBE-OK"
 
 
 class DomainState(enum.StrEnum):
@@ -118,8 +118,9 @@ class Host:
     def undefine(self, name: str) -> None:
         dom = self._lookup(name)
         with _errors(f"undefine of {name}"):
-            # NVRAM would make a plain undefine fail on UEFI guests; we boot kernels directly, but be safe.
-            dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
+            # Plain undefine: hvctl boots kernels directly and never gives a guest UEFI NVRAM, and the flag that
+            # removes NVRAM (VIR_DOMAIN_UNDEFINE_NVRAM) is refused by libvirt's test driver.
+            dom.undefine()
 
     def state(self, name: str) -> DomainState:
         try:

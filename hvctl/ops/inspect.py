@@ -52,18 +52,21 @@ def describe_drift(record: VMRecord, actual: DomainState) -> str | None:
     return None
 
 
-def list_vms(ctx: Context) -> tuple[list[VMView], list[Drift]]:
-    """Every VM in the ledger with its live state, plus domains hvctl made that the ledger has forgotten."""
+def list_vms(ctx: Context) -> tuple[list[VMView], list[Drift], list[Drift]]:
+    """Every VM in the ledger with its live state; domains hvctl made that the ledger has forgotten; and the
+    hosts that could not be asked."""
     views: list[VMView] = []
     orphans: list[Drift] = []
+    unreachable: list[Drift] = []
     records = ctx.ledger.list_vms()
     for host_name in sorted({r.host for r in records} | {ctx.host_name}):
         try:
             host = ctx.host(host_name)
             states = host.domain_states()
             ours = host.hvctl_domains()
-        except HostUnreachable:
+        except HostUnreachable as exc:
             views += [VMView(r, None, "host unreachable") for r in records if r.host == host_name]
+            unreachable.append(Drift("", host_name, exc.message))
             continue
         for record in (r for r in records if r.host == host_name):
             actual = states.get(record.name, DomainState.MISSING)
@@ -71,9 +74,9 @@ def list_vms(ctx: Context) -> tuple[list[VMView], list[Drift]]:
         known = {r.name for r in records if r.host == host_name}
         orphans += [Drift(n, host_name, "domain made by hvctl but absent from the ledger")
                     for n in sorted(ours - known)]
-    return sorted(views, key=lambda v: v.record.name), orphans
+    return sorted(views, key=lambda v: v.record.name), orphans, unreachable
 
 
 def drift_report(ctx: Context) -> list[Drift]:
-    views, orphans = list_vms(ctx)
-    return [Drift(v.record.name, v.record.host, v.drift) for v in views if v.drift] + orphans
+    views, orphans, unreachable = list_vms(ctx)
+    return [Drift(v.record.name, v.record.host, v.drift) for v in views if v.drift] + orphans + unreachable

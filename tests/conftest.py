@@ -1,0 +1,136 @@
+"""Shared fixtures.
+
+Unit tests use libvirt's real test driver and temporary SQLite files. Tests marked ``vm`` boot real TCG guests under a
+private libvirtd that this session starts in its own mount namespace and stops at the end; they never touch the
+machine's system daemon.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from hvctl.context import Context
+from hvctl.devhost import PrivateLibvirtd
+from hvctl.ledger import VMRecord
+from hvctl.ops.create import create
+from hvctl.ops.lifecycle import destroy
+from hvctl.spec import VMSpec
+
+REPO = Path(__file__).resolve().parent.parent
+HVCTL = [sys.executable, "-m", "hvctl.cli"]
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--update-golden", action="store_true", help="rewrite tests/golden/*.xml from the code")
+
+
+@pytest.fixture
+def update_golden(request: pytest.FixtureRequest) -> bool:
+    return bool(request.config.getoption("--update-golden"))
+
+
+def short_tempdir(prefix: str) -> Path:
+    """A 0755 directory under /var/tmp: QEMU runs as libvirt-qemu and must traverse it, and agent socket paths
+    under it must stay within the 107-byte unix socket limit (pytest's tmp_path is 0700 and deep)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp"))
+    path.chmod(0o755)
+    return path
+
+
+def _vm_prerequisites_missing() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root to run a private libvirtd"
+    for tool in ("libvirtd", "virtlogd", "qemu-system-x86_64", "qemu-img", "unshare", "apt-get"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed"
+    return None
+
+
+@pytest.fixture(scope="session")
+def libvirtd() -> Iterator[PrivateLibvirtd]:
+    missing = _vm_prerequisites_missing()
+    if missing:
+        # Fail, not skip: `make test` promises these tests ran. CI installs everything they need.
+        pytest.fail(f"VM tests cannot run: {missing}")
+    daemon = PrivateLibvirtd(short_tempdir("hvd-"))
+    daemon.start()
+    yield daemon
+    daemon.stop()
+    shutil.rmtree(daemon.root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def image_dir(libvirtd: PrivateLibvirtd) -> Path:
+    """Build the minimal image once per session; every test's state dir links to it."""
+    from images.store import ImageStore
+
+    root = Path(os.environ.get("HVCTL_TEST_IMAGES", "/var/tmp/hvctl-test-images"))
+    root.mkdir(parents=True, exist_ok=True)
+    root.chmod(0o755)
+    ImageStore(root).build("minimal")
+    return root
+
+
+@pytest.fixture
+def state_dir(image_dir: Path) -> Iterator[Path]:
+    root = short_tempdir("hvs-")
+    (root / "images").symlink_to(image_dir)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def ctx(libvirtd: PrivateLibvirtd, state_dir: Path) -> Iterator[Context]:
+    context = Context(state_dir=state_dir, uri=libvirtd.uri)
+    yield context
+    context.close()
+
+
+@pytest.fixture
+def make_vm(ctx: Context, request: pytest.FixtureRequest) -> Iterator[Callable[..., VMRecord]]:
+    """VM factory: creates real guests and always destroys them; keeps a failed test's console logs."""
+    made: list[str] = []
+
+    def factory(name: str, boot_timeout: float = 90.0, **spec: object) -> VMRecord:
+        made.append(name)
+        return create(ctx, VMSpec.parse(name=name, memory_mib=128, **spec), boot_timeout=boot_timeout)
+
+    yield factory
+    failed = getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed
+    for name in made:
+        console = ctx.paths.console_log(name)
+        if failed and console.exists():
+            keep = REPO / ".state" / "failed-consoles" / f"{request.node.name}-{name}.log"
+            keep.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(console, keep)
+        # The VM may never have been created (tests of refused requests); the test itself reports why.
+        with contextlib.suppress(Exception):
+            destroy(ctx, name)
+
+
+@pytest.hookimpl(tryfirst=True, hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    setattr(item, f"rep_{report.when}", report)
+
+
+@pytest.fixture
+def run_hvctl(libvirtd: PrivateLibvirtd, state_dir: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """Run the real `hvctl` CLI in a subprocess against the private daemon and this test's state dir."""
+
+    def run(*args: str, uri: str | None = None, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+        env = os.environ | {"HVCTL_STATE_DIR": str(state_dir), "HVCTL_CONNECT": uri or libvirtd.uri,
+                            "COLUMNS": "200", "NO_COLOR": "1"}
+        return subprocess.run([*HVCTL, *args], capture_output=True, text=True, env=env, timeout=timeout)
+
+    return run

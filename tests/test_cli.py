@@ -1,0 +1,76 @@
+"""The CLI contract for bad input: one line on stderr, a non-zero exit, no traceback, and nothing written."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import short_tempdir
+
+
+@pytest.fixture
+def tmp_path() -> Iterator[Path]:
+    """Shadows pytest's deep tmp_path: agent socket paths under the state dir must fit in 107 bytes."""
+    path = short_tempdir("hvc-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def hvctl(state: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    # A socket path that does not exist: any test that reached libvirt would fail loudly instead of passing.
+    env = os.environ | {"HVCTL_STATE_DIR": str(state), "HVCTL_CONNECT": "qemu:///system?socket=/nonexistent",
+                        "COLUMNS": "200", "NO_COLOR": "1"}
+    return subprocess.run([sys.executable, "-m", "hvctl.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=60)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["create", "Bad;Name"], "name 'Bad;Name': must match"),
+    (["create", "x$(reboot)"], "must match"),
+    (["create", "ok", "--vcpus", "0"], "vcpus 0"),
+    (["create", "ok", "--vcpus", "100000"], "vcpus 100000"),
+    (["create", "ok", "--memory", "0"], "memory_mib 0"),
+    (["create", "ok", "--memory", "99999999999"], "memory_mib"),
+    (["create", "ok", "--disk", "0"], "disk_gib 0"),
+    (["create", "ok", "--image", "../../etc/passwd"], "image"),
+    (["create", "ok", "--tenant", "ACME"], "tenant"),
+])
+def test_bad_create_input_is_one_line_and_writes_nothing(tmp_path: Path, args: list[str], needle: str) -> None:
+    state = tmp_path / "state"
+    result = hvctl(state, *args)
+    assert result.returncode == 2
+    assert result.stderr.startswith("hvctl: error: invalid request") and needle in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert result.stdout == ""
+    assert not state.exists(), "a refused request must not even create the state dir"
+
+
+def test_usage_errors_exit_2(tmp_path: Path) -> None:
+    result = hvctl(tmp_path, "create")
+    assert result.returncode == 2 and "Missing argument" in result.stderr
+
+
+def test_unknown_vm_is_a_clear_error(tmp_path: Path) -> None:
+    result = hvctl(tmp_path, "show", "nope")
+    assert result.returncode == 3 and "no VM named 'nope'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_unreachable_daemon_is_exit_5_and_debug_shows_the_traceback(tmp_path: Path) -> None:
+    plain = hvctl(tmp_path, "doctor")
+    assert plain.returncode == 1 and "cannot reach libvirt" in plain.stdout
+    listing = hvctl(tmp_path, "list")
+    assert listing.returncode == 5 and listing.stderr.startswith("hvctl: error: host local: cannot reach libvirt")
+    debug = hvctl(tmp_path, "--debug", "list", "--json")
+    assert "unreachable_hosts" in debug.stdout
+
+
+def test_help_lists_every_command(tmp_path: Path) -> None:
+    result = hvctl(tmp_path, "--help")
+    assert result.returncode == 0
+    for command in ("create", "list", "show", "start", "stop", "destroy", "console-log", "doctor", "image"):
+        assert command in result.stdout

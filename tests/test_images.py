@@ -1,0 +1,79 @@
+"""Image recipes and the store. Builds that touch apt run for real; the module resolver runs on a tree we make."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from hvctl.errors import ImageError
+from images.initramfs import module_closure
+from images.recipe import Recipe, load_recipe
+from images.store import Image, ImageStore
+
+
+def test_shipped_recipe_loads_and_hash_is_stable() -> None:
+    recipe = load_recipe("minimal")
+    assert recipe.kind == "initramfs" and "virtio_blk" in recipe.modules
+    assert recipe.content_hash() == load_recipe("minimal").content_hash()
+    changed = Recipe(**{**recipe.model_dump(), "modules": (*recipe.modules, "vfio")})
+    assert changed.content_hash() != recipe.content_hash()
+
+
+def test_bad_recipes_are_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(ImageError, match="no image recipe 'nope'; shipped recipes: minimal"):
+        load_recipe("nope")
+    bad = tmp_path / "bad.toml"
+    bad.write_text('name = "x"\nkind = "initramfs"\npackages = ["ok; rm -rf /"]\n')
+    with pytest.raises(ImageError, match="packages"):
+        load_recipe(str(bad))
+    bad.write_text("name = [")
+    with pytest.raises(ImageError, match="bad.toml"):
+        load_recipe(str(bad))
+
+
+def test_module_closure_orders_dependencies_first(tmp_path: Path) -> None:
+    (tmp_path / "modules.dep").write_text(
+        "kernel/virtio_blk.ko: kernel/virtio.ko kernel/virtio_ring.ko\n"
+        "kernel/virtio_ring.ko: kernel/virtio.ko\nkernel/virtio.ko:\nkernel/virtio_pci.ko: kernel/virtio.ko\n")
+    (tmp_path / "modules.builtin").write_text("kernel/fs/ext4/ext4.ko\n")
+    order = module_closure(tmp_path, ("virtio_blk", "virtio_pci", "ext4"))
+    assert order == ["kernel/virtio.ko", "kernel/virtio_ring.ko", "kernel/virtio_blk.ko", "kernel/virtio_pci.ko"]
+    with pytest.raises(ImageError, match="'nonesuch' is neither built in nor shipped"):
+        module_closure(tmp_path, ("nonesuch",))
+
+
+def test_a_build_that_fails_halfway_leaves_no_half_image(tmp_path: Path) -> None:
+    if shutil.which("apt-get") is None:
+        pytest.fail("apt-get is required (Debian host)")
+    recipe = tmp_path / "broken.toml"
+    recipe.write_text('name = "broken"\nkind = "initramfs"\npackages = ["hvctl-no-such-package"]\n'
+                      'init = "minimal-init.sh"\n')
+    store = ImageStore(tmp_path / "images")
+    with pytest.raises(ImageError, match="failed"):
+        store.build(str(recipe))
+    assert list((tmp_path / "images").iterdir()) == []
+    assert store.list() == []
+
+
+def test_unknown_and_damaged_images(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path)
+    with pytest.raises(ImageError, match="unknown image 'base'; no images are built"):
+        store.get("base")
+    directory = tmp_path / "fake@0000"
+    directory.mkdir()
+    image = Image(name="fake", content_hash="0000", kind="initramfs", directory=directory, kernel_version="6.1",
+                  built_at=1.0, size_bytes=0)
+    (directory / "manifest.json").write_text(image.model_dump_json())
+    assert [i.name for i in store.list()] == ["fake"]
+    with pytest.raises(ImageError, match="image fake is damaged: vmlinuz is missing"):
+        store.get("fake").verify()
+    for part in ("vmlinuz", "initrd.img"):
+        (directory / part).write_bytes(b"x")
+    (directory / "base.qcow2").write_bytes(b"QFI\xfb" + b"\x00" * 100)
+    with pytest.raises(ImageError, match="image fake is damaged"):
+        store.get("fake").verify()
+    (directory / "manifest.json").write_text(json.dumps({"garbage": True}))
+    assert store.list() == []

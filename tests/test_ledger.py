@@ -1,0 +1,107 @@
+"""The ledger on real SQLite files: migrations, atomic reservations under real concurrency, events."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+
+import pytest
+
+from hvctl.errors import AlreadyExists, LedgerError, NotFound
+from hvctl.ledger import MIGRATIONS, Ledger
+from hvctl.spec import VMSpec
+
+
+def reserve(ledger: Ledger, name: str, tmp: Path, port_range: tuple[int, int] = (22200, 22999)) -> int:
+    vm = tmp / name
+    return ledger.reserve_vm(VMSpec(name=name), "local", tmp / "base.qcow2", vm / "disk.qcow2", vm / "console.log",
+                             vm / "agent.sock", port_range=port_range).ssh_port
+
+
+@pytest.fixture
+def ledger(tmp_path: Path) -> Ledger:
+    led = Ledger(tmp_path / "ledger.sqlite3")
+    led.ensure_host("local", "qemu:///system")
+    return led
+
+
+def test_fresh_ledger_is_migrated_and_uses_wal(ledger: Ledger) -> None:
+    assert ledger.schema_version == len(MIGRATIONS)
+    assert ledger.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    tables = {r[0] for r in ledger.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"hosts", "vms", "events"} <= tables
+
+
+def test_reopening_does_not_migrate_twice(tmp_path: Path, ledger: Ledger) -> None:
+    reserve(ledger, "a", tmp_path)
+    ledger.close()
+    again = Ledger(tmp_path / "ledger.sqlite3")
+    assert [v.name for v in again.list_vms()] == ["a"]
+
+
+def test_ledger_from_a_newer_hvctl_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "future.sqlite3"
+    db = sqlite3.connect(path)
+    db.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 5}")
+    db.close()
+    with pytest.raises(LedgerError, match="newer than this hvctl"):
+        Ledger(path)
+
+
+def test_reservation_state_changes_and_events(ledger: Ledger, tmp_path: Path) -> None:
+    port = reserve(ledger, "web", tmp_path)
+    assert ledger.get_vm("web").state == "creating"
+    ledger.set_state("web", "running", "booted")
+    assert ledger.get_vm("web").state == "running"
+    with pytest.raises(AlreadyExists):
+        reserve(ledger, "web", tmp_path)
+    assert reserve(ledger, "db", tmp_path) != port
+    ledger.delete_vm("web", "gone")
+    with pytest.raises(NotFound):
+        ledger.get_vm("web")
+    kinds = [e.kind for e in ledger.events("web")]
+    assert kinds == ["create.requested", "state.running", "vm.deleted"]
+
+
+def test_failed_transaction_leaves_nothing(ledger: Ledger, tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError), ledger.transaction() as db:
+        db.execute("INSERT INTO events (ts, kind, message) VALUES (0, 'x', 'y')")
+        raise RuntimeError("boom")
+    assert ledger.db.execute("SELECT COUNT(*) FROM events WHERE kind = 'x'").fetchone()[0] == 0
+
+
+def test_ports_exhausted_is_a_clear_error(ledger: Ledger, tmp_path: Path) -> None:
+    reserve(ledger, "a", tmp_path, port_range=(22900, 22900))
+    with pytest.raises(LedgerError, match="no free SSH forward port in 22900-22900"):
+        reserve(ledger, "b", tmp_path, port_range=(22900, 22900))
+    with pytest.raises(NotFound):
+        ledger.get_vm("b")
+
+
+def test_concurrent_reservations_from_many_connections_never_collide(tmp_path: Path) -> None:
+    """Twenty threads, each with its own connection to one SQLite file, race to reserve VMs and ports."""
+    Ledger(tmp_path / "l.sqlite3").ensure_host("local", "qemu:///system")
+    ports: list[int] = []
+    errors: list[Exception] = []
+    barrier = threading.Barrier(20)
+
+    def worker(i: int) -> None:
+        led = Ledger(tmp_path / "l.sqlite3")
+        barrier.wait()
+        try:
+            ports.append(reserve(led, f"vm-{i}", tmp_path, port_range=(22300, 22339)))
+            # Every thread also races for the same name; exactly one may win.
+            ports.append(reserve(led, "contested", tmp_path, port_range=(22300, 22339)))
+        except AlreadyExists as exc:
+            errors.append(exc)
+        finally:
+            led.close()
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(ports) == 21 and len(set(ports)) == 21
+    assert len(errors) == 19

@@ -1,0 +1,44 @@
+"""VMSpec refuses anything that could reach XML, a path or a shell, and sizes out of bounds, in one line."""
+
+import pytest
+from pydantic import ValidationError
+
+from hvctl.errors import InvalidSpec
+from hvctl.spec import MAX_MEMORY_MIB, VMSpec
+
+
+@pytest.mark.parametrize("name", [
+    "Upper", "1starts-with-digit", "has space", "semi;colon", "quote'x", 'dq"x', "slash/x", "../etc", "dot.name",
+    "<tag>", "amp&x", "$(reboot)", "a" * 64, "", "new\nline", "ünicode",
+])
+def test_bad_names_are_refused_with_the_rule(name: str) -> None:
+    with pytest.raises(InvalidSpec) as exc:
+        VMSpec.parse(name=name)
+    assert "name" in exc.value.message
+    assert "[a-z][a-z0-9-]{0,62}" in exc.value.message
+    assert "\n" not in exc.value.message
+
+
+@pytest.mark.parametrize("field,value", [
+    ("vcpus", 0), ("vcpus", 100_000), ("memory_mib", 0), ("memory_mib", 16), ("memory_mib", MAX_MEMORY_MIB + 1),
+    ("disk_gib", 0), ("disk_gib", 10**7), ("vcpus", -1),
+])
+def test_sizes_out_of_bounds_are_refused(field: str, value: int) -> None:
+    with pytest.raises(InvalidSpec) as exc:
+        VMSpec.parse(name="ok", **{field: value})
+    assert field in exc.value.message and str(value) in exc.value.message
+
+
+def test_image_tenant_and_gpu_model_are_checked_too() -> None:
+    for bad in ({"image": "../x"}, {"tenant": "Bad Tenant"}, {"gpus": {"count": 1, "model": "a'b"}},
+                {"gpus": {"count": 99}}, {"workload": "bitcoin"}, {"unknown_field": 1}):
+        with pytest.raises(InvalidSpec):
+            VMSpec.parse(name="ok", **bad)
+
+
+def test_spec_is_frozen_and_has_sane_defaults() -> None:
+    spec = VMSpec.parse(name="web-1", workload="llm", gpus={"count": 1, "model": "H100"})
+    assert (spec.vcpus, spec.memory_mib, spec.disk_gib, spec.image, spec.host) == (1, 256, 1, "minimal", "local")
+    assert spec.workload == "llm" and spec.gpus.count == 1
+    with pytest.raises(ValidationError, match="frozen"):
+        spec.vcpus = 4  # type: ignore[misc]

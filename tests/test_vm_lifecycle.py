@@ -1,0 +1,204 @@
+"""Real guests under a private libvirtd: the full path from `hvctl create` to a guest that says it is up, and back.
+
+Every assertion about a guest is about what the guest itself did (its console), never only what libvirt reports.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from hvctl.context import Context
+from hvctl.errors import AlreadyExists, GuestTimeout, HypervisorError
+from hvctl.host import DomainState
+from hvctl.ledger import VMRecord
+from hvctl.ops.create import create
+from hvctl.spec import VMSpec
+
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(300)]
+
+Run = Callable[..., subprocess.CompletedProcess[str]]
+
+
+def assert_nothing_left(ctx: Context, name: str) -> None:
+    """No domain, no VM directory or overlay, no ledger row."""
+    assert ctx.host().state(name) is DomainState.MISSING
+    assert not ctx.paths.vm_dir(name).exists()
+    assert name not in {r.name for r in ctx.ledger.list_vms()}
+
+
+def test_create_list_show_console_destroy_through_the_cli(run_hvctl: Run, ctx: Context) -> None:
+    made = run_hvctl("create", "smoke", "--memory", "128", "--json")
+    assert made.returncode == 0, made.stderr
+    record = json.loads(made.stdout)
+    assert record["state"] == "running" and record["ssh_port"] >= 22200
+
+    # The guest itself reports its name, kernel, CPU count and that it mounted its own overlay disk.
+    console = run_hvctl("console-log", "smoke").stdout
+    ready = next(line for line in console.splitlines() if line.startswith("HVCTL-READY"))
+    assert "name=smoke" in ready and "cpus=1" in ready and "disk=minimal@" in ready
+    assert ctx.host().state("smoke") is DomainState.RUNNING
+    # QEMU is a real process with our disk open.
+    assert subprocess.run(["pgrep", "-f", "guest=smoke"], capture_output=True).returncode == 0
+
+    listing = json.loads(run_hvctl("list", "--json").stdout)
+    assert [(v["name"], v["state"], v["actual"], v["drift"]) for v in listing["vms"]] == [
+        ("smoke", "running", "running", None)]
+    table = run_hvctl("list").stdout
+    assert "smoke" in table and "running" in table
+    shown = json.loads(run_hvctl("show", "smoke", "--json").stdout)
+    assert shown["overlay"].endswith("vms/smoke/disk.qcow2") and shown["events"][-1]["kind"] == "state.running"
+
+    doctor = run_hvctl("doctor", "--json")
+    assert doctor.returncode == 0, doctor.stdout
+    assert {c["name"]: c["ok"] for c in json.loads(doctor.stdout)}["drift"] is True
+
+    gone = run_hvctl("destroy", "smoke")
+    assert gone.returncode == 0, gone.stderr
+    assert_nothing_left(ctx, "smoke")
+
+
+def test_graceful_stop_and_start_boots_again(make_vm: Callable[..., VMRecord], run_hvctl: Run,
+                                            ctx: Context) -> None:
+    vm = make_vm("cycle")
+    stopped = run_hvctl("stop", "cycle", "--timeout", "30", "--json")
+    assert stopped.returncode == 0, stopped.stderr
+    # The guest powered itself off in response to the ACPI button rather than being destroyed.
+    assert json.loads(stopped.stdout)["how"] == "graceful"
+    assert "reboot: Power down" in vm.console_log.read_text(errors="replace")
+    assert ctx.host().state("cycle") is DomainState.SHUTOFF
+    started = run_hvctl("start", "cycle")
+    assert started.returncode == 0, started.stderr
+    assert ctx.host().state("cycle") is DomainState.RUNNING
+    assert "HVCTL-READY name=cycle" in vm.console_log.read_text(errors="replace")
+    check = subprocess.run(["qemu-img", "info", "-U", "--output=json", str(vm.overlay)], capture_output=True, text=True)
+    assert json.loads(check.stdout)["backing-filename"].endswith("base.qcow2")
+
+
+def test_guest_that_powers_itself_off_is_reported_as_drift(make_vm: Callable[..., VMRecord], run_hvctl: Run,
+                                                          ctx: Context) -> None:
+    make_vm("lonely")
+    # Pressing the power button behind hvctl's back: the guest's own acpid powers it off.
+    ctx.host().shutdown("lonely")
+    deadline = time.monotonic() + 30
+    while ctx.host().state("lonely") is not DomainState.SHUTOFF and time.monotonic() < deadline:
+        time.sleep(0.2)
+    listing = json.loads(run_hvctl("list", "--json").stdout)
+    (vm,) = listing["vms"]
+    assert vm["state"] == "running" and vm["actual"] == "shutoff"
+    assert "powered off" in vm["drift"]
+    assert "powered off" in json.loads(run_hvctl("show", "lonely", "--json").stdout)["drift"]
+    doctor = run_hvctl("doctor")
+    assert doctor.returncode == 1 and "lonely" in doctor.stdout
+
+
+def test_duplicate_name_is_refused_and_the_first_vm_is_untouched(make_vm: Callable[..., VMRecord], run_hvctl: Run,
+                                                                ctx: Context) -> None:
+    first = make_vm("twin")
+    again = run_hvctl("create", "twin", "--memory", "128")
+    assert again.returncode == 4
+    assert "already exists" in again.stderr and "Traceback" not in again.stderr
+    assert ctx.host().state("twin") is DomainState.RUNNING and first.overlay.exists()
+    assert len(ctx.ledger.list_vms()) == 1
+
+
+def test_existing_disk_path_is_refused_and_left_alone(run_hvctl: Run, ctx: Context) -> None:
+    vm_dir = ctx.paths.vm_dir("squatter")
+    vm_dir.mkdir(parents=True)
+    ctx.paths.overlay("squatter").write_text("somebody's data")
+    result = run_hvctl("create", "squatter", "--memory", "128")
+    assert result.returncode == 4 and "disk path" in result.stderr and "already exists" in result.stderr
+    assert ctx.paths.overlay("squatter").read_text() == "somebody's data"
+    assert ctx.host().state("squatter") is DomainState.MISSING
+    assert ctx.ledger.list_vms() == []
+
+
+def _broken_image(ctx: Context, kernel_bytes: bytes) -> str:
+    """A copy of the minimal image with a replaced kernel, registered in this test's own image store."""
+    real = ctx.images.get("minimal")
+    store = ctx.paths.root / "images-broken"
+    target = store / f"broken@{real.content_hash}"
+    shutil.copytree(real.directory, target)
+    (target / "vmlinuz").write_bytes(kernel_bytes)
+    manifest = json.loads((target / "manifest.json").read_text())
+    manifest.update(name="broken", directory=str(target))
+    (target / "manifest.json").write_text(json.dumps(manifest))
+    # The test's images dir is a symlink to the shared session store; give this test a private store instead.
+    images = ctx.paths.images
+    images.unlink()
+    images.mkdir()
+    (images / real.directory.name).symlink_to(real.directory)
+    (images / target.name).symlink_to(target)
+    return "broken"
+
+
+def test_start_failure_halfway_through_create_leaves_nothing(run_hvctl: Run, ctx: Context) -> None:
+    # QEMU itself refuses to start: the "kernel" is not a bootable image. The domain is already defined and the
+    # overlay already made by then, so this exercises every undo step of create.
+    _broken_image(ctx, b"\x00not a kernel" * 64)
+    result = run_hvctl("create", "halfway", "--memory", "128", "--image", "broken")
+    assert result.returncode == HypervisorError.exit_code, result.stderr
+    assert "Traceback" not in result.stderr
+    # Progress lines come first; the error itself is exactly one line, and the step that failed is marked.
+    errors = [line for line in result.stderr.splitlines() if line.startswith("hvctl: error:")]
+    assert len(errors) == 1 and "start of halfway failed" in errors[0]
+    assert result.stderr.strip().splitlines()[-1] == errors[0]
+    assert "✗ starting" in result.stderr
+    assert_nothing_left(ctx, "halfway")
+    assert [e.kind for e in ctx.ledger.events("halfway")] == ["create.requested", "vm.deleted"]
+
+
+def test_guest_that_never_reports_ready_times_out_with_console_and_is_cleaned_up(ctx: Context) -> None:
+    # A real kernel that boots but whose init never runs: the kernel panics looking for a missing init.
+    spec = VMSpec.parse(name="mute", memory_mib=128)
+    with pytest.raises(GuestTimeout) as exc:
+        create(ctx, spec, boot_timeout=20, extra_cmdline=("rdinit=/no-such-init", "panic=0"))
+    assert "Kernel panic" in exc.value.console_tail or "No working init" in exc.value.console_tail
+    assert_nothing_left(ctx, "mute")
+
+
+def test_unknown_image_is_refused_before_anything_is_made(run_hvctl: Run, ctx: Context) -> None:
+    result = run_hvctl("create", "ghost", "--image", "no-such-image")
+    assert result.returncode == 8 and "unknown image 'no-such-image'" in result.stderr
+    assert_nothing_left(ctx, "ghost")
+
+
+def test_libvirtd_not_running_and_unreachable_uri(run_hvctl: Run, ctx: Context) -> None:
+    dead = run_hvctl("create", "nohost", uri="qemu:///system?socket=/var/tmp/hvctl-no-such/libvirt-sock")
+    assert dead.returncode == 5 and "cannot reach libvirt" in dead.stderr and "Traceback" not in dead.stderr
+    # Port 1 on loopback: nothing listens there, so the TCP transport is refused at once.
+    unreachable = run_hvctl("list", uri="qemu+tcp://127.0.0.1:1/system")
+    assert unreachable.returncode == 5 and "cannot reach libvirt" in unreachable.stderr
+    assert ctx.ledger.list_vms() == []
+    assert not ctx.paths.vm_dir("nohost").exists()
+
+
+def test_create_refuses_a_domain_defined_outside_hvctl(ctx: Context) -> None:
+    # Another tool owns a domain of that name; hvctl must not adopt or overwrite it.
+    image = ctx.images.get("minimal")
+    foreign = (f"<domain type='qemu'><name>foreign</name><memory unit='MiB'>64</memory><os><type>hvm</type>"
+               f"<kernel>{image.kernel}</kernel></os></domain>")
+    ctx.host().define(foreign)
+    try:
+        with pytest.raises(AlreadyExists, match="domain named 'foreign'"):
+            create(ctx, VMSpec.parse(name="foreign", memory_mib=128))
+        assert ctx.ledger.list_vms() == []
+    finally:
+        ctx.host().undefine("foreign")
+
+
+def test_accelerator_probe_answers_tcg_on_a_daemon_without_kvm(ctx: Context) -> None:
+    caps = ctx.capabilities()
+    assert caps.accel.value == "qemu"
+    assert ctx.ledger.get_host("local").accel == "qemu"  # cached per host
+
+
+def test_vm_dirs_are_traversable_by_qemu(ctx: Context, make_vm: Callable[..., VMRecord]) -> None:
+    vm = make_vm("perm")
+    assert Path(vm.overlay).parent.stat().st_mode & 0o055 == 0o055
