@@ -144,14 +144,23 @@ class PrivateLibvirtd:
             )
         finally:
             log.close()
+        try:
+            self._wait_until_answering(timeout)
+        except BaseException:
+            # Whatever went wrong (including Ctrl-C), leave no daemon behind.
+            self.stop()
+            raise
+        return self
+
+    def _wait_until_answering(self, timeout: float) -> None:
+        assert self._proc is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
                 raise HostUnreachable(f"libvirtd under {self.root} exited at start: {self._log_tail()}")
             if self.socket.exists() and self._answers(deadline - time.monotonic()):
-                return self
+                return
             time.sleep(0.1)
-        self.stop()
         raise HostUnreachable(f"libvirtd under {self.root} did not answer within {timeout:.0f} s")
 
     def _answers(self, timeout: float) -> bool:
