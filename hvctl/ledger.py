@@ -8,6 +8,7 @@ check-then-insert, such as "is this name free, which port is free", cannot inter
 from __future__ import annotations
 
 import json
+import os
 import socket
 import sqlite3
 import time
@@ -60,6 +61,17 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX events_vm ON events (vm, id);
     """,
+    """
+    ALTER TABLE vms ADD COLUMN agent_token TEXT;
+    ALTER TABLE vms ADD COLUMN host_pubkey TEXT;
+    ALTER TABLE vms ADD COLUMN seed TEXT;
+    CREATE TABLE tenant_keys (
+        tenant TEXT NOT NULL,
+        pubkey TEXT NOT NULL,
+        added_at REAL NOT NULL,
+        PRIMARY KEY (tenant, pubkey)
+    );
+    """,
 ]
 
 VM_STATES = ("creating", "running", "stopped", "destroying")
@@ -92,6 +104,9 @@ class VMRecord:
     ssh_port: int
     created_at: float
     updated_at: float
+    agent_token: str | None = None
+    host_pubkey: str | None = None
+    seed: Path | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -99,7 +114,7 @@ class VMRecord:
             "image": self.image, "vcpus": self.spec.vcpus, "memory_mib": self.spec.memory_mib,
             "disk_gib": self.spec.disk_gib, "overlay": str(self.overlay), "console_log": str(self.console_log),
             "agent_socket": str(self.agent_socket), "ssh_port": self.ssh_port, "created_at": self.created_at,
-            "spec": self.spec.model_dump(mode="json"),
+            "host_pubkey": self.host_pubkey, "spec": self.spec.model_dump(mode="json"),
         }
 
 
@@ -118,7 +133,11 @@ class Ledger:
         self.path = path
         try:
             # isolation_level=None: we issue BEGIN ourselves, so each transaction's boundaries are explicit.
+            fresh = not path.exists()
             self.db = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
+            if fresh:
+                # It holds agent tokens: readable by root only.
+                os.chmod(path, 0o600)
             self.db.row_factory = sqlite3.Row
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA foreign_keys=ON")
@@ -189,6 +208,7 @@ class Ledger:
     def reserve_vm(
         self, spec: VMSpec, host: str, base_disk: Path, overlay: Path, console_log: Path, agent_socket: Path,
         port_range: tuple[int, int] = DEFAULT_PORT_RANGE, bind_address: str = "127.0.0.1",
+        agent_token: str | None = None, host_pubkey: str | None = None, seed: Path | None = None,
     ) -> VMRecord:
         """Record the intent to create a VM and allocate its SSH port, atomically. State starts as 'creating'."""
         now = time.time()
@@ -199,9 +219,11 @@ class Ledger:
             port = _free_port(port_range, used, bind_address)
             db.execute(
                 "INSERT INTO vms (name, tenant, host, spec, state, image, base_disk, overlay, console_log, "
-                "agent_socket, ssh_port, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "agent_socket, ssh_port, created_at, updated_at, agent_token, host_pubkey, seed) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (spec.name, spec.tenant, host, spec.model_dump_json(), "creating", spec.image, str(base_disk),
-                 str(overlay), str(console_log), str(agent_socket), port, now, now),
+                 str(overlay), str(console_log), str(agent_socket), port, now, now, agent_token, host_pubkey,
+                 str(seed) if seed else None),
             )
             self._event(db, spec.name, host, "create.requested", f"create {spec.name} on {host}, ssh port {port}")
         return self.get_vm(spec.name)
@@ -231,6 +253,26 @@ class Ledger:
             db.execute("DELETE FROM vms WHERE name = ?", (name,))
             self._event(db, name, row[0] if row else None, "vm.deleted", message)
 
+    # -- tenant keys ------------------------------------------------------------------------------------------
+
+    def add_tenant_key(self, tenant: str, pubkey: str) -> bool:
+        """Authorise a public key for a tenant's future VMs. Returns False if it was already there."""
+        with self.transaction() as db:
+            cur = db.execute("INSERT OR IGNORE INTO tenant_keys (tenant, pubkey, added_at) VALUES (?, ?, ?)",
+                             (tenant, pubkey, time.time()))
+            if cur.rowcount:
+                self._event(db, None, None, "tenant.key-added", f"key added for tenant {tenant}")
+            return bool(cur.rowcount)
+
+    def tenant_keys(self, tenant: str | None = None) -> list[tuple[str, str]]:
+        query = "SELECT tenant, pubkey FROM tenant_keys" + (" WHERE tenant = ?" if tenant else "")
+        return [(r[0], r[1]) for r in self.db.execute(query + " ORDER BY tenant, added_at", (tenant,) if tenant
+                                                      else ())]
+
+    def set_host_pubkey(self, name: str, pubkey: str) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE vms SET host_pubkey = ? WHERE name = ?", (pubkey, name))
+
     # -- events -----------------------------------------------------------------------------------------------
 
     def log_event(self, vm: str | None, host: str | None, kind: str, message: str,
@@ -255,7 +297,8 @@ def _vm_from_row(row: sqlite3.Row) -> VMRecord:
         name=row["name"], tenant=row["tenant"], host=row["host"], spec=VMSpec.model_validate_json(row["spec"]),
         state=row["state"], image=row["image"], base_disk=Path(row["base_disk"]), overlay=Path(row["overlay"]),
         console_log=Path(row["console_log"]), agent_socket=Path(row["agent_socket"]), ssh_port=row["ssh_port"],
-        created_at=row["created_at"], updated_at=row["updated_at"],
+        created_at=row["created_at"], updated_at=row["updated_at"], agent_token=row["agent_token"],
+        host_pubkey=row["host_pubkey"], seed=Path(row["seed"]) if row["seed"] else None,
     )
 
 

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from hvctl.errors import ImageError
@@ -68,10 +69,20 @@ def module_closure(modules_dir: Path, wanted: tuple[str, ...]) -> list[str]:
     return ordered
 
 
-def build_initramfs_image(recipe: Recipe, work: Path, say: Callable[[str], None]) -> str:
+@dataclass(frozen=True)
+class KernelTree:
+    version: str
+    vmlinuz: Path
+    modules_dir: Path
+    busybox: Path
+
+
+def fetch_kernel(recipe: Recipe, work: Path, say: Callable[[str], None], extra: tuple[str, ...] = ()) -> KernelTree:
+    """Download and unpack the kernel package, busybox-static and ``extra`` packages; depmod the modules."""
     kernel_pkg = resolve_kernel_package(recipe.kernel_package)
-    say(f"downloading {kernel_pkg} and {', '.join(recipe.packages)}")
-    debs = download_debs([kernel_pkg, *recipe.packages], work / "debs")
+    packages = sorted({"busybox-static", *extra})
+    say(f"downloading {kernel_pkg} and {', '.join(packages)}")
+    debs = download_debs([kernel_pkg, *packages], work / "debs")
     unpacked = work / "unpacked"
     for deb in debs:
         _run(["dpkg-deb", "-x", str(deb), str(unpacked)])
@@ -79,45 +90,55 @@ def build_initramfs_image(recipe: Recipe, work: Path, say: Callable[[str], None]
     if not kernels:
         raise ImageError(f"{kernel_pkg} contained no kernel")
     version = kernels[-1].name.removeprefix("vmlinuz-")
-    shutil.copy(kernels[-1], work / "vmlinuz")
-
-    say("resolving kernel modules")
-    _run(["depmod", "-b", str(unpacked), version])
-    modules_dir = unpacked / "lib/modules" / version
-    order = module_closure(modules_dir, recipe.modules)
-
-    say("assembling initramfs")
-    tree = work / "initramfs"
-    for sub in ("bin", "dev", "proc", "sys", "etc", "mnt", "tmp"):
-        (tree / sub).mkdir(parents=True, exist_ok=True)
     busybox = unpacked / "bin/busybox"
     if not busybox.is_file():
         raise ImageError("busybox-static did not provide /bin/busybox")
-    shutil.copy(busybox, tree / "bin/busybox")
+    _run(["depmod", "-b", str(unpacked), version])
+    return KernelTree(version, kernels[-1], unpacked / "lib/modules" / version, busybox)
+
+
+def build_initramfs(kernel: KernelTree, modules: tuple[str, ...], init_script: str, out: Path, work: Path) -> None:
+    """A busybox initramfs whose /init is ``init_script``, with ``modules`` (and their dependencies) to insmod."""
+    order = module_closure(kernel.modules_dir, modules)
+    tree = work / "initramfs"
+    for sub in ("bin", "dev", "proc", "sys", "etc", "mnt", "tmp"):
+        (tree / sub).mkdir(parents=True, exist_ok=True)
+    shutil.copy(kernel.busybox, tree / "bin/busybox")
     for mod in order:
         target = tree / "lib/modules" / mod
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(modules_dir / mod, target)
+        shutil.copy(kernel.modules_dir / mod, target)
     (tree / "etc/hvctl-modules").write_text("\n".join(order) + "\n")
+    shutil.copy(INIT_DIR / init_script, tree / "init")
+    os.chmod(tree / "init", 0o755)
+    _write_cpio(tree, out)
+    shutil.rmtree(tree)
+
+
+def build_initramfs_image(recipe: Recipe, work: Path, say: Callable[[str], None]) -> str:
+    kernel = fetch_kernel(recipe, work, say, extra=recipe.packages)
+    shutil.copy(kernel.vmlinuz, work / "vmlinuz")
     if recipe.init is None:
         raise ImageError(f"recipe {recipe.name} names no init script")
-    shutil.copy(INIT_DIR / recipe.init, tree / "init")
-    os.chmod(tree / "init", 0o755)
-    _write_cpio(tree, work / "initrd.img")
+    say("assembling initramfs")
+    build_initramfs(kernel, recipe.modules, recipe.init, work / "initrd.img", work)
 
     say("creating base disk")
     disk_tree = work / "disk"
     disk_tree.mkdir()
     (disk_tree / "hvctl-image").write_text(f"{recipe.name}@{recipe.content_hash()}")
-    raw = work / "base.raw"
-    _run(["mkfs.ext4", "-q", "-F", "-L", "hvctl-root", "-d", str(disk_tree), str(raw), f"{BASE_DISK_MIB}M"])
-    _run(["qemu-img", "convert", "-q", "-O", "qcow2", str(raw), str(work / "base.qcow2")])
-    for scratch in (raw, work / "debs", unpacked, tree, disk_tree):
-        if scratch.is_dir():
-            shutil.rmtree(scratch)
-        else:
-            scratch.unlink()
-    return version
+    make_disk(disk_tree, work / "base.qcow2", BASE_DISK_MIB, work)
+    for scratch in (work / "debs", work / "unpacked", disk_tree):
+        shutil.rmtree(scratch)
+    return kernel.version
+
+
+def make_disk(tree: Path, out: Path, size_mib: int, work: Path) -> None:
+    """An ext4 filesystem made from a directory tree without mounting anything, converted to qcow2."""
+    raw = work / "disk.raw"
+    _run(["mkfs.ext4", "-q", "-F", "-L", "hvctl-root", "-d", str(tree), str(raw), f"{size_mib}M"])
+    _run(["qemu-img", "convert", "-q", "-O", "qcow2", str(raw), str(out)])
+    raw.unlink()
 
 
 def _write_cpio(tree: Path, out: Path) -> None:

@@ -17,6 +17,9 @@ INIT_DIR = Path(__file__).parent / "init"
 BUILDER_VERSION = 1
 
 PackageName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9+.-]{0,99}$")]
+ModuleName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9_-]+$")]
+FileName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9_.-]+$")]
+GUEST_DIR = Path(__file__).resolve().parent.parent / "guest"
 
 
 class RecipeKind(enum.StrEnum):
@@ -32,16 +35,29 @@ class Recipe(BaseModel):
     suite: Annotated[str, StringConstraints(pattern=r"^[a-z]+$")] = "bookworm"
     kernel_package: PackageName = "linux-image-cloud-amd64"
     packages: tuple[PackageName, ...] = ()
-    modules: tuple[Annotated[str, StringConstraints(pattern=r"^[a-z0-9_-]+$")], ...] = ()
-    init: Annotated[str, StringConstraints(pattern=r"^[a-z0-9_.-]+$")] | None = None
+    modules: tuple[ModuleName, ...] = ()
+    init: FileName | None = None
+    # Debian images only: a stage-1 initramfs init, modules the guest's own init loads, Python packages installed for
+    # the guest from the host (same cp311 ABI), whether hvctl's agent is baked in, and paths removed to save space.
+    stage1: FileName | None = None
+    guest_modules: tuple[ModuleName, ...] = ()
+    python_packages: tuple[Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.<>=!,-]*$")], ...] = ()
+    agent: bool = False
+    trim: tuple[Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_./-]*$")], ...] = ()
 
     def content_hash(self) -> str:
         """Hash of everything that decides the image's bytes: the recipe, the files it names, the builder."""
         digest = hashlib.sha256()
         digest.update(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode())
         digest.update(str(BUILDER_VERSION).encode())
-        if self.init:
-            digest.update((INIT_DIR / self.init).read_bytes())
+        for script in (self.init, self.stage1):
+            if script:
+                digest.update((INIT_DIR / script).read_bytes())
+        if self.agent:
+            # The agent is baked into the image, so its code is part of what the image is.
+            for source in sorted(GUEST_DIR.rglob("*.py")):
+                digest.update(str(source.relative_to(GUEST_DIR)).encode())
+                digest.update(source.read_bytes())
         return digest.hexdigest()[:16]
 
 

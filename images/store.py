@@ -33,6 +33,10 @@ class Image(BaseModel):
     kernel_version: str
     built_at: float
     size_bytes: int
+    # The base disk's virtual size: a VM's overlay must be at least this large.
+    disk_virtual_bytes: int = 0
+    # Whether hvctl's agent is baked in: then "up" means the agent answers, not only the console marker.
+    agent: bool = False
 
     @property
     def kernel(self) -> Path:
@@ -103,10 +107,15 @@ class ImageStore:
 
                 kernel_version = build_initramfs_image(recipe, work, say)
             else:
-                raise ImageError(f"recipe kind {recipe.kind.value!r} has no builder in this version of hvctl")
+                from images.rootfs import build_debian_image
+
+                kernel_version = build_debian_image(recipe, work, self.root / ".cache", say)
             size = sum(p.stat().st_size for p in work.iterdir() if p.is_file())
+            virtual = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(work / "base.qcow2")],
+                                                capture_output=True, text=True, check=True).stdout)["virtual-size"]
             image = Image(name=recipe.name, content_hash=recipe.content_hash(), kind=recipe.kind,
-                          directory=final, kernel_version=kernel_version, built_at=time.time(), size_bytes=size)
+                          directory=final, kernel_version=kernel_version, built_at=time.time(), size_bytes=size,
+                          disk_virtual_bytes=virtual, agent=recipe.agent)
             (work / "manifest.json").write_text(image.model_dump_json(indent=2))
             if final.exists():
                 shutil.rmtree(final)

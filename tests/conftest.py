@@ -49,7 +49,8 @@ def short_tempdir(prefix: str) -> Path:
 def _vm_prerequisites_missing() -> str | None:
     if os.geteuid() != 0:
         return "needs root to run a private libvirtd"
-    for tool in ("libvirtd", "virtlogd", "qemu-system-x86_64", "qemu-img", "unshare", "apt-get"):
+    for tool in ("libvirtd", "virtlogd", "qemu-system-x86_64", "qemu-img", "unshare", "apt-get", "genisoimage",
+                 "debootstrap"):
         if shutil.which(tool) is None:
             return f"{tool} is not installed"
     return None

@@ -23,7 +23,7 @@ def test_shipped_recipe_loads_and_hash_is_stable() -> None:
 
 
 def test_bad_recipes_are_clear_errors(tmp_path: Path) -> None:
-    with pytest.raises(ImageError, match="no image recipe 'nope'; shipped recipes: minimal"):
+    with pytest.raises(ImageError, match="no image recipe 'nope'; shipped recipes: base, minimal"):
         load_recipe("nope")
     bad = tmp_path / "bad.toml"
     bad.write_text('name = "x"\nkind = "initramfs"\npackages = ["ok; rm -rf /"]\n')

@@ -119,15 +119,16 @@ def test_existing_disk_path_is_refused_and_left_alone(run_hvctl: Run, ctx: Conte
     assert ctx.ledger.list_vms() == []
 
 
-def _broken_image(ctx: Context, kernel_bytes: bytes) -> str:
+def _broken_image(ctx: Context, kernel_bytes: bytes | None = None, **manifest_changes: object) -> str:
     """A copy of the minimal image with a replaced kernel, registered in this test's own image store."""
     real = ctx.images.get("minimal")
     store = ctx.paths.root / "images-broken"
     target = store / f"broken@{real.content_hash}"
     shutil.copytree(real.directory, target)
-    (target / "vmlinuz").write_bytes(kernel_bytes)
+    if kernel_bytes is not None:
+        (target / "vmlinuz").write_bytes(kernel_bytes)
     manifest = json.loads((target / "manifest.json").read_text())
-    manifest.update(name="broken", directory=str(target))
+    manifest.update(name="broken", directory=str(target), **manifest_changes)
     (target / "manifest.json").write_text(json.dumps(manifest))
     # The test's images dir is a symlink to the shared session store; give this test a private store instead.
     images = ctx.paths.images
@@ -152,6 +153,14 @@ def test_start_failure_halfway_through_create_leaves_nothing(run_hvctl: Run, ctx
     assert "✗ starting" in result.stderr
     assert_nothing_left(ctx, "halfway")
     assert [e.kind for e in ctx.ledger.events("halfway")] == ["create.requested", "vm.deleted"]
+
+
+def test_disk_smaller_than_the_image_is_refused_before_anything_is_made(run_hvctl: Run, ctx: Context) -> None:
+    _broken_image(ctx, disk_virtual_bytes=5 * 2**30)
+    result = run_hvctl("create", "small", "--image", "broken", "--disk", "2")
+    assert result.returncode == 2
+    assert "image broken needs a disk of at least 5 GiB; 2 GiB requested" in result.stderr
+    assert_nothing_left(ctx, "small")
 
 
 def test_guest_that_never_reports_ready_times_out_with_console_and_is_cleaned_up(ctx: Context) -> None:

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
-from hvctl.console import wait_for_ready
+from hvctl.agent_client import AgentClient, AgentError
+from hvctl.console import console_tail, wait_for_ready
 from hvctl.context import Context
 from hvctl.designer import BootArtifacts, VMAllocation, design
-from hvctl.errors import AlreadyExists, ImageError
+from hvctl.errors import AlreadyExists, GuestTimeout, ImageError, InvalidSpec
 from hvctl.host import DomainState
 from hvctl.ledger import VMRecord
 from hvctl.ops import Reporter, SilentReporter, Undo
+from hvctl.seed import build_seed, generate_ed25519, new_agent_token, operator_key, public_key_of
 from hvctl.spec import VMSpec
 
 DEFAULT_BOOT_TIMEOUT = 120.0
@@ -33,11 +36,19 @@ def create(ctx: Context, spec: VMSpec, reporter: Reporter | None = None,
         raise AlreadyExists(f"a domain named {spec.name!r} already exists on host {spec.host}")
     if overlay.exists():
         raise AlreadyExists(f"disk path {overlay} already exists", hint="remove it or pick another name")
+    if spec.disk_gib * 2**30 < image.disk_virtual_bytes:
+        need = -(-image.disk_virtual_bytes // 2**30)
+        raise InvalidSpec(f"image {image.name} needs a disk of at least {need} GiB; {spec.disk_gib} GiB requested")
+    authorized = [public_key_of(operator_key(paths.keys))] + [k for _, k in ctx.ledger.tenant_keys(spec.tenant)]
+    host_key = generate_ed25519(f"hvctl-host-{spec.name}")
+    token = new_agent_token()
 
     with Undo() as undo:
         say("reserving in the ledger")
+        seed = paths.seed(spec.name)
         record = ctx.ledger.reserve_vm(spec, spec.host, image.base_disk, overlay, paths.console_log(spec.name),
-                                       paths.agent_socket(spec.name))
+                                       paths.agent_socket(spec.name), agent_token=token,
+                                       host_pubkey=host_key.public_line, seed=seed)
         undo.push("forget the ledger row", lambda: ctx.ledger.delete_vm(spec.name, "create rolled back"))
 
         made_dir = not vm_dir.exists()
@@ -48,12 +59,15 @@ def create(ctx: Context, spec: VMSpec, reporter: Reporter | None = None,
         say(f"creating {spec.disk_gib} GiB overlay on {image.name}@{image.content_hash[:8]}")
         make_overlay(image.base_disk, overlay, spec.disk_gib)
         undo.push("remove the overlay disk", lambda: overlay.unlink(missing_ok=True))
+        say("writing the seed: hostname, SSH keys, the VM's own host key, agent token")
+        build_seed(seed, spec.name, authorized, host_key, token)
+        undo.push("remove the seed", lambda: seed.unlink(missing_ok=True))
 
         domain = design(
             spec, caps,
             BootArtifacts(kernel=image.kernel, initrd=image.initrd, root_on_disk=image.kind.value != "initramfs"),
             VMAllocation(overlay=overlay, console_log=record.console_log, agent_socket=record.agent_socket,
-                         ssh_port=record.ssh_port),
+                         ssh_port=record.ssh_port, seed=seed),
             extra_cmdline,
         )
         say(f"defining domain ({caps.accel.value}, q35, {spec.vcpus} vCPU, {spec.memory_mib} MiB)")
@@ -65,11 +79,27 @@ def create(ctx: Context, spec: VMSpec, reporter: Reporter | None = None,
         undo.push("destroy the domain", lambda: host.destroy(spec.name))
 
         say("waiting for the guest to report ready")
+        started = time.monotonic()
         line, waited = wait_for_ready(spec.name, record.console_log, boot_timeout,
                                       lambda: host.state(spec.name) is DomainState.RUNNING)
-        ctx.ledger.set_state(spec.name, "running", f"guest up after {waited:.2f} s: {line}")
+        message = f"guest up after {waited:.2f} s: {line}"
+        if image.agent:
+            say("waiting for the agent")
+            wait_for_agent(spec.name, record, boot_timeout - (time.monotonic() - started))
+            message += f"; agent ready after {time.monotonic() - started:.2f} s"
+        ctx.ledger.set_state(spec.name, "running", message)
         undo.commit()
     return ctx.ledger.get_vm(spec.name)
+
+
+def wait_for_agent(name: str, record: VMRecord, timeout: float) -> None:
+    """Agent-ready: the agent answered a ping with this VM's token. A timeout carries the console tail."""
+    assert record.agent_token is not None
+    try:
+        AgentClient(record.agent_socket, record.agent_token).wait_ready(max(timeout, 1.0))
+    except AgentError as exc:
+        raise GuestTimeout(f"the agent of {name} never answered: {exc.message}",
+                           console_tail=console_tail(record.console_log)) from None
 
 
 def make_overlay(base: Path, overlay: Path, size_gib: int) -> None:

@@ -1,0 +1,141 @@
+"""The agent RPC schema, shared by the in-guest agent and the controller.
+
+JSON lines: one request object per line, one reply object per line. Every request and reply is validated against these
+models on both sides. A request names a method; its ``params`` are validated against that method's params model, and
+the reply's ``result`` against its result model. Versioned by ``v``: a peer refuses a version it does not speak.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+PROTOCOL_VERSION = 1
+# A line longer than this is refused without being parsed, so a runaway peer cannot exhaust the agent's memory.
+MAX_MESSAGE_BYTES = 1 << 20
+# Output returned by exec is capped so that a reply always fits in one message.
+MAX_OUTPUT_BYTES = 256 << 10
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ErrorCode(enum.StrEnum):
+    MALFORMED = "malformed"
+    TOO_LARGE = "too-large"
+    UNSUPPORTED_VERSION = "unsupported-version"
+    UNKNOWN_METHOD = "unknown-method"
+    BAD_PARAMS = "bad-params"
+    UNAUTHORIZED = "unauthorized"
+    FAILED = "failed"
+    NOT_FOUND = "not-found"
+
+
+class Request(Model):
+    v: int
+    id: int
+    token: str = Field(max_length=256)
+    method: str = Field(max_length=64)
+    params: dict[str, Any] = {}
+
+
+class ErrorBody(Model):
+    code: ErrorCode
+    message: str
+
+
+class Reply(Model):
+    v: int = PROTOCOL_VERSION
+    id: int | None
+    ok: bool
+    result: dict[str, Any] | None = None
+    error: ErrorBody | None = None
+
+
+# -- per-method params and results ----------------------------------------------------------------------------
+
+
+class NoParams(Model):
+    pass
+
+
+class PingResult(Model):
+    pong: Literal[True] = True
+    agent_version: str
+    uptime_s: float
+
+
+class InfoResult(Model):
+    hostname: str
+    kernel: str
+    cpus: int
+    memory_mib: int
+    gpus: list[str]
+    python: str
+    packages: dict[str, str]
+
+
+class ExecParams(Model):
+    argv: list[str] = Field(min_length=1)
+    timeout_s: float = Field(default=60.0, gt=0, le=3600)
+    stdin: str = ""
+
+
+class ExecResult(Model):
+    exit_code: int
+    stdout: str
+    stderr: str
+    timed_out: bool
+    truncated: bool
+    duration_s: float
+
+
+class ShutdownResult(Model):
+    accepted: bool
+
+
+class WorkloadStartParams(Model):
+    kind: str = Field(pattern=r"^[a-z][a-z0-9-]{0,31}$")
+    args: list[str] = []
+
+
+class WorkloadRef(Model):
+    id: str = Field(pattern=r"^w[0-9]{1,9}$")
+
+
+class WorkloadLogsParams(Model):
+    id: str = Field(pattern=r"^w[0-9]{1,9}$")
+    offset: int = Field(default=0, ge=0)
+
+
+class WorkloadStatus(Model):
+    id: str
+    kind: str
+    state: Literal["running", "succeeded", "failed", "cancelled"]
+    exit_code: int | None
+    started_at: float
+    ended_at: float | None
+    result: dict[str, Any] | None
+    error: str | None
+
+
+class WorkloadLogs(Model):
+    id: str
+    data: str
+    next_offset: int
+    eof: bool
+
+
+METHODS: dict[str, tuple[type[Model], type[Model]]] = {
+    "ping": (NoParams, PingResult),
+    "info": (NoParams, InfoResult),
+    "exec": (ExecParams, ExecResult),
+    "shutdown": (NoParams, ShutdownResult),
+    "workload.start": (WorkloadStartParams, WorkloadStatus),
+    "workload.status": (WorkloadRef, WorkloadStatus),
+    "workload.logs": (WorkloadLogsParams, WorkloadLogs),
+    "workload.cancel": (WorkloadRef, WorkloadStatus),
+}

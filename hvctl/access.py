@@ -1,0 +1,162 @@
+"""SSH into VMs with paramiko: interactive shells, commands with streamed output, and file copies.
+
+The guest's host key is the one hvctl generated and wrote into its seed, so it is pinned from the very first
+connection; a guest presenting any other key is refused loudly (no trust on first use, no known_hosts prompts).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import os
+import select
+import sys
+import termios
+import time
+import tty
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+import paramiko
+
+from hvctl.errors import HvctlError
+from hvctl.ledger import VMRecord
+
+
+class AccessError(HvctlError):
+    exit_code = 11
+
+
+class HostKeyMismatch(AccessError):
+    exit_code = 12
+
+
+def _load_key(path: Path) -> paramiko.PKey:
+    try:
+        return paramiko.PKey.from_path(str(path))
+    except FileNotFoundError:
+        raise AccessError(f"identity file {path} does not exist") from None
+    except (paramiko.SSHException, ValueError) as exc:
+        raise AccessError(f"cannot load identity file {path}: {exc}") from None
+
+
+@contextlib.contextmanager
+def connect(record: VMRecord, identity: Path, user: str = "root", address: str = "127.0.0.1",
+            timeout: float = 15.0) -> Iterator[paramiko.SSHClient]:
+    if not record.host_pubkey:
+        raise AccessError(f"VM {record.name} has no host key on record; it was not made from an SSH-capable image")
+    key_type, key_b64 = record.host_pubkey.split()[:2]
+    pinned = paramiko.PKey.from_type_string(key_type, base64.b64decode(key_b64))
+    client = paramiko.SSHClient()
+    # Only the pinned key is known; RejectPolicy refuses anything else instead of learning it.
+    client.get_host_keys().add(f"[{address}]:{record.ssh_port}", key_type, pinned)
+    client.set_missing_host_key_policy(paramiko.RejectPolicy())
+    try:
+        client.connect(address, port=record.ssh_port, username=user, pkey=_load_key(identity), timeout=timeout,
+                       banner_timeout=timeout, auth_timeout=timeout, allow_agent=False, look_for_keys=False)
+    except paramiko.BadHostKeyException as exc:
+        raise HostKeyMismatch(
+            f"HOST KEY MISMATCH for {record.name} at {address}:{record.ssh_port}: it presented "
+            f"{exc.key.get_name()} {exc.key.fingerprint}, hvctl generated {pinned.fingerprint}. "
+            "Refusing to connect: something else is answering on this VM's port.") from None
+    except paramiko.AuthenticationException:
+        raise AccessError(f"{record.name} refused the key {identity} for user {user}",
+                          hint="tenants' keys open only their own tenant's VMs (`hvctl key list`)") from None
+    except (paramiko.SSHException, OSError) as exc:
+        raise AccessError(f"cannot SSH to {record.name} at {address}:{record.ssh_port}: {exc}") from None
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def wait_for_ssh(record: VMRecord, identity: Path, timeout: float) -> float:
+    """Wait until an authenticated SSH session with the pinned host key succeeds; returns the seconds waited."""
+    started = time.monotonic()
+    last: Exception | None = None
+    while time.monotonic() - started < timeout:
+        try:
+            with connect(record, identity, timeout=5):
+                return time.monotonic() - started
+        except HostKeyMismatch:
+            raise
+        except AccessError as exc:
+            last = exc
+        time.sleep(0.25)
+    raise AccessError(f"SSH to {record.name} not ready within {timeout:.0f} s ({last})")
+
+
+def run_command(record: VMRecord, identity: Path, command: str, stdout: BinaryIO, stderr: BinaryIO,
+                user: str = "root") -> int:
+    """Run a command, streaming its output as it comes; returns its exit status."""
+    with connect(record, identity, user) as client:
+        transport = client.get_transport()
+        assert transport is not None
+        channel = transport.open_session()
+        channel.exec_command(command)
+        channel.shutdown_write()
+        while True:
+            if channel.recv_ready():
+                stdout.write(channel.recv(32768))
+                stdout.flush()
+            if channel.recv_stderr_ready():
+                stderr.write(channel.recv_stderr(32768))
+                stderr.flush()
+            if channel.exit_status_ready() and not channel.recv_ready() and not channel.recv_stderr_ready():
+                break
+            select.select([channel], [], [], 0.1)
+        return int(channel.recv_exit_status())
+
+
+def interactive_shell(record: VMRecord, identity: Path, user: str = "root") -> int:
+    """A terminal session: the local tty goes raw and bytes flow both ways until the remote shell exits."""
+    with connect(record, identity, user) as client:
+        transport = client.get_transport()
+        assert transport is not None
+        channel = transport.open_session()
+        size = os.get_terminal_size() if sys.stdin.isatty() else os.terminal_size((80, 24))
+        channel.get_pty(term=os.environ.get("TERM", "xterm"), width=size.columns, height=size.lines)
+        channel.invoke_shell()
+        fd = sys.stdin.fileno()
+        saved = termios.tcgetattr(fd) if sys.stdin.isatty() else None
+        try:
+            if saved is not None:
+                tty.setraw(fd)
+            while True:
+                ready, _, _ = select.select([channel, fd], [], [])
+                if channel in ready:
+                    data = channel.recv(32768)
+                    if not data:
+                        break
+                    os.write(sys.stdout.fileno(), data)
+                if fd in ready:
+                    data = os.read(fd, 1024)
+                    if not data:
+                        channel.shutdown_write()
+                        continue
+                    channel.sendall(data)
+        except OSError:
+            pass
+        finally:
+            if saved is not None:
+                termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+        return int(channel.recv_exit_status())
+
+
+def copy(record: VMRecord, identity: Path, source: str, dest: str, upload: bool, user: str = "root") -> int:
+    """Copy one file in (upload) or out over SFTP; returns the bytes copied."""
+    with connect(record, identity, user) as client:
+        sftp = client.open_sftp()
+        try:
+            if upload:
+                attrs = sftp.put(source, dest)
+                return int(attrs.st_size or 0)
+            sftp.get(source, dest)
+            return Path(dest).stat().st_size
+        except FileNotFoundError as exc:
+            raise AccessError(f"no such file: {exc.filename or (dest if upload else source)}") from None
+        except OSError as exc:
+            raise AccessError(f"copy failed: {exc}") from None
+        finally:
+            sftp.close()

@@ -1,0 +1,91 @@
+"""Per-VM seeds: a NoCloud "cidata" ISO with the hostname, authorized keys, the VM's SSH host key and agent token.
+
+hvctl generates the host key itself, so the controller knows the guest's public key before the guest ever boots and
+can verify it on the very first connection: no trust on first use. Stock cloud images read the same seed through
+cloud-init (meta-data, user-data); hvctl's own images read the plain files under hvctl/ from their init, which is
+much faster than running cloud-init under TCG.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from hvctl.errors import HvctlError
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    private_openssh: bytes
+    public_line: str
+
+
+def generate_ed25519(comment: str) -> KeyPair:
+    key = Ed25519PrivateKey.generate()
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                serialization.NoEncryption())
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    return KeyPair(private, f"{public.decode()} {comment}")
+
+
+def operator_key(keys_dir: Path) -> Path:
+    """The controller's own SSH key, authorised on every VM so that admins' `hvctl exec` works; made on first use."""
+    path = keys_dir / "operator_ed25519"
+    if not path.exists():
+        keys_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        pair = generate_ed25519("hvctl-operator")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(pair.private_openssh)
+        path.with_suffix(".pub").write_text(pair.public_line + "\n")
+    return path
+
+
+def public_key_of(private_key: Path) -> str:
+    return private_key.with_suffix(".pub").read_text().strip()
+
+
+def new_agent_token() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def build_seed(out: Path, hostname: str, authorized_keys: list[str], host_key: KeyPair, agent_token: str) -> None:
+    with tempfile.TemporaryDirectory(prefix="hvctl-seed-") as tmp:
+        root = Path(tmp)
+        (root / "meta-data").write_text(json.dumps({"instance-id": f"hvctl-{hostname}-{secrets.token_hex(4)}",
+                                                    "local-hostname": hostname}) + "\n")
+        user_data = {
+            "hostname": hostname,
+            "disable_root": False,
+            "ssh_pwauth": False,
+            "ssh_authorized_keys": authorized_keys,
+            "ssh_deletekeys": True,
+            "ssh_keys": {"ed25519_private": host_key.private_openssh.decode(), "ed25519_public": host_key.public_line},
+        }
+        # JSON is valid YAML, which is what cloud-init parses after the #cloud-config header.
+        (root / "user-data").write_text("#cloud-config\n" + json.dumps(user_data, indent=1) + "\n")
+        ours = root / "hvctl"
+        ours.mkdir()
+        (ours / "hostname").write_text(hostname + "\n")
+        (ours / "authorized_keys").write_text("".join(k + "\n" for k in authorized_keys))
+        (ours / "ssh_host_ed25519_key").write_bytes(host_key.private_openssh)
+        (ours / "ssh_host_ed25519_key.pub").write_text(host_key.public_line + "\n")
+        (ours / "agent_token").write_text(agent_token + "\n")
+        tool = shutil.which("genisoimage") or shutil.which("mkisofs")
+        if tool is None:
+            raise HvctlError("genisoimage is not installed", hint="apt-get install genisoimage")
+        result = subprocess.run([tool, "-quiet", "-output", str(out), "-volid", "cidata", "-joliet", "-rock",
+                                 str(root)], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise HvctlError(f"cannot build the seed ISO: {result.stderr.strip()}")
+    # The seed holds a private key and the agent token: root and QEMU only.
+    os.chmod(out, 0o640)

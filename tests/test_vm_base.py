@@ -1,0 +1,197 @@
+"""The Debian `base` image under real TCG: agent RPC from inside the guest, tenant SSH with pinned host keys,
+exec exit codes, file copies, network isolation, and the faults around them.
+
+One VM serves the read-only checks (booting a Debian guest under TCG costs ~20 s); tests that break a VM make
+their own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import short_tempdir
+
+from guest import rpc
+from hvctl.agent_client import AgentClient
+from hvctl.context import Context
+from hvctl.devhost import PrivateLibvirtd
+from hvctl.errors import GuestTimeout
+from hvctl.host import DomainState
+from hvctl.ledger import VMRecord
+from hvctl.ops.create import create
+from hvctl.ops.lifecycle import destroy
+from hvctl.seed import generate_ed25519
+from hvctl.spec import VMSpec
+from images.store import ImageStore
+
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(600)]
+
+
+def write_keypair(directory: Path, name: str) -> tuple[Path, str]:
+    pair = generate_ed25519(name)
+    private = directory / name
+    private.write_bytes(pair.private_openssh)
+    private.chmod(0o600)
+    return private, pair.public_line
+
+
+@pytest.fixture(scope="module")
+def env(libvirtd: PrivateLibvirtd, image_dir: Path) -> Iterator[dict[str, object]]:
+    ImageStore(image_dir).build("base")
+    state = short_tempdir("hvb-")
+    (state / "images").symlink_to(image_dir)
+    keys = short_tempdir("hvk-")
+    acme_key, acme_pub = write_keypair(keys, "acme")
+    globex_key, globex_pub = write_keypair(keys, "globex")
+    ctx = Context(state_dir=state, uri=libvirtd.uri)
+    ctx.ledger.add_tenant_key("acme", acme_pub)
+    ctx.ledger.add_tenant_key("globex", globex_pub)
+    record = create(ctx, VMSpec.parse(name="deb", tenant="acme", memory_mib=512, disk_gib=2, image="base"),
+                    boot_timeout=180)
+    yield {"ctx": ctx, "vm": record, "acme": acme_key, "globex": globex_key, "state": state, "uri": libvirtd.uri}
+    for leftover in ctx.ledger.list_vms():
+        destroy(ctx, leftover.name)
+    ctx.close()
+    shutil.rmtree(state, ignore_errors=True)
+    shutil.rmtree(keys, ignore_errors=True)
+
+
+def hvctl(env: dict[str, object], *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    run_env = os.environ | {"HVCTL_STATE_DIR": str(env["state"]), "HVCTL_CONNECT": str(env["uri"]),
+                            "COLUMNS": "200", "NO_COLOR": "1"}
+    return subprocess.run([sys.executable, "-m", "hvctl.cli", *args], capture_output=True, text=True, env=run_env,
+                          timeout=timeout)
+
+
+def agent_of(record: VMRecord) -> AgentClient:
+    assert record.agent_token
+    return AgentClient(record.agent_socket, record.agent_token)
+
+
+def test_agent_ping_and_info_come_from_inside_the_guest(env: dict[str, object], image_dir: Path) -> None:
+    vm = env["vm"]
+    assert isinstance(vm, VMRecord)
+    info = json.loads(hvctl(env, "agent", "deb", "info", "--json").stdout)
+    image = ImageStore(image_dir).get("base")
+    assert info["hostname"] == "deb" and info["kernel"] == image.kernel_version
+    assert info["python"].startswith("3.11.") and "pydantic" in info["packages"]
+    assert 400 <= info["memory_mib"] <= 512 and info["cpus"] == 1
+    ping = json.loads(hvctl(env, "agent", "deb", "ping", "--json").stdout)
+    assert ping["pong"] is True and ping["uptime_s"] > 0
+
+
+def test_exec_returns_the_guest_kernel_and_propagates_exit_codes(env: dict[str, object], image_dir: Path) -> None:
+    kernel = ImageStore(image_dir).get("base").kernel_version
+    uname = hvctl(env, "exec", "deb", "--", "uname", "-r")
+    assert uname.returncode == 0 and uname.stdout.strip() == kernel
+    failing = hvctl(env, "exec", "deb", "--", "sh", "-c", "echo oops >&2; exit 7")
+    assert failing.returncode == 7 and "oops" in failing.stderr
+    # The command ran in the guest, not here: its hostname is the VM's.
+    assert hvctl(env, "exec", "deb", "--", "hostname").stdout.strip() == "deb"
+
+
+def test_tenant_key_opens_its_own_vm_and_another_tenants_key_is_refused(env: dict[str, object]) -> None:
+    own = hvctl(env, "exec", "deb", "-i", str(env["acme"]), "--", "cat", "/etc/hvctl-image")
+    assert own.returncode == 0 and own.stdout.startswith("base@")
+    other = hvctl(env, "exec", "deb", "-i", str(env["globex"]), "--", "true")
+    assert other.returncode == 11 and "refused the key" in other.stderr and "Traceback" not in other.stderr
+
+
+def test_a_host_key_that_does_not_match_is_refused_loudly(env: dict[str, object]) -> None:
+    ctx, vm = env["ctx"], env["vm"]
+    assert isinstance(ctx, Context) and isinstance(vm, VMRecord)
+    assert vm.host_pubkey
+    impostor = generate_ed25519("impostor").public_line
+    ctx.ledger.set_host_pubkey("deb", impostor)
+    try:
+        result = hvctl(env, "exec", "deb", "--", "true")
+        assert result.returncode == 12 and "HOST KEY MISMATCH" in result.stderr
+    finally:
+        ctx.ledger.set_host_pubkey("deb", vm.host_pubkey)
+    assert hvctl(env, "exec", "deb", "--", "true").returncode == 0
+
+
+def test_cp_in_and_out(env: dict[str, object], tmp_path: Path) -> None:
+    payload = tmp_path / "in.bin"
+    payload.write_bytes(os.urandom(200_000))
+    assert hvctl(env, "cp", str(payload), "deb:/root/in.bin").returncode == 0
+    digest = hvctl(env, "exec", "deb", "--", "sha256sum", "/root/in.bin").stdout.split()[0]
+    assert digest == hashlib.sha256(payload.read_bytes()).hexdigest()
+    back = tmp_path / "out.bin"
+    assert hvctl(env, "cp", "deb:/root/in.bin", str(back)).returncode == 0
+    assert back.read_bytes() == payload.read_bytes()
+    missing = hvctl(env, "cp", "deb:/no/such/file", str(tmp_path / "x"))
+    assert missing.returncode == 11 and "no such file" in missing.stderr
+
+
+def test_a_guest_cannot_reach_host_ports_nor_other_vms_forwards(env: dict[str, object]) -> None:
+    """Every VM's SSH forward is a port on the host's loopback. A listener there stands in for another VM's forward:
+    the guest's user-mode network is restricted, so it must not get through."""
+    vm = env["vm"]
+    assert isinstance(vm, VMRecord)
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+        probe = (f"import socket\ntry:\n socket.create_connection(('10.0.2.2', {port}), timeout=3)\n print('open')\n"
+                 "except OSError as e:\n print('blocked', e)\n")
+        out = agent_of(vm).typed("exec", rpc.ExecResult, rpc.ExecParams(argv=["python3", "-c", probe], timeout_s=60))
+        assert out.stdout.startswith("blocked"), out.stdout
+
+
+def test_agent_refuses_calls_without_the_seed_token(env: dict[str, object]) -> None:
+    vm = env["vm"]
+    assert isinstance(vm, VMRecord)
+    with pytest.raises(Exception, match="bad or missing agent token"):
+        AgentClient(vm.agent_socket, "not-the-token").call("ping")
+    # A malformed line straight into the channel gets an error reply, and the agent keeps serving.
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(str(vm.agent_socket))
+        s.sendall(b"\n{not json\n")
+        reply = b""
+        while b"\n" not in reply:
+            reply += s.recv(4096)
+    assert json.loads(reply.splitlines()[0])["error"]["code"] == "malformed"
+    assert agent_of(vm).typed("ping", rpc.PingResult).pong
+
+
+def test_agent_that_never_answers_times_out_with_console_and_is_cleaned_up(env: dict[str, object]) -> None:
+    ctx = env["ctx"]
+    assert isinstance(ctx, Context)
+    spec = VMSpec.parse(name="mute-agent", memory_mib=512, disk_gib=2, image="base")
+    with pytest.raises(GuestTimeout, match="agent of mute-agent never answered") as exc:
+        # hvctl.agent=0 boots the guest without starting its agent (an admin debugging switch).
+        create(ctx, spec, boot_timeout=60, extra_cmdline=("hvctl.agent=0",))
+    assert "HVCTL-READY name=mute-agent" in exc.value.console_tail
+    assert ctx.host().state("mute-agent") is DomainState.MISSING
+    assert not ctx.paths.vm_dir("mute-agent").exists()
+    assert "mute-agent" not in {r.name for r in ctx.ledger.list_vms()}
+
+
+def test_guest_shutdown_via_agent_is_noticed_then_destroy_removes_everything(env: dict[str, object]) -> None:
+    ctx, vm = env["ctx"], env["vm"]
+    assert isinstance(ctx, Context) and isinstance(vm, VMRecord)
+    assert agent_of(vm).typed("shutdown", rpc.ShutdownResult).accepted
+    deadline = time.monotonic() + 60
+    while ctx.host().state("deb") is not DomainState.SHUTOFF and time.monotonic() < deadline:
+        time.sleep(0.5)
+    listing = json.loads(hvctl(env, "list", "--json").stdout)
+    (row,) = [v for v in listing["vms"] if v["name"] == "deb"]
+    assert row["actual"] == "shutoff" and "powered off" in row["drift"]
+    assert hvctl(env, "destroy", "deb").returncode == 0
+    assert ctx.host().state("deb") is DomainState.MISSING
+    assert not vm.overlay.exists() and vm.seed is not None and not vm.seed.exists()
+    assert not ctx.paths.vm_dir("deb").exists()
+    assert ctx.ledger.list_vms() == []
+
