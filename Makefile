@@ -46,16 +46,33 @@ daemons: image
 stop-daemons:
 	$(PY) -m hvctl.devhost stop $(DAEMON_DIR) --system
 
+DEMO_KEY := $(STATE_DIR)/demo/acme_ed25519
+
 demo: daemons
+	$(HVCTL) --state-dir $(STATE_DIR) image build base
 	@$(HVCTL) --state-dir $(STATE_DIR) destroy demo >/dev/null 2>&1 || true
+	@# A tenant key pair for the demo tenant, made once (hvctl's own key generator; no ssh-keygen needed).
+	@if [ ! -f $(DEMO_KEY) ]; then mkdir -p $(dir $(DEMO_KEY)) && $(PY) -c 'import sys; from pathlib import Path; \
+	  from hvctl.seed import generate_ed25519; p = generate_ed25519("acme-demo"); k = Path(sys.argv[1]); \
+	  k.write_bytes(p.private_openssh); k.chmod(0o600); k.with_suffix(".pub").write_text(p.public_line + "\n")' \
+	  $(DEMO_KEY); fi
+	$(HVCTL) --state-dir $(STATE_DIR) key add acme $(DEMO_KEY:%=%.pub)
 	@echo "== hvctl doctor"; $(HVCTL) --state-dir $(STATE_DIR) doctor || true
-	@echo "== hvctl create demo"; $(HVCTL) --state-dir $(STATE_DIR) create demo --memory 128
+	@echo "== hvctl create demo (Debian base image, tenant acme)"
+	$(HVCTL) --state-dir $(STATE_DIR) create demo --image base --tenant acme --memory 512 --disk 2
 	@echo "== hvctl list"; $(HVCTL) --state-dir $(STATE_DIR) list
-	@echo "== the guest's own boot output (hvctl console-log demo -n 5)"; \
-	  $(HVCTL) --state-dir $(STATE_DIR) console-log demo -n 5
+	@echo "== the guest's boot output (hvctl console-log demo -n 3)"; \
+	  $(HVCTL) --state-dir $(STATE_DIR) console-log demo -n 3
+	@echo "== hvctl agent demo ping / info (virtio-serial, no guest network)"
+	$(HVCTL) --state-dir $(STATE_DIR) agent demo ping
+	$(HVCTL) --state-dir $(STATE_DIR) agent demo info
+	@echo "== tenant acme runs a command over SSH with its own key (host key pinned by hvctl)"
+	$(HVCTL) --state-dir $(STATE_DIR) exec demo -i $(DEMO_KEY) -- sh -c 'echo "hello from $$(hostname), kernel $$(uname -r)"'
 	@echo "== hvctl stop demo (graceful)"; $(HVCTL) --state-dir $(STATE_DIR) stop demo
 	@echo "== hvctl destroy demo"; $(HVCTL) --state-dir $(STATE_DIR) destroy demo
 	@echo "== hvctl list"; $(HVCTL) --state-dir $(STATE_DIR) list
+
+	$(PY) benchmarks/bench_boot.py
 
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -72,3 +89,4 @@ lint: venv
 
 bench: daemons
 	$(PY) benchmarks/bench_create.py
+	$(PY) benchmarks/bench_boot.py

@@ -42,10 +42,13 @@ def _load_key(path: Path) -> paramiko.PKey:
 
 
 @contextlib.contextmanager
-def connect(record: VMRecord, identity: Path, user: str = "root", address: str = "127.0.0.1",
+def connect(record: VMRecord, identity: Path, user: str = "root", address: str | None = None,
             timeout: float = 15.0) -> Iterator[paramiko.SSHClient]:
     if not record.host_pubkey:
         raise AccessError(f"VM {record.name} has no host key on record; it was not made from an SSH-capable image")
+    if address is None:
+        bind = str(record.spec.ssh_bind)
+        address = "127.0.0.1" if bind == "0.0.0.0" else bind
     key_type, key_b64 = record.host_pubkey.split()[:2]
     pinned = paramiko.PKey.from_type_string(key_type, base64.b64decode(key_b64))
     client = paramiko.SSHClient()

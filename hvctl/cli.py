@@ -99,6 +99,7 @@ def create(
     image: Annotated[str, typer.Option(help="Image name (see `hvctl image list`).")] = "minimal",
     tenant: Annotated[str, typer.Option(help="Owning tenant.")] = "default",
     boot_timeout: Annotated[float, typer.Option(help="Seconds to wait for the guest to report ready.")] = 120.0,
+    ssh_bind: Annotated[str, typer.Option(help="Host address the VM's SSH forward listens on.")] = "127.0.0.1",
     as_json: JsonOpt = False,
 ) -> None:
     """Create a VM: overlay disk, domain, start, and wait until the guest itself reports it is up."""
@@ -106,7 +107,7 @@ def create(
     from hvctl.spec import VMSpec
 
     spec = VMSpec.parse(name=name, vcpus=vcpus, memory_mib=memory, disk_gib=disk, image=image, tenant=tenant,
-                        host=ctx().host_name)
+                        host=ctx().host_name, ssh_bind=ssh_bind)
     started = time.monotonic()
     with RichReporter(f"create {name}") as reporter:
         record = create_vm(ctx(), spec, reporter, boot_timeout=boot_timeout)
@@ -115,7 +116,7 @@ def create(
         emit_json(record.as_dict() | {"create_seconds": round(elapsed, 3)})
     else:
         out.print(f"[bold]{name}[/] is up on {record.host} in {elapsed:.1f} s "
-                  f"(ssh forward 127.0.0.1:{record.ssh_port})")
+                  f"(ssh forward {spec.ssh_bind}:{record.ssh_port})")
 
 
 @app.command("list")

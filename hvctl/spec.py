@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import re
+from ipaddress import IPv4Address
 from typing import Annotated, Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
@@ -58,6 +59,8 @@ class VMSpec(Frozen):
     workload: WorkloadKind | None = None
     gpus: GPURequest = GPURequest()
     host: Name = "local"
+    # Where the SSH forward listens on the host. Loopback by default; production may bind a management address.
+    ssh_bind: IPv4Address = IPv4Address("127.0.0.1")
 
 
 def describe_validation_error(exc: ValidationError) -> str:

@@ -39,6 +39,7 @@ def hvctl(state: Path, *args: str) -> subprocess.CompletedProcess[str]:
     (["create", "ok", "--disk", "0"], "disk_gib 0"),
     (["create", "ok", "--image", "../../etc/passwd"], "image"),
     (["create", "ok", "--tenant", "ACME"], "tenant"),
+    (["create", "ok", "--ssh-bind", "127.0.0.1;reboot"], "ssh_bind"),
 ])
 def test_bad_create_input_is_one_line_and_writes_nothing(tmp_path: Path, args: list[str], needle: str) -> None:
     state = tmp_path / "state"

@@ -48,7 +48,8 @@ def create(ctx: Context, spec: VMSpec, reporter: Reporter | None = None,
         seed = paths.seed(spec.name)
         record = ctx.ledger.reserve_vm(spec, spec.host, image.base_disk, overlay, paths.console_log(spec.name),
                                        paths.agent_socket(spec.name), agent_token=token,
-                                       host_pubkey=host_key.public_line, seed=seed)
+                                       host_pubkey=host_key.public_line, seed=seed,
+                                       bind_address=str(spec.ssh_bind))
         undo.push("forget the ledger row", lambda: ctx.ledger.delete_vm(spec.name, "create rolled back"))
 
         made_dir = not vm_dir.exists()
@@ -67,7 +68,7 @@ def create(ctx: Context, spec: VMSpec, reporter: Reporter | None = None,
             spec, caps,
             BootArtifacts(kernel=image.kernel, initrd=image.initrd, root_on_disk=image.kind.value != "initramfs"),
             VMAllocation(overlay=overlay, console_log=record.console_log, agent_socket=record.agent_socket,
-                         ssh_port=record.ssh_port, seed=seed),
+                         ssh_port=record.ssh_port, ssh_bind_address=str(spec.ssh_bind), seed=seed),
             extra_cmdline,
         )
         say(f"defining domain ({caps.accel.value}, q35, {spec.vcpus} vCPU, {spec.memory_mib} MiB)")
