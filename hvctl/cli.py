@@ -94,6 +94,8 @@ def emit_json(data: Any) -> None:
 def create(
     name: str,
     vcpus: Annotated[int, typer.Option(help="Virtual CPUs.")] = 1,
+    cpu_limit: Annotated[float | None, typer.Option(help="Cap on host CPU time, in CPUs (e.g. 0.5).")] = None,
+    io_weight: Annotated[int | None, typer.Option(help="Block I/O weight, 100-1000.")] = None,
     memory: Annotated[int, typer.Option(help="Memory in MiB.")] = 256,
     disk: Annotated[int, typer.Option(help="Overlay disk size in GiB.")] = 1,
     image: Annotated[str, typer.Option(help="Image name (see `hvctl image list`).")] = "minimal",
@@ -107,7 +109,7 @@ def create(
     from hvctl.spec import VMSpec
 
     spec = VMSpec.parse(name=name, vcpus=vcpus, memory_mib=memory, disk_gib=disk, image=image, tenant=tenant,
-                        host=ctx().host_name, ssh_bind=ssh_bind)
+                        host=ctx().host_name, ssh_bind=ssh_bind, cpu_limit=cpu_limit, io_weight=io_weight)
     started = time.monotonic()
     with RichReporter(f"create {name}") as reporter:
         record = create_vm(ctx(), spec, reporter, boot_timeout=boot_timeout)
@@ -149,7 +151,7 @@ def print_vm_table(views: list[VMView], orphans: list[Drift]) -> None:
 @app.command()
 def show(name: str, as_json: JsonOpt = False) -> None:
     """Everything hvctl knows about one VM, with its recent events."""
-    from hvctl.ops.inspect import describe_drift
+    from hvctl.ops.inspect import describe_drift, enforcement_report
 
     c = ctx()
     record = c.ledger.get_vm(name)
@@ -157,6 +159,7 @@ def show(name: str, as_json: JsonOpt = False) -> None:
     actual = host.state(name)
     data = record.as_dict() | {"actual": actual.value, "drift": describe_drift(record, actual)}
     data["events"] = [{"ts": e.ts, "kind": e.kind, "message": e.message} for e in c.ledger.events(name, 20)]
+    data["enforcement"] = enforcement_report(c, record)
     if as_json:
         emit_json(data)
         return
@@ -166,6 +169,16 @@ def show(name: str, as_json: JsonOpt = False) -> None:
         value = data[key]
         table.add_row(f"[bold]{key}[/]", f"[red]{value}[/]" if key == "drift" and value else str(value))
     out.print(table)
+    enforcement = data["enforcement"]
+    if enforcement and "enforced" in enforcement:
+        cfg, got = enforcement["configured"], enforcement["enforced"]
+        quota = f"{cfg['global_quota_us']}/{cfg['global_period_us']}" if cfg["global_quota_us"] else "none"
+        out.print(f"[bold]enforcement[/] (cgroup v{got['version']}, QEMU pid {enforcement['pid']}): "
+                  f"CPU quota configured {quota}, enforced {got['cpu_quota_us'] or 'none'}/{got['cpu_period_us']}; "
+                  f"memory hard limit configured {cfg['memory_hard_limit_kib'] or 'none'} KiB, "
+                  f"enforced {got['memory_limit_bytes'] or 'none'} bytes")
+        for problem in enforcement["mismatches"]:
+            out.print(f"  [red]mismatch: {problem}[/]")
     out.print("[bold]events[/]")
     for e in data["events"]:
         out.print(f"  {time.strftime('%H:%M:%S', time.localtime(e['ts']))} {e['kind']:<18} {e['message']}")

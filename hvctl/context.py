@@ -21,6 +21,21 @@ DEFAULT_URI = "qemu:///system"
 LOCAL_HOST = "local"
 
 
+def is_local(uri: str) -> bool:
+    return uri.startswith("qemu:///")
+
+
+def can_limit_memory() -> bool:
+    """CAP_SYS_RESOURCE (bit 24) in this process's effective set, standing in for the local libvirtd's."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> 24 & 1)
+    except OSError:
+        pass
+    return True
+
+
 @dataclass
 class Context:
     state_dir: Path
@@ -62,7 +77,8 @@ class Context:
             self.ledger.record_host_facts(name, accel.value, facts.cpus, facts.memory_mib)
             record = self.ledger.get_host(name)
         return HostCapabilities(name=name, accel=Accel(record.accel or "qemu"), cpus=record.cpus or 1,
-                                memory_mib=record.memory_mib or 0)
+                                memory_mib=record.memory_mib or 0,
+                                memory_limits=can_limit_memory() if is_local(record.uri) else True)
 
     def _probe_image(self) -> Image:
         try:

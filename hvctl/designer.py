@@ -18,6 +18,7 @@ from hvctl.domain import (
     PciHostdev,
     Rng,
     SerialFile,
+    Tuning,
     UnixChannel,
     UserNetwork,
 )
@@ -25,6 +26,31 @@ from hvctl.domain.devices import Device
 from hvctl.spec import VMSpec
 
 AGENT_CHANNEL = "org.hvctl.agent.0"
+CFS_PERIOD_US = 100_000
+
+
+def qemu_overhead_mib(spec: VMSpec) -> int:
+    """QEMU's own memory beyond the guest's RAM: device emulation, the TCG code cache, page tables.
+
+    A coarse bound, 256 MiB plus 2% of guest RAM; it only ever adds to host-side accounting and the hard limit,
+    never to what counts against a tenant's quota (harvester#6293: a VM sized exactly to its quota must start).
+    """
+    return 256 + spec.memory_mib // 50
+
+
+def design_tuning(spec: VMSpec, host: HostCapabilities) -> Tuning:
+    pins = spec.pin_cpus
+    return Tuning(
+        # Proportional weight by size, so that under contention a 4-vCPU VM gets four times a 1-vCPU VM's time.
+        cpu_shares=1024 * spec.vcpus,
+        global_period_us=CFS_PERIOD_US if spec.cpu_limit else None,
+        global_quota_us=round(spec.cpu_limit * CFS_PERIOD_US) if spec.cpu_limit else None,
+        vcpupin=tuple((vcpu, str(pins[vcpu % len(pins)])) for vcpu in range(spec.vcpus)) if pins else (),
+        emulatorpin=",".join(map(str, sorted(set(pins)))) if pins else None,
+        memory_hard_limit_kib=(spec.memory_mib + qemu_overhead_mib(spec)) * 1024 if host.memory_limits else None,
+        blkio_weight=spec.io_weight,
+        numa_nodeset=str(spec.numa_node) if spec.numa_node is not None else None,
+    )
 
 
 @dataclass(frozen=True)
@@ -36,6 +62,9 @@ class HostCapabilities:
     arch: str = "x86_64"
     cpus: int = 1
     memory_mib: int = 1024
+    # Whether libvirt may set a memory hard limit there: it must raise RLIMIT_MEMLOCK for QEMU, which needs
+    # CAP_SYS_RESOURCE; sandboxes without it refuse every domain that has <memtune><hard_limit>.
+    memory_limits: bool = True
 
 
 @dataclass(frozen=True)
@@ -103,4 +132,5 @@ def design(
         root_controller=PcieRoot(pcihole64_kib=alloc.pcihole64_kib),
         network=UserNetwork(ssh_port=alloc.ssh_port, bind_address=alloc.ssh_bind_address),
         metadata=(("tenant", spec.tenant), ("image", spec.image), ("spec", spec.model_dump_json())),
+        tuning=design_tuning(spec, host),
     )

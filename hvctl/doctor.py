@@ -73,6 +73,20 @@ def run_checks(ctx: Context) -> list[Check]:
         checks.append(Check(vc.name, True, "present" if vc.ok else "missing: GPU passthrough unavailable",
                             None if vc.ok else vc.hint, warning=not vc.ok))
 
+    from hvctl.context import can_limit_memory, is_local
+    from hvctl.ops.inspect import enforcement_report
+
+    if is_local(ctx.uri) and not can_limit_memory():
+        checks.append(Check("memory limits", True, "no CAP_SYS_RESOURCE: libvirt cannot set memtune hard limits here, "
+                            "so VMs get none", "run hvctl and libvirtd with CAP_SYS_RESOURCE", warning=True))
+    problems = []
+    for record in ctx.ledger.list_vms():
+        report = enforcement_report(ctx, record)
+        if report:
+            problems += [f"{record.name}: {p}" for p in report.get("mismatches", [])]
+    checks.append(Check("enforcement", not problems, "; ".join(problems) or "cgroups enforce what was configured",
+                        "check that libvirt's cgroup controllers are mounted and delegated" if problems else None))
+
     from hvctl.ops.inspect import drift_report
 
     drift = drift_report(ctx)

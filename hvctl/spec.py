@@ -7,7 +7,7 @@ import re
 from ipaddress import IPv4Address
 from typing import Annotated, Any, Self
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 from hvctl.errors import InvalidSpec
 
@@ -61,6 +61,18 @@ class VMSpec(Frozen):
     host: Name = "local"
     # Where the SSH forward listens on the host. Loopback by default; production may bind a management address.
     ssh_bind: IPv4Address = IPv4Address("127.0.0.1")
+    # Enforcement: a cap on host CPU time (in CPUs, e.g. 0.5), host CPUs to pin to, a block-I/O weight, and a host
+    # NUMA node for the guest's memory.
+    cpu_limit: float | None = Field(default=None, gt=0, le=MAX_VCPUS)
+    pin_cpus: tuple[Annotated[int, Field(ge=0, le=4095)], ...] = ()
+    io_weight: int | None = Field(default=None, ge=100, le=1000)
+    numa_node: int | None = Field(default=None, ge=0, le=63)
+
+    @model_validator(mode="after")
+    def _cpu_limit_within_vcpus(self) -> VMSpec:
+        if self.cpu_limit is not None and self.cpu_limit > self.vcpus:
+            raise ValueError(f"cpu_limit {self.cpu_limit} exceeds the VM's {self.vcpus} vCPU(s)")
+        return self
 
 
 def describe_validation_error(exc: ValidationError) -> str:

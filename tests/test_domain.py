@@ -29,6 +29,10 @@ CASES = {
         BootArtifacts(BOOT.kernel, BOOT.initrd, root_on_disk=True),
         alloc("big-1"),
     ),
+    "kvm-tuned": (
+        VMSpec(name="tuned", vcpus=2, memory_mib=2048, cpu_limit=1.5, pin_cpus=(2, 3), io_weight=300, numa_node=0),
+        HostCapabilities("local", Accel.KVM), BOOT, alloc("tuned"),
+    ),
     "tcg-gpu-hostdev": (
         VMSpec(name="gpu-vm", gpus={"count": 1, "model": "H100"}),
         HostCapabilities("local", Accel.TCG), BOOT,
@@ -91,6 +95,20 @@ def test_designer_decisions() -> None:
     assert "root=/dev/vda" in kvm.boot.cmdline and "root=" not in tcg.boot.cmdline
     assert tcg.network is not None and tcg.network.bind_address == "127.0.0.1" and tcg.network.restrict
     assert "hostfwd=tcp:127.0.0.1:22200-:22" in " ".join(tcg.network.qemu_args())
+
+
+def test_tuning_maps_quotas_to_libvirt() -> None:
+    tuned = design(*CASES["kvm-tuned"]).tuning
+    assert (tuned.cpu_shares, tuned.global_period_us, tuned.global_quota_us) == (2048, 100_000, 150_000)
+    assert tuned.vcpupin == ((0, "2"), (1, "3")) and tuned.emulatorpin == "2,3"
+    # Hard limit = guest RAM + QEMU overhead (256 MiB + 2%), so QEMU itself is not what hits the limit.
+    assert tuned.memory_hard_limit_kib == (2048 + 256 + 40) * 1024
+    assert (tuned.blkio_weight, tuned.numa_nodeset) == (300, "0")
+    spec, host, boot, allocation = CASES["kvm-tuned"]
+    no_memlock = design(spec, HostCapabilities("local", Accel.KVM, memory_limits=False), boot, allocation)
+    assert no_memlock.tuning.memory_hard_limit_kib is None
+    plain = design(*CASES["tcg-minimal"]).tuning
+    assert plain.global_quota_us is None and plain.vcpupin == () and plain.numa_nodeset is None
 
 
 def test_values_cannot_change_the_document_structure() -> None:

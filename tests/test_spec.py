@@ -21,7 +21,7 @@ def test_bad_names_are_refused_with_the_rule(name: str) -> None:
 
 @pytest.mark.parametrize("field,value", [
     ("vcpus", 0), ("vcpus", 100_000), ("memory_mib", 0), ("memory_mib", 16), ("memory_mib", MAX_MEMORY_MIB + 1),
-    ("disk_gib", 0), ("disk_gib", 10**7), ("vcpus", -1),
+    ("disk_gib", 0), ("disk_gib", 10**7), ("vcpus", -1), ("cpu_limit", 0), ("io_weight", 5), ("numa_node", -1),
 ])
 def test_sizes_out_of_bounds_are_refused(field: str, value: int) -> None:
     with pytest.raises(InvalidSpec) as exc:
@@ -34,6 +34,11 @@ def test_image_tenant_and_gpu_model_are_checked_too() -> None:
                 {"gpus": {"count": 99}}, {"workload": "bitcoin"}, {"unknown_field": 1}):
         with pytest.raises(InvalidSpec):
             VMSpec.parse(name="ok", **bad)
+
+
+def test_cpu_limit_cannot_exceed_vcpus() -> None:
+    with pytest.raises(InvalidSpec, match="cpu_limit 3.0 exceeds the VM's 2 vCPU"):
+        VMSpec.parse(name="ok", vcpus=2, cpu_limit=3.0)
 
 
 def test_spec_is_frozen_and_has_sane_defaults() -> None:

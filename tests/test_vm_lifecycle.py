@@ -19,6 +19,7 @@ from hvctl.errors import AlreadyExists, GuestTimeout, HypervisorError
 from hvctl.host import DomainState
 from hvctl.ledger import VMRecord
 from hvctl.ops.create import create
+from hvctl.ops.lifecycle import destroy
 from hvctl.spec import VMSpec
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(300)]
@@ -211,3 +212,29 @@ def test_accelerator_probe_answers_tcg_on_a_daemon_without_kvm(ctx: Context) -> 
 def test_vm_dirs_are_traversable_by_qemu(ctx: Context, make_vm: Callable[..., VMRecord]) -> None:
     vm = make_vm("perm")
     assert Path(vm.overlay).parent.stat().st_mode & 0o055 == 0o055
+
+
+def test_cpu_cap_is_enforced_by_the_cgroup_and_holds_under_a_hog(ctx: Context, run_hvctl: Run) -> None:
+    """A guest spinning a CPU hog, capped at half a host CPU: the QEMU process's measured CPU use over a window
+    must be 0.95-1.05 of the cap, and the cgroup must carry exactly the configured quota."""
+    from hvctl.enforcement import QemuCgroups, find_qemu_pid
+
+    create(ctx, VMSpec.parse(name="hog", memory_mib=128, cpu_limit=0.5), extra_cmdline=("hvctl.hog=1",))
+    try:
+        deadline = time.monotonic() + 10
+        while "HVCTL-HOG started" not in ctx.paths.console_log("hog").read_text(errors="replace"):
+            assert time.monotonic() < deadline, "the guest never started its CPU hog"
+            time.sleep(0.1)
+        shown = json.loads(run_hvctl("show", "hog", "--json").stdout)["enforcement"]
+        assert shown["configured"]["global_quota_us"] == 50_000
+        assert (shown["enforced"]["cpu_quota_us"], shown["enforced"]["cpu_period_us"]) == (50_000, 100_000)
+        assert shown["mismatches"] == []
+        pid = find_qemu_pid("hog")
+        assert pid is not None
+        time.sleep(2)  # let the boot's burst drain from the CFS accounting
+        fraction, source = QemuCgroups(pid).cpu_fraction(10.0)
+        ratio = fraction / 0.5
+        print(f"CPU cap 0.5: measured {fraction:.3f} CPUs over 10 s from {source}, ratio {ratio:.3f}")
+        assert 0.95 <= ratio <= 1.05, f"measured {fraction:.3f} CPUs against a 0.5 cap ({source})"
+    finally:
+        destroy(ctx, "hog")

@@ -2,8 +2,9 @@
 
 from hvctl.domain.devices import Disk, PciAddress, PcieRoot, PciHostdev, Rng, SerialFile, UnixChannel
 from hvctl.domain.model import Accel, CpuMode, DirectBoot, Domain, UserNetwork
+from hvctl.domain.tuning import Tuning
 
 __all__ = [
     "Accel", "CpuMode", "DirectBoot", "Disk", "Domain", "PciAddress", "PciHostdev", "PcieRoot", "Rng",
-    "SerialFile", "UnixChannel", "UserNetwork",
+    "SerialFile", "Tuning", "UnixChannel", "UserNetwork",
 ]

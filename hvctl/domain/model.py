@@ -12,6 +12,7 @@ from typing import Self
 from xml.etree import ElementTree as ET
 
 from hvctl.domain.devices import DEVICE_PARSERS, Device, PcieRoot, req, sub
+from hvctl.domain.tuning import Tuning
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 HVCTL_NS = "https://hvctl.dev/xmlns/vm/1"
@@ -87,6 +88,7 @@ class Domain:
     root_controller: PcieRoot = field(default_factory=PcieRoot)
     network: UserNetwork | None = None
     metadata: tuple[tuple[str, str], ...] = ()
+    tuning: Tuning = field(default_factory=Tuning)
 
     def to_xml(self) -> str:
         root = ET.Element("domain", type=self.accel.value)
@@ -99,6 +101,7 @@ class Domain:
                 sub(vm, f"{{{HVCTL_NS}}}{key}", value)
         sub(root, "memory", str(self.memory_mib), unit="MiB")
         sub(root, "vcpu", str(self.vcpus))
+        self.tuning.append_to(root)
         os_el = sub(root, "os")
         sub(os_el, "type", "hvm", arch=self.arch, machine=self.machine)
         sub(os_el, "kernel", str(self.boot.kernel))
@@ -150,4 +153,5 @@ class Domain:
             root_controller=root_controller,
             network=UserNetwork.from_args(args),
             metadata=tuple((child.tag.split("}")[1], child.text or "") for child in (meta if meta is not None else [])),
+            tuning=Tuning.from_xml(root),
         )

@@ -80,3 +80,21 @@ def list_vms(ctx: Context) -> tuple[list[VMView], list[Drift], list[Drift]]:
 def drift_report(ctx: Context) -> list[Drift]:
     views, orphans, unreachable = list_vms(ctx)
     return [Drift(v.record.name, v.record.host, v.drift) for v in views if v.drift] + orphans + unreachable
+
+
+def enforcement_report(ctx: Context, record: VMRecord) -> dict[str, Any] | None:
+    """Configured tuning next to what the cgroups enforce, for a running VM on the local machine; None otherwise."""
+    from hvctl.context import is_local
+    from hvctl.domain import Domain
+    from hvctl.enforcement import QemuCgroups, find_qemu_pid, mismatches
+
+    host = ctx.host(record.host)
+    if not is_local(ctx.ledger.get_host(record.host).uri) or host.state(record.name) is not DomainState.RUNNING:
+        return None
+    pid = find_qemu_pid(record.name)
+    if pid is None:
+        return {"error": "no local QEMU process found for this domain"}
+    configured = Domain.from_xml(host.domain_xml(record.name)).tuning
+    enforced = QemuCgroups(pid).enforced()
+    return {"pid": pid, "configured": dict(configured.__dict__), "enforced": enforced.as_dict(),
+            "mismatches": mismatches(configured, enforced)}
