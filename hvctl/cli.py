@@ -27,6 +27,10 @@ image_app = typer.Typer(no_args_is_help=True, help="Build, list and remove guest
 app.add_typer(image_app, name="image")
 key_app = typer.Typer(no_args_is_help=True, help="Tenants' SSH public keys.")
 app.add_typer(key_app, name="key")
+host_app = typer.Typer(no_args_is_help=True, help="Hypervisor hosts (libvirt URIs) and their capacity.")
+app.add_typer(host_app, name="host")
+policy_app = typer.Typer(no_args_is_help=True, help="Quotas, flavors, overcommit and placement policy.")
+app.add_typer(policy_app, name="policy")
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -50,10 +54,13 @@ def main_options(
                                          help="libvirt URI of the host to act on.")] = DEFAULT_URI,
     state_dir: Annotated[Path, typer.Option("--state-dir", envvar="HVCTL_STATE_DIR",
                                             help="Where the ledger, images and VM disks live.")] = DEFAULT_STATE_DIR,
+    policy: Annotated[Path | None, typer.Option("--policy", envvar="HVCTL_POLICY",
+                                                help="Policy file (default: STATE_DIR/policy.yaml, else the "
+                                                     "shipped policies/default.yaml).")] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
 ) -> None:
     State.debug = debug
-    State.ctx = Context(state_dir=state_dir, uri=connect)
+    State.ctx = Context(state_dir=state_dir, uri=connect, policy_path=policy)
 
 
 class RichReporter:
@@ -93,11 +100,14 @@ def emit_json(data: Any) -> None:
 @app.command()
 def create(
     name: str,
-    vcpus: Annotated[int, typer.Option(help="Virtual CPUs.")] = 1,
+    flavor: Annotated[str | None, typer.Option(help="A named size from the policy; flags below override it.")] = None,
+    host: Annotated[str | None, typer.Option(help="Host to create on (default: the scheduler picks).")] = None,
+    vcpus: Annotated[int | None, typer.Option(help="Virtual CPUs.")] = None,
     cpu_limit: Annotated[float | None, typer.Option(help="Cap on host CPU time, in CPUs (e.g. 0.5).")] = None,
     io_weight: Annotated[int | None, typer.Option(help="Block I/O weight, 100-1000.")] = None,
-    memory: Annotated[int, typer.Option(help="Memory in MiB.")] = 256,
-    disk: Annotated[int, typer.Option(help="Overlay disk size in GiB.")] = 1,
+    memory: Annotated[int | None, typer.Option(help="Memory in MiB.")] = None,
+    disk: Annotated[int | None, typer.Option(help="Overlay disk size in GiB.")] = None,
+    gpus: Annotated[int | None, typer.Option(help="Whole GPUs to pass through.")] = None,
     image: Annotated[str, typer.Option(help="Image name (see `hvctl image list`).")] = "minimal",
     tenant: Annotated[str, typer.Option(help="Owning tenant.")] = "default",
     boot_timeout: Annotated[float, typer.Option(help="Seconds to wait for the guest to report ready.")] = 120.0,
@@ -108,8 +118,15 @@ def create(
     from hvctl.ops.create import create as create_vm
     from hvctl.spec import VMSpec
 
-    spec = VMSpec.parse(name=name, vcpus=vcpus, memory_mib=memory, disk_gib=disk, image=image, tenant=tenant,
-                        host=ctx().host_name, ssh_bind=ssh_bind, cpu_limit=cpu_limit, io_weight=io_weight)
+    sizes: dict[str, Any] = {"vcpus": 1, "memory_mib": 256, "disk_gib": 1, "gpus": {"count": 0}}
+    if flavor is not None:
+        f = ctx().policy.flavor(flavor)
+        sizes = {"vcpus": f.vcpus, "memory_mib": f.memory_mib, "disk_gib": f.disk_gib, "gpus": {"count": f.gpus}}
+    explicit = {"vcpus": vcpus, "memory_mib": memory, "disk_gib": disk,
+                "gpus": {"count": gpus} if gpus is not None else None}
+    sizes |= {k: v for k, v in explicit.items() if v is not None}
+    spec = VMSpec.parse(name=name, image=image, tenant=tenant, host=host, ssh_bind=ssh_bind, cpu_limit=cpu_limit,
+                        io_weight=io_weight, **sizes)
     started = time.monotonic()
     with RichReporter(f"create {name}") as reporter:
         record = create_vm(ctx(), spec, reporter, boot_timeout=boot_timeout)
@@ -382,6 +399,107 @@ def key_list(tenant: Annotated[str | None, typer.Argument()] = None, as_json: Js
     for t, k in keys:
         table.add_row(t, k if len(k) < 90 else k[:40] + "…" + k[-40:])
     out.print(table)
+
+
+# -- hosts, policy, plan ---------------------------------------------------------------------------------------
+
+
+@host_app.command("add")
+def host_add(name: str, uri: str, as_json: JsonOpt = False) -> None:
+    """Register a host: capacity, NUMA cells and GPUs are read from its libvirt; the accelerator is probed."""
+    from hvctl.ops.hosts import add_host
+
+    with RichReporter(f"host add {name}") as reporter:
+        reporter.step(f"connecting to {uri}")
+        view = add_host(ctx(), name, uri)
+    if as_json:
+        emit_json(view)
+    else:
+        out.print(f"host {name}: {view['cpus']} CPUs, {view['memory_mib']} MiB, {len(view['numa_cells'])} NUMA "
+                  f"cell(s), {len(view['gpus'])} GPU(s), accelerator {view['accel']}")
+
+
+@host_app.command("list")
+def host_list(as_json: JsonOpt = False) -> None:
+    """Hosts with capacity, what is allocated and what the policy allows."""
+    from hvctl.ops.hosts import host_view
+
+    c = ctx()
+    c.capabilities(c.host_name)
+    views = [host_view(c, h.name) for h in c.ledger.list_hosts()]
+    if as_json:
+        emit_json(views)
+        return
+    table = Table("HOST", "URI", "ON", "ACCEL", "VCPU used/alloc", "MEM MiB used/alloc", "GPUS", "VMS")
+    for v in views:
+        lim, used = v["allocatable"], v["allocated"]
+        table.add_row(v["name"], v["uri"], "yes" if v["enabled"] else "no", v["accel"] or "?",
+                      f"{used['vcpus']:g}/{lim['vcpus']:g}", f"{used['memory_mib']:g}/{lim['memory_mib']:g}",
+                      f"{used['gpus']:g}/{lim['gpus']:g}", str(v["vms"]))
+    out.print(table)
+
+
+@host_app.command("rm")
+def host_rm(name: str) -> None:
+    """Forget a host that runs no VMs."""
+    ctx().ledger.remove_host(name)
+    out.print(f"host {name} removed")
+
+
+@policy_app.command("check")
+def policy_check(
+    file: Annotated[Path | None, typer.Argument(help="Policy file (default: the one in effect).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Validate a policy file; every error is reported with its file, line and field."""
+    from hvctl.policy import PolicyError, load_policy
+
+    path = file or ctx().policy_source
+    try:
+        policy = load_policy(path)
+    except PolicyError as exc:
+        if as_json:
+            emit_json({"ok": False, "problems": exc.problems})
+        else:
+            for problem in exc.problems:
+                err.print(problem, soft_wrap=True, markup=False, style="red")
+        raise typer.Exit(2) from None
+    if as_json:
+        emit_json({"ok": True, "tenants": sorted(policy.tenants), "flavors": sorted(policy.flavors)})
+    else:
+        out.print(f"policy ok: {len(policy.tenants)} tenant(s), {len(policy.flavors)} flavor(s), "
+                  f"placement {policy.placement.mode}")
+
+
+@app.command()
+def plan(requests: Path, as_json: JsonOpt = False) -> None:
+    """Dry run: where each request would go, which are refused and why, and the resulting utilisation."""
+    from hvctl.ops.plan import load_requests
+    from hvctl.ops.plan import plan as make_plan
+
+    c = ctx()
+    c.capabilities(c.host_name)
+    result = make_plan(c, load_requests(c, requests))
+    if as_json:
+        emit_json(result)
+        return
+    table = Table("REQUEST", "TENANT", "VCPU", "MEM MiB", "HOST", "REFUSED BECAUSE")
+    for r in result["requests"]:
+        table.add_row(r["name"], r["tenant"], str(r["vcpus"]), str(r["memory_mib"]), r["host"] or "-",
+                      f"[red]{r['reason']}[/]" if r["reason"] else "")
+    out.print(table)
+    hosts = Table("HOST", "VCPU", "MEM MiB", "GPUS")
+    for h in result["hosts"]:
+        u, lim = h["used"], h["limit"]
+        hosts.add_row(h["name"], f"{u['vcpus']:g}/{lim['vcpus']:g}", f"{u['memory_mib']:g}/{lim['memory_mib']:g}",
+                      f"{u['gpus']:g}/{lim['gpus']:g}")
+    out.print(hosts)
+    tenants = Table("TENANT", "WEIGHT", "VCPU", "MEM MiB", "VMS")
+    for t in result["tenants"]:
+        u, q = t["used"], t["quota"]
+        tenants.add_row(t["name"], f"{t['weight']:g}", f"{u['vcpus']:g}/{q['vcpus']}",
+                        f"{u['memory_mib']:g}/{q['memory_mib']}", f"{u['vms']:g}/{q['vms']}")
+    out.print(tenants)
 
 
 # -- images ---------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from hvctl.errors import ImageError
 from hvctl.host import Host
 from hvctl.ledger import Ledger
 from hvctl.paths import StateDir
+from hvctl.policy import SHIPPED, Policy, load_policy
 from images.store import Image, ImageStore
 
 DEFAULT_URI = "qemu:///system"
@@ -41,7 +42,18 @@ class Context:
     state_dir: Path
     uri: str = DEFAULT_URI
     host_name: str = LOCAL_HOST
+    policy_path: Path | None = None
     _hosts: dict[str, Host] = field(default_factory=dict, repr=False)
+
+    @property
+    def policy_source(self) -> Path:
+        """--policy, else the state dir's policy.yaml if an admin installed one, else the shipped default."""
+        installed = self.state_dir / "policy.yaml"
+        return self.policy_path or (installed if installed.is_file() else SHIPPED / "default.yaml")
+
+    @cached_property
+    def policy(self) -> Policy:
+        return load_policy(self.policy_source)
 
     @cached_property
     def paths(self) -> StateDir:

@@ -79,6 +79,37 @@ class Host:
         return HostFacts(arch=caps.findtext("host/cpu/arch") or "x86_64", cpus=int(info[2]),
                          memory_mib=int(info[1]), domain_types=types, hostname=self.conn.getHostname())
 
+    def numa_cells(self) -> list[dict[str, int]]:
+        """Per NUMA cell: CPUs and memory (MiB), from the capabilities' host topology."""
+        caps = ET.fromstring(self.conn.getCapabilities())
+        cells = []
+        for cell in caps.iterfind("host/topology/cells/cell"):
+            memory = cell.find("memory")
+            kib = int(memory.text or 0) if memory is not None else 0
+            cells.append({"cpus": len(cell.findall("cpus/cpu")), "memory_mib": kib // 1024})
+        return cells
+
+    def pci_gpus(self, allowlist: frozenset[tuple[int, int]] = frozenset()) -> list[dict[str, str]]:
+        """PCI display/3D controllers (class 0x03xxxx), plus allowlisted vendor:device pairs, from node devices."""
+        found = []
+        with _errors("listing node devices"):
+            devices = self.conn.listAllDevices(libvirt.VIR_CONNECT_LIST_NODE_DEVICES_CAP_PCI_DEV)
+        for dev in devices:
+            xml = ET.fromstring(dev.XMLDesc(0))
+            cap = xml.find("capability[@type='pci']")
+            if cap is None:
+                continue
+            klass = int(cap.findtext("class") or "0", 16)
+            vendor_el, product_el = cap.find("vendor"), cap.find("product")
+            vendor = int(vendor_el.get("id", "0"), 16) if vendor_el is not None else 0
+            product = int(product_el.get("id", "0"), 16) if product_el is not None else 0
+            if klass >> 16 == 0x03 or (vendor, product) in allowlist:
+                addr = f"{int(cap.findtext('domain') or 0):04x}:{int(cap.findtext('bus') or 0):02x}:" \
+                       f"{int(cap.findtext('slot') or 0):02x}.{int(cap.findtext('function') or 0):x}"
+                name = cap.findtext("product") or f"{vendor:04x}:{product:04x}"
+                found.append({"address": addr, "model": name.strip(), "ids": f"{vendor:04x}:{product:04x}"})
+        return found
+
     # -- domains ----------------------------------------------------------------------------------------------
 
     def _lookup(self, name: str) -> libvirt.virDomain:

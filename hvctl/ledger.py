@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hvctl.errors import AlreadyExists, LedgerError, NotFound
+from hvctl.accounting import Usage, first_excess, host_footprint, tenant_charge
+from hvctl.errors import AlreadyExists, HvctlError, LedgerError, NotFound
 from hvctl.spec import VMSpec
 
 # Each entry moves the schema one version forward. Never edit a released entry; append a new one.
@@ -72,10 +73,38 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (tenant, pubkey)
     );
     """,
+    """
+    ALTER TABLE hosts ADD COLUMN numa TEXT;
+    ALTER TABLE hosts ADD COLUMN gpus TEXT;
+    CREATE TABLE reservations (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        host TEXT NOT NULL REFERENCES hosts(name),
+        tenant TEXT NOT NULL,
+        vm TEXT,
+        kind TEXT NOT NULL,
+        usage TEXT NOT NULL,
+        counts_against_tenant INTEGER NOT NULL,
+        created_at REAL NOT NULL
+    );
+    """,
 ]
 
 VM_STATES = ("creating", "running", "stopped", "destroying")
 DEFAULT_PORT_RANGE = (22200, 22999)
+
+
+class QuotaExceeded(HvctlError):
+    """Admission refused: a tenant quota or a host's capacity would be exceeded. The message has the numbers."""
+
+    exit_code = 13
+
+
+@dataclass(frozen=True)
+class Admission:
+    """Limits checked when a VM is admitted: per resource, None means unlimited."""
+
+    tenant_limit: dict[str, float | None]
+    host_limit: dict[str, float | None]
 
 
 @dataclass(frozen=True)
@@ -209,12 +238,32 @@ class Ledger:
         self, spec: VMSpec, host: str, base_disk: Path, overlay: Path, console_log: Path, agent_socket: Path,
         port_range: tuple[int, int] = DEFAULT_PORT_RANGE, bind_address: str = "127.0.0.1",
         agent_token: str | None = None, host_pubkey: str | None = None, seed: Path | None = None,
+        admission: Admission | None = None,
     ) -> VMRecord:
-        """Record the intent to create a VM and allocate its SSH port, atomically. State starts as 'creating'."""
+        """Record the intent to create a VM and allocate its SSH port, atomically. State starts as 'creating'.
+
+        With ``admission``, the tenant's quota and the host's capacity are checked in the same transaction, so
+        concurrent creates can never together overshoot either.
+        """
+        try:
+            return self._reserve_vm(spec, host, base_disk, overlay, console_log, agent_socket, port_range,
+                                    bind_address, agent_token, host_pubkey, seed, admission)
+        except QuotaExceeded as exc:
+            # The refusal is worth keeping, but its transaction was rolled back: record it on its own.
+            self.log_event(spec.name, host, "admission.refused", exc.message)
+            raise
+
+    def _reserve_vm(
+        self, spec: VMSpec, host: str, base_disk: Path, overlay: Path, console_log: Path, agent_socket: Path,
+        port_range: tuple[int, int], bind_address: str, agent_token: str | None, host_pubkey: str | None,
+        seed: Path | None, admission: Admission | None,
+    ) -> VMRecord:
         now = time.time()
         with self.transaction() as db:
             if db.execute("SELECT 1 FROM vms WHERE name = ?", (spec.name,)).fetchone():
                 raise AlreadyExists(f"VM {spec.name!r} already exists")
+            if admission is not None:
+                self._admit(db, spec, host, admission)
             used = {r[0] for r in db.execute("SELECT ssh_port FROM vms WHERE host = ?", (host,))}
             port = _free_port(port_range, used, bind_address)
             db.execute(
@@ -252,6 +301,82 @@ class Ledger:
             row = db.execute("SELECT host FROM vms WHERE name = ?", (name,)).fetchone()
             db.execute("DELETE FROM vms WHERE name = ?", (name,))
             self._event(db, name, row[0] if row else None, "vm.deleted", message)
+
+    # -- accounting and reservations --------------------------------------------------------------------------
+
+    def tenant_usage(self, tenant: str, db: sqlite3.Connection | None = None) -> Usage:
+        db = db or self.db
+        total = Usage()
+        for row in db.execute("SELECT spec FROM vms WHERE tenant = ?", (tenant,)):
+            total += tenant_charge(VMSpec.model_validate_json(row[0]))
+        for row in db.execute("SELECT usage FROM reservations WHERE tenant = ? AND counts_against_tenant = 1",
+                              (tenant,)):
+            total += Usage(**json.loads(row[0]))
+        return total
+
+    def host_usage(self, host: str, db: sqlite3.Connection | None = None) -> Usage:
+        db = db or self.db
+        total = Usage()
+        for row in db.execute("SELECT spec FROM vms WHERE host = ?", (host,)):
+            total += host_footprint(VMSpec.model_validate_json(row[0]))
+        for row in db.execute("SELECT usage FROM reservations WHERE host = ?", (host,)):
+            total += Usage(**json.loads(row[0]))
+        return total
+
+    def _admit(self, db: sqlite3.Connection, spec: VMSpec, host: str, admission: Admission) -> None:
+        refusal = first_excess(f"tenant {spec.tenant}", tenant_charge(spec), self.tenant_usage(spec.tenant, db),
+                               admission.tenant_limit) or \
+            first_excess(f"host {host}", host_footprint(spec), self.host_usage(host, db), admission.host_limit)
+        if refusal:
+            raise QuotaExceeded(refusal)
+
+    def reserve(self, host: str, tenant: str, usage: Usage, kind: str, vm: str | None = None,
+                counts_against_tenant: bool = False, host_limit: dict[str, float | None] | None = None) -> int:
+        """Hold resources on a host for an operation in flight (a migration target, say) until it commits or
+        rolls back. A migration's reservation does not count against its tenant: the VM is already charged once,
+        so a tenant at its full quota can still be migrated (kubevirt#9238)."""
+        with self.transaction() as db:
+            if host_limit is not None:
+                refusal = first_excess(f"host {host}", usage, self.host_usage(host, db), host_limit)
+                if refusal:
+                    raise QuotaExceeded(refusal)
+            cur = db.execute("INSERT INTO reservations (host, tenant, vm, kind, usage, counts_against_tenant, "
+                             "created_at) VALUES (?,?,?,?,?,?,?)", (host, tenant, vm, kind,
+                                                                    json.dumps(usage.as_dict()),
+                                                                    int(counts_against_tenant), time.time()))
+            self._event(db, vm, host, f"reservation.{kind}", f"reserved {usage.as_dict()} on {host}")
+            return int(cur.lastrowid or 0)
+
+    def release(self, reservation_id: int) -> None:
+        with self.transaction() as db:
+            db.execute("DELETE FROM reservations WHERE id = ?", (reservation_id,))
+
+    def reservations(self) -> list[dict[str, Any]]:
+        return [dict(r) for r in self.db.execute("SELECT * FROM reservations ORDER BY id")]
+
+    def record_host_inventory(self, name: str, numa: list[dict[str, int]], gpus: list[dict[str, str]]) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE hosts SET numa = ?, gpus = ? WHERE name = ?", (json.dumps(numa), json.dumps(gpus),
+                                                                             name))
+
+    def host_inventory(self, name: str) -> tuple[list[dict[str, int]], list[dict[str, str]]]:
+        row = self.db.execute("SELECT numa, gpus FROM hosts WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise NotFound(f"unknown host {name!r}")
+        return json.loads(row[0] or "[]"), json.loads(row[1] or "[]")
+
+    def remove_host(self, name: str) -> None:
+        with self.transaction() as db:
+            if db.execute("SELECT 1 FROM vms WHERE host = ?", (name,)).fetchone():
+                raise HvctlError(f"host {name} still has VMs; destroy or migrate them first")
+            if db.execute("DELETE FROM hosts WHERE name = ?", (name,)).rowcount == 0:
+                raise NotFound(f"unknown host {name!r}")
+            self._event(db, None, name, "host.removed", f"host {name} removed")
+
+    def set_host_enabled(self, name: str, enabled: bool) -> None:
+        with self.transaction() as db:
+            if db.execute("UPDATE hosts SET enabled = ? WHERE name = ?", (int(enabled), name)).rowcount == 0:
+                raise NotFound(f"unknown host {name!r}")
 
     # -- tenant keys ------------------------------------------------------------------------------------------
 

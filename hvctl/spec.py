@@ -58,7 +58,8 @@ class VMSpec(Frozen):
     image: ImageName = "minimal"
     workload: WorkloadKind | None = None
     gpus: GPURequest = GPURequest()
-    host: Name = "local"
+    # None: the scheduler picks the host.
+    host: Name | None = None
     # Where the SSH forward listens on the host. Loopback by default; production may bind a management address.
     ssh_bind: IPv4Address = IPv4Address("127.0.0.1")
     # Enforcement: a cap on host CPU time (in CPUs, e.g. 0.5), host CPUs to pin to, a block-I/O weight, and a host

@@ -43,7 +43,7 @@ def test_cpu_limit_cannot_exceed_vcpus() -> None:
 
 def test_spec_is_frozen_and_has_sane_defaults() -> None:
     spec = VMSpec.parse(name="web-1", workload="llm", gpus={"count": 1, "model": "H100"})
-    assert (spec.vcpus, spec.memory_mib, spec.disk_gib, spec.image, spec.host) == (1, 256, 1, "minimal", "local")
+    assert (spec.vcpus, spec.memory_mib, spec.disk_gib, spec.image, spec.host) == (1, 256, 1, "minimal", None)
     assert spec.workload == "llm" and spec.gpus.count == 1
     with pytest.raises(ValidationError, match="frozen"):
         spec.vcpus = 4  # type: ignore[misc]

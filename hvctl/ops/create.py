@@ -13,8 +13,9 @@ from hvctl.context import Context
 from hvctl.designer import BootArtifacts, VMAllocation, design
 from hvctl.errors import AlreadyExists, GuestTimeout, ImageError, InvalidSpec
 from hvctl.host import DomainState
-from hvctl.ledger import VMRecord
+from hvctl.ledger import Admission, VMRecord
 from hvctl.ops import Reporter, SilentReporter, Undo
+from hvctl.placement import choose_host, host_limit
 from hvctl.seed import build_seed, generate_ed25519, new_agent_token, operator_key, public_key_of
 from hvctl.spec import VMSpec
 
@@ -24,14 +25,23 @@ DEFAULT_BOOT_TIMEOUT = 120.0
 def create(ctx: Context, spec: VMSpec, reporter: Reporter | None = None,
            boot_timeout: float = DEFAULT_BOOT_TIMEOUT, extra_cmdline: tuple[str, ...] = ()) -> VMRecord:
     say = (reporter or SilentReporter()).step
+    # Every check that can refuse the request runs before anything is written anywhere, the state dir included.
+    policy = ctx.policy
+    quota = policy.tenant(spec.tenant).quota
     paths = ctx.paths
     overlay, vm_dir = paths.overlay(spec.name), paths.vm_dir(spec.name)
-
-    # Every check that can refuse the request runs before anything is written anywhere.
-    host = ctx.host(spec.host)
     image = ctx.images.get(spec.image)
     image.verify()
+    if spec.host is None:
+        ctx.capabilities(ctx.host_name)  # the connected host's capacity must be known to place on it
+        say("placing")
+        spec = spec.model_copy(update={"host": choose_host(ctx.ledger, policy, spec)})
+    assert spec.host is not None
+    host = ctx.host(spec.host)
     caps = ctx.capabilities(spec.host)
+    gpus = len(ctx.ledger.host_inventory(spec.host)[1])
+    admission = Admission(tenant_limit=quota.model_dump(),
+                          host_limit=host_limit(policy, ctx.ledger.get_host(spec.host), gpus))
     if host.exists(spec.name):
         raise AlreadyExists(f"a domain named {spec.name!r} already exists on host {spec.host}")
     if overlay.exists():
@@ -49,7 +59,7 @@ def create(ctx: Context, spec: VMSpec, reporter: Reporter | None = None,
         record = ctx.ledger.reserve_vm(spec, spec.host, image.base_disk, overlay, paths.console_log(spec.name),
                                        paths.agent_socket(spec.name), agent_token=token,
                                        host_pubkey=host_key.public_line, seed=seed,
-                                       bind_address=str(spec.ssh_bind))
+                                       bind_address=str(spec.ssh_bind), admission=admission)
         undo.push("forget the ledger row", lambda: ctx.ledger.delete_vm(spec.name, "create rolled back"))
 
         made_dir = not vm_dir.exists()

@@ -1,0 +1,44 @@
+"""hvctl host add/list/rm: hosts are libvirt URIs; their capacity comes from libvirt itself."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hvctl.context import Context
+from hvctl.errors import AlreadyExists
+from hvctl.host import Host
+from hvctl.placement import host_limit
+from hvctl.spec import check_name
+
+
+def add_host(ctx: Context, name: str, uri: str) -> dict[str, Any]:
+    """Connect first: a URI that does not answer is refused before anything is written."""
+    check_name(name, "host name")
+    if name in {h.name for h in ctx.ledger.list_hosts()} and ctx.ledger.get_host(name).uri != uri:
+        raise AlreadyExists(f"host {name} already exists with another URI")
+    probe = Host(uri)
+    try:
+        facts = probe.facts()
+        numa = probe.numa_cells()
+        gpus = probe.pci_gpus()
+    finally:
+        probe.close()
+    ctx.ledger.ensure_host(name, uri)
+    ctx.ledger.record_host_inventory(name, numa, gpus)
+    caps = ctx.capabilities(name)
+    ctx.ledger.log_event(None, name, "host.added", f"host {name} at {uri}: {facts.cpus} CPUs, {facts.memory_mib} MiB, "
+                                                   f"{len(numa)} NUMA cells, {len(gpus)} GPUs, {caps.accel.value}")
+    return host_view(ctx, name)
+
+
+def host_view(ctx: Context, name: str) -> dict[str, Any]:
+    record = ctx.ledger.get_host(name)
+    numa, gpus = ctx.ledger.host_inventory(name)
+    limit = host_limit(ctx.policy, record, len(gpus))
+    used = ctx.ledger.host_usage(name)
+    return {
+        "name": name, "uri": record.uri, "enabled": record.enabled, "accel": record.accel, "cpus": record.cpus,
+        "memory_mib": record.memory_mib, "numa_cells": numa, "gpus": gpus,
+        "allocatable": limit, "allocated": used.as_dict(),
+        "vms": len(ctx.ledger.list_vms(host=name)),
+    }

@@ -1,0 +1,125 @@
+"""Policy: flavors, tenants' quotas and weights, host reserves and overcommit, placement mode. YAML, checked by
+pydantic, with every error reported by file, line and field so an admin can fix a policy without guessing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+
+from hvctl.errors import InvalidSpec
+
+SHIPPED = Path(__file__).resolve().parent.parent / "policies"
+Name = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9-]{0,62}$")]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Amounts(Strict):
+    vcpus: int = Field(default=0, ge=0)
+    memory_mib: int = Field(default=0, ge=0)
+    disk_gib: int = Field(default=0, ge=0)
+    gpus: int = Field(default=0, ge=0)
+
+
+class Flavor(Strict):
+    vcpus: int = Field(ge=1, le=256)
+    memory_mib: int = Field(ge=64)
+    disk_gib: int = Field(ge=1)
+    gpus: int = Field(default=0, ge=0, le=16)
+
+
+class Quota(Amounts):
+    vms: int = Field(default=0, ge=0)
+
+
+class Tenant(Strict):
+    weight: float = Field(default=1.0, gt=0)
+    quota: Quota
+
+
+class HostPolicy(Strict):
+    cpu_overcommit: float = Field(default=1.0, ge=1.0, le=64)
+    # Memory may be overcommitted only deliberately; GPUs never are (there is no setting for them).
+    mem_overcommit: float = Field(default=1.0, ge=1.0, le=4)
+    reserve: Amounts = Amounts()
+
+
+class Placement(Strict):
+    mode: Literal["pack", "spread"] = "pack"
+    default_duration_s: float = Field(default=3600, gt=0)
+
+
+class Policy(Strict):
+    placement: Placement = Placement()
+    hosts: HostPolicy = HostPolicy()
+    flavors: dict[Name, Flavor] = {}
+    tenants: dict[Name, Tenant] = Field(min_length=1)
+
+    def tenant(self, name: str) -> Tenant:
+        if name not in self.tenants:
+            raise InvalidSpec(f"unknown tenant {name!r}; the policy defines: {', '.join(sorted(self.tenants))}")
+        return self.tenants[name]
+
+    def flavor(self, name: str) -> Flavor:
+        if name not in self.flavors:
+            raise InvalidSpec(f"unknown flavor {name!r}; the policy defines: {', '.join(sorted(self.flavors))}")
+        return self.flavors[name]
+
+
+class PolicyError(InvalidSpec):
+    """Every problem in a policy file, one per line, each as FILE:LINE: FIELD: MESSAGE."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__(problems[0] if len(problems) == 1 else f"{len(problems)} problems: " + "; ".join(problems))
+        self.problems = problems
+
+
+def load_policy(path: Path | None) -> Policy:
+    path = path or SHIPPED / "default.yaml"
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise PolicyError([f"{path}: cannot read: {exc.strerror}"]) from None
+    return parse_policy(text, str(path))
+
+
+def parse_policy(text: str, where: str) -> Policy:
+    try:
+        tree = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise PolicyError([f"{where}{line}: not valid YAML: {getattr(exc, 'problem', exc)}"]) from None
+    if not isinstance(data, dict):
+        raise PolicyError([f"{where}:1: the policy must be a mapping with tenants, flavors, hosts, placement"])
+    try:
+        return Policy.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = [str(p) for p in err["loc"]]
+            problems.append(f"{where}:{_line_of(tree, loc)}: {'.'.join(loc) or 'policy'}: {err['msg']}")
+        raise PolicyError(problems) from None
+
+
+def _line_of(node: Any, path: list[str]) -> int:
+    """The line of the deepest YAML node along ``path`` (a missing key points at its parent mapping)."""
+    line = node.start_mark.line + 1 if node is not None else 1
+    for key in path:
+        if isinstance(node, yaml.MappingNode):
+            match = next((v for k, v in node.value if k.value == key), None)
+            if match is None:
+                return line
+            node = match
+        elif isinstance(node, yaml.SequenceNode) and key.isdigit() and int(key) < len(node.value):
+            node = node.value[int(key)]
+        else:
+            return line
+        line = node.start_mark.line + 1
+    return line

@@ -1,0 +1,214 @@
+"""Policy files, accounting, admission under real concurrency, reservations, placement refusals and `hvctl plan`,
+on real SQLite ledgers (no hypervisor needed: hosts' capacity is recorded as `hvctl host add` would)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import short_tempdir
+from hvctl.accounting import Usage, host_footprint, tenant_charge
+from hvctl.designer import qemu_overhead_mib
+from hvctl.ledger import Admission, Ledger, QuotaExceeded
+from hvctl.placement import NoValidHost, choose_host, host_limit
+from hvctl.policy import SHIPPED, PolicyError, load_policy, parse_policy
+from hvctl.spec import VMSpec
+
+POLICY = """\
+placement: {mode: pack}
+hosts: {cpu_overcommit: 2.0, mem_overcommit: 1.0, reserve: {memory_mib: 1024}}
+flavors:
+  small: {vcpus: 1, memory_mib: 512, disk_gib: 2}
+tenants:
+  acme: {weight: 2, quota: {vcpus: 8, memory_mib: 2048, disk_gib: 100, gpus: 0, vms: 6}}
+  globex: {weight: 1, quota: {vcpus: 4, memory_mib: 4096, disk_gib: 100, gpus: 0, vms: 10}}
+"""
+
+
+@pytest.fixture
+def state() -> Iterator[Path]:
+    path = short_tempdir("hvp-")
+    (path / "policy.yaml").write_text(POLICY)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def add_host(ledger: Ledger, name: str, cpus: int, memory_mib: int) -> None:
+    ledger.ensure_host(name, f"test:///{name}")
+    ledger.record_host_facts(name, "qemu", cpus, memory_mib)
+    ledger.record_host_inventory(name, [{"cpus": cpus, "memory_mib": memory_mib}], [])
+
+
+def admit(ledger: Ledger, spec: VMSpec, host: str, tmp: Path) -> None:
+    policy = parse_policy(POLICY, "policy.yaml")
+    admission = Admission(policy.tenant(spec.tenant).quota.model_dump(),
+                          host_limit(policy, ledger.get_host(host), 0))
+    vm = tmp / spec.name
+    ledger.reserve_vm(spec, host, tmp / "base", vm / "disk", vm / "console", vm / "agent", admission=admission,
+                      port_range=(23000, 23999))
+
+
+def test_shipped_policies_are_valid() -> None:
+    assert load_policy(None).tenants["default"].quota.vms > 0
+    two = load_policy(SHIPPED / "two-tenants.yaml")
+    assert set(two.tenants) == {"acme", "globex"} and two.tenants["acme"].weight == 2
+
+
+def test_policy_errors_name_file_line_and_field() -> None:
+    bad = POLICY.replace("vcpus: 8", "vcpus: -8").replace("small: {vcpus: 1", "small: {vcpus: 1, colour: red")
+    with pytest.raises(PolicyError) as exc:
+        parse_policy(bad, "site.yaml")
+    assert "site.yaml:4: flavors.small.colour: Extra inputs are not permitted" in exc.value.problems
+    assert "site.yaml:6: tenants.acme.quota.vcpus: Input should be greater than or equal to 0" in exc.value.problems
+    with pytest.raises(PolicyError, match=r"site.yaml:3: not valid YAML"):
+        parse_policy("tenants:\n  - [unclosed\n", "site.yaml")
+    with pytest.raises(PolicyError, match="tenants: Field required"):
+        parse_policy("flavors: {}\n", "site.yaml")
+
+
+def test_policy_check_cli(state: Path) -> None:
+    bad = state / "bad.yaml"
+    bad.write_text(POLICY.replace("weight: 2", "weight: -2"))
+    env = os.environ | {"HVCTL_STATE_DIR": str(state), "NO_COLOR": "1", "COLUMNS": "200"}
+    result = subprocess.run([sys.executable, "-m", "hvctl.cli", "policy", "check", str(bad)], capture_output=True,
+                            text=True, env=env)
+    assert result.returncode == 2 and f"{bad}:6: tenants.acme.weight: Input should be greater than 0" in result.stderr
+    ok = subprocess.run([sys.executable, "-m", "hvctl.cli", "policy", "check", "--json"], capture_output=True,
+                        text=True, env=env)
+    assert ok.returncode == 0 and json.loads(ok.stdout)["tenants"] == ["acme", "globex"]
+
+
+def test_unknown_tenant_or_flavor_is_refused_and_writes_nothing(state: Path) -> None:
+    env = os.environ | {"HVCTL_STATE_DIR": str(state), "HVCTL_CONNECT": "qemu:///system?socket=/nonexistent",
+                        "NO_COLOR": "1"}
+    for args, needle in ((["--tenant", "initech"], "unknown tenant 'initech'"),
+                         (["--flavor", "huge"], "unknown flavor 'huge'; the policy defines: small")):
+        result = subprocess.run([sys.executable, "-m", "hvctl.cli", "create", "x", *args], capture_output=True,
+                                text=True, env=env)
+        assert result.returncode == 2 and needle in result.stderr
+    assert sorted(p.name for p in state.iterdir()) == ["policy.yaml"]
+
+
+def test_footprint_counts_qemu_overhead_against_the_host_only() -> None:
+    spec = VMSpec(name="a", tenant="acme", vcpus=2, memory_mib=1024, disk_gib=3)
+    assert tenant_charge(spec) == Usage(2, 1024, 3, 0, 1)
+    assert host_footprint(spec) == Usage(2, 1024 + qemu_overhead_mib(spec), 3, 0, 1)
+
+
+def test_a_vm_sized_exactly_to_the_quota_is_admitted_and_the_next_is_refused(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "l.sqlite3")
+    add_host(ledger, "h1", cpus=8, memory_mib=16384)
+    admit(ledger, VMSpec(name="exact", tenant="acme", memory_mib=2048), "h1", tmp_path)
+    with pytest.raises(QuotaExceeded) as exc:
+        admit(ledger, VMSpec(name="more", tenant="acme", memory_mib=64), "h1", tmp_path)
+    assert exc.value.message == "tenant acme: memory 64 MiB requested, 2048 of 2048 MiB in use"
+    assert [v.name for v in ledger.list_vms()] == ["exact"]
+    assert ledger.events("more")[-1].kind == "admission.refused"
+
+
+def test_host_capacity_includes_overhead_and_reserve(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "l.sqlite3")
+    add_host(ledger, "small-host", cpus=2, memory_mib=3072)
+    # 3072 MiB - 1024 reserved = 2048 allocatable; a 2000 MiB guest needs 2000 + 256 + 40 with QEMU's overhead.
+    with pytest.raises(QuotaExceeded, match=r"host small-host: memory 2296 MiB requested, 0 of 2048 MiB in use"):
+        admit(ledger, VMSpec(name="big", tenant="globex", memory_mib=2000), "small-host", tmp_path)
+    assert ledger.list_vms() == []
+
+
+def test_twenty_concurrent_creates_never_overshoot_quota_or_host(tmp_path: Path) -> None:
+    """Twenty threads, each with its own SQLite connection, race to admit 512 MiB VMs for acme (quota 2048 MiB,
+    6 VMs) and globex onto one host; admission and insert share a transaction, so exactly the quota gets in."""
+    Ledger(tmp_path / "l.sqlite3")
+    add_host(Ledger(tmp_path / "l.sqlite3"), "h1", cpus=4, memory_mib=8192)
+    admitted: list[str] = []
+    refused: list[str] = []
+    barrier = threading.Barrier(20)
+
+    def worker(i: int) -> None:
+        ledger = Ledger(tmp_path / "l.sqlite3")
+        tenant = "acme" if i % 2 == 0 else "globex"
+        barrier.wait()
+        try:
+            admit(ledger, VMSpec(name=f"vm-{i}", tenant=tenant, memory_mib=512), "h1", tmp_path)
+            admitted.append(tenant)
+        except QuotaExceeded as exc:
+            refused.append(exc.message)
+        finally:
+            ledger.close()
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ledger = Ledger(tmp_path / "l.sqlite3")
+    assert admitted.count("acme") == 4  # 4 x 512 MiB = the 2048 MiB quota
+    acme = ledger.tenant_usage("acme")
+    assert acme.memory_mib <= 2048 and acme.vms == 4
+    # globex is bounded by the host: 8 vCPUs allocatable (4 x 2.0), of which acme holds 4.
+    assert ledger.host_usage("h1").vcpus <= 8 and admitted.count("globex") == 4
+    assert len(admitted) + len(refused) == 20
+    assert all("in use" in r for r in refused)
+
+
+def test_migration_reservations_hold_the_host_not_the_tenant(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "l.sqlite3")
+    add_host(ledger, "h1", cpus=8, memory_mib=16384)
+    add_host(ledger, "h2", cpus=8, memory_mib=4096)
+    admit(ledger, VMSpec(name="full", tenant="acme", memory_mib=2048), "h1", tmp_path)
+    spec = ledger.get_vm("full").spec
+    policy = parse_policy(POLICY, "policy.yaml")
+    # The tenant is at its full quota, yet its VM's migration target can be reserved (kubevirt#9238).
+    rid = ledger.reserve("h2", "acme", host_footprint(spec), "migration", vm="full",
+                         host_limit=host_limit(policy, ledger.get_host("h2"), 0))
+    assert ledger.host_usage("h2").memory_mib == host_footprint(spec).memory_mib
+    assert ledger.tenant_usage("acme").memory_mib == 2048
+    with pytest.raises(QuotaExceeded, match="host h2: memory"):
+        ledger.reserve("h2", "acme", host_footprint(spec), "migration", vm="full",
+                       host_limit=host_limit(policy, ledger.get_host("h2"), 0))
+    ledger.release(rid)
+    assert ledger.host_usage("h2").memory_mib == 0 and ledger.reservations() == []
+
+
+def test_placement_refuses_a_request_bigger_than_any_host(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "l.sqlite3")
+    add_host(ledger, "h1", cpus=4, memory_mib=8192)
+    add_host(ledger, "h2", cpus=8, memory_mib=4096)
+    policy = parse_policy(POLICY, "policy.yaml")
+    with pytest.raises(NoValidHost, match="no host can take giant"):
+        choose_host(ledger, policy, VMSpec(name="giant", tenant="globex", memory_mib=10000))
+    # Pack: the request goes to the host where it fits.
+    assert choose_host(ledger, policy, VMSpec(name="fits", tenant="globex", memory_mib=5000)) == "h1"
+    assert ledger.list_vms() == []
+
+
+def test_plan_orders_tenants_by_weighted_drf_and_names_refusals(state: Path) -> None:
+    from hvctl.context import Context
+    from hvctl.ops.plan import load_requests, plan
+
+    ctx = Context(state_dir=state, uri="test:///default")
+    add_host(ctx.ledger, "h1", cpus=3, memory_mib=16384)
+    requests = state / "requests.yaml"
+    requests.write_text("requests:\n  - {name: a, tenant: acme, flavor: small, count: 6}\n"
+                        "  - {name: g, tenant: globex, flavor: small, count: 6}\n")
+    result = plan(ctx, load_requests(ctx, requests))
+    decided = {r["name"]: r for r in result["requests"]}
+    placed = [r for r in result["requests"] if r["host"]]
+    # acme's quota (2048 MiB) stops it at 4 VMs; the host (3 CPUs x 2.0 overcommit = 6 vCPUs) takes 6 in all.
+    assert sum(1 for r in placed if r["tenant"] == "acme") == 4
+    assert decided["a-5"]["reason"] == "tenant acme: memory 512 MiB requested, 2048 of 2048 MiB in use"
+    assert len(placed) == 6 and all(r["host"] == "h1" for r in placed)
+    assert "vcpus" in decided["g-3"]["reason"] and "host h1" in decided["g-3"]["reason"]
+    # Weighted DRF: with weight 2, acme is picked twice for each globex pick while both have demand.
+    first_three = sorted(result["requests"], key=lambda r: r["order"])[:3]
+    assert [r["tenant"] for r in first_three].count("acme") == 2
+    assert ctx.ledger.list_vms() == []  # a dry run writes nothing
+    ctx.close()
