@@ -27,7 +27,9 @@ venv: .venv/.stamp
 .venv/.stamp: pyproject.toml | .stamp-deps
 	python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	@# torch first and pinned: its CPU wheel is on local disk; an unpinned resolve would pull a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev,ml]'
 	@touch $@
 
 image: venv

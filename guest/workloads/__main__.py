@@ -1,0 +1,258 @@
+"""Developer CLI: ``python -m guest.workloads run llm|perception|perception-train|train ...``, ``make-tiny-llm DIR``,
+``make-media-samples DIR``.
+
+Output is human-readable, or one JSON document with ``--json`` (with ``--stream --json``, one JSON line per token
+first). Errors are one line on stderr with a distinct exit code: 2 bad request, 3 model dir, 4 prompt too long,
+5 bad media, 6 checkpoint mismatch, 7 out of memory, 1 any other workload error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from .errors import BadMediaFormat, CheckpointMismatch, ModelDirError, OutOfMemory, PromptTooLong, WorkloadError
+from .schema import LLMRequest, PerceptionRequest, PerceptionTrainRequest, Sampling, TokenEvent, TrainRequest
+
+EXIT_CODES: dict[type[WorkloadError], int] = {
+    ModelDirError: 3,
+    PromptTooLong: 4,
+    BadMediaFormat: 5,
+    CheckpointMismatch: 6,
+    OutOfMemory: 7,
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m guest.workloads", description="run hvctl guest workloads locally")
+    commands = parser.add_subparsers(dest="command", required=True)
+    tiny = commands.add_parser("make-tiny-llm", help="write the tiny tokenizer + random Llama to DIR")
+    tiny.add_argument("directory")
+    tiny.add_argument("--seed", type=int, default=0)
+    samples = commands.add_parser("make-media-samples", help="write synthetic PNG/WAV/caption samples to DIR")
+    samples.add_argument("directory")
+    samples.add_argument("--count", type=int, default=4)
+    samples.add_argument("--seed", type=int, default=7)
+
+    run = commands.add_parser("run", help="run one workload").add_subparsers(dest="workload", required=True)
+    llm = run.add_parser("llm", help="generate text")
+    llm.add_argument("--model", required=True)
+    llm.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
+    llm.add_argument("--max-new-tokens", type=int, default=32)
+    llm.add_argument("--temperature", type=float, help="sample instead of greedy decoding")
+    llm.add_argument("--top-p", type=float, default=1.0)
+    llm.add_argument("--seed", type=int, default=0)
+    llm.add_argument("--ignore-eos", action="store_true", help="always generate max-new-tokens")
+    llm.add_argument("--backend", choices=["torch", "onnx", "fast"], default="torch")
+    llm.add_argument("--stream", action="store_true")
+
+    perception = run.add_parser("perception", help="classify text/image/audio with a trained perception model")
+    perception.add_argument("--model", required=True)
+    perception.add_argument("--text")
+    perception.add_argument("--image")
+    perception.add_argument("--audio")
+
+    ptrain = run.add_parser("perception-train", help="train the perception model on the synthetic task")
+    ptrain.add_argument("--out", required=True)
+    ptrain.add_argument("--epochs", type=int, default=5)
+    ptrain.add_argument("--seed", type=int, default=0)
+    ptrain.add_argument("--no-compare", action="store_true", help="skip the single-modality baselines")
+
+    training = run.add_parser("train", help="ssl / rl / seed-rl training with checkpoints")
+    training.add_argument("--objective", choices=["ssl", "rl", "seed-rl"], required=True)
+    training.add_argument("--steps", type=int, required=True)
+    training.add_argument("--batch-size", type=int, default=8)
+    training.add_argument("--seq-len", type=int, default=64)
+    training.add_argument("--lr", type=float, default=3e-3)
+    training.add_argument("--seed", type=int, default=0)
+    training.add_argument("--model", help="ssl: start from this model directory")
+    training.add_argument("--checkpoint-every", type=int, default=0)
+    training.add_argument("--checkpoint-dir")
+    training.add_argument("--no-resume", action="store_true")
+    for sub in (llm, perception, ptrain, training):
+        sub.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+        sub.add_argument("--json", action="store_true", help="print the result as JSON")
+    return parser
+
+
+def _emit(result: BaseModel, as_json: bool, summary: Callable[[Any], str]) -> None:
+    print(result.model_dump_json() if as_json else summary(result))
+
+
+def _run_llm(args: argparse.Namespace) -> None:
+    sampling = (
+        None if args.temperature is None else Sampling(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    )
+    request = LLMRequest(
+        model_dir=args.model,
+        prompts=tuple(args.prompt),
+        max_new_tokens=args.max_new_tokens,
+        sampling=sampling,
+        stop_at_eos=not args.ignore_eos,
+        device=args.device,
+    )
+
+    def stream(event: TokenEvent) -> None:
+        if args.json:
+            print(event.model_dump_json(), flush=True)
+        else:  # a batch streams interleaved; prefix each piece with its prompt number
+            prefix = f"[{event.sequence}] " if len(request.prompts) > 1 else ""
+            print(f"{prefix}{event.text}", end="\n" if prefix else "", flush=True)
+
+    callback = stream if args.stream else None
+    if args.backend == "onnx":
+        from .llm_onnx import generate_onnx
+
+        result = generate_onnx(request, on_token=callback)
+    elif args.backend == "fast":
+        from .llm_fast import generate_fast
+
+        result = generate_fast(request, on_token=callback)
+    else:
+        from .llm import generate
+
+        result = generate(request, on_token=callback)
+    if args.stream and not args.json:
+        print()
+
+    def summary(r: Any) -> str:
+        lines = [] if args.stream else [f"--- {i}: {c.text!r} ({c.finish_reason})" for i, c in enumerate(r.completions)]
+        backend = f"{r.backend}/{r.provider}" if r.provider else r.backend
+        lines.append(
+            f"{backend} on {r.device} {r.dtype}: ttft {r.ttft_s * 1e3:.1f} ms, "
+            f"prompt {r.prompt_tokens_per_s:.0f} tok/s, decode {r.decode_tokens_per_s:.0f} tok/s, "
+            f"peak {r.peak_memory_bytes / 2**20:.0f} MiB ({r.peak_memory_source})"
+        )
+        return "\n".join(lines)
+
+    _emit(result, args.json, summary)
+
+
+def _run_perception(args: argparse.Namespace) -> None:
+    from .perception import classify
+
+    request = PerceptionRequest(
+        model_dir=args.model, text=args.text, image_path=args.image, audio_path=args.audio, device=args.device
+    )
+    result = classify(request)
+    probabilities = ", ".join(f"{k} {v:.2f}" for k, v in result.probabilities.items())
+    _emit(result, args.json, lambda r: f"{r.label}  ({probabilities}; from {', '.join(r.modalities)})")
+
+
+def _run_perception_train(args: argparse.Namespace) -> None:
+    from .perception import train_perception
+
+    request = PerceptionTrainRequest(
+        out_dir=args.out,
+        epochs=args.epochs,
+        seed=args.seed,
+        compare_single_modalities=not args.no_compare,
+        device=args.device,
+    )
+    if not args.json:
+        print(f"training on the synthetic task ({request.epochs} epochs) ...", flush=True)
+    result = train_perception(request)
+
+    def summary(r: Any) -> str:
+        singles = ", ".join(f"{m} {a:.3f}" for m, a in r.single_modality_accuracy.items()) or "not run"
+        alpha = ", ".join(f"{a:.3f}" for a in r.weights.alpha)
+        w = "; ".join(", ".join(f"{m} {v:.3f}" for m, v in row.items()) for row in r.weights.w)
+        return (
+            f"fusion test accuracy {r.test_accuracy:.3f} (chance {r.chance_accuracy:.3f}); single modality: {singles}\n"
+            f"alpha [{alpha}]; w per head [{w}]\nsaved to {r.model_dir} in {r.train_seconds:.1f} s"
+        )
+
+    _emit(result, args.json, summary)
+
+
+def _run_train(args: argparse.Namespace) -> None:
+    from .train import train
+
+    request = TrainRequest(
+        objective=args.objective,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        lr=args.lr,
+        seed=args.seed,
+        model_dir=args.model,
+        checkpoint_dir=args.checkpoint_dir,
+        checkpoint_every=args.checkpoint_every,
+        resume=not args.no_resume,
+        device=args.device,
+    )
+
+    def summary(r: Any) -> str:
+        reward = f", mean reward first/last step {r.rewards[0]:.3f}/{r.rewards[-1]:.3f}" if r.rewards else ""
+        loss = f"loss {r.losses[0]:.4f} -> {r.losses[-1]:.4f}" if r.losses else "nothing to do"
+        return (
+            f"{r.objective}: steps {r.start_step + 1}..{r.final_step}, {loss}{reward}; "
+            f"{r.steps_per_s:.1f} steps/s, {r.samples_per_s:.0f} samples/s; {len(r.checkpoints)} checkpoints"
+        )
+
+    _emit(train(request), args.json, summary)
+
+
+def _make_media_samples(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from . import synthetic
+    from .media import encode_png, write_wav
+
+    directory = Path(args.directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    batch = synthetic.make_batch(args.count, args.seed)
+    index = []
+    for i in range(args.count):
+        image = (batch.images[i].transpose(1, 2, 0) * 255).round().astype(np.uint8)
+        (directory / f"sample{i}.png").write_bytes(encode_png(image))
+        write_wav(directory / f"sample{i}.wav", batch.audio[i], synthetic.SAMPLE_RATE)
+        index.append(
+            {
+                "image": f"sample{i}.png",
+                "audio": f"sample{i}.wav",
+                "text": batch.captions[i],
+                "label": synthetic.CLASSES[int(batch.labels[i])],
+            }
+        )
+    (directory / "samples.json").write_text(json.dumps(index, indent=1), encoding="utf-8")
+    print(f"wrote {args.count} samples to {directory} (see samples.json)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "make-tiny-llm":
+            from .assets import make_tiny_llm
+
+            print(f"wrote {make_tiny_llm(args.directory, seed=args.seed)}")
+        elif args.command == "make-media-samples":
+            _make_media_samples(args)
+        else:
+            handlers = {
+                "llm": _run_llm,
+                "perception": _run_perception,
+                "perception-train": _run_perception_train,
+                "train": _run_train,
+            }
+            handlers[args.workload](args)
+    except WorkloadError as error:
+        print(f"error: {error.message}", file=sys.stderr)
+        if getattr(args, "json", False):
+            print(json.dumps({"error": error.to_dict()}))
+        return EXIT_CODES.get(type(error), 1)
+    except ValidationError as error:
+        first = error.errors()[0]
+        print(f"error: bad request: {'.'.join(map(str, first['loc']))}: {first['msg']}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
