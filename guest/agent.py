@@ -45,7 +45,9 @@ def _workload_module(kind: str) -> WorkloadCommand:
     return command
 
 
-DEFAULT_WORKLOADS: dict[str, WorkloadCommand] = {k: _workload_module(k) for k in ("llm", "perception", "train")}
+DEFAULT_WORKLOADS: dict[str, WorkloadCommand] = {
+    k: _workload_module(k) for k in ("llm", "perception", "perception-train", "train")
+}
 
 
 class RpcFailure(Exception):

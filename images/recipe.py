@@ -7,7 +7,7 @@ import hashlib
 import json
 import tomllib
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError
 
@@ -43,6 +43,8 @@ class Recipe(BaseModel):
     guest_modules: tuple[ModuleName, ...] = ()
     python_packages: tuple[Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.<>=!,-]*$")], ...] = ()
     agent: bool = False
+    # Models built on the host at image build time and baked into /opt/hvctl/models/NAME.
+    models: tuple[Literal["tiny-llm", "perception"], ...] = ()
     trim: tuple[Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_./-]*$")], ...] = ()
 
     def content_hash(self) -> str:

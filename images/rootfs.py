@@ -81,6 +81,9 @@ def build_debian_image(recipe: Recipe, work: Path, cache: Path, say: Callable[[s
         _pip_target(recipe.python_packages, lib)
     if recipe.agent:
         shutil.copytree(GUEST_DIR, lib / "guest", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for model in recipe.models:
+        say(f"building the {model} model for the guest")
+        _bake_model(model, root / "opt/hvctl/models" / model)
     # Byte-compile with the guest's own interpreter: under TCG, compiling at first import costs seconds per boot.
     subprocess.run(["chroot", str(root), "python3", "-m", "compileall", "-q", "-j", "0", "/opt/hvctl/lib"],
                    capture_output=True, check=False)
@@ -133,6 +136,23 @@ def _pip_target(packages: tuple[str, ...], target: Path) -> None:
     if result.returncode != 0:
         lines = (result.stderr.strip() or result.stdout.strip()).splitlines()
         raise ImageError(f"pip install for the guest failed: {lines[-1] if lines else result.returncode}")
+
+
+MODEL_COMMANDS = {
+    "tiny-llm": ["make-tiny-llm", "{out}"],
+    "perception": ["run", "perception-train", "--out", "{out}", "--no-compare", "--device", "cpu"],
+}
+
+
+def _bake_model(model: str, out: Path) -> None:
+    """Build a model with the workloads' own code on the host (same Python ABI, deterministic seeds)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    args = [a.format(out=out) for a in MODEL_COMMANDS[model]]
+    result = subprocess.run([sys.executable, "-m", "guest.workloads", *args], capture_output=True, text=True,
+                            cwd=GUEST_DIR.parent)
+    if result.returncode != 0:
+        lines = (result.stderr.strip() or result.stdout.strip()).splitlines()
+        raise ImageError(f"building the {model} model failed: {lines[-1] if lines else result.returncode}")
 
 
 def _tree_mib(root: Path) -> int:

@@ -106,7 +106,8 @@ def plan(ctx: Context, specs: list[VMSpec]) -> dict[str, Any]:
     return {
         "requests": [{"name": s.name, "tenant": s.tenant, "vcpus": s.vcpus, "memory_mib": s.memory_mib,
                       **decisions[s.name]} for s in specs],
-        "hosts": [{"name": h.name, "used": host_used[h.name].as_dict(), "limit": lim} for h, lim in zip(hosts, limits, strict=True)],
+        "hosts": [{"name": h.name, "used": host_used[h.name].as_dict(), "limit": lim}
+                  for h, lim in zip(hosts, limits, strict=True)],
         "tenants": [{"name": t, "weight": policy.tenants[t].weight, "dominant_share": round(dominant_share(t), 4),
                      "used": usage[t].as_dict(), "quota": policy.tenants[t].quota.model_dump()}
                     for t in sorted(policy.tenants)],
