@@ -31,6 +31,8 @@ host_app = typer.Typer(no_args_is_help=True, help="Hypervisor hosts (libvirt URI
 app.add_typer(host_app, name="host")
 policy_app = typer.Typer(no_args_is_help=True, help="Quotas, flavors, overcommit and placement policy.")
 app.add_typer(policy_app, name="policy")
+gpu_app = typer.Typer(no_args_is_help=True, help="GPUs for VFIO passthrough.")
+app.add_typer(gpu_app, name="gpu")
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -644,6 +646,31 @@ def plan(requests: Path, as_json: JsonOpt = False) -> None:
         tenants.add_row(t["name"], f"{t['weight']:g}", f"{u['vcpus']:g}/{q['vcpus']}",
                         f"{u['memory_mib']:g}/{q['memory_mib']}", f"{u['vms']:g}/{q['vms']}")
     out.print(tenants)
+
+
+@gpu_app.command("list")
+def gpu_list(
+    sysfs: Annotated[Path, typer.Option(help="sysfs root (tests point this at a fake tree).")] = Path("/sys"),
+    as_json: JsonOpt = False,
+) -> None:
+    """GPUs on this host: address, ids, IOMMU group, driver, NUMA node, owner VM, and whether passable."""
+    from hvctl.ops.gpus import list_gpus
+
+    data = list_gpus(sysfs)
+    if as_json:
+        emit_json(data)
+        return
+    if data["gpus"]:
+        table = Table("ADDRESS", "IDS", "GROUP", "DRIVER", "NUMA", "OWNER", "PASSABLE")
+        for g in data["gpus"]:
+            table.add_row(g["address"], g["ids"], str(g["iommu_group"]), g["driver"] or "-", str(g["numa_node"]),
+                          g["owner"] or "-", "yes" if g["passable"] else f"[red]no: {g['why_not']}[/]")
+        out.print(table)
+    else:
+        out.print("no GPUs found on this host")
+    for check in data["host"]:
+        if not check["ok"]:
+            out.print(f"[yellow]{check['name']} unavailable[/]: {check['hint']}")
 
 
 # -- images ---------------------------------------------------------------------------------------------------

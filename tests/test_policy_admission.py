@@ -13,8 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from conftest import short_tempdir
+
 from hvctl.accounting import Usage, host_footprint, tenant_charge
 from hvctl.designer import qemu_overhead_mib
 from hvctl.ledger import Admission, Ledger, QuotaExceeded

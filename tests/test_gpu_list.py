@@ -1,0 +1,40 @@
+"""`hvctl gpu list` on a fake sysfs tree (no GPU or IOMMU exists on these machines; see tests/fakesysfs.py), and on
+this machine's real sysfs, where it must honestly find none."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from fakesysfs import BMC_VGA, GPU, H100, IDLE_GPU, NIC, standard_host
+
+from hvctl.ops.gpus import list_gpus
+
+
+def test_gpu_list_reports_viability_and_why_not(tmp_path: Path) -> None:
+    host = standard_host(tmp_path)
+    rows = {g["address"]: g for g in list_gpus(host.sys)["gpus"]}
+    assert {GPU, H100, BMC_VGA, IDLE_GPU} <= set(rows)
+    assert rows[GPU]["passable"] and rows[GPU]["driver"] == "nvidia" and len(rows[GPU]["functions"]) == 2
+    assert not rows[H100]["passable"] and NIC in rows[H100]["why_not"] and "e1000e" in rows[H100]["why_not"]
+    assert rows[H100]["numa_node"] == 1
+    assert not rows[BMC_VGA]["passable"] and "boot VGA" in rows[BMC_VGA]["why_not"]
+    assert rows[IDLE_GPU]["passable"] and rows[IDLE_GPU]["driver"] is None
+
+
+def test_gpu_list_cli_on_this_machine_finds_none_and_says_why(tmp_path: Path) -> None:
+    env = os.environ | {"HVCTL_STATE_DIR": str(tmp_path), "NO_COLOR": "1", "COLUMNS": "200"}
+    result = subprocess.run([sys.executable, "-m", "hvctl.cli", "gpu", "list", "--json"], capture_output=True,
+                            text=True, env=env)
+    assert result.returncode == 0
+    data = json.loads(result.stdout)
+    real_gpus = [d for d in Path("/sys/bus/pci/devices").glob("*")
+                 if (d / "class").read_text().startswith("0x03")]
+    assert len(data["gpus"]) == len(real_gpus)
+    iommu = next(c for c in data["host"] if c["name"] == "iommu")
+    assert iommu["ok"] == any(Path("/sys/kernel/iommu_groups").glob("*"))
+    if not iommu["ok"]:
+        assert "intel_iommu=on" in iommu["hint"]
