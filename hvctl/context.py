@@ -23,7 +23,8 @@ LOCAL_HOST = "local"
 
 
 def is_local(uri: str) -> bool:
-    return uri.startswith("qemu:///")
+    """This machine's libvirt: the local socket, or TCP/SSH to loopback (two private daemons acting as hosts)."""
+    return uri.startswith("qemu:///") or "://127.0.0.1" in uri or "://localhost" in uri
 
 
 def can_limit_memory() -> bool:

@@ -183,6 +183,71 @@ class Host:
                 names.add(dom.name())
         return names
 
+    # -- migration ----------------------------------------------------------------------------------------------
+
+    def migratable_xml(self, name: str) -> str:
+        with _errors(f"reading {name}'s migratable XML"):
+            return str(self._lookup(name).XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE | libvirt.VIR_DOMAIN_XML_SECURE))
+
+    def cpu_compatible_with(self, dest: Host) -> tuple[bool, str]:
+        """Can a guest started here run on ``dest``? libvirt compares this host's CPU model with dest's."""
+        caps = ET.fromstring(self.conn.getCapabilities())
+        cpu = caps.find("host/cpu")
+        if cpu is None:
+            return True, "no host CPU description to compare"
+        with _errors("CPU comparison"):
+            result = dest.conn.compareCPU(ET.tostring(cpu, encoding="unicode"), 0)
+        if result == libvirt.VIR_CPU_COMPARE_INCOMPATIBLE:
+            return False, f"{dest.uri}'s CPU lacks features of {self.uri}'s"
+        return True, "identical" if result == libvirt.VIR_CPU_COMPARE_IDENTICAL else "superset"
+
+    def migrate(self, name: str, dest: Host, dest_xml: str, *, live: bool, postcopy: bool, auto_converge: bool,
+                copy_storage: bool, bandwidth_mib_s: int | None, migrate_uri: str | None,
+                storage_verified_shared: bool = False) -> None:
+        """Client-managed migration (migrate3): hvctl holds both connections, QEMU streams memory directly."""
+        flags = libvirt.VIR_MIGRATE_PERSIST_DEST | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
+        if storage_verified_shared:
+            # libvirt cannot tell that a plain local file is visible to the destination ("Migration without
+            # shared storage is unsafe"); the caller checked that both hosts are this machine and see the disk.
+            flags |= libvirt.VIR_MIGRATE_UNSAFE
+        if live:
+            flags |= libvirt.VIR_MIGRATE_LIVE
+        if postcopy:
+            flags |= libvirt.VIR_MIGRATE_POSTCOPY
+        if auto_converge:
+            flags |= libvirt.VIR_MIGRATE_AUTO_CONVERGE
+        if copy_storage:
+            flags |= libvirt.VIR_MIGRATE_NON_SHARED_DISK
+        params: dict[str, object] = {libvirt.VIR_MIGRATE_PARAM_DEST_XML: dest_xml}
+        if bandwidth_mib_s:
+            params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = bandwidth_mib_s
+        if migrate_uri:
+            # Without it the destination offers its hostname, which need not resolve to an address the source
+            # QEMU can reach; two "hosts" on one machine meet on loopback.
+            params[libvirt.VIR_MIGRATE_PARAM_URI] = migrate_uri
+        with _errors(f"migration of {name}"):
+            self._lookup(name).migrate3(dest.conn, params, flags)
+
+    def set_max_downtime(self, name: str, ms: int) -> None:
+        with _errors(f"setting max downtime of {name}"):
+            self._lookup(name).migrateSetMaxDowntime(ms, 0)
+
+    def start_postcopy(self, name: str) -> None:
+        with _errors(f"switching {name} to post-copy"):
+            self._lookup(name).migrateStartPostCopy(0)
+
+    def job_stats(self, name: str, completed: bool = False) -> dict[str, object]:
+        """libvirt's job statistics: data processed/remaining, dirty rate, iteration, (expected) downtime."""
+        flags = libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED if completed else 0
+        try:
+            return dict(self._lookup(name).jobStats(flags))
+        except (libvirt.libvirtError, NotFound):
+            return {}
+
+    def abort_job(self, name: str) -> None:
+        with _errors(f"cancelling {name}'s job"):
+            self._lookup(name).abortJob()
+
     # -- accelerator probe ------------------------------------------------------------------------------------
 
     def probe_accelerator(self, kernel: Path, initrd: Path, workdir: Path, timeout: float = 15.0) -> Accel:

@@ -378,6 +378,27 @@ class Ledger:
             if db.execute("UPDATE hosts SET enabled = ? WHERE name = ?", (int(enabled), name)).rowcount == 0:
                 raise NotFound(f"unknown host {name!r}")
 
+    def free_port_on(self, host: str, port_range: tuple[int, int] = DEFAULT_PORT_RANGE,
+                     bind_address: str = "127.0.0.1") -> int:
+        used = {r[0] for r in self.db.execute("SELECT ssh_port FROM vms WHERE host = ?", (host,))}
+        return _free_port(port_range, used, bind_address)
+
+    def complete_migration(self, name: str, target: str, ssh_port: int, reservation_id: int,
+                           stats: dict[str, Any]) -> None:
+        """One transaction: the VM moves to the target with its new port, the reservation becomes its allocation
+        there (by being released as the VM's own row now counts), and the source's share is freed."""
+        with self.transaction() as db:
+            source = db.execute("SELECT host FROM vms WHERE name = ?", (name,)).fetchone()[0]
+            db.execute("UPDATE vms SET host = ?, ssh_port = ?, updated_at = ? WHERE name = ?",
+                       (target, ssh_port, time.time(), name))
+            db.execute("DELETE FROM reservations WHERE id = ?", (reservation_id,))
+            self._event(db, name, target, "migration.completed", f"migrated {name} from {source} to {target}", stats)
+
+    def last_event_data(self, vm: str, kind: str) -> dict[str, Any] | None:
+        row = self.db.execute("SELECT data FROM events WHERE vm = ? AND kind = ? ORDER BY id DESC LIMIT 1",
+                              (vm, kind)).fetchone()
+        return json.loads(row[0]) if row and row[0] else None
+
     # -- tenant keys ------------------------------------------------------------------------------------------
 
     def add_tenant_key(self, tenant: str, pubkey: str) -> bool:

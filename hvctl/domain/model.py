@@ -73,6 +73,25 @@ class UserNetwork:
         return None
 
 
+def retarget_ssh_forward(xml: str, port: int) -> str:
+    """The same domain XML with its user-mode network's SSH forward moved to ``port``.
+
+    A migration's destination XML must be libvirt's own migratable XML, unchanged but for what differs per host
+    (libvirt checks the rest for ABI stability), so this edits that document instead of regenerating it.
+    """
+    root = ET.fromstring(xml)
+    for arg in root.iterfind(f"{{{QEMU_NS}}}commandline/{{{QEMU_NS}}}arg"):
+        value = arg.get("value", "")
+        if value.startswith("user,id=hvctl-net0,"):
+            opts = value.split(",")
+            for i, opt in enumerate(opts):
+                if opt.startswith("hostfwd="):
+                    proto, addr, rest = opt.split(":", 2)
+                    opts[i] = f"{proto}:{addr}:{port}-{rest.split('-', 1)[1]}"
+            arg.set("value", ",".join(opts))
+    return ET.tostring(root, encoding="unicode")
+
+
 @dataclass(frozen=True)
 class Domain:
     name: str

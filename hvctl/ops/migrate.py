@@ -1,0 +1,139 @@
+"""hvctl migrate: move a running VM to another host with libvirt's migrate3, after prechecks that refuse early.
+
+Order: every precheck (VM and host known, not the same host, target reachable, CPU compatible, no passthrough
+device, disks reachable) → reserve the target's capacity in the ledger → migrate while reporting job stats → one
+ledger transaction moves the VM and turns the reservation into its allocation. On failure or cancel the VM stays
+on the source, the reservation is released and the event log says what happened.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from hvctl.accounting import host_footprint
+from hvctl.context import Context, is_local
+from hvctl.domain.model import retarget_ssh_forward
+from hvctl.errors import HvctlError, InvalidSpec
+from hvctl.host import DomainState
+from hvctl.placement import host_limit
+
+Mode = Literal["live", "postcopy", "offline", "checkpoint"]
+
+
+@dataclass(frozen=True)
+class MigrateOptions:
+    mode: Mode = "live"
+    max_downtime_ms: int | None = None
+    bandwidth_mib_s: int | None = None
+    auto_converge: bool = False
+    copy_storage: bool = False
+    timeout_s: float | None = None
+    timeout_action: Literal["abort", "postcopy"] = "abort"
+
+
+class MigrationFailed(HvctlError):
+    exit_code = 15
+
+
+def migrate(ctx: Context, name: str, target: str, opts: MigrateOptions,
+            on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    ledger = ctx.ledger
+    record = ledger.get_vm(name)
+    target_record = ledger.get_host(target)
+    if target == record.host:
+        raise InvalidSpec(f"{name} is already on host {target}")
+    if record.spec.gpus.count and opts.mode != "checkpoint":
+        raise InvalidSpec(f"{name} holds {record.spec.gpus.count} passthrough GPU(s), whose state cannot be moved "
+                          "live", hint="use --mode checkpoint")
+    if opts.mode == "checkpoint":
+        raise HvctlError("--mode checkpoint is not implemented yet")
+    if opts.copy_storage:
+        raise HvctlError("--copy-storage is not implemented yet; the overlay must be on storage both hosts see")
+    src, dst = ctx.host(record.host), ctx.host(target)
+    if src.state(name) is not DomainState.RUNNING and opts.mode != "offline":
+        raise InvalidSpec(f"{name} is not running; use --mode offline")
+    compatible, detail = src.cpu_compatible_with(dst)
+    if not compatible:
+        raise InvalidSpec(f"cannot migrate {name} to {target}: {detail}")
+    if is_local(target_record.uri):
+        for disk in (record.overlay, record.base_disk, *([record.seed] if record.seed else [])):
+            if not Path(disk).exists():
+                raise InvalidSpec(f"{disk} is not reachable from {target}", hint="use --copy-storage")
+    gpus = len(ledger.host_inventory(target)[1])
+    reservation = ledger.reserve(target, record.tenant, host_footprint(record.spec), "migration", vm=name,
+                                 host_limit=host_limit(ctx.policy, target_record, gpus))
+    try:
+        port = ledger.free_port_on(target, bind_address=str(record.spec.ssh_bind))
+        dest_xml = retarget_ssh_forward(src.migratable_xml(name), port)
+        if opts.max_downtime_ms:
+            src.set_max_downtime(name, opts.max_downtime_ms)
+        stats = _run(ctx, name, record.host, target, dest_xml, opts, on_progress)
+    except BaseException as exc:
+        ledger.release(reservation)
+        message = exc.message if isinstance(exc, HvctlError) else f"{type(exc).__name__}: {exc}"
+        ledger.log_event(name, record.host, "migration.failed", f"migration of {name} to {target} failed: "
+                                                                f"{message}; it stays on {record.host}")
+        raise
+    ledger.complete_migration(name, target, port, reservation, stats)
+    return stats
+
+
+def _run(ctx: Context, name: str, source: str, target: str, dest_xml: str, opts: MigrateOptions,
+         on_progress: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
+    src, dst = ctx.host(source), ctx.host(target)
+    failure: list[BaseException] = []
+    migrate_uri = "tcp://127.0.0.1" if is_local(ctx.ledger.get_host(target).uri) else None
+
+    def worker() -> None:
+        try:
+            # A second connection: libvirt serialises calls per connection, and the poller must not wait on this.
+            from hvctl.host import Host
+
+            own_src, own_dst = Host(src.uri), Host(dst.uri)
+            try:
+                own_src.migrate(name, own_dst, dest_xml, live=opts.mode != "offline",
+                                postcopy=opts.mode == "postcopy" or opts.timeout_action == "postcopy",
+                                auto_converge=opts.auto_converge, copy_storage=opts.copy_storage,
+                                bandwidth_mib_s=opts.bandwidth_mib_s, migrate_uri=migrate_uri,
+                                storage_verified_shared=migrate_uri is not None)
+            finally:
+                own_src.close()
+                own_dst.close()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread below
+            failure.append(exc)
+
+    started = time.monotonic()
+    thread = threading.Thread(target=worker, name=f"migrate-{name}", daemon=True)
+    thread.start()
+    switched = False
+    while thread.is_alive():
+        stats = src.job_stats(name)
+        elapsed = time.monotonic() - started
+        if on_progress and stats:
+            on_progress(stats | {"elapsed_s": elapsed})
+        if opts.timeout_s is not None and elapsed > opts.timeout_s and not switched:
+            switched = True
+            if opts.timeout_action == "postcopy" and opts.mode != "offline":
+                src.start_postcopy(name)
+            else:
+                src.abort_job(name)
+        thread.join(0.2)
+    if failure:
+        exc = failure[0]
+        message = exc.message if isinstance(exc, HvctlError) else str(exc)
+        raise MigrationFailed(f"migration of {name} to {target} failed: {message}; it is still on {source}") from exc
+    total = time.monotonic() - started
+    completed = dst.job_stats(name, completed=True)
+    return {
+        "total_s": round(total, 3),
+        "downtime_ms": completed.get("downtime"),
+        "bytes": completed.get("data_processed") or completed.get("memory_processed"),
+        "memory_iterations": completed.get("memory_iteration"),
+        "mode": opts.mode,
+        "switched_to_postcopy": switched and opts.timeout_action == "postcopy",
+    }

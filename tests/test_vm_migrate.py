@@ -1,0 +1,163 @@
+"""Live migration between two "hosts": two private libvirtd daemons on this machine, each in its own mount
+namespace with its own config and state, reached over TCP on loopback (see ../shared/ENVIRONMENT.md). The guest
+prints a counter every second; it must keep counting on the destination, without a reboot."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import short_tempdir
+
+from hvctl.context import Context
+from hvctl.devhost import PrivateLibvirtd
+from hvctl.host import DomainState
+from hvctl.ops.create import create
+from hvctl.ops.hosts import add_host
+from hvctl.ops.lifecycle import destroy
+from hvctl.spec import VMSpec
+
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(600)]
+
+
+@pytest.fixture(scope="module")
+def hosts(image_dir: Path) -> Iterator[dict[str, object]]:
+    root = short_tempdir("hvm-")
+    # cgroups off: both daemons would name the migrating domain's cgroup alike on this one machine.
+    h1 = PrivateLibvirtd(root / "h1", tcp_port=16610, cgroups=False).start()
+    h2 = PrivateLibvirtd(root / "h2", tcp_port=16611, cgroups=False).start()
+    state = root / "state"
+    state.mkdir(mode=0o755)
+    (state / "images").symlink_to(image_dir)
+    ctx = Context(state_dir=state, uri=str(h1.tcp_uri))
+    add_host(ctx, "h1", str(h1.tcp_uri))
+    add_host(ctx, "h2", str(h2.tcp_uri))
+    yield {"ctx": ctx, "h1": h1, "h2": h2, "state": state}
+    for vm in ctx.ledger.list_vms():
+        # A daemon killed by the fault test may refuse; the daemons are stopped below either way.
+        with contextlib.suppress(Exception):
+            destroy(ctx, vm.name)
+    ctx.close()
+    h1.stop()
+    h2.stop()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def hvctl(h: dict[str, object], *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    env = os.environ | {"HVCTL_STATE_DIR": str(h["state"]), "HVCTL_CONNECT": str(h["h1"].tcp_uri),  # type: ignore[attr-defined]
+                        "NO_COLOR": "1", "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "hvctl.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+def ticks(console: Path) -> list[int]:
+    return [int(n) for n in re.findall(r"hvctl-tick (\d+)", console.read_text(errors="replace"))]
+
+
+def boot_ticker(ctx: Context, name: str, host: str) -> Path:
+    record = create(ctx, VMSpec.parse(name=name, memory_mib=128, host=host), extra_cmdline=("hvctl.tick=1",))
+    deadline = time.monotonic() + 30
+    while len(ticks(record.console_log)) < 3:
+        assert time.monotonic() < deadline, "the guest never started counting"
+        time.sleep(0.2)
+    return record.console_log
+
+
+def test_live_migration_keeps_the_guest_counting_on_the_destination(hosts: dict[str, object]) -> None:
+    ctx = hosts["ctx"]
+    assert isinstance(ctx, Context)
+    console = boot_ticker(ctx, "mover", "h1")
+    before = max(ticks(console))
+    result = hvctl(hosts, "migrate", "mover", "--to", "h2", "--max-downtime", "500", "--json")
+    assert result.returncode == 0, result.stderr
+    stats = json.loads(result.stdout)
+    assert stats["host"] == "h2" and stats["total_s"] > 0 and stats["bytes"] > 0
+    time.sleep(3)
+    after = ticks(console)
+    # The destination QEMU reopened the console file; the counter it shows carries on from where it was.
+    assert after and min(after) >= before and max(after) > before
+    assert "HVCTL-READY" not in console.read_text(errors="replace")
+    assert ctx.ledger.get_vm("mover").host == "h2"
+    assert ctx.host("h1").state("mover") is DomainState.MISSING
+    assert ctx.host("h2").state("mover") is DomainState.RUNNING
+    assert ctx.ledger.reservations() == []
+    shown = json.loads(hvctl(hosts, "show", "mover", "--json").stdout)
+    assert shown["host"] == "h2" and shown["last_migration"]["total_s"] == stats["total_s"]
+    print(f"live migration: {stats['total_s']} s total, downtime {stats['downtime_ms']} ms, {stats['bytes']} bytes")
+
+
+def test_bad_migrations_are_refused_before_anything_moves(hosts: dict[str, object]) -> None:
+    ctx = hosts["ctx"]
+    assert isinstance(ctx, Context)
+    here = ctx.ledger.get_vm("mover").host
+    same = hvctl(hosts, "migrate", "mover", "--to", here)
+    assert same.returncode == 2 and "already on host" in same.stderr
+    unknown_host = hvctl(hosts, "migrate", "mover", "--to", "nowhere")
+    assert unknown_host.returncode == 3 and "unknown host 'nowhere'" in unknown_host.stderr
+    unknown_vm = hvctl(hosts, "migrate", "ghost", "--to", "h1")
+    assert unknown_vm.returncode == 3 and "no VM named 'ghost'" in unknown_vm.stderr
+    # A target too small for the VM: the numbers come back and nothing is reserved or moved.
+    other = "h1" if here == "h2" else "h2"
+    record = ctx.ledger.get_host(other)
+    ctx.ledger.record_host_facts(other, record.accel or "qemu", record.cpus or 1, 600)
+    try:
+        full = hvctl(hosts, "migrate", "mover", "--to", other)
+        assert full.returncode == 13 and f"host {other}: memory" in full.stderr and "in use" in full.stderr
+    finally:
+        ctx.ledger.record_host_facts(other, record.accel or "qemu", record.cpus or 1, record.memory_mib or 0)
+    assert ctx.ledger.get_vm("mover").host == here and ctx.ledger.reservations() == []
+
+
+def test_cancel_leaves_the_vm_on_the_source(hosts: dict[str, object]) -> None:
+    ctx = hosts["ctx"]
+    assert isinstance(ctx, Context)
+    console = boot_ticker(ctx, "stayer", "h1")
+    env = os.environ | {"HVCTL_STATE_DIR": str(hosts["state"]), "HVCTL_CONNECT": str(hosts["h1"].tcp_uri)}  # type: ignore[attr-defined]
+    # 1 MiB/s: the 128 MiB guest takes minutes to copy, so the cancel lands mid-flight.
+    proc = subprocess.Popen([sys.executable, "-m", "hvctl.cli", "migrate", "stayer", "--to", "h2", "--bandwidth", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    time.sleep(4)
+    assert hvctl(hosts, "migrate", "stayer", "--cancel").returncode == 0
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 15 and "still on h1" in err
+    assert ctx.ledger.get_vm("stayer").host == "h1" and ctx.ledger.reservations() == []
+    assert ctx.host("h1").state("stayer") is DomainState.RUNNING
+    counted = max(ticks(console))
+    time.sleep(2.5)
+    assert max(ticks(console)) > counted, "the guest stopped counting after the cancel"
+    assert [e.kind for e in ctx.ledger.events("stayer")][-1] == "migration.failed"
+
+
+def test_killing_the_destination_daemon_mid_migration_leaves_the_source_running(hosts: dict[str, object]) -> None:
+    ctx = hosts["ctx"]
+    assert isinstance(ctx, Context)
+    console = ctx.ledger.get_vm("stayer").console_log
+    env = os.environ | {"HVCTL_STATE_DIR": str(hosts["state"]), "HVCTL_CONNECT": str(hosts["h1"].tcp_uri)}  # type: ignore[attr-defined]
+    proc = subprocess.Popen([sys.executable, "-m", "hvctl.cli", "migrate", "stayer", "--to", "h2", "--bandwidth", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    time.sleep(4)
+    h2 = hosts["h2"]
+    assert isinstance(h2, PrivateLibvirtd)
+    pid = int(h2.pidfile.read_text())
+    os.kill(pid, signal.SIGKILL)
+    # The incoming QEMU dies with its daemon's connection gone or is killed here, as a crashed host's would.
+    for pidfile in (h2.root / "run/libvirt/qemu").glob("*.pid"):
+        with contextlib.suppress(ValueError, ProcessLookupError):
+            os.kill(int(pidfile.read_text()), signal.SIGKILL)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode != 0 and "still on h1" in err, err
+    assert ctx.ledger.get_vm("stayer").host == "h1" and ctx.ledger.reservations() == []
+    assert ctx.host("h1").state("stayer") is DomainState.RUNNING
+    counted = max(ticks(console))
+    time.sleep(2.5)
+    assert max(ticks(console)) > counted, "the source guest stopped after the destination died"
