@@ -10,7 +10,7 @@ DEBS := qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-daemon-driver-q
         pkg-config debootstrap cpio busybox-static genisoimage e2fsprogs kmod util-linux python3-venv python3-dev gcc procps
 PYTEST_ARGS ?=
 
-.PHONY: all deps venv image daemons demo test test-unit test-vm lint bench clean-demo stop-daemons
+.PHONY: all deps venv image daemons demo demo-quotas demo-workloads test test-unit test-vm lint bench stop-daemons
 
 all: venv
 
@@ -72,7 +72,36 @@ demo: daemons
 	$(HVCTL) --state-dir $(STATE_DIR) exec demo -i $(DEMO_KEY) -- sh -c 'echo "hello from $$(hostname), kernel $$(uname -r)"'
 	@echo "== hvctl stop demo (graceful)"; $(HVCTL) --state-dir $(STATE_DIR) stop demo
 	@echo "== hvctl destroy demo"; $(HVCTL) --state-dir $(STATE_DIR) destroy demo
+	@$(MAKE) --no-print-directory demo-quotas demo-workloads
 	@echo "== hvctl list"; $(HVCTL) --state-dir $(STATE_DIR) list
+
+# Two tenants under the quotas of policies/two-tenants.yaml: globex's third VM is refused with the numbers.
+TWO := $(HVCTL) --state-dir $(STATE_DIR) --policy policies/two-tenants.yaml
+demo-quotas: daemons
+	@for vm in acme-1 globex-1 globex-2 globex-3; do $(HVCTL) --state-dir $(STATE_DIR) destroy $$vm >/dev/null 2>&1 || true; done
+	@echo "== hvctl policy check policies/two-tenants.yaml"; $(TWO) policy check
+	@echo "== hvctl plan (dry run) for a burst of requests from both tenants"
+	$(TWO) plan policies/example-requests.yaml
+	@echo "== tenants create VMs under their quotas"
+	$(TWO) create acme-1 --tenant acme --flavor tiny
+	$(TWO) create globex-1 --tenant globex --flavor tiny
+	$(TWO) create globex-2 --tenant globex --flavor tiny
+	@echo "== globex-3 is over globex's quota:"; $(TWO) create globex-3 --tenant globex --flavor tiny || true
+	$(TWO) host list
+	@for vm in acme-1 globex-1 globex-2; do $(TWO) destroy $$vm; done
+
+# Model workloads inside a VM built from the ml image (CPU torch under TCG: each run is mostly Python start-up).
+demo-workloads: daemons
+	$(HVCTL) --state-dir $(STATE_DIR) image build ml
+	$(PY) -m guest.workloads make-media-samples $(STATE_DIR)/demo/media >/dev/null
+	@$(HVCTL) --state-dir $(STATE_DIR) destroy ml-demo >/dev/null 2>&1 || true
+	$(HVCTL) --state-dir $(STATE_DIR) create ml-demo --image ml --memory 1536 --disk 4 --boot-timeout 300
+	@echo "== LLM inference inside the VM (tiny seeded Llama baked into the image)"
+	$(HVCTL) --state-dir $(STATE_DIR) run ml-demo llm --prompt "The river" --max-new-tokens 8 --stream
+	@echo "== multimodal perception inside the VM (text + image + audio fusion)"
+	$(HVCTL) --state-dir $(STATE_DIR) run ml-demo perception --text "$$($(PY) -c 'import json,sys; print(json.load(open(sys.argv[1]))[0]["text"])' $(STATE_DIR)/demo/media/samples.json)" \
+	  --image $(STATE_DIR)/demo/media/sample0.png --audio $(STATE_DIR)/demo/media/sample0.wav
+	$(HVCTL) --state-dir $(STATE_DIR) destroy ml-demo
 
 	$(PY) benchmarks/bench_boot.py
 

@@ -107,6 +107,7 @@ def create(
     vcpus: Annotated[int | None, typer.Option(help="Virtual CPUs.")] = None,
     cpu_limit: Annotated[float | None, typer.Option(help="Cap on host CPU time, in CPUs (e.g. 0.5).")] = None,
     io_weight: Annotated[int | None, typer.Option(help="Block I/O weight, 100-1000.")] = None,
+    anti_affinity: Annotated[str | None, typer.Option(help="Never share a host with VMs of this group.")] = None,
     memory: Annotated[int | None, typer.Option(help="Memory in MiB.")] = None,
     disk: Annotated[int | None, typer.Option(help="Overlay disk size in GiB.")] = None,
     gpus: Annotated[int | None, typer.Option(help="Whole GPUs to pass through.")] = None,
@@ -128,7 +129,7 @@ def create(
                 "gpus": {"count": gpus} if gpus is not None else None}
     sizes |= {k: v for k, v in explicit.items() if v is not None}
     spec = VMSpec.parse(name=name, image=image, tenant=tenant, host=host, ssh_bind=ssh_bind, cpu_limit=cpu_limit,
-                        io_weight=io_weight, **sizes)
+                        io_weight=io_weight, anti_affinity=anti_affinity, **sizes)
     started = time.monotonic()
     with RichReporter(f"create {name}") as reporter:
         record = create_vm(ctx(), spec, reporter, boot_timeout=boot_timeout)

@@ -32,6 +32,7 @@ def host_limit(policy: Policy, record: HostRecord, gpus: int) -> dict[str, float
 def inventory(ledger: Ledger, policy: Policy, record: HostRecord) -> HostInventory:
     numa, gpus = ledger.host_inventory(record.name)
     used = ledger.host_usage(record.name)
+    groups = frozenset(v.spec.anti_affinity for v in ledger.list_vms(host=record.name) if v.spec.anti_affinity)
     models: dict[str, int] = {}
     for gpu in gpus:
         if not gpu.get("owner"):
@@ -49,6 +50,7 @@ def inventory(ledger: Ledger, policy: Policy, record: HostRecord) -> HostInvento
         gpu_models=models,
         numa_cells=tuple(NumaCell(free_vcpus=c["cpus"], free_memory_mib=c["memory_mib"]) for c in numa),
         enabled=record.enabled,
+        anti_affinity_groups=groups,
     )
 
 
@@ -59,6 +61,7 @@ def placement_request(spec: VMSpec, policy: Policy) -> PlacementRequest:
         resources=Resources(vcpus=spec.vcpus, memory_mib=spec.memory_mib + qemu_overhead_mib(spec),
                             disk_gib=spec.disk_gib, gpus=int(charge.gpus)),
         gpu_model=spec.gpus.model, expected_duration_s=policy.placement.default_duration_s,
+        anti_affinity_group=spec.anti_affinity,
     )
 
 

@@ -68,6 +68,8 @@ class VMSpec(Frozen):
     pin_cpus: tuple[Annotated[int, Field(ge=0, le=4095)], ...] = ()
     io_weight: int | None = Field(default=None, ge=100, le=1000)
     numa_node: int | None = Field(default=None, ge=0, le=63)
+    # VMs in the same anti-affinity group never share a host (replicas of one service, say).
+    anti_affinity: Name | None = None
 
     @model_validator(mode="after")
     def _cpu_limit_within_vcpus(self) -> VMSpec:

@@ -190,6 +190,30 @@ def test_placement_refuses_a_request_bigger_than_any_host(tmp_path: Path) -> Non
     assert ledger.list_vms() == []
 
 
+def test_anti_affinity_group_members_never_share_a_host(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "l.sqlite3")
+    add_host(ledger, "h1", cpus=8, memory_mib=16384)
+    add_host(ledger, "h2", cpus=8, memory_mib=16384)
+    policy = parse_policy(POLICY, "policy.yaml")
+    first = VMSpec(name="web-1", tenant="globex", anti_affinity="web")
+    chosen = choose_host(ledger, policy, first)
+    admit(ledger, first.model_copy(update={"host": chosen}), chosen, tmp_path)
+    second = choose_host(ledger, policy, VMSpec(name="web-2", tenant="globex", anti_affinity="web"))
+    assert second != chosen  # pack alone would have put it next to web-1
+    assert choose_host(ledger, policy, VMSpec(name="db-1", tenant="globex")) == chosen
+    admit(ledger, VMSpec(name="web-2", tenant="globex", anti_affinity="web", host=second), second, tmp_path)
+    with pytest.raises(NoValidHost, match="web-3"):
+        choose_host(ledger, policy, VMSpec(name="web-3", tenant="globex", anti_affinity="web"))
+
+
+def test_host_add_with_an_unreachable_uri_writes_nothing(state: Path) -> None:
+    env = os.environ | {"HVCTL_STATE_DIR": str(state), "NO_COLOR": "1"}
+    result = subprocess.run([sys.executable, "-m", "hvctl.cli", "host", "add", "far", "qemu+tcp://127.0.0.1:1/system"],
+                            capture_output=True, text=True, env=env)
+    assert result.returncode == 5 and "cannot reach libvirt at qemu+tcp://127.0.0.1:1/system" in result.stderr
+    assert "far" not in {h.name for h in Ledger(state / "ledger.sqlite3").list_hosts()}
+
+
 def test_plan_orders_tenants_by_weighted_drf_and_names_refusals(state: Path) -> None:
     from hvctl.context import Context
     from hvctl.ops.plan import load_requests, plan

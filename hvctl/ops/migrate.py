@@ -116,7 +116,11 @@ def _run(ctx: Context, name: str, source: str, target: str, dest_xml: str, opts:
         elapsed = time.monotonic() - started
         if on_progress and stats:
             on_progress(stats | {"elapsed_s": elapsed})
-        if opts.timeout_s is not None and elapsed > opts.timeout_s and not switched:
+        if opts.mode == "postcopy" and not switched and int(str(stats.get("memory_iteration", 0))) >= 1:
+            # Post-copy: one full pre-copy pass, then the guest runs on the destination and faults pages over.
+            switched = True
+            src.start_postcopy(name)
+        elif opts.timeout_s is not None and elapsed > opts.timeout_s and not switched:
             switched = True
             if opts.timeout_action == "postcopy" and opts.mode != "offline":
                 src.start_postcopy(name)
@@ -135,5 +139,5 @@ def _run(ctx: Context, name: str, source: str, target: str, dest_xml: str, opts:
         "bytes": completed.get("data_processed") or completed.get("memory_processed"),
         "memory_iterations": completed.get("memory_iteration"),
         "mode": opts.mode,
-        "switched_to_postcopy": switched and opts.timeout_action == "postcopy",
+        "switched_to_postcopy": switched and (opts.mode == "postcopy" or opts.timeout_action == "postcopy"),
     }

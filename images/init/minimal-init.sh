@@ -40,6 +40,14 @@ if [ "$hog" = "1" ]; then
     echo "HVCTL-HOG started"
     while :; do :; done
 fi
+# hvctl.dirty=MB keeps rewriting MB of RAM: the memory-dirtying guest that migration tests and benchmarks need.
+dirty=$(arg hvctl.dirty)
+if [ -n "$dirty" ]; then
+    mkdir -p /dirty
+    mount -t tmpfs -o size=$((dirty + 8))m tmpfs /dirty
+    echo "HVCTL-DIRTY ${dirty} MiB"
+    while :; do dd if=/dev/zero of=/dirty/buf bs=1M count="$dirty" conv=notrunc 2>/dev/null; done &
+fi
 n=0
 while :; do
     if [ "$tick" = "1" ]; then echo "hvctl-tick $n"; n=$((n + 1)); fi
