@@ -49,6 +49,7 @@ stop-daemons:
 	$(PY) -m hvctl.devhost stop $(DAEMON_DIR) --system
 
 DEMO_KEY := $(STATE_DIR)/demo/acme_ed25519
+TWO := $(HVCTL) --state-dir $(STATE_DIR) --policy policies/two-tenants.yaml
 
 demo: daemons
 	$(HVCTL) --state-dir $(STATE_DIR) image build base
@@ -60,8 +61,8 @@ demo: daemons
 	  $(DEMO_KEY); fi
 	$(HVCTL) --state-dir $(STATE_DIR) key add acme $(DEMO_KEY:%=%.pub)
 	@echo "== hvctl doctor"; $(HVCTL) --state-dir $(STATE_DIR) doctor || true
-	@echo "== hvctl create demo (Debian base image, tenant acme)"
-	$(HVCTL) --state-dir $(STATE_DIR) create demo --image base --tenant acme --memory 512 --disk 2
+	@echo "== hvctl create demo (Debian base image, tenant acme: 512 MiB is exactly its quota, and it still fits)"
+	$(TWO) create demo --image base --tenant acme --memory 512 --disk 2
 	@echo "== hvctl list"; $(HVCTL) --state-dir $(STATE_DIR) list
 	@echo "== the guest's boot output (hvctl console-log demo -n 3)"; \
 	  $(HVCTL) --state-dir $(STATE_DIR) console-log demo -n 3
@@ -76,7 +77,6 @@ demo: daemons
 	@echo "== hvctl list"; $(HVCTL) --state-dir $(STATE_DIR) list
 
 # Two tenants under the quotas of policies/two-tenants.yaml: globex's third VM is refused with the numbers.
-TWO := $(HVCTL) --state-dir $(STATE_DIR) --policy policies/two-tenants.yaml
 demo-quotas: daemons
 	@for vm in acme-1 globex-1 globex-2 globex-3; do $(HVCTL) --state-dir $(STATE_DIR) destroy $$vm >/dev/null 2>&1 || true; done
 	@echo "== hvctl policy check policies/two-tenants.yaml"; $(TWO) policy check

@@ -16,13 +16,15 @@ import platform
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import libvirt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import Report, scratch_dir  # noqa: E402
 
 from hvctl.access import wait_for_ssh  # noqa: E402
 from hvctl.agent_client import AgentClient  # noqa: E402
@@ -82,15 +84,10 @@ def main() -> int:
     parser.add_argument("-n", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_boot.txt")
     args = parser.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="hvb-", dir="/var/tmp"))
-    root.chmod(0o755)
+    root = scratch_dir("hvb-")
     daemon = PrivateLibvirtd(root / "d").start()
-    lines: list[str] = []
-
-    def say(line: str) -> None:
-        print(line, flush=True)
-        lines.append(line)
-
+    report = Report()
+    say = report.say
     try:
         ctx = Context(state_dir=root / "s", uri=daemon.uri)
         images = Path(os.environ.get("HVCTL_TEST_IMAGES", "/var/tmp/hvctl-test-images"))
@@ -127,8 +124,7 @@ def main() -> int:
     finally:
         daemon.stop()
         shutil.rmtree(root, ignore_errors=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
+    report.save(args.out)
     return 0
 
 

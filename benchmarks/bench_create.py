@@ -18,13 +18,15 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import libvirt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import Report, scratch_dir  # noqa: E402
 
 from hvctl.console import wait_for_ready  # noqa: E402
 from hvctl.context import Context  # noqa: E402
@@ -79,15 +81,10 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_create.txt")
     args = parser.parse_args()
 
-    root = Path(tempfile.mkdtemp(prefix="hvb-", dir="/var/tmp"))
-    root.chmod(0o755)
+    root = scratch_dir("hvb-")
     daemon = PrivateLibvirtd(root / "d").start()
-    lines: list[str] = []
-
-    def say(line: str) -> None:
-        print(line, flush=True)
-        lines.append(line)
-
+    report = Report()
+    say = report.say
     try:
         ctx = Context(state_dir=root / "s", uri=daemon.uri)
         ctx.images.build("minimal")
@@ -114,8 +111,7 @@ def main() -> int:
     finally:
         daemon.stop()
         shutil.rmtree(root, ignore_errors=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
+    report.save(args.out)
     return 0
 
 

@@ -14,13 +14,15 @@ import platform
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import libvirt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import Report, scratch_dir  # noqa: E402
 
 from hvctl.context import Context  # noqa: E402
 from hvctl.devhost import PrivateLibvirtd  # noqa: E402
@@ -56,16 +58,11 @@ def main() -> int:
     parser.add_argument("-n", type=int, default=3, help="migrations per side")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_migrate.txt")
     args = parser.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="hvbm-", dir="/var/tmp"))
-    root.chmod(0o755)
+    root = scratch_dir("hvbm-")
     h1 = PrivateLibvirtd(root / "h1", tcp_port=16620, cgroups=False).start()
     h2 = PrivateLibvirtd(root / "h2", tcp_port=16621, cgroups=False).start()
-    lines: list[str] = []
-
-    def say(line: str) -> None:
-        print(line, flush=True)
-        lines.append(line)
-
+    report = Report()
+    say = report.say
     try:
         ctx = Context(state_dir=root / "s", uri=str(h1.tcp_uri))
         ctx.images.build("minimal")
@@ -134,8 +131,7 @@ def main() -> int:
         h1.stop()
         h2.stop()
         shutil.rmtree(root, ignore_errors=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
+    report.save(args.out)
     return 0
 
 

@@ -103,3 +103,22 @@ def test_placer_orders_a_contended_batch_by_weighted_drf() -> None:
 
     fifo = Scheduler(hosts).place(requests)
     assert sum(1 for p in fifo if p.host is not None and p.request_id.startswith("y")) == 40
+
+
+def test_admitting_through_per_tenant_queues_matches_try_admit() -> None:
+    # The placer hands progressive_filling one "admit the next request" function per tenant instead of
+    # try_admit; both must see the same requests in the same order and reach the same outcome.
+    cluster = Resources(vcpus=20, memory_mib=20 * GIB)
+    requests = interleave(tasks("A", 12, 1, 3), tasks("B", 12, 3, 1), tasks("C", 12, 2, 2))
+    seen: list[str] = []
+
+    def try_admit(request: PlacementRequest) -> bool:
+        seen.append(request.id)
+        return request.id[-1] in "13579"
+
+    expected = progressive_filling(requests, cluster, {"B": 2.0}, try_admit=try_admit)
+    offered, seen = seen, []
+    queues = {t: iter([r for r in requests if r.tenant == t]) for t in "ABC"}
+    admit_next = {t: (lambda q=q: try_admit(next(q))) for t, q in queues.items()}
+    assert progressive_filling(requests, cluster, {"B": 2.0}, admit_next=admit_next) == expected
+    assert seen == offered

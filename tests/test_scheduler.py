@@ -424,3 +424,94 @@ def test_custom_filters_outside_the_score_bounds_still_never_pick_a_refused_host
     placement = scheduler.place_one(request("r1"))
     assert placement.host == "over"
     assert placement.score is not None and placement.score < -4
+
+
+# The fast path (default filters, fused into one comparison) against the general one (every filter's mask).
+
+
+def random_inventory(rng: random.Random, count: int, huge: bool = False) -> list[HostInventory]:
+    models = ["a100", "h100", "l4"]
+    hosts = []
+    for i in range(count):
+        gpus = rng.choice([0, 0, 0, 2, 4, 8])
+        memory = rng.choice([16384, 65536, 262144]) * (100 if huge else 1)
+        cells = rng.choice([0, 1, 2, 2, 4])
+        hosts.append(
+            host(
+                f"h{i}",
+                vcpus=rng.choice([4, 16, 64]),
+                memory_mib=memory,
+                disk_gib=rng.choice([100, 500, 2000]),
+                gpus=gpus,
+                cpu_overcommit=rng.choice([1.0, 1.5, 4.0]),
+                mem_overcommit=rng.choice([1.0, 1.25]),
+                host_reserve=Resources(vcpus=rng.choice([0, 2]), memory_mib=rng.choice([0, 2048])),
+                # Some hosts start over-allocated on a resource, which only matters to requests using it.
+                allocated=Resources(
+                    vcpus=rng.randint(0, 80), memory_mib=rng.randint(0, memory // 2), disk_gib=rng.randint(0, 90)
+                ),
+                reserved=Resources(gpus=rng.randint(0, gpus)),
+                gpu_models={rng.choice(models): gpus} if gpus and rng.random() < 0.8 else {},
+                numa_cells=tuple(
+                    NumaCell(free_vcpus=rng.randint(0, 32), free_memory_mib=rng.randint(0, memory // 2))
+                    for _ in range(cells)
+                ),
+                enabled=rng.random() > 0.15,
+                anti_affinity_groups=frozenset(rng.sample(["a", "b", "c"], rng.randint(0, 2))),
+            )
+        )
+    return hosts
+
+
+def random_requests(rng: random.Random, count: int, huge: bool = False) -> list[PlacementRequest]:
+    requests = []
+    for i in range(count):
+        gpus = rng.choice([0] * 6 + [1, 2, 4])
+        requests.append(
+            request(
+                f"r{i}",
+                tenant=rng.choice(["t1", "t2", "t3"]),
+                vcpus=rng.choice([0, 1, 2, 4, 8, 16, 96]),
+                memory_mib=rng.choice([0, 1024, 4096, 16384, 65536]) * (100 if huge else 1),
+                disk_gib=rng.choice([0, 10, 80]),
+                gpus=gpus,
+                gpu_model=rng.choice([None, "a100", "h100", "mi300"]) if gpus else None,
+                expected_duration_s=rng.choice([None, 30.0, 600.0, 86400.0]),
+                anti_affinity_group=rng.choice([None, None, None, "a", "b", "d"]),
+                numa_fit=rng.random() < 0.2,
+            )
+        )
+    return requests
+
+
+def general_path(scheduler: Scheduler) -> Scheduler:
+    scheduler._fast = False
+    return scheduler
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_fast_path_makes_exactly_the_decisions_of_the_general_path(seed: int) -> None:
+    rng = random.Random(seed)
+    huge = seed == 5  # amounts beyond 2**24 keep the free amounts in float64
+    hosts = random_inventory(rng, rng.choice([1, 7, 64, 203]), huge)
+    requests = random_requests(rng, 400, huge)
+    policy = "spread" if seed % 2 else "pack"
+    for tenant_weights in (None, {"t1": 1.0, "t2": 2.0}):
+        fast = Scheduler(hosts, policy)
+        general = general_path(Scheduler(hosts, policy))
+        assert fast._fast and not general._fast
+        assert (fast.state.free.dtype == np.float64) == huge
+        placed = fast.place(requests, tenant_weights)
+        assert placed == general.place(requests, tenant_weights)
+        assert fast.inventory() == general.inventory()
+        assert fast.last_drf == general.last_drf
+        assert any(p.placed for p in placed) and not all(p.placed for p in placed)
+
+
+def test_fast_path_with_no_hosts_every_host_enabled_and_one_at_a_time() -> None:
+    assert place_one([], request("r1")).reason == "no hosts to place r1 on"
+    rng = random.Random(3)
+    hosts = [h.model_copy(update={"enabled": True}) for h in random_inventory(rng, 9)]
+    requests = random_requests(rng, 60)
+    fast, general = Scheduler(hosts), general_path(Scheduler(hosts))
+    assert [fast.place_one(r) for r in requests] == [general.place_one(r) for r in requests]

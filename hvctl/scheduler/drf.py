@@ -65,14 +65,21 @@ class DrfLedger:
         return self._dominant.get(tenant, 0.0) / self.weights.get(tenant, 1.0)
 
     def charge(self, tenant: str, resources: Resources) -> None:
+        self.charge_amounts(tenant, resources.as_tuple())
+
+    def charge_amounts(self, tenant: str, amounts: Sequence[float]) -> None:
+        """``charge`` for amounts already in the fixed resource order (vcpus, memory, disk, gpus)."""
         used = self._usage.setdefault(tenant, [0.0, 0.0, 0.0, 0.0])
         dominant = self._dominant.get(tenant, 0.0)
+        total, inverse_capacity = self._total, self._inverse_capacity
         # Usage only grows, so the dominant share is the old one or a share of a resource just charged.
-        for i, amount in enumerate(resources.as_tuple()):
+        for i, amount in enumerate(amounts):
             if amount:
                 used[i] += amount
-                self._total[i] += amount
-                dominant = max(dominant, used[i] * self._inverse_capacity[i])
+                total[i] += amount
+                share = used[i] * inverse_capacity[i]
+                if share > dominant:
+                    dominant = share
         self._dominant[tenant] = dominant
 
     def total_usage(self) -> _Amounts:
@@ -95,45 +102,73 @@ def progressive_filling(
     *,
     try_admit: Callable[[PlacementRequest], bool] | None = None,
     initial_usage: Mapping[str, Resources] | None = None,
+    amounts: Sequence[Sequence[float]] | None = None,
+    admit_next: Mapping[str, Callable[[], bool]] | None = None,
 ) -> DrfOutcome:
     """Admit ``requests`` in weighted-DRF order.
 
     ``try_admit`` decides whether a request can really be admitted (the placer passes one that places it
     on a host); by default a request is admitted when it fits in the cluster's remaining aggregate
     capacity. Ties between tenants go to the tenant whose first request came first.
+
+    For callers that keep each tenant's requests in a queue of their own, ``admit_next`` replaces
+    ``try_admit``: for every tenant, a function that tries to admit that tenant's next request, which is
+    always the one this function would pass to ``try_admit``. ``amounts``, when given, holds each
+    request's ``resources.as_tuple()`` already. Both save work per request in large batches.
     """
     ledger = DrfLedger(capacity, weights, initial_usage)
-    admit = try_admit if try_admit is not None else _aggregate_fit(ledger)
-
+    if amounts is None:
+        amounts = [r.resources.as_tuple() for r in requests]
     queues: dict[str, list[PlacementRequest]] = {}
     for request in requests:
         queues.setdefault(request.tenant, []).append(request)
-    # Heap entries are (weighted share, arrival rank, tenant, position of the tenant's next request).
-    heap = [(ledger.weighted_share(t), rank, t, 0) for rank, t in enumerate(queues)]
-    heapq.heapify(heap)
+    tenants = list(queues)
+    if admit_next is None:
+        admit = try_admit if try_admit is not None else _aggregate_fit(ledger)
+        admit_next = {t: _in_order(admit, queues[t]) for t in tenants}
+    # Everything the loop reads, by the tenant's arrival rank: its ids, amounts and admission function.
+    rows_of: dict[str, list[int]] = {t: [] for t in tenants}
+    for row, request in enumerate(requests):
+        rows_of[request.tenant].append(row)
+    queued = [[(requests[row].id, amounts[row]) for row in rows_of[t]] for t in tenants]
+    admits = [admit_next[t] for t in tenants]
+    tenant_weights = [ledger.weight(t) for t in tenants]
+    dominant = ledger._dominant
 
+    # Heap entries are (weighted share, arrival rank, position of the tenant's next request); ranks are
+    # unique, so the position never decides. The shares are ``weighted_share``, inlined.
+    heap = [(ledger.weighted_share(t), rank, 0) for rank, t in enumerate(tenants)]
+    heapq.heapify(heap)
+    charge, heappop, heappush = ledger.charge_amounts, heapq.heappop, heapq.heappush
     admitted: list[str] = []
     refused: list[str] = []
     while heap:
-        _, rank, tenant, position = heapq.heappop(heap)
-        queue = queues[tenant]
-        request = queue[position]
-        if admit(request):
-            ledger.charge(tenant, request.resources)
-            admitted.append(request.id)
+        _, rank, position = heappop(heap)
+        queue = queued[rank]
+        request_id, asked = queue[position]
+        tenant = tenants[rank]
+        if admits[rank]():
+            charge(tenant, asked)
+            admitted.append(request_id)
         else:
-            refused.append(request.id)
+            refused.append(request_id)
         if position + 1 < len(queue):
-            heapq.heappush(heap, (ledger.weighted_share(tenant), rank, tenant, position + 1))
+            heappush(heap, (dominant.get(tenant, 0.0) / tenant_weights[rank], rank, position + 1))
 
-    tenants = list(dict.fromkeys([*ledger.tenants(), *queues]))
+    everyone = list(dict.fromkeys([*ledger.tenants(), *tenants]))
     return DrfOutcome(
         admitted=tuple(admitted),
         refused=tuple(refused),
-        usage={t: ledger.usage(t) for t in tenants},
-        dominant_shares={t: ledger.dominant_share(t) for t in tenants},
-        weighted_shares={t: ledger.weighted_share(t) for t in tenants},
+        usage={t: ledger.usage(t) for t in everyone},
+        dominant_shares={t: ledger.dominant_share(t) for t in everyone},
+        weighted_shares={t: ledger.weighted_share(t) for t in everyone},
     )
+
+
+def _in_order(admit: Callable[[PlacementRequest], bool], queue: list[PlacementRequest]) -> Callable[[], bool]:
+    """``admit`` applied to the requests of ``queue`` one after the other, a call at a time."""
+    following = iter(queue)
+    return lambda: admit(next(following))
 
 
 def _aggregate_fit(ledger: DrfLedger) -> Callable[[PlacementRequest], bool]:

@@ -161,10 +161,11 @@ class NumaFitFilter(HostFilter):
 
     def mask(self, state: ClusterState, encoded: EncodedRequest) -> BoolArray:
         vcpus, memory = encoded.amounts[VCPUS], encoded.amounts[MEMORY]
-        fits: BoolArray = np.zeros(state.host_count, dtype=np.bool_)
-        # Cell by cell: hosts have a handful of cells, and each pass is a plain vectorised comparison.
-        for cell in range(state.numa_vcpus.shape[0]):
-            fits |= (state.numa_vcpus[cell] >= vcpus) & (state.numa_memory[cell] >= memory)
+        # Every cell of every host at once, then whether any cell of each host fits.
+        cell_fits = np.greater_equal(state.numa_vcpus, vcpus)
+        cell_fits &= state.numa_memory >= memory
+        # Without cells the reduction is all False, its identity, as no cell can fit anything.
+        fits: BoolArray = np.logical_or.reduce(cell_fits, axis=0)
         return fits
 
     def refusal(self, state: ClusterState, encoded: EncodedRequest, host: int) -> str | None:
@@ -233,25 +234,26 @@ def describe_refusal(state: ClusterState, encoded: EncodedRequest, filters: Sequ
 
     # A request that exceeds every host's whole effective capacity will never fit, however empty the
     # cluster gets, and saying so is more useful than listing each host's current usage.
-    limits = np.where(enabled, state.capacity, -1.0)
-    for resource in (VCPUS, MEMORY, DISK, GPUS):
+    for resource, (limit, largest) in zip((VCPUS, MEMORY, DISK, GPUS), state.largest_limits(), strict=True):
         wanted = encoded.amounts[resource]
-        largest = int(np.argmax(limits[resource]))
-        if wanted > limits[resource, largest]:
+        if wanted > limit:
             return (
                 f"request {request_id} is larger than any enabled host: {RESOURCE_LABELS[resource]} "
                 f"{_amount(wanted, resource)} requested, the largest limit is "
-                f"{_amount(limits[resource, largest], resource)} (host {state.names[largest]})"
+                f"{_amount(limit, resource)} (host {state.names[largest]})"
             )
 
     applicable = [f for f in filters if f.applies(encoded)]
     refused = np.array([~f.mask(state, encoded) for f in applicable]).reshape(len(applicable), -1)
     counts = ", ".join(
-        f"{f.name} refused {int(n)}" for f, n in zip(applicable, refused.sum(axis=1), strict=True) if n
+        f"{f.name} refused {n}"
+        for f, n in zip(applicable, (np.count_nonzero(row) for row in refused), strict=True)
+        if n
     )
     # The host failing the fewest filters is the closest to accepting, so its reasons are the ones
-    # most worth reading.
-    closest = int(np.argmin(refused.sum(axis=0)))
+    # most worth reading. (Counting in bytes where they suffice: widening the sum costs more than it.)
+    failed = refused.sum(axis=0, dtype=np.uint8 if len(applicable) < 256 else np.int64)
+    closest = int(np.argmin(failed))
     reasons = [r for f in applicable if (r := f.refusal(state, encoded, closest)) is not None]
     summary = f"no host accepts request {request_id} ({counts} of {state.host_count} hosts)"
     return f"{summary}; closest: {'; '.join(reasons)}"

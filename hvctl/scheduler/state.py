@@ -29,6 +29,15 @@ RESOURCE_LABELS = ("vcpus", "memory", "disk", "gpus")
 RESOURCE_UNITS = ("", " MiB", " GiB", "")
 VCPUS, MEMORY, DISK, GPUS = range(len(RESOURCES))
 RESOURCE_COUNT = len(RESOURCES)
+_RESOURCE_INDICES = tuple(range(RESOURCE_COUNT))
+# Rows of ``ClusterState.admission``: whether the host is enabled, then the free amount of each resource.
+ADMISSION_ENABLED = 0
+ADMISSION_FREE = 1
+ADMISSION_ROWS = ADMISSION_FREE + RESOURCE_COUNT
+# The rows the placer's fast path compares: enabled, then what CapacityFilter checks (the GPUs are left to
+# GpuFilter, which checks them with their model).
+ADMISSION_COMPARED = ADMISSION_FREE + GPUS
+_EMPTY_CELL = NumaCell(free_vcpus=0, free_memory_mib=0)
 
 # Rows of ``ClusterState.features``, the per-host quantities that every weigher is a linear function of,
 # indexed by resource where there is one row per resource. The GPU rows come last so that a request
@@ -65,11 +74,28 @@ class EncodedRequest:
 
 def demand_matrix(requests: Sequence[PlacementRequest]) -> FloatArray:
     """Stack the requests' resources into an (n_requests, RESOURCE_COUNT) array."""
-    return np.array([r.resources.as_tuple() for r in requests], dtype=np.float64).reshape(-1, RESOURCE_COUNT)
+    return _resource_rows([r.resources for r in requests]).T.copy()
 
 
 def _resource_rows(values: Sequence[Resources]) -> FloatArray:
-    return np.array([v.as_tuple() for v in values], dtype=np.float64).reshape(-1, RESOURCE_COUNT).T.copy()
+    # One flat list of plain ints converts to an array several times faster than a list of tuples, and
+    # reading the fields directly skips a method call per model; batches have thousands of them.
+    flat = [x for v in values for x in (v.vcpus, v.memory_mib, v.disk_gib, v.gpus)]
+    return np.array(flat, dtype=np.float64).reshape(-1, RESOURCE_COUNT).T.copy()
+
+
+def admission_thresholds(demand: FloatArray, dtype: npt.DTypeLike) -> AmountArray:
+    """Per request, what each of the first ADMISSION_COMPARED rows of ``ClusterState.admission`` must
+    reach on a host that passes the enabled and capacity filters, shape (n_requests, ADMISSION_COMPARED, 1).
+
+    0 for the enabled row, then the amount asked for of vCPUs, memory and disk, or -inf where nothing is
+    asked for (an over-allocated host still passes on a resource the request does not use). Cast to the
+    dtype of the free amounts exactly as a Python float compared with that array is.
+    """
+    thresholds = np.zeros((demand.shape[0], ADMISSION_COMPARED, 1), dtype=np.float64)
+    thresholds[:, ADMISSION_FREE:, 0] = np.where(demand[:, :GPUS] > 0, demand[:, :GPUS], -np.inf)
+    result: AmountArray = thresholds.astype(dtype)
+    return result
 
 
 def effective_capacity_rows(hosts: Sequence[HostInventory]) -> FloatArray:
@@ -78,11 +104,37 @@ def effective_capacity_rows(hosts: Sequence[HostInventory]) -> FloatArray:
     The same IEEE operations in the same order as the scalar method, so the results are identical; the
     vectorised form matters because building the state is part of every placement round.
     """
-    capacity = _resource_rows([h.capacity for h in hosts])
-    kept_back = _resource_rows([h.host_reserve for h in hosts])
+    return _effective_capacity(_host_rows(hosts))
+
+
+# Rows of ``_host_rows``: four resources each of capacity, host reserve, allocated and reserved, then the
+# CPU and memory overcommit and whether the host is enabled.
+_CAPACITY, _HOST_RESERVE, _ALLOCATED, _RESERVED = (slice(i, i + RESOURCE_COUNT) for i in range(0, 16, 4))
+_CPU_OVERCOMMIT, _MEM_OVERCOMMIT, _ENABLED, _HOST_ROWS = 16, 17, 18, 19
+
+
+def _host_rows(hosts: Sequence[HostInventory]) -> FloatArray:
+    """Every number ClusterState needs from the host models, read in one pass, shape (_HOST_ROWS, n)."""
+    flat = [
+        x
+        for h in hosts
+        for c, k, a, r in ((h.capacity, h.host_reserve, h.allocated, h.reserved),)
+        for x in (
+            c.vcpus, c.memory_mib, c.disk_gib, c.gpus,
+            k.vcpus, k.memory_mib, k.disk_gib, k.gpus,
+            a.vcpus, a.memory_mib, a.disk_gib, a.gpus,
+            r.vcpus, r.memory_mib, r.disk_gib, r.gpus,
+            h.cpu_overcommit, h.mem_overcommit, h.enabled,
+        )
+    ]  # fmt: skip
+    return np.array(flat, dtype=np.float64).reshape(-1, _HOST_ROWS).T.copy()
+
+
+def _effective_capacity(rows: FloatArray) -> FloatArray:
+    capacity, kept_back = rows[_CAPACITY], rows[_HOST_RESERVE]
     overcommit = np.ones_like(capacity)
-    overcommit[VCPUS] = [h.cpu_overcommit for h in hosts]
-    overcommit[MEMORY] = [h.mem_overcommit for h in hosts]
+    overcommit[VCPUS] = rows[_CPU_OVERCOMMIT]
+    overcommit[MEMORY] = rows[_MEM_OVERCOMMIT]
     usable: FloatArray = np.maximum(0.0, np.floor((capacity - kept_back) * overcommit + FLOOR_TOLERANCE))
     return usable
 
@@ -99,13 +151,22 @@ class ClusterState:
         self.index_of = {name: i for i, name in enumerate(names)}
         host_count = len(hosts)
 
-        self.capacity = effective_capacity_rows(hosts)
-        in_use = _resource_rows([h.allocated for h in hosts]) + _resource_rows([h.reserved for h in hosts])
+        rows = _host_rows(hosts)
+        self.capacity = _effective_capacity(rows)
+        in_use = rows[_ALLOCATED] + rows[_RESERVED]
         free = self.capacity - in_use
         exact_in_float32 = max(np.abs(self.capacity).max(initial=0), np.abs(in_use).max(initial=0)) < (
             _FLOAT32_EXACT_BELOW
         )
-        self.free: AmountArray = free.astype(np.float32) if exact_in_float32 else free
+        # The free amounts share one array with a row before them that is 0 on enabled hosts and -1 on
+        # disabled ones, so that the placer's fast path applies the enabled and capacity filters with a
+        # single comparison (see ``admission_thresholds``).
+        admission_shape = (ADMISSION_ROWS, host_count)
+        self.admission: AmountArray = (
+            np.empty(admission_shape, dtype=np.float32) if exact_in_float32 else np.empty(admission_shape)
+        )
+        self.free: AmountArray = self.admission[ADMISSION_FREE:]
+        self.free[...] = free
         # Kept to report what this state placed, without charging a second array on every commit.
         self.initial_free = self.free.copy()
         # A lower bound on every host's free amount of each resource (free only shrinks, so keeping it
@@ -117,36 +178,42 @@ class ClusterState:
         self.inverse_capacity = np.divide(
             1.0, self.capacity, out=np.zeros_like(self.capacity), where=self.capacity > 0
         )
-        self.enabled: BoolArray = np.array([h.enabled for h in hosts], dtype=np.bool_)
+        # Per resource, per host, as Python floats: ``charge`` reads one number at a time.
+        self._inverse_capacity_lists: list[list[float]] = self.inverse_capacity.tolist()
+        self.enabled: BoolArray = rows[_ENABLED] != 0
+        self.admission[ADMISSION_ENABLED] = np.where(self.enabled, 0.0, -1.0)
 
         models = sorted({m for h in hosts for m in h.gpu_models})
         self.gpu_model_row = {m: i for i, m in enumerate(models)}
         self.gpu_model_free = np.zeros((len(models), host_count), dtype=np.float64)
         self.gpu_model_listed = np.zeros((len(models), host_count), dtype=np.bool_)
         for column, host in enumerate(hosts):
-            for model, free_gpus in host.gpu_models.items():
-                self.gpu_model_free[self.gpu_model_row[model], column] = free_gpus
-                self.gpu_model_listed[self.gpu_model_row[model], column] = True
+            if host.gpu_models:
+                for model, free_gpus in host.gpu_models.items():
+                    self.gpu_model_free[self.gpu_model_row[model], column] = free_gpus
+                    self.gpu_model_listed[self.gpu_model_row[model], column] = True
 
         # Hosts with fewer cells are padded with empty cells, which can never fit anything.
-        cell_count = max((len(h.numa_cells) for h in hosts), default=0)
-        self.numa_cell_count = np.array([len(h.numa_cells) for h in hosts], dtype=np.int64)
-        padding = (0, 0)
+        host_cells = [h.numa_cells for h in hosts]
+        cell_counts = [len(c) for c in host_cells]
+        cell_count = max(cell_counts, default=0)
+        self.numa_cell_count = np.array(cell_counts, dtype=np.int64)
+        if cell_counts.count(cell_count) != host_count:
+            padding = (_EMPTY_CELL,) * cell_count
+            host_cells = [c + padding[len(c) :] for c in host_cells]
         cells = np.array(
-            [
-                [(c.free_vcpus, c.free_memory_mib) for c in h.numa_cells]
-                + [padding] * (cell_count - len(h.numa_cells))
-                for h in hosts
-            ],
-            dtype=np.float64,
+            [x for h in host_cells for c in h for x in (c.free_vcpus, c.free_memory_mib)], dtype=np.float64
         ).reshape(host_count, cell_count, 2)
         self.numa_vcpus: FloatArray = cells[:, :, 0].T.copy()
         self.numa_memory: FloatArray = cells[:, :, 1].T.copy()
 
         self.group_hosts: dict[str, BoolArray] = {}
         for column, host in enumerate(hosts):
-            for group in host.anti_affinity_groups:
-                self.group_hosts.setdefault(group, np.zeros(host_count, dtype=np.bool_))[column] = True
+            if host.anti_affinity_groups:
+                for group in host.anti_affinity_groups:
+                    self.group_hosts.setdefault(group, np.zeros(host_count, dtype=np.bool_))[column] = True
+
+        self._largest_limits: list[tuple[float, int]] | None = None
 
         self.features = np.zeros((FEATURE_COUNT, host_count), dtype=FEATURE_DTYPE)
         self.features[FEATURE_FREE_FRACTION] = free * self.inverse_capacity
@@ -157,6 +224,15 @@ class ClusterState:
     @property
     def host_count(self) -> int:
         return len(self.names)
+
+    def largest_limits(self) -> list[tuple[float, int]]:
+        """Per resource, the largest effective capacity of an enabled host and that host (the first of
+        equals), or (-1, 0) without enabled hosts. Capacity and enablement never change, so it is kept."""
+        if self._largest_limits is None:
+            limits = np.where(self.enabled, self.capacity, -1.0)
+            best = limits.argmax(axis=1)
+            self._largest_limits = [(float(limits[r, h]), int(h)) for r, h in enumerate(best)]
+        return self._largest_limits
 
     def in_use(self, resource: int, host: int) -> int:
         """Running, reserved and newly placed amount of ``resource`` on ``host``."""
@@ -169,28 +245,33 @@ class ClusterState:
 
     def commit(self, host: int, encoded: EncodedRequest) -> None:
         """Charge a placed request to ``host`` in every array the filters and weighers read."""
-        amounts = encoded.amounts
-        request = encoded.request
-        free, features, inverse_capacity = self.free, self.features, self.inverse_capacity
+        self.charge(host, encoded.amounts, encoded.request)
+
+    def charge(self, host: int, amounts: tuple[float, ...], request: PlacementRequest) -> None:
+        """``commit`` from the request and its amounts, for callers that have not built an EncodedRequest."""
+        free, features, least_free = self.free, self.features, self.least_free
         # Element by element: for four numbers this is several times faster than column slicing, and
         # Python floats throughout (``item``): numpy scalars of mixed precision are several times slower.
-        for resource, amount in enumerate(amounts):
+        for resource, amount, inverse_capacity, row in zip(
+            _RESOURCE_INDICES, amounts, self._inverse_capacity_lists, FEATURE_FREE_FRACTION, strict=True
+        ):
             if amount:
                 left = free.item(resource, host) - amount
                 free[resource, host] = left
-                if left < self.least_free[resource]:
-                    self.least_free[resource] = left
-                features[FEATURE_FREE_FRACTION[resource], host] = left * inverse_capacity.item(resource, host)
+                if left < least_free[resource]:
+                    least_free[resource] = left
+                features[row, host] = left * inverse_capacity[host]
 
         gpus = amounts[GPUS]
         if gpus > 0 and self.gpu_model_free.shape[0] > 0:
             self._take_gpus(host, gpus, request.gpu_model)
         if request.numa_fit and self.numa_vcpus.shape[0] > 0:
             self._take_numa_cell(host, amounts[VCPUS], amounts[MEMORY])
-        if request.anti_affinity_group is not None:
-            members = self.group_hosts.setdefault(
-                request.anti_affinity_group, np.zeros(self.host_count, dtype=np.bool_)
-            )
+        group = request.anti_affinity_group
+        if group is not None:
+            members = self.group_hosts.get(group)
+            if members is None:
+                members = self.group_hosts[group] = np.zeros(self.host_count, dtype=np.bool_)
             members[host] = True
 
     def _take_gpus(self, host: int, gpus: float, model: str | None) -> None:

@@ -1,0 +1,26 @@
+"""What the VM benchmarks share: a scratch directory QEMU can traverse, and a report printed as it is written."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+
+def scratch_dir(prefix: str) -> Path:
+    """0755 under /var/tmp: QEMU runs as libvirt-qemu and must reach disks and sockets inside."""
+    root = Path(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp"))
+    root.chmod(0o755)
+    return root
+
+
+class Report:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def say(self, line: str) -> None:
+        print(line, flush=True)
+        self.lines.append(line)
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n".join(self.lines) + "\n")
