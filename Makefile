@@ -103,8 +103,6 @@ demo-workloads: daemons
 	  --image $(STATE_DIR)/demo/media/sample0.png --audio $(STATE_DIR)/demo/media/sample0.wav
 	$(HVCTL) --state-dir $(STATE_DIR) destroy ml-demo
 
-	$(PY) benchmarks/bench_boot.py
-
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)
 
@@ -121,3 +119,5 @@ lint: venv
 bench: daemons
 	$(PY) benchmarks/bench_create.py
 	$(PY) benchmarks/bench_boot.py
+	$(PY) benchmarks/bench_migrate.py
+	$(PY) benchmarks/bench_place.py
