@@ -114,7 +114,7 @@ def main() -> int:
                     + (", switched to post-copy" if stats["switched_to_postcopy"] else ""))
             except MigrationFailed as exc:
                 say(f"{label}: did not complete within the limit ({time.perf_counter() - started:.1f} s): "
-                    f"{exc.message[:120]}")
+                    f"{exc.message[-300:]}")
             destroy(ctx, name)
 
         hv_med, raw_med = statistics.median(hv_t), statistics.median(raw_t)

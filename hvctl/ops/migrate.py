@@ -130,7 +130,12 @@ def _run(ctx: Context, name: str, source: str, target: str, dest_xml: str, opts:
     if failure:
         exc = failure[0]
         message = exc.message if isinstance(exc, HvctlError) else str(exc)
-        raise MigrationFailed(f"migration of {name} to {target} failed: {message}; it is still on {source}") from exc
+        hint = None
+        if "Postcopy is not supported" in message:
+            hint = ("post-copy needs userfaultfd for the unprivileged QEMU on the destination: "
+                    "sysctl vm.unprivileged_userfaultfd=1, or use --auto-converge")
+        raise MigrationFailed(f"migration of {name} to {target} failed: {message}; it is still on {source}",
+                              hint=hint) from exc
     total = time.monotonic() - started
     completed = dst.job_stats(name, completed=True)
     return {

@@ -46,7 +46,8 @@ if [ -n "$dirty" ]; then
     mkdir -p /dirty
     mount -t tmpfs -o size=$((dirty + 8))m tmpfs /dirty
     echo "HVCTL-DIRTY ${dirty} MiB"
-    while :; do dd if=/dev/zero of=/dirty/buf bs=1M count="$dirty" conv=notrunc 2>/dev/null; done &
+    # Non-zero data: QEMU sends all-zero pages as markers, which would make any guest look easy to migrate.
+    while :; do yes hvctl-dirty | dd of=/dirty/buf bs=1M count="$dirty" iflag=fullblock conv=notrunc 2>/dev/null; done &
 fi
 n=0
 while :; do
