@@ -96,6 +96,25 @@ def test_live_migration_keeps_the_guest_counting_on_the_destination(hosts: dict[
     print(f"live migration: {stats['total_s']} s total, downtime {stats['downtime_ms']} ms, {stats['bytes']} bytes")
 
 
+def test_auto_converge_moves_a_guest_that_keeps_dirtying_memory(hosts: dict[str, object]) -> None:
+    ctx = hosts["ctx"]
+    assert isinstance(ctx, Context)
+    record = create(ctx, VMSpec.parse(name="dirty", memory_mib=128, host="h1"), extra_cmdline=("hvctl.dirty=48",))
+    deadline = time.monotonic() + 30
+    while "HVCTL-DIRTY" not in record.console_log.read_text(errors="replace"):
+        assert time.monotonic() < deadline, "the guest never started dirtying memory"
+        time.sleep(0.2)
+    time.sleep(2)
+    result = hvctl(hosts, "migrate", "dirty", "--to", "h2", "--auto-converge", "--bandwidth", "16",
+                   "--timeout", "120", "--json")
+    assert result.returncode == 0, result.stderr
+    stats = json.loads(result.stdout)
+    # 48 MiB rewritten continuously cannot go in one pass at 16 MiB/s: several iterations, more than RAM sent.
+    assert stats["memory_iterations"] >= 3 and stats["bytes"] > 128 * 2**20
+    assert ctx.ledger.get_vm("dirty").host == "h2" and ctx.host("h2").state("dirty") is DomainState.RUNNING
+    destroy(ctx, "dirty")
+
+
 def test_bad_migrations_are_refused_before_anything_moves(hosts: dict[str, object]) -> None:
     ctx = hosts["ctx"]
     assert isinstance(ctx, Context)
