@@ -107,6 +107,7 @@ def design(
     boot: BootArtifacts,
     alloc: VMAllocation,
     extra_cmdline: tuple[str, ...] = (),
+    extra_qemu_args: tuple[str, ...] = (),
 ) -> Domain:
     # Under TCG "maximum" gives the guest every feature QEMU can emulate (SSE4.2, AVX2: numpy 2 and torch need
     # them); under KVM the host's own CPU is passed through so workloads get the real instruction set.
@@ -124,7 +125,8 @@ def design(
         accel=host.accel,
         memory_mib=spec.memory_mib,
         vcpus=spec.vcpus,
-        boot=DirectBoot(boot.kernel, boot.initrd, kernel_cmdline(spec, boot, extra_cmdline)),
+        boot=DirectBoot(boot.kernel, boot.initrd,
+                        kernel_cmdline(spec, boot, (*(("intel_iommu=on",) if spec.viommu else ()), *extra_cmdline))),
         machine="q35",
         arch=host.arch,
         cpu_mode=cpu_mode,
@@ -133,4 +135,6 @@ def design(
         network=UserNetwork(ssh_port=alloc.ssh_port, bind_address=alloc.ssh_bind_address),
         metadata=(("tenant", spec.tenant), ("image", spec.image), ("spec", spec.model_dump_json())),
         tuning=design_tuning(spec, host),
+        viommu=spec.viommu,
+        extra_qemu_args=extra_qemu_args,
     )

@@ -70,6 +70,8 @@ class VMSpec(Frozen):
     numa_node: int | None = Field(default=None, ge=0, le=63)
     # VMs in the same anti-affinity group never share a host (replicas of one service, say).
     anti_affinity: Name | None = None
+    # Give the guest a virtual IOMMU (Intel, q35), so that VFIO works inside it.
+    viommu: bool = False
 
     @model_validator(mode="after")
     def _cpu_limit_within_vcpus(self) -> VMSpec:

@@ -33,6 +33,9 @@ CASES = {
         VMSpec(name="tuned", vcpus=2, memory_mib=2048, cpu_limit=1.5, pin_cpus=(2, 3), io_weight=300, numa_node=0),
         HostCapabilities("local", Accel.KVM), BOOT, alloc("tuned"),
     ),
+    "tcg-viommu-edu": (
+        VMSpec(name="l1", viommu=True), HostCapabilities("local", Accel.TCG), BOOT, alloc("l1"),
+    ),
     "tcg-gpu-hostdev": (
         VMSpec(name="gpu-vm", gpus={"count": 1, "model": "H100"}),
         HostCapabilities("local", Accel.TCG), BOOT,
@@ -51,9 +54,16 @@ def test_host(tmp_path_factory: pytest.TempPathFactory) -> Host:
     return Host(f"test://{driver}")
 
 
+EXTRA_ARGS = {"tcg-viommu-edu": ("-device", "edu,bus=pcie.0,addr=0xa")}
+
+
+def designed(case: str) -> Domain:
+    return design(*CASES[case], extra_qemu_args=EXTRA_ARGS.get(case, ()))
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_golden_xml(case: str, update_golden: bool) -> None:
-    xml = design(*CASES[case]).to_xml()
+    xml = designed(case).to_xml()
     golden = GOLDEN / f"{case}.xml"
     if update_golden:
         golden.write_text(xml)
@@ -63,13 +73,13 @@ def test_golden_xml(case: str, update_golden: bool) -> None:
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_xml_parses_back_to_the_same_domain(case: str) -> None:
-    domain = design(*CASES[case])
+    domain = designed(case)
     assert Domain.from_xml(domain.to_xml()) == domain
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_every_generated_domain_defines_on_the_test_driver(case: str, test_host: Host) -> None:
-    domain = design(*CASES[case])
+    domain = designed(case)
     test_host.define(domain.to_xml())
     try:
         assert test_host.state(domain.name) is DomainState.SHUTOFF
@@ -80,7 +90,7 @@ def test_every_generated_domain_defines_on_the_test_driver(case: str, test_host:
         assert sorted(map(repr, back.devices)) == sorted(map(repr, domain.devices))
         assert (back.name, back.accel, back.memory_mib, back.vcpus, back.boot, back.cpu_mode, back.metadata) == (
             domain.name, domain.accel, domain.memory_mib, domain.vcpus, domain.boot, domain.cpu_mode, domain.metadata)
-        assert back.root_controller == domain.root_controller
+        assert back.root_controller == domain.root_controller and back.viommu == domain.viommu
         assert domain.name in test_host.hvctl_domains()
     finally:
         test_host.undefine(domain.name)
@@ -109,6 +119,13 @@ def test_tuning_maps_quotas_to_libvirt() -> None:
     assert no_memlock.tuning.memory_hard_limit_kib is None
     plain = design(*CASES["tcg-minimal"]).tuning
     assert plain.global_quota_us is None and plain.vcpupin == () and plain.numa_nodeset is None
+
+
+def test_viommu_guest_gets_an_intel_iommu_and_intel_iommu_on() -> None:
+    domain = designed("tcg-viommu-edu")
+    assert domain.viommu and "intel_iommu=on" in domain.boot.cmdline
+    assert domain.extra_qemu_args == ("-device", "edu,bus=pcie.0,addr=0xa")
+    assert "<iommu model=\"intel\">" in domain.to_xml()
 
 
 def test_values_cannot_change_the_document_structure() -> None:

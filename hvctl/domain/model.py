@@ -73,6 +73,21 @@ class UserNetwork:
         return None
 
 
+def _extra_args(args: list[str]) -> tuple[str, ...]:
+    """QEMU arguments other than the user network's four (-netdev X -device Y)."""
+    rest: list[str] = []
+    skip = 0
+    for i, arg in enumerate(args):
+        if skip:
+            skip -= 1
+            continue
+        if arg in ("-netdev", "-device") and i + 1 < len(args) and "hvctl-net0" in args[i + 1]:
+            skip = 1
+            continue
+        rest.append(arg)
+    return tuple(rest)
+
+
 def retarget_ssh_forward(xml: str, port: int) -> str:
     """The same domain XML with its user-mode network's SSH forward moved to ``port``.
 
@@ -108,6 +123,10 @@ class Domain:
     network: UserNetwork | None = None
     metadata: tuple[tuple[str, str], ...] = ()
     tuning: Tuning = field(default_factory=Tuning)
+    # A virtual Intel IOMMU, so the guest can itself use VFIO (nested passthrough, or testing vfio/ on a real kernel).
+    viommu: bool = False
+    # Further QEMU arguments after the network's, for emulated devices libvirt has no element for (QEMU's edu).
+    extra_qemu_args: tuple[str, ...] = ()
 
     def to_xml(self) -> str:
         root = ET.Element("domain", type=self.accel.value)
@@ -135,9 +154,15 @@ class Domain:
         devices.append(self.root_controller.to_xml())
         for device in self.devices:
             devices.append(device.to_xml())
-        if self.network is not None:
+        if self.viommu:
+            # caching_mode: the guest's own VFIO needs QEMU to see its IOTLB updates; interrupt remapping would
+            # need a split irqchip, which TCG guests do not need here.
+            iommu = sub(devices, "iommu", model="intel")
+            sub(iommu, "driver", intremap="off", caching_mode="on")
+        args = [*(self.network.qemu_args() if self.network else []), *self.extra_qemu_args]
+        if args:
             cmdline = sub(root, f"{{{QEMU_NS}}}commandline")
-            for arg in self.network.qemu_args():
+            for arg in args:
                 sub(cmdline, f"{{{QEMU_NS}}}arg", value=arg)
         ET.indent(root)
         return ET.tostring(root, encoding="unicode") + "\n"
@@ -171,6 +196,8 @@ class Domain:
             devices=tuple(devices),
             root_controller=root_controller,
             network=UserNetwork.from_args(args),
+            viommu=root.find("devices/iommu[@model='intel']") is not None,
+            extra_qemu_args=_extra_args(args),
             metadata=tuple((child.tag.split("}")[1], child.text or "") for child in (meta if meta is not None else [])),
             tuning=Tuning.from_xml(root),
         )

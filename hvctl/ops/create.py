@@ -23,7 +23,8 @@ DEFAULT_BOOT_TIMEOUT = 120.0
 
 
 def create(ctx: Context, spec: VMSpec, reporter: Reporter | None = None,
-           boot_timeout: float = DEFAULT_BOOT_TIMEOUT, extra_cmdline: tuple[str, ...] = ()) -> VMRecord:
+           boot_timeout: float = DEFAULT_BOOT_TIMEOUT, extra_cmdline: tuple[str, ...] = (),
+           extra_qemu_args: tuple[str, ...] = ()) -> VMRecord:
     say = (reporter or SilentReporter()).step
     # Every check that can refuse the request runs before anything is written anywhere, the state dir included.
     policy = ctx.policy
@@ -80,6 +81,7 @@ def create(ctx: Context, spec: VMSpec, reporter: Reporter | None = None,
             VMAllocation(overlay=overlay, console_log=record.console_log, agent_socket=record.agent_socket,
                          ssh_port=record.ssh_port, ssh_bind_address=str(spec.ssh_bind), seed=seed),
             extra_cmdline,
+            extra_qemu_args,
         )
         say(f"defining domain ({caps.accel.value}, q35, {spec.vcpus} vCPU, {spec.memory_mib} MiB)")
         host.define(domain.to_xml())

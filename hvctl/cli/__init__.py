@@ -1,0 +1,33 @@
+"""The hvctl command line: parses arguments, renders tables and progress. The only package that prints or exits.
+
+Commands live in one module per area; importing them registers them on the shared typer app.
+"""
+
+from __future__ import annotations
+
+from hvctl.cli import access, fleet, images, migration, vms, workloads  # noqa: F401 - registers the commands
+from hvctl.cli.common import State, app, fail
+from hvctl.errors import GuestTimeout, HvctlError
+
+__all__ = ["app", "main"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        try:
+            # Standalone mode: typer reports usage errors (unknown option, missing argument) itself, exit code 2.
+            app(args=argv, prog_name="hvctl")
+        finally:
+            if State.ctx is not None:
+                State.ctx.close()
+    except GuestTimeout as exc:
+        if State.debug:
+            raise
+        tail = "\n".join("  | " + line for line in exc.console_tail.splitlines())
+        fail(exc.message, exc.exit_code, exc.hint, f"last console lines:\n{tail}" if tail else "")
+    except HvctlError as exc:
+        if State.debug:
+            raise
+        fail(exc.message, exc.exit_code, exc.hint)
+    except KeyboardInterrupt:
+        fail("interrupted", 130)

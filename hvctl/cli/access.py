@@ -1,0 +1,147 @@
+"""hvctl agent, ssh, exec, cp, and tenants' keys."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from hvctl.cli.common import (
+    JsonOpt,
+    app,
+    ctx,
+    emit_json,
+    fail,
+    key_app,
+    out,
+)
+
+# -- agent and tenant access ------------------------------------------------------------------------------------
+
+
+@app.command()
+def agent(
+    name: str,
+    method: Annotated[str, typer.Argument(help="ping or info")] = "ping",
+    as_json: JsonOpt = False,
+) -> None:
+    """Talk to a VM's agent over its host-only virtio-serial channel."""
+    from guest import rpc
+    from hvctl.agent_client import AgentClient
+
+    if method not in ("ping", "info"):
+        fail(f"unknown agent method {method!r}; use ping or info", 2)
+    record = ctx().ledger.get_vm(name)
+    if not record.agent_token:
+        fail(f"VM {name} has no agent (its image was built without one)", 2)
+    started = time.monotonic()
+    result = AgentClient(record.agent_socket, record.agent_token).call(method)
+    rtt_ms = (time.monotonic() - started) * 1000
+    data = result.model_dump(mode="json")
+    if as_json:
+        emit_json(data | ({"rtt_ms": round(rtt_ms, 2)} if method == "ping" else {}))
+    elif isinstance(result, rpc.PingResult):
+        out.print(f"pong from {name}: agent {result.agent_version}, up {result.uptime_s:.1f} s, rtt {rtt_ms:.1f} ms")
+    else:
+        table = Table.grid(padding=(0, 2))
+        for key, value in data.items():
+            table.add_row(f"[bold]{key}[/]", ", ".join(f"{k} {v}" for k, v in value.items())
+                          if isinstance(value, dict) else ", ".join(value) if isinstance(value, list) else str(value))
+        out.print(table)
+
+
+IdentityOpt = Annotated[Path | None, typer.Option("--identity", "-i", help="SSH private key (default: the "
+                                                     "operator key hvctl authorised on every VM).")]
+
+
+def identity_for(identity: Path | None) -> Path:
+    from hvctl.seed import operator_key
+
+    return identity or operator_key(ctx().paths.keys)
+
+
+@app.command()
+def ssh(name: str, identity: IdentityOpt = None, user: Annotated[str, typer.Option()] = "root") -> None:
+    """Open an interactive shell in a VM, verifying the host key hvctl generated for it."""
+    from hvctl.access import interactive_shell
+
+    code = interactive_shell(ctx().ledger.get_vm(name), identity_for(identity), user)
+    raise typer.Exit(code)
+
+
+@app.command("exec", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def exec_cmd(
+    name: str,
+    command: Annotated[list[str], typer.Argument(help="The command, after --.")],
+    identity: IdentityOpt = None,
+    user: Annotated[str, typer.Option()] = "root",
+) -> None:
+    """Run a command in a VM over SSH, streaming its output; its exit code becomes hvctl's."""
+    import shlex
+
+    from hvctl.access import run_command
+
+    code = run_command(ctx().ledger.get_vm(name), identity_for(identity), shlex.join(command),
+                       sys.stdout.buffer, sys.stderr.buffer, user)
+    raise typer.Exit(code)
+
+
+@app.command()
+def cp(
+    source: Annotated[str, typer.Argument(help="LOCAL or NAME:PATH")],
+    dest: Annotated[str, typer.Argument(help="NAME:PATH or LOCAL")],
+    identity: IdentityOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Copy a file into or out of a VM over SFTP."""
+    from hvctl.access import copy
+
+    def remote(spec: str) -> tuple[str, str] | None:
+        head, sep, tail = spec.partition(":")
+        return (head, tail) if sep and "/" not in head else None
+
+    src, dst = remote(source), remote(dest)
+    if (src is None) == (dst is None):
+        fail("exactly one of SOURCE and DEST must be NAME:PATH", 2)
+    vm, path = src or dst  # type: ignore[misc]
+    upload = dst is not None
+    copied = copy(ctx().ledger.get_vm(vm), identity_for(identity), source if upload else path,
+                  path if upload else dest, upload)
+    if as_json:
+        emit_json({"vm": vm, "direction": "in" if upload else "out", "bytes": copied})
+    else:
+        out.print(f"copied {copied} bytes {'into' if upload else 'out of'} {vm}")
+
+
+@key_app.command("add")
+def key_add(tenant: str, public_key_file: Path) -> None:
+    """Authorise an SSH public key for a tenant's VMs created from now on."""
+    from hvctl.spec import check_name
+
+    check_name(tenant, "tenant")
+    try:
+        line = public_key_file.read_text().strip()
+    except OSError as exc:
+        fail(f"cannot read {public_key_file}: {exc.strerror}", 2)
+    parts = line.split()
+    if len(parts) < 2 or not parts[0].startswith(("ssh-", "ecdsa-")) or "\n" in line:
+        fail(f"{public_key_file} is not an OpenSSH public key", 2)
+    added = ctx().ledger.add_tenant_key(tenant, line)
+    out.print(f"key {'added for' if added else 'was already authorised for'} tenant {tenant}")
+
+
+@key_app.command("list")
+def key_list(tenant: Annotated[str | None, typer.Argument()] = None, as_json: JsonOpt = False) -> None:
+    """List tenants' authorised SSH keys."""
+    keys = ctx().ledger.tenant_keys(tenant)
+    if as_json:
+        emit_json([{"tenant": t, "key": k} for t, k in keys])
+        return
+    table = Table("TENANT", "KEY")
+    for t, k in keys:
+        table.add_row(t, k if len(k) < 90 else k[:40] + "…" + k[-40:])
+    out.print(table)

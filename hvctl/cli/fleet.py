@@ -1,0 +1,147 @@
+"""hvctl host, policy, plan and gpu."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from hvctl.cli.common import (
+    JsonOpt,
+    RichReporter,
+    app,
+    ctx,
+    emit_json,
+    err,
+    gpu_app,
+    host_app,
+    out,
+    policy_app,
+)
+
+# -- hosts, policy, plan ---------------------------------------------------------------------------------------
+
+
+@host_app.command("add")
+def host_add(name: str, uri: str, as_json: JsonOpt = False) -> None:
+    """Register a host: capacity, NUMA cells and GPUs are read from its libvirt; the accelerator is probed."""
+    from hvctl.ops.hosts import add_host
+
+    with RichReporter(f"host add {name}") as reporter:
+        reporter.step(f"connecting to {uri}")
+        view = add_host(ctx(), name, uri)
+    if as_json:
+        emit_json(view)
+    else:
+        out.print(f"host {name}: {view['cpus']} CPUs, {view['memory_mib']} MiB, {len(view['numa_cells'])} NUMA "
+                  f"cell(s), {len(view['gpus'])} GPU(s), accelerator {view['accel']}")
+
+
+@host_app.command("list")
+def host_list(as_json: JsonOpt = False) -> None:
+    """Hosts with capacity, what is allocated and what the policy allows."""
+    from hvctl.ops.hosts import host_view
+
+    c = ctx()
+    c.capabilities(c.host_name)
+    views = [host_view(c, h.name) for h in c.ledger.list_hosts()]
+    if as_json:
+        emit_json(views)
+        return
+    table = Table("HOST", "URI", "ON", "ACCEL", "VCPU used/alloc", "MEM MiB used/alloc", "GPUS", "VMS")
+    for v in views:
+        lim, used = v["allocatable"], v["allocated"]
+        table.add_row(v["name"], v["uri"], "yes" if v["enabled"] else "no", v["accel"] or "?",
+                      f"{used['vcpus']:g}/{lim['vcpus']:g}", f"{used['memory_mib']:g}/{lim['memory_mib']:g}",
+                      f"{used['gpus']:g}/{lim['gpus']:g}", str(v["vms"]))
+    out.print(table)
+
+
+@host_app.command("rm")
+def host_rm(name: str) -> None:
+    """Forget a host that runs no VMs."""
+    ctx().ledger.remove_host(name)
+    out.print(f"host {name} removed")
+
+
+@policy_app.command("check")
+def policy_check(
+    file: Annotated[Path | None, typer.Argument(help="Policy file (default: the one in effect).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Validate a policy file; every error is reported with its file, line and field."""
+    from hvctl.policy import PolicyError, load_policy
+
+    path = file or ctx().policy_source
+    try:
+        policy = load_policy(path)
+    except PolicyError as exc:
+        if as_json:
+            emit_json({"ok": False, "problems": exc.problems})
+        else:
+            for problem in exc.problems:
+                err.print(problem, soft_wrap=True, markup=False, style="red")
+        raise typer.Exit(2) from None
+    if as_json:
+        emit_json({"ok": True, "tenants": sorted(policy.tenants), "flavors": sorted(policy.flavors)})
+    else:
+        out.print(f"policy ok: {len(policy.tenants)} tenant(s), {len(policy.flavors)} flavor(s), "
+                  f"placement {policy.placement.mode}")
+
+
+@app.command()
+def plan(requests: Path, as_json: JsonOpt = False) -> None:
+    """Dry run: where each request would go, which are refused and why, and the resulting utilisation."""
+    from hvctl.ops.plan import load_requests
+    from hvctl.ops.plan import plan as make_plan
+
+    c = ctx()
+    c.capabilities(c.host_name)
+    result = make_plan(c, load_requests(c, requests))
+    if as_json:
+        emit_json(result)
+        return
+    table = Table("REQUEST", "TENANT", "VCPU", "MEM MiB", "HOST", "REFUSED BECAUSE")
+    for r in result["requests"]:
+        table.add_row(r["name"], r["tenant"], str(r["vcpus"]), str(r["memory_mib"]), r["host"] or "-",
+                      f"[red]{r['reason']}[/]" if r["reason"] else "")
+    out.print(table)
+    hosts = Table("HOST", "VCPU", "MEM MiB", "GPUS")
+    for h in result["hosts"]:
+        u, lim = h["used"], h["limit"]
+        hosts.add_row(h["name"], f"{u['vcpus']:g}/{lim['vcpus']:g}", f"{u['memory_mib']:g}/{lim['memory_mib']:g}",
+                      f"{u['gpus']:g}/{lim['gpus']:g}")
+    out.print(hosts)
+    tenants = Table("TENANT", "WEIGHT", "VCPU", "MEM MiB", "VMS")
+    for t in result["tenants"]:
+        u, q = t["used"], t["quota"]
+        tenants.add_row(t["name"], f"{t['weight']:g}", f"{u['vcpus']:g}/{q['vcpus']}",
+                        f"{u['memory_mib']:g}/{q['memory_mib']}", f"{u['vms']:g}/{q['vms']}")
+    out.print(tenants)
+
+
+@gpu_app.command("list")
+def gpu_list(
+    sysfs: Annotated[Path, typer.Option(help="sysfs root (tests point this at a fake tree).")] = Path("/sys"),
+    as_json: JsonOpt = False,
+) -> None:
+    """GPUs on this host: address, ids, IOMMU group, driver, NUMA node, owner VM, and whether passable."""
+    from hvctl.ops.gpus import list_gpus
+
+    data = list_gpus(sysfs)
+    if as_json:
+        emit_json(data)
+        return
+    if data["gpus"]:
+        table = Table("ADDRESS", "IDS", "GROUP", "DRIVER", "NUMA", "OWNER", "PASSABLE")
+        for g in data["gpus"]:
+            table.add_row(g["address"], g["ids"], str(g["iommu_group"]), g["driver"] or "-", str(g["numa_node"]),
+                          g["owner"] or "-", "yes" if g["passable"] else f"[red]no: {g['why_not']}[/]")
+        out.print(table)
+    else:
+        out.print("no GPUs found on this host")
+    for check in data["host"]:
+        if not check["ok"]:
+            out.print(f"[yellow]{check['name']} unavailable[/]: {check['hint']}")

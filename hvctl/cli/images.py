@@ -1,0 +1,64 @@
+"""hvctl image build, list, rm."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from hvctl.cli.common import (
+    JsonOpt,
+    RichReporter,
+    ctx,
+    emit_json,
+    image_app,
+    out,
+)
+
+# -- images ---------------------------------------------------------------------------------------------------
+
+
+@image_app.command("build")
+def image_build(
+    recipe: Annotated[str, typer.Argument(help="Shipped recipe name or path to a recipe .toml.")] = "minimal",
+    force: Annotated[bool, typer.Option(help="Rebuild even if an identical build is cached.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Build a guest image from a recipe; an unchanged recipe is served from the cache."""
+    started = time.monotonic()
+    with RichReporter(f"image build {recipe}") as reporter:
+        image = ctx().images.build(recipe, reporter.step, force=force)
+    if as_json:
+        emit_json(json.loads(image.model_dump_json()))
+    else:
+        out.print(f"image {image.name}@{image.content_hash} ready in {time.monotonic() - started:.1f} s "
+                  f"(kernel {image.kernel_version}, {image.size_bytes / 2**20:.1f} MiB)")
+
+
+@image_app.command("list")
+def image_list(as_json: JsonOpt = False) -> None:
+    """List built images."""
+    images = ctx().images.list()
+    if as_json:
+        emit_json([json.loads(i.model_dump_json()) for i in images])
+        return
+    table = Table("NAME", "HASH", "KIND", "KERNEL", "SIZE MiB", "BUILT")
+    for i in images:
+        table.add_row(i.name, i.content_hash, i.kind.value, i.kernel_version, f"{i.size_bytes / 2**20:.1f}",
+                      time.strftime("%Y-%m-%d %H:%M", time.localtime(i.built_at)))
+    out.print(table)
+
+
+@image_app.command("rm")
+def image_rm(name: str, as_json: JsonOpt = False) -> None:
+    """Remove every build of an image, unless a VM still uses it."""
+    c = ctx()
+    in_use = {r.base_disk for r in c.ledger.list_vms()}
+    removed = c.images.remove(name, in_use)
+    if as_json:
+        emit_json({"removed": [f"{i.name}@{i.content_hash}" for i in removed]})
+    else:
+        out.print(f"removed {len(removed)} build(s) of {name}")

@@ -1,0 +1,208 @@
+"""hvctl create, list, show, start, stop, destroy, console-log, doctor."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from hvctl.cli.common import (
+    JsonOpt,
+    RichReporter,
+    app,
+    ctx,
+    emit_json,
+    fail,
+    out,
+)
+from hvctl.errors import HostUnreachable
+from hvctl.ops.inspect import Drift, VMView
+
+# -- VM lifecycle ---------------------------------------------------------------------------------------------
+
+
+@app.command()
+def create(
+    name: str,
+    flavor: Annotated[str | None, typer.Option(help="A named size from the policy; flags below override it.")] = None,
+    host: Annotated[str | None, typer.Option(help="Host to create on (default: the scheduler picks).")] = None,
+    vcpus: Annotated[int | None, typer.Option(help="Virtual CPUs.")] = None,
+    cpu_limit: Annotated[float | None, typer.Option(help="Cap on host CPU time, in CPUs (e.g. 0.5).")] = None,
+    io_weight: Annotated[int | None, typer.Option(help="Block I/O weight, 100-1000.")] = None,
+    anti_affinity: Annotated[str | None, typer.Option(help="Never share a host with VMs of this group.")] = None,
+    viommu: Annotated[bool, typer.Option(help="Give the guest a virtual Intel IOMMU (VFIO inside the guest).")] = False,
+    memory: Annotated[int | None, typer.Option(help="Memory in MiB.")] = None,
+    disk: Annotated[int | None, typer.Option(help="Overlay disk size in GiB.")] = None,
+    gpus: Annotated[int | None, typer.Option(help="Whole GPUs to pass through.")] = None,
+    image: Annotated[str, typer.Option(help="Image name (see `hvctl image list`).")] = "minimal",
+    tenant: Annotated[str, typer.Option(help="Owning tenant.")] = "default",
+    boot_timeout: Annotated[float, typer.Option(help="Seconds to wait for the guest to report ready.")] = 120.0,
+    ssh_bind: Annotated[str, typer.Option(help="Host address the VM's SSH forward listens on.")] = "127.0.0.1",
+    as_json: JsonOpt = False,
+) -> None:
+    """Create a VM: overlay disk, domain, start, and wait until the guest itself reports it is up."""
+    from hvctl.ops.create import create as create_vm
+    from hvctl.spec import VMSpec
+
+    sizes: dict[str, Any] = {"vcpus": 1, "memory_mib": 256, "disk_gib": 1, "gpus": {"count": 0}}
+    if flavor is not None:
+        f = ctx().policy.flavor(flavor)
+        sizes = {"vcpus": f.vcpus, "memory_mib": f.memory_mib, "disk_gib": f.disk_gib, "gpus": {"count": f.gpus}}
+    explicit = {"vcpus": vcpus, "memory_mib": memory, "disk_gib": disk,
+                "gpus": {"count": gpus} if gpus is not None else None}
+    sizes |= {k: v for k, v in explicit.items() if v is not None}
+    spec = VMSpec.parse(name=name, image=image, tenant=tenant, host=host, ssh_bind=ssh_bind, cpu_limit=cpu_limit,
+                        io_weight=io_weight, anti_affinity=anti_affinity, viommu=viommu, **sizes)
+    started = time.monotonic()
+    with RichReporter(f"create {name}") as reporter:
+        record = create_vm(ctx(), spec, reporter, boot_timeout=boot_timeout)
+    elapsed = time.monotonic() - started
+    if as_json:
+        emit_json(record.as_dict() | {"create_seconds": round(elapsed, 3)})
+    else:
+        out.print(f"[bold]{name}[/] is up on {record.host} in {elapsed:.1f} s "
+                  f"(ssh forward {spec.ssh_bind}:{record.ssh_port})")
+
+
+@app.command("list")
+def list_cmd(as_json: JsonOpt = False) -> None:
+    """List VMs with the ledger's state, libvirt's state, and any disagreement between them."""
+    from hvctl.ops.inspect import list_vms
+
+    views, orphans, unreachable = list_vms(ctx())
+    if as_json:
+        emit_json({"vms": [v.as_dict() for v in views], "orphans": [o.as_dict() for o in orphans],
+                   "unreachable_hosts": [u.as_dict() for u in unreachable]})
+    else:
+        print_vm_table(views, orphans)
+    if unreachable:
+        # Show what the ledger knows, but a listing that could not ask every host must not look like success.
+        fail("; ".join(f"host {u.host}: {u.problem}" for u in unreachable), HostUnreachable.exit_code)
+
+
+def print_vm_table(views: list[VMView], orphans: list[Drift]) -> None:
+    table = Table("NAME", "TENANT", "HOST", "STATE", "LIBVIRT", "VCPU", "MEM MiB", "SSH", "DRIFT")
+    for v in views:
+        r = v.record
+        table.add_row(r.name, r.tenant, r.host, r.state, v.actual.value if v.actual else "?", str(r.spec.vcpus),
+                      str(r.spec.memory_mib), str(r.ssh_port), f"[red]{v.drift}[/]" if v.drift else "")
+    for o in orphans:
+        table.add_row(o.vm, "?", o.host, "-", "?", "", "", "", f"[red]{o.problem}[/]")
+    out.print(table)
+
+
+@app.command()
+def show(name: str, as_json: JsonOpt = False) -> None:
+    """Everything hvctl knows about one VM, with its recent events."""
+    from hvctl.ops.inspect import describe_drift, enforcement_report
+
+    c = ctx()
+    record = c.ledger.get_vm(name)
+    host = c.host(record.host)
+    actual = host.state(name)
+    data = record.as_dict() | {"actual": actual.value, "drift": describe_drift(record, actual)}
+    data["events"] = [{"ts": e.ts, "kind": e.kind, "message": e.message} for e in c.ledger.events(name, 20)]
+    data["enforcement"] = enforcement_report(c, record)
+    data["last_migration"] = c.ledger.last_event_data(name, "migration.completed")
+    if as_json:
+        emit_json(data)
+        return
+    table = Table.grid(padding=(0, 2))
+    for key in ("name", "tenant", "host", "state", "actual", "drift", "image", "vcpus", "memory_mib", "disk_gib",
+                "ssh_port", "overlay", "console_log", "agent_socket"):
+        value = data[key]
+        table.add_row(f"[bold]{key}[/]", f"[red]{value}[/]" if key == "drift" and value else str(value))
+    out.print(table)
+    enforcement = data["enforcement"]
+    if enforcement and "enforced" in enforcement:
+        cfg, got = enforcement["configured"], enforcement["enforced"]
+        quota = f"{cfg['global_quota_us']}/{cfg['global_period_us']}" if cfg["global_quota_us"] else "none"
+        out.print(f"[bold]enforcement[/] (cgroup v{got['version']}, QEMU pid {enforcement['pid']}): "
+                  f"CPU quota configured {quota}, enforced {got['cpu_quota_us'] or 'none'}/{got['cpu_period_us']}; "
+                  f"memory hard limit configured {cfg['memory_hard_limit_kib'] or 'none'} KiB, "
+                  f"enforced {got['memory_limit_bytes'] or 'none'} bytes")
+        for problem in enforcement["mismatches"]:
+            out.print(f"  [red]mismatch: {problem}[/]")
+    if data["last_migration"]:
+        m = data["last_migration"]
+        out.print(f"[bold]last migration[/]: {m['total_s']} s total, downtime {m['downtime_ms']} ms, "
+                  f"{(m['bytes'] or 0) / 2**20:.1f} MiB, mode {m['mode']}")
+    out.print("[bold]events[/]")
+    for e in data["events"]:
+        out.print(f"  {time.strftime('%H:%M:%S', time.localtime(e['ts']))} {e['kind']:<18} {e['message']}")
+
+
+@app.command()
+def start(name: str, as_json: JsonOpt = False) -> None:
+    """Start a stopped VM and wait until the guest reports ready."""
+    from hvctl.ops.lifecycle import start as start_vm
+
+    with RichReporter(f"start {name}") as reporter:
+        waited = start_vm(ctx(), name, reporter)
+    if as_json:
+        emit_json({"name": name, "state": "running", "boot_seconds": round(waited, 3)})
+    else:
+        out.print(f"{name} is up ({waited:.1f} s)")
+
+
+@app.command()
+def stop(
+    name: str,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for a graceful power-off before destroying.")] = 30,
+    as_json: JsonOpt = False,
+) -> None:
+    """Gracefully shut a VM down; destroy it if it has not powered off within the timeout."""
+    from hvctl.ops.lifecycle import stop as stop_vm
+
+    with RichReporter(f"stop {name}") as reporter:
+        how = stop_vm(ctx(), name, timeout, reporter)
+    if as_json:
+        emit_json({"name": name, "state": "stopped", "how": how})
+    else:
+        out.print(f"{name} stopped ({how})")
+
+
+@app.command()
+def destroy(name: str, as_json: JsonOpt = False) -> None:
+    """Remove a VM entirely: domain, overlay disk, console log and ledger entry."""
+    from hvctl.ops.lifecycle import destroy as destroy_vm
+
+    with RichReporter(f"destroy {name}") as reporter:
+        destroy_vm(ctx(), name, reporter)
+    if as_json:
+        emit_json({"name": name, "destroyed": True})
+    else:
+        out.print(f"{name} destroyed")
+
+
+@app.command("console-log")
+def console_log(
+    name: str,
+    lines: Annotated[int, typer.Option("--lines", "-n", help="Only the last N lines (0: all).")] = 0,
+) -> None:
+    """Print the guest's serial console output."""
+    from hvctl.console import read_console
+
+    text = read_console(ctx().ledger.get_vm(name).console_log)
+    if lines:
+        text = "\n".join(text.splitlines()[-lines:])
+    sys.stdout.write(text if text.endswith("\n") or not text else text + "\n")
+
+
+@app.command()
+def doctor(as_json: JsonOpt = False) -> None:
+    """Check libvirtd, the accelerator, images, the state dir, and drift between the ledger and libvirt."""
+    from hvctl.doctor import run_checks
+
+    checks = run_checks(ctx())
+    if as_json:
+        emit_json([c.as_dict() for c in checks])
+    else:
+        for c in checks:
+            mark = "[green]ok[/]  " if c.ok else "[red]FAIL[/]"
+            out.print(f"{mark} {c.name:<14} {c.detail}" + (f"\n       [dim]{c.hint}[/]" if c.hint and not c.ok else ""))
+    if not all(c.ok for c in checks):
+        raise typer.Exit(1)

@@ -1,0 +1,163 @@
+"""hvctl run, logs, checkpoint, restore."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from hvctl.cli.common import (
+    JsonOpt,
+    app,
+    ctx,
+    emit_json,
+    err,
+    fail,
+    out,
+)
+
+# -- workloads ------------------------------------------------------------------------------------------------
+
+
+@app.command()
+def run(
+    name: str,
+    kind: Annotated[str, typer.Argument(help="llm, perception or train")],
+    prompt: Annotated[list[str] | None, typer.Option(help="llm: a prompt (repeat for a batch).")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="llm: tokens to generate.")] = 16,
+    stream: Annotated[bool, typer.Option(help="llm: print tokens as they are generated.")] = False,
+    temperature: Annotated[float | None, typer.Option(help="llm: sample at this temperature.")] = None,
+    top_p: Annotated[float | None, typer.Option(help="llm: nucleus sampling.")] = None,
+    seed: Annotated[int | None, typer.Option(help="llm: sampling seed.")] = None,
+    text: Annotated[str | None, typer.Option(help="perception: caption.")] = None,
+    image: Annotated[Path | None, typer.Option(help="perception: PNG or .npy image.")] = None,
+    audio: Annotated[Path | None, typer.Option(help="perception: WAV or .npy audio.")] = None,
+    objective: Annotated[str, typer.Option(help="train: ssl, rl or seed-rl.")] = "ssl",
+    steps: Annotated[int, typer.Option(help="train: steps to run (resumes from the latest checkpoint).")] = 10,
+    checkpoint_every: Annotated[int, typer.Option(help="train: checkpoint every K steps.")] = 5,
+    timeout: Annotated[float | None, typer.Option(help="Cancel the workload after this many seconds.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run a model workload inside a VM through its agent, following its output."""
+    from hvctl.ops import run as ops
+
+    c = ctx()
+    record = c.ledger.get_vm(name)
+    if kind == "llm":
+        args = ops.llm_args(prompt or [], max_new_tokens, stream, temperature, top_p, seed, None)
+    elif kind == "perception":
+        args = ops.perception_args(c, record, text, image, audio)
+    elif kind == "train":
+        if objective not in ("ssl", "rl", "seed-rl"):
+            fail(f"unknown objective {objective!r}; use ssl, rl or seed-rl", 2)
+        args = ops.train_args(objective, steps, checkpoint_every)
+    else:
+        fail(f"unknown workload {kind!r}; use llm, perception or train", 2)
+
+    started = time.monotonic()
+    status_line = err.status(f"{kind} in {name}: starting")
+    status_line.start()
+
+    def on_output(chunk: str) -> None:
+        if stream and kind == "llm" and not as_json:
+            status_line.stop()
+            sys.stdout.write("".join(ops.stream_text(chunk)))
+            sys.stdout.flush()
+        else:
+            last = [line for line in chunk.splitlines() if line.strip() and not line.startswith("{")]
+            if last:
+                status_line.update(f"{kind} in {name} ({time.monotonic() - started:.0f} s): {last[-1][:100]}")
+            else:
+                status_line.update(f"{kind} in {name}: running ({time.monotonic() - started:.0f} s)")
+
+    try:
+        result = ops.run_workload(record, kind, args, on_output, timeout=timeout)
+    finally:
+        status_line.stop()
+    c.ledger.log_event(name, record.host, "workload.finished", f"{kind} {result.id} {result.state}",
+                       {"id": result.id, "kind": kind})
+    if stream and kind == "llm" and not as_json:
+        sys.stdout.write("\n")
+    if as_json:
+        emit_json(result.model_dump(mode="json"))
+    elif result.state == "succeeded":
+        out.print(describe_result(kind, result.result or {}, time.monotonic() - started))
+    if result.state != "succeeded":
+        fail(f"workload {result.id} in {name} {result.state}: {result.error}", ops.WorkloadFailed.exit_code)
+
+
+def describe_result(kind: str, r: dict[str, Any], wall: float) -> str:
+    if kind == "llm":
+        texts = "\n".join(f"  [{i}] {c['text']!r}" for i, c in enumerate(r.get("completions", [])))
+        return (f"{texts}\n{r.get('backend')} on {r.get('device')}: ttft {r.get('ttft_s', 0) * 1000:.0f} ms, "
+                f"decode {r.get('decode_tokens_per_s', 0):.1f} tok/s, prompt {r.get('prompt_tokens_per_s', 0):.1f} "
+                f"tok/s (wall {wall:.1f} s, including Python start-up in the guest)")
+    if kind == "perception":
+        probs = ", ".join(f"{k} {v:.2f}" for k, v in (r.get("probabilities") or {}).items())
+        return f"label {r.get('label')} ({probs}) in {wall:.1f} s"
+    losses = r.get("losses") or []
+    return (f"{r.get('objective')}: steps {r.get('start_step', 0) + 1}..{r.get('final_step')}, "
+            f"loss {losses[0] if losses else float('nan'):.4f} -> {losses[-1] if losses else float('nan'):.4f}, "
+            f"{r.get('steps_per_s', 0):.2f} steps/s, {len(r.get('checkpoints') or [])} checkpoint(s)")
+
+
+@app.command()
+def logs(
+    name: str,
+    workload: Annotated[str | None, typer.Option("--id", help="Workload id (default: the latest).")] = None,
+) -> None:
+    """Print the output of a VM's workload."""
+    from guest import rpc
+    from hvctl.ops.run import agent_for
+
+    c = ctx()
+    record = c.ledger.get_vm(name)
+    if workload is None:
+        started = [e for e in c.ledger.events(name, 200) if e.kind == "workload.finished"]
+        if not started:
+            fail(f"{name} has run no workload through hvctl", 3)
+        workload = started[-1].message.split()[1]
+    client = agent_for(record)
+    offset = 0
+    while True:
+        chunk = client.typed("workload.logs", rpc.WorkloadLogs, rpc.WorkloadLogsParams(id=workload, offset=offset))
+        sys.stdout.write(chunk.data)
+        offset = chunk.next_offset
+        if chunk.eof or not chunk.data:
+            break
+
+
+@app.command()
+def checkpoint(
+    name: str,
+    objective: Annotated[str, typer.Option(help="Which training run: ssl, rl or seed-rl.")] = "ssl",
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Where to put it (default: STATE/checkpoints/NAME).")]
+    = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Copy a VM's latest training checkpoint (written at a step boundary) to the host."""
+    from hvctl.ops.run import fetch_checkpoint
+
+    c = ctx()
+    local = fetch_checkpoint(c, c.ledger.get_vm(name), objective, out_dir or c.paths.root / "checkpoints" / name)
+    if as_json:
+        emit_json({"vm": name, "objective": objective, "checkpoint": str(local), "bytes": local.stat().st_size})
+    else:
+        out.print(f"checkpoint of {name} ({objective}) saved to {local}")
+
+
+@app.command()
+def restore(
+    name: str,
+    ckpt: Path,
+    objective: Annotated[str, typer.Option(help="Which training run: ssl, rl or seed-rl.")] = "ssl",
+) -> None:
+    """Put a checkpoint into a VM; its next `hvctl run NAME train` resumes from it."""
+    from hvctl.ops.run import push_checkpoint
+
+    c = ctx()
+    remote = push_checkpoint(c, c.ledger.get_vm(name), objective, ckpt)
+    out.print(f"{ckpt.name} restored into {name} at {remote}; the next train run resumes from it")
