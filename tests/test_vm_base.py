@@ -36,6 +36,13 @@ from images.store import ImageStore
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(600)]
 
+TENANTS_POLICY = """\
+tenants:
+  default: {quota: {vcpus: 8, memory_mib: 8192, disk_gib: 100, vms: 10}}
+  acme: {quota: {vcpus: 4, memory_mib: 4096, disk_gib: 50, vms: 4}}
+  globex: {quota: {vcpus: 4, memory_mib: 4096, disk_gib: 50, vms: 4}}
+"""
+
 
 def write_keypair(directory: Path, name: str) -> tuple[Path, str]:
     pair = generate_ed25519(name)
@@ -50,6 +57,8 @@ def env(libvirtd: PrivateLibvirtd, image_dir: Path) -> Iterator[dict[str, object
     ImageStore(image_dir).build("base")
     state = short_tempdir("hvb-")
     (state / "images").symlink_to(image_dir)
+    # The tenants whose keys this module uses; the shipped default policy only knows "default".
+    (state / "policy.yaml").write_text(TENANTS_POLICY)
     keys = short_tempdir("hvk-")
     acme_key, acme_pub = write_keypair(keys, "acme")
     globex_key, globex_pub = write_keypair(keys, "globex")
