@@ -25,7 +25,9 @@ for device in sysfs.devices():
 out["groups"] = {str(k): v for k, v in sorted(groups.items())}
 out["drivers"] = drivers
 
-edu = next(g for g in sysfs.gpus(accelerator_allowlist=(EDU,)) if g.primary.ids == "1234:11e8")
+# The edu device alone in its group (on the root bus); a second one shares a group behind a PCI bridge.
+edu = next(g for g in sysfs.gpus(accelerator_allowlist=(EDU,))
+           if g.primary.ids == "1234:11e8" and len(groups[g.primary.iommu_group or -1]) == 1)
 group = edu.primary.iommu_group
 out["edu"] = {"address": edu.address, "group": group, "driver_before": edu.primary.driver}
 binder = VfioBinder(sysfs, bind_timeout=20)
