@@ -79,7 +79,11 @@ class PrivateLibvirtd:
         binds: list[tuple[Path, str]] = []
         etc = self.root / "etc/libvirt"
         if not etc.exists():
-            shutil.copytree("/etc/libvirt", etc, symlinks=True)
+            # /etc/libvirt/qemu holds the system daemon's persistent domain (and network) definitions; a private
+            # "host" copying them would start life owning another daemon's VMs.
+            shutil.copytree("/etc/libvirt", etc, symlinks=True,
+                            ignore=lambda d, names: ["qemu"] if Path(d) == Path("/etc/libvirt") else [])
+            (etc / "qemu").mkdir()
         if self.private:
             for rel in _PRIVATE_DIRS[1:]:
                 (self.root / rel).mkdir(parents=True, exist_ok=True)
