@@ -38,6 +38,14 @@ AGENT_PORT_NAME = "org.hvctl.agent.0"
 WorkloadCommand = Callable[[list[str]], list[str]]
 
 
+# Workload kinds that write a checkpoint at a step boundary when sent SIGUSR1 (see guest/workloads/__main__.py).
+CHECKPOINTABLE = frozenset({"train"})
+
+
+def _ignore_sigusr1() -> None:
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 def _workload_module(kind: str) -> WorkloadCommand:
     def command(args: list[str]) -> list[str]:
         return [sys.executable, "-m", "guest.workloads", "run", kind, *args, "--json"]
@@ -61,6 +69,7 @@ class RpcFailure(Exception):
 class Workload:
     id: str
     kind: str
+    args: list[str]
     proc: subprocess.Popen[bytes]
     log: Path
     started_at: float
@@ -78,7 +87,7 @@ class Workload:
             if code != 0:
                 tail = self.log.read_text(errors="replace").strip().splitlines()[-1:] if self.log.exists() else []
                 error = tail[0] if tail else f"exit code {code}"
-        return rpc.WorkloadStatus(id=self.id, kind=self.kind, state=state, exit_code=code,
+        return rpc.WorkloadStatus(id=self.id, kind=self.kind, args=self.args, state=state, exit_code=code,
                                   started_at=self.started_at, ended_at=self.ended_at, result=result, error=error)
 
 
@@ -170,9 +179,12 @@ class Agent:
         log = self.workdir / f"{wid}.log"
         with log.open("wb") as out:
             # A new session: cancel signals the whole process group, including anything the workload spawned.
+            # SIGUSR1 starts out ignored: a checkpoint request that arrives before the workload has installed its
+            # handler must not kill it (SIGUSR1's default action); the controller retries after the first step.
             proc = subprocess.Popen(self.workloads[params.kind](params.args), stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.workdir)
-        self._running[wid] = Workload(wid, params.kind, proc, log, time.time())
+                                    stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.workdir,
+                                    preexec_fn=_ignore_sigusr1)  # noqa: PLW1509 - async-signal-safe: one syscall
+        self._running[wid] = Workload(wid, params.kind, list(params.args), proc, log, time.time())
         return self._running[wid].status()
 
     def _workload(self, wid: str) -> Workload:
@@ -191,6 +203,22 @@ class Agent:
         return rpc.WorkloadLogs(id=workload.id, data=data.decode(errors="replace"),
                                 next_offset=params.offset + len(data),
                                 eof=workload.proc.poll() is not None and len(data) < rpc.MAX_OUTPUT_BYTES)
+
+    def rpc_workload_list(self, _: rpc.NoParams) -> rpc.WorkloadList:
+        return rpc.WorkloadList(workloads=[w.status() for w in self._running.values()])
+
+    def rpc_workload_checkpoint(self, params: rpc.WorkloadRef) -> rpc.WorkloadCheckpointed:
+        """Ask a running training workload for a checkpoint at its next step boundary (SIGUSR1 to the workload's
+        own process, not its group). Only training checkpoints; an inference workload is drained instead."""
+        workload = self._workload(params.id)
+        if workload.kind not in CHECKPOINTABLE:
+            raise RpcFailure(rpc.ErrorCode.BAD_PARAMS, f"workload {workload.id} ({workload.kind}) cannot checkpoint; "
+                                                       f"only {', '.join(sorted(CHECKPOINTABLE))} can")
+        if workload.proc.poll() is not None:
+            raise RpcFailure(rpc.ErrorCode.BAD_PARAMS, f"workload {workload.id} is not running")
+        offset = workload.log.stat().st_size
+        workload.proc.send_signal(signal.SIGUSR1)
+        return rpc.WorkloadCheckpointed(status=workload.status(), log_offset=offset)
 
     def rpc_workload_cancel(self, params: rpc.WorkloadRef) -> rpc.WorkloadStatus:
         workload = self._workload(params.id)

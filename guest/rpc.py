@@ -114,12 +114,25 @@ class WorkloadLogsParams(Model):
 class WorkloadStatus(Model):
     id: str
     kind: str
+    args: list[str] = []  # as started, so that a controller can start the same workload elsewhere
     state: Literal["running", "succeeded", "failed", "cancelled"]
     exit_code: int | None
     started_at: float
     ended_at: float | None
     result: dict[str, Any] | None
     error: str | None
+
+
+class WorkloadList(Model):
+    workloads: list[WorkloadStatus]
+
+
+class WorkloadCheckpointed(Model):
+    """workload.checkpoint: the signal was delivered; the workload writes its checkpoint at the next step boundary
+    and reports it as a ``{"progress": {..., "requested": true}}`` line in its log, after ``log_offset``."""
+
+    status: WorkloadStatus
+    log_offset: int
 
 
 class WorkloadLogs(Model):
@@ -138,4 +151,6 @@ METHODS: dict[str, tuple[type[Model], type[Model]]] = {
     "workload.status": (WorkloadRef, WorkloadStatus),
     "workload.logs": (WorkloadLogsParams, WorkloadLogs),
     "workload.cancel": (WorkloadRef, WorkloadStatus),
+    "workload.list": (NoParams, WorkloadList),
+    "workload.checkpoint": (WorkloadRef, WorkloadCheckpointed),
 }

@@ -90,6 +90,8 @@ MIGRATIONS: list[str] = [
 ]
 
 VM_STATES = ("creating", "running", "stopped", "destroying")
+# What a checkpoint-migration's new incarnation changes besides host and port (column names: never user input).
+MOVABLE_COLUMNS = frozenset({"overlay", "console_log", "agent_socket", "seed", "agent_token", "host_pubkey"})
 DEFAULT_PORT_RANGE = (22200, 22999)
 
 
@@ -384,13 +386,19 @@ class Ledger:
         return _free_port(port_range, used, bind_address)
 
     def complete_migration(self, name: str, target: str, ssh_port: int, reservation_id: int,
-                           stats: dict[str, Any]) -> None:
+                           stats: dict[str, Any], moved: dict[str, str] | None = None) -> None:
         """One transaction: the VM moves to the target with its new port, the reservation becomes its allocation
-        there (by being released as the VM's own row now counts), and the source's share is freed."""
+        there (by being released as the VM's own row now counts), and the source's share is freed.
+
+        ``moved``: a checkpoint-migration's new incarnation has its own files, agent token and host key."""
+        columns = dict(moved or {})
+        if set(columns) - MOVABLE_COLUMNS:
+            raise LedgerError(f"cannot move {sorted(set(columns) - MOVABLE_COLUMNS)} in a migration")
         with self.transaction() as db:
             source = db.execute("SELECT host FROM vms WHERE name = ?", (name,)).fetchone()[0]
-            db.execute("UPDATE vms SET host = ?, ssh_port = ?, updated_at = ? WHERE name = ?",
-                       (target, ssh_port, time.time(), name))
+            sets = "".join(f", {column} = ?" for column in columns)
+            db.execute(f"UPDATE vms SET host = ?, ssh_port = ?, updated_at = ?{sets} WHERE name = ?",  # noqa: S608
+                       (target, ssh_port, time.time(), *columns.values(), name))
             db.execute("DELETE FROM reservations WHERE id = ?", (reservation_id,))
             self._event(db, name, target, "migration.completed", f"migrated {name} from {source} to {target}", stats)
 

@@ -15,6 +15,18 @@ MAX_SOCKET_PATH = 107
 
 
 @dataclass(frozen=True)
+class VMFiles:
+    """One incarnation of a VM on disk. A checkpoint-migration boots a second incarnation next to the first
+    (generation 1 beside 0, or back), so both can exist until the move commits."""
+
+    dir: Path
+    overlay: Path
+    seed: Path
+    console_log: Path
+    agent_socket: Path
+
+
+@dataclass(frozen=True)
 class StateDir:
     root: Path
 
@@ -26,8 +38,20 @@ class StateDir:
     def images(self) -> Path:
         return self.root / "images"
 
-    def vm_dir(self, name: str) -> Path:
-        return self.root / "vms" / check_name(name)
+    def vm_dir(self, name: str, generation: int = 0) -> Path:
+        # Names never contain '.', so NAME.gN cannot be another VM's directory.
+        return self.root / "vms" / (check_name(name) + (f".g{generation}" if generation else ""))
+
+    def vm_files(self, name: str, generation: int = 0) -> VMFiles:
+        d = self.vm_dir(name, generation)
+        return VMFiles(dir=d, overlay=d / "disk.qcow2", seed=d / "seed.iso", console_log=d / "console.log",
+                       agent_socket=d / "agent.sock")
+
+    @staticmethod
+    def generation_of(vm_file: Path) -> int:
+        """Which incarnation a VM's file (its overlay, say) belongs to."""
+        _, _, gen = vm_file.parent.name.partition(".g")
+        return int(gen) if gen.isdigit() else 0
 
     def overlay(self, name: str) -> Path:
         return self.vm_dir(name) / "disk.qcow2"
@@ -54,7 +78,7 @@ class StateDir:
         except OSError as exc:
             raise LedgerError(f"state dir {self.root} is not writable: {exc.strerror}",
                               hint="run as root or pass --state-dir") from None
-        probe = self.agent_socket("x" * 63)
+        probe = self.vm_files("x" * 63, generation=1).agent_socket
         if len(str(probe)) > MAX_SOCKET_PATH:
             raise LedgerError(f"state dir {self.root} is too deep: agent socket paths would exceed "
                               f"{MAX_SOCKET_PATH} bytes", hint="use a shorter --state-dir")

@@ -105,3 +105,24 @@ def test_concurrent_reservations_from_many_connections_never_collide(tmp_path: P
         t.join()
     assert len(ports) == 21 and len(set(ports)) == 21
     assert len(errors) == 19
+
+
+def test_a_migration_commit_moves_the_vm_and_its_new_incarnation_in_one_transaction(ledger: Ledger,
+                                                                                    tmp_path: Path) -> None:
+    from hvctl.accounting import host_footprint
+
+    ledger.ensure_host("h2", "test:///default")
+    reserve(ledger, "vm1", tmp_path)
+    held = ledger.reserve("h2", "default", host_footprint(VMSpec(name="vm1")), "migration", vm="vm1")
+    assert ledger.host_usage("h2").memory_mib > 0
+    new = tmp_path / "vms" / "vm1.g1"
+    with pytest.raises(LedgerError, match="cannot move"):
+        ledger.complete_migration("vm1", "h2", 22300, held, {}, moved={"tenant": "mallory"})
+    assert ledger.get_vm("vm1").host == "local" and len(ledger.reservations()) == 1
+    ledger.complete_migration("vm1", "h2", 22300, held, {"mode": "checkpoint"},
+                              moved={"overlay": str(new / "disk.qcow2"), "agent_token": "t2"})
+    moved = ledger.get_vm("vm1")
+    assert (moved.host, moved.ssh_port, moved.overlay, moved.agent_token) == ("h2", 22300, new / "disk.qcow2", "t2")
+    assert ledger.reservations() == [] and ledger.host_usage("local").memory_mib == 0
+    assert ledger.host_usage("h2") == host_footprint(moved.spec)
+    assert ledger.last_event_data("vm1", "migration.completed") == {"mode": "checkpoint"}

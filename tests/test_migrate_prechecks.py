@@ -47,9 +47,10 @@ def test_same_host_unknown_host_and_unknown_vm(ctx: Context) -> None:
     assert ctx.ledger.reservations() == []
 
 
-def test_unimplemented_modes_say_so_before_reserving(ctx: Context) -> None:
-    with pytest.raises(Exception, match="checkpoint is not implemented yet"):
+def test_checkpoint_mode_needs_an_agent_and_says_so_before_reserving(ctx: Context) -> None:
+    with pytest.raises(InvalidSpec, match="has no agent") as exc:
         migrate(ctx, "gpu-vm", "h2", MigrateOptions(mode="checkpoint"))
-    assert ctx.ledger.reservations() == []
+    assert exc.value.hint == "use --mode offline"
+    assert ctx.ledger.reservations() == [] and ctx.ledger.get_vm("gpu-vm").host == "h1"
 
 

@@ -168,8 +168,10 @@ def test_rpc_entry_and_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert [e["step"] for e in events] == [1, 2, 3] and events[0]["event"] == "TrainProgress"
     args = ["run", "train", "--objective", "seed-rl", "--steps", "4", "--checkpoint-every", "2"]
     assert cli.main([*args, "--checkpoint-dir", str(tmp_path), "--json"]) == 0
-    printed = json.loads(capsys.readouterr().out)
-    assert printed["objective"] == "seed-rl" and len(printed["checkpoints"]) == 2
+    *steps, last = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [p["progress"]["step"] for p in steps] == [1, 2, 3, 4]  # one JSON line per step, then the result
+    assert [bool(p["progress"]["checkpoint"]) for p in steps] == [False, True, False, True]
+    assert last["objective"] == "seed-rl" and len(last["checkpoints"]) == 2
     assert cli.main(["run", "train", "--objective", "rl", "--steps", "4", "--checkpoint-dir", str(tmp_path)]) == 6
     assert capsys.readouterr().err.startswith("error: checkpoint")
 
@@ -184,3 +186,61 @@ def test_bad_training_requests_are_workload_errors(tmp_path: Path) -> None:
         train(ssl(corpus_path=str(tmp_path / "short.txt")))
     with pytest.raises(WorkloadError, match="cannot read corpus"):
         train(ssl(corpus_path=str(tmp_path / "missing.txt")))
+
+
+def test_a_checkpoint_asked_for_mid_run_resumes_with_the_uninterrupted_runs_loss(tmp_path: Path) -> None:
+    """The checkpoint-migration mechanism on the host: the real agent runs the real train workload as a child,
+    workload.checkpoint signals it, it writes a checkpoint at the next step boundary and keeps training. A second
+    run resumed from that file (as on a migration target) must report, step for step, the losses the first run
+    went on to compute for the next step: the same bits, because both run on this CPU."""
+    from guest.agent import Agent
+
+    token = "t"
+    agent = Agent(token=token, workdir=tmp_path / "work")
+
+    def call(method: str, **params: object) -> dict[str, object]:
+        reply = agent.handle_line(json.dumps({"v": 1, "id": 1, "token": token, "method": method,
+                                              "params": params}).encode())
+        assert reply.ok, reply.error
+        assert reply.result is not None
+        return reply.result
+
+    def progress(wid: str, offset: int = 0) -> list[dict[str, object]]:
+        data = str(call("workload.logs", id=wid, offset=offset)["data"])
+        return [json.loads(line)["progress"] for line in data.splitlines() if line.startswith('{"progress"')]
+
+    def wait_for(condition: object, what: str, timeout: float = 120) -> None:
+        import time
+        deadline = time.monotonic() + timeout
+        while not condition():  # type: ignore[operator]
+            assert time.monotonic() < deadline, what
+            time.sleep(0.05)
+
+    first_dir, second_dir = tmp_path / "a", tmp_path / "b"
+    args = ["--objective", "ssl", "--steps", "5000", "--batch-size", "2", "--seq-len", "16", "--checkpoint-every",
+            "0", "--checkpoint-dir", str(first_dir)]
+    wid = str(call("workload.start", kind="train", args=args)["id"])
+    assert call("workload.list")["workloads"][0]["args"] == args  # type: ignore[index]
+    wait_for(lambda: len(progress(wid)) >= 2, "training never reported progress")
+    asked = call("workload.checkpoint", id=wid)
+    offset = int(asked["log_offset"])  # type: ignore[arg-type]
+    wait_for(lambda: any(p["requested"] for p in progress(wid, offset)), "the requested checkpoint never came")
+    ckpt = next(p for p in progress(wid, offset) if p["requested"])
+    step = int(ckpt["step"])  # type: ignore[arg-type]
+    assert Path(str(ckpt["checkpoint"])).is_file() and not list(first_dir.glob("*.tmp*"))
+    wait_for(lambda: max(int(p["step"]) for p in progress(wid)) >= step + 3, "training stopped after the checkpoint")
+    assert call("workload.status", id=wid)["state"] == "running"  # it carried on
+    uninterrupted = {int(p["step"]): p["loss"] for p in progress(wid)}  # type: ignore[arg-type]
+    call("workload.cancel", id=wid)
+
+    second_dir.mkdir()
+    Path(str(ckpt["checkpoint"])).rename(second_dir / Path(str(ckpt["checkpoint"])).name)
+    resumed = train(TrainRequest(objective="ssl", steps=step + 1, batch_size=2, seq_len=16,
+                                 checkpoint_dir=str(second_dir)))
+    # Step k+1's loss depends only on what the checkpoint restored (weights, data position, RNG). Later steps also
+    # depend on the total step count through the LR schedule; test_interrupted_run_resumes_bit_exactly covers those.
+    assert resumed.start_step == step
+    assert resumed.losses[0] == uninterrupted[step + 1]
+    not_train = agent.handle_line(json.dumps({"v": 1, "id": 2, "token": token, "method": "workload.checkpoint",
+                                              "params": {"id": wid}}).encode())
+    assert not not_train.ok and not_train.error is not None and "not running" in not_train.error.message

@@ -172,7 +172,27 @@ def _run_perception_train(args: argparse.Namespace) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> None:
+    import signal
+    import threading
+
     from .train import train
+
+    # SIGUSR1 asks for a checkpoint at the next step boundary (the agent's workload.checkpoint); training goes on.
+    asked = threading.Event()
+    signal.signal(signal.SIGUSR1, lambda *_: asked.set())
+
+    def checkpoint_requested() -> bool:
+        if asked.is_set():
+            asked.clear()
+            return True
+        return False
+
+    def progress(p: Any) -> None:
+        if args.json:
+            print(json.dumps({"progress": p.model_dump()}), flush=True)
+        else:
+            mark = f" checkpoint {p.checkpoint}" if p.checkpoint else ""
+            print(f"step {p.step}/{args.steps} loss {p.loss:.4f} lr {p.lr:.2e}{mark}", flush=True)
 
     request = TrainRequest(
         objective=args.objective,
@@ -196,7 +216,7 @@ def _run_train(args: argparse.Namespace) -> None:
             f"{r.steps_per_s:.1f} steps/s, {r.samples_per_s:.0f} samples/s; {len(r.checkpoints)} checkpoints"
         )
 
-    _emit(train(request), args.json, summary)
+    _emit(train(request, progress, checkpoint_requested), args.json, summary)
 
 
 def _make_media_samples(args: argparse.Namespace) -> None:

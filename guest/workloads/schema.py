@@ -167,6 +167,7 @@ class TrainProgress(Frozen):
     lr: float
     mean_reward: float | None = None  # rl / seed-rl: mean reward of this step's batch
     checkpoint: str | None = None  # path written after this step, if any
+    requested: bool = False  # that checkpoint was asked for (SIGUSR1), not scheduled by checkpoint_every
 
 
 class TrainResult(Frozen):

@@ -195,13 +195,18 @@ def _fingerprint(request: TrainRequest, model: nn.Module) -> dict[str, Any]:
     return {"run": run, "model": model_fingerprint(model)}
 
 
-def train(request: TrainRequest, on_progress: ProgressCallback | None = None) -> TrainResult:
+def train(request: TrainRequest, on_progress: ProgressCallback | None = None,
+          checkpoint_requested: Callable[[], bool] | None = None) -> TrainResult:
+    """Run ``request``. ``checkpoint_requested`` is polled after every step: when it answers True (the agent asked,
+    say, before a checkpoint-migration), a checkpoint of that step is written, outside the ``checkpoint_every``
+    schedule, and training carries on."""
     device = resolve_device(request.device)
     with isolated_global_rng(), oom_guard(f"{request.objective} training"):
-        return _train(request, device, on_progress)
+        return _train(request, device, on_progress, checkpoint_requested or (lambda: False))
 
 
-def _train(request: TrainRequest, device: torch.device, on_progress: ProgressCallback | None) -> TrainResult:
+def _train(request: TrainRequest, device: torch.device, on_progress: ProgressCallback | None,
+           checkpoint_requested: Callable[[], bool]) -> TrainResult:
     random.seed(request.seed)
     np.random.seed(request.seed % 2**32)
     torch.manual_seed(request.seed)
@@ -236,15 +241,14 @@ def _train(request: TrainRequest, device: torch.device, on_progress: ProgressCal
         if reward is not None:
             rewards.append(reward)
         written = None
-        if (
-            request.checkpoint_dir
-            and request.checkpoint_every
-            and (step % request.checkpoint_every == 0 or step == request.steps)
-        ):
+        scheduled = bool(request.checkpoint_every) and (step % request.checkpoint_every == 0 or step == request.steps)
+        requested = checkpoint_requested()
+        if request.checkpoint_dir and (scheduled or requested):
             written = str(_save(request, step, task, optimizer, scheduler, fingerprint))
             checkpoints.append(written)
         if on_progress is not None:
-            on_progress(TrainProgress(step=step, loss=losses[-1], lr=lr, mean_reward=reward, checkpoint=written))
+            on_progress(TrainProgress(step=step, loss=losses[-1], lr=lr, mean_reward=reward, checkpoint=written,
+                                      requested=requested and written is not None))
     elapsed = time.perf_counter() - started
     steps_run = request.steps - start_step
     return TrainResult(

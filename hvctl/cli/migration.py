@@ -28,7 +28,8 @@ def migrate(
     bandwidth: Annotated[int | None, typer.Option(help="Bandwidth cap in MiB/s.")] = None,
     auto_converge: Annotated[bool, typer.Option(help="Throttle the guest's vCPUs until memory converges.")] = False,
     copy_storage: Annotated[bool, typer.Option(help="Copy disks too (non-shared storage).")] = False,
-    timeout: Annotated[float | None, typer.Option(help="Seconds before --timeout-action applies.")] = None,
+    timeout: Annotated[float | None, typer.Option(help="Seconds before --timeout-action applies (checkpoint mode: "
+                                                        "the whole operation, default 900).")] = None,
     timeout_action: Annotated[str, typer.Option(help="abort or postcopy.")] = "abort",
     cancel: Annotated[bool, typer.Option("--cancel", help="Cancel this VM's migration in progress.")] = False,
     as_json: JsonOpt = False,
@@ -63,10 +64,19 @@ def migrate(
                   f"expected downtime {stats.get('downtime', '?')} ms")
         progress.update(task, completed=done, total=done + left or None, detail=detail)
 
+    def on_step(step: str) -> None:
+        progress.update(task, detail=step)
+
     with progress:
-        stats = do_migrate(c, name, to, opts, on_progress)
+        stats = do_migrate(c, name, to, opts, on_progress, on_step)
     if as_json:
         emit_json({"name": name, "host": to} | stats)
+    elif mode == "checkpoint":
+        resumed = "; ".join(f"{w['source_id']} → {w['target_id']} resumed at step {w['resumed_step']} "
+                            f"(loss {w['loss']:.6f}, equal to the source's)" for w in stats["workloads"])
+        out.print(f"{name} is on {to} (a new incarnation; the one on {stats['source_host']} is destroyed): "
+                  f"{stats['total_s']:.1f} s total, {(stats['bytes'] or 0) / 2**20:.1f} MiB of checkpoints"
+                  + (f"; {resumed}" if resumed else "; no training workload was running"))
     else:
         out.print(f"{name} is on {to}: {stats['total_s']:.2f} s total, downtime {stats['downtime_ms']} ms, "
                   f"{(stats['bytes'] or 0) / 2**20:.1f} MiB transferred")

@@ -128,7 +128,9 @@ def show(name: str, as_json: JsonOpt = False) -> None:
             out.print(f"  [red]mismatch: {problem}[/]")
     if data["last_migration"]:
         m = data["last_migration"]
-        out.print(f"[bold]last migration[/]: {m['total_s']} s total, downtime {m['downtime_ms']} ms, "
+        downtime = ("workloads resumed from checkpoints" if m["mode"] == "checkpoint"
+                    else f"downtime {m['downtime_ms']} ms")
+        out.print(f"[bold]last migration[/]: {m['total_s']} s total, {downtime}, "
                   f"{(m['bytes'] or 0) / 2**20:.1f} MiB, mode {m['mode']}")
     out.print("[bold]events[/]")
     for e in data["events"]:

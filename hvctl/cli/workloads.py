@@ -39,6 +39,7 @@ def run(
     steps: Annotated[int, typer.Option(help="train: steps to run (resumes from the latest checkpoint).")] = 10,
     checkpoint_every: Annotated[int, typer.Option(help="train: checkpoint every K steps.")] = 5,
     timeout: Annotated[float | None, typer.Option(help="Cancel the workload after this many seconds.")] = None,
+    detach: Annotated[bool, typer.Option(help="Start it and return; follow it with `hvctl logs`.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Run a model workload inside a VM through its agent, following its output."""
@@ -57,6 +58,19 @@ def run(
     else:
         fail(f"unknown workload {kind!r}; use llm, perception or train", 2)
 
+    if detach:
+        from guest import rpc
+
+        status = ops.agent_for(record).typed("workload.start", rpc.WorkloadStatus,
+                                             rpc.WorkloadStartParams(kind=kind, args=args))
+        c.ledger.log_event(name, record.host, "workload.started", f"{kind} {status.id} started",
+                           {"id": status.id, "kind": kind})
+        if as_json:
+            emit_json(status.model_dump(mode="json"))
+        else:
+            out.print(f"{kind} started in {name} as {status.id}; `hvctl logs {name}` shows its output")
+        return
+
     started = time.monotonic()
     status_line = err.status(f"{kind} in {name}: starting")
     status_line.start()
@@ -68,6 +82,7 @@ def run(
             sys.stdout.flush()
         else:
             last = [line for line in chunk.splitlines() if line.strip() and not line.startswith("{")]
+            last += [f"step {p['step']}/{steps} loss {p['loss']:.4f}" for p in ops.train_progress(chunk)]
             if last:
                 status_line.update(f"{kind} in {name} ({time.monotonic() - started:.0f} s): {last[-1][:100]}")
             else:
@@ -115,12 +130,13 @@ def logs(
 
     c = ctx()
     record = c.ledger.get_vm(name)
-    if workload is None:
-        started = [e for e in c.ledger.events(name, 200) if e.kind == "workload.finished"]
-        if not started:
-            fail(f"{name} has run no workload through hvctl", 3)
-        workload = started[-1].message.split()[1]
     client = agent_for(record)
+    if workload is None:
+        # The agent's own list: it also knows workloads a checkpoint-migration restarted in this incarnation.
+        known = client.typed("workload.list", rpc.WorkloadList).workloads
+        if not known:
+            fail(f"{name} has run no workload since it booted", 3)
+        workload = max(known, key=lambda w: int(w.id[1:])).id
     offset = 0
     while True:
         chunk = client.typed("workload.logs", rpc.WorkloadLogs, rpc.WorkloadLogsParams(id=workload, offset=offset))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from hvctl.agent_client import AgentClient, AgentError
@@ -15,8 +16,9 @@ from hvctl.errors import AlreadyExists, GuestTimeout, ImageError, InvalidSpec
 from hvctl.host import DomainState
 from hvctl.ledger import Admission, VMRecord
 from hvctl.ops import Reporter, SilentReporter, Undo
+from hvctl.paths import VMFiles
 from hvctl.placement import choose_host, host_limit
-from hvctl.seed import build_seed, generate_ed25519, new_agent_token, operator_key, public_key_of
+from hvctl.seed import KeyPair, build_seed, generate_ed25519, new_agent_token, operator_key, public_key_of
 from hvctl.spec import VMSpec
 
 DEFAULT_BOOT_TIMEOUT = 120.0
@@ -30,7 +32,7 @@ def create(ctx: Context, spec: VMSpec, reporter: Reporter | None = None,
     policy = ctx.policy
     quota = policy.tenant(spec.tenant).quota
     paths = ctx.paths
-    overlay, vm_dir = paths.overlay(spec.name), paths.vm_dir(spec.name)
+    overlay = paths.overlay(spec.name)
     image = ctx.images.get(spec.image)
     image.verify()
     if spec.host is None:
@@ -39,7 +41,7 @@ def create(ctx: Context, spec: VMSpec, reporter: Reporter | None = None,
         spec = spec.model_copy(update={"host": choose_host(ctx.ledger, policy, spec)})
     assert spec.host is not None
     host = ctx.host(spec.host)
-    caps = ctx.capabilities(spec.host)
+    ctx.capabilities(spec.host)  # probed (cached) before anything is written
     gpus = len(ctx.ledger.host_inventory(spec.host)[1])
     admission = Admission(tenant_limit=quota.model_dump(),
                           host_limit=host_limit(policy, ctx.ledger.get_host(spec.host), gpus))
@@ -56,63 +58,77 @@ def create(ctx: Context, spec: VMSpec, reporter: Reporter | None = None,
 
     with Undo() as undo:
         say("reserving in the ledger")
-        seed = paths.seed(spec.name)
-        record = ctx.ledger.reserve_vm(spec, spec.host, image.base_disk, overlay, paths.console_log(spec.name),
-                                       paths.agent_socket(spec.name), agent_token=token,
-                                       host_pubkey=host_key.public_line, seed=seed,
+        files = paths.vm_files(spec.name)
+        record = ctx.ledger.reserve_vm(spec, spec.host, image.base_disk, overlay, files.console_log,
+                                       files.agent_socket, agent_token=token,
+                                       host_pubkey=host_key.public_line, seed=files.seed,
                                        bind_address=str(spec.ssh_bind), admission=admission)
         undo.push("forget the ledger row", lambda: ctx.ledger.delete_vm(spec.name, "create rolled back"))
-
-        made_dir = not vm_dir.exists()
-        vm_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
-        if made_dir:
-            undo.push("remove the VM directory", lambda: shutil.rmtree(vm_dir, ignore_errors=True))
-
-        say(f"creating {spec.disk_gib} GiB overlay on {image.name}@{image.content_hash[:8]}")
-        make_overlay(image.base_disk, overlay, spec.disk_gib)
-        undo.push("remove the overlay disk", lambda: overlay.unlink(missing_ok=True))
-        say("writing the seed: hostname, SSH keys, the VM's own host key, agent token")
-        build_seed(seed, spec.name, authorized, host_key, token)
-        undo.push("remove the seed", lambda: seed.unlink(missing_ok=True))
-
-        domain = design(
-            spec, caps,
-            BootArtifacts(kernel=image.kernel, initrd=image.initrd, root_on_disk=image.kind.value != "initramfs"),
-            VMAllocation(overlay=overlay, console_log=record.console_log, agent_socket=record.agent_socket,
-                         ssh_port=record.ssh_port, ssh_bind_address=str(spec.ssh_bind), seed=seed),
-            extra_cmdline,
-            extra_qemu_args,
-        )
-        say(f"defining domain ({caps.accel.value}, q35, {spec.vcpus} vCPU, {spec.memory_mib} MiB)")
-        host.define(domain.to_xml())
-        undo.push("undefine the domain", lambda: host.undefine(spec.name))
-
-        say("starting")
-        host.start(spec.name)
-        undo.push("destroy the domain", lambda: host.destroy(spec.name))
-
-        say("waiting for the guest to report ready")
-        started = time.monotonic()
-        line, waited = wait_for_ready(spec.name, record.console_log, boot_timeout,
-                                      lambda: host.state(spec.name) is DomainState.RUNNING)
-        message = f"guest up after {waited:.2f} s: {line}"
-        if image.agent:
-            say("waiting for the agent")
-            wait_for_agent(spec.name, record, boot_timeout - (time.monotonic() - started))
-            message += f"; agent ready after {time.monotonic() - started:.2f} s"
+        message = boot_incarnation(ctx, spec, spec.host, files, record.ssh_port, authorized, host_key, token, undo,
+                                   say, boot_timeout, extra_cmdline, extra_qemu_args)
         ctx.ledger.set_state(spec.name, "running", message)
         undo.commit()
     return ctx.ledger.get_vm(spec.name)
 
 
-def wait_for_agent(name: str, record: VMRecord, timeout: float) -> None:
+def boot_incarnation(ctx: Context, spec: VMSpec, host_name: str, files: VMFiles, ssh_port: int,
+                     authorized: list[str], host_key: KeyPair, token: str, undo: Undo, say: Callable[[str], None],
+                     boot_timeout: float, extra_cmdline: tuple[str, ...] = (),
+                     extra_qemu_args: tuple[str, ...] = ()) -> str:
+    """Files, seed, domain, boot, agent: one incarnation of ``spec`` on ``host_name``, every step pushed on
+    ``undo``. The caller holds the capacity (a ledger row, or a migration's reservation). Returns how it went."""
+    image = ctx.images.get(spec.image)
+    host, caps = ctx.host(host_name), ctx.capabilities(host_name)
+    if files.overlay.exists():
+        raise AlreadyExists(f"disk path {files.overlay} already exists", hint="remove it or pick another name")
+    made_dir = not files.dir.exists()
+    files.dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+    if made_dir:
+        undo.push("remove the VM directory", lambda: shutil.rmtree(files.dir, ignore_errors=True))
+
+    say(f"creating {spec.disk_gib} GiB overlay on {image.name}@{image.content_hash[:8]}")
+    make_overlay(image.base_disk, files.overlay, spec.disk_gib)
+    undo.push("remove the overlay disk", lambda: files.overlay.unlink(missing_ok=True))
+    say("writing the seed: hostname, SSH keys, the VM's own host key, agent token")
+    build_seed(files.seed, spec.name, authorized, host_key, token)
+    undo.push("remove the seed", lambda: files.seed.unlink(missing_ok=True))
+
+    domain = design(
+        spec, caps,
+        BootArtifacts(kernel=image.kernel, initrd=image.initrd, root_on_disk=image.kind.value != "initramfs"),
+        VMAllocation(overlay=files.overlay, console_log=files.console_log, agent_socket=files.agent_socket,
+                     ssh_port=ssh_port, ssh_bind_address=str(spec.ssh_bind), seed=files.seed),
+        extra_cmdline,
+        extra_qemu_args,
+    )
+    say(f"defining domain on {host_name} ({caps.accel.value}, q35, {spec.vcpus} vCPU, {spec.memory_mib} MiB)")
+    host.define(domain.to_xml())
+    undo.push("undefine the domain", lambda: host.undefine(spec.name))
+
+    say("starting")
+    host.start(spec.name)
+    undo.push("destroy the domain", lambda: host.destroy(spec.name))
+
+    say("waiting for the guest to report ready")
+    started = time.monotonic()
+    line, waited = wait_for_ready(spec.name, files.console_log, boot_timeout,
+                                  lambda: host.state(spec.name) is DomainState.RUNNING)
+    message = f"guest up after {waited:.2f} s: {line}"
+    if image.agent:
+        say("waiting for the agent")
+        wait_for_agent(spec.name, files.agent_socket, token, files.console_log,
+                       boot_timeout - (time.monotonic() - started))
+        message += f"; agent ready after {time.monotonic() - started:.2f} s"
+    return message
+
+
+def wait_for_agent(name: str, agent_socket: Path, token: str, console_log: Path, timeout: float) -> None:
     """Agent-ready: the agent answered a ping with this VM's token. A timeout carries the console tail."""
-    assert record.agent_token is not None
     try:
-        AgentClient(record.agent_socket, record.agent_token).wait_ready(max(timeout, 1.0))
+        AgentClient(agent_socket, token).wait_ready(max(timeout, 1.0))
     except AgentError as exc:
         raise GuestTimeout(f"the agent of {name} never answered: {exc.message}",
-                           console_tail=console_tail(record.console_log)) from None
+                           console_tail=console_tail(console_log)) from None
 
 
 def make_overlay(base: Path, overlay: Path, size_gib: int) -> None:

@@ -71,5 +71,8 @@ def destroy(ctx: Context, name: str, reporter: Reporter | None = None) -> None:
         pass  # Already gone from libvirt (drift); the rest still has to be removed.
     say("removing the overlay disk and console log")
     record.overlay.unlink(missing_ok=True)
-    shutil.rmtree(ctx.paths.vm_dir(name), ignore_errors=True)
+    # The current incarnation's directory (NAME, or NAME.gN after a checkpoint-migration) and any other left over.
+    for vm_dir in {ctx.paths.vm_dir(name), ctx.paths.vm_dir(name, 1), record.overlay.parent}:
+        if vm_dir.parent == ctx.paths.root / "vms":
+            shutil.rmtree(vm_dir, ignore_errors=True)
     ctx.ledger.delete_vm(name, f"destroyed {name}")

@@ -18,8 +18,10 @@ from typing import Any, Literal
 from hvctl.accounting import host_footprint
 from hvctl.context import Context, is_local
 from hvctl.domain.model import retarget_ssh_forward
-from hvctl.errors import HvctlError, InvalidSpec
+from hvctl.errors import HvctlError, InvalidSpec, NotFound
 from hvctl.host import DomainState
+from hvctl.ledger import QuotaExceeded
+from hvctl.ops.ckpt_migrate import checkpoint_migrate
 from hvctl.placement import host_limit
 
 Mode = Literal["live", "postcopy", "offline", "checkpoint"]
@@ -41,7 +43,8 @@ class MigrationFailed(HvctlError):
 
 
 def migrate(ctx: Context, name: str, target: str, opts: MigrateOptions,
-            on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+            on_progress: Callable[[dict[str, Any]], None] | None = None,
+            on_step: Callable[[str], None] | None = None) -> dict[str, Any]:
     ledger = ctx.ledger
     record = ledger.get_vm(name)
     target_record = ledger.get_host(target)
@@ -50,13 +53,26 @@ def migrate(ctx: Context, name: str, target: str, opts: MigrateOptions,
     if record.spec.gpus.count and opts.mode != "checkpoint":
         raise InvalidSpec(f"{name} holds {record.spec.gpus.count} passthrough GPU(s), whose state cannot be moved "
                           "live", hint="use --mode checkpoint")
-    if opts.mode == "checkpoint":
-        raise HvctlError("--mode checkpoint is not implemented yet")
+    if opts.mode == "checkpoint" and record.agent_token is None:
+        raise InvalidSpec(f"{name} has no agent, and checkpoint mode moves its workloads through it",
+                          hint="use --mode offline")
     if opts.copy_storage:
         raise HvctlError("--copy-storage is not implemented yet; the overlay must be on storage both hosts see")
-    src, dst = ctx.host(record.host), ctx.host(target)
+    src = ctx.host(record.host)
     if src.state(name) is not DomainState.RUNNING and opts.mode != "offline":
         raise InvalidSpec(f"{name} is not running; use --mode offline")
+    if opts.mode == "checkpoint":
+        try:
+            return checkpoint_migrate(ctx, record, target, opts.timeout_s, on_step)
+        except BaseException as exc:
+            message = exc.message if isinstance(exc, HvctlError) else f"{type(exc).__name__}: {exc}"
+            ledger.log_event(name, record.host, "migration.failed", f"checkpoint-migration of {name} to {target} "
+                                                                    f"failed: {message}; it stays on {record.host}")
+            if isinstance(exc, (InvalidSpec, NotFound, QuotaExceeded)) or not isinstance(exc, Exception):
+                raise  # refused before anything moved, or interrupted: the error says it all
+            raise MigrationFailed(f"checkpoint-migration of {name} to {target} failed: {message}; "
+                                  f"it is still on {record.host}, its workloads running") from exc
+    dst = ctx.host(target)
     compatible, detail = src.cpu_compatible_with(dst)
     if not compatible:
         raise InvalidSpec(f"cannot migrate {name} to {target}: {detail}")

@@ -123,6 +123,18 @@ def stream_text(chunk: str) -> list[str]:
     return texts
 
 
+def train_progress(chunk: str) -> list[dict[str, object]]:
+    """The training workload's per-step ``{"progress": ...}`` lines in a chunk of its output."""
+    events = []
+    for line in chunk.splitlines():
+        if line.startswith('{"progress"'):
+            try:
+                events.append(json.loads(line)["progress"])
+            except (ValueError, KeyError):
+                continue
+    return events
+
+
 def latest_checkpoint(record: VMRecord, objective: str) -> str | None:
     result = agent_for(record).typed("exec", rpc.ExecResult, rpc.ExecParams(
         argv=["sh", "-c", f"ls -1 {CHECKPOINTS}/{objective} 2>/dev/null | grep ^ckpt- | sort | tail -1"]))

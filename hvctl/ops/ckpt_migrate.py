@@ -1,0 +1,234 @@
+"""hvctl migrate --mode checkpoint: move a VM whose machine state cannot move live (it holds a passthrough GPU) by
+moving its workload instead.
+
+The source is left exactly as it was until the last step: its training keeps running through the whole operation
+(asking for a checkpoint does not pause it), so a failure anywhere before the commit leaves nothing to put back.
+
+    prechecks → reserve the target's capacity
+    1. drain every running inference workload; ask every training workload for a checkpoint at its next step
+       boundary; copy the checkpoints to the controller
+    2. boot a new incarnation of the VM on the target: its own files, SSH port, host key, agent token, and the
+       capacity (GPUs included) the reservation holds
+    3. copy the checkpoints in and start each training workload again with its original arguments: it resumes
+    4. verify through the target's agent: each resumed at step k+1, with the loss the source computed for k+1
+    5. one ledger transaction moves the VM and turns the reservation into its allocation; then the source domain
+       and its files are destroyed
+
+Every step registers its undo (the new incarnation's domain and files, the reservation) before the next runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from guest import rpc
+from hvctl.access import copy, run_command
+from hvctl.accounting import host_footprint
+from hvctl.agent_client import AgentClient, AgentError
+from hvctl.context import Context
+from hvctl.errors import GuestTimeout, HvctlError, InvalidSpec, NotFound
+from hvctl.ledger import VMRecord
+from hvctl.ops import Undo
+from hvctl.ops.create import DEFAULT_BOOT_TIMEOUT, boot_incarnation
+from hvctl.ops.run import train_progress
+from hvctl.placement import host_limit
+from hvctl.seed import generate_ed25519, new_agent_token, operator_key, public_key_of
+
+DEFAULT_TIMEOUT_S = 900.0
+
+
+class CheckpointMigrationFailed(HvctlError):
+    exit_code = 15
+
+
+@dataclasses.dataclass(frozen=True)
+class Moving:
+    """A training workload being moved: where it stood on the source and what became of it on the target."""
+
+    source_id: str
+    args: list[str]
+    checkpoint_dir: str
+    step: int = 0
+    remote_checkpoint: str = ""
+    local_checkpoint: Path | None = None
+    target_id: str = ""
+
+
+def checkpoint_migrate(ctx: Context, record: VMRecord, target: str, timeout_s: float | None,
+                       on_step: Callable[[str], None] | None = None) -> dict[str, Any]:
+    say = on_step or (lambda _: None)
+    started = time.monotonic()
+    deadline = started + (timeout_s or DEFAULT_TIMEOUT_S)
+    ledger, name = ctx.ledger, record.name
+    if record.agent_token is None:
+        raise InvalidSpec(f"{name} has no agent, and checkpoint mode moves workloads through it",
+                          hint="use --mode offline")
+    source_agent = AgentClient(record.agent_socket, record.agent_token, timeout=60)
+    say("asking the source agent for its workloads")
+    running = [w for w in source_agent.typed("workload.list", rpc.WorkloadList).workloads if w.state == "running"]
+    moving = [Moving(w.id, w.args, _checkpoint_dir(w)) for w in running if w.kind == "train"]
+    draining = [w.id for w in running if w.kind != "train"]
+    image = ctx.images.get(record.spec.image)
+    image.verify()
+    target_record = ledger.get_host(target)
+    ctx.capabilities(target)  # reachable, and its accelerator known, before anything is reserved
+    gpus = len(ledger.host_inventory(target)[1])
+    reservation = ledger.reserve(target, record.tenant, host_footprint(record.spec), "migration", vm=name,
+                                 host_limit=host_limit(ctx.policy, target_record, gpus))
+    workdir = Path(tempfile.mkdtemp(prefix=f"hvctl-ckpt-{name}-"))
+    try:
+        with Undo() as undo:
+            undo.push("release the reservation", lambda: ledger.release(reservation))
+            # 1. Drain inference, checkpoint training (the source keeps training).
+            for wid in draining:
+                say(f"draining inference workload {wid}")
+                _wait(lambda wid=wid: source_agent.typed("workload.status", rpc.WorkloadStatus,  # type: ignore[misc]
+                                                         rpc.WorkloadRef(id=wid)).state != "running",
+                      deadline, f"inference workload {wid} did not finish")
+            key = operator_key(ctx.paths.keys)
+            moved: list[Moving] = []
+            for item in moving:
+                say(f"waiting for {item.source_id} to finish a step (it may still be starting up)")
+                _wait_for_progress(source_agent, item.source_id, 0, deadline, lambda _: True, "its first step")
+                say(f"checkpointing {item.source_id} at its next step boundary")
+                asked = source_agent.typed("workload.checkpoint", rpc.WorkloadCheckpointed,
+                                           rpc.WorkloadRef(id=item.source_id))
+                event = _wait_for_progress(source_agent, item.source_id, asked.log_offset, deadline,
+                                           lambda p: bool(p.get("requested")), "the requested checkpoint")
+                remote = str(event["checkpoint"])
+                local = workdir / item.source_id / Path(remote).name
+                local.parent.mkdir()
+                say(f"copying the step-{event['step']} checkpoint out of {name}")
+                copy(record, key, remote, str(local), upload=False)
+                moved.append(dataclasses.replace(item, step=int(event["step"]), remote_checkpoint=remote,
+                                                 local_checkpoint=local))
+
+            # 2. The new incarnation on the target.
+            generation = 1 - min(ctx.paths.generation_of(record.overlay), 1)
+            files = ctx.paths.vm_files(name, generation)
+            port = ledger.free_port_on(target, bind_address=str(record.spec.ssh_bind))
+            host_key = generate_ed25519(f"hvctl-host-{name}")
+            token = new_agent_token()
+            authorized = [public_key_of(key)] + [k for _, k in ledger.tenant_keys(record.tenant)]
+            boot_incarnation(ctx, record.spec, target, files, port, authorized, host_key, token, undo, say,
+                             min(DEFAULT_BOOT_TIMEOUT * 2, max(deadline - time.monotonic(), 1.0)))
+            incarnation = dataclasses.replace(
+                record, host=target, ssh_port=port, overlay=files.overlay, console_log=files.console_log,
+                agent_socket=files.agent_socket, seed=files.seed, agent_token=token,
+                host_pubkey=host_key.public_line)
+            target_agent = AgentClient(files.agent_socket, token, timeout=60)
+
+            # 3. Restore and restart; 4. verify.
+            verified: list[dict[str, Any]] = []
+            for item in moved:
+                assert item.local_checkpoint is not None
+                say(f"restoring the step-{item.step} checkpoint on {target}")
+                _run(incarnation, key, f"mkdir -p '{item.checkpoint_dir}'")
+                copy(incarnation, key, str(item.local_checkpoint), item.remote_checkpoint, upload=True)
+                status = target_agent.typed("workload.start", rpc.WorkloadStatus,
+                                            rpc.WorkloadStartParams(kind="train", args=item.args))
+                say(f"verifying that {status.id} on {target} resumed at step {item.step + 1}")
+                verified.append(_verify(source_agent, target_agent, item, status.id, deadline))
+
+            # 5. Commit, then retire the source.
+            say("committing the move in the ledger")
+            stats = {"mode": "checkpoint", "total_s": round(time.monotonic() - started, 3), "downtime_ms": None,
+                     "bytes": sum(i.local_checkpoint.stat().st_size for i in moved if i.local_checkpoint),
+                     "workloads": verified, "drained": draining, "source_host": record.host}
+            ledger.complete_migration(
+                name, target, port, reservation, stats,
+                moved={"overlay": str(files.overlay), "console_log": str(files.console_log),
+                       "agent_socket": str(files.agent_socket), "seed": str(files.seed), "agent_token": token,
+                       "host_pubkey": host_key.public_line})
+            undo.commit()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    say(f"destroying the source incarnation on {record.host}")
+    _retire_source(ctx, record)
+    return stats
+
+
+def _checkpoint_dir(status: rpc.WorkloadStatus) -> str:
+    args = status.args
+    if "--checkpoint-dir" not in args or args.index("--checkpoint-dir") + 1 >= len(args):
+        raise InvalidSpec(f"training workload {status.id} runs without --checkpoint-dir, so it cannot checkpoint",
+                          hint="start training with `hvctl run NAME train`, which always sets one")
+    return args[args.index("--checkpoint-dir") + 1]
+
+
+def _wait(done: Callable[[], bool], deadline: float, what: str, poll: float = 0.5) -> None:
+    while not done():
+        if time.monotonic() > deadline:
+            raise GuestTimeout(f"{what} within the migration's timeout")
+        time.sleep(poll)
+
+
+def _progress(agent: AgentClient, wid: str, offset: int) -> tuple[list[dict[str, Any]], int, bool]:
+    """The workload's ``{"progress": ...}`` lines from ``offset``, the next offset, and whether it has ended."""
+    logs = agent.typed("workload.logs", rpc.WorkloadLogs, rpc.WorkloadLogsParams(id=wid, offset=offset))
+    complete = logs.data[: logs.data.rfind("\n") + 1]  # a line still being written is read next time
+    return train_progress(complete), offset + len(complete.encode()), logs.eof
+
+
+def _wait_for_progress(agent: AgentClient, wid: str, offset: int, deadline: float,
+                       match: Callable[[dict[str, Any]], bool], what: str) -> dict[str, Any]:
+    while True:
+        events, offset, ended = _progress(agent, wid, offset)
+        for event in events:
+            if match(event):
+                return event
+        if ended:
+            status = agent.typed("workload.status", rpc.WorkloadStatus, rpc.WorkloadRef(id=wid))
+            raise CheckpointMigrationFailed(f"workload {wid} ended ({status.state}: {status.error}) before "
+                                            f"{what}")
+        if time.monotonic() > deadline:
+            raise GuestTimeout(f"workload {wid} did not report {what} within the migration's timeout")
+        time.sleep(0.5)
+
+
+def _verify(source: AgentClient, target: AgentClient, item: Moving, target_id: str,
+            deadline: float) -> dict[str, Any]:
+    """The resumed run's first step must be k+1 and its loss must equal the source's own step k+1: the source kept
+    training past the checkpoint, so it is the uninterrupted run, on the same emulated CPU."""
+    first = _wait_for_progress(target, target_id, 0, deadline, lambda _: True, "its first step after resuming")
+    if int(first["step"]) != item.step + 1:
+        raise CheckpointMigrationFailed(f"the restored workload started at step {first['step']}, "
+                                        f"not {item.step + 1}: the checkpoint was not picked up")
+    reference = _wait_for_progress(source, item.source_id, 0, deadline,
+                                   lambda p: int(p["step"]) == item.step + 1, f"step {item.step + 1}")
+    if first["loss"] != reference["loss"]:
+        raise CheckpointMigrationFailed(f"step {item.step + 1} loss on the target is {first['loss']!r}, on the source "
+                                        f"{reference['loss']!r}: the restore is not exact")
+    return {"source_id": item.source_id, "target_id": target_id, "checkpoint_step": item.step,
+            "resumed_step": int(first["step"]), "loss": first["loss"], "source_loss": reference["loss"]}
+
+
+def _run(record: VMRecord, key: Path, command: str) -> None:
+    import io
+
+    err = io.BytesIO()
+    if run_command(record, key, command, io.BytesIO(), err) != 0:
+        raise CheckpointMigrationFailed(f"`{command}` failed in {record.name} on {record.host}: "
+                                        f"{err.getvalue().decode(errors='replace').strip()}")
+
+
+def _retire_source(ctx: Context, record: VMRecord) -> None:
+    """After the commit the source incarnation is surplus. A failure here is logged, not raised: the VM has moved,
+    and what is left on the source is drift that `hvctl doctor` reports."""
+    try:
+        host = ctx.host(record.host)
+        try:
+            host.destroy(record.name)
+            host.undefine(record.name)
+        except NotFound:
+            pass
+        shutil.rmtree(record.overlay.parent, ignore_errors=True)
+    except (HvctlError, AgentError) as exc:
+        ctx.ledger.log_event(record.name, record.host, "migration.source-left",
+                             f"the source incarnation on {record.host} could not be removed: {exc}")
