@@ -5,6 +5,7 @@ Each is opened on first use, so a command that only reads the ledger never conne
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -17,14 +18,17 @@ from hvctl.ledger import Ledger
 from hvctl.paths import StateDir
 from hvctl.policy import SHIPPED, Policy, load_policy
 from images.store import Image, ImageStore
+from vfio import SysfsWriter
+from vfio.binding import UsersOf
 
 DEFAULT_URI = "qemu:///system"
 LOCAL_HOST = "local"
 
 
 def is_local(uri: str) -> bool:
-    """This machine's libvirt: the local socket, or TCP/SSH to loopback (two private daemons acting as hosts)."""
-    return uri.startswith("qemu:///") or "://127.0.0.1" in uri or "://localhost" in uri
+    """This machine's libvirt: the local socket, TCP/SSH to loopback (two private daemons acting as hosts), or the
+    in-process test driver."""
+    return uri.startswith(("qemu:///", "test:///")) or "://127.0.0.1" in uri or "://localhost" in uri
 
 
 def can_limit_memory() -> bool:
@@ -38,12 +42,24 @@ def can_limit_memory() -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class GpuEnvironment:
+    """Where this machine's PCI devices are: the real kernel by default; tests point it at a fake tree and kernel."""
+
+    sysfs_root: Path = field(default_factory=lambda: Path(os.environ.get("HVCTL_SYSFS_ROOT", "/sys")))
+    dev_root: Path = Path("/dev")
+    writer: SysfsWriter | None = None  # None: write the real sysfs
+    users_of: UsersOf | None = None  # None: scan /proc for processes holding the device nodes
+    bind_timeout: float = 10.0
+
+
 @dataclass
 class Context:
     state_dir: Path
     uri: str = DEFAULT_URI
     host_name: str = LOCAL_HOST
     policy_path: Path | None = None
+    gpu_env: GpuEnvironment = field(default_factory=GpuEnvironment)
     _hosts: dict[str, Host] = field(default_factory=dict, repr=False)
 
     @property

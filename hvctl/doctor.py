@@ -87,6 +87,12 @@ def run_checks(ctx: Context) -> list[Check]:
     checks.append(Check("enforcement", not problems, "; ".join(problems) or "cgroups enforce what was configured",
                         "check that libvirt's cgroup controllers are mounted and delegated" if problems else None))
 
+    stranded = stranded_gpus(ctx)
+    checks.append(Check("gpu bindings", not stranded,
+                        "; ".join(f"{r['address']} ({r['state']} for {r['vm'] or 'no VM'})" for r in stranded)
+                        or "every device hvctl bound belongs to a running VM",
+                        "`hvctl doctor --repair` returns them to their host drivers" if stranded else None))
+
     from hvctl.ops.inspect import drift_report
 
     drift = drift_report(ctx)
@@ -94,3 +100,36 @@ def run_checks(ctx: Context) -> list[Check]:
                         or "ledger and libvirt agree",
                         "inspect with `hvctl show NAME`; `hvctl destroy NAME` removes what is left" if drift else None))
     return checks
+
+
+def running_vms(ctx: Context, host: str) -> set[str]:
+    from hvctl.host import DomainState
+
+    states = ctx.host(host).domain_states()
+    return {name for name, state in states.items() if state in (DomainState.RUNNING, DomainState.PAUSED)}
+
+
+def stranded_gpus(ctx: Context) -> list[dict[str, Any]]:
+    """Devices hvctl moved (or began to move) whose VM is not running: left by a crash or a failed release."""
+    from vfio.binding import TERMINAL_STATES
+
+    stranded = []
+    for host in {r["host"] for r in ctx.ledger.gpu_bindings()}:
+        running = running_vms(ctx, host)
+        stranded += [r for r in ctx.ledger.gpu_bindings(host)
+                     if r["state"] not in TERMINAL_STATES and r["vm"] not in running]
+    return stranded
+
+
+def repair(ctx: Context) -> dict[str, Any]:
+    """`hvctl doctor --repair`: finish or undo what a crash interrupted. For now that is GPU binding: every device
+    whose VM is not running goes back to its original driver, as the ledger's journal recorded it."""
+    from hvctl import passthrough
+
+    returned: list[str] = []
+    for host in sorted({r["host"] for r in ctx.ledger.gpu_bindings()}):
+        done = passthrough.repair(ctx, ctx.gpu_env, host, running_vms(ctx, host))
+        if done:
+            ctx.ledger.log_event(None, host, "gpu.repaired", f"returned {', '.join(done)} to their host drivers")
+        returned += done
+    return {"gpus_returned": returned}

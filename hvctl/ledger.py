@@ -87,6 +87,18 @@ MIGRATIONS: list[str] = [
         created_at REAL NOT NULL
     );
     """,
+    """
+    CREATE TABLE gpu_bindings (
+        host TEXT NOT NULL REFERENCES hosts(name),
+        address TEXT NOT NULL,
+        vm TEXT,
+        original_driver TEXT,
+        step TEXT NOT NULL,
+        state TEXT NOT NULL,
+        updated_at REAL NOT NULL,
+        PRIMARY KEY (host, address)
+    );
+    """,
 ]
 
 VM_STATES = ("creating", "running", "stopped", "destroying")
@@ -401,6 +413,31 @@ class Ledger:
                        (target, ssh_port, time.time(), *columns.values(), name))
             db.execute("DELETE FROM reservations WHERE id = ?", (reservation_id,))
             self._event(db, name, target, "migration.completed", f"migrated {name} from {source} to {target}", stats)
+
+    # -- GPU bindings: the vfio binder's journal -----------------------------------------------------------------
+
+    def record_gpu_step(self, host: str, address: str, vm: str | None, step: str, original_driver: str | None,
+                        state: str) -> None:
+        """One transition of a device between its host driver and vfio-pci, written before it is attempted, so
+        that after a crash `hvctl doctor --repair` knows which devices may be half-moved."""
+        with self.transaction() as db:
+            db.execute("INSERT INTO gpu_bindings (host, address, vm, original_driver, step, state, updated_at) "
+                       "VALUES (?,?,?,?,?,?,?) ON CONFLICT (host, address) DO UPDATE SET vm = excluded.vm, "
+                       "original_driver = excluded.original_driver, step = excluded.step, state = excluded.state, "
+                       "updated_at = excluded.updated_at",
+                       (host, address, vm, original_driver, step, state, time.time()))
+
+    def gpu_bindings(self, host: str | None = None, vm: str | None = None) -> list[dict[str, Any]]:
+        query, args = "SELECT * FROM gpu_bindings WHERE 1=1", list[str]()
+        if host is not None:
+            query, args = query + " AND host = ?", [*args, host]
+        if vm is not None:
+            query, args = query + " AND vm = ?", [*args, vm]
+        return [dict(r) for r in self.db.execute(query + " ORDER BY host, address", args)]
+
+    def forget_gpu(self, host: str, address: str) -> None:
+        with self.transaction() as db:
+            db.execute("DELETE FROM gpu_bindings WHERE host = ? AND address = ?", (host, address))
 
     def last_event_data(self, vm: str, kind: str) -> dict[str, Any] | None:
         row = self.db.execute("SELECT data FROM events WHERE vm = ? AND kind = ? ORDER BY id DESC LIMIT 1",

@@ -54,11 +54,28 @@ class Placement(Strict):
     default_duration_s: float = Field(default=3600, gt=0)
 
 
+class Accelerator(Strict):
+    """A PCI device passed through as a GPU although its class is not a display class (an NPU, say, or QEMU's
+    edu device in the nested passthrough test). Its name is a model for `hvctl create --gpu-model`."""
+
+    vendor: int = Field(ge=0, le=0xFFFF)
+    device: int = Field(ge=0, le=0xFFFF)
+
+
 class Policy(Strict):
     placement: Placement = Placement()
+    accelerators: dict[Name, Accelerator] = {}
     hosts: HostPolicy = HostPolicy()
     flavors: dict[Name, Flavor] = {}
     tenants: dict[Name, Tenant] = Field(min_length=1)
+
+    def gpu_model(self, vendor: int, device: int) -> str:
+        """A GPU's model, as `--gpu-model` and the scheduler name it: the policy's name for its vendor:device,
+        else the ids themselves ("10de:2330")."""
+        for name, accelerator in self.accelerators.items():
+            if (accelerator.vendor, accelerator.device) == (vendor, device):
+                return name
+        return f"{vendor:04x}:{device:04x}"
 
     def tenant(self, name: str) -> Tenant:
         if name not in self.tenants:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import short_tempdir
 from fakesysfs import BMC_VGA, GPU, H100, IDLE_GPU, NIC, standard_host
 
 from hvctl.ops.gpus import list_gpus
@@ -26,7 +27,7 @@ def test_gpu_list_reports_viability_and_why_not(tmp_path: Path) -> None:
 
 
 def test_gpu_list_cli_on_this_machine_finds_none_and_says_why(tmp_path: Path) -> None:
-    env = os.environ | {"HVCTL_STATE_DIR": str(tmp_path), "NO_COLOR": "1", "COLUMNS": "200"}
+    env = os.environ | {"HVCTL_STATE_DIR": str(short_tempdir("hvgl-")), "NO_COLOR": "1", "COLUMNS": "200"}
     result = subprocess.run([sys.executable, "-m", "hvctl.cli", "gpu", "list", "--json"], capture_output=True,
                             text=True, env=env)
     assert result.returncode == 0
@@ -38,3 +39,16 @@ def test_gpu_list_cli_on_this_machine_finds_none_and_says_why(tmp_path: Path) ->
     assert iommu["ok"] == any(Path("/sys/kernel/iommu_groups").glob("*"))
     if not iommu["ok"]:
         assert "intel_iommu=on" in iommu["hint"]
+
+
+def test_gpu_release_cli_refuses_bad_addresses_in_one_line_without_touching_anything(tmp_path: Path) -> None:
+    host = standard_host(tmp_path / "fake")  # a FAKE sysfs tree: nothing here has a GPU
+    before = host.snapshot()
+    env = os.environ | {"HVCTL_STATE_DIR": str(short_tempdir("hvgl-")), "NO_COLOR": "1", "COLUMNS": "200"}
+    for address, expected in (("0000:99:00.0", "no PCI device 0000:99:00.0"), (NIC, "is not a GPU"),
+                              ("zzz", "'zzz' is not a PCI address"), (GPU, "is not bound by hvctl")):
+        result = subprocess.run([sys.executable, "-m", "hvctl.cli", "gpu", "release", address, "--sysfs",
+                                 str(host.sys)], capture_output=True, text=True, env=env)
+        assert result.returncode == 2 and expected in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert host.snapshot() == before

@@ -8,6 +8,7 @@ from __future__ import annotations
 from hvctl.cli import access, fleet, images, migration, vms, workloads  # noqa: F401 - registers the commands
 from hvctl.cli.common import State, app, fail
 from hvctl.errors import GuestTimeout, HvctlError
+from vfio import VfioError
 
 __all__ = ["app", "main"]
 
@@ -29,5 +30,9 @@ def main(argv: list[str] | None = None) -> None:
         if State.debug:
             raise
         fail(exc.message, exc.exit_code, exc.hint)
+    except VfioError as exc:  # the vfio package knows nothing of hvctl: its refusals are bad input here
+        if State.debug:
+            raise
+        fail(exc.message, 2, exc.hint)
     except KeyboardInterrupt:
         fail("interrupted", 130)

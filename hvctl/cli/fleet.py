@@ -122,22 +122,45 @@ def plan(requests: Path, as_json: JsonOpt = False) -> None:
     out.print(tenants)
 
 
+@gpu_app.command("release")
+def gpu_release(
+    address: str,
+    sysfs: Annotated[Path | None, typer.Option(help="sysfs root (tests point this at a fake tree).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Give a GPU hvctl bound back to its host driver, when its VM is gone (a crash, a host reboot)."""
+    import dataclasses
+
+    from hvctl.doctor import running_vms
+    from hvctl.passthrough import release_address
+
+    c = ctx()
+    env = dataclasses.replace(c.gpu_env, sysfs_root=sysfs) if sysfs else c.gpu_env
+    done = release_address(c, env, address, c.host_name, lambda: running_vms(c, c.host_name))
+    if as_json:
+        emit_json(done)
+    else:
+        out.print(f"{done['gpu']}: {', '.join(done['released'])} back on their host drivers")
+
+
 @gpu_app.command("list")
 def gpu_list(
     sysfs: Annotated[Path, typer.Option(help="sysfs root (tests point this at a fake tree).")] = Path("/sys"),
     as_json: JsonOpt = False,
 ) -> None:
-    """GPUs on this host: address, ids, IOMMU group, driver, NUMA node, owner VM, and whether passable."""
+    """GPUs on this host: address, model, IOMMU group, driver, NUMA node, owner VM, and whether passable."""
     from hvctl.ops.gpus import list_gpus
+    from hvctl.passthrough import accelerator_allowlist, owners
 
-    data = list_gpus(sysfs)
+    c = ctx()
+    data = list_gpus(sysfs, owners(c.ledger, c.host_name), accelerator_allowlist(c), c.policy.gpu_model)
     if as_json:
         emit_json(data)
         return
     if data["gpus"]:
-        table = Table("ADDRESS", "IDS", "GROUP", "DRIVER", "NUMA", "OWNER", "PASSABLE")
+        table = Table("ADDRESS", "MODEL", "GROUP", "DRIVER", "NUMA", "OWNER", "PASSABLE")
         for g in data["gpus"]:
-            table.add_row(g["address"], g["ids"], str(g["iommu_group"]), g["driver"] or "-", str(g["numa_node"]),
+            table.add_row(g["address"], g["model"], str(g["iommu_group"]), g["driver"] or "-", str(g["numa_node"]),
                           g["owner"] or "-", "yes" if g["passable"] else f"[red]no: {g['why_not']}[/]")
         out.print(table)
     else:

@@ -37,6 +37,8 @@ def create(
     memory: Annotated[int | None, typer.Option(help="Memory in MiB.")] = None,
     disk: Annotated[int | None, typer.Option(help="Overlay disk size in GiB.")] = None,
     gpus: Annotated[int | None, typer.Option(help="Whole GPUs to pass through.")] = None,
+    gpu_model: Annotated[str | None, typer.Option(help="GPU model: a policy accelerator name or vendor:device ids.")]
+    = None,
     image: Annotated[str, typer.Option(help="Image name (see `hvctl image list`).")] = "minimal",
     tenant: Annotated[str, typer.Option(help="Owning tenant.")] = "default",
     boot_timeout: Annotated[float, typer.Option(help="Seconds to wait for the guest to report ready.")] = 120.0,
@@ -54,6 +56,10 @@ def create(
     explicit = {"vcpus": vcpus, "memory_mib": memory, "disk_gib": disk,
                 "gpus": {"count": gpus} if gpus is not None else None}
     sizes |= {k: v for k, v in explicit.items() if v is not None}
+    if gpu_model is not None:
+        if not sizes["gpus"]["count"]:
+            fail("--gpu-model needs --gpus N (or a flavor with GPUs)", 2)
+        sizes["gpus"] = sizes["gpus"] | {"model": gpu_model}
     spec = VMSpec.parse(name=name, image=image, tenant=tenant, host=host, ssh_bind=ssh_bind, cpu_limit=cpu_limit,
                         io_weight=io_weight, anti_affinity=anti_affinity, viommu=viommu, **sizes)
     started = time.monotonic()
@@ -195,11 +201,22 @@ def console_log(
 
 
 @app.command()
-def doctor(as_json: JsonOpt = False) -> None:
+def doctor(
+    repair: Annotated[bool, typer.Option("--repair", help="Return GPUs a crash left bound to their drivers.")]
+    = False,
+    as_json: JsonOpt = False,
+) -> None:
     """Check libvirtd, the accelerator, images, the state dir, and drift between the ledger and libvirt."""
-    from hvctl.doctor import run_checks
+    from hvctl import doctor as doc
 
-    checks = run_checks(ctx())
+    context = ctx()
+    if repair:
+        repaired = doc.repair(context)
+        if not as_json:
+            returned = repaired["gpus_returned"]
+            out.print(f"repair: returned {', '.join(returned)} to their host drivers" if returned
+                      else "repair: nothing to repair")
+    checks = doc.run_checks(context)
     if as_json:
         emit_json([c.as_dict() for c in checks])
     else:

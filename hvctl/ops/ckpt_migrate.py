@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from guest import rpc
+from hvctl import passthrough
 from hvctl.access import copy, run_command
 from hvctl.accounting import host_footprint
 from hvctl.agent_client import AgentClient, AgentError
@@ -116,8 +117,9 @@ def checkpoint_migrate(ctx: Context, record: VMRecord, target: str, timeout_s: f
             host_key = generate_ed25519(f"hvctl-host-{name}")
             token = new_agent_token()
             authorized = [public_key_of(key)] + [k for _, k in ledger.tenant_keys(record.tenant)]
+            gpu_alloc = passthrough.allocate(ctx, ctx.gpu_env, record.spec, target, undo)
             boot_incarnation(ctx, record.spec, target, files, port, authorized, host_key, token, undo, say,
-                             min(DEFAULT_BOOT_TIMEOUT * 2, max(deadline - time.monotonic(), 1.0)))
+                             min(DEFAULT_BOOT_TIMEOUT * 2, max(deadline - time.monotonic(), 1.0)), gpus=gpu_alloc)
             incarnation = dataclasses.replace(
                 record, host=target, ssh_port=port, overlay=files.overlay, console_log=files.console_log,
                 agent_socket=files.agent_socket, seed=files.seed, agent_token=token,
@@ -229,6 +231,7 @@ def _retire_source(ctx: Context, record: VMRecord) -> None:
         except NotFound:
             pass
         shutil.rmtree(record.overlay.parent, ignore_errors=True)
+        passthrough.release_vm(ctx, ctx.gpu_env, record.name, record.host)  # "its GPU returned to the host"
     except (HvctlError, AgentError) as exc:
         ctx.ledger.log_event(record.name, record.host, "migration.source-left",
                              f"the source incarnation on {record.host} could not be removed: {exc}")

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from hvctl import passthrough
 from hvctl.agent_client import AgentClient, AgentError
 from hvctl.console import console_tail, wait_for_ready
 from hvctl.context import Context
@@ -16,6 +17,7 @@ from hvctl.errors import AlreadyExists, GuestTimeout, ImageError, InvalidSpec
 from hvctl.host import DomainState
 from hvctl.ledger import Admission, VMRecord
 from hvctl.ops import Reporter, SilentReporter, Undo
+from hvctl.passthrough import GpuAllocation
 from hvctl.paths import VMFiles
 from hvctl.placement import choose_host, host_limit
 from hvctl.seed import KeyPair, build_seed, generate_ed25519, new_agent_token, operator_key, public_key_of
@@ -64,8 +66,13 @@ def create(ctx: Context, spec: VMSpec, reporter: Reporter | None = None,
                                        host_pubkey=host_key.public_line, seed=files.seed,
                                        bind_address=str(spec.ssh_bind), admission=admission)
         undo.push("forget the ledger row", lambda: ctx.ledger.delete_vm(spec.name, "create rolled back"))
+        if spec.gpus.count:
+            say(f"binding {spec.gpus.count} GPU(s) to vfio-pci")
+        gpu_alloc = passthrough.allocate(ctx, ctx.gpu_env, spec, spec.host, undo)
         message = boot_incarnation(ctx, spec, spec.host, files, record.ssh_port, authorized, host_key, token, undo,
-                                   say, boot_timeout, extra_cmdline, extra_qemu_args)
+                                   say, boot_timeout, extra_cmdline, extra_qemu_args, gpu_alloc)
+        if gpu_alloc:
+            message += f"; GPUs {', '.join(gpu_alloc.gpus)}"
         ctx.ledger.set_state(spec.name, "running", message)
         undo.commit()
     return ctx.ledger.get_vm(spec.name)
@@ -74,7 +81,7 @@ def create(ctx: Context, spec: VMSpec, reporter: Reporter | None = None,
 def boot_incarnation(ctx: Context, spec: VMSpec, host_name: str, files: VMFiles, ssh_port: int,
                      authorized: list[str], host_key: KeyPair, token: str, undo: Undo, say: Callable[[str], None],
                      boot_timeout: float, extra_cmdline: tuple[str, ...] = (),
-                     extra_qemu_args: tuple[str, ...] = ()) -> str:
+                     extra_qemu_args: tuple[str, ...] = (), gpus: GpuAllocation | None = None) -> str:
     """Files, seed, domain, boot, agent: one incarnation of ``spec`` on ``host_name``, every step pushed on
     ``undo``. The caller holds the capacity (a ledger row, or a migration's reservation). Returns how it went."""
     image = ctx.images.get(spec.image)
@@ -97,7 +104,8 @@ def boot_incarnation(ctx: Context, spec: VMSpec, host_name: str, files: VMFiles,
         spec, caps,
         BootArtifacts(kernel=image.kernel, initrd=image.initrd, root_on_disk=image.kind.value != "initramfs"),
         VMAllocation(overlay=files.overlay, console_log=files.console_log, agent_socket=files.agent_socket,
-                     ssh_port=ssh_port, ssh_bind_address=str(spec.ssh_bind), seed=files.seed),
+                     ssh_port=ssh_port, ssh_bind_address=str(spec.ssh_bind), seed=files.seed,
+                     hostdevs=gpus.hostdevs if gpus else (), pcihole64_kib=gpus.pcihole64_kib if gpus else None),
         extra_cmdline,
         extra_qemu_args,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +10,8 @@ from vfio import PciSysfs, VfioError, check_group, host_checks, plan_devices
 
 
 def list_gpus(sysfs_root: Path = Path("/sys"), owners: dict[str, str] | None = None,
-              allowlist: tuple[tuple[int, int], ...] = ()) -> dict[str, Any]:
+              allowlist: tuple[tuple[int, int], ...] = (),
+              model_of: Callable[[int, int], str] | None = None) -> dict[str, Any]:
     """Every GPU with address, model ids, group, driver, NUMA node, owner, and whether (and why not) passable."""
     owners = owners or {}
     sysfs = PciSysfs(sysfs_root)
@@ -30,7 +32,9 @@ def list_gpus(sysfs_root: Path = Path("/sys"), owners: dict[str, str] | None = N
             except VfioError as exc:
                 passable, why = False, exc.message
         rows.append({
-            "address": gpu.address, "ids": primary.ids, "functions": [d.address for d in gpu.functions],
+            "address": gpu.address, "ids": primary.ids,
+            "model": model_of(primary.vendor, primary.device) if model_of else primary.ids,
+            "functions": [d.address for d in gpu.functions],
             "iommu_group": primary.iommu_group, "driver": primary.driver, "numa_node": primary.numa_node,
             "owner": owners.get(gpu.address), "passable": passable, "why_not": why,
         })

@@ -20,7 +20,9 @@ def add_host(ctx: Context, name: str, uri: str) -> dict[str, Any]:
     try:
         facts = probe.facts()
         numa = probe.numa_cells()
-        gpus = probe.pci_gpus()
+        allowlist = frozenset((a.vendor, a.device) for a in ctx.policy.accelerators.values())
+        gpus = [g | {"model": ctx.policy.gpu_model(*(int(x, 16) for x in g["ids"].split(":"))), "product": g["model"]}
+                for g in probe.pci_gpus(allowlist)]
     finally:
         probe.close()
     ctx.ledger.ensure_host(name, uri)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import time
 
+from hvctl import passthrough
 from hvctl.console import wait_for_ready
 from hvctl.context import Context
 from hvctl.errors import HvctlError, NotFound
@@ -69,6 +70,11 @@ def destroy(ctx: Context, name: str, reporter: Reporter | None = None) -> None:
         host.undefine(name)
     except NotFound:
         pass  # Already gone from libvirt (drift); the rest still has to be removed.
+    if ctx.ledger.gpu_bindings(record.host, name):
+        say("giving the GPUs back to their host drivers")
+        # A failure raises here, before the ledger row goes: `hvctl destroy` again, or `hvctl gpu release`.
+        released = passthrough.release_vm(ctx, ctx.gpu_env, name, record.host)
+        ctx.ledger.log_event(name, record.host, "gpu.released", f"returned {', '.join(released)} to their drivers")
     say("removing the overlay disk and console log")
     record.overlay.unlink(missing_ok=True)
     # The current incarnation's directory (NAME, or NAME.gN after a checkpoint-migration) and any other left over.

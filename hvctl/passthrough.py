@@ -1,0 +1,201 @@
+"""Whole GPUs for VMs: choose passable devices on a host, bind them to vfio-pci with the ledger as the binder's
+journal, and give them back.
+
+hvctl binds devices itself (hostdev ``managed='no'``) so that every step is journaled before it is attempted and a
+crash at any point can be finished or undone by ``hvctl doctor --repair``. sysfs is read and written on the machine
+hvctl runs on, so GPUs are managed only on hosts whose libvirt is local (``is_local``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from hvctl.context import Context, GpuEnvironment, is_local
+from hvctl.domain import PciAddress, PciHostdev
+from hvctl.errors import HvctlError, InvalidSpec
+from hvctl.ledger import Ledger
+from hvctl.ops import Undo
+from hvctl.spec import VMSpec
+from vfio import (
+    BindError,
+    Binding,
+    BoundDevice,
+    Gpu,
+    JournalEntry,
+    PciSysfs,
+    VfioBinder,
+    VfioError,
+    check_group,
+    pcihole64_kib,
+    plan_devices,
+)
+from vfio.binding import TERMINAL_STATES
+
+
+class NoGpuAvailable(HvctlError):
+    exit_code = 13  # like any other admission refusal
+
+
+@dataclass(frozen=True)
+class GpuAllocation:
+    binding: Binding
+    gpus: tuple[str, ...]  # primary addresses
+    hostdevs: tuple[PciHostdev, ...]
+    pcihole64_kib: int | None
+
+
+class LedgerJournal:
+    """The vfio binder's journal, persisted in the ledger: one row per device, its last transition."""
+
+    def __init__(self, ledger: Ledger, host: str, vm: str | None) -> None:
+        self.ledger, self.host, self.vm = ledger, host, vm
+
+    def record(self, address: str, step: str, original_driver: str | None, state: str) -> None:
+        self.ledger.record_gpu_step(self.host, address, self.vm, step, original_driver, state)
+
+
+def accelerator_allowlist(ctx: Context) -> tuple[tuple[int, int], ...]:
+    return tuple((a.vendor, a.device) for a in ctx.policy.accelerators.values())
+
+
+def owners(ledger: Ledger, host: str) -> dict[str, str]:
+    """Device address → the VM holding it, for every device not back with its host driver."""
+    return {r["address"]: r["vm"] for r in ledger.gpu_bindings(host) if r["state"] not in TERMINAL_STATES}
+
+
+def binder(ctx: Context, env: GpuEnvironment, host: str, vm: str | None) -> VfioBinder:
+    held = owners(ctx.ledger, host)
+    return VfioBinder(PciSysfs(env.sysfs_root), writer=env.writer, journal=LedgerJournal(ctx.ledger, host, vm),
+                      users_of=env.users_of, owner_of=lambda address: held.get(address) if held.get(address) != vm
+                      else None, dev_root=env.dev_root, bind_timeout=env.bind_timeout)
+
+
+def _matches(ctx: Context, gpu: Gpu, model: str | None) -> bool:
+    return model is None or model.lower() == ctx.policy.gpu_model(gpu.primary.vendor, gpu.primary.device)
+
+
+def choose(ctx: Context, env: GpuEnvironment, spec: VMSpec, host: str) -> list[tuple[Gpu, list[str]]]:
+    """``spec.gpus.count`` passable GPUs of the requested model, each with the addresses its bind moves; or a
+    refusal that says, GPU by GPU, why none of the others would do."""
+    sysfs = PciSysfs(env.sysfs_root)
+    held = owners(ctx.ledger, host)
+    chosen: list[tuple[Gpu, list[str]]] = []
+    why_not: list[str] = []
+    for gpu in sysfs.gpus(accelerator_allowlist=accelerator_allowlist(ctx)):
+        if len(chosen) == spec.gpus.count:
+            break
+        if not _matches(ctx, gpu, spec.gpus.model):
+            continue
+        owner = next((held[d.address] for d in gpu.functions if d.address in held), None)
+        if owner is not None:
+            why_not.append(f"{gpu.address} is held by VM {owner}")
+            continue
+        if gpu.primary.boot_vga:
+            why_not.append(f"{gpu.address} is the boot VGA device")
+            continue
+        try:
+            devices = plan_devices(sysfs, gpu)
+            if gpu.primary.iommu_group is None:
+                why_not.append(f"{gpu.address} is in no IOMMU group")
+                continue
+            report = check_group(sysfs, gpu.primary.iommu_group, [d.address for d in devices])
+        except VfioError as exc:
+            why_not.append(f"{gpu.address}: {exc.message}")
+            continue
+        if not report.viable:
+            why_not.append(f"{gpu.address}: group {gpu.primary.iommu_group} is not viable: "
+                           + "; ".join(b.describe() for b in report.blockers))
+            continue
+        chosen.append((gpu, [d.address for d in devices]))
+    if len(chosen) < spec.gpus.count:
+        model = f" of model {spec.gpus.model}" if spec.gpus.model else ""
+        raise NoGpuAvailable(f"{spec.gpus.count} GPU(s){model} requested on host {host}, {len(chosen)} passable "
+                             f"and free" + (f": {'; '.join(why_not)}" if why_not else ""),
+                             hint="`hvctl gpu list` shows every GPU and why it is not passable")
+    return chosen
+
+
+def allocate(ctx: Context, env: GpuEnvironment, spec: VMSpec, host: str, undo: Undo) -> GpuAllocation | None:
+    """Bind ``spec``'s GPUs for a VM on ``host``, registering their release on ``undo``. A bind that fails is
+    rolled back by the binder and leaves no ledger rows."""
+    if not spec.gpus.count:
+        return None
+    if not is_local(ctx.ledger.get_host(host).uri):
+        raise InvalidSpec(f"GPUs are bound through this machine's sysfs, and host {host} is remote",
+                          hint="run hvctl on that host to create GPU VMs there")
+    chosen = choose(ctx, env, spec, host)
+    addresses = [a for _, plan in chosen for a in plan]
+    vfio = binder(ctx, env, host, spec.name)
+    try:
+        binding = vfio.bind(addresses)
+    except BindError:
+        _forget_settled(ctx.ledger, host, addresses)  # rolled back: every device is where it started
+        raise
+    undo.push("give the GPUs back to their host drivers", lambda: release_binding(ctx, env, host, binding))
+    sysfs = PciSysfs(env.sysfs_root)
+    functions = [sysfs.device(d.address) for gpu, _ in chosen for d in gpu.functions]
+    return GpuAllocation(
+        binding=binding,
+        gpus=tuple(gpu.address for gpu, _ in chosen),
+        hostdevs=tuple(PciHostdev(PciAddress.parse(d.address)) for d in functions),
+        pcihole64_kib=pcihole64_kib(functions),
+    )
+
+
+def release_binding(ctx: Context, env: GpuEnvironment, host: str, binding: Binding) -> None:
+    binder(ctx, env, host, None).release(binding)
+    _forget_settled(ctx.ledger, host, binding.addresses)
+
+
+def release_vm(ctx: Context, env: GpuEnvironment, vm: str, host: str) -> list[str]:
+    """After the VM's domain is gone: every device it held back to its original driver. Returns the addresses."""
+    rows = ctx.ledger.gpu_bindings(host, vm)
+    if not rows:
+        return []
+    sysfs = PciSysfs(env.sysfs_root)
+    binding = Binding(devices=tuple(BoundDevice(r["address"], sysfs.device(r["address"]).iommu_group or -1,
+                                                r["original_driver"], None) for r in rows))
+    release_binding(ctx, env, host, binding)
+    return [r["address"] for r in rows]
+
+
+def release_address(ctx: Context, env: GpuEnvironment, address: str, host: str,
+                    running: Callable[[], set[str]]) -> dict[str, Any]:
+    """``hvctl gpu release ADDR``: give back a GPU (all its functions) whose VM is gone or never started.
+    ``running`` names the host's running VMs; it is asked only once the address is known to be a bound GPU."""
+    sysfs = PciSysfs(env.sysfs_root)
+    gpu = sysfs.gpu(address, accelerator_allowlist=accelerator_allowlist(ctx))  # unknown, or not a GPU: refused
+    rows = {r["address"]: r for r in ctx.ledger.gpu_bindings(host)}
+    held = [rows[d.address] for d in gpu.functions if d.address in rows]
+    if not held:
+        raise InvalidSpec(f"{gpu.address} is not bound by hvctl; nothing to release")
+    vms = {r["vm"] for r in held if r["vm"]}
+    busy = sorted(vms & running())
+    if busy:
+        raise InvalidSpec(f"{gpu.address} is held by running VM {busy[0]}", hint=f"hvctl destroy {busy[0]} first")
+    # Driverless group mates pinned with it belong to the same VM's bind.
+    extra = [r for r in rows.values() if r["vm"] in vms and r["address"] not in {h["address"] for h in held}]
+    entries = [JournalEntry(r["address"], r["step"], r["original_driver"], "bound") for r in (*held, *extra)]
+    done = binder(ctx, env, host, None).recover(entries)
+    _forget_settled(ctx.ledger, host, [e.address for e in entries])
+    return {"gpu": gpu.address, "released": done, "vms": sorted(vms)}
+
+
+def repair(ctx: Context, env: GpuEnvironment, host: str, running: set[str]) -> list[str]:
+    """``hvctl doctor --repair``: finish what a crash interrupted. Devices of VMs that are not running, in any
+    state short of back-with-their-driver, are returned; rows that say "back" are dropped."""
+    rows = ctx.ledger.gpu_bindings(host)
+    pending = [r for r in rows if r["state"] not in TERMINAL_STATES and r["vm"] not in running]
+    done = binder(ctx, env, host, None).recover(
+        JournalEntry(r["address"], r["step"], r["original_driver"], r["state"]) for r in pending)
+    _forget_settled(ctx.ledger, host, [r["address"] for r in rows if r["vm"] not in running])
+    return done
+
+
+def _forget_settled(ledger: Ledger, host: str, addresses: Iterable[str]) -> None:
+    wanted = set(addresses)
+    for row in ledger.gpu_bindings(host):
+        if row["address"] in wanted and row["state"] in TERMINAL_STATES:
+            ledger.forget_gpu(host, row["address"])

@@ -1,0 +1,200 @@
+"""`create --gpus`, destroy, `gpu release` and `doctor --repair` against a FAKE GPU host.
+
+No GPU, and no IOMMU, exists on these machines, so the PCI side is the fake sysfs tree and fake kernel of
+tests/fakesysfs.py, and the hypervisor is libvirt's test driver (test:///default), which accepts and "runs" a domain
+with hostdevs without touching hardware; its guest never boots, so a thread here writes the console's ready marker
+in its place. What is real: hvctl's create path end to end, the domain XML libvirt accepted, the ledger (SQLite)
+and every sysfs write the binder makes. tests/test_vm_vfio.py runs the same vfio code against a real kernel.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import threading
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import short_tempdir
+from fakesysfs import (
+    AUDIO,
+    EDU,
+    GPU,
+    H100,
+    IDLE_AUDIO,
+    IDLE_GPU,
+    IDLE_USB,
+    NIC,
+    FakeHost,
+    FakeKernel,
+    SimulatedCrash,
+    standard_host,
+)
+
+from hvctl.context import Context, GpuEnvironment
+from hvctl.doctor import repair
+from hvctl.ledger import QuotaExceeded
+from hvctl.ops.create import create
+from hvctl.ops.lifecycle import destroy
+from hvctl.passthrough import NoGpuAvailable, release_address
+from hvctl.placement import NoValidHost
+from hvctl.spec import VMSpec
+from vfio import BindError, DeviceNotFound, NotAGpu
+
+POLICY = """
+accelerators:
+  edu: {vendor: 0x1234, device: 0x11e8}
+hosts: {reserve: {memory_mib: 0}}
+tenants:
+  default: {quota: {vcpus: 16, memory_mib: 16384, disk_gib: 100, gpus: 8, vms: 10}}
+"""
+
+
+class Rig:
+    def __init__(self, base: Path) -> None:
+        self.fake: FakeHost = standard_host(base / "fake")
+        self.kernel = FakeKernel(self.fake)
+        self.state = short_tempdir("hvg-")
+        (self.state / "policy.yaml").write_text(POLICY)
+        stub = self.state / "images" / "stub@0000000000000000"
+        stub.mkdir(parents=True)
+        # A stub image: the test driver boots nothing, but create checks the files and layers an overlay on it.
+        for part in ("vmlinuz", "initrd.img"):
+            (stub / part).write_bytes(b"\0")
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(stub / "base.qcow2"), "1G"], check=True)
+        (stub / "manifest.json").write_text(json.dumps({
+            "name": "stub", "content_hash": "0000000000000000", "kind": "initramfs", "directory": str(stub),
+            "kernel_version": "fake", "built_at": 0, "size_bytes": 1}))
+        self.ctx = Context(state_dir=self.state, uri="test:///default", gpu_env=GpuEnvironment(
+            sysfs_root=self.fake.sys, dev_root=self.fake.dev, writer=self.kernel, users_of=lambda _: [],
+            bind_timeout=0.2))
+        self.ctx.ledger.record_host_facts("local", "qemu", 64, 262144)
+        inventory = [(GPU, "10de:2684"), (H100, "10de:2330"), (EDU, "edu"), (IDLE_GPU, "10de:2684")]
+        self.ctx.ledger.record_host_inventory("local", [], [{"address": a, "model": m} for a, m in inventory])
+
+    def create(self, name: str, gpus: int, model: str | None = None, host: str | None = None) -> None:
+        console = self.ctx.paths.console_log(name)
+        done = threading.Event()
+
+        def stand_in_guest() -> None:  # the test driver's domain never prints; say "ready" for it
+            while not done.is_set():
+                if console.parent.is_dir():
+                    console.write_text(f"HVCTL-READY name={name}\n")
+                    return
+                time.sleep(0.01)
+
+        writer = threading.Thread(target=stand_in_guest, daemon=True)
+        writer.start()
+        try:
+            create(self.ctx, VMSpec.parse(name=name, image="stub", gpus={"count": gpus, "model": model},
+                                          host=host), boot_timeout=10)
+        finally:
+            done.set()
+            writer.join()
+
+    def bindings(self) -> dict[str, tuple[str | None, str]]:
+        return {r["address"]: (r["vm"], r["state"]) for r in self.ctx.ledger.gpu_bindings("local")}
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[Rig]:
+    r = Rig(tmp_path)
+    yield r
+    for vm in r.ctx.ledger.list_vms():
+        destroy(r.ctx, vm.name)
+    r.ctx.close()
+    shutil.rmtree(r.state, ignore_errors=True)
+
+
+def test_create_with_a_gpu_binds_it_writes_hostdevs_and_records_it_and_destroy_gives_it_back(rig: Rig) -> None:
+    before = rig.fake.snapshot()
+    rig.create("gpu-vm", 1)
+    # The first passable GPU: the one on nvidia with its HDMI audio function (the H100 shares a group with a NIC).
+    assert rig.fake.driver(GPU) == "vfio-pci" and rig.fake.driver(AUDIO) == "vfio-pci"
+    assert rig.bindings() == {GPU: ("gpu-vm", "bound"), AUDIO: ("gpu-vm", "bound")}
+    root = ET.fromstring(rig.ctx.host().domain_xml("gpu-vm"))  # what libvirt accepted
+    hostdevs = root.findall("devices/hostdev")
+    assert [h.get("managed") for h in hostdevs] == ["no", "no"]
+    addresses = {f"0000:{int(a.get('bus', '0'), 16):02x}:{int(a.get('slot', '0'), 16):02x}."
+                 f"{int(a.get('function', '0'), 16)}" for a in root.iterfind("devices/hostdev/source/address")}
+    assert addresses == {GPU, AUDIO}
+    hole = root.find("devices/controller[@model='pcie-root']/pcihole64")
+    assert hole is not None and int(hole.text or 0) >= 32 * 2**20  # a 32 GiB BAR needs more than q35's default
+    assert rig.ctx.ledger.host_usage("local").gpus == 1
+    destroy(rig.ctx, "gpu-vm")
+    assert rig.fake.snapshot() == before and rig.bindings() == {}
+
+
+def test_gpus_held_by_one_vm_are_not_given_to_another_and_the_refusal_says_why(rig: Rig) -> None:
+    # Every passable one: 01:00 with its audio function, the allowlisted edu device, and the idle GPU with its
+    # driverless group mates (pinned to vfio-pci too, so that no host driver can claim them under the guest).
+    rig.create("first", 3)
+    assert {a for a, (vm, _) in rig.bindings().items() if vm == "first"} == {GPU, AUDIO, EDU, IDLE_GPU, IDLE_AUDIO,
+                                                                           IDLE_USB}
+    with pytest.raises(NoGpuAvailable) as refused:
+        rig.create("second", 1)
+    message = refused.value.message
+    assert f"{GPU} is held by VM first" in message and f"{IDLE_GPU} is held by VM first" in message
+    assert H100 in message and NIC in message  # not viable: its group holds a NIC the host uses
+    assert [vm.name for vm in rig.ctx.ledger.list_vms()] == ["first"]
+    assert not rig.ctx.paths.vm_dir("second").exists()
+
+
+def test_an_allowlisted_accelerator_is_a_gpu_model_and_an_unknown_model_is_refused(rig: Rig) -> None:
+    rig.create("npu-vm", 1, model="edu")
+    assert rig.fake.driver(EDU) == "vfio-pci" and rig.bindings() == {EDU: ("npu-vm", "bound")}
+    with pytest.raises(NoValidHost, match="0 of model tpu-v9 free"):  # the scheduler refuses, from the inventory
+        rig.create("tpu-vm", 1, model="tpu-v9")
+
+
+def test_a_bind_that_fails_halfway_leaves_every_device_and_the_ledger_as_they_were(rig: Rig) -> None:
+    before = rig.fake.snapshot()
+    rig.kernel.ignore_probe.add(AUDIO)  # vfio-pci never claims the audio function
+    with pytest.raises(BindError):
+        rig.create("half", 1)
+    assert rig.fake.snapshot() == before
+    assert rig.bindings() == {} and rig.ctx.ledger.list_vms() == []
+    assert not rig.ctx.paths.vm_dir("half").exists()
+
+
+def test_placement_and_admission_count_gpus_before_anything_is_bound(rig: Rig) -> None:
+    before = rig.fake.snapshot()
+    with pytest.raises(NoValidHost, match="gpus 5 requested, the largest limit is 4"):
+        rig.create("greedy", 5)  # the host has 4 in its inventory
+    with pytest.raises(QuotaExceeded, match="gpus"):
+        rig.create("greedy", 5, host="local")  # no scheduler: the ledger's admission refuses
+    assert rig.fake.snapshot() == before and rig.bindings() == {} and rig.ctx.ledger.list_vms() == []
+
+
+def test_doctor_repair_returns_devices_a_crash_left_half_moved(rig: Rig) -> None:
+    before = rig.fake.snapshot()
+    rig.kernel.crash.add((AUDIO, "unbind"))  # hvctl "dies" after the GPU moved, before the audio function did
+    with pytest.raises(SimulatedCrash):
+        rig.create("crashy", 1)
+    rig.kernel.crash.clear()
+    assert rig.fake.driver(GPU) == "vfio-pci"  # the crash left it there
+    assert rig.bindings()[GPU] == ("crashy", "bound")
+    repaired = repair(rig.ctx)
+    assert set(repaired["gpus_returned"]) == {GPU, AUDIO}
+    assert rig.fake.snapshot() == before and rig.bindings() == {}
+
+
+def test_gpu_release_refuses_what_it_must_and_returns_a_gpu_whose_vm_is_gone(rig: Rig) -> None:
+    rig.create("keeper", 1)
+    with pytest.raises(DeviceNotFound):
+        release_address(rig.ctx, rig.ctx.gpu_env, "0000:99:00.0", "local", lambda: {"keeper"})
+    with pytest.raises(NotAGpu):
+        release_address(rig.ctx, rig.ctx.gpu_env, NIC, "local", lambda: {"keeper"})
+    with pytest.raises(Exception, match="held by running VM keeper"):
+        release_address(rig.ctx, rig.ctx.gpu_env, GPU, "local", lambda: {"keeper"})
+    with pytest.raises(Exception, match="not bound by hvctl"):
+        release_address(rig.ctx, rig.ctx.gpu_env, IDLE_GPU, "local", set)
+    # The VM vanished behind hvctl's back (say its host rebooted): the GPU is still on vfio-pci.
+    rig.ctx.host().destroy("keeper")
+    done = release_address(rig.ctx, rig.ctx.gpu_env, GPU, "local", set)
+    assert set(done["released"]) == {GPU, AUDIO} and rig.fake.driver(GPU) == "nvidia"
+    assert rig.bindings() == {}
