@@ -110,6 +110,15 @@ class Host:
                 found.append({"address": addr, "model": name.strip(), "ids": f"{vendor:04x}:{product:04x}"})
         return found
 
+    def network_active(self, name: str) -> bool | None:
+        """None if this host has no libvirt network ``name``, else whether it is active."""
+        try:
+            net = self.conn.networkLookupByName(name)
+        except libvirt.libvirtError:
+            return None
+        with _errors(f"reading network {name}"):
+            return bool(net.isActive())
+
     # -- domains ----------------------------------------------------------------------------------------------
 
     def _lookup(self, name: str) -> libvirt.virDomain:
@@ -203,8 +212,12 @@ class Host:
 
     def migrate(self, name: str, dest: Host, dest_xml: str, *, live: bool, postcopy: bool, auto_converge: bool,
                 copy_storage: bool, bandwidth_mib_s: int | None, migrate_uri: str | None,
-                storage_verified_shared: bool = False) -> None:
-        """Client-managed migration (migrate3): hvctl holds both connections, QEMU streams memory directly."""
+                storage_verified_shared: bool = False, copy_disks: tuple[str, ...] = ()) -> None:
+        """Client-managed migration (migrate3): hvctl holds both connections, QEMU streams memory directly.
+
+        ``copy_storage``: the writable disks named in ``copy_disks`` (target devs) are mirrored to the destination
+        over NBD while memory moves; only their top (overlay) layer travels, the backing image being on both hosts
+        already (NON_SHARED_INC), and the destination file must exist, created by the caller."""
         flags = libvirt.VIR_MIGRATE_PERSIST_DEST | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
         if storage_verified_shared:
             # libvirt cannot tell that a plain local file is visible to the destination ("Migration without
@@ -216,9 +229,10 @@ class Host:
             flags |= libvirt.VIR_MIGRATE_POSTCOPY
         if auto_converge:
             flags |= libvirt.VIR_MIGRATE_AUTO_CONVERGE
-        if copy_storage:
-            flags |= libvirt.VIR_MIGRATE_NON_SHARED_DISK
         params: dict[str, object] = {libvirt.VIR_MIGRATE_PARAM_DEST_XML: dest_xml}
+        if copy_storage:
+            flags |= libvirt.VIR_MIGRATE_NON_SHARED_INC
+            params[libvirt.VIR_MIGRATE_PARAM_MIGRATE_DISKS] = list(copy_disks)
         if bandwidth_mib_s:
             params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = bandwidth_mib_s
         if migrate_uri:

@@ -44,8 +44,13 @@ class StateDir:
 
     def vm_files(self, name: str, generation: int = 0) -> VMFiles:
         d = self.vm_dir(name, generation)
-        return VMFiles(dir=d, overlay=d / "disk.qcow2", seed=d / "seed.iso", console_log=d / "console.log",
-                       agent_socket=d / "agent.sock")
+        files = VMFiles(dir=d, overlay=d / "disk.qcow2", seed=d / "seed.iso", console_log=d / "console.log",
+                        agent_socket=d / "agent.sock")
+        # ensure() guarantees generation 0 for every legal name; a later incarnation's ".gN" may not fit.
+        if len(str(files.agent_socket)) > MAX_SOCKET_PATH:
+            raise LedgerError(f"{files.agent_socket} would exceed the {MAX_SOCKET_PATH}-byte unix socket limit",
+                              hint="a shorter state dir or VM name")
+        return files
 
     @staticmethod
     def generation_of(vm_file: Path) -> int:
@@ -78,7 +83,7 @@ class StateDir:
         except OSError as exc:
             raise LedgerError(f"state dir {self.root} is not writable: {exc.strerror}",
                               hint="run as root or pass --state-dir") from None
-        probe = self.vm_files("x" * 63, generation=1).agent_socket
+        probe = self.agent_socket("x" * 63)
         if len(str(probe)) > MAX_SOCKET_PATH:
             raise LedgerError(f"state dir {self.root} is too deep: agent socket paths would exceed "
                               f"{MAX_SOCKET_PATH} bytes", hint="use a shorter --state-dir")

@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -19,13 +20,17 @@ from pathlib import Path
 import pytest
 from conftest import short_tempdir
 
+from guest import rpc
+from hvctl.agent_client import AgentClient
 from hvctl.context import Context
 from hvctl.devhost import PrivateLibvirtd
 from hvctl.host import DomainState
+from hvctl.ledger import VMRecord
 from hvctl.ops.create import create
 from hvctl.ops.hosts import add_host
 from hvctl.ops.lifecycle import destroy
 from hvctl.spec import VMSpec
+from images.store import ImageStore
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(600)]
 
@@ -35,22 +40,25 @@ def hosts(image_dir: Path) -> Iterator[dict[str, object]]:
     root = short_tempdir("hvm-")
     # cgroups off: both daemons would name the migrating domain's cgroup alike on this one machine.
     h1 = PrivateLibvirtd(root / "h1", tcp_port=16610, cgroups=False).start()
-    h2 = PrivateLibvirtd(root / "h2", tcp_port=16611, cgroups=False).start()
-    state = root / "state"
-    state.mkdir(mode=0o755)
-    (state / "images").symlink_to(image_dir)
-    ctx = Context(state_dir=state, uri=str(h1.tcp_uri))
-    add_host(ctx, "h1", str(h1.tcp_uri))
-    add_host(ctx, "h2", str(h2.tcp_uri))
-    yield {"ctx": ctx, "h1": h1, "h2": h2, "state": state}
-    for vm in ctx.ledger.list_vms():
-        # A daemon killed by the fault test may refuse; the daemons are stopped below either way.
-        with contextlib.suppress(Exception):
-            destroy(ctx, vm.name)
-    ctx.close()
-    h1.stop()
-    h2.stop()
-    shutil.rmtree(root, ignore_errors=True)
+    h2 = PrivateLibvirtd(root / "h2", tcp_port=16611, cgroups=False)
+    try:
+        h2.start()
+        state = root / "state"
+        state.mkdir(mode=0o755)
+        (state / "images").symlink_to(image_dir)
+        ctx = Context(state_dir=state, uri=str(h1.tcp_uri))
+        add_host(ctx, "h1", str(h1.tcp_uri))
+        add_host(ctx, "h2", str(h2.tcp_uri))
+        yield {"ctx": ctx, "h1": h1, "h2": h2, "state": state}
+        for vm in ctx.ledger.list_vms():
+            # A daemon killed by the fault test may refuse; the daemons are stopped below either way.
+            with contextlib.suppress(Exception):
+                destroy(ctx, vm.name)
+        ctx.close()
+    finally:
+        h1.stop()
+        h2.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def hvctl(h: dict[str, object], *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -94,6 +102,40 @@ def test_live_migration_keeps_the_guest_counting_on_the_destination(hosts: dict[
     shown = json.loads(hvctl(hosts, "show", "mover", "--json").stdout)
     assert shown["host"] == "h2" and shown["last_migration"]["total_s"] == stats["total_s"]
     print(f"live migration: {stats['total_s']} s total, downtime {stats['downtime_ms']} ms, {stats['bytes']} bytes")
+
+
+def test_copy_storage_moves_the_disk_and_the_guest_reads_its_data_back_from_it(hosts: dict[str, object],
+                                                                               image_dir: Path) -> None:
+    """A Debian guest writes a file to its disk; the migration mirrors its overlay into a new file the destination
+    QEMU uses. After the page cache is dropped, the guest reads the file back from the copied disk."""
+    ctx = hosts["ctx"]
+    assert isinstance(ctx, Context)
+    ImageStore(image_dir).build("base")
+    old = create(ctx, VMSpec.parse(name="carrier", memory_mib=512, disk_gib=2, image="base", host="h1"),
+                 boot_timeout=180)
+    marker = secrets.token_hex(8)
+    wrote = agent_exec(old, f"echo {marker} > /root/marker && sync")
+    assert wrote.exit_code == 0, wrote.stderr
+    result = hvctl(hosts, "migrate", "carrier", "--to", "h2", "--copy-storage", "--json")
+    assert result.returncode == 0, result.stderr
+    moved = ctx.ledger.get_vm("carrier")
+    assert moved.host == "h2" and moved.overlay.parent == ctx.paths.vm_dir("carrier", 1)
+    assert not old.overlay.exists() and not old.overlay.parent.exists()
+    on_h2 = ctx.host("h2").domain_xml("carrier")
+    assert str(moved.overlay) in on_h2 and str(old.overlay) not in on_h2
+    assert ctx.host("h1").state("carrier") is DomainState.MISSING and ctx.ledger.reservations() == []
+    read = agent_exec(moved, "echo 3 > /proc/sys/vm/drop_caches; cat /root/marker")
+    assert read.exit_code == 0 and read.stdout.strip() == marker, read.stderr
+    stats = json.loads(result.stdout)
+    print(f"copy-storage migration: {stats['total_s']} s, {stats['bytes']} bytes")
+    destroy(ctx, "carrier")
+    assert not moved.overlay.parent.exists()
+
+
+def agent_exec(record: VMRecord, script: str) -> rpc.ExecResult:
+    assert record.agent_token is not None
+    return AgentClient(record.agent_socket, record.agent_token, timeout=60).typed(
+        "exec", rpc.ExecResult, rpc.ExecParams(argv=["sh", "-c", script]))
 
 
 def test_auto_converge_moves_a_guest_that_keeps_dirtying_memory(hosts: dict[str, object]) -> None:

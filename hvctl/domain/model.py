@@ -107,6 +107,19 @@ def retarget_ssh_forward(xml: str, port: int) -> str:
     return ET.tostring(root, encoding="unicode")
 
 
+def retarget_paths(xml: str, moves: dict[str, str]) -> str:
+    """The same domain XML with every host path in ``moves`` (disk and cdrom sources, the console file, the agent
+    channel's socket) replaced: a migration that copies storage puts the VM's files somewhere new. Only attribute
+    values equal to a whole old path change, never a substring."""
+    root = ET.fromstring(xml)
+    for source in root.iterfind("devices/*/source"):
+        for attr in ("file", "path"):
+            value = source.get(attr)
+            if value in moves:
+                source.set(attr, moves[value])
+    return ET.tostring(root, encoding="unicode")
+
+
 @dataclass(frozen=True)
 class Domain:
     name: str

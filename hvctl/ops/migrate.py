@@ -8,8 +8,10 @@ on the source, the reservation is released and the event log says what happened.
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,11 +19,13 @@ from typing import Any, Literal
 
 from hvctl.accounting import host_footprint
 from hvctl.context import Context, is_local
-from hvctl.domain.model import retarget_ssh_forward
-from hvctl.errors import HvctlError, InvalidSpec, NotFound
+from hvctl.domain.model import retarget_paths, retarget_ssh_forward
+from hvctl.errors import AlreadyExists, HvctlError, InvalidSpec, NotFound
 from hvctl.host import DomainState
-from hvctl.ledger import QuotaExceeded
+from hvctl.ledger import QuotaExceeded, VMRecord
 from hvctl.ops.ckpt_migrate import checkpoint_migrate
+from hvctl.ops.create import make_overlay
+from hvctl.paths import VMFiles
 from hvctl.placement import host_limit
 
 Mode = Literal["live", "postcopy", "offline", "checkpoint"]
@@ -56,8 +60,12 @@ def migrate(ctx: Context, name: str, target: str, opts: MigrateOptions,
     if opts.mode == "checkpoint" and record.agent_token is None:
         raise InvalidSpec(f"{name} has no agent, and checkpoint mode moves its workloads through it",
                           hint="use --mode offline")
-    if opts.copy_storage:
-        raise HvctlError("--copy-storage is not implemented yet; the overlay must be on storage both hosts see")
+    if opts.copy_storage and opts.mode == "checkpoint":
+        raise InvalidSpec("--copy-storage does not apply to --mode checkpoint, which boots a fresh disk on the target")
+    if opts.copy_storage and not is_local(target_record.uri):
+        raise InvalidSpec(f"--copy-storage needs the destination overlay created before the copy; hvctl creates it "
+                          f"only on hosts that share this machine's filesystem, and {target} ({target_record.uri}) "
+                          "is remote")
     src = ctx.host(record.host)
     if src.state(name) is not DomainState.RUNNING and opts.mode != "offline":
         raise InvalidSpec(f"{name} is not running; use --mode offline")
@@ -77,30 +85,66 @@ def migrate(ctx: Context, name: str, target: str, opts: MigrateOptions,
     if not compatible:
         raise InvalidSpec(f"cannot migrate {name} to {target}: {detail}")
     if is_local(target_record.uri):
-        for disk in (record.overlay, record.base_disk, *([record.seed] if record.seed else [])):
+        # With --copy-storage the overlay travels; its backing image and the seed must already be there.
+        needed = (record.base_disk, *([record.seed] if record.seed else []))
+        for disk in needed if opts.copy_storage else (record.overlay, *needed):
             if not Path(disk).exists():
-                raise InvalidSpec(f"{disk} is not reachable from {target}", hint="use --copy-storage")
+                raise InvalidSpec(f"{disk} is not reachable from {target}",
+                                  hint=None if opts.copy_storage else "use --copy-storage")
+    files = ctx.paths.vm_files(name, 1 - min(ctx.paths.generation_of(record.overlay), 1))
+    if opts.copy_storage and files.dir.exists():
+        raise AlreadyExists(f"{files.dir} is left over from an earlier operation on {name}",
+                            hint="remove it (nothing in the ledger refers to it)")
     gpus = len(ledger.host_inventory(target)[1])
     reservation = ledger.reserve(target, record.tenant, host_footprint(record.spec), "migration", vm=name,
                                  host_limit=host_limit(ctx.policy, target_record, gpus))
+    moved: dict[str, str] | None = None
     try:
         port = ledger.free_port_on(target, bind_address=str(record.spec.ssh_bind))
         dest_xml = retarget_ssh_forward(src.migratable_xml(name), port)
+        copy_disks: tuple[str, ...] = ()
+        if opts.copy_storage:
+            dest_xml, copy_disks, moved = _prepare_storage_copy(record, files, dest_xml)
         if opts.max_downtime_ms:
             src.set_max_downtime(name, opts.max_downtime_ms)
-        stats = _run(ctx, name, record.host, target, dest_xml, opts, on_progress)
+        stats = _run(ctx, name, record.host, target, dest_xml, opts, on_progress, copy_disks)
     except BaseException as exc:
         ledger.release(reservation)
+        if opts.copy_storage:
+            shutil.rmtree(files.dir, ignore_errors=True)
         message = exc.message if isinstance(exc, HvctlError) else f"{type(exc).__name__}: {exc}"
         ledger.log_event(name, record.host, "migration.failed", f"migration of {name} to {target} failed: "
                                                                 f"{message}; it stays on {record.host}")
         raise
-    ledger.complete_migration(name, target, port, reservation, stats)
+    ledger.complete_migration(name, target, port, reservation, stats, moved=moved)
+    if opts.copy_storage:
+        shutil.rmtree(record.overlay.parent, ignore_errors=True)  # the source's copy: the VM runs on the new one
     return stats
 
 
+def _prepare_storage_copy(record: VMRecord, files: VMFiles, dest_xml: str) -> tuple[str, tuple[str, ...],
+                                                                                  dict[str, str]]:
+    """The destination's files for a storage-copying migration: an empty overlay of the same size on the same
+    backing image (QEMU mirrors the source overlay into it), the seed, and new console/agent paths."""
+    files.dir.mkdir(mode=0o755, parents=True)
+    make_overlay(record.base_disk, files.overlay, record.spec.disk_gib)
+    moves = {str(record.overlay): str(files.overlay), str(record.console_log): str(files.console_log),
+             str(record.agent_socket): str(files.agent_socket)}
+    if record.seed:
+        shutil.copy2(record.seed, files.seed)
+        moves[str(record.seed)] = str(files.seed)
+    copy_disks = []
+    for disk in ET.fromstring(dest_xml).iterfind("devices/disk"):
+        source, target = disk.find("source"), disk.find("target")
+        if source is not None and target is not None and source.get("file") == str(record.overlay):
+            copy_disks.append(str(target.get("dev")))
+    moved = {"overlay": str(files.overlay), "console_log": str(files.console_log),
+             "agent_socket": str(files.agent_socket)} | ({"seed": str(files.seed)} if record.seed else {})
+    return retarget_paths(dest_xml, moves), tuple(copy_disks), moved
+
+
 def _run(ctx: Context, name: str, source: str, target: str, dest_xml: str, opts: MigrateOptions,
-         on_progress: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
+         on_progress: Callable[[dict[str, Any]], None] | None, copy_disks: tuple[str, ...] = ()) -> dict[str, Any]:
     src, dst = ctx.host(source), ctx.host(target)
     failure: list[BaseException] = []
     migrate_uri = "tcp://127.0.0.1" if is_local(ctx.ledger.get_host(target).uri) else None
@@ -116,7 +160,8 @@ def _run(ctx: Context, name: str, source: str, target: str, dest_xml: str, opts:
                                 postcopy=opts.mode == "postcopy" or opts.timeout_action == "postcopy",
                                 auto_converge=opts.auto_converge, copy_storage=opts.copy_storage,
                                 bandwidth_mib_s=opts.bandwidth_mib_s, migrate_uri=migrate_uri,
-                                storage_verified_shared=migrate_uri is not None)
+                                storage_verified_shared=migrate_uri is not None and not opts.copy_storage,
+                                copy_disks=copy_disks)
             finally:
                 own_src.close()
                 own_dst.close()
