@@ -43,9 +43,18 @@ def _load_key(path: Path) -> paramiko.PKey:
 
 @contextlib.contextmanager
 def connect(record: VMRecord, identity: Path, user: str = "root", address: str | None = None,
-            timeout: float = 15.0) -> Iterator[paramiko.SSHClient]:
+            timeout: float = 15.0, direct: bool = False) -> Iterator[paramiko.SSHClient]:
+    """An SSH session with the host key hvctl generated pinned. By default through the VM's forwarded port;
+    ``direct``: to port 22 at the static address of its production NIC (``create --bridge/--network --ip``)."""
     if not record.host_pubkey:
         raise AccessError(f"VM {record.name} has no host key on record; it was not made from an SSH-capable image")
+    port = record.ssh_port
+    if direct:
+        net = record.spec.network
+        if net is None or net.address is None:
+            raise AccessError(f"VM {record.name} has no static address on a production network",
+                              hint="create it with --bridge or --network and --ip")
+        address, port = str(net.address.ip), 22
     if address is None:
         bind = str(record.spec.ssh_bind)
         address = "127.0.0.1" if bind == "0.0.0.0" else bind
@@ -53,21 +62,21 @@ def connect(record: VMRecord, identity: Path, user: str = "root", address: str |
     pinned = paramiko.PKey.from_type_string(key_type, base64.b64decode(key_b64))
     client = paramiko.SSHClient()
     # Only the pinned key is known; RejectPolicy refuses anything else instead of learning it.
-    client.get_host_keys().add(f"[{address}]:{record.ssh_port}", key_type, pinned)
+    client.get_host_keys().add(address if port == 22 else f"[{address}]:{port}", key_type, pinned)
     client.set_missing_host_key_policy(paramiko.RejectPolicy())
     try:
-        client.connect(address, port=record.ssh_port, username=user, pkey=_load_key(identity), timeout=timeout,
+        client.connect(address, port=port, username=user, pkey=_load_key(identity), timeout=timeout,
                        banner_timeout=timeout, auth_timeout=timeout, allow_agent=False, look_for_keys=False)
     except paramiko.BadHostKeyException as exc:
         raise HostKeyMismatch(
-            f"HOST KEY MISMATCH for {record.name} at {address}:{record.ssh_port}: it presented "
+            f"HOST KEY MISMATCH for {record.name} at {address}:{port}: it presented "
             f"{exc.key.get_name()} {exc.key.fingerprint}, hvctl generated {pinned.fingerprint}. "
             "Refusing to connect: something else is answering on this VM's port.") from None
     except paramiko.AuthenticationException:
         raise AccessError(f"{record.name} refused the key {identity} for user {user}",
                           hint="tenants' keys open only their own tenant's VMs (`hvctl key list`)") from None
     except (paramiko.SSHException, OSError) as exc:
-        raise AccessError(f"cannot SSH to {record.name} at {address}:{record.ssh_port}: {exc}") from None
+        raise AccessError(f"cannot SSH to {record.name} at {address}:{port}: {exc}") from None
     try:
         yield client
     finally:
@@ -91,9 +100,9 @@ def wait_for_ssh(record: VMRecord, identity: Path, timeout: float) -> float:
 
 
 def run_command(record: VMRecord, identity: Path, command: str, stdout: BinaryIO, stderr: BinaryIO,
-                user: str = "root") -> int:
+                user: str = "root", direct: bool = False) -> int:
     """Run a command, streaming its output as it comes; returns its exit status."""
-    with connect(record, identity, user) as client:
+    with connect(record, identity, user, direct=direct) as client:
         transport = client.get_transport()
         assert transport is not None
         channel = transport.open_session()
@@ -112,9 +121,9 @@ def run_command(record: VMRecord, identity: Path, command: str, stdout: BinaryIO
         return int(channel.recv_exit_status())
 
 
-def interactive_shell(record: VMRecord, identity: Path, user: str = "root") -> int:
+def interactive_shell(record: VMRecord, identity: Path, user: str = "root", direct: bool = False) -> int:
     """A terminal session: the local tty goes raw and bytes flow both ways until the remote shell exits."""
-    with connect(record, identity, user) as client:
+    with connect(record, identity, user, direct=direct) as client:
         transport = client.get_transport()
         assert transport is not None
         channel = transport.open_session()
@@ -147,9 +156,10 @@ def interactive_shell(record: VMRecord, identity: Path, user: str = "root") -> i
         return int(channel.recv_exit_status())
 
 
-def copy(record: VMRecord, identity: Path, source: str, dest: str, upload: bool, user: str = "root") -> int:
+def copy(record: VMRecord, identity: Path, source: str, dest: str, upload: bool, user: str = "root",
+         direct: bool = False) -> int:
     """Copy one file in (upload) or out over SFTP; returns the bytes copied."""
-    with connect(record, identity, user) as client:
+    with connect(record, identity, user, direct=direct) as client:
         sftp = client.open_sftp()
         try:
             if upload:

@@ -5,6 +5,7 @@ The domain model only describes; every choice of accelerator, CPU model, devices
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from hvctl.domain import (
     DirectBoot,
     Disk,
     Domain,
+    NetInterface,
     PcieRoot,
     PciHostdev,
     Rng,
@@ -90,6 +92,13 @@ class VMAllocation:
     seed: Path | None = None
 
 
+def nic_mac(name: str) -> str:
+    """The production NIC's MAC: fixed per VM name (so it survives migration and re-creation), in QEMU's
+    locally administered 52:54:00 range; the guest and cloud-init find the NIC by it."""
+    digest = hashlib.sha256(name.encode()).digest()
+    return "52:54:00:" + ":".join(f"{b:02x}" for b in digest[:3])
+
+
 def kernel_cmdline(spec: VMSpec, boot: BootArtifacts, extra: tuple[str, ...] = ()) -> str:
     # Boot time under TCG is precious: skip probing a PS/2 controller no guest uses and re-checking the TSC and
     # timer, which saved 0.5-1 s of a ~6 s kernel boot in measurements; "quiet" because every console byte is
@@ -119,6 +128,9 @@ def design(
         UnixChannel(path=alloc.agent_socket, name=AGENT_CHANNEL),
         Rng(),
         *alloc.hostdevs,
+        *((NetInterface(kind="bridge" if spec.network.bridge else "network",
+                        source=spec.network.bridge or spec.network.network or "", mac=nic_mac(spec.name)),)
+          if spec.network else ()),
     )
     return Domain(
         name=spec.name,

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from hvctl.errors import HvctlError
+from hvctl.spec import NetworkAttach
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,30 @@ def new_agent_token() -> str:
     return secrets.token_urlsafe(32)
 
 
-def build_seed(out: Path, hostname: str, authorized_keys: list[str], host_key: KeyPair, agent_token: str) -> None:
+# QEMU's default MAC for the first NIC it creates from the command line: hvctl's user-mode NIC.
+USER_NIC_MAC = "52:54:00:12:34:56"
+
+
+def network_config(mac: str, attach: NetworkAttach) -> dict[str, object]:
+    """cloud-init network-config v2: the user-mode NIC by DHCP (QEMU's slirp answers), the production NIC static or
+    by DHCP, both found by MAC."""
+    production: dict[str, object] = {"match": {"macaddress": mac}}
+    if attach.address is not None:
+        production["addresses"] = [str(attach.address)]
+    else:
+        production["dhcp4"] = True
+    if attach.gateway is not None:
+        production["routes"] = [{"to": "default", "via": str(attach.gateway)}]
+    user: dict[str, object] = {"match": {"macaddress": USER_NIC_MAC}, "dhcp4": True}
+    if attach.gateway is not None:
+        user["dhcp4-overrides"] = {"use-routes": False}
+    return {"version": 2, "ethernets": {"user0": user, "prod0": production}}
+
+
+def build_seed(out: Path, hostname: str, authorized_keys: list[str], host_key: KeyPair, agent_token: str,
+               nic: tuple[str, NetworkAttach] | None = None) -> None:
+    """The NoCloud seed. ``nic``: the production NIC's MAC and settings, as cloud-init network-config v2 (for stock
+    images) and as hvctl/net, "MAC ADDRESS|- GATEWAY|-", for hvctl's own init."""
     with tempfile.TemporaryDirectory(prefix="hvctl-seed-") as tmp:
         root = Path(tmp)
         (root / "meta-data").write_text(json.dumps({"instance-id": f"hvctl-{hostname}-{secrets.token_hex(4)}",
@@ -80,6 +104,10 @@ def build_seed(out: Path, hostname: str, authorized_keys: list[str], host_key: K
         (ours / "ssh_host_ed25519_key").write_bytes(host_key.private_openssh)
         (ours / "ssh_host_ed25519_key.pub").write_text(host_key.public_line + "\n")
         (ours / "agent_token").write_text(agent_token + "\n")
+        if nic is not None:
+            mac, attach = nic
+            (ours / "net").write_text(f"{mac} {attach.address or '-'} {attach.gateway or '-'}\n")
+            (root / "network-config").write_text(json.dumps(network_config(mac, attach), indent=1) + "\n")
         tool = shutil.which("genisoimage") or shutil.which("mkisofs")
         if tool is None:
             raise HvctlError("genisoimage is not installed", hint="apt-get install genisoimage")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 import re
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv4Interface
 from typing import Annotated, Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
@@ -49,6 +49,28 @@ class GPURequest(Frozen):
     model: GpuModel | None = None
 
 
+# Linux interface names: at most 15 bytes, no '/', whitespace or ':' (kept to a safe subset here).
+BridgeName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$")]
+
+
+class NetworkAttach(Frozen):
+    """A second NIC for production traffic, on a host bridge or a libvirt network the admin named. The user-mode
+    NIC that carries hvctl's SSH forward stays; with ``gateway`` the guest's default route moves to this NIC."""
+
+    bridge: BridgeName | None = None
+    network: Name | None = None  # a libvirt network (NAT or isolated) defined by the admin
+    address: IPv4Interface | None = None  # static, e.g. 198.18.77.10/24; None: the guest's DHCP client, if any
+    gateway: IPv4Address | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> NetworkAttach:
+        if (self.bridge is None) == (self.network is None):
+            raise ValueError("name exactly one of bridge or network")
+        if self.gateway is not None and (self.address is None or self.gateway not in self.address.network):
+            raise ValueError(f"gateway {self.gateway} is not on the NIC's subnet")
+        return self
+
+
 class VMSpec(Frozen):
     name: Name
     tenant: Name = "default"
@@ -72,6 +94,7 @@ class VMSpec(Frozen):
     anti_affinity: Name | None = None
     # Give the guest a virtual IOMMU (Intel, q35), so that VFIO works inside it.
     viommu: bool = False
+    network: NetworkAttach | None = None
 
     @model_validator(mode="after")
     def _cpu_limit_within_vcpus(self) -> VMSpec:

@@ -36,6 +36,14 @@ CASES = {
     "tcg-viommu-edu": (
         VMSpec(name="l1", viommu=True), HostCapabilities("local", Accel.TCG), BOOT, alloc("l1"),
     ),
+    "tcg-bridge-nic": (
+        VMSpec(name="web", network={"bridge": "br-prod", "address": "198.18.77.10/24", "gateway": "198.18.77.1"}),
+        HostCapabilities("local", Accel.TCG), BOOT, alloc("web"),
+    ),
+    "tcg-libvirt-network-nic": (
+        VMSpec(name="natted", network={"network": "default"}), HostCapabilities("local", Accel.TCG), BOOT,
+        alloc("natted"),
+    ),
     "tcg-gpu-hostdev": (
         VMSpec(name="gpu-vm", gpus={"count": 1, "model": "H100"}),
         HostCapabilities("local", Accel.TCG), BOOT,
@@ -134,3 +142,31 @@ def test_values_cannot_change_the_document_structure() -> None:
     evil = Domain(**{**domain.__dict__, "name": "x'/><devices><hostdev/></devices><name>y"})
     parsed = Domain.from_xml(evil.to_xml())
     assert parsed.name == evil.name and not any(isinstance(d, PciHostdev) for d in parsed.devices)
+
+
+def test_retargeting_paths_for_a_storage_copy_changes_whole_values_only() -> None:
+    from hvctl.domain.model import retarget_paths
+
+    old, new = Path("/var/lib/hvctl/vms/tiny"), Path("/var/lib/hvctl/vms/tiny.g1")
+    xml = designed("tcg-minimal").to_xml()
+    moves = {str(old / f): str(new / f) for f in ("disk.qcow2", "console.log", "agent.sock")}
+    moved = Domain.from_xml(retarget_paths(xml, moves))
+    assert moved == Domain.from_xml(xml.replace(str(old) + "/", str(new) + "/"))
+    assert str(old) + "/" not in retarget_paths(xml, moves)
+    # A path that merely starts like an old one is left alone.
+    assert retarget_paths(xml, {str(old / "disk"): "/elsewhere"}) == retarget_paths(xml, {})
+
+
+def test_a_production_nic_is_a_bridge_xor_a_network_with_a_gateway_on_its_subnet() -> None:
+    from hvctl.designer import nic_mac
+    from hvctl.errors import InvalidSpec
+
+    with pytest.raises(InvalidSpec, match="exactly one of bridge or network"):
+        VMSpec.parse(name="x", network={"bridge": "br0", "network": "default"})
+    with pytest.raises(InvalidSpec, match="not on the NIC's subnet"):
+        VMSpec.parse(name="x", network={"bridge": "br0", "address": "198.18.77.10/24", "gateway": "10.0.0.1"})
+    with pytest.raises(InvalidSpec, match="network.bridge"):
+        VMSpec.parse(name="x", network={"bridge": "br0'/><evil"})
+    nic = designed("tcg-bridge-nic").to_xml()
+    assert f"<mac address=\"{nic_mac('web')}\" />" in nic and "<source bridge=\"br-prod\" />" in nic
+    assert nic_mac("web") == nic_mac("web") != nic_mac("web2") and nic_mac("web").startswith("52:54:00:")

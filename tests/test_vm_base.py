@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -204,3 +205,32 @@ def test_guest_shutdown_via_agent_is_noticed_then_destroy_removes_everything(env
     assert not ctx.paths.vm_dir("deb").exists()
     assert ctx.ledger.list_vms() == []
 
+
+
+def test_a_vm_on_a_host_bridge_answers_ssh_at_its_own_address(env: dict[str, object]) -> None:
+    """`create --bridge BR --ip ADDR`: the test makes an isolated bridge of its own (no uplink, an address from
+    198.18.0.0/15, the range set aside for lab networks), so the traffic never leaves this machine. The tenant
+    reaches the guest on port 22 of that address, the host key still pinned."""
+    ctx = env["ctx"]
+    assert isinstance(ctx, Context)
+    bridge = f"hvbr{secrets.token_hex(3)}"
+    missing = hvctl(env, "create", "nobridge", "--image", "base", "--bridge", bridge, "--ip", "198.18.77.10/24")
+    assert missing.returncode == 2 and f"there is no bridge '{bridge}'" in missing.stderr
+    assert not ctx.paths.vm_dir("nobridge").exists()
+    subprocess.run(["ip", "link", "add", bridge, "type", "bridge"], check=True)
+    try:
+        subprocess.run(["ip", "addr", "add", "198.18.77.1/24", "dev", bridge], check=True)
+        subprocess.run(["ip", "link", "set", bridge, "up"], check=True)
+        created = hvctl(env, "create", "bridged", "--tenant", "acme", "--image", "base", "--memory", "512", "--disk",
+                        "2", "--bridge", bridge, "--ip", "198.18.77.10/24", "--boot-timeout", "180", timeout=240)
+        assert created.returncode == 0, created.stderr
+        shown = hvctl(env, "exec", "bridged", "--direct", "-i", str(env["acme"]), "--", "sh", "-c",
+                      "ip -4 -o addr show; cat /proc/net/route")
+        assert shown.returncode == 0, shown.stderr
+        assert "198.18.77.10/24" in shown.stdout and "10.0.2.15/24" in shown.stdout
+        # The other tenant's key is refused on the bridge address too.
+        refused = hvctl(env, "exec", "bridged", "--direct", "-i", str(env["globex"]), "--", "true")
+        assert refused.returncode != 0 and "refused the key" in refused.stderr
+        assert hvctl(env, "destroy", "bridged").returncode == 0
+    finally:
+        subprocess.run(["ip", "link", "del", bridge], check=False)

@@ -58,6 +58,10 @@ IdentityOpt = Annotated[Path | None, typer.Option("--identity", "-i", help="SSH 
                                                      "operator key hvctl authorised on every VM).")]
 
 
+DirectOpt = Annotated[bool, typer.Option("--direct", help="Connect to port 22 at the VM's production-network "
+                                                            "address (--bridge/--network --ip), not the forward.")]
+
+
 def identity_for(identity: Path | None) -> Path:
     from hvctl.seed import operator_key
 
@@ -65,11 +69,12 @@ def identity_for(identity: Path | None) -> Path:
 
 
 @app.command()
-def ssh(name: str, identity: IdentityOpt = None, user: Annotated[str, typer.Option()] = "root") -> None:
+def ssh(name: str, identity: IdentityOpt = None, user: Annotated[str, typer.Option()] = "root",
+        direct: DirectOpt = False) -> None:
     """Open an interactive shell in a VM, verifying the host key hvctl generated for it."""
     from hvctl.access import interactive_shell
 
-    code = interactive_shell(ctx().ledger.get_vm(name), identity_for(identity), user)
+    code = interactive_shell(ctx().ledger.get_vm(name), identity_for(identity), user, direct)
     raise typer.Exit(code)
 
 
@@ -79,6 +84,7 @@ def exec_cmd(
     command: Annotated[list[str], typer.Argument(help="The command, after --.")],
     identity: IdentityOpt = None,
     user: Annotated[str, typer.Option()] = "root",
+    direct: DirectOpt = False,
 ) -> None:
     """Run a command in a VM over SSH, streaming its output; its exit code becomes hvctl's."""
     import shlex
@@ -86,7 +92,7 @@ def exec_cmd(
     from hvctl.access import run_command
 
     code = run_command(ctx().ledger.get_vm(name), identity_for(identity), shlex.join(command),
-                       sys.stdout.buffer, sys.stderr.buffer, user)
+                       sys.stdout.buffer, sys.stderr.buffer, user, direct)
     raise typer.Exit(code)
 
 
@@ -95,6 +101,7 @@ def cp(
     source: Annotated[str, typer.Argument(help="LOCAL or NAME:PATH")],
     dest: Annotated[str, typer.Argument(help="NAME:PATH or LOCAL")],
     identity: IdentityOpt = None,
+    direct: DirectOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Copy a file into or out of a VM over SFTP."""
@@ -110,7 +117,7 @@ def cp(
     vm, path = src or dst  # type: ignore[misc]
     upload = dst is not None
     copied = copy(ctx().ledger.get_vm(vm), identity_for(identity), source if upload else path,
-                  path if upload else dest, upload)
+                  path if upload else dest, upload, direct=direct)
     if as_json:
         emit_json({"vm": vm, "direction": "in" if upload else "out", "bytes": copied})
     else:

@@ -43,6 +43,10 @@ def create(
     tenant: Annotated[str, typer.Option(help="Owning tenant.")] = "default",
     boot_timeout: Annotated[float, typer.Option(help="Seconds to wait for the guest to report ready.")] = 120.0,
     ssh_bind: Annotated[str, typer.Option(help="Host address the VM's SSH forward listens on.")] = "127.0.0.1",
+    bridge: Annotated[str | None, typer.Option(help="Add a NIC on this host bridge (production traffic).")] = None,
+    network: Annotated[str | None, typer.Option(help="Add a NIC on this libvirt network (NAT or isolated).")] = None,
+    ip: Annotated[str | None, typer.Option(help="Static address of that NIC, e.g. 198.18.77.10/24.")] = None,
+    gateway: Annotated[str | None, typer.Option(help="Default route via that NIC, through this gateway.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Create a VM: overlay disk, domain, start, and wait until the guest itself reports it is up."""
@@ -60,8 +64,11 @@ def create(
         if not sizes["gpus"]["count"]:
             fail("--gpu-model needs --gpus N (or a flavor with GPUs)", 2)
         sizes["gpus"] = sizes["gpus"] | {"model": gpu_model}
+    if (ip or gateway) and not (bridge or network):
+        fail("--ip and --gateway configure the NIC that --bridge or --network adds", 2)
+    attach = {"bridge": bridge, "network": network, "address": ip, "gateway": gateway} if bridge or network else None
     spec = VMSpec.parse(name=name, image=image, tenant=tenant, host=host, ssh_bind=ssh_bind, cpu_limit=cpu_limit,
-                        io_weight=io_weight, anti_affinity=anti_affinity, viommu=viommu, **sizes)
+                        io_weight=io_weight, anti_affinity=anti_affinity, viommu=viommu, network=attach, **sizes)
     started = time.monotonic()
     with RichReporter(f"create {name}") as reporter:
         record = create_vm(ctx(), spec, reporter, boot_timeout=boot_timeout)

@@ -155,6 +155,28 @@ class PciHostdev:
 
 
 @dataclass(frozen=True)
+class NetInterface:
+    """A virtio NIC on a host bridge (``kind='bridge'``) or a libvirt network (``kind='network'``)."""
+
+    tag: ClassVar[str] = "interface"
+    kind: str
+    source: str
+    mac: str
+
+    def to_xml(self) -> ET.Element:
+        el = ET.Element("interface", type=self.kind)
+        sub(el, "mac", address=self.mac)
+        sub(el, "source", **{self.kind: self.source})
+        sub(el, "model", type="virtio")
+        return el
+
+    @classmethod
+    def from_xml(cls, el: ET.Element) -> Self:
+        kind = req(el, ".", "type")
+        return cls(kind=kind, source=req(el, "source", kind), mac=req(el, "mac", "address"))
+
+
+@dataclass(frozen=True)
 class PcieRoot:
     """The q35 root complex. ``pcihole64_kib`` enlarges the 64-bit MMIO window that large-BAR GPUs need."""
 
@@ -175,5 +197,5 @@ class PcieRoot:
 
 DEVICE_PARSERS: dict[str, DeviceParser] = {
     "disk": Disk.from_xml, "serial": SerialFile.from_xml, "channel": UnixChannel.from_xml, "rng": Rng.from_xml,
-    "hostdev": PciHostdev.from_xml,
+    "hostdev": PciHostdev.from_xml, "interface": NetInterface.from_xml,
 }

@@ -11,8 +11,8 @@ from pathlib import Path
 from hvctl import passthrough
 from hvctl.agent_client import AgentClient, AgentError
 from hvctl.console import console_tail, wait_for_ready
-from hvctl.context import Context
-from hvctl.designer import BootArtifacts, VMAllocation, design
+from hvctl.context import Context, is_local
+from hvctl.designer import BootArtifacts, VMAllocation, design, nic_mac
 from hvctl.errors import AlreadyExists, GuestTimeout, ImageError, InvalidSpec
 from hvctl.host import DomainState
 from hvctl.ledger import Admission, VMRecord
@@ -49,6 +49,7 @@ def create(ctx: Context, spec: VMSpec, reporter: Reporter | None = None,
                           host_limit=host_limit(policy, ctx.ledger.get_host(spec.host), gpus))
     if host.exists(spec.name):
         raise AlreadyExists(f"a domain named {spec.name!r} already exists on host {spec.host}")
+    check_network(ctx, spec, spec.host)
     if overlay.exists():
         raise AlreadyExists(f"disk path {overlay} already exists", hint="remove it or pick another name")
     if spec.disk_gib * 2**30 < image.disk_virtual_bytes:
@@ -97,7 +98,8 @@ def boot_incarnation(ctx: Context, spec: VMSpec, host_name: str, files: VMFiles,
     make_overlay(image.base_disk, files.overlay, spec.disk_gib)
     undo.push("remove the overlay disk", lambda: files.overlay.unlink(missing_ok=True))
     say("writing the seed: hostname, SSH keys, the VM's own host key, agent token")
-    build_seed(files.seed, spec.name, authorized, host_key, token)
+    build_seed(files.seed, spec.name, authorized, host_key, token,
+               (nic_mac(spec.name), spec.network) if spec.network else None)
     undo.push("remove the seed", lambda: files.seed.unlink(missing_ok=True))
 
     domain = design(
@@ -128,6 +130,24 @@ def boot_incarnation(ctx: Context, spec: VMSpec, host_name: str, files: VMFiles,
                        boot_timeout - (time.monotonic() - started))
         message += f"; agent ready after {time.monotonic() - started:.2f} s"
     return message
+
+
+def check_network(ctx: Context, spec: VMSpec, host_name: str) -> None:
+    """The production NIC's bridge or libvirt network must exist (and be up) before anything is written."""
+    net = spec.network
+    if net is None:
+        return
+    if net.network is not None:
+        active = ctx.host(host_name).network_active(net.network)
+        if active is None:
+            raise InvalidSpec(f"host {host_name} has no libvirt network {net.network!r}",
+                              hint="define it with `virsh net-define` / `net-start`, or use --bridge")
+        if not active:
+            raise InvalidSpec(f"libvirt network {net.network!r} on host {host_name} is not active",
+                              hint=f"virsh net-start {net.network}")
+    elif is_local(ctx.ledger.get_host(host_name).uri) and not Path(f"/sys/class/net/{net.bridge}/bridge").is_dir():
+        raise InvalidSpec(f"there is no bridge {net.bridge!r} on host {host_name}",
+                          hint=f"create it first (ip link add {net.bridge} type bridge)")
 
 
 def wait_for_agent(name: str, agent_socket: Path, token: str, console_log: Path, timeout: float) -> None:

@@ -19,6 +19,7 @@ if mount -t iso9660 -o ro /dev/vdb /run/hvctl/seed 2>/dev/null; then
     seed=/run/hvctl/seed/hvctl
     cp $seed/agent_token $seed/hostname $seed/authorized_keys $seed/ssh_host_ed25519_key \
         $seed/ssh_host_ed25519_key.pub /run/hvctl/
+    [ -f $seed/net ] && cp $seed/net /run/hvctl/
     umount /run/hvctl/seed
 else
     echo "HVCTL-SEED-MISSING: no cidata disk at /dev/vdb; no keys, no agent token"
@@ -42,15 +43,26 @@ fi
 
 modprobe -a $(cat /etc/hvctl-guest-modules)
 ip link set lo up
+# A production NIC (bridge or libvirt network), if the seed names one: "MAC ADDRESS|- GATEWAY|-".
+prod_mac=- prod_addr=- prod_gw=-
+[ -s /run/hvctl/net ] && read -r prod_mac prod_addr prod_gw < /run/hvctl/net
+user_nic=
 for dev in /sys/class/net/*; do
-    # The first real NIC, whatever the slot made of its name: QEMU user-mode networking is always 10.0.2.0/24.
     [ -e "$dev/device" ] || continue
     nic=${dev##*/}
+    if [ "$(cat "$dev/address")" = "$prod_mac" ]; then
+        ip link set "$nic" up
+        [ "$prod_addr" != - ] && ip addr add "$prod_addr" dev "$nic"
+        continue
+    fi
+    # The first other NIC, whatever the slot made of its name: QEMU user-mode networking is always 10.0.2.0/24.
+    [ -n "$user_nic" ] && continue
+    user_nic=$nic
     ip link set "$nic" up
     ip addr add 10.0.2.15/24 dev "$nic"
-    ip route add default via 10.0.2.2 dev "$nic"
-    break
+    [ "$prod_gw" = - ] && ip route add default via 10.0.2.2 dev "$nic"
 done
+[ "$prod_gw" != - ] && ip route add default via "$prod_gw"
 
 if [ -s /etc/ssh/ssh_host_ed25519_key ]; then
     mkdir -p /run/sshd
