@@ -60,6 +60,13 @@ def accelerator_allowlist(ctx: Context) -> tuple[tuple[int, int], ...]:
     return tuple((a.vendor, a.device) for a in ctx.policy.accelerators.values())
 
 
+def local_inventory(ctx: Context) -> list[dict[str, str]]:
+    """This machine's GPUs (and allowlisted accelerators) as a host's inventory: address, model, ids."""
+    sysfs = PciSysfs(ctx.gpu_env.sysfs_root)
+    return [{"address": g.address, "model": ctx.policy.gpu_model(g.primary.vendor, g.primary.device),
+             "ids": g.primary.ids} for g in sysfs.gpus(accelerator_allowlist=accelerator_allowlist(ctx))]
+
+
 def owners(ledger: Ledger, host: str) -> dict[str, str]:
     """Device address → the VM holding it, for every device not back with its host driver."""
     return {r["address"]: r["vm"] for r in ledger.gpu_bindings(host) if r["state"] not in TERMINAL_STATES}

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from hvctl.context import Context
+from hvctl import passthrough
+from hvctl.context import Context, is_local
 from hvctl.errors import AlreadyExists
 from hvctl.host import Host
 from hvctl.placement import host_limit
@@ -21,8 +22,12 @@ def add_host(ctx: Context, name: str, uri: str) -> dict[str, Any]:
         facts = probe.facts()
         numa = probe.numa_cells()
         allowlist = frozenset((a.vendor, a.device) for a in ctx.policy.accelerators.values())
-        gpus = [g | {"model": ctx.policy.gpu_model(*(int(x, 16) for x in g["ids"].split(":"))), "product": g["model"]}
-                for g in probe.pci_gpus(allowlist)]
+        if is_local(uri) and not uri.startswith("test:"):
+            # This machine: sysfs is what GPU binding works from (and libvirt's node devices need udev running).
+            gpus = passthrough.local_inventory(ctx)
+        else:
+            gpus = [g | {"model": ctx.policy.gpu_model(*(int(x, 16) for x in g["ids"].split(":"))),
+                         "product": g["model"]} for g in probe.pci_gpus(allowlist)]
     finally:
         probe.close()
     ctx.ledger.ensure_host(name, uri)

@@ -31,6 +31,10 @@ if [ -b /dev/vda ] && mount -t ext4 /dev/vda /mnt 2>/dev/null; then
     echo "booted $(date +%s)" >> /mnt/boots
     sync
 fi
+# The PCI functions the guest sees, as "HVCTL-PCI ADDRESS VENDOR:DEVICE": proof of a passed-through device.
+for d in /sys/bus/pci/devices/*; do
+    echo "HVCTL-PCI ${d##*/} $(sed 's/^0x//' "$d/vendor"):$(sed 's/^0x//' "$d/device")"
+done
 echo "HVCTL-READY name=${name} kernel=$(uname -r) cpus=$(grep -c ^processor /proc/cpuinfo) mem_kb=$(awk '/MemTotal/ {print $2}' /proc/meminfo) disk=${disk}"
 
 # hvctl.tick=1 prints a counter every second: migration tests watch it continue on the destination.
