@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,9 +28,11 @@ def test_gpu_list_reports_viability_and_why_not(tmp_path: Path) -> None:
 
 
 def test_gpu_list_cli_on_this_machine_finds_none_and_says_why(tmp_path: Path) -> None:
-    env = os.environ | {"HVCTL_STATE_DIR": str(short_tempdir("hvgl-")), "NO_COLOR": "1", "COLUMNS": "200"}
+    state = short_tempdir("hvgl-")
+    env = os.environ | {"HVCTL_STATE_DIR": str(state), "NO_COLOR": "1", "COLUMNS": "200"}
     result = subprocess.run([sys.executable, "-m", "hvctl.cli", "gpu", "list", "--json"], capture_output=True,
                             text=True, env=env)
+    shutil.rmtree(state)
     assert result.returncode == 0
     data = json.loads(result.stdout)
     real_gpus = [d for d in Path("/sys/bus/pci/devices").glob("*")
@@ -44,7 +47,8 @@ def test_gpu_list_cli_on_this_machine_finds_none_and_says_why(tmp_path: Path) ->
 def test_gpu_release_cli_refuses_bad_addresses_in_one_line_without_touching_anything(tmp_path: Path) -> None:
     host = standard_host(tmp_path / "fake")  # a FAKE sysfs tree: nothing here has a GPU
     before = host.snapshot()
-    env = os.environ | {"HVCTL_STATE_DIR": str(short_tempdir("hvgl-")), "NO_COLOR": "1", "COLUMNS": "200"}
+    state = short_tempdir("hvgl-")
+    env = os.environ | {"HVCTL_STATE_DIR": str(state), "NO_COLOR": "1", "COLUMNS": "200"}
     for address, expected in (("0000:99:00.0", "no PCI device 0000:99:00.0"), (NIC, "is not a GPU"),
                               ("zzz", "'zzz' is not a PCI address"), (GPU, "is not bound by hvctl")):
         result = subprocess.run([sys.executable, "-m", "hvctl.cli", "gpu", "release", address, "--sysfs",
@@ -52,3 +56,4 @@ def test_gpu_release_cli_refuses_bad_addresses_in_one_line_without_touching_anyt
         assert result.returncode == 2 and expected in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
     assert host.snapshot() == before
+    shutil.rmtree(state)

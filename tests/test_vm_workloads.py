@@ -7,6 +7,7 @@ host's for the same prompt: proof that the guest really ran the model, not just 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -44,14 +45,18 @@ def env(libvirtd: PrivateLibvirtd, image_dir: Path) -> Iterator[dict[str, object
     # run a domain named "ml" for a while, and on one machine their cgroup names would collide.
     second = PrivateLibvirtd(state / "h2", cgroups=False).start()
     ctx = Context(state_dir=state, uri=libvirtd.uri)
-    add_host(ctx, "h2", second.uri)
-    create(ctx, VMSpec.parse(name="ml", memory_mib=1536, disk_gib=4, image="ml"), boot_timeout=300)
-    yield {"ctx": ctx, "state": state, "uri": libvirtd.uri}
-    for vm in ctx.ledger.list_vms():
-        destroy(ctx, vm.name)
-    ctx.close()
-    second.stop()
-    shutil.rmtree(state, ignore_errors=True)
+    try:
+        add_host(ctx, "h2", second.uri)
+        create(ctx, VMSpec.parse(name="ml", memory_mib=1536, disk_gib=4, image="ml", host="local"),
+               boot_timeout=300)
+        yield {"ctx": ctx, "state": state, "uri": libvirtd.uri}
+    finally:
+        for vm in ctx.ledger.list_vms():
+            with contextlib.suppress(Exception):
+                destroy(ctx, vm.name)
+        ctx.close()
+        second.stop()
+        shutil.rmtree(state, ignore_errors=True)
 
 
 def hvctl(env: dict[str, object], *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
