@@ -62,19 +62,22 @@ hv gpu list --json > /root/gpu-before.json
 log "creating l2 with --gpus 1 --gpu-model edu"
 hv create l2 --image minimal --memory 128 --gpus 1 --gpu-model edu --boot-timeout 1200 --json > /root/create.json
 driver_during=$(basename "$(readlink "/sys/bus/pci/devices/$edu/driver")")
-hv gpu list --json > /root/gpu-during.json
-virsh -c qemu:///system dumpxml l2 > /root/l2.xml 2>/dev/null || python3 -c 'import libvirt; print(libvirt.open("qemu:///system").lookupByName("l2").XMLDesc(0))' > /root/l2.xml
-hv console-log l2 -n 200 > /root/l2-console.txt
+# Straight from the ledger, the console file and libvirt: each hvctl start costs ~40 s of imports under TCG.
+python3 -c 'import json, sqlite3; db = sqlite3.connect("/var/lib/hvctl/ledger.sqlite3"); print(json.dumps([dict(zip(("address", "vm", "state"), r)) for r in db.execute("SELECT address, vm, state FROM gpu_bindings")]))' > /root/bindings.json
+python3 -c 'import libvirt; print(libvirt.open("qemu:///system").lookupByName("l2").XMLDesc(0))' > /root/l2.xml
+cp /var/lib/hvctl/vms/l2/console.log /root/l2-console.txt
 hv destroy l2
 driver_after=$(basename "$(readlink "/sys/bus/pci/devices/$edu/driver" 2>/dev/null)" 2>/dev/null || true)
 python3 - "$driver_during" "$driver_after" "$edu" <<'EOF'
-import json, sys
+import json, sqlite3, sys
 from pathlib import Path
 during, after, edu = sys.argv[1:4]
 print(json.dumps({
     "host": json.loads(Path("/root/host.json").read_text()),
     "gpu_before": json.loads(Path("/root/gpu-before.json").read_text()),
-    "gpu_during": json.loads(Path("/root/gpu-during.json").read_text()),
+    "bindings_during": json.loads(Path("/root/bindings.json").read_text()),
+    "bindings_after": [r[0] for r in sqlite3.connect("/var/lib/hvctl/ledger.sqlite3").execute(
+        "SELECT address FROM gpu_bindings")],
     "create": json.loads(Path("/root/create.json").read_text()),
     "l2_xml": Path("/root/l2.xml").read_text(),
     "l2_console": Path("/root/l2-console.txt").read_text(),
