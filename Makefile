@@ -49,11 +49,15 @@ stop-daemons:
 	$(PY) -m hvctl.devhost stop $(DAEMON_DIR) --system
 
 DEMO_KEY := $(STATE_DIR)/demo/acme_ed25519
+# The demo's second "host": a private libvirtd on this machine that the demo VM live-migrates to.
+H2_DIR := $(DAEMON_DIR)-h2
 TWO := $(HVCTL) --state-dir $(STATE_DIR) --policy policies/two-tenants.yaml
 
 demo: daemons
 	$(HVCTL) --state-dir $(STATE_DIR) image build base
 	@$(HVCTL) --state-dir $(STATE_DIR) destroy demo >/dev/null 2>&1 || true
+	@$(HVCTL) --state-dir $(STATE_DIR) host rm h2 >/dev/null 2>&1 || true
+	@$(PY) -m hvctl.devhost stop $(H2_DIR) >/dev/null 2>&1 || true
 	@# A tenant key pair for the demo tenant, made once (hvctl's own key generator; no ssh-keygen needed).
 	@if [ ! -f $(DEMO_KEY) ]; then mkdir -p $(dir $(DEMO_KEY)) && $(PY) -c 'import sys; from pathlib import Path; \
 	  from hvctl.seed import generate_ed25519; p = generate_ed25519("acme-demo"); k = Path(sys.argv[1]); \
@@ -71,8 +75,19 @@ demo: daemons
 	$(HVCTL) --state-dir $(STATE_DIR) agent demo info
 	@echo "== tenant acme runs a command over SSH with its own key (host key pinned by hvctl)"
 	$(HVCTL) --state-dir $(STATE_DIR) exec demo -i $(DEMO_KEY) -- sh -c 'echo "hello from $$(hostname), kernel $$(uname -r)"'
+	@echo "== a second host: a private libvirtd on this machine (h2), registered with hvctl"
+	@$(PY) -m hvctl.devhost start $(H2_DIR) --no-cgroups --hide-kvm auto \
+	  --probe-image "$$(ls -d $(STATE_DIR)/images/minimal@* | tail -1)" >/dev/null
+	$(HVCTL) --state-dir $(STATE_DIR) host add h2 "$$($(PY) -m hvctl.devhost uri $(H2_DIR))"
+	@echo "== hvctl migrate demo --to h2: live, with progress from libvirt's job stats"
+	$(HVCTL) --state-dir $(STATE_DIR) migrate demo --to h2 --max-downtime 300
+	@echo "== the same guest, not rebooted, answers the tenant on h2"
+	$(HVCTL) --state-dir $(STATE_DIR) exec demo -i $(DEMO_KEY) -- sh -c 'echo "still $$(hostname), up $$(cut -d. -f1 /proc/uptime) s"'
+	$(HVCTL) --state-dir $(STATE_DIR) list
 	@echo "== hvctl stop demo (graceful)"; $(HVCTL) --state-dir $(STATE_DIR) stop demo
 	@echo "== hvctl destroy demo"; $(HVCTL) --state-dir $(STATE_DIR) destroy demo
+	$(HVCTL) --state-dir $(STATE_DIR) host rm h2
+	@$(PY) -m hvctl.devhost stop $(H2_DIR)
 	@$(MAKE) --no-print-directory demo-quotas demo-workloads
 	@echo "== hvctl list"; $(HVCTL) --state-dir $(STATE_DIR) list
 

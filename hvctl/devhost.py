@@ -263,7 +263,8 @@ def boots_under(accel: str, kernel: Path, initrd: Path, timeout: float = 20.0) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m hvctl.devhost start|stop ROOT [--system] [--tcp-port N]`` for Makefiles and CI scripts."""
+    """``python -m hvctl.devhost start|stop|uri ROOT [--system] [--tcp-port N] [--no-cgroups]`` for Makefiles and CI
+    scripts."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m hvctl.devhost")
@@ -271,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("root", type=Path)
     parser.add_argument("--system", action="store_true", help="be the machine's qemu:///system daemon")
     parser.add_argument("--tcp-port", type=int)
+    parser.add_argument("--no-cgroups", action="store_true",
+                        help="no per-domain cgroups: a second daemon on this machine that receives migrations")
     parser.add_argument("--hide-kvm", choices=["yes", "no", "auto"], default="yes",
                         help="auto: hide /dev/kvm only if a probe kernel fails to boot under KVM")
     parser.add_argument("--probe-image", type=Path, help="image dir with vmlinuz and initrd.img, for --hide-kvm auto")
@@ -281,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--hide-kvm auto needs --probe-image")
         hide = not boots_under("kvm", args.probe_image / "vmlinuz", args.probe_image / "initrd.img")
         print(f"KVM {'is unusable: libvirtd will not see /dev/kvm' if hide else 'works'}", file=sys.stderr)
-    daemon = PrivateLibvirtd(args.root, private=not args.system, tcp_port=args.tcp_port, hide_kvm=hide)
+    daemon = PrivateLibvirtd(args.root, private=not args.system, tcp_port=args.tcp_port, hide_kvm=hide,
+                             cgroups=not args.no_cgroups)
     if args.action == "start":
         daemon.start()
         print(daemon.uri)
