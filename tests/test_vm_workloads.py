@@ -81,8 +81,10 @@ def test_llm_generates_inside_the_guest_exactly_what_the_host_generates(env: dic
 
 
 def test_a_workload_error_is_reported_and_the_agent_keeps_serving(env: dict[str, object]) -> None:
-    too_long = hvctl(env, "run", "ml", "llm", "--prompt", "word " * 400, "--max-new-tokens", "2")
-    assert too_long.returncode == 14 and "failed" in too_long.stderr
+    # A request the workload refuses before importing torch (the host tests cover each refusal, such as a prompt
+    # longer than the context window); here the point is the path back: exit code, reason, and an agent still up.
+    bad = hvctl(env, "run", "ml", "train", "--steps", "0")
+    assert bad.returncode == 14 and "failed" in bad.stderr and "steps" in bad.stderr, bad.stderr
     assert hvctl(env, "agent", "ml", "ping").returncode == 0
 
 

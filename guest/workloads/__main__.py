@@ -175,8 +175,6 @@ def _run_train(args: argparse.Namespace) -> None:
     import signal
     import threading
 
-    from .train import train
-
     # SIGUSR1 asks for a checkpoint at the next step boundary (the agent's workload.checkpoint); training goes on.
     asked = threading.Event()
     signal.signal(signal.SIGUSR1, lambda *_: asked.set())
@@ -207,6 +205,8 @@ def _run_train(args: argparse.Namespace) -> None:
         resume=not args.no_resume,
         device=args.device,
     )
+    # Imported only once the request is valid: a bad request fails in a second, not after importing torch.
+    from .train import train
 
     def summary(r: Any) -> str:
         reward = f", mean reward first/last step {r.rewards[0]:.3f}/{r.rewards[-1]:.3f}" if r.rewards else ""
