@@ -125,13 +125,17 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     setattr(item, f"rep_{report.when}", report)
 
 
+def hvctl_cli(state_dir: Path | str, uri: str, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    """Run the real `hvctl` CLI in a subprocess against ``uri`` with ``state_dir``; wide, colourless output."""
+    env = os.environ | {"HVCTL_STATE_DIR": str(state_dir), "HVCTL_CONNECT": uri, "COLUMNS": "200", "NO_COLOR": "1"}
+    return subprocess.run([*HVCTL, *args], capture_output=True, text=True, env=env, timeout=timeout)
+
+
 @pytest.fixture
 def run_hvctl(libvirtd: PrivateLibvirtd, state_dir: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
     """Run the real `hvctl` CLI in a subprocess against the private daemon and this test's state dir."""
 
     def run(*args: str, uri: str | None = None, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-        env = os.environ | {"HVCTL_STATE_DIR": str(state_dir), "HVCTL_CONNECT": uri or libvirtd.uri,
-                            "COLUMNS": "200", "NO_COLOR": "1"}
-        return subprocess.run([*HVCTL, *args], capture_output=True, text=True, env=env, timeout=timeout)
+        return hvctl_cli(state_dir, uri or libvirtd.uri, *args, timeout=timeout)
 
     return run

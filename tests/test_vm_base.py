@@ -14,13 +14,12 @@ import secrets
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import short_tempdir
+from conftest import hvctl_cli, short_tempdir
 
 from guest import rpc
 from hvctl.agent_client import AgentClient
@@ -77,10 +76,7 @@ def env(libvirtd: PrivateLibvirtd, image_dir: Path) -> Iterator[dict[str, object
 
 
 def hvctl(env: dict[str, object], *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    run_env = os.environ | {"HVCTL_STATE_DIR": str(env["state"]), "HVCTL_CONNECT": str(env["uri"]),
-                            "COLUMNS": "200", "NO_COLOR": "1"}
-    return subprocess.run([sys.executable, "-m", "hvctl.cli", *args], capture_output=True, text=True, env=run_env,
-                          timeout=timeout)
+    return hvctl_cli(str(env["state"]), str(env["uri"]), *args, timeout=timeout)
 
 
 def agent_of(record: VMRecord) -> AgentClient:

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import short_tempdir
+from conftest import hvctl_cli, short_tempdir
 
 from guest import rpc
 from hvctl.agent_client import AgentClient
@@ -62,10 +62,7 @@ def hosts(image_dir: Path) -> Iterator[dict[str, object]]:
 
 
 def hvctl(h: dict[str, object], *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    env = os.environ | {"HVCTL_STATE_DIR": str(h["state"]), "HVCTL_CONNECT": str(h["h1"].tcp_uri),  # type: ignore[attr-defined]
-                        "NO_COLOR": "1", "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-m", "hvctl.cli", *args], capture_output=True, text=True, env=env,
-                          timeout=timeout)
+    return hvctl_cli(str(h["state"]), str(h["h1"].tcp_uri), *args, timeout=timeout)  # type: ignore[attr-defined]
 
 
 def ticks(console: Path) -> list[int]:

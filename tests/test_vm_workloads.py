@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import short_tempdir
+from conftest import hvctl_cli, short_tempdir
 
 from guest.workloads.assets import make_tiny_llm
 from guest.workloads.llm import generate
@@ -60,10 +58,7 @@ def env(libvirtd: PrivateLibvirtd, image_dir: Path) -> Iterator[dict[str, object
 
 
 def hvctl(env: dict[str, object], *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    run_env = os.environ | {"HVCTL_STATE_DIR": str(env["state"]), "HVCTL_CONNECT": str(env["uri"]),
-                            "NO_COLOR": "1", "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-m", "hvctl.cli", *args], capture_output=True, text=True, env=run_env,
-                          timeout=timeout)
+    return hvctl_cli(str(env["state"]), str(env["uri"]), *args, timeout=timeout)
 
 
 def test_llm_generates_inside_the_guest_exactly_what_the_host_generates(env: dict[str, object],
