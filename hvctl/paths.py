@@ -52,11 +52,10 @@ class StateDir:
                               hint="a shorter state dir or VM name")
         return files
 
-    @staticmethod
-    def generation_of(vm_file: Path) -> int:
-        """Which incarnation a VM's file (its overlay, say) belongs to."""
-        _, _, gen = vm_file.parent.name.partition(".g")
-        return int(gen) if gen.isdigit() else 0
+    def next_vm_files(self, name: str, current_overlay: Path) -> VMFiles:
+        """Where a VM's files go when a migration gives it new ones: generation 1 beside 0, or back to 0."""
+        _, _, gen = current_overlay.parent.name.partition(".g")
+        return self.vm_files(name, 0 if gen.isdigit() and int(gen) else 1)
 
     def overlay(self, name: str) -> Path:
         return self.vm_dir(name) / "disk.qcow2"

@@ -213,19 +213,21 @@ def doctor(
     = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Check libvirtd, the accelerator, images, the state dir, and drift between the ledger and libvirt."""
+    """Check libvirtd, the accelerator, images, the state dir, drift between the ledger and libvirt, and GPUs left
+    bound; --repair returns those first (with --json: {"repaired": ..., "checks": [...]})."""
     from hvctl import doctor as doc
 
     context = ctx()
-    if repair:
-        repaired = doc.repair(context)
-        if not as_json:
-            returned = repaired["gpus_returned"]
-            out.print(f"repair: returned {', '.join(returned)} to their host drivers" if returned
-                      else "repair: nothing to repair")
+    repaired = doc.repair(context) if repair else None
+    if repaired is not None and not as_json:
+        returned = repaired["gpus_returned"]
+        out.print(f"repair: returned {', '.join(returned)} to their host drivers" if returned
+                  else "repair: nothing to repair")
     checks = doc.run_checks(context)
     if as_json:
-        emit_json([c.as_dict() for c in checks])
+        listed = [c.as_dict() for c in checks]
+        # Without --repair the output stays the list of checks it has always been.
+        emit_json(listed if repaired is None else {"repaired": repaired, "checks": listed})
     else:
         for c in checks:
             mark = "[green]ok[/]  " if c.ok else "[red]FAIL[/]"

@@ -20,6 +20,7 @@ Every step registers its undo (the new incarnation's domain and files, the reser
 from __future__ import annotations
 
 import dataclasses
+import io
 import shutil
 import tempfile
 import time
@@ -58,7 +59,7 @@ class Moving:
     step: int = 0
     remote_checkpoint: str = ""
     local_checkpoint: Path | None = None
-    target_id: str = ""
+    log_offset: int = 0  # in the source workload's log, at or before the checkpoint's line
 
 
 def checkpoint_migrate(ctx: Context, record: VMRecord, target: str, timeout_s: float | None,
@@ -96,23 +97,24 @@ def checkpoint_migrate(ctx: Context, record: VMRecord, target: str, timeout_s: f
             moved: list[Moving] = []
             for item in moving:
                 say(f"waiting for {item.source_id} to finish a step (it may still be starting up)")
-                _wait_for_progress(source_agent, item.source_id, 0, deadline, lambda _: True, "its first step")
+                _, offset = _wait_for_progress(source_agent, item.source_id, 0, deadline, lambda _: True,
+                                               "its first step")
                 say(f"checkpointing {item.source_id} at its next step boundary")
                 asked = source_agent.typed("workload.checkpoint", rpc.WorkloadCheckpointed,
                                            rpc.WorkloadRef(id=item.source_id))
-                event = _wait_for_progress(source_agent, item.source_id, asked.log_offset, deadline,
-                                           lambda p: bool(p.get("requested")), "the requested checkpoint")
+                event, offset = _wait_for_progress(source_agent, item.source_id, max(offset, asked.log_offset),
+                                                   deadline, lambda p: bool(p.get("requested")),
+                                                   "the requested checkpoint")
                 remote = str(event["checkpoint"])
                 local = workdir / item.source_id / Path(remote).name
                 local.parent.mkdir()
                 say(f"copying the step-{event['step']} checkpoint out of {name}")
                 copy(record, key, remote, str(local), upload=False)
                 moved.append(dataclasses.replace(item, step=int(event["step"]), remote_checkpoint=remote,
-                                                 local_checkpoint=local))
+                                                 local_checkpoint=local, log_offset=offset))
 
             # 2. The new incarnation on the target.
-            generation = 1 - min(ctx.paths.generation_of(record.overlay), 1)
-            files = ctx.paths.vm_files(name, generation)
+            files = ctx.paths.next_vm_files(name, record.overlay)
             port = ledger.free_port_on(target, bind_address=str(record.spec.ssh_bind))
             host_key = generate_ed25519(f"hvctl-host-{name}")
             token = new_agent_token()
@@ -131,7 +133,7 @@ def checkpoint_migrate(ctx: Context, record: VMRecord, target: str, timeout_s: f
             for item in moved:
                 assert item.local_checkpoint is not None
                 say(f"restoring the step-{item.step} checkpoint on {target}")
-                _run(incarnation, key, f"mkdir -p '{item.checkpoint_dir}'")
+                _ssh(incarnation, key, f"mkdir -p '{item.checkpoint_dir}'")
                 copy(incarnation, key, str(item.local_checkpoint), item.remote_checkpoint, upload=True)
                 status = target_agent.typed("workload.start", rpc.WorkloadStatus,
                                             rpc.WorkloadStartParams(kind="train", args=item.args))
@@ -179,12 +181,14 @@ def _progress(agent: AgentClient, wid: str, offset: int) -> tuple[list[dict[str,
 
 
 def _wait_for_progress(agent: AgentClient, wid: str, offset: int, deadline: float,
-                       match: Callable[[dict[str, Any]], bool], what: str) -> dict[str, Any]:
+                       match: Callable[[dict[str, Any]], bool], what: str) -> tuple[dict[str, Any], int]:
+    """The first progress event from ``offset`` on that ``match``es, and the offset to read on from."""
     while True:
+        start = offset
         events, offset, ended = _progress(agent, wid, offset)
-        for event in events:
+        for i, event in enumerate(events):
             if match(event):
-                return event
+                return event, start if i + 1 < len(events) else offset
         if ended:
             status = agent.typed("workload.status", rpc.WorkloadStatus, rpc.WorkloadRef(id=wid))
             raise CheckpointMigrationFailed(f"workload {wid} ended ({status.state}: {status.error}) before "
@@ -198,12 +202,12 @@ def _verify(source: AgentClient, target: AgentClient, item: Moving, target_id: s
             deadline: float) -> dict[str, Any]:
     """The resumed run's first step must be k+1 and its loss must equal the source's own step k+1: the source kept
     training past the checkpoint, so it is the uninterrupted run, on the same emulated CPU."""
-    first = _wait_for_progress(target, target_id, 0, deadline, lambda _: True, "its first step after resuming")
+    first, _ = _wait_for_progress(target, target_id, 0, deadline, lambda _: True, "its first step after resuming")
     if int(first["step"]) != item.step + 1:
         raise CheckpointMigrationFailed(f"the restored workload started at step {first['step']}, "
                                         f"not {item.step + 1}: the checkpoint was not picked up")
-    reference = _wait_for_progress(source, item.source_id, 0, deadline,
-                                   lambda p: int(p["step"]) == item.step + 1, f"step {item.step + 1}")
+    reference, _ = _wait_for_progress(source, item.source_id, item.log_offset, deadline,
+                                      lambda p: int(p["step"]) == item.step + 1, f"step {item.step + 1}")
     if first["loss"] != reference["loss"]:
         raise CheckpointMigrationFailed(f"step {item.step + 1} loss on the target is {first['loss']!r}, on the source "
                                         f"{reference['loss']!r}: the restore is not exact")
@@ -211,9 +215,7 @@ def _verify(source: AgentClient, target: AgentClient, item: Moving, target_id: s
             "resumed_step": int(first["step"]), "loss": first["loss"], "source_loss": reference["loss"]}
 
 
-def _run(record: VMRecord, key: Path, command: str) -> None:
-    import io
-
+def _ssh(record: VMRecord, key: Path, command: str) -> None:
     err = io.BytesIO()
     if run_command(record, key, command, io.BytesIO(), err) != 0:
         raise CheckpointMigrationFailed(f"`{command}` failed in {record.name} on {record.host}: "

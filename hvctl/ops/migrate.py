@@ -24,7 +24,7 @@ from hvctl.errors import AlreadyExists, HvctlError, InvalidSpec, NotFound
 from hvctl.host import DomainState
 from hvctl.ledger import QuotaExceeded, VMRecord
 from hvctl.ops.ckpt_migrate import checkpoint_migrate
-from hvctl.ops.create import make_overlay
+from hvctl.ops.create import check_network, make_overlay
 from hvctl.paths import VMFiles
 from hvctl.placement import host_limit
 
@@ -67,6 +67,7 @@ def migrate(ctx: Context, name: str, target: str, opts: MigrateOptions,
                           f"only on hosts that share this machine's filesystem, and {target} ({target_record.uri}) "
                           "is remote")
     src = ctx.host(record.host)
+    check_network(ctx, record.spec, target)  # its production NIC's bridge or network must exist there too
     if src.state(name) is not DomainState.RUNNING and opts.mode != "offline":
         raise InvalidSpec(f"{name} is not running; use --mode offline")
     if opts.mode == "checkpoint":
@@ -91,8 +92,8 @@ def migrate(ctx: Context, name: str, target: str, opts: MigrateOptions,
             if not Path(disk).exists():
                 raise InvalidSpec(f"{disk} is not reachable from {target}",
                                   hint=None if opts.copy_storage else "use --copy-storage")
-    files = ctx.paths.vm_files(name, 1 - min(ctx.paths.generation_of(record.overlay), 1))
-    if opts.copy_storage and files.dir.exists():
+    files = ctx.paths.next_vm_files(record.name, record.overlay) if opts.copy_storage else None
+    if files is not None and files.dir.exists():
         raise AlreadyExists(f"{files.dir} is left over from an earlier operation on {name}",
                             hint="remove it (nothing in the ledger refers to it)")
     gpus = len(ledger.host_inventory(target)[1])
@@ -103,14 +104,14 @@ def migrate(ctx: Context, name: str, target: str, opts: MigrateOptions,
         port = ledger.free_port_on(target, bind_address=str(record.spec.ssh_bind))
         dest_xml = retarget_ssh_forward(src.migratable_xml(name), port)
         copy_disks: tuple[str, ...] = ()
-        if opts.copy_storage:
+        if files is not None:
             dest_xml, copy_disks, moved = _prepare_storage_copy(record, files, dest_xml)
         if opts.max_downtime_ms:
             src.set_max_downtime(name, opts.max_downtime_ms)
         stats = _run(ctx, name, record.host, target, dest_xml, opts, on_progress, copy_disks)
     except BaseException as exc:
         ledger.release(reservation)
-        if opts.copy_storage:
+        if files is not None:
             shutil.rmtree(files.dir, ignore_errors=True)
         message = exc.message if isinstance(exc, HvctlError) else f"{type(exc).__name__}: {exc}"
         ledger.log_event(name, record.host, "migration.failed", f"migration of {name} to {target} failed: "
