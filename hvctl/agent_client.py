@@ -1,5 +1,8 @@
 """The controller's side of the agent RPC: a unix-socket client for the VM's virtio-serial channel.
 
+The guest is untrusted: every call has one total deadline however the guest paces its bytes, the read buffer is
+bounded by one message, and every transport failure becomes an ``AgentError``.
+
 The channel is a byte pipe with no connection semantics on the guest side. Two consequences are handled here:
 a previous client may have died mid-line, so every connection starts with a bare newline that ends any partial
 line (the agent ignores empty lines); and replies meant for that earlier client may still be queued, so replies
@@ -61,30 +64,24 @@ class AgentClient:
         return result
 
     def _roundtrip(self, request: rpc.Request, timeout: float) -> rpc.Reply:
+        # One total deadline for the whole call: connect, send and every recv share it, so a guest that trickles
+        # bytes (or floods lines that are not our reply) cannot stretch a call past its timeout.
         deadline = time.monotonic() + timeout
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
                 sock.settimeout(timeout)
                 sock.connect(str(self.socket_path))
+                sock.settimeout(_remaining(deadline))
                 sock.sendall(b"\n" + request.model_dump_json().encode() + b"\n")
-                buf = b""
-                while True:
-                    sock.settimeout(max(deadline - time.monotonic(), 0.001))
-                    chunk = sock.recv(65536)
-                    if not chunk:
-                        raise AgentError("the agent channel closed before a reply arrived")
-                    buf += chunk
-                    while b"\n" in buf:
-                        line, buf = buf.split(b"\n", 1)
-                        reply = _parse_reply(line)
-                        if reply is not None and reply.id == request.id:
-                            return reply
-                    if len(buf) > rpc.MAX_MESSAGE_BYTES:
-                        raise AgentError("the agent sent an over-long reply")
+                return _read_reply(sock, request.id, deadline)
         except TimeoutError:
-            raise AgentError(f"the agent did not answer {request.method} within {timeout:.0f} s") from None
+            raise AgentError(f"the agent did not answer {request.method} within {timeout:.1f} s") from None
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             raise AgentError(f"cannot connect to the agent channel {self.socket_path}: {exc.strerror}",
+                             hint="is the VM running?") from None
+        except OSError as exc:
+            # A reset, a broken pipe or anything else the transport raises: one clean error, never a traceback.
+            raise AgentError(f"the agent channel {self.socket_path} failed: {exc.strerror or exc}",
                              hint="is the VM running?") from None
 
     def wait_ready(self, timeout: float, poll: float = 0.25) -> tuple[rpc.PingResult, float]:
@@ -101,6 +98,37 @@ class AgentClient:
                 last = exc
             time.sleep(poll)
         raise AgentError(f"the agent did not answer within {timeout:.0f} s ({last})")
+
+
+def _remaining(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError
+    return left
+
+
+def _read_reply(sock: socket.socket, request_id: int, deadline: float) -> rpc.Reply:
+    """Read lines until the reply to ``request_id``. The buffer never holds more than one line of at most
+    ``MAX_MESSAGE_BYTES``, and each byte is scanned for a newline once, so splitting stays linear."""
+    buf = bytearray()
+    while True:
+        sock.settimeout(_remaining(deadline))
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise AgentError("the agent channel closed before a reply arrived")
+        scan_from = len(buf)
+        buf += chunk
+        start = 0
+        newline = buf.find(b"\n", scan_from)
+        while newline >= 0:
+            reply = _parse_reply(bytes(buf[start:newline]))
+            if reply is not None and reply.id == request_id:
+                return reply
+            start = newline + 1
+            newline = buf.find(b"\n", start)
+        del buf[:start]
+        if len(buf) > rpc.MAX_MESSAGE_BYTES:
+            raise AgentError(f"the agent sent a line over {rpc.MAX_MESSAGE_BYTES} bytes; the channel was dropped")
 
 
 def _parse_reply(line: bytes) -> rpc.Reply | None:

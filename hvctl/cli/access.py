@@ -18,6 +18,7 @@ from hvctl.cli.common import (
     fail,
     key_app,
     out,
+    safe,
 )
 
 # -- agent and tenant access ------------------------------------------------------------------------------------
@@ -45,12 +46,13 @@ def agent(
     if as_json:
         emit_json(data | ({"rtt_ms": round(rtt_ms, 2)} if method == "ping" else {}))
     elif isinstance(result, rpc.PingResult):
-        out.print(f"pong from {name}: agent {result.agent_version}, up {result.uptime_s:.1f} s, rtt {rtt_ms:.1f} ms")
+        out.print(f"pong from {name}: agent {safe(result.agent_version)}, up {result.uptime_s:.1f} s, "
+                  f"rtt {rtt_ms:.1f} ms")
     else:
         table = Table.grid(padding=(0, 2))
         for key, value in data.items():
-            table.add_row(f"[bold]{key}[/]", ", ".join(f"{k} {v}" for k, v in value.items())
-                          if isinstance(value, dict) else ", ".join(value) if isinstance(value, list) else str(value))
+            table.add_row(f"[bold]{key}[/]", safe(", ".join(f"{k} {v}" for k, v in value.items())
+                          if isinstance(value, dict) else ", ".join(value) if isinstance(value, list) else value))
         out.print(table)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from hvctl import __version__
 from hvctl.context import DEFAULT_URI, Context
@@ -101,8 +103,27 @@ def emit_json(data: Any) -> None:
 
 
 
+# ANSI escape sequences (CSI, OSC, and two-byte ESC forms), then any other C0/C1 control character but tab and newline.
+_ANSI = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?|[0-~])")
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def plain(text: str) -> str:
+    """Text a guest wrote, made safe for the admin's terminal: no escape sequences, no control characters (a bare
+    carriage return could overwrite what hvctl printed), CRLF as LF."""
+    return _CONTROL.sub("", _ANSI.sub("", text.replace("\r\n", "\n")))
+
+
+def safe(text: object) -> str:
+    """``plain`` and escaped for rich markup: for guest text inside a string that rich renders (``[/]`` would
+    otherwise raise a MarkupError)."""
+    return escape(plain(str(text)))
+
+
 def fail(message: str, code: int, hint: str | None = None, detail: str = "") -> NoReturn:
-    err.print(f"[red]hvctl: error:[/] {message}" + (f" [dim](hint: {hint})[/]" if hint else ""), soft_wrap=True)
+    # Messages can quote what a guest said (an agent's refusal, a workload's error): never rendered as markup.
+    err.print(f"[red]hvctl: error:[/] {safe(message)}" + (f" [dim](hint: {safe(hint)})[/]" if hint else ""),
+              soft_wrap=True)
     if detail:
-        err.print(detail, markup=False, soft_wrap=True)
+        err.print(plain(detail), markup=False, soft_wrap=True)
     raise SystemExit(code)

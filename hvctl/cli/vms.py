@@ -17,6 +17,8 @@ from hvctl.cli.common import (
     emit_json,
     fail,
     out,
+    plain,
+    safe,
 )
 from hvctl.errors import HostUnreachable
 from hvctl.ops.inspect import Drift, VMView
@@ -101,9 +103,9 @@ def print_vm_table(views: list[VMView], orphans: list[Drift]) -> None:
     for v in views:
         r = v.record
         table.add_row(r.name, r.tenant, r.host, r.state, v.actual.value if v.actual else "?", str(r.spec.vcpus),
-                      str(r.spec.memory_mib), str(r.ssh_port), f"[red]{v.drift}[/]" if v.drift else "")
+                      str(r.spec.memory_mib), str(r.ssh_port), f"[red]{safe(v.drift)}[/]" if v.drift else "")
     for o in orphans:
-        table.add_row(o.vm, "?", o.host, "-", "?", "", "", "", f"[red]{o.problem}[/]")
+        table.add_row(safe(o.vm), "?", o.host, "-", "?", "", "", "", f"[red]{safe(o.problem)}[/]")
     out.print(table)
 
 
@@ -127,7 +129,7 @@ def show(name: str, as_json: JsonOpt = False) -> None:
     for key in ("name", "tenant", "host", "state", "actual", "drift", "image", "vcpus", "memory_mib", "disk_gib",
                 "ssh_port", "overlay", "console_log", "agent_socket"):
         value = data[key]
-        table.add_row(f"[bold]{key}[/]", f"[red]{value}[/]" if key == "drift" and value else str(value))
+        table.add_row(f"[bold]{key}[/]", f"[red]{safe(value)}[/]" if key == "drift" and value else safe(value))
     out.print(table)
     enforcement = data["enforcement"]
     if enforcement and "enforced" in enforcement:
@@ -146,8 +148,13 @@ def show(name: str, as_json: JsonOpt = False) -> None:
         out.print(f"[bold]last migration[/]: {m['total_s']} s total, {downtime}, "
                   f"{(m['bytes'] or 0) / 2**20:.1f} MiB, mode {m['mode']}")
     out.print("[bold]events[/]")
-    for e in data["events"]:
-        out.print(f"  {time.strftime('%H:%M:%S', time.localtime(e['ts']))} {e['kind']:<18} {e['message']}")
+    out.print(render_events(data["events"]))
+
+
+def render_events(events: list[dict[str, Any]]) -> str:
+    """Events can quote a guest (a workload's error): rendered as plain text, never as markup or escapes."""
+    return "\n".join(f"  {time.strftime('%H:%M:%S', time.localtime(e['ts']))} {safe(e['kind']):<18} "
+                     f"{safe(e['message'])}" for e in events)
 
 
 @app.command()
@@ -204,6 +211,7 @@ def console_log(
     text = read_console(ctx().ledger.get_vm(name).console_log)
     if lines:
         text = "\n".join(text.splitlines()[-lines:])
+    text = plain(text)
     sys.stdout.write(text if text.endswith("\n") or not text else text + "\n")
 
 
@@ -231,6 +239,7 @@ def doctor(
     else:
         for c in checks:
             mark = "[green]ok[/]  " if c.ok else "[red]FAIL[/]"
-            out.print(f"{mark} {c.name:<14} {c.detail}" + (f"\n       [dim]{c.hint}[/]" if c.hint and not c.ok else ""))
+            out.print(f"{mark} {c.name:<14} {safe(c.detail)}"
+                      + (f"\n       [dim]{safe(c.hint)}[/]" if c.hint and not c.ok else ""))
     if not all(c.ok for c in checks):
         raise typer.Exit(1)

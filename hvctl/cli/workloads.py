@@ -17,6 +17,8 @@ from hvctl.cli.common import (
     err,
     fail,
     out,
+    plain,
+    safe,
 )
 
 # -- workloads ------------------------------------------------------------------------------------------------
@@ -78,13 +80,13 @@ def run(
     def on_output(chunk: str) -> None:
         if stream and kind == "llm" and not as_json:
             status_line.stop()
-            sys.stdout.write("".join(ops.stream_text(chunk)))
+            sys.stdout.write(plain("".join(ops.stream_text(chunk))))
             sys.stdout.flush()
         else:
             last = [line for line in chunk.splitlines() if line.strip() and not line.startswith("{")]
             last += [f"step {p['step']}/{steps} loss {p['loss']:.4f}" for p in ops.train_progress(chunk)]
             if last:
-                status_line.update(f"{kind} in {name} ({time.monotonic() - started:.0f} s): {last[-1][:100]}")
+                status_line.update(f"{kind} in {name} ({time.monotonic() - started:.0f} s): {safe(last[-1][:100])}")
             else:
                 status_line.update(f"{kind} in {name}: running ({time.monotonic() - started:.0f} s)")
 
@@ -99,7 +101,7 @@ def run(
     if as_json:
         emit_json(result.model_dump(mode="json"))
     elif result.state == "succeeded":
-        out.print(describe_result(kind, result.result or {}, time.monotonic() - started))
+        out.print(describe_result(kind, result.result or {}, time.monotonic() - started), markup=False)
     if result.state != "succeeded":
         fail(f"workload {result.id} in {name} {result.state}: {result.error}", ops.WorkloadFailed.exit_code)
 
@@ -140,7 +142,7 @@ def logs(
     offset = 0
     while True:
         chunk = client.typed("workload.logs", rpc.WorkloadLogs, rpc.WorkloadLogsParams(id=workload, offset=offset))
-        sys.stdout.write(chunk.data)
+        sys.stdout.write(plain(chunk.data))
         offset = chunk.next_offset
         if chunk.eof or not chunk.data:
             break
