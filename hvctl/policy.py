@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
+from hvctl import yamlfile
 from hvctl.errors import InvalidSpec
 
 SHIPPED = Path(__file__).resolve().parent.parent / "policies"
@@ -99,16 +100,18 @@ class PolicyError(InvalidSpec):
 def load_policy(path: Path | None) -> Policy:
     path = path or SHIPPED / "default.yaml"
     try:
-        text = path.read_text()
+        text = yamlfile.read_text(path)
     except OSError as exc:
         raise PolicyError([f"{path}: cannot read: {exc.strerror}"]) from None
+    except UnicodeDecodeError:
+        raise PolicyError([f"{path}: not UTF-8 text"]) from None
     return parse_policy(text, str(path))
 
 
 def parse_policy(text: str, where: str) -> Policy:
     try:
-        tree = yaml.compose(text)
-        data = yaml.safe_load(text)
+        tree = yamlfile.compose(text)
+        data = yamlfile.load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""

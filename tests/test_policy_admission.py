@@ -236,3 +236,30 @@ def test_plan_orders_tenants_by_weighted_drf_and_names_refusals(state: Path) -> 
     assert [r["tenant"] for r in first_three].count("acme") == 2
     assert ctx.ledger.list_vms() == []  # a dry run writes nothing
     ctx.close()
+
+
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [" + ", ".join([f"*{chr(97 + i)}"] * 10) + "]\n" for i in range(8))
+
+
+@pytest.mark.parametrize("verb", [["plan"], ["policy", "check"]])
+def test_a_yaml_alias_bomb_is_refused_in_one_line(state: Path, verb: list[str]) -> None:
+    """~600 bytes that expand to 10**9 list items if anything walks them: refused before anything does."""
+    assert len(BOMB) < 700
+    bomb = state / "bomb.yaml"
+    bomb.write_text(BOMB)
+    env = os.environ | {"HVCTL_STATE_DIR": str(state), "HVCTL_CONNECT": "qemu:///system?socket=/nonexistent",
+                        "NO_COLOR": "1", "COLUMNS": "200"}
+    result = subprocess.run([sys.executable, "-m", "hvctl.cli", *verb, str(bomb)], capture_output=True, text=True,
+                            env=env, timeout=60)
+    assert result.returncode == 2 and "aliases (*name) are not allowed" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_yaml_files_are_capped_in_size(state: Path) -> None:
+    from hvctl import yamlfile
+
+    huge = state / "huge.yaml"
+    huge.write_text("# " + "x" * yamlfile.MAX_YAML_BYTES + "\nflavors: {}\n")
+    with pytest.raises(PolicyError, match="over 1048576 bytes"):
+        load_policy(huge)

@@ -98,8 +98,9 @@ def plan(requests: Path, as_json: JsonOpt = False) -> None:
     from hvctl.ops.plan import plan as make_plan
 
     c = ctx()
+    specs = load_requests(c, requests)  # the file is checked before any host is asked
     c.capabilities(c.host_name)
-    result = make_plan(c, load_requests(c, requests))
+    result = make_plan(c, specs)
     if as_json:
         emit_json(result)
         return

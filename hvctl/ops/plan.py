@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from hvctl import yamlfile
 from hvctl.accounting import first_excess, host_footprint, tenant_charge
 from hvctl.context import Context
 from hvctl.errors import InvalidSpec
@@ -40,11 +41,11 @@ class PlanFile(BaseModel):
 
 def load_requests(ctx: Context, path: Path) -> list[VMSpec]:
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yamlfile.load(yamlfile.read_text(path))
         items = PlanFile.model_validate(raw).requests
     except OSError as exc:
         raise InvalidSpec(f"cannot read {path}: {exc.strerror}") from None
-    except (yaml.YAMLError, ValidationError) as exc:
+    except (yaml.YAMLError, ValidationError, UnicodeDecodeError) as exc:
         raise InvalidSpec(f"{path}: {str(exc).splitlines()[0]}") from None
     specs = []
     for item in items:
