@@ -7,7 +7,8 @@ STATE_DIR ?= /var/lib/hvctl
 # The system libvirtd this Makefile starts when none answers keeps its pidfiles and config copies here.
 DAEMON_DIR ?= /var/lib/hvctl-libvirtd
 DEBS := qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients libvirt-dev \
-        pkg-config debootstrap cpio busybox-static genisoimage e2fsprogs kmod util-linux python3-venv python3-dev gcc procps
+        pkg-config debootstrap cpio busybox-static genisoimage e2fsprogs kmod util-linux python3-venv python3-dev gcc procps \
+        openssh-server openssh-client
 PYTEST_ARGS ?=
 
 .PHONY: all deps venv image daemons demo demo-quotas demo-workloads test test-unit test-vm lint bench stop-daemons

@@ -22,6 +22,7 @@ import paramiko
 
 from hvctl.errors import HvctlError
 from hvctl.ledger import VMRecord
+from hvctl.limits import DEFAULT_MAX_DOWNLOAD_BYTES
 
 
 class AccessError(HvctlError):
@@ -157,19 +158,59 @@ def interactive_shell(record: VMRecord, identity: Path, user: str = "root", dire
 
 
 def copy(record: VMRecord, identity: Path, source: str, dest: str, upload: bool, user: str = "root",
-         direct: bool = False) -> int:
-    """Copy one file in (upload) or out over SFTP; returns the bytes copied."""
+         direct: bool = False, max_bytes: int = DEFAULT_MAX_DOWNLOAD_BYTES, overwrite: bool = True) -> int:
+    """Copy one file in (upload) or out over SFTP; returns the bytes copied. A download is bounded by
+    ``max_bytes`` and lands with mode 0600 (see ``download``)."""
     with connect(record, identity, user, direct=direct) as client:
         sftp = client.open_sftp()
         try:
             if upload:
                 attrs = sftp.put(source, dest)
                 return int(attrs.st_size or 0)
-            sftp.get(source, dest)
-            return Path(dest).stat().st_size
+            return download(sftp, source, Path(dest), max_bytes, overwrite)
         except FileNotFoundError as exc:
             raise AccessError(f"no such file: {exc.filename or (dest if upload else source)}") from None
         except OSError as exc:
             raise AccessError(f"copy failed: {exc}") from None
         finally:
             sftp.close()
+
+
+def download(sftp: paramiko.SFTPClient, source: str, dest: Path, max_bytes: int, overwrite: bool) -> int:
+    """Copy a file out of an untrusted guest. Its size is checked before any byte moves, and every byte is counted
+    as it arrives, so a file that lies about its size or keeps growing (a symlink to /dev/zero) is cut off at the
+    size it claimed. The bytes go to a fresh 0600 file beside ``dest``, which takes ``dest``'s name only when
+    complete; an existing ``dest`` is replaced only with ``overwrite``."""
+    size = sftp.stat(source).st_size or 0
+    if size > max_bytes:
+        raise AccessError(f"{source} is {size} bytes, over the {max_bytes}-byte download limit",
+                          hint="raise the limit with --max-bytes if this is expected")
+    if dest.is_dir():
+        raise AccessError(f"{dest} is a directory; give the file's name")
+    if not overwrite and (dest.exists() or dest.is_symlink()):
+        raise AccessError(f"{dest} already exists", hint="--force replaces it")
+    partial = dest.with_name(f".{dest.name}.{os.getpid()}.partial")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        copied = 0
+        with os.fdopen(fd, "wb") as out, sftp.open(source, "rb") as src:
+            if size:
+                src.prefetch(size)
+            while chunk := src.read(1 << 20):
+                copied += len(chunk)
+                if copied > size:
+                    raise AccessError(f"{source} grew past the {size} bytes it had when the copy began; "
+                                      "the partial copy was removed")
+                out.write(chunk)
+        if copied != size:
+            raise AccessError(f"{source} shrank to {copied} of {size} bytes during the copy; "
+                              "the partial copy was removed")
+        if overwrite:
+            os.replace(partial, dest)
+        else:
+            os.link(partial, dest)  # FileExistsError if something appeared meanwhile: never replaced silently
+            partial.unlink()
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    return copied

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from hvctl.cli.common import (
     JsonOpt,
+    MaxBytesOpt,
     app,
     ctx,
     emit_json,
@@ -20,6 +21,7 @@ from hvctl.cli.common import (
     out,
     safe,
 )
+from hvctl.limits import DEFAULT_MAX_DOWNLOAD_BYTES
 
 # -- agent and tenant access ------------------------------------------------------------------------------------
 
@@ -104,9 +106,10 @@ def cp(
     dest: Annotated[str, typer.Argument(help="NAME:PATH or LOCAL")],
     identity: IdentityOpt = None,
     direct: DirectOpt = False,
+    max_bytes: MaxBytesOpt = DEFAULT_MAX_DOWNLOAD_BYTES,
     as_json: JsonOpt = False,
 ) -> None:
-    """Copy a file into or out of a VM over SFTP."""
+    """Copy a file into or out of a VM over SFTP. A copy out is refused past --max-bytes and lands as 0600."""
     from hvctl.access import copy
 
     def remote(spec: str) -> tuple[str, str] | None:
@@ -119,7 +122,7 @@ def cp(
     vm, path = src or dst  # type: ignore[misc]
     upload = dst is not None
     copied = copy(ctx().ledger.get_vm(vm), identity_for(identity), source if upload else path,
-                  path if upload else dest, upload, direct=direct)
+                  path if upload else dest, upload, direct=direct, max_bytes=max_bytes)
     if as_json:
         emit_json({"vm": vm, "direction": "in" if upload else "out", "bytes": copied})
     else:

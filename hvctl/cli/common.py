@@ -36,6 +36,7 @@ out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
+MaxBytesOpt = Annotated[int, typer.Option("--max-bytes", min=1, help="Refuse a copy out of the guest past this size.")]
 
 
 class State:

@@ -11,6 +11,7 @@ import typer
 
 from hvctl.cli.common import (
     JsonOpt,
+    MaxBytesOpt,
     app,
     ctx,
     emit_json,
@@ -20,6 +21,7 @@ from hvctl.cli.common import (
     plain,
     safe,
 )
+from hvctl.limits import DEFAULT_MAX_DOWNLOAD_BYTES
 
 # -- workloads ------------------------------------------------------------------------------------------------
 
@@ -54,8 +56,6 @@ def run(
     elif kind == "perception":
         args = ops.perception_args(c, record, text, image, audio)
     elif kind == "train":
-        if objective not in ("ssl", "rl", "seed-rl"):
-            fail(f"unknown objective {objective!r}; use ssl, rl or seed-rl", 2)
         args = ops.train_args(objective, steps, checkpoint_every)
     else:
         fail(f"unknown workload {kind!r}; use llm, perception or train", 2)
@@ -154,13 +154,16 @@ def checkpoint(
     objective: Annotated[str, typer.Option(help="Which training run: ssl, rl or seed-rl.")] = "ssl",
     out_dir: Annotated[Path | None, typer.Option("--out", help="Where to put it (default: STATE/checkpoints/NAME).")]
     = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace a file of the same name in --out.")] = False,
+    max_bytes: MaxBytesOpt = DEFAULT_MAX_DOWNLOAD_BYTES,
     as_json: JsonOpt = False,
 ) -> None:
-    """Copy a VM's latest training checkpoint (written at a step boundary) to the host."""
+    """Copy a VM's latest training checkpoint (written at a step boundary) to the host, as a 0600 file."""
     from hvctl.ops.run import fetch_checkpoint
 
     c = ctx()
-    local = fetch_checkpoint(c, c.ledger.get_vm(name), objective, out_dir or c.paths.root / "checkpoints" / name)
+    local = fetch_checkpoint(c, c.ledger.get_vm(name), objective, out_dir or c.paths.root / "checkpoints" / name,
+                             force=force, max_bytes=max_bytes)
     if as_json:
         emit_json({"vm": name, "objective": objective, "checkpoint": str(local), "bytes": local.stat().st_size})
     else:

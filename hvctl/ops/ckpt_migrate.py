@@ -20,7 +20,6 @@ Every step registers its undo (the new incarnation's domain and files, the reser
 from __future__ import annotations
 
 import dataclasses
-import io
 import shutil
 import tempfile
 import time
@@ -30,7 +29,7 @@ from typing import Any
 
 from guest import rpc
 from hvctl import passthrough
-from hvctl.access import copy, run_command
+from hvctl.access import copy
 from hvctl.accounting import host_footprint
 from hvctl.agent_client import AgentClient, AgentError
 from hvctl.context import Context
@@ -38,7 +37,7 @@ from hvctl.errors import GuestTimeout, HvctlError, InvalidSpec, NotFound
 from hvctl.ledger import VMRecord
 from hvctl.ops import Undo
 from hvctl.ops.create import DEFAULT_BOOT_TIMEOUT, boot_incarnation
-from hvctl.ops.run import train_progress
+from hvctl.ops.run import checkpoint_name, train_progress
 from hvctl.placement import host_limit
 from hvctl.seed import generate_ed25519, new_agent_token, operator_key, public_key_of
 
@@ -105,11 +104,12 @@ def checkpoint_migrate(ctx: Context, record: VMRecord, target: str, timeout_s: f
                 event, offset = _wait_for_progress(source_agent, item.source_id, max(offset, asked.log_offset),
                                                    deadline, lambda p: bool(p.get("requested")),
                                                    "the requested checkpoint")
-                remote = str(event["checkpoint"])
-                local = workdir / item.source_id / Path(remote).name
-                local.parent.mkdir()
+                remote = _reported_checkpoint(event, item)
+                # The local name is hvctl's (the index of the workload), never a name the guest chose.
+                local = workdir / str(len(moved)) / checkpoint_name(int(event["step"]))
+                local.parent.mkdir(mode=0o700)
                 say(f"copying the step-{event['step']} checkpoint out of {name}")
-                copy(record, key, remote, str(local), upload=False)
+                copy(record, key, remote, str(local), upload=False, overwrite=False)
                 moved.append(dataclasses.replace(item, step=int(event["step"]), remote_checkpoint=remote,
                                                  local_checkpoint=local, log_offset=offset))
 
@@ -133,7 +133,11 @@ def checkpoint_migrate(ctx: Context, record: VMRecord, target: str, timeout_s: f
             for item in moved:
                 assert item.local_checkpoint is not None
                 say(f"restoring the step-{item.step} checkpoint on {target}")
-                _ssh(incarnation, key, f"mkdir -p '{item.checkpoint_dir}'")
+                made = target_agent.typed("exec", rpc.ExecResult,
+                                          rpc.ExecParams(argv=["mkdir", "-p", item.checkpoint_dir]))
+                if made.exit_code != 0:
+                    raise CheckpointMigrationFailed(f"cannot create {item.checkpoint_dir} on {target}: "
+                                                    f"{made.stderr.strip()}")
                 copy(incarnation, key, str(item.local_checkpoint), item.remote_checkpoint, upload=True)
                 status = target_agent.typed("workload.start", rpc.WorkloadStatus,
                                             rpc.WorkloadStartParams(kind="train", args=item.args))
@@ -156,6 +160,16 @@ def checkpoint_migrate(ctx: Context, record: VMRecord, target: str, timeout_s: f
     say(f"destroying the source incarnation on {record.host}")
     _retire_source(ctx, record)
     return stats
+
+
+def _reported_checkpoint(event: dict[str, Any], item: Moving) -> str:
+    """The checkpoint path a training workload reported, accepted only as the file it must be: the step it
+    reported, in the directory it was started with."""
+    step, path = event.get("step"), str(event.get("checkpoint"))
+    if not isinstance(step, int) or path != f"{item.checkpoint_dir}/{checkpoint_name(step)}":
+        raise CheckpointMigrationFailed(f"workload {item.source_id} reported checkpoint {path!r} for step {step!r}, "
+                                        f"not a file of {item.checkpoint_dir}; refusing to copy it")
+    return path
 
 
 def _checkpoint_dir(status: rpc.WorkloadStatus) -> str:
@@ -213,13 +227,6 @@ def _verify(source: AgentClient, target: AgentClient, item: Moving, target_id: s
                                         f"{reference['loss']!r}: the restore is not exact")
     return {"source_id": item.source_id, "target_id": target_id, "checkpoint_step": item.step,
             "resumed_step": int(first["step"]), "loss": first["loss"], "source_loss": reference["loss"]}
-
-
-def _ssh(record: VMRecord, key: Path, command: str) -> None:
-    err = io.BytesIO()
-    if run_command(record, key, command, io.BytesIO(), err) != 0:
-        raise CheckpointMigrationFailed(f"`{command}` failed in {record.name} on {record.host}: "
-                                        f"{err.getvalue().decode(errors='replace').strip()}")
 
 
 def _retire_source(ctx: Context, record: VMRecord) -> None:

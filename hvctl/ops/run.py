@@ -9,23 +9,27 @@ SFTP first.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
+import re
 import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from guest import rpc
-from hvctl.access import copy, run_command
+from hvctl.access import copy
 from hvctl.agent_client import AgentClient, AgentError
 from hvctl.context import Context
 from hvctl.errors import HvctlError, InvalidSpec
 from hvctl.ledger import VMRecord
+from hvctl.limits import DEFAULT_MAX_DOWNLOAD_BYTES
 from hvctl.seed import operator_key
 
 MODELS = "/opt/hvctl/models"
 CHECKPOINTS = "/var/lib/hvctl-agent/checkpoints"
+OBJECTIVES = ("ssl", "rl", "seed-rl")
+# The training workload's checkpoint names (guest/workloads/checkpoint.py): the only names hvctl accepts from a guest.
+_CHECKPOINT_NAME = re.compile(r"ckpt-(\d{8})\.pt")
 
 
 class WorkloadFailed(HvctlError):
@@ -68,8 +72,9 @@ def perception_args(ctx: Context, record: VMRecord, text: str | None, image: Pat
             continue
         if not local.is_file():
             raise InvalidSpec(f"{flag.lstrip('-')} file {local} does not exist")
-        if run_command(record, key, f"mkdir -p {remote_dir}", io.BytesIO(), io.BytesIO()) != 0:
-            raise HvctlError(f"cannot create {remote_dir} in {record.name}")
+        made = agent_for(record).typed("exec", rpc.ExecResult, rpc.ExecParams(argv=["mkdir", "-p", remote_dir]))
+        if made.exit_code != 0:
+            raise HvctlError(f"cannot create {remote_dir} in {record.name}: {made.stderr.strip()}")
         remote = f"{remote_dir}/{local.name}"
         copy(record, key, str(local), remote, upload=True)
         args += [flag, remote]
@@ -77,8 +82,8 @@ def perception_args(ctx: Context, record: VMRecord, text: str | None, image: Pat
 
 
 def train_args(objective: str, steps: int, checkpoint_every: int) -> list[str]:
-    args = ["--objective", objective, "--steps", str(steps), "--checkpoint-every", str(checkpoint_every),
-            "--checkpoint-dir", f"{CHECKPOINTS}/{objective}"]
+    args = ["--objective", check_objective(objective), "--steps", str(steps),
+            "--checkpoint-every", str(checkpoint_every), "--checkpoint-dir", f"{CHECKPOINTS}/{objective}"]
     if objective == "ssl":
         args += ["--model", f"{MODELS}/tiny-llm"]
     return args
@@ -135,30 +140,62 @@ def train_progress(chunk: str) -> list[dict[str, object]]:
     return events
 
 
-def latest_checkpoint(record: VMRecord, objective: str) -> str | None:
-    result = agent_for(record).typed("exec", rpc.ExecResult, rpc.ExecParams(
-        argv=["sh", "-c", f"ls -1 {CHECKPOINTS}/{objective} 2>/dev/null | grep ^ckpt- | sort | tail -1"]))
-    name = result.stdout.strip()
-    return f"{CHECKPOINTS}/{objective}/{name}" if name else None
+def check_objective(objective: str) -> str:
+    if objective not in OBJECTIVES:
+        raise InvalidSpec(f"unknown objective {objective!r}; use {', '.join(OBJECTIVES)}")
+    return objective
 
 
-def fetch_checkpoint(ctx: Context, record: VMRecord, objective: str, dest_dir: Path) -> Path:
-    remote = latest_checkpoint(record, objective)
-    if remote is None:
+def checkpoint_step(name: str) -> int | None:
+    """The step of a checkpoint file name as the training workload writes it, or None for any other name."""
+    match = _CHECKPOINT_NAME.fullmatch(name)
+    return int(match[1]) if match else None
+
+
+def checkpoint_name(step: int) -> str:
+    return f"ckpt-{step:08d}.pt"
+
+
+def latest_checkpoint(record: VMRecord, objective: str) -> tuple[str, int] | None:
+    """The newest checkpoint's path in the guest and its step. The guest only lists its directory (an argv, no
+    shell); hvctl keeps names that parse as a step and spells the path itself."""
+    directory = f"{CHECKPOINTS}/{check_objective(objective)}"
+    listed = agent_for(record).typed("exec", rpc.ExecResult, rpc.ExecParams(argv=["ls", "-1", directory]))
+    steps = [step for line in listed.stdout.splitlines() if (step := checkpoint_step(line)) is not None]
+    if not steps:
+        return None
+    return f"{directory}/{checkpoint_name(max(steps))}", max(steps)
+
+
+def fetch_checkpoint(ctx: Context, record: VMRecord, objective: str, dest_dir: Path, force: bool = False,
+                     max_bytes: int = DEFAULT_MAX_DOWNLOAD_BYTES) -> Path:
+    latest = latest_checkpoint(record, objective)
+    if latest is None:
         raise HvctlError(f"{record.name} has no {objective} checkpoint yet",
                          hint="run `hvctl run NAME train --checkpoint-every K` first")
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    local = dest_dir / Path(remote).name
-    copy(record, operator_key(ctx.paths.keys), remote, str(local), upload=False)
+    remote, step = latest
+    try:
+        dest_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InvalidSpec(f"cannot create {dest_dir}: {exc.strerror}") from None
+    local = dest_dir / checkpoint_name(step)
+    copy(record, operator_key(ctx.paths.keys), remote, str(local), upload=False, max_bytes=max_bytes,
+         overwrite=force)
     return local
 
 
 def push_checkpoint(ctx: Context, record: VMRecord, objective: str, checkpoint: Path) -> str:
+    target_dir = f"{CHECKPOINTS}/{check_objective(objective)}"
     if not checkpoint.is_file():
         raise InvalidSpec(f"checkpoint {checkpoint} does not exist")
-    key = operator_key(ctx.paths.keys)
-    target_dir = f"{CHECKPOINTS}/{objective}"
-    run_command(record, key, f"mkdir -p {target_dir}", io.BytesIO(), io.BytesIO())
-    remote = f"{target_dir}/{checkpoint.name}"
-    copy(record, key, str(checkpoint), remote, upload=True)
+    step = checkpoint_step(checkpoint.name)
+    if step is None:
+        raise InvalidSpec(f"checkpoint {checkpoint.name}: the training workload resumes only from files named "
+                          "ckpt-NNNNNNNN.pt", hint="keep the name `hvctl checkpoint` gave it")
+    agent = agent_for(record)
+    made = agent.typed("exec", rpc.ExecResult, rpc.ExecParams(argv=["mkdir", "-p", target_dir]))
+    if made.exit_code != 0:
+        raise HvctlError(f"cannot create {target_dir} in {record.name}: {made.stderr.strip()}")
+    remote = f"{target_dir}/{checkpoint_name(step)}"
+    copy(record, operator_key(ctx.paths.keys), str(checkpoint), remote, upload=True)
     return remote
