@@ -6,8 +6,8 @@ QEMU on every capability lookup and a create takes ~44 s instead of ~0.3 s (meas
 
 * ``private=True``: a daemon with its own /etc/libvirt, /run/libvirt, /var/lib/libvirt, /var/log/libvirt and
   /var/cache/libvirt under ``root``, bind-mounted over the real paths inside its namespace. Nothing it does touches the
-  machine's system daemon. Clients reach it through its private socket (see ``uri``) or, when ``tcp_port`` is set,
-  through ``qemu+tcp://127.0.0.1:PORT/system``.
+  machine's system daemon. Clients reach it only through its private unix socket (see ``uri``), which is root's
+  alone (0700): a daemon that listened on TCP without authentication would give any local user root.
 * ``private=False``: the machine's system daemon (default socket, ``qemu:///system``), with only /dev/kvm hidden and
   qemu.conf replaced inside the namespace. ``make demo`` uses this when no libvirtd answers.
 
@@ -43,7 +43,6 @@ def _set_conf(text: str, settings: dict[str, str]) -> str:
 class PrivateLibvirtd:
     root: Path
     private: bool = True
-    tcp_port: int | None = None
     # libvirt places each QEMU in a cgroup named after the domain. Two daemons on one machine would collide there
     # when they run a domain of the same name (as a migration does), so a second "host" turns cgroups off.
     cgroups: bool = True
@@ -60,10 +59,6 @@ class PrivateLibvirtd:
         if not self.private:
             return "qemu:///system"
         return f"qemu:///system?socket={self.socket}"
-
-    @property
-    def tcp_uri(self) -> str | None:
-        return f"qemu+tcp://127.0.0.1:{self.tcp_port}/system" if self.tcp_port else None
 
     @property
     def pidfile(self) -> Path:
@@ -105,14 +100,10 @@ class PrivateLibvirtd:
             qemu_conf["cgroup_controllers"] = "[ ]"
         (etc / "qemu.conf").write_text(_set_conf(Path("/etc/libvirt/qemu.conf").read_text(), qemu_conf))
         daemon_conf = {"host_uuid": f'"{self.host_uuid}"'}
-        if self.tcp_port:
-            daemon_conf |= {
-                "listen_tls": "0",
-                "listen_tcp": "1",
-                "listen_addr": '"127.0.0.1"',
-                "tcp_port": f'"{self.tcp_port}"',
-                "auth_tcp": '"none"',
-            }
+        if self.private:
+            # Root's alone: no read-only socket for everyone, and no polkit to ask (none runs here).
+            daemon_conf |= {"unix_sock_rw_perms": '"0700"', "unix_sock_ro_perms": '"0700"',
+                            "unix_sock_admin_perms": '"0700"', "auth_unix_rw": '"none"', "auth_unix_ro": '"none"'}
         (etc / "libvirtd.conf").write_text(_set_conf(Path("/etc/libvirt/libvirtd.conf").read_text(), daemon_conf))
         if not self.private:
             binds += [(etc / "qemu.conf", "/etc/libvirt/qemu.conf"),
@@ -137,8 +128,7 @@ class PrivateLibvirtd:
                 script.append(f"mkdir -p {shlex.quote(dst)}")
             script.append(f"mount --bind {shlex.quote(str(src))} {shlex.quote(dst)}")
         script.append(f"virtlogd -d -p {shlex.quote(str(self.virtlogd_pidfile))}")
-        listen = "-l " if self.tcp_port else ""
-        script.append(f"exec libvirtd {listen}-p {shlex.quote(str(self.pidfile))}")
+        script.append(f"exec libvirtd -p {shlex.quote(str(self.pidfile))}")
         log = open(self.root / "libvirtd.log", "ab")  # noqa: SIM115 - handed to the child, closed below
         try:
             # `unshare` without --fork execs sh, which execs libvirtd: the Popen pid is libvirtd's own pid.
@@ -263,7 +253,7 @@ def boots_under(accel: str, kernel: Path, initrd: Path, timeout: float = 20.0) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m hvctl.devhost start|stop|uri ROOT [--system] [--tcp-port N] [--no-cgroups]`` for Makefiles and CI
+    """``python -m hvctl.devhost start|stop|uri ROOT [--system] [--no-cgroups]`` for Makefiles and CI
     scripts."""
     import argparse
 
@@ -271,7 +261,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("action", choices=["start", "stop", "uri"])
     parser.add_argument("root", type=Path)
     parser.add_argument("--system", action="store_true", help="be the machine's qemu:///system daemon")
-    parser.add_argument("--tcp-port", type=int)
     parser.add_argument("--no-cgroups", action="store_true",
                         help="no per-domain cgroups: a second daemon on this machine that receives migrations")
     parser.add_argument("--hide-kvm", choices=["yes", "no", "auto"], default="yes",
@@ -284,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--hide-kvm auto needs --probe-image")
         hide = not boots_under("kvm", args.probe_image / "vmlinuz", args.probe_image / "initrd.img")
         print(f"KVM {'is unusable: libvirtd will not see /dev/kvm' if hide else 'works'}", file=sys.stderr)
-    daemon = PrivateLibvirtd(args.root, private=not args.system, tcp_port=args.tcp_port, hide_kvm=hide,
+    daemon = PrivateLibvirtd(args.root, private=not args.system, hide_kvm=hide,
                              cgroups=not args.no_cgroups)
     if args.action == "start":
         daemon.start()

@@ -72,6 +72,19 @@ class Host:
         with contextlib.suppress(libvirt.libvirtError):
             self.conn.close()
 
+    def qemu_gid(self) -> int | None:
+        """The group QEMU runs as on this host: the gid of libvirt's DAC base label (``+64055:+64055`` on Debian,
+        the libvirt-qemu group), or None where the DAC driver is off or QEMU runs as root. Asked once per
+        connection: with /dev/kvm visible, each capabilities call makes libvirtd re-probe QEMU."""
+        if not hasattr(self, "_qemu_gid"):
+            caps = ET.fromstring(self.conn.getCapabilities())
+            label = next((el.text or "" for el in caps.iterfind("host/secmodel/baselabel")
+                          if el.get("type") == "qemu"), "")
+            _, _, gid = label.partition(":")
+            gid = gid.lstrip("+")
+            self._qemu_gid = int(gid) if gid.isdigit() and int(gid) != 0 else None
+        return self._qemu_gid
+
     def facts(self) -> HostFacts:
         caps = ET.fromstring(self.conn.getCapabilities())
         info = self.conn.getInfo()  # [model, memory MiB, cpus, mhz, nodes, sockets, cores, threads]
@@ -176,9 +189,11 @@ class Host:
             domains = self.conn.listAllDomains()
             return {d.name(): _STATE_MAP.get(d.state()[0], DomainState.OTHER) for d in domains}
 
-    def domain_xml(self, name: str) -> str:
+    def domain_xml(self, name: str, inactive: bool = False) -> str:
+        """The domain's XML; ``inactive``: its persistent definition, what the next start uses."""
+        flags = libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0
         with _errors(f"reading {name}'s XML"):
-            return str(self._lookup(name).XMLDesc(0))
+            return str(self._lookup(name).XMLDesc(flags))
 
     def hvctl_domains(self) -> set[str]:
         """Names of domains hvctl created: they carry hvctl's metadata element."""

@@ -176,11 +176,16 @@ class Ledger:
         self.path = path
         try:
             # isolation_level=None: we issue BEGIN ourselves, so each transaction's boundaries are explicit.
-            fresh = not path.exists()
+            if not path.exists():
+                # It holds agent tokens: born 0600, so never readable by others even for an instant. SQLite gives
+                # its -wal and -shm files the database file's mode.
+                try:
+                    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+                except FileExistsError:
+                    pass
+                except OSError as exc:
+                    raise LedgerError(f"cannot create ledger {path}: {exc.strerror}") from None
             self.db = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
-            if fresh:
-                # It holds agent tokens: readable by root only.
-                os.chmod(path, 0o600)
             self.db.row_factory = sqlite3.Row
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA foreign_keys=ON")
@@ -299,6 +304,19 @@ class Ledger:
                 raise NotFound(f"no VM named {name!r}")
             host = db.execute("SELECT host FROM vms WHERE name = ?", (name,)).fetchone()[0]
             self._event(db, name, host, f"state.{state}", message or f"{name} is {state}")
+
+    def move_ssh_port(self, name: str, bind_address: str, refused: int,
+                      port_range: tuple[int, int] = DEFAULT_PORT_RANGE) -> int:
+        """Give a VM a new SSH forward port because ``refused`` could not be bound at start (another local user
+        holds it). The new port is free in the ledger and on this machine; the move is an event."""
+        with self.transaction() as db:
+            host = db.execute("SELECT host FROM vms WHERE name = ?", (name,)).fetchone()[0]
+            used = {r[0] for r in db.execute("SELECT ssh_port FROM vms WHERE host = ?", (host,))} | {refused}
+            port = _free_port(port_range, used, bind_address)
+            db.execute("UPDATE vms SET ssh_port = ?, updated_at = ? WHERE name = ?", (port, time.time(), name))
+            self._event(db, name, host, "port.moved", f"SSH forward port {refused} was taken by another process; "
+                        f"{name} now forwards {bind_address}:{port}", {"from": refused, "to": port})
+        return port
 
     def get_vm(self, name: str) -> VMRecord:
         row = self.db.execute("SELECT * FROM vms WHERE name = ?", (name,)).fetchone()

@@ -26,6 +26,16 @@ class VMFiles:
     agent_socket: Path
 
 
+def make_private_dir(path: Path, qemu_gid: int | None, exist_ok: bool = False) -> None:
+    """A VM's directory: its disk, seed (the VM's SSH host key and agent token), console log and agent socket.
+    0750 with QEMU's group, so QEMU can reach its files and no other local user can; 0700 where QEMU runs as root.
+    The files inside are 0600/0640 besides (libvirt's DAC driver hands them to QEMU's user while it runs)."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=exist_ok)
+    if qemu_gid is not None:
+        os.chown(path, 0, qemu_gid)
+    os.chmod(path, 0o750 if qemu_gid is not None else 0o700)
+
+
 @dataclass(frozen=True)
 class StateDir:
     root: Path
@@ -74,11 +84,15 @@ class StateDir:
         return self.vm_dir(name) / "agent.sock"
 
     def ensure(self) -> None:
-        """Create the layout. Directories are 0755: QEMU runs as libvirt-qemu and must traverse them to its disk."""
+        """Create the layout. The root and vms/ are 0711: QEMU (an unprivileged user) must pass through them to its
+        VM's directory, but nobody may list them; each VM's directory is closed to all but root and QEMU
+        (``make_private_dir``). Images are shared, tenant-free and stay 0755."""
         try:
-            for path in (self.root, self.root / "vms", self.images):
-                path.mkdir(parents=True, exist_ok=True)
-                os.chmod(path, 0o755)
+            for path, mode in ((self.root, 0o711), (self.root / "vms", 0o711), (self.images, 0o755)):
+                path.mkdir(mode=mode, parents=True, exist_ok=True)
+                if path.is_symlink():
+                    continue  # a test's shared image store: not ours to change
+                os.chmod(path, mode)
         except OSError as exc:
             raise LedgerError(f"state dir {self.root} is not writable: {exc.strerror}",
                               hint="run as root or pass --state-dir") from None

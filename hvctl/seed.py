@@ -111,9 +111,10 @@ def build_seed(out: Path, hostname: str, authorized_keys: list[str], host_key: K
         tool = shutil.which("genisoimage") or shutil.which("mkisofs")
         if tool is None:
             raise HvctlError("genisoimage is not installed", hint="apt-get install genisoimage")
+        # umask 027: the ISO is born 0640, never readable by others even for an instant (it holds the VM's SSH
+        # host private key and its agent token).
         result = subprocess.run([tool, "-quiet", "-output", str(out), "-volid", "cidata", "-joliet", "-rock",
-                                 str(root)], capture_output=True, text=True)
+                                 str(root)], capture_output=True, text=True, umask=0o027)
         if result.returncode != 0:
             raise HvctlError(f"cannot build the seed ISO: {result.stderr.strip()}")
-    # The seed holds a private key and the agent token: root and QEMU only.
-    os.chmod(out, 0o640)
+    os.chmod(out, 0o640)  # had ``out`` existed, genisoimage kept its mode

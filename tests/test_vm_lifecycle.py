@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from hvctl.context import Context
+from hvctl.devhost import PrivateLibvirtd
 from hvctl.errors import AlreadyExists, GuestTimeout, HypervisorError
 from hvctl.host import DomainState
 from hvctl.ledger import VMRecord
@@ -209,9 +212,32 @@ def test_accelerator_probe_answers_tcg_on_a_daemon_without_kvm(ctx: Context) -> 
     assert ctx.ledger.get_host("local").accel == "qemu"  # cached per host
 
 
-def test_vm_dirs_are_traversable_by_qemu(ctx: Context, make_vm: Callable[..., VMRecord]) -> None:
+def as_nobody(*argv: str) -> subprocess.CompletedProcess[str]:
+    """Run a command as an unprivileged local user with no supplementary groups: a tenant with a host account."""
+    return subprocess.run(list(argv), user="nobody", group="nogroup", extra_groups=[], capture_output=True,
+                          text=True, timeout=30)
+
+
+def test_no_other_local_user_can_read_a_vms_files(ctx: Context, make_vm: Callable[..., VMRecord]) -> None:
+    """QEMU still reaches the disk, seed, console and socket (the guest booted and printed its ready line), and a
+    local user who is neither root nor QEMU can read none of them, nor the ledger, nor list the state dir."""
     vm = make_vm("perm")
-    assert Path(vm.overlay).parent.stat().st_mode & 0o055 == 0o055
+    vm_dir = Path(vm.overlay).parent
+    qemu_gid = ctx.host().qemu_gid()
+    assert qemu_gid is not None, "the private daemon runs QEMU as libvirt-qemu: its DAC label must be found"
+    assert (vm_dir.stat().st_mode & 0o777, vm_dir.stat().st_gid) == (0o750, qemu_gid)
+    assert Path(vm.overlay).stat().st_mode & 0o077 == 0
+    assert vm.seed is not None and Path(vm.seed).stat().st_mode & 0o777 == 0o640
+    assert ctx.paths.ledger.stat().st_mode & 0o777 == 0o600
+    for secret in (vm.overlay, vm.seed, vm.console_log, ctx.paths.ledger):
+        read = as_nobody("cat", str(secret))
+        assert read.returncode != 0 and "Permission denied" in read.stderr, secret
+    for listing in (vm_dir, ctx.paths.root, ctx.paths.root / "vms"):
+        assert as_nobody("ls", str(listing)).returncode != 0, listing
+    connect = as_nobody(sys.executable, "-c", "import socket, sys; socket.socket(socket.AF_UNIX)"
+                        ".connect(sys.argv[1])", str(vm.agent_socket))
+    assert connect.returncode != 0 and "PermissionError" in connect.stderr
+    assert "HVCTL-READY" in ctx.paths.console_log("perm").read_text(errors="replace")
 
 
 def test_cpu_cap_is_enforced_by_the_cgroup_and_holds_under_a_hog(ctx: Context, run_hvctl: Run) -> None:
@@ -238,3 +264,32 @@ def test_cpu_cap_is_enforced_by_the_cgroup_and_holds_under_a_hog(ctx: Context, r
         assert 0.95 <= ratio <= 1.05, f"measured {fraction:.3f} CPUs against a 0.5 cap ({source})"
     finally:
         destroy(ctx, "hog")
+
+
+def test_a_squatted_ssh_port_moves_and_the_vm_still_starts(ctx: Context, make_vm: Callable[..., VMRecord],
+                                                           run_hvctl: Run) -> None:
+    """Any local user can bind a stopped VM's forward port. Start moves the forward to a free port and says so."""
+    vm = make_vm("squat")
+    stopped = run_hvctl("stop", "squat", "--timeout", "1")
+    assert stopped.returncode == 0, stopped.stderr
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", vm.ssh_port))
+        squatter.listen()
+        started = run_hvctl("start", "squat")
+        assert started.returncode == 0, started.stderr
+    moved = ctx.ledger.get_vm("squat")
+    assert moved.ssh_port != vm.ssh_port
+    assert f"127.0.0.1:{moved.ssh_port}-:22" in ctx.host().domain_xml("squat")
+    event = ctx.ledger.last_event_data("squat", "port.moved")
+    assert event == {"from": vm.ssh_port, "to": moved.ssh_port}
+    assert "HVCTL-READY" in ctx.paths.console_log("squat").read_text(errors="replace")
+
+
+def test_the_private_daemon_answers_root_only(libvirtd: PrivateLibvirtd) -> None:
+    """Its socket is 0700, and it listens on nothing else: a local user who is not root gets nothing from it."""
+    assert subprocess.run(["virsh", "-c", libvirtd.uri, "list"], capture_output=True, timeout=30).returncode == 0
+    refused = as_nobody("virsh", "-c", libvirtd.uri, "list")
+    assert refused.returncode != 0 and "Permission denied" in refused.stderr
+    assert libvirtd.socket.stat().st_mode & 0o777 == 0o700
+    readonly = libvirtd.socket.with_name("libvirt-sock-ro")
+    assert not readonly.exists() or readonly.stat().st_mode & 0o777 == 0o700

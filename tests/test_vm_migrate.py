@@ -39,16 +39,16 @@ pytestmark = [pytest.mark.vm, pytest.mark.timeout(600)]
 def hosts(image_dir: Path) -> Iterator[dict[str, object]]:
     root = short_tempdir("hvm-")
     # cgroups off: both daemons would name the migrating domain's cgroup alike on this one machine.
-    h1 = PrivateLibvirtd(root / "h1", tcp_port=16610, cgroups=False).start()
-    h2 = PrivateLibvirtd(root / "h2", tcp_port=16611, cgroups=False)
+    h1 = PrivateLibvirtd(root / "h1", cgroups=False).start()
+    h2 = PrivateLibvirtd(root / "h2", cgroups=False)
     try:
         h2.start()
         state = root / "state"
         state.mkdir(mode=0o755)
         (state / "images").symlink_to(image_dir)
-        ctx = Context(state_dir=state, uri=str(h1.tcp_uri))
-        add_host(ctx, "h1", str(h1.tcp_uri))
-        add_host(ctx, "h2", str(h2.tcp_uri))
+        ctx = Context(state_dir=state, uri=h1.uri)
+        add_host(ctx, "h1", h1.uri)
+        add_host(ctx, "h2", h2.uri)
         yield {"ctx": ctx, "h1": h1, "h2": h2, "state": state}
         for vm in ctx.ledger.list_vms():
             # A daemon killed by the fault test may refuse; the daemons are stopped below either way.
@@ -62,7 +62,7 @@ def hosts(image_dir: Path) -> Iterator[dict[str, object]]:
 
 
 def hvctl(h: dict[str, object], *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return hvctl_cli(str(h["state"]), str(h["h1"].tcp_uri), *args, timeout=timeout)  # type: ignore[attr-defined]
+    return hvctl_cli(str(h["state"]), h["h1"].uri, *args, timeout=timeout)  # type: ignore[attr-defined]
 
 
 def ticks(console: Path) -> list[int]:
@@ -180,7 +180,7 @@ def test_cancel_leaves_the_vm_on_the_source(hosts: dict[str, object]) -> None:
     ctx = hosts["ctx"]
     assert isinstance(ctx, Context)
     console = boot_ticker(ctx, "stayer", "h1")
-    env = os.environ | {"HVCTL_STATE_DIR": str(hosts["state"]), "HVCTL_CONNECT": str(hosts["h1"].tcp_uri)}  # type: ignore[attr-defined]
+    env = os.environ | {"HVCTL_STATE_DIR": str(hosts["state"]), "HVCTL_CONNECT": hosts["h1"].uri}  # type: ignore[attr-defined]
     # 1 MiB/s: the 128 MiB guest takes minutes to copy, so the cancel lands mid-flight.
     proc = subprocess.Popen([sys.executable, "-m", "hvctl.cli", "migrate", "stayer", "--to", "h2", "--bandwidth", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -200,7 +200,7 @@ def test_killing_the_destination_daemon_mid_migration_leaves_the_source_running(
     ctx = hosts["ctx"]
     assert isinstance(ctx, Context)
     console = ctx.ledger.get_vm("stayer").console_log
-    env = os.environ | {"HVCTL_STATE_DIR": str(hosts["state"]), "HVCTL_CONNECT": str(hosts["h1"].tcp_uri)}  # type: ignore[attr-defined]
+    env = os.environ | {"HVCTL_STATE_DIR": str(hosts["state"]), "HVCTL_CONNECT": hosts["h1"].uri}  # type: ignore[attr-defined]
     proc = subprocess.Popen([sys.executable, "-m", "hvctl.cli", "migrate", "stayer", "--to", "h2", "--bandwidth", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     time.sleep(4)

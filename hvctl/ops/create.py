@@ -18,7 +18,7 @@ from hvctl.host import DomainState
 from hvctl.ledger import Admission, VMRecord
 from hvctl.ops import Reporter, SilentReporter, Undo
 from hvctl.passthrough import GpuAllocation
-from hvctl.paths import VMFiles
+from hvctl.paths import VMFiles, make_private_dir
 from hvctl.placement import choose_host, host_limit
 from hvctl.seed import KeyPair, build_seed, generate_ed25519, new_agent_token, operator_key, public_key_of
 from hvctl.spec import VMSpec
@@ -90,7 +90,7 @@ def boot_incarnation(ctx: Context, spec: VMSpec, host_name: str, files: VMFiles,
     if files.overlay.exists():
         raise AlreadyExists(f"disk path {files.overlay} already exists", hint="remove it or pick another name")
     made_dir = not files.dir.exists()
-    files.dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+    make_private_dir(files.dir, host.qemu_gid(), exist_ok=True)
     if made_dir:
         undo.push("remove the VM directory", lambda: shutil.rmtree(files.dir, ignore_errors=True))
 
@@ -160,9 +160,10 @@ def wait_for_agent(name: str, agent_socket: Path, token: str, console_log: Path,
 
 
 def make_overlay(base: Path, overlay: Path, size_gib: int) -> None:
+    # umask 077: the overlay is born 0600; libvirt's DAC driver hands it to QEMU's user while the VM runs.
     result = subprocess.run(
         ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(overlay), f"{size_gib}G"],
-        capture_output=True, text=True,
+        capture_output=True, text=True, umask=0o077,
     )
     if result.returncode != 0:
         overlay.unlink(missing_ok=True)

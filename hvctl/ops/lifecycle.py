@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable
 
 from hvctl import passthrough
 from hvctl.console import wait_for_ready
 from hvctl.context import Context
-from hvctl.errors import HvctlError, NotFound
+from hvctl.domain.model import retarget_ssh_forward
+from hvctl.errors import HvctlError, HypervisorError, NotFound
 from hvctl.host import DomainState
 from hvctl.ops import Reporter, SilentReporter
 from hvctl.ops.create import DEFAULT_BOOT_TIMEOUT
@@ -24,12 +26,38 @@ def start(ctx: Context, name: str, reporter: Reporter | None = None,
         raise HvctlError(f"VM {name} is already running")
     say("starting")
     # The console file is reopened (truncated) by QEMU at start, so an old marker cannot be mistaken for this boot.
-    host.start(name)
+    start_claiming_a_port(ctx, name, say)
     say("waiting for the guest to report ready")
     line, waited = wait_for_ready(name, record.console_log, boot_timeout,
                                   lambda: host.state(name) is DomainState.RUNNING)
     ctx.ledger.set_state(name, "running", f"started; guest up after {waited:.2f} s")
     return waited
+
+
+# What QEMU says when its user-mode network cannot bind a hostfwd port (QEMU 7.2's net/slirp.c).
+_HOSTFWD_REFUSED = "Could not set up host forwarding rule"
+PORT_ATTEMPTS = 5
+
+
+def start_claiming_a_port(ctx: Context, name: str, say: Callable[[str], None]) -> None:
+    """Start a defined VM. Any local user can bind a stopped VM's SSH forward port; QEMU then refuses to start.
+    So a refused forward moves to a port that is free now, in the domain and the ledger, and the start is tried
+    again. Nothing else is retried."""
+    record = ctx.ledger.get_vm(name)
+    host = ctx.host(record.host)
+    port = record.ssh_port
+    for _ in range(PORT_ATTEMPTS):
+        try:
+            host.start(name)
+            return
+        except HypervisorError as exc:
+            if _HOSTFWD_REFUSED not in exc.message:
+                raise
+        refused, port = port, ctx.ledger.move_ssh_port(name, str(record.spec.ssh_bind), port)
+        say(f"port {refused} is taken by another process; moving the SSH forward to {port}")
+        host.define(retarget_ssh_forward(host.domain_xml(name, inactive=True), port))
+    raise HypervisorError(f"{name} could not bind an SSH forward port in {PORT_ATTEMPTS} tries",
+                          hint="something is binding ports in hvctl's range as fast as they are freed")
 
 
 def stop(ctx: Context, name: str, timeout: float = 30.0, reporter: Reporter | None = None) -> str:

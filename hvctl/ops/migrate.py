@@ -25,7 +25,7 @@ from hvctl.host import DomainState
 from hvctl.ledger import QuotaExceeded, VMRecord
 from hvctl.ops.ckpt_migrate import checkpoint_migrate
 from hvctl.ops.create import check_network, make_overlay
-from hvctl.paths import VMFiles
+from hvctl.paths import VMFiles, make_private_dir
 from hvctl.placement import host_limit
 
 Mode = Literal["live", "postcopy", "offline", "checkpoint"]
@@ -105,7 +105,8 @@ def migrate(ctx: Context, name: str, target: str, opts: MigrateOptions,
         dest_xml = retarget_ssh_forward(src.migratable_xml(name), port)
         copy_disks: tuple[str, ...] = ()
         if files is not None:
-            dest_xml, copy_disks, moved = _prepare_storage_copy(record, files, dest_xml)
+            dest_xml, copy_disks, moved = _prepare_storage_copy(record, files, dest_xml,
+                                                                 ctx.host(target).qemu_gid())
         if opts.max_downtime_ms:
             src.set_max_downtime(name, opts.max_downtime_ms)
         stats = _run(ctx, name, record.host, target, dest_xml, opts, on_progress, copy_disks)
@@ -123,11 +124,11 @@ def migrate(ctx: Context, name: str, target: str, opts: MigrateOptions,
     return stats
 
 
-def _prepare_storage_copy(record: VMRecord, files: VMFiles, dest_xml: str) -> tuple[str, tuple[str, ...],
-                                                                                  dict[str, str]]:
+def _prepare_storage_copy(record: VMRecord, files: VMFiles, dest_xml: str,
+                          qemu_gid: int | None) -> tuple[str, tuple[str, ...], dict[str, str]]:
     """The destination's files for a storage-copying migration: an empty overlay of the same size on the same
     backing image (QEMU mirrors the source overlay into it), the seed, and new console/agent paths."""
-    files.dir.mkdir(mode=0o755, parents=True)
+    make_private_dir(files.dir, qemu_gid)
     make_overlay(record.base_disk, files.overlay, record.spec.disk_gib)
     moves = {str(record.overlay): str(files.overlay), str(record.console_log): str(files.console_log),
              str(record.agent_socket): str(files.agent_socket)}
