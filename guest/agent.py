@@ -96,6 +96,8 @@ class Agent:
     token: str
     workdir: Path
     allow_poweroff: bool = False
+    # Where the token came from: a rotation rewrites it, so an agent restarted in this boot keeps the new token.
+    token_file: Path | None = None
     workloads: dict[str, WorkloadCommand] = field(default_factory=lambda: dict(DEFAULT_WORKLOADS))
     _running: dict[str, Workload] = field(default_factory=dict)
     _next_id: int = 1
@@ -164,6 +166,17 @@ class Agent:
         return rpc.ExecResult(exit_code=code, stdout=out[-rpc.MAX_OUTPUT_BYTES:].decode(errors="replace"),
                               stderr=err[-rpc.MAX_OUTPUT_BYTES:].decode(errors="replace"), timed_out=timed_out,
                               truncated=truncated, duration_s=round(time.monotonic() - started, 3))
+
+    def rpc_token_rotate(self, params: rpc.TokenRotateParams) -> rpc.TokenRotated:
+        if self.token_file is not None:
+            fresh = self.token_file.with_name(self.token_file.name + ".new")
+            fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(params.token + "\n")
+            os.replace(fresh, self.token_file)
+        # This reply still goes out; every later request must carry the new token.
+        self.token = params.token
+        return rpc.TokenRotated(rotated=True)
 
     def rpc_shutdown(self, _: rpc.NoParams) -> rpc.ShutdownResult:
         self.shutdown_requested.set()
@@ -394,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     if not token:
         print(f"hvctl-agent: error: token file {args.token_file} is empty", file=sys.stderr)
         return 2
-    agent = Agent(token=token, workdir=args.workdir, allow_poweroff=args.allow_poweroff)
+    agent = Agent(token=token, workdir=args.workdir, allow_poweroff=args.allow_poweroff, token_file=args.token_file)
     if args.socket:
         serve_socket(agent, args.socket)
     else:

@@ -142,6 +142,16 @@ class WorkloadLogs(Model):
     eof: bool
 
 
+class TokenRotateParams(Model):
+    """The agent's next token; the call itself is authenticated with the current one."""
+
+    token: str = Field(min_length=32, max_length=256, pattern=r"^[A-Za-z0-9_-]+$")
+
+
+class TokenRotated(Model):
+    rotated: bool
+
+
 METHODS: dict[str, tuple[type[Model], type[Model]]] = {
     "ping": (NoParams, PingResult),
     "info": (NoParams, InfoResult),
@@ -153,4 +163,5 @@ METHODS: dict[str, tuple[type[Model], type[Model]]] = {
     "workload.cancel": (WorkloadRef, WorkloadStatus),
     "workload.list": (NoParams, WorkloadList),
     "workload.checkpoint": (WorkloadRef, WorkloadCheckpointed),
+    "token.rotate": (TokenRotateParams, TokenRotated),
 }

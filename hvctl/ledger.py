@@ -473,10 +473,27 @@ class Ledger:
                 self._event(db, None, None, "tenant.key-added", f"key added for tenant {tenant}")
             return bool(cur.rowcount)
 
+    def remove_tenant_key(self, tenant: str, pubkey: str) -> bool:
+        """Forget a tenant's key. Returns False if it was not there."""
+        with self.transaction() as db:
+            cur = db.execute("DELETE FROM tenant_keys WHERE tenant = ? AND pubkey = ?", (tenant, pubkey))
+            if cur.rowcount:
+                self._event(db, None, None, "tenant.key-removed", f"key removed for tenant {tenant}")
+            return bool(cur.rowcount)
+
     def tenant_keys(self, tenant: str | None = None) -> list[tuple[str, str]]:
         query = "SELECT tenant, pubkey FROM tenant_keys" + (" WHERE tenant = ?" if tenant else "")
         return [(r[0], r[1]) for r in self.db.execute(query + " ORDER BY tenant, added_at", (tenant,) if tenant
                                                       else ())]
+
+    def set_agent_token(self, name: str, token: str) -> None:
+        with self.transaction() as db:
+            cur = db.execute("UPDATE vms SET agent_token = ?, updated_at = ? WHERE name = ?",
+                             (token, time.time(), name))
+            if cur.rowcount == 0:
+                raise NotFound(f"no VM named {name!r}")
+            host = db.execute("SELECT host FROM vms WHERE name = ?", (name,)).fetchone()[0]
+            self._event(db, name, host, "agent.token-rotated", f"{name}'s agent token was rotated")
 
     def set_host_pubkey(self, name: str, pubkey: str) -> None:
         with self.transaction() as db:

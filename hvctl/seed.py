@@ -80,12 +80,14 @@ def network_config(mac: str, attach: NetworkAttach) -> dict[str, object]:
 
 
 def build_seed(out: Path, hostname: str, authorized_keys: list[str], host_key: KeyPair, agent_token: str,
-               nic: tuple[str, NetworkAttach] | None = None) -> None:
+               nic: tuple[str, NetworkAttach] | None = None, instance_id: str | None = None) -> None:
     """The NoCloud seed. ``nic``: the production NIC's MAC and settings, as cloud-init network-config v2 (for stock
-    images) and as hvctl/net, "MAC ADDRESS|- GATEWAY|-", for hvctl's own init."""
+    images) and as hvctl/net, "MAC ADDRESS|- GATEWAY|-", for hvctl's own init. ``instance_id``: kept when a seed is
+    rewritten, so that cloud-init does not take the next boot for a new instance's first."""
+    instance_id = instance_id or f"hvctl-{hostname}-{secrets.token_hex(4)}"
     with tempfile.TemporaryDirectory(prefix="hvctl-seed-") as tmp:
         root = Path(tmp)
-        (root / "meta-data").write_text(json.dumps({"instance-id": f"hvctl-{hostname}-{secrets.token_hex(4)}",
+        (root / "meta-data").write_text(json.dumps({"instance-id": instance_id,
                                                     "local-hostname": hostname}) + "\n")
         user_data = {
             "hostname": hostname,
@@ -118,3 +120,29 @@ def build_seed(out: Path, hostname: str, authorized_keys: list[str], host_key: K
         if result.returncode != 0:
             raise HvctlError(f"cannot build the seed ISO: {result.stderr.strip()}")
     os.chmod(out, 0o640)  # had ``out`` existed, genisoimage kept its mode
+
+
+def read_seed_file(seed: Path, name: str) -> bytes:
+    """One file of a seed ISO hvctl made, by its Rock Ridge path (``hvctl/agent_token``)."""
+    result = subprocess.run(["isoinfo", "-R", "-i", str(seed), "-x", f"/{name}"], capture_output=True)
+    if result.returncode != 0 or not result.stdout:
+        raise HvctlError(f"cannot read {name} from the seed {seed}: "
+                         f"{result.stderr.decode(errors='replace').strip() or 'no such file'}")
+    return result.stdout
+
+
+def rewrite_seed(seed: Path, hostname: str, authorized_keys: list[str], host_public_line: str, agent_token: str,
+                 nic: tuple[str, NetworkAttach] | None = None) -> None:
+    """Replace a VM's seed with one that differs in its keys or token, for its next boot. The VM's own host key
+    (which the controller does not keep) and cloud-init's instance-id come from the seed being replaced; the new
+    one is built beside it and renamed over it, so a crash leaves one or the other whole."""
+    private = read_seed_file(seed, "hvctl/ssh_host_ed25519_key")
+    instance_id = json.loads(read_seed_file(seed, "meta-data"))["instance-id"]
+    fresh = seed.with_name(f".{seed.name}.new")
+    fresh.unlink(missing_ok=True)
+    try:
+        build_seed(fresh, hostname, authorized_keys, KeyPair(private, host_public_line), agent_token, nic,
+                   instance_id=instance_id)
+        os.replace(fresh, seed)
+    finally:
+        fresh.unlink(missing_ok=True)

@@ -95,6 +95,9 @@ class VMSpec(Frozen):
     # Give the guest a virtual IOMMU (Intel, q35), so that VFIO works inside it.
     viommu: bool = False
     network: NetworkAttach | None = None
+    # hvctl's operator key is root on every VM that authorises it (hvctl checkpoint, restore and checkpoint migration
+    # copy files over SSH with it). False: only the tenant's keys; the agent still works, over its host-only channel.
+    operator_key: bool = True
 
     @model_validator(mode="after")
     def _cpu_limit_within_vcpus(self) -> VMSpec:

@@ -155,3 +155,18 @@ def test_line_splitter_bounds_memory() -> None:
     it = iter(chunks)
     lines = list(read_lines(lambda n: next(it, b"")))
     assert len(lines[0]) == rpc.MAX_MESSAGE_BYTES + 1 and lines[1:] == [b"ok"]
+
+
+def test_token_rotation_switches_the_running_agent_and_its_token_file(agent_socket: Path, tmp_path: Path) -> None:
+    new = "n" * 43
+    old_client, new_client = AgentClient(agent_socket, TOKEN), AgentClient(agent_socket, new)
+    with pytest.raises(AgentError, match="bad or missing agent token"):
+        new_client.call("ping")
+    assert old_client.typed("token.rotate", rpc.TokenRotated, rpc.TokenRotateParams(token=new)).rotated
+    assert new_client.typed("ping", rpc.PingResult).pong
+    with pytest.raises(AgentError, match="bad or missing agent token"):
+        old_client.call("ping")
+    assert (tmp_path / "token").read_text() == new + "\n"
+    assert (tmp_path / "token").stat().st_mode & 0o777 == 0o600
+    with pytest.raises(Exception, match="token"):
+        new_client.call("token.rotate", rpc.TokenRotateParams(token="short"))

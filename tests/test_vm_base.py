@@ -22,7 +22,7 @@ import pytest
 from conftest import hvctl_cli, short_tempdir
 
 from guest import rpc
-from hvctl.agent_client import AgentClient
+from hvctl.agent_client import AgentClient, AgentError
 from hvctl.context import Context
 from hvctl.devhost import PrivateLibvirtd
 from hvctl.errors import GuestTimeout
@@ -125,6 +125,62 @@ def test_a_host_key_that_does_not_match_is_refused_loudly(env: dict[str, object]
     finally:
         ctx.ledger.set_host_pubkey("deb", vm.host_pubkey)
     assert hvctl(env, "exec", "deb", "--", "true").returncode == 0
+
+
+def test_key_rm_revokes_a_key_in_running_vms_and_their_seeds(env: dict[str, object], tmp_path: Path) -> None:
+    """A VM made with --no-operator-key opens to its tenant's keys only, and its agent still answers. Then `key rm`
+    takes one of those keys away: the running guest refuses it at once, the seed no longer carries it, and the VM
+    keeps its own host key."""
+    from hvctl.seed import read_seed_file
+
+    ctx = env["ctx"]
+    assert isinstance(ctx, Context)
+    spare_key, spare_pub = write_keypair(tmp_path, "acme-spare")
+    (tmp_path / "acme-spare.pub").write_text(spare_pub + "\n")
+    assert hvctl(env, "key", "add", "acme", str(tmp_path / "acme-spare.pub")).returncode == 0
+    made = hvctl(env, "create", "nokey", "--tenant", "acme", "--image", "base", "--memory", "512", "--disk", "2",
+                 "--no-operator-key", "--boot-timeout", "180", timeout=300)
+    assert made.returncode == 0, made.stderr
+    try:
+        assert hvctl(env, "exec", "nokey", "-i", str(spare_key), "--", "true").returncode == 0
+        as_operator = hvctl(env, "exec", "nokey", "--", "true")
+        assert as_operator.returncode == 11 and "refused the key" in as_operator.stderr
+        assert json.loads(hvctl(env, "agent", "nokey", "ping", "--json").stdout)["pong"] is True
+        refused = hvctl(env, "checkpoint", "nokey")
+        assert refused.returncode == 2 and "--no-operator-key" in refused.stderr
+
+        removed = hvctl(env, "key", "rm", "acme", str(tmp_path / "acme-spare.pub"), "--json")
+        assert removed.returncode == 0, removed.stderr
+        outcome = {vm["vm"]: vm for vm in json.loads(removed.stdout)["vms"]}
+        assert outcome["nokey"] == {"vm": "nokey", "seed": True, "live": True, "problem": None}
+        gone = hvctl(env, "exec", "nokey", "-i", str(spare_key), "--", "true")
+        assert gone.returncode == 11 and "refused the key" in gone.stderr
+        assert hvctl(env, "exec", "nokey", "-i", str(env["acme"]), "--", "true").returncode == 0
+        record = ctx.ledger.get_vm("nokey")
+        assert record.seed is not None
+        seeded = read_seed_file(record.seed, "hvctl/authorized_keys").decode()
+        assert spare_pub not in seeded and seeded.count("ssh-ed25519") == 1
+        assert record.host_pubkey and read_seed_file(record.seed, "hvctl/ssh_host_ed25519_key.pub").decode().strip() \
+            == record.host_pubkey
+        old_token = record.agent_token
+        rotated = hvctl(env, "agent", "nokey", "rotate-token", "--json")
+        assert rotated.returncode == 0, rotated.stderr
+        assert json.loads(rotated.stdout) == {"vm": "nokey", "rotated": True, "live": True}
+        new_token = ctx.ledger.get_vm("nokey").agent_token
+        assert new_token and new_token != old_token
+        assert read_seed_file(record.seed, "hvctl/agent_token").decode().strip() == new_token
+        with pytest.raises(AgentError, match="bad or missing agent token"):
+            AgentClient(record.agent_socket, str(old_token)).call("ping")
+        # Across a reboot (the guest reads its seed again): the new token holds, the revoked key stays revoked.
+        assert hvctl(env, "stop", "nokey", "--timeout", "60").returncode == 0
+        assert hvctl(env, "start", "nokey", timeout=300).returncode == 0
+        assert json.loads(hvctl(env, "agent", "nokey", "ping", "--json").stdout)["pong"] is True
+        gone = hvctl(env, "exec", "nokey", "-i", str(spare_key), "--", "true")
+        assert gone.returncode == 11 and "refused the key" in gone.stderr
+        again = hvctl(env, "key", "rm", "acme", str(tmp_path / "acme-spare.pub"))
+        assert again.returncode != 0 and "not authorised for tenant acme" in again.stderr
+    finally:
+        hvctl(env, "destroy", "nokey")
 
 
 def test_cp_in_and_out(env: dict[str, object], tmp_path: Path) -> None:

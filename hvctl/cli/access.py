@@ -29,15 +29,25 @@ from hvctl.limits import DEFAULT_MAX_DOWNLOAD_BYTES
 @app.command()
 def agent(
     name: str,
-    method: Annotated[str, typer.Argument(help="ping or info")] = "ping",
+    method: Annotated[str, typer.Argument(help="ping, info or rotate-token")] = "ping",
     as_json: JsonOpt = False,
 ) -> None:
-    """Talk to a VM's agent over its host-only virtio-serial channel."""
+    """Talk to a VM's agent over its host-only virtio-serial channel; rotate-token gives it a new token."""
     from guest import rpc
     from hvctl.agent_client import AgentClient
 
-    if method not in ("ping", "info"):
-        fail(f"unknown agent method {method!r}; use ping or info", 2)
+    if method not in ("ping", "info", "rotate-token"):
+        fail(f"unknown agent method {method!r}; use ping, info or rotate-token", 2)
+    if method == "rotate-token":
+        from hvctl.ops.keys import rotate_agent_token
+
+        rotated = rotate_agent_token(ctx(), name)
+        if as_json:
+            emit_json(rotated)
+        else:
+            out.print(f"{name}: new agent token " + ("in use now and at the next boot" if rotated["live"]
+                                                     else "takes effect at the next start"))
+        return
     record = ctx().ledger.get_vm(name)
     if not record.agent_token:
         fail(f"VM {name} has no agent (its image was built without one)", 2)
@@ -129,21 +139,46 @@ def cp(
         out.print(f"copied {copied} bytes {'into' if upload else 'out of'} {vm}")
 
 
-@key_app.command("add")
-def key_add(tenant: str, public_key_file: Path) -> None:
-    """Authorise an SSH public key for a tenant's VMs created from now on."""
+def _read_public_key(tenant: str, public_key_file: Path) -> str:
     from hvctl.spec import check_name
 
     check_name(tenant, "tenant")
     try:
         line = public_key_file.read_text().strip()
-    except OSError as exc:
-        fail(f"cannot read {public_key_file}: {exc.strerror}", 2)
+    except (OSError, UnicodeDecodeError) as exc:
+        fail(f"cannot read {public_key_file}: {getattr(exc, 'strerror', None) or exc}", 2)
     parts = line.split()
     if len(parts) < 2 or not parts[0].startswith(("ssh-", "ecdsa-")) or "\n" in line:
         fail(f"{public_key_file} is not an OpenSSH public key", 2)
-    added = ctx().ledger.add_tenant_key(tenant, line)
+    return line
+
+
+@key_app.command("add")
+def key_add(tenant: str, public_key_file: Path) -> None:
+    """Authorise an SSH public key for a tenant's VMs created from now on."""
+    added = ctx().ledger.add_tenant_key(tenant, _read_public_key(tenant, public_key_file))
     out.print(f"key {'added for' if added else 'was already authorised for'} tenant {tenant}")
+
+
+@key_app.command("rm")
+def key_rm(tenant: str, public_key_file: Path, as_json: JsonOpt = False) -> None:
+    """Revoke a tenant's key: from the ledger, from each of the tenant's VMs' seeds (their next boot), and from the
+    running ones' authorized_keys through their agents. Exits 1 if some running VM could not be updated now."""
+    from hvctl.cli.common import RichReporter
+    from hvctl.ops.keys import remove_tenant_key
+
+    line = _read_public_key(tenant, public_key_file)
+    with RichReporter(f"key rm {tenant}") as reporter:
+        result = remove_tenant_key(ctx(), tenant, line, reporter.step)
+    if as_json:
+        emit_json(result)
+    else:
+        out.print(f"key removed for tenant {tenant}")
+        for vm in result["vms"]:
+            where = "now and at its next boot" if vm["live"] else "at its next boot" if vm["seed"] else "nowhere"
+            out.print(f"  {vm['vm']}: revoked {where}" + (f" [red]({safe(vm['problem'])})[/]" if vm["problem"] else ""))
+    if any(vm["problem"] for vm in result["vms"]):
+        raise typer.Exit(1)
 
 
 @key_app.command("list")

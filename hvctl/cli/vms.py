@@ -49,6 +49,10 @@ def create(
     network: Annotated[str | None, typer.Option(help="Add a NIC on this libvirt network (NAT or isolated).")] = None,
     ip: Annotated[str | None, typer.Option(help="Static address of that NIC, e.g. 198.18.77.10/24.")] = None,
     gateway: Annotated[str | None, typer.Option(help="Default route via that NIC, through this gateway.")] = None,
+    operator_key: Annotated[bool, typer.Option(
+        "--operator-key/--no-operator-key",
+        help="Authorise hvctl's operator key for root (default). Without it only the tenant's keys open the VM; "
+             "the agent still works, but hvctl checkpoint/restore and checkpoint migration do not.")] = True,
     as_json: JsonOpt = False,
 ) -> None:
     """Create a VM: overlay disk, domain, start, and wait until the guest itself reports it is up."""
@@ -70,7 +74,8 @@ def create(
         fail("--ip and --gateway configure the NIC that --bridge or --network adds", 2)
     attach = {"bridge": bridge, "network": network, "address": ip, "gateway": gateway} if bridge or network else None
     spec = VMSpec.parse(name=name, image=image, tenant=tenant, host=host, ssh_bind=ssh_bind, cpu_limit=cpu_limit,
-                        io_weight=io_weight, anti_affinity=anti_affinity, viommu=viommu, network=attach, **sizes)
+                        io_weight=io_weight, anti_affinity=anti_affinity, viommu=viommu, network=attach,
+                        operator_key=operator_key, **sizes)
     started = time.monotonic()
     with RichReporter(f"create {name}") as reporter:
         record = create_vm(ctx(), spec, reporter, boot_timeout=boot_timeout)

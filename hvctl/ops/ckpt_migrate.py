@@ -36,10 +36,10 @@ from hvctl.context import Context
 from hvctl.errors import GuestTimeout, HvctlError, InvalidSpec, NotFound
 from hvctl.ledger import VMRecord
 from hvctl.ops import Undo
-from hvctl.ops.create import DEFAULT_BOOT_TIMEOUT, boot_incarnation
-from hvctl.ops.run import checkpoint_name, train_progress
+from hvctl.ops.create import DEFAULT_BOOT_TIMEOUT, authorized_keys_for, boot_incarnation
+from hvctl.ops.run import checkpoint_name, operator_identity, train_progress
 from hvctl.placement import host_limit
-from hvctl.seed import generate_ed25519, new_agent_token, operator_key, public_key_of
+from hvctl.seed import generate_ed25519, new_agent_token
 
 DEFAULT_TIMEOUT_S = 900.0
 
@@ -70,6 +70,7 @@ def checkpoint_migrate(ctx: Context, record: VMRecord, target: str, timeout_s: f
     if record.agent_token is None:
         raise InvalidSpec(f"{name} has no agent, and checkpoint mode moves workloads through it",
                           hint="use --mode offline")
+    key = operator_identity(ctx, record)  # checkpoints move over SSH with hvctl's key
     source_agent = AgentClient(record.agent_socket, record.agent_token, timeout=60)
     say("asking the source agent for its workloads")
     running = [w for w in source_agent.typed("workload.list", rpc.WorkloadList).workloads if w.state == "running"]
@@ -92,7 +93,6 @@ def checkpoint_migrate(ctx: Context, record: VMRecord, target: str, timeout_s: f
                 _wait(lambda wid=wid: source_agent.typed("workload.status", rpc.WorkloadStatus,  # type: ignore[misc]
                                                          rpc.WorkloadRef(id=wid)).state != "running",
                       deadline, f"inference workload {wid} did not finish")
-            key = operator_key(ctx.paths.keys)
             moved: list[Moving] = []
             for item in moving:
                 say(f"waiting for {item.source_id} to finish a step (it may still be starting up)")
@@ -118,7 +118,7 @@ def checkpoint_migrate(ctx: Context, record: VMRecord, target: str, timeout_s: f
             port = ledger.free_port_on(target, bind_address=str(record.spec.ssh_bind))
             host_key = generate_ed25519(f"hvctl-host-{name}")
             token = new_agent_token()
-            authorized = [public_key_of(key)] + [k for _, k in ledger.tenant_keys(record.tenant)]
+            authorized = authorized_keys_for(ctx, record.spec)
             gpu_alloc = passthrough.allocate(ctx, ctx.gpu_env, record.spec, target, undo)
             boot_incarnation(ctx, record.spec, target, files, port, authorized, host_key, token, undo, say,
                              min(DEFAULT_BOOT_TIMEOUT * 2, max(deadline - time.monotonic(), 1.0)), gpus=gpu_alloc)

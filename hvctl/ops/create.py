@@ -55,7 +55,7 @@ def create(ctx: Context, spec: VMSpec, reporter: Reporter | None = None,
     if spec.disk_gib * 2**30 < image.disk_virtual_bytes:
         need = -(-image.disk_virtual_bytes // 2**30)
         raise InvalidSpec(f"image {image.name} needs a disk of at least {need} GiB; {spec.disk_gib} GiB requested")
-    authorized = [public_key_of(operator_key(paths.keys))] + [k for _, k in ctx.ledger.tenant_keys(spec.tenant)]
+    authorized = authorized_keys_for(ctx, spec)
     host_key = generate_ed25519(f"hvctl-host-{spec.name}")
     token = new_agent_token()
 
@@ -77,6 +77,12 @@ def create(ctx: Context, spec: VMSpec, reporter: Reporter | None = None,
         ctx.ledger.set_state(spec.name, "running", message)
         undo.commit()
     return ctx.ledger.get_vm(spec.name)
+
+
+def authorized_keys_for(ctx: Context, spec: VMSpec) -> list[str]:
+    """The keys a VM's root account accepts: its tenant's, and hvctl's operator key unless the spec declines it."""
+    operator = [public_key_of(operator_key(ctx.paths.keys))] if spec.operator_key else []
+    return operator + [k for _, k in ctx.ledger.tenant_keys(spec.tenant)]
 
 
 def boot_incarnation(ctx: Context, spec: VMSpec, host_name: str, files: VMFiles, ssh_port: int,

@@ -36,6 +36,14 @@ class WorkloadFailed(HvctlError):
     exit_code = 14
 
 
+def operator_identity(ctx: Context, record: VMRecord) -> Path:
+    """hvctl's own SSH key, for the copies hvctl makes into and out of a VM; refused for a VM that declined it."""
+    if not record.spec.operator_key:
+        raise InvalidSpec(f"{record.name} was created with --no-operator-key, so hvctl cannot copy files in or out "
+                          "of it", hint="the tenant can: `hvctl cp -i THEIR_KEY`")
+    return operator_key(ctx.paths.keys)
+
+
 def agent_for(record: VMRecord) -> AgentClient:
     if not record.agent_token:
         raise InvalidSpec(f"VM {record.name} has no agent (its image was built without one)")
@@ -66,7 +74,7 @@ def perception_args(ctx: Context, record: VMRecord, text: str | None, image: Pat
     if text:
         args += ["--text", text]
     remote_dir = f"/tmp/hvctl-run-{secrets.token_hex(4)}"
-    key = operator_key(ctx.paths.keys)
+    key = operator_identity(ctx, record)
     for flag, local in (("--image", image), ("--audio", audio)):
         if local is None:
             continue
@@ -169,6 +177,7 @@ def latest_checkpoint(record: VMRecord, objective: str) -> tuple[str, int] | Non
 
 def fetch_checkpoint(ctx: Context, record: VMRecord, objective: str, dest_dir: Path, force: bool = False,
                      max_bytes: int = DEFAULT_MAX_DOWNLOAD_BYTES) -> Path:
+    key = operator_identity(ctx, record)
     latest = latest_checkpoint(record, objective)
     if latest is None:
         raise HvctlError(f"{record.name} has no {objective} checkpoint yet",
@@ -179,7 +188,7 @@ def fetch_checkpoint(ctx: Context, record: VMRecord, objective: str, dest_dir: P
     except OSError as exc:
         raise InvalidSpec(f"cannot create {dest_dir}: {exc.strerror}") from None
     local = dest_dir / checkpoint_name(step)
-    copy(record, operator_key(ctx.paths.keys), remote, str(local), upload=False, max_bytes=max_bytes,
+    copy(record, key, remote, str(local), upload=False, max_bytes=max_bytes,
          overwrite=force)
     return local
 
@@ -192,10 +201,10 @@ def push_checkpoint(ctx: Context, record: VMRecord, objective: str, checkpoint: 
     if step is None:
         raise InvalidSpec(f"checkpoint {checkpoint.name}: the training workload resumes only from files named "
                           "ckpt-NNNNNNNN.pt", hint="keep the name `hvctl checkpoint` gave it")
-    agent = agent_for(record)
-    made = agent.typed("exec", rpc.ExecResult, rpc.ExecParams(argv=["mkdir", "-p", target_dir]))
+    key = operator_identity(ctx, record)
+    made = agent_for(record).typed("exec", rpc.ExecResult, rpc.ExecParams(argv=["mkdir", "-p", target_dir]))
     if made.exit_code != 0:
         raise HvctlError(f"cannot create {target_dir} in {record.name}: {made.stderr.strip()}")
     remote = f"{target_dir}/{checkpoint_name(step)}"
-    copy(record, operator_key(ctx.paths.keys), str(checkpoint), remote, upload=True)
+    copy(record, key, str(checkpoint), remote, upload=True)
     return remote
