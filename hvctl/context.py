@@ -105,6 +105,11 @@ class Context:
             accel = host.probe_accelerator(probe_image.kernel, probe_image.initrd, self.paths.root / "probe")
             self.ledger.record_host_facts(name, accel.value, facts.cpus, facts.memory_mib)
             record = self.ledger.get_host(name)
+        if record.disk_gib is None:
+            # VM disks live under the controller's state dir today, whichever host runs them: admission counts
+            # their sizes against that filesystem. (Remote hosts' storage pools replace this.)
+            self.ledger.record_host_disk(name, self.paths.storage_gib())
+            record = self.ledger.get_host(name)
         return HostCapabilities(name=name, accel=Accel(record.accel or "qemu"), cpus=record.cpus or 1,
                                 memory_mib=record.memory_mib or 0,
                                 memory_limits=can_limit_memory() if is_local(record.uri) else True)

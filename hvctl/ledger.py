@@ -99,6 +99,9 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (host, address)
     );
     """,
+    """
+    ALTER TABLE hosts ADD COLUMN disk_gib INTEGER;
+    """,
 ]
 
 VM_STATES = ("creating", "running", "stopped", "destroying")
@@ -130,6 +133,8 @@ class HostRecord:
     cpus: int | None
     memory_mib: int | None
     enabled: bool
+    # The size of the storage its VMs' disks live on; None until measured (no disk limit then).
+    disk_gib: int | None = None
 
 
 @dataclass(frozen=True)
@@ -240,7 +245,7 @@ class Ledger:
         if row is None:
             raise NotFound(f"unknown host {name!r}")
         return HostRecord(row["name"], row["uri"], row["accel"], row["accel_probed_at"], row["cpus"],
-                          row["memory_mib"], bool(row["enabled"]))
+                          row["memory_mib"], bool(row["enabled"]), row["disk_gib"])
 
     def list_hosts(self) -> list[HostRecord]:
         names = [r[0] for r in self.db.execute("SELECT name FROM hosts ORDER BY name")]
@@ -250,6 +255,10 @@ class Ledger:
         with self.transaction() as db:
             db.execute("UPDATE hosts SET accel = ?, accel_probed_at = ?, cpus = ?, memory_mib = ? WHERE name = ?",
                        (accel, time.time(), cpus, memory_mib, name))
+
+    def record_host_disk(self, name: str, disk_gib: int) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE hosts SET disk_gib = ? WHERE name = ?", (disk_gib, name))
 
     # -- vms --------------------------------------------------------------------------------------------------
 

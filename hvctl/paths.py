@@ -83,6 +83,11 @@ class StateDir:
     def agent_socket(self, name: str) -> Path:
         return self.vm_dir(name) / "agent.sock"
 
+    def storage_gib(self) -> int:
+        """The size of the filesystem VM disks are made on, in whole GiB."""
+        st = os.statvfs(self.root / "vms")
+        return st.f_blocks * st.f_frsize // 2**30
+
     def ensure(self) -> None:
         """Create the layout. The root and vms/ are 0711: QEMU (an unprivileged user) must pass through them to its
         VM's directory, but nobody may list them; each VM's directory is closed to all but root and QEMU

@@ -23,7 +23,8 @@ def host_limit(policy: Policy, record: HostRecord, gpus: int) -> dict[str, float
     return {
         "vcpus": max((record.cpus or 0) - reserve.vcpus, 0) * policy.hosts.cpu_overcommit,
         "memory_mib": max((record.memory_mib or 0) - reserve.memory_mib, 0) * policy.hosts.mem_overcommit,
-        "disk_gib": None,
+        "disk_gib": (max(record.disk_gib - reserve.disk_gib, 0) * policy.hosts.disk_overcommit
+                     if record.disk_gib is not None else None),
         "gpus": max(gpus - reserve.gpus, 0),
         "vms": None,
     }
@@ -40,7 +41,9 @@ def inventory(ledger: Ledger, policy: Policy, record: HostRecord) -> HostInvento
     reserve = policy.hosts.reserve
     return HostInventory(
         name=record.name,
-        capacity=Resources(vcpus=record.cpus or 0, memory_mib=record.memory_mib or 0, disk_gib=UNLIMITED_DISK_GIB,
+        capacity=Resources(vcpus=record.cpus or 0, memory_mib=record.memory_mib or 0,
+                           disk_gib=UNLIMITED_DISK_GIB if record.disk_gib is None
+                           else round(max(record.disk_gib - reserve.disk_gib, 0) * policy.hosts.disk_overcommit),
                            gpus=len(gpus)),
         allocated=Resources(vcpus=round(used.vcpus), memory_mib=round(used.memory_mib), disk_gib=round(used.disk_gib),
                             gpus=round(used.gpus)),

@@ -47,6 +47,9 @@ class HostPolicy(Strict):
     cpu_overcommit: float = Field(default=1.0, ge=1.0, le=64)
     # Memory may be overcommitted only deliberately; GPUs never are (there is no setting for them).
     mem_overcommit: float = Field(default=1.0, ge=1.0, le=4)
+    # Overlays are thin, so their virtual sizes may add up past the storage they live on, but only deliberately:
+    # a full filesystem pauses every VM on it.
+    disk_overcommit: float = Field(default=1.0, ge=1.0, le=16)
     reserve: Amounts = Amounts()
 
 

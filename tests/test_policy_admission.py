@@ -114,6 +114,39 @@ def test_a_vm_sized_exactly_to_the_quota_is_admitted_and_the_next_is_refused(tmp
     assert ledger.events("more")[-1].kind == "admission.refused"
 
 
+def test_disk_is_admitted_against_the_hosts_storage(tmp_path: Path) -> None:
+    """One tenant cannot fill a host's disk: virtual disk sizes count against the storage VM disks live on."""
+    ledger = Ledger(tmp_path / "l.sqlite3")
+    add_host(ledger, "h1", cpus=8, memory_mib=16384)
+    ledger.record_host_disk("h1", 10)
+    admit(ledger, VMSpec(name="a", tenant="acme", disk_gib=6), "h1", tmp_path)
+    with pytest.raises(QuotaExceeded, match=r"^host h1: disk 6 GiB requested, 6 of 10 GiB in use$"):
+        admit(ledger, VMSpec(name="b", tenant="globex", disk_gib=6), "h1", tmp_path)
+    assert [v.name for v in ledger.list_vms()] == ["a"]
+    policy = parse_policy(POLICY.replace("cpu_overcommit: 2.0,", "cpu_overcommit: 2.0, disk_overcommit: 2.0,")
+                          .replace("reserve: {memory_mib: 1024}", "reserve: {memory_mib: 1024, disk_gib: 2}"),
+                          "policy.yaml")
+    assert host_limit(policy, ledger.get_host("h1"), 0)["disk_gib"] == 16.0
+    with pytest.raises(NoValidHost, match="disk"):
+        choose_host(ledger, parse_policy(POLICY, "policy.yaml"), VMSpec(name="c", tenant="globex", disk_gib=6))
+
+
+def test_a_hosts_storage_is_measured_once_with_its_other_facts() -> None:
+    from hvctl.context import Context
+
+    state = short_tempdir("hvd-")
+    try:
+        ctx = Context(state_dir=state, uri="test:///default")
+        ctx.ledger.record_host_facts("local", "qemu", 8, 16384)
+        assert ctx.ledger.get_host("local").disk_gib is None
+        ctx.capabilities("local")
+        st = os.statvfs(state / "vms")
+        assert ctx.ledger.get_host("local").disk_gib == st.f_blocks * st.f_frsize // 2**30
+        ctx.close()
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
+
+
 def test_host_capacity_includes_overhead_and_reserve(tmp_path: Path) -> None:
     ledger = Ledger(tmp_path / "l.sqlite3")
     add_host(ledger, "small-host", cpus=2, memory_mib=3072)
