@@ -6,10 +6,10 @@ Every assertion about a guest is about what the guest itself did (its console), 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -234,7 +234,8 @@ def test_no_other_local_user_can_read_a_vms_files(ctx: Context, make_vm: Callabl
         assert read.returncode != 0 and "Permission denied" in read.stderr, secret
     for listing in (vm_dir, ctx.paths.root, ctx.paths.root / "vms"):
         assert as_nobody("ls", str(listing)).returncode != 0, listing
-    connect = as_nobody(sys.executable, "-c", "import socket, sys; socket.socket(socket.AF_UNIX)"
+    # The system's python: the test's own interpreter may live where nobody cannot reach it.
+    connect = as_nobody("/usr/bin/python3", "-c", "import socket, sys; socket.socket(socket.AF_UNIX)"
                         ".connect(sys.argv[1])", str(vm.agent_socket))
     assert connect.returncode != 0 and "PermissionError" in connect.stderr
     assert "HVCTL-READY" in ctx.paths.console_log("perm").read_text(errors="replace")
@@ -293,3 +294,22 @@ def test_the_private_daemon_answers_root_only(libvirtd: PrivateLibvirtd) -> None
     assert libvirtd.socket.stat().st_mode & 0o777 == 0o700
     readonly = libvirtd.socket.with_name("libvirt-sock-ro")
     assert not readonly.exists() or readonly.stat().st_mode & 0o777 == 0o700
+
+
+def test_the_console_log_is_written_by_virtlogd_so_it_is_capped(libvirtd: PrivateLibvirtd, ctx: Context,
+                                                                 make_vm: Callable[..., VMRecord]) -> None:
+    """A guest can print without end. virtlogd (not QEMU) holds its console file, and rotates it at max_size
+    (2 MiB, 3 backups by default), so a guest cannot fill the host's disk through its console."""
+    from hvctl.enforcement import find_qemu_pid
+
+    vm = make_vm("chatty")
+    console = str(Path(vm.console_log).resolve())
+
+    def holds(pid: int) -> bool:
+        fds = Path(f"/proc/{pid}/fd")
+        return any(os.readlink(fd) == console for fd in fds.iterdir() if fd.is_symlink())
+
+    virtlogd = int(libvirtd.virtlogd_pidfile.read_text())
+    qemu = find_qemu_pid("chatty")
+    assert qemu is not None
+    assert holds(virtlogd) and not holds(qemu)

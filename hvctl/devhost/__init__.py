@@ -91,11 +91,12 @@ class PrivateLibvirtd:
             # Disks live in hvctl's state dir and are shared between "hosts" in migration tests; do not let the
             # destination's relabelling fight the source's.
             "remember_owner": "0",
-            "stdio_handler": '"file"',
+            # stdio_handler stays libvirt's default, "logd": virtlogd, not QEMU, writes the console file and rotates
+            # it at max_size, so a guest that prints without end cannot fill the host's disk.
         }
         # QEMU keeps running as the unprivileged libvirt-qemu user. That is not only safer: libvirt decides whether
         # KVM is usable by checking that user's access to /dev/kvm, and root could open the hidden mode-000 stand-in,
-        # which makes libvirt re-probe QEMU (~30 s) on every create. State dirs must therefore be traversable (0755).
+        # which makes libvirt re-probe QEMU (~30 s) on every create. Its VM directories are group-owned by it (0750).
         if not self.cgroups:
             qemu_conf["cgroup_controllers"] = "[ ]"
         (etc / "qemu.conf").write_text(_set_conf(Path("/etc/libvirt/qemu.conf").read_text(), qemu_conf))
@@ -283,7 +284,3 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(daemon.uri)
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
