@@ -1,0 +1,251 @@
+"""A remote-style host on this machine: a libvirtd and an sshd that share nothing with the controller but the
+kernel, reached only over the network, as a real remote host is.
+
+* Network: their own network namespace, reached over a veth pair this module makes, one /30 per host in
+  198.18.0.0/15 (RFC 2544's range for test networks): the controller at 198.18.N.1, the host at 198.18.N.2.
+* Filesystem: a private mount namespace with the host's own /etc/libvirt, /run (libvirt's and sshd's sockets and
+  pids), /var/lib/libvirt (its storage), /var/log/libvirt and /var/cache/libvirt, and an empty tmpfs over each
+  path in ``hide`` (the controller's state dir), so the host cannot see the controller's files.
+* Access: ``qemu+ssh://root@198.18.N.2/system`` through an OpenSSH sshd in the same namespaces, key-only, with a
+  host key the client pins. Plain ``qemu+ssh`` runs the ``ssh`` binary, which ignores libvirt's ``known_hosts=``
+  and reads the user's own file, so the URI names a wrapper (``command=``) that gives ssh this host's known_hosts,
+  strict checking and the client key.
+
+Made as ENVIRONMENT.md measured it: a holder process owns the namespaces (``unshare --mount --net --uts``), the
+veth's inner end is moved into its netns by pid (``ip netns add`` would leave a mount of /run/netns behind), and
+the daemons are started inside with ``nsenter``. ``stop`` terminates every process by its own pid, the holder last;
+the netns, its veth and every mount go with the holder. Nothing is written outside ``root``.
+"""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hvctl.devhost import _alive, _read_pid, _set_conf, _terminate
+from hvctl.errors import HostUnreachable
+
+# Bind-mounted from ``root`` over the same path inside the host's mount namespace.
+_HOST_DIRS = ("etc/libvirt", "run", "var/lib/libvirt", "var/log/libvirt", "var/cache/libvirt")
+# Inside the host: where its daemons keep their pid files (its private /run).
+_PIDFILES = ("libvirtd.pid", "virtlogd.pid", "sshd.pid")
+
+
+@dataclass
+class RemoteStyleHost:
+    root: Path
+    index: int  # the host's /30 is 198.18.<index>.0
+    hide: tuple[Path, ...] = ()
+    host_uuid: str = field(default_factory=lambda: str(uuid.uuid4()))
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.index <= 254:
+            raise ValueError(f"index {self.index}: must be 1..254 (one /30 of 198.18.0.0/16 each)")
+
+    # -- names --------------------------------------------------------------------------------------------------
+
+    @property
+    def address(self) -> str:
+        return f"198.18.{self.index}.2"
+
+    @property
+    def controller_address(self) -> str:
+        return f"198.18.{self.index}.1"
+
+    @property
+    def veth(self) -> tuple[str, str]:
+        """(the controller's end, the host's end)."""
+        return f"hvt{self.index}h", f"hvt{self.index}g"
+
+    @property
+    def client_key(self) -> Path:
+        return self.root / "controller" / "id_ed25519"
+
+    @property
+    def known_hosts(self) -> Path:
+        return self.root / "controller" / "known_hosts"
+
+    @property
+    def ssh_wrapper(self) -> Path:
+        return self.root / "controller" / "ssh"
+
+    @property
+    def uri(self) -> str:
+        return f"qemu+ssh://root@{self.address}/system?command={self.ssh_wrapper}"
+
+    @property
+    def holder_pidfile(self) -> Path:
+        return self.root / "holder.pid"
+
+    @property
+    def storage(self) -> Path:
+        """The host's storage directory, as the host sees it (its libvirt's default pool path)."""
+        return Path("/var/lib/libvirt/images")
+
+    # -- start ----------------------------------------------------------------------------------------------------
+
+    def _prepare(self) -> Path:
+        r = self.root
+        for rel in (*_HOST_DIRS, "run/libvirt", "run/sshd", "var/lib/libvirt/images", "var/lib/libvirt/qemu",
+                    "var/log/libvirt/qemu", "ssh", "controller"):
+            (r / rel).mkdir(parents=True, exist_ok=True)
+        (r / "run/sshd").chmod(0o755)  # sshd's privilege-separation directory
+        for rel in ("ssh", "controller"):
+            (r / rel).chmod(0o700)
+        etc = r / "etc/libvirt"
+        if not (etc / "libvirtd.conf").exists():
+            # /etc/libvirt/qemu holds the machine daemon's persistent domains: a new host starts with none.
+            shutil.copytree("/etc/libvirt", etc, symlinks=True, dirs_exist_ok=True,
+                            ignore=lambda d, names: ["qemu"] if Path(d) == Path("/etc/libvirt") else [])
+            (etc / "qemu").mkdir(exist_ok=True)
+            (etc / "qemu.conf").write_text(_set_conf(Path("/etc/libvirt/qemu.conf").read_text(), {
+                # libvirtd already runs in a private mount namespace; QEMU's own per-domain one would try to move
+                # this host's bind mounts.
+                "namespaces": "[ ]",
+                # The machine's cgroups are shared with the controller's daemon; a domain of the same name on both
+                # (a migration) would collide there.
+                "cgroup_controllers": "[ ]",
+            }))
+            (etc / "libvirtd.conf").write_text(_set_conf(Path("/etc/libvirt/libvirtd.conf").read_text(), {
+                "host_uuid": f'"{self.host_uuid}"',
+                "unix_sock_rw_perms": '"0700"', "unix_sock_ro_perms": '"0700"', "auth_unix_rw": '"none"',
+                "auth_unix_ro": '"none"',
+            }))
+        for key, comment in ((r / "ssh/host_ed25519", "hvctl-remote-host"), (self.client_key, "hvctl-controller")):
+            if not key.exists():
+                subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(key)],
+                               check=True)
+        (r / "ssh/authorized_keys").write_text(self.client_key.with_suffix(".pub").read_text())
+        (r / "ssh/authorized_keys").chmod(0o600)
+        (r / "ssh/sshd_config").write_text(
+            f"ListenAddress {self.address}:22\nHostKey {r}/ssh/host_ed25519\n"
+            f"AuthorizedKeysFile {r}/ssh/authorized_keys\nPermitRootLogin prohibit-password\n"
+            "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
+            "PidFile /run/sshd.pid\nSubsystem sftp internal-sftp\n")
+        host_pub = (r / "ssh/host_ed25519.pub").read_text().split()
+        self.known_hosts.write_text(f"{self.address} {host_pub[0]} {host_pub[1]}\n")
+        self.ssh_wrapper.write_text(
+            "#!/bin/sh\n# libvirt's qemu+ssh runs this in place of ssh: this host's pinned key and the client key.\n"
+            f"exec ssh -o UserKnownHostsFile={shlex.quote(str(self.known_hosts))} -o StrictHostKeyChecking=yes "
+            f"-o GlobalKnownHostsFile=/dev/null -o BatchMode=yes -o ConnectTimeout=10 "
+            f"-o IdentitiesOnly=yes -i {shlex.quote(str(self.client_key))} \"$@\"\n")
+        self.ssh_wrapper.chmod(0o700)
+        blocker = r / "kvm-hidden"
+        blocker.touch()
+        blocker.chmod(0)
+        lines = ["set -eu", "mount --make-rprivate /"]
+        lines += [f"mount --bind {shlex.quote(str(r / rel))} /{rel}" for rel in _HOST_DIRS]
+        lines += [f"mount -t tmpfs -o mode=0700,size=1m hvctl-hidden {shlex.quote(str(p))}"
+                  for p in self.hide if p.exists()]
+        if Path("/dev/kvm").exists():
+            # As for PrivateLibvirtd: a /dev/kvm that opens but cannot run a guest costs ~44 s per create.
+            lines.append(f"mount --bind {shlex.quote(str(blocker))} /dev/kvm")
+        lines += [f"hostname hvctl-remote-{self.index}", "ip link set lo up",
+                  f"echo $$ > {shlex.quote(str(self.holder_pidfile))}", "exec sleep infinity"]
+        init = r / "holder.sh"
+        init.write_text("\n".join(lines) + "\n")
+        return init
+
+    def start(self, timeout: float = 60.0) -> RemoteStyleHost:
+        if self.running():
+            return self
+        init = self._prepare()
+        self.holder_pidfile.unlink(missing_ok=True)
+        log = open(self.root / "holder.log", "ab")  # noqa: SIM115 - handed to the child, closed below
+        try:
+            subprocess.Popen(["setsid", "unshare", "--mount", "--net", "--uts", "--propagation", "private",
+                              "sh", str(init)], stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                             start_new_session=True)
+        finally:
+            log.close()
+        try:
+            holder = self._wait_for_holder(timeout)
+            outer, inner = self.veth
+            _run("ip", "link", "add", outer, "type", "veth", "peer", "name", inner, "netns", str(holder))
+            _run("ip", "addr", "add", f"{self.controller_address}/30", "dev", outer)
+            _run("ip", "link", "set", outer, "up")
+            self._inside(f"ip addr add {self.address}/30 dev {inner}", f"ip link set {inner} up",
+                         "virtlogd -d -p /run/virtlogd.pid", "libvirtd -d -p /run/libvirtd.pid",
+                         f"/usr/sbin/sshd -f {shlex.quote(str(self.root / 'ssh/sshd_config'))} "
+                         f"-E {shlex.quote(str(self.root / 'var/log/libvirt/sshd.log'))}")
+            self._wait_until_answering(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _inside(self, *commands: str) -> None:
+        holder = _read_pid(self.holder_pidfile)
+        assert holder is not None
+        result = subprocess.run(["nsenter", "-t", str(holder), "-m", "-n", "-u", "sh", "-ec", "; ".join(commands)],
+                                capture_output=True, text=True, timeout=60)
+        if result.returncode != 0:
+            raise HostUnreachable(f"remote-style host {self.index}: {result.stderr.strip()}")
+
+    def _wait_for_holder(self, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pid = _read_pid(self.holder_pidfile)
+            if pid is not None and _alive(pid):
+                return pid
+            time.sleep(0.05)
+        log = (self.root / "holder.log").read_text(errors="replace").strip()
+        raise HostUnreachable(f"remote-style host {self.index}: its namespaces did not come up ({log[-300:]})")
+
+    def _wait_until_answering(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline:
+            probe = subprocess.run(["virsh", "-q", "-c", self.uri, "version"], capture_output=True, text=True,
+                                   timeout=max(deadline - time.monotonic(), 5.0))
+            if probe.returncode == 0:
+                return
+            last = probe.stderr.strip()
+            time.sleep(0.3)
+        raise HostUnreachable(f"remote-style host {self.index} did not answer on {self.uri} within "
+                              f"{timeout:.0f} s: {last}")
+
+    # -- stop -----------------------------------------------------------------------------------------------------
+
+    def running(self) -> bool:
+        holder = _read_pid(self.holder_pidfile)
+        return holder is not None and _alive(holder)
+
+    def pids(self) -> dict[str, int]:
+        """The host's processes by role, from their pid files (its /run is ``root``/run outside)."""
+        found = {name: pid for name in _PIDFILES if (pid := _read_pid(self.root / "run" / name)) is not None}
+        found |= {f"qemu:{p.stem}": pid for p in (self.root / "run/libvirt/qemu").glob("*.pid")
+                  if (pid := _read_pid(p)) is not None}
+        holder = _read_pid(self.holder_pidfile)
+        if holder is not None:
+            found["holder"] = holder
+        return {name: pid for name, pid in found.items() if _alive(pid)}
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Guests first (QEMU outlives libvirtd), then sshd, libvirtd and virtlogd, then the holder, whose exit takes
+        the netns, the veth pair and every mount with it."""
+        pids = self.pids()
+        for name, pid in pids.items():
+            if name.startswith("qemu:"):
+                _terminate(pid, timeout)
+        for name in ("sshd.pid", "libvirtd.pid", "virtlogd.pid", "holder"):
+            _terminate(pids.get(name), timeout)
+        outer, _ = self.veth
+        deadline = time.monotonic() + timeout
+        # The kernel removes the veth pair with the netns, a moment after its last process exits.
+        while subprocess.run(["ip", "link", "show", outer], capture_output=True).returncode == 0:
+            if time.monotonic() > deadline:
+                _run("ip", "link", "del", outer)
+                break
+            time.sleep(0.05)
+
+
+def _run(*argv: str) -> None:
+    result = subprocess.run(list(argv), capture_output=True, text=True, timeout=30)
+    if result.returncode != 0:
+        raise HostUnreachable(f"`{' '.join(argv)}` failed: {result.stderr.strip()}")
