@@ -31,7 +31,7 @@ from guest import rpc
 
 VERSION = "0.2.0"
 STARTED = time.monotonic()
-AGENT_PORT_NAME = "org.hvctl.agent.0"
+AGENT_PORT_NAME = rpc.AGENT_CHANNEL
 
 # Workload kind → the command that runs it. The workloads issue fills in the modules these name; a kind whose module
 # is missing fails at start with Python's own message, reported through workload.status.

@@ -13,6 +13,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 PROTOCOL_VERSION = 1
+# The virtio-serial port both sides know the agent by: the guest finds its device by this name, and the controller
+# opens it through libvirt (virDomain.openChannel).
+AGENT_CHANNEL = "org.hvctl.agent.0"
 # A line longer than this is refused without being parsed, so a runaway peer cannot exhaust the agent's memory.
 MAX_MESSAGE_BYTES = 1 << 20
 # Output returned by exec is capped so that a reply always fits in one message.

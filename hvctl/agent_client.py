@@ -1,4 +1,6 @@
-"""The controller's side of the agent RPC: a unix-socket client for the VM's virtio-serial channel.
+"""The controller's side of the agent RPC, over any byte pipe: the VM's virtio-serial channel opened through its
+host's libvirt connection (``Host.open_channel``, the same over the local socket, ``qemu+ssh`` or ``qemu+tls``), or
+a unix socket for the agent's development mode (``hvctl-agent serve --socket``).
 
 The guest is untrusted: every call has one total deadline however the guest paces its bytes, the read buffer is
 bounded by one message, and every transport failure becomes an ``AgentError``.
@@ -14,15 +16,22 @@ from __future__ import annotations
 import secrets
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
 from guest import rpc
 from hvctl.errors import HvctlError
 
+if TYPE_CHECKING:
+    from hvctl.host import Host
+
 ResultT = TypeVar("ResultT", bound=BaseModel)
+# How long a call waits for another client (another hvctl command) to let go of the channel; libvirt refuses a
+# second client at once instead of queueing it.
+BUSY_GRACE_S = 10.0
 
 
 class AgentError(HvctlError):
@@ -35,11 +44,58 @@ class AgentError(HvctlError):
         self.code = code
 
 
+class Transport(Protocol):
+    """A byte pipe to the agent. ``recv`` returns b"" at its end and raises TimeoutError past ``deadline``."""
+
+    def send(self, data: bytes, deadline: float) -> None: ...
+
+    def recv(self, deadline: float) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
+class UnixTransport:
+    def __init__(self, path: Path, deadline: float) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.sock.settimeout(_remaining(deadline))
+            self.sock.connect(str(path))
+        except BaseException:
+            self.sock.close()
+            raise
+
+    def send(self, data: bytes, deadline: float) -> None:
+        self.sock.settimeout(_remaining(deadline))
+        self.sock.sendall(data)
+
+    def recv(self, deadline: float) -> bytes:
+        self.sock.settimeout(_remaining(deadline))
+        return self.sock.recv(65536)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+Opener = Callable[[float], Transport]
+
+
 class AgentClient:
-    def __init__(self, socket_path: Path, token: str, timeout: float = 30.0) -> None:
-        self.socket_path = socket_path
+    def __init__(self, opener: Opener, token: str, timeout: float = 30.0, name: str = "the agent channel") -> None:
+        self.opener = opener
         self.token = token
         self.timeout = timeout
+        self.name = name
+
+    @classmethod
+    def over_socket(cls, path: Path, token: str, timeout: float = 30.0) -> AgentClient:
+        """The agent's development transport: its own unix socket."""
+        return cls(lambda deadline: UnixTransport(path, deadline), token, timeout, name=f"the agent channel {path}")
+
+    @classmethod
+    def over_channel(cls, host: Host, vm: str, token: str, timeout: float = 30.0) -> AgentClient:
+        """The VM's virtio-serial channel through its host's libvirt connection."""
+        return cls(lambda deadline: _open_channel(host, vm, rpc.AGENT_CHANNEL, deadline), token, timeout,
+                   name=f"the agent channel of {vm}")
 
     def call(self, method: str, params: BaseModel | None = None, timeout: float | None = None) -> BaseModel:
         if method not in rpc.METHODS:
@@ -64,25 +120,28 @@ class AgentClient:
         return result
 
     def _roundtrip(self, request: rpc.Request, timeout: float) -> rpc.Reply:
-        # One total deadline for the whole call: connect, send and every recv share it, so a guest that trickles
-        # bytes (or floods lines that are not our reply) cannot stretch a call past its timeout.
+        # One total deadline for the whole call: open, send and every recv share it, so a guest that trickles bytes
+        # (or floods lines that are not our reply) cannot stretch a call past its timeout.
         deadline = time.monotonic() + timeout
+        transport: Transport | None = None
         try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-                sock.settimeout(timeout)
-                sock.connect(str(self.socket_path))
-                sock.settimeout(_remaining(deadline))
-                sock.sendall(b"\n" + request.model_dump_json().encode() + b"\n")
-                return _read_reply(sock, request.id, deadline)
+            transport = self.opener(deadline)
+            transport.send(b"\n" + request.model_dump_json().encode() + b"\n", deadline)
+            return _read_reply(transport, request.id, deadline)
         except TimeoutError:
             raise AgentError(f"the agent did not answer {request.method} within {timeout:.1f} s") from None
         except (FileNotFoundError, ConnectionRefusedError) as exc:
-            raise AgentError(f"cannot connect to the agent channel {self.socket_path}: {exc.strerror}",
-                             hint="is the VM running?") from None
+            raise AgentError(f"cannot connect to {self.name}: {exc.strerror}", hint="is the VM running?") from None
         except OSError as exc:
             # A reset, a broken pipe or anything else the transport raises: one clean error, never a traceback.
-            raise AgentError(f"the agent channel {self.socket_path} failed: {exc.strerror or exc}",
-                             hint="is the VM running?") from None
+            raise AgentError(f"{self.name} failed: {exc.strerror or exc}", hint="is the VM running?") from None
+        except AgentError:
+            raise
+        except HvctlError as exc:  # the host layer's: a lost connection, a domain that is not running
+            raise AgentError(f"{self.name} failed: {exc.message}", hint=exc.hint or "is the VM running?") from None
+        finally:
+            if transport is not None:
+                transport.close()
 
     def wait_ready(self, timeout: float, poll: float = 0.25) -> tuple[rpc.PingResult, float]:
         """Ping until the agent answers; returns its reply and the seconds waited."""
@@ -107,13 +166,28 @@ def _remaining(deadline: float) -> float:
     return left
 
 
-def _read_reply(sock: socket.socket, request_id: int, deadline: float) -> rpc.Reply:
+def _open_channel(host: Host, vm: str, channel: str, deadline: float) -> Transport:
+    """Open the channel, waiting out another client that holds it (never past ``deadline``, nor BUSY_GRACE_S)."""
+    from hvctl.host import ChannelBusy
+
+    busy_until = min(deadline, time.monotonic() + BUSY_GRACE_S)
+    while True:
+        try:
+            return host.open_channel(vm, channel)
+        except ChannelBusy as exc:
+            if time.monotonic() >= busy_until:
+                raise AgentError(exc.message, hint="another hvctl command is talking to this agent; try again") \
+                    from None
+            time.sleep(0.05)
+
+
+def _read_reply(transport: Transport, request_id: int, deadline: float) -> rpc.Reply:
     """Read lines until the reply to ``request_id``. The buffer never holds more than one line of at most
     ``MAX_MESSAGE_BYTES``, and each byte is scanned for a newline once, so splitting stays linear."""
     buf = bytearray()
     while True:
-        sock.settimeout(_remaining(deadline))
-        chunk = sock.recv(65536)
+        _remaining(deadline)
+        chunk = transport.recv(deadline)
         if not chunk:
             raise AgentError("the agent channel closed before a reply arrived")
         scan_from = len(buf)

@@ -16,9 +16,23 @@ PROBE_MARKER = "HVCTL-PROBE-OK"
 _NOISE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\r")
 
 
-def read_console(path: Path) -> str:
+def console_size(path: Path) -> int:
+    """Where the console file ends now: a boot started after this reads its readiness from here on."""
     try:
-        return _NOISE.sub("", path.read_bytes().decode(errors="replace"))
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def read_console(path: Path, offset: int = 0) -> str:
+    """The console from ``offset`` on; from the start if the file is now shorter (virtlogd rotated it)."""
+    try:
+        with path.open("rb") as f:
+            if f.seek(0, 2) >= offset:
+                f.seek(offset)
+            else:
+                f.seek(0)
+            return _NOISE.sub("", f.read().decode(errors="replace"))
     except FileNotFoundError:
         return ""
 
@@ -27,17 +41,18 @@ def console_tail(path: Path, lines: int = 15) -> str:
     return "\n".join(read_console(path).splitlines()[-lines:])
 
 
-def ready_line(path: Path) -> str | None:
-    for line in read_console(path).splitlines():
+def ready_line(path: Path, offset: int = 0) -> str | None:
+    for line in read_console(path, offset).splitlines():
         if READY_MARKER in line:
             return line[line.index(READY_MARKER):]
     return None
 
 
 def wait_for_ready(
-    name: str, path: Path, timeout: float, still_running: Callable[[], bool], poll: float = 0.05
+    name: str, path: Path, timeout: float, still_running: Callable[[], bool], poll: float = 0.05, offset: int = 0
 ) -> tuple[str, float]:
-    """Wait until the guest prints its readiness marker. Returns the marker line and the seconds waited.
+    """Wait until the guest prints its readiness marker after ``offset`` (where the file ended before this boot).
+    Returns the marker line and the seconds waited.
 
     "Up" means the guest said so, not that libvirt says "running". A guest that dies while booting fails at once
     rather than at the timeout.
@@ -45,7 +60,7 @@ def wait_for_ready(
     start = time.monotonic()
     next_liveness = start
     while True:
-        line = ready_line(path)
+        line = ready_line(path, offset)
         if line is not None:
             return line, time.monotonic() - start
         now = time.monotonic()

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
+from hvctl.agent_client import AgentClient
 from hvctl.designer import HostCapabilities
 from hvctl.domain import Accel
 from hvctl.errors import ImageError
@@ -93,6 +94,10 @@ class Context:
         if name not in self._hosts:
             self._hosts[name] = Host(self.ledger.get_host(name).uri)
         return self._hosts[name]
+
+    def agent(self, host_name: str, vm: str, token: str, timeout: float = 30.0) -> AgentClient:
+        """A client for ``vm``'s agent, through its host's libvirt connection (``virDomain.openChannel``)."""
+        return AgentClient.over_channel(self.host(host_name), vm, token, timeout)
 
     def capabilities(self, name: str | None = None) -> HostCapabilities:
         """Host facts with the accelerator, probed once per host and cached in the ledger."""

@@ -9,6 +9,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from guest.rpc import AGENT_CHANNEL
 from hvctl.domain import (
     Accel,
     CpuMode,
@@ -27,7 +28,6 @@ from hvctl.domain import (
 from hvctl.domain.devices import Device
 from hvctl.spec import VMSpec
 
-AGENT_CHANNEL = "org.hvctl.agent.0"
 CFS_PERIOD_US = 100_000
 
 

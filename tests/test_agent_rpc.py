@@ -48,7 +48,7 @@ def raw_exchange(sock_path: Path, payload: bytes) -> list[dict[str, object]]:
 
 
 def test_ping_info_exec_roundtrip(agent_socket: Path) -> None:
-    client = AgentClient(agent_socket, TOKEN)
+    client = AgentClient.over_socket(agent_socket, TOKEN)
     pong = client.typed("ping", rpc.PingResult)
     assert pong.pong and pong.agent_version
     info = client.typed("info", rpc.InfoResult)
@@ -82,14 +82,14 @@ def test_bad_messages_get_error_replies_and_the_agent_keeps_serving(agent_socket
         (None, "too-large"), (7, "ok"),
     ]
     # Still serving a fresh connection after all that.
-    assert AgentClient(agent_socket, TOKEN).typed("ping", rpc.PingResult).pong
+    assert AgentClient.over_socket(agent_socket, TOKEN).typed("ping", rpc.PingResult).pong
 
 
 def test_wrong_token_is_refused_by_the_client_too(agent_socket: Path) -> None:
     with pytest.raises(AgentError, match="bad or missing agent token"):
-        AgentClient(agent_socket, "guess").call("ping")
+        AgentClient.over_socket(agent_socket, "guess").call("ping")
     with pytest.raises(AgentError, match="bad or missing agent token"):
-        AgentClient(agent_socket, "guess").wait_ready(timeout=5)
+        AgentClient.over_socket(agent_socket, "guess").wait_ready(timeout=5)
 
 
 def test_client_discards_stale_replies_and_partial_lines(agent_socket: Path) -> None:
@@ -97,19 +97,19 @@ def test_client_discards_stale_replies_and_partial_lines(agent_socket: Path) -> 
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.connect(str(agent_socket))
         s.sendall(b'{"v": 1, "id": 5, "tok')
-    assert AgentClient(agent_socket, TOKEN).typed("ping", rpc.PingResult).pong
+    assert AgentClient.over_socket(agent_socket, TOKEN).typed("ping", rpc.PingResult).pong
 
 
 def test_client_validates_params_before_sending(agent_socket: Path) -> None:
     with pytest.raises(AgentError, match="unknown agent method"):
-        AgentClient(agent_socket, TOKEN).call("reboot-host")
+        AgentClient.over_socket(agent_socket, TOKEN).call("reboot-host")
     with pytest.raises(Exception, match="argv"):
-        AgentClient(agent_socket, TOKEN).call("exec", rpc.ExecParams(argv=[]))
+        AgentClient.over_socket(agent_socket, TOKEN).call("exec", rpc.ExecParams(argv=[]))
 
 
 def test_missing_socket_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(AgentError, match="cannot connect to the agent channel"):
-        AgentClient(tmp_path / "none.sock", TOKEN).call("ping")
+        AgentClient.over_socket(tmp_path / "none.sock", TOKEN).call("ping")
 
 
 def test_workload_dispatch_runs_in_a_child_and_survives_its_crash(tmp_path: Path) -> None:
@@ -159,7 +159,8 @@ def test_line_splitter_bounds_memory() -> None:
 
 def test_token_rotation_switches_the_running_agent_and_its_token_file(agent_socket: Path, tmp_path: Path) -> None:
     new = "n" * 43
-    old_client, new_client = AgentClient(agent_socket, TOKEN), AgentClient(agent_socket, new)
+    old_client = AgentClient.over_socket(agent_socket, TOKEN)
+    new_client = AgentClient.over_socket(agent_socket, new)
     with pytest.raises(AgentError, match="bad or missing agent token"):
         new_client.call("ping")
     assert old_client.typed("token.rotate", rpc.TokenRotated, rpc.TokenRotateParams(token=new)).rotated

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from hvctl.console import console_tail, ready_line, wait_for_ready
+from hvctl.console import console_size, console_tail, ready_line, wait_for_ready
 from hvctl.errors import GuestTimeout
 
 
@@ -47,3 +47,18 @@ def test_timeout_carries_the_console_tail(tmp_path: Path) -> None:
     with pytest.raises(GuestTimeout, match="within 0 s") as exc:
         wait_for_ready("x", log, timeout=0.2, still_running=lambda: True)
     assert exc.value.console_tail.splitlines() == [f"line {i}" for i in range(25, 40)]
+
+
+def test_readiness_counts_only_what_this_boot_printed(tmp_path: Path) -> None:
+    """The console file is appended to across boots: the marker of an earlier boot, before the offset taken at
+    start, must not count; after virtlogd rotates the file (now shorter than the offset), it is read from its start."""
+    log = tmp_path / "console.log"
+    log.write_text("HVCTL-READY name=x boot=1\n")
+    offset = console_size(log)
+    with pytest.raises(GuestTimeout):
+        wait_for_ready("x", log, timeout=0.2, still_running=lambda: True, offset=offset)
+    with log.open("a") as f:
+        f.write("booting\nHVCTL-READY name=x boot=2\n")
+    assert wait_for_ready("x", log, timeout=10, still_running=lambda: True, offset=offset)[0].endswith("boot=2")
+    log.write_text("HVCTL-READY name=x boot=3\n")  # rotated: a new, shorter file
+    assert ready_line(log, offset=10_000) == "HVCTL-READY name=x boot=3"

@@ -80,11 +80,13 @@ class Rig:
         console = self.ctx.paths.console_log(name)
         done = threading.Event()
 
-        def stand_in_guest() -> None:  # the test driver's domain never prints; say "ready" for it
+        def stand_in_guest() -> None:
+            # The test driver's domain never prints: say "ready" for it, again and again until create has seen it
+            # (create counts only what the console gains after the domain starts).
             while not done.is_set():
                 if console.parent.is_dir():
-                    console.write_text(f"HVCTL-READY name={name}\n")
-                    return
+                    with console.open("a") as f:
+                        f.write(f"HVCTL-READY name={name}\n")
                 time.sleep(0.01)
 
         writer = threading.Thread(target=stand_in_guest, daemon=True)

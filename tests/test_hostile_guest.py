@@ -100,7 +100,7 @@ def hostile() -> Iterator[Callable[[Behaviour], HostileAgent]]:
 
 
 def client(agent: HostileAgent) -> AgentClient:
-    return AgentClient(agent.path, TOKEN, timeout=0.5)
+    return AgentClient.over_socket(agent.path, TOKEN, timeout=0.5)
 
 
 def test_a_flood_of_other_replies_cannot_stretch_the_deadline(hostile: Callable[[Behaviour], HostileAgent]) -> None:
@@ -149,7 +149,7 @@ def test_a_100_mb_line_is_dropped_at_the_message_bound(hostile: Callable[[Behavi
 
     agent = hostile(huge)
     with pytest.raises(AgentError, match=f"a line over {rpc.MAX_MESSAGE_BYTES} bytes"):
-        AgentClient(agent.path, TOKEN, timeout=GIVE_UP_S).call("ping")
+        AgentClient.over_socket(agent.path, TOKEN, timeout=GIVE_UP_S).call("ping")
     agent.close()
     # The client stopped reading a little past one message (plus what the kernel's socket buffers held).
     assert agent.still_sending_when_client_left and agent.sent < 16 * rpc.MAX_MESSAGE_BYTES

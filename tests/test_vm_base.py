@@ -79,9 +79,11 @@ def hvctl(env: dict[str, object], *args: str, timeout: float = 120) -> subproces
     return hvctl_cli(str(env["state"]), str(env["uri"]), *args, timeout=timeout)
 
 
-def agent_of(record: VMRecord) -> AgentClient:
-    assert record.agent_token
-    return AgentClient(record.agent_socket, record.agent_token)
+def agent_of(env: dict[str, object], record: VMRecord) -> AgentClient:
+    """The agent through the host's libvirt connection (openChannel), as hvctl reaches it."""
+    ctx = env["ctx"]
+    assert isinstance(ctx, Context) and record.agent_token
+    return ctx.agent(record.host, record.name, record.agent_token)
 
 
 def test_agent_ping_and_info_come_from_inside_the_guest(env: dict[str, object], image_dir: Path) -> None:
@@ -170,7 +172,7 @@ def test_key_rm_revokes_a_key_in_running_vms_and_their_seeds(env: dict[str, obje
         assert new_token and new_token != old_token
         assert read_seed_file(record.seed, "hvctl/agent_token").decode().strip() == new_token
         with pytest.raises(AgentError, match="bad or missing agent token"):
-            AgentClient(record.agent_socket, str(old_token)).call("ping")
+            ctx.agent(record.host, record.name, str(old_token)).call("ping")
         # Across a reboot (the guest reads its seed again): the new token holds, the revoked key stays revoked.
         assert hvctl(env, "stop", "nokey", "--timeout", "60").returncode == 0
         assert hvctl(env, "start", "nokey", timeout=300).returncode == 0
@@ -207,16 +209,19 @@ def test_a_guest_cannot_reach_host_ports_nor_other_vms_forwards(env: dict[str, o
         port = listener.getsockname()[1]
         probe = (f"import socket\ntry:\n socket.create_connection(('10.0.2.2', {port}), timeout=3)\n print('open')\n"
                  "except OSError as e:\n print('blocked', e)\n")
-        out = agent_of(vm).typed("exec", rpc.ExecResult, rpc.ExecParams(argv=["python3", "-c", probe], timeout_s=60))
+        out = agent_of(env, vm).typed("exec", rpc.ExecResult,
+                                      rpc.ExecParams(argv=["python3", "-c", probe], timeout_s=60))
         assert out.stdout.startswith("blocked"), out.stdout
 
 
 def test_agent_refuses_calls_without_the_seed_token(env: dict[str, object]) -> None:
     vm = env["vm"]
     assert isinstance(vm, VMRecord)
+    ctx = env["ctx"]
+    assert isinstance(ctx, Context)
     with pytest.raises(Exception, match="bad or missing agent token"):
-        AgentClient(vm.agent_socket, "not-the-token").call("ping")
-    # A malformed line straight into the channel gets an error reply, and the agent keeps serving.
+        ctx.agent(vm.host, vm.name, "not-the-token").call("ping")
+    # A malformed line straight into QEMU's end of the channel gets an error reply, and the agent keeps serving.
     with socket.socket(socket.AF_UNIX) as s:
         s.settimeout(10)
         s.connect(str(vm.agent_socket))
@@ -225,7 +230,7 @@ def test_agent_refuses_calls_without_the_seed_token(env: dict[str, object]) -> N
         while b"\n" not in reply:
             reply += s.recv(4096)
     assert json.loads(reply.splitlines()[0])["error"]["code"] == "malformed"
-    assert agent_of(vm).typed("ping", rpc.PingResult).pong
+    assert agent_of(env, vm).typed("ping", rpc.PingResult).pong
 
 
 def test_agent_that_never_answers_times_out_with_console_and_is_cleaned_up(env: dict[str, object]) -> None:
@@ -244,7 +249,7 @@ def test_agent_that_never_answers_times_out_with_console_and_is_cleaned_up(env: 
 def test_guest_shutdown_via_agent_is_noticed_then_destroy_removes_everything(env: dict[str, object]) -> None:
     ctx, vm = env["ctx"], env["vm"]
     assert isinstance(ctx, Context) and isinstance(vm, VMRecord)
-    assert agent_of(vm).typed("shutdown", rpc.ShutdownResult).accepted
+    assert agent_of(env, vm).typed("shutdown", rpc.ShutdownResult).accepted
     deadline = time.monotonic() + 60
     while ctx.host().state("deb") is not DomainState.SHUTOFF and time.monotonic() < deadline:
         time.sleep(0.5)

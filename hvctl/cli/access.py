@@ -34,7 +34,6 @@ def agent(
 ) -> None:
     """Talk to a VM's agent over its host-only virtio-serial channel; rotate-token gives it a new token."""
     from guest import rpc
-    from hvctl.agent_client import AgentClient
 
     if method not in ("ping", "info", "rotate-token"):
         fail(f"unknown agent method {method!r}; use ping, info or rotate-token", 2)
@@ -52,7 +51,7 @@ def agent(
     if not record.agent_token:
         fail(f"VM {name} has no agent (its image was built without one)", 2)
     started = time.monotonic()
-    result = AgentClient(record.agent_socket, record.agent_token).call(method)
+    result = ctx().agent(record.host, record.name, record.agent_token).call(method)
     rtt_ms = (time.monotonic() - started) * 1000
     data = result.model_dump(mode="json")
     if as_json:

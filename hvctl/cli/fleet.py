@@ -35,8 +35,11 @@ def host_add(name: str, uri: str, as_json: JsonOpt = False) -> None:
     if as_json:
         emit_json(view)
     else:
+        pool = view["pool"]
         out.print(f"host {name}: {view['cpus']} CPUs, {view['memory_mib']} MiB, {len(view['numa_cells'])} NUMA "
-                  f"cell(s), {len(view['gpus'])} GPU(s), accelerator {view['accel']}")
+                  f"cell(s), {len(view['gpus'])} GPU(s), accelerator {view['accel']}; storage pool {pool['name']} "
+                  f"at {pool['path']} ({'made' if pool['made'] else 'adopted'}, "
+                  f"{pool['available_bytes'] / 2**30:.1f} GiB free)")
 
 
 @host_app.command("list")

@@ -63,7 +63,7 @@ def run(
     if detach:
         from guest import rpc
 
-        status = ops.agent_for(record).typed("workload.start", rpc.WorkloadStatus,
+        status = ops.agent_for(c, record).typed("workload.start", rpc.WorkloadStatus,
                                              rpc.WorkloadStartParams(kind=kind, args=args))
         c.ledger.log_event(name, record.host, "workload.started", f"{kind} {status.id} started",
                            {"id": status.id, "kind": kind})
@@ -91,7 +91,7 @@ def run(
                 status_line.update(f"{kind} in {name}: running ({time.monotonic() - started:.0f} s)")
 
     try:
-        result = ops.run_workload(record, kind, args, on_output, timeout=timeout)
+        result = ops.run_workload(c, record, kind, args, on_output, timeout=timeout)
     finally:
         status_line.stop()
     c.ledger.log_event(name, record.host, "workload.finished", f"{kind} {result.id} {result.state}",
@@ -132,7 +132,7 @@ def logs(
 
     c = ctx()
     record = c.ledger.get_vm(name)
-    client = agent_for(record)
+    client = agent_for(c, record)
     if workload is None:
         # The agent's own list: it also knows workloads a checkpoint-migration restarted in this incarnation.
         known = client.typed("workload.list", rpc.WorkloadList).workloads

@@ -63,14 +63,16 @@ class Disk:
 
 @dataclass(frozen=True)
 class SerialFile:
-    """The guest's first serial port, written to a file on the host: hvctl reads boot output from it."""
+    """The guest's first serial port, written to a file on the host: hvctl reads boot output from it. Appended to,
+    never truncated: virtlogd (which writes it for libvirt, and rotates it) would otherwise let an incoming migration's
+    QEMU empty the file the source still writes, and a boot's readiness is read from where the file ended."""
 
     tag: ClassVar[str] = "serial"
     path: Path
 
     def to_xml(self) -> ET.Element:
         el = ET.Element("serial", type="file")
-        sub(el, "source", path=str(self.path))
+        sub(el, "source", path=str(self.path), append="on")
         sub(el, "target", port="0")
         return el
 

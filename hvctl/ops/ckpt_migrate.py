@@ -71,7 +71,7 @@ def checkpoint_migrate(ctx: Context, record: VMRecord, target: str, timeout_s: f
         raise InvalidSpec(f"{name} has no agent, and checkpoint mode moves workloads through it",
                           hint="use --mode offline")
     key = operator_identity(ctx, record)  # checkpoints move over SSH with hvctl's key
-    source_agent = AgentClient(record.agent_socket, record.agent_token, timeout=60)
+    source_agent = ctx.agent(record.host, name, record.agent_token, timeout=60)
     say("asking the source agent for its workloads")
     running = [w for w in source_agent.typed("workload.list", rpc.WorkloadList).workloads if w.state == "running"]
     moving = [Moving(w.id, w.args, _checkpoint_dir(w)) for w in running if w.kind == "train"]
@@ -126,7 +126,7 @@ def checkpoint_migrate(ctx: Context, record: VMRecord, target: str, timeout_s: f
                 record, host=target, ssh_port=port, overlay=files.overlay, console_log=files.console_log,
                 agent_socket=files.agent_socket, seed=files.seed, agent_token=token,
                 host_pubkey=host_key.public_line)
-            target_agent = AgentClient(files.agent_socket, token, timeout=60)
+            target_agent = ctx.agent(target, name, token, timeout=60)
 
             # 3. Restore and restart; 4. verify.
             verified: list[dict[str, Any]] = []

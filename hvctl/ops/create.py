@@ -10,7 +10,7 @@ from pathlib import Path
 
 from hvctl import passthrough
 from hvctl.agent_client import AgentClient, AgentError
-from hvctl.console import console_tail, wait_for_ready
+from hvctl.console import console_size, console_tail, wait_for_ready
 from hvctl.context import Context, is_local
 from hvctl.designer import BootArtifacts, VMAllocation, design, nic_mac
 from hvctl.errors import AlreadyExists, GuestTimeout, ImageError, InvalidSpec
@@ -122,17 +122,18 @@ def boot_incarnation(ctx: Context, spec: VMSpec, host_name: str, files: VMFiles,
     undo.push("undefine the domain", lambda: host.undefine(spec.name))
 
     say("starting")
+    offset = console_size(files.console_log)  # the file is appended to: only what this boot prints counts
     host.start(spec.name)
     undo.push("destroy the domain", lambda: host.destroy(spec.name))
 
     say("waiting for the guest to report ready")
     started = time.monotonic()
     line, waited = wait_for_ready(spec.name, files.console_log, boot_timeout,
-                                  lambda: host.state(spec.name) is DomainState.RUNNING)
+                                  lambda: host.state(spec.name) is DomainState.RUNNING, offset=offset)
     message = f"guest up after {waited:.2f} s: {line}"
     if image.agent:
         say("waiting for the agent")
-        wait_for_agent(spec.name, files.agent_socket, token, files.console_log,
+        wait_for_agent(ctx.agent(host_name, spec.name, token), spec.name, files.console_log,
                        boot_timeout - (time.monotonic() - started))
         message += f"; agent ready after {time.monotonic() - started:.2f} s"
     return message
@@ -156,10 +157,10 @@ def check_network(ctx: Context, spec: VMSpec, host_name: str) -> None:
                           hint=f"create it first (ip link add {net.bridge} type bridge)")
 
 
-def wait_for_agent(name: str, agent_socket: Path, token: str, console_log: Path, timeout: float) -> None:
+def wait_for_agent(agent: AgentClient, name: str, console_log: Path, timeout: float) -> None:
     """Agent-ready: the agent answered a ping with this VM's token. A timeout carries the console tail."""
     try:
-        AgentClient(agent_socket, token).wait_ready(max(timeout, 1.0))
+        agent.wait_ready(max(timeout, 1.0))
     except AgentError as exc:
         raise GuestTimeout(f"the agent of {name} never answered: {exc.message}",
                            console_tail=console_tail(console_log)) from None

@@ -6,10 +6,13 @@ from typing import Any
 
 from hvctl import passthrough
 from hvctl.context import Context, is_local
-from hvctl.errors import AlreadyExists
+from hvctl.errors import AlreadyExists, InvalidSpec
 from hvctl.host import Host
 from hvctl.placement import host_limit
 from hvctl.spec import check_name
+
+# Enough for the largest image hvctl builds (ml: ~1.5 GiB with torch) to be uploaded once.
+MIN_POOL_FREE_BYTES = 2 << 30
 
 
 def add_host(ctx: Context, name: str, uri: str) -> dict[str, Any]:
@@ -20,6 +23,15 @@ def add_host(ctx: Context, name: str, uri: str) -> dict[str, Any]:
     probe = Host(uri)
     try:
         facts = probe.facts()
+        # The host's storage pool for hvctl: adopted, or made (and taken back if the host is refused below).
+        pool, made = probe.ensure_pool()
+        space = pool.space()
+        if space.available < MIN_POOL_FREE_BYTES:
+            if made:
+                pool.release()
+            raise InvalidSpec(f"host {name}: pool {pool.name} at {pool.path} has {space.available // 2**20} MiB "
+                              f"free, under the {MIN_POOL_FREE_BYTES // 2**30} GiB hvctl needs for an image",
+                              hint="free space there, or adopt a larger pool under that name")
         numa = probe.numa_cells()
         allowlist = frozenset((a.vendor, a.device) for a in ctx.policy.accelerators.values())
         if is_local(uri) and not uri.startswith("test:"):
@@ -33,9 +45,11 @@ def add_host(ctx: Context, name: str, uri: str) -> dict[str, Any]:
     ctx.ledger.ensure_host(name, uri)
     ctx.ledger.record_host_inventory(name, numa, gpus)
     caps = ctx.capabilities(name)
+    pool_view = {"name": pool.name, "path": str(pool.path), "made": made, "capacity_bytes": space.capacity,
+                 "available_bytes": space.available}
     ctx.ledger.log_event(None, name, "host.added", f"host {name} at {uri}: {facts.cpus} CPUs, {facts.memory_mib} MiB, "
                                                    f"{len(numa)} NUMA cells, {len(gpus)} GPUs, {caps.accel.value}")
-    return host_view(ctx, name)
+    return host_view(ctx, name) | {"pool": pool_view}
 
 
 def host_view(ctx: Context, name: str) -> dict[str, Any]:

@@ -32,7 +32,7 @@ def _rewrite_seed(ctx: Context, record: VMRecord, token: str) -> None:
 def _running_agent(ctx: Context, record: VMRecord) -> AgentClient | None:
     if record.agent_token is None or ctx.host(record.host).state(record.name) is not DomainState.RUNNING:
         return None
-    return AgentClient(record.agent_socket, record.agent_token, timeout=30)
+    return ctx.agent(record.host, record.name, record.agent_token, timeout=30)
 
 
 def remove_tenant_key(ctx: Context, tenant: str, pubkey: str,

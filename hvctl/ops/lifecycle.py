@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 
 from hvctl import passthrough
-from hvctl.console import wait_for_ready
+from hvctl.console import console_size, wait_for_ready
 from hvctl.context import Context
 from hvctl.domain.model import retarget_ssh_forward
 from hvctl.errors import HvctlError, HypervisorError, NotFound
@@ -25,11 +25,12 @@ def start(ctx: Context, name: str, reporter: Reporter | None = None,
     if host.state(name) is DomainState.RUNNING:
         raise HvctlError(f"VM {name} is already running")
     say("starting")
-    # The console file is reopened (truncated) by QEMU at start, so an old marker cannot be mistaken for this boot.
+    # The console file is appended to: an earlier boot's marker is before this offset, so it cannot count.
+    offset = console_size(record.console_log)
     start_claiming_a_port(ctx, name, say)
     say("waiting for the guest to report ready")
     line, waited = wait_for_ready(name, record.console_log, boot_timeout,
-                                  lambda: host.state(name) is DomainState.RUNNING)
+                                  lambda: host.state(name) is DomainState.RUNNING, offset=offset)
     ctx.ledger.set_state(name, "running", f"started; guest up after {waited:.2f} s")
     return waited
 

@@ -44,10 +44,10 @@ def operator_identity(ctx: Context, record: VMRecord) -> Path:
     return operator_key(ctx.paths.keys)
 
 
-def agent_for(record: VMRecord) -> AgentClient:
+def agent_for(ctx: Context, record: VMRecord) -> AgentClient:
     if not record.agent_token:
         raise InvalidSpec(f"VM {record.name} has no agent (its image was built without one)")
-    return AgentClient(record.agent_socket, record.agent_token, timeout=60)
+    return ctx.agent(record.host, record.name, record.agent_token, timeout=60)
 
 
 def llm_args(prompts: list[str], max_new_tokens: int, stream: bool, temperature: float | None,
@@ -80,7 +80,8 @@ def perception_args(ctx: Context, record: VMRecord, text: str | None, image: Pat
             continue
         if not local.is_file():
             raise InvalidSpec(f"{flag.lstrip('-')} file {local} does not exist")
-        made = agent_for(record).typed("exec", rpc.ExecResult, rpc.ExecParams(argv=["mkdir", "-p", remote_dir]))
+        made = agent_for(ctx, record).typed("exec", rpc.ExecResult,
+                                            rpc.ExecParams(argv=["mkdir", "-p", remote_dir]))
         if made.exit_code != 0:
             raise HvctlError(f"cannot create {remote_dir} in {record.name}: {made.stderr.strip()}")
         remote = f"{remote_dir}/{local.name}"
@@ -97,9 +98,9 @@ def train_args(objective: str, steps: int, checkpoint_every: int) -> list[str]:
     return args
 
 
-def run_workload(record: VMRecord, kind: str, args: list[str], on_output: Callable[[str], None],
+def run_workload(ctx: Context, record: VMRecord, kind: str, args: list[str], on_output: Callable[[str], None],
                  timeout: float | None = None, poll: float = 0.3) -> rpc.WorkloadStatus:
-    client = agent_for(record)
+    client = agent_for(ctx, record)
     status = client.typed("workload.start", rpc.WorkloadStatus, rpc.WorkloadStartParams(kind=kind, args=args))
     offset = 0
     started = time.monotonic()
@@ -164,11 +165,11 @@ def checkpoint_name(step: int) -> str:
     return f"ckpt-{step:08d}.pt"
 
 
-def latest_checkpoint(record: VMRecord, objective: str) -> tuple[str, int] | None:
+def latest_checkpoint(ctx: Context, record: VMRecord, objective: str) -> tuple[str, int] | None:
     """The newest checkpoint's path in the guest and its step. The guest only lists its directory (an argv, no
     shell); hvctl keeps names that parse as a step and spells the path itself."""
     directory = f"{CHECKPOINTS}/{check_objective(objective)}"
-    listed = agent_for(record).typed("exec", rpc.ExecResult, rpc.ExecParams(argv=["ls", "-1", directory]))
+    listed = agent_for(ctx, record).typed("exec", rpc.ExecResult, rpc.ExecParams(argv=["ls", "-1", directory]))
     steps = [step for line in listed.stdout.splitlines() if (step := checkpoint_step(line)) is not None]
     if not steps:
         return None
@@ -178,7 +179,7 @@ def latest_checkpoint(record: VMRecord, objective: str) -> tuple[str, int] | Non
 def fetch_checkpoint(ctx: Context, record: VMRecord, objective: str, dest_dir: Path, force: bool = False,
                      max_bytes: int = DEFAULT_MAX_DOWNLOAD_BYTES) -> Path:
     key = operator_identity(ctx, record)
-    latest = latest_checkpoint(record, objective)
+    latest = latest_checkpoint(ctx, record, objective)
     if latest is None:
         raise HvctlError(f"{record.name} has no {objective} checkpoint yet",
                          hint="run `hvctl run NAME train --checkpoint-every K` first")
@@ -202,7 +203,7 @@ def push_checkpoint(ctx: Context, record: VMRecord, objective: str, checkpoint: 
         raise InvalidSpec(f"checkpoint {checkpoint.name}: the training workload resumes only from files named "
                           "ckpt-NNNNNNNN.pt", hint="keep the name `hvctl checkpoint` gave it")
     key = operator_identity(ctx, record)
-    made = agent_for(record).typed("exec", rpc.ExecResult, rpc.ExecParams(argv=["mkdir", "-p", target_dir]))
+    made = agent_for(ctx, record).typed("exec", rpc.ExecResult, rpc.ExecParams(argv=["mkdir", "-p", target_dir]))
     if made.exit_code != 0:
         raise HvctlError(f"cannot create {target_dir} in {record.name}: {made.stderr.strip()}")
     remote = f"{target_dir}/{checkpoint_name(step)}"

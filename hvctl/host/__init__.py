@@ -1,4 +1,4 @@
-"""The host layer: the only module that imports libvirt. One ``Host`` per connection URI, local or remote.
+"""The host layer: the only package that imports libvirt. One ``Host`` per connection URI, local or remote.
 
 Binding quirks are recorded where the call is made. libvirt errors become hvctl's typed errors here, so nothing above
 this module needs to know libvirt's exception type.
@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from xml.etree import ElementTree as ET
 
 import libvirt
@@ -21,9 +20,107 @@ from hvctl.console import PROBE_MARKER
 from hvctl.domain import Accel, DirectBoot, Domain, SerialFile
 from hvctl.domain.model import HVCTL_NS
 from hvctl.errors import HostUnreachable, HypervisorError, NotFound
+from hvctl.host._errors import _errors, _msg
+from hvctl.host.storage import Pool, Volume, ensure_pool
+
+__all__ = ["Pool", "Volume"]
+
+# hvctl's storage pool on each host: where the host's libvirt keeps images uploaded to it.
+DEFAULT_POOL = "hvctl"
+DEFAULT_POOL_PATH = PurePosixPath("/var/lib/libvirt/images/hvctl")
 
 # libvirt prints every error to stderr by default, before the caller sees the exception. We report errors ourselves.
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+
+_events_lock = threading.Lock()
+_events_started = False
+
+
+def _ensure_event_loop() -> None:
+    """libvirt's client event loop, once per process in a daemon thread. Non-blocking streams (the agent channel)
+    wake their reader through it, and libvirt wants it registered before the first connection opens."""
+    global _events_started
+    with _events_lock:
+        if _events_started:
+            return
+        libvirt.virEventRegisterDefaultImpl()
+        threading.Thread(target=_run_event_loop, name="libvirt-events", daemon=True).start()
+        _events_started = True
+
+
+def _run_event_loop() -> None:
+    while True:
+        if libvirt.virEventRunDefaultImpl() < 0:
+            time.sleep(0.05)  # never spin if the loop itself fails
+
+
+class ChannelBusy(HypervisorError):
+    """Another client holds the guest's channel: libvirt refuses a second one at once instead of queueing it."""
+
+
+_STREAM_EVENTS = (libvirt.VIR_STREAM_EVENT_READABLE | libvirt.VIR_STREAM_EVENT_WRITABLE
+                  | libvirt.VIR_STREAM_EVENT_ERROR | libvirt.VIR_STREAM_EVENT_HANGUP)
+# A wake-up the event loop missed costs at most this long: the deadline is checked at least this often.
+_STREAM_POLL_S = 0.05
+
+
+class ByteStream:
+    """A non-blocking libvirt stream read and written against deadlines: a guest's virtio-serial channel, tunnelled
+    through the host's connection, so it works the same over the local socket, ``qemu+ssh`` and ``qemu+tls``.
+    The guest on the other end is untrusted: nothing here waits on it without a deadline."""
+
+    def __init__(self, stream: libvirt.virStream, what: str) -> None:
+        self._stream = stream
+        self.what = what
+        self._ready = threading.Event()
+        self._closed = False
+        try:
+            stream.eventAddCallback(_STREAM_EVENTS, lambda *_: self._ready.set(), None)
+            self._callback = True
+        except libvirt.libvirtError:
+            self._callback = False  # polled instead
+
+    def _wait(self, deadline: float) -> None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"{self.what}: deadline passed")
+        self._ready.wait(min(remaining, _STREAM_POLL_S))
+
+    def recv(self, deadline: float, size: int = 65536) -> bytes:
+        """Up to ``size`` bytes, b"" at the end of the stream; TimeoutError if nothing came before ``deadline``."""
+        while True:
+            self._ready.clear()
+            with _errors(f"reading {self.what}"):
+                data = self._stream.recv(size)
+            if isinstance(data, bytes):
+                return data
+            if data != -2:  # -2: nothing to read yet
+                return b""
+            self._wait(deadline)
+
+    def send(self, data: bytes, deadline: float) -> None:
+        view = memoryview(data)
+        while view:
+            self._ready.clear()
+            with _errors(f"writing {self.what}"):
+                sent = self._stream.send(bytes(view[:65536]))
+            if sent == -2:  # the stream is full for now
+                self._wait(deadline)
+                continue
+            if sent < 0:
+                raise HypervisorError(f"{self.what}: the stream refused the write")
+            view = view[sent:]
+
+    def close(self) -> None:
+        """Abort rather than finish: the peer may still have bytes queued that nobody will read."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._callback:
+            with contextlib.suppress(libvirt.libvirtError):
+                self._stream.eventRemoveCallback()
+        with contextlib.suppress(libvirt.libvirtError):
+            self._stream.abort()
 
 
 
@@ -60,13 +157,17 @@ class HostFacts:
 class Host:
     def __init__(self, uri: str, timeout: float = 10.0) -> None:
         self.uri = uri
+        _ensure_event_loop()
         try:
             # libvirt.open() blocks until the daemon answers or the transport fails; a dead local socket fails
             # at once ("No such file or directory"), an unreachable remote one when ssh/tcp gives up.
             self.conn = libvirt.open(uri)
         except libvirt.libvirtError as exc:
+            remote = "+" in uri.split(":", 1)[0]
             raise HostUnreachable(f"cannot reach libvirt at {uri}: {_msg(exc)}",
-                                  hint="is libvirtd running? (`make daemons` starts one)") from None
+                                  hint="check that the host answers, that its libvirtd runs, and for qemu+ssh that "
+                                       "it accepts your key and its host key is the one you pinned" if remote
+                                  else "is libvirtd running? (`make daemons` starts one)") from None
 
     def close(self) -> None:
         with contextlib.suppress(libvirt.libvirtError):
@@ -141,6 +242,28 @@ class Host:
             if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
                 raise NotFound(f"no domain {name!r} on {self.uri}") from None
             raise HypervisorError(f"lookup of {name} failed: {_msg(exc)}") from None
+
+    def open_channel(self, name: str, channel: str) -> ByteStream:
+        """Domain ``name``'s virtio-serial ``channel``, through this connection: no file or socket of the host is
+        needed, so it works on a remote host as on this one."""
+        stream = self.conn.newStream(libvirt.VIR_STREAM_NONBLOCK)
+        try:
+            self._lookup(name).openChannel(channel, stream, 0)
+        except libvirt.libvirtError as exc:
+            with contextlib.suppress(libvirt.libvirtError):
+                stream.abort()
+            if "Active channel stream" in _msg(exc):
+                raise ChannelBusy(f"the channel {channel} of {name} is in use by another client") from None
+            raise HypervisorError(f"opening channel {channel} of {name} failed: {_msg(exc)}") from None
+        except BaseException:
+            with contextlib.suppress(libvirt.libvirtError):
+                stream.abort()
+            raise
+        return ByteStream(stream, f"channel {channel} of {name}")
+
+    def ensure_pool(self, name: str = DEFAULT_POOL, path: PurePosixPath = DEFAULT_POOL_PATH) -> tuple[Pool, bool]:
+        """This host's storage pool for hvctl, adopted or made (see ``hvctl.host.storage``)."""
+        return ensure_pool(self.conn, self.uri, name, path, streams=self.conn.getType() != "Test")
 
     def exists(self, name: str) -> bool:
         try:
@@ -311,20 +434,6 @@ class Host:
             # It may already have powered itself off, which is what a successful probe does.
             with contextlib.suppress(libvirt.libvirtError):
                 dom.destroy()
-
-
-@contextmanager
-def _errors(action: str) -> Iterator[None]:
-    try:
-        yield
-    except libvirt.libvirtError as exc:
-        if exc.get_error_code() in (libvirt.VIR_ERR_NO_CONNECT, libvirt.VIR_ERR_RPC):
-            raise HostUnreachable(f"{action}: lost the libvirt connection: {_msg(exc)}") from None
-        raise HypervisorError(f"{action} failed: {_msg(exc)}") from None
-
-
-def _msg(exc: libvirt.libvirtError) -> str:
-    return (exc.get_error_message() or str(exc)).strip()
 
 
 def libvirt_version() -> str:
