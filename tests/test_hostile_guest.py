@@ -188,3 +188,19 @@ def test_guest_markup_and_escapes_in_a_refusal_render_as_plain_text(
     assert "[/] [bold red]pwned[/]" in stderr, "markup must be printed literally, not interpreted"
     assert "\x1b" not in stderr and "\r" not in stderr and "\x07" not in stderr
     assert len(stderr.strip().splitlines()) == 1
+
+
+def test_a_stored_event_quoting_a_guest_renders_as_plain_text() -> None:
+    """`hvctl show` prints the VM's events; one that quotes a guest must not crash it (rich markup) nor reach the
+    terminal as escape sequences."""
+    import io
+
+    from rich.console import Console
+
+    from hvctl.cli.vms import render_events
+
+    events = [{"ts": 0.0, "kind": "workload.finished", "message": "w1 failed: [/] [bold]x\x1b]0;pwned\x07\x1b[2J"}]
+    buffer = io.StringIO()
+    Console(file=buffer, width=200).print(render_events(events))
+    printed = buffer.getvalue()
+    assert "[/] [bold]x" in printed and "\x1b" not in printed and "\x07" not in printed
