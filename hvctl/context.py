@@ -13,7 +13,7 @@ from pathlib import Path
 from hvctl.agent_client import AgentClient
 from hvctl.designer import HostCapabilities
 from hvctl.domain import Accel
-from hvctl.errors import ImageError
+from hvctl.errors import ImageError, InvalidSpec
 from hvctl.host import Host
 from hvctl.ledger import Ledger
 from hvctl.paths import StateDir
@@ -43,6 +43,27 @@ def can_limit_memory() -> bool:
     return True
 
 
+def resolve_connect(ledger: Ledger, uri: str | None, default_host: str = LOCAL_HOST) -> str:
+    """Which registered host ``-c URI`` means. A URI names a host; it never renames one: pointing -c at another
+    daemon used to rewrite ``local``'s URI for good, after which destroy asked the wrong daemon, took "not found"
+    for "gone" and deleted a running VM's disk. No -c: ``local`` as the ledger has it (made at DEFAULT_URI on first
+    use)."""
+    hosts = ledger.list_hosts()
+    if uri is None:
+        if default_host not in {h.name for h in hosts}:
+            ledger.ensure_host(default_host, DEFAULT_URI)
+        return default_host
+    named = sorted((h.name for h in hosts if h.uri == uri), key=lambda n: n != default_host)
+    if named:
+        return named[0]
+    if default_host not in {h.name for h in hosts}:
+        ledger.ensure_host(default_host, uri)
+        return default_host
+    raise InvalidSpec(f"-c {uri}: no registered host has that URI (host {default_host} is "
+                      f"{ledger.get_host(default_host).uri})",
+                      hint="register it with `hvctl host add NAME URI`, then use --host NAME or -c with its URI")
+
+
 @dataclass(frozen=True)
 class GpuEnvironment:
     """Where this machine's PCI devices are: the real kernel by default; tests point it at a fake tree and kernel."""
@@ -57,7 +78,8 @@ class GpuEnvironment:
 @dataclass
 class Context:
     state_dir: Path
-    uri: str = DEFAULT_URI
+    # -c/--connect: None means the host hvctl acts on by default, `local`, at the URI the ledger has for it.
+    uri: str | None = None
     host_name: str = LOCAL_HOST
     policy_path: Path | None = None
     gpu_env: GpuEnvironment = field(default_factory=GpuEnvironment)
@@ -82,17 +104,23 @@ class Context:
     @cached_property
     def ledger(self) -> Ledger:
         ledger = Ledger(self.paths.ledger)
-        ledger.ensure_host(self.host_name, self.uri)
+        self.host_name = resolve_connect(ledger, self.uri, self.host_name)
         return ledger
+
+    @property
+    def connected_uri(self) -> str:
+        """The URI of the host hvctl acts on by default (``host_name``)."""
+        return self.ledger.get_host(self.host_name).uri
 
     @cached_property
     def images(self) -> ImageStore:
         return ImageStore(self.paths.images)
 
     def host(self, name: str | None = None) -> Host:
+        ledger = self.ledger  # resolves -c to a host name first
         name = name or self.host_name
         if name not in self._hosts:
-            self._hosts[name] = Host(self.ledger.get_host(name).uri)
+            self._hosts[name] = Host(ledger.get_host(name).uri)
         return self._hosts[name]
 
     def agent(self, host_name: str, vm: str, token: str, timeout: float = 30.0) -> AgentClient:
@@ -101,8 +129,9 @@ class Context:
 
     def capabilities(self, name: str | None = None) -> HostCapabilities:
         """Host facts with the accelerator, probed once per host and cached in the ledger."""
+        ledger = self.ledger  # resolves -c to a host name first
         name = name or self.host_name
-        record = self.ledger.get_host(name)
+        record = ledger.get_host(name)
         if record.accel is None or record.cpus is None or record.memory_mib is None:
             host = self.host(name)
             facts = host.facts()

@@ -39,7 +39,7 @@ def run_checks(ctx: Context) -> list[Check]:
     try:
         host = ctx.host()
         facts = host.facts()
-        checks.append(Check("libvirtd", True, f"{ctx.uri}: libvirt {libvirt_version()}, {facts.cpus} CPUs, "
+        checks.append(Check("libvirtd", True, f"{ctx.connected_uri}: libvirt {libvirt_version()}, {facts.cpus} CPUs, "
                                               f"{facts.memory_mib} MiB"))
     except HvctlError as exc:
         checks.append(Check("libvirtd", False, exc.message, exc.hint or "start libvirtd (`make daemons`)"))
@@ -76,7 +76,7 @@ def run_checks(ctx: Context) -> list[Check]:
     from hvctl.context import can_limit_memory, is_local
     from hvctl.ops.inspect import enforcement_report
 
-    if is_local(ctx.uri) and not can_limit_memory():
+    if is_local(ctx.connected_uri) and not can_limit_memory():
         checks.append(Check("memory limits", True, "no CAP_SYS_RESOURCE: libvirt cannot set memtune hard limits here, "
                             "so VMs get none", "run hvctl and libvirtd with CAP_SYS_RESOURCE", warning=True))
     problems = []

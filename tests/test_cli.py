@@ -75,3 +75,28 @@ def test_help_lists_every_command(tmp_path: Path) -> None:
     assert result.returncode == 0
     for command in ("create", "list", "show", "start", "stop", "destroy", "console-log", "doctor", "image"):
         assert command in result.stdout
+
+
+def test_connect_names_a_host_and_never_renames_local(tmp_path: Path) -> None:
+    """-c URI picks the registered host with that URI. Pointing it at another daemon used to rewrite host `local`'s
+    URI for good, after which destroy asked the wrong daemon and deleted a running VM's disk."""
+    from hvctl.context import resolve_connect
+    from hvctl.ledger import Ledger
+
+    state = tmp_path / "state"
+    env = os.environ | {"HVCTL_STATE_DIR": str(state), "COLUMNS": "200", "NO_COLOR": "1"}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "hvctl.cli", *args], capture_output=True, text=True, env=env,
+                              timeout=60)
+
+    assert run("-c", "test:///default", "list", "--json").returncode == 0
+    other = run("-c", "qemu+ssh://root@198.18.99.2/system", "list")
+    assert other.returncode == 2 and "no registered host has that URI (host local is test:///default)" in other.stderr
+    assert run("list", "--json").returncode == 0  # no -c: local, where the ledger says it is
+    ledger = Ledger(state / "ledger.sqlite3")
+    assert [(h.name, h.uri) for h in ledger.list_hosts()] == [("local", "test:///default")]
+    ledger.ensure_host("h2", "qemu:///system?socket=/nonexistent")
+    assert resolve_connect(ledger, "qemu:///system?socket=/nonexistent") == "h2"
+    assert resolve_connect(ledger, None) == "local"
+    ledger.close()

@@ -51,8 +51,10 @@ def ctx() -> Context:
 
 @app.callback()
 def main_options(
-    connect: Annotated[str, typer.Option("--connect", "-c", envvar="HVCTL_CONNECT",
-                                         help="libvirt URI of the host to act on.")] = DEFAULT_URI,
+    connect: Annotated[str | None, typer.Option("--connect", "-c", envvar="HVCTL_CONNECT",
+                                                help="libvirt URI of the host to act on: host `local` on first use "
+                                                     f"(default {DEFAULT_URI}), else a registered host's URI.")]
+    = None,
     state_dir: Annotated[Path, typer.Option("--state-dir", envvar="HVCTL_STATE_DIR",
                                             help="Where the ledger, images and VM disks live.")] = DEFAULT_STATE_DIR,
     policy: Annotated[Path | None, typer.Option("--policy", envvar="HVCTL_POLICY",
