@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from conftest import hvctl_cli, short_tempdir
 
 from hvctl.context import Context
 from hvctl.devhost import PrivateLibvirtd
@@ -182,12 +183,27 @@ def test_unknown_image_is_refused_before_anything_is_made(run_hvctl: Run, ctx: C
     assert_nothing_left(ctx, "ghost")
 
 
-def test_libvirtd_not_running_and_unreachable_uri(run_hvctl: Run, ctx: Context) -> None:
-    dead = run_hvctl("create", "nohost", uri="qemu:///system?socket=/var/tmp/hvctl-no-such/libvirt-sock")
-    assert dead.returncode == 5 and "cannot reach libvirt" in dead.stderr and "Traceback" not in dead.stderr
-    # Port 1 on loopback: nothing listens there, so the TCP transport is refused at once.
-    unreachable = run_hvctl("list", uri="qemu+tcp://127.0.0.1:1/system")
-    assert unreachable.returncode == 5 and "cannot reach libvirt" in unreachable.stderr
+def test_libvirtd_not_running_and_unreachable_uri(run_hvctl: Run, ctx: Context, image_dir: Path) -> None:
+    fresh = short_tempdir("hvs-")
+    (fresh / "images").symlink_to(image_dir)
+    try:
+        dead = hvctl_cli(fresh, "qemu:///system?socket=/var/tmp/hvctl-no-such/libvirt-sock", "create", "nohost")
+        assert dead.returncode == 5 and "cannot reach libvirt" in dead.stderr and "Traceback" not in dead.stderr
+        assert not (fresh / "vms" / "nohost").exists()
+    finally:
+        shutil.rmtree(fresh, ignore_errors=True)
+    fresh = short_tempdir("hvs-")
+    try:
+        # Port 1 on loopback: nothing listens there, so the TCP transport is refused at once.
+        unreachable = hvctl_cli(fresh, "qemu+tcp://127.0.0.1:1/system", "list")
+        assert unreachable.returncode == 5 and "cannot reach libvirt" in unreachable.stderr
+    finally:
+        shutil.rmtree(fresh, ignore_errors=True)
+    # On a state dir whose host `local` is this test's daemon, another URI names no host: refused, nothing renamed.
+    assert ctx.ledger.get_host("local").uri == ctx.uri
+    other = run_hvctl("create", "nohost", uri="qemu:///system?socket=/var/tmp/hvctl-no-such/libvirt-sock")
+    assert other.returncode == 2 and "no registered host has that URI" in other.stderr
+    assert ctx.ledger.get_host("local").uri == ctx.uri
     assert ctx.ledger.list_vms() == []
     assert not ctx.paths.vm_dir("nohost").exists()
 
