@@ -19,7 +19,7 @@ from conftest import hvctl_cli, short_tempdir
 
 from hvctl.context import Context
 from hvctl.devhost import PrivateLibvirtd
-from hvctl.errors import AlreadyExists, GuestTimeout, HypervisorError
+from hvctl.errors import AlreadyExists, GuestTimeout, HvctlError, HypervisorError
 from hvctl.host import DomainState
 from hvctl.ledger import VMRecord
 from hvctl.ops.create import create
@@ -329,3 +329,24 @@ def test_the_console_log_is_written_by_virtlogd_so_it_is_capped(libvirtd: Privat
     qemu = find_qemu_pid("chatty")
     assert qemu is not None
     assert holds(virtlogd) and not holds(qemu)
+
+
+def test_destroy_refuses_a_domain_of_the_same_name_that_hvctl_did_not_make(
+        ctx: Context, make_vm: Callable[..., VMRecord]) -> None:
+    """A VM's domain was replaced behind hvctl's back by another tool's domain of the same name: destroy must touch
+    neither that domain nor the VM's files, and say so in one line."""
+    vm = make_vm("swapped")
+    ctx.host().destroy("swapped")
+    ctx.host().undefine("swapped")
+    image = ctx.images.get("minimal")
+    ctx.host().define(f"<domain type='qemu'><name>swapped</name><memory unit='MiB'>64</memory><os><type>hvm</type>"
+                      f"<kernel>{image.kernel}</kernel></os></domain>")
+    try:
+        with pytest.raises(HvctlError, match="was not made by hvctl"):
+            destroy(ctx, "swapped")
+        assert ctx.host().state("swapped") is DomainState.SHUTOFF
+        assert Path(vm.overlay).exists() and ctx.ledger.get_vm("swapped").state == "running"
+    finally:
+        ctx.host().undefine("swapped")
+    destroy(ctx, "swapped")  # the foreign domain gone, destroy finishes the job
+    assert_nothing_left(ctx, "swapped")

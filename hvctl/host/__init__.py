@@ -318,6 +318,15 @@ class Host:
         with _errors(f"reading {name}'s XML"):
             return str(self._lookup(name).XMLDesc(flags))
 
+    def made_by_hvctl(self, name: str) -> bool:
+        """Whether domain ``name`` carries hvctl's metadata (NotFound if there is no such domain)."""
+        dom = self._lookup(name)
+        try:
+            dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, HVCTL_NS)
+        except libvirt.libvirtError:
+            return False
+        return True
+
     def hvctl_domains(self) -> set[str]:
         """Names of domains hvctl created: they carry hvctl's metadata element."""
         names = set()

@@ -90,8 +90,17 @@ def destroy(ctx: Context, name: str, reporter: Reporter | None = None) -> None:
     """
     say = (reporter or SilentReporter()).step
     record = ctx.ledger.get_vm(name)
-    ctx.ledger.set_state(name, "destroying")
     host = ctx.host(record.host)
+    try:
+        foreign = not host.made_by_hvctl(name)
+    except NotFound:
+        foreign = False
+    if foreign:
+        # Someone else's domain of the same name: touching it, or the disk it may use, is not hvctl's to do.
+        raise HvctlError(f"the domain {name} on host {record.host} was not made by hvctl (no hvctl metadata); "
+                         "refusing to destroy it or to remove any file",
+                         hint="undefine it yourself if it is leftover, then `hvctl destroy` again")
+    ctx.ledger.set_state(name, "destroying")
     try:
         say("destroying the domain")
         host.destroy(name)
