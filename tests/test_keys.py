@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import stat
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import short_tempdir
+from conftest import hvctl_cli, short_tempdir
 
 from hvctl.seed import build_seed, generate_ed25519, read_seed_file, rewrite_seed
 
@@ -42,10 +40,8 @@ def state() -> Iterator[Path]:
 
 
 def hvctl(state: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = os.environ | {"HVCTL_STATE_DIR": str(state), "HVCTL_CONNECT": "qemu:///system?socket=/nonexistent",
-                        "NO_COLOR": "1", "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-m", "hvctl.cli", *args], capture_output=True, text=True, env=env,
-                          timeout=60)
+    # A socket that does not exist: a command that reached libvirt would fail loudly instead of passing.
+    return hvctl_cli(state, "qemu:///system?socket=/nonexistent", *args, timeout=60)
 
 
 def test_key_rm_forgets_the_key_and_refuses_an_unknown_one(state: Path) -> None:
