@@ -67,14 +67,17 @@ class Pool:
         with libvirt_errors(f"refreshing pool {self.name}"):
             self._pool.refresh(0)
 
-    def volume(self, name: str) -> Volume | None:
+    def _find(self, name: str) -> libvirt.virStorageVol | None:
         try:
-            vol = self._pool.storageVolLookupByName(name)
+            return self._pool.storageVolLookupByName(name)
         except libvirt.libvirtError as exc:
             if code(exc) == libvirt.VIR_ERR_NO_STORAGE_VOL:
                 return None
             raise HypervisorError(f"looking up volume {name} in pool {self.name} failed: {message(exc)}") from None
-        return _volume(vol)
+
+    def volume(self, name: str) -> Volume | None:
+        vol = self._find(name)
+        return _volume(vol) if vol is not None else None
 
     def volumes(self) -> list[Volume]:
         with libvirt_errors(f"listing pool {self.name}"):
@@ -109,7 +112,7 @@ class Pool:
         volume = self.create(name, size)
         if not self._streams:
             return volume
-        vol = self._pool.storageVolLookupByName(name)
+        vol = self._lookup(name)
         stream = self._conn.newStream(0)
         done = 0
         try:
@@ -162,12 +165,9 @@ class Pool:
         something other than libvirt made in the pool (QEMU's console log)."""
         if refresh:
             self.refresh()
-        try:
-            vol = self._pool.storageVolLookupByName(name)
-        except libvirt.libvirtError as exc:
-            if code(exc) == libvirt.VIR_ERR_NO_STORAGE_VOL:
-                return False
-            raise HypervisorError(f"looking up volume {name} in pool {self.name} failed: {message(exc)}") from None
+        vol = self._find(name)
+        if vol is None:
+            return False
         with libvirt_errors(f"deleting volume {name} from pool {self.name}"):
             vol.delete(0)
         return True
