@@ -139,3 +139,24 @@ def run_hvctl(libvirtd: PrivateLibvirtd, state_dir: Path) -> Callable[..., subpr
         return hvctl_cli(state_dir, uri or libvirtd.uri, *args, timeout=timeout)
 
     return run
+
+
+# -- the tiny LLM shared by the workload tests (built once per session; torch is imported only when asked for) -------
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tokenizer + random tiny Llama on disk (tests/test_gpu_decode.py has its own: it runs without this file)."""
+    from guest.workloads.assets import make_tiny_llm
+
+    return make_tiny_llm(tmp_path_factory.mktemp("llm") / "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_dir: Path) -> object:
+    """The tiny LLM loaded on the CPU (a guest.workloads.llm.LoadedModel)."""
+    import torch
+
+    from guest.workloads.llm import load_model
+
+    return load_model(tiny_dir, torch.device("cpu"))

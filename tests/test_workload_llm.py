@@ -13,23 +13,13 @@ import torch
 
 from guest.workloads.assets import make_tiny_llm
 from guest.workloads.errors import ModelDirError, OutOfMemory, PromptTooLong, error_from_dict
-from guest.workloads.llm import LoadedModel, generate, load_model
+from guest.workloads.llm import LoadedModel, generate
 from guest.workloads.llm_onnx import PARITY_ATOL_FP32, ensure_onnx, generate_onnx, logits_parity, open_session
 from guest.workloads.schema import LLMRequest, Sampling, TokenEvent
 
 torch.set_num_threads(1)  # two cores shared with the VM tests
 
 PROMPTS = ("The keeper", "A river does not argue with the hill in front of it.", "Rain")
-
-
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_llm(tmp_path_factory.mktemp("llm") / "tiny", seed=0)
-
-
-@pytest.fixture(scope="session")
-def tiny(tiny_dir: Path) -> LoadedModel:
-    return load_model(tiny_dir, torch.device("cpu"))
 
 
 @pytest.fixture(scope="session")

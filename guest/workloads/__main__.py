@@ -49,7 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     llm.add_argument("--top-p", type=float, default=1.0)
     llm.add_argument("--seed", type=int, default=0)
     llm.add_argument("--ignore-eos", action="store_true", help="always generate max-new-tokens")
-    llm.add_argument("--backend", choices=["torch", "onnx", "fast"], default="torch")
+    # "torch" is the old name of "eager" (HF generate), kept for scripts that use it.
+    llm.add_argument("--backend", choices=["eager", "torch", "onnx", "fast"], default="eager")
+    llm.add_argument("--weights", choices=["native", "int8"], default="native", help="int8: --backend fast only")
     llm.add_argument("--stream", action="store_true")
 
     perception = run.add_parser("perception", help="classify text/image/audio with a trained perception model")
@@ -96,6 +98,7 @@ def _run_llm(args: argparse.Namespace) -> None:
         sampling=sampling,
         stop_at_eos=not args.ignore_eos,
         device=args.device,
+        weights=args.weights,
     )
 
     def stream(event: TokenEvent) -> None:

@@ -58,6 +58,12 @@ class CheckpointMismatch(WorkloadError):
     code = "checkpoint_mismatch"
 
 
+class UnsupportedModel(WorkloadError):
+    """The model is not one a backend knows how to run (the fast decode loop runs plain Llama-family decoders)."""
+
+    code = "unsupported_model"
+
+
 class OutOfMemory(WorkloadError):
     """Not enough host or device memory: refused up front by an estimate, or caught from an allocation failure."""
 
@@ -66,7 +72,8 @@ class OutOfMemory(WorkloadError):
 
 ERRORS_BY_CODE: dict[str, type[WorkloadError]] = {
     cls.code: cls
-    for cls in (WorkloadError, ModelDirError, PromptTooLong, BadMediaFormat, CheckpointMismatch, OutOfMemory)
+    for cls in (WorkloadError, ModelDirError, PromptTooLong, BadMediaFormat, CheckpointMismatch, OutOfMemory,
+                UnsupportedModel)
 }
 
 

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, 
 from transformers.generation.streamers import BaseStreamer
 from transformers.utils import logging as hf_logging
 
-from .errors import ModelDirError, PromptTooLong
+from .errors import ModelDirError, PromptTooLong, UnsupportedModel
 from .runtime import PeakMemoryMeter, dtype_name, inference_dtype, oom_guard, require_memory, resolve_device
 from .schema import Completion, LLMRequest, LLMResult, TokenEvent
 
@@ -279,5 +279,13 @@ def generate(request: LLMRequest, on_token: TokenCallback | None = None, model: 
 
     ``model`` reuses an already loaded model (it must be the request's model_dir); otherwise it is loaded here.
     """
+    refuse_quantized(request, "eager")
     loaded = model or load_model(request.model_dir, resolve_device(request.device))
     return run_generate(loaded, request, on_token, backend="torch")
+
+
+def refuse_quantized(request: LLMRequest, backend: str) -> None:
+    if request.weights != "native":
+        raise UnsupportedModel(
+            f"the {backend} backend runs native weights only; {request.weights} weights run on --backend fast"
+        )

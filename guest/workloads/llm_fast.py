@@ -1,9 +1,9 @@
-"""GPU fast path: static KV cache + ``torch.compile(mode="reduce-overhead")`` (CUDA graphs), and the decode
-bandwidth-utilisation estimate.
+"""The fast LLM path's entry point (the decode loop itself is ``decode.py``), the HF static-cache comparison, the
+Llama-1B shape with random weights for speed runs, and the decode bandwidth-utilisation estimate.
 
 Decoding one token reads every weight once, so at small batch the ceiling is HBM bandwidth / weight bytes tokens/s;
 ``bandwidth_utilisation`` says how close a measured rate comes to it. This module imports on CPU hosts (so the agent
-and the benchmarks can load it anywhere) but ``generate_fast`` refuses to run without CUDA.
+and the benchmarks can load it anywhere).
 """
 
 from __future__ import annotations
@@ -15,12 +15,9 @@ from typing import Any
 import torch
 from transformers import LlamaConfig, PreTrainedModel
 
-from .errors import WorkloadError
 from .llm import LoadedModel, TokenCallback, load_model, run_generate
 from .runtime import inference_dtype, resolve_device, synchronize
 from .schema import LLMRequest, LLMResult
-
-_COMPILED_ATTR = "_hvctl_compiled_mode"
 
 
 def llama_1b_config(max_position_embeddings: int = 4096) -> LlamaConfig:
@@ -69,40 +66,25 @@ def with_random_weights(tokenizer: Any, config: LlamaConfig, device: torch.devic
     )
 
 
-def compile_forward(model: PreTrainedModel, mode: str = "reduce-overhead") -> None:
-    """Replace ``model.forward`` by its compiled version once; later calls with the same mode are no-ops."""
-    if getattr(model, _COMPILED_ATTR, None) == mode:
-        return
-    original = getattr(model, "_hvctl_eager_forward", model.forward)
-    setattr(model, "_hvctl_eager_forward", original)  # noqa: B010  # keep the eager forward to recompile from
-    setattr(model, "forward", torch.compile(original, mode=mode))  # noqa: B010  # instance attribute shadows the method
-    setattr(model, _COMPILED_ATTR, mode)
-
-
-def generate_static(
-    loaded: LoadedModel,
-    request: LLMRequest,
-    on_token: TokenCallback | None = None,
-    compile_mode: str | None = "reduce-overhead",
-) -> LLMResult:
-    """Static KV cache (fixed shapes, so compiled graphs are reused across steps), optionally compiled.
-
-    HF's own auto-compile is disabled so the forward is compiled exactly once, by us, with the mode asked for.
-    """
-    if compile_mode is not None:
-        compile_forward(loaded.model, compile_mode)
-    backend = "torch-static" + (f"-compiled-{compile_mode}" if compile_mode else "")
-    return run_generate(loaded, request, on_token, backend, cache_implementation="static", disable_compile=True)
+def generate_hf_static(loaded: LoadedModel, request: LLMRequest, on_token: TokenCallback | None = None) -> LLMResult:
+    """HF ``generate`` with its static cache, letting HF compile the forward itself: the comparison for the fast
+    loop (HF's own compile keeps its outputs valid across CUDA-graph replays, which compiling ``model.forward`` from
+    outside did not: "accessing tensor output of CUDAGraphs that has been overwritten")."""
+    return run_generate(loaded, request, on_token, "hf-static", cache_implementation="static")
 
 
 def generate_fast(
     request: LLMRequest, on_token: TokenCallback | None = None, model: LoadedModel | None = None
 ) -> LLMResult:
-    """The GPU fast path. The first call compiles and captures CUDA graphs (tens of seconds); warm it up once."""
+    """The fast path: our own decode loop (``decode.Decoder``), compiled with CUDA graphs on a GPU and eager on CPU.
+
+    The first call on a GPU compiles and captures graphs (tens of seconds); later calls with the same batch size and
+    cache bucket reuse them. ``request.weights == "int8"`` runs torchao's weight-only int8.
+    """
+    from .decode import decoder_for
+
     loaded = model or load_model(request.model_dir, resolve_device(request.device))
-    if loaded.device.type != "cuda":
-        raise WorkloadError("the fast LLM path needs a CUDA device (CUDA graphs); use llm.generate on CPU")
-    return generate_static(loaded, request, on_token, compile_mode="reduce-overhead")
+    return decoder_for(loaded, weights=request.weights).generate(request, on_token)
 
 
 def weight_bytes(model: torch.nn.Module) -> int:

@@ -25,7 +25,16 @@ import torch
 from transformers import DynamicCache
 
 from .errors import WorkloadError
-from .llm import LoadedModel, TokenCallback, TokenStream, build_result, encode_prompts, left_pad, load_model
+from .llm import (
+    LoadedModel,
+    TokenCallback,
+    TokenStream,
+    build_result,
+    encode_prompts,
+    left_pad,
+    load_model,
+    refuse_quantized,
+)
 from .runtime import PeakMemoryMeter, oom_guard
 from .schema import LLMRequest, LLMResult
 
@@ -178,6 +187,7 @@ def generate_onnx(
     session: ort.InferenceSession | None = None,
 ) -> LLMResult:
     """Decode on ONNX Runtime with the exported KV-cache graph (exported on first use next to the weights)."""
+    refuse_quantized(request, "onnx")
     tokenizer_model = load_model(request.model_dir, torch.device("cpu"))  # tokenizer + config; weights stay unused
     if session is None:
         session = open_session(ensure_onnx(request.model_dir, onnx_path))

@@ -39,6 +39,8 @@ class LLMRequest(Frozen):
     # False keeps decoding past EOS: benchmarks want a fixed token count from a random-weight model.
     stop_at_eos: bool = True
     device: Device = "auto"
+    # "int8": weight-only int8 (torchao); only the fast backend runs it, the others refuse it.
+    weights: Literal["native", "int8"] = "native"
 
 
 class TokenEvent(Frozen):
@@ -58,7 +60,7 @@ class Completion(Frozen):
 
 
 class LLMResult(Frozen):
-    backend: str  # "torch", "torch-static-compiled", "onnxruntime"
+    backend: str  # "torch" (HF eager), "fast[-int8][-compiled-MODE]" (our decode loop), "hf-static", "onnxruntime"
     provider: str | None = None  # the ONNX Runtime execution provider that actually ran
     device: str
     dtype: str

@@ -36,6 +36,9 @@ def run(
     temperature: Annotated[float | None, typer.Option(help="llm: sample at this temperature.")] = None,
     top_p: Annotated[float | None, typer.Option(help="llm: nucleus sampling.")] = None,
     seed: Annotated[int | None, typer.Option(help="llm: sampling seed.")] = None,
+    backend: Annotated[str, typer.Option(help="llm: eager (HF generate), fast (our decode loop; CUDA graphs on a "
+                                              "GPU) or onnx (ONNX Runtime).")] = "eager",
+    weights: Annotated[str, typer.Option(help="llm: native, or int8 (weight-only, --backend fast).")] = "native",
     text: Annotated[str | None, typer.Option(help="perception: caption.")] = None,
     image: Annotated[Path | None, typer.Option(help="perception: PNG or .npy image.")] = None,
     audio: Annotated[Path | None, typer.Option(help="perception: WAV or .npy audio.")] = None,
@@ -52,7 +55,7 @@ def run(
     c = ctx()
     record = c.ledger.get_vm(name)
     if kind == "llm":
-        args = ops.llm_args(prompt or [], max_new_tokens, stream, temperature, top_p, seed, None)
+        args = ops.llm_args(prompt or [], max_new_tokens, stream, temperature, top_p, seed, None, backend, weights)
     elif kind == "perception":
         args = ops.perception_args(c, record, text, image, audio)
     elif kind == "train":
@@ -109,7 +112,9 @@ def run(
 def describe_result(kind: str, r: dict[str, Any], wall: float) -> str:
     if kind == "llm":
         texts = "\n".join(f"  [{i}] {c['text']!r}" for i, c in enumerate(r.get("completions", [])))
-        return (f"{texts}\n{r.get('backend')} on {r.get('device')}: ttft {r.get('ttft_s', 0) * 1000:.0f} ms, "
+        backend = f"{r.get('backend')}/{r.get('provider')}" if r.get("provider") else r.get("backend")
+        return (f"{texts}\n{backend} on {r.get('device')} {r.get('dtype', '')}: "
+                f"ttft {r.get('ttft_s', 0) * 1000:.0f} ms, "
                 f"decode {r.get('decode_tokens_per_s', 0):.1f} tok/s, prompt {r.get('prompt_tokens_per_s', 0):.1f} "
                 f"tok/s (wall {wall:.1f} s, including Python start-up in the guest)")
     if kind == "perception":

@@ -50,11 +50,23 @@ def agent_for(ctx: Context, record: VMRecord) -> AgentClient:
     return ctx.agent(record.host, record.name, record.agent_token, timeout=60)
 
 
+LLM_BACKENDS = ("eager", "fast", "onnx")
+LLM_WEIGHTS = ("native", "int8")
+
+
 def llm_args(prompts: list[str], max_new_tokens: int, stream: bool, temperature: float | None,
-             top_p: float | None, seed: int | None, model: str | None) -> list[str]:
+             top_p: float | None, seed: int | None, model: str | None, backend: str = "eager",
+             weights: str = "native") -> list[str]:
     if not prompts:
         raise InvalidSpec("llm needs at least one --prompt")
-    args = ["--model", model or f"{MODELS}/tiny-llm", "--max-new-tokens", str(max_new_tokens)]
+    if backend not in LLM_BACKENDS:
+        raise InvalidSpec(f"unknown llm backend {backend!r}; use {', '.join(LLM_BACKENDS)}")
+    if weights not in LLM_WEIGHTS:
+        raise InvalidSpec(f"unknown weight format {weights!r}; use {', '.join(LLM_WEIGHTS)}")
+    if weights != "native" and backend != "fast":
+        raise InvalidSpec(f"--weights {weights} runs on --backend fast only")
+    args = ["--model", model or f"{MODELS}/tiny-llm", "--max-new-tokens", str(max_new_tokens),
+            "--backend", backend, "--weights", weights]
     for prompt in prompts:
         args += ["--prompt", prompt]
     if stream:
