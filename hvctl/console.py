@@ -1,13 +1,24 @@
-"""Reading a guest's serial console log: readiness markers and the tail shown when something goes wrong."""
+"""Reading a guest's serial console log: readiness markers and the tail shown when something goes wrong.
+
+The log is a file on the VM's host, written by virtlogd. On this machine it is read as a file; on another host it
+is a volume of hvctl's storage pool there, read through libvirt (``VolumeConsole``): no file of the host is visible
+to the controller. Both are ``ConsoleSource``s, and the functions below take either.
+"""
 
 from __future__ import annotations
 
+import io
 import re
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
-from hvctl.errors import GuestTimeout
+from hvctl.errors import GuestTimeout, HypervisorError
+
+if TYPE_CHECKING:
+    from hvctl.host import Pool
 
 READY_MARKER = "HVCTL-READY"
 # Printed by the minimal image when booted with `hvctl.probe`: proof that a kernel ran under the accelerator tried.
@@ -16,40 +27,88 @@ PROBE_MARKER = "HVCTL-PROBE-OK"
 _NOISE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\r")
 
 
-def console_size(path: Path) -> int:
-    """Where the console file ends now: a boot started after this reads its readiness from here on."""
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return 0
+class ConsoleSource(Protocol):
+    def size(self) -> int:
+        """Bytes in the log now (0 if there is none yet)."""
+
+    def read_bytes(self, offset: int) -> bytes:
+        """The log from ``offset`` on (b"" if there is none)."""
 
 
-def read_console(path: Path, offset: int = 0) -> str:
-    """The console from ``offset`` on; from the start if the file is now shorter (virtlogd rotated it)."""
-    try:
-        with path.open("rb") as f:
-            if f.seek(0, 2) >= offset:
+@dataclass(frozen=True)
+class FileConsole:
+    path: Path
+
+    def size(self) -> int:
+        try:
+            return self.path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def read_bytes(self, offset: int) -> bytes:
+        try:
+            with self.path.open("rb") as f:
                 f.seek(offset)
-            else:
-                f.seek(0)
-            return _NOISE.sub("", f.read().decode(errors="replace"))
-    except FileNotFoundError:
-        return ""
+                return f.read()
+        except FileNotFoundError:
+            return b""
 
 
-def console_tail(path: Path, lines: int = 15) -> str:
-    return "\n".join(read_console(path).splitlines()[-lines:])
+@dataclass(frozen=True)
+class VolumeConsole:
+    """A console log in a host's storage pool, read over the libvirt connection with volume downloads."""
+
+    pool: Pool
+    volume: str
+
+    def size(self) -> int:
+        self.pool.refresh()  # virtlogd made and grows the file behind libvirt's back
+        found = self.pool.volume(self.volume)
+        return found.capacity if found is not None else 0
+
+    def read_bytes(self, offset: int) -> bytes:
+        size = self.size()
+        if size <= offset:
+            return b""
+        sink = io.BytesIO()
+        try:
+            self.pool.download(self.volume, sink, offset, size - offset)
+        except HypervisorError:
+            return b""  # deleted or rotated between the refresh and the read: the next poll reads it again
+        return sink.getvalue()
 
 
-def ready_line(path: Path, offset: int = 0) -> str | None:
-    for line in read_console(path, offset).splitlines():
+def _source(where: Path | ConsoleSource) -> ConsoleSource:
+    return FileConsole(where) if isinstance(where, Path) else where
+
+
+def console_size(where: Path | ConsoleSource) -> int:
+    """Where the console log ends now: a boot started after this reads its readiness from here on."""
+    return _source(where).size()
+
+
+def read_console(where: Path | ConsoleSource, offset: int = 0) -> str:
+    """The console from ``offset`` on; from the start if the log is now shorter (virtlogd rotated it)."""
+    source = _source(where)
+    if source.size() < offset:
+        offset = 0
+    return _NOISE.sub("", source.read_bytes(offset).decode(errors="replace"))
+
+
+def console_tail(where: Path | ConsoleSource, lines: int = 15) -> str:
+    return "\n".join(read_console(where).splitlines()[-lines:])
+
+
+def ready_line(where: Path | ConsoleSource, offset: int = 0) -> str | None:
+    for line in read_console(where, offset).splitlines():
         if READY_MARKER in line:
             return line[line.index(READY_MARKER):]
     return None
 
 
 def wait_for_ready(
-    name: str, path: Path, timeout: float, still_running: Callable[[], bool], poll: float = 0.05, offset: int = 0
+    name: str, path: Path | ConsoleSource, timeout: float, still_running: Callable[[], bool], poll: float = 0.05,
+    offset: int = 0,
 ) -> tuple[str, float]:
     """Wait until the guest prints its readiness marker after ``offset`` (where the file ended before this boot).
     Returns the marker line and the seconds waited.

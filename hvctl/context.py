@@ -13,8 +13,8 @@ from pathlib import Path
 from hvctl.agent_client import AgentClient
 from hvctl.designer import HostCapabilities
 from hvctl.domain import Accel
-from hvctl.errors import ImageError, InvalidSpec
-from hvctl.host import Host
+from hvctl.errors import HostUnreachable, ImageError, InvalidSpec
+from hvctl.host import Host, identity
 from hvctl.ledger import Ledger
 from hvctl.paths import StateDir
 from hvctl.policy import SHIPPED, Policy, load_policy
@@ -24,12 +24,6 @@ from vfio.binding import UsersOf
 
 DEFAULT_URI = "qemu:///system"
 LOCAL_HOST = "local"
-
-
-def is_local(uri: str) -> bool:
-    """This machine's libvirt: the local socket, TCP/SSH to loopback (two private daemons acting as hosts), or the
-    in-process test driver."""
-    return uri.startswith(("qemu:///", "test:///")) or "://127.0.0.1" in uri or "://localhost" in uri
 
 
 def can_limit_memory() -> bool:
@@ -84,6 +78,7 @@ class Context:
     policy_path: Path | None = None
     gpu_env: GpuEnvironment = field(default_factory=GpuEnvironment)
     _hosts: dict[str, Host] = field(default_factory=dict, repr=False)
+    _this_machine: dict[str, bool] = field(default_factory=dict, repr=False)
 
     @property
     def policy_source(self) -> Path:
@@ -123,6 +118,27 @@ class Context:
             self._hosts[name] = Host(ledger.get_host(name).uri)
         return self._hosts[name]
 
+    def is_this_machine(self, name: str | None = None) -> bool:
+        """Whether host ``name`` is the machine hvctl runs on (``hvctl.host.identity``): decided once per command,
+        connecting to the host only when its URI goes over a network."""
+        name = name or self.host_name
+        if name not in self._this_machine:
+            uri = self.ledger.get_host(name).uri
+            self._this_machine[name] = identity.needs_no_network(uri) or identity.is_this_machine(
+                uri, self.host(name).conn, self.local_daemon_uuids())
+        return self._this_machine[name]
+
+    def local_daemon_uuids(self) -> list[str]:
+        """Host UUIDs of the registered daemons reached over a unix socket: each is on this machine."""
+        found = []
+        for record in self.ledger.list_hosts():
+            if identity.needs_no_network(record.uri) and not record.uri.startswith("test:"):
+                try:
+                    found.append(identity.host_uuid(self.host(record.name).conn))
+                except HostUnreachable:
+                    continue
+        return found
+
     def agent(self, host_name: str, vm: str, token: str, timeout: float = 30.0) -> AgentClient:
         """A client for ``vm``'s agent, through its host's libvirt connection (``virDomain.openChannel``)."""
         return AgentClient.over_channel(self.host(host_name), vm, token, timeout)
@@ -140,13 +156,18 @@ class Context:
             self.ledger.record_host_facts(name, accel.value, facts.cpus, facts.memory_mib)
             record = self.ledger.get_host(name)
         if record.disk_gib is None:
-            # VM disks live under the controller's state dir today, whichever host runs them: admission counts
-            # their sizes against that filesystem. (Remote hosts' storage pools replace this.)
-            self.ledger.record_host_disk(name, self.paths.storage_gib())
+            # VM disks live under the controller's state dir on this machine, and in the host's storage pool on
+            # another: admission counts their sizes against that.
+            if self.is_this_machine(name):
+                disk_gib = self.paths.storage_gib()
+            else:
+                pool, _ = self.host(name).ensure_pool()
+                disk_gib = pool.space().capacity // 2**30
+            self.ledger.record_host_disk(name, disk_gib)
             record = self.ledger.get_host(name)
         return HostCapabilities(name=name, accel=Accel(record.accel or "qemu"), cpus=record.cpus or 1,
                                 memory_mib=record.memory_mib or 0,
-                                memory_limits=can_limit_memory() if is_local(record.uri) else True)
+                                memory_limits=can_limit_memory() if self.is_this_machine(name) else True)
 
     def _probe_image(self) -> Image:
         try:

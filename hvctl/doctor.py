@@ -73,10 +73,10 @@ def run_checks(ctx: Context) -> list[Check]:
         checks.append(Check(vc.name, True, "present" if vc.ok else "missing: GPU passthrough unavailable",
                             None if vc.ok else vc.hint, warning=not vc.ok))
 
-    from hvctl.context import can_limit_memory, is_local
+    from hvctl.context import can_limit_memory
     from hvctl.ops.inspect import enforcement_report
 
-    if is_local(ctx.connected_uri) and not can_limit_memory():
+    if ctx.is_this_machine() and not can_limit_memory():
         checks.append(Check("memory limits", True, "no CAP_SYS_RESOURCE: libvirt cannot set memtune hard limits here, "
                             "so VMs get none", "run hvctl and libvirtd with CAP_SYS_RESOURCE", warning=True))
     problems = []

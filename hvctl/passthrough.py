@@ -3,7 +3,7 @@ journal, and give them back.
 
 hvctl binds devices itself (hostdev ``managed='no'``) so that every step is journaled before it is attempted and a
 crash at any point can be finished or undone by ``hvctl doctor --repair``. sysfs is read and written on the machine
-hvctl runs on, so GPUs are managed only on hosts whose libvirt is local (``is_local``).
+hvctl runs on, so GPUs are managed only on hosts that are this machine (``Context.is_this_machine``).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from hvctl.context import Context, GpuEnvironment, is_local
+from hvctl.context import Context, GpuEnvironment
 from hvctl.domain import PciAddress, PciHostdev
 from hvctl.errors import HvctlError, InvalidSpec
 from hvctl.ledger import Ledger
@@ -129,7 +129,7 @@ def allocate(ctx: Context, env: GpuEnvironment, spec: VMSpec, host: str, undo: U
     rolled back by the binder and leaves no ledger rows."""
     if not spec.gpus.count:
         return None
-    if not is_local(ctx.ledger.get_host(host).uri):
+    if not ctx.is_this_machine(host):
         raise InvalidSpec(f"GPUs are bound through this machine's sysfs, and host {host} is remote",
                           hint="run hvctl on that host to create GPU VMs there")
     chosen = choose(ctx, env, spec, host)

@@ -96,8 +96,8 @@ def remote(image_dir: Path) -> Iterator[tuple[RemoteStyleHost, Path]]:
         shutil.rmtree(state, ignore_errors=True)
 
 
-def hvctl_at(state: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return hvctl_cli(state, "test:///default", *args, timeout=120)
+def hvctl_at(state: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return hvctl_cli(state, "test:///default", *args, timeout=timeout)
 
 
 def test_host_add_over_ssh_records_the_remote_hosts_facts(remote: tuple[RemoteStyleHost, Path]) -> None:
@@ -161,3 +161,95 @@ def test_an_image_is_uploaded_once_per_host_through_its_pool(remote: tuple[Remot
             pool.release()
     finally:
         conn.close()
+
+
+def pool_listing(host: RemoteStyleHost) -> list[str]:
+    """The files in hvctl's pool directory, as the host itself sees them (inside its mount namespace)."""
+    holder = host.pids()["holder"]
+    listed = subprocess.run(["nsenter", "-t", str(holder), "-m", "ls", "-A", "/var/lib/libvirt/images/hvctl"],
+                            capture_output=True, text=True, check=True)
+    return listed.stdout.split()
+
+
+def test_a_vm_on_the_remote_host_lives_in_its_pool_answers_through_libvirt_and_leaves_nothing(
+        remote: tuple[RemoteStyleHost, Path], image_dir: Path) -> None:
+    from guest import rpc
+    from hvctl.context import Context
+
+    host, state = remote
+    ImageStore(image_dir).build("base")
+    assert hvctl_at(state, "host", "add", "far", host.uri).returncode == 0
+    ctx = Context(state_dir=state, uri="test:///default")
+    try:
+        made = hvctl_at(state, "create", "rv1", "--host", "far", "--image", "base", "--memory", "512", "--disk", "2",
+                        "--boot-timeout", "240", "--json", timeout=480)
+        assert made.returncode == 0, made.stderr
+        assert "uploading base's qcow2" in made.stderr  # the first VM of an image on a host uploads it
+        upload = json.loads(made.stdout)["image_upload"]
+        assert upload["image"] == "base" and upload["bytes"] > 100 * 2**20 and upload["seconds"] > 0
+        # The VM's disk, seed and console log are the host's files, in its pool; the controller holds none.
+        assert {"vm-rv1.qcow2", "vm-rv1.seed.iso", "vm-rv1.console.log"} <= set(pool_listing(host))
+        assert not (state / "vms").exists() or not any((state / "vms").iterdir())
+        # The agent answers through virDomain.openChannel over ssh, and runs a command inside the guest.
+        ping = hvctl_at(state, "agent", "rv1", "ping", "--json")
+        assert ping.returncode == 0 and json.loads(ping.stdout)["pong"] is True, ping.stderr
+        record = ctx.ledger.get_vm("rv1")
+        assert record.agent_token
+        ran = ctx.agent("far", "rv1", record.agent_token).typed(
+            "exec", rpc.ExecResult, rpc.ExecParams(argv=["hostname"]))
+        assert ran.exit_code == 0 and ran.stdout.strip() == "rv1"
+        # Its console, read back as a pool volume.
+        console = hvctl_at(state, "console-log", "rv1")
+        assert console.returncode == 0 and "HVCTL-READY" in console.stdout
+
+        # A second VM of the same image reuses the uploaded volumes; the minimal image (no agent) is ready by its
+        # console alone.
+        again = hvctl_at(state, "create", "rv2", "--host", "far", "--image", "minimal", "--memory", "256",
+                         "--disk", "1", "--boot-timeout", "240", timeout=300)
+        assert again.returncode == 0, again.stderr
+        third = hvctl_at(state, "create", "rv3", "--host", "far", "--image", "minimal", "--memory", "256",
+                         "--disk", "1", "--boot-timeout", "240", timeout=300)
+        assert third.returncode == 0 and "uploading minimal's" not in third.stderr, third.stderr
+        images = [f for f in pool_listing(host) if f.startswith("img-minimal-")]
+        assert len(images) == 4  # kernel, initrd, qcow2 and the marker: once, for two VMs
+
+        for name in ("rv1", "rv2", "rv3"):
+            gone = hvctl_at(state, "destroy", name)
+            assert gone.returncode == 0, gone.stderr
+        assert not [f for f in pool_listing(host) if f.startswith("vm-")]
+        remote_conn = Host(host.uri)
+        try:
+            assert remote_conn.conn.listAllDomains(0) == []
+        finally:
+            remote_conn.close()
+    finally:
+        for leftover in ctx.ledger.list_vms():
+            hvctl_at(state, "destroy", leftover.name)
+        ctx.close()
+        hvctl_at(state, "host", "rm", "far")
+
+
+def test_bad_creates_on_the_remote_host_are_one_line_and_leave_nothing(remote: tuple[RemoteStyleHost, Path]) -> None:
+    host, state = remote
+    assert hvctl_at(state, "host", "add", "far2", host.uri).returncode == 0
+    conn = Host(host.uri)
+    try:
+        before = sorted(pool_listing(host))
+        too_big = hvctl_at(state, "create", "big", "--host", "far2", "--image", "minimal", "--memory", "256",
+                           "--disk", "16000")
+        assert too_big.returncode != 0
+        assert too_big.stderr.strip().splitlines()[-1].startswith("hvctl: error: a 16000 GiB disk does not fit")
+        # A volume of the VM's name that the ledger does not know: someone else's, so it is left alone.
+        pool, _ = conn.ensure_pool()
+        pool.upload("vm-squat.qcow2", b"not hvctl's")
+        squat = hvctl_at(state, "create", "squat", "--host", "far2", "--image", "minimal", "--memory", "256",
+                         "--disk", "1")
+        assert squat.returncode != 0 and "already holds vm-squat.qcow2" in squat.stderr.strip().splitlines()[-1]
+        assert pool.volume("vm-squat.qcow2") is not None
+        pool.delete("vm-squat.qcow2")
+        assert sorted(pool_listing(host)) == before and conn.conn.listAllDomains(0) == []
+        listed = json.loads(hvctl_at(state, "list", "--json").stdout)
+        assert listed["vms"] == []
+    finally:
+        conn.close()
+        hvctl_at(state, "host", "rm", "far2")

@@ -78,10 +78,11 @@ def create(
                         operator_key=operator_key, **sizes)
     started = time.monotonic()
     with RichReporter(f"create {name}") as reporter:
-        record = create_vm(ctx(), spec, reporter, boot_timeout=boot_timeout)
+        stats: dict[str, object] = {}
+        record = create_vm(ctx(), spec, reporter, boot_timeout=boot_timeout, stats=stats)
     elapsed = time.monotonic() - started
     if as_json:
-        emit_json(record.as_dict() | {"create_seconds": round(elapsed, 3)})
+        emit_json(record.as_dict() | {"create_seconds": round(elapsed, 3)} | stats)
     else:
         out.print(f"[bold]{name}[/] is up on {record.host} in {elapsed:.1f} s "
                   f"(ssh forward {spec.ssh_bind}:{record.ssh_port})")
@@ -212,8 +213,10 @@ def console_log(
 ) -> None:
     """Print the guest's serial console output."""
     from hvctl.console import read_console
+    from hvctl.ops.pooled import console_of
 
-    text = read_console(ctx().ledger.get_vm(name).console_log)
+    c = ctx()
+    text = read_console(console_of(c, c.ledger.get_vm(name)))
     if lines:
         text = "\n".join(text.splitlines()[-lines:])
     text = plain(text)

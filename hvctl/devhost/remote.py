@@ -91,8 +91,9 @@ class RemoteStyleHost:
 
     def _prepare(self) -> Path:
         r = self.root
-        for rel in (*_HOST_DIRS, "run/libvirt", "run/sshd", "var/lib/libvirt/images", "var/lib/libvirt/qemu",
-                    "var/log/libvirt/qemu", "ssh", "controller"):
+        # run/lock: /var/lock points there, and libvirt locks a console or channel it opens for a client there.
+        for rel in (*_HOST_DIRS, "run/libvirt", "run/sshd", "run/lock", "var/lib/libvirt/images",
+                    "var/lib/libvirt/qemu", "var/log/libvirt/qemu", "ssh", "controller"):
             (r / rel).mkdir(parents=True, exist_ok=True)
         (r / "run/sshd").chmod(0o755)  # sshd's privilege-separation directory
         for rel in ("ssh", "controller"):

@@ -27,9 +27,9 @@ class Undo:
     """
 
     def __init__(self) -> None:
-        self._actions: list[tuple[str, Callable[[], None]]] = []
+        self._actions: list[tuple[str, Callable[[], object]]] = []
 
-    def push(self, description: str, action: Callable[[], None]) -> None:
+    def push(self, description: str, action: Callable[[], object]) -> None:
         self._actions.append((description, action))
 
     def commit(self) -> None:

@@ -10,13 +10,13 @@ from pathlib import Path
 
 from hvctl import passthrough
 from hvctl.agent_client import AgentClient, AgentError
-from hvctl.console import console_size, console_tail, wait_for_ready
-from hvctl.context import Context, is_local
+from hvctl.console import ConsoleSource, console_size, console_tail, wait_for_ready
+from hvctl.context import Context
 from hvctl.designer import BootArtifacts, VMAllocation, design, nic_mac
 from hvctl.errors import AlreadyExists, GuestTimeout, ImageError, InvalidSpec
 from hvctl.host import DomainState
 from hvctl.ledger import Admission, VMRecord
-from hvctl.ops import Reporter, SilentReporter, Undo
+from hvctl.ops import Reporter, SilentReporter, Undo, pooled
 from hvctl.passthrough import GpuAllocation
 from hvctl.paths import VMFiles, make_private_dir
 from hvctl.placement import choose_host, host_limit
@@ -28,7 +28,9 @@ DEFAULT_BOOT_TIMEOUT = 120.0
 
 def create(ctx: Context, spec: VMSpec, reporter: Reporter | None = None,
            boot_timeout: float = DEFAULT_BOOT_TIMEOUT, extra_cmdline: tuple[str, ...] = (),
-           extra_qemu_args: tuple[str, ...] = ()) -> VMRecord:
+           extra_qemu_args: tuple[str, ...] = (), stats: dict[str, object] | None = None) -> VMRecord:
+    """``stats``, if given, receives numbers a caller may report: ``image_upload`` (bytes, seconds) for a VM on a
+    host that keeps its files in its storage pool."""
     say = (reporter or SilentReporter()).step
     # Every check that can refuse the request runs before anything is written anywhere, the state dir included.
     policy = ctx.policy
@@ -50,33 +52,67 @@ def create(ctx: Context, spec: VMSpec, reporter: Reporter | None = None,
     if host.exists(spec.name):
         raise AlreadyExists(f"a domain named {spec.name!r} already exists on host {spec.host}")
     check_network(ctx, spec, spec.host)
-    if overlay.exists():
-        raise AlreadyExists(f"disk path {overlay} already exists", hint="remove it or pick another name")
     if spec.disk_gib * 2**30 < image.disk_virtual_bytes:
         need = -(-image.disk_virtual_bytes // 2**30)
         raise InvalidSpec(f"image {image.name} needs a disk of at least {need} GiB; {spec.disk_gib} GiB requested")
+    # A host that does not share this machine's filesystem keeps the VM's files in its storage pool.
+    pool_files = None if ctx.is_this_machine(spec.host) else pooled.open_files(host, spec.name)
+    if pool_files is not None:
+        pooled.check_room(pool_files, spec, spec.host)
+    elif overlay.exists():
+        raise AlreadyExists(f"disk path {overlay} already exists", hint="remove it or pick another name")
     authorized = authorized_keys_for(ctx, spec)
     host_key = generate_ed25519(f"hvctl-host-{spec.name}")
     token = new_agent_token()
+    # Shared per host and content-addressed, so not part of this VM's undo; an upload cut short leaves nothing.
+    image_volumes = pooled.upload_image(pool_files, image, say, _upload_progress(say)) if pool_files else None
+    if image_volumes is not None and stats is not None:
+        stats["image_upload"] = {"image": image.name, "bytes": image_volumes.uploaded_bytes,
+                                 "seconds": round(image_volumes.seconds, 3)}
 
     with Undo() as undo:
         say("reserving in the ledger")
-        files = paths.vm_files(spec.name)
-        record = ctx.ledger.reserve_vm(spec, spec.host, image.base_disk, overlay, files.console_log,
-                                       files.agent_socket, agent_token=token,
-                                       host_pubkey=host_key.public_line, seed=files.seed,
-                                       bind_address=str(spec.ssh_bind), admission=admission)
+        if pool_files is not None and image_volumes is not None:
+            record = ctx.ledger.reserve_vm(
+                spec, spec.host, Path(image_volumes.base.path), Path(pool_files.path(pool_files.disk)),
+                Path(pool_files.path(pool_files.console)), Path(pool_files.agent_socket), agent_token=token,
+                host_pubkey=host_key.public_line, seed=Path(pool_files.path(pool_files.seed)),
+                bind_address=str(spec.ssh_bind), admission=admission)
+        else:
+            files = paths.vm_files(spec.name)
+            record = ctx.ledger.reserve_vm(spec, spec.host, image.base_disk, overlay, files.console_log,
+                                           files.agent_socket, agent_token=token,
+                                           host_pubkey=host_key.public_line, seed=files.seed,
+                                           bind_address=str(spec.ssh_bind), admission=admission)
         undo.push("forget the ledger row", lambda: ctx.ledger.delete_vm(spec.name, "create rolled back"))
         if spec.gpus.count:
             say(f"binding {spec.gpus.count} GPU(s) to vfio-pci")
         gpu_alloc = passthrough.allocate(ctx, ctx.gpu_env, spec, spec.host, undo)
-        message = boot_incarnation(ctx, spec, spec.host, files, record.ssh_port, authorized, host_key, token, undo,
-                                   say, boot_timeout, extra_cmdline, extra_qemu_args, gpu_alloc)
+        if pool_files is not None and image_volumes is not None:
+            message = pooled.boot_pooled(ctx, spec, spec.host, pool_files, image_volumes, record.ssh_port,
+                                         authorized, host_key, token, undo, say, boot_timeout, extra_cmdline,
+                                         extra_qemu_args)
+        else:
+            message = boot_incarnation(ctx, spec, spec.host, files, record.ssh_port, authorized, host_key, token,
+                                       undo, say, boot_timeout, extra_cmdline, extra_qemu_args, gpu_alloc)
         if gpu_alloc:
             message += f"; GPUs {', '.join(gpu_alloc.gpus)}"
         ctx.ledger.set_state(spec.name, "running", message)
         undo.commit()
     return ctx.ledger.get_vm(spec.name)
+
+
+def _upload_progress(say: Callable[[str], None]) -> Callable[[str, int, int], None]:
+    """Upload progress as reporter steps, one per tenth of each file."""
+    shown: dict[str, int] = {}
+
+    def progress(what: str, done: int, total: int) -> None:
+        tenth = done * 10 // max(total, 1)
+        if shown.get(what) != tenth:
+            shown[what] = tenth
+            say(f"uploading {what}: {done / 2**20:.0f} of {total / 2**20:.0f} MiB")
+
+    return progress
 
 
 def authorized_keys_for(ctx: Context, spec: VMSpec) -> list[str]:
@@ -152,12 +188,12 @@ def check_network(ctx: Context, spec: VMSpec, host_name: str) -> None:
         if not active:
             raise InvalidSpec(f"libvirt network {net.network!r} on host {host_name} is not active",
                               hint=f"virsh net-start {net.network}")
-    elif is_local(ctx.ledger.get_host(host_name).uri) and not Path(f"/sys/class/net/{net.bridge}/bridge").is_dir():
+    elif ctx.is_this_machine(host_name) and not Path(f"/sys/class/net/{net.bridge}/bridge").is_dir():
         raise InvalidSpec(f"there is no bridge {net.bridge!r} on host {host_name}",
                           hint=f"create it first (ip link add {net.bridge} type bridge)")
 
 
-def wait_for_agent(agent: AgentClient, name: str, console_log: Path, timeout: float) -> None:
+def wait_for_agent(agent: AgentClient, name: str, console_log: Path | ConsoleSource, timeout: float) -> None:
     """Agent-ready: the agent answered a ping with this VM's token. A timeout carries the console tail."""
     try:
         agent.wait_ready(max(timeout, 1.0))

@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from hvctl import passthrough
-from hvctl.context import Context, is_local
+from hvctl.context import Context
 from hvctl.errors import AlreadyExists, InvalidSpec
-from hvctl.host import Host
+from hvctl.host import Host, identity
 from hvctl.placement import host_limit
 from hvctl.spec import check_name
 
@@ -34,7 +34,7 @@ def add_host(ctx: Context, name: str, uri: str) -> dict[str, Any]:
                               hint="free space there, or adopt a larger pool under that name")
         numa = probe.numa_cells()
         allowlist = frozenset((a.vendor, a.device) for a in ctx.policy.accelerators.values())
-        if is_local(uri) and not uri.startswith("test:"):
+        if not uri.startswith("test:") and identity.is_this_machine(uri, probe.conn, ctx.local_daemon_uuids()):
             # This machine: sysfs is what GPU binding works from (and libvirt's node devices need udev running).
             gpus = passthrough.local_inventory(ctx)
         else:

@@ -84,12 +84,11 @@ def drift_report(ctx: Context) -> list[Drift]:
 
 def enforcement_report(ctx: Context, record: VMRecord) -> dict[str, Any] | None:
     """Configured tuning next to what the cgroups enforce, for a running VM on the local machine; None otherwise."""
-    from hvctl.context import is_local
     from hvctl.domain import Domain
     from hvctl.enforcement import QemuCgroups, find_qemu_pid, mismatches
 
     host = ctx.host(record.host)
-    if not is_local(ctx.ledger.get_host(record.host).uri) or host.state(record.name) is not DomainState.RUNNING:
+    if not ctx.is_this_machine(record.host) or host.state(record.name) is not DomainState.RUNNING:
         return None
     pid = find_qemu_pid(record.name)
     if pid is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from hvctl import passthrough
 from hvctl.console import console_size, wait_for_ready
@@ -12,7 +13,7 @@ from hvctl.context import Context
 from hvctl.domain.model import retarget_ssh_forward
 from hvctl.errors import HvctlError, HypervisorError, NotFound
 from hvctl.host import DomainState
-from hvctl.ops import Reporter, SilentReporter
+from hvctl.ops import Reporter, SilentReporter, pooled
 from hvctl.ops.create import DEFAULT_BOOT_TIMEOUT
 
 
@@ -25,12 +26,14 @@ def start(ctx: Context, name: str, reporter: Reporter | None = None,
     if host.state(name) is DomainState.RUNNING:
         raise HvctlError(f"VM {name} is already running")
     say("starting")
-    # The console file is appended to: an earlier boot's marker is before this offset, so it cannot count.
-    offset = console_size(record.console_log)
+    # The console log is appended to: an earlier boot's marker is before this offset, so it cannot count.
+    console = pooled.console_of(ctx, record)
+    offset = console_size(console)
     start_claiming_a_port(ctx, name, say)
     say("waiting for the guest to report ready")
-    line, waited = wait_for_ready(name, record.console_log, boot_timeout,
-                                  lambda: host.state(name) is DomainState.RUNNING, offset=offset)
+    line, waited = wait_for_ready(name, console, boot_timeout,
+                                  lambda: host.state(name) is DomainState.RUNNING, offset=offset,
+                                  poll=0.05 if isinstance(console, Path) else 0.5)
     ctx.ledger.set_state(name, "running", f"started; guest up after {waited:.2f} s")
     return waited
 
@@ -113,6 +116,11 @@ def destroy(ctx: Context, name: str, reporter: Reporter | None = None) -> None:
         # A failure raises here, before the ledger row goes: `hvctl destroy` again, or `hvctl gpu release`.
         released = passthrough.release_vm(ctx, ctx.gpu_env, name, record.host)
         ctx.ledger.log_event(name, record.host, "gpu.released", f"returned {', '.join(released)} to their drivers")
+    if not ctx.is_this_machine(record.host):
+        say(f"deleting the VM's volumes from host {record.host}'s storage pool")
+        pooled.open_files(host, name).delete()
+        ctx.ledger.delete_vm(name, f"destroyed {name}")
+        return
     say("removing the overlay disk and console log")
     record.overlay.unlink(missing_ok=True)
     # The current incarnation's directory (NAME, or NAME.gN after a checkpoint-migration) and any other left over.

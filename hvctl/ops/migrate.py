@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from hvctl.accounting import host_footprint
-from hvctl.context import Context, is_local
+from hvctl.context import Context
 from hvctl.domain.model import retarget_paths, retarget_ssh_forward
 from hvctl.errors import AlreadyExists, HvctlError, InvalidSpec, NotFound
 from hvctl.host import DomainState
@@ -62,7 +62,7 @@ def migrate(ctx: Context, name: str, target: str, opts: MigrateOptions,
                           hint="use --mode offline")
     if opts.copy_storage and opts.mode == "checkpoint":
         raise InvalidSpec("--copy-storage does not apply to --mode checkpoint, which boots a fresh disk on the target")
-    if opts.copy_storage and not is_local(target_record.uri):
+    if opts.copy_storage and not ctx.is_this_machine(target):
         raise InvalidSpec(f"--copy-storage needs the destination overlay created before the copy; hvctl creates it "
                           f"only on hosts that share this machine's filesystem, and {target} ({target_record.uri}) "
                           "is remote")
@@ -85,7 +85,7 @@ def migrate(ctx: Context, name: str, target: str, opts: MigrateOptions,
     compatible, detail = src.cpu_compatible_with(dst)
     if not compatible:
         raise InvalidSpec(f"cannot migrate {name} to {target}: {detail}")
-    if is_local(target_record.uri):
+    if ctx.is_this_machine(target):
         # With --copy-storage the overlay travels; its backing image and the seed must already be there.
         needed = (record.base_disk, *([record.seed] if record.seed else []))
         for disk in needed if opts.copy_storage else (record.overlay, *needed):
@@ -149,7 +149,7 @@ def _run(ctx: Context, name: str, source: str, target: str, dest_xml: str, opts:
          on_progress: Callable[[dict[str, Any]], None] | None, copy_disks: tuple[str, ...] = ()) -> dict[str, Any]:
     src, dst = ctx.host(source), ctx.host(target)
     failure: list[BaseException] = []
-    migrate_uri = "tcp://127.0.0.1" if is_local(ctx.ledger.get_host(target).uri) else None
+    migrate_uri = "tcp://127.0.0.1" if ctx.is_this_machine(target) else None
 
     def worker() -> None:
         try:

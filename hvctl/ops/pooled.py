@@ -1,0 +1,185 @@
+"""A VM incarnation whose files live in its host's storage pool, made and read through libvirt alone.
+
+This is how hvctl runs a VM on a host that does not share the controller's filesystem:
+- the image's kernel, initrd and base disk are pool volumes, uploaded once per host (``volumes.ensure_image``);
+- the overlay is a qcow2 volume backed by the base volume, made by libvirt on the host;
+- the seed ISO is built on the controller and uploaded as a volume;
+- the console log is written by the host's virtlogd into the pool directory, and read back as a volume;
+- the agent is reached with ``virDomain.openChannel`` (the socket's path is on the host and never opened here).
+Destroy deletes the VM's volumes through the pool. Nothing of the VM is written on the controller's disk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from hvctl.console import VolumeConsole, wait_for_ready
+from hvctl.context import Context
+from hvctl.designer import BootArtifacts, HostCapabilities, VMAllocation, design, nic_mac
+from hvctl.errors import AlreadyExists, HypervisorError, InvalidSpec
+from hvctl.host import DomainState, Host, Pool
+from hvctl.ledger import VMRecord
+from hvctl.ops import Undo
+from hvctl.ops.volumes import ImageVolumes, Progress, ensure_image
+from hvctl.seed import KeyPair, build_seed
+from hvctl.spec import VMSpec, check_name
+from images.store import Image
+
+# Where libvirt keeps channel sockets on a host; libvirt itself opens the listening socket and hands it to QEMU.
+CHANNEL_DIR = PurePosixPath("/var/lib/libvirt/qemu/channel/target")
+_NO_MEMLOCK = "cannot limit locked memory"
+
+
+@dataclass(frozen=True)
+class PooledFiles:
+    """One VM's volumes in one host's pool, and the host-side paths the domain and the ledger name."""
+
+    pool: Pool
+    vm: str
+
+    @property
+    def disk(self) -> str:
+        return f"vm-{check_name(self.vm)}.qcow2"
+
+    @property
+    def seed(self) -> str:
+        return f"vm-{self.vm}.seed.iso"
+
+    @property
+    def console(self) -> str:
+        return f"vm-{self.vm}.console.log"
+
+    @property
+    def names(self) -> tuple[str, str, str]:
+        return self.disk, self.seed, self.console
+
+    def path(self, volume: str) -> PurePosixPath:
+        return self.pool.path / volume
+
+    @property
+    def agent_socket(self) -> PurePosixPath:
+        return CHANNEL_DIR / f"hvctl-{self.vm}.agent"
+
+    def console_source(self) -> VolumeConsole:
+        return VolumeConsole(self.pool, self.console)
+
+    def existing(self) -> list[str]:
+        self.pool.refresh()
+        return [name for name in self.names if self.pool.volume(name) is not None]
+
+    def delete(self) -> list[str]:
+        """Delete every volume of the VM that exists; returns the ones that did."""
+        self.pool.refresh()
+        return [name for name in self.names if self.pool.delete(name)]
+
+
+def console_of(ctx: Context, record: VMRecord) -> Path | VolumeConsole:
+    """Where a VM's console log is read from: its file on this machine, or its volume in a remote host's pool."""
+    if ctx.is_this_machine(record.host):
+        return record.console_log
+    return open_files(ctx.host(record.host), record.name).console_source()
+
+
+def open_files(host: Host, vm: str) -> PooledFiles:
+    """The VM's place in the host's hvctl pool (adopted, or made if the host has none: `host add` makes it)."""
+    pool, _made = host.ensure_pool()
+    return PooledFiles(pool, vm)
+
+
+def check_room(files: PooledFiles, spec: VMSpec, host_name: str) -> None:
+    """Refuse before anything is written: volumes of that name already there, or a disk larger than the pool's
+    free space (the overlay is thin, but hvctl does not promise a disk that can never be filled)."""
+    leftover = files.existing()
+    if leftover:
+        raise AlreadyExists(f"pool {files.pool.name} on host {host_name} already holds {', '.join(leftover)}, "
+                            f"which hvctl's ledger does not know", hint="delete those volumes, or pick another name")
+    free = files.pool.space().available
+    if spec.disk_gib * 2**30 > free:
+        raise InvalidSpec(f"a {spec.disk_gib} GiB disk does not fit in pool {files.pool.name} on host {host_name}: "
+                          f"{free / 2**30:.1f} GiB free", hint="a smaller --disk-gib, or free space in that pool")
+
+
+def upload_image(files: PooledFiles, image: Image, say: Callable[[str], None],
+                 progress: Progress | None = None) -> ImageVolumes:
+    say(f"making sure the host has image {image.name}@{image.content_hash[:8]} (uploaded once per host)")
+    volumes = ensure_image(files.pool, image, progress)
+    if volumes.uploaded_bytes:
+        say(f"uploaded {volumes.uploaded_bytes / 2**20:.0f} MiB in {volumes.seconds:.1f} s")
+    return volumes
+
+
+def boot_pooled(ctx: Context, spec: VMSpec, host_name: str, files: PooledFiles, image_volumes: ImageVolumes,
+                ssh_port: int, authorized: list[str], host_key: KeyPair, token: str, undo: Undo,
+                say: Callable[[str], None], boot_timeout: float, extra_cmdline: tuple[str, ...] = (),
+                extra_qemu_args: tuple[str, ...] = ()) -> str:
+    """Volumes, seed, domain, boot, readiness: one incarnation of ``spec`` in ``files``' pool, every step pushed on
+    ``undo``. The caller holds the capacity (the ledger row). Returns how it went."""
+    from hvctl.ops.create import wait_for_agent
+
+    image = ctx.images.get(spec.image)
+    host, caps, pool = ctx.host(host_name), ctx.capabilities(host_name), files.pool
+
+    say(f"creating a {spec.disk_gib} GiB overlay volume on {image_volumes.base.name}")
+    pool.create(files.disk, spec.disk_gib * 2**30, fmt="qcow2", backing=image_volumes.base)
+    undo.push("delete the overlay volume", lambda: pool.delete(files.disk))
+    say("writing the seed on the controller and uploading it: hostname, SSH keys, host key, agent token")
+    with tempfile.TemporaryDirectory(prefix="hvctl-seed-") as tmp:
+        seed = Path(tmp) / "seed.iso"
+        build_seed(seed, spec.name, authorized, host_key, token,
+                   (nic_mac(spec.name), spec.network) if spec.network else None)
+        pool.upload(files.seed, seed)
+    undo.push("delete the seed volume", lambda: pool.delete(files.seed))
+    # virtlogd makes the console log when the domain starts: delete it too, if the boot is rolled back.
+    undo.push("delete the console log volume", lambda: pool.delete(files.console, refresh=True))
+
+    def define(caps: HostCapabilities) -> None:
+        domain = design(
+            spec, caps,
+            BootArtifacts(kernel=Path(image_volumes.kernel.path), initrd=Path(image_volumes.initrd.path),
+                          root_on_disk=image.kind.value != "initramfs"),
+            VMAllocation(overlay=Path(files.path(files.disk)), console_log=Path(files.path(files.console)),
+                         agent_socket=Path(files.agent_socket), ssh_port=ssh_port,
+                         ssh_bind_address=str(spec.ssh_bind), seed=Path(files.path(files.seed))),
+            extra_cmdline,
+            extra_qemu_args,
+        )
+        host.define(domain.to_xml())
+
+    say(f"defining domain on {host_name} ({caps.accel.value}, q35, {spec.vcpus} vCPU, {spec.memory_mib} MiB)")
+    define(caps)
+    undo.push("undefine the domain", lambda: host.undefine(spec.name))
+
+    say("starting")
+    console = files.console_source()
+    offset = console.size()
+    note = ""
+    try:
+        host.start(spec.name)
+    except HypervisorError as exc:
+        # A libvirtd without CAP_SYS_RESOURCE cannot raise QEMU's locked-memory limit, and refuses every domain
+        # with a memory hard limit. This machine's is checked before designing; another host's only tells here.
+        if _NO_MEMLOCK not in exc.message or not caps.memory_limits:
+            raise
+        say(f"host {host_name} cannot set memory hard limits; starting without one")
+        host.undefine(spec.name)
+        define(dataclasses.replace(caps, memory_limits=False))
+        host.start(spec.name)
+        note = f"; no memory hard limit (host {host_name}'s libvirtd may not set one)"
+    undo.push("destroy the domain", lambda: host.destroy(spec.name))
+
+    say("waiting for the guest to report ready (its console log, read through libvirt)")
+    started = time.monotonic()
+    line, waited = wait_for_ready(spec.name, console, boot_timeout,
+                                  lambda: host.state(spec.name) is DomainState.RUNNING, poll=0.5, offset=offset)
+    message = f"guest up after {waited:.2f} s: {line}{note}"
+    if image.agent:
+        say("waiting for the agent (virDomain.openChannel)")
+        wait_for_agent(ctx.agent(host_name, spec.name, token), spec.name, console,
+                       boot_timeout - (time.monotonic() - started))
+        message += f"; agent ready after {time.monotonic() - started:.2f} s"
+    return message
