@@ -152,7 +152,10 @@ class Context:
             host = self.host(name)
             facts = host.facts()
             probe_image = self._probe_image()
-            accel = host.probe_accelerator(probe_image.kernel, probe_image.initrd, self.paths.root / "probe")
+            if self.is_this_machine(name):
+                accel = host.probe_accelerator(probe_image.kernel, probe_image.initrd, self.paths.root / "probe")
+            else:
+                accel = self._probe_remote(host, probe_image)
             self.ledger.record_host_facts(name, accel.value, facts.cpus, facts.memory_mib)
             record = self.ledger.get_host(name)
         if record.disk_gib is None:
@@ -168,6 +171,25 @@ class Context:
         return HostCapabilities(name=name, accel=Accel(record.accel or "qemu"), cpus=record.cpus or 1,
                                 memory_mib=record.memory_mib or 0,
                                 memory_limits=can_limit_memory() if self.is_this_machine(name) else True)
+
+    @staticmethod
+    def _probe_remote(host: Host, image: Image) -> Accel:
+        """The accelerator probe on a host that is not this machine: the image's kernel and initrd from the host's
+        pool (uploaded once), the probe's console log in the pool, read back as a volume and deleted after."""
+        if "kvm" not in host.facts().domain_types:
+            return Accel.TCG  # nothing to boot, nothing to upload
+        from hvctl.console import VolumeConsole, read_console
+        from hvctl.ops.volumes import ensure_image
+
+        pool, _ = host.ensure_pool()
+        volumes = ensure_image(pool, image)
+        log = "hvctl-accel-probe.log"
+        pool.delete(log, refresh=True)
+        try:
+            return host.probe_accelerator_with(volumes.kernel.path, volumes.initrd.path, pool.path / log,
+                                               lambda: read_console(VolumeConsole(pool, log)))
+        finally:
+            pool.delete(log, refresh=True)
 
     def _probe_image(self) -> Image:
         try:

@@ -10,6 +10,7 @@ import contextlib
 import enum
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from xml.etree import ElementTree as ET
@@ -416,16 +417,25 @@ class Host:
 
         A /dev/kvm that belongs to a nested PVM hypervisor exists and opens, yet a stock kernel crashes under it;
         only a real boot tells. If libvirt does not even offer the kvm domain type, there is nothing to try.
+        ``kernel``, ``initrd``: paths on this machine; ``workdir``: where the probe's console log is written here.
         """
-        if "kvm" not in self.facts().domain_types:
-            return Accel.TCG
         workdir.mkdir(parents=True, exist_ok=True)
         console = workdir / "accel-probe.log"
         console.unlink(missing_ok=True)
+        return self.probe_accelerator_with(
+            kernel, initrd, console, lambda: console.read_text(errors="replace") if console.exists() else "", timeout)
+
+    def probe_accelerator_with(self, kernel: Path | PurePosixPath, initrd: Path | PurePosixPath,
+                               console: Path | PurePosixPath, read_console: Callable[[], str],
+                               timeout: float = 15.0) -> Accel:
+        """The probe with paths on the host itself (another host's pool volumes, say) and a way to read back the
+        console log it writes there."""
+        if "kvm" not in self.facts().domain_types:
+            return Accel.TCG
         probe = Domain(
             name=f"hvctl-accel-probe-{int(time.time() * 1000) % 10**9}", accel=Accel.KVM, memory_mib=128, vcpus=1,
-            boot=DirectBoot(kernel, initrd, f"console=ttyS0 panic=-1 hvctl.probe {PROBE_MARKER.lower()}"),
-            devices=(SerialFile(console),),
+            boot=DirectBoot(Path(kernel), Path(initrd), f"console=ttyS0 panic=-1 hvctl.probe {PROBE_MARKER.lower()}"),
+            devices=(SerialFile(Path(console)),),
         )
         try:
             # A transient domain: it vanishes when it powers off or is destroyed, leaving nothing defined.
@@ -435,7 +445,7 @@ class Host:
         try:
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
-                if console.exists() and PROBE_MARKER in console.read_text(errors="replace"):
+                if PROBE_MARKER in read_console():
                     return Accel.KVM
                 time.sleep(0.1)
             return Accel.TCG
