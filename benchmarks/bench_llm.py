@@ -167,6 +167,8 @@ def _run() -> int:
         f"tokens, median of {args.repeats}"
     )
 
+    # --paths: build only what runs (an int8 decoder quantizes a copy of every weight).
+    wanted = {"eager", *args.paths.split(",")} if args.paths else None
     paths: dict[str, Callable[[LLMRequest], LLMResult]] = {
         "eager": lambda r: run_generate(loaded, r, None, "torch"),
         "fast": lambda r: decoders["fast"].generate(r),
@@ -174,18 +176,17 @@ def _run() -> int:
     if gpu and not args.no_hf_static:
         paths["hf-static"] = lambda r: generate_hf_static(loaded, r)
     mode = "reduce-overhead" if gpu else "default"
-    if not args.no_compile:
-        decoders["fast+compile"] = Decoder.build(loaded, compile_mode=mode)
-        paths["fast+compile"] = lambda r: decoders["fast+compile"].generate(r)
+    for name, weights in (("fast+compile", "native"), ("fast-int8+compile", "int8")):
+        if args.no_compile or (wanted is not None and name not in wanted):
+            continue
         try:
-            decoders["fast-int8+compile"] = Decoder.build(loaded, compile_mode=mode, weights="int8")
-            paths["fast-int8+compile"] = lambda r: decoders["fast-int8+compile"].generate(r)
+            decoders[name] = Decoder.build(loaded, compile_mode=mode, weights=weights)
         except Exception as error:  # noqa: BLE001  # a missing torchao must not cost the other paths
-            report(f"fast-int8+compile skipped: {type(error).__name__}: {error}")
-    if args.paths:
-        wanted = {"eager", *args.paths.split(",")}
+            report(f"{name} skipped: {type(error).__name__}: {error}")
+            continue
+        paths[name] = lambda r, name=name: decoders[name].generate(r)  # type: ignore[misc]
+    if wanted is not None:
         paths = {k: v for k, v in paths.items() if k in wanted}
-        decoders = {k: v for k, v in decoders.items() if k in wanted or k == "fast"}
     ort_name = None
     if use_ort and model_dir is not None and ort is not None:
         from guest.workloads.llm_onnx import decode_on_session, ensure_onnx, open_session

@@ -32,7 +32,8 @@ class ConsoleSource(Protocol):
         """Bytes in the log now (0 if there is none yet)."""
 
     def read_bytes(self, offset: int) -> bytes:
-        """The log from ``offset`` on (b"" if there is none)."""
+        """The log from ``offset`` on; from its start if it is now shorter than that (virtlogd rotated it); b"" if
+        there is none."""
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ class FileConsole:
     def read_bytes(self, offset: int) -> bytes:
         try:
             with self.path.open("rb") as f:
-                f.seek(offset)
+                f.seek(offset if f.seek(0, 2) >= offset else 0)
                 return f.read()
         except FileNotFoundError:
             return b""
@@ -67,8 +68,10 @@ class VolumeConsole:
         return found.capacity if found is not None else 0
 
     def read_bytes(self, offset: int) -> bytes:
-        size = self.size()
-        if size <= offset:
+        size = self.size()  # one refresh per read: a poll costs a refresh, a lookup and a download
+        if size < offset:
+            offset = 0
+        if size == offset:
             return b""
         sink = io.BytesIO()
         try:
@@ -89,10 +92,7 @@ def console_size(where: Path | ConsoleSource) -> int:
 
 def read_console(where: Path | ConsoleSource, offset: int = 0) -> str:
     """The console from ``offset`` on; from the start if the log is now shorter (virtlogd rotated it)."""
-    source = _source(where)
-    if source.size() < offset:
-        offset = 0
-    return _NOISE.sub("", source.read_bytes(offset).decode(errors="replace"))
+    return _NOISE.sub("", _source(where).read_bytes(offset).decode(errors="replace"))
 
 
 def console_tail(where: Path | ConsoleSource, lines: int = 15) -> str:

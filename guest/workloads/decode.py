@@ -390,7 +390,7 @@ class Decoder:
 def decoder_for(loaded: LoadedModel, compile_mode: str | None = "auto", weights: str = "native") -> Decoder:
     """One Decoder per loaded model, compile mode and weight format, built on first use and kept on the LoadedModel
     (the agent loads a model once and serves many requests)."""
-    cache: dict[tuple[str | None, str], Decoder] = loaded.__dict__.setdefault("_decoders", {})
-    if (compile_mode, weights) not in cache:
-        cache[compile_mode, weights] = Decoder.build(loaded, compile_mode, weights)
-    return cache[compile_mode, weights]
+    if (compile_mode, weights) not in loaded.decoders:
+        loaded.decoders[compile_mode, weights] = Decoder.build(loaded, compile_mode, weights)
+    decoder: Decoder = loaded.decoders[compile_mode, weights]
+    return decoder

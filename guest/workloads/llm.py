@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,8 @@ class LoadedModel:
     dtype: torch.dtype
     context_window: int
     model_dir: Path
+    # The fast path's decoders for this model, by (compile mode, weights): built on first use (decode.decoder_for).
+    decoders: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
 
 
 def _check_model_dir(directory: Path) -> dict[str, Any]:

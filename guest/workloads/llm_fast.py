@@ -87,12 +87,6 @@ def generate_fast(
     return decoder_for(loaded, weights=request.weights).generate(request, on_token)
 
 
-def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of parameters and buffers; ``parameters()`` yields a tied embedding/LM-head weight only once."""
-    tensors = [*model.parameters(), *model.buffers()]
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
 def measure_copy_bandwidth(device: torch.device, size_bytes: int = 1 << 30, iterations: int = 20) -> float:
     """Device-to-device copy bandwidth in bytes/s, counting read + write (2 × size per copy), like STREAM copy."""
     elements = size_bytes // 4
@@ -117,9 +111,3 @@ def bandwidth_utilisation(tokens_per_s: float, model_weight_bytes: int, bandwidt
     """
     return tokens_per_s * model_weight_bytes / bandwidth_bytes_per_s
 
-
-def describe_device(device: torch.device) -> dict[str, Any]:
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        return {"device": props.name, "memory_gib": round(props.total_memory / (1 << 30), 1)}
-    return {"device": "cpu", "threads": torch.get_num_threads()}

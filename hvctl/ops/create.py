@@ -72,18 +72,16 @@ def create(ctx: Context, spec: VMSpec, reporter: Reporter | None = None,
 
     with Undo() as undo:
         say("reserving in the ledger")
-        if pool_files is not None and image_volumes is not None:
-            record = ctx.ledger.reserve_vm(
-                spec, spec.host, Path(image_volumes.base.path), Path(pool_files.path(pool_files.disk)),
-                Path(pool_files.path(pool_files.console)), Path(pool_files.agent_socket), agent_token=token,
-                host_pubkey=host_key.public_line, seed=Path(pool_files.path(pool_files.seed)),
-                bind_address=str(spec.ssh_bind), admission=admission)
-        else:
-            files = paths.vm_files(spec.name)
-            record = ctx.ledger.reserve_vm(spec, spec.host, image.base_disk, overlay, files.console_log,
-                                           files.agent_socket, agent_token=token,
-                                           host_pubkey=host_key.public_line, seed=files.seed,
-                                           bind_address=str(spec.ssh_bind), admission=admission)
+        files = paths.vm_files(spec.name)
+        base_disk, disk, console, socket, seed = (image.base_disk, overlay, files.console_log, files.agent_socket,
+                                                  files.seed)
+        if pool_files is not None and image_volumes is not None:  # paths on the VM's host, in its pool
+            base_disk, socket = Path(image_volumes.base.path), Path(pool_files.agent_socket)
+            disk, console, seed = (Path(pool_files.path(v)) for v in (pool_files.disk, pool_files.console,
+                                                                       pool_files.seed))
+        record = ctx.ledger.reserve_vm(spec, spec.host, base_disk, disk, console, socket, agent_token=token,
+                                       host_pubkey=host_key.public_line, seed=seed,
+                                       bind_address=str(spec.ssh_bind), admission=admission)
         undo.push("forget the ledger row", lambda: ctx.ledger.delete_vm(spec.name, "create rolled back"))
         if spec.gpus.count:
             say(f"binding {spec.gpus.count} GPU(s) to vfio-pci")
