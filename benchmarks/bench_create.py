@@ -32,7 +32,8 @@ from hvctl.console import wait_for_ready  # noqa: E402
 from hvctl.context import Context  # noqa: E402
 from hvctl.designer import BootArtifacts, VMAllocation, design  # noqa: E402
 from hvctl.devhost import PrivateLibvirtd  # noqa: E402
-from hvctl.ops.create import create, make_overlay  # noqa: E402
+from hvctl.ops.create import create  # noqa: E402
+from hvctl.ops.incarnation import make_overlay  # noqa: E402
 from hvctl.ops.lifecycle import destroy  # noqa: E402
 from hvctl.spec import VMSpec  # noqa: E402
 

@@ -29,6 +29,7 @@ from hvctl.devhost import PrivateLibvirtd  # noqa: E402
 from hvctl.domain.model import retarget_ssh_forward  # noqa: E402
 from hvctl.ops.create import create  # noqa: E402
 from hvctl.ops.hosts import add_host  # noqa: E402
+from hvctl.ops.incarnation import BootOptions  # noqa: E402
 from hvctl.ops.lifecycle import destroy  # noqa: E402
 from hvctl.ops.migrate import MigrateOptions, MigrationFailed, migrate  # noqa: E402
 from hvctl.spec import VMSpec  # noqa: E402
@@ -72,8 +73,8 @@ def main() -> int:
         say(f"# bench_migrate {time.strftime('%Y-%m-%d %H:%M')} on {platform.node()}: {platform.machine()}, "
             f"{os.cpu_count()} cores, TCG guests of 128 MiB, two private libvirtd on loopback, "
             f"max downtime {MAX_DOWNTIME_MS} ms")
-        create(ctx, VMSpec(name="hv", memory_mib=128, host="h1"), extra_cmdline=("hvctl.tick=1",))
-        create(ctx, VMSpec(name="raw", memory_mib=128, host="h1"), extra_cmdline=("hvctl.tick=1",))
+        create(ctx, VMSpec(name="hv", memory_mib=128, host="h1"), options=BootOptions(extra_cmdline=("hvctl.tick=1",)))
+        create(ctx, VMSpec(name="raw", memory_mib=128, host="h1"), options=BootOptions(extra_cmdline=("hvctl.tick=1",)))
         opts = MigrateOptions(max_downtime_ms=MAX_DOWNTIME_MS)
         hv_t, raw_t, downs, sizes = [], [], [], []
         raw_where, raw_port = "h1", 22950
@@ -104,7 +105,8 @@ def main() -> int:
                                         max_downtime_ms=MAX_DOWNTIME_MS)),
         ):
             name = f"dirty-{label.replace('-', '')}"
-            create(ctx, VMSpec(name=name, memory_mib=128, host="h1"), extra_cmdline=("hvctl.dirty=48",))
+            create(ctx, VMSpec(name=name, memory_mib=128, host="h1"),
+                   options=BootOptions(extra_cmdline=("hvctl.dirty=48",)))
             time.sleep(3)
             started = time.perf_counter()
             try:

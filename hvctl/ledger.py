@@ -138,6 +138,17 @@ class HostRecord:
 
 
 @dataclass(frozen=True)
+class VMPaths:
+    """Where one incarnation's files are, as paths on the VM's host: this machine's state dir, or a host's pool."""
+
+    base_disk: Path
+    overlay: Path
+    seed: Path
+    console_log: Path
+    agent_socket: Path
+
+
+@dataclass(frozen=True)
 class VMRecord:
     name: str
     tenant: str
@@ -263,29 +274,25 @@ class Ledger:
     # -- vms --------------------------------------------------------------------------------------------------
 
     def reserve_vm(
-        self, spec: VMSpec, host: str, base_disk: Path, overlay: Path, console_log: Path, agent_socket: Path,
-        port_range: tuple[int, int] = DEFAULT_PORT_RANGE, bind_address: str = "127.0.0.1",
-        agent_token: str | None = None, host_pubkey: str | None = None, seed: Path | None = None,
-        admission: Admission | None = None,
+        self, spec: VMSpec, host: str, paths: VMPaths, *, agent_token: str | None = None,
+        host_pubkey: str | None = None, admission: Admission | None = None,
+        port_range: tuple[int, int] = DEFAULT_PORT_RANGE,
     ) -> VMRecord:
-        """Record the intent to create a VM and allocate its SSH port, atomically. State starts as 'creating'.
+        """Record the intent to create a VM and allocate its SSH port (free on ``spec.ssh_bind``), atomically.
+        State starts as 'creating'.
 
         With ``admission``, the tenant's quota and the host's capacity are checked in the same transaction, so
         concurrent creates can never together overshoot either.
         """
         try:
-            return self._reserve_vm(spec, host, base_disk, overlay, console_log, agent_socket, port_range,
-                                    bind_address, agent_token, host_pubkey, seed, admission)
+            return self._reserve_vm(spec, host, paths, agent_token, host_pubkey, admission, port_range)
         except QuotaExceeded as exc:
             # The refusal is worth keeping, but its transaction was rolled back: record it on its own.
             self.log_event(spec.name, host, "admission.refused", exc.message)
             raise
 
-    def _reserve_vm(
-        self, spec: VMSpec, host: str, base_disk: Path, overlay: Path, console_log: Path, agent_socket: Path,
-        port_range: tuple[int, int], bind_address: str, agent_token: str | None, host_pubkey: str | None,
-        seed: Path | None, admission: Admission | None,
-    ) -> VMRecord:
+    def _reserve_vm(self, spec: VMSpec, host: str, paths: VMPaths, agent_token: str | None,
+                    host_pubkey: str | None, admission: Admission | None, port_range: tuple[int, int]) -> VMRecord:
         now = time.time()
         with self.transaction() as db:
             if db.execute("SELECT 1 FROM vms WHERE name = ?", (spec.name,)).fetchone():
@@ -293,14 +300,14 @@ class Ledger:
             if admission is not None:
                 self._admit(db, spec, host, admission)
             used = {r[0] for r in db.execute("SELECT ssh_port FROM vms WHERE host = ?", (host,))}
-            port = _free_port(port_range, used, bind_address)
+            port = _free_port(port_range, used, str(spec.ssh_bind))
             db.execute(
                 "INSERT INTO vms (name, tenant, host, spec, state, image, base_disk, overlay, console_log, "
                 "agent_socket, ssh_port, created_at, updated_at, agent_token, host_pubkey, seed) "
                 "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (spec.name, spec.tenant, host, spec.model_dump_json(), "creating", spec.image, str(base_disk),
-                 str(overlay), str(console_log), str(agent_socket), port, now, now, agent_token, host_pubkey,
-                 str(seed) if seed else None),
+                (spec.name, spec.tenant, host, spec.model_dump_json(), "creating", spec.image, str(paths.base_disk),
+                 str(paths.overlay), str(paths.console_log), str(paths.agent_socket), port, now, now, agent_token,
+                 host_pubkey, str(paths.seed)),
             )
             self._event(db, spec.name, host, "create.requested", f"create {spec.name} on {host}, ssh port {port}")
         return self.get_vm(spec.name)

@@ -22,6 +22,7 @@ from hvctl.context import Context
 from hvctl.devhost import PrivateLibvirtd
 from hvctl.ledger import VMRecord
 from hvctl.ops.create import create
+from hvctl.ops.incarnation import BootOptions
 from hvctl.ops.lifecycle import destroy
 from hvctl.spec import VMSpec
 
@@ -103,7 +104,7 @@ def make_vm(ctx: Context, request: pytest.FixtureRequest) -> Iterator[Callable[.
 
     def factory(name: str, boot_timeout: float = 90.0, **spec: object) -> VMRecord:
         made.append(name)
-        return create(ctx, VMSpec.parse(name=name, memory_mib=128, **spec), boot_timeout=boot_timeout)
+        return create(ctx, VMSpec.parse(name=name, memory_mib=128, **spec), options=BootOptions(timeout=boot_timeout))
 
     yield factory
     failed = getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed

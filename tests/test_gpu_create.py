@@ -39,6 +39,7 @@ from hvctl.context import Context, GpuEnvironment
 from hvctl.doctor import repair
 from hvctl.ledger import QuotaExceeded
 from hvctl.ops.create import create
+from hvctl.ops.incarnation import BootOptions
 from hvctl.ops.lifecycle import destroy
 from hvctl.passthrough import NoGpuAvailable, release_address
 from hvctl.placement import NoValidHost
@@ -93,7 +94,7 @@ class Rig:
         writer.start()
         try:
             create(self.ctx, VMSpec.parse(name=name, image="stub", gpus={"count": gpus, "model": model},
-                                          host=host), boot_timeout=10)
+                                          host=host), options=BootOptions(timeout=10))
         finally:
             done.set()
             writer.join()

@@ -9,14 +9,15 @@ from pathlib import Path
 import pytest
 
 from hvctl.errors import AlreadyExists, LedgerError, NotFound
-from hvctl.ledger import MIGRATIONS, Ledger
+from hvctl.ledger import MIGRATIONS, Ledger, VMPaths
 from hvctl.spec import VMSpec
 
 
 def reserve(ledger: Ledger, name: str, tmp: Path, port_range: tuple[int, int] = (22200, 22999)) -> int:
     vm = tmp / name
-    return ledger.reserve_vm(VMSpec(name=name), "local", tmp / "base.qcow2", vm / "disk.qcow2", vm / "console.log",
-                             vm / "agent.sock", port_range=port_range).ssh_port
+    return ledger.reserve_vm(VMSpec(name=name), "local", VMPaths(tmp / "base.qcow2", vm / "disk.qcow2", vm / "seed.iso",
+                                                               vm / "console.log", vm / "agent.sock"),
+                             port_range=port_range).ssh_port
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ from conftest import short_tempdir
 
 from hvctl.context import Context
 from hvctl.errors import InvalidSpec, NotFound
+from hvctl.ledger import VMPaths
 from hvctl.ops.migrate import MigrateOptions, migrate
 from hvctl.spec import VMSpec
 
@@ -23,8 +24,8 @@ def ctx() -> Iterator[Context]:
         context.ledger.ensure_host(host, f"qemu+tcp://127.0.0.1:1/{host}")
         context.ledger.record_host_facts(host, "qemu", 8, 16384)
     vm = state / "vms" / "gpu-vm"
-    context.ledger.reserve_vm(VMSpec(name="gpu-vm", gpus={"count": 1}), "h1", state / "base", vm / "disk",
-                              vm / "console", vm / "agent")
+    context.ledger.reserve_vm(VMSpec(name="gpu-vm", gpus={"count": 1}), "h1",
+                              VMPaths(state / "base", vm / "disk", vm / "seed", vm / "console", vm / "agent"))
     yield context
     context.close()
     shutil.rmtree(state, ignore_errors=True)

@@ -17,7 +17,7 @@ from conftest import short_tempdir
 
 from hvctl.accounting import Usage, host_footprint, tenant_charge
 from hvctl.designer import qemu_overhead_mib
-from hvctl.ledger import Admission, Ledger, QuotaExceeded
+from hvctl.ledger import Admission, Ledger, QuotaExceeded, VMPaths
 from hvctl.placement import NoValidHost, choose_host, host_limit
 from hvctl.policy import SHIPPED, PolicyError, load_policy, parse_policy
 from hvctl.spec import VMSpec
@@ -52,7 +52,8 @@ def admit(ledger: Ledger, spec: VMSpec, host: str, tmp: Path) -> None:
     admission = Admission(policy.tenant(spec.tenant).quota.model_dump(),
                           host_limit(policy, ledger.get_host(host), 0))
     vm = tmp / spec.name
-    ledger.reserve_vm(spec, host, tmp / "base", vm / "disk", vm / "console", vm / "agent", admission=admission,
+    ledger.reserve_vm(spec, host, VMPaths(tmp / "base", vm / "disk", vm / "seed", vm / "console", vm / "agent"),
+                      admission=admission,
                       port_range=(23000, 23999))
 
 

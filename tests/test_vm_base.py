@@ -29,6 +29,7 @@ from hvctl.errors import GuestTimeout
 from hvctl.host import DomainState
 from hvctl.ledger import VMRecord
 from hvctl.ops.create import create
+from hvctl.ops.incarnation import BootOptions
 from hvctl.ops.lifecycle import destroy
 from hvctl.seed import generate_ed25519
 from hvctl.spec import VMSpec
@@ -66,7 +67,7 @@ def env(libvirtd: PrivateLibvirtd, image_dir: Path) -> Iterator[dict[str, object
     ctx.ledger.add_tenant_key("acme", acme_pub)
     ctx.ledger.add_tenant_key("globex", globex_pub)
     record = create(ctx, VMSpec.parse(name="deb", tenant="acme", memory_mib=512, disk_gib=2, image="base"),
-                    boot_timeout=180)
+                    options=BootOptions(timeout=180))
     yield {"ctx": ctx, "vm": record, "acme": acme_key, "globex": globex_key, "state": state, "uri": libvirtd.uri}
     for leftover in ctx.ledger.list_vms():
         destroy(ctx, leftover.name)
@@ -239,7 +240,7 @@ def test_agent_that_never_answers_times_out_with_console_and_is_cleaned_up(env: 
     spec = VMSpec.parse(name="mute-agent", memory_mib=512, disk_gib=2, image="base")
     with pytest.raises(GuestTimeout, match="agent of mute-agent never answered") as exc:
         # hvctl.agent=0 boots the guest without starting its agent (an admin debugging switch).
-        create(ctx, spec, boot_timeout=60, extra_cmdline=("hvctl.agent=0",))
+        create(ctx, spec, options=BootOptions(timeout=60, extra_cmdline=("hvctl.agent=0",)))
     assert "HVCTL-READY name=mute-agent" in exc.value.console_tail
     assert ctx.host().state("mute-agent") is DomainState.MISSING
     assert not ctx.paths.vm_dir("mute-agent").exists()

@@ -23,6 +23,7 @@ from hvctl.errors import AlreadyExists, GuestTimeout, HvctlError, HypervisorErro
 from hvctl.host import DomainState
 from hvctl.ledger import VMRecord
 from hvctl.ops.create import create
+from hvctl.ops.incarnation import BootOptions
 from hvctl.ops.lifecycle import destroy
 from hvctl.spec import VMSpec
 
@@ -172,7 +173,7 @@ def test_guest_that_never_reports_ready_times_out_with_console_and_is_cleaned_up
     # A real kernel that boots but whose init never runs: the kernel panics looking for a missing init.
     spec = VMSpec.parse(name="mute", memory_mib=128)
     with pytest.raises(GuestTimeout) as exc:
-        create(ctx, spec, boot_timeout=20, extra_cmdline=("rdinit=/no-such-init", "panic=0"))
+        create(ctx, spec, options=BootOptions(timeout=20, extra_cmdline=("rdinit=/no-such-init", "panic=0")))
     assert "Kernel panic" in exc.value.console_tail or "No working init" in exc.value.console_tail
     assert_nothing_left(ctx, "mute")
 
@@ -262,7 +263,8 @@ def test_cpu_cap_is_enforced_by_the_cgroup_and_holds_under_a_hog(ctx: Context, r
     must be 0.95-1.05 of the cap, and the cgroup must carry exactly the configured quota."""
     from hvctl.enforcement import QemuCgroups, find_qemu_pid
 
-    create(ctx, VMSpec.parse(name="hog", memory_mib=128, cpu_limit=0.5), extra_cmdline=("hvctl.hog=1",))
+    create(ctx, VMSpec.parse(name="hog", memory_mib=128, cpu_limit=0.5),
+           options=BootOptions(extra_cmdline=("hvctl.hog=1",)))
     try:
         deadline = time.monotonic() + 10
         while "HVCTL-HOG started" not in ctx.paths.console_log("hog").read_text(errors="replace"):

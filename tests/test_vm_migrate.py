@@ -27,6 +27,7 @@ from hvctl.host import DomainState
 from hvctl.ledger import VMRecord
 from hvctl.ops.create import create
 from hvctl.ops.hosts import add_host
+from hvctl.ops.incarnation import BootOptions
 from hvctl.ops.lifecycle import destroy
 from hvctl.spec import VMSpec
 from images.store import ImageStore
@@ -69,7 +70,8 @@ def ticks(console: Path) -> list[int]:
 
 
 def boot_ticker(ctx: Context, name: str, host: str) -> Path:
-    record = create(ctx, VMSpec.parse(name=name, memory_mib=128, host=host), extra_cmdline=("hvctl.tick=1",))
+    record = create(ctx, VMSpec.parse(name=name, memory_mib=128, host=host),
+                    options=BootOptions(extra_cmdline=("hvctl.tick=1",)))
     deadline = time.monotonic() + 30
     while len(ticks(record.console_log)) < 3:
         assert time.monotonic() < deadline, "the guest never started counting"
@@ -111,7 +113,7 @@ def test_copy_storage_moves_the_disk_and_the_guest_reads_its_data_back_from_it(h
     assert isinstance(ctx, Context)
     ImageStore(image_dir).build("base")
     old = create(ctx, VMSpec.parse(name="carrier", memory_mib=512, disk_gib=2, image="base", host="h1"),
-                 boot_timeout=180)
+                 options=BootOptions(timeout=180))
     marker = secrets.token_hex(8)
     wrote = agent_exec(ctx, old, f"echo {marker} > /root/marker && sync")
     assert wrote.exit_code == 0, wrote.stderr
@@ -140,7 +142,8 @@ def agent_exec(ctx: Context, record: VMRecord, script: str) -> rpc.ExecResult:
 def test_auto_converge_moves_a_guest_that_keeps_dirtying_memory(hosts: dict[str, object]) -> None:
     ctx = hosts["ctx"]
     assert isinstance(ctx, Context)
-    record = create(ctx, VMSpec.parse(name="dirty", memory_mib=128, host="h1"), extra_cmdline=("hvctl.dirty=48",))
+    record = create(ctx, VMSpec.parse(name="dirty", memory_mib=128, host="h1"),
+                    options=BootOptions(extra_cmdline=("hvctl.dirty=48",)))
     deadline = time.monotonic() + 30
     while "HVCTL-DIRTY" not in record.console_log.read_text(errors="replace"):
         assert time.monotonic() < deadline, "the guest never started dirtying memory"

@@ -24,6 +24,7 @@ from hvctl.access import copy, run_command
 from hvctl.context import Context
 from hvctl.devhost import PrivateLibvirtd
 from hvctl.ops.create import create
+from hvctl.ops.incarnation import BootOptions
 from hvctl.ops.lifecycle import destroy
 from hvctl.seed import operator_key
 from hvctl.spec import VMSpec
@@ -46,7 +47,7 @@ def nested(libvirtd: PrivateLibvirtd, image_dir: Path) -> Iterator[dict[str, obj
     try:
         # Two vCPUs: L2's QEMU runs its vCPU and I/O threads side by side, and L0 gives each a core (MTTCG).
         l1 = create(ctx, VMSpec.parse(name="l1", vcpus=2, memory_mib=2048, disk_gib=4, image="nested", viommu=True),
-                    boot_timeout=300, extra_qemu_args=EDU_DEVICE)
+                    options=BootOptions(timeout=300, extra_qemu_args=EDU_DEVICE))
         bundle = state / "hvctl.tar.gz"
         with tarfile.open(bundle, "w:gz") as tar:
             for part in ("hvctl", "vfio", "images", "guest", "policies"):

@@ -18,6 +18,7 @@ from hvctl.access import copy, run_command
 from hvctl.context import Context
 from hvctl.devhost import PrivateLibvirtd
 from hvctl.ops.create import create
+from hvctl.ops.incarnation import BootOptions
 from hvctl.ops.lifecycle import destroy
 from hvctl.seed import operator_key
 from hvctl.spec import VMSpec
@@ -43,8 +44,7 @@ def probe_output(libvirtd: PrivateLibvirtd, image_dir: Path) -> Iterator[dict[st
     ctx = Context(state_dir=state, uri=libvirtd.uri)
     try:
         record = create(ctx, VMSpec.parse(name="iommu", memory_mib=512, disk_gib=2, image="base", viommu=True),
-                        boot_timeout=180,
-                        extra_qemu_args=EMULATED_DEVICES)
+                        options=BootOptions(timeout=180, extra_qemu_args=EMULATED_DEVICES))
         key = operator_key(ctx.paths.keys)
         assert run_command(record, key, "mkdir -p /root/vfio", io.BytesIO(), io.BytesIO()) == 0
         for source in sorted((REPO / "vfio").glob("*.py")):

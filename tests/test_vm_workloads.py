@@ -27,6 +27,7 @@ from hvctl.devhost import PrivateLibvirtd
 from hvctl.host import DomainState
 from hvctl.ops.create import create
 from hvctl.ops.hosts import add_host
+from hvctl.ops.incarnation import BootOptions
 from hvctl.ops.lifecycle import destroy
 from hvctl.spec import VMSpec
 from images.store import ImageStore
@@ -46,7 +47,7 @@ def env(libvirtd: PrivateLibvirtd, image_dir: Path) -> Iterator[dict[str, object
     try:
         add_host(ctx, "h2", second.uri)
         create(ctx, VMSpec.parse(name="ml", memory_mib=1536, disk_gib=4, image="ml", host="local"),
-               boot_timeout=300)
+               options=BootOptions(timeout=300))
         yield {"ctx": ctx, "state": state, "uri": libvirtd.uri}
     finally:
         for vm in ctx.ledger.list_vms():

@@ -57,6 +57,7 @@ def create(
 ) -> None:
     """Create a VM: overlay disk, domain, start, and wait until the guest itself reports it is up."""
     from hvctl.ops.create import create as create_vm
+    from hvctl.ops.incarnation import BootOptions
     from hvctl.spec import VMSpec
 
     sizes: dict[str, Any] = {"vcpus": 1, "memory_mib": 256, "disk_gib": 1, "gpus": {"count": 0}}
@@ -79,7 +80,7 @@ def create(
     started = time.monotonic()
     with RichReporter(f"create {name}") as reporter:
         stats: dict[str, object] = {}
-        record = create_vm(ctx(), spec, reporter, boot_timeout=boot_timeout, stats=stats)
+        record = create_vm(ctx(), spec, reporter, BootOptions(timeout=boot_timeout), stats=stats)
     elapsed = time.monotonic() - started
     if as_json:
         emit_json(record.as_dict() | {"create_seconds": round(elapsed, 3)} | stats)

@@ -36,10 +36,9 @@ from hvctl.context import Context
 from hvctl.errors import GuestTimeout, HvctlError, InvalidSpec, NotFound
 from hvctl.ledger import VMRecord
 from hvctl.ops import Undo
-from hvctl.ops.create import DEFAULT_BOOT_TIMEOUT, authorized_keys_for, boot_incarnation
+from hvctl.ops.incarnation import DEFAULT_BOOT_TIMEOUT, BootOptions, GuestSecrets, Incarnation, LocalStorage, boot
 from hvctl.ops.run import checkpoint_name, operator_identity, train_progress
 from hvctl.placement import host_limit
-from hvctl.seed import generate_ed25519, new_agent_token
 
 DEFAULT_TIMEOUT_S = 900.0
 
@@ -116,17 +115,17 @@ def checkpoint_migrate(ctx: Context, record: VMRecord, target: str, timeout_s: f
             # 2. The new incarnation on the target.
             files = ctx.paths.next_vm_files(name, record.overlay)
             port = ledger.free_port_on(target, bind_address=str(record.spec.ssh_bind))
-            host_key = generate_ed25519(f"hvctl-host-{name}")
-            token = new_agent_token()
-            authorized = authorized_keys_for(ctx, record.spec)
+            secrets = GuestSecrets.fresh(ctx, record.spec)
             gpu_alloc = passthrough.allocate(ctx, ctx.gpu_env, record.spec, target, undo)
-            boot_incarnation(ctx, record.spec, target, files, port, authorized, host_key, token, undo, say,
-                             min(DEFAULT_BOOT_TIMEOUT * 2, max(deadline - time.monotonic(), 1.0)), gpus=gpu_alloc)
-            incarnation = dataclasses.replace(
+            new = Incarnation(record.spec, target, LocalStorage(files, image, ctx.host(target).qemu_gid()), port,
+                              secrets, gpu_alloc)
+            boot(ctx, new, BootOptions(timeout=min(DEFAULT_BOOT_TIMEOUT * 2, max(deadline - time.monotonic(), 1.0))),
+                 undo, say)
+            as_moved = dataclasses.replace(
                 record, host=target, ssh_port=port, overlay=files.overlay, console_log=files.console_log,
-                agent_socket=files.agent_socket, seed=files.seed, agent_token=token,
-                host_pubkey=host_key.public_line)
-            target_agent = ctx.agent(target, name, token, timeout=60)
+                agent_socket=files.agent_socket, seed=files.seed, agent_token=secrets.token,
+                host_pubkey=secrets.host_key.public_line)
+            target_agent = ctx.agent(target, name, secrets.token, timeout=60)
 
             # 3. Restore and restart; 4. verify.
             verified: list[dict[str, Any]] = []
@@ -138,7 +137,7 @@ def checkpoint_migrate(ctx: Context, record: VMRecord, target: str, timeout_s: f
                 if made.exit_code != 0:
                     raise CheckpointMigrationFailed(f"cannot create {item.checkpoint_dir} on {target}: "
                                                     f"{made.stderr.strip()}")
-                copy(incarnation, key, str(item.local_checkpoint), item.remote_checkpoint, upload=True)
+                copy(as_moved, key, str(item.local_checkpoint), item.remote_checkpoint, upload=True)
                 status = target_agent.typed("workload.start", rpc.WorkloadStatus,
                                             rpc.WorkloadStartParams(kind="train", args=item.args))
                 say(f"verifying that {status.id} on {target} resumed at step {item.step + 1}")
@@ -149,11 +148,7 @@ def checkpoint_migrate(ctx: Context, record: VMRecord, target: str, timeout_s: f
             stats = {"mode": "checkpoint", "total_s": round(time.monotonic() - started, 3), "downtime_ms": None,
                      "bytes": sum(i.local_checkpoint.stat().st_size for i in moved if i.local_checkpoint),
                      "workloads": verified, "drained": draining, "source_host": record.host}
-            ledger.complete_migration(
-                name, target, port, reservation, stats,
-                moved={"overlay": str(files.overlay), "console_log": str(files.console_log),
-                       "agent_socket": str(files.agent_socket), "seed": str(files.seed), "agent_token": token,
-                       "host_pubkey": host_key.public_line})
+            ledger.complete_migration(name, target, port, reservation, stats, moved=new.ledger_columns())
             undo.commit()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -13,7 +13,7 @@ from hvctl.designer import nic_mac
 from hvctl.errors import HvctlError, InvalidSpec, NotFound
 from hvctl.host import DomainState
 from hvctl.ledger import VMRecord
-from hvctl.ops.create import authorized_keys_for
+from hvctl.ops.incarnation import authorized_keys_for
 from hvctl.seed import new_agent_token, rewrite_seed
 
 AUTHORIZED_KEYS = "/root/.ssh/authorized_keys"

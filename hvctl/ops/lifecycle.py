@@ -14,7 +14,7 @@ from hvctl.domain.model import retarget_ssh_forward
 from hvctl.errors import HvctlError, HypervisorError, NotFound
 from hvctl.host import DomainState
 from hvctl.ops import Reporter, SilentReporter, pooled
-from hvctl.ops.create import DEFAULT_BOOT_TIMEOUT
+from hvctl.ops.incarnation import DEFAULT_BOOT_TIMEOUT
 
 
 def start(ctx: Context, name: str, reporter: Reporter | None = None,

@@ -24,7 +24,8 @@ from hvctl.errors import AlreadyExists, HvctlError, InvalidSpec, NotFound
 from hvctl.host import DomainState
 from hvctl.ledger import QuotaExceeded, VMRecord
 from hvctl.ops.ckpt_migrate import checkpoint_migrate
-from hvctl.ops.create import check_network, make_overlay
+from hvctl.ops.create import check_network
+from hvctl.ops.incarnation import make_overlay
 from hvctl.paths import VMFiles, make_private_dir
 from hvctl.placement import host_limit
 

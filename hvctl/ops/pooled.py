@@ -11,28 +11,25 @@ Destroy deletes the VM's volumes through the pool. Nothing of the VM is written 
 
 from __future__ import annotations
 
-import dataclasses
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from hvctl.console import VolumeConsole, wait_for_ready
+from hvctl.console import VolumeConsole
 from hvctl.context import Context
-from hvctl.designer import BootArtifacts, HostCapabilities, VMAllocation, design, nic_mac
-from hvctl.errors import AlreadyExists, HypervisorError, InvalidSpec
-from hvctl.host import DomainState, Host, Pool
-from hvctl.ledger import VMRecord
+from hvctl.designer import BootArtifacts
+from hvctl.errors import AlreadyExists, InvalidSpec
+from hvctl.host import Host, Pool
+from hvctl.ledger import VMPaths, VMRecord
 from hvctl.ops import Undo
+from hvctl.ops.incarnation import GuestSecrets
 from hvctl.ops.volumes import ImageVolumes, Progress, ensure_image
-from hvctl.seed import KeyPair, build_seed
 from hvctl.spec import VMSpec, check_name
 from images.store import Image
 
 # Where libvirt keeps channel sockets on a host; libvirt itself opens the listening socket and hands it to QEMU.
 CHANNEL_DIR = PurePosixPath("/var/lib/libvirt/qemu/channel/target")
-_NO_MEMLOCK = "cannot limit locked memory"
 
 
 @dataclass(frozen=True)
@@ -113,73 +110,38 @@ def upload_image(files: PooledFiles, image: Image, say: Callable[[str], None],
     return volumes
 
 
-def boot_pooled(ctx: Context, spec: VMSpec, host_name: str, files: PooledFiles, image_volumes: ImageVolumes,
-                ssh_port: int, authorized: list[str], host_key: KeyPair, token: str, undo: Undo,
-                say: Callable[[str], None], boot_timeout: float, extra_cmdline: tuple[str, ...] = (),
-                extra_qemu_args: tuple[str, ...] = ()) -> str:
-    """Volumes, seed, domain, boot, readiness: one incarnation of ``spec`` in ``files``' pool, every step pushed on
-    ``undo``. The caller holds the capacity (the ledger row). Returns how it went."""
-    from hvctl.ops.create import wait_for_agent
+@dataclass(frozen=True)
+class PoolStorage:
+    """An incarnation's files as volumes in its host's pool (``incarnation.Storage``): the overlay is made by
+    libvirt on the host, backed by the image's base volume; the seed is built here and uploaded."""
 
-    image = ctx.images.get(spec.image)
-    host, caps, pool = ctx.host(host_name), ctx.capabilities(host_name), files.pool
+    files: PooledFiles
+    image_volumes: ImageVolumes
 
-    say(f"creating a {spec.disk_gib} GiB overlay volume on {image_volumes.base.name}")
-    pool.create(files.disk, spec.disk_gib * 2**30, fmt="qcow2", backing=image_volumes.base)
-    undo.push("delete the overlay volume", lambda: pool.delete(files.disk))
-    say("writing the seed on the controller and uploading it: hostname, SSH keys, host key, agent token")
-    with tempfile.TemporaryDirectory(prefix="hvctl-seed-") as tmp:
-        seed = Path(tmp) / "seed.iso"
-        build_seed(seed, spec.name, authorized, host_key, token,
-                   (nic_mac(spec.name), spec.network) if spec.network else None)
-        pool.upload(files.seed, seed)
-    undo.push("delete the seed volume", lambda: pool.delete(files.seed))
-    # virtlogd makes the console log when the domain starts: delete it too, if the boot is rolled back.
-    undo.push("delete the console log volume", lambda: pool.delete(files.console, refresh=True))
+    @property
+    def paths(self) -> VMPaths:
+        f = self.files
+        return VMPaths(base_disk=Path(self.image_volumes.base.path), overlay=Path(f.path(f.disk)),
+                       seed=Path(f.path(f.seed)), console_log=Path(f.path(f.console)),
+                       agent_socket=Path(f.agent_socket))
 
-    def define(caps: HostCapabilities) -> None:
-        domain = design(
-            spec, caps,
-            BootArtifacts(kernel=Path(image_volumes.kernel.path), initrd=Path(image_volumes.initrd.path),
-                          root_on_disk=image.kind.value != "initramfs"),
-            VMAllocation(overlay=Path(files.path(files.disk)), console_log=Path(files.path(files.console)),
-                         agent_socket=Path(files.agent_socket), ssh_port=ssh_port,
-                         ssh_bind_address=str(spec.ssh_bind), seed=Path(files.path(files.seed))),
-            extra_cmdline,
-            extra_qemu_args,
-        )
-        host.define(domain.to_xml())
+    def artifacts(self, image: Image) -> BootArtifacts:
+        return BootArtifacts(kernel=Path(self.image_volumes.kernel.path), initrd=Path(self.image_volumes.initrd.path),
+                             root_on_disk=image.kind.value != "initramfs")
 
-    say(f"defining domain on {host_name} ({caps.accel.value}, q35, {spec.vcpus} vCPU, {spec.memory_mib} MiB)")
-    define(caps)
-    undo.push("undefine the domain", lambda: host.undefine(spec.name))
+    def console(self) -> VolumeConsole:
+        return self.files.console_source()
 
-    say("starting")
-    console = files.console_source()
-    offset = console.size()
-    note = ""
-    try:
-        host.start(spec.name)
-    except HypervisorError as exc:
-        # A libvirtd without CAP_SYS_RESOURCE cannot raise QEMU's locked-memory limit, and refuses every domain
-        # with a memory hard limit. This machine's is checked before designing; another host's only tells here.
-        if _NO_MEMLOCK not in exc.message or not caps.memory_limits:
-            raise
-        say(f"host {host_name} cannot set memory hard limits; starting without one")
-        host.undefine(spec.name)
-        define(dataclasses.replace(caps, memory_limits=False))
-        host.start(spec.name)
-        note = f"; no memory hard limit (host {host_name}'s libvirtd may not set one)"
-    undo.push("destroy the domain", lambda: host.destroy(spec.name))
-
-    say("waiting for the guest to report ready (its console log, read through libvirt)")
-    started = time.monotonic()
-    line, waited = wait_for_ready(spec.name, console, boot_timeout,
-                                  lambda: host.state(spec.name) is DomainState.RUNNING, poll=0.5, offset=offset)
-    message = f"guest up after {waited:.2f} s: {line}{note}"
-    if image.agent:
-        say("waiting for the agent (virDomain.openChannel)")
-        wait_for_agent(ctx.agent(host_name, spec.name, token), spec.name, console,
-                       boot_timeout - (time.monotonic() - started))
-        message += f"; agent ready after {time.monotonic() - started:.2f} s"
-    return message
+    def make(self, spec: VMSpec, secrets: GuestSecrets, undo: Undo, say: Callable[[str], None]) -> None:
+        files, pool = self.files, self.files.pool
+        say(f"creating a {spec.disk_gib} GiB overlay volume on {self.image_volumes.base.name}")
+        pool.create(files.disk, spec.disk_gib * 2**30, fmt="qcow2", backing=self.image_volumes.base)
+        undo.push("delete the overlay volume", lambda: pool.delete(files.disk))
+        say("writing the seed on the controller and uploading it: hostname, SSH keys, host key, agent token")
+        with tempfile.TemporaryDirectory(prefix="hvctl-seed-") as tmp:
+            seed = Path(tmp) / "seed.iso"
+            secrets.write_seed(seed, spec)
+            pool.upload(files.seed, seed)
+        undo.push("delete the seed volume", lambda: pool.delete(files.seed))
+        # virtlogd makes the console log when the domain starts: delete it too, if the boot is rolled back.
+        undo.push("delete the console log volume", lambda: pool.delete(files.console, refresh=True))
