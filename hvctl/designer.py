@@ -20,7 +20,7 @@ from hvctl.domain import (
     PcieRoot,
     PciHostdev,
     Rng,
-    SerialFile,
+    SerialConsole,
     Tuning,
     UnixChannel,
     UserNetwork,
@@ -124,7 +124,7 @@ def design(
     devices: tuple[Device, ...] = (
         Disk(source=alloc.overlay),
         *((Disk(source=alloc.seed, target="vdb", fmt="raw", readonly=True),) if alloc.seed else ()),
-        SerialFile(path=alloc.console_log),
+        SerialConsole(path=alloc.console_log),
         UnixChannel(path=alloc.agent_socket, name=AGENT_CHANNEL),
         Rng(),
         *alloc.hostdevs,

@@ -170,3 +170,17 @@ def test_a_production_nic_is_a_bridge_xor_a_network_with_a_gateway_on_its_subnet
     nic = designed("tcg-bridge-nic").to_xml()
     assert f"<mac address=\"{nic_mac('web')}\" />" in nic and "<source bridge=\"br-prod\" />" in nic
     assert nic_mac("web") == nic_mac("web") != nic_mac("web2") and nic_mac("web").startswith("52:54:00:")
+
+
+def test_the_console_is_a_pty_logged_to_a_file_and_an_older_file_serial_parses_the_same() -> None:
+    from xml.etree import ElementTree as ET
+
+    from hvctl.domain import SerialConsole
+
+    console = SerialConsole(Path("/var/lib/hvctl/vms/tiny/console.log"))
+    el = console.to_xml()
+    assert el.get("type") == "pty"  # what virDomain.openConsole attaches to
+    assert el.find("log") is not None and el.find("log").get("append") == "on"  # type: ignore[union-attr]
+    legacy = ET.fromstring("<serial type='file'><source path='/var/lib/hvctl/vms/tiny/console.log' append='on'/>"
+                           "<target port='0'/></serial>")
+    assert SerialConsole.from_xml(legacy) == SerialConsole.from_xml(el) == console

@@ -5,16 +5,22 @@ Marked `vm`: it starts real daemons as root (no guest boots here)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import pty
+import select
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from xml.etree import ElementTree as ET
 
+import libvirt
 import pytest
-from conftest import hvctl_cli, short_tempdir
+from conftest import HVCTL, hvctl_cli, short_tempdir
 
 from hvctl.devhost import _alive
 from hvctl.devhost.remote import RemoteStyleHost
@@ -98,6 +104,41 @@ def remote(image_dir: Path) -> Iterator[tuple[RemoteStyleHost, Path]]:
 
 def hvctl_at(state: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return hvctl_cli(state, "test:///default", *args, timeout=timeout)
+
+
+def console_session(state: Path, name: str, typed: bytes, until: bytes) -> tuple[bytes, int, str]:
+    """`hvctl console NAME` on a terminal (a pty), as an operator runs it: type ``typed``, read until ``until``
+    appears (60 s: a hang guard, not a speed check), then press Ctrl-]. Returns what the terminal showed, the exit
+    status and stderr."""
+    env = os.environ | {"HVCTL_STATE_DIR": str(state), "HVCTL_CONNECT": "test:///default", "NO_COLOR": "1"}
+    master, terminal = pty.openpty()
+    proc = subprocess.Popen([*HVCTL, "console", name], stdin=terminal, stdout=terminal, stderr=subprocess.PIPE,
+                            env=env)
+    os.close(terminal)
+    shown, banner = b"", b""
+    assert proc.stderr is not None
+    try:
+        deadline = time.monotonic() + 60
+        while b"escape character" not in banner and time.monotonic() < deadline and proc.poll() is None:
+            if select.select([proc.stderr], [], [], 0.5)[0]:
+                banner += os.read(proc.stderr.fileno(), 4096)
+        os.write(master, typed)
+        while until not in shown and time.monotonic() < deadline and proc.poll() is None:
+            if select.select([master], [], [], 0.5)[0]:
+                try:
+                    shown += os.read(master, 4096)
+                except OSError:
+                    break
+        os.write(master, b"\x1d")
+        _, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        err = b"(did not leave on Ctrl-])"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+    return shown, proc.returncode, (banner + err).decode(errors="replace")
 
 
 def test_host_add_over_ssh_records_the_remote_hosts_facts(remote: tuple[RemoteStyleHost, Path]) -> None:
@@ -213,6 +254,16 @@ def test_a_vm_on_the_remote_host_lives_in_its_pool_answers_through_libvirt_and_l
         images = [f for f in pool_listing(host) if f.startswith("img-minimal-")]
         assert len(images) == 4  # kernel, initrd, qcow2 and the marker: once, for two VMs
 
+        # An interactive console (virDomain.openConsole over ssh): a command typed at the guest's shell runs there,
+        # and its answer comes back; the arithmetic is the guest's, so the echo of what was typed cannot match.
+        shown, status, err = console_session(state, "rv2", b"echo $((6*7))-$(hostname)\r", b"42-rv2")
+        assert b"42-rv2" in shown and status == 0, (shown, err)
+        assert "escape character is ^]" in err
+        # The session is over: the console is free for the next client, and what was typed is in the log too.
+        shown, status, err = console_session(state, "rv2", b"echo $((7*8))-again\r", b"56-again")
+        assert b"56-again" in shown and status == 0, (shown, err)
+        assert "56-again" in hvctl_at(state, "console-log", "rv2").stdout
+
         for name in ("rv1", "rv2", "rv3"):
             gone = hvctl_at(state, "destroy", name)
             assert gone.returncode == 0, gone.stderr
@@ -247,9 +298,49 @@ def test_bad_creates_on_the_remote_host_are_one_line_and_leave_nothing(remote: t
         assert squat.returncode != 0 and "already holds vm-squat.qcow2" in squat.stderr.strip().splitlines()[-1]
         assert pool.volume("vm-squat.qcow2") is not None
         pool.delete("vm-squat.qcow2")
+        # A domain of that name on the host, unknown to the ledger: someone else's too.
+        conn.conn.defineXML("<domain type='qemu'><name>ghost</name><memory unit='MiB'>64</memory>"
+                            "<os><type arch='x86_64'>hvm</type></os></domain>")
+        ghost = hvctl_at(state, "create", "ghost", "--host", "far2", "--image", "minimal", "--memory", "256",
+                         "--disk", "1")
+        assert ghost.returncode != 0
+        assert "a domain named 'ghost' already exists on host far2" in ghost.stderr.strip().splitlines()[-1]
+        assert [d.name() for d in conn.conn.listAllDomains(0)] == ["ghost"]
+        conn.conn.lookupByName("ghost").undefine()
         assert sorted(pool_listing(host)) == before and conn.conn.listAllDomains(0) == []
         listed = json.loads(hvctl_at(state, "list", "--json").stdout)
         assert listed["vms"] == []
     finally:
         conn.close()
         hvctl_at(state, "host", "rm", "far2")
+
+
+def test_a_host_whose_pool_cannot_be_used_is_refused_in_one_line(remote: tuple[RemoteStyleHost, Path]) -> None:
+    """hvctl's pool on the host is defined, but its directory cannot exist: `host add` says so, and changes
+    nothing on either side."""
+    host, state = remote
+    conn = Host(host.uri)
+    saved = None
+    try:
+        with contextlib.suppress(libvirt.libvirtError):
+            existing = conn.conn.storagePoolLookupByName("hvctl")
+            saved = existing.XMLDesc(0)
+            if existing.isActive():
+                existing.destroy()
+            existing.undefine()
+        conn.conn.storagePoolDefineXML("<pool type='dir'><name>hvctl</name>"
+                                       "<target><path>/proc/hvctl-no-such-dir</path></target></pool>", 0)
+        refused = hvctl_at(state, "host", "add", "nopool", host.uri)
+        last = refused.stderr.strip().splitlines()[-1]
+        assert refused.returncode != 0 and last.startswith("hvctl: error: ") and "pool hvctl" in last, refused.stderr
+        assert "Traceback" not in refused.stderr
+        assert "nopool" not in {h["name"] for h in json.loads(hvctl_at(state, "host", "list", "--json").stdout)}
+        # The host's pool is as it was: defined by its admin, not started, not undefined, not rebuilt elsewhere.
+        left = conn.conn.storagePoolLookupByName("hvctl")
+        assert not left.isActive() and "/proc/hvctl-no-such-dir" in left.XMLDesc(0)
+        left.undefine()
+    finally:
+        if saved is not None:
+            restored = conn.conn.storagePoolDefineXML(saved, 0)
+            restored.create(0)
+        conn.close()

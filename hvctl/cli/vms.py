@@ -224,6 +224,29 @@ def console_log(
     sys.stdout.write(text if text.endswith("\n") or not text else text + "\n")
 
 
+@app.command("console")
+def console(
+    name: str,
+    force: Annotated[bool, typer.Option("--force", help="Take the console from another client holding it.")]
+    = False,
+) -> None:
+    """Attach to the guest's serial console, wherever the VM runs (Ctrl-] leaves). Input may be a pipe: the
+    session then ends when the input does and the guest has gone quiet."""
+    from hvctl.ops.console import attach
+
+    c = ctx()
+    record = c.ledger.get_vm(name)
+
+    def connected() -> None:
+        sys.stderr.write(f"connected to the console of {name} on {record.host}; escape character is ^]\r\n")
+        sys.stderr.flush()
+
+    end = attach(c, name, sys.stdin.fileno(), sys.stdout.fileno(), force=force, connected=connected)
+    if end.reason == "guest-ended":
+        sys.stderr.write(f"\r\nthe console of {name} closed (the guest stopped, or another client took it)\r\n")
+    sys.stderr.flush()
+
+
 @app.command()
 def doctor(
     repair: Annotated[bool, typer.Option("--repair", help="Return GPUs a crash left bound to their drivers.")]

@@ -62,23 +62,28 @@ class Disk:
 
 
 @dataclass(frozen=True)
-class SerialFile:
-    """The guest's first serial port, written to a file on the host: hvctl reads boot output from it. Appended to,
-    never truncated: virtlogd (which writes it for libvirt, and rotates it) would otherwise let an incoming migration's
-    QEMU empty the file the source still writes, and a boot's readiness is read from where the file ended."""
+class SerialConsole:
+    """The guest's first serial port: a pty that ``virDomain.openConsole`` attaches to (``hvctl console``), with
+    everything the guest prints also logged to a file on the host, which hvctl reads for readiness and
+    ``console-log``. The log is appended to, never truncated: virtlogd (which writes it for libvirt, and rotates
+    it) would otherwise let an incoming migration's QEMU empty the file the source still writes, and a boot's
+    readiness is read from where the file ended. A domain defined by an older hvctl has a plain file serial
+    (``<serial type='file'>``); it parses to the same thing."""
 
     tag: ClassVar[str] = "serial"
     path: Path
 
     def to_xml(self) -> ET.Element:
-        el = ET.Element("serial", type="file")
-        sub(el, "source", path=str(self.path), append="on")
+        el = ET.Element("serial", type="pty")
+        sub(el, "log", file=str(self.path), append="on")
         sub(el, "target", port="0")
         return el
 
     @classmethod
     def from_xml(cls, el: ET.Element) -> Self:
-        return cls(path=Path(req(el, "source", "path")))
+        if el.get("type") == "file":
+            return cls(path=Path(req(el, "source", "path")))
+        return cls(path=Path(req(el, "log", "file")))
 
 
 @dataclass(frozen=True)
@@ -198,6 +203,6 @@ class PcieRoot:
 
 
 DEVICE_PARSERS: dict[str, DeviceParser] = {
-    "disk": Disk.from_xml, "serial": SerialFile.from_xml, "channel": UnixChannel.from_xml, "rng": Rng.from_xml,
+    "disk": Disk.from_xml, "serial": SerialConsole.from_xml, "channel": UnixChannel.from_xml, "rng": Rng.from_xml,
     "hostdev": PciHostdev.from_xml, "interface": NetInterface.from_xml,
 }

@@ -108,15 +108,15 @@ def retarget_ssh_forward(xml: str, port: int) -> str:
 
 
 def retarget_paths(xml: str, moves: dict[str, str]) -> str:
-    """The same domain XML with every host path in ``moves`` (disk and cdrom sources, the console file, the agent
+    """The same domain XML with every host path in ``moves`` (disk and cdrom sources, the console log, the agent
     channel's socket) replaced: a migration that copies storage puts the VM's files somewhere new. Only attribute
     values equal to a whole old path change, never a substring."""
     root = ET.fromstring(xml)
-    for source in root.iterfind("devices/*/source"):
+    for el in (*root.iterfind("devices/*/source"), *root.iterfind("devices/*/log")):
         for attr in ("file", "path"):
-            value = source.get(attr)
+            value = el.get(attr)
             if value in moves:
-                source.set(attr, moves[value])
+                el.set(attr, moves[value])
     return ET.tostring(root, encoding="unicode")
 
 
@@ -188,7 +188,7 @@ class Domain:
         for el in root.find("devices") or []:
             if el.tag == "controller" and el.get("model") == "pcie-root":
                 root_controller = PcieRoot.from_xml(el)
-            elif el.tag in DEVICE_PARSERS and not (el.tag == "serial" and el.get("type") != "file"):
+            elif el.tag in DEVICE_PARSERS and not (el.tag == "serial" and el.get("type") not in ("file", "pty")):
                 devices.append(DEVICE_PARSERS[el.tag](el))
         args = [a.get("value", "") for a in root.iterfind(f"{{{QEMU_NS}}}commandline/{{{QEMU_NS}}}arg")]
         meta = root.find(f"metadata/{{{HVCTL_NS}}}vm")

@@ -18,7 +18,7 @@ from xml.etree import ElementTree as ET
 import libvirt
 
 from hvctl.console import PROBE_MARKER
-from hvctl.domain import Accel, DirectBoot, Domain, SerialFile
+from hvctl.domain import Accel, DirectBoot, Domain, SerialConsole
 from hvctl.domain.model import HVCTL_NS
 from hvctl.errors import HostUnreachable, HypervisorError, NotFound
 from hvctl.host._errors import _errors, _msg
@@ -247,20 +247,35 @@ class Host:
     def open_channel(self, name: str, channel: str) -> ByteStream:
         """Domain ``name``'s virtio-serial ``channel``, through this connection: no file or socket of the host is
         needed, so it works on a remote host as on this one."""
+        return self._open_stream(name, f"channel {channel} of {name}", "Active channel stream", None,
+                                 lambda dom, stream: dom.openChannel(channel, stream, 0))
+
+    def open_console(self, name: str, force: bool = False) -> ByteStream:
+        """Domain ``name``'s serial console (its pty), through this connection, as on ``virsh console``. libvirt
+        lets one client hold a console at a time; ``force`` takes it from the one that has it."""
+        flags = libvirt.VIR_DOMAIN_CONSOLE_FORCE if force else libvirt.VIR_DOMAIN_CONSOLE_SAFE
+        return self._open_stream(name, f"console of {name}", "Active console session",
+                                 "hvctl console --force takes it over",
+                                 lambda dom, stream: dom.openConsole(None, stream, flags))
+
+    def _open_stream(self, name: str, what: str, busy: str, busy_hint: str | None,
+                     attach: Callable[[libvirt.virDomain, libvirt.virStream], object]) -> ByteStream:
+        """A non-blocking stream attached to one of the domain's character devices by ``attach``. libvirt refuses
+        a second client at once (its error contains ``busy``) instead of queueing it."""
         stream = self.conn.newStream(libvirt.VIR_STREAM_NONBLOCK)
         try:
-            self._lookup(name).openChannel(channel, stream, 0)
+            attach(self._lookup(name), stream)
         except libvirt.libvirtError as exc:
             with contextlib.suppress(libvirt.libvirtError):
                 stream.abort()
-            if "Active channel stream" in _msg(exc):
-                raise ChannelBusy(f"the channel {channel} of {name} is in use by another client") from None
-            raise HypervisorError(f"opening channel {channel} of {name} failed: {_msg(exc)}") from None
+            if busy in _msg(exc):
+                raise ChannelBusy(f"the {what} is in use by another client", hint=busy_hint) from None
+            raise HypervisorError(f"opening the {what} failed: {_msg(exc)}") from None
         except BaseException:
             with contextlib.suppress(libvirt.libvirtError):
                 stream.abort()
             raise
-        return ByteStream(stream, f"channel {channel} of {name}")
+        return ByteStream(stream, what)
 
     def ensure_pool(self, name: str = DEFAULT_POOL, path: PurePosixPath = DEFAULT_POOL_PATH) -> tuple[Pool, bool]:
         """This host's storage pool for hvctl, adopted or made (see ``hvctl.host.storage``)."""
@@ -435,7 +450,7 @@ class Host:
         probe = Domain(
             name=f"hvctl-accel-probe-{int(time.time() * 1000) % 10**9}", accel=Accel.KVM, memory_mib=128, vcpus=1,
             boot=DirectBoot(Path(kernel), Path(initrd), f"console=ttyS0 panic=-1 hvctl.probe {PROBE_MARKER.lower()}"),
-            devices=(SerialFile(Path(console)),),
+            devices=(SerialConsole(Path(console)),),
         )
         try:
             # A transient domain: it vanishes when it powers off or is destroyed, leaving nothing defined.

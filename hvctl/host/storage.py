@@ -200,10 +200,16 @@ def ensure_pool(conn: libvirt.virConnect, uri: str, name: str, path: PurePosixPa
         pool = Pool(existing, conn, uri, streams)
         if pool.type not in FILE_POOL_TYPES:
             raise InvalidSpec(f"pool {name} on {uri} is a {pool.type!r} pool; hvctl needs one whose volumes are "
-                              f"files ({', '.join(sorted(FILE_POOL_TYPES))})", hint="name another with --pool")
+                              f"files ({', '.join(sorted(FILE_POOL_TYPES))})",
+                              hint=f"hvctl uses the pool named {name} on every host: undefine that one "
+                                   f"(virsh pool-undefine {name}) so hvctl can make its own")
         if not existing.isActive():
-            with libvirt_errors(f"starting pool {name} on {uri}"):
+            try:
                 existing.create(0)
+            except libvirt.libvirtError as exc:
+                raise InvalidSpec(f"pool {name} on {uri} is defined but cannot start: {message(exc)}",
+                                  hint=f"fix its directory on that host, or undefine it (virsh pool-undefine {name}) "
+                                       "so hvctl can make its own") from None
         return pool, False
     root = ET.Element("pool", type="dir")
     ET.SubElement(root, "name").text = name
@@ -225,7 +231,7 @@ def ensure_pool(conn: libvirt.virConnect, uri: str, name: str, path: PurePosixPa
         except libvirt.libvirtError:
             pass
         raise InvalidSpec(f"host {uri} cannot use {path} as hvctl's storage pool: {message(exc)}",
-                          hint="pass --pool-path DIR, a directory libvirt on that host can create and write") \
+                          hint=f"make {path} a directory libvirt on that host can write") \
             from None
     return Pool(defined, conn, uri, streams), True
 

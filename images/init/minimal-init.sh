@@ -37,6 +37,10 @@ for d in /sys/bus/pci/devices/*; do
 done
 echo "HVCTL-READY name=${name} kernel=$(uname -r) cpus=$(grep -c ^processor /proc/cpuinfo) mem_kb=$(awk '/MemTotal/ {print $2}' /proc/meminfo) disk=${disk}"
 
+# A shell on the serial console for `hvctl console`, respawned when it exits. This test image holds nothing
+# secret, and reaching its console already takes libvirt access to its host.
+(while :; do setsid sh -c 'exec sh </dev/ttyS0 >/dev/ttyS0 2>&1'; sleep 1; done) &
+
 # hvctl.tick=1 prints a counter every second: migration tests watch it continue on the destination.
 tick=$(arg hvctl.tick)
 hog=$(arg hvctl.hog)
