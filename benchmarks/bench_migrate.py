@@ -60,14 +60,14 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_migrate.txt")
     args = parser.parse_args()
     root = scratch_dir("hvbm-")
-    h1 = PrivateLibvirtd(root / "h1", tcp_port=16620, cgroups=False).start()
-    h2 = PrivateLibvirtd(root / "h2", tcp_port=16621, cgroups=False).start()
+    h1 = PrivateLibvirtd(root / "h1", cgroups=False).start()
+    h2 = PrivateLibvirtd(root / "h2", cgroups=False).start()
     report = Report()
     say = report.say
     try:
-        ctx = Context(state_dir=root / "s", uri=str(h1.tcp_uri))
+        ctx = Context(state_dir=root / "s", uri=str(h1.uri))
         ctx.images.build("minimal")
-        uris = {"h1": str(h1.tcp_uri), "h2": str(h2.tcp_uri)}
+        uris = {"h1": str(h1.uri), "h2": str(h2.uri)}
         for name, uri in uris.items():
             add_host(ctx, name, uri)
         say(f"# bench_migrate {time.strftime('%Y-%m-%d %H:%M')} on {platform.node()}: {platform.machine()}, "

@@ -10,19 +10,25 @@ import base64
 import contextlib
 import os
 import select
+import shlex
 import sys
 import termios
 import time
 import tty
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
+from urllib.parse import parse_qsl, urlsplit
 
 import paramiko
 
 from hvctl.errors import HvctlError
 from hvctl.ledger import VMRecord
 from hvctl.limits import DEFAULT_MAX_DOWNLOAD_BYTES
+
+if TYPE_CHECKING:
+    from hvctl.context import Context
 
 
 class AccessError(HvctlError):
@@ -42,55 +48,161 @@ def _load_key(path: Path) -> paramiko.PKey:
         raise AccessError(f"cannot load identity file {path}: {exc}") from None
 
 
-@contextlib.contextmanager
-def connect(record: VMRecord, identity: Path, user: str = "root", address: str | None = None,
-            timeout: float = 15.0, direct: bool = False) -> Iterator[paramiko.SSHClient]:
-    """An SSH session with the host key hvctl generated pinned. By default through the VM's forwarded port;
-    ``direct``: to port 22 at the static address of its production NIC (``create --bridge/--network --ip``)."""
-    if not record.host_pubkey:
-        raise AccessError(f"VM {record.name} has no host key on record; it was not made from an SSH-capable image")
-    port = record.ssh_port
-    if direct:
+@dataclass(frozen=True)
+class Route:
+    """Where an SSH client reaches a VM: ``address``:``port``, dialled directly, or through ``jump``, a command
+    whose stdin and stdout carry the connection (an ``ssh -W`` through the VM's host). The guest's host key is
+    checked end to end either way: the jump only carries bytes."""
+
+    address: str
+    port: int
+    jump: tuple[str, ...] = ()
+
+    @classmethod
+    def forward(cls, record: VMRecord) -> Route:
+        """The VM's user-mode SSH forward, as seen on its host."""
+        bind = str(record.spec.ssh_bind)
+        return cls("127.0.0.1" if bind == "0.0.0.0" else bind, record.ssh_port)
+
+    @classmethod
+    def production(cls, record: VMRecord) -> Route:
+        """Port 22 at the static address of its production NIC (``create --bridge/--network --ip``)."""
         net = record.spec.network
         if net is None or net.address is None:
             raise AccessError(f"VM {record.name} has no static address on a production network",
                               hint="create it with --bridge or --network and --ip")
-        address, port = str(net.address.ip), 22
-    if address is None:
-        bind = str(record.spec.ssh_bind)
-        address = "127.0.0.1" if bind == "0.0.0.0" else bind
+        return cls(str(net.address.ip), 22)
+
+    def describe(self) -> str:
+        return f"{self.address}:{self.port}" + (f" via {self.jump[-1]}" if self.jump else "")
+
+
+def ssh_jump(uri: str, address: str, port: int) -> tuple[str, ...]:
+    """The command that reaches ``address``:``port`` as seen from the host at ``uri``: the same ssh that libvirt's
+    ``qemu+ssh`` transport runs to that host (its ``command``, ``keyfile``, ``known_hosts`` and ``no_verify``
+    parameters, its user and port), with ``-W`` in place of the remote command. So a VM's SSH forward on a remote
+    host's loopback is reached with the admin's credentials for that host, and nothing listens anywhere else."""
+    parts = urlsplit(uri)
+    scheme = parts.scheme.lower()
+    if "+ssh" not in scheme and "+libssh" not in scheme:
+        raise AccessError(f"the VM's host is reached as {uri}, with no SSH to the host to jump through",
+                          hint="give the VM a production NIC (create --bridge/--network --ip) and use --direct")
+    query = dict(parse_qsl(parts.query))
+    argv = [query.get("command", "ssh"), "-W", f"{address}:{port}", "-o", "BatchMode=yes"]
+    if parts.port:
+        argv += ["-p", str(parts.port)]
+    if parts.username:
+        argv += ["-l", parts.username]
+    if "keyfile" in query:
+        argv += ["-i", query["keyfile"], "-o", "IdentitiesOnly=yes"]
+    if "known_hosts" in query:
+        argv += ["-o", f"UserKnownHostsFile={query['known_hosts']}"]
+    if query.get("no_verify") == "1":
+        argv += ["-o", "StrictHostKeyChecking=no"]  # as libvirt's own transport does with no_verify=1
+    else:
+        argv += ["-o", "StrictHostKeyChecking=yes"]
+    return (*argv, "--", parts.hostname or "localhost")
+
+
+def route_for(ctx: Context, record: VMRecord, direct: bool = False) -> Route:
+    """How this machine reaches ``record``'s SSH: its production NIC with ``direct``; else its forward, which
+    sits on its host's loopback, so a VM on another host is reached through a jump to that host."""
+    if direct:
+        return Route.production(record)
+    route = Route.forward(record)
+    if ctx.is_this_machine(record.host):
+        return route
+    return Route(route.address, route.port, ssh_jump(ctx.ledger.get_host(record.host).uri, route.address, route.port))
+
+
+def openssh_command(record: VMRecord, route: Route, identity: Path, user: str, known_hosts: Path) -> list[str]:
+    """The same connection as ``connect``, as an OpenSSH command line for a tenant's own tools: the VM's pinned host
+    key is looked up under the alias ``hvctl-NAME`` in ``known_hosts`` (see ``pin_line``), strictly."""
+    argv = ["ssh", "-o", f"HostKeyAlias=hvctl-{record.name}", "-o", f"UserKnownHostsFile={known_hosts}",
+            "-o", "StrictHostKeyChecking=yes", "-o", "IdentitiesOnly=yes", "-i", str(identity), "-p", str(route.port)]
+    if route.jump:
+        argv += ["-o", f"ProxyCommand={shlex.join(route.jump)}"]
+    return [*argv, f"{user}@{route.address}"]
+
+
+def pin_line(record: VMRecord) -> str:
+    """The VM's known_hosts line, under the alias ``openssh_command`` uses."""
+    if not record.host_pubkey:
+        raise AccessError(f"VM {record.name} has no host key on record; it was not made from an SSH-capable image")
+    key_type, key_b64 = record.host_pubkey.split()[:2]
+    return f"hvctl-{record.name} {key_type} {key_b64}"
+
+
+def write_pin(known_hosts: Path, record: VMRecord) -> None:
+    """Put the VM's pinned key into ``known_hosts``, replacing an older one of the same VM."""
+    line = pin_line(record)
+    alias = line.split()[0]
+    kept = [old for old in (known_hosts.read_text().splitlines() if known_hosts.exists() else [])
+            if old.split()[:1] != [alias]]
+    partial = known_hosts.with_name(f".{known_hosts.name}.{os.getpid()}")
+    partial.write_text("".join(f"{old}\n" for old in [*kept, line]))
+    os.replace(partial, known_hosts)
+
+
+@contextlib.contextmanager
+def connect(record: VMRecord, identity: Path, user: str = "root", route: Route | None = None,
+            timeout: float = 15.0) -> Iterator[paramiko.SSHClient]:
+    """An SSH session with the host key hvctl generated pinned, along ``route`` (by default the VM's forward on
+    this machine)."""
+    if not record.host_pubkey:
+        raise AccessError(f"VM {record.name} has no host key on record; it was not made from an SSH-capable image")
+    route = route or Route.forward(record)
+    address, port = route.address, route.port
     key_type, key_b64 = record.host_pubkey.split()[:2]
     pinned = paramiko.PKey.from_type_string(key_type, base64.b64decode(key_b64))
     client = paramiko.SSHClient()
     # Only the pinned key is known; RejectPolicy refuses anything else instead of learning it.
     client.get_host_keys().add(address if port == 22 else f"[{address}]:{port}", key_type, pinned)
     client.set_missing_host_key_policy(paramiko.RejectPolicy())
+    key = _load_key(identity)
+    sock = paramiko.ProxyCommand(shlex.join(route.jump)) if route.jump else None
     try:
-        client.connect(address, port=port, username=user, pkey=_load_key(identity), timeout=timeout,
-                       banner_timeout=timeout, auth_timeout=timeout, allow_agent=False, look_for_keys=False)
-    except paramiko.BadHostKeyException as exc:
-        raise HostKeyMismatch(
-            f"HOST KEY MISMATCH for {record.name} at {address}:{port}: it presented "
-            f"{exc.key.get_name()} {exc.key.fingerprint}, hvctl generated {pinned.fingerprint}. "
-            "Refusing to connect: something else is answering on this VM's port.") from None
-    except paramiko.AuthenticationException:
-        raise AccessError(f"{record.name} refused the key {identity} for user {user}",
-                          hint="tenants' keys open only their own tenant's VMs (`hvctl key list`)") from None
-    except (paramiko.SSHException, OSError) as exc:
-        raise AccessError(f"cannot SSH to {record.name} at {address}:{port}: {exc}") from None
+        try:
+            client.connect(address, port=port, username=user, pkey=key, timeout=timeout, banner_timeout=timeout,
+                           auth_timeout=timeout, allow_agent=False, look_for_keys=False,
+                           sock=sock)  # paramiko takes any socket-like object
+        except paramiko.BadHostKeyException as exc:
+            raise HostKeyMismatch(
+                f"HOST KEY MISMATCH for {record.name} at {route.describe()}: it presented "
+                f"{exc.key.get_name()} {exc.key.fingerprint}, hvctl generated {pinned.fingerprint}. "
+                "Refusing to connect: something else is answering on this VM's port.") from None
+        except paramiko.AuthenticationException:
+            raise AccessError(f"{record.name} refused the key {identity} for user {user}",
+                              hint="tenants' keys open only their own tenant's VMs (`hvctl key list`)") from None
+        except (paramiko.SSHException, OSError) as exc:
+            raise AccessError(f"cannot SSH to {record.name} at {route.describe()}: {_why(exc, sock)}") from None
+    except BaseException:
+        client.close()
+        if sock is not None:
+            sock.close()
+        raise
     try:
         yield client
     finally:
         client.close()
 
 
-def wait_for_ssh(record: VMRecord, identity: Path, timeout: float) -> float:
+def _why(exc: Exception, sock: paramiko.ProxyCommand | None) -> str:
+    """What went wrong, with the jump's own complaint (ssh's last line on stderr) where it said one."""
+    if sock is not None and sock.process.poll() is not None and sock.process.stderr is not None:
+        said = [line for line in sock.process.stderr.read().decode(errors="replace").splitlines() if line.strip()]
+        if said:
+            return f"the jump through the VM's host failed: {said[-1].strip()}"
+    return str(exc) or type(exc).__name__
+
+
+def wait_for_ssh(record: VMRecord, identity: Path, timeout: float, route: Route | None = None) -> float:
     """Wait until an authenticated SSH session with the pinned host key succeeds; returns the seconds waited."""
     started = time.monotonic()
     last: Exception | None = None
     while time.monotonic() - started < timeout:
         try:
-            with connect(record, identity, timeout=5):
+            with connect(record, identity, route=route, timeout=5):
                 return time.monotonic() - started
         except HostKeyMismatch:
             raise
@@ -101,9 +213,9 @@ def wait_for_ssh(record: VMRecord, identity: Path, timeout: float) -> float:
 
 
 def run_command(record: VMRecord, identity: Path, command: str, stdout: BinaryIO, stderr: BinaryIO,
-                user: str = "root", direct: bool = False) -> int:
+                user: str = "root", route: Route | None = None) -> int:
     """Run a command, streaming its output as it comes; returns its exit status."""
-    with connect(record, identity, user, direct=direct) as client:
+    with connect(record, identity, user, route) as client:
         transport = client.get_transport()
         assert transport is not None
         channel = transport.open_session()
@@ -122,9 +234,9 @@ def run_command(record: VMRecord, identity: Path, command: str, stdout: BinaryIO
         return int(channel.recv_exit_status())
 
 
-def interactive_shell(record: VMRecord, identity: Path, user: str = "root", direct: bool = False) -> int:
+def interactive_shell(record: VMRecord, identity: Path, user: str = "root", route: Route | None = None) -> int:
     """A terminal session: the local tty goes raw and bytes flow both ways until the remote shell exits."""
-    with connect(record, identity, user, direct=direct) as client:
+    with connect(record, identity, user, route) as client:
         transport = client.get_transport()
         assert transport is not None
         channel = transport.open_session()
@@ -158,10 +270,10 @@ def interactive_shell(record: VMRecord, identity: Path, user: str = "root", dire
 
 
 def copy(record: VMRecord, identity: Path, source: str, dest: str, upload: bool, user: str = "root",
-         direct: bool = False, max_bytes: int = DEFAULT_MAX_DOWNLOAD_BYTES, overwrite: bool = True) -> int:
+         route: Route | None = None, max_bytes: int = DEFAULT_MAX_DOWNLOAD_BYTES, overwrite: bool = True) -> int:
     """Copy one file in (upload) or out over SFTP; returns the bytes copied. A download is bounded by
     ``max_bytes`` and lands with mode 0600 (see ``download``)."""
-    with connect(record, identity, user, direct=direct) as client:
+    with connect(record, identity, user, route) as client:
         sftp = client.open_sftp()
         try:
             if upload:

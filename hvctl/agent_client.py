@@ -173,7 +173,7 @@ def _open_channel(host: Host, vm: str, channel: str, deadline: float) -> Transpo
     busy_until = min(deadline, time.monotonic() + BUSY_GRACE_S)
     while True:
         try:
-            return host.open_channel(vm, channel)
+            return host.guest(vm).open_channel(channel)
         except ChannelBusy as exc:
             if time.monotonic() >= busy_until:
                 raise AgentError(exc.message, hint="another hvctl command is talking to this agent; try again") \

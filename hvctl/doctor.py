@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hvctl.context import Context
-from hvctl.errors import HvctlError
+from hvctl.errors import HostUnreachable, HvctlError
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,7 @@ def run_checks(ctx: Context) -> list[Check]:
         checks.append(Check("libvirtd", False, exc.message, exc.hint or "start libvirtd (`make daemons`)"))
         return checks
 
+    checks.append(_hosts_check(ctx))
     images = ctx.images.list()
     damaged = []
     for image in images:
@@ -81,10 +82,15 @@ def run_checks(ctx: Context) -> list[Check]:
                             "so VMs get none", "run hvctl and libvirtd with CAP_SYS_RESOURCE", warning=True))
     problems = []
     for record in ctx.ledger.list_vms():
-        report = enforcement_report(ctx, record)
+        try:
+            report = enforcement_report(ctx, record)
+        except HostUnreachable:
+            continue  # the hosts check says so; enforcement of another host is not read from here anyway
         if report:
             problems += [f"{record.name}: {p}" for p in report.get("mismatches", [])]
-    checks.append(Check("enforcement", not problems, "; ".join(problems) or "cgroups enforce what was configured",
+    checks.append(Check("enforcement", not problems,
+                        "; ".join(problems) or "libvirt reports applied what was configured (and cgroups enforce it "
+                                               "here)",
                         "check that libvirt's cgroup controllers are mounted and delegated" if problems else None))
 
     stranded = stranded_gpus(ctx)
@@ -102,6 +108,31 @@ def run_checks(ctx: Context) -> list[Check]:
     return checks
 
 
+def _hosts_check(ctx: Context) -> Check:
+    """Every registered host answers. One that does not is named, and the rest of the doctor goes on."""
+    down = []
+    hosts = ctx.ledger.list_hosts()
+    for record in hosts:
+        try:
+            ctx.host(record.name).facts()
+        except HostUnreachable as exc:
+            down.append(f"{record.name}: {exc.message}")
+    return Check("hosts", not down, "; ".join(down) or f"{len(hosts)} registered, all answer",
+                 "its VMs show `unreachable` in `hvctl list` until it answers again; `hvctl host rm` "
+                 "forgets a host that is gone for good" if down else None)
+
+
+def reachable_hosts(ctx: Context, names: set[str]) -> dict[str, set[str]]:
+    """The running VMs of each of ``names`` that answers; an unreachable host is left out, never guessed at."""
+    found = {}
+    for name in sorted(names):
+        try:
+            found[name] = running_vms(ctx, name)
+        except HostUnreachable:
+            continue
+    return found
+
+
 def running_vms(ctx: Context, host: str) -> set[str]:
     from hvctl.host import DomainState
 
@@ -114,8 +145,7 @@ def stranded_gpus(ctx: Context) -> list[dict[str, Any]]:
     from vfio.binding import TERMINAL_STATES
 
     stranded = []
-    for host in {r["host"] for r in ctx.ledger.gpu_bindings()}:
-        running = running_vms(ctx, host)
+    for host, running in reachable_hosts(ctx, {r["host"] for r in ctx.ledger.gpu_bindings()}).items():
         stranded += [r for r in ctx.ledger.gpu_bindings(host)
                      if r["state"] not in TERMINAL_STATES and r["vm"] not in running]
     return stranded
@@ -127,8 +157,8 @@ def repair(ctx: Context) -> dict[str, Any]:
     from hvctl import passthrough
 
     returned: list[str] = []
-    for host in sorted({r["host"] for r in ctx.ledger.gpu_bindings()}):
-        done = passthrough.repair(ctx, ctx.gpu_env, host, running_vms(ctx, host))
+    for host, running in reachable_hosts(ctx, {r["host"] for r in ctx.ledger.gpu_bindings()}).items():
+        done = passthrough.repair(ctx, ctx.gpu_env, host, running)
         if done:
             ctx.ledger.log_event(None, host, "gpu.repaired", f"returned {', '.join(done)} to their host drivers")
         returned += done

@@ -1,4 +1,5 @@
-"""What the kernel actually enforces on a local VM, read from its QEMU process's cgroups (v1 or v2).
+"""What is enforced on a running VM: through libvirt on any host (``libvirt_mismatches`` over ``Guest.live_tuning``),
+and, on this machine, read from its QEMU process's cgroups (v1 or v2) as a cross-check.
 
 libvirt turns <cputune>/<memtune> into cgroup settings on the domain's cgroup. Reading them back, rather than
 trusting the XML, catches a host where a controller is not delegated or libvirt silently skipped a setting.
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from hvctl.domain import Tuning
+from hvctl.domain.tuning import LiveTuning, cpuset_text, parse_cpuset
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
@@ -121,6 +123,39 @@ class QemuCgroups:
         time.sleep(window_s)
         end, _ = self.cpu_seconds()
         return (end - start) / (time.monotonic() - started), source
+
+
+def libvirt_mismatches(configured: Tuning, live: LiveTuning) -> list[str]:
+    """Each configured setting that the host's libvirt does not report as applied, or could not read back."""
+    problems = []
+    refused = dict(live.unreadable)
+
+    def check(what: str, area: str, want: object, got: object) -> None:
+        if area in refused:
+            problems.append(f"{what} {want} configured; libvirt cannot read it back: {refused[area]}")
+        elif got != want:
+            problems.append(f"{what} {want} configured, libvirt reports {got}")
+
+    if configured.cpu_shares is not None:
+        check("CPU shares", "scheduler", configured.cpu_shares, live.cpu_shares)
+    if configured.global_quota_us is not None:
+        check("CPU quota", "scheduler", (configured.global_quota_us, configured.global_period_us or 100_000),
+              (live.global_quota_us, live.global_period_us))
+    if configured.memory_hard_limit_kib is not None:
+        check("memory hard limit (KiB)", "memory", configured.memory_hard_limit_kib, live.memory_hard_limit_kib)
+    if configured.blkio_weight is not None:
+        check("blkio weight", "blkio", configured.blkio_weight, live.blkio_weight)
+    for vcpu, cpuset in configured.vcpupin:
+        got = live.vcpupin[vcpu] if vcpu < len(live.vcpupin) else None
+        check(f"vCPU {vcpu} pinning", "vcpupin", cpuset_text(parse_cpuset(cpuset)),
+              cpuset_text(got) if got is not None else None)
+    if configured.emulatorpin is not None:
+        check("emulator pinning", "emulatorpin", cpuset_text(parse_cpuset(configured.emulatorpin)),
+              cpuset_text(live.emulatorpin) if live.emulatorpin is not None else None)
+    if configured.numa_nodeset is not None:
+        check("NUMA memory", "numa", (configured.numa_mode, cpuset_text(parse_cpuset(configured.numa_nodeset))),
+              (live.numa_mode, cpuset_text(parse_cpuset(live.numa_nodeset or ""))))
+    return problems
 
 
 def mismatches(configured: Tuning, enforced: Enforced) -> list[str]:

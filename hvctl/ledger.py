@@ -276,23 +276,27 @@ class Ledger:
     def reserve_vm(
         self, spec: VMSpec, host: str, paths: VMPaths, *, agent_token: str | None = None,
         host_pubkey: str | None = None, admission: Admission | None = None,
-        port_range: tuple[int, int] = DEFAULT_PORT_RANGE,
+        port_range: tuple[int, int] = DEFAULT_PORT_RANGE, probe_ports: bool = True,
     ) -> VMRecord:
-        """Record the intent to create a VM and allocate its SSH port (free on ``spec.ssh_bind``), atomically.
+        """Record the intent to create a VM and allocate its SSH port, atomically: one that no VM of the host
+        holds, and, with ``probe_ports`` (the host is this machine), free on ``spec.ssh_bind`` here. Another host's
+        ports cannot be probed from here: its QEMU reports a taken one at start, and the boot moves it.
         State starts as 'creating'.
 
         With ``admission``, the tenant's quota and the host's capacity are checked in the same transaction, so
         concurrent creates can never together overshoot either.
         """
         try:
-            return self._reserve_vm(spec, host, paths, agent_token, host_pubkey, admission, port_range)
+            return self._reserve_vm(spec, host, paths, agent_token, host_pubkey, admission, port_range,
+                                    str(spec.ssh_bind) if probe_ports else None)
         except QuotaExceeded as exc:
             # The refusal is worth keeping, but its transaction was rolled back: record it on its own.
             self.log_event(spec.name, host, "admission.refused", exc.message)
             raise
 
     def _reserve_vm(self, spec: VMSpec, host: str, paths: VMPaths, agent_token: str | None,
-                    host_pubkey: str | None, admission: Admission | None, port_range: tuple[int, int]) -> VMRecord:
+                    host_pubkey: str | None, admission: Admission | None, port_range: tuple[int, int],
+                    probe_on: str | None) -> VMRecord:
         now = time.time()
         with self.transaction() as db:
             if db.execute("SELECT 1 FROM vms WHERE name = ?", (spec.name,)).fetchone():
@@ -300,7 +304,7 @@ class Ledger:
             if admission is not None:
                 self._admit(db, spec, host, admission)
             used = {r[0] for r in db.execute("SELECT ssh_port FROM vms WHERE host = ?", (host,))}
-            port = _free_port(port_range, used, str(spec.ssh_bind))
+            port = _free_port(port_range, used, probe_on)
             db.execute(
                 "INSERT INTO vms (name, tenant, host, spec, state, image, base_disk, overlay, console_log, "
                 "agent_socket, ssh_port, created_at, updated_at, agent_token, host_pubkey, seed) "
@@ -321,14 +325,15 @@ class Ledger:
             host = db.execute("SELECT host FROM vms WHERE name = ?", (name,)).fetchone()[0]
             self._event(db, name, host, f"state.{state}", message or f"{name} is {state}")
 
-    def move_ssh_port(self, name: str, bind_address: str, refused: int,
+    def move_ssh_port(self, name: str, bind_address: str, refused: int, probe: bool = True,
                       port_range: tuple[int, int] = DEFAULT_PORT_RANGE) -> int:
-        """Give a VM a new SSH forward port because ``refused`` could not be bound at start (another local user
-        holds it). The new port is free in the ledger and on this machine; the move is an event."""
+        """Give a VM a new SSH forward port because ``refused`` could not be bound at start (another process on
+        its host holds it). The new port is free in the ledger, and with ``probe`` on this machine too (the VM's
+        host is this machine); the move is an event."""
         with self.transaction() as db:
             host = db.execute("SELECT host FROM vms WHERE name = ?", (name,)).fetchone()[0]
             used = {r[0] for r in db.execute("SELECT ssh_port FROM vms WHERE host = ?", (host,))} | {refused}
-            port = _free_port(port_range, used, bind_address)
+            port = _free_port(port_range, used, bind_address if probe else None)
             db.execute("UPDATE vms SET ssh_port = ?, updated_at = ? WHERE name = ?", (port, time.time(), name))
             self._event(db, name, host, "port.moved", f"SSH forward port {refused} was taken by another process; "
                         f"{name} now forwards {bind_address}:{port}", {"from": refused, "to": port})
@@ -427,7 +432,8 @@ class Ledger:
                 raise NotFound(f"unknown host {name!r}")
 
     def free_port_on(self, host: str, port_range: tuple[int, int] = DEFAULT_PORT_RANGE,
-                     bind_address: str = "127.0.0.1") -> int:
+                     bind_address: str | None = "127.0.0.1") -> int:
+        """A port no VM of ``host`` holds, also free on ``bind_address`` here unless that is None."""
         used = {r[0] for r in self.db.execute("SELECT ssh_port FROM vms WHERE host = ?", (host,))}
         return _free_port(port_range, used, bind_address)
 
@@ -544,11 +550,14 @@ def _vm_from_row(row: sqlite3.Row) -> VMRecord:
     )
 
 
-def _free_port(port_range: tuple[int, int], used: set[int], bind_address: str) -> int:
-    """The lowest port in range that no VM in the ledger holds and that nothing on this machine is bound to."""
+def _free_port(port_range: tuple[int, int], used: set[int], bind_address: str | None) -> int:
+    """The lowest port in range that no VM in the ledger holds and, unless ``bind_address`` is None, that nothing
+    on this machine is bound to."""
     for port in range(port_range[0], port_range[1] + 1):
         if port in used:
             continue
+        if bind_address is None:
+            return port
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
             try:
                 probe.bind((bind_address, port))

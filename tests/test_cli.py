@@ -100,3 +100,45 @@ def test_connect_names_a_host_and_never_renames_local(tmp_path: Path) -> None:
     assert resolve_connect(ledger, "qemu:///system?socket=/nonexistent") == "h2"
     assert resolve_connect(ledger, None) == "local"
     ledger.close()
+
+
+def test_an_unreachable_host_never_aborts_list_or_doctor_for_the_others(tmp_path: Path) -> None:
+    """Host `gone` does not answer (its daemon's socket does not exist). `list` still lists host local's VM with
+    its live state, shows gone's VM as unreachable and exits 5; `doctor` runs every check and names the host."""
+    import json
+
+    from hvctl.ledger import Ledger, VMPaths
+    from hvctl.spec import VMSpec
+
+    state = tmp_path / "state"
+    env = os.environ | {"HVCTL_STATE_DIR": str(state), "HVCTL_CONNECT": "test:///default", "COLUMNS": "200",
+                        "NO_COLOR": "1"}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "hvctl.cli", *args], capture_output=True, text=True, env=env,
+                              timeout=60)
+
+    assert run("list").returncode == 0
+    ledger = Ledger(state / "ledger.sqlite3")
+    ledger.ensure_host("gone", "qemu:///system?socket=/nonexistent")
+    for name, host in (("test", "local"), ("lost", "gone")):  # "test": the domain libvirt's test driver runs
+        vm = tmp_path / name
+        ledger.reserve_vm(VMSpec(name=name), host, VMPaths(vm / "b", vm / "o", vm / "s", vm / "c", vm / "a"))
+        ledger.set_state(name, "running")
+    ledger.close()
+
+    listing = run("list", "--json")
+    assert listing.returncode == 5, listing.stderr
+    assert listing.stderr.startswith("hvctl: error: host gone: cannot reach libvirt")
+    views = {v["name"]: v for v in json.loads(listing.stdout)["vms"]}
+    assert views["test"]["actual"] == "running" and views["test"]["drift"] is None
+    assert views["lost"]["actual"] == "unreachable" and views["lost"]["drift"] == "host unreachable"
+    table = run("list")
+    assert "unreachable" in table.stdout and "running" in table.stdout
+
+    doctor = run("doctor", "--json")
+    assert doctor.returncode == 1 and "Traceback" not in doctor.stderr, doctor.stderr
+    checks = {c["name"]: c for c in json.loads(doctor.stdout)}
+    assert not checks["hosts"]["ok"] and checks["hosts"]["detail"].startswith("gone: cannot reach libvirt")
+    assert {"libvirtd", "images", "enforcement", "gpu bindings", "drift"} <= set(checks)
+    assert checks["gpu bindings"]["ok"] and "lost@gone: host unreachable" in checks["drift"]["detail"]

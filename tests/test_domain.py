@@ -8,6 +8,7 @@ import pytest
 
 from hvctl.designer import BootArtifacts, HostCapabilities, VMAllocation, design
 from hvctl.domain import Accel, CpuMode, Domain, PciAddress, PciHostdev
+from hvctl.errors import NotFound
 from hvctl.host import DomainState, Host
 from hvctl.spec import VMSpec
 
@@ -88,10 +89,10 @@ def test_xml_parses_back_to_the_same_domain(case: str) -> None:
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_every_generated_domain_defines_on_the_test_driver(case: str, test_host: Host) -> None:
     domain = designed(case)
-    test_host.define(domain.to_xml())
+    guest = test_host.define(domain.to_xml())
     try:
         assert test_host.state(domain.name) is DomainState.SHUTOFF
-        back = Domain.from_xml(test_host.domain_xml(domain.name))
+        back = Domain.from_xml(guest.xml())
         # libvirt adds a uuid and the test driver drops <qemu:commandline> (a QEMU-driver namespace); every other
         # field must survive libvirt's own parser and formatter unchanged.
         # libvirt formats devices grouped by kind, so compare them independent of order.
@@ -101,8 +102,35 @@ def test_every_generated_domain_defines_on_the_test_driver(case: str, test_host:
         assert back.root_controller == domain.root_controller and back.viommu == domain.viommu
         assert domain.name in test_host.hvctl_domains()
     finally:
-        test_host.undefine(domain.name)
+        guest.undefine()
     assert test_host.state(domain.name) is DomainState.MISSING
+
+
+def test_a_guest_handle_never_acts_on_a_newcomer_of_the_same_name(test_host: Host) -> None:
+    """A handle is bound to the domain it was looked up as, by UUID: once that domain is undefined and another is
+    defined under its name, the old handle reports MISSING and refuses to act, while the name finds the new one."""
+    domain = designed("tcg-minimal")
+    old = test_host.define(domain.to_xml())
+    old.undefine()
+    new = test_host.define(domain.to_xml())
+    try:
+        assert new.uuid != old.uuid
+        assert old.state() is DomainState.MISSING
+        with pytest.raises(NotFound, match=old.uuid):
+            old.undefine()
+        with pytest.raises(NotFound):
+            old.start()
+        assert test_host.guest(domain.name).uuid == new.uuid and new.state() is DomainState.SHUTOFF
+        new.start()
+        assert new.state() is DomainState.RUNNING and new.made_by_hvctl()
+        new.destroy()
+        new.destroy()  # not running: nothing to do, no error
+        assert new.state() is DomainState.SHUTOFF
+    finally:
+        new.undefine()
+    assert test_host.find_guest(domain.name) is None
+    with pytest.raises(NotFound, match="no domain"):
+        test_host.guest(domain.name)
 
 
 def test_designer_decisions() -> None:

@@ -119,7 +119,7 @@ def test_create_with_a_gpu_binds_it_writes_hostdevs_and_records_it_and_destroy_g
     # The first passable GPU: the one on nvidia with its HDMI audio function (the H100 shares a group with a NIC).
     assert rig.fake.driver(GPU) == "vfio-pci" and rig.fake.driver(AUDIO) == "vfio-pci"
     assert rig.bindings() == {GPU: ("gpu-vm", "bound"), AUDIO: ("gpu-vm", "bound")}
-    root = ET.fromstring(rig.ctx.host().domain_xml("gpu-vm"))  # what libvirt accepted
+    root = ET.fromstring(rig.ctx.host().guest("gpu-vm").xml())  # what libvirt accepted
     hostdevs = root.findall("devices/hostdev")
     assert [h.get("managed") for h in hostdevs] == ["no", "no"]
     addresses = {f"0000:{int(a.get('bus', '0'), 16):02x}:{int(a.get('slot', '0'), 16):02x}."
@@ -197,7 +197,7 @@ def test_gpu_release_refuses_what_it_must_and_returns_a_gpu_whose_vm_is_gone(rig
     with pytest.raises(Exception, match="not bound by hvctl"):
         release_address(rig.ctx, rig.ctx.gpu_env, IDLE_GPU, "local", set)
     # The VM vanished behind hvctl's back (say its host rebooted): the GPU is still on vfio-pci.
-    rig.ctx.host().destroy("keeper")
+    rig.ctx.host().guest("keeper").destroy()
     done = release_address(rig.ctx, rig.ctx.gpu_env, GPU, "local", set)
     assert set(done["released"]) == {GPU, AUDIO} and rig.fake.driver(GPU) == "nvidia"
     assert rig.bindings() == {}

@@ -13,11 +13,12 @@ from hvctl.ledger import MIGRATIONS, Ledger, VMPaths
 from hvctl.spec import VMSpec
 
 
-def reserve(ledger: Ledger, name: str, tmp: Path, port_range: tuple[int, int] = (22200, 22999)) -> int:
+def reserve(ledger: Ledger, name: str, tmp: Path, port_range: tuple[int, int] = (22200, 22999),
+            host: str = "local", probe_ports: bool = True) -> int:
     vm = tmp / name
-    return ledger.reserve_vm(VMSpec(name=name), "local", VMPaths(tmp / "base.qcow2", vm / "disk.qcow2", vm / "seed.iso",
-                                                               vm / "console.log", vm / "agent.sock"),
-                             port_range=port_range).ssh_port
+    return ledger.reserve_vm(VMSpec(name=name), host, VMPaths(tmp / "base.qcow2", vm / "disk.qcow2", vm / "seed.iso",
+                                                            vm / "console.log", vm / "agent.sock"),
+                             port_range=port_range, probe_ports=probe_ports).ssh_port
 
 
 @pytest.fixture
@@ -127,3 +128,23 @@ def test_a_migration_commit_moves_the_vm_and_its_new_incarnation_in_one_transact
     assert ledger.reservations() == [] and ledger.host_usage("local").memory_mib == 0
     assert ledger.host_usage("h2") == host_footprint(moved.spec)
     assert ledger.last_event_data("vm1", "migration.completed") == {"mode": "checkpoint"}
+
+
+def test_ports_are_per_host_and_another_hosts_are_not_probed_here(ledger: Ledger, tmp_path: Path) -> None:
+    """A port bound on this machine is skipped for a VM here, but says nothing about another host's loopback: that
+    host's VMs get the lowest port its own VMs do not hold (a taken one is moved at start, where QEMU reports it)."""
+    import socket
+
+    ledger.ensure_host("far", "qemu+ssh://root@198.18.1.2/system")
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        taken = held.getsockname()[1]
+        span = (taken, taken + 1)
+        assert reserve(ledger, "here", tmp_path, span) == taken + 1
+        assert reserve(ledger, "there", tmp_path, span, host="far", probe_ports=False) == taken
+        assert reserve(ledger, "there2", tmp_path, span, host="far", probe_ports=False) == taken + 1
+        with pytest.raises(LedgerError, match="no free SSH forward port"):
+            reserve(ledger, "there3", tmp_path, span, host="far", probe_ports=False)
+        moved = ledger.move_ssh_port("there", "127.0.0.1", taken, probe=False, port_range=(taken, taken + 5))
+        assert moved == taken + 2 and ledger.get_vm("there").ssh_port == moved
+        assert [e.kind for e in ledger.events("there")][-1] == "port.moved"

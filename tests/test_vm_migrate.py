@@ -122,7 +122,7 @@ def test_copy_storage_moves_the_disk_and_the_guest_reads_its_data_back_from_it(h
     moved = ctx.ledger.get_vm("carrier")
     assert moved.host == "h2" and moved.overlay.parent == ctx.paths.vm_dir("carrier", 1)
     assert not old.overlay.exists() and not old.overlay.parent.exists()
-    on_h2 = ctx.host("h2").domain_xml("carrier")
+    on_h2 = ctx.host("h2").guest("carrier").xml()
     assert str(moved.overlay) in on_h2 and str(old.overlay) not in on_h2
     assert ctx.host("h1").state("carrier") is DomainState.MISSING and ctx.ledger.reservations() == []
     read = agent_exec(ctx, moved, "echo 3 > /proc/sys/vm/drop_caches; cat /root/marker")

@@ -11,8 +11,10 @@ import json
 import os
 import pty
 import select
+import shlex
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -221,11 +223,22 @@ def test_a_vm_on_the_remote_host_lives_in_its_pool_answers_through_libvirt_and_l
     ImageStore(image_dir).build("base")
     assert hvctl_at(state, "host", "add", "far", host.uri).returncode == 0
     ctx = Context(state_dir=state, uri="test:///default")
+    tenant_key = state / "tenant_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tenant_key)], check=True)
+    assert hvctl_at(state, "key", "add", "default", str(tenant_key.with_suffix(".pub"))).returncode == 0
+    # Something on the host holds the port the ledger gives rv1 next. It is free on this machine, so only the
+    # host's QEMU can tell: the create moves the forward and goes on.
+    taken = ctx.ledger.free_port_on("far", bind_address=None)
+    squatter = subprocess.Popen(
+        ["nsenter", "-t", str(host.pids()["holder"]), "-n", sys.executable, "-c",
+         f"import socket, time; s = socket.socket(); s.bind(('127.0.0.1', {taken})); s.listen(); time.sleep(900)"])
     try:
         made = hvctl_at(state, "create", "rv1", "--host", "far", "--image", "base", "--memory", "512", "--disk", "2",
                         "--boot-timeout", "240", "--json", timeout=480)
         assert made.returncode == 0, made.stderr
         assert "uploading base's qcow2" in made.stderr  # the first VM of an image on a host uploads it
+        assert f"port {taken} is taken on host far" in made.stderr
+        assert ctx.ledger.get_vm("rv1").ssh_port != taken
         upload = json.loads(made.stdout)["image_upload"]
         assert upload["image"] == "base" and upload["bytes"] > 100 * 2**20 and upload["seconds"] > 0
         # The VM's disk, seed and console log are the host's files, in its pool; the controller holds none.
@@ -242,6 +255,23 @@ def test_a_vm_on_the_remote_host_lives_in_its_pool_answers_through_libvirt_and_l
         # Its console, read back as a pool volume.
         console = hvctl_at(state, "console-log", "rv1")
         assert console.returncode == 0 and "HVCTL-READY" in console.stdout
+
+        # SSH: the forward sits on the host's loopback, reached through a jump to the host (the URI's own ssh), with
+        # the VM's host key pinned end to end: the operator's key, the tenant's, and SFTP both ways.
+        ran_ssh = hvctl_at(state, "exec", "rv1", "--", "hostname")
+        assert ran_ssh.returncode == 0 and ran_ssh.stdout.split()[0] == "rv1", ran_ssh.stderr
+        as_tenant = hvctl_at(state, "exec", "rv1", "-i", str(tenant_key), "--", "sh", "-c", "echo tenant-$((6*7))")
+        assert as_tenant.returncode == 0 and as_tenant.stdout.strip() == "tenant-42", as_tenant.stderr
+        (state / "in.txt").write_text("through the jump\n")
+        assert hvctl_at(state, "cp", str(state / "in.txt"), "rv1:/root/in.txt").returncode == 0
+        back = hvctl_at(state, "cp", "rv1:/root/in.txt", str(state / "out.txt"))
+        assert back.returncode == 0 and (state / "out.txt").read_text() == "through the jump\n", back.stderr
+        # The same route as a plain OpenSSH command line, for the tenant's own tools: run it as printed.
+        printed = hvctl_at(state, "ssh", "rv1", "-i", str(tenant_key), "--print")
+        assert printed.returncode == 0, printed.stderr
+        openssh = subprocess.run([*shlex.split(printed.stdout.strip()), "-o", "BatchMode=yes", "hostname"],
+                                 capture_output=True, text=True, timeout=60)
+        assert openssh.returncode == 0 and openssh.stdout.strip() == "rv1", openssh.stderr
 
         # A second VM of the same image reuses the uploaded volumes; the minimal image (no agent) is ready by its
         # console alone.
@@ -274,6 +304,8 @@ def test_a_vm_on_the_remote_host_lives_in_its_pool_answers_through_libvirt_and_l
         finally:
             remote_conn.close()
     finally:
+        squatter.kill()
+        squatter.wait()
         for leftover in ctx.ledger.list_vms():
             hvctl_at(state, "destroy", leftover.name)
         ctx.close()
@@ -344,3 +376,78 @@ def test_a_host_whose_pool_cannot_be_used_is_refused_in_one_line(remote: tuple[R
             restored = conn.conn.storagePoolDefineXML(saved, 0)
             restored.create(0)
         conn.close()
+
+
+def test_a_host_whose_sshd_stops_shows_its_vms_unreachable_and_never_aborts_list_or_doctor(
+        remote: tuple[RemoteStyleHost, Path]) -> None:
+    host, state = remote
+    assert hvctl_at(state, "host", "add", "far", host.uri).returncode == 0
+    try:
+        made = hvctl_at(state, "create", "ru1", "--host", "far", "--image", "minimal", "--memory", "256", "--disk",
+                        "1", "--boot-timeout", "240", timeout=300)
+        assert made.returncode == 0, made.stderr
+        host.stop_sshd()
+        try:
+            listing = hvctl_at(state, "list", "--json")
+            assert listing.returncode == 5 and listing.stderr.startswith("hvctl: error: host far:"), listing.stderr
+            (view,) = json.loads(listing.stdout)["vms"]
+            assert view["name"] == "ru1" and view["actual"] == "unreachable"
+            doctor = hvctl_at(state, "doctor", "--json")
+            assert doctor.returncode == 1 and "Traceback" not in doctor.stderr, doctor.stderr
+            checks = {c["name"]: c for c in json.loads(doctor.stdout)}
+            assert not checks["hosts"]["ok"] and checks["hosts"]["detail"].startswith("far:")
+            assert checks["libvirtd"]["ok"] and "drift" in checks
+        finally:
+            host.start_sshd()
+        # Back on the network: the VM is there, still running, and destroy leaves nothing.
+        back = hvctl_at(state, "list", "--json")
+        assert back.returncode == 0 and json.loads(back.stdout)["vms"][0]["actual"] == "running", back.stderr
+        gone = hvctl_at(state, "destroy", "ru1")
+        assert gone.returncode == 0, gone.stderr
+        assert not [f for f in pool_listing(host) if f.startswith("vm-")]
+    finally:
+        for leftover in ("ru1",):
+            hvctl_at(state, "destroy", leftover)
+        hvctl_at(state, "host", "rm", "far")
+
+
+def test_a_vm_is_created_and_destroyed_over_qemu_tls_and_a_foreign_ca_is_refused(image_dir: Path,
+                                                                                  tmp_path: Path) -> None:
+    """The same host reached over qemu+tls (certificates made by openssl for the test, the client's in pkipath):
+    the minimal image is uploaded into its pool, boots, is ready on its console, and destroy leaves nothing. A
+    client that trusts another CA is refused in one line, and nothing is registered."""
+    state = short_tempdir("hvs-")
+    (state / "images").symlink_to(image_dir)
+    host = RemoteStyleHost(short_tempdir("hvr-"), index=43, hide=(state,), tls=True)
+    try:
+        host.start()
+        foreign = tmp_path / "pki"
+        shutil.copytree(host.root / "controller" / "pki", foreign)
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(tmp_path / "k"),
+                        "-out", str(foreign / "cacert.pem"), "-days", "1", "-subj", "/O=other/CN=other CA"],
+                       check=True, capture_output=True)
+        refused = hvctl_at(state, "host", "add", "bad", host.tls_uri.replace(str(host.root / "controller" / "pki"),
+                                                                             str(foreign)))
+        last = refused.stderr.strip().splitlines()[-1]
+        assert refused.returncode == 5 and last.startswith("hvctl: error: cannot reach libvirt at qemu+tls://"), \
+            refused.stderr
+        assert "Traceback" not in refused.stderr
+        assert "bad" not in {h["name"] for h in json.loads(hvctl_at(state, "host", "list", "--json").stdout)}
+
+        added = hvctl_at(state, "host", "add", "tls1", host.tls_uri)
+        assert added.returncode == 0, added.stderr
+        made = hvctl_at(state, "create", "rt1", "--host", "tls1", "--image", "minimal", "--memory", "256", "--disk",
+                        "1", "--boot-timeout", "240", "--json", timeout=300)
+        assert made.returncode == 0, made.stderr
+        assert json.loads(made.stdout)["image_upload"]["bytes"] > 0
+        assert {"vm-rt1.qcow2", "vm-rt1.seed.iso"} <= set(pool_listing(host))
+        console = hvctl_at(state, "console-log", "rt1")
+        assert console.returncode == 0 and "HVCTL-READY name=rt1" in console.stdout
+        gone = hvctl_at(state, "destroy", "rt1")
+        assert gone.returncode == 0, gone.stderr
+        assert not [f for f in pool_listing(host) if f.startswith("vm-")]
+    finally:
+        hvctl_at(state, "destroy", "rt1")
+        host.stop()
+        shutil.rmtree(host.root, ignore_errors=True)
+        shutil.rmtree(state, ignore_errors=True)

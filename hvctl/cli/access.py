@@ -83,11 +83,29 @@ def identity_for(identity: Path | None) -> Path:
 
 @app.command()
 def ssh(name: str, identity: IdentityOpt = None, user: Annotated[str, typer.Option()] = "root",
-        direct: DirectOpt = False) -> None:
+        direct: DirectOpt = False,
+        print_command: Annotated[bool, typer.Option(
+            "--print", help="Print the OpenSSH command that reaches the VM the same way (through its host when it "
+                            "is on another one), with its pinned host key, instead of connecting.")] = False,
+        as_json: JsonOpt = False) -> None:
     """Open an interactive shell in a VM, verifying the host key hvctl generated for it."""
-    from hvctl.access import interactive_shell
+    from hvctl.access import interactive_shell, openssh_command, pin_line, route_for, write_pin
 
-    code = interactive_shell(ctx().ledger.get_vm(name), identity_for(identity), user, direct)
+    record = ctx().ledger.get_vm(name)
+    route = route_for(ctx(), record, direct)
+    if print_command or as_json:
+        known_hosts = ctx().paths.root / "known_hosts"
+        write_pin(known_hosts, record)
+        argv = openssh_command(record, route, identity_for(identity), user, known_hosts)
+        if as_json:
+            emit_json({"vm": name, "argv": argv, "known_hosts": str(known_hosts), "pin": pin_line(record),
+                       "jump": list(route.jump)})
+        else:
+            import shlex
+
+            print(shlex.join(argv))  # plain print: no wrapping or markup in a line meant to be pasted
+        return
+    code = interactive_shell(record, identity_for(identity), user, route)
     raise typer.Exit(code)
 
 
@@ -102,10 +120,11 @@ def exec_cmd(
     """Run a command in a VM over SSH, streaming its output; its exit code becomes hvctl's."""
     import shlex
 
-    from hvctl.access import run_command
+    from hvctl.access import route_for, run_command
 
-    code = run_command(ctx().ledger.get_vm(name), identity_for(identity), shlex.join(command),
-                       sys.stdout.buffer, sys.stderr.buffer, user, direct)
+    record = ctx().ledger.get_vm(name)
+    code = run_command(record, identity_for(identity), shlex.join(command), sys.stdout.buffer, sys.stderr.buffer,
+                       user, route_for(ctx(), record, direct))
     raise typer.Exit(code)
 
 
@@ -119,7 +138,7 @@ def cp(
     as_json: JsonOpt = False,
 ) -> None:
     """Copy a file into or out of a VM over SFTP. A copy out is refused past --max-bytes and lands as 0600."""
-    from hvctl.access import copy
+    from hvctl.access import copy, route_for
 
     def remote(spec: str) -> tuple[str, str] | None:
         head, sep, tail = spec.partition(":")
@@ -130,8 +149,9 @@ def cp(
         fail("exactly one of SOURCE and DEST must be NAME:PATH", 2)
     vm, path = src or dst  # type: ignore[misc]
     upload = dst is not None
-    copied = copy(ctx().ledger.get_vm(vm), identity_for(identity), source if upload else path,
-                  path if upload else dest, upload, direct=direct, max_bytes=max_bytes)
+    record = ctx().ledger.get_vm(vm)
+    copied = copy(record, identity_for(identity), source if upload else path, path if upload else dest, upload,
+                  route=route_for(ctx(), record, direct), max_bytes=max_bytes)
     if as_json:
         emit_json({"vm": vm, "direction": "in" if upload else "out", "bytes": copied})
     else:

@@ -43,7 +43,7 @@ def migrate(
     c = ctx()
     if cancel:
         record = c.ledger.get_vm(name)
-        c.host(record.host).abort_job(name)
+        c.host(record.host).guest(name).abort_job()
         out.print(f"cancelled the migration of {name}; it stays on {record.host}")
         return
     if to is None:

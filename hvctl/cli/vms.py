@@ -109,8 +109,9 @@ def print_vm_table(views: list[VMView], orphans: list[Drift]) -> None:
     table = Table("NAME", "TENANT", "HOST", "STATE", "LIBVIRT", "VCPU", "MEM MiB", "SSH", "DRIFT")
     for v in views:
         r = v.record
-        table.add_row(r.name, r.tenant, r.host, r.state, v.actual.value if v.actual else "?", str(r.spec.vcpus),
-                      str(r.spec.memory_mib), str(r.ssh_port), f"[red]{safe(v.drift)}[/]" if v.drift else "")
+        actual = v.actual.value if v.actual else "unreachable"
+        table.add_row(r.name, r.tenant, r.host, r.state, actual, str(r.spec.vcpus), str(r.spec.memory_mib),
+                      str(r.ssh_port), f"[red]{safe(v.drift)}[/]" if v.drift else "")
     for o in orphans:
         table.add_row(safe(o.vm), "?", o.host, "-", "?", "", "", "", f"[red]{safe(o.problem)}[/]")
     out.print(table)

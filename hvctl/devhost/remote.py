@@ -42,6 +42,8 @@ class RemoteStyleHost:
     index: int  # the host's /30 is 198.18.<index>.0
     hide: tuple[Path, ...] = ()
     host_uuid: str = field(default_factory=lambda: str(uuid.uuid4()))
+    # Also listen for qemu+tls on 16514, with a CA, server and client certificates made for this host.
+    tls: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.index <= 254:
@@ -77,6 +79,11 @@ class RemoteStyleHost:
     @property
     def uri(self) -> str:
         return f"qemu+ssh://root@{self.address}/system?command={self.ssh_wrapper}"
+
+    @property
+    def tls_uri(self) -> str:
+        """``qemu+tls`` with the client's certificate, key and the CA in ``pkipath`` (libvirt's file names)."""
+        return f"qemu+tls://{self.address}/system?pkipath={self.root / 'controller' / 'pki'}"
 
     @property
     def holder_pidfile(self) -> Path:
@@ -116,11 +123,20 @@ class RemoteStyleHost:
                 "host_uuid": f'"{self.host_uuid}"',
                 "unix_sock_rw_perms": '"0700"', "unix_sock_ro_perms": '"0700"', "auth_unix_rw": '"none"',
                 "auth_unix_ro": '"none"',
-            }))
+            } | ({
+                "listen_tls": "1", "listen_tcp": "0", "listen_addr": f'"{self.address}"', "auth_tls": '"none"',
+                "key_file": f'"{r}/pki/serverkey.pem"', "cert_file": f'"{r}/pki/servercert.pem"',
+                "ca_file": f'"{r}/pki/cacert.pem"',
+                # libvirt's order, as virt-pki-query-dn prints it: in the other order the client learns only
+                # "Unable to read TLS confirmation".
+                "tls_allowed_dn_list": '["O=hvctl,CN=hvctl-controller"]',
+            } if self.tls else {})))
         for key, comment in ((r / "ssh/host_ed25519", "hvctl-remote-host"), (self.client_key, "hvctl-controller")):
             if not key.exists():
                 subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(key)],
                                check=True)
+        if self.tls:
+            self._make_pki()
         (r / "ssh/authorized_keys").write_text(self.client_key.with_suffix(".pub").read_text())
         (r / "ssh/authorized_keys").chmod(0o600)
         (r / "ssh/sshd_config").write_text(
@@ -171,14 +187,60 @@ class RemoteStyleHost:
             _run("ip", "addr", "add", f"{self.controller_address}/30", "dev", outer)
             _run("ip", "link", "set", outer, "up")
             self._inside(f"ip addr add {self.address}/30 dev {inner}", f"ip link set {inner} up",
-                         "virtlogd -d -p /run/virtlogd.pid", "libvirtd -d -p /run/libvirtd.pid",
-                         f"/usr/sbin/sshd -f {shlex.quote(str(self.root / 'ssh/sshd_config'))} "
-                         f"-E {shlex.quote(str(self.root / 'var/log/libvirt/sshd.log'))}")
+                         "virtlogd -d -p /run/virtlogd.pid",
+                         f"libvirtd -d {'-l ' if self.tls else ''}-p /run/libvirtd.pid", self._sshd_command())
             self._wait_until_answering(timeout)
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _make_pki(self) -> None:
+        """A CA, the host's server certificate (its address as subjectAltName, as GnuTLS requires) and the
+        controller's client certificate, with the key usages and purposes libvirt checks for each, by openssl."""
+        server, client = self.root / "pki", self.root / "controller" / "pki"
+        if (client / "clientcert.pem").exists():
+            return
+        for d in (server, client):
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+        def openssl(*args: str) -> None:
+            _run("openssl", *args)
+
+        ca_key, ca = server / "cakey.pem", server / "cacert.pem"
+        openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(ca_key), "-out", str(ca),
+                "-days", "30", "-subj", "/O=hvctl/CN=hvctl test CA",
+                "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+        for key, cert, subject, extensions in (
+            (server / "serverkey.pem", server / "servercert.pem", f"/O=hvctl/CN=hvctl-remote-{self.index}",
+             f"subjectAltName=IP:{self.address}\nextendedKeyUsage=serverAuth\n"
+             "keyUsage=critical,digitalSignature,keyEncipherment\nbasicConstraints=critical,CA:FALSE\n"),
+            (client / "clientkey.pem", client / "clientcert.pem", "/O=hvctl/CN=hvctl-controller",
+             "extendedKeyUsage=clientAuth\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
+             "basicConstraints=critical,CA:FALSE\n"),
+        ):
+            request, ext = key.with_suffix(".csr"), key.with_suffix(".ext")
+            ext.write_text(extensions)
+            openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(request),
+                    "-subj", subject)
+            openssl("x509", "-req", "-in", str(request), "-CA", str(ca), "-CAkey", str(ca_key), "-CAcreateserial",
+                    "-out", str(cert), "-days", "30", "-extfile", str(ext))
+            request.unlink()
+            ext.unlink()
+        shutil.copy2(ca, client / "cacert.pem")
+
+    def _sshd_command(self) -> str:
+        return (f"/usr/sbin/sshd -f {shlex.quote(str(self.root / 'ssh/sshd_config'))} "
+                f"-E {shlex.quote(str(self.root / 'var/log/libvirt/sshd.log'))}")
+
+    def stop_sshd(self, timeout: float = 15.0) -> None:
+        """Take the host off the network as its admins see it: its sshd stops listening, so no new connection to
+        its libvirt can be made. (Sessions already open keep their own sshd process, as on a real host.)"""
+        _terminate(self.pids().get("sshd.pid"), timeout)
+
+    def start_sshd(self, timeout: float = 60.0) -> None:
+        self._inside(self._sshd_command())
+        self._wait_until_answering(timeout)
 
     def _inside(self, *commands: str) -> None:
         holder = _read_pid(self.holder_pidfile)

@@ -65,3 +65,53 @@ class Tuning:
             numa_nodeset=numa.get("nodeset") if numa is not None else None,
             numa_mode=numa.get("mode", "strict") if numa is not None else "strict",
         )
+
+
+@dataclass(frozen=True)
+class LiveTuning:
+    """What a host's libvirt reports it applied to a running domain (its scheduler, memory, blkio and NUMA
+    parameters and its pinning), in the units of ``Tuning``. None: no limit. ``unreadable``: the reads libvirt
+    refused, with its reason (a host without that cgroup controller, say)."""
+
+    cpu_shares: int | None = None
+    global_period_us: int | None = None
+    global_quota_us: int | None = None
+    memory_hard_limit_kib: int | None = None
+    blkio_weight: int | None = None
+    vcpupin: tuple[frozenset[int], ...] = ()
+    emulatorpin: frozenset[int] | None = None
+    numa_nodeset: str | None = None
+    numa_mode: str | None = None
+    unreadable: tuple[tuple[str, str], ...] = ()
+
+    def as_dict(self) -> dict[str, object]:
+        def cpus(found: frozenset[int] | None) -> str | None:
+            return cpuset_text(found) if found is not None else None
+
+        data = dict(self.__dict__)
+        data["vcpupin"] = [cpus(p) for p in self.vcpupin]
+        data["emulatorpin"] = cpus(self.emulatorpin)
+        data["unreadable"] = dict(self.unreadable)
+        return data
+
+
+def parse_cpuset(text: str) -> frozenset[int]:
+    """libvirt's cpuset syntax: "0-3,6,^2" → {0, 1, 3, 6}."""
+    found: set[int] = set()
+    excluded: set[int] = set()
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        target = excluded if part.startswith("^") else found
+        first, _, last = part.lstrip("^").partition("-")
+        target.update(range(int(first), int(last or first) + 1))
+    return frozenset(found - excluded)
+
+
+def cpuset_text(cpus: frozenset[int]) -> str:
+    """The shortest cpuset for ``cpus``: {0, 1, 2, 5} → "0-2,5"."""
+    ranges: list[str] = []
+    for cpu in sorted(cpus):
+        if ranges and int(ranges[-1].rpartition("-")[2]) == cpu - 1:
+            ranges[-1] = f"{ranges[-1].partition('-')[0]}-{cpu}"
+        else:
+            ranges.append(str(cpu))
+    return ",".join(ranges)

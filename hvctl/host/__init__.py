@@ -7,7 +7,6 @@ this module needs to know libvirt's exception type.
 from __future__ import annotations
 
 import contextlib
-import enum
 import threading
 import time
 from collections.abc import Callable
@@ -22,9 +21,10 @@ from hvctl.domain import Accel, DirectBoot, Domain, SerialConsole
 from hvctl.domain.model import HVCTL_NS
 from hvctl.errors import HostUnreachable, HypervisorError, NotFound
 from hvctl.host._errors import _errors, _msg
+from hvctl.host.guest import STATE_MAP, ByteStream, ChannelBusy, DomainState, Guest
 from hvctl.host.storage import Pool, Volume, ensure_pool
 
-__all__ = ["Pool", "Volume"]
+__all__ = ["ByteStream", "ChannelBusy", "DomainState", "Guest", "Pool", "Volume"]
 
 # hvctl's storage pool on each host: where the host's libvirt keeps images uploaded to it.
 DEFAULT_POOL = "hvctl"
@@ -53,97 +53,6 @@ def _run_event_loop() -> None:
     while True:
         if libvirt.virEventRunDefaultImpl() < 0:
             time.sleep(0.05)  # never spin if the loop itself fails
-
-
-class ChannelBusy(HypervisorError):
-    """Another client holds the guest's channel: libvirt refuses a second one at once instead of queueing it."""
-
-
-_STREAM_EVENTS = (libvirt.VIR_STREAM_EVENT_READABLE | libvirt.VIR_STREAM_EVENT_WRITABLE
-                  | libvirt.VIR_STREAM_EVENT_ERROR | libvirt.VIR_STREAM_EVENT_HANGUP)
-# A wake-up the event loop missed costs at most this long: the deadline is checked at least this often.
-_STREAM_POLL_S = 0.05
-
-
-class ByteStream:
-    """A non-blocking libvirt stream read and written against deadlines: a guest's virtio-serial channel, tunnelled
-    through the host's connection, so it works the same over the local socket, ``qemu+ssh`` and ``qemu+tls``.
-    The guest on the other end is untrusted: nothing here waits on it without a deadline."""
-
-    def __init__(self, stream: libvirt.virStream, what: str) -> None:
-        self._stream = stream
-        self.what = what
-        self._ready = threading.Event()
-        self._closed = False
-        try:
-            stream.eventAddCallback(_STREAM_EVENTS, lambda *_: self._ready.set(), None)
-            self._callback = True
-        except libvirt.libvirtError:
-            self._callback = False  # polled instead
-
-    def _wait(self, deadline: float) -> None:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError(f"{self.what}: deadline passed")
-        self._ready.wait(min(remaining, _STREAM_POLL_S))
-
-    def recv(self, deadline: float, size: int = 65536) -> bytes:
-        """Up to ``size`` bytes, b"" at the end of the stream; TimeoutError if nothing came before ``deadline``."""
-        while True:
-            self._ready.clear()
-            with _errors(f"reading {self.what}"):
-                data = self._stream.recv(size)
-            if isinstance(data, bytes):
-                return data
-            if data != -2:  # -2: nothing to read yet
-                return b""
-            self._wait(deadline)
-
-    def send(self, data: bytes, deadline: float) -> None:
-        view = memoryview(data)
-        while view:
-            self._ready.clear()
-            with _errors(f"writing {self.what}"):
-                sent = self._stream.send(bytes(view[:65536]))
-            if sent == -2:  # the stream is full for now
-                self._wait(deadline)
-                continue
-            if sent < 0:
-                raise HypervisorError(f"{self.what}: the stream refused the write")
-            view = view[sent:]
-
-    def close(self) -> None:
-        """Abort rather than finish: the peer may still have bytes queued that nobody will read."""
-        if self._closed:
-            return
-        self._closed = True
-        if self._callback:
-            with contextlib.suppress(libvirt.libvirtError):
-                self._stream.eventRemoveCallback()
-        with contextlib.suppress(libvirt.libvirtError):
-            self._stream.abort()
-
-
-
-class DomainState(enum.StrEnum):
-    RUNNING = "running"
-    PAUSED = "paused"
-    SHUTOFF = "shutoff"
-    CRASHED = "crashed"
-    SHUTTING_DOWN = "shutting-down"
-    OTHER = "other"
-    MISSING = "missing"
-
-
-_STATE_MAP = {
-    libvirt.VIR_DOMAIN_RUNNING: DomainState.RUNNING,
-    libvirt.VIR_DOMAIN_BLOCKED: DomainState.RUNNING,
-    libvirt.VIR_DOMAIN_PAUSED: DomainState.PAUSED,
-    libvirt.VIR_DOMAIN_PMSUSPENDED: DomainState.PAUSED,
-    libvirt.VIR_DOMAIN_SHUTDOWN: DomainState.SHUTTING_DOWN,
-    libvirt.VIR_DOMAIN_SHUTOFF: DomainState.SHUTOFF,
-    libvirt.VIR_DOMAIN_CRASHED: DomainState.CRASHED,
-}
 
 
 @dataclass(frozen=True)
@@ -236,112 +145,41 @@ class Host:
 
     # -- domains ----------------------------------------------------------------------------------------------
 
-    def _lookup(self, name: str) -> libvirt.virDomain:
+    def guest(self, name: str) -> Guest:
+        """The handle on domain ``name``; NotFound if this host has none."""
+        found = self.find_guest(name)
+        if found is None:
+            raise NotFound(f"no domain {name!r} on {self.uri}")
+        return found
+
+    def find_guest(self, name: str) -> Guest | None:
         try:
-            return self.conn.lookupByName(name)
+            return Guest(self, self.conn.lookupByName(name))
         except libvirt.libvirtError as exc:
             if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-                raise NotFound(f"no domain {name!r} on {self.uri}") from None
+                return None
             raise HypervisorError(f"lookup of {name} failed: {_msg(exc)}") from None
 
-    def open_channel(self, name: str, channel: str) -> ByteStream:
-        """Domain ``name``'s virtio-serial ``channel``, through this connection: no file or socket of the host is
-        needed, so it works on a remote host as on this one."""
-        return self._open_stream(name, f"channel {channel} of {name}", "Active channel stream", None,
-                                 lambda dom, stream: dom.openChannel(channel, stream, 0))
+    def exists(self, name: str) -> bool:
+        return self.find_guest(name) is not None
 
-    def open_console(self, name: str, force: bool = False) -> ByteStream:
-        """Domain ``name``'s serial console (its pty), through this connection, as on ``virsh console``. libvirt
-        lets one client hold a console at a time; ``force`` takes it from the one that has it."""
-        flags = libvirt.VIR_DOMAIN_CONSOLE_FORCE if force else libvirt.VIR_DOMAIN_CONSOLE_SAFE
-        return self._open_stream(name, f"console of {name}", "Active console session",
-                                 "hvctl console --force takes it over",
-                                 lambda dom, stream: dom.openConsole(None, stream, flags))
+    def state(self, name: str) -> DomainState:
+        """Domain ``name``'s state by name, MISSING if there is none: for a caller that holds no handle."""
+        found = self.find_guest(name)
+        return found.state() if found is not None else DomainState.MISSING
 
-    def _open_stream(self, name: str, what: str, busy: str, busy_hint: str | None,
-                     attach: Callable[[libvirt.virDomain, libvirt.virStream], object]) -> ByteStream:
-        """A non-blocking stream attached to one of the domain's character devices by ``attach``. libvirt refuses
-        a second client at once (its error contains ``busy``) instead of queueing it."""
-        stream = self.conn.newStream(libvirt.VIR_STREAM_NONBLOCK)
-        try:
-            attach(self._lookup(name), stream)
-        except libvirt.libvirtError as exc:
-            with contextlib.suppress(libvirt.libvirtError):
-                stream.abort()
-            if busy in _msg(exc):
-                raise ChannelBusy(f"the {what} is in use by another client", hint=busy_hint) from None
-            raise HypervisorError(f"opening the {what} failed: {_msg(exc)}") from None
-        except BaseException:
-            with contextlib.suppress(libvirt.libvirtError):
-                stream.abort()
-            raise
-        return ByteStream(stream, what)
+    def define(self, xml: str) -> Guest:
+        with _errors("define"):
+            return Guest(self, self.conn.defineXML(xml))
 
     def ensure_pool(self, name: str = DEFAULT_POOL, path: PurePosixPath = DEFAULT_POOL_PATH) -> tuple[Pool, bool]:
         """This host's storage pool for hvctl, adopted or made (see ``hvctl.host.storage``)."""
         return ensure_pool(self.conn, self.uri, name, path, streams=self.conn.getType() != "Test")
 
-    def exists(self, name: str) -> bool:
-        try:
-            self._lookup(name)
-            return True
-        except NotFound:
-            return False
-
-    def define(self, xml: str) -> None:
-        with _errors("define"):
-            self.conn.defineXML(xml)
-
-    def start(self, name: str) -> None:
-        with _errors(f"start of {name}"):
-            self._lookup(name).create()
-
-    def shutdown(self, name: str) -> None:
-        """Ask the guest to power off (ACPI power button). Returns at once; poll ``state`` for the result."""
-        with _errors(f"shutdown of {name}"):
-            self._lookup(name).shutdown()
-
-    def destroy(self, name: str) -> None:
-        dom = self._lookup(name)
-        with _errors(f"destroy of {name}"):
-            if dom.isActive():
-                dom.destroy()
-
-    def undefine(self, name: str) -> None:
-        dom = self._lookup(name)
-        with _errors(f"undefine of {name}"):
-            # Plain undefine: hvctl boots kernels directly and never gives a guest UEFI NVRAM, and the flag that
-            # removes NVRAM (VIR_DOMAIN_UNDEFINE_NVRAM) is refused by libvirt's test driver.
-            dom.undefine()
-
-    def state(self, name: str) -> DomainState:
-        try:
-            dom = self._lookup(name)
-        except NotFound:
-            return DomainState.MISSING
-        with _errors(f"state of {name}"):
-            code, _reason = dom.state()
-        return _STATE_MAP.get(code, DomainState.OTHER)
-
     def domain_states(self) -> dict[str, DomainState]:
         with _errors("listing domains"):
             domains = self.conn.listAllDomains()
-            return {d.name(): _STATE_MAP.get(d.state()[0], DomainState.OTHER) for d in domains}
-
-    def domain_xml(self, name: str, inactive: bool = False) -> str:
-        """The domain's XML; ``inactive``: its persistent definition, what the next start uses."""
-        flags = libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0
-        with _errors(f"reading {name}'s XML"):
-            return str(self._lookup(name).XMLDesc(flags))
-
-    def made_by_hvctl(self, name: str) -> bool:
-        """Whether domain ``name`` carries hvctl's metadata (NotFound if there is no such domain)."""
-        dom = self._lookup(name)
-        try:
-            dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, HVCTL_NS)
-        except libvirt.libvirtError:
-            return False
-        return True
+            return {d.name(): STATE_MAP.get(d.state()[0], DomainState.OTHER) for d in domains}
 
     def hvctl_domains(self) -> set[str]:
         """Names of domains hvctl created: they carry hvctl's metadata element."""
@@ -357,10 +195,6 @@ class Host:
 
     # -- migration ----------------------------------------------------------------------------------------------
 
-    def migratable_xml(self, name: str) -> str:
-        with _errors(f"reading {name}'s migratable XML"):
-            return str(self._lookup(name).XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE | libvirt.VIR_DOMAIN_XML_SECURE))
-
     def cpu_compatible_with(self, dest: Host) -> tuple[bool, str]:
         """Can a guest started here run on ``dest``? libvirt compares this host's CPU model with dest's."""
         caps = ET.fromstring(self.conn.getCapabilities())
@@ -372,58 +206,6 @@ class Host:
         if result == libvirt.VIR_CPU_COMPARE_INCOMPATIBLE:
             return False, f"{dest.uri}'s CPU lacks features of {self.uri}'s"
         return True, "identical" if result == libvirt.VIR_CPU_COMPARE_IDENTICAL else "superset"
-
-    def migrate(self, name: str, dest: Host, dest_xml: str, *, live: bool, postcopy: bool, auto_converge: bool,
-                copy_storage: bool, bandwidth_mib_s: int | None, migrate_uri: str | None,
-                storage_verified_shared: bool = False, copy_disks: tuple[str, ...] = ()) -> None:
-        """Client-managed migration (migrate3): hvctl holds both connections, QEMU streams memory directly.
-
-        ``copy_storage``: the writable disks named in ``copy_disks`` (target devs) are mirrored to the destination
-        over NBD while memory moves; only their top (overlay) layer travels, the backing image being on both hosts
-        already (NON_SHARED_INC), and the destination file must exist, created by the caller."""
-        flags = libvirt.VIR_MIGRATE_PERSIST_DEST | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
-        if storage_verified_shared:
-            # libvirt cannot tell that a plain local file is visible to the destination ("Migration without
-            # shared storage is unsafe"); the caller checked that both hosts are this machine and see the disk.
-            flags |= libvirt.VIR_MIGRATE_UNSAFE
-        if live:
-            flags |= libvirt.VIR_MIGRATE_LIVE
-        if postcopy:
-            flags |= libvirt.VIR_MIGRATE_POSTCOPY
-        if auto_converge:
-            flags |= libvirt.VIR_MIGRATE_AUTO_CONVERGE
-        params: dict[str, object] = {libvirt.VIR_MIGRATE_PARAM_DEST_XML: dest_xml}
-        if copy_storage:
-            flags |= libvirt.VIR_MIGRATE_NON_SHARED_INC
-            params[libvirt.VIR_MIGRATE_PARAM_MIGRATE_DISKS] = list(copy_disks)
-        if bandwidth_mib_s:
-            params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = bandwidth_mib_s
-        if migrate_uri:
-            # Without it the destination offers its hostname, which need not resolve to an address the source
-            # QEMU can reach; two "hosts" on one machine meet on loopback.
-            params[libvirt.VIR_MIGRATE_PARAM_URI] = migrate_uri
-        with _errors(f"migration of {name}"):
-            self._lookup(name).migrate3(dest.conn, params, flags)
-
-    def set_max_downtime(self, name: str, ms: int) -> None:
-        with _errors(f"setting max downtime of {name}"):
-            self._lookup(name).migrateSetMaxDowntime(ms, 0)
-
-    def start_postcopy(self, name: str) -> None:
-        with _errors(f"switching {name} to post-copy"):
-            self._lookup(name).migrateStartPostCopy(0)
-
-    def job_stats(self, name: str, completed: bool = False) -> dict[str, object]:
-        """libvirt's job statistics: data processed/remaining, dirty rate, iteration, (expected) downtime."""
-        flags = libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED if completed else 0
-        try:
-            return dict(self._lookup(name).jobStats(flags))
-        except (libvirt.libvirtError, NotFound):
-            return {}
-
-    def abort_job(self, name: str) -> None:
-        with _errors(f"cancelling {name}'s job"):
-            self._lookup(name).abortJob()
 
     # -- accelerator probe ------------------------------------------------------------------------------------
 

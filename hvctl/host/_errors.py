@@ -15,9 +15,14 @@ def _errors(action: str) -> Iterator[None]:
     try:
         yield
     except libvirt.libvirtError as exc:
-        if exc.get_error_code() in (libvirt.VIR_ERR_NO_CONNECT, libvirt.VIR_ERR_RPC):
-            raise HostUnreachable(f"{action}: lost the libvirt connection: {_msg(exc)}") from None
-        raise HypervisorError(f"{action} failed: {_msg(exc)}") from None
+        raise _typed(exc, action) from None
+
+
+def _typed(exc: libvirt.libvirtError, action: str) -> HypervisorError | HostUnreachable:
+    """hvctl's error for libvirt's ``exc``, raised while doing ``action``."""
+    if exc.get_error_code() in (libvirt.VIR_ERR_NO_CONNECT, libvirt.VIR_ERR_RPC):
+        return HostUnreachable(f"{action}: lost the libvirt connection: {_msg(exc)}")
+    return HypervisorError(f"{action} failed: {_msg(exc)}")
 
 
 def _msg(exc: libvirt.libvirtError) -> str:

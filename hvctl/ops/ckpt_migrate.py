@@ -29,7 +29,7 @@ from typing import Any
 
 from guest import rpc
 from hvctl import passthrough
-from hvctl.access import copy
+from hvctl.access import copy, route_for
 from hvctl.accounting import host_footprint
 from hvctl.agent_client import AgentClient, AgentError
 from hvctl.context import Context
@@ -108,7 +108,7 @@ def checkpoint_migrate(ctx: Context, record: VMRecord, target: str, timeout_s: f
                 local = workdir / str(len(moved)) / checkpoint_name(int(event["step"]))
                 local.parent.mkdir(mode=0o700)
                 say(f"copying the step-{event['step']} checkpoint out of {name}")
-                copy(record, key, remote, str(local), upload=False, overwrite=False)
+                copy(record, key, remote, str(local), upload=False, route=route_for(ctx, record), overwrite=False)
                 moved.append(dataclasses.replace(item, step=int(event["step"]), remote_checkpoint=remote,
                                                  local_checkpoint=local, log_offset=offset))
 
@@ -137,7 +137,8 @@ def checkpoint_migrate(ctx: Context, record: VMRecord, target: str, timeout_s: f
                 if made.exit_code != 0:
                     raise CheckpointMigrationFailed(f"cannot create {item.checkpoint_dir} on {target}: "
                                                     f"{made.stderr.strip()}")
-                copy(as_moved, key, str(item.local_checkpoint), item.remote_checkpoint, upload=True)
+                copy(as_moved, key, str(item.local_checkpoint), item.remote_checkpoint, upload=True,
+                     route=route_for(ctx, as_moved))
                 status = target_agent.typed("workload.start", rpc.WorkloadStatus,
                                             rpc.WorkloadStartParams(kind="train", args=item.args))
                 say(f"verifying that {status.id} on {target} resumed at step {item.step + 1}")
@@ -228,10 +229,11 @@ def _retire_source(ctx: Context, record: VMRecord) -> None:
     """After the commit the source incarnation is surplus. A failure here is logged, not raised: the VM has moved,
     and what is left on the source is drift that `hvctl doctor` reports."""
     try:
-        host = ctx.host(record.host)
+        guest = ctx.host(record.host).find_guest(record.name)
         try:
-            host.destroy(record.name)
-            host.undefine(record.name)
+            if guest is not None:
+                guest.destroy()
+                guest.undefine()
         except NotFound:
             pass
         shutil.rmtree(record.overlay.parent, ignore_errors=True)

@@ -43,11 +43,11 @@ def attach(ctx: Context, name: str, inp: int, out: int, force: bool = False, esc
     (a pipe, not a terminal), what the guest prints in answer is still relayed until it has been quiet for a
     second. ``connected`` is called once the console is open and the terminal is in raw mode."""
     record = ctx.ledger.get_vm(name)
-    host = ctx.host(record.host)
-    if host.state(name) is not DomainState.RUNNING:
+    guest = ctx.host(record.host).find_guest(name)
+    if guest is None or guest.state() is not DomainState.RUNNING:
         raise InvalidSpec(f"{name} is not running, so its console has nobody on the other end",
                           hint=f"hvctl start {name}; hvctl console-log {name} shows what it printed before")
-    stream = host.open_console(name, force=force)
+    stream = guest.open_console(force=force)
     end = SessionEnd("guest-ended")
     stop = threading.Event()
     last_output = [time.monotonic()]

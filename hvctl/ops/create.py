@@ -47,14 +47,17 @@ def create(ctx: Context, spec: VMSpec, reporter: Reporter | None = None, options
 
     with Undo() as undo:
         say("reserving in the ledger")
+        here = ctx.is_this_machine(spec.host)
         record = ctx.ledger.reserve_vm(spec, spec.host, storage.paths, agent_token=secrets.token,
-                                       host_pubkey=secrets.host_key.public_line, admission=admission)
+                                       host_pubkey=secrets.host_key.public_line, admission=admission,
+                                       probe_ports=here)
         undo.push("forget the ledger row", lambda: ctx.ledger.delete_vm(spec.name, "create rolled back"))
         if spec.gpus.count:
             say(f"binding {spec.gpus.count} GPU(s) to vfio-pci")
         gpu_alloc = passthrough.allocate(ctx, ctx.gpu_env, spec, spec.host, undo)
         incarnation = Incarnation(spec, spec.host, storage, record.ssh_port, secrets, gpu_alloc)
-        message = boot(ctx, incarnation, options or BootOptions(), undo, say)
+        message = boot(ctx, incarnation, options or BootOptions(), undo, say,
+                       lambda refused: ctx.ledger.move_ssh_port(spec.name, str(spec.ssh_bind), refused, probe=here))
         if gpu_alloc:
             message += f"; GPUs {', '.join(gpu_alloc.gpus)}"
         ctx.ledger.set_state(spec.name, "running", message)

@@ -25,7 +25,7 @@ from hvctl.console import ConsoleSource, console_size, console_tail, wait_for_re
 from hvctl.context import Context
 from hvctl.designer import BootArtifacts, HostCapabilities, VMAllocation, design, nic_mac
 from hvctl.errors import AlreadyExists, GuestTimeout, HypervisorError, ImageError
-from hvctl.host import DomainState
+from hvctl.host import DomainState, Guest
 from hvctl.ledger import VMPaths
 from hvctl.ops import Undo
 from hvctl.passthrough import GpuAllocation
@@ -36,6 +36,9 @@ from images.store import Image
 
 DEFAULT_BOOT_TIMEOUT = 120.0
 _NO_MEMLOCK = "cannot limit locked memory"
+# What QEMU says when its user-mode network cannot bind a hostfwd port (QEMU 7.2's net/slirp.c).
+HOSTFWD_REFUSED = "Could not set up host forwarding rule"
+PORT_ATTEMPTS = 5
 
 
 @dataclass(frozen=True)
@@ -140,54 +143,71 @@ class Incarnation:
                 "host_pubkey": self.secrets.host_key.public_line}
 
 
-def boot(ctx: Context, inc: Incarnation, options: BootOptions, undo: Undo, say: Callable[[str], None]) -> str:
-    """Files, seed, domain, boot, readiness, agent: every step pushed on ``undo``. Returns how it went."""
+def boot(ctx: Context, inc: Incarnation, options: BootOptions, undo: Undo, say: Callable[[str], None],
+         move_port: Callable[[int], int] | None = None) -> str:
+    """Files, seed, domain, boot, readiness, agent: every step pushed on ``undo``. Returns how it went.
+
+    ``move_port``: when QEMU cannot bind the SSH forward port on the host (something there holds it), it is called
+    with that port and returns another, already recorded; the domain is defined again with it. Without it, a taken
+    port fails the boot."""
     spec, storage = inc.spec, inc.storage
     image = ctx.images.get(spec.image)
     host, caps = ctx.host(inc.host), ctx.capabilities(inc.host)
     storage.make(spec, inc.secrets, undo, say)
     paths = storage.paths
 
-    def define(caps: HostCapabilities) -> None:
+    def define(caps: HostCapabilities, port: int) -> Guest:
         domain = design(
             spec, caps, storage.artifacts(image),
             VMAllocation(overlay=paths.overlay, console_log=paths.console_log, agent_socket=paths.agent_socket,
-                         ssh_port=inc.ssh_port, ssh_bind_address=str(spec.ssh_bind), seed=paths.seed,
+                         ssh_port=port, ssh_bind_address=str(spec.ssh_bind), seed=paths.seed,
                          hostdevs=inc.gpus.hostdevs if inc.gpus else (),
                          pcihole64_kib=inc.gpus.pcihole64_kib if inc.gpus else None),
             options.extra_cmdline,
             options.extra_qemu_args,
         )
-        host.define(domain.to_xml())
+        return host.define(domain.to_xml())
 
     say(f"defining domain on {inc.host} ({caps.accel.value}, q35, {spec.vcpus} vCPU, {spec.memory_mib} MiB)")
-    define(caps)
-    undo.push("undefine the domain", lambda: host.undefine(spec.name))
+    port = inc.ssh_port
+    guest = define(caps, port)
+    # The handle, not the name: if this boot defines the domain again, the undo acts on the latest definition.
+    undo.push("undefine the domain", lambda: guest.undefine())
 
     say("starting")
     console = storage.console()
     offset = console_size(console)  # the log is appended to: only what this boot prints counts
     note = ""
-    try:
-        host.start(spec.name)
-    except HypervisorError as exc:
-        # A libvirtd without CAP_SYS_RESOURCE cannot raise QEMU's locked-memory limit, and refuses every domain
-        # with a memory hard limit. This machine's is checked before designing; another host's only tells here.
-        if _NO_MEMLOCK not in exc.message or not caps.memory_limits:
-            raise
-        say(f"host {inc.host} cannot set memory hard limits; starting without one")
-        host.undefine(spec.name)
-        define(dataclasses.replace(caps, memory_limits=False))
-        host.start(spec.name)
-        note = f"; no memory hard limit (host {inc.host}'s libvirtd may not set one)"
-    undo.push("destroy the domain", lambda: host.destroy(spec.name))
+    for _ in range(PORT_ATTEMPTS + 1):
+        try:
+            guest.start()
+            break
+        except HypervisorError as exc:
+            if _NO_MEMLOCK in exc.message and caps.memory_limits:
+                # A libvirtd without CAP_SYS_RESOURCE cannot raise QEMU's locked-memory limit, and refuses every
+                # domain with a memory hard limit. This machine's is checked before designing; another host's
+                # only tells here.
+                say(f"host {inc.host} cannot set memory hard limits; starting without one")
+                caps = dataclasses.replace(caps, memory_limits=False)
+                note = f"; no memory hard limit (host {inc.host}'s libvirtd may not set one)"
+            elif HOSTFWD_REFUSED in exc.message and move_port is not None:
+                refused, port = port, move_port(port)
+                say(f"port {refused} is taken on host {inc.host}; moving the SSH forward to {port}")
+            else:
+                raise
+        guest.undefine()
+        guest = define(caps, port)
+    else:
+        raise HypervisorError(f"{spec.name} could not bind an SSH forward port on host {inc.host} in "
+                              f"{PORT_ATTEMPTS} tries", hint="something there is binding ports in hvctl's range")
+    undo.push("destroy the domain", guest.destroy)
 
     say("waiting for the guest to report ready")
     started = time.monotonic()
     # A console read through libvirt costs a round trip: poll it less often than a local file.
     poll = 0.05 if isinstance(console, Path) else 0.5
     line, waited = wait_for_ready(spec.name, console, options.timeout,
-                                  lambda: host.state(spec.name) is DomainState.RUNNING, poll=poll, offset=offset)
+                                  lambda: guest.state() is DomainState.RUNNING, poll=poll, offset=offset)
     message = f"guest up after {waited:.2f} s: {line}{note}"
     if image.agent:
         say("waiting for the agent")

@@ -35,7 +35,7 @@ class VMView:
 
     def as_dict(self) -> dict[str, Any]:
         data = self.record.as_dict()
-        data["actual"] = self.actual.value if self.actual else "unknown"
+        data["actual"] = self.actual.value if self.actual else "unreachable"
         data["drift"] = self.drift
         return data
 
@@ -83,17 +83,26 @@ def drift_report(ctx: Context) -> list[Drift]:
 
 
 def enforcement_report(ctx: Context, record: VMRecord) -> dict[str, Any] | None:
-    """Configured tuning next to what the cgroups enforce, for a running VM on the local machine; None otherwise."""
-    from hvctl.domain import Domain
-    from hvctl.enforcement import QemuCgroups, find_qemu_pid, mismatches
+    """For a running VM on any host: its configured tuning next to what its host's libvirt reports applied, and
+    on this machine also what its QEMU process's cgroups enforce; None when it is not running."""
+    from xml.etree import ElementTree as ET
 
-    host = ctx.host(record.host)
-    if not ctx.is_this_machine(record.host) or host.state(record.name) is not DomainState.RUNNING:
+    from hvctl.domain import Tuning
+    from hvctl.enforcement import QemuCgroups, find_qemu_pid, libvirt_mismatches, mismatches
+
+    guest = ctx.host(record.host).find_guest(record.name)
+    if guest is None or guest.state() is not DomainState.RUNNING:
         return None
-    pid = find_qemu_pid(record.name)
-    if pid is None:
-        return {"error": "no local QEMU process found for this domain"}
-    configured = Domain.from_xml(host.domain_xml(record.name)).tuning
-    enforced = QemuCgroups(pid).enforced()
-    return {"pid": pid, "configured": dict(configured.__dict__), "enforced": enforced.as_dict(),
-            "mismatches": mismatches(configured, enforced)}
+    configured = Tuning.from_xml(ET.fromstring(guest.xml()))  # only the tuning: any domain has one, or none
+    live = guest.live_tuning()
+    report: dict[str, Any] = {"configured": dict(configured.__dict__), "libvirt": live.as_dict(),
+                              "mismatches": libvirt_mismatches(configured, live)}
+    if ctx.is_this_machine(record.host):
+        pid = find_qemu_pid(record.name)
+        if pid is None:
+            report["error"] = "no local QEMU process found for this domain"
+        else:
+            enforced = QemuCgroups(pid).enforced()
+            report |= {"pid": pid, "enforced": enforced.as_dict()}
+            report["mismatches"] += mismatches(configured, enforced)
+    return report

@@ -12,9 +12,9 @@ from hvctl.console import console_size, wait_for_ready
 from hvctl.context import Context
 from hvctl.domain.model import retarget_ssh_forward
 from hvctl.errors import HvctlError, HypervisorError, NotFound
-from hvctl.host import DomainState
+from hvctl.host import DomainState, Guest
 from hvctl.ops import Reporter, SilentReporter, pooled
-from hvctl.ops.incarnation import DEFAULT_BOOT_TIMEOUT
+from hvctl.ops.incarnation import DEFAULT_BOOT_TIMEOUT, HOSTFWD_REFUSED, PORT_ATTEMPTS
 
 
 def start(ctx: Context, name: str, reporter: Reporter | None = None,
@@ -22,44 +22,41 @@ def start(ctx: Context, name: str, reporter: Reporter | None = None,
     """Start a stopped VM and wait until the guest reports ready; returns the seconds it took."""
     say = (reporter or SilentReporter()).step
     record = ctx.ledger.get_vm(name)
-    host = ctx.host(record.host)
-    if host.state(name) is DomainState.RUNNING:
+    guest = ctx.host(record.host).guest(name)
+    if guest.state() is DomainState.RUNNING:
         raise HvctlError(f"VM {name} is already running")
     say("starting")
     # The console log is appended to: an earlier boot's marker is before this offset, so it cannot count.
     console = pooled.console_of(ctx, record)
     offset = console_size(console)
-    start_claiming_a_port(ctx, name, say)
+    guest = start_claiming_a_port(ctx, guest, say)
     say("waiting for the guest to report ready")
     line, waited = wait_for_ready(name, console, boot_timeout,
-                                  lambda: host.state(name) is DomainState.RUNNING, offset=offset,
+                                  lambda: guest.state() is DomainState.RUNNING, offset=offset,
                                   poll=0.05 if isinstance(console, Path) else 0.5)
     ctx.ledger.set_state(name, "running", f"started; guest up after {waited:.2f} s")
     return waited
 
 
-# What QEMU says when its user-mode network cannot bind a hostfwd port (QEMU 7.2's net/slirp.c).
-_HOSTFWD_REFUSED = "Could not set up host forwarding rule"
-PORT_ATTEMPTS = 5
 
-
-def start_claiming_a_port(ctx: Context, name: str, say: Callable[[str], None]) -> None:
+def start_claiming_a_port(ctx: Context, guest: Guest, say: Callable[[str], None]) -> Guest:
     """Start a defined VM. Any local user can bind a stopped VM's SSH forward port; QEMU then refuses to start.
     So a refused forward moves to a port that is free now, in the domain and the ledger, and the start is tried
-    again. Nothing else is retried."""
+    again. Nothing else is retried. Returns the handle on what was started: a redefinition makes a new one."""
+    name = guest.name
     record = ctx.ledger.get_vm(name)
-    host = ctx.host(record.host)
     port = record.ssh_port
     for _ in range(PORT_ATTEMPTS):
         try:
-            host.start(name)
-            return
+            guest.start()
+            return guest
         except HypervisorError as exc:
-            if _HOSTFWD_REFUSED not in exc.message:
+            if HOSTFWD_REFUSED not in exc.message:
                 raise
-        refused, port = port, ctx.ledger.move_ssh_port(name, str(record.spec.ssh_bind), port)
+        refused, port = port, ctx.ledger.move_ssh_port(name, str(record.spec.ssh_bind), port,
+                                                       probe=ctx.is_this_machine(record.host))
         say(f"port {refused} is taken by another process; moving the SSH forward to {port}")
-        host.define(retarget_ssh_forward(host.domain_xml(name, inactive=True), port))
+        guest = guest.host.define(retarget_ssh_forward(guest.xml(inactive=True), port))
     raise HypervisorError(f"{name} could not bind an SSH forward port in {PORT_ATTEMPTS} tries",
                           hint="something is binding ports in hvctl's range as fast as they are freed")
 
@@ -68,18 +65,18 @@ def stop(ctx: Context, name: str, timeout: float = 30.0, reporter: Reporter | No
     """Graceful shutdown, then destroy after ``timeout`` seconds. Returns "graceful" or "forced"."""
     say = (reporter or SilentReporter()).step
     record = ctx.ledger.get_vm(name)
-    host = ctx.host(record.host)
+    guest = ctx.host(record.host).find_guest(name)
     how = "already stopped"
-    if host.state(name) in (DomainState.RUNNING, DomainState.PAUSED, DomainState.SHUTTING_DOWN):
+    if guest is not None and guest.state() in (DomainState.RUNNING, DomainState.PAUSED, DomainState.SHUTTING_DOWN):
         say(f"asking the guest to power off (up to {timeout:.0f} s)")
-        host.shutdown(name)
+        guest.shutdown()
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and host.state(name) is not DomainState.SHUTOFF:
+        while time.monotonic() < deadline and guest.state() is not DomainState.SHUTOFF:
             time.sleep(0.2)
         how = "graceful"
-        if host.state(name) is not DomainState.SHUTOFF:
+        if guest.state() is not DomainState.SHUTOFF:
             say("guest did not power off in time; destroying")
-            host.destroy(name)
+            guest.destroy()
             how = "forced"
     ctx.ledger.set_state(name, "stopped", f"stopped ({how})")
     return how
@@ -94,21 +91,19 @@ def destroy(ctx: Context, name: str, reporter: Reporter | None = None) -> None:
     say = (reporter or SilentReporter()).step
     record = ctx.ledger.get_vm(name)
     host = ctx.host(record.host)
-    try:
-        foreign = not host.made_by_hvctl(name)
-    except NotFound:
-        foreign = False
-    if foreign:
+    guest = host.find_guest(name)
+    if guest is not None and not guest.made_by_hvctl():
         # Someone else's domain of the same name: touching it, or the disk it may use, is not hvctl's to do.
         raise HvctlError(f"the domain {name} on host {record.host} was not made by hvctl (no hvctl metadata); "
                          "refusing to destroy it or to remove any file",
                          hint="undefine it yourself if it is leftover, then `hvctl destroy` again")
     ctx.ledger.set_state(name, "destroying")
     try:
-        say("destroying the domain")
-        host.destroy(name)
-        say("undefining the domain")
-        host.undefine(name)
+        if guest is not None:
+            say("destroying the domain")
+            guest.destroy()
+            say("undefining the domain")
+            guest.undefine()
     except NotFound:
         pass  # Already gone from libvirt (drift); the rest still has to be removed.
     if ctx.ledger.gpu_bindings(record.host, name):

@@ -21,7 +21,7 @@ from hvctl.accounting import host_footprint
 from hvctl.context import Context
 from hvctl.domain.model import retarget_paths, retarget_ssh_forward
 from hvctl.errors import AlreadyExists, HvctlError, InvalidSpec, NotFound
-from hvctl.host import DomainState
+from hvctl.host import DomainState, Guest, Host
 from hvctl.ledger import QuotaExceeded, VMRecord
 from hvctl.ops.ckpt_migrate import checkpoint_migrate
 from hvctl.ops.create import check_network
@@ -68,8 +68,9 @@ def migrate(ctx: Context, name: str, target: str, opts: MigrateOptions,
                           f"only on hosts that share this machine's filesystem, and {target} ({target_record.uri}) "
                           "is remote")
     src = ctx.host(record.host)
+    guest = src.guest(name)
     check_network(ctx, record.spec, target)  # its production NIC's bridge or network must exist there too
-    if src.state(name) is not DomainState.RUNNING and opts.mode != "offline":
+    if guest.state() is not DomainState.RUNNING and opts.mode != "offline":
         raise InvalidSpec(f"{name} is not running; use --mode offline")
     if opts.mode == "checkpoint":
         try:
@@ -102,15 +103,16 @@ def migrate(ctx: Context, name: str, target: str, opts: MigrateOptions,
                                  host_limit=host_limit(ctx.policy, target_record, gpus))
     moved: dict[str, str] | None = None
     try:
-        port = ledger.free_port_on(target, bind_address=str(record.spec.ssh_bind))
-        dest_xml = retarget_ssh_forward(src.migratable_xml(name), port)
+        port = ledger.free_port_on(target, bind_address=str(record.spec.ssh_bind) if ctx.is_this_machine(target)
+                                   else None)
+        dest_xml = retarget_ssh_forward(guest.migratable_xml(), port)
         copy_disks: tuple[str, ...] = ()
         if files is not None:
             dest_xml, copy_disks, moved = _prepare_storage_copy(record, files, dest_xml,
                                                                  ctx.host(target).qemu_gid())
         if opts.max_downtime_ms:
-            src.set_max_downtime(name, opts.max_downtime_ms)
-        stats = _run(ctx, name, record.host, target, dest_xml, opts, on_progress, copy_disks)
+            guest.set_max_downtime(opts.max_downtime_ms)
+        stats = _run(ctx, guest, record.host, target, dest_xml, opts, on_progress, copy_disks)
     except BaseException as exc:
         ledger.release(reservation)
         if files is not None:
@@ -146,20 +148,19 @@ def _prepare_storage_copy(record: VMRecord, files: VMFiles, dest_xml: str,
     return retarget_paths(dest_xml, moves), tuple(copy_disks), moved
 
 
-def _run(ctx: Context, name: str, source: str, target: str, dest_xml: str, opts: MigrateOptions,
+def _run(ctx: Context, guest: Guest, source: str, target: str, dest_xml: str, opts: MigrateOptions,
          on_progress: Callable[[dict[str, Any]], None] | None, copy_disks: tuple[str, ...] = ()) -> dict[str, Any]:
-    src, dst = ctx.host(source), ctx.host(target)
+    name = guest.name
+    dst = ctx.host(target)
     failure: list[BaseException] = []
     migrate_uri = "tcp://127.0.0.1" if ctx.is_this_machine(target) else None
 
     def worker() -> None:
         try:
             # A second connection: libvirt serialises calls per connection, and the poller must not wait on this.
-            from hvctl.host import Host
-
-            own_src, own_dst = Host(src.uri), Host(dst.uri)
+            own_src, own_dst = Host(guest.host.uri), Host(dst.uri)
             try:
-                own_src.migrate(name, own_dst, dest_xml, live=opts.mode != "offline",
+                own_src.guest(name).migrate(own_dst, dest_xml, live=opts.mode != "offline",
                                 postcopy=opts.mode == "postcopy" or opts.timeout_action == "postcopy",
                                 auto_converge=opts.auto_converge, copy_storage=opts.copy_storage,
                                 bandwidth_mib_s=opts.bandwidth_mib_s, migrate_uri=migrate_uri,
@@ -176,20 +177,20 @@ def _run(ctx: Context, name: str, source: str, target: str, dest_xml: str, opts:
     thread.start()
     switched = False
     while thread.is_alive():
-        stats = src.job_stats(name)
+        stats = guest.job_stats()
         elapsed = time.monotonic() - started
         if on_progress and stats:
             on_progress(stats | {"elapsed_s": elapsed})
         if opts.mode == "postcopy" and not switched and int(str(stats.get("memory_iteration", 0))) >= 1:
             # Post-copy: one full pre-copy pass, then the guest runs on the destination and faults pages over.
             switched = True
-            src.start_postcopy(name)
+            guest.start_postcopy()
         elif opts.timeout_s is not None and elapsed > opts.timeout_s and not switched:
             switched = True
             if opts.timeout_action == "postcopy" and opts.mode != "offline":
-                src.start_postcopy(name)
+                guest.start_postcopy()
             else:
-                src.abort_job(name)
+                guest.abort_job()
         thread.join(0.2)
     if failure:
         exc = failure[0]
@@ -201,7 +202,8 @@ def _run(ctx: Context, name: str, source: str, target: str, dest_xml: str, opts:
         raise MigrationFailed(f"migration of {name} to {target} failed: {message}; it is still on {source}",
                               hint=hint) from exc
     total = time.monotonic() - started
-    completed = dst.job_stats(name, completed=True)
+    arrived = dst.find_guest(name)
+    completed = arrived.job_stats(completed=True) if arrived is not None else {}
     return {
         "total_s": round(total, 3),
         "downtime_ms": completed.get("downtime"),

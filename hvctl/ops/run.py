@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from guest import rpc
-from hvctl.access import copy
+from hvctl.access import copy, route_for
 from hvctl.agent_client import AgentClient, AgentError
 from hvctl.context import Context
 from hvctl.errors import HvctlError, InvalidSpec
@@ -97,7 +97,7 @@ def perception_args(ctx: Context, record: VMRecord, text: str | None, image: Pat
         if made.exit_code != 0:
             raise HvctlError(f"cannot create {remote_dir} in {record.name}: {made.stderr.strip()}")
         remote = f"{remote_dir}/{local.name}"
-        copy(record, key, str(local), remote, upload=True)
+        copy(record, key, str(local), remote, upload=True, route=route_for(ctx, record))
         args += [flag, remote]
     return args
 
@@ -201,7 +201,7 @@ def fetch_checkpoint(ctx: Context, record: VMRecord, objective: str, dest_dir: P
     except OSError as exc:
         raise InvalidSpec(f"cannot create {dest_dir}: {exc.strerror}") from None
     local = dest_dir / checkpoint_name(step)
-    copy(record, key, remote, str(local), upload=False, max_bytes=max_bytes,
+    copy(record, key, remote, str(local), upload=False, route=route_for(ctx, record), max_bytes=max_bytes,
          overwrite=force)
     return local
 
@@ -219,5 +219,5 @@ def push_checkpoint(ctx: Context, record: VMRecord, objective: str, checkpoint: 
     if made.exit_code != 0:
         raise HvctlError(f"cannot create {target_dir} in {record.name}: {made.stderr.strip()}")
     remote = f"{target_dir}/{checkpoint_name(step)}"
-    copy(record, key, str(checkpoint), remote, upload=True)
+    copy(record, key, str(checkpoint), remote, upload=True, route=route_for(ctx, record))
     return remote
