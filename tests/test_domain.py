@@ -185,6 +185,26 @@ def test_retargeting_paths_for_a_storage_copy_changes_whole_values_only() -> Non
     assert retarget_paths(xml, {str(old / "disk"): "/elsewhere"}) == retarget_paths(xml, {})
 
 
+def test_retargeting_for_another_host_moves_the_kernel_initrd_and_backing_chain() -> None:
+    """Moving to another host's pool: the kernel and initrd are its volumes, and a backing chain libvirt wrote into
+    the live XML names the base image there."""
+    from xml.etree import ElementTree as ET
+
+    from hvctl.domain.model import retarget_paths
+
+    domain = designed("tcg-minimal")
+    root = ET.fromstring(domain.to_xml())
+    disk = root.find("devices/disk/source/..")
+    assert disk is not None
+    chain = ET.SubElement(disk, "backingStore", type="file")
+    ET.SubElement(chain, "source", file="/img/base.qcow2")
+    kernel, initrd = str(domain.boot.kernel), str(domain.boot.initrd)
+    moved = ET.fromstring(retarget_paths(ET.tostring(root, encoding="unicode"), {
+        kernel: "/pool/img-k", initrd: "/pool/img-i", "/img/base.qcow2": "/pool/img-base"}))
+    assert moved.findtext("os/kernel") == "/pool/img-k" and moved.findtext("os/initrd") == "/pool/img-i"
+    assert moved.find("devices/disk/backingStore/source").get("file") == "/pool/img-base"  # type: ignore[union-attr]
+
+
 def test_a_production_nic_is_a_bridge_xor_a_network_with_a_gateway_on_its_subnet() -> None:
     from hvctl.designer import nic_mac
     from hvctl.errors import InvalidSpec

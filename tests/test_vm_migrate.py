@@ -224,3 +224,68 @@ def test_killing_the_destination_daemon_mid_migration_leaves_the_source_running(
     counted = max(ticks(console))
     time.sleep(2.5)
     assert max(ticks(console)) > counted, "the source guest stopped after the destination died"
+
+
+def test_copy_storage_takes_a_vm_to_a_remote_host_and_back_with_no_shared_storage(hosts: dict[str, object],
+                                                                                  image_dir: Path) -> None:
+    """h1 (a daemon on this machine) → far (a remote-style host that cannot see this machine's files) → h1, live,
+    with --copy-storage: each time the overlay is mirrored into a new disk on the target (a volume in far's pool,
+    then a file here again), the guest keeps running (its uptime only grows) and reads back from the copied disk
+    a file written before the first move; each source's copy is deleted."""
+    from hvctl.devhost.remote import RemoteStyleHost
+
+    ctx = hosts["ctx"]
+    assert isinstance(ctx, Context)
+    state = hosts["state"]
+    assert isinstance(state, Path)
+    ImageStore(image_dir).build("base")
+    far = RemoteStyleHost(short_tempdir("hvr-"), index=44, hide=(state,))
+
+    def uptime(record: VMRecord) -> float:
+        assert record.agent_token is not None
+        return float(ctx.agent(record.host, record.name, record.agent_token, timeout=60).call("ping").uptime_s)
+
+    def pool() -> list[str]:
+        return far.listdir("/var/lib/libvirt/images/hvctl")
+
+    try:
+        far.start()
+        added = hvctl(hosts, "host", "add", "far", far.uri)
+        assert added.returncode == 0, added.stderr
+        home = create(ctx, VMSpec.parse(name="rover", memory_mib=512, disk_gib=2, image="base", host="h1"),
+                      options=BootOptions(timeout=180))
+        marker = secrets.token_hex(8)
+        assert agent_exec(ctx, home, f"echo {marker} > /root/marker && sync").exit_code == 0
+        up = uptime(home)
+
+        out = hvctl(hosts, "migrate", "rover", "--to", "far", "--copy-storage", "--json", timeout=600)
+        assert out.returncode == 0, out.stderr
+        there = ctx.ledger.get_vm("rover")
+        assert there.host == "far" and str(there.overlay) == "/var/lib/libvirt/images/hvctl/vm-rover.qcow2"
+        assert {"vm-rover.qcow2", "vm-rover.seed.iso"} <= set(pool())
+        assert not home.overlay.parent.exists()  # the source's copy, here, is gone
+        assert ctx.host("h1").state("rover") is DomainState.MISSING and ctx.ledger.reservations() == []
+        read = agent_exec(ctx, there, "echo 3 > /proc/sys/vm/drop_caches; cat /root/marker")
+        assert read.exit_code == 0 and read.stdout.strip() == marker, read.stderr
+        assert uptime(there) > up
+        up = uptime(there)
+
+        back = hvctl(hosts, "migrate", "rover", "--to", "h1", "--copy-storage", "--json", timeout=600)
+        assert back.returncode == 0, back.stderr
+        again = ctx.ledger.get_vm("rover")
+        assert again.host == "h1" and again.overlay.exists() and again.overlay.parent != home.overlay.parent
+        assert not [f for f in pool() if f.startswith("vm-")]  # far's copy is gone
+        read = agent_exec(ctx, again, "echo 3 > /proc/sys/vm/drop_caches; cat /root/marker")
+        assert read.exit_code == 0 and read.stdout.strip() == marker, read.stderr
+        assert uptime(again) > up
+        stats = json.loads(out.stdout), json.loads(back.stdout)
+        print(f"h1 -> far: {stats[0]['total_s']} s, {stats[0]['bytes']} bytes; "
+              f"far -> h1: {stats[1]['total_s']} s, {stats[1]['bytes']} bytes")
+        destroy(ctx, "rover")
+        assert not again.overlay.parent.exists()
+    finally:
+        with contextlib.suppress(Exception):
+            destroy(ctx, "rover")
+        hvctl(hosts, "host", "rm", "far")
+        far.stop()
+        shutil.rmtree(far.root, ignore_errors=True)

@@ -208,10 +208,7 @@ def test_an_image_is_uploaded_once_per_host_through_its_pool(remote: tuple[Remot
 
 def pool_listing(host: RemoteStyleHost) -> list[str]:
     """The files in hvctl's pool directory, as the host itself sees them (inside its mount namespace)."""
-    holder = host.pids()["holder"]
-    listed = subprocess.run(["nsenter", "-t", str(holder), "-m", "ls", "-A", "/var/lib/libvirt/images/hvctl"],
-                            capture_output=True, text=True, check=True)
-    return listed.stdout.split()
+    return host.listdir("/var/lib/libvirt/images/hvctl")
 
 
 def test_a_vm_on_the_remote_host_lives_in_its_pool_answers_through_libvirt_and_leaves_nothing(

@@ -289,6 +289,14 @@ class RemoteStyleHost:
             found["holder"] = holder
         return {name: pid for name, pid in found.items() if _alive(pid)}
 
+    def listdir(self, path: str) -> list[str]:
+        """The names in ``path`` as the host itself sees it, inside its mount namespace (its pool, say)."""
+        holder = _read_pid(self.holder_pidfile)
+        assert holder is not None
+        listed = subprocess.run(["nsenter", "-t", str(holder), "-m", "ls", "-A", path], capture_output=True,
+                                text=True, check=True, timeout=30)
+        return listed.stdout.split()
+
     def stop(self, timeout: float = 15.0) -> None:
         """Guests first (QEMU outlives libvirtd), then sshd, libvirtd and virtlogd, then the holder, whose exit takes
         the netns, the veth pair and every mount with it."""

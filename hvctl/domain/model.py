@@ -108,15 +108,20 @@ def retarget_ssh_forward(xml: str, port: int) -> str:
 
 
 def retarget_paths(xml: str, moves: dict[str, str]) -> str:
-    """The same domain XML with every host path in ``moves`` (disk and cdrom sources, the console log, the agent
-    channel's socket) replaced: a migration that copies storage puts the VM's files somewhere new. Only attribute
-    values equal to a whole old path change, never a substring."""
+    """The same domain XML with every host path in ``moves`` (disk and cdrom sources and their backing chains, the
+    console log, the agent channel's socket, the kernel and initrd) replaced: a migration that copies storage puts
+    the VM's files somewhere new, on another host maybe. Only values equal to a whole old path change, never a
+    substring."""
     root = ET.fromstring(xml)
-    for el in (*root.iterfind("devices/*/source"), *root.iterfind("devices/*/log")):
+    devices = root.find("devices")
+    for el in (*devices.iter("source"), *devices.iter("log")) if devices is not None else ():
         for attr in ("file", "path"):
             value = el.get(attr)
             if value in moves:
                 el.set(attr, moves[value])
+    for el in root.iterfind("os/*"):
+        if el.tag in ("kernel", "initrd") and el.text in moves:
+            el.text = moves[el.text]
     return ET.tostring(root, encoding="unicode")
 
 

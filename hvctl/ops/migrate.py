@@ -8,7 +8,10 @@ on the source, the reservation is released and the event log says what happened.
 
 from __future__ import annotations
 
+import io
+import os
 import shutil
+import socket
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -16,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from hvctl.accounting import host_footprint
 from hvctl.context import Context
@@ -23,10 +27,11 @@ from hvctl.domain.model import retarget_paths, retarget_ssh_forward
 from hvctl.errors import AlreadyExists, HvctlError, InvalidSpec, NotFound
 from hvctl.host import DomainState, Guest, Host
 from hvctl.ledger import QuotaExceeded, VMRecord
+from hvctl.ops import pooled
 from hvctl.ops.ckpt_migrate import checkpoint_migrate
 from hvctl.ops.create import check_network
 from hvctl.ops.incarnation import make_overlay
-from hvctl.paths import VMFiles, make_private_dir
+from hvctl.paths import make_private_dir
 from hvctl.placement import host_limit
 
 Mode = Literal["live", "postcopy", "offline", "checkpoint"]
@@ -63,10 +68,6 @@ def migrate(ctx: Context, name: str, target: str, opts: MigrateOptions,
                           hint="use --mode offline")
     if opts.copy_storage and opts.mode == "checkpoint":
         raise InvalidSpec("--copy-storage does not apply to --mode checkpoint, which boots a fresh disk on the target")
-    if opts.copy_storage and not ctx.is_this_machine(target):
-        raise InvalidSpec(f"--copy-storage needs the destination overlay created before the copy; hvctl creates it "
-                          f"only on hosts that share this machine's filesystem, and {target} ({target_record.uri}) "
-                          "is remote")
     src = ctx.host(record.host)
     guest = src.guest(name)
     check_network(ctx, record.spec, target)  # its production NIC's bridge or network must exist there too
@@ -87,65 +88,169 @@ def migrate(ctx: Context, name: str, target: str, opts: MigrateOptions,
     compatible, detail = src.cpu_compatible_with(dst)
     if not compatible:
         raise InvalidSpec(f"cannot migrate {name} to {target}: {detail}")
-    if ctx.is_this_machine(target):
+    both_here = ctx.is_this_machine(record.host) and ctx.is_this_machine(target)
+    if not both_here and not opts.copy_storage:
+        raise InvalidSpec(f"{record.host} and {target} share no storage that hvctl knows of, so {name}'s disk "
+                          "cannot stay where it is", hint="use --copy-storage")
+    if both_here:
         # With --copy-storage the overlay travels; its backing image and the seed must already be there.
         needed = (record.base_disk, *([record.seed] if record.seed else []))
         for disk in needed if opts.copy_storage else (record.overlay, *needed):
             if not Path(disk).exists():
                 raise InvalidSpec(f"{disk} is not reachable from {target}",
                                   hint=None if opts.copy_storage else "use --copy-storage")
-    files = ctx.paths.next_vm_files(record.name, record.overlay) if opts.copy_storage else None
-    if files is not None and files.dir.exists():
-        raise AlreadyExists(f"{files.dir} is left over from an earlier operation on {name}",
-                            hint="remove it (nothing in the ledger refers to it)")
+    say = on_step or (lambda _: None)
     gpus = len(ledger.host_inventory(target)[1])
     reservation = ledger.reserve(target, record.tenant, host_footprint(record.spec), "migration", vm=name,
                                  host_limit=host_limit(ctx.policy, target_record, gpus))
-    moved: dict[str, str] | None = None
+    copy: StorageCopy | None = None
     try:
         port = ledger.free_port_on(target, bind_address=str(record.spec.ssh_bind) if ctx.is_this_machine(target)
                                    else None)
         dest_xml = retarget_ssh_forward(guest.migratable_xml(), port)
-        copy_disks: tuple[str, ...] = ()
-        if files is not None:
-            dest_xml, copy_disks, moved = _prepare_storage_copy(record, files, dest_xml,
-                                                                 ctx.host(target).qemu_gid())
+        if opts.copy_storage:
+            copy = prepare_storage_copy(ctx, record, target, dest_xml, say)
+            dest_xml = copy.dest_xml
         if opts.max_downtime_ms:
             guest.set_max_downtime(opts.max_downtime_ms)
-        stats = _run(ctx, guest, record.host, target, dest_xml, opts, on_progress, copy_disks)
+        stats = _run(ctx, guest, record.host, target, dest_xml, opts, on_progress,
+                     copy.copy_disks if copy else ())
     except BaseException as exc:
         ledger.release(reservation)
-        if files is not None:
-            shutil.rmtree(files.dir, ignore_errors=True)
+        if copy is not None:
+            copy.discard()
         message = exc.message if isinstance(exc, HvctlError) else f"{type(exc).__name__}: {exc}"
         ledger.log_event(name, record.host, "migration.failed", f"migration of {name} to {target} failed: "
                                                                 f"{message}; it stays on {record.host}")
         raise
-    ledger.complete_migration(name, target, port, reservation, stats, moved=moved)
+    ledger.complete_migration(name, target, port, reservation, stats, moved=copy.moved if copy else None)
     if opts.copy_storage:
-        shutil.rmtree(record.overlay.parent, ignore_errors=True)  # the source's copy: the VM runs on the new one
+        _discard_source_files(ctx, record)  # the source's copy: the VM runs on the new one
     return stats
 
 
-def _prepare_storage_copy(record: VMRecord, files: VMFiles, dest_xml: str,
-                          qemu_gid: int | None) -> tuple[str, tuple[str, ...], dict[str, str]]:
-    """The destination's files for a storage-copying migration: an empty overlay of the same size on the same
-    backing image (QEMU mirrors the source overlay into it), the seed, and new console/agent paths."""
-    make_private_dir(files.dir, qemu_gid)
-    make_overlay(record.base_disk, files.overlay, record.spec.disk_gib)
-    moves = {str(record.overlay): str(files.overlay), str(record.console_log): str(files.console_log),
-             str(record.agent_socket): str(files.agent_socket)}
-    if record.seed:
-        shutil.copy2(record.seed, files.seed)
-        moves[str(record.seed)] = str(files.seed)
+def migration_address(ctx: Context, source: str, target: str) -> str:
+    """Where the source host's QEMU reaches the target's (memory, and the disks' NBD mirror): loopback when both
+    are this machine; the address the target's URI names when it is another host; and when only the source is
+    another host, this machine's own address on its route to that host (the kernel's choice of source address
+    for a datagram socket connected there: nothing is sent)."""
+    if not ctx.is_this_machine(target):
+        address = urlsplit(ctx.ledger.get_host(target).uri).hostname
+        if not address:
+            raise InvalidSpec(f"host {target}'s URI names no address that {source} could migrate to")
+    elif ctx.is_this_machine(source):
+        address = "127.0.0.1"
+    else:
+        peer = urlsplit(ctx.ledger.get_host(source).uri).hostname
+        if not peer:
+            raise InvalidSpec(f"host {source}'s URI names no address, so hvctl cannot tell which of this "
+                              "machine's addresses it reaches")
+        try:
+            family, kind, _, _, where = socket.getaddrinfo(peer, 9, type=socket.SOCK_DGRAM)[0]
+            with socket.socket(family, kind) as probe:
+                probe.connect(where)
+                address = str(probe.getsockname()[0])
+        except OSError as exc:
+            raise InvalidSpec(f"no route from this machine to host {source} ({peer}): {exc}") from None
+    return f"[{address}]" if ":" in address else address
+
+
+@dataclass(frozen=True)
+class StorageCopy:
+    """The destination's side of a storage-copying migration: the domain XML naming its files, the disks QEMU
+    mirrors into them, the ledger columns that change, and how to delete them if the migration fails."""
+
+    dest_xml: str
+    copy_disks: tuple[str, ...]
+    moved: dict[str, str]
+    discard: Callable[[], object]
+
+
+def prepare_storage_copy(ctx: Context, record: VMRecord, target: str, dest_xml: str,
+                         say: Callable[[str], None]) -> StorageCopy:
+    """An empty overlay of the same size on the target, on the image's base there (QEMU mirrors the source overlay
+    into it; only the top layer travels), the seed, and new console and agent paths. On this machine they are
+    files under the state dir (NAME or NAME.g1); on another host, volumes in its pool, the image uploaded there
+    first if it has never had it. Every path of the VM the domain names is moved: kernel, initrd, backing image."""
+    image = ctx.images.get(record.spec.image)
+    os_el = ET.fromstring(dest_xml).find("os")
+    seed = _seed_bytes(ctx, record) if record.seed else None
+    new: dict[str, object]
+    if ctx.is_this_machine(target):
+        files = ctx.paths.next_vm_files(record.name, record.overlay)
+        if files.dir.exists():
+            raise AlreadyExists(f"{files.dir} is left over from an earlier operation on {record.name}",
+                                hint="remove it (nothing in the ledger refers to it)")
+        make_private_dir(files.dir, ctx.host(target).qemu_gid())
+        def discard() -> None:
+            shutil.rmtree(files.dir, ignore_errors=True)
+
+        try:
+            make_overlay(image.base_disk, files.overlay, record.spec.disk_gib)
+            if seed is not None:
+                fd = os.open(files.seed, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+                with os.fdopen(fd, "wb") as out:
+                    out.write(seed)
+        except BaseException:
+            discard()
+            raise
+        new = {"overlay": files.overlay, "console_log": files.console_log, "agent_socket": files.agent_socket,
+               "seed": files.seed, "base_disk": image.base_disk, "kernel": image.kernel, "initrd": image.initrd}
+    else:
+        pool_files = pooled.open_files(ctx.host(target), record.name)
+        pooled.check_room(pool_files, record.spec, target)
+        volumes = pooled.upload_image(pool_files, image, say)
+        pool = pool_files.pool
+        discard = pool_files.delete  # type: ignore[assignment]  # its list of what it deleted is not needed
+        try:
+            say(f"creating a {record.spec.disk_gib} GiB overlay volume on {target} for the copy")
+            pool.create(pool_files.disk, record.spec.disk_gib * 2**30, fmt="qcow2", backing=volumes.base)
+            if seed is not None:
+                pool.upload(pool_files.seed, seed)
+        except BaseException:
+            discard()
+            raise
+        new = {"overlay": pool_files.path(pool_files.disk), "console_log": pool_files.path(pool_files.console),
+               "agent_socket": pool_files.agent_socket, "seed": pool_files.path(pool_files.seed),
+               "base_disk": volumes.base.path, "kernel": volumes.kernel.path, "initrd": volumes.initrd.path}
+    old = {"overlay": record.overlay, "console_log": record.console_log, "agent_socket": record.agent_socket,
+           "seed": record.seed, "base_disk": record.base_disk,
+           "kernel": os_el.findtext("kernel") if os_el is not None else None,
+           "initrd": os_el.findtext("initrd") if os_el is not None else None}
+    moves = {str(old[key]): str(value) for key, value in new.items() if old[key]}
     copy_disks = []
     for disk in ET.fromstring(dest_xml).iterfind("devices/disk"):
-        source, target = disk.find("source"), disk.find("target")
-        if source is not None and target is not None and source.get("file") == str(record.overlay):
-            copy_disks.append(str(target.get("dev")))
-    moved = {"overlay": str(files.overlay), "console_log": str(files.console_log),
-             "agent_socket": str(files.agent_socket)} | ({"seed": str(files.seed)} if record.seed else {})
-    return retarget_paths(dest_xml, moves), tuple(copy_disks), moved
+        source, dev = disk.find("source"), disk.find("target")
+        if source is not None and dev is not None and source.get("file") == str(record.overlay):
+            copy_disks.append(str(dev.get("dev")))
+    moved = {key: str(new[key]) for key in ("overlay", "console_log", "agent_socket", "base_disk")}
+    if record.seed:
+        moved["seed"] = str(new["seed"])
+    return StorageCopy(retarget_paths(dest_xml, moves), tuple(copy_disks), moved, discard)
+
+
+def _seed_bytes(ctx: Context, record: VMRecord) -> bytes:
+    """The VM's seed ISO as it is now, read here or from its host's pool: it is not a disk QEMU mirrors."""
+    assert record.seed is not None
+    if ctx.is_this_machine(record.host):
+        return record.seed.read_bytes()
+    files = pooled.open_files(ctx.host(record.host), record.name)
+    sink = io.BytesIO()
+    files.pool.download(files.seed, sink)
+    return sink.getvalue()
+
+
+def _discard_source_files(ctx: Context, record: VMRecord) -> None:
+    """After a storage-copying migration committed: the source's files (its directory here, or its volumes in its
+    host's pool). A failure is logged: the VM has moved, and what is left is drift."""
+    try:
+        if ctx.is_this_machine(record.host):
+            shutil.rmtree(record.overlay.parent, ignore_errors=True)
+        else:
+            pooled.open_files(ctx.host(record.host), record.name).delete()
+    except HvctlError as exc:
+        ctx.ledger.log_event(record.name, record.host, "migration.source-left",
+                             f"the source's copy of {record.name}'s files could not be deleted: {exc.message}")
 
 
 def _run(ctx: Context, guest: Guest, source: str, target: str, dest_xml: str, opts: MigrateOptions,
@@ -153,7 +258,8 @@ def _run(ctx: Context, guest: Guest, source: str, target: str, dest_xml: str, op
     name = guest.name
     dst = ctx.host(target)
     failure: list[BaseException] = []
-    migrate_uri = "tcp://127.0.0.1" if ctx.is_this_machine(target) else None
+    migrate_uri = f"tcp://{migration_address(ctx, source, target)}"
+    both_here = ctx.is_this_machine(source) and ctx.is_this_machine(target)
 
     def worker() -> None:
         try:
@@ -164,7 +270,7 @@ def _run(ctx: Context, guest: Guest, source: str, target: str, dest_xml: str, op
                                 postcopy=opts.mode == "postcopy" or opts.timeout_action == "postcopy",
                                 auto_converge=opts.auto_converge, copy_storage=opts.copy_storage,
                                 bandwidth_mib_s=opts.bandwidth_mib_s, migrate_uri=migrate_uri,
-                                storage_verified_shared=migrate_uri is not None and not opts.copy_storage,
+                                storage_verified_shared=both_here and not opts.copy_storage,
                                 copy_disks=copy_disks)
             finally:
                 own_src.close()
