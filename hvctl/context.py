@@ -170,7 +170,8 @@ class Context:
             record = self.ledger.get_host(name)
         return HostCapabilities(name=name, accel=Accel(record.accel or "qemu"), cpus=record.cpus or 1,
                                 memory_mib=record.memory_mib or 0,
-                                memory_limits=can_limit_memory() if self.is_this_machine(name) else True)
+                                memory_limits=can_limit_memory() if self.is_this_machine(name)
+                                else record.memory_limits is not False)
 
     @staticmethod
     def _probe_remote(host: Host, image: Image) -> Accel:

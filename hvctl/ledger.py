@@ -102,6 +102,10 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE hosts ADD COLUMN disk_gib INTEGER;
     """,
+    # 0 once a boot on the host found that its libvirtd cannot set memory hard limits; NULL: not known otherwise.
+    """
+    ALTER TABLE hosts ADD COLUMN memory_limits INTEGER;
+    """,
 ]
 
 VM_STATES = ("creating", "running", "stopped", "destroying")
@@ -136,6 +140,8 @@ class HostRecord:
     enabled: bool
     # The size of the storage its VMs' disks live on; None until measured (no disk limit then).
     disk_gib: int | None = None
+    # False once a boot found that the host's libvirtd cannot set memory hard limits; None: not known.
+    memory_limits: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -248,16 +254,18 @@ class Ledger:
                 db.execute("INSERT INTO hosts (name, uri, added_at) VALUES (?, ?, ?)", (name, uri, time.time()))
             elif row["uri"] != uri:
                 # The URI the user connects with is the host's address; a changed one invalidates the probe.
-                db.execute("UPDATE hosts SET uri = ?, accel = NULL, accel_probed_at = NULL WHERE name = ?",
-                           (uri, name))
+                db.execute("UPDATE hosts SET uri = ?, accel = NULL, accel_probed_at = NULL, memory_limits = NULL "
+                           "WHERE name = ?", (uri, name))
         return self.get_host(name)
 
     def get_host(self, name: str) -> HostRecord:
         row = self.db.execute("SELECT * FROM hosts WHERE name = ?", (name,)).fetchone()
         if row is None:
             raise NotFound(f"unknown host {name!r}")
+        limits = row["memory_limits"]
         return HostRecord(row["name"], row["uri"], row["accel"], row["accel_probed_at"], row["cpus"],
-                          row["memory_mib"], bool(row["enabled"]), row["disk_gib"])
+                          row["memory_mib"], bool(row["enabled"]), row["disk_gib"],
+                          None if limits is None else bool(limits))
 
     def list_hosts(self) -> list[HostRecord]:
         names = [r[0] for r in self.db.execute("SELECT name FROM hosts ORDER BY name")]
@@ -267,6 +275,14 @@ class Ledger:
         with self.transaction() as db:
             db.execute("UPDATE hosts SET accel = ?, accel_probed_at = ?, cpus = ?, memory_mib = ? WHERE name = ?",
                        (accel, time.time(), cpus, memory_mib, name))
+
+    def record_no_memory_limits(self, name: str) -> None:
+        """The host's libvirtd refused a memory hard limit ("cannot limit locked memory"): later boots there go
+        without one from the start instead of failing first."""
+        with self.transaction() as db:
+            db.execute("UPDATE hosts SET memory_limits = 0 WHERE name = ?", (name,))
+            self._event(db, None, name, "host.no-memory-limits",
+                        f"host {name}'s libvirtd cannot set memory hard limits; its VMs get none")
 
     def record_host_disk(self, name: str, disk_gib: int) -> None:
         with self.transaction() as db:

@@ -39,7 +39,11 @@ def host_add(name: str, uri: str, as_json: JsonOpt = False) -> None:
         out.print(f"host {name}: {view['cpus']} CPUs, {view['memory_mib']} MiB, {len(view['numa_cells'])} NUMA "
                   f"cell(s), {len(view['gpus'])} GPU(s), accelerator {view['accel']}; storage pool {pool['name']} "
                   f"at {pool['path']} ({'made' if pool['made'] else 'adopted'}, "
-                  f"{pool['available_bytes'] / 2**30:.1f} GiB free)")
+                  f"{pool['available_bytes'] / 2**30:.1f} GiB free); libvirt {view['libvirt_version']}, CPU "
+                  f"{view['cpu_model'] or '?'}")
+        for other, verdict in view["migration_from"].items():
+            out.print(f"  guests from {other} can migrate here: {verdict}" if not verdict.startswith("incompatible")
+                      else f"  [yellow]guests from {other} cannot migrate here[/]: {verdict}")
 
 
 @host_app.command("list")

@@ -62,6 +62,8 @@ class HostFacts:
     memory_mib: int
     domain_types: frozenset[str]
     hostname: str
+    libvirt_version: str = ""
+    cpu_model: str = ""
 
 
 class Host:
@@ -101,7 +103,9 @@ class Host:
         info = self.conn.getInfo()  # [model, memory MiB, cpus, mhz, nodes, sockets, cores, threads]
         types = frozenset(d.get("type", "") for d in caps.iterfind("guest/arch/domain"))
         return HostFacts(arch=caps.findtext("host/cpu/arch") or "x86_64", cpus=int(info[2]),
-                         memory_mib=int(info[1]), domain_types=types, hostname=self.conn.getHostname())
+                         memory_mib=int(info[1]), domain_types=types, hostname=self.conn.getHostname(),
+                         libvirt_version=_version(self.conn.getLibVersion()),
+                         cpu_model=caps.findtext("host/cpu/model") or "")
 
     def numa_cells(self) -> list[dict[str, int]]:
         """Per NUMA cell: CPUs and memory (MiB), from the capabilities' host topology."""
@@ -253,5 +257,9 @@ class Host:
 
 
 def libvirt_version() -> str:
-    v = libvirt.getVersion()
+    """The version of the libvirt library this process uses (a host's daemon: ``HostFacts.libvirt_version``)."""
+    return _version(libvirt.getVersion())
+
+
+def _version(v: int) -> str:
     return f"{v // 1_000_000}.{v // 1000 % 1000}.{v % 1000}"

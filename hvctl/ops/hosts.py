@@ -23,6 +23,7 @@ def add_host(ctx: Context, name: str, uri: str) -> dict[str, Any]:
     probe = Host(uri)
     try:
         facts = probe.facts()
+        migration = cpu_compatibility(ctx, probe, exclude=name)
         # The host's storage pool for hvctl: adopted, or made (and taken back if the host is refused below).
         pool, made = probe.ensure_pool()
         space = pool.space()
@@ -49,7 +50,29 @@ def add_host(ctx: Context, name: str, uri: str) -> dict[str, Any]:
                  "available_bytes": space.available}
     ctx.ledger.log_event(None, name, "host.added", f"host {name} at {uri}: {facts.cpus} CPUs, {facts.memory_mib} MiB, "
                                                    f"{len(numa)} NUMA cells, {len(gpus)} GPUs, {caps.accel.value}")
-    return host_view(ctx, name) | {"pool": pool_view}
+    return host_view(ctx, name) | {"pool": pool_view, "libvirt_version": facts.libvirt_version,
+                                   "cpu_model": facts.cpu_model, "hostname": facts.hostname,
+                                   "migration_from": migration}
+
+
+def cpu_compatibility(ctx: Context, new: Host, exclude: str) -> dict[str, str]:
+    """For each registered host that answers: can a guest started there run on ``new``? (libvirt compares that
+    host's CPU with the new one's.) A host that does not answer is left out."""
+    from hvctl.errors import HostUnreachable, HvctlError
+
+    found = {}
+    for record in ctx.ledger.list_hosts():
+        if record.name == exclude:
+            continue
+        try:
+            ok, detail = ctx.host(record.name).cpu_compatible_with(new)
+        except HostUnreachable:
+            continue
+        except HvctlError as exc:  # a driver that cannot compare CPUs (libvirt's test driver) says so
+            found[record.name] = f"not compared: {exc.message}"
+            continue
+        found[record.name] = detail if ok else f"incompatible: {detail}"
+    return found
 
 
 def host_view(ctx: Context, name: str) -> dict[str, Any]:

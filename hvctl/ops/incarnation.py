@@ -188,6 +188,7 @@ def boot(ctx: Context, inc: Incarnation, options: BootOptions, undo: Undo, say: 
                 # domain with a memory hard limit. This machine's is checked before designing; another host's
                 # only tells here.
                 say(f"host {inc.host} cannot set memory hard limits; starting without one")
+                ctx.ledger.record_no_memory_limits(inc.host)  # the next boot there knows it from the start
                 caps = dataclasses.replace(caps, memory_limits=False)
                 note = f"; no memory hard limit (host {inc.host}'s libvirtd may not set one)"
             elif HOSTFWD_REFUSED in exc.message and move_port is not None:
