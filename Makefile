@@ -11,7 +11,7 @@ DEBS := qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-daemon-driver-q
         openssh-server openssh-client
 PYTEST_ARGS ?=
 
-.PHONY: all deps venv image daemons demo demo-quotas demo-workloads test test-unit test-vm lint bench stop-daemons
+.PHONY: all deps venv image daemons demo demo-key demo-remote demo-quotas demo-workloads test test-unit test-vm lint bench stop-daemons
 
 all: venv
 
@@ -52,19 +52,20 @@ stop-daemons:
 DEMO_KEY := $(STATE_DIR)/demo/acme_ed25519
 # The demo's second "host": a private libvirtd on this machine that the demo VM live-migrates to.
 H2_DIR := $(DAEMON_DIR)-h2
+# The demo's remote host: libvirtd and sshd in their own namespaces behind a veth (198.18.1.2), reached only as
+# qemu+ssh with a pinned host key, and blind to this machine's state dir.
+FAR_DIR := $(DAEMON_DIR)-far
 TWO := $(HVCTL) --state-dir $(STATE_DIR) --policy policies/two-tenants.yaml
 
 demo: daemons
 	$(HVCTL) --state-dir $(STATE_DIR) image build base
 	@$(HVCTL) --state-dir $(STATE_DIR) destroy demo >/dev/null 2>&1 || true
+	@$(HVCTL) --state-dir $(STATE_DIR) destroy far-demo >/dev/null 2>&1 || true
 	@$(HVCTL) --state-dir $(STATE_DIR) host rm h2 >/dev/null 2>&1 || true
+	@$(HVCTL) --state-dir $(STATE_DIR) host rm far >/dev/null 2>&1 || true
 	@$(PY) -m hvctl.devhost stop $(H2_DIR) >/dev/null 2>&1 || true
-	@# A tenant key pair for the demo tenant, made once (hvctl's own key generator; no ssh-keygen needed).
-	@if [ ! -f $(DEMO_KEY) ]; then mkdir -p $(dir $(DEMO_KEY)) && $(PY) -c 'import sys; from pathlib import Path; \
-	  from hvctl.seed import generate_ed25519; p = generate_ed25519("acme-demo"); k = Path(sys.argv[1]); \
-	  k.write_bytes(p.private_openssh); k.chmod(0o600); k.with_suffix(".pub").write_text(p.public_line + "\n")' \
-	  $(DEMO_KEY); fi
-	$(HVCTL) --state-dir $(STATE_DIR) key add acme $(DEMO_KEY:%=%.pub)
+	@$(PY) -m hvctl.devhost stop $(FAR_DIR) --remote 1 >/dev/null 2>&1 || true
+	@$(MAKE) --no-print-directory demo-key
 	@echo "== hvctl doctor"; $(HVCTL) --state-dir $(STATE_DIR) doctor || true
 	@echo "== hvctl create demo (Debian base image, tenant acme: 512 MiB is exactly its quota, and it still fits)"
 	$(TWO) create demo --image base --tenant acme --memory 512 --disk 2
@@ -89,8 +90,44 @@ demo: daemons
 	@echo "== hvctl destroy demo"; $(HVCTL) --state-dir $(STATE_DIR) destroy demo
 	$(HVCTL) --state-dir $(STATE_DIR) host rm h2
 	@$(PY) -m hvctl.devhost stop $(H2_DIR)
+	@$(MAKE) --no-print-directory demo-remote
 	@$(MAKE) --no-print-directory demo-quotas demo-workloads
 	@echo "== hvctl list"; $(HVCTL) --state-dir $(STATE_DIR) list
+
+# A tenant key pair for the demo tenant, made once (hvctl's own key generator; no ssh-keygen needed), and authorised.
+demo-key: venv
+	@if [ ! -f $(DEMO_KEY) ]; then mkdir -p $(dir $(DEMO_KEY)) && $(PY) -c 'import sys; from pathlib import Path; \
+	  from hvctl.seed import generate_ed25519; p = generate_ed25519("acme-demo"); k = Path(sys.argv[1]); \
+	  k.write_bytes(p.private_openssh); k.chmod(0o600); k.with_suffix(".pub").write_text(p.public_line + "\n")' \
+	  $(DEMO_KEY); fi
+	$(HVCTL) --state-dir $(STATE_DIR) key add acme $(DEMO_KEY:%=%.pub)
+
+# A remote host: the tenant's VM is created there (the image uploaded into its storage pool over libvirt), reached
+# by the tenant through a jump to the host, live-migrated back here with its disk (--copy-storage), and destroyed.
+demo-remote: daemons
+	$(HVCTL) --state-dir $(STATE_DIR) image build base
+	@$(MAKE) --no-print-directory demo-key
+	@$(HVCTL) --state-dir $(STATE_DIR) destroy far-demo >/dev/null 2>&1 || true
+	@$(HVCTL) --state-dir $(STATE_DIR) host rm far >/dev/null 2>&1 || true
+	@$(PY) -m hvctl.devhost stop $(FAR_DIR) --remote 1 >/dev/null 2>&1 || true
+	@echo "== a remote-style host: libvirtd + sshd in their own network and mount namespaces, reached over ssh"
+	@$(PY) -m hvctl.devhost start $(FAR_DIR) --remote 1 --hide $(STATE_DIR) >/dev/null
+	$(HVCTL) --state-dir $(STATE_DIR) host add far "$$($(PY) -m hvctl.devhost uri $(FAR_DIR) --remote 1)"
+	@echo "== the tenant's VM on far: its disk, seed and console log live in far's storage pool"
+	$(TWO) create far-demo --host far --image base --tenant acme --memory 512 --disk 2 --boot-timeout 300
+	$(HVCTL) --state-dir $(STATE_DIR) agent far-demo ping
+	@echo "== tenant acme runs a command there, through a jump to far (its ssh, with -W), host key pinned"
+	$(HVCTL) --state-dir $(STATE_DIR) exec far-demo -i $(DEMO_KEY) -- sh -c 'echo "hello from $$(hostname) on far" | tee /root/note'
+	@echo "== the same route as an OpenSSH command line, for the tenant's own tools"
+	$(HVCTL) --state-dir $(STATE_DIR) ssh far-demo -i $(DEMO_KEY) --print
+	@echo "== hvctl migrate far-demo --to local --copy-storage: live, its overlay mirrored into a new disk here"
+	$(HVCTL) --state-dir $(STATE_DIR) migrate far-demo --to local --copy-storage
+	$(HVCTL) --state-dir $(STATE_DIR) exec far-demo -i $(DEMO_KEY) -- sh -c 'echo "$$(cat /root/note), now here; up $$(cut -d. -f1 /proc/uptime) s"'
+	$(HVCTL) --state-dir $(STATE_DIR) list
+	@echo "== hvctl destroy far-demo"; $(HVCTL) --state-dir $(STATE_DIR) destroy far-demo
+	$(HVCTL) --state-dir $(STATE_DIR) host rm far
+	@$(PY) -m hvctl.devhost stop $(FAR_DIR) --remote 1
+	@rm -rf $(FAR_DIR)
 
 # Two tenants under the quotas of policies/two-tenants.yaml: globex's third VM is refused with the numbers.
 demo-quotas: daemons

@@ -254,8 +254,8 @@ def boots_under(accel: str, kernel: Path, initrd: Path, timeout: float = 20.0) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m hvctl.devhost start|stop|uri ROOT [--system] [--no-cgroups]`` for Makefiles and CI
-    scripts."""
+    """``python -m hvctl.devhost start|stop|uri ROOT [--system] [--no-cgroups] [--remote N [--hide DIR]]`` for
+    Makefiles and CI scripts."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m hvctl.devhost")
@@ -267,7 +267,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hide-kvm", choices=["yes", "no", "auto"], default="yes",
                         help="auto: hide /dev/kvm only if a probe kernel fails to boot under KVM")
     parser.add_argument("--probe-image", type=Path, help="image dir with vmlinuz and initrd.img, for --hide-kvm auto")
+    parser.add_argument("--remote", type=int, metavar="N",
+                        help="a remote-style host instead (hvctl.devhost.remote): libvirtd and sshd in their own "
+                             "namespaces at 198.18.N.2, reached as qemu+ssh; give the same N to stop it")
+    parser.add_argument("--hide", type=Path, action="append", default=[],
+                        help="with --remote: a directory of this machine the host must not see (the state dir)")
     args = parser.parse_args(argv)
+    if args.remote is not None:
+        from hvctl.devhost.remote import RemoteStyleHost
+
+        host = RemoteStyleHost(args.root, index=args.remote, hide=tuple(args.hide))
+        if args.action == "start":
+            args.root.mkdir(mode=0o755, parents=True, exist_ok=True)
+            host.start()
+        elif args.action == "stop":
+            host.stop()
+            return 0
+        print(host.uri)
+        return 0
     hide = args.hide_kvm == "yes"
     if args.hide_kvm == "auto" and args.action == "start":
         if args.probe_image is None:

@@ -100,6 +100,10 @@ def migrate(ctx: Context, name: str, target: str, opts: MigrateOptions,
                 raise InvalidSpec(f"{disk} is not reachable from {target}",
                                   hint=None if opts.copy_storage else "use --copy-storage")
     say = on_step or (lambda _: None)
+    # A host never used since it was registered (the default host, say) has its capacity probed first: its limit
+    # would read as zero otherwise.
+    ctx.capabilities(target)
+    target_record = ledger.get_host(target)
     gpus = len(ledger.host_inventory(target)[1])
     reservation = ledger.reserve(target, record.tenant, host_footprint(record.spec), "migration", vm=name,
                                  host_limit=host_limit(ctx.policy, target_record, gpus))
