@@ -99,12 +99,22 @@ def run_checks(ctx: Context) -> list[Check]:
                         or "every device hvctl bound belongs to a running VM",
                         "`hvctl doctor --repair` returns them to their host drivers" if stranded else None))
 
+    from hvctl.ops.intent import describe, interrupted
+
+    stopped = interrupted(ctx)
+    checks.append(Check("operations", not stopped, "; ".join(f"interrupted {describe(op)}" for op in stopped)
+                        or "no operation was interrupted",
+                        "`hvctl doctor --repair` finishes or rolls back each one, by where its domain runs"
+                        if stopped else None))
+
     from hvctl.ops.inspect import drift_report
 
     drift = drift_report(ctx)
     checks.append(Check("drift", not drift, "; ".join(f"{d.vm}@{d.host}: {d.problem}" for d in drift)
                         or "ledger and libvirt agree",
-                        "inspect with `hvctl show NAME`; `hvctl destroy NAME` removes what is left" if drift else None))
+                        ("`hvctl doctor --repair` first, for the interrupted operations above; then " if stopped
+                         else "") + "inspect with `hvctl show NAME`; `hvctl destroy NAME` removes a VM you mean to "
+                        "delete, and refuses while any host runs its domain" if drift else None))
     return checks
 
 
@@ -152,14 +162,17 @@ def stranded_gpus(ctx: Context) -> list[dict[str, Any]]:
 
 
 def repair(ctx: Context) -> dict[str, Any]:
-    """`hvctl doctor --repair`: finish or undo what a crash interrupted. For now that is GPU binding: every device
-    whose VM is not running goes back to its original driver, as the ledger's journal recorded it."""
+    """`hvctl doctor --repair`: finish or undo what a crash interrupted. Interrupted operations first (their
+    intents; see ``hvctl.ops.intent``); then GPU binding: every device whose VM is not running goes back to its
+    original driver, as the ledger's journal recorded it."""
     from hvctl import passthrough
+    from hvctl.ops.intent import describe, interrupted, reconcile
 
+    operations = [{"operation": describe(op), "outcome": reconcile(ctx, op)} for op in interrupted(ctx)]
     returned: list[str] = []
     for host, running in reachable_hosts(ctx, {r["host"] for r in ctx.ledger.gpu_bindings()}).items():
         done = passthrough.repair(ctx, ctx.gpu_env, host, running)
         if done:
             ctx.ledger.log_event(None, host, "gpu.repaired", f"returned {', '.join(done)} to their host drivers")
         returned += done
-    return {"gpus_returned": returned}
+    return {"gpus_returned": returned, "operations": operations}

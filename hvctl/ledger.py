@@ -106,6 +106,22 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE hosts ADD COLUMN memory_limits INTEGER;
     """,
+    # Durable intents: one row per VM while an operation on it is in flight. The row is the VM's operation lock
+    # and the record reconcile reads after a crash: the step reached and what exists so far (``data``).
+    """
+    ALTER TABLE vms ADD COLUMN domain_uuid TEXT;
+    CREATE TABLE operations (
+        vm TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        source TEXT,
+        target TEXT,
+        step TEXT NOT NULL,
+        data TEXT NOT NULL,
+        holder TEXT NOT NULL,
+        started_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    """,
 ]
 
 VM_STATES = ("creating", "running", "stopped", "destroying")
@@ -173,6 +189,8 @@ class VMRecord:
     agent_token: str | None = None
     host_pubkey: str | None = None
     seed: Path | None = None
+    # libvirt's UUID of the VM's domain (kept across migrations); None for VMs made before hvctl recorded it.
+    domain_uuid: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -181,6 +199,7 @@ class VMRecord:
             "disk_gib": self.spec.disk_gib, "overlay": str(self.overlay), "console_log": str(self.console_log),
             "agent_socket": str(self.agent_socket), "ssh_port": self.ssh_port, "created_at": self.created_at,
             "host_pubkey": self.host_pubkey, "spec": self.spec.model_dump(mode="json"),
+            "domain_uuid": self.domain_uuid,
         }
 
 
@@ -366,6 +385,48 @@ class Ledger:
         query = "SELECT * FROM vms" + (" WHERE host = ?" if host else "") + " ORDER BY name"
         return [_vm_from_row(r) for r in self.db.execute(query, (host,) if host else ())]
 
+    def set_domain_uuid(self, name: str, uuid: str) -> None:
+        """The UUID libvirt gave the VM's domain: how every host is asked whether it runs it."""
+        with self.transaction() as db:
+            db.execute("UPDATE vms SET domain_uuid = ? WHERE name = ?", (uuid, name))
+
+    # -- operations: durable intents, and each VM's operation lock ----------------------------------------------
+
+    def begin_operation(self, vm: str, kind: str, holder: str, source: str | None, target: str | None,
+                        data: dict[str, Any]) -> dict[str, Any] | None:
+        """Take VM ``vm``'s operation lock by writing the intent row; returns None if taken, else the row of the
+        operation that holds it (nothing is written then)."""
+        now = time.time()
+        with self.transaction() as db:
+            row = db.execute("SELECT * FROM operations WHERE vm = ?", (vm,)).fetchone()
+            if row is not None:
+                return _operation(row)
+            db.execute("INSERT INTO operations (vm, kind, source, target, step, data, holder, started_at, "
+                       "updated_at) VALUES (?,?,?,?,?,?,?,?,?)",
+                       (vm, kind, source, target, "begun", json.dumps(data), holder, now, now))
+        return None
+
+    def operation_step(self, vm: str, holder: str, step: str, data: dict[str, Any]) -> None:
+        """Record that the holder's operation on ``vm`` reached ``step``; ``data`` is merged into what it has made."""
+        with self.transaction() as db:
+            row = db.execute("SELECT data FROM operations WHERE vm = ? AND holder = ?", (vm, holder)).fetchone()
+            if row is None:
+                raise LedgerError(f"the operation on {vm} is no longer this command's (taken over by a repair?)")
+            merged = json.loads(row[0]) | data
+            db.execute("UPDATE operations SET step = ?, data = ?, updated_at = ? WHERE vm = ? AND holder = ?",
+                       (step, json.dumps(merged), time.time(), vm, holder))
+
+    def end_operation(self, vm: str, holder: str | None = None) -> None:
+        """Release the lock: the operation finished, was rolled back, or was reconciled (``holder`` None)."""
+        with self.transaction() as db:
+            if holder is None:
+                db.execute("DELETE FROM operations WHERE vm = ?", (vm,))
+            else:
+                db.execute("DELETE FROM operations WHERE vm = ? AND holder = ?", (vm, holder))
+
+    def operations(self) -> list[dict[str, Any]]:
+        return [_operation(r) for r in self.db.execute("SELECT * FROM operations ORDER BY started_at")]
+
     def delete_vm(self, name: str, message: str) -> None:
         with self.transaction() as db:
             row = db.execute("SELECT host FROM vms WHERE name = ?", (name,)).fetchone()
@@ -420,6 +481,12 @@ class Ledger:
     def release(self, reservation_id: int) -> None:
         with self.transaction() as db:
             db.execute("DELETE FROM reservations WHERE id = ?", (reservation_id,))
+
+    def release_for(self, vm: str, kind: str, host: str) -> int:
+        """Release every ``kind`` reservation held for ``vm`` on ``host`` (a crashed operation's); returns how many."""
+        with self.transaction() as db:
+            return int(db.execute("DELETE FROM reservations WHERE vm = ? AND kind = ? AND host = ?",
+                                  (vm, kind, host)).rowcount)
 
     def reservations(self) -> list[dict[str, Any]]:
         return [dict(r) for r in self.db.execute("SELECT * FROM reservations ORDER BY id")]
@@ -564,7 +631,12 @@ def _vm_from_row(row: sqlite3.Row) -> VMRecord:
         console_log=Path(row["console_log"]), agent_socket=Path(row["agent_socket"]), ssh_port=row["ssh_port"],
         created_at=row["created_at"], updated_at=row["updated_at"], agent_token=row["agent_token"],
         host_pubkey=row["host_pubkey"], seed=Path(row["seed"]) if row["seed"] else None,
+        domain_uuid=row["domain_uuid"],
     )
+
+
+def _operation(row: sqlite3.Row) -> dict[str, Any]:
+    return dict(row) | {"data": json.loads(row["data"])}
 
 
 def _free_port(port_range: tuple[int, int], used: set[int], bind_address: str | None) -> int:

@@ -126,6 +126,36 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     setattr(item, f"rep_{report.when}", report)
 
 
+@contextlib.contextmanager
+def two_local_hosts(image_dir: Path, prefix: str) -> Iterator[dict[str, object]]:
+    """Two private libvirtd daemons on this machine registered as hosts h1 and h2, and a controller state dir
+    (sharing the test image store) that connects to h1; VMs left at the end are destroyed, then the daemons go.
+    cgroups are off on both: the two would name a migrating domain's cgroup alike on this one machine."""
+    from hvctl.ops.hosts import add_host
+
+    root = short_tempdir(prefix)
+    h1 = PrivateLibvirtd(root / "h1", cgroups=False).start()
+    h2 = PrivateLibvirtd(root / "h2", cgroups=False)
+    try:
+        h2.start()
+        state = root / "state"
+        state.mkdir(mode=0o755)
+        (state / "images").symlink_to(image_dir)
+        ctx = Context(state_dir=state, uri=h1.uri)
+        add_host(ctx, "h1", h1.uri)
+        add_host(ctx, "h2", h2.uri)
+        yield {"ctx": ctx, "h1": h1, "h2": h2, "state": state}
+        for vm in ctx.ledger.list_vms():
+            # A daemon killed by a fault test may refuse; the daemons are stopped below either way.
+            with contextlib.suppress(Exception):
+                destroy(ctx, vm.name)
+        ctx.close()
+    finally:
+        h1.stop()
+        h2.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def hvctl_cli(state_dir: Path | str, uri: str, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
     """Run the real `hvctl` CLI in a subprocess against ``uri`` with ``state_dir``; wide, colourless output."""
     env = os.environ | {"HVCTL_STATE_DIR": str(state_dir), "HVCTL_CONNECT": uri, "COLUMNS": "200", "NO_COLOR": "1"}

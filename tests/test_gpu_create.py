@@ -206,7 +206,7 @@ def test_gpu_release_refuses_what_it_must_and_returns_a_gpu_whose_vm_is_gone(rig
 def test_doctor_repair_json_reports_what_it_repaired_with_the_checks(rig: Rig) -> None:
     result = hvctl_cli(rig.state, "test:///default", "doctor", "--repair", "--json")
     data = json.loads(result.stdout)
-    assert data["repaired"] == {"gpus_returned": []}
+    assert data["repaired"] == {"gpus_returned": [], "operations": []}
     assert {c["name"] for c in data["checks"]} >= {"ledger", "libvirtd", "gpu bindings"}
     plain = json.loads(hvctl_cli(rig.state, "test:///default", "doctor", "--json").stdout)
     assert isinstance(plain, list)  # without --repair, the shape scripts already parse

@@ -346,7 +346,7 @@ def test_destroy_refuses_a_domain_of_the_same_name_that_hvctl_did_not_make(
     ctx.host().define(f"<domain type='qemu'><name>swapped</name><memory unit='MiB'>64</memory><os><type>hvm</type>"
                       f"<kernel>{image.kernel}</kernel></os></domain>")
     try:
-        with pytest.raises(HvctlError, match="was not made by hvctl"):
+        with pytest.raises(HvctlError, match="is not the one hvctl made for this VM .no hvctl metadata."):
             destroy(ctx, "swapped")
         assert ctx.host().state("swapped") is DomainState.SHUTOFF
         assert Path(vm.overlay).exists() and ctx.ledger.get_vm("swapped").state == "running"

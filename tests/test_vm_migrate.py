@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import hvctl_cli, short_tempdir
+from conftest import hvctl_cli, short_tempdir, two_local_hosts
 
 from guest import rpc
 from hvctl.context import Context
@@ -26,7 +26,6 @@ from hvctl.devhost import PrivateLibvirtd
 from hvctl.host import DomainState
 from hvctl.ledger import VMRecord
 from hvctl.ops.create import create
-from hvctl.ops.hosts import add_host
 from hvctl.ops.incarnation import BootOptions
 from hvctl.ops.lifecycle import destroy
 from hvctl.spec import VMSpec
@@ -37,28 +36,8 @@ pytestmark = [pytest.mark.vm, pytest.mark.timeout(600)]
 
 @pytest.fixture(scope="module")
 def hosts(image_dir: Path) -> Iterator[dict[str, object]]:
-    root = short_tempdir("hvm-")
-    # cgroups off: both daemons would name the migrating domain's cgroup alike on this one machine.
-    h1 = PrivateLibvirtd(root / "h1", cgroups=False).start()
-    h2 = PrivateLibvirtd(root / "h2", cgroups=False)
-    try:
-        h2.start()
-        state = root / "state"
-        state.mkdir(mode=0o755)
-        (state / "images").symlink_to(image_dir)
-        ctx = Context(state_dir=state, uri=h1.uri)
-        add_host(ctx, "h1", h1.uri)
-        add_host(ctx, "h2", h2.uri)
-        yield {"ctx": ctx, "h1": h1, "h2": h2, "state": state}
-        for vm in ctx.ledger.list_vms():
-            # A daemon killed by the fault test may refuse; the daemons are stopped below either way.
-            with contextlib.suppress(Exception):
-                destroy(ctx, vm.name)
-        ctx.close()
-    finally:
-        h1.stop()
-        h2.stop()
-        shutil.rmtree(root, ignore_errors=True)
+    with two_local_hosts(image_dir, "hvm-") as rig:
+        yield rig
 
 
 def hvctl(h: dict[str, object], *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:

@@ -261,9 +261,13 @@ def doctor(
     context = ctx()
     repaired = doc.repair(context) if repair else None
     if repaired is not None and not as_json:
+        for fixed in repaired["operations"]:
+            out.print(f"repair: {safe(fixed['operation'])}: {safe(fixed['outcome'])}")
         returned = repaired["gpus_returned"]
-        out.print(f"repair: returned {', '.join(returned)} to their host drivers" if returned
-                  else "repair: nothing to repair")
+        if returned:
+            out.print(f"repair: returned {', '.join(returned)} to their host drivers")
+        elif not repaired["operations"]:
+            out.print("repair: nothing to repair")
     checks = doc.run_checks(context)
     if as_json:
         listed = [c.as_dict() for c in checks]

@@ -20,7 +20,7 @@ from hvctl.console import PROBE_MARKER
 from hvctl.domain import Accel, DirectBoot, Domain, SerialConsole
 from hvctl.domain.model import HVCTL_NS
 from hvctl.errors import HostUnreachable, HypervisorError, NotFound
-from hvctl.host._errors import _errors, _msg
+from hvctl.host._errors import _errors, _msg, _typed
 from hvctl.host.guest import STATE_MAP, ByteStream, ChannelBusy, DomainState, Guest
 from hvctl.host.storage import Pool, Volume, ensure_pool
 
@@ -163,6 +163,15 @@ class Host:
             if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
                 return None
             raise HypervisorError(f"lookup of {name} failed: {_msg(exc)}") from None
+
+    def find_guest_by_uuid(self, uuid: str) -> Guest | None:
+        """The domain with libvirt UUID ``uuid`` on this host, whatever its name; None if there is none."""
+        try:
+            return Guest(self, self.conn.lookupByUUIDString(uuid))
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return None
+            raise _typed(exc, f"lookup of domain {uuid}") from None
 
     def exists(self, name: str) -> bool:
         return self.find_guest(name) is not None

@@ -150,6 +150,7 @@ def checkpoint_migrate(ctx: Context, record: VMRecord, target: str, timeout_s: f
                      "bytes": sum(i.local_checkpoint.stat().st_size for i in moved if i.local_checkpoint),
                      "workloads": verified, "drained": draining, "source_host": record.host}
             ledger.complete_migration(name, target, port, reservation, stats, moved=new.ledger_columns())
+            ledger.set_domain_uuid(name, ctx.host(target).guest(name).uuid)  # the new incarnation is a new domain
             undo.commit()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from hvctl import passthrough
 from hvctl.context import Context
@@ -11,6 +12,7 @@ from hvctl.errors import AlreadyExists, InvalidSpec
 from hvctl.ledger import Admission, VMRecord
 from hvctl.ops import Reporter, SilentReporter, Undo, pooled
 from hvctl.ops.incarnation import BootOptions, GuestSecrets, Incarnation, LocalStorage, Storage, boot
+from hvctl.ops.intent import operation
 from hvctl.placement import choose_host, host_limit
 from hvctl.spec import VMSpec
 from images.store import Image
@@ -45,21 +47,25 @@ def create(ctx: Context, spec: VMSpec, reporter: Reporter | None = None, options
     storage = _storage_for(ctx, spec, image, say, stats)
     secrets = GuestSecrets.fresh(ctx, spec)
 
-    with Undo() as undo:
+    with operation(ctx, spec.name, "create", target=spec.host, say=say) as op, Undo() as undo:
         say("reserving in the ledger")
         here = ctx.is_this_machine(spec.host)
         record = ctx.ledger.reserve_vm(spec, spec.host, storage.paths, agent_token=secrets.token,
                                        host_pubkey=secrets.host_key.public_line, admission=admission,
                                        probe_ports=here)
         undo.push("forget the ledger row", lambda: ctx.ledger.delete_vm(spec.name, "create rolled back"))
+        op.step("reserved")
         if spec.gpus.count:
             say(f"binding {spec.gpus.count} GPU(s) to vfio-pci")
         gpu_alloc = passthrough.allocate(ctx, ctx.gpu_env, spec, spec.host, undo)
         incarnation = Incarnation(spec, spec.host, storage, record.ssh_port, secrets, gpu_alloc)
         message = boot(ctx, incarnation, options or BootOptions(), undo, say,
-                       lambda refused: ctx.ledger.move_ssh_port(spec.name, str(spec.ssh_bind), refused, probe=here))
+                       lambda refused: ctx.ledger.move_ssh_port(spec.name, str(spec.ssh_bind), refused, probe=here),
+                       op.step)
+        op.step("ready")
         if gpu_alloc:
             message += f"; GPUs {', '.join(gpu_alloc.gpus)}"
+        ctx.ledger.set_domain_uuid(spec.name, host.guest(spec.name).uuid)
         ctx.ledger.set_state(spec.name, "running", message)
         undo.commit()
     return ctx.ledger.get_vm(spec.name)
@@ -114,3 +120,33 @@ def check_network(ctx: Context, spec: VMSpec, host_name: str) -> None:
     elif ctx.is_this_machine(host_name) and not Path(f"/sys/class/net/{net.bridge}/bridge").is_dir():
         raise InvalidSpec(f"there is no bridge {net.bridge!r} on host {host_name}",
                           hint=f"create it first (ip link add {net.bridge} type bridge)")
+
+
+def reconcile_create(ctx: Context, op: dict[str, Any]) -> str:
+    """An interrupted create is rolled back: its domain (by the UUID the intent recorded, else by name and hvctl's
+    metadata on the target host), its GPUs, its files or volumes, and its ledger row. One that had committed
+    (the ledger says running) is left as it is."""
+    from hvctl.errors import NotFound
+    from hvctl.ops.lifecycle import remove_vm_files
+
+    vm, ledger = op["vm"], ctx.ledger
+    try:
+        record = ledger.get_vm(vm)
+    except NotFound:
+        ledger.end_operation(vm)
+        return "nothing had been recorded"
+    if record.state != "creating":
+        ledger.end_operation(vm)
+        return f"it had finished ({record.state})"
+    host = ctx.host(record.host)
+    uuid = op["data"].get("uuid")
+    guest = host.find_guest_by_uuid(uuid) if uuid else host.find_guest(vm)
+    if guest is not None and (uuid or guest.made_by_hvctl()):
+        guest.destroy()
+        guest.undefine()
+    if ledger.gpu_bindings(record.host, vm):
+        passthrough.release_vm(ctx, ctx.gpu_env, vm, record.host)
+    remove_vm_files(ctx, record)
+    ledger.delete_vm(vm, "an interrupted create was rolled back")
+    ledger.end_operation(vm)
+    return f"rolled back on {record.host}"

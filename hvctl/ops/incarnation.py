@@ -144,8 +144,11 @@ class Incarnation:
 
 
 def boot(ctx: Context, inc: Incarnation, options: BootOptions, undo: Undo, say: Callable[[str], None],
-         move_port: Callable[[int], int] | None = None) -> str:
+         move_port: Callable[[int], int] | None = None, step: Callable[..., None] | None = None) -> str:
     """Files, seed, domain, boot, readiness, agent: every step pushed on ``undo``. Returns how it went.
+
+    ``step`` (an operation's ``Operation.step``) records "files", "defined" with the domain's UUID (again if the
+    domain is defined again) and "started", so that a crash can be rolled back by what was made.
 
     ``move_port``: when QEMU cannot bind the SSH forward port on the host (something there holds it), it is called
     with that port and returns another, already recorded; the domain is defined again with it. Without it, a taken
@@ -153,7 +156,9 @@ def boot(ctx: Context, inc: Incarnation, options: BootOptions, undo: Undo, say: 
     spec, storage = inc.spec, inc.storage
     image = ctx.images.get(spec.image)
     host, caps = ctx.host(inc.host), ctx.capabilities(inc.host)
+    record = step or (lambda *_a, **_k: None)
     storage.make(spec, inc.secrets, undo, say)
+    record("files")
     paths = storage.paths
 
     def define(caps: HostCapabilities, port: int) -> Guest:
@@ -166,7 +171,9 @@ def boot(ctx: Context, inc: Incarnation, options: BootOptions, undo: Undo, say: 
             options.extra_cmdline,
             options.extra_qemu_args,
         )
-        return host.define(domain.to_xml())
+        defined = host.define(domain.to_xml())
+        record("defined", uuid=defined.uuid)
+        return defined
 
     say(f"defining domain on {inc.host} ({caps.accel.value}, q35, {spec.vcpus} vCPU, {spec.memory_mib} MiB)")
     port = inc.ssh_port
@@ -202,6 +209,7 @@ def boot(ctx: Context, inc: Incarnation, options: BootOptions, undo: Undo, say: 
         raise HypervisorError(f"{spec.name} could not bind an SSH forward port on host {inc.host} in "
                               f"{PORT_ATTEMPTS} tries", hint="something there is binding ports in hvctl's range")
     undo.push("destroy the domain", guest.destroy)
+    record("started")
 
     say("waiting for the guest to report ready")
     started = time.monotonic()

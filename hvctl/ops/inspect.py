@@ -59,6 +59,18 @@ def list_vms(ctx: Context) -> tuple[list[VMView], list[Drift], list[Drift]]:
     orphans: list[Drift] = []
     unreachable: list[Drift] = []
     records = ctx.ledger.list_vms()
+    from hvctl.ops.intent import holder_alive
+
+    operations = {op["vm"]: op for op in ctx.ledger.operations()}
+
+    def drift(record: VMRecord, actual: DomainState) -> str | None:
+        op = operations.get(record.name)
+        if op is None:
+            return describe_drift(record, actual)
+        if holder_alive(op["holder"], op["updated_at"]):
+            return None  # in flight: what libvirt and the ledger say differs for a moment, by design
+        return f"an interrupted {op['kind']} (step {op['step']}): `hvctl doctor --repair` finishes or undoes it"
+
     for host_name in sorted({r.host for r in records} | {ctx.host_name}):
         try:
             host = ctx.host(host_name)
@@ -70,7 +82,7 @@ def list_vms(ctx: Context) -> tuple[list[VMView], list[Drift], list[Drift]]:
             continue
         for record in (r for r in records if r.host == host_name):
             actual = states.get(record.name, DomainState.MISSING)
-            views.append(VMView(record, actual, describe_drift(record, actual)))
+            views.append(VMView(record, actual, drift(record, actual)))
         known = {r.name for r in records if r.host == host_name}
         orphans += [Drift(n, host_name, "domain made by hvctl but absent from the ledger")
                     for n in sorted(ours - known)]

@@ -6,15 +6,18 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from hvctl import passthrough
 from hvctl.console import console_size, wait_for_ready
 from hvctl.context import Context
 from hvctl.domain.model import retarget_ssh_forward
-from hvctl.errors import HvctlError, HypervisorError, NotFound
+from hvctl.errors import HostUnreachable, HvctlError, HypervisorError, NotFound
 from hvctl.host import DomainState, Guest
+from hvctl.ledger import VMRecord
 from hvctl.ops import Reporter, SilentReporter, pooled
 from hvctl.ops.incarnation import DEFAULT_BOOT_TIMEOUT, HOSTFWD_REFUSED, PORT_ATTEMPTS
+from hvctl.ops.intent import operation
 
 
 def start(ctx: Context, name: str, reporter: Reporter | None = None,
@@ -86,18 +89,41 @@ def destroy(ctx: Context, name: str, reporter: Reporter | None = None) -> None:
     """Remove the domain, its overlay disk and console log, and its ledger entry.
 
     The ledger row goes last: if anything fails first, the row still names what is left to clean, and a second
-    destroy finishes the job.
+    destroy finishes the job. It holds the VM's operation lock (an interrupted migration is reconciled first), and
+    deletes no file or volume while any host runs the VM's domain.
     """
     say = (reporter or SilentReporter()).step
+    ctx.ledger.get_vm(name)
+    with operation(ctx, name, "destroy", say=say) as op:
+        _destroy(ctx, name, say, op.step)
+
+
+def reconcile_destroy(ctx: Context, op: dict[str, Any]) -> str:
+    """An interrupted destroy is finished: destroy is idempotent up to its last step, the ledger row."""
+    try:
+        ctx.ledger.get_vm(op["vm"])
+    except NotFound:
+        ctx.ledger.end_operation(op["vm"])
+        return "it had finished"
+    _destroy(ctx, op["vm"], lambda _: None, lambda *_a, **_k: None)
+    ctx.ledger.end_operation(op["vm"])
+    return "finished"
+
+
+def _destroy(ctx: Context, name: str, say: Callable[[str], None], step: Callable[..., None]) -> None:
     record = ctx.ledger.get_vm(name)
     host = ctx.host(record.host)
     guest = host.find_guest(name)
-    if guest is not None and not guest.made_by_hvctl():
+    if guest is not None and (not guest.made_by_hvctl() or (record.domain_uuid and guest.uuid != record.domain_uuid)):
         # Someone else's domain of the same name: touching it, or the disk it may use, is not hvctl's to do.
-        raise HvctlError(f"the domain {name} on host {record.host} was not made by hvctl (no hvctl metadata); "
+        raise HvctlError(f"the domain {name} on host {record.host} is not the one hvctl made for this VM "
+                         f"({'no hvctl metadata' if not guest.made_by_hvctl() else f'UUID {guest.uuid}'}); "
                          "refusing to destroy it or to remove any file",
                          hint="undefine it yourself if it is leftover, then `hvctl destroy` again")
+    if guest is None:
+        _refuse_if_running_elsewhere(ctx, record)
     ctx.ledger.set_state(name, "destroying")
+    step("marked")
     try:
         if guest is not None:
             say("destroying the domain")
@@ -106,20 +132,51 @@ def destroy(ctx: Context, name: str, reporter: Reporter | None = None) -> None:
             guest.undefine()
     except NotFound:
         pass  # Already gone from libvirt (drift); the rest still has to be removed.
+    step("undefined")
     if ctx.ledger.gpu_bindings(record.host, name):
         say("giving the GPUs back to their host drivers")
         # A failure raises here, before the ledger row goes: `hvctl destroy` again, or `hvctl gpu release`.
         released = passthrough.release_vm(ctx, ctx.gpu_env, name, record.host)
         ctx.ledger.log_event(name, record.host, "gpu.released", f"returned {', '.join(released)} to their drivers")
+    say(f"deleting the VM's volumes from host {record.host}'s storage pool" if not ctx.is_this_machine(record.host)
+        else "removing the overlay disk and console log")
+    remove_vm_files(ctx, record)
+    step("files-removed")
+    ctx.ledger.delete_vm(name, f"destroyed {name}")
+
+
+def remove_vm_files(ctx: Context, record: VMRecord) -> None:
+    """The VM's disk, seed and console log: its volumes in its host's pool, or its directories here (NAME, or
+    NAME.gN after a migration that moved its files, and any other left over). The caller has made sure that no
+    host runs its domain."""
     if not ctx.is_this_machine(record.host):
-        say(f"deleting the VM's volumes from host {record.host}'s storage pool")
-        pooled.open_files(host, name).delete()
-        ctx.ledger.delete_vm(name, f"destroyed {name}")
+        pooled.open_files(ctx.host(record.host), record.name).delete()
         return
-    say("removing the overlay disk and console log")
     record.overlay.unlink(missing_ok=True)
-    # The current incarnation's directory (NAME, or NAME.gN after a checkpoint-migration) and any other left over.
-    for vm_dir in {ctx.paths.vm_dir(name), ctx.paths.vm_dir(name, 1), record.overlay.parent}:
+    for vm_dir in {ctx.paths.vm_dir(record.name), ctx.paths.vm_dir(record.name, 1), record.overlay.parent}:
         if vm_dir.parent == ctx.paths.root / "vms":
             shutil.rmtree(vm_dir, ignore_errors=True)
-    ctx.ledger.delete_vm(name, f"destroyed {name}")
+
+
+def _refuse_if_running_elsewhere(ctx: Context, record: VMRecord) -> None:
+    """The VM's host has no domain for it. Before its disk goes, every other host is asked, by the domain's UUID
+    (by name and hvctl's metadata for a VM recorded before UUIDs were), whether it runs it there: after a crash
+    mid-migration it may, with the ledger still naming the source."""
+    silent = []
+    for other in ctx.ledger.list_hosts():
+        if other.name == record.host:
+            continue
+        try:
+            host = ctx.host(other.name)
+            found = host.find_guest_by_uuid(record.domain_uuid) if record.domain_uuid else \
+                host.find_guest(record.name)
+            if found is not None and (record.domain_uuid or found.made_by_hvctl()):
+                raise HvctlError(f"{record.name}'s domain is on host {other.name} ({found.state().value}), not on "
+                                 f"{record.host} as the ledger says; refusing to delete a disk it may be using",
+                                 hint="`hvctl doctor --repair` reconciles an interrupted migration")
+        except HostUnreachable as exc:
+            silent.append(f"{other.name} ({exc.message})")
+    if silent:
+        raise HostUnreachable(f"{record.name} has no domain on {record.host}, and hvctl cannot confirm that no other "
+                              f"host runs it: {'; '.join(silent)}",
+                              hint="try again when those hosts answer, or `hvctl host rm` a host that is gone for good")

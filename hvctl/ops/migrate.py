@@ -8,6 +8,7 @@ on the source, the reservation is released and the event log says what happened.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import shutil
@@ -31,6 +32,7 @@ from hvctl.ops import pooled
 from hvctl.ops.ckpt_migrate import checkpoint_migrate
 from hvctl.ops.create import check_network
 from hvctl.ops.incarnation import make_overlay
+from hvctl.ops.intent import Operation, operation
 from hvctl.paths import make_private_dir
 from hvctl.placement import host_limit
 
@@ -55,6 +57,18 @@ class MigrationFailed(HvctlError):
 def migrate(ctx: Context, name: str, target: str, opts: MigrateOptions,
             on_progress: Callable[[dict[str, Any]], None] | None = None,
             on_step: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """A live (or offline) migration holds the VM's operation lock with a durable intent (``hvctl.ops.intent``),
+    so a crash at any step is finished or rolled back by ``reconcile_migration``."""
+    ctx.ledger.get_vm(name)  # NotFound before any lock
+    if opts.mode == "checkpoint":
+        return _migrate(ctx, name, target, opts, on_progress, on_step, None)
+    with operation(ctx, name, "migrate", target=target, say=on_step) as op:
+        return _migrate(ctx, name, target, opts, on_progress, on_step, op)
+
+
+def _migrate(ctx: Context, name: str, target: str, opts: MigrateOptions,
+             on_progress: Callable[[dict[str, Any]], None] | None, on_step: Callable[[str], None] | None,
+             op: Operation | None) -> dict[str, Any]:
     ledger = ctx.ledger
     record = ledger.get_vm(name)
     target_record = ledger.get_host(target)
@@ -100,6 +114,9 @@ def migrate(ctx: Context, name: str, target: str, opts: MigrateOptions,
                 raise InvalidSpec(f"{disk} is not reachable from {target}",
                                   hint=None if opts.copy_storage else "use --copy-storage")
     say = on_step or (lambda _: None)
+    if op is not None:
+        op.step("checked", source=record.host, uuid=guest.uuid, source_overlay=str(record.overlay),
+                copy_storage=opts.copy_storage)
     # A host never used since it was registered (the default host, say) has its capacity probed first: its limit
     # would read as zero otherwise.
     ctx.capabilities(target)
@@ -111,14 +128,20 @@ def migrate(ctx: Context, name: str, target: str, opts: MigrateOptions,
     try:
         port = ledger.free_port_on(target, bind_address=str(record.spec.ssh_bind) if ctx.is_this_machine(target)
                                    else None)
+        if op is not None:
+            op.step("reserved", reservation=reservation, port=port)
         dest_xml = retarget_ssh_forward(guest.migratable_xml(), port)
         if opts.copy_storage:
             copy = prepare_storage_copy(ctx, record, target, dest_xml, say)
             dest_xml = copy.dest_xml
+            if op is not None:
+                op.step("prepared", moved=copy.moved)
         if opts.max_downtime_ms:
             guest.set_max_downtime(opts.max_downtime_ms)
         stats = _run(ctx, guest, record.host, target, dest_xml, opts, on_progress,
                      copy.copy_disks if copy else ())
+        if op is not None:
+            op.step("migrated")  # libvirt has finished: the VM runs on the target, the ledger does not say so yet
     except BaseException as exc:
         ledger.release(reservation)
         if copy is not None:
@@ -128,9 +151,71 @@ def migrate(ctx: Context, name: str, target: str, opts: MigrateOptions,
                                                                 f"{message}; it stays on {record.host}")
         raise
     ledger.complete_migration(name, target, port, reservation, stats, moved=copy.moved if copy else None)
+    if op is not None:
+        op.step("committed")
     if opts.copy_storage:
         _discard_source_files(ctx, record)  # the source's copy: the VM runs on the new one
     return stats
+
+
+def reconcile_migration(ctx: Context, op: dict[str, Any]) -> str:
+    """An interrupted live migration, decided by where the domain with the VM's UUID runs now:
+    - the ledger already says the target (killed after the commit): the source's leftover copy is removed;
+    - it runs on the target and no longer on the source (libvirt finished, hvctl did not commit): committed now,
+      with the reservation turned into its allocation, and the source's copy removed;
+    - it runs on the source and not on the target: rolled back, the reservation released and the target's copy
+      of its disk (made for --copy-storage, unused) removed;
+    - on both, or on neither: not decided; the row stays, and the reason is returned.
+    A file or volume is removed only when no host of the two runs a domain with that UUID from it."""
+    vm, target, data = op["vm"], op["target"], op["data"]
+    source = data.get("source")
+    ledger = ctx.ledger
+    if source is None:  # killed before the checks ended: nothing was made
+        ledger.end_operation(vm)
+        return "nothing had been done yet"
+    record = ledger.get_vm(vm)
+    uuid = data["uuid"]
+    copy_storage = bool(data.get("copy_storage"))
+    if record.host == target:
+        if copy_storage and ctx.host(source).find_guest_by_uuid(uuid) is None:
+            _discard_source_files(ctx, dataclasses.replace(record, host=source,
+                                                           overlay=Path(data["source_overlay"])))
+        ledger.end_operation(vm)
+        return f"it had been committed on {target}" + ("; the source's copy of its disk is removed" if copy_storage
+                                                       else "")
+    there = ctx.host(target).find_guest_by_uuid(uuid)
+    here = ctx.host(source).find_guest_by_uuid(uuid)
+    live = (DomainState.RUNNING, DomainState.PAUSED)
+    if there is not None and there.state() in live and (here is None or here.state() not in live):
+        reservation = data.get("reservation")
+        port = data.get("port")
+        if reservation is None or port is None:
+            return "undecided: the VM runs on the target, but the intent has no reservation or port"
+        ledger.complete_migration(vm, target, int(port), int(reservation), {"reconciled": True},
+                                  moved=data.get("moved"))
+        if copy_storage and here is None:
+            _discard_source_files(ctx, dataclasses.replace(record, overlay=Path(data["source_overlay"])))
+        ledger.end_operation(vm)
+        return f"libvirt had finished: committed on {target}"
+    if here is not None and here.state() in live and there is None:
+        ledger.release_for(vm, "migration", target)
+        if copy_storage:
+            _discard_target_copy(ctx, record, target)
+        ledger.end_operation(vm)
+        return f"it never left {source}: rolled back"
+    return (f"undecided: the domain runs on {'both hosts' if here and there else 'neither host'}; "
+            "if a migration is still finishing, try again in a moment")
+
+
+def _discard_target_copy(ctx: Context, record: VMRecord, target: str) -> None:
+    """The unused disk a rolled-back --copy-storage made on the target: the directory beside the VM's here, or its
+    volumes in the target's pool (the VM itself is elsewhere: its ledger row names other files)."""
+    if ctx.is_this_machine(target):
+        files = ctx.paths.next_vm_files(record.name, record.overlay)
+        if files.dir != record.overlay.parent:
+            shutil.rmtree(files.dir, ignore_errors=True)
+    else:
+        pooled.open_files(ctx.host(target), record.name).delete()
 
 
 def migration_address(ctx: Context, source: str, target: str) -> str:

@@ -1,0 +1,142 @@
+"""Durable intents and per-VM operation locks: what makes an operation killed at any step recoverable.
+
+An operation that changes the world (a migration, for now) first writes a row in the ledger's ``operations`` table:
+the VM, the hosts, the domain's UUID, and who holds it (this machine, boot and process). The row is the VM's
+operation lock, so two mutating commands on one VM never interleave; it records each step reached and what exists
+so far; and it goes away when the operation ends, whether it finished or rolled back. A row left behind means the
+holder died mid-way. Then ``reconcile`` asks the hosts where the domain with that UUID really runs (libvirt is the
+truth for what runs) and finishes the operation or rolls it back: at ``hvctl doctor --repair``, or when the next
+command on that VM finds the lock held by a dead process.
+
+``HVCTL_CRASH_AFTER=KIND.STEP`` makes hvctl SIGKILL itself right after recording that step: how the tests crash
+every step on purpose, with no timing involved.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hvctl.context import Context
+from hvctl.errors import HostUnreachable, HvctlError
+
+CRASH_ENV = "HVCTL_CRASH_AFTER"
+# A holder on another controller machine cannot be checked for life from here: its lock is trusted until it has
+# not recorded a step for this long.
+LEASE_S = 900.0
+
+
+class OperationBusy(HvctlError):
+    """Another command is operating on this VM right now."""
+
+    exit_code = 16
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return ""
+
+
+def _start_ticks(pid: int) -> str:
+    """The process's start time (field 22 of /proc/PID/stat): a pid reused by another process has another one."""
+    stat = _read(f"/proc/{pid}/stat")
+    return stat.rsplit(")", 1)[1].split()[19] if ")" in stat else ""
+
+
+def this_holder() -> str:
+    """Who this process is, for a lock: machine, boot, pid and the pid's start time."""
+    pid = os.getpid()
+    return f"{_read('/etc/machine-id') or 'unknown'}/{_read('/proc/sys/kernel/random/boot_id')}/{pid}/" \
+           f"{_start_ticks(pid)}"
+
+
+def holder_alive(holder: str, updated_at: float) -> bool:
+    """Whether the process that wrote ``holder`` still runs. On this machine that is checked exactly (same boot,
+    same pid with the same start time); a holder on another machine is trusted until its lease runs out."""
+    machine, boot, pid, ticks = (holder.split("/") + ["", "", "", ""])[:4]
+    if machine != (_read("/etc/machine-id") or "unknown"):
+        return time.time() - updated_at < LEASE_S
+    if boot != _read("/proc/sys/kernel/random/boot_id") or not pid.isdigit():
+        return False
+    return _start_ticks(int(pid)) == ticks
+
+
+def describe(op: dict[str, Any]) -> str:
+    source = op.get("source") or op["data"].get("source")
+    where = (f" from {source}" if source else "") + (f" to {op['target']}" if op.get("target") else "")
+    return f"{op['kind']} of {op['vm']}{where} (step {op['step']}, started {time.ctime(op['started_at'])})"
+
+
+@dataclass
+class Operation:
+    ctx: Context
+    vm: str
+    kind: str
+    holder: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def step(self, name: str, **data: Any) -> None:
+        """Record that ``name`` is done and what it made; then the crash hook may fire."""
+        self.data |= data
+        self.ctx.ledger.operation_step(self.vm, self.holder, name, data)
+        if os.environ.get(CRASH_ENV) == f"{self.kind}.{name}":
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+@contextmanager
+def operation(ctx: Context, vm: str, kind: str, *, source: str | None = None, target: str | None = None,
+              data: dict[str, Any] | None = None, say: Callable[[str], None] | None = None) -> Iterator[Operation]:
+    """Hold VM ``vm``'s operation lock for the block, with its intent row. A lock left by a dead holder is
+    reconciled first; one held by a live process refuses with who holds it. The row goes when the block ends,
+    however it ends: the caller has finished or rolled back by then. Only a crash leaves it."""
+    holder = this_holder()
+    held = ctx.ledger.begin_operation(vm, kind, holder, source, target, data or {})
+    if held is not None:
+        if holder_alive(held["holder"], held["updated_at"]):
+            raise OperationBusy(f"{vm} is busy: {describe(held)} is in progress",
+                                hint="wait for it to finish, then try again")
+        if say:
+            say(f"an interrupted {describe(held)} is reconciled first")
+        outcome = reconcile(ctx, held)
+        held = ctx.ledger.begin_operation(vm, kind, holder, source, target, data or {})
+        if held is not None:
+            raise OperationBusy(f"{vm}: an interrupted {describe(held)} could not be reconciled: {outcome}",
+                                hint="`hvctl doctor --repair` once every host involved answers")
+    try:
+        yield Operation(ctx, vm, kind, holder, dict(data or {}))
+    finally:
+        ctx.ledger.end_operation(vm, holder)
+
+
+def reconcile(ctx: Context, op: dict[str, Any]) -> str:
+    """Finish or roll back one interrupted operation. Returns what was done; the row is removed when decided,
+    and kept (with the reason returned) when a host involved cannot be asked or the outcome is not yet known."""
+    try:
+        if op["kind"] == "migrate":
+            from hvctl.ops.migrate import reconcile_migration
+
+            return reconcile_migration(ctx, op)
+        if op["kind"] == "create":
+            from hvctl.ops.create import reconcile_create
+
+            return reconcile_create(ctx, op)
+        if op["kind"] == "destroy":
+            from hvctl.ops.lifecycle import reconcile_destroy
+
+            return reconcile_destroy(ctx, op)
+    except HostUnreachable as exc:
+        return f"undecided: {exc.message}"
+    return f"undecided: hvctl does not know how to reconcile a {op['kind']}"
+
+
+def interrupted(ctx: Context) -> list[dict[str, Any]]:
+    """Operations whose holder is dead: what `doctor` reports and `doctor --repair` reconciles."""
+    return [op for op in ctx.ledger.operations() if not holder_alive(op["holder"], op["updated_at"])]

@@ -1,0 +1,108 @@
+"""Durable intents and per-VM operation locks on a real SQLite ledger, with libvirt's test driver as the host:
+a live holder refuses a second command, a dead one's intent is reconciled before the lock is taken over, and the
+crash hook really kills the process at the named step."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import short_tempdir
+
+from hvctl.context import Context
+from hvctl.ops.intent import CRASH_ENV, OperationBusy, holder_alive, interrupted, operation, this_holder
+
+
+@pytest.fixture
+def ctx() -> Iterator[Context]:
+    state = short_tempdir("hvi-")
+    context = Context(state_dir=state, uri="test:///default")
+    context.ledger.ensure_host("local", "test:///default")
+    yield context
+    context.close()
+    shutil.rmtree(state, ignore_errors=True)
+
+
+def dead_holder() -> str:
+    """A holder string for a process that has exited: this machine and boot, a pid that no longer runs."""
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    machine, boot, _, _ = this_holder().split("/")
+    return f"{machine}/{boot}/{child.stdout.strip()}/1"
+
+
+def test_this_process_is_alive_and_an_exited_one_is_not() -> None:
+    assert holder_alive(this_holder(), 0.0)
+    assert not holder_alive(dead_holder(), 0.0)
+    # Another boot of this machine: its processes are gone, whatever their pids.
+    machine, _, pid, ticks = this_holder().split("/")
+    assert not holder_alive(f"{machine}/another-boot/{pid}/{ticks}", 0.0)
+
+
+def test_a_live_holder_refuses_a_second_command_and_the_lock_goes_with_the_block(ctx: Context) -> None:
+    with operation(ctx, "vm1", "migrate", target="h2"):
+        with pytest.raises(OperationBusy, match="vm1 is busy: migrate of vm1"), \
+                operation(ctx, "vm1", "destroy"):
+            pass  # never reached
+        with operation(ctx, "vm2", "destroy"):  # another VM's lock is its own
+            assert {op["vm"] for op in ctx.ledger.operations()} == {"vm1", "vm2"}
+    assert ctx.ledger.operations() == []
+    with pytest.raises(RuntimeError), operation(ctx, "vm1", "destroy"):
+        raise RuntimeError("the caller rolled back and re-raised")
+    assert ctx.ledger.operations() == []  # a failure that was handled leaves no intent behind
+
+
+def test_a_dead_holders_intent_is_reconciled_and_its_lock_taken_over(ctx: Context) -> None:
+    ctx.ledger.begin_operation("vm1", "migrate", dead_holder(), None, "h2", {})
+    (op,) = interrupted(ctx)
+    assert op["vm"] == "vm1" and op["step"] == "begun"
+    steps = []
+    with operation(ctx, "vm1", "destroy", say=steps.append):
+        assert [o["kind"] for o in ctx.ledger.operations()] == ["destroy"]
+    assert len(steps) == 1 and steps[0].startswith("an interrupted migrate of vm1 to h2 (step begun")
+    assert interrupted(ctx) == [] and ctx.ledger.operations() == []
+
+
+def test_an_intent_that_cannot_be_decided_keeps_the_lock(ctx: Context) -> None:
+    ctx.ledger.begin_operation("vm1", "resize", dead_holder(), None, None, {})
+    with pytest.raises(OperationBusy, match="could not be reconciled: undecided"), operation(ctx, "vm1", "destroy"):
+        pass
+    assert [op["kind"] for op in ctx.ledger.operations()] == ["resize"]
+
+
+def test_the_crash_hook_kills_the_process_right_after_the_named_step(ctx: Context, tmp_path: Path) -> None:
+    script = textwrap.dedent(f"""
+        from pathlib import Path
+        from hvctl.context import Context
+        from hvctl.ops.intent import operation
+        ctx = Context(state_dir=Path({str(ctx.paths.root)!r}), uri="test:///default")
+        with operation(ctx, "vm1", "migrate", target="h2") as op:
+            op.step("checked", source="local")
+            op.step("reserved", reservation=7)
+            print("not reached")
+    """)
+    env = os.environ | {CRASH_ENV: "migrate.checked"}
+    killed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
+    assert killed.returncode == -9 and "not reached" not in killed.stdout, killed.stderr
+    (op,) = interrupted(ctx)
+    assert op["step"] == "checked" and op["data"] == {"source": "local"}
+
+
+def test_list_calls_an_interrupted_operation_by_its_name_and_leaves_a_live_one_alone(ctx: Context) -> None:
+    from hvctl.ledger import VMPaths
+    from hvctl.ops.inspect import list_vms
+    from hvctl.spec import VMSpec
+
+    vm = ctx.paths.root / "test"  # "test": the domain libvirt's test driver runs
+    ctx.ledger.reserve_vm(VMSpec(name="test"), "local", VMPaths(vm / "b", vm / "o", vm / "s", vm / "c", vm / "a"))
+    with operation(ctx, "test", "create"):
+        (view,), _, _ = list_vms(ctx)
+        assert view.drift is None  # state "creating" while its create runs is not drift
+    ctx.ledger.begin_operation("test", "create", dead_holder(), None, "local", {})
+    (view,), _, _ = list_vms(ctx)
+    assert view.drift == "an interrupted create (step begun): `hvctl doctor --repair` finishes or undoes it"
