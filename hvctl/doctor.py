@@ -96,7 +96,7 @@ def run_checks(ctx: Context) -> list[Check]:
     stranded = stranded_gpus(ctx)
     checks.append(Check("gpu bindings", not stranded,
                         "; ".join(f"{r['address']} ({r['state']} for {r['vm'] or 'no VM'})" for r in stranded)
-                        or "every device hvctl bound belongs to a running VM",
+                        or "every device hvctl bound belongs to a VM it has (running or stopped)",
                         "`hvctl doctor --repair` returns them to their host drivers" if stranded else None))
 
     from hvctl.ops.intent import describe, interrupted
@@ -132,32 +132,21 @@ def _hosts_check(ctx: Context) -> Check:
                  "forgets a host that is gone for good" if down else None)
 
 
-def reachable_hosts(ctx: Context, names: set[str]) -> dict[str, set[str]]:
-    """The running VMs of each of ``names`` that answers; an unreachable host is left out, never guessed at."""
-    found = {}
-    for name in sorted(names):
-        try:
-            found[name] = running_vms(ctx, name)
-        except HostUnreachable:
-            continue
-    return found
-
-
-def running_vms(ctx: Context, host: str) -> set[str]:
-    from hvctl.host import DomainState
-
-    states = ctx.host(host).domain_states()
-    return {name for name, state in states.items() if state in (DomainState.RUNNING, DomainState.PAUSED)}
+def gpu_keepers(ctx: Context, host: str) -> set[str]:
+    """The VMs on ``host`` that keep their GPUs: every one the ledger has, running or stopped. Only destroy
+    releases a VM's GPUs; a stopped VM's are rebound at its start if a host reboot gave them back."""
+    return {vm.name for vm in ctx.ledger.list_vms(host=host)}
 
 
 def stranded_gpus(ctx: Context) -> list[dict[str, Any]]:
-    """Devices hvctl moved (or began to move) whose VM is not running: left by a crash or a failed release."""
+    """Devices hvctl moved (or began to move) for a VM it no longer has: left by a crash or a failed release."""
     from vfio.binding import TERMINAL_STATES
 
     stranded = []
-    for host, running in reachable_hosts(ctx, {r["host"] for r in ctx.ledger.gpu_bindings()}).items():
+    for host in sorted({r["host"] for r in ctx.ledger.gpu_bindings()}):
+        keepers = gpu_keepers(ctx, host)
         stranded += [r for r in ctx.ledger.gpu_bindings(host)
-                     if r["state"] not in TERMINAL_STATES and r["vm"] not in running]
+                     if r["state"] not in TERMINAL_STATES and r["vm"] not in keepers]
     return stranded
 
 
@@ -170,8 +159,8 @@ def repair(ctx: Context) -> dict[str, Any]:
 
     operations = [{"operation": describe(op), "outcome": reconcile(ctx, op)} for op in interrupted(ctx)]
     returned: list[str] = []
-    for host, running in reachable_hosts(ctx, {r["host"] for r in ctx.ledger.gpu_bindings()}).items():
-        done = passthrough.repair(ctx, ctx.gpu_env, host, running)
+    for host in sorted({r["host"] for r in ctx.ledger.gpu_bindings()}):
+        done = passthrough.repair(ctx, ctx.gpu_env, host, gpu_keepers(ctx, host))
         if done:
             ctx.ledger.log_event(None, host, "gpu.repaired", f"returned {', '.join(done)} to their host drivers")
         returned += done

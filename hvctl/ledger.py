@@ -171,6 +171,12 @@ class VMPaths:
     agent_socket: Path
 
 
+class DeviceTaken(HvctlError):
+    """Another VM claimed the device first."""
+
+    exit_code = 13
+
+
 @dataclass(frozen=True)
 class VMRecord:
     name: str
@@ -539,6 +545,32 @@ class Ledger:
             self._event(db, name, target, "migration.completed", f"migrated {name} from {source} to {target}", stats)
 
     # -- GPU bindings: the vfio binder's journal -----------------------------------------------------------------
+
+    def claim_gpus(self, host: str, vm: str, addresses: list[str], free_states: frozenset[str]) -> None:
+        """Claim devices for ``vm`` in one transaction, before anything is bound: two creates that chose the same
+        device cannot both get it. A device whose row is another VM's, in a state outside ``free_states``, is
+        refused (DeviceTaken) and nothing is claimed."""
+        now = time.time()
+        with self.transaction() as db:
+            for address in addresses:
+                row = db.execute("SELECT vm, state FROM gpu_bindings WHERE host = ? AND address = ?",
+                                 (host, address)).fetchone()
+                if row is not None and row["vm"] != vm and row["state"] not in free_states:
+                    raise DeviceTaken(f"{address} on host {host} was just claimed by VM {row['vm']}",
+                                      hint="try again: another free device may be chosen")
+            for address in addresses:
+                db.execute("INSERT INTO gpu_bindings (host, address, vm, original_driver, step, state, updated_at) "
+                           "VALUES (?,?,?,NULL,'claim','claimed',?) ON CONFLICT (host, address) DO UPDATE SET "
+                           "vm = excluded.vm, original_driver = NULL, step = 'claim', state = 'claimed', "
+                           "updated_at = excluded.updated_at", (host, address, vm, now))
+
+    def unclaim_gpus(self, host: str, vm: str) -> list[str]:
+        """Drop ``vm``'s claims on devices that were never moved (state 'claimed'); returns their addresses."""
+        with self.transaction() as db:
+            rows = db.execute("SELECT address FROM gpu_bindings WHERE host = ? AND vm = ? AND state = 'claimed'",
+                              (host, vm)).fetchall()
+            db.execute("DELETE FROM gpu_bindings WHERE host = ? AND vm = ? AND state = 'claimed'", (host, vm))
+        return [r[0] for r in rows]
 
     def record_gpu_step(self, host: str, address: str, vm: str | None, step: str, original_driver: str | None,
                         state: str) -> None:

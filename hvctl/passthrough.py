@@ -19,7 +19,6 @@ from hvctl.ledger import Ledger
 from hvctl.ops import Undo
 from hvctl.spec import VMSpec
 from vfio import (
-    BindError,
     Binding,
     BoundDevice,
     Gpu,
@@ -134,10 +133,13 @@ def allocate(ctx: Context, env: GpuEnvironment, spec: VMSpec, host: str, undo: U
                           hint="run hvctl on that host to create GPU VMs there")
     chosen = choose(ctx, env, spec, host)
     addresses = [a for _, plan in chosen for a in plan]
+    # Claimed in one ledger transaction first: a concurrent create that chose the same device is refused here.
+    ctx.ledger.claim_gpus(host, spec.name, addresses, TERMINAL_STATES)
     vfio = binder(ctx, env, host, spec.name)
     try:
         binding = vfio.bind(addresses)
-    except BindError:
+    except BaseException:
+        ctx.ledger.unclaim_gpus(host, spec.name)  # devices the bind never reached
         _forget_settled(ctx.ledger, host, addresses)  # rolled back: every device is where it started
         raise
     undo.push("give the GPUs back to their host drivers", lambda: release_binding(ctx, env, host, binding))
@@ -158,6 +160,7 @@ def release_binding(ctx: Context, env: GpuEnvironment, host: str, binding: Bindi
 
 def release_vm(ctx: Context, env: GpuEnvironment, vm: str, host: str) -> list[str]:
     """After the VM's domain is gone: every device it held back to its original driver. Returns the addresses."""
+    ctx.ledger.unclaim_gpus(host, vm)  # claimed, never moved: nothing to give back
     rows = ctx.ledger.gpu_bindings(host, vm)
     if not rows:
         return []
@@ -168,10 +171,23 @@ def release_vm(ctx: Context, env: GpuEnvironment, vm: str, host: str) -> list[st
     return [r["address"] for r in rows]
 
 
+def rebind_vm(ctx: Context, env: GpuEnvironment, vm: str, host: str) -> list[str]:
+    """Before a stopped VM starts: the devices it holds that are no longer on vfio-pci (a host reboot gave them
+    back to their drivers) are bound again. Returns the addresses that moved; a bind that fails leaves them all
+    where they were and raises."""
+    rows = ctx.ledger.gpu_bindings(host, vm)
+    sysfs = PciSysfs(env.sysfs_root)
+    stray = [r["address"] for r in rows if sysfs.device(r["address"]).driver != "vfio-pci"]
+    if stray:
+        binder(ctx, env, host, vm).bind([r["address"] for r in rows])
+    return stray
+
+
 def release_address(ctx: Context, env: GpuEnvironment, address: str, host: str,
                     running: Callable[[], set[str]]) -> dict[str, Any]:
-    """``hvctl gpu release ADDR``: give back a GPU (all its functions) whose VM is gone or never started.
-    ``running`` names the host's running VMs; it is asked only once the address is known to be a bound GPU."""
+    """``hvctl gpu release ADDR``: give back a GPU (all its functions) whose VM hvctl no longer has (its ledger row
+    is gone, as after a crash). ``running`` names the VMs that keep their GPUs, the host's VMs in the ledger,
+    running or stopped: only destroy releases theirs. It is asked only once the address is known to be bound."""
     sysfs = PciSysfs(env.sysfs_root)
     gpu = sysfs.gpu(address, accelerator_allowlist=accelerator_allowlist(ctx))  # unknown, or not a GPU: refused
     rows = {r["address"]: r for r in ctx.ledger.gpu_bindings(host)}
@@ -181,7 +197,8 @@ def release_address(ctx: Context, env: GpuEnvironment, address: str, host: str,
     vms = {r["vm"] for r in held if r["vm"]}
     busy = sorted(vms & running())
     if busy:
-        raise InvalidSpec(f"{gpu.address} is held by running VM {busy[0]}", hint=f"hvctl destroy {busy[0]} first")
+        raise InvalidSpec(f"{gpu.address} is held by VM {busy[0]}, which keeps it while it exists, running or "
+                          "stopped", hint=f"hvctl destroy {busy[0]} releases it")
     # Driverless group mates pinned with it belong to the same VM's bind.
     extra = [r for r in rows.values() if r["vm"] in vms and r["address"] not in {h["address"] for h in held}]
     entries = [JournalEntry(r["address"], r["step"], r["original_driver"], "bound") for r in (*held, *extra)]
@@ -191,8 +208,11 @@ def release_address(ctx: Context, env: GpuEnvironment, address: str, host: str,
 
 
 def repair(ctx: Context, env: GpuEnvironment, host: str, running: set[str]) -> list[str]:
-    """``hvctl doctor --repair``: finish what a crash interrupted. Devices of VMs that are not running, in any
-    state short of back-with-their-driver, are returned; rows that say "back" are dropped."""
+    """``hvctl doctor --repair``: finish what a crash interrupted. Devices of VMs hvctl no longer has (``running``:
+    the host's VMs in the ledger, which keep theirs even when stopped), in any state short of
+    back-with-their-driver, are returned; rows that say "back" are dropped."""
+    for vm in {r["vm"] for r in ctx.ledger.gpu_bindings(host) if r["vm"] not in running}:
+        ctx.ledger.unclaim_gpus(host, vm)  # claims of a create that never bound: the devices never moved
     rows = ctx.ledger.gpu_bindings(host)
     pending = [r for r in rows if r["state"] not in TERMINAL_STATES and r["vm"] not in running]
     done = binder(ctx, env, host, None).recover(

@@ -50,6 +50,12 @@ class Image(BaseModel):
     def base_disk(self) -> Path:
         return self.directory / "base.qcow2"
 
+    def is_base_of(self, disk: Path | str) -> bool:
+        """Whether ``disk`` (a VM's backing image, as its ledger row names it) is this build: its base.qcow2 here,
+        or the volume it was uploaded as into a host's pool (``img-NAME-HASH16.qcow2``)."""
+        path = Path(disk)
+        return path == self.base_disk or path.name == f"img-{self.name}-{self.content_hash[:16]}.qcow2"
+
     def verify(self) -> None:
         """Refuse an image whose files went missing or whose base disk qemu-img cannot read."""
         for part in (self.kernel, self.initrd, self.base_disk):
@@ -91,11 +97,26 @@ class ImageStore:
         manifest = directory / "manifest.json"
         return Image.model_validate_json(manifest.read_text()) if manifest.is_file() else None
 
-    def build(self, recipe_name: str, progress: Progress | None = None, force: bool = False) -> Image:
+    def for_base(self, disk: Path | str) -> Image:
+        """The build a VM's disk is backed by (see ``Image.is_base_of``): the one its copy must be backed by too."""
+        for image in self.list():
+            if image.is_base_of(disk):
+                return image
+        raise ImageError(f"no image in the store is the base of {disk}",
+                         hint="the build that VM was made from has been removed")
+
+    def build(self, recipe_name: str, progress: Progress | None = None, force: bool = False,
+              users: Callable[[Image], builtins.list[str]] | None = None) -> Image:
+        """``users``: the VMs whose disks a build backs. ``force`` rebuilds in place, so it is refused for a build
+        that any VM uses: its overlays would be left on a base they were not made from."""
         recipe = load_recipe(recipe_name)
         cached = self.find(recipe)
         if cached is not None and not force:
             return cached
+        if cached is not None and users is not None and (using := users(cached)):
+            raise ImageError(f"image {cached.name}@{cached.content_hash} is the base of the disks of "
+                             f"{', '.join(using)}; rebuilding it would corrupt them",
+                             hint="destroy those VMs first, or change the recipe: a changed recipe builds beside it")
         self.root.mkdir(parents=True, exist_ok=True)
         final = self.root / f"{recipe.name}@{recipe.content_hash()}"
         work = self.root / f".build-{recipe.name}-{time.time_ns()}"
@@ -125,11 +146,12 @@ class ImageStore:
             shutil.rmtree(work, ignore_errors=True)
 
     def remove(self, name: str, in_use: set[Path] | None = None) -> builtins.list[Image]:
-        """Remove every build of ``name`` unless a VM's overlay still uses its base disk."""
+        """Remove every build of ``name`` unless a VM's overlay still uses its base disk (here, or the copy of it
+        in a host's pool: a migration back here needs the build it was made from)."""
         victims = [i for i in self.list() if i.name == name]
         if not victims:
             raise ImageError(f"unknown image {name!r}")
-        busy = [i for i in victims if in_use and i.base_disk in in_use]
+        busy = [i for i in victims if in_use and any(i.is_base_of(disk) for disk in in_use)]
         if busy:
             raise ImageError(f"image {name} is in use by a VM's disk; destroy those VMs first")
         for image in victims:

@@ -9,6 +9,7 @@ and every sysfs write the binder makes. tests/test_vm_vfio.py runs the same vfio
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
@@ -36,11 +37,11 @@ from fakesysfs import (
 )
 
 from hvctl.context import Context, GpuEnvironment
-from hvctl.doctor import repair
+from hvctl.doctor import gpu_keepers, repair
 from hvctl.ledger import QuotaExceeded
 from hvctl.ops.create import create
 from hvctl.ops.incarnation import BootOptions
-from hvctl.ops.lifecycle import destroy
+from hvctl.ops.lifecycle import destroy, start, stop
 from hvctl.passthrough import NoGpuAvailable, release_address
 from hvctl.placement import NoValidHost
 from hvctl.spec import VMSpec
@@ -77,7 +78,18 @@ class Rig:
         inventory = [(GPU, "10de:2684"), (H100, "10de:2330"), (EDU, "edu"), (IDLE_GPU, "10de:2684")]
         self.ctx.ledger.record_host_inventory("local", [], [{"address": a, "model": m} for a, m in inventory])
 
-    def create(self, name: str, gpus: int, model: str | None = None, host: str | None = None) -> None:
+    def create(self, name: str, gpus: int, model: str | None = None, host: str | None = None,
+               ctx: Context | None = None) -> None:
+        with self.stand_in_guest(name):
+            create(ctx or self.ctx, VMSpec.parse(name=name, image="stub", gpus={"count": gpus, "model": model},
+                                          host=host), options=BootOptions(timeout=10))
+
+    def start(self, name: str) -> None:
+        with self.stand_in_guest(name):
+            start(self.ctx, name, boot_timeout=10)
+
+    @contextlib.contextmanager
+    def stand_in_guest(self, name: str) -> Iterator[None]:
         console = self.ctx.paths.console_log(name)
         done = threading.Event()
 
@@ -93,8 +105,7 @@ class Rig:
         writer = threading.Thread(target=stand_in_guest, daemon=True)
         writer.start()
         try:
-            create(self.ctx, VMSpec.parse(name=name, image="stub", gpus={"count": gpus, "model": model},
-                                          host=host), options=BootOptions(timeout=10))
+            yield
         finally:
             done.set()
             writer.join()
@@ -154,6 +165,50 @@ def test_an_allowlisted_accelerator_is_a_gpu_model_and_an_unknown_model_is_refus
         rig.create("tpu-vm", 1, model="tpu-v9")
 
 
+def test_two_creates_racing_for_the_last_device_one_wins_and_the_other_is_refused_cleanly(
+        rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both creates choose the only edu device before either claims it (a barrier after the choice, the hook that
+    makes the race happen every time): the claim, one ledger transaction, lets one through and refuses the
+    other, which leaves no VM, binding or domain behind."""
+    from hvctl import passthrough
+    from hvctl.ledger import DeviceTaken
+
+    real_choose = passthrough.choose
+    both_chose = threading.Barrier(2, timeout=30)
+
+    def choose_then_wait(*args: object, **kwargs: object) -> object:
+        chosen = real_choose(*args, **kwargs)  # type: ignore[arg-type]
+        both_chose.wait()
+        return chosen
+
+    monkeypatch.setattr(passthrough, "choose", choose_then_wait)
+    other = Context(state_dir=rig.state, uri="test:///default", gpu_env=rig.ctx.gpu_env)
+    outcomes: dict[str, BaseException | None] = {}
+
+    def race(name: str, ctx: Context) -> None:
+        try:
+            rig.create(name, 1, model="edu", ctx=ctx)
+            outcomes[name] = None
+        except BaseException as exc:  # noqa: BLE001 - examined below
+            outcomes[name] = exc
+
+    racers = [threading.Thread(target=race, args=(n, c)) for n, c in (("left", rig.ctx), ("right", other))]
+    for t in racers:
+        t.start()
+    for t in racers:
+        t.join(60)
+    try:
+        (winner,) = [n for n, exc in outcomes.items() if exc is None]
+        (loser,) = [n for n, exc in outcomes.items() if exc is not None]
+        assert isinstance(outcomes[loser], DeviceTaken), outcomes[loser]
+        assert f"was just claimed by VM {winner}" in str(outcomes[loser])
+        assert rig.bindings() == {EDU: (winner, "bound")} and rig.fake.driver(EDU) == "vfio-pci"
+        assert [vm.name for vm in rig.ctx.ledger.list_vms()] == [winner]
+        assert rig.ctx.host().state(loser).value == "missing" and rig.ctx.ledger.operations() == []
+    finally:
+        other.close()
+
+
 def test_a_bind_that_fails_halfway_leaves_every_device_and_the_ledger_as_they_were(rig: Rig) -> None:
     before = rig.fake.snapshot()
     rig.kernel.ignore_probe.add(AUDIO)  # vfio-pci never claims the audio function
@@ -192,15 +247,37 @@ def test_gpu_release_refuses_what_it_must_and_returns_a_gpu_whose_vm_is_gone(rig
         release_address(rig.ctx, rig.ctx.gpu_env, "0000:99:00.0", "local", lambda: {"keeper"})
     with pytest.raises(NotAGpu):
         release_address(rig.ctx, rig.ctx.gpu_env, NIC, "local", lambda: {"keeper"})
-    with pytest.raises(Exception, match="held by running VM keeper"):
-        release_address(rig.ctx, rig.ctx.gpu_env, GPU, "local", lambda: {"keeper"})
     with pytest.raises(Exception, match="not bound by hvctl"):
         release_address(rig.ctx, rig.ctx.gpu_env, IDLE_GPU, "local", set)
-    # The VM vanished behind hvctl's back (say its host rebooted): the GPU is still on vfio-pci.
+    # Stopped (its domain gone behind hvctl's back, say), the VM still keeps its GPU: only destroy releases it.
     rig.ctx.host().guest("keeper").destroy()
-    done = release_address(rig.ctx, rig.ctx.gpu_env, GPU, "local", set)
+    with pytest.raises(Exception, match="held by VM keeper, which keeps it while it exists, running or stopped"):
+        release_address(rig.ctx, rig.ctx.gpu_env, GPU, "local", lambda: gpu_keepers(rig.ctx, "local"))
+    # A VM hvctl no longer has (its ledger row lost in a crash): the GPU, still on vfio-pci, can be given back.
+    rig.ctx.ledger.delete_vm("keeper", "lost")
+    done = release_address(rig.ctx, rig.ctx.gpu_env, GPU, "local", lambda: gpu_keepers(rig.ctx, "local"))
     assert set(done["released"]) == {GPU, AUDIO} and rig.fake.driver(GPU) == "nvidia"
     assert rig.bindings() == {}
+
+
+def test_a_stopped_gpu_vm_keeps_its_gpus_through_repair_and_a_host_reboot_and_starts_again(rig: Rig) -> None:
+    before = rig.fake.snapshot()
+    rig.create("sleeper", 1)
+    stop(rig.ctx, "sleeper", timeout=5)
+    assert rig.ctx.ledger.get_vm("sleeper").state == "stopped"
+    assert repair(rig.ctx)["gpus_returned"] == []  # a stopped VM's GPUs are not stranded
+    assert rig.bindings() == {GPU: ("sleeper", "bound"), AUDIO: ("sleeper", "bound")}
+    assert rig.ctx.ledger.host_usage("local").gpus == 1  # still allocated to it
+    # The host reboots: the devices come back on their own drivers; the ledger still gives them to the VM.
+    for address in (GPU, AUDIO):
+        rig.fake.link_driver(address, before[address][0])
+    assert rig.fake.driver(GPU) == "nvidia"
+    rig.start("sleeper")
+    assert rig.fake.driver(GPU) == "vfio-pci" and rig.fake.driver(AUDIO) == "vfio-pci"
+    assert rig.ctx.ledger.get_vm("sleeper").state == "running"
+    assert rig.bindings() == {GPU: ("sleeper", "bound"), AUDIO: ("sleeper", "bound")}
+    destroy(rig.ctx, "sleeper")
+    assert rig.fake.snapshot() == before and rig.bindings() == {}
 
 
 def test_doctor_repair_json_reports_what_it_repaired_with_the_checks(rig: Rig) -> None:

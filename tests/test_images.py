@@ -77,3 +77,37 @@ def test_unknown_and_damaged_images(tmp_path: Path) -> None:
         store.get("fake").verify()
     (directory / "manifest.json").write_text(json.dumps({"garbage": True}))
     assert store.list() == []
+
+
+def fake_build(store: ImageStore, name: str, content_hash: str, built_at: float) -> Image:
+    directory = store.root / f"{name}@{content_hash}"
+    directory.mkdir(parents=True)
+    image = Image(name=name, content_hash=content_hash, kind="initramfs", directory=directory,
+                  kernel_version="6.1", built_at=built_at, size_bytes=0)
+    (directory / "manifest.json").write_text(image.model_dump_json())
+    return image
+
+
+def test_a_vm_is_tied_to_the_build_it_was_made_on_here_or_in_a_hosts_pool(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path)
+    old = fake_build(store, "base", "aaaa" * 8, 1.0)
+    new = fake_build(store, "base", "bbbb" * 8, 2.0)
+    assert store.get("base") == new  # the newest, for new VMs
+    # A VM made on the older build keeps it, whether its row names the file here or its upload in a host's pool.
+    assert store.for_base(old.base_disk) == old
+    assert store.for_base("/var/lib/libvirt/images/hvctl/img-base-aaaaaaaaaaaaaaaa.qcow2") == old
+    assert not new.is_base_of(old.base_disk)
+    with pytest.raises(ImageError, match="no image in the store is the base of /elsewhere/base.qcow2"):
+        store.for_base("/elsewhere/base.qcow2")
+    with pytest.raises(ImageError, match="in use by a VM's disk"):
+        store.remove("base", {Path("/var/lib/libvirt/images/hvctl/img-base-bbbbbbbbbbbbbbbb.qcow2")})
+    assert store.list() == [new, old]
+
+
+def test_force_rebuilding_a_build_that_backs_vms_is_refused_and_changes_nothing(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path)
+    cached = fake_build(store, "minimal", load_recipe("minimal").content_hash(), 1.0)
+    with pytest.raises(ImageError, match=r"is the base of the disks of vm1, vm2; rebuilding it would corrupt"):
+        store.build("minimal", force=True, users=lambda image: ["vm1", "vm2"] if image == cached else [])
+    assert store.list() == [cached] and not list(tmp_path.glob(".build-*"))
+    assert store.build("minimal", users=lambda image: ["vm1"]) == cached  # no --force: the cached build

@@ -183,6 +183,35 @@ def test_a_create_killed_after_any_step_is_rolled_back(rig: dict[str, object]) -
     destroy(ctx, "half-ready")
 
 
+def test_a_stop_or_start_killed_after_any_step_leaves_the_ledger_saying_what_libvirt_does(
+        rig: dict[str, object]) -> None:
+    """A stop killed after it asked the guest to power off is finished by the repair; a start killed after libvirt
+    started the domain is recorded as running, and the guest does come up."""
+    ctx = rig["ctx"]
+    assert isinstance(ctx, Context)
+    record = create(ctx, VMSpec.parse(name="switch", memory_mib=128, host="h1"))
+    matrix = []
+    for kind, step, expected in (("stop", "asked", "stopped"), ("stop", "powered-off", "stopped"),
+                                 ("start", "started", "running")):
+        args = ("stop", "switch", "--timeout", "30") if kind == "stop" else ("start", "switch")
+        outcome = crash_then_repair(rig, f"{kind}.{step}", *args)
+        now = ctx.ledger.get_vm("switch")
+        actual = ctx.host("h1").state("switch")
+        assert now.state == expected, (kind, step, outcome)
+        assert actual is (DomainState.RUNNING if expected == "running" else DomainState.SHUTOFF), (kind, step)
+        no_leftovers(ctx)
+        matrix.append(f"| {kind} | {step} | {outcome} | {expected} |")
+        if kind == "stop" and step == "asked":
+            started = hvctl(rig, "start", "switch")  # back up for the next stop
+            assert started.returncode == 0, started.stderr
+    deadline = time.monotonic() + 120  # a hang guard: the started guest reports ready on its console
+    while record.console_log.read_text(errors="replace").count("HVCTL-READY") < 3:
+        assert time.monotonic() < deadline, "the guest started by the killed start never came up"
+        time.sleep(0.5)
+    print("\n" + "\n".join(matrix))
+    destroy(ctx, "switch")
+
+
 def test_destroy_never_deletes_the_disk_of_a_vm_running_on_another_host(rig: dict[str, object]) -> None:
     """The original failure: the ledger names h1, the domain runs on h2 (a migration whose commit was lost, with
     no intent left to say so). destroy must find it there by UUID and refuse, deleting nothing."""

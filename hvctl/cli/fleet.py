@@ -139,12 +139,12 @@ def gpu_release(
     """Give a GPU hvctl bound back to its host driver, when its VM is gone (a crash, a host reboot)."""
     import dataclasses
 
-    from hvctl.doctor import running_vms
+    from hvctl.doctor import gpu_keepers
     from hvctl.passthrough import release_address
 
     c = ctx()
     env = dataclasses.replace(c.gpu_env, sysfs_root=sysfs) if sysfs else c.gpu_env
-    done = release_address(c, env, address, c.host_name, lambda: running_vms(c, c.host_name))
+    done = release_address(c, env, address, c.host_name, lambda: gpu_keepers(c, c.host_name))
     if as_json:
         emit_json(done)
     else:

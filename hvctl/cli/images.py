@@ -17,6 +17,7 @@ from hvctl.cli.common import (
     image_app,
     out,
 )
+from images.store import Image
 
 # -- images ---------------------------------------------------------------------------------------------------
 
@@ -29,8 +30,13 @@ def image_build(
 ) -> None:
     """Build a guest image from a recipe; an unchanged recipe is served from the cache."""
     started = time.monotonic()
+    c = ctx()
+
+    def users(image: Image) -> list[str]:
+        return [vm.name for vm in c.ledger.list_vms() if image.is_base_of(vm.base_disk)]
+
     with RichReporter(f"image build {recipe}") as reporter:
-        image = ctx().images.build(recipe, reporter.step, force=force)
+        image = c.images.build(recipe, reporter.step, force=force, users=users if force else None)
     if as_json:
         emit_json(json.loads(image.model_dump_json()))
     else:

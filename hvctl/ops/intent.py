@@ -128,6 +128,10 @@ def reconcile(ctx: Context, op: dict[str, Any]) -> str:
             from hvctl.ops.create import reconcile_create
 
             return reconcile_create(ctx, op)
+        if op["kind"] in ("start", "stop"):
+            from hvctl.ops.lifecycle import reconcile_power
+
+            return reconcile_power(ctx, op)
         if op["kind"] == "destroy":
             from hvctl.ops.lifecycle import reconcile_destroy
 

@@ -24,21 +24,52 @@ def start(ctx: Context, name: str, reporter: Reporter | None = None,
           boot_timeout: float = DEFAULT_BOOT_TIMEOUT) -> float:
     """Start a stopped VM and wait until the guest reports ready; returns the seconds it took."""
     say = (reporter or SilentReporter()).step
-    record = ctx.ledger.get_vm(name)
-    guest = ctx.host(record.host).guest(name)
-    if guest.state() is DomainState.RUNNING:
-        raise HvctlError(f"VM {name} is already running")
-    say("starting")
-    # The console log is appended to: an earlier boot's marker is before this offset, so it cannot count.
-    console = pooled.console_of(ctx, record)
-    offset = console_size(console)
-    guest = start_claiming_a_port(ctx, guest, say)
-    say("waiting for the guest to report ready")
-    line, waited = wait_for_ready(name, console, boot_timeout,
-                                  lambda: guest.state() is DomainState.RUNNING, offset=offset,
-                                  poll=0.05 if isinstance(console, Path) else 0.5)
-    ctx.ledger.set_state(name, "running", f"started; guest up after {waited:.2f} s")
+    ctx.ledger.get_vm(name)
+    with operation(ctx, name, "start", say=say) as op:
+        record = ctx.ledger.get_vm(name)
+        guest = ctx.host(record.host).guest(name)
+        if guest.state() is DomainState.RUNNING:
+            raise HvctlError(f"VM {name} is already running")
+        if ctx.ledger.gpu_bindings(record.host, name):
+            moved = passthrough.rebind_vm(ctx, ctx.gpu_env, name, record.host)
+            if moved:
+                say(f"binding {', '.join(moved)} to vfio-pci again (a host reboot gave them back)")
+        say("starting")
+        # The console log is appended to: an earlier boot's marker is before this offset, so it cannot count.
+        console = pooled.console_of(ctx, record)
+        offset = console_size(console)
+        guest = start_claiming_a_port(ctx, guest, say)
+        op.step("started")
+        say("waiting for the guest to report ready")
+        line, waited = wait_for_ready(name, console, boot_timeout,
+                                      lambda: guest.state() is DomainState.RUNNING, offset=offset,
+                                      poll=0.05 if isinstance(console, Path) else 0.5)
+        ctx.ledger.set_state(name, "running", f"started; guest up after {waited:.2f} s")
     return waited
+
+
+def reconcile_power(ctx: Context, op: dict[str, Any]) -> str:
+    """An interrupted stop that had asked the guest to power off is finished (it powers off, or is destroyed after
+    the usual 30 s); any other interrupted start or stop leaves the VM as it is, and the ledger takes the state
+    libvirt reports (running, or stopped)."""
+    vm = op["vm"]
+    try:
+        record = ctx.ledger.get_vm(vm)
+    except NotFound:
+        ctx.ledger.end_operation(vm)
+        return "the VM is gone"
+    if op["kind"] == "stop" and op["step"] in ("asked", "powered-off"):
+        guest = ctx.host(record.host).find_guest(vm)
+        how = _power_off(guest, 30.0, lambda _: None) if guest is not None else "already stopped"
+        ctx.ledger.set_state(vm, "stopped", f"an interrupted stop was finished ({how})")
+        ctx.ledger.end_operation(vm)
+        return f"the stop was finished ({how})"
+    actual = ctx.host(record.host).state(vm)
+    state = "running" if actual in (DomainState.RUNNING, DomainState.PAUSED) else "stopped"
+    if record.state != state:
+        ctx.ledger.set_state(vm, state, f"an interrupted {op['kind']}: libvirt says {actual.value}")
+    ctx.ledger.end_operation(vm)
+    return f"libvirt says {actual.value}: the ledger says {state}"
 
 
 
@@ -67,22 +98,32 @@ def start_claiming_a_port(ctx: Context, guest: Guest, say: Callable[[str], None]
 def stop(ctx: Context, name: str, timeout: float = 30.0, reporter: Reporter | None = None) -> str:
     """Graceful shutdown, then destroy after ``timeout`` seconds. Returns "graceful" or "forced"."""
     say = (reporter or SilentReporter()).step
-    record = ctx.ledger.get_vm(name)
-    guest = ctx.host(record.host).find_guest(name)
-    how = "already stopped"
-    if guest is not None and guest.state() in (DomainState.RUNNING, DomainState.PAUSED, DomainState.SHUTTING_DOWN):
-        say(f"asking the guest to power off (up to {timeout:.0f} s)")
-        guest.shutdown()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and guest.state() is not DomainState.SHUTOFF:
-            time.sleep(0.2)
-        how = "graceful"
-        if guest.state() is not DomainState.SHUTOFF:
-            say("guest did not power off in time; destroying")
-            guest.destroy()
-            how = "forced"
-    ctx.ledger.set_state(name, "stopped", f"stopped ({how})")
+    ctx.ledger.get_vm(name)
+    with operation(ctx, name, "stop", say=say) as op:
+        record = ctx.ledger.get_vm(name)
+        guest = ctx.host(record.host).find_guest(name)
+        how = _power_off(guest, timeout, say, lambda: op.step("asked")) if guest is not None else "already stopped"
+        op.step("powered-off")
+        ctx.ledger.set_state(name, "stopped", f"stopped ({how})")
     return how
+
+
+def _power_off(guest: Guest, timeout: float, say: Callable[[str], None],
+               asked: Callable[[], None] = lambda: None) -> str:
+    """ACPI power button, then destroy after ``timeout``: "graceful", "forced" or "already stopped"."""
+    if guest.state() not in (DomainState.RUNNING, DomainState.PAUSED, DomainState.SHUTTING_DOWN):
+        return "already stopped"
+    say(f"asking the guest to power off (up to {timeout:.0f} s)")
+    guest.shutdown()
+    asked()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and guest.state() is not DomainState.SHUTOFF:
+        time.sleep(0.2)
+    if guest.state() is DomainState.SHUTOFF:
+        return "graceful"
+    say("guest did not power off in time; destroying")
+    guest.destroy()
+    return "forced"
 
 
 def destroy(ctx: Context, name: str, reporter: Reporter | None = None) -> None:

@@ -261,7 +261,7 @@ def prepare_storage_copy(ctx: Context, record: VMRecord, target: str, dest_xml: 
     into it; only the top layer travels), the seed, and new console and agent paths. On this machine they are
     files under the state dir (NAME or NAME.g1); on another host, volumes in its pool, the image uploaded there
     first if it has never had it. Every path of the VM the domain names is moved: kernel, initrd, backing image."""
-    image = ctx.images.get(record.spec.image)
+    image = ctx.images.for_base(record.base_disk)  # the build its overlay was made on, whichever is newest
     os_el = ET.fromstring(dest_xml).find("os")
     seed = _seed_bytes(ctx, record) if record.seed else None
     new: dict[str, object]
