@@ -106,3 +106,33 @@ def test_list_calls_an_interrupted_operation_by_its_name_and_leaves_a_live_one_a
     ctx.ledger.begin_operation("test", "create", dead_holder(), None, "local", {})
     (view,), _, _ = list_vms(ctx)
     assert view.drift == "an interrupted create (step begun): `hvctl doctor --repair` finishes or undoes it"
+
+
+def test_an_orphan_is_listed_with_the_command_that_removes_it_and_only_hvctls_own_files_go(ctx: Context) -> None:
+    """A domain with hvctl's metadata that no VM in the ledger is (on libvirt's test driver): `list` names it with
+    `destroy --orphan`, which removes the domain and its directory under the state dir, and nothing else: not a
+    domain hvctl did not make, not a VM the ledger has."""
+    from hvctl.designer import BootArtifacts, HostCapabilities, VMAllocation, design
+    from hvctl.domain import Accel
+    from hvctl.errors import HvctlError
+    from hvctl.ops.inspect import list_vms
+    from hvctl.ops.lifecycle import destroy_orphan
+    from hvctl.spec import VMSpec
+
+    files = ctx.paths.vm_files("ghost")
+    files.dir.mkdir(parents=True)
+    files.overlay.write_bytes(b"disk")
+    domain = design(VMSpec(name="ghost"), HostCapabilities("local", Accel.TCG),
+                    BootArtifacts(Path("/boot/vmlinuz"), Path("/boot/initrd.img")),
+                    VMAllocation(files.overlay, files.console_log, files.agent_socket, 22200))
+    ctx.host().define(domain.to_xml())
+    _, orphans, _ = list_vms(ctx)
+    assert [(o.vm, o.problem) for o in orphans] == [
+        ("ghost", "domain made by hvctl but absent from the ledger: `hvctl destroy ghost --orphan --host local` "
+                  "removes it")]
+    with pytest.raises(HvctlError, match="was not made by hvctl"):
+        destroy_orphan(ctx, "test", "local")  # the test driver's own domain
+    removed = destroy_orphan(ctx, "ghost", "local")
+    assert removed[0].startswith("domain ghost (") and str(files.dir) in removed
+    assert ctx.host().find_guest("ghost") is None and not files.dir.exists()
+    assert list_vms(ctx)[1] == [] and ctx.ledger.operations() == []

@@ -196,16 +196,30 @@ def stop(
 
 
 @app.command()
-def destroy(name: str, as_json: JsonOpt = False) -> None:
+def destroy(
+    name: str,
+    orphan: Annotated[bool, typer.Option("--orphan", help="NAME is a domain with hvctl's metadata on --host that "
+                                                            "no VM in the ledger is (`doctor` lists them).")]
+    = False,
+    host: Annotated[str | None, typer.Option("--host", help="With --orphan: the host it is on.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
     """Remove a VM entirely: domain, overlay disk, console log and ledger entry."""
     from hvctl.ops.lifecycle import destroy as destroy_vm
+    from hvctl.ops.lifecycle import destroy_orphan
 
+    if host is not None and not orphan:
+        fail("--host goes with --orphan: a VM in the ledger is destroyed where the ledger says it is", 2)
     with RichReporter(f"destroy {name}") as reporter:
-        destroy_vm(ctx(), name, reporter)
+        if orphan:
+            removed = destroy_orphan(ctx(), name, host or ctx().host_name, reporter)
+        else:
+            destroy_vm(ctx(), name, reporter)
+            removed = []
     if as_json:
-        emit_json({"name": name, "destroyed": True})
+        emit_json({"name": name, "destroyed": True} | ({"removed": removed} if orphan else {}))
     else:
-        out.print(f"{name} destroyed")
+        out.print(f"{name} destroyed" + (f": {', '.join(removed)}" if orphan else ""))
 
 
 @app.command("console-log")

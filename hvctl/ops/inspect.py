@@ -83,9 +83,17 @@ def list_vms(ctx: Context) -> tuple[list[VMView], list[Drift], list[Drift]]:
         for record in (r for r in records if r.host == host_name):
             actual = states.get(record.name, DomainState.MISSING)
             views.append(VMView(record, actual, drift(record, actual)))
-        known = {r.name for r in records if r.host == host_name}
-        orphans += [Drift(n, host_name, "domain made by hvctl but absent from the ledger")
-                    for n in sorted(ours - known)]
+        here = {r.name for r in records if r.host == host_name}
+        where = {r.name: r.host for r in records}
+        for n in sorted(ours - here):
+            if n not in where:
+                orphans.append(Drift(n, host_name, "domain made by hvctl but absent from the ledger: "
+                                                   f"`hvctl destroy {n} --orphan --host {host_name}` removes it"))
+            elif n not in operations or not holder_alive(operations[n]["holder"], operations[n]["updated_at"]):
+                # Not in flight (a migration's target has the domain until it commits): a second copy, or the
+                # VM itself left here by an interrupted operation.
+                orphans.append(Drift(n, host_name, f"a domain of {n}, which the ledger puts on {where[n]}: "
+                                                   "`hvctl doctor --repair` if an operation was interrupted"))
     return sorted(views, key=lambda v: v.record.name), orphans, unreachable
 
 

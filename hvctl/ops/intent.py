@@ -136,6 +136,9 @@ def reconcile(ctx: Context, op: dict[str, Any]) -> str:
             from hvctl.ops.lifecycle import reconcile_destroy
 
             return reconcile_destroy(ctx, op)
+        if op["kind"] == "destroy-orphan":
+            ctx.ledger.end_operation(op["vm"])  # nothing the ledger tracks: running it again finishes the job
+            return "no ledger state to mend; `hvctl destroy --orphan` again removes what is left"
     except HostUnreachable as exc:
         return f"undecided: {exc.message}"
     return f"undecided: hvctl does not know how to reconcile a {op['kind']}"

@@ -199,6 +199,44 @@ def remove_vm_files(ctx: Context, record: VMRecord) -> None:
             shutil.rmtree(vm_dir, ignore_errors=True)
 
 
+def destroy_orphan(ctx: Context, name: str, host_name: str, reporter: Reporter | None = None) -> list[str]:
+    """An orphan: a domain on ``host_name`` that carries hvctl's metadata but that no VM in the ledger is. Its domain
+    goes, and the files it names that are hvctl's own and no VM in the ledger uses: under this machine's state dir
+    (vms/NAME*), or its vm-NAME.* volumes in the host's pool. Returns what was removed. Never automatic: `doctor`
+    lists orphans, and this is the command its hint names."""
+    from xml.etree import ElementTree as ET
+
+    say = (reporter or SilentReporter()).step
+    if name in {vm.name for vm in ctx.ledger.list_vms()}:
+        raise HvctlError(f"{name} is in the ledger, so it is not an orphan", hint=f"hvctl destroy {name}")
+    with operation(ctx, name, "destroy-orphan", target=host_name, say=say):
+        host = ctx.host(host_name)
+        guest = host.find_guest(name)
+        if guest is None:
+            raise NotFound(f"host {host_name} has no domain {name!r}")
+        if not guest.made_by_hvctl():
+            raise HvctlError(f"the domain {name} on host {host_name} was not made by hvctl (no hvctl metadata); "
+                             "hvctl leaves it alone", hint="virsh undefine it yourself if it is yours")
+        root = ET.fromstring(guest.xml())
+        paths = {el.get("file") or el.get("path") or "" for el in root.iter("source")}
+        paths |= {el.get("file") or "" for el in root.iter("log")}
+        used = {str(p) for vm in ctx.ledger.list_vms() for p in (vm.overlay, vm.seed, vm.console_log) if p}
+        say("destroying the orphan domain")
+        guest.destroy()
+        guest.undefine()
+        removed = [f"domain {name} ({guest.uuid})"]
+        if ctx.is_this_machine(host_name):
+            vms = ctx.paths.root / "vms"
+            for directory in {Path(p).parent for p in paths if p and p not in used}:
+                if directory.parent == vms and directory.name.split(".g")[0] == name:
+                    shutil.rmtree(directory, ignore_errors=True)
+                    removed.append(str(directory))
+        else:
+            removed += pooled.open_files(host, name).delete()
+        ctx.ledger.log_event(name, host_name, "orphan.destroyed", f"destroyed orphan {name}: {', '.join(removed)}")
+        return removed
+
+
 def _refuse_if_running_elsewhere(ctx: Context, record: VMRecord) -> None:
     """The VM's host has no domain for it. Before its disk goes, every other host is asked, by the domain's UUID
     (by name and hvctl's metadata for a VM recorded before UUIDs were), whether it runs it there: after a crash
