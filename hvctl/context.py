@@ -77,6 +77,8 @@ class Context:
     host_name: str = LOCAL_HOST
     policy_path: Path | None = None
     gpu_env: GpuEnvironment = field(default_factory=GpuEnvironment)
+    # --wait: how long a command waits for another command's operation on the same VM to end (0: refuse at once).
+    lock_wait_s: float = 0.0
     _hosts: dict[str, Host] = field(default_factory=dict, repr=False)
     _this_machine: dict[str, bool] = field(default_factory=dict, repr=False)
 

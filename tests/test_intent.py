@@ -136,3 +136,40 @@ def test_an_orphan_is_listed_with_the_command_that_removes_it_and_only_hvctls_ow
     assert removed[0].startswith("domain ghost (") and str(files.dir) in removed
     assert ctx.host().find_guest("ghost") is None and not files.dir.exists()
     assert list_vms(ctx)[1] == [] and ctx.ledger.operations() == []
+
+
+def test_with_wait_a_second_command_waits_for_the_first_to_end_and_then_goes_on(ctx: Context) -> None:
+    """The holder lets go only once the waiter has said it waits (an event, not a timing): the waiter then takes
+    the lock within its --wait."""
+    import dataclasses
+    import threading
+
+    waiting, released = threading.Event(), threading.Event()
+    holder_ctx = Context(state_dir=ctx.state_dir, uri="test:///default")
+
+    def hold() -> None:
+        with operation(holder_ctx, "vm1", "migrate", target="h2"):
+            taken.set()
+            waiting.wait(60)
+        released.set()
+
+    taken = threading.Event()
+    thread = threading.Thread(target=hold)
+    thread.start()
+    try:
+        assert taken.wait(60)
+        patient = dataclasses.replace(ctx, lock_wait_s=120.0)
+        said: list[str] = []
+
+        def say(line: str) -> None:
+            said.append(line)
+            waiting.set()
+
+        with operation(patient, "vm1", "destroy", say=say):
+            assert released.is_set()
+            assert [op["kind"] for op in ctx.ledger.operations()] == ["destroy"]
+        assert said and said[0].startswith("waiting up to 120 s for the migrate of vm1 to h2")
+    finally:
+        waiting.set()
+        thread.join(60)
+        holder_ctx.close()

@@ -61,11 +61,14 @@ def main_options(
                                                 help="Policy file (default: STATE_DIR/policy.yaml, else the "
                                                      "shipped policies/default.yaml).")] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+    wait: Annotated[float, typer.Option("--wait", envvar="HVCTL_WAIT", min=0, metavar="SECONDS",
+                                        help="Wait up to SECONDS for another command's operation on the same VM "
+                                             "to end, instead of refusing at once.")] = 0.0,
     version: Annotated[bool, typer.Option("--version", help="Print hvctl's version and exit.", is_eager=True,
                                           callback=lambda value: _print_version(value))] = False,
 ) -> None:
     State.debug = debug
-    State.ctx = Context(state_dir=state_dir, uri=connect, policy_path=policy)
+    State.ctx = Context(state_dir=state_dir, uri=connect, policy_path=policy, lock_wait_s=wait)
 
 
 def _print_version(value: bool) -> None:

@@ -30,6 +30,8 @@ CRASH_ENV = "HVCTL_CRASH_AFTER"
 # A holder on another controller machine cannot be checked for life from here: its lock is trusted until it has
 # not recorded a step for this long.
 LEASE_S = 900.0
+# How often a command waiting (--wait) for another's lock asks again.
+WAIT_POLL_S = 0.25
 
 
 class OperationBusy(HvctlError):
@@ -99,10 +101,16 @@ def operation(ctx: Context, vm: str, kind: str, *, source: str | None = None, ta
     however it ends: the caller has finished or rolled back by then. Only a crash leaves it."""
     holder = this_holder()
     held = ctx.ledger.begin_operation(vm, kind, holder, source, target, data or {})
+    deadline = time.monotonic() + ctx.lock_wait_s
+    if held is not None and holder_alive(held["holder"], held["updated_at"]) and ctx.lock_wait_s > 0 and say:
+        say(f"waiting up to {ctx.lock_wait_s:g} s for the {describe(held)} to end")
+    while held is not None and holder_alive(held["holder"], held["updated_at"]) and time.monotonic() < deadline:
+        time.sleep(min(WAIT_POLL_S, max(deadline - time.monotonic(), 0.0)))
+        held = ctx.ledger.begin_operation(vm, kind, holder, source, target, data or {})
     if held is not None:
         if holder_alive(held["holder"], held["updated_at"]):
             raise OperationBusy(f"{vm} is busy: {describe(held)} is in progress",
-                                hint="wait for it to finish, then try again")
+                                hint="wait for it to finish (`hvctl --wait SECONDS …` waits), then try again")
         if say:
             say(f"an interrupted {describe(held)} is reconciled first")
         outcome = reconcile(ctx, held)
