@@ -8,6 +8,7 @@ much faster than running cloud-init under TCG.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import secrets
@@ -41,13 +42,26 @@ def generate_ed25519(comment: str) -> KeyPair:
 def operator_key(keys_dir: Path) -> Path:
     """The controller's own SSH key, authorised on every VM so that admins' `hvctl exec` works; made on first use."""
     path = keys_dir / "operator_ed25519"
-    if not path.exists():
-        keys_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        pair = generate_ed25519("hvctl-operator")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(pair.private_openssh)
-        path.with_suffix(".pub").write_text(pair.public_line + "\n")
+    if path.exists():
+        return path
+    keys_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # Two commands may make their first VM at once: one makes the key, under a lock, and the other uses it. The
+    # public half is in place before the private one appears, so whoever sees the key sees both halves whole.
+    with open(keys_dir / ".operator.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not path.exists():
+            pair = generate_ed25519("hvctl-operator")
+            public = path.with_suffix(".pub")
+            _write_new(public.with_name(f".{public.name}.{os.getpid()}"), (pair.public_line + "\n").encode(),
+                       0o644).replace(public)
+            _write_new(path.with_name(f".{path.name}.{os.getpid()}"), pair.private_openssh, 0o600).replace(path)
+    return path
+
+
+def _write_new(path: Path, data: bytes, mode: int) -> Path:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
     return path
 
 

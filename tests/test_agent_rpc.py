@@ -26,9 +26,15 @@ def agent_socket(tmp_path: Path) -> Iterator[Path]:
     (tmp_path / "token").write_text(TOKEN + "\n")
     proc = subprocess.Popen([sys.executable, "-m", "guest.agent", "serve", "--socket", str(sock),
                              "--token-file", str(tmp_path / "token"), "--workdir", str(tmp_path / "work")])
-    deadline = time.monotonic() + 20
-    while not sock.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    deadline = time.monotonic() + 20  # a hang guard; readiness is the agent accepting a connection
+    while time.monotonic() < deadline:
+        # The socket file appears at bind(), a moment before listen(): until then a connect is refused.
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(str(sock))
+                break
+            except OSError:
+                time.sleep(0.05)
     yield sock
     proc.terminate()
     proc.wait(timeout=10)

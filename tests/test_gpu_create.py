@@ -198,6 +198,7 @@ def test_two_creates_racing_for_the_last_device_one_wins_and_the_other_is_refuse
     for t in racers:
         t.join(60)
     try:
+        assert sum(exc is None for exc in outcomes.values()) == 1, outcomes
         (winner,) = [n for n, exc in outcomes.items() if exc is None]
         (loser,) = [n for n, exc in outcomes.items() if exc is not None]
         assert isinstance(outcomes[loser], DeviceTaken), outcomes[loser]
