@@ -37,6 +37,8 @@ class Image(BaseModel):
     disk_virtual_bytes: int = 0
     # Whether hvctl's agent is baked in: then "up" means the agent answers, not only the console marker.
     agent: bool = False
+    # 0 for the first build of a recipe; `image build --force` makes build 1, 2, ... beside it, never over it.
+    build: int = 0
 
     @property
     def kernel(self) -> Path:
@@ -50,11 +52,16 @@ class Image(BaseModel):
     def base_disk(self) -> Path:
         return self.directory / "base.qcow2"
 
+    @property
+    def volume_prefix(self) -> str:
+        """How this build is named in a host's storage pool: one upload per build, never shared between builds."""
+        return f"img-{self.name}-{self.content_hash[:16]}" + (f"-b{self.build}" if self.build else "")
+
     def is_base_of(self, disk: Path | str) -> bool:
         """Whether ``disk`` (a VM's backing image, as its ledger row names it) is this build: its base.qcow2 here,
-        or the volume it was uploaded as into a host's pool (``img-NAME-HASH16.qcow2``)."""
+        or the volume it was uploaded as into a host's pool (``volume_prefix``.qcow2)."""
         path = Path(disk)
-        return path == self.base_disk or path.name == f"img-{self.name}-{self.content_hash[:16]}.qcow2"
+        return path == self.base_disk or path.name == f"{self.volume_prefix}.qcow2"
 
     def verify(self) -> None:
         """Refuse an image whose files went missing or whose base disk qemu-img cannot read."""
@@ -93,9 +100,9 @@ class ImageStore:
         )
 
     def find(self, recipe: Recipe) -> Image | None:
-        directory = self.root / f"{recipe.name}@{recipe.content_hash()}"
-        manifest = directory / "manifest.json"
-        return Image.model_validate_json(manifest.read_text()) if manifest.is_file() else None
+        """The newest build of exactly this recipe."""
+        content_hash = recipe.content_hash()
+        return next((i for i in self.list() if i.name == recipe.name and i.content_hash == content_hash), None)
 
     def for_base(self, disk: Path | str) -> Image:
         """The build a VM's disk is backed by (see ``Image.is_base_of``): the one its copy must be backed by too."""
@@ -105,20 +112,21 @@ class ImageStore:
         raise ImageError(f"no image in the store is the base of {disk}",
                          hint="the build that VM was made from has been removed")
 
-    def build(self, recipe_name: str, progress: Progress | None = None, force: bool = False,
-              users: Callable[[Image], builtins.list[str]] | None = None) -> Image:
-        """``users``: the VMs whose disks a build backs. ``force`` rebuilds in place, so it is refused for a build
-        that any VM uses: its overlays would be left on a base they were not made from."""
+    def build(self, recipe_name: str, progress: Progress | None = None, force: bool = False) -> Image:
+        """The cached build of the recipe, or a new one. ``force`` makes a new build beside the others (build N+1 in
+        NAME@HASH.bN), never over one: overlays of VMs made on an older build keep the base they were made on,
+        and new VMs get the newest."""
         recipe = load_recipe(recipe_name)
         cached = self.find(recipe)
         if cached is not None and not force:
             return cached
-        if cached is not None and users is not None and (using := users(cached)):
-            raise ImageError(f"image {cached.name}@{cached.content_hash} is the base of the disks of "
-                             f"{', '.join(using)}; rebuilding it would corrupt them",
-                             hint="destroy those VMs first, or change the recipe: a changed recipe builds beside it")
         self.root.mkdir(parents=True, exist_ok=True)
-        final = self.root / f"{recipe.name}@{recipe.content_hash()}"
+        build = 1 + max((i.build for i in self.list() if i.name == recipe.name
+                         and i.content_hash == recipe.content_hash()), default=-1)
+        final = self.root / (f"{recipe.name}@{recipe.content_hash()}" + (f".b{build}" if build else ""))
+        if final.exists():
+            raise ImageError(f"{final} is left over from another build and has no valid manifest",
+                             hint="remove it, then build again")
         work = self.root / f".build-{recipe.name}-{time.time_ns()}"
         work.mkdir()
         say = progress or (lambda _msg: None)
@@ -136,10 +144,8 @@ class ImageStore:
                                                 capture_output=True, text=True, check=True).stdout)["virtual-size"]
             image = Image(name=recipe.name, content_hash=recipe.content_hash(), kind=recipe.kind,
                           directory=final, kernel_version=kernel_version, built_at=time.time(), size_bytes=size,
-                          disk_virtual_bytes=virtual, agent=recipe.agent)
+                          disk_virtual_bytes=virtual, agent=recipe.agent, build=build)
             (work / "manifest.json").write_text(image.model_dump_json(indent=2))
-            if final.exists():
-                shutil.rmtree(final)
             work.rename(final)
             return image
         finally:

@@ -104,10 +104,31 @@ def test_a_vm_is_tied_to_the_build_it_was_made_on_here_or_in_a_hosts_pool(tmp_pa
     assert store.list() == [new, old]
 
 
-def test_force_rebuilding_a_build_that_backs_vms_is_refused_and_changes_nothing(tmp_path: Path) -> None:
+def test_force_builds_beside_the_old_build_which_the_vms_made_on_it_keep(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store's side of --force: the new build gets its own directory and pool name, the old one is untouched
+    and still found as the base of its VMs' disks. The builder itself is stubbed (it is exercised by the image
+    tests that run apt); the store runs for real, qemu-img included."""
+    import subprocess
+
+    import images.initramfs
+
+    def stub_builder(recipe: Recipe, work: Path, say: object) -> str:
+        for part in ("vmlinuz", "initrd.img"):
+            (work / part).write_bytes(b"x")
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(work / "base.qcow2"), "64M"], check=True)
+        return "6.1-stub"
+
+    monkeypatch.setattr(images.initramfs, "build_initramfs_image", stub_builder)
     store = ImageStore(tmp_path)
-    cached = fake_build(store, "minimal", load_recipe("minimal").content_hash(), 1.0)
-    with pytest.raises(ImageError, match=r"is the base of the disks of vm1, vm2; rebuilding it would corrupt"):
-        store.build("minimal", force=True, users=lambda image: ["vm1", "vm2"] if image == cached else [])
-    assert store.list() == [cached] and not list(tmp_path.glob(".build-*"))
-    assert store.build("minimal", users=lambda image: ["vm1"]) == cached  # no --force: the cached build
+    first = store.build("minimal")
+    assert first.build == 0 and first.directory.name == f"minimal@{first.content_hash}"
+    assert store.build("minimal") == first  # cached
+    second = store.build("minimal", force=True)
+    assert second.build == 1 and second.directory.name == f"minimal@{first.content_hash}.b1"
+    assert first.base_disk.exists() and second.base_disk.exists()  # beside, never over
+    assert store.get("minimal") == second and store.build("minimal") == second  # new VMs get the newest
+    assert store.for_base(first.base_disk) == first  # an older VM keeps the build it was made on
+    assert second.volume_prefix == first.volume_prefix + "-b1"  # and each build has its own upload in a pool
+    assert store.for_base(f"/pool/{first.volume_prefix}.qcow2") == first
+    assert store.for_base(f"/pool/{second.volume_prefix}.qcow2") == second

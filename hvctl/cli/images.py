@@ -17,7 +17,6 @@ from hvctl.cli.common import (
     image_app,
     out,
 )
-from images.store import Image
 
 # -- images ---------------------------------------------------------------------------------------------------
 
@@ -25,18 +24,14 @@ from images.store import Image
 @image_app.command("build")
 def image_build(
     recipe: Annotated[str, typer.Argument(help="Shipped recipe name or path to a recipe .toml.")] = "minimal",
-    force: Annotated[bool, typer.Option(help="Rebuild even if an identical build is cached.")] = False,
+    force: Annotated[bool, typer.Option(help="Build again even if an identical build is cached: the new build "
+                                             "goes beside the old ones, which the VMs made on them keep.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Build a guest image from a recipe; an unchanged recipe is served from the cache."""
     started = time.monotonic()
-    c = ctx()
-
-    def users(image: Image) -> list[str]:
-        return [vm.name for vm in c.ledger.list_vms() if image.is_base_of(vm.base_disk)]
-
     with RichReporter(f"image build {recipe}") as reporter:
-        image = c.images.build(recipe, reporter.step, force=force, users=users if force else None)
+        image = ctx().images.build(recipe, reporter.step, force=force)
     if as_json:
         emit_json(json.loads(image.model_dump_json()))
     else:

@@ -31,7 +31,7 @@ class ImageVolumes:
 
 
 def image_prefix(image: Image) -> str:
-    return f"img-{image.name}-{image.content_hash[:16]}"
+    return image.volume_prefix
 
 
 def ensure_image(pool: Pool, image: Image, progress: Progress | None = None) -> ImageVolumes:
