@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import hvctl_cli, short_tempdir, two_local_hosts
+from conftest import HVCTL, hvctl_cli, short_tempdir, two_local_hosts
 
 from guest import rpc
 from hvctl.context import Context
@@ -27,6 +27,7 @@ from hvctl.host import DomainState
 from hvctl.ledger import VMRecord
 from hvctl.ops.create import create
 from hvctl.ops.incarnation import BootOptions
+from hvctl.ops.intent import CRASH_ENV
 from hvctl.ops.lifecycle import destroy
 from hvctl.spec import VMSpec
 from images.store import ImageStore
@@ -248,6 +249,20 @@ def test_copy_storage_takes_a_vm_to_a_remote_host_and_back_with_no_shared_storag
         assert read.exit_code == 0 and read.stdout.strip() == marker, read.stderr
         assert uptime(there) > up
         up = uptime(there)
+
+        # Killed after the disk was made here for the way back, before anything moved: the repair deletes that
+        # unused copy and the VM stays on far, its pool volumes untouched.
+        env = os.environ | {"HVCTL_STATE_DIR": str(state), "HVCTL_CONNECT": hosts["h1"].uri,  # type: ignore[attr-defined]
+                            CRASH_ENV: "migrate.prepared"}
+        killed = subprocess.run([*HVCTL, "migrate", "rover", "--to", "h1", "--copy-storage"], env=env,
+                                capture_output=True, text=True, timeout=600)
+        assert killed.returncode == -9, killed.stderr
+        assert any(d.exists() for d in (ctx.paths.vm_dir("rover"), ctx.paths.vm_dir("rover", 1)))
+        repaired = json.loads(hvctl(hosts, "doctor", "--repair", "--json").stdout)["repaired"]["operations"]
+        assert [r["outcome"] for r in repaired] == ["it never left far: rolled back"], repaired
+        assert not any(d.exists() for d in (ctx.paths.vm_dir("rover"), ctx.paths.vm_dir("rover", 1)))
+        assert ctx.ledger.get_vm("rover").host == "far" and {"vm-rover.qcow2", "vm-rover.seed.iso"} <= set(pool())
+        assert ctx.ledger.reservations() == [] and ctx.ledger.operations() == []
 
         back = hvctl(hosts, "migrate", "rover", "--to", "h1", "--copy-storage", "--json", timeout=600)
         assert back.returncode == 0, back.stderr
