@@ -173,3 +173,26 @@ def test_with_wait_a_second_command_waits_for_the_first_to_end_and_then_goes_on(
         waiting.set()
         thread.join(60)
         holder_ctx.close()
+
+
+def test_an_unreachable_host_leaves_its_operation_undecided_and_never_blocks_repair_of_the_others(
+        ctx: Context) -> None:
+    """Two interrupted operations: a migration to a host that does not answer, and a start of a VM on a host that
+    does (libvirt's test driver, whose domain "test" runs). The repair decides the second and keeps the first."""
+    from hvctl.doctor import repair
+    from hvctl.ledger import VMPaths
+    from hvctl.spec import VMSpec
+
+    ctx.ledger.ensure_host("gone", "qemu:///system?socket=/nonexistent")
+    for name in ("test", "far-away"):
+        vm = ctx.paths.root / name
+        ctx.ledger.reserve_vm(VMSpec(name=name), "local", VMPaths(vm / "b", vm / "o", vm / "s", vm / "c", vm / "a"))
+        ctx.ledger.set_state(name, "stopped")
+    ctx.ledger.begin_operation("far-away", "migrate", dead_holder(), None, "gone",
+                               {"source": "local", "uuid": "00000000-0000-0000-0000-000000000000"})
+    ctx.ledger.begin_operation("test", "start", dead_holder(), None, None, {})
+    outcomes = {r["operation"].split(" of ")[1].split()[0]: r["outcome"] for r in repair(ctx)["operations"]}
+    assert outcomes["far-away"].startswith("undecided: cannot reach libvirt at qemu:///system?socket=/nonexistent")
+    assert outcomes["test"] == "libvirt says running: the ledger says running"
+    assert [op["vm"] for op in ctx.ledger.operations()] == ["far-away"]
+    assert ctx.ledger.get_vm("test").state == "running"
