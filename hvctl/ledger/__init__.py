@@ -14,209 +14,30 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from hvctl.accounting import Usage, first_excess, host_footprint, tenant_charge
 from hvctl.errors import AlreadyExists, HvctlError, LedgerError, NotFound
+from hvctl.ledger.records import (
+    DEFAULT_PORT_RANGE,
+    MOVABLE_COLUMNS,
+    VM_STATES,
+    Admission,
+    DeviceTaken,
+    Event,
+    HostRecord,
+    QuotaExceeded,
+    VMPaths,
+    VMRecord,
+    operation_from_row,
+    vm_from_row,
+)
+from hvctl.ledger.schema import MIGRATIONS
 from hvctl.spec import VMSpec
 
-# Each entry moves the schema one version forward. Never edit a released entry; append a new one.
-MIGRATIONS: list[str] = [
-    """
-    CREATE TABLE hosts (
-        name TEXT PRIMARY KEY,
-        uri TEXT NOT NULL,
-        accel TEXT,
-        accel_probed_at REAL,
-        cpus INTEGER,
-        memory_mib INTEGER,
-        enabled INTEGER NOT NULL DEFAULT 1,
-        added_at REAL NOT NULL
-    );
-    CREATE TABLE vms (
-        name TEXT PRIMARY KEY,
-        tenant TEXT NOT NULL,
-        host TEXT NOT NULL REFERENCES hosts(name),
-        spec TEXT NOT NULL,
-        state TEXT NOT NULL,
-        image TEXT NOT NULL,
-        base_disk TEXT NOT NULL,
-        overlay TEXT NOT NULL UNIQUE,
-        console_log TEXT NOT NULL,
-        agent_socket TEXT NOT NULL,
-        ssh_port INTEGER NOT NULL,
-        created_at REAL NOT NULL,
-        updated_at REAL NOT NULL,
-        UNIQUE (host, ssh_port)
-    );
-    CREATE TABLE events (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        ts REAL NOT NULL,
-        vm TEXT,
-        host TEXT,
-        kind TEXT NOT NULL,
-        message TEXT NOT NULL,
-        data TEXT
-    );
-    CREATE INDEX events_vm ON events (vm, id);
-    """,
-    """
-    ALTER TABLE vms ADD COLUMN agent_token TEXT;
-    ALTER TABLE vms ADD COLUMN host_pubkey TEXT;
-    ALTER TABLE vms ADD COLUMN seed TEXT;
-    CREATE TABLE tenant_keys (
-        tenant TEXT NOT NULL,
-        pubkey TEXT NOT NULL,
-        added_at REAL NOT NULL,
-        PRIMARY KEY (tenant, pubkey)
-    );
-    """,
-    """
-    ALTER TABLE hosts ADD COLUMN numa TEXT;
-    ALTER TABLE hosts ADD COLUMN gpus TEXT;
-    CREATE TABLE reservations (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        host TEXT NOT NULL REFERENCES hosts(name),
-        tenant TEXT NOT NULL,
-        vm TEXT,
-        kind TEXT NOT NULL,
-        usage TEXT NOT NULL,
-        counts_against_tenant INTEGER NOT NULL,
-        created_at REAL NOT NULL
-    );
-    """,
-    """
-    CREATE TABLE gpu_bindings (
-        host TEXT NOT NULL REFERENCES hosts(name),
-        address TEXT NOT NULL,
-        vm TEXT,
-        original_driver TEXT,
-        step TEXT NOT NULL,
-        state TEXT NOT NULL,
-        updated_at REAL NOT NULL,
-        PRIMARY KEY (host, address)
-    );
-    """,
-    """
-    ALTER TABLE hosts ADD COLUMN disk_gib INTEGER;
-    """,
-    # 0 once a boot on the host found that its libvirtd cannot set memory hard limits; NULL: not known otherwise.
-    """
-    ALTER TABLE hosts ADD COLUMN memory_limits INTEGER;
-    """,
-    # Durable intents: one row per VM while an operation on it is in flight. The row is the VM's operation lock
-    # and the record reconcile reads after a crash: the step reached and what exists so far (``data``).
-    """
-    ALTER TABLE vms ADD COLUMN domain_uuid TEXT;
-    CREATE TABLE operations (
-        vm TEXT PRIMARY KEY,
-        kind TEXT NOT NULL,
-        source TEXT,
-        target TEXT,
-        step TEXT NOT NULL,
-        data TEXT NOT NULL,
-        holder TEXT NOT NULL,
-        started_at REAL NOT NULL,
-        updated_at REAL NOT NULL
-    );
-    """,
-]
-
-VM_STATES = ("creating", "running", "stopped", "destroying")
-# What a checkpoint-migration's new incarnation changes besides host and port (column names: never user input).
-MOVABLE_COLUMNS = frozenset({"overlay", "console_log", "agent_socket", "seed", "agent_token", "host_pubkey",
-                             "base_disk"})
-DEFAULT_PORT_RANGE = (22200, 22999)
-
-
-class QuotaExceeded(HvctlError):
-    """Admission refused: a tenant quota or a host's capacity would be exceeded. The message has the numbers."""
-
-    exit_code = 13
-
-
-@dataclass(frozen=True)
-class Admission:
-    """Limits checked when a VM is admitted: per resource, None means unlimited."""
-
-    tenant_limit: dict[str, float | None]
-    host_limit: dict[str, float | None]
-
-
-@dataclass(frozen=True)
-class HostRecord:
-    name: str
-    uri: str
-    accel: str | None
-    accel_probed_at: float | None
-    cpus: int | None
-    memory_mib: int | None
-    enabled: bool
-    # The size of the storage its VMs' disks live on; None until measured (no disk limit then).
-    disk_gib: int | None = None
-    # False once a boot found that the host's libvirtd cannot set memory hard limits; None: not known.
-    memory_limits: bool | None = None
-
-
-@dataclass(frozen=True)
-class VMPaths:
-    """Where one incarnation's files are, as paths on the VM's host: this machine's state dir, or a host's pool."""
-
-    base_disk: Path
-    overlay: Path
-    seed: Path
-    console_log: Path
-    agent_socket: Path
-
-
-class DeviceTaken(HvctlError):
-    """Another VM claimed the device first."""
-
-    exit_code = 13
-
-
-@dataclass(frozen=True)
-class VMRecord:
-    name: str
-    tenant: str
-    host: str
-    spec: VMSpec
-    state: str
-    image: str
-    base_disk: Path
-    overlay: Path
-    console_log: Path
-    agent_socket: Path
-    ssh_port: int
-    created_at: float
-    updated_at: float
-    agent_token: str | None = None
-    host_pubkey: str | None = None
-    seed: Path | None = None
-    # libvirt's UUID of the VM's domain (kept across migrations); None for VMs made before hvctl recorded it.
-    domain_uuid: str | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name, "tenant": self.tenant, "host": self.host, "state": self.state,
-            "image": self.image, "vcpus": self.spec.vcpus, "memory_mib": self.spec.memory_mib,
-            "disk_gib": self.spec.disk_gib, "overlay": str(self.overlay), "console_log": str(self.console_log),
-            "agent_socket": str(self.agent_socket), "ssh_port": self.ssh_port, "created_at": self.created_at,
-            "host_pubkey": self.host_pubkey, "spec": self.spec.model_dump(mode="json"),
-            "domain_uuid": self.domain_uuid,
-        }
-
-
-@dataclass(frozen=True)
-class Event:
-    id: int
-    ts: float
-    vm: str | None
-    host: str | None
-    kind: str
-    message: str
+__all__ = ["DEFAULT_PORT_RANGE", "MIGRATIONS", "MOVABLE_COLUMNS", "VM_STATES", "Admission", "DeviceTaken", "Event",
+           "HostRecord", "Ledger", "QuotaExceeded", "VMPaths", "VMRecord"]
 
 
 class Ledger:
@@ -385,11 +206,11 @@ class Ledger:
         row = self.db.execute("SELECT * FROM vms WHERE name = ?", (name,)).fetchone()
         if row is None:
             raise NotFound(f"no VM named {name!r}", hint="`hvctl list` shows the VMs hvctl knows")
-        return _vm_from_row(row)
+        return vm_from_row(row)
 
     def list_vms(self, host: str | None = None) -> list[VMRecord]:
         query = "SELECT * FROM vms" + (" WHERE host = ?" if host else "") + " ORDER BY name"
-        return [_vm_from_row(r) for r in self.db.execute(query, (host,) if host else ())]
+        return [vm_from_row(r) for r in self.db.execute(query, (host,) if host else ())]
 
     def set_domain_uuid(self, name: str, uuid: str) -> None:
         """The UUID libvirt gave the VM's domain: how every host is asked whether it runs it."""
@@ -406,7 +227,7 @@ class Ledger:
         with self.transaction() as db:
             row = db.execute("SELECT * FROM operations WHERE vm = ?", (vm,)).fetchone()
             if row is not None:
-                return _operation(row)
+                return operation_from_row(row)
             db.execute("INSERT INTO operations (vm, kind, source, target, step, data, holder, started_at, "
                        "updated_at) VALUES (?,?,?,?,?,?,?,?,?)",
                        (vm, kind, source, target, "begun", json.dumps(data), holder, now, now))
@@ -431,7 +252,7 @@ class Ledger:
                 db.execute("DELETE FROM operations WHERE vm = ? AND holder = ?", (vm, holder))
 
     def operations(self) -> list[dict[str, Any]]:
-        return [_operation(r) for r in self.db.execute("SELECT * FROM operations ORDER BY started_at")]
+        return [operation_from_row(r) for r in self.db.execute("SELECT * FROM operations ORDER BY started_at")]
 
     def delete_vm(self, name: str, message: str) -> None:
         with self.transaction() as db:
@@ -654,21 +475,6 @@ class Ledger:
         query = "SELECT * FROM events" + (" WHERE vm = ?" if vm else "") + " ORDER BY id DESC LIMIT ?"
         rows = self.db.execute(query, (vm, limit) if vm else (limit,)).fetchall()
         return [Event(r["id"], r["ts"], r["vm"], r["host"], r["kind"], r["message"]) for r in reversed(rows)]
-
-
-def _vm_from_row(row: sqlite3.Row) -> VMRecord:
-    return VMRecord(
-        name=row["name"], tenant=row["tenant"], host=row["host"], spec=VMSpec.model_validate_json(row["spec"]),
-        state=row["state"], image=row["image"], base_disk=Path(row["base_disk"]), overlay=Path(row["overlay"]),
-        console_log=Path(row["console_log"]), agent_socket=Path(row["agent_socket"]), ssh_port=row["ssh_port"],
-        created_at=row["created_at"], updated_at=row["updated_at"], agent_token=row["agent_token"],
-        host_pubkey=row["host_pubkey"], seed=Path(row["seed"]) if row["seed"] else None,
-        domain_uuid=row["domain_uuid"],
-    )
-
-
-def _operation(row: sqlite3.Row) -> dict[str, Any]:
-    return dict(row) | {"data": json.loads(row["data"])}
 
 
 def _free_port(port_range: tuple[int, int], used: set[int], bind_address: str | None) -> int:

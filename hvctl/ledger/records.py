@@ -1,0 +1,121 @@
+"""What the ledger holds, as typed records, and the rows they are read from."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hvctl.errors import HvctlError
+from hvctl.spec import VMSpec
+
+VM_STATES = ("creating", "running", "stopped", "destroying")
+# What a checkpoint-migration's new incarnation changes besides host and port (column names: never user input).
+MOVABLE_COLUMNS = frozenset({"overlay", "console_log", "agent_socket", "seed", "agent_token", "host_pubkey",
+                             "base_disk"})
+DEFAULT_PORT_RANGE = (22200, 22999)
+
+
+class QuotaExceeded(HvctlError):
+    """Admission refused: a tenant quota or a host's capacity would be exceeded. The message has the numbers."""
+
+    exit_code = 13
+
+
+@dataclass(frozen=True)
+class Admission:
+    """Limits checked when a VM is admitted: per resource, None means unlimited."""
+
+    tenant_limit: dict[str, float | None]
+    host_limit: dict[str, float | None]
+
+
+@dataclass(frozen=True)
+class HostRecord:
+    name: str
+    uri: str
+    accel: str | None
+    accel_probed_at: float | None
+    cpus: int | None
+    memory_mib: int | None
+    enabled: bool
+    # The size of the storage its VMs' disks live on; None until measured (no disk limit then).
+    disk_gib: int | None = None
+    # False once a boot found that the host's libvirtd cannot set memory hard limits; None: not known.
+    memory_limits: bool | None = None
+
+
+@dataclass(frozen=True)
+class VMPaths:
+    """Where one incarnation's files are, as paths on the VM's host: this machine's state dir, or a host's pool."""
+
+    base_disk: Path
+    overlay: Path
+    seed: Path
+    console_log: Path
+    agent_socket: Path
+
+
+class DeviceTaken(HvctlError):
+    """Another VM claimed the device first."""
+
+    exit_code = 13
+
+
+@dataclass(frozen=True)
+class VMRecord:
+    name: str
+    tenant: str
+    host: str
+    spec: VMSpec
+    state: str
+    image: str
+    base_disk: Path
+    overlay: Path
+    console_log: Path
+    agent_socket: Path
+    ssh_port: int
+    created_at: float
+    updated_at: float
+    agent_token: str | None = None
+    host_pubkey: str | None = None
+    seed: Path | None = None
+    # libvirt's UUID of the VM's domain (kept across migrations); None for VMs made before hvctl recorded it.
+    domain_uuid: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "tenant": self.tenant, "host": self.host, "state": self.state,
+            "image": self.image, "vcpus": self.spec.vcpus, "memory_mib": self.spec.memory_mib,
+            "disk_gib": self.spec.disk_gib, "overlay": str(self.overlay), "console_log": str(self.console_log),
+            "agent_socket": str(self.agent_socket), "ssh_port": self.ssh_port, "created_at": self.created_at,
+            "host_pubkey": self.host_pubkey, "spec": self.spec.model_dump(mode="json"),
+            "domain_uuid": self.domain_uuid,
+        }
+
+
+@dataclass(frozen=True)
+class Event:
+    id: int
+    ts: float
+    vm: str | None
+    host: str | None
+    kind: str
+    message: str
+
+
+def vm_from_row(row: sqlite3.Row) -> VMRecord:
+    return VMRecord(
+        name=row["name"], tenant=row["tenant"], host=row["host"], spec=VMSpec.model_validate_json(row["spec"]),
+        state=row["state"], image=row["image"], base_disk=Path(row["base_disk"]), overlay=Path(row["overlay"]),
+        console_log=Path(row["console_log"]), agent_socket=Path(row["agent_socket"]), ssh_port=row["ssh_port"],
+        created_at=row["created_at"], updated_at=row["updated_at"], agent_token=row["agent_token"],
+        host_pubkey=row["host_pubkey"], seed=Path(row["seed"]) if row["seed"] else None,
+        domain_uuid=row["domain_uuid"],
+    )
+
+
+def operation_from_row(row: sqlite3.Row) -> dict[str, Any]:
+    return dict(row) | {"data": json.loads(row["data"])}

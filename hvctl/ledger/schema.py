@@ -1,0 +1,105 @@
+"""The ledger's schema, as the migrations that build it: each entry moves it one version forward."""
+
+from __future__ import annotations
+
+# Each entry moves the schema one version forward. Never edit a released entry; append a new one.
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE hosts (
+        name TEXT PRIMARY KEY,
+        uri TEXT NOT NULL,
+        accel TEXT,
+        accel_probed_at REAL,
+        cpus INTEGER,
+        memory_mib INTEGER,
+        enabled INTEGER NOT NULL DEFAULT 1,
+        added_at REAL NOT NULL
+    );
+    CREATE TABLE vms (
+        name TEXT PRIMARY KEY,
+        tenant TEXT NOT NULL,
+        host TEXT NOT NULL REFERENCES hosts(name),
+        spec TEXT NOT NULL,
+        state TEXT NOT NULL,
+        image TEXT NOT NULL,
+        base_disk TEXT NOT NULL,
+        overlay TEXT NOT NULL UNIQUE,
+        console_log TEXT NOT NULL,
+        agent_socket TEXT NOT NULL,
+        ssh_port INTEGER NOT NULL,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        UNIQUE (host, ssh_port)
+    );
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        ts REAL NOT NULL,
+        vm TEXT,
+        host TEXT,
+        kind TEXT NOT NULL,
+        message TEXT NOT NULL,
+        data TEXT
+    );
+    CREATE INDEX events_vm ON events (vm, id);
+    """,
+    """
+    ALTER TABLE vms ADD COLUMN agent_token TEXT;
+    ALTER TABLE vms ADD COLUMN host_pubkey TEXT;
+    ALTER TABLE vms ADD COLUMN seed TEXT;
+    CREATE TABLE tenant_keys (
+        tenant TEXT NOT NULL,
+        pubkey TEXT NOT NULL,
+        added_at REAL NOT NULL,
+        PRIMARY KEY (tenant, pubkey)
+    );
+    """,
+    """
+    ALTER TABLE hosts ADD COLUMN numa TEXT;
+    ALTER TABLE hosts ADD COLUMN gpus TEXT;
+    CREATE TABLE reservations (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        host TEXT NOT NULL REFERENCES hosts(name),
+        tenant TEXT NOT NULL,
+        vm TEXT,
+        kind TEXT NOT NULL,
+        usage TEXT NOT NULL,
+        counts_against_tenant INTEGER NOT NULL,
+        created_at REAL NOT NULL
+    );
+    """,
+    """
+    CREATE TABLE gpu_bindings (
+        host TEXT NOT NULL REFERENCES hosts(name),
+        address TEXT NOT NULL,
+        vm TEXT,
+        original_driver TEXT,
+        step TEXT NOT NULL,
+        state TEXT NOT NULL,
+        updated_at REAL NOT NULL,
+        PRIMARY KEY (host, address)
+    );
+    """,
+    """
+    ALTER TABLE hosts ADD COLUMN disk_gib INTEGER;
+    """,
+    # 0 once a boot on the host found that its libvirtd cannot set memory hard limits; NULL: not known otherwise.
+    """
+    ALTER TABLE hosts ADD COLUMN memory_limits INTEGER;
+    """,
+    # Durable intents: one row per VM while an operation on it is in flight. The row is the VM's operation lock
+    # and the record reconcile reads after a crash: the step reached and what exists so far (``data``).
+    """
+    ALTER TABLE vms ADD COLUMN domain_uuid TEXT;
+    CREATE TABLE operations (
+        vm TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        source TEXT,
+        target TEXT,
+        step TEXT NOT NULL,
+        data TEXT NOT NULL,
+        holder TEXT NOT NULL,
+        started_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    """,
+]
