@@ -1,12 +1,12 @@
 """Durable intents and per-VM operation locks: what makes an operation killed at any step recoverable.
 
-An operation that changes the world (a migration, for now) first writes a row in the ledger's ``operations`` table:
-the VM, the hosts, the domain's UUID, and who holds it (this machine, boot and process). The row is the VM's
-operation lock, so two mutating commands on one VM never interleave; it records each step reached and what exists
-so far; and it goes away when the operation ends, whether it finished or rolled back. A row left behind means the
-holder died mid-way. Then ``reconcile`` asks the hosts where the domain with that UUID really runs (libvirt is the
-truth for what runs) and finishes the operation or rolls it back: at ``hvctl doctor --repair``, or when the next
-command on that VM finds the lock held by a dead process.
+An operation that changes the world (create, destroy, start, stop, a live migration) first writes a row in the
+ledger's ``operations`` table: the VM, the hosts, the domain's UUID, and who holds it (this machine, boot and
+process). The row is the VM's operation lock, so two mutating commands on one VM never interleave; it records each
+step reached and what exists so far; and it goes away when the operation ends, whether it finished or rolled back.
+A row left behind means the holder died mid-way. Then ``reconcile`` asks the hosts where the domain with that UUID
+really runs (libvirt is the truth for what runs) and finishes the operation or rolls it back: at ``hvctl doctor
+--repair``, or when the next command on that VM finds the lock held by a dead process.
 
 ``HVCTL_CRASH_AFTER=KIND.STEP`` makes hvctl SIGKILL itself right after recording that step: how the tests crash
 every step on purpose, with no timing involved.
@@ -19,7 +19,7 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -83,11 +83,9 @@ class Operation:
     vm: str
     kind: str
     holder: str
-    data: dict[str, Any] = field(default_factory=dict)
 
     def step(self, name: str, **data: Any) -> None:
         """Record that ``name`` is done and what it made; then the crash hook may fire."""
-        self.data |= data
         self.ctx.ledger.operation_step(self.vm, self.holder, name, data)
         if os.environ.get(CRASH_ENV) == f"{self.kind}.{name}":
             os.kill(os.getpid(), signal.SIGKILL)
@@ -119,7 +117,7 @@ def operation(ctx: Context, vm: str, kind: str, *, source: str | None = None, ta
             raise OperationBusy(f"{vm}: an interrupted {describe(held)} could not be reconciled: {outcome}",
                                 hint="`hvctl doctor --repair` once every host involved answers")
     try:
-        yield Operation(ctx, vm, kind, holder, dict(data or {}))
+        yield Operation(ctx, vm, kind, holder)
     finally:
         ctx.ledger.end_operation(vm, holder)
 

@@ -208,8 +208,8 @@ def reconcile_migration(ctx: Context, op: dict[str, Any]) -> str:
 
 
 def _discard_target_copy(ctx: Context, record: VMRecord, target: str) -> None:
-    """The unused disk a rolled-back --copy-storage made on the target: the directory beside the VM's here, or its
-    volumes in the target's pool (the VM itself is elsewhere: its ledger row names other files)."""
+    """The unused disk a failed or rolled-back --copy-storage made on the target: the directory beside the VM's
+    here, or its volumes in the target's pool (the VM itself is elsewhere: its ledger row names other files)."""
     if ctx.is_this_machine(target):
         files = ctx.paths.next_vm_files(record.name, record.overlay)
         if files.dir != record.overlay.parent:
@@ -271,9 +271,6 @@ def prepare_storage_copy(ctx: Context, record: VMRecord, target: str, dest_xml: 
             raise AlreadyExists(f"{files.dir} is left over from an earlier operation on {record.name}",
                                 hint="remove it (nothing in the ledger refers to it)")
         make_private_dir(files.dir, ctx.host(target).qemu_gid())
-        def discard() -> None:
-            shutil.rmtree(files.dir, ignore_errors=True)
-
         try:
             make_overlay(image.base_disk, files.overlay, record.spec.disk_gib)
             if seed is not None:
@@ -281,7 +278,7 @@ def prepare_storage_copy(ctx: Context, record: VMRecord, target: str, dest_xml: 
                 with os.fdopen(fd, "wb") as out:
                     out.write(seed)
         except BaseException:
-            discard()
+            _discard_target_copy(ctx, record, target)
             raise
         new = {"overlay": files.overlay, "console_log": files.console_log, "agent_socket": files.agent_socket,
                "seed": files.seed, "base_disk": image.base_disk, "kernel": image.kernel, "initrd": image.initrd}
@@ -290,14 +287,13 @@ def prepare_storage_copy(ctx: Context, record: VMRecord, target: str, dest_xml: 
         pooled.check_room(pool_files, record.spec, target)
         volumes = pooled.upload_image(pool_files, image, say)
         pool = pool_files.pool
-        discard = pool_files.delete  # type: ignore[assignment]  # its list of what it deleted is not needed
         try:
             say(f"creating a {record.spec.disk_gib} GiB overlay volume on {target} for the copy")
             pool.create(pool_files.disk, record.spec.disk_gib * 2**30, fmt="qcow2", backing=volumes.base)
             if seed is not None:
                 pool.upload(pool_files.seed, seed)
         except BaseException:
-            discard()
+            _discard_target_copy(ctx, record, target)
             raise
         new = {"overlay": pool_files.path(pool_files.disk), "console_log": pool_files.path(pool_files.console),
                "agent_socket": pool_files.agent_socket, "seed": pool_files.path(pool_files.seed),
@@ -315,7 +311,8 @@ def prepare_storage_copy(ctx: Context, record: VMRecord, target: str, dest_xml: 
     moved = {key: str(new[key]) for key in ("overlay", "console_log", "agent_socket", "base_disk")}
     if record.seed:
         moved["seed"] = str(new["seed"])
-    return StorageCopy(retarget_paths(dest_xml, moves), tuple(copy_disks), moved, discard)
+    return StorageCopy(retarget_paths(dest_xml, moves), tuple(copy_disks), moved,
+                       lambda: _discard_target_copy(ctx, record, target))
 
 
 def _seed_bytes(ctx: Context, record: VMRecord) -> bytes:
