@@ -25,6 +25,7 @@ import pytest
 from conftest import HVCTL, hvctl_cli, short_tempdir
 
 from hvctl.devhost import _alive
+from hvctl.devhost.cgroups import hierarchies
 from hvctl.devhost.remote import RemoteStyleHost
 from hvctl.errors import HostUnreachable
 from hvctl.host import Host, libvirt_version
@@ -35,12 +36,15 @@ from images.store import ImageStore
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(300)]
 
 
-def machine_state() -> tuple[list[str], list[str]]:
-    """What a host's start and stop must leave as it found it: this namespace's mounts and network links."""
+def machine_state() -> tuple[list[str], list[str], list[str]]:
+    """What a host's start and stop must leave as it found it: this namespace's mounts, network links and
+    cgroups."""
     mounts = subprocess.run(["findmnt", "-rn", "-o", "TARGET,SOURCE,FSTYPE"], capture_output=True, text=True,
                             check=True).stdout.splitlines()
     links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=True).stdout.splitlines()
-    return sorted(mounts), sorted(line.split(":")[1].strip() for line in links)
+    cgroups = [str(h.path(name)) for h in hierarchies() for name in os.listdir(h.path(""))
+               if name.startswith("hvctl-remote-")]
+    return sorted(mounts), sorted(line.split(":")[1].strip() for line in links), sorted(cgroups)
 
 
 @pytest.fixture
@@ -60,6 +64,12 @@ def test_a_remote_style_host_is_reached_only_over_its_network_and_leaves_nothing
         host.start()
         started = host.pids()
         assert set(started) >= {"holder", "libvirtd.pid", "virtlogd.pid", "sshd.pid"}
+        if host.cgroups_off is None:  # the host's daemons see its own cgroup tree as the root of theirs
+            placement = Path(f"/proc/{started['libvirtd.pid']}/cgroup").read_text()
+            assert ":cpu:/hvctl-remote-41\n" in placement, placement
+            inside_view = subprocess.run(["nsenter", "-t", str(started["libvirtd.pid"]), "-C", "-m", "cat",
+                                          f"/proc/{started['libvirtd.pid']}/cgroup"], capture_output=True, text=True)
+            assert ":cpu:/\n" in inside_view.stdout, inside_view
         assert host.uri.startswith("qemu+ssh://root@198.18.41.2/system")
         # hvctl's own host layer, over ssh: the libvirt it reaches is the one with this host's UUID and name.
         remote = Host(host.uri)
@@ -280,8 +290,25 @@ def test_a_vm_on_the_remote_host_lives_in_its_pool_answers_through_libvirt_and_l
                          "--disk", "1", "--boot-timeout", "240", timeout=300)
         assert again.returncode == 0, again.stderr
         third = hvctl_at(state, "create", "rv3", "--host", "far", "--image", "minimal", "--memory", "256",
-                         "--disk", "1", "--boot-timeout", "240", timeout=300)
+                         "--disk", "1", "--cpu-limit", "0.5", "--boot-timeout", "240", timeout=300)
         assert third.returncode == 0 and "uploading minimal's" not in third.stderr, third.stderr
+        # rv3's CPU cap, read back through the host's libvirt (schedulerParameters and the rest), is what was asked.
+        shown = hvctl_at(state, "show", "rv3", "--json")
+        enforcement = json.loads(shown.stdout)["enforcement"]
+        assert (enforcement["libvirt"]["global_quota_us"], enforcement["libvirt"]["global_period_us"]) == \
+            (50_000, 100_000), enforcement
+        assert enforcement["mismatches"] == [], enforcement
+        assert "enforced" not in enforcement  # the host's cgroups are not the controller's to read
+        # And the kernel carries it for rv3's QEMU alone: the host's libvirt made its /machine inside the cgroup tree
+        # the host has to itself (seen from this machine, which the test may look at and hvctl does not).
+        assert host.cgroups_off is None, host.cgroups_off
+        placement = dict(line.split(":", 2)[1:] for line in
+                         Path(f"/proc/{host.pids()['qemu:rv3']}/cgroup").read_text().splitlines())
+        tree = f"/hvctl-remote-{host.index}"
+        assert placement["cpu"].startswith(f"{tree}/machine/qemu-"), placement
+        domain_cgroup = Path("/sys/fs/cgroup/cpu", *Path(placement["cpu"]).parts[1:4])
+        assert (domain_cgroup / "cpu.cfs_quota_us").read_text().strip() == "50000"
+        assert Path(f"/sys/fs/cgroup/cpu{tree}/cpu.cfs_quota_us").read_text().strip() == "-1"
         if "cannot set memory hard limits" in made.stderr:
             # Learnt once per host (a ledger fact), not paid for with a failed start on every create.
             assert "cannot set memory hard limits" not in again.stderr + third.stderr

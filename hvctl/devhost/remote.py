@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hvctl.devhost import _alive, _read_pid, _set_conf, _terminate
+from hvctl.devhost.cgroups import CgroupTree, supported
 from hvctl.errors import HostUnreachable
 
 # Bind-mounted from ``root`` over the same path inside the host's mount namespace.
@@ -44,10 +45,15 @@ class RemoteStyleHost:
     host_uuid: str = field(default_factory=lambda: str(uuid.uuid4()))
     # Also listen for qemu+tls on 16514, with a CA, server and client certificates made for this host.
     tls: bool = False
+    # libvirt's cgroups on this host, in a cgroup tree of its own (hvctl.devhost.cgroups), where this machine
+    # allows one; otherwise off, and ``cgroups_off`` says why.
+    cgroups: bool = True
 
     def __post_init__(self) -> None:
         if not 1 <= self.index <= 254:
             raise ValueError(f"index {self.index}: must be 1..254 (one /30 of 198.18.0.0/16 each)")
+        self.cgroups_off = "turned off" if not self.cgroups else supported()
+        self._tree = CgroupTree(f"hvctl-remote-{self.index}")
 
     # -- names --------------------------------------------------------------------------------------------------
 
@@ -115,10 +121,11 @@ class RemoteStyleHost:
                 # libvirtd already runs in a private mount namespace; QEMU's own per-domain one would try to move
                 # this host's bind mounts.
                 "namespaces": "[ ]",
-                # The machine's cgroups are shared with the controller's daemon; a domain of the same name on both
-                # (a migration) would collide there.
+            } | ({} if self.cgroups_off is None else {
+                # Without a cgroup tree of its own, this host would share /machine with the controller's daemon,
+                # and a domain of the same name on both (a migration) would collide there.
                 "cgroup_controllers": "[ ]",
-            }))
+            })))
             (etc / "libvirtd.conf").write_text(_set_conf(Path("/etc/libvirt/libvirtd.conf").read_text(), {
                 "host_uuid": f'"{self.host_uuid}"',
                 "unix_sock_rw_perms": '"0700"', "unix_sock_ro_perms": '"0700"', "auth_unix_rw": '"none"',
@@ -156,6 +163,8 @@ class RemoteStyleHost:
         blocker.touch()
         blocker.chmod(0)
         lines = ["set -eu", "mount --make-rprivate /"]
+        if self.cgroups_off is None:
+            lines += self._tree.mount_lines()
         lines += [f"mount --bind {shlex.quote(str(r / rel))} /{rel}" for rel in _HOST_DIRS]
         lines += [f"mount -t tmpfs -o mode=0700,size=1m hvctl-hidden {shlex.quote(str(p))}"
                   for p in self.hide if p.exists()]
@@ -173,10 +182,13 @@ class RemoteStyleHost:
             return self
         init = self._prepare()
         self.holder_pidfile.unlink(missing_ok=True)
+        argv = ["unshare", "--mount", "--net", "--uts", "--propagation", "private", "sh", str(init)]
+        if self.cgroups_off is None:
+            self._tree.create()
+            argv = self._tree.enter(["unshare", "--cgroup", *argv[1:]])
         log = open(self.root / "holder.log", "ab")  # noqa: SIM115 - handed to the child, closed below
         try:
-            subprocess.Popen(["setsid", "unshare", "--mount", "--net", "--uts", "--propagation", "private",
-                              "sh", str(init)], stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+            subprocess.Popen(["setsid", *argv], stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                              start_new_session=True)
         finally:
             log.close()
@@ -245,8 +257,11 @@ class RemoteStyleHost:
     def _inside(self, *commands: str) -> None:
         holder = _read_pid(self.holder_pidfile)
         assert holder is not None
-        result = subprocess.run(["nsenter", "-t", str(holder), "-m", "-n", "-u", "sh", "-ec", "; ".join(commands)],
-                                capture_output=True, text=True, timeout=60)
+        argv = ["nsenter", "-t", str(holder), "-m", "-n", "-u", "sh", "-ec", "; ".join(commands)]
+        if self.cgroups_off is None:
+            # Into the host's cgroup tree first, then its cgroup namespace: its daemons see that tree as the root.
+            argv = self._tree.enter([*argv[:6], "-C", *argv[6:]])
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=60)
         if result.returncode != 0:
             raise HostUnreachable(f"remote-style host {self.index}: {result.stderr.strip()}")
 
@@ -314,6 +329,7 @@ class RemoteStyleHost:
                 _run("ip", "link", "del", outer)
                 break
             time.sleep(0.05)
+        self._tree.remove(timeout)
 
 
 def _run(*argv: str) -> None:
