@@ -128,8 +128,8 @@ def test_an_orphan_is_listed_with_the_command_that_removes_it_and_only_hvctls_ow
     ctx.host().define(domain.to_xml())
     _, orphans, _ = list_vms(ctx)
     assert [(o.vm, o.problem) for o in orphans] == [
-        ("ghost", "domain made by hvctl but absent from the ledger: `hvctl destroy ghost --orphan --host local` "
-                  "removes it")]
+        ("ghost", "domain made by hvctl but absent from the ledger: `hvctl adopt ghost --host local` takes it "
+                  "back, `hvctl destroy ghost --orphan --host local` removes it")]
     with pytest.raises(HvctlError, match="was not made by hvctl"):
         destroy_orphan(ctx, "test", "local")  # the test driver's own domain
     removed = destroy_orphan(ctx, "ghost", "local")
@@ -196,3 +196,82 @@ def test_an_unreachable_host_leaves_its_operation_undecided_and_never_blocks_rep
     assert outcomes["test"] == "libvirt says running: the ledger says running"
     assert [op["vm"] for op in ctx.ledger.operations()] == ["far-away"]
     assert ctx.ledger.get_vm("test").state == "running"
+
+
+def _orphan(ctx: Context, name: str, tenant: str = "default", vcpus: int = 1) -> tuple[Path, str]:
+    """A domain with hvctl's metadata and the files hvctl gives a VM (a qcow2 overlay on a base, a real seed ISO),
+    defined on libvirt's test driver with no ledger row: what a lost ledger leaves. Returns the overlay and token."""
+    from hvctl.designer import BootArtifacts, HostCapabilities, VMAllocation, design
+    from hvctl.domain import Accel
+    from hvctl.seed import build_seed, generate_ed25519, new_agent_token
+    from hvctl.spec import VMSpec
+
+    files = ctx.paths.vm_files(name)
+    files.dir.mkdir(parents=True)
+    base = files.dir / "base.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "64M"], check=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(files.overlay)],
+                   check=True)
+    token = new_agent_token()
+    build_seed(files.seed, name, [], generate_ed25519(name), token)
+    spec = VMSpec(name=name, tenant=tenant, vcpus=vcpus)
+    domain = design(spec, HostCapabilities("local", Accel.TCG),
+                    BootArtifacts(Path("/boot/vmlinuz"), Path("/boot/initrd.img")),
+                    VMAllocation(files.overlay, files.console_log, files.agent_socket, 22300, seed=files.seed))
+    ctx.host().define(domain.to_xml())
+    return base, token
+
+
+def test_adopt_takes_an_orphan_back_as_it_is_and_refuses_what_it_cannot_prove(
+        ctx: Context, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`hvctl adopt` reads the VM back from its domain and seed (libvirt's test driver as the host, real files): the
+    ledger row has the domain's UUID, its port, its files, the seed's token and host key, and the VM is no longer an
+    orphan. Refused, leaving nothing: a domain hvctl did not make, a VM already in the ledger, one over its tenant's
+    quota, and one whose port another VM holds. The test driver drops <qemu:commandline>, where the SSH forward is,
+    so the forward design() wrote is put back when the XML is parsed; tests/test_vm_crash.py adopts a real guest."""
+    import dataclasses
+
+    from hvctl.domain import Domain, UserNetwork
+    from hvctl.errors import AlreadyExists, HvctlError
+    from hvctl.ledger import QuotaExceeded
+    from hvctl.ops.adopt import adopt
+    from hvctl.ops.inspect import list_vms
+    from hvctl.seed import read_seed_file
+
+    parse = Domain.from_xml
+    monkeypatch.setattr(Domain, "from_xml", classmethod(
+        lambda cls, xml: dataclasses.replace(parse(xml), network=UserNetwork(ssh_port=22300))))
+    ctx.ledger.record_host_facts("local", "qemu", 8, 16384)  # the accelerator probe needs a real daemon
+    base, token = _orphan(ctx, "ghost")
+    assert [o.vm for o in list_vms(ctx)[1]] == ["ghost"]
+    with pytest.raises(HvctlError, match="was not made by hvctl"):
+        adopt(ctx, "test", "local")
+    record = adopt(ctx, "ghost", "local")
+    files = ctx.paths.vm_files("ghost")
+    assert (record.host, record.state, record.ssh_port, record.tenant) == ("local", "stopped", 22300, "default")
+    assert record.domain_uuid == ctx.host().guest("ghost").uuid
+    assert (record.overlay, record.seed, record.base_disk) == (files.overlay, files.seed, base)
+    assert record.console_log == files.console_log and record.agent_socket == files.agent_socket
+    assert record.agent_token == token
+    assert record.host_pubkey == read_seed_file(files.seed, "hvctl/ssh_host_ed25519_key.pub").decode().strip()
+    assert list_vms(ctx)[1] == [] and ctx.ledger.operations() == []
+    assert [e.kind for e in ctx.ledger.events("ghost")][0] == "vm.adopted"
+    with pytest.raises(AlreadyExists, match="already in the ledger"):
+        adopt(ctx, "ghost", "local")
+
+    _orphan(ctx, "twin")  # the same forward port as ghost: both cannot run
+    with pytest.raises(HvctlError, match="port 22300 is VM ghost's"):
+        adopt(ctx, "twin", "local")
+    ctx.ledger.delete_vm("ghost", "test")
+    from hvctl.policy import SHIPPED
+
+    (ctx.state_dir / "policy.yaml").write_text(
+        (SHIPPED / "default.yaml").read_text().rstrip() + "\n  small:\n    weight: 1\n"
+        "    quota: {vcpus: 1, memory_mib: 4096, disk_gib: 50, gpus: 0, vms: 4}\n")
+    ctx.__dict__.pop("policy", None)  # the cached policy: read the one just installed
+    _orphan(ctx, "big", tenant="small", vcpus=2)
+    with pytest.raises(QuotaExceeded, match="tenant small"):
+        adopt(ctx, "big", "local")
+    assert {r.name for r in ctx.ledger.list_vms()} == set() and ctx.ledger.operations() == []
+    assert {o.vm for o in list_vms(ctx)[1]} == {"big", "ghost", "twin"}
+

@@ -235,3 +235,39 @@ def test_destroy_never_deletes_the_disk_of_a_vm_running_on_another_host(rig: dic
     assert gone.returncode == 0, gone.stderr
     assert not record.overlay.parent.exists() and ctx.host("h2").state("stray") is DomainState.MISSING
     no_leftovers(ctx)
+
+
+def test_a_vm_whose_ledger_row_was_lost_is_adopted_back_and_runs_on(rig: dict[str, object]) -> None:
+    """The ledger lost a running VM's row (a restored backup, a hand edit): `list` shows the domain as an orphan
+    with `hvctl adopt` in its hint; adopt puts the row back as it was, read from the domain and its seed; the guest
+    never stopped, and stop, start and destroy then work on it as on any VM, leaving nothing."""
+    ctx = rig["ctx"]
+    assert isinstance(ctx, Context)
+    before = create(ctx, VMSpec.parse(name="lost", memory_mib=128, host="h2"),
+                    options=BootOptions(extra_cmdline=("hvctl.tick=1",)))
+    ctx.ledger.delete_vm("lost", "test: the row is lost")
+    listed = json.loads(hvctl(rig, "list", "--json").stdout)
+    ((orphan_host, hint),) = [(o["host"], o["problem"]) for o in listed["orphans"] if o["vm"] == "lost"]
+    assert orphan_host == "h2" and "`hvctl adopt lost --host h2`" in hint, hint
+    wrong_host = hvctl(rig, "adopt", "lost", "--host", "h1")
+    assert wrong_host.returncode == 3 and "host h1 has no domain 'lost'" in wrong_host.stderr
+    adopted = hvctl(rig, "adopt", "lost", "--host", "h2", "--json")
+    assert adopted.returncode == 0, adopted.stderr
+    after = ctx.ledger.get_vm("lost")
+    fields = ("host", "state", "domain_uuid", "ssh_port", "overlay", "seed", "console_log", "base_disk",
+              "agent_socket", "agent_token", "host_pubkey")
+    assert [getattr(after, f) for f in fields] == [getattr(before, f) for f in fields]
+    assert json.loads(adopted.stdout)["domain_uuid"] == before.domain_uuid
+    keeps_ticking(before.console_log)
+    listed = json.loads(hvctl(rig, "list", "--json").stdout)
+    assert [(v["actual"], v["drift"]) for v in listed["vms"] if v["name"] == "lost"] == [("running", None)]
+    assert [o for o in listed["orphans"] if o["vm"] == "lost"] == []
+    for args in (("stop", "lost"), ("start", "lost")):
+        done = hvctl(rig, *args)
+        assert done.returncode == 0, (args, done.stderr)
+    keeps_ticking(before.console_log)
+    gone = hvctl(rig, "destroy", "lost")
+    assert gone.returncode == 0, gone.stderr
+    assert not before.overlay.parent.exists() and ctx.host("h2").state("lost") is DomainState.MISSING
+    assert "lost" not in {v.name for v in ctx.ledger.list_vms()}
+    no_leftovers(ctx)

@@ -325,6 +325,26 @@ def test_a_vm_on_the_remote_host_lives_in_its_pool_answers_through_libvirt_and_l
         assert b"56-again" in shown and status == 0, (shown, err)
         assert "56-again" in hvctl_at(state, "console-log", "rv2").stdout
 
+        # rv1's ledger row lost (a ledger restored from an old backup): it is an orphan on far, and `hvctl adopt`
+        # reads it back from its domain and its seed volume (downloaded through far's pool) as it was, so the agent
+        # token and the pinned host key work again.
+        before = ctx.ledger.get_vm("rv1")
+        ctx.ledger.delete_vm("rv1", "test: the row is lost")
+        listed = json.loads(hvctl_at(state, "list", "--json").stdout)
+        assert [(o["vm"], o["host"]) for o in listed["orphans"]] == [("rv1", "far")], listed
+        adopted = hvctl_at(state, "adopt", "rv1", "--host", "far", "--json")
+        assert adopted.returncode == 0, adopted.stderr
+        after = ctx.ledger.get_vm("rv1")
+        fields = ("host", "state", "domain_uuid", "ssh_port", "overlay", "seed", "console_log", "base_disk",
+                  "agent_token", "host_pubkey")
+        assert [getattr(after, f) for f in fields] == [getattr(before, f) for f in fields]
+        assert after.spec.model_dump() == before.spec.model_dump()
+        assert json.loads(hvctl_at(state, "list", "--json").stdout)["orphans"] == []
+        ping = hvctl_at(state, "agent", "rv1", "ping", "--json")
+        assert ping.returncode == 0 and json.loads(ping.stdout)["pong"] is True, ping.stderr
+        ran_ssh = hvctl_at(state, "exec", "rv1", "--", "cat", "/root/in.txt")
+        assert ran_ssh.returncode == 0 and ran_ssh.stdout == "through the jump\n", ran_ssh.stderr
+
         for name in ("rv1", "rv2", "rv3"):
             gone = hvctl_at(state, "destroy", name)
             assert gone.returncode == 0, gone.stderr

@@ -222,6 +222,27 @@ def destroy(
         out.print(f"{name} destroyed" + (f": {', '.join(removed)}" if orphan else ""))
 
 
+@app.command()
+def adopt(
+    name: str,
+    host: Annotated[str | None, typer.Option("--host", help="The host the orphan is on (default: the connected "
+                                                             "host).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Take an orphan (a domain with hvctl's metadata that no VM in the ledger is) back into the ledger, as it is:
+    its spec, port, files, agent token and host key are read from the domain and its seed; the tenant's quota and
+    the host's capacity are checked as for a create. Nothing on the host changes."""
+    from hvctl.ops.adopt import adopt as adopt_vm
+
+    with RichReporter(f"adopt {name}") as reporter:
+        record = adopt_vm(ctx(), name, host or ctx().host_name, reporter)
+    if as_json:
+        emit_json(record.as_dict())
+    else:
+        out.print(f"{name} adopted on {record.host} ({record.state}, tenant {record.tenant}, "
+                  f"ssh port {record.ssh_port})")
+
+
 @app.command("console-log")
 def console_log(
     name: str,

@@ -79,6 +79,12 @@ class Pool:
         vol = self._find(name)
         return _volume(vol) if vol is not None else None
 
+    def backing(self, name: str) -> PurePosixPath | None:
+        """The path of the volume a qcow2 overlay is backed by, as the host's libvirt reads it; None if none."""
+        with libvirt_errors(f"reading volume {name} in pool {self.name}"):
+            found = ET.fromstring(self._lookup(name).XMLDesc(0)).findtext("backingStore/path")
+        return PurePosixPath(found) if found else None
+
     def volumes(self) -> list[Volume]:
         with libvirt_errors(f"listing pool {self.name}"):
             return sorted((_volume(v) for v in self._pool.listAllVolumes(0)), key=lambda v: v.name)

@@ -168,15 +168,26 @@ class Ledger:
                 self._admit(db, spec, host, admission)
             used = {r[0] for r in db.execute("SELECT ssh_port FROM vms WHERE host = ?", (host,))}
             port = _free_port(port_range, used, probe_on)
-            db.execute(
-                "INSERT INTO vms (name, tenant, host, spec, state, image, base_disk, overlay, console_log, "
-                "agent_socket, ssh_port, created_at, updated_at, agent_token, host_pubkey, seed) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (spec.name, spec.tenant, host, spec.model_dump_json(), "creating", spec.image, str(paths.base_disk),
-                 str(paths.overlay), str(paths.console_log), str(paths.agent_socket), port, now, now, agent_token,
-                 host_pubkey, str(paths.seed)),
-            )
+            _insert_vm(db, spec, host, paths, port, "creating", now, agent_token, host_pubkey, None)
             self._event(db, spec.name, host, "create.requested", f"create {spec.name} on {host}, ssh port {port}")
+        return self.get_vm(spec.name)
+
+    def adopt_vm(self, spec: VMSpec, host: str, paths: VMPaths, *, ssh_port: int, state: str, domain_uuid: str,
+                 agent_token: str | None, host_pubkey: str | None, admission: Admission) -> VMRecord:
+        """Record a VM whose domain already exists (``hvctl adopt``), as it is: its port, its files, its domain's
+        UUID. Admitted like a create, in the same transaction, so an adopted VM counts against its tenant's quota
+        and its host's capacity; a port another VM of the host holds is refused."""
+        with self.transaction() as db:
+            if db.execute("SELECT 1 FROM vms WHERE name = ?", (spec.name,)).fetchone():
+                raise AlreadyExists(f"VM {spec.name!r} is already in the ledger")
+            holder = db.execute("SELECT name FROM vms WHERE host = ? AND ssh_port = ?", (host, ssh_port)).fetchone()
+            if holder:
+                raise HvctlError(f"{spec.name}'s SSH forward port {ssh_port} is VM {holder[0]}'s on host {host}; "
+                                 "the two cannot both run", hint=f"`hvctl destroy {spec.name} --orphan --host {host}`")
+            self._admit(db, spec, host, admission)
+            _insert_vm(db, spec, host, paths, ssh_port, state, time.time(), agent_token, host_pubkey, domain_uuid)
+            self._event(db, spec.name, host, "vm.adopted",
+                        f"adopted {spec.name} on {host} ({state}, domain {domain_uuid}, ssh port {ssh_port})")
         return self.get_vm(spec.name)
 
     def set_state(self, name: str, state: str, message: str | None = None) -> None:
@@ -475,6 +486,18 @@ class Ledger:
         query = "SELECT * FROM events" + (" WHERE vm = ?" if vm else "") + " ORDER BY id DESC LIMIT ?"
         rows = self.db.execute(query, (vm, limit) if vm else (limit,)).fetchall()
         return [Event(r["id"], r["ts"], r["vm"], r["host"], r["kind"], r["message"]) for r in reversed(rows)]
+
+
+def _insert_vm(db: sqlite3.Connection, spec: VMSpec, host: str, paths: VMPaths, port: int, state: str, now: float,
+               agent_token: str | None, host_pubkey: str | None, domain_uuid: str | None) -> None:
+    db.execute(
+        "INSERT INTO vms (name, tenant, host, spec, state, image, base_disk, overlay, console_log, agent_socket, "
+        "ssh_port, created_at, updated_at, agent_token, host_pubkey, seed, domain_uuid) "
+        "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        (spec.name, spec.tenant, host, spec.model_dump_json(), state, spec.image, str(paths.base_disk),
+         str(paths.overlay), str(paths.console_log), str(paths.agent_socket), port, now, now, agent_token,
+         host_pubkey, str(paths.seed), domain_uuid),
+    )
 
 
 def _free_port(port_range: tuple[int, int], used: set[int], bind_address: str | None) -> int:

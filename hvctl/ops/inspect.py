@@ -71,7 +71,8 @@ def list_vms(ctx: Context) -> tuple[list[VMView], list[Drift], list[Drift]]:
             return None  # in flight: what libvirt and the ledger say differs for a moment, by design
         return f"an interrupted {op['kind']} (step {op['step']}): `hvctl doctor --repair` finishes or undoes it"
 
-    for host_name in sorted({r.host for r in records} | {ctx.host_name}):
+    # Every registered host, not only those the ledger has VMs on: an orphan may be alone on its host.
+    for host_name in sorted({r.host for r in records} | {h.name for h in ctx.ledger.list_hosts()} | {ctx.host_name}):
         try:
             host = ctx.host(host_name)
             states = host.domain_states()
@@ -88,6 +89,7 @@ def list_vms(ctx: Context) -> tuple[list[VMView], list[Drift], list[Drift]]:
         for n in sorted(ours - here):
             if n not in where:
                 orphans.append(Drift(n, host_name, "domain made by hvctl but absent from the ledger: "
+                                                   f"`hvctl adopt {n} --host {host_name}` takes it back, "
                                                    f"`hvctl destroy {n} --orphan --host {host_name}` removes it"))
             elif n not in operations or not holder_alive(operations[n]["holder"], operations[n]["updated_at"]):
                 # Not in flight (a migration's target has the domain until it commits): a second copy, or the

@@ -145,6 +145,9 @@ def reconcile(ctx: Context, op: dict[str, Any]) -> str:
         if op["kind"] == "destroy-orphan":
             ctx.ledger.end_operation(op["vm"])  # nothing the ledger tracks: running it again finishes the job
             return "no ledger state to mend; `hvctl destroy --orphan` again removes what is left"
+        if op["kind"] == "adopt":
+            ctx.ledger.end_operation(op["vm"])  # its one write is a single transaction: done or not at all
+            return "nothing to mend: the VM was adopted, or is still an orphan that `hvctl adopt` can take"
     except HostUnreachable as exc:
         return f"undecided: {exc.message}"
     return f"undecided: hvctl does not know how to reconcile a {op['kind']}"
