@@ -156,9 +156,14 @@ def two_local_hosts(image_dir: Path, prefix: str) -> Iterator[dict[str, object]]
         shutil.rmtree(root, ignore_errors=True)
 
 
-def hvctl_cli(state_dir: Path | str, uri: str, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    """Run the real `hvctl` CLI in a subprocess against ``uri`` with ``state_dir``; wide, colourless output."""
+def hvctl_cli(state_dir: Path | str, uri: str, *args: str, timeout: float = 180,
+              crash_after: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the real `hvctl` CLI in a subprocess against ``uri`` with ``state_dir``; wide, colourless output.
+    ``crash_after``: KIND.STEP, after which hvctl SIGKILLs itself (``hvctl.ops.intent.CRASH_ENV``)."""
     env = os.environ | {"HVCTL_STATE_DIR": str(state_dir), "HVCTL_CONNECT": uri, "COLUMNS": "200", "NO_COLOR": "1"}
+    env.pop("HVCTL_CRASH_AFTER", None)
+    if crash_after:
+        env["HVCTL_CRASH_AFTER"] = crash_after
     return subprocess.run([*HVCTL, *args], capture_output=True, text=True, env=env, timeout=timeout)
 
 

@@ -288,3 +288,44 @@ def test_doctor_repair_json_reports_what_it_repaired_with_the_checks(rig: Rig) -
     assert {c["name"] for c in data["checks"]} >= {"ledger", "libvirtd", "gpu bindings"}
     plain = json.loads(hvctl_cli(rig.state, "test:///default", "doctor", "--json").stdout)
     assert isinstance(plain, list)  # without --repair, the shape scripts already parse
+
+
+def _create_then_get_killed(rig: Rig, step: str) -> None:
+    """In a forked child: create a GPU VM with the crash hook set, so that hvctl SIGKILLs this process right after
+    ``step``. The fake kernel's state is the fake sysfs tree on disk and the ledger is SQLite, so what the child did
+    outlives it; the test driver's domain does not (it lives in the child's memory)."""
+    import os
+
+    from hvctl.ops.intent import CRASH_ENV
+
+    os.environ[CRASH_ENV] = f"create.{step}"
+    child_ctx = Context(state_dir=rig.state, uri="test:///default", gpu_env=rig.ctx.gpu_env)
+    rig.create("killed", 1, ctx=child_ctx)
+    os._exit(3)  # not killed: the step was never reached
+
+
+@pytest.mark.parametrize("step", ["reserved", "files", "defined", "started", "ready"])
+def test_a_gpu_create_killed_after_any_step_is_rolled_back_and_its_devices_go_home(rig: Rig, step: str) -> None:
+    """The GPU rows of the crash matrix: SIGKILL right after each step of `create --gpus 1` (the HVCTL_CRASH_AFTER
+    hook, no timing), then `doctor --repair`: the interrupted create is rolled back, the GPU and its audio function
+    are on their host drivers again, and no VM, binding, claim, operation or file is left. (The domain is not
+    checked here: the test driver keeps it in the killed process; tests/test_vm_crash.py kills creates of real
+    guests.)"""
+    import multiprocessing
+    import signal
+
+    before = rig.fake.snapshot()
+    child = multiprocessing.get_context("fork").Process(target=_create_then_get_killed, args=(rig, step))
+    child.start()
+    child.join(60)
+    assert child.exitcode == -signal.SIGKILL, f"create.{step}: exit {child.exitcode}"
+    if step != "reserved":  # from "files" on, the devices were claimed and bound before the step was recorded
+        assert rig.fake.driver(GPU) == "vfio-pci" and rig.bindings()[GPU] == ("killed", "bound")
+    repaired = repair(rig.ctx)
+    (done,) = repaired["operations"]
+    assert done["outcome"] == "rolled back on local", done
+    assert rig.fake.snapshot() == before and rig.bindings() == {}
+    assert rig.ctx.ledger.list_vms() == [] and rig.ctx.ledger.operations() == []
+    assert not rig.ctx.paths.vm_dir("killed").exists()
+    print(f"\n| create --gpus 1 (fake sysfs) | {step} | {done['outcome']}, its devices back on their host drivers "
+          "| gone |")

@@ -76,8 +76,9 @@ def env(libvirtd: PrivateLibvirtd, image_dir: Path) -> Iterator[dict[str, object
     shutil.rmtree(keys, ignore_errors=True)
 
 
-def hvctl(env: dict[str, object], *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return hvctl_cli(str(env["state"]), str(env["uri"]), *args, timeout=timeout)
+def hvctl(env: dict[str, object], *args: str, timeout: float = 120,
+          crash_after: str | None = None) -> subprocess.CompletedProcess[str]:
+    return hvctl_cli(str(env["state"]), str(env["uri"]), *args, timeout=timeout, crash_after=crash_after)
 
 
 def agent_of(env: dict[str, object], record: VMRecord) -> AgentClient:
@@ -174,6 +175,23 @@ def test_key_rm_revokes_a_key_in_running_vms_and_their_seeds(env: dict[str, obje
         assert read_seed_file(record.seed, "hvctl/agent_token").decode().strip() == new_token
         with pytest.raises(AgentError, match="bad or missing agent token"):
             ctx.agent(record.host, record.name, str(old_token)).call("ping")
+        # A rotation killed right after each step (the crash hook), then `doctor --repair`: before the guest got the
+        # new token nothing changes; after, the guest is asked with the token the intent recorded, and the ledger
+        # and the seed take it. Either way the agent answers to the ledger's token and the seed agrees.
+        for step, outcome in (("chosen", "the guest kept its old token: nothing to mend"),
+                              ("switched", "the guest holds the new token: the ledger and the seed have it too"),
+                              ("recorded", "the guest holds the new token: the ledger and the seed have it too")):
+            before = ctx.ledger.get_vm("nokey").agent_token
+            killed = hvctl(env, "agent", "nokey", "rotate-token", crash_after=f"rotate-token.{step}")
+            assert killed.returncode == -9, (step, killed.stderr)
+            repaired = hvctl(env, "doctor", "--repair", "--json")
+            (done,) = json.loads(repaired.stdout)["repaired"]["operations"]
+            assert done["outcome"] == outcome, (step, done)
+            now = ctx.ledger.get_vm("nokey").agent_token
+            assert (now == before) is (step == "chosen"), step
+            assert json.loads(hvctl(env, "agent", "nokey", "ping", "--json").stdout)["pong"] is True, step
+            assert read_seed_file(record.seed, "hvctl/agent_token").decode().strip() == now, step
+            assert ctx.ledger.operations() == []
         # Across a reboot (the guest reads its seed again): the new token holds, the revoked key stays revoked.
         assert hvctl(env, "stop", "nokey", "--timeout", "60").returncode == 0
         assert hvctl(env, "start", "nokey", timeout=300).returncode == 0

@@ -11,6 +11,7 @@ import contextlib
 import json
 import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -58,8 +59,39 @@ def env(libvirtd: PrivateLibvirtd, image_dir: Path) -> Iterator[dict[str, object
         shutil.rmtree(state, ignore_errors=True)
 
 
-def hvctl(env: dict[str, object], *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    return hvctl_cli(str(env["state"]), str(env["uri"]), *args, timeout=timeout)
+def hvctl(env: dict[str, object], *args: str, timeout: float = 900,
+          crash_after: str | None = None) -> subprocess.CompletedProcess[str]:
+    return hvctl_cli(str(env["state"]), str(env["uri"]), *args, timeout=timeout, crash_after=crash_after)
+
+
+def repair_after_crash(env: dict[str, object], step: str, *args: str) -> str:
+    """hvctl killed with SIGKILL right after ``step`` (no timing involved), then `doctor --repair`; returns what the
+    repair did, which must be a decision."""
+    killed = hvctl(env, *args, crash_after=step, timeout=1100)
+    assert killed.returncode == -9, f"{step}: not killed ({killed.returncode}): {killed.stderr}"
+    repaired = hvctl(env, "doctor", "--repair", "--json")
+    (done,) = json.loads(repaired.stdout)["repaired"]["operations"]
+    assert not done["outcome"].startswith("undecided"), done
+    return str(done["outcome"])
+
+
+def checkpoints_left_here() -> list[Path]:
+    """What a checkpoint migration copies to this machine (hvctl's temporary directories for VM ml)."""
+    return list(Path(tempfile.gettempdir()).glob("hvctl-ckpt-ml-*"))
+
+
+def latest_step(env: dict[str, object]) -> int:
+    return max(int(p["step"]) for p in progress(env))  # type: ignore[call-overload]
+
+
+def keeps_training(env: dict[str, object]) -> None:
+    """A later step shows up. How soon depends on the machine (a TCG guest on a loaded host took over 10 s for one
+    step), so wait for it, with a bound only a stopped workload reaches."""
+    before = latest_step(env)
+    deadline = time.monotonic() + 300
+    while latest_step(env) <= before:
+        assert time.monotonic() < deadline, "the source stopped training"
+        time.sleep(5)
 
 
 def test_llm_generates_inside_the_guest_exactly_what_the_host_generates(env: dict[str, object],
@@ -120,22 +152,44 @@ def test_a_checkpoint_migration_that_fails_leaves_the_source_training(env: dict[
     assert ctx.host("h2").state("ml") is DomainState.MISSING
     assert not ctx.paths.vm_dir("ml", 1).exists()
     assert ctx.ledger.events("ml")[-1].kind == "migration.failed"
-    before = max(int(p["step"]) for p in progress(env))  # type: ignore[call-overload]
-    # Still training: a later step shows up. How soon depends on the machine (a TCG guest on a loaded host took
-    # over 10 s for one step), so wait for it, with a bound only a stopped workload reaches.
-    deadline = time.monotonic() + 300
-    while max(int(p["step"]) for p in progress(env)) <= before:  # type: ignore[call-overload]
-        assert time.monotonic() < deadline, "the source stopped training"
-        time.sleep(5)
+    keeps_training(env)
+
+
+def test_a_checkpoint_migration_killed_before_its_commit_is_rolled_back_and_the_source_trains_on(
+        env: dict[str, object]) -> None:
+    """hvctl killed right after each step before the commit, then `doctor --repair`: the new incarnation on h2 (its
+    domain, files and GPUs), the reservation and the checkpoints copied here are gone, the lock is free, and the
+    source, which never stopped, is still training. Prints its rows of the crash matrix."""
+    ctx = env["ctx"]
+    assert isinstance(ctx, Context)
+    matrix = []
+    for step in ("checked", "reserved", "checkpointed", "files", "defined", "started", "booted", "verified"):
+        outcome = repair_after_crash(env, f"migrate-checkpoint.{step}", "migrate", "ml", "--to", "h2", "--mode",
+                                     "checkpoint")
+        assert ctx.ledger.get_vm("ml").host == "local", (step, outcome)
+        assert ctx.ledger.reservations() == [] and ctx.ledger.operations() == [], step
+        assert ctx.host("h2").state("ml") is DomainState.MISSING, step
+        assert not ctx.paths.vm_dir("ml", 1).exists() and checkpoints_left_here() == [], step
+        assert ctx.host("local").state("ml") is DomainState.RUNNING, step
+        matrix.append(f"| checkpoint migrate | {step} | {outcome} | on local, training |")
+    keeps_training(env)
+    print("\n" + "\n".join(matrix))
 
 
 def test_checkpoint_migration_resumes_training_on_the_target_at_the_next_step(env: dict[str, object]) -> None:
+    """The migration goes all the way, and hvctl is killed right after the ledger committed the move (the last row
+    of the crash matrix): `doctor --repair` removes the source incarnation, as the command would have next (the
+    same function, by the source domain's UUID), and the VM trains on on the target."""
     ctx = env["ctx"]
     assert isinstance(ctx, Context)
     old = ctx.ledger.get_vm("ml")
-    result = hvctl(env, "migrate", "ml", "--to", "h2", "--mode", "checkpoint", "--json", timeout=1100)
-    assert result.returncode == 0, result.stderr
-    stats = json.loads(result.stdout)
+    outcome = repair_after_crash(env, "migrate-checkpoint.committed", "migrate", "ml", "--to", "h2", "--mode",
+                                 "checkpoint")
+    assert outcome.startswith("it had been committed on h2"), outcome
+    assert ctx.ledger.operations() == [] and checkpoints_left_here() == []
+    print(f"\n| checkpoint migrate | committed | {outcome} | on h2, training |")
+    stats = ctx.ledger.last_event_data("ml", "migration.completed")
+    assert stats is not None
     (moved,) = stats["workloads"]
     # hvctl verified the restore itself: the target's first step is k+1, with the loss the source (which kept
     # training, so it is the uninterrupted run) computed for step k+1. Check its numbers against the guest's logs.
@@ -145,6 +199,7 @@ def test_checkpoint_migration_resumes_training_on_the_target_at_the_next_step(en
     assert record.overlay.parent == ctx.paths.vm_dir("ml", 1) and not old.overlay.parent.exists()
     assert ctx.host("local").state("ml") is DomainState.MISSING
     assert ctx.host("h2").state("ml") is DomainState.RUNNING
+    assert record.domain_uuid == ctx.host("h2").guest("ml").uuid != old.domain_uuid  # moved in the commit
     on_target = progress(env)
     assert on_target[0]["step"] == moved["resumed_step"] and on_target[0]["loss"] == moved["loss"]
     shown = json.loads(hvctl(env, "show", "ml", "--json").stdout)

@@ -14,7 +14,7 @@ from hvctl.spec import VMSpec
 VM_STATES = ("creating", "running", "stopped", "destroying")
 # What a checkpoint-migration's new incarnation changes besides host and port (column names: never user input).
 MOVABLE_COLUMNS = frozenset({"overlay", "console_log", "agent_socket", "seed", "agent_token", "host_pubkey",
-                             "base_disk"})
+                             "base_disk", "domain_uuid"})
 DEFAULT_PORT_RANGE = (22200, 22999)
 
 

@@ -14,7 +14,10 @@ The source is left exactly as it was until the last step: its training keeps run
     5. one ledger transaction moves the VM and turns the reservation into its allocation; then the source domain
        and its files are destroyed
 
-Every step registers its undo (the new incarnation's domain and files, the reservation) before the next runs.
+Every step registers its undo (the new incarnation's domain and files, the reservation) before the next runs, and
+records what it made in the operation's intent row (``hvctl.ops.intent``), so that hvctl killed at any step is
+decided by ``reconcile_checkpoint_migration``: before the commit, the new incarnation is removed and the source,
+which never stopped, stays; after it, the source incarnation is removed.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from hvctl.errors import GuestTimeout, HvctlError, InvalidSpec, NotFound
 from hvctl.ledger import VMRecord
 from hvctl.ops import Undo
 from hvctl.ops.incarnation import DEFAULT_BOOT_TIMEOUT, BootOptions, GuestSecrets, Incarnation, LocalStorage, boot
+from hvctl.ops.intent import Operation
 from hvctl.ops.run import checkpoint_name, operator_identity, train_progress
 from hvctl.placement import host_limit
 
@@ -61,7 +65,7 @@ class Moving:
 
 
 def checkpoint_migrate(ctx: Context, record: VMRecord, target: str, timeout_s: float | None,
-                       on_step: Callable[[str], None] | None = None) -> dict[str, Any]:
+                       on_step: Callable[[str], None] | None, op: Operation) -> dict[str, Any]:
     say = on_step or (lambda _: None)
     started = time.monotonic()
     deadline = started + (timeout_s or DEFAULT_TIMEOUT_S)
@@ -80,9 +84,12 @@ def checkpoint_migrate(ctx: Context, record: VMRecord, target: str, timeout_s: f
     target_record = ledger.get_host(target)
     ctx.capabilities(target)  # reachable, and its accelerator known, before anything is reserved
     gpus = len(ledger.host_inventory(target)[1])
+    source_uuid = ctx.host(record.host).guest(name).uuid
+    op.step("checked", source=record.host, source_uuid=source_uuid, source_dir=str(record.overlay.parent))
     reservation = ledger.reserve(target, record.tenant, host_footprint(record.spec), "migration", vm=name,
                                  host_limit=host_limit(ctx.policy, target_record, gpus))
     workdir = Path(tempfile.mkdtemp(prefix=f"hvctl-ckpt-{name}-"))
+    op.step("reserved", reservation=reservation, workdir=str(workdir))
     try:
         with Undo() as undo:
             undo.push("release the reservation", lambda: ledger.release(reservation))
@@ -115,12 +122,14 @@ def checkpoint_migrate(ctx: Context, record: VMRecord, target: str, timeout_s: f
             # 2. The new incarnation on the target.
             files = ctx.paths.next_vm_files(name, record.overlay)
             port = ledger.free_port_on(target, bind_address=str(record.spec.ssh_bind))
+            op.step("checkpointed", target_dir=str(files.dir))
             secrets = GuestSecrets.fresh(ctx, record.spec)
             gpu_alloc = passthrough.allocate(ctx, ctx.gpu_env, record.spec, target, undo)
             new = Incarnation(record.spec, target, LocalStorage(files, image, ctx.host(target).qemu_gid()), port,
                               secrets, gpu_alloc)
             boot(ctx, new, BootOptions(timeout=min(DEFAULT_BOOT_TIMEOUT * 2, max(deadline - time.monotonic(), 1.0))),
-                 undo, say)
+                 undo, say, step=op.step)  # "files", "defined" (the new domain's uuid), "started"
+            op.step("booted")
             as_moved = dataclasses.replace(
                 record, host=target, ssh_port=port, overlay=files.overlay, console_log=files.console_log,
                 agent_socket=files.agent_socket, seed=files.seed, agent_token=secrets.token,
@@ -143,20 +152,66 @@ def checkpoint_migrate(ctx: Context, record: VMRecord, target: str, timeout_s: f
                                             rpc.WorkloadStartParams(kind="train", args=item.args))
                 say(f"verifying that {status.id} on {target} resumed at step {item.step + 1}")
                 verified.append(_verify(source_agent, target_agent, item, status.id, deadline))
+            op.step("verified")
 
             # 5. Commit, then retire the source.
             say("committing the move in the ledger")
             stats = {"mode": "checkpoint", "total_s": round(time.monotonic() - started, 3), "downtime_ms": None,
                      "bytes": sum(i.local_checkpoint.stat().st_size for i in moved if i.local_checkpoint),
                      "workloads": verified, "drained": draining, "source_host": record.host}
-            ledger.complete_migration(name, target, port, reservation, stats, moved=new.ledger_columns())
-            ledger.set_domain_uuid(name, ctx.host(target).guest(name).uuid)  # the new incarnation is a new domain
+            # The new incarnation is a new domain: its UUID moves with the rest, in the same transaction.
+            ledger.complete_migration(name, target, port, reservation, stats,
+                                      moved=new.ledger_columns() | {"domain_uuid": ctx.host(target).guest(name).uuid})
             undo.commit()
+            op.step("committed")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     say(f"destroying the source incarnation on {record.host}")
-    _retire_source(ctx, record)
+    _retire_source(ctx, name, record.host, record.overlay.parent, source_uuid)
+    op.step("retired")
     return stats
+
+
+def reconcile_checkpoint_migration(ctx: Context, op: dict[str, Any]) -> str:
+    """An interrupted checkpoint migration, decided by the ledger's commit (one transaction moved the VM, or not):
+    - committed: the source incarnation (its domain, by the UUID recorded at the start, its files, its GPUs) is
+      removed, as the command would have done next;
+    - not committed: the new incarnation on the target (its domain, by the UUID its definition recorded, else by
+      name and hvctl's metadata when it is not the source's domain; its files; its GPUs) and the reservation go. The
+      source never stopped, so its workloads are still running.
+    Either way the checkpoints copied to this machine are deleted."""
+    vm, target, data = op["vm"], op["target"], op["data"]
+    ledger = ctx.ledger
+    if data.get("workdir"):
+        shutil.rmtree(data["workdir"], ignore_errors=True)
+    source = data.get("source")
+    if source is None:
+        ledger.end_operation(vm)
+        return "nothing had been done yet"
+    try:
+        record = ledger.get_vm(vm)
+    except NotFound:
+        ledger.end_operation(vm)
+        return "the VM is gone"
+    if record.host == target:
+        _retire_source(ctx, vm, source, Path(data["source_dir"]), data["source_uuid"], strict=True)
+        ledger.end_operation(vm)
+        return f"it had been committed on {target}; the source incarnation on {source} is removed"
+    host = ctx.host(target)
+    uuid = data.get("uuid")
+    guest = host.find_guest_by_uuid(uuid) if uuid else host.find_guest(vm)
+    if guest is not None and (uuid or (guest.made_by_hvctl() and guest.uuid != data["source_uuid"])):
+        guest.destroy()
+        guest.undefine()
+    if ledger.gpu_bindings(target, vm):
+        passthrough.release_vm(ctx, ctx.gpu_env, vm, target)
+    target_dir = data.get("target_dir")
+    if target_dir and Path(target_dir) != record.overlay.parent and Path(target_dir).parent == ctx.paths.root / "vms":
+        shutil.rmtree(target_dir, ignore_errors=True)
+    if "reservation" in data:
+        ledger.release_for(vm, "migration", target)
+    ledger.end_operation(vm)
+    return f"rolled back: the new incarnation on {target} is removed; {vm} kept running on {source}"
 
 
 def _reported_checkpoint(event: dict[str, Any], item: Moving) -> str:
@@ -226,19 +281,24 @@ def _verify(source: AgentClient, target: AgentClient, item: Moving, target_id: s
             "resumed_step": int(first["step"]), "loss": first["loss"], "source_loss": reference["loss"]}
 
 
-def _retire_source(ctx: Context, record: VMRecord) -> None:
-    """After the commit the source incarnation is surplus. A failure here is logged, not raised: the VM has moved,
-    and what is left on the source is drift that `hvctl doctor` reports."""
+def _retire_source(ctx: Context, name: str, host_name: str, directory: Path, uuid: str, strict: bool = False) -> None:
+    """After the commit the source incarnation is surplus: its domain (found by its UUID, never by name: the new
+    incarnation has the same name), its files, its GPUs. From the command, a failure is logged, not raised (the VM
+    has moved, and the intent row left behind lets `doctor --repair` finish); from the repair (``strict``) it
+    raises, so the row stays until the source host answers."""
     try:
-        guest = ctx.host(record.host).find_guest(record.name)
+        guest = ctx.host(host_name).find_guest_by_uuid(uuid)
         try:
             if guest is not None:
                 guest.destroy()
                 guest.undefine()
         except NotFound:
             pass
-        shutil.rmtree(record.overlay.parent, ignore_errors=True)
-        passthrough.release_vm(ctx, ctx.gpu_env, record.name, record.host)  # "its GPU returned to the host"
+        if directory.parent == ctx.paths.root / "vms" and directory != ctx.ledger.get_vm(name).overlay.parent:
+            shutil.rmtree(directory, ignore_errors=True)
+        passthrough.release_vm(ctx, ctx.gpu_env, name, host_name)  # "its GPU returned to the host"
     except (HvctlError, AgentError) as exc:
-        ctx.ledger.log_event(record.name, record.host, "migration.source-left",
-                             f"the source incarnation on {record.host} could not be removed: {exc}")
+        if strict:
+            raise
+        ctx.ledger.log_event(name, host_name, "migration.source-left",
+                             f"the source incarnation on {host_name} could not be removed: {exc}")

@@ -130,6 +130,14 @@ def reconcile(ctx: Context, op: dict[str, Any]) -> str:
             from hvctl.ops.migrate import reconcile_migration
 
             return reconcile_migration(ctx, op)
+        if op["kind"] == "migrate-checkpoint":
+            from hvctl.ops.ckpt_migrate import reconcile_checkpoint_migration
+
+            return reconcile_checkpoint_migration(ctx, op)
+        if op["kind"] == "rotate-token":
+            from hvctl.ops.keys import reconcile_rotation
+
+            return reconcile_rotation(ctx, op)
         if op["kind"] == "create":
             from hvctl.ops.create import reconcile_create
 

@@ -14,6 +14,7 @@ from hvctl.errors import HvctlError, InvalidSpec, NotFound
 from hvctl.host import DomainState
 from hvctl.ledger import VMRecord
 from hvctl.ops.incarnation import authorized_keys_for
+from hvctl.ops.intent import operation
 from hvctl.seed import new_agent_token, rewrite_seed
 
 AUTHORIZED_KEYS = "/root/.ssh/authorized_keys"
@@ -72,16 +73,48 @@ def rotate_agent_token(ctx: Context, name: str) -> dict[str, Any]:
     if record.agent_token is None:
         raise InvalidSpec(f"VM {name} has no agent (its image was built without one)")
     token = new_agent_token()
-    agent = _running_agent(ctx, record)
-    if agent is not None:
-        try:
-            agent.typed("token.rotate", rpc.TokenRotated, rpc.TokenRotateParams(token=token))
-        except AgentError as exc:
-            raise AgentError(f"the agent of {name} did not take a new token; the old one stays: {exc.message}",
-                             code=exc.code) from None
-    # Not yet crash-consistent (the crash-consistency issue journals this): killed after the agent switched and
-    # before the ledger did, the guest holds a token the ledger lacks until a stop and start (the seed still has the
-    # old one); killed between the ledger and the seed, the next boot brings the old token back.
-    ctx.ledger.set_agent_token(name, token)
-    _rewrite_seed(ctx, record, token)
+    with operation(ctx, name, "rotate-token") as op:
+        # The new token is in the intent before the guest has it: killed after the switch, the repair can ask the
+        # guest which of the two it holds (reconcile_rotation).
+        op.step("chosen", token=token)
+        agent = _running_agent(ctx, record)
+        if agent is not None:
+            try:
+                agent.typed("token.rotate", rpc.TokenRotated, rpc.TokenRotateParams(token=token))
+            except AgentError as exc:
+                raise AgentError(f"the agent of {name} did not take a new token; the old one stays: {exc.message}",
+                                 code=exc.code) from None
+            op.step("switched")
+        ctx.ledger.set_agent_token(name, token)
+        op.step("recorded")
+        _rewrite_seed(ctx, record, token)
     return {"vm": name, "rotated": True, "live": agent is not None}
+
+
+def reconcile_rotation(ctx: Context, op: dict[str, Any]) -> str:
+    """An interrupted token rotation. The ledger already has the new token (killed after recording it): the seed
+    is written again with it, so the next boot agrees. Otherwise the running guest is asked, with the new token,
+    whether it took it: if it did, the ledger and the seed take it now; if it answers to the old one, or is not
+    running (its next boot reads the seed, which still has the old one), there is nothing to mend."""
+    vm, token = op["vm"], op["data"].get("token")
+    try:
+        record = ctx.ledger.get_vm(vm)
+    except NotFound:
+        ctx.ledger.end_operation(vm)
+        return "the VM is gone"
+    if token and record.agent_token != token and ctx.host(record.host).state(vm) is DomainState.RUNNING:
+        try:
+            ctx.agent(record.host, vm, token, timeout=30).call("ping")
+        except AgentError as exc:
+            if exc.code != rpc.ErrorCode.UNAUTHORIZED:
+                return f"undecided: the agent of {vm} did not answer ({exc.message})"
+            ctx.ledger.end_operation(vm)
+            return "the guest kept its old token: nothing to mend"
+        ctx.ledger.set_agent_token(vm, token)
+        record = ctx.ledger.get_vm(vm)
+    if token and record.agent_token == token:
+        _rewrite_seed(ctx, record, token)
+        ctx.ledger.end_operation(vm)
+        return "the guest holds the new token: the ledger and the seed have it too"
+    ctx.ledger.end_operation(vm)
+    return "the rotation had not reached the guest: nothing to mend"

@@ -60,15 +60,14 @@ def migrate(ctx: Context, name: str, target: str, opts: MigrateOptions,
     """A live (or offline) migration holds the VM's operation lock with a durable intent (``hvctl.ops.intent``),
     so a crash at any step is finished or rolled back by ``reconcile_migration``."""
     ctx.ledger.get_vm(name)  # NotFound before any lock
-    if opts.mode == "checkpoint":
-        return _migrate(ctx, name, target, opts, on_progress, on_step, None)
-    with operation(ctx, name, "migrate", target=target, say=on_step) as op:
+    kind = "migrate-checkpoint" if opts.mode == "checkpoint" else "migrate"
+    with operation(ctx, name, kind, target=target, say=on_step) as op:
         return _migrate(ctx, name, target, opts, on_progress, on_step, op)
 
 
 def _migrate(ctx: Context, name: str, target: str, opts: MigrateOptions,
              on_progress: Callable[[dict[str, Any]], None] | None, on_step: Callable[[str], None] | None,
-             op: Operation | None) -> dict[str, Any]:
+             op: Operation) -> dict[str, Any]:
     ledger = ctx.ledger
     record = ledger.get_vm(name)
     target_record = ledger.get_host(target)
@@ -89,7 +88,7 @@ def _migrate(ctx: Context, name: str, target: str, opts: MigrateOptions,
         raise InvalidSpec(f"{name} is not running; use --mode offline")
     if opts.mode == "checkpoint":
         try:
-            return checkpoint_migrate(ctx, record, target, opts.timeout_s, on_step)
+            return checkpoint_migrate(ctx, record, target, opts.timeout_s, on_step, op)
         except BaseException as exc:
             message = exc.message if isinstance(exc, HvctlError) else f"{type(exc).__name__}: {exc}"
             ledger.log_event(name, record.host, "migration.failed", f"checkpoint-migration of {name} to {target} "
@@ -114,8 +113,7 @@ def _migrate(ctx: Context, name: str, target: str, opts: MigrateOptions,
                 raise InvalidSpec(f"{disk} is not reachable from {target}",
                                   hint=None if opts.copy_storage else "use --copy-storage")
     say = on_step or (lambda _: None)
-    if op is not None:
-        op.step("checked", source=record.host, uuid=guest.uuid, source_overlay=str(record.overlay),
+    op.step("checked", source=record.host, uuid=guest.uuid, source_overlay=str(record.overlay),
                 copy_storage=opts.copy_storage)
     # A host never used since it was registered (the default host, say) has its capacity probed first: its limit
     # would read as zero otherwise.
@@ -128,20 +126,17 @@ def _migrate(ctx: Context, name: str, target: str, opts: MigrateOptions,
     try:
         port = ledger.free_port_on(target, bind_address=str(record.spec.ssh_bind) if ctx.is_this_machine(target)
                                    else None)
-        if op is not None:
-            op.step("reserved", reservation=reservation, port=port)
+        op.step("reserved", reservation=reservation, port=port)
         dest_xml = retarget_ssh_forward(guest.migratable_xml(), port)
         if opts.copy_storage:
             copy = prepare_storage_copy(ctx, record, target, dest_xml, say)
             dest_xml = copy.dest_xml
-            if op is not None:
-                op.step("prepared", moved=copy.moved)
+            op.step("prepared", moved=copy.moved)
         if opts.max_downtime_ms:
             guest.set_max_downtime(opts.max_downtime_ms)
         stats = _run(ctx, guest, record.host, target, dest_xml, opts, on_progress,
                      copy.copy_disks if copy else ())
-        if op is not None:
-            op.step("migrated")  # libvirt has finished: the VM runs on the target, the ledger does not say so yet
+        op.step("migrated")  # libvirt has finished: the VM runs on the target, the ledger does not say so yet
     except BaseException as exc:
         ledger.release(reservation)
         if copy is not None:
@@ -151,8 +146,7 @@ def _migrate(ctx: Context, name: str, target: str, opts: MigrateOptions,
                                                                 f"{message}; it stays on {record.host}")
         raise
     ledger.complete_migration(name, target, port, reservation, stats, moved=copy.moved if copy else None)
-    if op is not None:
-        op.step("committed")
+    op.step("committed")
     if opts.copy_storage:
         _discard_source_files(ctx, record)  # the source's copy: the VM runs on the new one
     return stats
