@@ -140,13 +140,13 @@ def gpu_keepers(ctx: Context, host: str) -> set[str]:
 
 def stranded_gpus(ctx: Context) -> list[dict[str, Any]]:
     """Devices hvctl moved (or began to move) for a VM it no longer has: left by a crash or a failed release."""
-    from vfio.binding import TERMINAL_STATES
+    from hvctl.passthrough import RELEASED_STATES
 
     stranded = []
     for host in sorted({r["host"] for r in ctx.ledger.gpu_bindings()}):
         keepers = gpu_keepers(ctx, host)
         stranded += [r for r in ctx.ledger.gpu_bindings(host)
-                     if r["state"] not in TERMINAL_STATES and r["vm"] not in keepers]
+                     if r["state"] not in RELEASED_STATES and r["vm"] not in keepers]
     return stranded
 
 

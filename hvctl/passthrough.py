@@ -32,6 +32,11 @@ from vfio import (
 )
 from vfio.binding import TERMINAL_STATES
 
+# Binding-journal states in which a device belongs to no VM: given back. "original" is terminal for the device (it
+# is on its host driver) but not free: the binder writes it as a bind begins, before the device moves, and a
+# concurrent create that took it for free would claim and bind the same device a second time.
+RELEASED_STATES = TERMINAL_STATES - {"original"}
+
 
 class NoGpuAvailable(HvctlError):
     exit_code = 13  # like any other admission refusal
@@ -67,8 +72,8 @@ def local_inventory(ctx: Context) -> list[dict[str, str]]:
 
 
 def owners(ledger: Ledger, host: str) -> dict[str, str]:
-    """Device address → the VM holding it, for every device not back with its host driver."""
-    return {r["address"]: r["vm"] for r in ledger.gpu_bindings(host) if r["state"] not in TERMINAL_STATES}
+    """Device address → the VM holding it: every device claimed or bound by a VM and not yet given back."""
+    return {r["address"]: r["vm"] for r in ledger.gpu_bindings(host) if r["state"] not in RELEASED_STATES}
 
 
 def binder(ctx: Context, env: GpuEnvironment, host: str, vm: str | None) -> VfioBinder:
@@ -134,7 +139,7 @@ def allocate(ctx: Context, env: GpuEnvironment, spec: VMSpec, host: str, undo: U
     chosen = choose(ctx, env, spec, host)
     addresses = [a for _, plan in chosen for a in plan]
     # Claimed in one ledger transaction first: a concurrent create that chose the same device is refused here.
-    ctx.ledger.claim_gpus(host, spec.name, addresses, TERMINAL_STATES)
+    ctx.ledger.claim_gpus(host, spec.name, addresses, RELEASED_STATES)
     vfio = binder(ctx, env, host, spec.name)
     try:
         binding = vfio.bind(addresses)

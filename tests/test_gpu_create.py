@@ -37,7 +37,7 @@ from fakesysfs import (
 )
 
 from hvctl.context import Context, GpuEnvironment
-from hvctl.doctor import gpu_keepers, repair
+from hvctl.doctor import gpu_keepers, repair, stranded_gpus
 from hvctl.ledger import QuotaExceeded
 from hvctl.ops.create import create
 from hvctl.ops.incarnation import BootOptions
@@ -208,6 +208,30 @@ def test_two_creates_racing_for_the_last_device_one_wins_and_the_other_is_refuse
         assert rig.ctx.host().state(loser).value == "missing" and rig.ctx.ledger.operations() == []
     finally:
         other.close()
+
+
+def test_a_device_whose_bind_has_begun_is_not_free_for_another_create(rig: Rig) -> None:
+    """The interleaving the race above hit only now and then: VM left has claimed the device and its binder has
+    journalled the first step ("original": recorded, not moved yet) when right's claim runs. That device is left's;
+    taking the state for "free" once let both creates bind it. A leftover of a VM that is gone is stranded, and
+    `doctor --repair` frees it."""
+    from hvctl import passthrough
+    from hvctl.ledger import DeviceTaken
+
+    ledger = rig.ctx.ledger
+    ledger.claim_gpus("local", "left", [EDU], passthrough.RELEASED_STATES)
+    ledger.record_gpu_step("local", EDU, "left", "record", None, "original")
+    with pytest.raises(DeviceTaken, match="just claimed by VM left"):
+        ledger.claim_gpus("local", "right", [EDU], passthrough.RELEASED_STATES)
+    assert passthrough.owners(ledger, "local") == {EDU: "left"}
+    with pytest.raises(NoGpuAvailable, match=f"{EDU} is held by VM left"):
+        rig.create("right", 1, model="edu")
+    # left is not in the ledger (its create died right there): doctor calls the row stranded, the repair drops it.
+    assert [r["address"] for r in stranded_gpus(rig.ctx)] == [EDU]
+    repair(rig.ctx)
+    assert rig.bindings() == {} and passthrough.owners(ledger, "local") == {}
+    rig.create("right", 1, model="edu")
+    assert rig.bindings() == {EDU: ("right", "bound")}
 
 
 def test_a_bind_that_fails_halfway_leaves_every_device_and_the_ledger_as_they_were(rig: Rig) -> None:
