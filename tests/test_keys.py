@@ -58,3 +58,41 @@ def test_key_rm_forgets_the_key_and_refuses_an_unknown_one(state: Path) -> None:
     (state / "bad.pub").write_text("not a key\n")
     bad = hvctl(state, "key", "rm", "acme", str(state / "bad.pub"))
     assert bad.returncode == 2 and "is not an OpenSSH public key" in bad.stderr
+
+
+def test_a_key_rm_killed_part_way_leaves_the_key_listed_and_running_it_again_finishes(
+        state: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ledger forgets the key last. Killed after a VM's seed was rewritten and before that (here: the ledger
+    write raises), the key is still listed, so `key rm` can be run again, and the second run finishes the job."""
+    from hvctl.context import Context
+    from hvctl.ledger import VMPaths
+    from hvctl.ops.keys import remove_tenant_key
+    from hvctl.spec import VMSpec
+
+    ctx = Context(state_dir=state, uri="test:///default")
+    ctx.ledger.ensure_host("local", "test:///default")
+    keep, drop = generate_ed25519("keep").public_line, generate_ed25519("drop").public_line
+    for key in (keep, drop):
+        ctx.ledger.add_tenant_key("acme", key)
+    files = ctx.paths.vm_files("vm1")
+    files.dir.mkdir(parents=True)
+    host_key = generate_ed25519("hvctl-host-vm1")
+    build_seed(files.seed, "vm1", [keep, drop], host_key, "token")
+    ctx.ledger.reserve_vm(VMSpec(name="vm1", tenant="acme", operator_key=False), "local",
+                          VMPaths(Path("/base.qcow2"), files.overlay, files.seed, files.console_log,
+                                  files.agent_socket), agent_token="token", host_pubkey=host_key.public_line)
+
+    def killed(*_: object) -> bool:
+        raise RuntimeError("killed before the ledger forgot the key")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ctx.ledger, "remove_tenant_key", killed)
+        with pytest.raises(RuntimeError):
+            remove_tenant_key(ctx, "acme", drop)
+    assert drop in {k for _, k in ctx.ledger.tenant_keys("acme")}
+    assert read_seed_file(files.seed, "hvctl/authorized_keys").decode() == keep + "\n"
+    done = remove_tenant_key(ctx, "acme", drop)
+    assert done["vms"] == [{"vm": "vm1", "seed": True, "live": False, "problem": None}]
+    assert [k for _, k in ctx.ledger.tenant_keys("acme")] == [keep]
+    assert read_seed_file(files.seed, "hvctl/authorized_keys").decode() == keep + "\n"
+    ctx.close()

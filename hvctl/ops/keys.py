@@ -22,11 +22,13 @@ AUTHORIZED_KEYS = "/root/.ssh/authorized_keys"
 _DROP_LINE = 'f="$0"; grep -vxF -- "$1" "$f" > "$f.hvctl-new"; chmod 600 "$f.hvctl-new"; mv "$f.hvctl-new" "$f"'
 
 
-def _rewrite_seed(ctx: Context, record: VMRecord, token: str) -> None:
+def _rewrite_seed(ctx: Context, record: VMRecord, token: str, dropping: str | None = None) -> None:
+    """The VM's seed written again with the keys the ledger authorises (less ``dropping``) and ``token``."""
     if record.seed is None or not record.seed.exists():
         return
     spec = record.spec
-    rewrite_seed(record.seed, record.name, authorized_keys_for(ctx, spec), record.host_pubkey or "", token,
+    keys = [k for k in authorized_keys_for(ctx, spec) if k != dropping]
+    rewrite_seed(record.seed, record.name, keys, record.host_pubkey or "", token,
                  (nic_mac(spec.name), spec.network) if spec.network else None)
 
 
@@ -40,15 +42,18 @@ def remove_tenant_key(ctx: Context, tenant: str, pubkey: str,
                       say: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
     """Forget ``pubkey`` for ``tenant``, rewrite the seed of each of the tenant's VMs without it, and remove it
     from the running ones' authorized_keys through their agents. A VM that cannot be reached now keeps the key
-    until its next boot; the result says which."""
-    if not ctx.ledger.remove_tenant_key(tenant, pubkey):
+    until its next boot; the result says which.
+
+    The ledger forgets the key last: killed part way, the key is still listed, and `key rm` run again takes it out
+    of every VM (dropping a line that is already gone changes nothing)."""
+    if pubkey not in {k for _, k in ctx.ledger.tenant_keys(tenant)}:
         raise NotFound(f"that key is not authorised for tenant {tenant}", hint=f"`hvctl key list {tenant}`")
     vms = []
     for record in (r for r in ctx.ledger.list_vms() if r.tenant == tenant):
         say(f"removing the key from {record.name}")
         outcome: dict[str, Any] = {"vm": record.name, "seed": False, "live": False, "problem": None}
         try:
-            _rewrite_seed(ctx, record, record.agent_token or "")
+            _rewrite_seed(ctx, record, record.agent_token or "", dropping=pubkey)
             outcome["seed"] = True
             agent = _running_agent(ctx, record)
             if agent is not None:
@@ -63,6 +68,7 @@ def remove_tenant_key(ctx: Context, tenant: str, pubkey: str,
                              f"a key of tenant {tenant} was removed" + (f" ({outcome['problem']})"
                                                                         if outcome["problem"] else ""), outcome)
         vms.append(outcome)
+    ctx.ledger.remove_tenant_key(tenant, pubkey)
     return {"tenant": tenant, "vms": vms}
 
 
