@@ -1,0 +1,272 @@
+"""An OpenAI-compatible HTTP API over serving engines (issue 14, stage 2; not started by the agent yet).
+
+Endpoints: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (the
+tokenizer's chat template), both with ``stream: true`` as server-sent events, and ``GET /metrics`` (Prometheus
+text). Greedy decoding. Errors are OpenAI-shaped JSON with a clear message: 400 for a bad request (bad JSON, a
+prompt longer than the context, a bad ``max_tokens``), 404 for an unknown model or path, 413 for a body over
+``MAX_BODY`` (refused from its Content-Length, never read), 429 with ``Retry-After`` when the engine is full. A
+client that goes away mid-stream has its request cancelled. The standard library's threading HTTP server: one
+thread per connection, the engine does the batching; no web framework is needed in the guest image.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from guest.serving.engine import BadRequest, Engine, Overloaded, ServingError, Stream
+
+MAX_BODY = 1 << 20  # 1 MiB: far more than any prompt the context can hold
+
+
+@dataclass
+class Model:
+    name: str
+    engine: Engine
+    tokenizer: Any
+
+
+@dataclass
+class Metrics:
+    requests: int = 0
+    refused: int = 0
+    tokens: int = 0
+    ttft_s: list[float] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def text(self, models: dict[str, Model]) -> str:
+        with self.lock:
+            ttft = sorted(self.ttft_s[-1000:])
+            lines = [
+                "# TYPE hvctl_serve_requests_total counter", f"hvctl_serve_requests_total {self.requests}",
+                "# TYPE hvctl_serve_refused_total counter", f"hvctl_serve_refused_total {self.refused}",
+                "# TYPE hvctl_serve_generated_tokens_total counter",
+                f"hvctl_serve_generated_tokens_total {self.tokens}",
+            ]
+        lines.append("# TYPE hvctl_serve_running_sequences gauge")
+        lines += [f'hvctl_serve_running_sequences{{model="{m.name}"}} {m.engine.in_flight}' for m in models.values()]
+        if ttft:
+            lines.append("# TYPE hvctl_serve_time_to_first_token_seconds summary")
+            for q in (0.5, 0.99):
+                value = ttft[min(len(ttft) - 1, int(q * len(ttft)))]
+                lines.append(f'hvctl_serve_time_to_first_token_seconds{{quantile="{q}"}} {value:.6f}')
+        return "\n".join(lines) + "\n"
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or {}
+
+
+def make_server(models: dict[str, Model], address: tuple[str, int]) -> ThreadingHTTPServer:
+    metrics = Metrics()
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+            pass  # the agent keeps its own log; one line per request would drown it
+
+        def do_GET(self) -> None:  # noqa: N802 - the base class's name
+            try:
+                if self.path == "/health":
+                    self._json(200, {"status": "ok", "models": sorted(models)})
+                elif self.path == "/v1/models":
+                    self._json(200, {"object": "list", "data": [
+                        {"id": name, "object": "model", "owned_by": "hvctl"} for name in sorted(models)]})
+                elif self.path == "/metrics":
+                    self._send(200, metrics.text(models).encode(), "text/plain; version=0.0.4")
+                else:
+                    raise ApiError(404, f"no such path {self.path}")
+            except ApiError as exc:
+                self._error(exc)
+
+        def do_POST(self) -> None:  # noqa: N802 - the base class's name
+            try:
+                if self.path not in ("/v1/completions", "/v1/chat/completions"):
+                    raise ApiError(404, f"no such path {self.path}")
+                body = self._body()
+                model = models.get(str(body.get("model", "")))
+                if model is None:
+                    raise ApiError(404, f"no model {body.get('model')!r}; loaded: {', '.join(sorted(models))}")
+                chat = self.path == "/v1/chat/completions"
+                prompt_ids = _chat_ids(model, body) if chat else _prompt_ids(model, body)
+                max_tokens = body.get("max_tokens", 16)
+                if not isinstance(max_tokens, int) or isinstance(max_tokens, bool):
+                    raise ApiError(400, "max_tokens must be an integer")
+                try:
+                    stream = model.engine.submit(prompt_ids, max_tokens)
+                except Overloaded as exc:
+                    with metrics.lock:
+                        metrics.refused += 1
+                    raise ApiError(429, exc.message, {"Retry-After": str(exc.retry_after_s)}) from None
+                except BadRequest as exc:
+                    raise ApiError(400, exc.message) from None
+                with metrics.lock:
+                    metrics.requests += 1
+                if body.get("stream"):
+                    self._stream(model, stream, chat)
+                else:
+                    self._complete(model, stream, chat)
+            except ApiError as exc:
+                self._error(exc)
+
+        # -- bodies ----------------------------------------------------------------------------------------
+
+        def _body(self) -> dict[str, Any]:
+            length = self.headers.get("Content-Length")
+            if length is None or not length.isdigit():
+                raise ApiError(411, "a request body needs a Content-Length")
+            if int(length) > MAX_BODY:
+                self.close_connection = True  # the body is never read: the connection cannot be reused
+                raise ApiError(413, f"the body is {int(length)} bytes; at most {MAX_BODY} are accepted")
+            try:
+                body = json.loads(self.rfile.read(int(length)))
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise ApiError(400, f"the body is not JSON: {exc}") from None
+            if not isinstance(body, dict):
+                raise ApiError(400, "the body must be a JSON object")
+            return body
+
+        def _complete(self, model: Model, stream: Stream, chat: bool) -> None:
+            started = time.monotonic()
+            tokens: list[int] = []
+            for token in stream:
+                if not tokens:
+                    _first_token(metrics, started)
+                tokens.append(token)
+            with metrics.lock:
+                metrics.tokens += len(tokens)
+            text = model.tokenizer.decode(tokens, skip_special_tokens=True)
+            finish = "length" if len(tokens) >= stream.max_tokens else "stop"
+            choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "token_ids": tokens}
+            choice |= {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
+            self._json(200, {"id": f"cmpl-{uuid.uuid4().hex[:16]}",
+                             "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+                             "model": model.name, "choices": [choice],
+                             "usage": {"prompt_tokens": len(stream.prompt_ids), "completion_tokens": len(tokens),
+                                       "total_tokens": len(stream.prompt_ids) + len(tokens)}})
+
+        def _stream(self, model: Model, stream: Stream, chat: bool) -> None:
+            """Server-sent events, one per token's text; a client that goes away cancels the request."""
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.close_connection = True
+            ident, created = f"cmpl-{uuid.uuid4().hex[:16]}", int(time.time())
+            kind = "chat.completion.chunk" if chat else "text_completion"
+            started = time.monotonic()
+            try:
+                for n, delta in enumerate(_text_deltas(model.tokenizer, stream)):
+                    if n == 0:
+                        _first_token(metrics, started)
+                    piece = {"delta": {"content": delta}} if chat else {"text": delta}
+                    self._event({"id": ident, "object": kind, "created": created, "model": model.name,
+                                 "choices": [{"index": 0, "finish_reason": None, **piece}]})
+                finish = "length" if len(stream.tokens) >= stream.max_tokens else "stop"
+                end: dict[str, Any] = {"delta": {}} if chat else {"text": ""}
+                self._event({"id": ident, "object": kind, "created": created, "model": model.name,
+                             "choices": [{"index": 0, "finish_reason": finish, **end}]})
+                self.wfile.write(b"data: [DONE]\n\n")
+                self.wfile.flush()
+            except (BrokenPipeError, ConnectionResetError):
+                stream.close()  # the client went away: its sequence is freed at the next step
+            finally:
+                with metrics.lock:
+                    metrics.tokens += len(stream.tokens)
+
+        # -- responses -------------------------------------------------------------------------------------
+
+        def _event(self, data: dict[str, Any]) -> None:
+            self.wfile.write(b"data: " + json.dumps(data).encode() + b"\n\n")
+            self.wfile.flush()
+
+        def _json(self, status: int, data: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+            self._send(status, json.dumps(data).encode(), "application/json", headers)
+
+        def _send(self, status: int, payload: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(payload)))
+            for key, value in (headers or {}).items():
+                self.send_header(key, value)
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def _error(self, exc: ApiError) -> None:
+            kind = {400: "invalid_request_error", 404: "not_found_error", 413: "invalid_request_error",
+                    429: "rate_limit_error"}.get(exc.status, "server_error")
+            self._json(exc.status, {"error": {"message": exc.message, "type": kind, "code": exc.status}},
+                       exc.headers)
+
+    return ThreadingHTTPServer(address, Handler)
+
+
+def _first_token(metrics: Metrics, started: float) -> None:
+    with metrics.lock:
+        metrics.ttft_s.append(time.monotonic() - started)
+
+
+def _prompt_ids(model: Model, body: dict[str, Any]) -> list[int]:
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        return list(model.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return list(prompt)
+    raise ApiError(400, "prompt must be a string or a non-empty list of token ids (one prompt per request)")
+
+
+def _chat_ids(model: Model, body: dict[str, Any]) -> list[int]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages):
+        raise ApiError(400, "messages must be a non-empty list of {role, content} objects with string values")
+    if not getattr(model.tokenizer, "chat_template", None):
+        raise ApiError(400, f"model {model.name} has no chat template; use /v1/completions")
+    ids = model.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):
+        ids = ids["input_ids"]
+    return [int(t) for t in ids]
+
+
+def _text_deltas(tokenizer: Any, stream: Stream) -> Iterator[str]:
+    """The text each new token adds. Decoding the whole completion each time and sending what grew keeps
+    characters that span tokens whole; a token that adds no printable text yet sends nothing."""
+    sent = ""
+    ids: list[int] = []
+    for token in stream:
+        ids.append(token)
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            continue  # half a character: wait for the rest
+        if len(text) > len(sent):
+            yield text[len(sent):]
+            sent = text
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    if len(text) > len(sent):
+        yield text[len(sent):]  # the completion ended inside a character: send what it decodes to, as the
+        # non-streamed answer does
+
+
+def serve_forever(models: dict[str, Model], host: str, port: int) -> None:
+    """Run the API until the process is stopped; the engines are stopped on the way out."""
+    server = make_server(models, (host, port))
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+        for model in models.values():
+            model.engine.stop()
+
+
+__all__ = ["MAX_BODY", "Model", "ServingError", "make_server", "serve_forever"]
