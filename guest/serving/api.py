@@ -114,7 +114,10 @@ def make_server(models: dict[str, Model], address: tuple[str, int]) -> Threading
                 if body.get("stream"):
                     self._stream(model, stream, chat)
                 else:
-                    self._complete(model, stream, chat)
+                    try:
+                        self._complete(model, stream, chat)
+                    except ServingError as exc:  # the engine failed the request (or stopped under it)
+                        raise ApiError(500, exc.message) from None
             except ApiError as exc:
                 self._error(exc)
 
@@ -180,6 +183,8 @@ def make_server(models: dict[str, Model], address: tuple[str, int]) -> Threading
                 self.wfile.flush()
             except (BrokenPipeError, ConnectionResetError):
                 stream.close()  # the client went away: its sequence is freed at the next step
+            except ServingError as exc:  # the engine failed the request mid-stream: say so, then end the stream
+                self._event({"error": {"message": exc.message, "type": "server_error", "code": 500}})
             finally:
                 with metrics.lock:
                     metrics.tokens += len(stream.tokens)
