@@ -23,6 +23,7 @@ from hvctl.devhost import PrivateLibvirtd
 from hvctl.ledger import VMRecord
 from hvctl.ops.create import create
 from hvctl.ops.incarnation import BootOptions
+from hvctl.ops.intent import CRASH_ENV, FAIL_ENV
 from hvctl.ops.lifecycle import destroy
 from hvctl.spec import VMSpec
 
@@ -157,13 +158,17 @@ def two_local_hosts(image_dir: Path, prefix: str) -> Iterator[dict[str, object]]
 
 
 def hvctl_cli(state_dir: Path | str, uri: str, *args: str, timeout: float = 180,
-              crash_after: str | None = None) -> subprocess.CompletedProcess[str]:
+              crash_after: str | None = None, fail_after: str | None = None) -> subprocess.CompletedProcess[str]:
     """Run the real `hvctl` CLI in a subprocess against ``uri`` with ``state_dir``; wide, colourless output.
-    ``crash_after``: KIND.STEP, after which hvctl SIGKILLs itself (``hvctl.ops.intent.CRASH_ENV``)."""
+    ``crash_after``: KIND.STEP, after which hvctl SIGKILLs itself (``hvctl.ops.intent.CRASH_ENV``); ``fail_after``:
+    KIND.STEP, after which the operation fails with an error and undoes itself (``FAIL_ENV``)."""
     env = os.environ | {"HVCTL_STATE_DIR": str(state_dir), "HVCTL_CONNECT": uri, "COLUMNS": "200", "NO_COLOR": "1"}
-    env.pop("HVCTL_CRASH_AFTER", None)
+    env.pop(CRASH_ENV, None)
+    env.pop(FAIL_ENV, None)
     if crash_after:
-        env["HVCTL_CRASH_AFTER"] = crash_after
+        env[CRASH_ENV] = crash_after
+    if fail_after:
+        env[FAIL_ENV] = fail_after
     return subprocess.run([*HVCTL, *args], capture_output=True, text=True, env=env, timeout=timeout)
 
 

@@ -16,7 +16,16 @@ import pytest
 from conftest import short_tempdir
 
 from hvctl.context import Context
-from hvctl.ops.intent import CRASH_ENV, OperationBusy, holder_alive, interrupted, operation, this_holder
+from hvctl.ops.intent import (
+    CRASH_ENV,
+    FAIL_ENV,
+    InjectedFault,
+    OperationBusy,
+    holder_alive,
+    interrupted,
+    operation,
+    this_holder,
+)
 
 
 @pytest.fixture
@@ -104,6 +113,19 @@ def test_the_crash_hook_kills_the_process_right_after_the_named_step(ctx: Contex
     assert killed.returncode == -9 and "not reached" not in killed.stdout, killed.stderr
     (op,) = interrupted(ctx)
     assert op["step"] == "checked" and op["data"] == {"source": "local"}
+
+
+def test_the_fault_hook_fails_the_operation_right_after_the_named_step_and_its_lock_goes(
+        ctx: Context, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(FAIL_ENV, "migrate.checked")
+    reached = []
+    with pytest.raises(InjectedFault, match="after step checked"), \
+            operation(ctx, "vm1", "migrate", target="h2") as op:
+        op.step("reserved")  # another step: nothing happens
+        reached.append("reserved")
+        op.step("checked")
+        reached.append("checked")
+    assert reached == ["reserved"] and ctx.ledger.operations() == []
 
 
 def test_list_calls_an_interrupted_operation_by_its_name_and_leaves_a_live_one_alone(ctx: Context) -> None:

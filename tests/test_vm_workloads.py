@@ -59,9 +59,10 @@ def env(libvirtd: PrivateLibvirtd, image_dir: Path) -> Iterator[dict[str, object
         shutil.rmtree(state, ignore_errors=True)
 
 
-def hvctl(env: dict[str, object], *args: str, timeout: float = 900,
-          crash_after: str | None = None) -> subprocess.CompletedProcess[str]:
-    return hvctl_cli(str(env["state"]), str(env["uri"]), *args, timeout=timeout, crash_after=crash_after)
+def hvctl(env: dict[str, object], *args: str, timeout: float = 900, crash_after: str | None = None,
+          fail_after: str | None = None) -> subprocess.CompletedProcess[str]:
+    return hvctl_cli(str(env["state"]), str(env["uri"]), *args, timeout=timeout, crash_after=crash_after,
+                     fail_after=fail_after)
 
 
 def repair_after_crash(env: dict[str, object], step: str, *args: str) -> str:
@@ -142,12 +143,15 @@ def test_detached_training_checkpoints_and_the_checkpoint_comes_out(env: dict[st
 
 
 def test_a_checkpoint_migration_that_fails_leaves_the_source_training(env: dict[str, object]) -> None:
-    """The timeout strikes while the target's restored workload is still importing torch: after the checkpoint, the
-    copy and the target's boot, so every undo runs. The source never stops training."""
+    """The migration fails at its last step before the commit, after the checkpoint, the copy, the target's boot and
+    the restored workload's verified first step, so every undo runs. The failure is injected at that step (a
+    timeout would race the machine's speed: a fast one finishes inside it). The source never stops training."""
     ctx = env["ctx"]
     assert isinstance(ctx, Context)
-    result = hvctl(env, "migrate", "ml", "--to", "h2", "--mode", "checkpoint", "--timeout", "75")
+    result = hvctl(env, "migrate", "ml", "--to", "h2", "--mode", "checkpoint",
+                   fail_after="migrate-checkpoint.verified")
     assert result.returncode == 15 and "still on local" in result.stderr, result.stderr
+    assert "fault injected after step verified" in result.stderr, result.stderr
     assert ctx.ledger.get_vm("ml").host == "local" and ctx.ledger.reservations() == []
     assert ctx.host("h2").state("ml") is DomainState.MISSING
     assert not ctx.paths.vm_dir("ml", 1).exists()

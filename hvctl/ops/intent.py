@@ -9,7 +9,9 @@ really runs (libvirt is the truth for what runs) and finishes the operation or r
 --repair``, or when the next command on that VM finds the lock held by a dead process.
 
 ``HVCTL_CRASH_AFTER=KIND.STEP`` makes hvctl SIGKILL itself right after recording that step: how the tests crash
-every step on purpose, with no timing involved.
+every step on purpose, with no timing involved. ``HVCTL_FAIL_AFTER=KIND.STEP`` raises :class:`InjectedFault` there
+instead, so the operation's own error path (its undo) runs: how the tests make an operation fail at a chosen step
+without depending on how fast the machine is.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from hvctl.context import Context
 from hvctl.errors import HostUnreachable, HvctlError
 
 CRASH_ENV = "HVCTL_CRASH_AFTER"
+FAIL_ENV = "HVCTL_FAIL_AFTER"
 # A holder on another controller machine cannot be checked for life from here: its lock is trusted until it has
 # not recorded a step for this long.
 LEASE_S = 900.0
@@ -38,6 +41,10 @@ class OperationBusy(HvctlError):
     """Another command is operating on this VM right now."""
 
     exit_code = 16
+
+
+class InjectedFault(HvctlError):
+    """The failure a test asked for with ``HVCTL_FAIL_AFTER``."""
 
 
 def _read(path: str) -> str:
@@ -87,8 +94,11 @@ class Operation:
     def step(self, name: str, **data: Any) -> None:
         """Record that ``name`` is done and what it made; then the crash hook may fire."""
         self.ctx.ledger.operation_step(self.vm, self.holder, name, data)
-        if os.environ.get(CRASH_ENV) == f"{self.kind}.{name}":
+        here = f"{self.kind}.{name}"
+        if os.environ.get(CRASH_ENV) == here:
             os.kill(os.getpid(), signal.SIGKILL)
+        if os.environ.get(FAIL_ENV) == here:
+            raise InjectedFault(f"fault injected after step {name} ({FAIL_ENV}={here})")
 
 
 @contextmanager
