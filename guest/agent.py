@@ -28,6 +28,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from guest import rpc
+from guest.serving.control import ServeControl, ServeRefused
 
 VERSION = "0.2.0"
 STARTED = time.monotonic()
@@ -102,6 +103,12 @@ class Agent:
     _running: dict[str, Workload] = field(default_factory=dict)
     _next_id: int = 1
     shutdown_requested: threading.Event = field(default_factory=threading.Event)
+    # The resident model server (guest/serving): its own process, found again by an agent restarted in this boot.
+    serving: ServeControl | None = None
+
+    def __post_init__(self) -> None:
+        if self.serving is None:
+            self.serving = ServeControl(self.workdir / "serve")
 
     def handle_line(self, line: bytes) -> rpc.Reply:
         """One request line in, one reply out. Never raises: every failure becomes an error reply."""
@@ -136,7 +143,7 @@ class Agent:
             # Validate our own reply too: a reply the controller would reject is our bug, caught here.
             result = result_model.model_validate(result.model_dump())
             return rpc.Reply(id=request.id, ok=True, result=result.model_dump(mode="json"))
-        except RpcFailure as exc:
+        except (RpcFailure, ServeRefused) as exc:
             return rpc.Reply(id=request_id, ok=False, error=rpc.ErrorBody(code=exc.code, message=exc.message))
         except Exception as exc:  # noqa: BLE001 - the agent must keep serving whatever a handler does
             return rpc.Reply(id=request_id, ok=False,
@@ -244,6 +251,34 @@ class Agent:
                 os.killpg(workload.proc.pid, signal.SIGKILL)
                 workload.proc.wait()
         return workload.status()
+
+    # -- the resident model server ---------------------------------------------------------------------------
+
+    @property
+    def _serve(self) -> ServeControl:
+        assert self.serving is not None
+        return self.serving
+
+    def rpc_serve_start(self, params: rpc.ServeStartParams) -> rpc.ServeStatus:
+        return self._serve.start(params)
+
+    def rpc_serve_status(self, _: rpc.NoParams) -> rpc.ServeStatus:
+        return self._serve.status()
+
+    def rpc_serve_load(self, params: rpc.ServedModel) -> rpc.ServeStatus:
+        return self._serve.load(params, replace=False)
+
+    def rpc_serve_reload(self, params: rpc.ServedModel) -> rpc.ServeStatus:
+        return self._serve.load(params, replace=True)
+
+    def rpc_serve_unload(self, params: rpc.ServeModelRef) -> rpc.ServeStatus:
+        return self._serve.unload(params)
+
+    def rpc_serve_stop(self, _: rpc.NoParams) -> rpc.ServeStatus:
+        return self._serve.stop()
+
+    def rpc_serve_generate(self, params: rpc.ServeGenerateParams) -> rpc.ServeGenerated:
+        return self._serve.generate(params)
 
 
 # -- transports -------------------------------------------------------------------------------------------------

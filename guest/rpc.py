@@ -155,6 +155,75 @@ class TokenRotated(Model):
     rotated: bool
 
 
+# -- the resident model server (guest/serving), run by the agent ------------------------------------------------
+
+MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
+class ServedModel(Model):
+    """A model to serve: its name in the API, and its directory inside the guest (a transformers checkpoint)."""
+
+    name: str = Field(pattern=MODEL_NAME)
+    dir: str = Field(min_length=1, max_length=4096, pattern=r"^/")
+
+
+class ServeStartParams(Model):
+    """serve.start: start the server with these models, or load them into the one already running."""
+
+    models: list[ServedModel] = Field(min_length=1, max_length=16)
+    port: int = Field(default=8000, ge=1, le=65535)
+    max_seqs: int = Field(default=16, ge=1, le=1024)
+    max_tokens: int | None = Field(default=None, ge=2, le=1 << 20)
+    backend: Literal["cb"] = "cb"
+
+
+class ServeModelRef(Model):
+    name: str = Field(pattern=MODEL_NAME)
+
+
+class ServeModelStatus(Model):
+    name: str
+    dir: str
+    state: Literal["loading", "ready", "failed"]
+    version: int
+    footprint_mib: int
+    loaded_at: float | None
+    error: str | None
+    pending: str | None  # a reload's directory, while the new weights load beside the served ones
+    in_flight: int
+    context: int | None
+
+
+class ServeStatus(Model):
+    state: Literal["stopped", "starting", "running", "exited"]
+    pid: int | None = None
+    port: int | None = None
+    backend: str | None = None
+    max_seqs: int | None = None
+    max_tokens: int | None = None
+    started_at: float | None = None
+    models: list[ServeModelStatus] = []
+    memory_total_mib: int = 0
+    memory_available_mib: int = 0
+    error: str | None = None  # why it exited: the last line of its log
+
+
+class ServeGenerateParams(Model):
+    model: str = Field(pattern=MODEL_NAME)
+    prompt: str = Field(min_length=1, max_length=1 << 16)
+    max_tokens: int = Field(default=16, ge=1, le=4096)
+    timeout_s: float = Field(default=300.0, gt=0, le=3600)
+
+
+class ServeGenerated(Model):
+    model: str
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str
+    duration_s: float
+
+
 METHODS: dict[str, tuple[type[Model], type[Model]]] = {
     "ping": (NoParams, PingResult),
     "info": (NoParams, InfoResult),
@@ -167,4 +236,11 @@ METHODS: dict[str, tuple[type[Model], type[Model]]] = {
     "workload.list": (NoParams, WorkloadList),
     "workload.checkpoint": (WorkloadRef, WorkloadCheckpointed),
     "token.rotate": (TokenRotateParams, TokenRotated),
+    "serve.start": (ServeStartParams, ServeStatus),
+    "serve.status": (NoParams, ServeStatus),
+    "serve.load": (ServedModel, ServeStatus),
+    "serve.reload": (ServedModel, ServeStatus),
+    "serve.unload": (ServeModelRef, ServeStatus),
+    "serve.stop": (NoParams, ServeStatus),
+    "serve.generate": (ServeGenerateParams, ServeGenerated),
 }

@@ -19,9 +19,6 @@ from guest.serving.api import MAX_BODY, Model, make_server
 from guest.serving.engine import Engine
 from guest.workloads.assets import make_tiny_llm
 
-CHAT = ("{% for m in messages %}<|bos|>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-        "{% if add_generation_prompt %}assistant:{% endif %}")
-
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
@@ -29,7 +26,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
     directory = make_tiny_llm(Path(tmp_path_factory.mktemp("tiny")) / "llm")
     model = AutoModelForCausalLM.from_pretrained(directory)
     tokenizer = AutoTokenizer.from_pretrained(directory)
-    tokenizer.chat_template = CHAT
+    assert tokenizer.chat_template  # make_tiny_llm gives it one, as a real model's tokenizer has
     engine = Engine(model, max_queue=8).start()
     server = make_server({"tiny": Model("tiny", engine, tokenizer)}, ("127.0.0.1", 0))
     thread = threading.Thread(target=server.serve_forever, daemon=True)

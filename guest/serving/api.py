@@ -1,4 +1,4 @@
-"""An OpenAI-compatible HTTP API over serving engines (issue 14, stage 2; not started by the agent yet).
+"""An OpenAI-compatible HTTP API over serving engines; ``guest.serving.server`` runs it in the resident server.
 
 Endpoints: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (the
 tokenizer's chat template), both with ``stream: true`` as server-sent events, and ``GET /metrics`` (Prometheus
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from guest.serving.engine import BadRequest, Engine, Overloaded, ServingError, Stream
+from guest.serving.engine import BadRequest, Engine, Overloaded, Retired, ServingError, Stream
 
 MAX_BODY = 1 << 20  # 1 MiB: far more than any prompt the context can hold
 
@@ -93,22 +93,11 @@ def make_server(models: dict[str, Model], address: tuple[str, int]) -> Threading
                 if self.path not in ("/v1/completions", "/v1/chat/completions"):
                     raise ApiError(404, f"no such path {self.path}")
                 body = self._body()
-                model = models.get(str(body.get("model", "")))
-                if model is None:
-                    raise ApiError(404, f"no model {body.get('model')!r}; loaded: {', '.join(sorted(models))}")
                 chat = self.path == "/v1/chat/completions"
-                prompt_ids = _chat_ids(model, body) if chat else _prompt_ids(model, body)
                 max_tokens = body.get("max_tokens", 16)
                 if not isinstance(max_tokens, int) or isinstance(max_tokens, bool):
                     raise ApiError(400, "max_tokens must be an integer")
-                try:
-                    stream = model.engine.submit(prompt_ids, max_tokens)
-                except Overloaded as exc:
-                    with metrics.lock:
-                        metrics.refused += 1
-                    raise ApiError(429, exc.message, {"Retry-After": str(exc.retry_after_s)}) from None
-                except BadRequest as exc:
-                    raise ApiError(400, exc.message) from None
+                model, stream = self._submit(body, chat, max_tokens)
                 with metrics.lock:
                     metrics.requests += 1
                 if body.get("stream"):
@@ -120,6 +109,25 @@ def make_server(models: dict[str, Model], address: tuple[str, int]) -> Threading
                         raise ApiError(500, exc.message) from None
             except ApiError as exc:
                 self._error(exc)
+
+        def _submit(self, body: dict[str, Any], chat: bool, max_tokens: int) -> tuple[Model, Stream]:
+            """Look the model up and admit the request to its engine. A reload may retire the engine between the
+            two: then the lookup is done again and the new weights take the request, so none fails."""
+            while True:
+                model = models.get(str(body.get("model", "")))
+                if model is None:
+                    raise ApiError(404, f"no model {body.get('model')!r}; loaded: {', '.join(sorted(models))}")
+                prompt_ids = _chat_ids(model, body) if chat else _prompt_ids(model, body)
+                try:
+                    return model, model.engine.submit(prompt_ids, max_tokens)
+                except Retired:
+                    continue
+                except Overloaded as exc:
+                    with metrics.lock:
+                        metrics.refused += 1
+                    raise ApiError(429, exc.message, {"Retry-After": str(exc.retry_after_s)}) from None
+                except BadRequest as exc:
+                    raise ApiError(400, exc.message) from None
 
         # -- bodies ----------------------------------------------------------------------------------------
 

@@ -11,9 +11,11 @@ server needs around it:
   below 1, a prompt and its ``max_tokens`` longer than the model's context;
 - one router thread that drains the manager's single output queue and hands each request its own tokens as they
   are made (the manager's per-request reader re-queues everyone else's results, which does not scale);
-- cancellation: a stream closed early frees its sequence at the manager's next step and its admission slot now.
+- cancellation: a stream closed early frees its sequence at the manager's next step and its admission slot now;
+- retirement: a reload retires the old weights' engine, which admits nothing more and finishes what it admitted.
 
-Not wired into the agent or an HTTP API yet.
+``guest/serving/api.py`` puts the OpenAI-compatible HTTP API over it, ``guest/serving/server.py`` runs both as the
+resident server process, and the agent starts and drives that (``guest/serving/control.py``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 _DONE = object()
+PAGE_SIZE = 16  # tokens per KV-cache page
+
+
+def pages_for(max_seqs: int, context: int, page_size: int = PAGE_SIZE) -> int:
+    """KV-cache pages for ``max_seqs`` sequences of up to ``context`` tokens each (and a few spare): allocated up
+    front, so admission can never run the cache out (``guest.serving.memory`` counts them against the VM)."""
+    return max_seqs * -(-context // page_size) + 16
 
 
 class ServingError(Exception):
@@ -38,6 +47,12 @@ class ServingError(Exception):
 
 class BadRequest(ServingError):
     status = 400
+
+
+class Retired(ServingError):
+    """This engine's weights were replaced: look the model up again (its new engine takes the request)."""
+
+    status = 503
 
 
 class Overloaded(ServingError):
@@ -90,16 +105,18 @@ class Engine:
     """A loaded causal LM served with continuous batching. Greedy decoding (the model's sampling settings are
     the HTTP layer's to add)."""
 
-    def __init__(self, model: Any, *, max_queue: int = 64, page_size: int = 16, max_batch_tokens: int = 512,
-                 eos_token_id: int | None = None) -> None:
+    def __init__(self, model: Any, *, max_queue: int = 64, page_size: int = PAGE_SIZE, max_batch_tokens: int = 512,
+                 eos_token_id: int | None = None, max_context: int | None = None) -> None:
         from transformers import GenerationConfig
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
         self.model = model
-        self.context = int(model.config.max_position_embeddings)
+        model_context = int(model.config.max_position_embeddings)
+        # A server may admit shorter sequences than the model can take, to keep the KV cache it allocates small.
+        self.context = min(model_context, max_context) if max_context else model_context
         self.max_queue = max_queue
         self._eos = eos_token_id
-        pages = max_queue * -(-self.context // page_size) + 16
+        pages = pages_for(max_queue, self.context, page_size)
         config = ContinuousBatchingConfig(page_size=page_size, num_blocks=pages, max_batch_tokens=max_batch_tokens,
                                           use_cuda_graph=False, use_async_batching=False)
         greedy = GenerationConfig(do_sample=False, max_new_tokens=16, eos_token_id=eos_token_id,  # type: ignore[no-untyped-call]
@@ -110,6 +127,7 @@ class Engine:
         self._ids = itertools.count()
         self._router: threading.Thread | None = None
         self._stopping = threading.Event()
+        self._retired = False
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
 
@@ -130,6 +148,12 @@ class Engine:
             stream.error = "the server stopped before this request finished"
             stream._queue.put(_DONE)
 
+    def retire(self) -> None:
+        """Admit nothing more: ``submit`` raises ``Retired`` from now on, while the requests already admitted run to
+        their end. A reload retires the old weights' engine this way, and stops it once ``in_flight`` is 0."""
+        with self._lock:
+            self._retired = True
+
     @property
     def in_flight(self) -> int:
         with self._lock:
@@ -149,6 +173,8 @@ class Engine:
         if any(not 0 <= t < vocab for t in prompt_ids):
             raise BadRequest(f"the prompt holds token ids outside the vocabulary (0..{vocab - 1})")
         with self._lock:
+            if self._retired:
+                raise Retired("these weights were replaced")
             if len(self._streams) >= self.max_queue:
                 raise Overloaded(f"{len(self._streams)} requests in flight, the most this server admits")
             stream = Stream(f"r{next(self._ids)}", list(prompt_ids), max_tokens, self)

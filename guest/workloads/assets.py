@@ -84,11 +84,18 @@ def build_random_llama(config: LlamaConfig, seed: int) -> LlamaForCausalLM:
     return model
 
 
+# The tiny model's chat template (a real model ships its own in tokenizer_config.json), so that the server's
+# /v1/chat/completions works on it as on any instruction-tuned model.
+TINY_CHAT_TEMPLATE = ("{% for m in messages %}<|bos|>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                      "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
 def make_tiny_llm(
     directory: str | Path, seed: int = 0, vocab_size: int = 512, corpus_path: str | Path | None = None
 ) -> Path:
     """Write a tokenizer + random Llama (hidden 64, 2 layers, 4 heads, context 256) to ``directory``."""
     tokenizer = train_tokenizer(read_corpus(corpus_path), vocab_size)
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
     model = build_random_llama(tiny_llama_config(vocab_size=len(tokenizer)), seed)
     return save_llm(directory, model, tokenizer)
 
