@@ -70,10 +70,26 @@ def test_unreachable_daemon_is_exit_5_and_debug_shows_the_traceback(tmp_path: Pa
     assert "unreachable_hosts" in debug.stdout
 
 
+@pytest.mark.parametrize("args,code,needle", [
+    (["serve", "nope", "status"], 3, "no VM named 'nope'"),
+    (["serve", "nope", "start", "--model", "../etc"], 2, "give an absolute path in the guest"),
+    (["serve", "nope", "start", "--model", "tiny-llm", "--name", "a b"], 2, "bad model name 'a b'"),
+    (["serve", "nope", "start", "--model", "tiny-llm"], 3, "no VM named 'nope'"),
+    (["serve", "nope", "start", "--model", "tiny-llm", "--max-seqs", "0"], 2, "--max-seqs"),
+    (["generate", "nope", "--prompt", "hi"], 3, "no VM named 'nope'"),
+    (["run", "nope", "train", "--objective", "rl", "--export", "/x"], 3, "no VM named 'nope'"),
+])
+def test_bad_serve_input_is_one_line(tmp_path: Path, args: list[str], code: int, needle: str) -> None:
+    result = hvctl(tmp_path, *args)
+    assert result.returncode == code and needle in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_help_lists_every_command(tmp_path: Path) -> None:
     result = hvctl(tmp_path, "--help")
     assert result.returncode == 0
-    for command in ("create", "list", "show", "start", "stop", "destroy", "console-log", "doctor", "image"):
+    for command in ("create", "list", "show", "start", "stop", "destroy", "console-log", "doctor", "image",
+                    "serve", "generate"):
         assert command in result.stdout
 
 

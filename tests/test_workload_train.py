@@ -143,6 +143,26 @@ def test_training_from_a_model_dir_extends_a_finished_run(tmp_path: Path) -> Non
     assert more.checkpoints[-1].endswith("ckpt-00000006.pt")
 
 
+def test_ssl_training_exports_a_model_the_server_loads_with_the_trained_weights(tmp_path: Path) -> None:
+    """The fine-tune → serve loop's first half: the exported directory loads with from_pretrained (as the model
+    server loads it), keeps the tokenizer and its chat template, and holds the trained weights, not the start's."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = make_tiny_llm(tmp_path / "tiny", seed=3)
+    result = train(ssl(tmp_path / "ck", steps=3, model_dir=str(model_dir), export_dir=str(tmp_path / "tuned")))
+    assert result.exported == str(tmp_path / "tuned")
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "tuned")
+    start = AutoModelForCausalLM.from_pretrained(model_dir)
+    checkpoint = torch.load(result.checkpoints[-1], weights_only=False)["model"]
+    for name, tensor in exported.state_dict().items():
+        assert torch.equal(tensor, checkpoint[name]), name  # the weights after the last step
+    assert not torch.equal(exported.lm_head.weight, start.lm_head.weight)
+    assert AutoTokenizer.from_pretrained(tmp_path / "tuned").chat_template == \
+        AutoTokenizer.from_pretrained(model_dir).chat_template
+    with pytest.raises(ValueError, match="only ssl training makes a language model"):
+        TrainRequest(objective="rl", steps=1, export_dir=str(tmp_path / "x"))
+
+
 def test_absurd_batch_is_refused_before_allocating() -> None:
     with pytest.raises(OutOfMemory, match=r"ssl training with batch 10000000 needs about [\d.]+ GiB but only"):
         train(ssl(batch_size=10**7))

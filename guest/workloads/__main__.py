@@ -77,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     training.add_argument("--checkpoint-every", type=int, default=0)
     training.add_argument("--checkpoint-dir")
     training.add_argument("--no-resume", action="store_true")
+    training.add_argument("--export", help="ssl: write the trained model here as a transformers directory")
     for sub in (llm, perception, ptrain, training):
         sub.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
         sub.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -207,6 +208,7 @@ def _run_train(args: argparse.Namespace) -> None:
         checkpoint_every=args.checkpoint_every,
         resume=not args.no_resume,
         device=args.device,
+        export_dir=args.export,
     )
     # Imported only once the request is valid: a bad request fails in a second, not after importing torch.
     from .train import train
@@ -217,6 +219,7 @@ def _run_train(args: argparse.Namespace) -> None:
         return (
             f"{r.objective}: steps {r.start_step + 1}..{r.final_step}, {loss}{reward}; "
             f"{r.steps_per_s:.1f} steps/s, {r.samples_per_s:.0f} samples/s; {len(r.checkpoints)} checkpoints"
+            + (f"; exported to {r.exported}" if r.exported else "")
         )
 
     _emit(train(request, progress, checkpoint_requested), args.json, summary)

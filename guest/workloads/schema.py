@@ -161,6 +161,15 @@ class TrainRequest(Frozen):
     checkpoint_every: int = Field(0, ge=0)  # 0: never
     resume: bool = True  # continue from the newest checkpoint in checkpoint_dir when there is one
     device: Device = "auto"
+    # ssl: after the last step, write the trained model and its tokenizer here as a transformers directory, the
+    # kind the model server loads (`hvctl serve NAME reload --model DIR`).
+    export_dir: str | None = None
+
+    @model_validator(mode="after")
+    def _export_is_ssl(self) -> TrainRequest:
+        if self.export_dir is not None and self.objective != "ssl":
+            raise ValueError("export_dir: only ssl training makes a language model to export")
+        return self
 
 
 class TrainProgress(Frozen):
@@ -183,3 +192,4 @@ class TrainResult(Frozen):
     checkpoints: tuple[str, ...]
     device: str
     autocast_dtype: str | None  # "bfloat16" on GPU, None on CPU (fp32)
+    exported: str | None = None  # the model directory written (export_dir), if asked for

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .assets import build_random_llama, read_corpus, tiny_llama_config, train_tokenizer
+from .assets import build_random_llama, read_corpus, save_llm, tiny_llama_config, train_tokenizer
 from .checkpoint import (
     capture_rng,
     checkpoint_path,
@@ -114,6 +114,7 @@ class CausalLMTask:
             raise WorkloadError(f"seq_len {request.seq_len} exceeds the model's context window of {context} tokens")
         require_memory(_ssl_memory_estimate(model, request), f"ssl training with batch {request.batch_size}", device)
         self.model: nn.Module = model.to(device).train()
+        self.tokenizer = tokenizer
         self.config = model.config
         self.device, self.batch_size = device, request.batch_size
         self.data = CorpusWindows(tokenizer.encode(corpus, add_special_tokens=False), request.seq_len, request.seed)
@@ -251,6 +252,12 @@ def _train(request: TrainRequest, device: torch.device, on_progress: ProgressCal
                                       requested=requested and written is not None))
     elapsed = time.perf_counter() - started
     steps_run = request.steps - start_step
+    exported = None
+    if request.export_dir is not None:
+        assert isinstance(task, CausalLMTask)
+        task.model.eval()
+        # save_llm writes beside the target and renames: a server never sees half a model.
+        exported = str(save_llm(request.export_dir, task.model.to("cpu"), task.tokenizer))  # type: ignore[arg-type]
     return TrainResult(
         objective=request.objective,
         start_step=start_step,
@@ -262,6 +269,7 @@ def _train(request: TrainRequest, device: torch.device, on_progress: ProgressCal
         checkpoints=tuple(checkpoints),
         device=str(device),
         autocast_dtype="bfloat16" if autocast else None,
+        exported=exported,
     )
 
 

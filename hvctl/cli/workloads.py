@@ -42,6 +42,11 @@ def run(
     text: Annotated[str | None, typer.Option(help="perception: caption.")] = None,
     image: Annotated[Path | None, typer.Option(help="perception: PNG or .npy image.")] = None,
     audio: Annotated[Path | None, typer.Option(help="perception: WAV or .npy audio.")] = None,
+    model: Annotated[str | None, typer.Option(help="llm, train (ssl): a model directory in the guest, or the name "
+                                                   "of one in the image (default: tiny-llm).")] = None,
+    export: Annotated[str | None, typer.Option(help="train (ssl): write the trained model to this directory in "
+                                                    "the guest, ready for `hvctl serve NAME reload --model DIR`.")]
+    = None,
     objective: Annotated[str, typer.Option(help="train: ssl, rl or seed-rl.")] = "ssl",
     steps: Annotated[int, typer.Option(help="train: steps to run (resumes from the latest checkpoint).")] = 10,
     checkpoint_every: Annotated[int, typer.Option(help="train: checkpoint every K steps.")] = 5,
@@ -55,11 +60,11 @@ def run(
     c = ctx()
     record = c.ledger.get_vm(name)
     if kind == "llm":
-        args = ops.llm_args(prompt or [], max_new_tokens, stream, temperature, top_p, seed, None, backend, weights)
+        args = ops.llm_args(prompt or [], max_new_tokens, stream, temperature, top_p, seed, model, backend, weights)
     elif kind == "perception":
         args = ops.perception_args(c, record, text, image, audio)
     elif kind == "train":
-        args = ops.train_args(objective, steps, checkpoint_every)
+        args = ops.train_args(objective, steps, checkpoint_every, model, export)
     else:
         fail(f"unknown workload {kind!r}; use llm, perception or train", 2)
 
@@ -123,7 +128,8 @@ def describe_result(kind: str, r: dict[str, Any], wall: float) -> str:
     losses = r.get("losses") or []
     return (f"{r.get('objective')}: steps {r.get('start_step', 0) + 1}..{r.get('final_step')}, "
             f"loss {losses[0] if losses else float('nan'):.4f} -> {losses[-1] if losses else float('nan'):.4f}, "
-            f"{r.get('steps_per_s', 0):.2f} steps/s, {len(r.get('checkpoints') or [])} checkpoint(s)")
+            f"{r.get('steps_per_s', 0):.2f} steps/s, {len(r.get('checkpoints') or [])} checkpoint(s)"
+            + (f"; model exported to {r['exported']}" if r.get("exported") else ""))
 
 
 @app.command()

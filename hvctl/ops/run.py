@@ -65,7 +65,7 @@ def llm_args(prompts: list[str], max_new_tokens: int, stream: bool, temperature:
         raise InvalidSpec(f"unknown weight format {weights!r}; use {', '.join(LLM_WEIGHTS)}")
     if weights != "native" and backend != "fast":
         raise InvalidSpec(f"--weights {weights} runs on --backend fast only")
-    args = ["--model", model or f"{MODELS}/tiny-llm", "--max-new-tokens", str(max_new_tokens),
+    args = ["--model", guest_model_dir(model), "--max-new-tokens", str(max_new_tokens),
             "--backend", backend, "--weights", weights]
     for prompt in prompts:
         args += ["--prompt", prompt]
@@ -102,11 +102,31 @@ def perception_args(ctx: Context, record: VMRecord, text: str | None, image: Pat
     return args
 
 
-def train_args(objective: str, steps: int, checkpoint_every: int) -> list[str]:
+def guest_model_dir(model: str | None) -> str:
+    """A model directory in the guest: an absolute path as given, or the name of a model baked into the image
+    (the tiny LLM when None)."""
+    if model is None:
+        return f"{MODELS}/tiny-llm"
+    if model.startswith("/"):
+        return model
+    if "/" in model or model in (".", ".."):
+        raise InvalidSpec(f"--model {model!r}: give an absolute path in the guest, or the name of a model in the "
+                          f"image (under {MODELS})")
+    return f"{MODELS}/{model}"
+
+
+def train_args(objective: str, steps: int, checkpoint_every: int, model: str | None = None,
+               export: str | None = None) -> list[str]:
     args = ["--objective", check_objective(objective), "--steps", str(steps),
             "--checkpoint-every", str(checkpoint_every), "--checkpoint-dir", f"{CHECKPOINTS}/{objective}"]
     if objective == "ssl":
-        args += ["--model", f"{MODELS}/tiny-llm"]
+        args += ["--model", guest_model_dir(model)]
+    elif model is not None or export is not None:
+        raise InvalidSpec(f"--model and --export are for ssl training (a language model), not {objective}")
+    if export is not None:
+        if not export.startswith("/"):
+            raise InvalidSpec(f"--export {export!r}: give an absolute directory in the guest")
+        args += ["--export", export]
     return args
 
 
