@@ -85,6 +85,29 @@ def test_live_migration_keeps_the_guest_counting_on_the_destination(hosts: dict[
     print(f"live migration: {stats['total_s']} s total, downtime {stats['downtime_ms']} ms, {stats['bytes']} bytes")
 
 
+def test_the_agent_answers_after_live_migrations_on_shared_storage_there_and_back(hosts: dict[str, object],
+                                                                                 image_dir: Path) -> None:
+    """Both QEMUs see one filesystem, and the source's, exiting after the switch-over, unlinks its channel socket:
+    with the destination on the same path, the agent was unreachable after every live migration. The destination
+    now listens on the other of two socket names; the agent answers there, and back again."""
+    ctx = hosts["ctx"]
+    assert isinstance(ctx, Context)
+    ImageStore(image_dir).build("base")
+    create(ctx, VMSpec.parse(name="talker", memory_mib=384, image="base", host="h1"),
+           options=BootOptions(timeout=300))
+    uptimes = []
+    for there, socket_name in (("h2", "agent.live"), ("h1", "agent.sock")):
+        result = hvctl(hosts, "migrate", "talker", "--to", there, "--json")
+        assert result.returncode == 0, result.stderr
+        record = ctx.ledger.get_vm("talker")
+        assert record.host == there and record.agent_socket.name == socket_name
+        pong = hvctl(hosts, "agent", "talker", "ping", "--json")
+        assert pong.returncode == 0, (there, pong.stderr)
+        uptimes.append(json.loads(pong.stdout)["uptime_s"])
+    assert uptimes[1] > uptimes[0]  # the same agent process, not a reboot
+    destroy(ctx, "talker")
+
+
 def test_copy_storage_moves_the_disk_and_the_guest_reads_its_data_back_from_it(hosts: dict[str, object],
                                                                                image_dir: Path) -> None:
     """A Debian guest writes a file to its disk; the migration mirrors its overlay into a new file the destination

@@ -128,10 +128,20 @@ def _migrate(ctx: Context, name: str, target: str, opts: MigrateOptions,
                                    else None)
         op.step("reserved", reservation=reservation, port=port)
         dest_xml = retarget_ssh_forward(guest.migratable_xml(), port)
+        moved: dict[str, str] | None = None
         if opts.copy_storage:
             copy = prepare_storage_copy(ctx, record, target, dest_xml, say)
-            dest_xml = copy.dest_xml
-            op.step("prepared", moved=copy.moved)
+            dest_xml, moved = copy.dest_xml, copy.moved
+            op.step("prepared", moved=moved)
+        else:
+            # Both QEMUs on this machine's filesystem: the source's, exiting after the switch-over, would unlink
+            # the agent channel's socket under the destination's, leaving the agent unreachable. The destination
+            # listens on the other of two socket names instead.
+            socket_path = shared_storage_socket(record.agent_socket)
+            socket_path.unlink(missing_ok=True)  # a stale one from an earlier crash: no QEMU listens on it
+            dest_xml = retarget_paths(dest_xml, {str(record.agent_socket): str(socket_path)})
+            moved = {"agent_socket": str(socket_path)}
+            op.step("prepared", moved=moved)
         if opts.max_downtime_ms:
             guest.set_max_downtime(opts.max_downtime_ms)
         stats = _run(ctx, guest, record.host, target, dest_xml, opts, on_progress,
@@ -145,11 +155,17 @@ def _migrate(ctx: Context, name: str, target: str, opts: MigrateOptions,
         ledger.log_event(name, record.host, "migration.failed", f"migration of {name} to {target} failed: "
                                                                 f"{message}; it stays on {record.host}")
         raise
-    ledger.complete_migration(name, target, port, reservation, stats, moved=copy.moved if copy else None)
+    ledger.complete_migration(name, target, port, reservation, stats, moved=moved)
     op.step("committed")
     if opts.copy_storage:
         _discard_source_files(ctx, record)  # the source's copy: the VM runs on the new one
     return stats
+
+
+def shared_storage_socket(current: Path) -> Path:
+    """The agent socket a live migration on shared storage gives the destination: ``agent.live`` beside
+    ``agent.sock``, and back (the same length, so a path that fit at create still fits)."""
+    return current.with_name("agent.live" if current.name == "agent.sock" else "agent.sock")
 
 
 def reconcile_migration(ctx: Context, op: dict[str, Any]) -> str:
