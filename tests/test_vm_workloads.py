@@ -8,8 +8,10 @@ host's for the same prompt: proof that the guest really ran the model, not just 
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -19,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import hvctl_cli, short_tempdir
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from guest.workloads.assets import make_tiny_llm
 from guest.workloads.llm import generate
@@ -63,6 +66,19 @@ def hvctl(env: dict[str, object], *args: str, timeout: float = 900, crash_after:
           fail_after: str | None = None) -> subprocess.CompletedProcess[str]:
     return hvctl_cli(str(env["state"]), str(env["uri"]), *args, timeout=timeout, crash_after=crash_after,
                      fail_after=fail_after)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def greedy(model: object, ids: list[int], new: int) -> list[int]:
+    config = GenerationConfig(max_new_tokens=new, do_sample=False, eos_token_id=2, pad_token_id=0)
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([ids]), generation_config=config)  # type: ignore[attr-defined]
+    return [int(t) for t in out[0, len(ids):]]
 
 
 def repair_after_crash(env: dict[str, object], step: str, *args: str) -> str:
@@ -115,6 +131,105 @@ def test_a_workload_error_is_reported_and_the_agent_keeps_serving(env: dict[str,
     bad = hvctl(env, "run", "ml", "train", "--steps", "0")
     assert bad.returncode == 14 and "failed" in bad.stderr and "steps" in bad.stderr, bad.stderr
     assert hvctl(env, "agent", "ml", "ping").returncode == 0
+
+
+def sse_text(port: int, body: dict[str, object]) -> tuple[str, int]:
+    """A streamed chat completion over plain HTTP: the text its server-sent events carry, and how many came."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    conn.request("POST", "/v1/chat/completions", body=json.dumps(body | {"stream": True}),
+                 headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 200 and response.getheader("Content-Type") == "text/event-stream", response.read()
+    payloads = [line.removeprefix(b"data: ").strip() for line in response.read().split(b"\n\n") if line.strip()]
+    conn.close()
+    assert payloads[-1] == b"[DONE]", payloads[-3:]
+    chunks = [json.loads(p) for p in payloads[:-1]]
+    return "".join(c["choices"][0]["delta"].get("content", "") for c in chunks), len(chunks)
+
+
+def test_the_model_server_serves_a_tenant_swaps_in_fine_tuned_weights_and_survives_live_migration(
+        env: dict[str, object], tmp_path: Path) -> None:
+    """`serve start` in the guest; a streamed chat completion from outside the VM through the tenant's `ssh -L`
+    line (real OpenSSH, the VM's pinned host key); `generate` through the agent channel; a fine-tune in the same VM
+    exported and swapped in with `serve reload` (the answer changes to the tuned weights' greedy answer, computed
+    here from the copied-out weights); a live migration to h2 and back with the server still the same process and
+    answering; `serve stop`. Each answer is checked against the host's own greedy tokens."""
+    ctx = env["ctx"]
+    assert isinstance(ctx, Context)
+    local_port = free_port()
+    started = hvctl(env, "serve", "ml", "start", "--model", "tiny-llm", "--max-seqs", "4", "--max-tokens", "128",
+                    "--local-port", str(local_port), "--json", timeout=1500)
+    assert started.returncode == 0, started.stderr
+    status = json.loads(started.stdout)
+    assert status["state"] == "running" and [m["state"] for m in status["models"]] == ["ready"], status
+    assert status["ssh_forward"][-4:-1] == ["-N", "-L", f"{local_port}:127.0.0.1:{status['port']}"]
+
+    torch.set_num_threads(1)
+    host_dir = make_tiny_llm(tmp_path / "tiny")  # the image's tiny-llm, built the same way
+    host_model = AutoModelForCausalLM.from_pretrained(host_dir)
+    tokenizer = AutoTokenizer.from_pretrained(host_dir)
+    messages = [{"role": "user", "content": "The river"}]
+    chat_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    chat_ids = list(chat_ids["input_ids"] if hasattr(chat_ids, "keys") else chat_ids)
+    expected_chat = tokenizer.decode(greedy(host_model, chat_ids, 6), skip_special_tokens=True)
+
+    forward = subprocess.Popen(status["ssh_forward"], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120  # a hang guard: ssh connects through the VM's forward first
+        while True:
+            assert forward.poll() is None, forward.stderr.read() if forward.stderr else b""
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", local_port), timeout=5):
+                break
+            assert time.monotonic() < deadline, "the tenant's ssh -L never listened"
+            time.sleep(0.5)
+        text, events = sse_text(local_port, {"model": "tiny-llm", "messages": messages, "max_tokens": 6})
+        assert text == expected_chat and events >= 2, (text, expected_chat)
+    finally:
+        forward.terminate()
+        forward.wait(10)
+
+    prompt_ids = tokenizer("The river")["input_ids"]
+    before = json.loads(hvctl(env, "generate", "ml", "--prompt", "The river", "--max-tokens", "6", "--json").stdout)
+    assert before["token_ids"] == greedy(host_model, prompt_ids, 6)
+
+    tuned = "/var/lib/hvctl-agent/tuned"
+    trained = hvctl(env, "run", "ml", "train", "--objective", "ssl", "--steps", "8", "--checkpoint-every", "8",
+                    "--export", tuned, "--json", timeout=1500)
+    assert trained.returncode == 0, trained.stderr
+    assert json.loads(trained.stdout)["result"]["exported"] == tuned
+    reloaded = hvctl(env, "serve", "ml", "reload", "--model", tuned, "--json")
+    assert reloaded.returncode == 0, reloaded.stderr
+    (entry,) = json.loads(reloaded.stdout)["models"]
+    assert entry["name"] == "tiny-llm" and entry["version"] == 2 and entry["dir"] == tuned
+    after = json.loads(hvctl(env, "generate", "ml", "--prompt", "The river", "--max-tokens", "6", "--json").stdout)
+    copied = tmp_path / "tuned"
+    shutil.copytree(host_dir, copied)
+    for name in ("model.safetensors", "config.json"):
+        (copied / name).unlink()
+        got = hvctl(env, "cp", f"ml:{tuned}/{name}", str(copied / name))
+        assert got.returncode == 0, got.stderr
+    tuned_model = AutoModelForCausalLM.from_pretrained(copied)
+    assert after["token_ids"] == greedy(tuned_model, prompt_ids, 6) != before["token_ids"]
+    print(f"\nserve reload: {before['text']!r} -> {after['text']!r}")
+
+    pid = json.loads(hvctl(env, "serve", "ml", "status", "--json").stdout)["pid"]
+    for there in ("h2", "local"):
+        moved = hvctl(env, "migrate", "ml", "--to", there, "--json")
+        assert moved.returncode == 0, moved.stderr
+        asked = hvctl(env, "serve", "ml", "status", "--json")
+        assert asked.returncode == 0, (there, asked.stderr)
+        now = json.loads(asked.stdout)
+        assert now["state"] == "running" and now["pid"] == pid, now
+        answered = hvctl(env, "generate", "ml", "--prompt", "The river", "--max-tokens", "6", "--json")
+        assert answered.returncode == 0, (there, answered.stderr)
+        again = json.loads(answered.stdout)
+        assert again["token_ids"] == after["token_ids"]
+    assert ctx.ledger.get_vm("ml").host == "local"
+
+    stopped = hvctl(env, "serve", "ml", "stop", "--json")
+    assert stopped.returncode == 0 and json.loads(stopped.stdout)["state"] == "stopped", stopped.stderr
+    gone = hvctl(env, "generate", "ml", "--prompt", "The river")
+    assert gone.returncode == 2 and "runs no model server" in gone.stderr, gone.stderr
 
 
 # The last three tests share one training run, started detached and still going when they run, in this order.

@@ -172,7 +172,6 @@ def _load_model(name: str, path: Path, max_seqs: int, context: int) -> api.Model
 
     from guest.serving.engine import Engine
 
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
     tokenizer = AutoTokenizer.from_pretrained(path)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else "auto"
