@@ -56,6 +56,8 @@ H2_DIR := $(DAEMON_DIR)-h2
 # qemu+ssh with a pinned host key, and blind to this machine's state dir.
 FAR_DIR := $(DAEMON_DIR)-far
 TWO := $(HVCTL) --state-dir $(STATE_DIR) --policy policies/two-tenants.yaml
+# Where the demo tenant's ssh -L brings the VM's model server.
+DEMO_SERVE_PORT ?= 18080
 
 demo: daemons
 	$(HVCTL) --state-dir $(STATE_DIR) image build base
@@ -154,6 +156,30 @@ demo-workloads: daemons
 	@echo "== multimodal perception inside the VM (text + image + audio fusion)"
 	$(HVCTL) --state-dir $(STATE_DIR) run ml-demo perception --text "$$($(PY) -c 'import json,sys; print(json.load(open(sys.argv[1]))[0]["text"])' $(STATE_DIR)/demo/media/samples.json)" \
 	  --image $(STATE_DIR)/demo/media/sample0.png --audio $(STATE_DIR)/demo/media/sample0.wav
+	@echo "== a resident model server in the VM: OpenAI-compatible API, continuous batching, the model loaded once"
+	$(HVCTL) --state-dir $(STATE_DIR) serve ml-demo start --model tiny-llm --max-seqs 8 --max-tokens 128 \
+	  --local-port $(DEMO_SERVE_PORT)
+	@echo "== the tenant runs the printed ssh -L line, and streams a chat completion from outside the VM"
+	@$(HVCTL) --state-dir $(STATE_DIR) serve ml-demo forward --local-port $(DEMO_SERVE_PORT) --json \
+	  | $(PY) -c 'import json, shlex, sys; print("exec", shlex.join(json.load(sys.stdin)["argv"]))' \
+	  > $(STATE_DIR)/demo/forward.sh
+	@sh -c 'sh $(STATE_DIR)/demo/forward.sh </dev/null >/dev/null 2>&1 & echo $$! > $(STATE_DIR)/demo/forward.pid'
+	$(PY) -m hvctl.devhost.tenant wait-port $(DEMO_SERVE_PORT)
+	$(PY) -m hvctl.devhost.tenant chat --port $(DEMO_SERVE_PORT) --model tiny-llm --message "The river" \
+	  | tee $(STATE_DIR)/demo/answer-before
+	@echo "== the same server through the agent channel (no guest network)"
+	$(HVCTL) --state-dir $(STATE_DIR) generate ml-demo --prompt "The river" --max-tokens 8
+	@echo "== fine-tune in the same VM (self-supervised), export it, and swap the served weights live"
+	$(HVCTL) --state-dir $(STATE_DIR) run ml-demo train --objective ssl --steps 8 --checkpoint-every 8 \
+	  --export /var/lib/hvctl-agent/tuned
+	$(HVCTL) --state-dir $(STATE_DIR) serve ml-demo reload --model /var/lib/hvctl-agent/tuned
+	$(PY) -m hvctl.devhost.tenant chat --port $(DEMO_SERVE_PORT) --model tiny-llm --message "The river" \
+	  | tee $(STATE_DIR)/demo/answer-after
+	@if cmp -s $(STATE_DIR)/demo/answer-before $(STATE_DIR)/demo/answer-after; then \
+	  echo "the answer did not change after the reload"; exit 1; fi; echo "== the answer changed with the weights"
+	$(HVCTL) --state-dir $(STATE_DIR) serve ml-demo status
+	@kill $$(cat $(STATE_DIR)/demo/forward.pid) 2>/dev/null || true
+	$(HVCTL) --state-dir $(STATE_DIR) serve ml-demo stop
 	$(HVCTL) --state-dir $(STATE_DIR) destroy ml-demo
 
 test: venv

@@ -122,6 +122,7 @@ def test_bad_requests_get_their_status_and_the_server_stays_up(served: dict[str,
     metrics = request(port, "GET", "/metrics")[2].decode()
     assert 'hvctl_serve_running_sequences{model="tiny"} 0' in metrics
     assert "hvctl_serve_generated_tokens_total" in metrics
+    assert 'hvctl_serve_queue_depth{model="tiny"} 0' in metrics and "hvctl_serve_tokens_per_second " in metrics
 
 
 def test_a_full_engine_answers_429_with_retry_after(served: dict[str, Any]) -> None:
@@ -188,3 +189,18 @@ def test_a_client_that_goes_away_mid_stream_has_its_request_cancelled(served: di
         server.shutdown()
         server.server_close()
         engine.stop()
+
+
+def test_tokens_per_second_is_over_the_last_ten_seconds() -> None:
+    from guest.serving.api import Metrics
+
+    now = [100.0]
+    metrics = Metrics(clock=lambda: now[0])
+    metrics.count_tokens(50)
+    now[0] = 105.0
+    metrics.count_tokens(30)
+    now[0] = 106.0
+    assert "hvctl_serve_tokens_per_second 8.000" in metrics.text({})
+    now[0] = 112.0  # the first 50 are out of the window
+    assert "hvctl_serve_tokens_per_second 3.000" in metrics.text({})
+    assert "hvctl_serve_generated_tokens_total 80" in metrics.text({})

@@ -15,7 +15,7 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -32,25 +32,48 @@ class Model:
     tokenizer: Any
 
 
+RATE_WINDOW_S = 10.0  # tokens/s is measured over the last this many seconds
+
+
 @dataclass
 class Metrics:
     requests: int = 0
     refused: int = 0
     tokens: int = 0
     ttft_s: list[float] = field(default_factory=list)
+    # (when, how many tokens) for tokens/s over the last RATE_WINDOW_S
+    recent: list[tuple[float, int]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    clock: Callable[[], float] = time.monotonic
+
+    def count_tokens(self, n: int) -> None:
+        now = self.clock()
+        with self.lock:
+            self.tokens += n
+            self.recent.append((now, n))
+            while self.recent and self.recent[0][0] < now - RATE_WINDOW_S:
+                self.recent.pop(0)
 
     def text(self, models: dict[str, Model]) -> str:
+        now = self.clock()
         with self.lock:
             ttft = sorted(self.ttft_s[-1000:])
+            rate = sum(n for when, n in self.recent if when >= now - RATE_WINDOW_S) / RATE_WINDOW_S
             lines = [
                 "# TYPE hvctl_serve_requests_total counter", f"hvctl_serve_requests_total {self.requests}",
                 "# TYPE hvctl_serve_refused_total counter", f"hvctl_serve_refused_total {self.refused}",
                 "# TYPE hvctl_serve_generated_tokens_total counter",
                 f"hvctl_serve_generated_tokens_total {self.tokens}",
+                "# TYPE hvctl_serve_tokens_per_second gauge",
+                f"hvctl_serve_tokens_per_second {rate:.3f}",
             ]
+        scheduled = {m.name: m.engine.scheduled() for m in models.values()}
         lines.append("# TYPE hvctl_serve_running_sequences gauge")
         lines += [f'hvctl_serve_running_sequences{{model="{m.name}"}} {m.engine.in_flight}' for m in models.values()]
+        lines.append("# TYPE hvctl_serve_batch_sequences gauge")
+        lines += [f'hvctl_serve_batch_sequences{{model="{name}"}} {s[0]}' for name, s in scheduled.items()]
+        lines.append("# TYPE hvctl_serve_queue_depth gauge")
+        lines += [f'hvctl_serve_queue_depth{{model="{name}"}} {s[1]}' for name, s in scheduled.items()]
         if ttft:
             lines.append("# TYPE hvctl_serve_time_to_first_token_seconds summary")
             for q in (0.5, 0.99):
@@ -153,8 +176,7 @@ def make_server(models: dict[str, Model], address: tuple[str, int]) -> Threading
                 if not tokens:
                     _first_token(metrics, started)
                 tokens.append(token)
-            with metrics.lock:
-                metrics.tokens += len(tokens)
+            metrics.count_tokens(len(tokens))
             text = model.tokenizer.decode(tokens, skip_special_tokens=True)
             finish = "length" if len(tokens) >= stream.max_tokens else "stop"
             choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "token_ids": tokens}
@@ -194,8 +216,7 @@ def make_server(models: dict[str, Model], address: tuple[str, int]) -> Threading
             except ServingError as exc:  # the engine failed the request mid-stream: say so, then end the stream
                 self._event({"error": {"message": exc.message, "type": "server_error", "code": 500}})
             finally:
-                with metrics.lock:
-                    metrics.tokens += len(stream.tokens)
+                metrics.count_tokens(len(stream.tokens))
 
         # -- responses -------------------------------------------------------------------------------------
 

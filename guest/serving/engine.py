@@ -154,6 +154,14 @@ class Engine:
         with self._lock:
             self._retired = True
 
+    def scheduled(self) -> tuple[int, int]:
+        """(running, waiting): sequences in the running batch, and admitted ones not yet in it (the queue)."""
+        processor = getattr(self._manager, "batch_processor", None)
+        scheduler = getattr(processor, "scheduler", None)
+        if scheduler is None:
+            return 0, self.in_flight
+        return len(scheduler.active_requests), len(scheduler.waiting_requests)
+
     @property
     def in_flight(self) -> int:
         with self._lock:
