@@ -88,6 +88,27 @@ class Stream:
         if self.error:
             raise ServingError(self.error)
 
+    def batches(self) -> Iterator[list[int]]:
+        """The tokens in order, as lists: each one every token made since the last, so a reader that falls behind
+        (many streams, one GIL) catches up in one step instead of one step per token."""
+        while not self.finished:
+            item = self._queue.get()
+            batch: list[int] = []
+            while True:
+                if item is _DONE:
+                    self.finished = True
+                    break
+                batch.append(item)
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            if batch:
+                self.tokens.extend(batch)
+                yield batch
+        if self.error:
+            raise ServingError(self.error)
+
     def result(self) -> list[int]:
         """Every token of the completion (waits for the end)."""
         for _ in self:
@@ -105,7 +126,7 @@ class Engine:
     """A loaded causal LM served with continuous batching. Greedy decoding (the model's sampling settings are
     the HTTP layer's to add)."""
 
-    def __init__(self, model: Any, *, max_queue: int = 64, page_size: int = PAGE_SIZE, max_batch_tokens: int = 512,
+    def __init__(self, model: Any, *, max_queue: int = 64, page_size: int = PAGE_SIZE, max_batch_tokens: int = 2048,
                  eos_token_id: int | None = None, max_context: int | None = None) -> None:
         from transformers import GenerationConfig
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
