@@ -127,6 +127,20 @@ def load_test(port: int, model: str, prompts: list[str], max_tokens: int) -> dic
             "itl": gaps}
 
 
+def summarize(say: Any, label: str, run: dict[str, Any], generated: int, seq_tok_s: float,
+              sequential_texts: list[str]) -> float:
+    """One path's line of the report; returns its tokens/s (0 when any request failed)."""
+    tok_s = generated / run["wall"] if not run["errors"] else 0.0
+    equal = sum(a == b for a, b in zip(run["texts"], sequential_texts, strict=True))
+    first_error = f" (first error: {run['errors'][0][:200]})" if run["errors"] else ""
+    say(f"{label}: {run['wall']:.2f} s, {tok_s:.0f} tok/s, speedup {tok_s / seq_tok_s:.2f}x; TTFT p50 "
+        f"{quantile(run['ttft'], 0.5) * 1000:.0f} ms p99 {quantile(run['ttft'], 0.99) * 1000:.0f} ms; inter-token "
+        f"p50 {quantile(run['itl'], 0.5) * 1000:.0f} ms p99 {quantile(run['itl'], 0.99) * 1000:.0f} ms; "
+        f"{len(run['errors'])} failed{first_error}; answers equal to the sequential ones: {equal} of "
+        f"{len(sequential_texts)}")
+    return tok_s
+
+
 def quantile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
 
@@ -200,14 +214,8 @@ def main() -> int:
 
         wait_until(served, procs[-1], "hvctl's server")
         ours = load_test(port, "small", prompts, args.new_tokens)
-        serve_tok_s = generated / ours["wall"] if not ours["errors"] else 0.0
-        equal = sum(a == b for a, b in zip(ours["texts"], sequential_texts, strict=True))
-        say(f"hvctl serve ({args.n} concurrent streaming clients): {ours['wall']:.2f} s, {serve_tok_s:.0f} tok/s, "
-            f"speedup {serve_tok_s / seq_tok_s:.2f}x; TTFT p50 {quantile(ours['ttft'], 0.5) * 1000:.0f} ms p99 "
-            f"{quantile(ours['ttft'], 0.99) * 1000:.0f} ms; inter-token p50 {quantile(ours['itl'], 0.5) * 1000:.0f} "
-            f"ms p99 {quantile(ours['itl'], 0.99) * 1000:.0f} ms; {len(ours['errors'])} failed; answers equal to "
-            f"the sequential ones: {equal} of {args.n}" + (f" (first error: {ours['errors'][0][:200]})"
-                                                             if ours["errors"] else ""))
+        serve_tok_s = summarize(say, f"hvctl serve ({args.n} concurrent streaming clients)", ours, generated,
+                                seq_tok_s, sequential_texts)
         procs[-1].terminate()
         procs[-1].wait(60)
 
@@ -241,14 +249,8 @@ def main() -> int:
 
             wait_until(alt_up, procs[-1], "transformers serve")
             theirs = load_test(alt_port, str(model_dir), prompts, args.new_tokens)
-            alt_tok_s = generated / theirs["wall"] if not theirs["errors"] else 0.0
-            alt_equal = sum(a == b for a, b in zip(theirs["texts"], sequential_texts, strict=True))
-            say(f"transformers serve --continuous-batching: {theirs['wall']:.2f} s, {alt_tok_s:.0f} tok/s, "
-                f"speedup {alt_tok_s / seq_tok_s:.2f}x; TTFT p50 {quantile(theirs['ttft'], 0.5) * 1000:.0f} ms p99 "
-                f"{quantile(theirs['ttft'], 0.99) * 1000:.0f} ms; inter-token p50 "
-                f"{quantile(theirs['itl'], 0.5) * 1000:.0f} ms p99 {quantile(theirs['itl'], 0.99) * 1000:.0f} ms; "
-                f"{len(theirs['errors'])} failed{' (' + theirs['errors'][0][:200] + ')' if theirs['errors'] else ''}"
-                f"; answers equal to the sequential ones: {alt_equal} of {args.n}")
+            alt_tok_s = summarize(say, "transformers serve --continuous-batching", theirs, generated, seq_tok_s,
+                                  sequential_texts)
         say(f"serve_tok_s={serve_tok_s:.0f} sequential_tok_s={seq_tok_s:.0f} "
             f"speedup={serve_tok_s / seq_tok_s:.2f} alt_tok_s={alt_tok_s:.0f} "
             f"ttft_p99_ms={quantile(ours['ttft'], 0.99) * 1000:.0f}")
