@@ -158,7 +158,8 @@ def two_local_hosts(image_dir: Path, prefix: str) -> Iterator[dict[str, object]]
 
 
 def hvctl_cli(state_dir: Path | str, uri: str, *args: str, timeout: float = 180,
-              crash_after: str | None = None, fail_after: str | None = None) -> subprocess.CompletedProcess[str]:
+              crash_after: str | None = None, fail_after: str | None = None,
+              stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     """Run the real `hvctl` CLI in a subprocess against ``uri`` with ``state_dir``; wide, colourless output.
     ``crash_after``: KIND.STEP, after which hvctl SIGKILLs itself (``hvctl.ops.intent.CRASH_ENV``); ``fail_after``:
     KIND.STEP, after which the operation fails with an error and undoes itself (``FAIL_ENV``)."""
@@ -169,7 +170,8 @@ def hvctl_cli(state_dir: Path | str, uri: str, *args: str, timeout: float = 180,
         env[CRASH_ENV] = crash_after
     if fail_after:
         env[FAIL_ENV] = fail_after
-    return subprocess.run([*HVCTL, *args], capture_output=True, text=True, env=env, timeout=timeout)
+    return subprocess.run([*HVCTL, *args], capture_output=True, text=True, env=env, timeout=timeout,
+                          input=stdin, stdin=None if stdin is not None else subprocess.DEVNULL)
 
 
 @pytest.fixture

@@ -85,11 +85,28 @@ def test_bad_serve_input_is_one_line(tmp_path: Path, args: list[str], code: int,
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("args,code,needle", [
+    (["pause", "nope"], 3, "no VM named 'nope'"),
+    (["resume", "nope"], 3, "no VM named 'nope'"),
+    (["restart", "nope"], 3, "no VM named 'nope'"),
+    (["wait", "nope", "--for", "coffee"], 2, "--for takes agent, ssh, stopped"),
+    (["wait", "nope", "--for", "agent"], 3, "no VM named 'nope'"),
+    (["exec", "nope", "--via", "telnet", "--", "true"], 2, "--via takes ssh or agent"),
+    (["exec", "nope", "--agent", "--via", "ssh", "--", "true"], 2, "contradict"),
+    (["exec", "nope", "--agent", "--timeout", "0", "--", "true"], 2, "--timeout"),
+    (["exec", "nope", "--agent", "--", "true"], 3, "no VM named 'nope'"),
+])
+def test_bad_lifecycle_input_is_one_line(tmp_path: Path, args: list[str], code: int, needle: str) -> None:
+    result = hvctl(tmp_path, *args)
+    assert result.returncode == code and needle in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_help_lists_every_command(tmp_path: Path) -> None:
     result = hvctl(tmp_path, "--help")
     assert result.returncode == 0
     for command in ("create", "list", "show", "start", "stop", "destroy", "console-log", "doctor", "image",
-                    "serve", "generate"):
+                    "serve", "generate", "restart", "pause", "resume", "wait", "exec"):
         assert command in result.stdout
 
 

@@ -116,16 +116,61 @@ def exec_cmd(
     identity: IdentityOpt = None,
     user: Annotated[str, typer.Option()] = "root",
     direct: DirectOpt = False,
+    via: Annotated[str | None, typer.Option(
+        "--via", help="ssh or agent. Default: ssh when the VM has an SSH path with the operator key, else its "
+                      "agent (no guest network needed).")] = None,
+    agent: Annotated[bool, typer.Option("--agent", help="Same as --via agent.")] = False,
+    timeout: Annotated[float, typer.Option(help="With the agent: kill the command after this many seconds (exit "
+                                                "124).", min=1, max=3600)] = 60.0,
+    input_file: Annotated[Path | None, typer.Option(
+        "--input", help="With the agent: a file ('-': standard input) given to the command as its input.")] = None,
 ) -> None:
-    """Run a command in a VM over SSH, streaming its output; its exit code becomes hvctl's."""
+    """Run a command in a VM, its exit code becoming hvctl's: over SSH, streaming its output, or through the
+    agent's host-only channel (output returned when the command ends)."""
     import shlex
 
     from hvctl.access import route_for, run_command
+    from hvctl.ops.wait import exec_over_agent, has_ssh_path
 
+    if agent:
+        if via not in (None, "agent"):
+            fail("--agent and --via ssh contradict each other", 2)
+        via = "agent"
+    if via not in (None, "ssh", "agent"):
+        fail(f"--via takes ssh or agent, not {via!r}", 2)
     record = ctx().ledger.get_vm(name)
-    code = run_command(record, identity_for(identity), shlex.join(command), sys.stdout.buffer, sys.stderr.buffer,
-                       user, route_for(ctx(), record, direct))
-    raise typer.Exit(code)
+    if via is None:
+        via = "ssh" if direct or identity is not None or has_ssh_path(ctx(), record) else "agent"
+    if via == "ssh":
+        if input_file is not None:
+            fail("--input goes with the agent; over SSH the command reads hvctl's own standard input", 2)
+        code = run_command(record, identity_for(identity), shlex.join(command), sys.stdout.buffer, sys.stderr.buffer,
+                           user, route_for(ctx(), record, direct))
+        raise typer.Exit(code)
+    if user != "root" or direct or identity is not None:
+        fail("--user, --direct and --identity are SSH's; the agent runs commands as root", 2)
+    try:
+        data = b"" if input_file is None else sys.stdin.buffer.read() if str(input_file) == "-" \
+            else input_file.read_bytes()
+    except OSError as exc:
+        fail(f"cannot read {input_file}: {exc.strerror}", 2)
+    result = exec_over_agent(ctx(), record, command, timeout, data)
+    sys.stdout.write(result.stdout)
+    sys.stdout.flush()
+    sys.stderr.write(result.stderr)
+    if result.truncated:
+        sys.stderr.write(f"hvctl: the output was cut to its last {rpc_cap()} bytes per stream (the agent's limit)\n")
+    if result.timed_out:
+        sys.stderr.write(f"hvctl: {command[0]} did not finish within {timeout:g} s; the agent killed it\n")
+        raise typer.Exit(124)
+    code = result.exit_code
+    raise typer.Exit(code if code >= 0 else 128 - code)
+
+
+def rpc_cap() -> int:
+    from guest import rpc
+
+    return rpc.MAX_OUTPUT_BYTES
 
 
 @app.command()

@@ -44,6 +44,9 @@ def create(
     image: Annotated[str, typer.Option(help="Image name (see `hvctl image list`).")] = "minimal",
     tenant: Annotated[str, typer.Option(help="Owning tenant.")] = "default",
     boot_timeout: Annotated[float, typer.Option(help="Seconds to wait for the guest to report ready.")] = 120.0,
+    no_wait: Annotated[bool, typer.Option("--no-wait", help="Return once the domain runs, without waiting for the "
+                                                             "guest; `hvctl wait NAME --for agent|ssh` later.")]
+    = False,
     ssh_bind: Annotated[str, typer.Option(help="Host address the VM's SSH forward listens on.")] = "127.0.0.1",
     bridge: Annotated[str | None, typer.Option(help="Add a NIC on this host bridge (production traffic).")] = None,
     network: Annotated[str | None, typer.Option(help="Add a NIC on this libvirt network (NAT or isolated).")] = None,
@@ -80,10 +83,13 @@ def create(
     started = time.monotonic()
     with RichReporter(f"create {name}") as reporter:
         stats: dict[str, object] = {}
-        record = create_vm(ctx(), spec, reporter, BootOptions(timeout=boot_timeout), stats=stats)
+        record = create_vm(ctx(), spec, reporter, BootOptions(timeout=boot_timeout, wait=not no_wait), stats=stats)
     elapsed = time.monotonic() - started
     if as_json:
-        emit_json(record.as_dict() | {"create_seconds": round(elapsed, 3)} | stats)
+        emit_json(record.as_dict() | {"create_seconds": round(elapsed, 3), "waited": not no_wait} | stats)
+    elif no_wait:
+        out.print(f"[bold]{name}[/] started on {record.host} in {elapsed:.1f} s, not waited for "
+                  f"(ssh forward {spec.ssh_bind}:{record.ssh_port}); `hvctl wait {name} --for agent` waits")
     else:
         out.print(f"[bold]{name}[/] is up on {record.host} in {elapsed:.1f} s "
                   f"(ssh forward {spec.ssh_bind}:{record.ssh_port})")
@@ -193,6 +199,70 @@ def stop(
         emit_json({"name": name, "state": "stopped", "how": how})
     else:
         out.print(f"{name} stopped ({how})")
+
+
+@app.command()
+def restart(
+    name: str,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for a graceful power-off before destroying.")] = 30,
+    force: Annotated[bool, typer.Option("--force", help="Power off at once, without asking the guest.")] = False,
+    boot_timeout: Annotated[float, typer.Option(help="Seconds to wait for the guest to report ready.")] = 120.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Power a VM off and boot it again (a new QEMU process), and wait until the guest reports ready."""
+    from hvctl.ops.lifecycle import restart as restart_vm
+
+    with RichReporter(f"restart {name}") as reporter:
+        how, waited = restart_vm(ctx(), name, timeout, reporter, boot_timeout, force)
+    if as_json:
+        emit_json({"name": name, "state": "running", "stop": how, "boot_seconds": round(waited, 3)})
+    else:
+        out.print(f"{name} restarted ({how} stop, up after {waited:.1f} s)")
+
+
+@app.command()
+def pause(name: str, as_json: JsonOpt = False) -> None:
+    """Freeze a running VM's vCPUs; its memory stays allocated. `hvctl resume` lets it run again."""
+    from hvctl.ops.lifecycle import pause as pause_vm
+
+    pause_vm(ctx(), name)
+    if as_json:
+        emit_json({"name": name, "state": "paused"})
+    else:
+        out.print(f"{name} paused")
+
+
+@app.command()
+def resume(name: str, as_json: JsonOpt = False) -> None:
+    """Let a paused VM run again."""
+    from hvctl.ops.lifecycle import resume as resume_vm
+
+    resume_vm(ctx(), name)
+    if as_json:
+        emit_json({"name": name, "state": "running"})
+    else:
+        out.print(f"{name} resumed")
+
+
+@app.command("wait")
+def wait_cmd(
+    name: str,
+    condition: Annotated[str, typer.Option("--for", help="agent: its agent answers; ssh: SSH with the pinned host "
+                                                          "key opens; stopped: the domain is shut off.")] = "agent",
+    timeout: Annotated[float, typer.Option(help="Give up after this many seconds (exit 7).", min=0)] = 120.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Block until a VM's agent answers, its SSH opens, or it has stopped."""
+    from hvctl.ops.wait import CONDITIONS, wait
+
+    if condition not in CONDITIONS:
+        fail(f"--for takes {', '.join(CONDITIONS)}, not {condition!r}", 2)
+    waited = wait(ctx(), name, condition, timeout)
+    if as_json:
+        emit_json({"name": name, "for": condition, "waited_seconds": round(waited, 3)})
+    else:
+        out.print(f"{name}: {condition} ready after {waited:.1f} s" if condition != "stopped"
+                  else f"{name} is stopped (waited {waited:.1f} s)")
 
 
 @app.command()

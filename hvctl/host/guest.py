@@ -189,6 +189,15 @@ class Guest:
         with self._call("shutdown"):
             self._dom.shutdown()
 
+    def suspend(self) -> None:
+        """Pause the vCPUs; memory, devices and the QEMU process stay as they are."""
+        with self._call("pause"):
+            self._dom.suspend()
+
+    def resume(self) -> None:
+        with self._call("resume"):
+            self._dom.resume()
+
     def destroy(self) -> None:
         """Power off at once; nothing to do if it is not running."""
         with self._call("destroy"):

@@ -11,7 +11,7 @@ from typing import Any
 from hvctl.errors import HvctlError
 from hvctl.spec import VMSpec
 
-VM_STATES = ("creating", "running", "stopped", "destroying")
+VM_STATES = ("creating", "running", "paused", "stopped", "destroying")
 # What a checkpoint-migration's new incarnation changes besides host and port (column names: never user input).
 MOVABLE_COLUMNS = frozenset({"overlay", "console_log", "agent_socket", "seed", "agent_token", "host_pubkey",
                              "base_disk", "domain_uuid"})

@@ -70,6 +70,8 @@ class BootOptions:
     timeout: float = DEFAULT_BOOT_TIMEOUT
     extra_cmdline: tuple[str, ...] = ()
     extra_qemu_args: tuple[str, ...] = ()
+    # False (create --no-wait): return once QEMU runs, without waiting for the guest or its agent.
+    wait: bool = True
 
 
 class Storage(Protocol):
@@ -210,6 +212,8 @@ def boot(ctx: Context, inc: Incarnation, options: BootOptions, undo: Undo, say: 
                               f"{PORT_ATTEMPTS} tries", hint="something there is binding ports in hvctl's range")
     undo.push("destroy the domain", guest.destroy)
     record("started")
+    if not options.wait:
+        return f"started; not waited for (--no-wait){note}"
 
     say("waiting for the guest to report ready")
     started = time.monotonic()

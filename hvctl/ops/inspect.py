@@ -13,6 +13,7 @@ from hvctl.ledger import VMRecord
 # Ledger state → the libvirt states that agree with it.
 _AGREES = {
     "running": {DomainState.RUNNING},
+    "paused": {DomainState.PAUSED},
     "stopped": {DomainState.SHUTOFF},
 }
 

@@ -152,7 +152,7 @@ def reconcile(ctx: Context, op: dict[str, Any]) -> str:
             from hvctl.ops.create import reconcile_create
 
             return reconcile_create(ctx, op)
-        if op["kind"] in ("start", "stop"):
+        if op["kind"] in ("start", "stop", "restart", "pause", "resume"):
             from hvctl.ops.lifecycle import reconcile_power
 
             return reconcile_power(ctx, op)

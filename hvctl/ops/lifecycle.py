@@ -30,6 +30,8 @@ def start(ctx: Context, name: str, reporter: Reporter | None = None,
         guest = ctx.host(record.host).guest(name)
         if guest.state() is DomainState.RUNNING:
             raise HvctlError(f"VM {name} is already running")
+        if guest.state() is DomainState.PAUSED:
+            raise HvctlError(f"VM {name} is paused, not stopped", hint=f"hvctl resume {name}")
         if ctx.ledger.gpu_bindings(record.host, name):
             moved = passthrough.rebind_vm(ctx, ctx.gpu_env, name, record.host)
             if moved:
@@ -65,7 +67,7 @@ def reconcile_power(ctx: Context, op: dict[str, Any]) -> str:
         ctx.ledger.end_operation(vm)
         return f"the stop was finished ({how})"
     actual = ctx.host(record.host).state(vm)
-    state = "running" if actual in (DomainState.RUNNING, DomainState.PAUSED) else "stopped"
+    state = {DomainState.RUNNING: "running", DomainState.PAUSED: "paused"}.get(actual, "stopped")
     if record.state != state:
         ctx.ledger.set_state(vm, state, f"an interrupted {op['kind']}: libvirt says {actual.value}")
     ctx.ledger.end_operation(vm)
@@ -110,9 +112,13 @@ def stop(ctx: Context, name: str, timeout: float = 30.0, reporter: Reporter | No
 
 def _power_off(guest: Guest, timeout: float, say: Callable[[str], None],
                asked: Callable[[], None] = lambda: None) -> str:
-    """ACPI power button, then destroy after ``timeout``: "graceful", "forced" or "already stopped"."""
+    """ACPI power button, then destroy after ``timeout``: "graceful", "forced" or "already stopped". A paused
+    guest is resumed first: paused vCPUs cannot act on the button."""
     if guest.state() not in (DomainState.RUNNING, DomainState.PAUSED, DomainState.SHUTTING_DOWN):
         return "already stopped"
+    if guest.state() is DomainState.PAUSED:
+        say("resuming the paused guest so that it can power off")
+        guest.resume()
     say(f"asking the guest to power off (up to {timeout:.0f} s)")
     guest.shutdown()
     asked()
@@ -124,6 +130,65 @@ def _power_off(guest: Guest, timeout: float, say: Callable[[str], None],
     say("guest did not power off in time; destroying")
     guest.destroy()
     return "forced"
+
+
+def restart(ctx: Context, name: str, timeout: float = 30.0, reporter: Reporter | None = None,
+            boot_timeout: float = DEFAULT_BOOT_TIMEOUT, force: bool = False) -> tuple[str, float]:
+    """Power off (gracefully, forced after ``timeout``; at once with ``force``) and boot again in one operation,
+    waiting until the guest reports ready. A new QEMU process: CPU and memory changes made with ``resize`` for the
+    next boot take effect. Returns how it stopped and the seconds the boot took."""
+    say = (reporter or SilentReporter()).step
+    ctx.ledger.get_vm(name)
+    with operation(ctx, name, "restart", say=say) as op:
+        record = ctx.ledger.get_vm(name)
+        guest = ctx.host(record.host).guest(name)
+        if force and guest.state() is not DomainState.SHUTOFF:
+            say("powering off at once (--force)")
+            guest.destroy()
+            how = "forced"
+        else:
+            how = _power_off(guest, timeout, say, lambda: op.step("asked"))
+        op.step("powered-off")
+        ctx.ledger.set_state(name, "stopped", f"restarting: stopped ({how})")
+        console = pooled.console_of(ctx, record)
+        offset = console_size(console)
+        say("starting")
+        guest = start_claiming_a_port(ctx, guest, say)
+        op.step("started")
+        say("waiting for the guest to report ready")
+        _, waited = wait_for_ready(name, console, boot_timeout, lambda: guest.state() is DomainState.RUNNING,
+                                   offset=offset, poll=0.05 if isinstance(console, Path) else 0.5)
+        ctx.ledger.set_state(name, "running", f"restarted ({how} stop); guest up after {waited:.2f} s")
+    return how, waited
+
+
+def pause(ctx: Context, name: str) -> None:
+    """Freeze the VM's vCPUs (libvirt suspend). Its memory stays allocated and counted; nothing in the guest runs,
+    its agent and SSH included, until ``resume``."""
+    ctx.ledger.get_vm(name)
+    with operation(ctx, name, "pause"):
+        record = ctx.ledger.get_vm(name)
+        guest = ctx.host(record.host).guest(name)
+        state = guest.state()
+        if state is DomainState.PAUSED:
+            raise HvctlError(f"VM {name} is already paused", hint=f"hvctl resume {name}")
+        if state is not DomainState.RUNNING:
+            raise HvctlError(f"VM {name} is not running (libvirt: {state.value}); only a running VM can be paused")
+        guest.suspend()
+        ctx.ledger.set_state(name, "paused", f"paused {name}")
+
+
+def resume(ctx: Context, name: str) -> None:
+    """Let a paused VM's vCPUs run again."""
+    ctx.ledger.get_vm(name)
+    with operation(ctx, name, "resume"):
+        record = ctx.ledger.get_vm(name)
+        guest = ctx.host(record.host).guest(name)
+        state = guest.state()
+        if state is not DomainState.PAUSED:
+            raise HvctlError(f"VM {name} is not paused (libvirt: {state.value})")
+        guest.resume()
+        ctx.ledger.set_state(name, "running", f"resumed {name}")
 
 
 def destroy(ctx: Context, name: str, reporter: Reporter | None = None) -> None:
