@@ -95,6 +95,13 @@ def test_bad_serve_input_is_one_line(tmp_path: Path, args: list[str], code: int,
     (["exec", "nope", "--agent", "--via", "ssh", "--", "true"], 2, "contradict"),
     (["exec", "nope", "--agent", "--timeout", "0", "--", "true"], 2, "--timeout"),
     (["exec", "nope", "--agent", "--", "true"], 3, "no VM named 'nope'"),
+    (["snapshot", "create", "nope", "Bad Name"], 2, "invalid snapshot name 'Bad Name'"),
+    (["snapshot", "create", "nope", "s1"], 3, "no VM named 'nope'"),
+    (["snapshot", "revert", "nope", "s1"], 3, "no VM named 'nope'"),
+    (["snapshot", "list", "nope"], 3, "no VM named 'nope'"),
+    (["events", "--vm", "nope"], 3, "no VM named 'nope'"),
+    (["metrics", "--listen", "9100"], 2, "--listen takes ADDRESS:PORT"),
+    (["metrics", "--listen", "127.0.0.1:9100", "--textfile", "/tmp/x"], 2, "pick one"),
 ])
 def test_bad_lifecycle_input_is_one_line(tmp_path: Path, args: list[str], code: int, needle: str) -> None:
     result = hvctl(tmp_path, *args)
@@ -106,7 +113,7 @@ def test_help_lists_every_command(tmp_path: Path) -> None:
     result = hvctl(tmp_path, "--help")
     assert result.returncode == 0
     for command in ("create", "list", "show", "start", "stop", "destroy", "console-log", "doctor", "image",
-                    "serve", "generate", "restart", "pause", "resume", "wait", "exec"):
+                    "serve", "generate", "restart", "pause", "resume", "wait", "exec", "snapshot", "events", "metrics"):
         assert command in result.stdout
 
 

@@ -148,3 +148,30 @@ def test_ports_are_per_host_and_another_hosts_are_not_probed_here(ledger: Ledger
         moved = ledger.move_ssh_port("there", "127.0.0.1", taken, probe=False, port_range=(taken, taken + 5))
         assert moved == taken + 2 and ledger.get_vm("there").ssh_port == moved
         assert [e.kind for e in ledger.events("there")][-1] == "port.moved"
+
+
+def test_snapshots_are_charged_against_the_tenants_disk_and_released_with_them(ledger: Ledger,
+                                                                                tmp_path: Path) -> None:
+    from hvctl.ledger import Admission, QuotaExceeded
+
+    vm = tmp_path / "snap"
+    spec = VMSpec(name="snap", disk_gib=4, memory_mib=1536)
+    paths = VMPaths(tmp_path / "base.qcow2", vm / "disk.qcow2", vm / "seed.iso", vm / "console.log", vm / "agent.sock")
+    ledger.reserve_vm(spec, "local", paths, probe_ports=False)
+    limits = Admission(tenant_limit={"disk_gib": 14}, host_limit={"disk_gib": None})
+    disk = ledger.reserve_snapshot("snap", "cold", False, limits)
+    assert (disk.disk_gib, disk.state) == (4, "creating")
+    # With memory, the saved RAM counts too, rounded up to GiB: 4 + 2.
+    warm = ledger.reserve_snapshot("snap", "warm", True, limits)
+    assert warm.disk_gib == 6 and ledger.tenant_usage("default").disk_gib == 14
+    assert ledger.host_usage("local").disk_gib == 14
+    with pytest.raises(QuotaExceeded, match="snapshot more of snap: tenant default: disk 4 GiB requested, 14 of 14"):
+        ledger.reserve_snapshot("snap", "more", False, limits)
+    assert [s.name for s in ledger.snapshots("snap")] == ["cold", "warm"]
+    with pytest.raises(AlreadyExists):
+        ledger.reserve_snapshot("snap", "cold", False, Admission({}, {}))
+    ledger.delete_snapshot("snap", "cold", "gone")
+    assert ledger.tenant_usage("default").disk_gib == 10
+    # The VM's row going takes its snapshots' rows (and charges) with it.
+    ledger.delete_vm("snap", "destroyed")
+    assert ledger.snapshots() == [] and ledger.tenant_usage("default").disk_gib == 0

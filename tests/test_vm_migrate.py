@@ -192,7 +192,19 @@ def test_cancel_leaves_the_vm_on_the_source(hosts: dict[str, object]) -> None:
     # 1 MiB/s: the 128 MiB guest takes minutes to copy, so the cancel lands mid-flight.
     proc = subprocess.Popen([sys.executable, "-m", "hvctl.cli", "migrate", "stayer", "--to", "h2", "--bandwidth", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    time.sleep(4)
+    # A second shell sees the migration's progress while it runs: in `show` and in the event log.
+    deadline = time.monotonic() + 60
+    operation = None
+    while time.monotonic() < deadline:
+        operation = json.loads(hvctl(hosts, "show", "stayer", "--json").stdout)["operation"]
+        if operation and operation["progress"] and operation["progress"]["bytes_done"] > 0:
+            break
+        time.sleep(0.5)
+    assert operation and operation["kind"] == "migrate" and operation["target"] == "h2", operation
+    assert operation["progress"]["bytes_done"] > 0 and operation["progress"]["percent"] < 100
+    progress = [e for e in json.loads(hvctl(hosts, "events", "--vm", "stayer", "--json").stdout)
+                if e["kind"] == "migration.progress"]
+    assert progress and "migrating to h2" in progress[-1]["message"] and progress[-1]["data"]["bytes_done"] > 0
     assert hvctl(hosts, "migrate", "stayer", "--cancel").returncode == 0
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 15 and "still on h1" in err

@@ -5,14 +5,18 @@ ran, its hostname), not only what libvirt reports."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
 import subprocess
+import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import hvctl_cli, short_tempdir
+from conftest import HVCTL, hvctl_cli, short_tempdir
 
 from hvctl.context import Context
 from hvctl.devhost import PrivateLibvirtd
@@ -28,6 +32,9 @@ def env(libvirtd: PrivateLibvirtd, image_dir: Path) -> Iterator[dict[str, object
     ImageStore(image_dir).build("base")
     state = short_tempdir("hvo-")
     (state / "images").symlink_to(image_dir)
+    # A disk quota that one memory snapshot of op1 fits in and a second does not.
+    (state / "policy.yaml").write_text("tenants:\n  default: {quota: {vcpus: 8, memory_mib: 8192, disk_gib: 6, "
+                                       "vms: 10}}\n")
     ctx = Context(state_dir=state, uri=libvirtd.uri)
     yield {"ctx": ctx, "state": state, "uri": libvirtd.uri}
     for leftover in ctx.ledger.list_vms():
@@ -108,6 +115,40 @@ def test_pause_freezes_the_guest_and_resume_lets_it_run(env: dict[str, object], 
     assert hvctl(env, "resume", vm).returncode == 1
 
 
+def test_events_follow_shows_what_hvctl_did_and_what_libvirt_saw(env: dict[str, object], vm: str) -> None:
+    environ = os.environ | {"HVCTL_STATE_DIR": str(env["state"]), "HVCTL_CONNECT": str(env["uri"])}
+    follower = subprocess.Popen([*HVCTL, "events", "--follow", "--json", "--vm", vm, "-n", "1"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environ)
+    seen: list[dict[str, object]] = []
+    reader = threading.Thread(target=lambda: seen.extend(json.loads(line) for line in follower.stdout or ()),
+                              daemon=True)
+    reader.start()
+    try:
+        wanted = [("libvirt", "libvirt.suspended"), ("ledger", "state.paused"), ("libvirt", "libvirt.resumed"),
+                  ("ledger", "state.running")]
+        # The follower subscribes to libvirt before it prints the history: once the one past event is out, it
+        # is watching.
+        deadline = time.monotonic() + 60
+        while not seen and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert seen, follower.stderr.read() if follower.poll() is not None and follower.stderr else "no history line"
+        ok(hvctl(env, "pause", vm))
+        ok(hvctl(env, "resume", vm))
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not all(
+                any((e["source"], e["kind"]) == w for e in seen) for w in wanted):
+            time.sleep(0.2)
+    finally:
+        follower.terminate()
+        follower.wait(timeout=30)
+    kinds = [(e["source"], e["kind"]) for e in seen]
+    for w in wanted:
+        assert w in kinds, f"{w} not followed; saw {kinds}"
+    assert all(e["vm"] == vm for e in seen)
+    past = json.loads(ok(hvctl(env, "events", "--vm", vm, "--json")).stdout)
+    assert [e["kind"] for e in past][-2:] == ["state.paused", "state.running"]
+
+
 def test_restart_boots_a_new_kernel_and_wait_for_ssh(env: dict[str, object], vm: str) -> None:
     before = guest_out(env, vm, "cat", "/proc/sys/kernel/random/boot_id")
     restarted = json.loads(ok(hvctl(env, "restart", vm, "--json", "--boot-timeout", "180")).stdout)
@@ -141,3 +182,107 @@ def test_create_no_wait_then_wait_and_exec_falls_back_to_the_agent(env: dict[str
     view = listed(env, "op2")
     assert (view["state"], view["actual"], view["drift"]) == ("stopped", "shutoff", None)
     ok(hvctl(env, "destroy", "op2"))
+
+
+def scrape(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def vm_sample(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, vm: str,
+              **extra: str) -> float:
+    (value,) = [v for (n, labels), v in samples.items()
+                if n == name and ("vm", vm) in labels and all((k, x) in labels for k, x in extra.items())]
+    return value
+
+
+def test_metrics_report_what_the_guest_really_did(env: dict[str, object], vm: str, tmp_path: Path) -> None:
+    before = scrape(ok(hvctl(env, "metrics")).stdout)
+    labels = (("host", "local"), ("tenant", "default"), ("vm", vm))
+    assert before[("hvctl_vm_running", labels)] == 1 and before[("hvctl_host_up", (("host", "local"),))] == 1
+    assert before[("hvctl_tenant_disk_bytes_quota", (("tenant", "default"),))] == 6 * 2**30
+    assert before[("hvctl_tenant_vms_used", (("tenant", "default"),))] == 1
+    assert before[("hvctl_vm_memory_bytes", labels)] == 512 * 2**20
+    # The guest burns CPU and writes 8 MiB to its disk; the counters grow by at least that.
+    guest_out(env, vm, "sh", "-c", "i=0; while [ $i -lt 100000 ]; do i=$((i+1)); done; "
+              "dd if=/dev/urandom of=/root/blob bs=1M count=8 conv=fsync 2>/dev/null; rm /root/blob; sync")
+    after = scrape(ok(hvctl(env, "metrics")).stdout)
+    cpu = "hvctl_vm_cpu_seconds_total"
+    assert after[(cpu, labels)] > before[(cpu, labels)] > 0
+    written = vm_sample(after, "hvctl_vm_disk_write_bytes_total", vm, device="vda") - \
+        vm_sample(before, "hvctl_vm_disk_write_bytes_total", vm, device="vda")
+    assert written >= 8 * 2**20
+    # Its only NIC is the user-mode one (SSH forward): libvirt reads NIC counters from tap devices, and
+    # user-mode networking has none, so no network series is made up for it.
+    assert not [k for k in after if k[0].startswith("hvctl_vm_network") and ("vm", vm) in k[1]]
+    # node_exporter's textfile collector, and a scrape over HTTP.
+    textfile = tmp_path / "hvctl.prom"
+    ok(hvctl(env, "metrics", "--textfile", str(textfile)))
+    assert scrape(textfile.read_text())[("hvctl_vm_running", labels)] == 1
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    environ = os.environ | {"HVCTL_STATE_DIR": str(env["state"]), "HVCTL_CONNECT": str(env["uri"])}
+    server = subprocess.Popen([*HVCTL, "metrics", "--listen", f"127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True, env=environ)
+    try:
+        deadline, body = time.monotonic() + 60, ""
+        while not body and time.monotonic() < deadline and server.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as response:
+                    body = response.read().decode()
+            except OSError:
+                time.sleep(0.2)
+        assert body, server.stderr.read() if server.poll() is not None and server.stderr else "no answer"
+        assert scrape(body)[("hvctl_vm_running", labels)] == 1
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_snapshots_revert_the_disk_and_memory_count_against_the_quota_and_go_with_the_vm(
+        env: dict[str, object], vm: str) -> None:
+    ctx = env["ctx"]
+    assert isinstance(ctx, Context)
+    boot_id = guest_out(env, vm, "cat", "/proc/sys/kernel/random/boot_id")
+    guest_out(env, vm, "sh", "-c", "echo kept > /root/before; sync")
+    refused = hvctl(env, "snapshot", "create", vm, "hot")
+    assert refused.returncode == 1 and "must hold its memory too" in refused.stderr
+    taken = json.loads(ok(hvctl(env, "snapshot", "create", vm, "warm", "--memory", "--json")).stdout)
+    # 2 GiB of disk and 512 MiB of memory, rounded up: 3 GiB of the tenant's 6, with the VM's own 2.
+    assert (taken["name"], taken["memory"], taken["disk_gib"], taken["state"]) == ("warm", True, 3, "ready")
+    guest_out(env, vm, "sh", "-c", "echo lost > /root/after; sync")
+
+    over = hvctl(env, "snapshot", "create", vm, "second", "--memory")
+    assert over.returncode == 13 and "disk 3 GiB requested, 5 of 6 GiB in use" in over.stderr, over.stderr
+    assert ctx.host().guest(vm).snapshot_names() == ["warm"]
+    assert [s["name"] for s in json.loads(ok(hvctl(env, "snapshot", "list", vm, "--json")).stdout)] == ["warm"]
+
+    reverted = json.loads(ok(hvctl(env, "snapshot", "revert", vm, "warm", "--json")).stdout)
+    assert reverted["state"] == "running"
+    # The same boot, back at the moment of the snapshot: the later file is gone, the earlier one is there.
+    assert guest_out(env, vm, "cat", "/proc/sys/kernel/random/boot_id") == boot_id
+    assert guest_out(env, vm, "sh", "-c", "ls /root/before /root/after 2>/dev/null; true") == "/root/before"
+    ok(hvctl(env, "snapshot", "rm", vm, "warm"))
+    assert ctx.host().guest(vm).snapshot_names() == [] and ctx.ledger.snapshots(vm) == []
+
+    # A disk snapshot of the stopped VM; what is written after it is gone once it is reverted.
+    ok(hvctl(env, "stop", vm))
+    cold = json.loads(ok(hvctl(env, "snapshot", "create", vm, "cold", "--json")).stdout)
+    assert (cold["memory"], cold["disk_gib"]) == (False, 2)
+    ok(hvctl(env, "start", vm, "--json"))
+    guest_out(env, vm, "sh", "-c", "echo late > /root/late; sync")
+    busy = hvctl(env, "snapshot", "revert", vm, "cold")
+    assert busy.returncode == 1 and "hvctl stop" in busy.stderr
+    ok(hvctl(env, "stop", vm))
+    assert json.loads(ok(hvctl(env, "snapshot", "revert", vm, "cold", "--json")).stdout)["state"] == "stopped"
+    ok(hvctl(env, "start", vm))
+    assert guest_out(env, vm, "sh", "-c", "ls /root/late 2>/dev/null; cat /root/before") == "kept"
+    shown = json.loads(ok(hvctl(env, "show", vm, "--json")).stdout)
+    assert [s["name"] for s in shown["snapshots"]] == ["cold"]
+
+    # Destroy takes the snapshot's metadata and its ledger charge with the VM.
+    ok(hvctl(env, "destroy", vm))
+    assert ctx.ledger.snapshots() == [] and ctx.host().state(vm) is DomainState.MISSING

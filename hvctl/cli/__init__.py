@@ -5,7 +5,7 @@ Commands live in one module per area; importing them registers them on the share
 
 from __future__ import annotations
 
-from hvctl.cli import access, fleet, images, migration, serving, vms, workloads  # noqa: F401 - registers the commands
+from hvctl.cli import access, fleet, images, migration, serving, snapshots, vms, workloads  # noqa: F401 - registers the commands
 from hvctl.cli.common import State, app, fail
 from hvctl.errors import GuestTimeout, HvctlError
 from vfio import VfioError

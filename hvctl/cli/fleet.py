@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+import threading
 from pathlib import Path
 from typing import Annotated
 
@@ -15,6 +18,7 @@ from hvctl.cli.common import (
     ctx,
     emit_json,
     err,
+    fail,
     gpu_app,
     host_app,
     out,
@@ -176,3 +180,52 @@ def gpu_list(
     for check in data["host"]:
         if not check["ok"]:
             out.print(f"[yellow]{check['name']} unavailable[/]: {check['hint']}")
+
+
+@app.command()
+def metrics(
+    textfile: Annotated[Path | None, typer.Option(
+        "--textfile", help="Write the exposition to this file (atomically, for node_exporter's textfile "
+                           "collector) instead of standard output.")] = None,
+    listen: Annotated[str | None, typer.Option(
+        "--listen", metavar="ADDRESS:PORT", help="Serve /metrics over HTTP here until interrupted, gathered "
+                                                 "fresh at each scrape.")] = None,
+) -> None:
+    """Prometheus metrics for the fleet: per-VM CPU, memory, disk and network (libvirt's bulk domain stats),
+    per-tenant quota use, per-host allocation and reservations, GPU ownership, migration totals and downtime."""
+    from hvctl.context import Context
+    from hvctl.ops import metrics as m
+
+    c = ctx()
+
+    def fresh() -> Context:
+        return Context(state_dir=c.state_dir, uri=c.uri, policy_path=c.policy_path)
+
+    if textfile is not None and listen is not None:
+        fail("--textfile and --listen are two different ways out; pick one", 2)
+    if listen is None:
+        text = m.exposition(fresh)
+        if textfile is None:
+            sys.stdout.buffer.write(text)
+            return
+        partial = textfile.with_name(f".{textfile.name}.{os.getpid()}.tmp")
+        try:
+            partial.write_bytes(text)
+            partial.chmod(0o644)
+            partial.replace(textfile)
+        except OSError as exc:
+            partial.unlink(missing_ok=True)
+            fail(f"cannot write {textfile}: {exc.strerror}", 2)
+        return
+    address, _, port = listen.rpartition(":")
+    if not address or not port.isdigit() or not 0 < int(port) < 65536:
+        fail(f"--listen takes ADDRESS:PORT, e.g. 127.0.0.1:9177, not {listen!r}", 2)
+    try:
+        server = m.serve(fresh, address.strip("[]"), int(port))
+    except OSError as exc:
+        fail(f"cannot listen on {listen}: {exc.strerror}", 2)
+    err.print(f"serving metrics on http://{listen}/metrics (Ctrl-C stops)")
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        server.shutdown()

@@ -15,6 +15,7 @@ from hvctl.cli.common import (
     app,
     ctx,
     emit_json,
+    err,
     fail,
     out,
     plain,
@@ -136,6 +137,10 @@ def show(name: str, as_json: JsonOpt = False) -> None:
     data["events"] = [{"ts": e.ts, "kind": e.kind, "message": e.message} for e in c.ledger.events(name, 20)]
     data["enforcement"] = enforcement_report(c, record)
     data["last_migration"] = c.ledger.last_event_data(name, "migration.completed")
+    data["snapshots"] = [s.as_dict() for s in c.ledger.snapshots(name)]
+    data["operation"] = next(({"kind": op["kind"], "step": op["step"], "target": op["target"],
+                               "started_at": op["started_at"], "progress": op["data"].get("progress")}
+                              for op in c.ledger.operations() if op["vm"] == name), None)
     if as_json:
         emit_json(data)
         return
@@ -161,6 +166,17 @@ def show(name: str, as_json: JsonOpt = False) -> None:
                     else f"downtime {m['downtime_ms']} ms")
         out.print(f"[bold]last migration[/]: {m['total_s']} s total, {downtime}, "
                   f"{(m['bytes'] or 0) / 2**20:.1f} MiB, mode {m['mode']}")
+    if data["operation"]:
+        op = data["operation"]
+        progress = op["progress"] or {}
+        done = f", {progress['percent']:.0f}% after {progress['elapsed_s']} s" \
+            if progress.get("percent") is not None else ""
+        out.print(f"[bold]in progress[/]: {safe(op['kind'])}" + (f" to {safe(op['target'])}" if op["target"] else "")
+                  + f" (step {safe(op['step'])}{done})")
+    if data["snapshots"]:
+        out.print("[bold]snapshots[/]: " + ", ".join(
+            f"{safe(s['name'])} ({'memory' if s['memory'] else 'disk'}, {s['disk_gib']:g} GiB)"
+            for s in data["snapshots"]))
     out.print("[bold]events[/]")
     out.print(render_events(data["events"]))
 
@@ -169,6 +185,46 @@ def render_events(events: list[dict[str, Any]]) -> str:
     """Events can quote a guest (a workload's error): rendered as plain text, never as markup or escapes."""
     return "\n".join(f"  {time.strftime('%H:%M:%S', time.localtime(e['ts']))} {safe(e['kind']):<18} "
                      f"{safe(e['message'])}" for e in events)
+
+
+@app.command()
+def events(
+    vm: Annotated[str | None, typer.Option("--vm", help="Only this VM's events.")] = None,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new events as they come, hvctl's "
+                                                                "and libvirt's (Ctrl-C ends).")] = False,
+    lines: Annotated[int, typer.Option("--lines", "-n", help="How many past events to show first.", min=0)] = 50,
+    as_json: JsonOpt = False,
+) -> None:
+    """The event log: what hvctl did (ledger) and, with --follow, what libvirt saw happen to the VMs (lifecycle,
+    guest reboots, disk I/O errors, migration passes). --json: a list; with --follow, one object per line."""
+    import json as jsonlib
+
+    from hvctl.ops.events import follow as follow_events
+    from hvctl.ops.events import history
+
+    def show_one(e: dict[str, Any]) -> None:
+        if as_json:
+            sys.stdout.write(jsonlib.dumps(e) + "\n")
+            sys.stdout.flush()
+            return
+        when = time.strftime("%H:%M:%S", time.localtime(e["ts"]))
+        source = "" if e["source"] == "ledger" else f" [{e['source']}]"
+        out.print(f"{when} {safe(e['vm'] or '-'):<14} {safe(e['kind']):<24} {safe(e['message'])}{source}",
+                  highlight=False)
+
+    if not follow:
+        past = history(ctx(), vm, lines)
+        if as_json:
+            emit_json(past)
+        else:
+            for e in past:
+                show_one(e)
+        return
+    try:
+        for e in follow_events(ctx(), vm, lines, on_problem=lambda p: err.print(f"[yellow]{safe(p)}[/]")):
+            show_one(e)
+    except KeyboardInterrupt:
+        return
 
 
 @app.command()

@@ -10,8 +10,9 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Any
 from xml.etree import ElementTree as ET
 
 import libvirt
@@ -24,7 +25,7 @@ from hvctl.host._errors import _errors, _msg, _typed
 from hvctl.host.guest import STATE_MAP, ByteStream, ChannelBusy, DomainState, Guest
 from hvctl.host.storage import Pool, Volume, ensure_pool
 
-__all__ = ["ByteStream", "ChannelBusy", "DomainState", "Guest", "Pool", "Volume"]
+__all__ = ["ByteStream", "ChannelBusy", "DomainEvent", "DomainState", "Guest", "Pool", "Volume"]
 
 # hvctl's storage pool on each host: where the host's libvirt keeps images uploaded to it.
 DEFAULT_POOL = "hvctl"
@@ -56,6 +57,48 @@ def _run_event_loop() -> None:
 
 
 @dataclass(frozen=True)
+class DomainEvent:
+    """One domain event as libvirt delivered it."""
+
+    vm: str
+    uri: str
+    kind: str
+    message: str
+    ts: float = field(default_factory=time.time)
+
+
+_LIFECYCLE = {libvirt.VIR_DOMAIN_EVENT_DEFINED: "defined", libvirt.VIR_DOMAIN_EVENT_UNDEFINED: "undefined",
+              libvirt.VIR_DOMAIN_EVENT_STARTED: "started", libvirt.VIR_DOMAIN_EVENT_SUSPENDED: "suspended",
+              libvirt.VIR_DOMAIN_EVENT_RESUMED: "resumed", libvirt.VIR_DOMAIN_EVENT_STOPPED: "stopped",
+              libvirt.VIR_DOMAIN_EVENT_SHUTDOWN: "shutdown", libvirt.VIR_DOMAIN_EVENT_PMSUSPENDED: "pmsuspended",
+              libvirt.VIR_DOMAIN_EVENT_CRASHED: "crashed"}
+_LIFECYCLE_DETAIL = {
+    (libvirt.VIR_DOMAIN_EVENT_STARTED, libvirt.VIR_DOMAIN_EVENT_STARTED_BOOTED): "booted",
+    (libvirt.VIR_DOMAIN_EVENT_STARTED, libvirt.VIR_DOMAIN_EVENT_STARTED_MIGRATED): "migrated in",
+    (libvirt.VIR_DOMAIN_EVENT_STARTED, libvirt.VIR_DOMAIN_EVENT_STARTED_RESTORED): "restored",
+    (libvirt.VIR_DOMAIN_EVENT_STARTED, libvirt.VIR_DOMAIN_EVENT_STARTED_FROM_SNAPSHOT): "from a snapshot",
+    (libvirt.VIR_DOMAIN_EVENT_SUSPENDED, libvirt.VIR_DOMAIN_EVENT_SUSPENDED_PAUSED): "paused",
+    (libvirt.VIR_DOMAIN_EVENT_SUSPENDED, libvirt.VIR_DOMAIN_EVENT_SUSPENDED_MIGRATED): "for the migration's end",
+    (libvirt.VIR_DOMAIN_EVENT_SUSPENDED, libvirt.VIR_DOMAIN_EVENT_SUSPENDED_IOERROR): "by a disk I/O error",
+    (libvirt.VIR_DOMAIN_EVENT_SUSPENDED, libvirt.VIR_DOMAIN_EVENT_SUSPENDED_FROM_SNAPSHOT): "from a snapshot",
+    (libvirt.VIR_DOMAIN_EVENT_SUSPENDED, libvirt.VIR_DOMAIN_EVENT_SUSPENDED_POSTCOPY): "post-copy",
+    (libvirt.VIR_DOMAIN_EVENT_RESUMED, libvirt.VIR_DOMAIN_EVENT_RESUMED_UNPAUSED): "unpaused",
+    (libvirt.VIR_DOMAIN_EVENT_RESUMED, libvirt.VIR_DOMAIN_EVENT_RESUMED_MIGRATED): "migrated",
+    (libvirt.VIR_DOMAIN_EVENT_RESUMED, libvirt.VIR_DOMAIN_EVENT_RESUMED_FROM_SNAPSHOT): "from a snapshot",
+    (libvirt.VIR_DOMAIN_EVENT_RESUMED, libvirt.VIR_DOMAIN_EVENT_RESUMED_POSTCOPY): "post-copy",
+    (libvirt.VIR_DOMAIN_EVENT_STOPPED, libvirt.VIR_DOMAIN_EVENT_STOPPED_SHUTDOWN): "the guest shut down",
+    (libvirt.VIR_DOMAIN_EVENT_STOPPED, libvirt.VIR_DOMAIN_EVENT_STOPPED_DESTROYED): "destroyed",
+    (libvirt.VIR_DOMAIN_EVENT_STOPPED, libvirt.VIR_DOMAIN_EVENT_STOPPED_CRASHED): "crashed",
+    (libvirt.VIR_DOMAIN_EVENT_STOPPED, libvirt.VIR_DOMAIN_EVENT_STOPPED_MIGRATED): "migrated away",
+    (libvirt.VIR_DOMAIN_EVENT_STOPPED, libvirt.VIR_DOMAIN_EVENT_STOPPED_FAILED): "failed",
+    (libvirt.VIR_DOMAIN_EVENT_STOPPED, libvirt.VIR_DOMAIN_EVENT_STOPPED_FROM_SNAPSHOT): "for a snapshot",
+    (libvirt.VIR_DOMAIN_EVENT_SHUTDOWN, libvirt.VIR_DOMAIN_EVENT_SHUTDOWN_FINISHED): "the guest finished shutting down",
+}
+_IO_ACTION = {libvirt.VIR_DOMAIN_EVENT_IO_ERROR_NONE: "none", libvirt.VIR_DOMAIN_EVENT_IO_ERROR_PAUSE: "paused",
+              libvirt.VIR_DOMAIN_EVENT_IO_ERROR_REPORT: "reported to the guest"}
+
+
+@dataclass(frozen=True)
 class HostFacts:
     arch: str
     cpus: int
@@ -84,6 +127,57 @@ class Host:
     def close(self) -> None:
         with contextlib.suppress(libvirt.libvirtError):
             self.conn.close()
+
+    def domain_stats(self) -> dict[str, dict[str, Any]]:
+        """libvirt's bulk statistics (virConnectGetAllDomainStats: state, CPU time, balloon, vCPUs, interfaces,
+        block devices) for every domain on this host, by name, in one call."""
+        wanted = (libvirt.VIR_DOMAIN_STATS_STATE | libvirt.VIR_DOMAIN_STATS_CPU_TOTAL | libvirt.VIR_DOMAIN_STATS_BALLOON
+                  | libvirt.VIR_DOMAIN_STATS_VCPU | libvirt.VIR_DOMAIN_STATS_INTERFACE
+                  | libvirt.VIR_DOMAIN_STATS_BLOCK)
+        with _errors(f"reading domain statistics on {self.uri}"):
+            return {dom.name(): dict(stats) for dom, stats in self.conn.getAllDomainStats(wanted, 0)}
+
+    def watch_domain_events(self, deliver: Callable[[DomainEvent], None]) -> Callable[[], None]:
+        """Call ``deliver`` (on libvirt's event-loop thread) for each lifecycle change, guest reboot, disk I/O
+        error, migration iteration and finished job of any domain on this host. Returns the unsubscribe."""
+        def lifecycle(_c: Any, dom: Any, event: int, detail: int, _o: Any) -> None:
+            what = _LIFECYCLE.get(event, f"event-{event}")
+            deliver(DomainEvent(dom.name(), self.uri, f"libvirt.{what}",
+                                f"{what} ({_LIFECYCLE_DETAIL.get((event, detail), f'detail {detail}')})"))
+
+        def reboot(_c: Any, dom: Any, _o: Any) -> None:
+            deliver(DomainEvent(dom.name(), self.uri, "libvirt.reboot", "the guest rebooted"))
+
+        def io_error(_c: Any, dom: Any, path: str, alias: str, action: int, reason: str, _o: Any) -> None:
+            deliver(DomainEvent(dom.name(), self.uri, "libvirt.io-error", f"disk {alias} ({path}): "
+                                f"{reason or 'I/O error'}, action {_IO_ACTION.get(action, action)}"))
+
+        def iteration(_c: Any, dom: Any, number: int, _o: Any) -> None:
+            deliver(DomainEvent(dom.name(), self.uri, "libvirt.migration-iteration",
+                                f"migration pass {number} over guest memory"))
+
+        def job_completed(_c: Any, dom: Any, params: dict[str, Any], _o: Any) -> None:
+            deliver(DomainEvent(dom.name(), self.uri, "libvirt.job-completed",
+                                f"job finished: {int(params.get('data_processed', 0)) / 2**20:.1f} MiB, "
+                                f"downtime {params.get('downtime', '-')} ms"))
+
+        ids = []
+        try:
+            for event_id, callback in ((libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, lifecycle),
+                                       (libvirt.VIR_DOMAIN_EVENT_ID_REBOOT, reboot),
+                                       (libvirt.VIR_DOMAIN_EVENT_ID_IO_ERROR_REASON, io_error),
+                                       (libvirt.VIR_DOMAIN_EVENT_ID_MIGRATION_ITERATION, iteration),
+                                       (libvirt.VIR_DOMAIN_EVENT_ID_JOB_COMPLETED, job_completed)):
+                ids.append(self.conn.domainEventRegisterAny(None, event_id, callback, None))
+        except libvirt.libvirtError as exc:
+            raise HostUnreachable(f"cannot watch events on {self.uri}: {_msg(exc)}") from None
+
+        def stop() -> None:
+            for callback_id in ids:
+                with contextlib.suppress(libvirt.libvirtError):
+                    self.conn.domainEventDeregisterAny(callback_id)
+
+        return stop
 
     def qemu_gid(self) -> int | None:
         """The group QEMU runs as on this host: the gid of libvirt's DAC base label (``+64055:+64055`` on Debian,

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
+from xml.etree import ElementTree as ET
 
 import libvirt
 
@@ -206,9 +207,40 @@ class Guest:
 
     def undefine(self) -> None:
         with self._call("undefine"):
-            # Plain undefine: hvctl boots kernels directly and never gives a guest UEFI NVRAM, and the flag that
-            # removes NVRAM (VIR_DOMAIN_UNDEFINE_NVRAM) is refused by libvirt's test driver.
-            self._dom.undefine()
+            # hvctl boots kernels directly and never gives a guest UEFI NVRAM, and the flag that removes NVRAM
+            # (VIR_DOMAIN_UNDEFINE_NVRAM) is refused by libvirt's test driver. Snapshots' metadata goes with the
+            # domain (their data is inside the overlay, which the caller removes); without the flag libvirt
+            # refuses to undefine a domain that has any.
+            if self._dom.snapshotNum(0):
+                self._dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
+            else:
+                self._dom.undefine()
+
+    # -- snapshots (libvirt's internal qcow2 snapshots: inside the overlay, so they need no files of their own) ------
+
+    def snapshot_create(self, name: str, memory: bool) -> None:
+        """An internal snapshot: of the disk, and with ``memory`` also of the running guest's RAM and device state
+        (QEMU's savevm). libvirt refuses a disk-only internal snapshot of a running domain."""
+        root = ET.Element("domainsnapshot")
+        ET.SubElement(root, "name").text = name
+        ET.SubElement(root, "description").text = "made by hvctl"
+        ET.SubElement(root, "memory", snapshot="internal" if memory else "no")
+        with self._call(f"snapshot {name}"):
+            self._dom.snapshotCreateXML(ET.tostring(root, encoding="unicode"), 0)
+
+    def snapshot_names(self) -> list[str]:
+        with self._call("listing snapshots"):
+            return [str(n) for n in self._dom.snapshotListNames(0)]
+
+    def snapshot_revert(self, name: str) -> None:
+        """The disk (and, for a snapshot with memory, the running guest) as it was. libvirt's revert of a
+        memory snapshot restores it running."""
+        with self._call(f"revert to snapshot {name}"):
+            self._dom.revertToSnapshot(self._dom.snapshotLookupByName(name, 0), 0)
+
+    def snapshot_delete(self, name: str) -> None:
+        with self._call(f"deleting snapshot {name}"):
+            self._dom.snapshotLookupByName(name, 0).delete(0)
 
     # -- character devices ------------------------------------------------------------------------------------------
 

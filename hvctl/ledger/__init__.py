@@ -28,16 +28,18 @@ from hvctl.ledger.records import (
     Event,
     HostRecord,
     QuotaExceeded,
+    SnapshotRecord,
     VMPaths,
     VMRecord,
     operation_from_row,
+    snapshot_charge,
     vm_from_row,
 )
 from hvctl.ledger.schema import MIGRATIONS
 from hvctl.spec import VMSpec
 
 __all__ = ["DEFAULT_PORT_RANGE", "MIGRATIONS", "MOVABLE_COLUMNS", "VM_STATES", "Admission", "DeviceTaken", "Event",
-           "HostRecord", "Ledger", "QuotaExceeded", "VMPaths", "VMRecord"]
+           "HostRecord", "Ledger", "QuotaExceeded", "SnapshotRecord", "VMPaths", "VMRecord"]
 
 
 class Ledger:
@@ -281,6 +283,8 @@ class Ledger:
         for row in db.execute("SELECT usage FROM reservations WHERE tenant = ? AND counts_against_tenant = 1",
                               (tenant,)):
             total += Usage(**json.loads(row[0]))
+        for row in db.execute("SELECT disk_gib FROM snapshots WHERE tenant = ?", (tenant,)):
+            total += Usage(disk_gib=row[0])
         return total
 
     def host_usage(self, host: str, db: sqlite3.Connection | None = None) -> Usage:
@@ -290,6 +294,8 @@ class Ledger:
             total += host_footprint(VMSpec.model_validate_json(row[0]))
         for row in db.execute("SELECT usage FROM reservations WHERE host = ?", (host,)):
             total += Usage(**json.loads(row[0]))
+        for row in db.execute("SELECT disk_gib FROM snapshots WHERE host = ?", (host,)):
+            total += Usage(disk_gib=row[0])
         return total
 
     def _admit(self, db: sqlite3.Connection, spec: VMSpec, host: str, admission: Admission) -> None:
@@ -298,6 +304,60 @@ class Ledger:
             first_excess(f"host {host}", host_footprint(spec), self.host_usage(host, db), admission.host_limit)
         if refusal:
             raise QuotaExceeded(refusal)
+
+    # -- snapshots -------------------------------------------------------------------------------------------------
+
+    def reserve_snapshot(self, vm: str, name: str, memory: bool, admission: Admission) -> SnapshotRecord:
+        """Record snapshot ``name`` of ``vm`` as 'creating', charged against the tenant's disk quota and the host's
+        disk in the same transaction as the checks, so that racing snapshots cannot together overshoot either."""
+        try:
+            with self.transaction() as db:
+                row = db.execute("SELECT * FROM vms WHERE name = ?", (vm,)).fetchone()
+                if row is None:
+                    raise NotFound(f"no VM named {vm!r}")
+                record = vm_from_row(row)
+                if db.execute("SELECT 1 FROM snapshots WHERE vm = ? AND name = ?", (vm, name)).fetchone():
+                    raise AlreadyExists(f"{vm} already has a snapshot named {name!r}")
+                charge = Usage(disk_gib=snapshot_charge(record.spec, memory))
+                refusal = first_excess(f"tenant {record.tenant}", charge, self.tenant_usage(record.tenant, db),
+                                       admission.tenant_limit) or \
+                    first_excess(f"host {record.host}", charge, self.host_usage(record.host, db),
+                                 admission.host_limit)
+                if refusal:
+                    raise QuotaExceeded(f"snapshot {name} of {vm}: {refusal}")
+                db.execute("INSERT INTO snapshots (vm, name, tenant, host, memory, disk_gib, state, created_at) "
+                           "VALUES (?,?,?,?,?,?,?,?)", (vm, name, record.tenant, record.host, int(memory),
+                                                        charge.disk_gib, "creating", time.time()))
+        except QuotaExceeded as exc:
+            self.log_event(vm, None, "admission.refused", exc.message)
+            raise
+        return self.get_snapshot(vm, name)
+
+    def get_snapshot(self, vm: str, name: str) -> SnapshotRecord:
+        row = self.db.execute("SELECT * FROM snapshots WHERE vm = ? AND name = ?", (vm, name)).fetchone()
+        if row is None:
+            raise NotFound(f"{vm} has no snapshot named {name!r}", hint=f"hvctl snapshot list {vm}")
+        return _snapshot_from_row(row)
+
+    def snapshots(self, vm: str | None = None) -> list[SnapshotRecord]:
+        rows = self.db.execute("SELECT * FROM snapshots WHERE ? IS NULL OR vm = ? ORDER BY created_at, name",
+                               (vm, vm))
+        return [_snapshot_from_row(r) for r in rows]
+
+    def set_snapshot_state(self, vm: str, name: str, state: str, message: str) -> None:
+        assert state in ("creating", "ready", "deleting"), state
+        with self.transaction() as db:
+            row = db.execute("UPDATE snapshots SET state = ? WHERE vm = ? AND name = ? RETURNING host",
+                             (state, vm, name)).fetchone()
+            if row is None:
+                raise NotFound(f"{vm} has no snapshot named {name!r}")
+            self._event(db, vm, row[0], f"snapshot.{state}", message)
+
+    def delete_snapshot(self, vm: str, name: str, message: str) -> None:
+        with self.transaction() as db:
+            row = db.execute("DELETE FROM snapshots WHERE vm = ? AND name = ? RETURNING host", (vm, name)).fetchone()
+            if row is not None:
+                self._event(db, vm, row[0], "snapshot.deleted", message)
 
     def reserve(self, host: str, tenant: str, usage: Usage, kind: str, vm: str | None = None,
                 counts_against_tenant: bool = False, host_limit: dict[str, float | None] | None = None) -> int:
@@ -482,10 +542,34 @@ class Ledger:
         db.execute("INSERT INTO events (ts, vm, host, kind, message, data) VALUES (?,?,?,?,?,?)",
                    (time.time(), vm, host, kind, message, json.dumps(data) if data else None))
 
-    def events(self, vm: str | None = None, limit: int = 50) -> list[Event]:
-        query = "SELECT * FROM events" + (" WHERE vm = ?" if vm else "") + " ORDER BY id DESC LIMIT ?"
-        rows = self.db.execute(query, (vm, limit) if vm else (limit,)).fetchall()
-        return [Event(r["id"], r["ts"], r["vm"], r["host"], r["kind"], r["message"]) for r in reversed(rows)]
+    def events(self, vm: str | None = None, limit: int = 50, after: int = 0) -> list[Event]:
+        """The last ``limit`` events (of ``vm``), oldest first; with ``after``, only those with a larger id."""
+        query = "SELECT * FROM events WHERE id > ?" + (" AND vm = ?" if vm else "") + " ORDER BY id DESC LIMIT ?"
+        rows = self.db.execute(query, (after, vm, limit) if vm else (after, limit)).fetchall()
+        return [Event(r["id"], r["ts"], r["vm"], r["host"], r["kind"], r["message"],
+                      json.loads(r["data"]) if r["data"] else None) for r in reversed(rows)]
+
+    def events_of_kind(self, kind: str) -> list[Event]:
+        """Every event of ``kind``, oldest first (what metrics count: migrations done and failed)."""
+        rows = self.db.execute("SELECT * FROM events WHERE kind = ? ORDER BY id", (kind,)).fetchall()
+        return [Event(r["id"], r["ts"], r["vm"], r["host"], r["kind"], r["message"],
+                      json.loads(r["data"]) if r["data"] else None) for r in rows]
+
+    def operation_progress(self, vm: str, holder: str, progress: dict[str, Any]) -> None:
+        """Merge ``progress`` into the running operation's data under "progress", leaving its step as it is: what
+        a second shell's `hvctl show` reads while a migration runs."""
+        with self.transaction() as db:
+            row = db.execute("SELECT data FROM operations WHERE vm = ? AND holder = ?", (vm, holder)).fetchone()
+            if row is not None:
+                merged = json.loads(row[0]) | {"progress": progress}
+                db.execute("UPDATE operations SET data = ?, updated_at = ? WHERE vm = ? AND holder = ?",
+                           (json.dumps(merged), time.time(), vm, holder))
+
+
+def _snapshot_from_row(row: sqlite3.Row) -> SnapshotRecord:
+    return SnapshotRecord(vm=row["vm"], name=row["name"], tenant=row["tenant"], host=row["host"],
+                          memory=bool(row["memory"]), disk_gib=row["disk_gib"], state=row["state"],
+                          created_at=row["created_at"])
 
 
 def _insert_vm(db: sqlite3.Connection, spec: VMSpec, host: str, paths: VMPaths, port: int, state: str, now: float,

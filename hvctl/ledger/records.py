@@ -97,6 +97,31 @@ class VMRecord:
 
 
 @dataclass(frozen=True)
+class SnapshotRecord:
+    """One snapshot of a VM as the ledger charges it: ``disk_gib`` against its tenant's disk quota and its host's
+    disk (the VM's disk size, plus its memory rounded up to GiB when the snapshot holds the memory state)."""
+
+    vm: str
+    name: str
+    tenant: str
+    host: str
+    memory: bool
+    disk_gib: float
+    state: str  # creating | ready | deleting
+    created_at: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"vm": self.vm, "name": self.name, "tenant": self.tenant, "host": self.host, "memory": self.memory,
+                "disk_gib": self.disk_gib, "state": self.state, "created_at": self.created_at}
+
+
+def snapshot_charge(spec: VMSpec, memory: bool) -> float:
+    """What one snapshot of a VM of ``spec`` counts against disk: in the worst case it pins every block of the VM's
+    disk (as Cinder counts a snapshot at its volume's size), and the saved memory state when it has one."""
+    return float(spec.disk_gib + (-(-spec.memory_mib // 1024) if memory else 0))
+
+
+@dataclass(frozen=True)
 class Event:
     id: int
     ts: float
@@ -104,6 +129,11 @@ class Event:
     host: str | None
     kind: str
     message: str
+    data: dict[str, Any] | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "ts": self.ts, "vm": self.vm, "host": self.host, "kind": self.kind,
+                "message": self.message, "source": "ledger"} | ({"data": self.data} if self.data else {})
 
 
 def vm_from_row(row: sqlite3.Row) -> VMRecord:

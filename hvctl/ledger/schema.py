@@ -102,4 +102,20 @@ MIGRATIONS: list[str] = [
         updated_at REAL NOT NULL
     );
     """,
+    # A VM's snapshots (libvirt's internal qcow2 snapshots): what each charges against its tenant's disk quota and
+    # its host's disk, and whether it is known to exist ('creating' until libvirt has made it, 'deleting' until it
+    # has removed it: an interrupted snapshot operation is settled by asking libvirt).
+    """
+    CREATE TABLE snapshots (
+        vm TEXT NOT NULL REFERENCES vms(name) ON DELETE CASCADE,
+        name TEXT NOT NULL,
+        tenant TEXT NOT NULL,
+        host TEXT NOT NULL,
+        memory INTEGER NOT NULL,
+        disk_gib REAL NOT NULL,
+        state TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        PRIMARY KEY (vm, name)
+    );
+    """,
 ]

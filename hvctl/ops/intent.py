@@ -101,6 +101,11 @@ class Operation:
             raise InjectedFault(f"fault injected after step {name} ({FAIL_ENV}={here})")
 
 
+    def progress(self, data: dict[str, Any]) -> None:
+        """How far the current step has got (a migration's bytes), for other shells to see; the step stays."""
+        self.ctx.ledger.operation_progress(self.vm, self.holder, data)
+
+
 @contextmanager
 def operation(ctx: Context, vm: str, kind: str, *, source: str | None = None, target: str | None = None,
               data: dict[str, Any] | None = None, say: Callable[[str], None] | None = None) -> Iterator[Operation]:
@@ -156,6 +161,10 @@ def reconcile(ctx: Context, op: dict[str, Any]) -> str:
             from hvctl.ops.lifecycle import reconcile_power
 
             return reconcile_power(ctx, op)
+        if op["kind"] == "snapshot":
+            from hvctl.ops.snapshot import reconcile_snapshot
+
+            return reconcile_snapshot(ctx, op)
         if op["kind"] == "destroy":
             from hvctl.ops.lifecycle import reconcile_destroy
 

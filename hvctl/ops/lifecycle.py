@@ -50,6 +50,11 @@ def start(ctx: Context, name: str, reporter: Reporter | None = None,
     return waited
 
 
+def ledger_state(actual: DomainState) -> str:
+    """The ledger's state for what libvirt reports of a domain hvctl is not in the middle of changing."""
+    return {DomainState.RUNNING: "running", DomainState.PAUSED: "paused"}.get(actual, "stopped")
+
+
 def reconcile_power(ctx: Context, op: dict[str, Any]) -> str:
     """An interrupted stop that had asked the guest to power off is finished (it powers off, or is destroyed after
     the usual 30 s); any other interrupted start or stop leaves the VM as it is, and the ledger takes the state
@@ -67,7 +72,7 @@ def reconcile_power(ctx: Context, op: dict[str, Any]) -> str:
         ctx.ledger.end_operation(vm)
         return f"the stop was finished ({how})"
     actual = ctx.host(record.host).state(vm)
-    state = {DomainState.RUNNING: "running", DomainState.PAUSED: "paused"}.get(actual, "stopped")
+    state = ledger_state(actual)
     if record.state != state:
         ctx.ledger.set_state(vm, state, f"an interrupted {op['kind']}: libvirt says {actual.value}")
     ctx.ledger.end_operation(vm)

@@ -79,6 +79,11 @@ def _migrate(ctx: Context, name: str, target: str, opts: MigrateOptions,
     if opts.mode == "checkpoint" and record.agent_token is None:
         raise InvalidSpec(f"{name} has no agent, and checkpoint mode moves its workloads through it",
                           hint="use --mode offline")
+    snapshots = ledger.snapshots(name)
+    if snapshots:
+        raise InvalidSpec(f"{name} has {len(snapshots)} snapshot(s) ({', '.join(s.name for s in snapshots)}); "
+                          "libvirt does not migrate a domain with internal snapshots",
+                          hint=f"`hvctl snapshot rm {name} SNAP` each first")
     if opts.copy_storage and opts.mode == "checkpoint":
         raise InvalidSpec("--copy-storage does not apply to --mode checkpoint, which boots a fresh disk on the target")
     src = ctx.host(record.host)
@@ -144,7 +149,8 @@ def _migrate(ctx: Context, name: str, target: str, opts: MigrateOptions,
             op.step("prepared", moved=moved)
         if opts.max_downtime_ms:
             guest.set_max_downtime(opts.max_downtime_ms)
-        stats = _run(ctx, guest, record.host, target, dest_xml, opts, on_progress,
+        stats = _run(ctx, guest, record.host, target, dest_xml, opts, _recording(ctx, op, record.host, target,
+                                                                                 on_progress),
                      copy.copy_disks if copy else ())
         op.step("migrated")  # libvirt has finished: the VM runs on the target, the ledger does not say so yet
     except BaseException as exc:
@@ -347,6 +353,38 @@ def _discard_source_files(ctx: Context, record: VMRecord) -> None:
     except HvctlError as exc:
         ctx.ledger.log_event(record.name, record.host, "migration.source-left",
                              f"the source's copy of {record.name}'s files could not be deleted: {exc.message}")
+
+
+# How often a running migration's progress is written to the ledger (its operation row and an event).
+PROGRESS_EVERY_S = 1.0
+
+
+def _recording(ctx: Context, op: Operation, source: str, target: str,
+               on_progress: Callable[[dict[str, Any]], None] | None) -> Callable[[dict[str, Any]], None]:
+    """``on_progress``, plus the progress written to the ledger at most every PROGRESS_EVERY_S: the operation
+    row's data (``hvctl show`` in another shell) and a ``migration.progress`` event (``hvctl events --follow``)."""
+    last = [float("-inf")]
+
+    def record(stats: dict[str, Any]) -> None:
+        if on_progress:
+            on_progress(stats)
+        now = time.monotonic()
+        if now - last[0] < PROGRESS_EVERY_S:
+            return
+        last[0] = now
+        done, left = int(stats.get("data_processed", 0)), int(stats.get("data_remaining", 0))
+        summary = {"target": target, "elapsed_s": round(float(stats.get("elapsed_s", 0.0)), 1),
+                   "bytes_done": done, "bytes_left": left,
+                   "percent": round(100.0 * done / (done + left), 1) if done + left else None,
+                   "iteration": int(stats.get("memory_iteration", 0)),
+                   "expected_downtime_ms": stats.get("downtime")}
+        op.progress(summary)
+        pct = f"{summary['percent']:.0f}%" if summary["percent"] is not None else "starting"
+        ctx.ledger.log_event(op.vm, source, "migration.progress",
+                             f"migrating to {target}: {pct}, {done / 2**20:.1f} MiB sent, {left / 2**20:.1f} MiB "
+                             f"left, iteration {summary['iteration']}", summary)
+
+    return record
 
 
 def _run(ctx: Context, guest: Guest, source: str, target: str, dest_xml: str, opts: MigrateOptions,

@@ -1,0 +1,70 @@
+"""hvctl events: the ledger's event log, and with ``follow`` libvirt's domain events from every host as they come.
+
+The ledger's log is what hvctl did and decided (state changes, admissions, migration progress, GPU bindings);
+libvirt's events are what the hypervisor saw, including what happened behind hvctl's back (a guest that rebooted
+or powered itself off, a disk I/O error). Both are printed in one stream, each marked with its source.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from hvctl.context import Context
+from hvctl.errors import HostUnreachable
+from hvctl.host import DomainEvent
+
+# How often a follower asks the ledger for rows written by other processes.
+LEDGER_POLL_S = 0.5
+
+
+def history(ctx: Context, vm: str | None, limit: int) -> list[dict[str, Any]]:
+    if vm is not None:
+        ctx.ledger.get_vm(vm)  # NotFound for a VM that never was, rather than an empty list
+    return [e.as_dict() for e in ctx.ledger.events(vm, limit)]
+
+
+def follow(ctx: Context, vm: str | None, limit: int, stop: threading.Event | None = None,
+           on_problem: Callable[[str], None] = lambda _: None) -> Iterator[dict[str, Any]]:
+    """The last ``limit`` ledger events, then every new one and every libvirt domain event of the ledger's VMs
+    (or of ``vm``) on every registered host, until ``stop`` is set. A host that cannot be watched is reported
+    through ``on_problem`` and the others are still followed."""
+    stop = stop or threading.Event()
+    if vm is not None:
+        ctx.ledger.get_vm(vm)
+    incoming: queue.Queue[DomainEvent] = queue.Queue()
+    watchers = []
+    for host in ctx.ledger.list_hosts():
+        try:
+            watchers.append(ctx.host(host.name).watch_domain_events(incoming.put))
+        except HostUnreachable as exc:
+            on_problem(f"host {host.name}: {exc.message}; its libvirt events are not followed")
+    names = {h.uri: h.name for h in ctx.ledger.list_hosts()}
+    try:
+        last = 0
+        for event in ctx.ledger.events(vm, limit):
+            last = event.id
+            yield event.as_dict()
+        next_poll = time.monotonic() + LEDGER_POLL_S
+        known = {r.name for r in ctx.ledger.list_vms()}
+        while not stop.is_set():
+            try:
+                seen = incoming.get(timeout=max(0.0, min(next_poll - time.monotonic(), LEDGER_POLL_S)))
+                if seen.vm == vm or (vm is None and seen.vm in known):
+                    yield {"ts": seen.ts, "vm": seen.vm, "host": names.get(seen.uri, seen.uri), "kind": seen.kind,
+                           "message": seen.message, "source": "libvirt"}
+            except queue.Empty:
+                pass
+            if time.monotonic() >= next_poll:
+                for event in ctx.ledger.events(vm, 10_000, after=last):
+                    last = event.id
+                    yield event.as_dict()
+                # A VM created since the follower started counts too; one destroyed keeps its last events.
+                known |= {r.name for r in ctx.ledger.list_vms()}
+                next_poll = time.monotonic() + LEDGER_POLL_S
+    finally:
+        for unsubscribe in watchers:
+            unsubscribe()
