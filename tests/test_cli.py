@@ -100,6 +100,8 @@ def test_bad_serve_input_is_one_line(tmp_path: Path, args: list[str], code: int,
     (["snapshot", "revert", "nope", "s1"], 3, "no VM named 'nope'"),
     (["snapshot", "list", "nope"], 3, "no VM named 'nope'"),
     (["events", "--vm", "nope"], 3, "no VM named 'nope'"),
+    (["host", "disable", "nope"], 3, "unknown host 'nope'"),
+    (["host", "evacuate", "nope"], 3, "unknown host 'nope'"),
     (["metrics", "--listen", "9100"], 2, "--listen takes ADDRESS:PORT"),
     (["metrics", "--listen", "127.0.0.1:9100", "--textfile", "/tmp/x"], 2, "pick one"),
 ])

@@ -184,6 +184,37 @@ def test_bad_migrations_are_refused_before_anything_moves(hosts: dict[str, objec
     assert ctx.ledger.get_vm("mover").host == here and ctx.ledger.reservations() == []
 
 
+def test_evacuate_disables_the_host_and_moves_running_and_stopped_vms_off_it(hosts: dict[str, object]) -> None:
+    ctx = hosts["ctx"]
+    assert isinstance(ctx, Context)
+    console = boot_ticker(ctx, "ev-run", "h1")
+    create(ctx, VMSpec.parse(name="ev-off", memory_mib=128, host="h1"))
+    assert hvctl(hosts, "stop", "ev-off").returncode == 0
+    before = max(ticks(console))
+    result = hvctl(hosts, "host", "evacuate", "h1", "--json")
+    assert result.returncode == 0, result.stderr + result.stdout
+    report = json.loads(result.stdout)
+    modes = {m["vm"]: (m["to"], m["mode"]) for m in report["moved"]}
+    assert modes["ev-run"] == ("h2", "live") and modes["ev-off"] == ("h2", "offline") and report["failed"] == []
+    assert ctx.ledger.list_vms(host="h1") == [] and not ctx.ledger.get_host("h1").enabled
+    # The running guest kept counting through the move; the stopped one is defined, stopped, on h2.
+    time.sleep(2)
+    assert max(ticks(console)) > before and console.read_text(errors="replace").count("HVCTL-READY") == 1
+    assert ctx.host("h2").state("ev-run") is DomainState.RUNNING
+    assert ctx.host("h2").state("ev-off") is DomainState.SHUTOFF and ctx.host("h1").state("ev-off") is \
+        DomainState.MISSING
+    # Nothing new lands on a disabled host, by the scheduler or by hand.
+    refused = hvctl(hosts, "create", "ev-new", "--host", "h1", "--memory", "128")
+    assert refused.returncode == 13 and "host h1 is disabled" in refused.stderr
+    back = hvctl(hosts, "migrate", "ev-run", "--to", "h1")
+    assert back.returncode == 2 and "host h1 is disabled" in back.stderr
+    assert hvctl(hosts, "host", "enable", "h1").returncode == 0 and ctx.ledger.get_host("h1").enabled
+    kinds = [e.kind for e in ctx.ledger.events(None, 500)]
+    assert {"host.disabled", "host.evacuated", "host.enabled"} <= set(kinds)
+    destroy(ctx, "ev-run")
+    destroy(ctx, "ev-off")
+
+
 def test_cancel_leaves_the_vm_on_the_source(hosts: dict[str, object]) -> None:
     ctx = hosts["ctx"]
     assert isinstance(ctx, Context)

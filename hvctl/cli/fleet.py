@@ -23,6 +23,7 @@ from hvctl.cli.common import (
     host_app,
     out,
     policy_app,
+    safe,
 )
 
 # -- hosts, policy, plan ---------------------------------------------------------------------------------------
@@ -68,6 +69,52 @@ def host_list(as_json: JsonOpt = False) -> None:
                       f"{used['vcpus']:g}/{lim['vcpus']:g}", f"{used['memory_mib']:g}/{lim['memory_mib']:g}",
                       f"{used['gpus']:g}/{lim['gpus']:g}", str(v["vms"]))
     out.print(table)
+
+
+@host_app.command("disable")
+def host_disable(name: str, reason: Annotated[str, typer.Option(help="Why, for the event log.")] = "",
+                 as_json: JsonOpt = False) -> None:
+    """Stop placing new VMs on a host (its VMs keep running); create --host and migrate --to refuse it."""
+    from hvctl.ops.hosts import set_enabled
+
+    changed = set_enabled(ctx(), name, False, reason)
+    if as_json:
+        emit_json({"host": name, "enabled": False, "changed": changed})
+    else:
+        out.print(f"host {name} {'disabled' if changed else 'was already disabled'}")
+
+
+@host_app.command("enable")
+def host_enable(name: str, as_json: JsonOpt = False) -> None:
+    """Let the scheduler place VMs on a host again."""
+    from hvctl.ops.hosts import set_enabled
+
+    changed = set_enabled(ctx(), name, True)
+    if as_json:
+        emit_json({"host": name, "enabled": True, "changed": changed})
+    else:
+        out.print(f"host {name} {'enabled' if changed else 'was already enabled'}")
+
+
+@host_app.command("evacuate")
+def host_evacuate(name: str, as_json: JsonOpt = False) -> None:
+    """Disable a host and move every VM off it to hosts the scheduler picks: running ones live, stopped ones
+    offline, GPU ones by checkpoint migration, copying disks where the hosts share no storage. Exits 1 if any VM
+    could not move, naming each with why."""
+    from hvctl.ops.hosts import evacuate
+
+    with RichReporter(f"evacuate {name}") as reporter:
+        result = evacuate(ctx(), name, reporter.step)
+    if as_json:
+        emit_json(result)
+    else:
+        for m in result["moved"]:
+            out.print(f"{m['vm']} → {m['to']} ({m['mode']}, {m['total_s']} s)")
+        for f in result["failed"]:
+            out.print(f"[red]{safe(f['vm'])} stays on {name}: {safe(f['error'])}[/]")
+        out.print(f"host {name} is disabled; {len(result['moved'])} VM(s) moved, {len(result['failed'])} could not be")
+    if result["failed"]:
+        raise typer.Exit(1)
 
 
 @host_app.command("rm")

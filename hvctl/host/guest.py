@@ -327,13 +327,19 @@ class Guest:
 
     def migrate(self, dest: Host, dest_xml: str, *, live: bool, postcopy: bool, auto_converge: bool,
                 copy_storage: bool, bandwidth_mib_s: int | None, migrate_uri: str | None,
-                storage_verified_shared: bool = False, copy_disks: tuple[str, ...] = ()) -> None:
+                storage_verified_shared: bool = False, copy_disks: tuple[str, ...] = (),
+                stopped: bool = False) -> None:
         """Client-managed migration (migrate3): hvctl holds both connections, QEMU streams memory directly.
 
         ``copy_storage``: the writable disks named in ``copy_disks`` (target devs) are mirrored to the destination
         over NBD while memory moves; only their top (overlay) layer travels, the backing image being on both hosts
         already (NON_SHARED_INC), and the destination file must exist, created by the caller."""
         flags = libvirt.VIR_MIGRATE_PERSIST_DEST | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
+        if stopped:
+            # A shut-off domain: only its definition moves (VIR_MIGRATE_OFFLINE); its disks must already be
+            # where the destination looks for them.
+            flags |= libvirt.VIR_MIGRATE_OFFLINE
+            live = postcopy = auto_converge = copy_storage = False
         if storage_verified_shared:
             # libvirt cannot tell that a plain local file is visible to the destination ("Migration without
             # shared storage is unsafe"); the caller checked that both hosts are this machine and see the disk.

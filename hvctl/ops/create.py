@@ -33,6 +33,11 @@ def create(ctx: Context, spec: VMSpec, reporter: Reporter | None = None, options
         say("placing")
         spec = spec.model_copy(update={"host": choose_host(ctx.ledger, policy, spec)})
     assert spec.host is not None
+    if not ctx.ledger.get_host(spec.host).enabled:
+        from hvctl.placement import NoValidHost
+
+        raise NoValidHost(f"host {spec.host} is disabled: nothing new is placed there",
+                          hint=f"`hvctl host enable {spec.host}`, or leave out --host")
     host = ctx.host(spec.host)
     ctx.capabilities(spec.host)  # probed (cached) before anything is written
     gpus = len(ctx.ledger.host_inventory(spec.host)[1])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from hvctl import passthrough
@@ -86,3 +87,60 @@ def host_view(ctx: Context, name: str) -> dict[str, Any]:
         "allocatable": limit, "allocated": used.as_dict(),
         "vms": len(ctx.ledger.list_vms(host=name)),
     }
+
+
+def set_enabled(ctx: Context, name: str, enabled: bool, reason: str = "") -> bool:
+    """Let the scheduler place VMs on the host, or stop it; returns whether anything changed. A disabled host keeps
+    its VMs running; create --host and migrate --to refuse it."""
+    record = ctx.ledger.get_host(name)
+    if record.enabled == enabled:
+        return False
+    ctx.ledger.set_host_enabled(name, enabled)
+    what = "enabled" if enabled else "disabled"
+    ctx.ledger.log_event(None, name, f"host.{what}", f"host {name} {what}" + (f": {reason}" if reason else ""))
+    return True
+
+
+def evacuate(ctx: Context, name: str, say: Callable[[str], None] = lambda _: None,
+             on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Move every VM off host ``name`` to hosts the scheduler picks: running VMs live, stopped ones offline, VMs
+    with passthrough GPUs by checkpoint migration; with their disks copied when the two hosts do not share this
+    machine's filesystem. The host is disabled first, so that nothing new lands on it. Each VM is tried once; what
+    could not move is reported with why, and the others still go."""
+    from hvctl.errors import HvctlError
+    from hvctl.host import DomainState
+    from hvctl.ops.migrate import MigrateOptions, Mode, migrate
+    from hvctl.placement import choose_host
+
+    ctx.ledger.get_host(name)
+    set_enabled(ctx, name, False, "evacuating")
+    moved: list[dict[str, Any]] = []
+    failed: list[dict[str, Any]] = []
+    vms = ctx.ledger.list_vms(host=name)
+    for i, record in enumerate(vms, 1):
+        say(f"[{i}/{len(vms)}] {record.name}: placing")
+        try:
+            actual = ctx.host(name).state(record.name)
+            mode: Mode
+            if record.spec.gpus.count:
+                mode = "checkpoint"
+            elif actual is DomainState.RUNNING:
+                mode = "live"
+            elif actual is DomainState.SHUTOFF:
+                mode = "offline"
+            else:
+                raise HvctlError(f"it is {actual.value}; resume or stop it, then evacuate again")
+            target = choose_host(ctx.ledger, ctx.policy, record.spec.model_copy(update={"host": None}))
+            copy = mode != "checkpoint" and not (ctx.is_this_machine(name) and ctx.is_this_machine(target))
+            say(f"[{i}/{len(vms)}] {record.name}: {mode} migration to {target}" + (" (copying its disk)" if copy
+                                                                                      else ""))
+            prefix = f"[{i}/{len(vms)}] {record.name}: "
+            stats = migrate(ctx, record.name, target, MigrateOptions(mode=mode, copy_storage=copy), on_progress,
+                            lambda step: say(prefix + step))  # noqa: B023 - called within this iteration only
+            moved.append({"vm": record.name, "to": target, "mode": mode, "total_s": stats.get("total_s")})
+        except HvctlError as exc:
+            failed.append({"vm": record.name, "error": exc.message})
+    ctx.ledger.log_event(None, name, "host.evacuated", f"host {name}: {len(moved)} VM(s) moved, "
+                                                       f"{len(failed)} could not be"
+                                                       + "".join(f"; {f['vm']}: {f['error']}" for f in failed))
+    return {"host": name, "moved": moved, "failed": failed}

@@ -73,6 +73,9 @@ def _migrate(ctx: Context, name: str, target: str, opts: MigrateOptions,
     target_record = ledger.get_host(target)
     if target == record.host:
         raise InvalidSpec(f"{name} is already on host {target}")
+    if not target_record.enabled:
+        raise InvalidSpec(f"host {target} is disabled: nothing new is placed there",
+                          hint=f"`hvctl host enable {target}` first")
     if record.spec.gpus.count and opts.mode != "checkpoint":
         raise InvalidSpec(f"{name} holds {record.spec.gpus.count} passthrough GPU(s), whose state cannot be moved "
                           "live", hint="use --mode checkpoint")
@@ -91,6 +94,9 @@ def _migrate(ctx: Context, name: str, target: str, opts: MigrateOptions,
     check_network(ctx, record.spec, target)  # its production NIC's bridge or network must exist there too
     if guest.state() is not DomainState.RUNNING and opts.mode != "offline":
         raise InvalidSpec(f"{name} is not running; use --mode offline")
+    if guest.state() is DomainState.SHUTOFF and opts.copy_storage:
+        raise InvalidSpec(f"{name} is stopped: libvirt moves a stopped domain's definition only, and cannot copy "
+                          "its disk", hint=f"`hvctl start {name}` and migrate it live with --copy-storage")
     if opts.mode == "checkpoint":
         try:
             return checkpoint_migrate(ctx, record, target, opts.timeout_s, on_step, op)
@@ -400,12 +406,14 @@ def _run(ctx: Context, guest: Guest, source: str, target: str, dest_xml: str, op
             # A second connection: libvirt serialises calls per connection, and the poller must not wait on this.
             own_src, own_dst = Host(guest.host.uri), Host(dst.uri)
             try:
-                own_src.guest(name).migrate(own_dst, dest_xml, live=opts.mode != "offline",
-                                postcopy=opts.mode == "postcopy" or opts.timeout_action == "postcopy",
-                                auto_converge=opts.auto_converge, copy_storage=opts.copy_storage,
-                                bandwidth_mib_s=opts.bandwidth_mib_s, migrate_uri=migrate_uri,
-                                storage_verified_shared=both_here and not opts.copy_storage,
-                                copy_disks=copy_disks)
+                own_guest = own_src.guest(name)
+                own_guest.migrate(own_dst, dest_xml, live=opts.mode != "offline",
+                                  stopped=own_guest.state() is DomainState.SHUTOFF,
+                                  postcopy=opts.mode == "postcopy" or opts.timeout_action == "postcopy",
+                                  auto_converge=opts.auto_converge, copy_storage=opts.copy_storage,
+                                  bandwidth_mib_s=opts.bandwidth_mib_s, migrate_uri=migrate_uri,
+                                  storage_verified_shared=both_here and not opts.copy_storage,
+                                  copy_disks=copy_disks)
             finally:
                 own_src.close()
                 own_dst.close()
