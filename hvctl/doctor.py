@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,6 +100,12 @@ def run_checks(ctx: Context) -> list[Check]:
                         or "every device hvctl bound belongs to a VM it has (running or stopped)",
                         "`hvctl doctor --repair` returns them to their host drivers" if stranded else None))
 
+    dead = [(h.name, a, v) for h in ctx.ledger.list_hosts() for a, v in ctx.ledger.gpu_health(h.name).items()]
+    checks.append(Check("gpu health", not dead,
+                        "; ".join(f"{a} on {h}: {v['state']} since {time.ctime(v['since'])}" for h, a, v in dead)
+                        or "every device hvctl released still answers on the bus",
+                        "reboot the host; then `hvctl doctor --repair` places them again" if dead else None))
+
     from hvctl.ops.intent import describe, interrupted
 
     stopped = interrupted(ctx)
@@ -164,4 +171,7 @@ def repair(ctx: Context) -> dict[str, Any]:
         if done:
             ctx.ledger.log_event(None, host, "gpu.repaired", f"returned {', '.join(done)} to their host drivers")
         returned += done
-    return {"gpus_returned": returned, "operations": operations}
+    # Devices marked dead after a release that answer again (the host was rebooted) are placed again. Only this
+    # machine's sysfs can be read.
+    revived = passthrough.revive(ctx, ctx.gpu_env, ctx.host_name) if ctx.is_this_machine(ctx.host_name) else []
+    return {"gpus_returned": returned, "operations": operations, "gpus_revived": revived}

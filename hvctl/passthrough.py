@@ -92,6 +92,7 @@ def choose(ctx: Context, env: GpuEnvironment, spec: VMSpec, host: str) -> list[t
     refusal that says, GPU by GPU, why none of the others would do."""
     sysfs = PciSysfs(env.sysfs_root)
     held = owners(ctx.ledger, host)
+    unhealthy = ctx.ledger.gpu_health(host)
     chosen: list[tuple[Gpu, list[str]]] = []
     why_not: list[str] = []
     for gpu in sysfs.gpus(accelerator_allowlist=accelerator_allowlist(ctx)):
@@ -102,6 +103,9 @@ def choose(ctx: Context, env: GpuEnvironment, spec: VMSpec, host: str) -> list[t
         owner = next((held[d.address] for d in gpu.functions if d.address in held), None)
         if owner is not None:
             why_not.append(f"{gpu.address} is held by VM {owner}")
+            continue
+        if gpu.address in unhealthy:
+            why_not.append(f"{gpu.address} {unhealthy[gpu.address]['state']}: {unhealthy[gpu.address]['reason']}")
             continue
         if gpu.primary.boot_vga:
             why_not.append(f"{gpu.address} is the boot VGA device")
@@ -158,9 +162,42 @@ def allocate(ctx: Context, env: GpuEnvironment, spec: VMSpec, host: str, undo: U
     )
 
 
+NEEDS_HOST_REBOOT = "needs-host-reboot"
+
+
 def release_binding(ctx: Context, env: GpuEnvironment, host: str, binding: Binding) -> None:
     binder(ctx, env, host, None).release(binding)
     _forget_settled(ctx.ledger, host, binding.addresses)
+    check_answers(ctx, env, host, binding.addresses)
+
+
+def check_answers(ctx: Context, env: GpuEnvironment, host: str, addresses: Iterable[str]) -> list[str]:
+    """After a release: each device must still answer on the bus. One whose config space reads 0xffff (it fell off
+    after a failed reset, the classic case being a GPU without a working FLR) is marked needs-host-reboot in the
+    ledger, and neither the scheduler nor a create will place it until it answers again. Returns the dead ones."""
+    sysfs = PciSysfs(env.sysfs_root)
+    dead = []
+    for address in addresses:
+        if sysfs.live_vendor_id(address) == 0xFFFF:
+            methods = " ".join(sysfs.device(address).reset_method) or "none the kernel reports"
+            ctx.ledger.mark_gpu_unhealthy(host, address, NEEDS_HOST_REBOOT,
+                                          "its config space reads 0xffff after it was released (reset methods: "
+                                          f"{methods}); it is not placed again until a host reboot brings it back")
+            dead.append(address)
+    return dead
+
+
+def revive(ctx: Context, env: GpuEnvironment, host: str) -> list[str]:
+    """``doctor --repair``: devices marked needs-host-reboot that answer again (the host was rebooted) are placed
+    again. Returns them."""
+    sysfs = PciSysfs(env.sysfs_root)
+    back = []
+    for address in ctx.ledger.gpu_health(host):
+        vendor = sysfs.live_vendor_id(address)
+        if vendor is not None and vendor != 0xFFFF:
+            ctx.ledger.clear_gpu_health(host, address, "it answers on the bus again")
+            back.append(address)
+    return back
 
 
 def release_vm(ctx: Context, env: GpuEnvironment, vm: str, host: str) -> list[str]:
@@ -209,7 +246,8 @@ def release_address(ctx: Context, env: GpuEnvironment, address: str, host: str,
     entries = [JournalEntry(r["address"], r["step"], r["original_driver"], "bound") for r in (*held, *extra)]
     done = binder(ctx, env, host, None).recover(entries)
     _forget_settled(ctx.ledger, host, [e.address for e in entries])
-    return {"gpu": gpu.address, "released": done, "vms": sorted(vms)}
+    dead = check_answers(ctx, env, host, done)
+    return {"gpu": gpu.address, "released": done, "vms": sorted(vms), "needs_host_reboot": dead}
 
 
 def repair(ctx: Context, env: GpuEnvironment, host: str, running: set[str]) -> list[str]:
@@ -223,6 +261,7 @@ def repair(ctx: Context, env: GpuEnvironment, host: str, running: set[str]) -> l
     done = binder(ctx, env, host, None).recover(
         JournalEntry(r["address"], r["step"], r["original_driver"], r["state"]) for r in pending)
     _forget_settled(ctx.ledger, host, [r["address"] for r in rows if r["vm"] not in running])
+    check_answers(ctx, env, host, done)
     return done
 
 

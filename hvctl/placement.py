@@ -35,6 +35,8 @@ def inventory(ledger: Ledger, policy: Policy, record: HostRecord) -> HostInvento
     used = ledger.host_usage(record.name)
     groups = frozenset(v.spec.anti_affinity for v in ledger.list_vms(host=record.name) if v.spec.anti_affinity)
     models: dict[str, int] = {}
+    unhealthy = ledger.gpu_health(record.name)
+    gpus = [g for g in gpus if g.get("address") not in unhealthy]  # dead until a host reboot: not capacity
     for gpu in gpus:
         if not gpu.get("owner"):
             models[gpu.get("model", "unknown")] = models.get(gpu.get("model", "unknown"), 0) + 1

@@ -81,6 +81,7 @@ class FakeHost:
         boot_vga: bool | None = None,
         bars: tuple[FakeBar, ...] = (),
         drm: tuple[str, ...] = (),
+        reset_method: str | None = "flr bus",
     ) -> str:
         """Create one PCI function. ``driver`` is also what a plain drivers_probe would bind it to."""
         real = self.device_dir(address)
@@ -94,6 +95,10 @@ class FakeHost:
         if boot_vga is not None:
             (real / "boot_vga").write_text("1\n" if boot_vga else "0\n")
         (real / "resource").write_text(_resource_text(bars))
+        if reset_method is not None:
+            (real / "reset_method").write_text(reset_method + "\n")
+        # The first bytes of configuration space: vendor and device IDs, little-endian, as the device answers them.
+        (real / "config").write_bytes(vendor.to_bytes(2, "little") + device.to_bytes(2, "little") + bytes(60))
         if drm:
             (real / "drm").mkdir()
             for node in drm:
@@ -111,6 +116,11 @@ class FakeHost:
             if driver == "vfio-pci" and self._iommu:
                 (self.dev / "vfio" / str(group)).touch()
         return address
+
+    def fall_off_the_bus(self, address: str) -> None:
+        """The device stops answering, as one does after a failed reset: reads of its config space return all
+        ones. The cached ``vendor`` file keeps its value, as the kernel's does."""
+        (self.device_dir(address) / "config").write_bytes(b"\xff" * 64)
 
     def link_driver(self, address: str, name: str | None) -> None:
         """Point the device's ``driver`` link at ``name`` (None removes it), as the kernel would."""

@@ -308,7 +308,7 @@ def test_a_stopped_gpu_vm_keeps_its_gpus_through_repair_and_a_host_reboot_and_st
 def test_doctor_repair_json_reports_what_it_repaired_with_the_checks(rig: Rig) -> None:
     result = hvctl_cli(rig.state, "test:///default", "doctor", "--repair", "--json")
     data = json.loads(result.stdout)
-    assert data["repaired"] == {"gpus_returned": [], "operations": []}
+    assert data["repaired"] == {"gpus_returned": [], "operations": [], "gpus_revived": []}
     assert {c["name"] for c in data["checks"]} >= {"ledger", "libvirtd", "gpu bindings"}
     plain = json.loads(hvctl_cli(rig.state, "test:///default", "doctor", "--json").stdout)
     assert isinstance(plain, list)  # without --repair, the shape scripts already parse
@@ -353,3 +353,32 @@ def test_a_gpu_create_killed_after_any_step_is_rolled_back_and_its_devices_go_ho
     assert not rig.ctx.paths.vm_dir("killed").exists()
     print(f"\n| create --gpus 1 (fake sysfs) | {step} | {done['outcome']}, its devices back on their host drivers "
           "| gone |")
+
+
+def test_a_gpu_that_stops_answering_after_release_needs_a_host_reboot_and_is_not_placed_again(rig: Rig) -> None:
+    """The fake kernel's device falls off the bus when its release resets it (config space reads all ones, the
+    cached vendor file does not change). A fake: no GPU can fail a reset here."""
+    from hvctl.doctor import repair
+    from hvctl.ops.gpus import list_gpus
+
+    rig.create("gpu-vm", 1)
+    listed = {g["address"]: g for g in list_gpus(rig.fake.sys)["gpus"]}
+    assert listed[GPU]["reset_method"] == ["flr", "bus"] and listed[GPU]["health"] == "ok"
+    rig.fake.fall_off_the_bus(GPU)
+    destroy(rig.ctx, "gpu-vm")
+    health = rig.ctx.ledger.gpu_health("local")
+    assert list(health) == [GPU] and health[GPU]["state"] == "needs-host-reboot"
+    assert "0xffff" in health[GPU]["reason"]
+    assert "gpu.needs-host-reboot" in [e.kind for e in rig.ctx.ledger.events(None, 50)]
+    from hvctl.doctor import run_checks
+
+    (check,) = [c for c in run_checks(rig.ctx) if c.name == "gpu health"]
+    assert not check.ok and GPU in check.detail and "reboot the host" in (check.hint or "")
+    # Neither the create path nor the scheduler's inventory counts it: the next GPU VM gets another device.
+    rig.create("next", 1)
+    assert rig.bindings().get(GPU) is None and GPU not in {a for a, (vm, _) in rig.bindings().items() if vm}
+    shown = {g["address"]: g for g in list_gpus(rig.fake.sys, health=rig.ctx.ledger.gpu_health("local"))["gpus"]}
+    assert shown[GPU]["health"] == "needs-host-reboot" and not shown[GPU]["passable"]
+    # A host reboot brings it back; doctor --repair sees it answer and places it again.
+    (rig.fake.device_dir(GPU) / "config").write_bytes((0x10DE).to_bytes(2, "little") + bytes(62))
+    assert repair(rig.ctx)["gpus_revived"] == [GPU] and rig.ctx.ledger.gpu_health("local") == {}

@@ -90,6 +90,9 @@ class PciDevice:
     numa_node: int | None
     boot_vga: bool
     bars: tuple[Bar, ...]
+    # The kernel's reset methods for the function, in the order it tries them (``reset_method``, Linux 5.15+):
+    # "flr", "pm", "bus", "af"...; empty when it has none or the kernel does not say.
+    reset_method: tuple[str, ...] = ()
 
     @property
     def slot(self) -> str:
@@ -211,7 +214,19 @@ class PciSysfs:
             numa_node=int(numa) if numa is not None and int(numa) >= 0 else None,
             boot_vga=_read(path / "boot_vga") == "1",
             bars=parse_resource(_read(path / "resource") or ""),
+            reset_method=tuple((_read(path / "reset_method") or "").split()),
         )
+
+    def live_vendor_id(self, address: str) -> int | None:
+        """The vendor ID read from the function's configuration space now (``config``, not the ``vendor`` file,
+        which is what the kernel cached at enumeration). 0xffff means the device no longer answers: it fell off
+        the bus, typically after a failed reset. None when the config space cannot be read."""
+        try:
+            with open(self.device_dir(normalize_address(address)) / "config", "rb") as f:
+                head = f.read(2)
+        except OSError:
+            return None
+        return int.from_bytes(head, "little") if len(head) == 2 else None
 
     def devices(self) -> list[PciDevice]:
         return [self.device(address) for address in self.addresses()]

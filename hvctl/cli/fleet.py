@@ -212,15 +212,17 @@ def gpu_list(
     from hvctl.passthrough import accelerator_allowlist, owners
 
     c = ctx()
-    data = list_gpus(sysfs, owners(c.ledger, c.host_name), accelerator_allowlist(c), c.policy.gpu_model)
+    data = list_gpus(sysfs, owners(c.ledger, c.host_name), accelerator_allowlist(c), c.policy.gpu_model,
+                     c.ledger.gpu_health(c.host_name))
     if as_json:
         emit_json(data)
         return
     if data["gpus"]:
-        table = Table("ADDRESS", "MODEL", "GROUP", "DRIVER", "NUMA", "OWNER", "PASSABLE")
+        table = Table("ADDRESS", "MODEL", "GROUP", "DRIVER", "NUMA", "RESET", "OWNER", "PASSABLE")
         for g in data["gpus"]:
             table.add_row(g["address"], g["model"], str(g["iommu_group"]), g["driver"] or "-", str(g["numa_node"]),
-                          g["owner"] or "-", "yes" if g["passable"] else f"[red]no: {g['why_not']}[/]")
+                          ",".join(g["reset_method"]) or "[yellow]none[/]", g["owner"] or "-",
+                          "yes" if g["passable"] else f"[red]no: {safe(g['why_not'])}[/]")
         out.print(table)
     else:
         out.print("no GPUs found on this host")

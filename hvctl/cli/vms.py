@@ -427,7 +427,9 @@ def doctor(
         returned = repaired["gpus_returned"]
         if returned:
             out.print(f"repair: returned {', '.join(returned)} to their host drivers")
-        elif not repaired["operations"]:
+        if repaired["gpus_revived"]:
+            out.print(f"repair: {', '.join(repaired['gpus_revived'])} answer on the bus again and are placed again")
+        if not (returned or repaired["operations"] or repaired["gpus_revived"]):
             out.print("repair: nothing to repair")
     checks = doc.run_checks(context)
     if as_json:

@@ -436,6 +436,25 @@ class Ledger:
             db.execute("DELETE FROM reservations WHERE id = ?", (reservation_id,))
             self._event(db, name, target, "migration.completed", f"migrated {name} from {source} to {target}", stats)
 
+    # -- GPU health -----------------------------------------------------------------------------------------------
+
+    def mark_gpu_unhealthy(self, host: str, address: str, state: str, reason: str) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT INTO gpu_health (host, address, state, reason, since) VALUES (?,?,?,?,?) "
+                       "ON CONFLICT (host, address) DO UPDATE SET state = excluded.state, reason = excluded.reason",
+                       (host, address, state, reason, time.time()))
+            self._event(db, None, host, f"gpu.{state}", f"{address}: {reason}")
+
+    def clear_gpu_health(self, host: str, address: str, reason: str) -> None:
+        with self.transaction() as db:
+            if db.execute("DELETE FROM gpu_health WHERE host = ? AND address = ?", (host, address)).rowcount:
+                self._event(db, None, host, "gpu.healthy", f"{address}: {reason}")
+
+    def gpu_health(self, host: str) -> dict[str, dict[str, Any]]:
+        """Address → {state, reason, since} for each of the host's devices that must not be placed."""
+        rows = self.db.execute("SELECT * FROM gpu_health WHERE host = ?", (host,))
+        return {r["address"]: {"state": r["state"], "reason": r["reason"], "since": r["since"]} for r in rows}
+
     # -- GPU bindings: the vfio binder's journal -----------------------------------------------------------------
 
     def claim_gpus(self, host: str, vm: str, addresses: list[str], free_states: frozenset[str]) -> None:

@@ -118,4 +118,15 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (vm, name)
     );
     """,
+    # Devices found dead after a release (config space reads 0xffff): not placed again until they answer.
+    """
+    CREATE TABLE gpu_health (
+        host TEXT NOT NULL REFERENCES hosts(name) ON DELETE CASCADE,
+        address TEXT NOT NULL,
+        state TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        since REAL NOT NULL,
+        PRIMARY KEY (host, address)
+    );
+    """,
 ]
