@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from hvctl.designer import qemu_overhead_mib
 from hvctl.spec import VMSpec
 
 UNITS = {"vcpus": "", "memory_mib": " MiB", "disk_gib": " GiB", "gpus": "", "vms": ""}
@@ -39,6 +38,8 @@ def tenant_charge(spec: VMSpec) -> Usage:
 
 
 def host_footprint(spec: VMSpec) -> Usage:
+    from hvctl.designer import qemu_overhead_mib  # the designer is heavy; `hvctl list` never needs it
+
     return Usage(spec.vcpus, spec.memory_mib + qemu_overhead_mib(spec), spec.disk_gib, spec.gpus.count, 1)
 
 

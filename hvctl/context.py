@@ -9,18 +9,23 @@ import os
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from hvctl.agent_client import AgentClient
-from hvctl.designer import HostCapabilities
-from hvctl.domain import Accel
 from hvctl.errors import HostUnreachable, ImageError, InvalidSpec
-from hvctl.host import Host, identity
-from hvctl.ledger import Ledger
 from hvctl.paths import StateDir
-from hvctl.policy import SHIPPED, Policy, load_policy
-from images.store import Image, ImageStore
-from vfio import SysfsWriter
-from vfio.binding import UsersOf
+
+# What a command does not use, it does not import: libvirt, pydantic, the designer and the image store load when a
+# command first reaches for them (`hvctl --version` and the CLI's start-up stay fast).
+if TYPE_CHECKING:
+    from hvctl.agent_client import AgentClient
+    from hvctl.designer import HostCapabilities
+    from hvctl.domain import Accel
+    from hvctl.host import Host
+    from hvctl.ledger import Ledger
+    from hvctl.policy import Policy
+    from images.store import Image, ImageStore
+    from vfio import SysfsWriter
+    from vfio.binding import UsersOf
 
 DEFAULT_URI = "qemu:///system"
 LOCAL_HOST = "local"
@@ -86,10 +91,14 @@ class Context:
     def policy_source(self) -> Path:
         """--policy, else the state dir's policy.yaml if an admin installed one, else the shipped default."""
         installed = self.state_dir / "policy.yaml"
+        from hvctl.policy import SHIPPED
+
         return self.policy_path or (installed if installed.is_file() else SHIPPED / "default.yaml")
 
     @cached_property
     def policy(self) -> Policy:
+        from hvctl.policy import load_policy
+
         return load_policy(self.policy_source)
 
     @cached_property
@@ -100,6 +109,8 @@ class Context:
 
     @cached_property
     def ledger(self) -> Ledger:
+        from hvctl.ledger import Ledger
+
         ledger = Ledger(self.paths.ledger)
         self.host_name = resolve_connect(ledger, self.uri, self.host_name)
         return ledger
@@ -111,18 +122,24 @@ class Context:
 
     @cached_property
     def images(self) -> ImageStore:
+        from images.store import ImageStore
+
         return ImageStore(self.paths.images)
 
     def host(self, name: str | None = None) -> Host:
         ledger = self.ledger  # resolves -c to a host name first
         name = name or self.host_name
         if name not in self._hosts:
+            from hvctl.host import Host
+
             self._hosts[name] = Host(ledger.get_host(name).uri)
         return self._hosts[name]
 
     def is_this_machine(self, name: str | None = None) -> bool:
         """Whether host ``name`` is the machine hvctl runs on (``hvctl.host.identity``): decided once per command,
         connecting to the host only when its URI goes over a network."""
+        from hvctl.host import identity
+
         name = name or self.host_name
         if name not in self._this_machine:
             uri = self.ledger.get_host(name).uri
@@ -132,6 +149,8 @@ class Context:
 
     def local_daemon_uuids(self) -> list[str]:
         """Host UUIDs of the registered daemons reached over a unix socket: each is on this machine."""
+        from hvctl.host import identity
+
         found = []
         for record in self.ledger.list_hosts():
             if identity.needs_no_network(record.uri) and not record.uri.startswith("test:"):
@@ -143,10 +162,15 @@ class Context:
 
     def agent(self, host_name: str, vm: str, token: str, timeout: float = 30.0) -> AgentClient:
         """A client for ``vm``'s agent, through its host's libvirt connection (``virDomain.openChannel``)."""
+        from hvctl.agent_client import AgentClient
+
         return AgentClient.over_channel(self.host(host_name), vm, token, timeout)
 
     def capabilities(self, name: str | None = None) -> HostCapabilities:
         """Host facts with the accelerator, probed once per host and cached in the ledger."""
+        from hvctl.designer import HostCapabilities
+        from hvctl.domain import Accel
+
         ledger = self.ledger  # resolves -c to a host name first
         name = name or self.host_name
         record = ledger.get_host(name)
@@ -179,6 +203,8 @@ class Context:
     def _probe_remote(host: Host, image: Image) -> Accel:
         """The accelerator probe on a host that is not this machine: the image's kernel and initrd from the host's
         pool (uploaded once), the probe's console log in the pool, read back as a volume and deleted after."""
+        from hvctl.domain import Accel
+
         if "kvm" not in host.facts().domain_types:
             return Accel.TCG  # nothing to boot, nothing to upload
         from hvctl.console import VolumeConsole, read_console

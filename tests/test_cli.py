@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -101,6 +102,10 @@ def test_bad_serve_input_is_one_line(tmp_path: Path, args: list[str], code: int,
     (["snapshot", "list", "nope"], 3, "no VM named 'nope'"),
     (["events", "--vm", "nope"], 3, "no VM named 'nope'"),
     (["host", "disable", "nope"], 3, "unknown host 'nope'"),
+    (["list", "-o", "xml"], 2, "-o takes table|json|yaml|name"),
+    (["list", "-o", "yaml", "--json"], 2, "contradict"),
+    (["list", "--state", "asleep"], 2, "--state takes creating, running, paused, stopped, destroying"),
+    (["show", "nope", "-o", "name"], 2, "-o takes table|json|yaml"),
     (["host", "evacuate", "nope"], 3, "unknown host 'nope'"),
     (["metrics", "--listen", "9100"], 2, "--listen takes ADDRESS:PORT"),
     (["metrics", "--listen", "127.0.0.1:9100", "--textfile", "/tmp/x"], 2, "pick one"),
@@ -115,7 +120,8 @@ def test_help_lists_every_command(tmp_path: Path) -> None:
     result = hvctl(tmp_path, "--help")
     assert result.returncode == 0
     for command in ("create", "list", "show", "start", "stop", "destroy", "console-log", "doctor", "image",
-                    "serve", "generate", "restart", "pause", "resume", "wait", "exec", "snapshot", "events", "metrics"):
+                    "serve", "generate", "restart", "pause", "resume", "wait", "exec", "snapshot", "events", "metrics",
+                    "config"):
         assert command in result.stdout
 
 
@@ -184,3 +190,43 @@ def test_an_unreachable_host_never_aborts_list_or_doctor_for_the_others(tmp_path
     assert not checks["hosts"]["ok"] and checks["hosts"]["detail"].startswith("gone: cannot reach libvirt")
     assert {"libvirtd", "images", "enforcement", "gpu bindings", "drift"} <= set(checks)
     assert checks["gpu bindings"]["ok"] and "lost@gone: host unreachable" in checks["drift"]["detail"]
+
+
+def test_the_config_file_sets_the_global_options_and_a_flag_or_variable_beats_it(tmp_path: Path) -> None:
+    conf = tmp_path / "config.toml"
+    conf.write_text(f'state_dir = "{tmp_path / "from-file"}"\nwait = 5\n')
+    env = {"HVCTL_CONFIG": str(conf)}
+
+    def settings(*args: str, **extra: str) -> dict[str, tuple[object, str]]:
+        result = hvctl_env(tmp_path, env | extra, *args, "config", "--json", drop_state=True)
+        assert result.returncode == 0, result.stderr
+        return {r["setting"]: (r["value"], r["from"]) for r in json.loads(result.stdout)["settings"]}
+
+    got = settings()
+    assert got["state_dir"] == (str(tmp_path / "from-file"), f"config file {conf}")
+    assert got["wait"] == (5.0, f"config file {conf}") and got["policy"][1] == "default"
+    assert settings("--wait", "2")["wait"] == (2.0, "flag")
+    assert settings(HVCTL_STATE_DIR=str(tmp_path / "env"))["state_dir"] == (str(tmp_path / "env"), "environment")
+    conf.write_text("statedir = '/x'\n")
+    bad = hvctl_env(tmp_path, env, "list", drop_state=True)
+    assert bad.returncode == 2 and "unknown setting 'statedir'" in bad.stderr and "Traceback" not in bad.stderr
+    conf.write_text("wait = 'soon'\n")
+    assert "is not a number" in hvctl_env(tmp_path, env, "list", drop_state=True).stderr
+    missing = hvctl_env(tmp_path, {"HVCTL_CONFIG": str(tmp_path / "nope.toml")}, "list", drop_state=True)
+    assert missing.returncode == 2 and "no such file" in missing.stderr
+    assert not (tmp_path / "from-file").exists() and not (tmp_path / "env").exists()
+
+
+def test_shell_completion_is_enabled(tmp_path: Path) -> None:
+    script = hvctl(tmp_path, "--show-completion", "bash")
+    assert script.returncode == 0 and "_hvctl_completion" in script.stdout
+
+
+def hvctl_env(state: Path, extra: dict[str, str], *args: str,
+              drop_state: bool = False) -> subprocess.CompletedProcess[str]:
+    env = os.environ | {"HVCTL_STATE_DIR": str(state), "HVCTL_CONNECT": "qemu:///system?socket=/nonexistent",
+                        "COLUMNS": "200", "NO_COLOR": "1"}
+    if drop_state:
+        env.pop("HVCTL_STATE_DIR")
+    return subprocess.run([sys.executable, "-m", "hvctl.cli", *args], capture_output=True, text=True,
+                          env=env | extra, timeout=60)

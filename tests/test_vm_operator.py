@@ -149,6 +149,22 @@ def test_events_follow_shows_what_hvctl_did_and_what_libvirt_saw(env: dict[str, 
     assert [e["kind"] for e in past][-2:] == ["state.paused", "state.running"]
 
 
+def test_list_filters_and_output_formats(env: dict[str, object], vm: str) -> None:
+    import yaml
+
+    assert ok(hvctl(env, "list", "-o", "name")).stdout == f"{vm}\n"
+    assert ok(hvctl(env, "list", "-o", "name", "--tenant", "default", "--state", "running", "--host", "local"))\
+        .stdout == f"{vm}\n"
+    assert ok(hvctl(env, "list", "-o", "name", "--tenant", "acme")).stdout == ""
+    assert ok(hvctl(env, "list", "-o", "name", "--state", "stopped")).stdout == ""
+    as_yaml = yaml.safe_load(ok(hvctl(env, "list", "-o", "yaml")).stdout)
+    assert [v["name"] for v in as_yaml["vms"]] == [vm]
+    assert yaml.safe_load(ok(hvctl(env, "show", vm, "-o", "yaml")).stdout)["name"] == vm
+    # --quiet: the result on stdout, no progress on stderr.
+    quiet = ok(hvctl(env, "--quiet", "restart", vm, "--boot-timeout", "180"))
+    assert quiet.stderr == "" and f"{vm} restarted" in quiet.stdout
+
+
 def test_restart_boots_a_new_kernel_and_wait_for_ssh(env: dict[str, object], vm: str) -> None:
     before = guest_out(env, vm, "cat", "/proc/sys/kernel/random/boot_id")
     restarted = json.loads(ok(hvctl(env, "restart", vm, "--json", "--boot-timeout", "180")).stdout)

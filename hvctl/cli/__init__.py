@@ -8,7 +8,6 @@ from __future__ import annotations
 from hvctl.cli import access, fleet, images, migration, serving, snapshots, vms, workloads  # noqa: F401 - registers the commands
 from hvctl.cli.common import State, app, fail
 from hvctl.errors import GuestTimeout, HvctlError
-from vfio import VfioError
 
 __all__ = ["app", "main"]
 
@@ -16,8 +15,12 @@ __all__ = ["app", "main"]
 def main(argv: list[str] | None = None) -> None:
     try:
         try:
+            from hvctl import config
+
+            settings, State.config_sources = config.load()
             # Standalone mode: typer reports usage errors (unknown option, missing argument) itself, exit code 2.
-            app(args=argv, prog_name="hvctl")
+            # The config file's settings are the global options' defaults: a flag or its variable beats them.
+            app(args=argv, prog_name="hvctl", default_map=settings)
         finally:
             if State.ctx is not None:
                 State.ctx.close()
@@ -30,9 +33,11 @@ def main(argv: list[str] | None = None) -> None:
         if State.debug:
             raise
         fail(exc.message, exc.exit_code, exc.hint)
-    except VfioError as exc:  # the vfio package knows nothing of hvctl: its refusals are bad input here
-        if State.debug:
+    except Exception as exc:
+        from vfio import VfioError  # imported only when something failed: it costs start-up time
+
+        if State.debug or not isinstance(exc, VfioError):
             raise
-        fail(exc.message, 2, exc.hint)
+        fail(exc.message, 2, exc.hint)  # the vfio package knows nothing of hvctl: its refusals are bad input here
     except KeyboardInterrupt:
         fail("interrupted", 130)

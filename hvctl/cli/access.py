@@ -1,18 +1,16 @@
 """hvctl agent, ssh, exec, cp, and tenants' keys."""
 
-from __future__ import annotations
-
 import sys
 import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from hvctl.cli.common import (
     JsonOpt,
     MaxBytesOpt,
+    Table,
     app,
     ctx,
     emit_json,

@@ -1,7 +1,5 @@
 """hvctl host, policy, plan and gpu."""
 
-from __future__ import annotations
-
 import os
 import sys
 import threading
@@ -9,11 +7,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from hvctl.cli.common import (
     JsonOpt,
     RichReporter,
+    Table,
     app,
     ctx,
     emit_json,
@@ -278,3 +276,27 @@ def metrics(
         threading.Event().wait()
     except KeyboardInterrupt:
         server.shutdown()
+
+
+@app.command("config")
+def config_cmd(as_json: JsonOpt = False) -> None:
+    """The global settings in effect and where each came from: a flag, its environment variable, a config file
+    (/etc/hvctl/config.toml, then ~/.config/hvctl/config.toml; HVCTL_CONFIG names another), or the default."""
+    from hvctl import config
+    from hvctl.cli.common import State
+
+    c = ctx()
+    values = {"connect": c.uri, "state_dir": str(c.state_dir), "policy": str(c.policy_path or c.policy_source),
+              "wait": c.lock_wait_s}
+    rows = [{"setting": k, "value": values[k], "from": State.option_sources.get(k, "default")}
+            for k in config.SETTINGS]
+    if as_json:
+        emit_json({"settings": rows, "files": [str(p) for p in config.config_files()]})
+        return
+    table = Table("SETTING", "VALUE", "FROM")
+    for row in rows:
+        value = str(row["value"]) if row["value"] is not None else "(host local, qemu:///system on first use)"
+        table.add_row(str(row["setting"]), safe(value), safe(row["from"]))
+    out.print(table)
+    out.print("config files, later overriding earlier: " + ", ".join(
+        f"{p}{'' if p.exists() else ' (absent)'}" for p in config.config_files()))

@@ -1,17 +1,15 @@
 """hvctl image build, list, rm."""
 
-from __future__ import annotations
-
 import json
 import time
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from hvctl.cli.common import (
     JsonOpt,
     RichReporter,
+    Table,
     ctx,
     emit_json,
     image_app,

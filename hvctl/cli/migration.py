@@ -1,7 +1,5 @@
 """hvctl migrate."""
 
-from __future__ import annotations
-
 from typing import Annotated, Any
 
 import typer
@@ -54,7 +52,7 @@ def migrate(
                           auto_converge=auto_converge, copy_storage=copy_storage, timeout_s=timeout,
                           timeout_action=timeout_action)  # type: ignore[arg-type]
     progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
-                        TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), console=err, transient=True)
+                        TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), console=err.console, transient=True)
     task = progress.add_task(f"migrate {name} → {to}", total=None, detail="prechecks")
 
     def on_progress(stats: dict[str, Any]) -> None:

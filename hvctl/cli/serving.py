@@ -1,19 +1,19 @@
 """hvctl serve NAME start|status|reload|unload|stop|forward, and hvctl generate."""
 
-from __future__ import annotations
-
 import shlex
 import time
 from datetime import datetime
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.status import Status
-from rich.table import Table
 
-from guest import rpc
 from hvctl.cli.access import IdentityOpt, identity_for
-from hvctl.cli.common import JsonOpt, app, ctx, emit_json, err, out, safe
+from hvctl.cli.common import JsonOpt, Table, app, ctx, emit_json, err, out, safe
+
+if TYPE_CHECKING:
+    from rich.status import Status
+
+    from guest import rpc
 
 serve_app = typer.Typer(no_args_is_help=True, help="The resident model server inside a VM: an OpenAI-compatible API "
                                                    "with continuous batching, reached by tenants over SSH.")
@@ -34,13 +34,13 @@ def serve(name: Annotated[str, typer.Argument(help="The VM.")]) -> None:
     Vm.name = name
 
 
-def _progress(what: str) -> Status:
+def _progress(what: str) -> "Status":
     line = err.status(what)
     line.start()
     return line
 
 
-def _print_status(now: rpc.ServeStatus) -> None:
+def _print_status(now: "rpc.ServeStatus") -> None:
     if now.state == "stopped":
         out.print(f"{Vm.name}: no model server running")
         return

@@ -1,14 +1,11 @@
 """hvctl snapshot create|list|revert|rm."""
 
-from __future__ import annotations
-
 import time
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
-from hvctl.cli.common import JsonOpt, RichReporter, app, ctx, emit_json, out
+from hvctl.cli.common import JsonOpt, RichReporter, Table, app, ctx, emit_json, out
 
 snapshot_app = typer.Typer(no_args_is_help=True, help="A VM's snapshots (internal qcow2 snapshots through libvirt), "
                                                       "charged against its tenant's disk quota.")

@@ -1,28 +1,31 @@
 """hvctl create, list, show, start, stop, destroy, console-log, doctor."""
 
-from __future__ import annotations
-
 import sys
 import time
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.table import Table
 
 from hvctl.cli.common import (
     JsonOpt,
+    OutputOpt,
     RichReporter,
+    Table,
     app,
     ctx,
+    emit,
     emit_json,
     err,
     fail,
     out,
+    output_format,
     plain,
     safe,
 )
 from hvctl.errors import HostUnreachable
-from hvctl.ops.inspect import Drift, VMView
+
+if TYPE_CHECKING:
+    from hvctl.ops.inspect import Drift, VMView
 
 # -- VM lifecycle ---------------------------------------------------------------------------------------------
 
@@ -97,14 +100,32 @@ def create(
 
 
 @app.command("list")
-def list_cmd(as_json: JsonOpt = False) -> None:
-    """List VMs with the ledger's state, libvirt's state, and any disagreement between them."""
+def list_cmd(
+    tenant: Annotated[str | None, typer.Option(help="Only this tenant's VMs.")] = None,
+    host: Annotated[str | None, typer.Option(help="Only the VMs on this host.")] = None,
+    state: Annotated[str | None, typer.Option(help="Only VMs in this ledger state (running, paused, stopped, "
+                                                   "creating, destroying).")] = None,
+    output: OutputOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List VMs with the ledger's state, libvirt's state, and any disagreement between them. -o name prints one
+    name per line, for scripts."""
+    from hvctl.ledger import VM_STATES
     from hvctl.ops.inspect import list_vms
 
+    fmt = output_format(output, as_json)
+    if state is not None and state not in VM_STATES:
+        fail(f"--state takes {', '.join(VM_STATES)}, not {state!r}", 2)
     views, orphans, unreachable = list_vms(ctx())
-    if as_json:
-        emit_json({"vms": [v.as_dict() for v in views], "orphans": [o.as_dict() for o in orphans],
-                   "unreachable_hosts": [u.as_dict() for u in unreachable]})
+    views = [v for v in views if (tenant is None or v.record.tenant == tenant)
+             and (host is None or v.record.host == host) and (state is None or v.record.state == state)]
+    if tenant or host or state:
+        orphans = [o for o in orphans if host is None or o.host == host] if not (tenant or state) else []
+    if fmt == "name":
+        sys.stdout.write("".join(f"{v.record.name}\n" for v in views))
+    elif fmt in ("json", "yaml"):
+        emit({"vms": [v.as_dict() for v in views], "orphans": [o.as_dict() for o in orphans],
+              "unreachable_hosts": [u.as_dict() for u in unreachable]}, fmt)
     else:
         print_vm_table(views, orphans)
     if unreachable:
@@ -112,7 +133,7 @@ def list_cmd(as_json: JsonOpt = False) -> None:
         fail("; ".join(f"host {u.host}: {u.problem}" for u in unreachable), HostUnreachable.exit_code)
 
 
-def print_vm_table(views: list[VMView], orphans: list[Drift]) -> None:
+def print_vm_table(views: "list[VMView]", orphans: "list[Drift]") -> None:
     table = Table("NAME", "TENANT", "HOST", "STATE", "LIBVIRT", "VCPU", "MEM MiB", "SSH", "DRIFT")
     for v in views:
         r = v.record
@@ -125,10 +146,11 @@ def print_vm_table(views: list[VMView], orphans: list[Drift]) -> None:
 
 
 @app.command()
-def show(name: str, as_json: JsonOpt = False) -> None:
+def show(name: str, output: OutputOpt = None, as_json: JsonOpt = False) -> None:
     """Everything hvctl knows about one VM, with its recent events."""
     from hvctl.ops.inspect import describe_drift, enforcement_report
 
+    fmt = output_format(output, as_json, ("table", "json", "yaml"))
     c = ctx()
     record = c.ledger.get_vm(name)
     host = c.host(record.host)
@@ -141,8 +163,8 @@ def show(name: str, as_json: JsonOpt = False) -> None:
     data["operation"] = next(({"kind": op["kind"], "step": op["step"], "target": op["target"],
                                "started_at": op["started_at"], "progress": op["data"].get("progress")}
                               for op in c.ledger.operations() if op["vm"] == name), None)
-    if as_json:
-        emit_json(data)
+    if fmt != "table":
+        emit(data, fmt)
         return
     table = Table.grid(padding=(0, 2))
     for key in ("name", "tenant", "host", "state", "actual", "drift", "image", "vcpus", "memory_mib", "disk_gib",

@@ -1,7 +1,5 @@
 """hvctl run, logs, checkpoint, restore."""
 
-from __future__ import annotations
-
 import sys
 import time
 from pathlib import Path

@@ -77,7 +77,8 @@ def list_vms(ctx: Context) -> tuple[list[VMView], list[Drift], list[Drift]]:
         try:
             host = ctx.host(host_name)
             states = host.domain_states()
-            ours = host.hvctl_domains()
+            # The ledger's own VMs of this host are hvctl's whatever the domain says; only the others are asked.
+            ours = host.hvctl_domains(skip=frozenset(r.name for r in records if r.host == host_name))
         except HostUnreachable as exc:
             views += [VMView(r, None, "host unreachable") for r in records if r.host == host_name]
             unreachable.append(Drift("", host_name, exc.message))
