@@ -88,6 +88,16 @@ demo: daemons
 	@echo "== the same guest, not rebooted, answers the tenant on h2"
 	$(HVCTL) --state-dir $(STATE_DIR) exec demo -i $(DEMO_KEY) -- sh -c 'echo "still $$(hostname), up $$(cut -d. -f1 /proc/uptime) s"'
 	$(HVCTL) --state-dir $(STATE_DIR) list
+	@echo "== a snapshot with the guest's memory; a file written after it is gone after the revert (through the agent)"
+	$(HVCTL) --state-dir $(STATE_DIR) exec demo --agent -- sh -c 'echo before > /root/marker; sync'
+	$(TWO) snapshot create demo warm --memory
+	$(HVCTL) --state-dir $(STATE_DIR) exec demo --agent -- sh -c 'echo after > /root/marker; sync'
+	$(TWO) snapshot revert demo warm
+	@test "$$($(HVCTL) --state-dir $(STATE_DIR) exec demo --agent -- cat /root/marker)" = before && \
+	  echo "the guest reads: before (the write after the snapshot is gone)"
+	$(TWO) snapshot rm demo warm
+	@echo "== hvctl metrics: the demo VM's series (Prometheus exposition)"
+	@$(HVCTL) --state-dir $(STATE_DIR) metrics | grep 'vm="demo"' | grep -v '^#'
 	@echo "== hvctl stop demo (graceful)"; $(HVCTL) --state-dir $(STATE_DIR) stop demo
 	@echo "== hvctl destroy demo"; $(HVCTL) --state-dir $(STATE_DIR) destroy demo
 	$(HVCTL) --state-dir $(STATE_DIR) host rm h2

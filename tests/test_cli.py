@@ -103,6 +103,8 @@ def test_bad_serve_input_is_one_line(tmp_path: Path, args: list[str], code: int,
     (["events", "--vm", "nope"], 3, "no VM named 'nope'"),
     (["host", "disable", "nope"], 3, "unknown host 'nope'"),
     (["list", "-o", "xml"], 2, "-o takes table|json|yaml|name"),
+    (["resize", "nope", "--disk", "5"], 3, "no VM named 'nope'"),
+    (["resize", "nope", "--vcpus", "0"], 3, "no VM named 'nope'"),
     (["list", "-o", "yaml", "--json"], 2, "contradict"),
     (["list", "--state", "asleep"], 2, "--state takes creating, running, paused, stopped, destroying"),
     (["show", "nope", "-o", "name"], 2, "-o takes table|json|yaml"),
@@ -121,7 +123,7 @@ def test_help_lists_every_command(tmp_path: Path) -> None:
     assert result.returncode == 0
     for command in ("create", "list", "show", "start", "stop", "destroy", "console-log", "doctor", "image",
                     "serve", "generate", "restart", "pause", "resume", "wait", "exec", "snapshot", "events", "metrics",
-                    "config"):
+                    "config", "resize"):
         assert command in result.stdout
 
 

@@ -91,10 +91,10 @@ def test_a_dead_holders_intent_is_reconciled_and_its_lock_taken_over(ctx: Contex
 
 
 def test_an_intent_that_cannot_be_decided_keeps_the_lock(ctx: Context) -> None:
-    ctx.ledger.begin_operation("vm1", "resize", dead_holder(), None, None, {})
+    ctx.ledger.begin_operation("vm1", "defragment", dead_holder(), None, None, {})
     with pytest.raises(OperationBusy, match="could not be reconciled: undecided"), operation(ctx, "vm1", "destroy"):
         pass
-    assert [op["kind"] for op in ctx.ledger.operations()] == ["resize"]
+    assert [op["kind"] for op in ctx.ledger.operations()] == ["defragment"]
 
 
 def test_the_crash_hook_kills_the_process_right_after_the_named_step(ctx: Context, tmp_path: Path) -> None:

@@ -302,3 +302,27 @@ def test_snapshots_revert_the_disk_and_memory_count_against_the_quota_and_go_wit
     # Destroy takes the snapshot's metadata and its ledger charge with the VM.
     ok(hvctl(env, "destroy", vm))
     assert ctx.ledger.snapshots() == [] and ctx.host().state(vm) is DomainState.MISSING
+
+
+def test_resize_grows_the_disk_and_filesystem_live_and_cpus_and_memory_at_the_next_boot(
+        env: dict[str, object]) -> None:
+    ok(hvctl(env, "create", "op3", "--image", "base", "--memory", "384", "--disk", "2", "--boot-timeout", "180"))
+    grown = json.loads(ok(hvctl(env, "resize", "op3", "--disk", "3", "--json")).stdout)
+    assert grown["disk"] == "grown live" and grown["filesystem"].startswith("grown to")
+    # The guest itself sees a 3 GiB disk, and a root filesystem that grew onto it without a reboot.
+    assert guest_out(env, "op3", "blockdev", "--getsize64", "/dev/vda") == str(3 * 2**30)
+    assert int(guest_out(env, "op3", "df", "-B1", "--output=size", "/").split()[-1]) > int(2.5 * 2**30)
+    sized = json.loads(ok(hvctl(env, "resize", "op3", "--vcpus", "2", "--memory", "512", "--json")).stdout)
+    assert sized["cpu_memory"] == "at the next boot"
+    assert guest_out(env, "op3", "nproc") == "1"
+    ok(hvctl(env, "restart", "op3", "--boot-timeout", "180"))
+    assert guest_out(env, "op3", "nproc") == "2"
+    mem_kib = int(guest_out(env, "op3", "sh", "-c", "grep MemTotal /proc/meminfo").split()[1])
+    assert 400 * 1024 < mem_kib <= 512 * 1024
+    shrink = hvctl(env, "resize", "op3", "--disk", "1")
+    assert shrink.returncode == 2 and "disks only grow" in shrink.stderr
+    greedy = hvctl(env, "resize", "op3", "--memory", "9000")
+    assert greedy.returncode == 13 and "resize of op3: tenant default: memory" in greedy.stderr
+    view = json.loads(ok(hvctl(env, "show", "op3", "--json")).stdout)
+    assert (view["vcpus"], view["memory_mib"], view["disk_gib"]) == (2, 512, 3)
+    ok(hvctl(env, "destroy", "op3"))

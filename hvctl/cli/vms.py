@@ -299,6 +299,31 @@ def restart(
 
 
 @app.command()
+def resize(
+    name: str,
+    vcpus: Annotated[int | None, typer.Option(help="Virtual CPUs (at the next boot).")] = None,
+    memory: Annotated[int | None, typer.Option(help="Memory in MiB (at the next boot).")] = None,
+    disk: Annotated[int | None, typer.Option(help="Disk size in GiB; only grows, live on a running VM (its "
+                                                  "filesystem too, through the agent).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Change a VM's vCPUs, memory or disk, admitted against its tenant's quota and its host's capacity."""
+    from hvctl.ops.resize import resize as resize_vm
+
+    with RichReporter(f"resize {name}") as reporter:
+        done = resize_vm(ctx(), name, vcpus, memory, disk, reporter)
+    if as_json:
+        emit_json(done)
+        return
+    out.print(f"{name}: {done['vcpus']} vCPU, {done['memory_mib']} MiB, {done['disk_gib']} GiB disk")
+    if done["cpu_memory"] != "unchanged":
+        out.print(f"  vCPUs and memory take effect {done['cpu_memory']}"
+                  + (f" (`hvctl restart {name}`)" if done["cpu_memory"] == "at the next boot" else ""))
+    if done["disk"] != "unchanged":
+        out.print(f"  disk {done['disk']}; filesystem {safe(done['filesystem'])}")
+
+
+@app.command()
 def pause(name: str, as_json: JsonOpt = False) -> None:
     """Freeze a running VM's vCPUs; its memory stays allocated. `hvctl resume` lets it run again."""
     from hvctl.ops.lifecycle import pause as pause_vm

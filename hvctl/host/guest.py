@@ -216,6 +216,32 @@ class Guest:
             else:
                 self._dom.undefine()
 
+    # -- size -----------------------------------------------------------------------------------------------------
+
+    def set_next_boot_size(self, vcpus: int, memory_kib: int, hard_limit_kib: int | None) -> None:
+        """vCPUs and memory (both the maximum and the current value) in the persistent definition: the next boot
+        has them. The memory hard limit follows memory, or QEMU would be killed at the old one."""
+        config = libvirt.VIR_DOMAIN_AFFECT_CONFIG
+        with self._call("resizing"):
+            current = int(self._dom.vcpusFlags(config | libvirt.VIR_DOMAIN_VCPU_MAXIMUM))
+            # The current count may never exceed the maximum: raise the maximum first, lower it last.
+            order = (libvirt.VIR_DOMAIN_VCPU_MAXIMUM, 0) if vcpus > current else (0, libvirt.VIR_DOMAIN_VCPU_MAXIMUM)
+            for extra in order:
+                self._dom.setVcpusFlags(vcpus, config | extra)
+            old_max = int(self._dom.maxMemory()) if not self._dom.isActive() else None
+            order = (libvirt.VIR_DOMAIN_MEM_MAXIMUM, 0) if old_max is None or memory_kib > old_max \
+                else (0, libvirt.VIR_DOMAIN_MEM_MAXIMUM)
+            for extra in order:
+                self._dom.setMemoryFlags(memory_kib, config | extra)
+            if hard_limit_kib is not None:
+                self._dom.setMemoryParameters({libvirt.VIR_DOMAIN_MEMORY_HARD_LIMIT: hard_limit_kib}, config)
+
+    def block_resize(self, target: str, capacity: int) -> None:
+        """Grow the running guest's disk ``target`` (vda) to ``capacity`` bytes; the guest sees the new size at once
+        (virtio-blk reports a capacity change)."""
+        with self._call(f"resizing disk {target}"):
+            self._dom.blockResize(target, capacity, libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES)
+
     # -- snapshots (libvirt's internal qcow2 snapshots: inside the overlay, so they need no files of their own) ------
 
     def snapshot_create(self, name: str, memory: bool) -> None:

@@ -166,6 +166,13 @@ class Pool:
             raise
         return done
 
+    def resize(self, name: str, capacity: int) -> None:
+        """Grow volume ``name`` to ``capacity`` bytes (its virtual size, for a qcow2). Only while no domain runs on
+        it; a running VM's disk grows through ``Guest.block_resize``."""
+        vol = self._lookup(name)
+        with libvirt_errors(f"resizing volume {name} in pool {self.name}"):
+            vol.resize(capacity, 0)
+
     def delete(self, name: str, refresh: bool = False) -> bool:
         """Delete a volume if it exists. Returns whether there was one. ``refresh`` first, for a file that
         something other than libvirt made in the pool (QEMU's console log)."""

@@ -305,6 +305,32 @@ class Ledger:
         if refusal:
             raise QuotaExceeded(refusal)
 
+    def resize_vm(self, name: str, spec: VMSpec, admission: Admission) -> VMRecord:
+        """Record ``spec`` (the same VM with other vCPUs, memory or disk) as the VM's, admitting only what grows:
+        the tenant's quota and the host's capacity are checked for the increase, in the transaction that records
+        it, so concurrent creates and resizes can never together overshoot either."""
+        with self.transaction() as db:
+            row = db.execute("SELECT * FROM vms WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                raise NotFound(f"no VM named {name!r}")
+            old = vm_from_row(row)
+            grow = {key: max(getattr(tenant_charge(spec), key) - getattr(tenant_charge(old.spec), key), 0)
+                    for key in ("vcpus", "memory_mib", "disk_gib")}
+            host_grow = {key: max(getattr(host_footprint(spec), key) - getattr(host_footprint(old.spec), key), 0)
+                         for key in ("vcpus", "memory_mib", "disk_gib")}
+            refusal = first_excess(f"tenant {old.tenant}", Usage(**grow), self.tenant_usage(old.tenant, db),
+                                   admission.tenant_limit) or \
+                first_excess(f"host {old.host}", Usage(**host_grow), self.host_usage(old.host, db),
+                             admission.host_limit)
+            if refusal:
+                raise QuotaExceeded(f"resize of {name}: {refusal}")
+            db.execute("UPDATE vms SET spec = ?, updated_at = ? WHERE name = ?",
+                       (spec.model_dump_json(), time.time(), name))
+            self._event(db, name, old.host, "vm.resized",
+                        f"{name}: {old.spec.vcpus} → {spec.vcpus} vCPU, {old.spec.memory_mib} → {spec.memory_mib} "
+                        f"MiB, disk {old.spec.disk_gib} → {spec.disk_gib} GiB")
+        return self.get_vm(name)
+
     # -- snapshots -------------------------------------------------------------------------------------------------
 
     def reserve_snapshot(self, vm: str, name: str, memory: bool, admission: Admission) -> SnapshotRecord:

@@ -161,6 +161,10 @@ def reconcile(ctx: Context, op: dict[str, Any]) -> str:
             from hvctl.ops.lifecycle import reconcile_power
 
             return reconcile_power(ctx, op)
+        if op["kind"] == "resize":
+            from hvctl.ops.resize import reconcile_resize
+
+            return reconcile_resize(ctx, op)
         if op["kind"] == "snapshot":
             from hvctl.ops.snapshot import reconcile_snapshot
 

@@ -1,0 +1,118 @@
+"""hvctl resize NAME [--vcpus N] [--memory MIB] [--disk GIB]: what the VM may use, admitted like a create.
+
+- The disk only grows. A running VM's grows at once (libvirt's block resize; the guest sees the new capacity) and
+  its agent grows the root filesystem (resize2fs, online); a stopped VM's overlay grows on disk, and hvctl's
+  images grow the filesystem at their next boot.
+- vCPUs and memory change in the persistent definition (with the memory hard limit): they take effect at the next
+  boot (`hvctl restart NAME`). hvctl's domains are created with their maxima equal to their sizes, so there is no
+  headroom to hot-plug into.
+
+The growth is admitted against the tenant's quota and the host's capacity in the ledger transaction that records
+the new size; a refused resize changes nothing.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from typing import Any
+
+from hvctl.context import Context
+from hvctl.errors import HvctlError, InvalidSpec
+from hvctl.host import DomainState
+from hvctl.ledger import Admission
+from hvctl.ops import Reporter, SilentReporter, pooled
+from hvctl.ops.intent import operation
+from hvctl.placement import host_limit
+from hvctl.spec import VMSpec
+
+
+def resize(ctx: Context, name: str, vcpus: int | None = None, memory_mib: int | None = None,
+           disk_gib: int | None = None, reporter: Reporter | None = None) -> dict[str, Any]:
+    say = (reporter or SilentReporter()).step
+    record = ctx.ledger.get_vm(name)
+    old = record.spec
+    changes = {k: v for k, v in (("vcpus", vcpus), ("memory_mib", memory_mib), ("disk_gib", disk_gib))
+               if v is not None and v != getattr(old, k)}
+    if not changes:
+        raise InvalidSpec(f"{name} already has {old.vcpus} vCPU, {old.memory_mib} MiB and a {old.disk_gib} GiB "
+                          "disk; give --vcpus, --memory or --disk with another value")
+    if disk_gib is not None and disk_gib < old.disk_gib:
+        raise InvalidSpec(f"disks only grow: {name}'s is {old.disk_gib} GiB, {disk_gib} GiB asked",
+                          hint="shrinking would cut off whatever the guest keeps at the end of its disk")
+    new = VMSpec.parse(**(old.model_dump() | changes))  # the same bounds as a create
+    with operation(ctx, name, "resize", data={"from": old.model_dump(mode="json")}, say=say) as op:
+        policy = ctx.policy
+        gpus = len(ctx.ledger.host_inventory(record.host)[1])
+        admission = Admission(tenant_limit=policy.tenant(record.tenant).quota.model_dump(),
+                              host_limit=host_limit(policy, ctx.ledger.get_host(record.host), gpus))
+        say("admitting the new size")
+        ctx.ledger.resize_vm(name, new, admission)
+        op.step("recorded")
+        try:
+            result = _apply(ctx, name, record.host, old, new, say)
+        except BaseException:
+            ctx.ledger.resize_vm(name, old, Admission({}, {}))  # back to what the VM still has
+            raise
+        op.step("applied")
+    return {"name": name, "vcpus": new.vcpus, "memory_mib": new.memory_mib, "disk_gib": new.disk_gib} | result
+
+
+def _apply(ctx: Context, name: str, host_name: str, old: VMSpec, new: VMSpec,
+           say: Any) -> dict[str, Any]:
+    from hvctl.designer import qemu_overhead_mib
+
+    record = ctx.ledger.get_vm(name)
+    guest = ctx.host(host_name).guest(name)
+    running = guest.state() in (DomainState.RUNNING, DomainState.PAUSED)
+    result: dict[str, Any] = {"cpu_memory": "unchanged", "disk": "unchanged", "filesystem": None}
+    if (new.vcpus, new.memory_mib) != (old.vcpus, old.memory_mib):
+        say(f"setting {new.vcpus} vCPU and {new.memory_mib} MiB for the next boot")
+        limited = ctx.capabilities(host_name).memory_limits
+        guest.set_next_boot_size(new.vcpus, new.memory_mib * 1024,
+                                 (new.memory_mib + qemu_overhead_mib(new)) * 1024 if limited else None)
+        result["cpu_memory"] = "at the next boot" if running else "at the start"
+    if new.disk_gib != old.disk_gib:
+        size = new.disk_gib * 2**30
+        if running:
+            say(f"growing the running guest's disk to {new.disk_gib} GiB")
+            guest.block_resize("vda", size)
+            result["disk"] = "grown live"
+            result["filesystem"] = _grow_filesystem(ctx, record, say)
+        elif ctx.is_this_machine(host_name):
+            say(f"growing the overlay to {new.disk_gib} GiB")
+            done = subprocess.run(["qemu-img", "resize", "-q", str(record.overlay), str(size)],
+                                  capture_output=True, text=True)
+            if done.returncode != 0:
+                raise HvctlError(f"cannot grow {record.overlay}: {done.stderr.strip()}")
+            result["disk"] = "grown"
+            result["filesystem"] = "at the next boot"
+        else:
+            say(f"growing the overlay volume to {new.disk_gib} GiB")
+            pooled.open_files(ctx.host(host_name), name).pool.resize(record.overlay.name, size)
+            result["disk"] = "grown"
+            result["filesystem"] = "at the next boot"
+    return result
+
+
+def _grow_filesystem(ctx: Context, record: Any, say: Any) -> str:
+    """resize2fs on the guest's root disk, online, through the agent: its new size as the guest's df reports it."""
+    if not record.agent_token:
+        return "not grown: the image has no agent (its init grows it at the next boot, if it does that)"
+    from guest import rpc
+
+    say("growing the guest's filesystem (resize2fs, online)")
+    agent = ctx.agent(record.host, record.name, record.agent_token)
+    grown = agent.typed("exec", rpc.ExecResult, rpc.ExecParams(argv=["resize2fs", "/dev/vda"], timeout_s=300),
+                        timeout=330)
+    if grown.exit_code != 0:
+        return f"not grown: resize2fs said {(grown.stderr or grown.stdout).strip()[-200:]}"
+    df = agent.typed("exec", rpc.ExecResult, rpc.ExecParams(argv=["df", "-B1", "--output=size", "/"]))
+    size = df.stdout.split()[-1] if df.exit_code == 0 and df.stdout.split() else "?"
+    return f"grown to {int(size) / 2**30:.2f} GiB" if size.isdigit() else "grown"
+
+
+def reconcile_resize(ctx: Context, op: dict[str, Any]) -> str:
+    """An interrupted resize keeps the size the ledger recorded; running `hvctl resize` again with it applies
+    whatever did not happen (each step is idempotent)."""
+    ctx.ledger.end_operation(op["vm"])
+    return "the ledger keeps the new size; `hvctl resize` with it again finishes applying it"
