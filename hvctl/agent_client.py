@@ -58,8 +58,15 @@ class UnixTransport:
     def __init__(self, path: Path, deadline: float) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            self.sock.settimeout(_remaining(deadline))
-            self.sock.connect(str(path))
+            while True:
+                self.sock.settimeout(_remaining(deadline))
+                try:
+                    self.sock.connect(str(path))
+                    break
+                except BlockingIOError:
+                    # A unix socket whose listener's backlog is full answers EAGAIN at once instead of blocking
+                    # (a busy listener, not a dead one): try again until the deadline.
+                    time.sleep(0.01)
         except BaseException:
             self.sock.close()
             raise

@@ -16,6 +16,7 @@ from hvctl.domain import (
     DirectBoot,
     Disk,
     Domain,
+    FirmwareBoot,
     NetInterface,
     PcieRoot,
     PciHostdev,
@@ -75,6 +76,8 @@ class BootArtifacts:
     initrd: Path
     # Images with a root filesystem on the disk boot with root=/dev/vda; an initramfs image runs from RAM.
     root_on_disk: bool = False
+    # "bios" or "efi": a stock cloud image boots through the firmware and its own bootloader, not kernel and initrd.
+    firmware: str | None = None
 
 
 @dataclass(frozen=True)
@@ -137,8 +140,9 @@ def design(
         accel=host.accel,
         memory_mib=spec.memory_mib,
         vcpus=spec.vcpus,
-        boot=DirectBoot(boot.kernel, boot.initrd,
-                        kernel_cmdline(spec, boot, (*(("intel_iommu=on",) if spec.viommu else ()), *extra_cmdline))),
+        boot=FirmwareBoot(boot.firmware) if boot.firmware else
+        DirectBoot(boot.kernel, boot.initrd,
+                   kernel_cmdline(spec, boot, (*(("intel_iommu=on",) if spec.viommu else ()), *extra_cmdline))),
         machine="q35",
         arch=host.arch,
         cpu_mode=cpu_mode,
@@ -148,5 +152,16 @@ def design(
         metadata=(("tenant", spec.tenant), ("image", spec.image), ("spec", spec.model_dump_json())),
         tuning=design_tuning(spec, host),
         viommu=spec.viommu,
-        extra_qemu_args=extra_qemu_args,
+        extra_qemu_args=(*ovmf_mmio64_args(boot, alloc), *extra_qemu_args),
     )
+
+
+def ovmf_mmio64_args(boot: BootArtifacts, alloc: VMAllocation) -> tuple[str, ...]:
+    """OVMF sizes its 64-bit PCI MMIO aperture itself (PlatformDynamicMmioWindow: a share of the guest's physical
+    address space, edk2 #9932 and PR #12997) and reads no ACPI ``pcihole64`` for it. The fw_cfg file
+    ``opt/ovmf/X-PciMmio64Mb`` sets a minimum (edk2 PR #10856 describes it as the floor the dynamic size cannot go
+    under): a guest with large-BAR GPUs gets at least the aperture their BARs need, the same figure the q35
+    ``pcihole64`` carries for SeaBIOS."""
+    if boot.firmware != "efi" or not alloc.pcihole64_kib:
+        return ()
+    return ("-fw_cfg", f"name=opt/ovmf/X-PciMmio64Mb,string={-(-alloc.pcihole64_kib // 1024)}")

@@ -21,6 +21,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from hvctl.console import READY_MARKER
 from hvctl.errors import HvctlError
 from hvctl.spec import NetworkAttach
 
@@ -110,6 +111,11 @@ def build_seed(out: Path, hostname: str, authorized_keys: list[str], host_key: K
             "ssh_authorized_keys": authorized_keys,
             "ssh_deletekeys": True,
             "ssh_keys": {"ed25519_private": host_key.private_openssh.decode(), "ed25519_public": host_key.public_line},
+            # Only the key hvctl pinned: no other host key types for a client to be offered instead.
+            "ssh_genkeytypes": [],
+            # cloud-final prints this on the console (journal+console) once the instance is configured: the stock
+            # image's readiness line, as hvctl's own init prints its marker.
+            "final_message": f"{READY_MARKER} name={hostname} cloud-init finished after $UPTIME s",
         }
         # JSON is valid YAML, which is what cloud-init parses after the #cloud-config header.
         (root / "user-data").write_text("#cloud-config\n" + json.dumps(user_data, indent=1) + "\n")

@@ -25,6 +25,8 @@ GUEST_DIR = Path(__file__).resolve().parent.parent / "guest"
 class RecipeKind(enum.StrEnum):
     INITRAMFS = "initramfs"
     DEBOOTSTRAP = "debootstrap"
+    # Not a recipe: a stock cloud image brought in with `hvctl image import` (its own bootloader and cloud-init).
+    CLOUD = "cloud"
 
 
 class Recipe(BaseModel):
@@ -82,3 +84,7 @@ def load_recipe(name_or_path: str) -> Recipe:
 def _first_error(exc: ValidationError) -> str:
     err = exc.errors()[0]
     return f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
+
+
+def shipped_recipe_names() -> set[str]:
+    return {p.stem for p in RECIPES_DIR.glob("*.toml")}

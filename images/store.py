@@ -8,7 +8,9 @@ new directory instead of overwriting the one they use.
 from __future__ import annotations
 
 import builtins
+import hashlib
 import json
+import re
 import shutil
 import subprocess
 import time
@@ -21,6 +23,8 @@ from hvctl.errors import ImageError
 from images.recipe import Recipe, RecipeKind, load_recipe
 
 Progress = Callable[[str], None]
+# The largest virtual disk `hvctl image import` takes (a cloud image is a few GiB; VMs grow their overlays).
+MAX_IMPORT_VIRTUAL_BYTES = 64 * 2**30
 
 
 class Image(BaseModel):
@@ -39,6 +43,8 @@ class Image(BaseModel):
     agent: bool = False
     # 0 for the first build of a recipe; `image build --force` makes build 1, 2, ... beside it, never over it.
     build: int = 0
+    # Imported cloud images only: "bios" or "efi", what boots their disk (they have no kernel or initrd of ours).
+    firmware: str | None = None
 
     @property
     def kernel(self) -> Path:
@@ -65,7 +71,7 @@ class Image(BaseModel):
 
     def verify(self) -> None:
         """Refuse an image whose files went missing or whose base disk qemu-img cannot read."""
-        for part in (self.kernel, self.initrd, self.base_disk):
+        for part in (self.base_disk,) if self.kind is RecipeKind.CLOUD else (self.kernel, self.initrd, self.base_disk):
             if not part.is_file() or part.stat().st_size == 0:
                 raise ImageError(f"image {self.name} is damaged: {part.name} is missing or empty",
                                  hint=f"rebuild it with `hvctl image build {self.name}`")
@@ -145,6 +151,72 @@ class ImageStore:
             image = Image(name=recipe.name, content_hash=recipe.content_hash(), kind=recipe.kind,
                           directory=final, kernel_version=kernel_version, built_at=time.time(), size_bytes=size,
                           disk_virtual_bytes=virtual, agent=recipe.agent, build=build)
+            (work / "manifest.json").write_text(image.model_dump_json(indent=2))
+            work.rename(final)
+            return image
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    def import_image(self, name: str, source: Path, sha256: str | None = None, firmware: str = "bios",
+                     max_virtual_bytes: int = MAX_IMPORT_VIRTUAL_BYTES, progress: Progress | None = None) -> Image:
+        """A stock cloud image (a qcow2 with its own bootloader and cloud-init) into the store, as NAME@SHA256.
+
+        Refused before anything is written: a name a recipe uses, a file that is not a standalone qcow2 (a backing
+        file would make the image depend on something outside the store; raw and other formats are not checked
+        for what they hide), a virtual size over ``max_virtual_bytes``, a checksum that does not match. The copy
+        is checked with ``qemu-img check`` before it is renamed into place."""
+        from images.recipe import shipped_recipe_names
+
+        say = progress or (lambda _msg: None)
+        if not re.fullmatch(r"[a-z][a-z0-9.-]{0,62}", name):
+            raise ImageError(f"invalid image name {name!r}: must match [a-z][a-z0-9.-]{{0,62}}")
+        if name in shipped_recipe_names():
+            raise ImageError(f"{name!r} is one of hvctl's recipes; give the imported image another name")
+        if firmware not in ("bios", "efi"):
+            raise ImageError(f"--firmware takes bios or uefi, not {firmware!r}")
+        if not source.is_file():
+            raise ImageError(f"{source} is not a file")
+        say("inspecting it with qemu-img info")
+        probe = subprocess.run(["qemu-img", "info", "--output=json", str(source)], capture_output=True, text=True)
+        if probe.returncode != 0:
+            raise ImageError(f"qemu-img cannot read {source}: {probe.stderr.strip()}")
+        info = json.loads(probe.stdout)
+        if info.get("format") != "qcow2":
+            raise ImageError(f"{source} is {info.get('format')!r}, not qcow2", hint="qemu-img convert -O qcow2 it")
+        if info.get("backing-filename") or info.get("full-backing-filename"):
+            raise ImageError(f"{source} has a backing file ({info.get('backing-filename')}); an image must stand "
+                             "alone", hint="qemu-img convert -O qcow2 flattens it")
+        virtual = int(info.get("virtual-size", 0))
+        if virtual > max_virtual_bytes:
+            raise ImageError(f"{source} is {virtual / 2**30:.1f} GiB (virtual), over the {max_virtual_bytes / 2**30:g} "
+                             "GiB hvctl imports")
+        say("checksumming")
+        digest = hashlib.sha256()
+        with open(source, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        actual = digest.hexdigest()
+        if sha256 is not None and actual != sha256.lower():
+            raise ImageError(f"{source}: sha256 is {actual}, not {sha256}")
+        final = self.root / f"{name}@{actual[:16]}"
+        existing = next((i for i in self.list() if i.directory == final), None)
+        if existing is not None:
+            return existing
+        self.root.mkdir(parents=True, exist_ok=True)
+        work = self.root / f".import-{name}-{time.time_ns()}"
+        work.mkdir()
+        try:
+            say("copying it into the store")
+            shutil.copyfile(source, work / "base.qcow2")
+            check = subprocess.run(["qemu-img", "check", "-q", str(work / "base.qcow2")], capture_output=True,
+                                   text=True)
+            if check.returncode != 0:
+                raise ImageError(f"{source} fails qemu-img check: {check.stderr.strip()}")
+            (work / "base.qcow2").chmod(0o644)
+            image = Image(name=name, content_hash=actual[:16], kind=RecipeKind.CLOUD, directory=final,
+                          kernel_version="its own", built_at=time.time(),
+                          size_bytes=(work / "base.qcow2").stat().st_size, disk_virtual_bytes=virtual, agent=False,
+                          firmware=firmware)
             (work / "manifest.json").write_text(image.model_dump_json(indent=2))
             work.rename(final)
             return image

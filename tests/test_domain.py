@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from hvctl.designer import BootArtifacts, HostCapabilities, VMAllocation, design
-from hvctl.domain import Accel, CpuMode, Domain, PciAddress, PciHostdev
+from hvctl.domain import Accel, CpuMode, Domain, FirmwareBoot, PciAddress, PciHostdev
 from hvctl.errors import NotFound
 from hvctl.host import DomainState, Host
 from hvctl.spec import VMSpec
@@ -50,6 +50,16 @@ CASES = {
         HostCapabilities("local", Accel.TCG), BOOT,
         alloc("gpu-vm", hostdevs=(PciHostdev(PciAddress.parse("0000:41:00.0")),
                                   PciHostdev(PciAddress.parse("0000:41:00.1"))), pcihole64_kib=256 * 1024 * 1024),
+    ),
+    "tcg-cloud-bios": (
+        VMSpec(name="stock", image="debian-cloud", disk_gib=4),
+        HostCapabilities("local", Accel.TCG), BootArtifacts(BOOT.kernel, BOOT.initrd, True, firmware="bios"),
+        alloc("stock", seed=Path("/var/lib/hvctl/vms/stock/seed.iso")),
+    ),
+    "kvm-cloud-uefi-gpu": (
+        VMSpec(name="stock-gpu", image="debian-cloud", disk_gib=40, gpus={"count": 1}),
+        HostCapabilities("local", Accel.KVM), BootArtifacts(BOOT.kernel, BOOT.initrd, True, firmware="efi"),
+        alloc("stock-gpu", hostdevs=(PciHostdev(PciAddress.parse("0000:41:00.0")),), pcihole64_kib=96 * 2**20),
     ),
 }
 
@@ -232,3 +242,15 @@ def test_the_console_is_a_pty_logged_to_a_file_and_an_older_file_serial_parses_t
     legacy = ET.fromstring("<serial type='file'><source path='/var/lib/hvctl/vms/tiny/console.log' append='on'/>"
                            "<target port='0'/></serial>")
     assert SerialConsole.from_xml(legacy) == SerialConsole.from_xml(el) == console
+
+
+def test_a_cloud_image_boots_through_its_firmware_and_uefi_gets_the_gpus_mmio_window() -> None:
+    bios = designed("tcg-cloud-bios")
+    assert isinstance(bios.boot, FirmwareBoot) and bios.boot.firmware == "bios"
+    xml = bios.to_xml()
+    assert "<kernel>" not in xml and "<boot dev=\"hd\" />" in xml and "firmware=" not in xml
+    uefi = designed("kvm-cloud-uefi-gpu").to_xml()
+    assert '<os firmware="efi">' in uefi and '<feature enabled="no" name="secure-boot" />' in uefi
+    # 96 GiB of BARs: OVMF's aperture floor is set to that, in MiB, through fw_cfg.
+    assert 'value="name=opt/ovmf/X-PciMmio64Mb,string=98304"' in uefi
+    assert "X-PciMmio64Mb" not in design(*CASES["tcg-gpu-hostdev"]).to_xml()  # SeaBIOS: pcihole64 only

@@ -132,3 +132,36 @@ def test_force_builds_beside_the_old_build_which_the_vms_made_on_it_keep(tmp_pat
     assert second.volume_prefix == first.volume_prefix + "-b1"  # and each build has its own upload in a pool
     assert store.for_base(f"/pool/{first.volume_prefix}.qcow2") == first
     assert store.for_base(f"/pool/{second.volume_prefix}.qcow2") == second
+
+
+def test_importing_a_cloud_image_checks_it_with_qemu_img_and_refusals_leave_nothing(tmp_path: Path) -> None:
+    import hashlib
+    import subprocess
+
+    def qcow2(name: str, size: str, *extra: str) -> Path:
+        path = tmp_path / name
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", *extra, str(path), size], check=True)
+        return path
+
+    store = ImageStore(tmp_path / "store")
+    good = qcow2("good.qcow2", "1G")
+    backed = qcow2("backed.qcow2", "1G", "-b", str(good), "-F", "qcow2")
+    huge = qcow2("huge.qcow2", "65G")
+    raw = tmp_path / "disk.raw"
+    raw.write_bytes(bytes(65536))
+    for args, needle in (((raw,), "'raw', not qcow2"), ((backed,), "has a backing file"),
+                         ((huge,), r"65.0 GiB \(virtual\), over the 64 GiB"),
+                         ((good, "0" * 64), "sha256 is"), ((tmp_path / "nope",), "is not a file")):
+        with pytest.raises(ImageError, match=needle):
+            store.import_image("cloudy", *args)  # type: ignore[arg-type]
+    with pytest.raises(ImageError, match="one of hvctl's recipes"):
+        store.import_image("base", good)
+    with pytest.raises(ImageError, match="bios or uefi"):
+        store.import_image("cloudy", good, firmware="pxe")
+    assert not store.root.exists() or not any(store.root.iterdir())
+    digest = hashlib.sha256(good.read_bytes()).hexdigest()
+    image = store.import_image("cloudy", good, sha256=digest, firmware="efi")
+    assert (image.kind.value, image.firmware, image.agent, image.disk_virtual_bytes) == ("cloud", "efi", False, 2**30)
+    assert store.get("cloudy") == image and image.directory.name == f"cloudy@{digest[:16]}"
+    image.verify()  # a cloud image has no kernel or initrd of hvctl's to check
+    assert store.import_image("cloudy", good) == image  # the same file again: the same build

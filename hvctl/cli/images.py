@@ -2,6 +2,7 @@
 
 import json
 import time
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -61,3 +62,27 @@ def image_rm(name: str, as_json: JsonOpt = False) -> None:
         emit_json({"removed": [f"{i.name}@{i.content_hash}" for i in removed]})
     else:
         out.print(f"removed {len(removed)} build(s) of {name}")
+
+
+@image_app.command("import")
+def image_import(
+    name: str,
+    file: Annotated[Path, typer.Argument(help="A qcow2 cloud image (its own bootloader, cloud-init).")],
+    sha256: Annotated[str | None, typer.Option("--sha256", help="Refuse the file unless its SHA-256 is this.")]
+    = None,
+    firmware: Annotated[str, typer.Option(help="What boots it: bios (SeaBIOS) or uefi (OVMF).")] = "bios",
+    as_json: JsonOpt = False,
+) -> None:
+    """Bring a stock cloud image into the store. VMs made from it boot through the firmware and the image's own
+    bootloader; cloud-init reads hvctl's NoCloud seed (hostname, keys, the pinned host key, network-config) and
+    its final message on the serial console is the VM's readiness line."""
+    started = time.monotonic()
+    with RichReporter(f"image import {name}") as reporter:
+        image = ctx().images.import_image(name, file, sha256, {"uefi": "efi"}.get(firmware, firmware),
+                                          progress=reporter.step)
+    if as_json:
+        emit_json(json.loads(image.model_dump_json()))
+    else:
+        out.print(f"image {image.name}@{image.content_hash} imported in {time.monotonic() - started:.1f} s "
+                  f"({image.size_bytes / 2**20:.1f} MiB, {image.disk_virtual_bytes / 2**30:.1f} GiB virtual, "
+                  f"{firmware} firmware)")

@@ -39,6 +39,14 @@ class DirectBoot:
 
 
 @dataclass(frozen=True)
+class FirmwareBoot:
+    """Boot through the firmware and the disk's own bootloader, as a stock cloud image does: SeaBIOS ("bios"), or
+    OVMF ("efi", chosen by libvirt from the firmware descriptors Debian's ``ovmf`` installs, without Secure Boot)."""
+
+    firmware: str = "bios"
+
+
+@dataclass(frozen=True)
 class UserNetwork:
     """QEMU user-mode networking with an SSH forward, through <qemu:commandline>.
 
@@ -131,7 +139,7 @@ class Domain:
     accel: Accel
     memory_mib: int
     vcpus: int
-    boot: DirectBoot
+    boot: DirectBoot | FirmwareBoot
     machine: str = "q35"
     arch: str = "x86_64"
     cpu_mode: CpuMode = CpuMode.MAXIMUM
@@ -159,10 +167,17 @@ class Domain:
         sub(root, "vcpu", str(self.vcpus))
         self.tuning.append_to(root)
         os_el = sub(root, "os")
+        if isinstance(self.boot, FirmwareBoot) and self.boot.firmware == "efi":
+            os_el.set("firmware", "efi")
         sub(os_el, "type", "hvm", arch=self.arch, machine=self.machine)
-        sub(os_el, "kernel", str(self.boot.kernel))
-        sub(os_el, "initrd", str(self.boot.initrd))
-        sub(os_el, "cmdline", self.boot.cmdline)
+        if isinstance(self.boot, DirectBoot):
+            sub(os_el, "kernel", str(self.boot.kernel))
+            sub(os_el, "initrd", str(self.boot.initrd))
+            sub(os_el, "cmdline", self.boot.cmdline)
+        else:
+            if self.boot.firmware == "efi":
+                sub(sub(os_el, "firmware"), "feature", enabled="no", name="secure-boot")
+            sub(os_el, "boot", dev="hd")
         sub(sub(root, "features"), "acpi")
         sub(root, "cpu", mode=self.cpu_mode.value)
         sub(root, "on_poweroff", "destroy")
@@ -201,12 +216,17 @@ class Domain:
         unit = memory.get("unit", "KiB") if memory is not None else "KiB"
         memory_mib = int(req(root, "memory")) // (1 if unit == "MiB" else 1024 if unit == "KiB" else 1)
         cpu = root.find("cpu")
+        os_el = root.find("os")
+        boot: DirectBoot | FirmwareBoot = (
+            DirectBoot(Path(req(root, "os/kernel")), Path(req(root, "os/initrd")), req(root, "os/cmdline"))
+            if root.find("os/kernel") is not None
+            else FirmwareBoot("efi" if os_el is not None and os_el.get("firmware") == "efi" else "bios"))
         return cls(
             name=req(root, "name"),
             accel=Accel(req(root, ".", "type")),
             memory_mib=memory_mib,
             vcpus=int(req(root, "vcpu")),
-            boot=DirectBoot(Path(req(root, "os/kernel")), Path(req(root, "os/initrd")), req(root, "os/cmdline")),
+            boot=boot,
             machine=req(root, "os/type", "machine"),
             arch=req(root, "os/type", "arch"),
             cpu_mode=CpuMode(cpu.get("mode", "maximum")) if cpu is not None else CpuMode.MAXIMUM,

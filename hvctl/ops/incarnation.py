@@ -104,7 +104,8 @@ class LocalStorage:
                        agent_socket=f.agent_socket)
 
     def artifacts(self, image: Image) -> BootArtifacts:
-        return BootArtifacts(kernel=image.kernel, initrd=image.initrd, root_on_disk=image.kind.value != "initramfs")
+        return BootArtifacts(kernel=image.kernel, initrd=image.initrd, root_on_disk=image.kind.value != "initramfs",
+                             firmware=image.firmware)
 
     def console(self) -> Path:
         return self.files.console_log
