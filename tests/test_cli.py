@@ -109,6 +109,7 @@ def test_bad_serve_input_is_one_line(tmp_path: Path, args: list[str], code: int,
     (["list", "--state", "asleep"], 2, "--state takes creating, running, paused, stopped, destroying"),
     (["show", "nope", "-o", "name"], 2, "-o takes table|json|yaml"),
     (["host", "evacuate", "nope"], 3, "unknown host 'nope'"),
+    (["host", "prepare", "root@192.0.2.1", "--hugepages", "-1"], 2, "--hugepages"),
     (["metrics", "--listen", "9100"], 2, "--listen takes ADDRESS:PORT"),
     (["metrics", "--listen", "127.0.0.1:9100", "--textfile", "/tmp/x"], 2, "pick one"),
 ])

@@ -115,6 +115,51 @@ def host_evacuate(name: str, as_json: JsonOpt = False) -> None:
         raise typer.Exit(1)
 
 
+@host_app.command("prepare")
+def host_prepare(
+    target: Annotated[str, typer.Argument(help="A registered host (its qemu+ssh URI says how to reach it), or "
+                                               "[USER@]ADDRESS.")],
+    identity: Annotated[Path | None, typer.Option("--identity", "-i", help="SSH private key.")] = None,
+    known_hosts: Annotated[Path | None, typer.Option(help="known_hosts with the host's key (default: the URI's "
+                                                          "known_hosts, else ~/.ssh/known_hosts).")] = None,
+    port: Annotated[int | None, typer.Option(help="SSH port.")] = None,
+    vfio: Annotated[bool, typer.Option("--vfio", help="Load vfio-pci now and at boot.")] = False,
+    hugepages: Annotated[int | None, typer.Option(help="Reserve this many 2 MiB huge pages now and at boot.",
+                                                  min=0)] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would change; change nothing.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Make a fresh Debian 12 machine a hypervisor host over SSH (fabric): packages, libvirtd, hvctl's storage pool
+    directory, and with --vfio / --hugepages those. Idempotent: each step checks first and acts only if needed."""
+    from urllib.parse import parse_qsl, urlsplit
+
+    from hvctl.errors import NotFound
+    from hvctl.ops.prepare import connect, prepare
+
+    user, address, uri_port, query = "root", target, None, {}
+    try:
+        uri = ctx().ledger.get_host(target).uri
+        parts = urlsplit(uri)
+        if "ssh" not in parts.scheme:
+            fail(f"host {target} is reached as {uri}, with no SSH for prepare to use; give its [USER@]ADDRESS", 2)
+        user, address, uri_port = parts.username or "root", parts.hostname or "", parts.port
+        query = dict(parse_qsl(parts.query))
+    except NotFound:
+        if "@" in target:
+            user, address = target.split("@", 1)
+    key = identity or (Path(query["keyfile"]) if "keyfile" in query else None)
+    pins = known_hosts or (Path(query["known_hosts"]) if "known_hosts" in query else None)
+    with RichReporter(f"host prepare {target}") as reporter:
+        done = prepare(connect(address, user, port or uri_port or 22, key, pins), vfio, hugepages, dry_run,
+                       reporter.step)
+    if as_json:
+        emit_json({"host": target, "dry_run": dry_run, "steps": done})
+        return
+    for d in done:
+        colour = {"ok": "green", "changed": "yellow"}.get(d["outcome"], "cyan")
+        out.print(f"[{colour}]{d['outcome']:<12}[/] {d['step']}: {safe(d['detail'])}")
+
+
 @host_app.command("rm")
 def host_rm(name: str) -> None:
     """Forget a host that runs no VMs."""
