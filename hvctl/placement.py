@@ -37,8 +37,13 @@ def inventory(ledger: Ledger, policy: Policy, record: HostRecord) -> HostInvento
     models: dict[str, int] = {}
     unhealthy = ledger.gpu_health(record.name)
     gpus = [g for g in gpus if g.get("address") not in unhealthy]  # dead until a host reboot: not capacity
+    # Devices a VM holds (claimed or bound, not yet given back) are not free, whatever model they are. The inventory
+    # rows carry no owner: the ledger's GPU journal is where ownership lives.
+    from hvctl.passthrough import owners
+
+    held = owners(ledger, record.name)
     for gpu in gpus:
-        if not gpu.get("owner"):
+        if gpu.get("address") not in held:
             models[gpu.get("model", "unknown")] = models.get(gpu.get("model", "unknown"), 0) + 1
     reserve = policy.hosts.reserve
     return HostInventory(

@@ -224,8 +224,14 @@ def test_a_device_whose_bind_has_begun_is_not_free_for_another_create(rig: Rig) 
     with pytest.raises(DeviceTaken, match="just claimed by VM left"):
         ledger.claim_gpus("local", "right", [EDU], passthrough.RELEASED_STATES)
     assert passthrough.owners(ledger, "local") == {EDU: "left"}
-    with pytest.raises(NoGpuAvailable, match=f"{EDU} is held by VM left"):
+    # The scheduler already counts it as held (it counted every device as free before: issue 17); placed by hand
+    # on the host, the create's own choice names the holder.
+    from hvctl.placement import NoValidHost
+
+    with pytest.raises(NoValidHost, match="0 of model edu free"):
         rig.create("right", 1, model="edu")
+    with pytest.raises(NoGpuAvailable, match=f"{EDU} is held by VM left"):
+        rig.create("right", 1, model="edu", host="local")
     # left is not in the ledger (its create died right there): doctor calls the row stranded, the repair drops it.
     assert [r["address"] for r in stranded_gpus(rig.ctx)] == [EDU]
     repair(rig.ctx)
@@ -382,3 +388,20 @@ def test_a_gpu_that_stops_answering_after_release_needs_a_host_reboot_and_is_not
     # A host reboot brings it back; doctor --repair sees it answer and places it again.
     (rig.fake.device_dir(GPU) / "config").write_bytes((0x10DE).to_bytes(2, "little") + bytes(62))
     assert repair(rig.ctx)["gpus_revived"] == [GPU] and rig.ctx.ledger.gpu_health("local") == {}
+
+
+def test_gpus_held_by_a_vm_are_not_free_in_the_schedulers_inventory(rig: Rig) -> None:
+    """The inventory rows never carried an owner, so every GPU counted as free for its model (issue 17)."""
+    from hvctl.placement import inventory
+
+    def free() -> dict[str, int]:
+        return dict(inventory(rig.ctx.ledger, rig.ctx.policy, rig.ctx.ledger.get_host("local")).gpu_models)
+
+    before = free()
+    assert before.get("edu", 0) >= 1, before
+    rig.create("holder", 1, model="edu")
+    after = free()
+    assert after.get("edu", 0) == before["edu"] - 1
+    assert {k: v for k, v in after.items() if k != "edu"} == {k: v for k, v in before.items() if k != "edu"}
+    destroy(rig.ctx, "holder")
+    assert free() == before

@@ -289,3 +289,44 @@ def test_a_reload_under_load_fails_no_request_and_switches_exactly_at_the_swap(m
     assert all(tokens == old for _, ended, tokens in results if ended < before_reload)
     assert all(tokens == new for began, _, tokens in results if began > switched)
     assert any(tokens == old for _, _, tokens in results) and any(tokens == new for _, _, tokens in results)
+
+
+def test_health_says_what_is_still_loading_and_what_failed(models: dict[str, Any], tmp_path: Path) -> None:
+    from guest.serving.api import make_server
+
+    registry = Registry(max_seqs=4, max_tokens=64)
+    server = make_server(registry.models, ("127.0.0.1", 0), registry.states)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+
+    def health() -> dict[str, Any]:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        connection.request("GET", "/health")
+        response = connection.getresponse()
+        assert response.status == 200
+        data: dict[str, Any] = json.loads(response.read())
+        connection.close()
+        return data
+
+    try:
+        assert health() == {"status": "no-model", "models": [], "loading": [], "failed": []}
+        # A directory that passes the up-front checks (config, weights' size) and fails to load: its weights are junk.
+        import shutil
+
+        broken = tmp_path / "broken"
+        shutil.copytree(models["a"]["dir"], broken)
+        for weights in broken.glob("*.safetensors"):
+            weights.write_bytes(b"\0" * weights.stat().st_size)
+        registry.load("broken", str(broken))
+        registry.load("m", models["a"]["dir"])
+        deadline = time.monotonic() + 120
+        while registry.states() != {"broken": "failed", "m": "ready"} and time.monotonic() < deadline:
+            # Until both settle, /health names each one as loading, or as what it became.
+            seen = health()
+            assert set(seen["loading"]) | set(seen["failed"]) | set(seen["models"]) == {"broken", "m"}
+            time.sleep(0.05)
+        assert health() == {"status": "ok", "models": ["m"], "loading": [], "failed": ["broken"]}
+    finally:
+        server.shutdown()
+        server.server_close()
+        registry.stop()

@@ -147,8 +147,11 @@ def test_key_rm_revokes_a_key_in_running_vms_and_their_seeds(env: dict[str, obje
     assert made.returncode == 0, made.stderr
     try:
         assert hvctl(env, "exec", "nokey", "-i", str(spare_key), "--", "true").returncode == 0
-        as_operator = hvctl(env, "exec", "nokey", "--", "true")
+        # Over SSH the operator's key is refused; plain exec, with no SSH path for hvctl, goes through the agent.
+        as_operator = hvctl(env, "exec", "nokey", "--via", "ssh", "--", "true")
         assert as_operator.returncode == 11 and "refused the key" in as_operator.stderr
+        via_agent = hvctl(env, "exec", "nokey", "--", "sh", "-c", "echo ${SSH_CONNECTION:-agent}")
+        assert via_agent.returncode == 0 and via_agent.stdout.strip() == "agent"
         assert json.loads(hvctl(env, "agent", "nokey", "ping", "--json").stdout)["pong"] is True
         refused = hvctl(env, "checkpoint", "nokey")
         assert refused.returncode == 2 and "--no-operator-key" in refused.stderr

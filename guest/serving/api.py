@@ -88,8 +88,21 @@ class ApiError(Exception):
         self.status, self.message, self.headers = status, message, headers or {}
 
 
-def make_server(models: dict[str, Model], address: tuple[str, int]) -> ThreadingHTTPServer:
+def make_server(models: dict[str, Model], address: tuple[str, int],
+                states: Callable[[], dict[str, str]] | None = None) -> ThreadingHTTPServer:
+    """``states``: every model the server was asked for, by name, with its state (loading, ready, failed), for
+    /health to say what is still loading and what failed, not only what serves."""
     metrics = Metrics()
+
+    def health() -> dict[str, Any]:
+        ready = sorted(models)
+        if states is None:
+            return {"status": "ok", "models": ready}
+        known = states()
+        loading = sorted(n for n, state in known.items() if state == "loading")
+        failed = sorted(n for n, state in known.items() if state == "failed")
+        status = "ok" if ready and not loading else "loading" if loading else "no-model"
+        return {"status": status, "models": ready, "loading": loading, "failed": failed}
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -100,7 +113,7 @@ def make_server(models: dict[str, Model], address: tuple[str, int]) -> Threading
         def do_GET(self) -> None:  # noqa: N802 - the base class's name
             try:
                 if self.path == "/health":
-                    self._json(200, {"status": "ok", "models": sorted(models)})
+                    self._json(200, health())
                 elif self.path == "/v1/models":
                     self._json(200, {"object": "list", "data": [
                         {"id": name, "object": "model", "owned_by": "hvctl"} for name in sorted(models)]})

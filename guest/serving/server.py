@@ -138,6 +138,11 @@ class Registry:
         if old is not None:
             _retire(old)
 
+    def states(self) -> dict[str, str]:
+        """Each model asked for, by name: loading, ready or failed."""
+        with self._lock:
+            return {name: entry.state for name, entry in self.entries.items()}
+
     def status(self) -> list[dict[str, Any]]:
         with self._lock:
             rows = []
@@ -296,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     args.state_dir.mkdir(parents=True, exist_ok=True)
     registry = Registry(args.max_seqs, args.max_tokens)
     try:
-        http_server = api.make_server(registry.models, (args.host, args.port))
+        http_server = api.make_server(registry.models, (args.host, args.port), registry.states)
     except OSError as exc:
         print(f"serve: error: cannot listen on {args.host}:{args.port}: {exc.strerror}", file=sys.stderr)
         return 2
