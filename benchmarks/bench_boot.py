@@ -66,7 +66,7 @@ def raw_side(conn: libvirt.virConnect, ctx: Context, name: str, port: int) -> tu
     build_seed(seed, name, [public_key_of(operator_key(ctx.paths.keys))], host_key, token)
     dom = conn.defineXML(xml)
     dom.create()
-    AgentClient(vm_dir / "agent.sock", token).wait_ready(180)
+    AgentClient.over_socket(vm_dir / "agent.sock", token).wait_ready(180)
     agent = time.perf_counter() - started
     record = VMRecord(name=name, tenant="default", host="local", spec=spec, state="running", image="base",
                       base_disk=image.base_disk, overlay=vm_dir / "disk.qcow2", console_log=vm_dir / "console.log",
