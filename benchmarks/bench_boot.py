@@ -24,7 +24,7 @@ import libvirt
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import Report, scratch_dir  # noqa: E402
+from common import Report, scratch_dir, share_test_images  # noqa: E402
 
 from hvctl.access import wait_for_ssh  # noqa: E402
 from hvctl.agent_client import AgentClient  # noqa: E402
@@ -91,11 +91,7 @@ def main() -> int:
     say = report.say
     try:
         ctx = Context(state_dir=root / "s", uri=daemon.uri)
-        images = Path(os.environ.get("HVCTL_TEST_IMAGES", "/var/tmp/hvctl-test-images"))
-        images.mkdir(parents=True, exist_ok=True)
-        images.chmod(0o755)
-        ctx.paths.images.rmdir()
-        ctx.paths.images.symlink_to(images)
+        share_test_images(ctx)
         for recipe in ("minimal", "base"):
             ctx.images.build(recipe)
         ctx.capabilities()

@@ -31,7 +31,7 @@ import libvirt
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import Report, scratch_dir  # noqa: E402
+from common import Report, scratch_dir, share_test_images  # noqa: E402
 
 from hvctl.context import Context  # noqa: E402
 from hvctl.designer import BootArtifacts, VMAllocation, design  # noqa: E402
@@ -90,10 +90,7 @@ def main() -> int:
     say = report.say
     try:
         ctx = Context(state_dir=root / "s", uri=daemon.uri)
-        images = Path(os.environ.get("HVCTL_TEST_IMAGES", "/var/tmp/hvctl-test-images"))
-        images.mkdir(parents=True, exist_ok=True)
-        ctx.paths.images.rmdir()
-        ctx.paths.images.symlink_to(images)
+        share_test_images(ctx)
         ctx.images.build("minimal")
         conn = libvirt.open(daemon.uri)
         define_domains(ctx, conn, args.domains)

@@ -69,29 +69,28 @@ def host_list(as_json: JsonOpt = False) -> None:
     out.print(table)
 
 
+def _switch_host(name: str, enabled: bool, reason: str, as_json: bool) -> None:
+    from hvctl.ops.hosts import set_enabled
+
+    changed = set_enabled(ctx(), name, enabled, reason)
+    what = "enabled" if enabled else "disabled"
+    if as_json:
+        emit_json({"host": name, "enabled": enabled, "changed": changed})
+    else:
+        out.print(f"host {name} {what if changed else 'was already ' + what}")
+
+
 @host_app.command("disable")
 def host_disable(name: str, reason: Annotated[str, typer.Option(help="Why, for the event log.")] = "",
                  as_json: JsonOpt = False) -> None:
     """Stop placing new VMs on a host (its VMs keep running); create --host and migrate --to refuse it."""
-    from hvctl.ops.hosts import set_enabled
-
-    changed = set_enabled(ctx(), name, False, reason)
-    if as_json:
-        emit_json({"host": name, "enabled": False, "changed": changed})
-    else:
-        out.print(f"host {name} {'disabled' if changed else 'was already disabled'}")
+    _switch_host(name, False, reason, as_json)
 
 
 @host_app.command("enable")
 def host_enable(name: str, as_json: JsonOpt = False) -> None:
     """Let the scheduler place VMs on a host again."""
-    from hvctl.ops.hosts import set_enabled
-
-    changed = set_enabled(ctx(), name, True)
-    if as_json:
-        emit_json({"host": name, "enabled": True, "changed": changed})
-    else:
-        out.print(f"host {name} {'enabled' if changed else 'was already enabled'}")
+    _switch_host(name, True, "", as_json)
 
 
 @host_app.command("evacuate")

@@ -8,17 +8,14 @@ check-then-insert, such as "is this name free, which port is free", cannot inter
 from __future__ import annotations
 
 import json
-import os
 import socket
 import sqlite3
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 from hvctl.accounting import Usage, first_excess, host_footprint, tenant_charge
 from hvctl.errors import AlreadyExists, HvctlError, LedgerError, NotFound
+from hvctl.ledger.gpus import GpuLedger
 from hvctl.ledger.records import (
     DEFAULT_PORT_RANGE,
     MOVABLE_COLUMNS,
@@ -31,67 +28,21 @@ from hvctl.ledger.records import (
     SnapshotRecord,
     VMPaths,
     VMRecord,
+    event_from_row,
     operation_from_row,
-    snapshot_charge,
     vm_from_row,
 )
 from hvctl.ledger.schema import MIGRATIONS
+from hvctl.ledger.snapshots import SnapshotLedger
 from hvctl.spec import VMSpec
 
 __all__ = ["DEFAULT_PORT_RANGE", "MIGRATIONS", "MOVABLE_COLUMNS", "VM_STATES", "Admission", "DeviceTaken", "Event",
            "HostRecord", "Ledger", "QuotaExceeded", "SnapshotRecord", "VMPaths", "VMRecord"]
 
 
-class Ledger:
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        try:
-            # isolation_level=None: we issue BEGIN ourselves, so each transaction's boundaries are explicit.
-            if not path.exists():
-                # It holds agent tokens: born 0600, so never readable by others even for an instant. SQLite gives
-                # its -wal and -shm files the database file's mode.
-                try:
-                    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-                except FileExistsError:
-                    pass
-                except OSError as exc:
-                    raise LedgerError(f"cannot create ledger {path}: {exc.strerror}") from None
-            self.db = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
-            self.db.row_factory = sqlite3.Row
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA foreign_keys=ON")
-            self.db.execute("PRAGMA busy_timeout=30000")
-            self._migrate()
-        except sqlite3.DatabaseError as exc:
-            raise LedgerError(f"cannot open ledger {path}: {exc}") from None
-
-    def close(self) -> None:
-        self.db.close()
-
-    @property
-    def schema_version(self) -> int:
-        return int(self.db.execute("PRAGMA user_version").fetchone()[0])
-
-    def _migrate(self) -> None:
-        with self.transaction():
-            current = self.schema_version
-            if current > len(MIGRATIONS):
-                raise LedgerError(f"ledger {self.path} has schema v{current}, newer than this hvctl "
-                                  f"(v{len(MIGRATIONS)})", hint="upgrade hvctl")
-            for version, script in enumerate(MIGRATIONS[current:], start=current + 1):
-                for statement in filter(str.strip, script.split(";")):
-                    self.db.execute(statement)
-                self.db.execute(f"PRAGMA user_version = {version}")
-
-    @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self.db
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
+class Ledger(GpuLedger, SnapshotLedger):
+    """The whole ledger: the core (connection, migrations, transactions, usage), GPUs and snapshots in their own
+    modules, and here hosts, VMs, operations, reservations, tenant keys and reading the event log."""
 
     # -- hosts ------------------------------------------------------------------------------------------------
 
@@ -275,29 +226,6 @@ class Ledger:
 
     # -- accounting and reservations --------------------------------------------------------------------------
 
-    def tenant_usage(self, tenant: str, db: sqlite3.Connection | None = None) -> Usage:
-        db = db or self.db
-        total = Usage()
-        for row in db.execute("SELECT spec FROM vms WHERE tenant = ?", (tenant,)):
-            total += tenant_charge(VMSpec.model_validate_json(row[0]))
-        for row in db.execute("SELECT usage FROM reservations WHERE tenant = ? AND counts_against_tenant = 1",
-                              (tenant,)):
-            total += Usage(**json.loads(row[0]))
-        for row in db.execute("SELECT disk_gib FROM snapshots WHERE tenant = ?", (tenant,)):
-            total += Usage(disk_gib=row[0])
-        return total
-
-    def host_usage(self, host: str, db: sqlite3.Connection | None = None) -> Usage:
-        db = db or self.db
-        total = Usage()
-        for row in db.execute("SELECT spec FROM vms WHERE host = ?", (host,)):
-            total += host_footprint(VMSpec.model_validate_json(row[0]))
-        for row in db.execute("SELECT usage FROM reservations WHERE host = ?", (host,)):
-            total += Usage(**json.loads(row[0]))
-        for row in db.execute("SELECT disk_gib FROM snapshots WHERE host = ?", (host,)):
-            total += Usage(disk_gib=row[0])
-        return total
-
     def _admit(self, db: sqlite3.Connection, spec: VMSpec, host: str, admission: Admission) -> None:
         refusal = first_excess(f"tenant {spec.tenant}", tenant_charge(spec), self.tenant_usage(spec.tenant, db),
                                admission.tenant_limit) or \
@@ -330,60 +258,6 @@ class Ledger:
                         f"{name}: {old.spec.vcpus} → {spec.vcpus} vCPU, {old.spec.memory_mib} → {spec.memory_mib} "
                         f"MiB, disk {old.spec.disk_gib} → {spec.disk_gib} GiB")
         return self.get_vm(name)
-
-    # -- snapshots -------------------------------------------------------------------------------------------------
-
-    def reserve_snapshot(self, vm: str, name: str, memory: bool, admission: Admission) -> SnapshotRecord:
-        """Record snapshot ``name`` of ``vm`` as 'creating', charged against the tenant's disk quota and the host's
-        disk in the same transaction as the checks, so that racing snapshots cannot together overshoot either."""
-        try:
-            with self.transaction() as db:
-                row = db.execute("SELECT * FROM vms WHERE name = ?", (vm,)).fetchone()
-                if row is None:
-                    raise NotFound(f"no VM named {vm!r}")
-                record = vm_from_row(row)
-                if db.execute("SELECT 1 FROM snapshots WHERE vm = ? AND name = ?", (vm, name)).fetchone():
-                    raise AlreadyExists(f"{vm} already has a snapshot named {name!r}")
-                charge = Usage(disk_gib=snapshot_charge(record.spec, memory))
-                refusal = first_excess(f"tenant {record.tenant}", charge, self.tenant_usage(record.tenant, db),
-                                       admission.tenant_limit) or \
-                    first_excess(f"host {record.host}", charge, self.host_usage(record.host, db),
-                                 admission.host_limit)
-                if refusal:
-                    raise QuotaExceeded(f"snapshot {name} of {vm}: {refusal}")
-                db.execute("INSERT INTO snapshots (vm, name, tenant, host, memory, disk_gib, state, created_at) "
-                           "VALUES (?,?,?,?,?,?,?,?)", (vm, name, record.tenant, record.host, int(memory),
-                                                        charge.disk_gib, "creating", time.time()))
-        except QuotaExceeded as exc:
-            self.log_event(vm, None, "admission.refused", exc.message)
-            raise
-        return self.get_snapshot(vm, name)
-
-    def get_snapshot(self, vm: str, name: str) -> SnapshotRecord:
-        row = self.db.execute("SELECT * FROM snapshots WHERE vm = ? AND name = ?", (vm, name)).fetchone()
-        if row is None:
-            raise NotFound(f"{vm} has no snapshot named {name!r}", hint=f"hvctl snapshot list {vm}")
-        return _snapshot_from_row(row)
-
-    def snapshots(self, vm: str | None = None) -> list[SnapshotRecord]:
-        rows = self.db.execute("SELECT * FROM snapshots WHERE ? IS NULL OR vm = ? ORDER BY created_at, name",
-                               (vm, vm))
-        return [_snapshot_from_row(r) for r in rows]
-
-    def set_snapshot_state(self, vm: str, name: str, state: str, message: str) -> None:
-        assert state in ("creating", "ready", "deleting"), state
-        with self.transaction() as db:
-            row = db.execute("UPDATE snapshots SET state = ? WHERE vm = ? AND name = ? RETURNING host",
-                             (state, vm, name)).fetchone()
-            if row is None:
-                raise NotFound(f"{vm} has no snapshot named {name!r}")
-            self._event(db, vm, row[0], f"snapshot.{state}", message)
-
-    def delete_snapshot(self, vm: str, name: str, message: str) -> None:
-        with self.transaction() as db:
-            row = db.execute("DELETE FROM snapshots WHERE vm = ? AND name = ? RETURNING host", (vm, name)).fetchone()
-            if row is not None:
-                self._event(db, vm, row[0], "snapshot.deleted", message)
 
     def reserve(self, host: str, tenant: str, usage: Usage, kind: str, vm: str | None = None,
                 counts_against_tenant: bool = False, host_limit: dict[str, float | None] | None = None) -> int:
@@ -462,76 +336,6 @@ class Ledger:
             db.execute("DELETE FROM reservations WHERE id = ?", (reservation_id,))
             self._event(db, name, target, "migration.completed", f"migrated {name} from {source} to {target}", stats)
 
-    # -- GPU health -----------------------------------------------------------------------------------------------
-
-    def mark_gpu_unhealthy(self, host: str, address: str, state: str, reason: str) -> None:
-        with self.transaction() as db:
-            db.execute("INSERT INTO gpu_health (host, address, state, reason, since) VALUES (?,?,?,?,?) "
-                       "ON CONFLICT (host, address) DO UPDATE SET state = excluded.state, reason = excluded.reason",
-                       (host, address, state, reason, time.time()))
-            self._event(db, None, host, f"gpu.{state}", f"{address}: {reason}")
-
-    def clear_gpu_health(self, host: str, address: str, reason: str) -> None:
-        with self.transaction() as db:
-            if db.execute("DELETE FROM gpu_health WHERE host = ? AND address = ?", (host, address)).rowcount:
-                self._event(db, None, host, "gpu.healthy", f"{address}: {reason}")
-
-    def gpu_health(self, host: str) -> dict[str, dict[str, Any]]:
-        """Address → {state, reason, since} for each of the host's devices that must not be placed."""
-        rows = self.db.execute("SELECT * FROM gpu_health WHERE host = ?", (host,))
-        return {r["address"]: {"state": r["state"], "reason": r["reason"], "since": r["since"]} for r in rows}
-
-    # -- GPU bindings: the vfio binder's journal -----------------------------------------------------------------
-
-    def claim_gpus(self, host: str, vm: str, addresses: list[str], free_states: frozenset[str]) -> None:
-        """Claim devices for ``vm`` in one transaction, before anything is bound: two creates that chose the same
-        device cannot both get it. A device whose row is another VM's, in a state outside ``free_states``, is
-        refused (DeviceTaken) and nothing is claimed."""
-        now = time.time()
-        with self.transaction() as db:
-            for address in addresses:
-                row = db.execute("SELECT vm, state FROM gpu_bindings WHERE host = ? AND address = ?",
-                                 (host, address)).fetchone()
-                if row is not None and row["vm"] != vm and row["state"] not in free_states:
-                    raise DeviceTaken(f"{address} on host {host} was just claimed by VM {row['vm']}",
-                                      hint="try again: another free device may be chosen")
-            for address in addresses:
-                db.execute("INSERT INTO gpu_bindings (host, address, vm, original_driver, step, state, updated_at) "
-                           "VALUES (?,?,?,NULL,'claim','claimed',?) ON CONFLICT (host, address) DO UPDATE SET "
-                           "vm = excluded.vm, original_driver = NULL, step = 'claim', state = 'claimed', "
-                           "updated_at = excluded.updated_at", (host, address, vm, now))
-
-    def unclaim_gpus(self, host: str, vm: str) -> list[str]:
-        """Drop ``vm``'s claims on devices that were never moved (state 'claimed'); returns their addresses."""
-        with self.transaction() as db:
-            rows = db.execute("SELECT address FROM gpu_bindings WHERE host = ? AND vm = ? AND state = 'claimed'",
-                              (host, vm)).fetchall()
-            db.execute("DELETE FROM gpu_bindings WHERE host = ? AND vm = ? AND state = 'claimed'", (host, vm))
-        return [r[0] for r in rows]
-
-    def record_gpu_step(self, host: str, address: str, vm: str | None, step: str, original_driver: str | None,
-                        state: str) -> None:
-        """One transition of a device between its host driver and vfio-pci, written before it is attempted, so
-        that after a crash `hvctl doctor --repair` knows which devices may be half-moved."""
-        with self.transaction() as db:
-            db.execute("INSERT INTO gpu_bindings (host, address, vm, original_driver, step, state, updated_at) "
-                       "VALUES (?,?,?,?,?,?,?) ON CONFLICT (host, address) DO UPDATE SET vm = excluded.vm, "
-                       "original_driver = excluded.original_driver, step = excluded.step, state = excluded.state, "
-                       "updated_at = excluded.updated_at",
-                       (host, address, vm, original_driver, step, state, time.time()))
-
-    def gpu_bindings(self, host: str | None = None, vm: str | None = None) -> list[dict[str, Any]]:
-        query, args = "SELECT * FROM gpu_bindings WHERE 1=1", list[str]()
-        if host is not None:
-            query, args = query + " AND host = ?", [*args, host]
-        if vm is not None:
-            query, args = query + " AND vm = ?", [*args, vm]
-        return [dict(r) for r in self.db.execute(query + " ORDER BY host, address", args)]
-
-    def forget_gpu(self, host: str, address: str) -> None:
-        with self.transaction() as db:
-            db.execute("DELETE FROM gpu_bindings WHERE host = ? AND address = ?", (host, address))
-
     def last_event_data(self, vm: str, kind: str) -> dict[str, Any] | None:
         row = self.db.execute("SELECT data FROM events WHERE vm = ? AND kind = ? ORDER BY id DESC LIMIT 1",
                               (vm, kind)).fetchone()
@@ -576,29 +380,16 @@ class Ledger:
 
     # -- events -----------------------------------------------------------------------------------------------
 
-    def log_event(self, vm: str | None, host: str | None, kind: str, message: str,
-                  data: dict[str, Any] | None = None) -> None:
-        with self.transaction() as db:
-            self._event(db, vm, host, kind, message, data)
-
-    @staticmethod
-    def _event(db: sqlite3.Connection, vm: str | None, host: str | None, kind: str, message: str,
-               data: dict[str, Any] | None = None) -> None:
-        db.execute("INSERT INTO events (ts, vm, host, kind, message, data) VALUES (?,?,?,?,?,?)",
-                   (time.time(), vm, host, kind, message, json.dumps(data) if data else None))
-
     def events(self, vm: str | None = None, limit: int = 50, after: int = 0) -> list[Event]:
         """The last ``limit`` events (of ``vm``), oldest first; with ``after``, only those with a larger id."""
         query = "SELECT * FROM events WHERE id > ?" + (" AND vm = ?" if vm else "") + " ORDER BY id DESC LIMIT ?"
         rows = self.db.execute(query, (after, vm, limit) if vm else (after, limit)).fetchall()
-        return [Event(r["id"], r["ts"], r["vm"], r["host"], r["kind"], r["message"],
-                      json.loads(r["data"]) if r["data"] else None) for r in reversed(rows)]
+        return [event_from_row(r) for r in reversed(rows)]
 
     def events_of_kind(self, kind: str) -> list[Event]:
         """Every event of ``kind``, oldest first (what metrics count: migrations done and failed)."""
         rows = self.db.execute("SELECT * FROM events WHERE kind = ? ORDER BY id", (kind,)).fetchall()
-        return [Event(r["id"], r["ts"], r["vm"], r["host"], r["kind"], r["message"],
-                      json.loads(r["data"]) if r["data"] else None) for r in rows]
+        return [event_from_row(r) for r in rows]
 
     def operation_progress(self, vm: str, holder: str, progress: dict[str, Any]) -> None:
         """Merge ``progress`` into the running operation's data under "progress", leaving its step as it is: what
@@ -609,12 +400,6 @@ class Ledger:
                 merged = json.loads(row[0]) | {"progress": progress}
                 db.execute("UPDATE operations SET data = ?, updated_at = ? WHERE vm = ? AND holder = ?",
                            (json.dumps(merged), time.time(), vm, holder))
-
-
-def _snapshot_from_row(row: sqlite3.Row) -> SnapshotRecord:
-    return SnapshotRecord(vm=row["vm"], name=row["name"], tenant=row["tenant"], host=row["host"],
-                          memory=bool(row["memory"]), disk_gib=row["disk_gib"], state=row["state"],
-                          created_at=row["created_at"])
 
 
 def _insert_vm(db: sqlite3.Connection, spec: VMSpec, host: str, paths: VMPaths, port: int, state: str, now: float,

@@ -136,6 +136,11 @@ class Event:
                 "message": self.message, "source": "ledger"} | ({"data": self.data} if self.data else {})
 
 
+def event_from_row(r: sqlite3.Row) -> Event:
+    return Event(r["id"], r["ts"], r["vm"], r["host"], r["kind"], r["message"],
+                 json.loads(r["data"]) if r["data"] else None)
+
+
 def vm_from_row(row: sqlite3.Row) -> VMRecord:
     return VMRecord(
         name=row["name"], tenant=row["tenant"], host=row["host"], spec=VMSpec.model_validate_json(row["spec"]),

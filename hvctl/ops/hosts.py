@@ -118,7 +118,8 @@ def evacuate(ctx: Context, name: str, say: Callable[[str], None] = lambda _: Non
     failed: list[dict[str, Any]] = []
     vms = ctx.ledger.list_vms(host=name)
     for i, record in enumerate(vms, 1):
-        say(f"[{i}/{len(vms)}] {record.name}: placing")
+        prefix = f"[{i}/{len(vms)}] {record.name}: "
+        say(prefix + "placing")
         try:
             actual = ctx.host(name).state(record.name)
             mode: Mode
@@ -132,9 +133,7 @@ def evacuate(ctx: Context, name: str, say: Callable[[str], None] = lambda _: Non
                 raise HvctlError(f"it is {actual.value}; resume or stop it, then evacuate again")
             target = choose_host(ctx.ledger, ctx.policy, record.spec.model_copy(update={"host": None}))
             copy = mode != "checkpoint" and not (ctx.is_this_machine(name) and ctx.is_this_machine(target))
-            say(f"[{i}/{len(vms)}] {record.name}: {mode} migration to {target}" + (" (copying its disk)" if copy
-                                                                                      else ""))
-            prefix = f"[{i}/{len(vms)}] {record.name}: "
+            say(prefix + f"{mode} migration to {target}" + (" (copying its disk)" if copy else ""))
             stats = migrate(ctx, record.name, target, MigrateOptions(mode=mode, copy_storage=copy), on_progress,
                             lambda step: say(prefix + step))  # noqa: B023 - called within this iteration only
             moved.append({"vm": record.name, "to": target, "mode": mode, "total_s": stats.get("total_s")})

@@ -110,13 +110,14 @@ def _vm_metrics(ctx: Context, vms: list[Any], hosts: list[str]) -> Iterator[Metr
 
 def _tenant_metrics(ctx: Context, vms: list[Any]) -> Iterator[Metric]:
     tenants = sorted({r.tenant for r in vms} | set(ctx.policy.tenants))
+    usage = {tenant: ctx.ledger.tenant_usage(tenant) for tenant in tenants}
     for field, (stem, factor) in RESOURCES.items():
         used = GaugeMetricFamily(f"hvctl_tenant_{stem}_used", f"What the tenant's VMs (and, for disk, snapshots) "
                                                               f"hold of its {stem} quota.", labels=["tenant"])
         limit = GaugeMetricFamily(f"hvctl_tenant_{stem}_quota", f"The tenant's {stem} quota (absent: none).",
                                   labels=["tenant"])
         for tenant in tenants:
-            used.add_metric([tenant], getattr(ctx.ledger.tenant_usage(tenant), field) * factor)
+            used.add_metric([tenant], getattr(usage[tenant], field) * factor)
             known = ctx.policy.tenants.get(tenant)
             cap = known.quota.model_dump().get(field) if known is not None else None
             if cap is not None:
@@ -137,6 +138,7 @@ def _host_metrics(ctx: Context, hosts: list[Any]) -> Iterator[Metric]:
     for row in ctx.ledger.reservations():
         reserved_by_host[row["host"]] = reserved_by_host.get(row["host"], Usage()) + Usage(**json.loads(row["usage"]))
     capacity = {"vcpus": lambda h: h.cpus, "memory_mib": lambda h: h.memory_mib, "disk_gib": lambda h: h.disk_gib}
+    usage = {h.name: ctx.ledger.host_usage(h.name) for h in hosts}
     for field, (stem, factor) in RESOURCES.items():
         allocated = GaugeMetricFamily(f"hvctl_host_{stem}_allocated", f"{stem} held on the host by its VMs, "
                                       "snapshots and in-flight reservations.", labels=["host"])
@@ -145,7 +147,7 @@ def _host_metrics(ctx: Context, hosts: list[Any]) -> Iterator[Metric]:
         total = GaugeMetricFamily(f"hvctl_host_{stem}_capacity", f"The host's {stem} as libvirt reports it.",
                                   labels=["host"])
         for h in hosts:
-            allocated.add_metric([h.name], getattr(ctx.ledger.host_usage(h.name), field) * factor)
+            allocated.add_metric([h.name], getattr(usage[h.name], field) * factor)
             reserved.add_metric([h.name], getattr(reserved_by_host.get(h.name, Usage()), field) * factor)
             size = capacity[field](h) if field in capacity else None
             if size is not None:
@@ -182,7 +184,8 @@ def _migration_metrics(ctx: Context) -> Iterator[Metric]:
         if data.get("downtime_ms") is not None:
             downtimes.append(float(data["downtime_ms"]) / 1000)
     for event in ctx.ledger.events_of_kind("migration.failed"):
-        mode = "checkpoint" if "checkpoint" in event.message else "live"
+        # Older failures were logged without their mode: checkpoint ones say so in their message.
+        mode = str((event.data or {}).get("mode") or ("checkpoint" if "checkpoint" in event.message else "live"))
         counts[("failed", mode)] = counts.get(("failed", mode), 0) + 1
     for (outcome, mode), n in sorted(counts.items()):
         done.add_metric([outcome, mode], n)

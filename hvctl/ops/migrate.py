@@ -103,7 +103,8 @@ def _migrate(ctx: Context, name: str, target: str, opts: MigrateOptions,
         except BaseException as exc:
             message = exc.message if isinstance(exc, HvctlError) else f"{type(exc).__name__}: {exc}"
             ledger.log_event(name, record.host, "migration.failed", f"checkpoint-migration of {name} to {target} "
-                                                                    f"failed: {message}; it stays on {record.host}")
+                                                                    f"failed: {message}; it stays on {record.host}",
+                             {"mode": opts.mode, "target": target})
             if isinstance(exc, (InvalidSpec, NotFound, QuotaExceeded)) or not isinstance(exc, Exception):
                 raise  # refused before anything moved, or interrupted: the error says it all
             raise MigrationFailed(f"checkpoint-migration of {name} to {target} failed: {message}; "
@@ -165,7 +166,8 @@ def _migrate(ctx: Context, name: str, target: str, opts: MigrateOptions,
             copy.discard()
         message = exc.message if isinstance(exc, HvctlError) else f"{type(exc).__name__}: {exc}"
         ledger.log_event(name, record.host, "migration.failed", f"migration of {name} to {target} failed: "
-                                                                f"{message}; it stays on {record.host}")
+                                                                f"{message}; it stays on {record.host}",
+                         {"mode": opts.mode, "target": target})
         raise
     ledger.complete_migration(name, target, port, reservation, stats, moved=moved)
     op.step("committed")

@@ -14,12 +14,13 @@ the new size; a refused resize changes nothing.
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Callable
 from typing import Any
 
 from hvctl.context import Context
 from hvctl.errors import HvctlError, InvalidSpec
 from hvctl.host import DomainState
-from hvctl.ledger import Admission
+from hvctl.ledger import Admission, VMRecord
 from hvctl.ops import Reporter, SilentReporter, pooled
 from hvctl.ops.intent import operation
 from hvctl.placement import host_limit
@@ -58,7 +59,7 @@ def resize(ctx: Context, name: str, vcpus: int | None = None, memory_mib: int | 
 
 
 def _apply(ctx: Context, name: str, host_name: str, old: VMSpec, new: VMSpec,
-           say: Any) -> dict[str, Any]:
+           say: Callable[[str], None]) -> dict[str, Any]:
     from hvctl.designer import qemu_overhead_mib
 
     record = ctx.ledger.get_vm(name)
@@ -94,7 +95,7 @@ def _apply(ctx: Context, name: str, host_name: str, old: VMSpec, new: VMSpec,
     return result
 
 
-def _grow_filesystem(ctx: Context, record: Any, say: Any) -> str:
+def _grow_filesystem(ctx: Context, record: VMRecord, say: Callable[[str], None]) -> str:
     """resize2fs on the guest's root disk, online, through the agent: its new size as the guest's df reports it."""
     if not record.agent_token:
         return "not grown: the image has no agent (its init grows it at the next boot, if it does that)"

@@ -78,9 +78,10 @@ def revert(ctx: Context, vm: str, name: str, reporter: Reporter | None = None) -
     snap = ctx.ledger.get_snapshot(vm, name)
     with operation(ctx, vm, "snapshot", data={"action": "revert", "snapshot": name}, say=say) as op:
         guest = ctx.host(record.host).guest(vm)
-        if snap.state != "ready" or name not in guest.snapshot_names():
+        in_libvirt = name in guest.snapshot_names()
+        if snap.state != "ready" or not in_libvirt:
             raise HvctlError(f"snapshot {name} of {vm} is not usable ({snap.state}; "
-                             f"{'in' if name in guest.snapshot_names() else 'missing from'} libvirt)")
+                             f"{'in' if in_libvirt else 'missing from'} libvirt)")
         state = guest.state()
         if not snap.memory and state is not DomainState.SHUTOFF:
             raise HvctlError(f"{name} is a disk snapshot and {vm} is {state.value}: reverting its disk under a "

@@ -42,6 +42,9 @@ def wait(ctx: Context, name: str, condition: str, timeout: float) -> float:
 
         if not record.host_pubkey:
             raise HvctlError(f"VM {name} has no SSH (image {record.image} was built without sshd)")
+        if not record.spec.operator_key:
+            raise HvctlError(f"VM {name} was created with --no-operator-key: only its tenant's keys open it, so hvctl "
+                             "cannot tell when SSH is up", hint=f"hvctl wait {name} --for agent")
         try:
             wait_for_ssh(record, operator_key(ctx.paths.keys), timeout, route_for(ctx, record))
         except HostKeyMismatch:
