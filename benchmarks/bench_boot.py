@@ -68,7 +68,7 @@ def raw_side(conn: libvirt.virConnect, ctx: Context, name: str, port: int) -> tu
     dom.create()
     AgentClient.over_socket(vm_dir / "agent.sock", token).wait_ready(180)
     agent = time.perf_counter() - started
-    record = VMRecord(name=name, tenant="default", host="local", spec=spec, state="running", image="base",
+    record = VMRecord(name=name, tenant="default", host="local", spec_source=spec, state="running", image="base",
                       base_disk=image.base_disk, overlay=vm_dir / "disk.qcow2", console_log=vm_dir / "console.log",
                       agent_socket=vm_dir / "agent.sock", ssh_port=port, created_at=0, updated_at=0,
                       host_pubkey=host_key.public_line)

@@ -11,8 +11,10 @@ Admission compares usage + request with a limit per resource and names the first
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
-from hvctl.spec import VMSpec
+if TYPE_CHECKING:
+    from hvctl.spec import VMSpec
 
 UNITS = {"vcpus": "", "memory_mib": " MiB", "disk_gib": " GiB", "gpus": "", "vms": ""}
 NAMES = {"vcpus": "vcpus", "memory_mib": "memory", "disk_gib": "disk", "gpus": "gpus", "vms": "vms"}

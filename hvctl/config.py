@@ -14,7 +14,6 @@ flags' help is the settings' documentation. A flag or its environment variable b
 from __future__ import annotations
 
 import os
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -42,13 +41,17 @@ def load() -> tuple[dict[str, Any], dict[str, str]]:
     explicit = bool(os.environ.get(ENV))
     for path in config_files():
         try:
-            data = tomllib.loads(path.read_text())
+            text = path.read_text()
         except FileNotFoundError:
             if explicit:
                 raise InvalidSpec(f"{ENV}={path}: no such file") from None
             continue
         except (OSError, UnicodeDecodeError) as exc:
             raise InvalidSpec(f"cannot read config file {path}: {getattr(exc, 'strerror', None) or exc}") from None
+        import tomllib  # only when there is a file: most runs have none
+
+        try:
+            data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise InvalidSpec(f"config file {path}: {exc}") from None
         for key, value in data.items():

@@ -49,7 +49,7 @@ class StateDir:
 
     def vm_dir(self, name: str, generation: int = 0) -> Path:
         # Names never contain '.', so NAME.gN cannot be another VM's directory.
-        from hvctl.spec import check_name
+        from hvctl.names import check_name
 
         return self.root / "vms" / (check_name(name) + (f".g{generation}" if generation else ""))
 

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import enum
-import re
 from ipaddress import IPv4Address, IPv4Interface
 from typing import Annotated, Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 from hvctl.errors import InvalidSpec
+from hvctl.names import NAME_PATTERN
 
 # A name becomes a libvirt domain name, a directory name and part of a disk path. The pattern admits nothing that
 # XML, a shell or a path could interpret: no dots (so no ".."), no slashes, no quotes, no spaces.
-NAME_PATTERN = r"^[a-z][a-z0-9-]{0,62}$"
 Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
 # Image names may carry a dot for versions ("base-1.2") but never start with one.
 ImageName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9.-]{0,62}$")]
@@ -119,9 +118,3 @@ def describe_validation_error(exc: ValidationError) -> str:
         shown = repr(value) if isinstance(value, str | int | float) else None
         parts.append(f"{field} {shown}: {rule}" if shown is not None else f"{field}: {rule}")
     return "invalid request: " + "; ".join(parts)
-
-
-def check_name(name: str, what: str = "name") -> str:
-    if not re.fullmatch(NAME_PATTERN, name):
-        raise InvalidSpec(f"invalid {what} {name!r}: must match [a-z][a-z0-9-]{{0,62}}")
-    return name

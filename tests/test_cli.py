@@ -233,3 +233,48 @@ def hvctl_env(state: Path, extra: dict[str, str], *args: str,
         env.pop("HVCTL_STATE_DIR")
     return subprocess.run([sys.executable, "-m", "hvctl.cli", *args], capture_output=True, text=True,
                           env=env | extra, timeout=60)
+
+
+def test_one_invocation_builds_only_its_own_command() -> None:
+    """typer builds click objects for the whole tree before running a command; main() hands it the named command
+    alone. A global option's value is never taken for the command, and anything else gets the whole tree."""
+    from hvctl.cli import _only_the_command, app
+
+    def names(args: list[str]) -> set[str]:
+        chosen = _only_the_command(args)
+        return {c.name or c.callback.__name__ for c in chosen.registered_commands} | {
+            g.name or "" for g in chosen.registered_groups}
+
+    assert names(["list", "--json"]) == {"list"}
+    assert names(["-c", "show", "--wait", "3", "list"]) == {"list"}
+    assert names(["--debug", "host", "list"]) == {"host"}
+    whole = names([])
+    assert {"list", "show", "host", "serve"} <= whole
+    for args in ([], ["--help"], ["nosuch"], ["--", "list"]):
+        assert _only_the_command(args) is app
+    assert app.registered_commands and len(whole) == len(names(["nosuch"]))
+
+
+def test_list_reads_the_ledger_without_importing_pydantic(tmp_path: Path) -> None:
+    """`hvctl list` parses no spec: the ledger's rows are read as they were written (the import alone cost more
+    than the listing). The same numbers come out, and `show` still validates the spec."""
+    from hvctl.ledger import Ledger, VMPaths
+    from hvctl.spec import VMSpec
+
+    state = tmp_path / "state"
+    env = os.environ | {"HVCTL_STATE_DIR": str(state), "HVCTL_CONNECT": "test:///default"}
+    assert hvctl_env(state, env, "list").returncode == 0  # registers host local
+    ledger = Ledger(state / "ledger.sqlite3")
+    vm = tmp_path / "test"
+    ledger.reserve_vm(VMSpec(name="test", vcpus=2, memory_mib=768, disk_gib=3),
+                      "local", VMPaths(vm / "b", vm / "o", vm / "s", vm / "c", vm / "a"))
+    ledger.close()
+    probe = ("import sys\nfrom hvctl.cli import main\ntry:\n    main(['list', '--json'])\nfinally:\n"
+             "    sys.stderr.write('pydantic imported: %s' % ('pydantic' in sys.modules))\n")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.endswith("pydantic imported: False")
+    (view,) = json.loads(result.stdout)["vms"]
+    assert (view["vcpus"], view["memory_mib"], view["disk_gib"]) == (2, 768, 3)
+    assert view["spec"] == VMSpec(name="test", vcpus=2, memory_mib=768, disk_gib=3).model_dump(mode="json")
+    assert json.loads(hvctl_env(state, env, "show", "test", "--json").stdout)["spec"] == view["spec"]

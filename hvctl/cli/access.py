@@ -202,7 +202,7 @@ def cp(
 
 
 def _read_public_key(tenant: str, public_key_file: Path) -> str:
-    from hvctl.spec import check_name
+    from hvctl.names import check_name
 
     check_name(tenant, "tenant")
     try:

@@ -138,7 +138,8 @@ def print_vm_table(views: "list[VMView]", orphans: "list[Drift]") -> None:
     for v in views:
         r = v.record
         actual = v.actual.value if v.actual else "unreachable"
-        table.add_row(r.name, r.tenant, r.host, r.state, actual, str(r.spec.vcpus), str(r.spec.memory_mib),
+        table.add_row(r.name, r.tenant, r.host, r.state, actual, str(r.spec_fields["vcpus"]),
+                      str(r.spec_fields["memory_mib"]),
                       str(r.ssh_port), f"[red]{safe(v.drift)}[/]" if v.drift else "")
     for o in orphans:
         table.add_row(safe(o.vm), "?", o.host, "-", "?", "", "", "", f"[red]{safe(o.problem)}[/]")

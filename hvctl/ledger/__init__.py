@@ -11,7 +11,7 @@ import json
 import socket
 import sqlite3
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hvctl.accounting import Usage, first_excess, host_footprint, tenant_charge
 from hvctl.errors import AlreadyExists, HvctlError, LedgerError, NotFound
@@ -34,7 +34,9 @@ from hvctl.ledger.records import (
 )
 from hvctl.ledger.schema import MIGRATIONS
 from hvctl.ledger.snapshots import SnapshotLedger
-from hvctl.spec import VMSpec
+
+if TYPE_CHECKING:
+    from hvctl.spec import VMSpec
 
 __all__ = ["DEFAULT_PORT_RANGE", "MIGRATIONS", "MOVABLE_COLUMNS", "VM_STATES", "Admission", "DeviceTaken", "Event",
            "HostRecord", "Ledger", "QuotaExceeded", "SnapshotRecord", "VMPaths", "VMRecord"]

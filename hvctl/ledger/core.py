@@ -15,7 +15,6 @@ from typing import Any
 from hvctl.accounting import Usage, host_footprint, tenant_charge
 from hvctl.errors import LedgerError
 from hvctl.ledger.schema import MIGRATIONS
-from hvctl.spec import VMSpec
 
 
 class LedgerBase:
@@ -85,6 +84,8 @@ class LedgerBase:
     # -- what is in use ---------------------------------------------------------------------------------------
 
     def tenant_usage(self, tenant: str, db: sqlite3.Connection | None = None) -> Usage:
+        from hvctl.spec import VMSpec
+
         db = db or self.db
         total = Usage()
         for row in db.execute("SELECT spec FROM vms WHERE tenant = ?", (tenant,)):
@@ -97,6 +98,8 @@ class LedgerBase:
         return total
 
     def host_usage(self, host: str, db: sqlite3.Connection | None = None) -> Usage:
+        from hvctl.spec import VMSpec
+
         db = db or self.db
         total = Usage()
         for row in db.execute("SELECT spec FROM vms WHERE host = ?", (host,)):

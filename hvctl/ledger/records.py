@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import sqlite3
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hvctl.errors import HvctlError
-from hvctl.spec import VMSpec
+
+if TYPE_CHECKING:
+    from hvctl.spec import VMSpec
 
 VM_STATES = ("creating", "running", "paused", "stopped", "destroying")
 # What a checkpoint-migration's new incarnation changes besides host and port (column names: never user input).
@@ -69,7 +72,9 @@ class VMRecord:
     name: str
     tenant: str
     host: str
-    spec: VMSpec
+    # The VM's spec, or the JSON the ledger stores it as: parsed on first use of ``spec``, so that reading rows
+    # (``hvctl list``) does not import pydantic, which alone costs more than the whole listing.
+    spec_source: VMSpec | str
     state: str
     image: str
     base_disk: Path
@@ -85,14 +90,29 @@ class VMRecord:
     # libvirt's UUID of the VM's domain (kept across migrations); None for VMs made before hvctl recorded it.
     domain_uuid: str | None = None
 
+    @cached_property
+    def spec(self) -> VMSpec:
+        if isinstance(self.spec_source, str):
+            from hvctl.spec import VMSpec
+
+            return VMSpec.model_validate_json(self.spec_source)
+        return self.spec_source
+
+    @cached_property
+    def spec_fields(self) -> dict[str, Any]:
+        """The spec as JSON-ready data, without validating it: the ledger wrote it from a valid VMSpec."""
+        if isinstance(self.spec_source, str):
+            return dict(json.loads(self.spec_source))
+        return self.spec_source.model_dump(mode="json")
+
     def as_dict(self) -> dict[str, Any]:
+        spec = self.spec_fields
         return {
             "name": self.name, "tenant": self.tenant, "host": self.host, "state": self.state,
-            "image": self.image, "vcpus": self.spec.vcpus, "memory_mib": self.spec.memory_mib,
-            "disk_gib": self.spec.disk_gib, "overlay": str(self.overlay), "console_log": str(self.console_log),
+            "image": self.image, "vcpus": spec["vcpus"], "memory_mib": spec["memory_mib"],
+            "disk_gib": spec["disk_gib"], "overlay": str(self.overlay), "console_log": str(self.console_log),
             "agent_socket": str(self.agent_socket), "ssh_port": self.ssh_port, "created_at": self.created_at,
-            "host_pubkey": self.host_pubkey, "spec": self.spec.model_dump(mode="json"),
-            "domain_uuid": self.domain_uuid,
+            "host_pubkey": self.host_pubkey, "spec": spec, "domain_uuid": self.domain_uuid,
         }
 
 
@@ -143,7 +163,7 @@ def event_from_row(r: sqlite3.Row) -> Event:
 
 def vm_from_row(row: sqlite3.Row) -> VMRecord:
     return VMRecord(
-        name=row["name"], tenant=row["tenant"], host=row["host"], spec=VMSpec.model_validate_json(row["spec"]),
+        name=row["name"], tenant=row["tenant"], host=row["host"], spec_source=row["spec"],
         state=row["state"], image=row["image"], base_disk=Path(row["base_disk"]), overlay=Path(row["overlay"]),
         console_log=Path(row["console_log"]), agent_socket=Path(row["agent_socket"]), ssh_port=row["ssh_port"],
         created_at=row["created_at"], updated_at=row["updated_at"], agent_token=row["agent_token"],

@@ -9,8 +9,8 @@ from hvctl import passthrough
 from hvctl.context import Context
 from hvctl.errors import AlreadyExists, InvalidSpec
 from hvctl.host import Host, identity
+from hvctl.names import check_name
 from hvctl.placement import host_limit
-from hvctl.spec import check_name
 
 # Enough for the largest image hvctl builds (ml: ~1.5 GiB with torch) to be uploaded once.
 MIN_POOL_FREE_BYTES = 2 << 30

@@ -22,10 +22,11 @@ from hvctl.designer import BootArtifacts
 from hvctl.errors import AlreadyExists, InvalidSpec
 from hvctl.host import Host, Pool
 from hvctl.ledger import VMPaths, VMRecord
+from hvctl.names import check_name
 from hvctl.ops import Undo
 from hvctl.ops.incarnation import GuestSecrets
 from hvctl.ops.volumes import ImageVolumes, Progress, ensure_image
-from hvctl.spec import VMSpec, check_name
+from hvctl.spec import VMSpec
 from images.store import Image
 
 # Where libvirt keeps channel sockets on a host; libvirt itself opens the listening socket and hands it to QEMU.

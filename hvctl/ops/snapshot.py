@@ -21,11 +21,11 @@ from hvctl.context import Context
 from hvctl.errors import HvctlError, NotFound
 from hvctl.host import DomainState
 from hvctl.ledger import Admission, SnapshotRecord
+from hvctl.names import check_name
 from hvctl.ops import Reporter, SilentReporter
 from hvctl.ops.intent import operation
 from hvctl.ops.lifecycle import ledger_state
 from hvctl.placement import host_limit
-from hvctl.spec import check_name
 
 
 def create(ctx: Context, vm: str, name: str, memory: bool = False, reporter: Reporter | None = None) -> SnapshotRecord:
