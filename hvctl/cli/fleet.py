@@ -125,11 +125,15 @@ def host_prepare(
     vfio: Annotated[bool, typer.Option("--vfio", help="Load vfio-pci now and at boot.")] = False,
     hugepages: Annotated[int | None, typer.Option(help="Reserve this many 2 MiB huge pages now and at boot.",
                                                   min=0)] = None,
+    tls: Annotated[bool, typer.Option("--tls", help="Install a server certificate from hvctl's CA (made in the "
+                                                    "state dir on first use) and have libvirtd listen for "
+                                                    "qemu+tls.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would change; change nothing.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Make a fresh Debian 12 machine a hypervisor host over SSH (fabric): packages, libvirtd, hvctl's storage pool
-    directory, and with --vfio / --hugepages those. Idempotent: each step checks first and acts only if needed."""
+    directory, and with --vfio / --hugepages / --tls those. Idempotent: each step checks first and acts only if
+    needed."""
     from urllib.parse import parse_qsl, urlsplit
 
     from hvctl.errors import NotFound
@@ -148,15 +152,23 @@ def host_prepare(
             user, address = target.split("@", 1)
     key = identity or (Path(query["keyfile"]) if "keyfile" in query else None)
     pins = known_hosts or (Path(query["known_hosts"]) if "known_hosts" in query else None)
+    authority = None
+    if tls:
+        from hvctl.pki import Authority
+
+        authority = Authority(ctx().paths.root / "pki")
     with RichReporter(f"host prepare {target}") as reporter:
         done = prepare(connect(address, user, port or uri_port or 22, key, pins), vfio, hugepages, dry_run,
-                       reporter.step)
+                       reporter.step, (authority, address) if authority else None)
+    tls_uri = authority.tls_uri(address) if authority else None
     if as_json:
-        emit_json({"host": target, "dry_run": dry_run, "steps": done})
+        emit_json({"host": target, "dry_run": dry_run, "steps": done} | ({"tls_uri": tls_uri} if tls_uri else {}))
         return
     for d in done:
         colour = {"ok": "green", "changed": "yellow"}.get(d["outcome"], "cyan")
         out.print(f"[{colour}]{d['outcome']:<12}[/] {d['step']}: {safe(d['detail'])}")
+    if tls_uri and not dry_run:
+        out.print(f"reach it over TLS: hvctl host add NAME '{tls_uri}'")
 
 
 @host_app.command("rm")

@@ -5,7 +5,8 @@ kernel, reached only over the network, as a real remote host is.
   198.18.0.0/15 (RFC 2544's range for test networks): the controller at 198.18.N.1, the host at 198.18.N.2.
 * Filesystem: a private mount namespace with the host's own /etc/libvirt, /run (libvirt's and sshd's sockets and
   pids), /var/lib/libvirt (its storage), /var/log/libvirt and /var/cache/libvirt, and an empty tmpfs over each
-  path in ``hide`` (the controller's state dir), so the host cannot see the controller's files.
+  path in ``hide`` (the controller's state dir), so the host cannot see the controller's files. The rest of /etc is
+  an overlay on this machine's: what is written there (``host prepare --tls``'s certificates) stays the host's.
 * Access: ``qemu+ssh://root@198.18.N.2/system`` through an OpenSSH sshd in the same namespaces, key-only, with a
   host key the client pins. Plain ``qemu+ssh`` runs the ``ssh`` binary, which ignores libvirt's ``known_hosts=``
   and reads the user's own file, so the URI names a wrapper (``command=``) that gives ssh this host's known_hosts,
@@ -162,9 +163,13 @@ class RemoteStyleHost:
         blocker = r / "kvm-hidden"
         blocker.touch()
         blocker.chmod(0)
+        for rel in ("etc-upper", "etc-work"):
+            (r / rel).mkdir(exist_ok=True)
         lines = ["set -eu", "mount --make-rprivate /"]
         if self.cgroups_off is None:
             lines += self._tree.mount_lines()
+        lines.append(f"mount -t overlay hvctl-etc -o lowerdir=/etc,upperdir={shlex.quote(str(r / 'etc-upper'))},"
+                     f"workdir={shlex.quote(str(r / 'etc-work'))} /etc")
         lines += [f"mount --bind {shlex.quote(str(r / rel))} /{rel}" for rel in _HOST_DIRS]
         lines += [f"mount -t tmpfs -o mode=0700,size=1m hvctl-hidden {shlex.quote(str(p))}"
                   for p in self.hide if p.exists()]
@@ -206,6 +211,23 @@ class RemoteStyleHost:
             self.stop()
             raise
         return self
+
+    def listen_tls_from_etc_pki(self, timeout: float = 60.0) -> None:
+        """Restart libvirtd listening for TLS with its default certificate paths under /etc/pki, as
+        libvirtd-tls.socket does on a systemd host (this host has no systemd): for ``host prepare --tls``."""
+        conf = self.root / "etc/libvirt/libvirtd.conf"
+        conf.write_text(_set_conf(conf.read_text(), {"listen_tls": "1", "listen_tcp": "0",
+                                                     "listen_addr": f'"{self.address}"'}))
+        _terminate(self.pids().get("libvirtd.pid"), timeout)
+        self._inside("libvirtd -d -l -p /run/libvirtd.pid")
+        self._wait_until_answering(timeout)
+
+    def read(self, path: str) -> str:
+        """A file as the host itself sees it, inside its mount namespace."""
+        holder = _read_pid(self.holder_pidfile)
+        assert holder is not None
+        return subprocess.run(["nsenter", "-t", str(holder), "-m", "cat", path], capture_output=True, text=True,
+                              check=True, timeout=30).stdout
 
     def _make_pki(self) -> None:
         """A CA, the host's server certificate (its address as subjectAltName, as GnuTLS requires) and the

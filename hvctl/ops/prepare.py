@@ -9,36 +9,54 @@ says so. Steps:
 - libvirtd answers on qemu:///system (else it is enabled and started with systemd);
 - hvctl's storage pool directory, /var/lib/libvirt/images/hvctl (0711);
 - with ``vfio``: vfio-pci loaded now and at boot (/etc/modules-load.d/hvctl-vfio.conf);
-- with ``hugepages``: that many 2 MiB huge pages now and at boot (/etc/sysctl.d/80-hvctl-hugepages.conf).
-
-TLS for libvirtd (certificates, listen_tls) is not made here yet: hosts are reached over qemu+ssh.
+- with ``hugepages``: that many 2 MiB huge pages now and at boot (/etc/sysctl.d/80-hvctl-hugepages.conf);
+- with ``tls`` (an ``hvctl.pki.Authority``): hvctl's CA and a server certificate for the address prepare reaches the
+  host at, where libvirtd looks for them (/etc/pki/CA/cacert.pem, /etc/pki/libvirt/servercert.pem,
+  /etc/pki/libvirt/private/serverkey.pem), then libvirtd listening for TLS on 16514 through systemd's
+  libvirtd-tls.socket (libvirt's socket activation on Debian 12; ``listen_tls`` in libvirtd.conf is ignored there).
 """
 
 from __future__ import annotations
 
+import hashlib
 import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hvctl.errors import HostUnreachable, HvctlError
+
+if TYPE_CHECKING:
+    from hvctl.pki import Authority
 
 PACKAGES = ("qemu-system-x86", "qemu-utils", "libvirt-daemon-system", "libvirt-clients", "ovmf", "genisoimage")
 POOL_DIR = "/var/lib/libvirt/images/hvctl"
 VFIO_CONF = "/etc/modules-load.d/hvctl-vfio.conf"
 HUGEPAGES_CONF = "/etc/sysctl.d/80-hvctl-hugepages.conf"
+# libvirtd's default certificate paths (libvirtd.conf's ca_file, cert_file, key_file).
+CA_FILE = "/etc/pki/CA/cacert.pem"
+SERVER_CERT = "/etc/pki/libvirt/servercert.pem"
+SERVER_KEY = "/etc/pki/libvirt/private/serverkey.pem"
+TLS_PORT = 16514
 
 
 @dataclass(frozen=True)
 class Step:
     name: str
-    check: str  # a shell command: exit 0 means the step is already done
-    action: str  # what makes it so
+    # Shell commands, or what makes one when it runs (a key is generated for an action; a check reads the CA made
+    # since). check: exit 0 means the step is already done; action: what makes it so.
+    check: str | Callable[[], str]
+    action: str | Callable[[], str]
     describe: str
 
+    def command(self, which: str) -> str:
+        made = getattr(self, which)
+        return made if isinstance(made, str) else str(made())
 
-def steps(vfio: bool, hugepages: int | None) -> list[Step]:
+
+def steps(vfio: bool, hugepages: int | None, tls: tuple[Authority, str] | None = None) -> list[Step]:
+    """The steps in order; ``tls`` is hvctl's CA and the address the host's certificate names."""
     missing = " ".join(PACKAGES)
     plan = [
         Step("packages", f"for p in {missing}; do dpkg-query -W -f='${{Status}}' $p 2>/dev/null | "
@@ -62,7 +80,40 @@ def steps(vfio: bool, hugepages: int | None) -> list[Step]:
                          f"sysctl -q -w vm.nr_hugepages={hugepages} && "
                          f"[ \"$(cat /proc/sys/vm/nr_hugepages)\" -ge {hugepages} ]",
                          f"reserve {hugepages} huge pages now and at boot"))
+    if tls is not None:
+        plan += tls_steps(*tls)
     return plan
+
+
+def tls_steps(authority: Authority, address: str) -> list[Step]:
+    def installed() -> str:
+        # Done when the host trusts this CA and has a certificate and key (hvctl's CA there: hvctl put them there).
+        ca = authority.existing_ca_pem()
+        if ca is None:
+            return "false"  # no CA yet, so no host can have it
+        return (f"echo {hashlib.sha256(ca.encode()).hexdigest()}' *{CA_FILE}' | sha256sum -c --status - && "
+                f"[ -s {SERVER_CERT} ] && [ -s {SERVER_KEY} ]")
+
+    def install() -> str:
+        pair = authority.server_pair(address)
+        return (f"install -d -m 0755 /etc/pki/CA /etc/pki/libvirt && install -d -m 0700 /etc/pki/libvirt/private && "
+                f"(umask 077 && printf %s {shlex.quote(pair.key_pem)} > {SERVER_KEY}.new) && "
+                f"printf %s {shlex.quote(pair.cert_pem)} > {SERVER_CERT}.new && "
+                f"printf %s {shlex.quote(authority.ca_pem())} > {CA_FILE}.new && "
+                f"mv {SERVER_KEY}.new {SERVER_KEY} && mv {SERVER_CERT}.new {SERVER_CERT} && mv {CA_FILE}.new {CA_FILE}"
+                # A libvirtd already listening read the old ones at start.
+                " && if [ -d /run/systemd/system ] && systemctl is-active --quiet libvirtd-tls.socket; then "
+                "systemctl restart libvirtd.service; fi")
+
+    return [
+        Step("tls certificates", installed, install,
+             f"install hvctl's CA and a server certificate for {address} in /etc/pki"),
+        Step("libvirtd tls listener", f"ss -Hltn 'sport = :{TLS_PORT}' | grep -q .",
+             "if [ ! -d /run/systemd/system ]; then echo 'libvirtd is not run by systemd here: start it with "
+             "--listen and listen_tls = 1' >&2; exit 1; fi; systemctl stop libvirtd.service; "
+             "systemctl enable --now libvirtd-tls.socket && systemctl start libvirtd.service",
+             f"enable libvirtd-tls.socket (TLS on {TLS_PORT})"),
+    ]
 
 
 def connect(address: str, user: str = "root", port: int = 22, identity: Path | None = None,
@@ -83,7 +134,8 @@ def connect(address: str, user: str = "root", port: int = 22, identity: Path | N
 
 
 def prepare(connection: Any, vfio: bool = False, hugepages: int | None = None, dry_run: bool = False,
-            say: Callable[[str], None] = lambda _: None) -> list[dict[str, str]]:
+            say: Callable[[str], None] = lambda _: None,
+            tls: tuple[Authority, str] | None = None) -> list[dict[str, str]]:
     """Run the steps on ``connection``; returns each step with its outcome: ok, changed, or would change."""
     import paramiko
 
@@ -100,16 +152,16 @@ def prepare(connection: Any, vfio: bool = False, hugepages: int | None = None, d
         raise HvctlError(f"{connection.host} runs {release or 'an unknown system'}, not Debian 12; "
                          "hvctl host prepare only knows Debian 12")
     done = []
-    for step in steps(vfio, hugepages):
-        if sh(step.check).ok:
+    for step in steps(vfio, hugepages, tls):
+        if sh(step.command("check")).ok:
             done.append({"step": step.name, "outcome": "ok", "detail": "already so"})
             continue
         if dry_run:
             done.append({"step": step.name, "outcome": "would change", "detail": step.describe})
             continue
         say(f"{step.name}: {step.describe}")
-        applied = sh(step.action)
-        if not applied.ok or not sh(step.check).ok:
+        applied = sh(step.command("action"))
+        if not applied.ok or not sh(step.command("check")).ok:
             error = (applied.stderr or applied.stdout).strip().splitlines()[-1:] or ["its check still fails"]
             raise HvctlError(f"host prepare on {connection.host}: {step.name} failed: {error[0]}",
                              hint="the steps before it are done; fix this one and run prepare again")
