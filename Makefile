@@ -11,7 +11,7 @@ DEBS := qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-daemon-driver-q
         openssh-server openssh-client ovmf
 PYTEST_ARGS ?=
 # The stock-style cloud image `make demo` imports (built from Debian packages by hvctl.devhost.stockimage).
-STOCK_IMAGE ?= /var/tmp/hvctl-stock-debian.qcow2
+STOCK_IMAGE ?= /var/tmp/hvctl-stock-debian-v2.qcow2
 
 .PHONY: all deps venv image daemons demo demo-key demo-remote demo-quotas demo-workloads demo-cloud test test-unit test-vm lint bench stop-daemons
 
@@ -108,8 +108,8 @@ demo: daemons
 	@$(MAKE) --no-print-directory demo-quotas demo-workloads demo-cloud
 	@echo "== hvctl list"; $(HVCTL) --state-dir $(STATE_DIR) list
 
-# A stock cloud image: imported as any downloaded qcow2 would be, booted by SeaBIOS and its own GRUB, configured by
-# cloud-init from hvctl's seed.
+# A stock cloud image: imported as any downloaded qcow2 would be, booted by SeaBIOS and its own GRUB (it boots with
+# OVMF too: test_vm_cloud), configured by cloud-init from hvctl's seed.
 demo-cloud: daemons
 	@$(HVCTL) --state-dir $(STATE_DIR) destroy cloud-demo >/dev/null 2>&1 || true
 	@echo "== a stock-style Debian cloud image (systemd, cloud-init, GRUB on a partitioned disk), built from packages"

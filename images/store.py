@@ -152,7 +152,7 @@ class ImageStore:
                           directory=final, kernel_version=kernel_version, built_at=time.time(), size_bytes=size,
                           disk_virtual_bytes=virtual, agent=recipe.agent, build=build)
             (work / "manifest.json").write_text(image.model_dump_json(indent=2))
-            work.rename(final)
+            _put_in_place(work, final)
             return image
         finally:
             shutil.rmtree(work, ignore_errors=True)
@@ -199,7 +199,8 @@ class ImageStore:
         if sha256 is not None and actual != sha256.lower():
             raise ImageError(f"{source}: sha256 is {actual}, not {sha256}")
         final = self.root / f"{name}@{actual[:16]}"
-        existing = next((i for i in self.list() if i.directory == final), None)
+        # By its directory's name: the manifest records the path the store was reached by when it was imported.
+        existing = next((i for i in self.list() if i.directory.name == final.name), None)
         if existing is not None:
             return existing
         self.root.mkdir(parents=True, exist_ok=True)
@@ -218,7 +219,7 @@ class ImageStore:
                           size_bytes=(work / "base.qcow2").stat().st_size, disk_virtual_bytes=virtual, agent=False,
                           firmware=firmware)
             (work / "manifest.json").write_text(image.model_dump_json(indent=2))
-            work.rename(final)
+            _put_in_place(work, final)
             return image
         finally:
             shutil.rmtree(work, ignore_errors=True)
@@ -243,3 +244,15 @@ class ImageStore:
 
 def dump(images: builtins.list[Image]) -> str:
     return json.dumps([json.loads(i.model_dump_json()) for i in images], indent=2)
+
+
+def _put_in_place(work: Path, final: Path) -> None:
+    """Rename a finished image directory into place. Another command that made the same build (same name, same
+    content hash) first has done the job; anything else in the way is an error."""
+    try:
+        work.rename(final)
+    except OSError:
+        if (final / "manifest.json").is_file():
+            return
+        raise ImageError(f"cannot put the image in place: {final} is in the way",
+                         hint="remove it (`hvctl image rm`) and try again") from None

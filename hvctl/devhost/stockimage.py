@@ -4,10 +4,16 @@ No cloud image can be downloaded here, so this makes one the way a distribution'
 cloud-init, a kernel with its initramfs and GRUB on a partitioned disk, booted by the firmware, configured at first
 boot from a NoCloud seed. hvctl does not know it was built here: it is handed the qcow2 like any downloaded one.
 
-The disk is made without mounting anything: the root filesystem with ``mkfs.ext4 -d`` from the tree, written into
-the first partition of an MBR disk; GRUB's ``boot.img`` in the MBR and a ``core.img`` made by ``grub-mkimage`` in
-the gap after it (LBA 1; boot.img's default kernel sector, and core.img's own blocklist for the rest, which
-``grub-mkimage`` sets). That is what ``grub-install`` writes for a BIOS boot, less the probing of devices.
+It boots with either firmware, as Debian's own cloud images do. The disk is made without mounting anything:
+
+* the root filesystem with ``mkfs.ext4 -d`` from the tree, in the MBR's first entry, after the ESP on the disk
+  (so cloud-init's growpart can grow it to the end of a larger disk);
+* BIOS: GRUB's ``boot.img`` in the MBR and a ``core.img`` made by ``grub-mkimage`` in the gap after it (LBA 1;
+  boot.img's default kernel sector, and core.img's own blocklist for the rest, which ``grub-mkimage`` sets). That is
+  what ``grub-install`` writes for a BIOS boot, less the probing of devices;
+* UEFI: an EFI system partition (MBR type 0xEF, FAT, made with mkfs.fat and mtools from the tree) holding GRUB as
+  the removable-media path ``EFI/BOOT/BOOTX64.EFI``, which firmware boots with no NVRAM boot entry; its embedded
+  config finds the root filesystem by UUID and reads the same grub.cfg.
 
 Usage: python -m hvctl.devhost.stockimage OUT.qcow2 [--cache DIR]
 """
@@ -27,7 +33,8 @@ from images.rootfs import debian_mirror
 
 SUITE = "bookworm"
 PACKAGES = ("systemd-sysv", "udev", "dbus", "openssh-server", "linux-image-cloud-amd64", "initramfs-tools",
-            "grub-pc-bin", "ifupdown", "isc-dhcp-client", "e2fsprogs", "iproute2", "netbase", "ca-certificates")
+            "grub-pc-bin", "grub-efi-amd64-bin", "dosfstools", "mtools", "ifupdown", "isc-dhcp-client", "e2fsprogs",
+            "iproute2", "netbase", "ca-certificates")
 # Installed by apt inside the tree once it boots as a chroot: debootstrap's own ordering fails to configure
 # cloud-init's Python dependencies (python3-cryptography) in one pass.
 SECOND_STAGE = ("cloud-init", "cloud-guest-utils", "locales")
@@ -35,6 +42,10 @@ SECOND_STAGE = ("cloud-init", "cloud-guest-utils", "locales")
 PART_START_SECTOR = 2048
 GRUB_MODULES = ("biosdisk", "part_msdos", "ext2", "normal", "linux", "search", "search_fs_uuid", "configfile",
                 "echo", "test", "gzio", "boot")
+# UEFI GRUB has every module it needs built in: the tree's /boot/grub has no module directory.
+EFI_MODULES = ("part_msdos", "ext2", "fat", "normal", "linux", "search", "search_fs_uuid", "configfile", "echo",
+               "test", "gzio", "boot", "serial", "terminal", "efi_gop")
+ESP_MIB = 32
 CLOUD_CFG = """\
 # Written by hvctl's stock-style image builder: NoCloud only (no network metadata service to wait for).
 datasource_list: [ NoCloud, None ]
@@ -102,30 +113,49 @@ def make_disk(root: Path, out: Path, work: Path, size_mib: int) -> None:
     part = work / "root.ext4"
     part_mib = size_mib - 2
     _run(["mkfs.ext4", "-q", "-U", fs_uuid, "-L", "root", "-d", str(root), str(part), f"{part_mib}M"])
-    # The image's own GRUB makes its core.img (the host need not have GRUB); a chroot without mounts is enough.
+    # The image's own GRUB and FAT tools make its boot loaders; a chroot without mounts is enough.
     _run(["chroot", str(root), "grub-mkimage", "-O", "i386-pc", "-o", "/core.img", "-p", "(hd0,msdos1)/boot/grub",
           *GRUB_MODULES])
     core = work / "core.img"
     shutil.move(root / "core.img", core)
     if core.stat().st_size > (PART_START_SECTOR - 1) * 512:
         raise SystemExit(f"GRUB's core.img ({core.stat().st_size} bytes) does not fit before the partition")
+    (root / "early.cfg").write_text(f"search --no-floppy --fs-uuid --set=root {fs_uuid}\n"
+                                    "set prefix=($root)/boot/grub\nconfigfile $prefix/grub.cfg\n")
+    _run(["chroot", str(root), "grub-mkimage", "-O", "x86_64-efi", "-o", "/BOOTX64.EFI", "-p", "/boot/grub",
+          "-c", "/early.cfg", *EFI_MODULES])
+    _run(["chroot", str(root), "mkfs.fat", "-C", "-n", "ESP", "/esp.img", str(ESP_MIB * 1024)])
+    _run(["chroot", str(root), "mmd", "-i", "/esp.img", "::/EFI", "::/EFI/BOOT"])
+    _run(["chroot", str(root), "mcopy", "-i", "/esp.img", "/BOOTX64.EFI", "::/EFI/BOOT/BOOTX64.EFI"])
+    esp = work / "esp.img"
+    shutil.move(root / "esp.img", esp)
+    for leftover in ("early.cfg", "BOOTX64.EFI"):
+        (root / leftover).unlink()
     disk = work / "disk.raw"
-    with open(disk, "wb") as f:
-        f.truncate(size_mib * 2**20)
+    total_mib = size_mib + ESP_MIB
+    with open(disk, "wb") as blank:
+        blank.truncate(total_mib * 2**20)
     boot = (root / "usr/lib/grub/i386-pc/boot.img").read_bytes()
-    sectors = size_mib * 2**20 // 512 - PART_START_SECTOR
-    # One bootable Linux partition in an MBR: status 0x80, CHS fields unused (0xfe 0xff 0xff: "use LBA"), type 0x83.
-    entry = bytes([0x80, 0xFE, 0xFF, 0xFF, 0x83, 0xFE, 0xFF, 0xFF]) + PART_START_SECTOR.to_bytes(4, "little") \
-        + sectors.to_bytes(4, "little")
+    esp_start = PART_START_SECTOR
+    root_start = esp_start + ESP_MIB * 2048
+    root_sectors = total_mib * 2048 - root_start
+
+    def entry(bootable: bool, kind: int, start: int, sectors: int) -> bytes:
+        # CHS fields unused (0xfe 0xff 0xff: "use LBA").
+        return bytes([0x80 if bootable else 0, 0xFE, 0xFF, 0xFF, kind, 0xFE, 0xFF, 0xFF]) \
+            + start.to_bytes(4, "little") + sectors.to_bytes(4, "little")
+
+    table = entry(True, 0x83, root_start, root_sectors) + entry(False, 0xEF, esp_start, ESP_MIB * 2048)
     with open(disk, "r+b") as f:
         f.seek(0)
         f.write(boot[:440])  # GRUB's boot code, then the disk signature, the table and the boot signature
-        f.write(uuid.uuid4().bytes[:4] + b"\0\0" + entry + bytes(48) + b"\x55\xaa")
+        f.write(uuid.uuid4().bytes[:4] + b"\0\0" + table + bytes(32) + b"\x55\xaa")
         f.seek(512)
         f.write(core.read_bytes())
-        f.seek(PART_START_SECTOR * 512)
-        with open(part, "rb") as src:
-            shutil.copyfileobj(src, f, 16 << 20)
+        for start, src_path in ((esp_start, esp), (root_start, part)):
+            f.seek(start * 512)
+            with open(src_path, "rb") as src:
+                shutil.copyfileobj(src, f, 16 << 20)
     _run(["qemu-img", "convert", "-q", "-c", "-O", "qcow2", str(disk), str(out)])
 
 
