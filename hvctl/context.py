@@ -212,6 +212,7 @@ class Context:
 
         pool, _ = host.ensure_pool()
         volumes = ensure_image(pool, image)
+        assert volumes.kernel is not None and volumes.initrd is not None  # the minimal recipe boots its kernel
         log = "hvctl-accel-probe.log"
         pool.delete(log, refresh=True)
         try:

@@ -83,6 +83,19 @@ def image_dir(libvirtd: PrivateLibvirtd) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def stock_image(image_dir: Path) -> Path:
+    """A stock-style Debian cloud image (GRUB for BIOS and UEFI, cloud-init), built from packages once per machine
+    and cached beside the test images (its debootstrap tree too); hvctl is only ever handed the file."""
+    from hvctl.devhost.stockimage import build
+
+    stock = image_dir / ".cache" / "stock-debian-v2.qcow2"  # v2: boots with BIOS or UEFI
+    if not stock.exists():
+        build(stock.with_suffix(".partial"), image_dir / ".cache")
+        stock.with_suffix(".partial").rename(stock)
+    return stock
+
+
 @pytest.fixture
 def state_dir(image_dir: Path) -> Iterator[Path]:
     root = short_tempdir("hvs-")

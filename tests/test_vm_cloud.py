@@ -20,21 +20,16 @@ from conftest import hvctl_cli, short_tempdir
 
 from hvctl.context import Context
 from hvctl.devhost import PrivateLibvirtd
-from hvctl.devhost.stockimage import build as build_stock_image
 from hvctl.ops.lifecycle import destroy
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(1500)]
 
 
 @pytest.fixture(scope="module")
-def env(libvirtd: PrivateLibvirtd, image_dir: Path) -> Iterator[dict[str, object]]:
+def env(libvirtd: PrivateLibvirtd, image_dir: Path, stock_image: Path) -> Iterator[dict[str, object]]:
     state = short_tempdir("hvcl-")
     (state / "images").symlink_to(image_dir)
-    # Built once per machine (its debootstrap tree is cached beside the test images); hvctl only sees the file.
-    stock = image_dir / ".cache" / "stock-debian-v2.qcow2"  # v2: boots with BIOS or UEFI
-    if not stock.exists():
-        build_stock_image(stock.with_suffix(".partial"), image_dir / ".cache")
-        stock.with_suffix(".partial").rename(stock)
+    stock = stock_image
     ctx = Context(state_dir=state, uri=libvirtd.uri)
     yield {"ctx": ctx, "state": state, "uri": libvirtd.uri, "stock": stock, "images": image_dir,
            "libvirtd": libvirtd}

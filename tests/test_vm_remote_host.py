@@ -502,3 +502,35 @@ def test_a_vm_is_created_and_destroyed_over_qemu_tls_and_a_foreign_ca_is_refused
         host.stop()
         shutil.rmtree(host.root, ignore_errors=True)
         shutil.rmtree(state, ignore_errors=True)
+
+
+def test_an_imported_cloud_image_is_uploaded_to_the_remote_host_and_boots_there(
+        remote: tuple[RemoteStyleHost, Path], stock_image: Path, image_dir: Path) -> None:
+    """An imported image goes to a remote host's pool like a recipe's, its qcow2 alone (its bootloader is
+    inside): the VM boots SeaBIOS -> GRUB -> cloud-init there, and answers over SSH through the host."""
+    host, state = remote
+    added = hvctl_at(state, "host", "add", "far", host.uri)
+    assert added.returncode in (0, 4), added.stderr  # 4: an earlier test of this module added it
+    imported = hvctl_at(state, "image", "import", "debian-cloud", str(stock_image), "--json")
+    assert imported.returncode == 0, imported.stderr
+    digest = json.loads(imported.stdout)["content_hash"]
+    try:
+        made = hvctl_at(state, "create", "rc1", "--host", "far", "--image", "debian-cloud", "--memory", "512",
+                        "--disk", "4", "--boot-timeout", "800", "--json", timeout=1000)
+        assert made.returncode == 0, made.stderr
+        assert json.loads(made.stdout)["image_upload"]["image"] == "debian-cloud"
+        listing = pool_listing(host)
+        assert f"img-debian-cloud-{digest}.qcow2" in listing
+        assert not [f for f in listing if f.startswith("img-debian-cloud") and f.endswith((".kernel", ".initrd"))]
+        console = hvctl_at(state, "console-log", "rc1")
+        assert console.returncode == 0 and "HVCTL-READY name=rc1 cloud-init finished" in console.stdout
+        ran = hvctl_at(state, "exec", "rc1", "--", "cat", "/proc/cmdline")
+        assert ran.returncode == 0 and "BOOT_IMAGE=/boot/vmlinuz" in ran.stdout, ran.stderr
+        gone = hvctl_at(state, "destroy", "rc1")
+        assert gone.returncode == 0, gone.stderr
+        assert not [f for f in pool_listing(host) if f.startswith("vm-")]
+    finally:
+        hvctl_at(state, "destroy", "rc1")
+        for image in ImageStore(image_dir).list():
+            if image.name == "debian-cloud":
+                shutil.rmtree(image_dir / image.directory.name, ignore_errors=True)

@@ -49,11 +49,6 @@ def create(ctx: Context, spec: VMSpec, reporter: Reporter | None = None, options
     if spec.disk_gib * 2**30 < image.disk_virtual_bytes:
         need = -(-image.disk_virtual_bytes // 2**30)
         raise InvalidSpec(f"image {image.name} needs a disk of at least {need} GiB; {spec.disk_gib} GiB requested")
-    if image.firmware and not ctx.is_this_machine(spec.host):
-        from hvctl.errors import ImageError
-
-        raise ImageError(f"image {image.name} is an imported cloud image; those run on this machine's hosts only "
-                         "for now (uploading one to a host's pool is not built yet)", hint="--host local")
     storage = _storage_for(ctx, spec, image, say, stats)
     secrets = GuestSecrets.fresh(ctx, spec)
 

@@ -321,7 +321,8 @@ def prepare_storage_copy(ctx: Context, record: VMRecord, target: str, dest_xml: 
             raise
         new = {"overlay": pool_files.path(pool_files.disk), "console_log": pool_files.path(pool_files.console),
                "agent_socket": pool_files.agent_socket, "seed": pool_files.path(pool_files.seed),
-               "base_disk": volumes.base.path, "kernel": volumes.kernel.path, "initrd": volumes.initrd.path}
+               "base_disk": volumes.base.path, "kernel": volumes.kernel.path if volumes.kernel else None,
+               "initrd": volumes.initrd.path if volumes.initrd else None}
     old = {"overlay": record.overlay, "console_log": record.console_log, "agent_socket": record.agent_socket,
            "seed": record.seed, "base_disk": record.base_disk,
            "kernel": os_el.findtext("kernel") if os_el is not None else None,

@@ -127,7 +127,10 @@ class PoolStorage:
                        agent_socket=Path(f.agent_socket))
 
     def artifacts(self, image: Image) -> BootArtifacts:
-        return BootArtifacts(kernel=Path(self.image_volumes.kernel.path), initrd=Path(self.image_volumes.initrd.path),
+        v = self.image_volumes
+        if v.kernel is None or v.initrd is None:  # boots through firmware: the designer uses no kernel
+            return BootArtifacts(kernel=image.kernel, initrd=image.initrd, root_on_disk=True, firmware=image.firmware)
+        return BootArtifacts(kernel=Path(v.kernel.path), initrd=Path(v.initrd.path),
                              root_on_disk=image.kind.value != "initramfs")
 
     def console(self) -> VolumeConsole:

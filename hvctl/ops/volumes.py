@@ -1,7 +1,8 @@
 """What hvctl keeps in a host's storage pool, and how it gets there.
 
-An image's kernel, initrd and base disk are uploaded once per host over libvirt streams, named by the image's
-content hash (``img-NAME-HASH.{kernel,initrd,qcow2}``), and reused by every later caller. A marker volume
+An image's kernel, initrd and base disk (an imported cloud image's base disk alone: its bootloader is inside) are
+uploaded once per host over libvirt streams, named by the image's content hash (``img-NAME-HASH.{kernel,initrd,
+qcow2}``), and reused by every later caller. A marker volume
 (``img-NAME-HASH.ok``) is uploaded last: an upload cut short leaves no marker and is redone before anything uses it.
 """
 
@@ -17,14 +18,15 @@ from images.store import Image
 
 # (role, file in the image directory), in upload order; the marker goes last.
 _PARTS = (("kernel", "vmlinuz"), ("initrd", "initrd.img"), ("qcow2", "base.qcow2"))
+_FIRMWARE_PARTS = (("qcow2", "base.qcow2"),)  # an imported image boots through firmware and its own bootloader
 
 Progress = Callable[[str, int, int], None]  # what, bytes done, bytes in all
 
 
 @dataclass(frozen=True)
 class ImageVolumes:
-    kernel: Volume
-    initrd: Volume
+    kernel: Volume | None  # None for an image that boots through firmware
+    initrd: Volume | None
     base: Volume
     uploaded_bytes: int  # 0 when the host already had them
     seconds: float
@@ -39,10 +41,11 @@ def ensure_image(pool: Pool, image: Image, progress: Progress | None = None) -> 
     started = time.monotonic()
     prefix = image_prefix(image)
     marker = f"{prefix}.ok"
+    parts = _FIRMWARE_PARTS if image.firmware else _PARTS
     pool.refresh()
     uploaded = 0
     if pool.volume(marker) is None:
-        for role, file in _PARTS:
+        for role, file in parts:
             name = f"{prefix}.{role}"
             pool.delete(name)  # what an earlier upload that never finished left
             source = image.directory / file
@@ -52,9 +55,9 @@ def ensure_image(pool: Pool, image: Image, progress: Progress | None = None) -> 
             uploaded += source.stat().st_size
         pool.upload(marker, image.content_hash.encode() + b"\n")
         pool.refresh()  # libvirt probes formats on refresh: the uploaded base is then seen as qcow2
-    found = {role: pool.volume(f"{prefix}.{role}") for role, _ in _PARTS}
+    found = {role: pool.volume(f"{prefix}.{role}") for role, _ in parts}
     missing = [role for role, vol in found.items() if vol is None]
     if missing:
         raise HypervisorError(f"image {image.name}'s {', '.join(missing)} vanished from pool {pool.name}")
-    return ImageVolumes(kernel=found["kernel"], initrd=found["initrd"], base=found["qcow2"],  # type: ignore[arg-type]
+    return ImageVolumes(kernel=found.get("kernel"), initrd=found.get("initrd"), base=found["qcow2"],  # type: ignore[arg-type]
                         uploaded_bytes=uploaded, seconds=time.monotonic() - started)
