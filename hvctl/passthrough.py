@@ -39,7 +39,7 @@ RELEASED_STATES = TERMINAL_STATES - {"original"}
 
 
 class NoGpuAvailable(HvctlError):
-    exit_code = 13  # like any other admission refusal
+    exit_code = 19
 
 
 @dataclass(frozen=True)

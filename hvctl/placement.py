@@ -15,7 +15,7 @@ UNLIMITED_DISK_GIB = 1 << 30
 
 
 class NoValidHost(HvctlError):
-    exit_code = 13
+    exit_code = 17
 
 
 def host_limit(policy: Policy, record: HostRecord, gpus: int) -> dict[str, float | None]:

@@ -278,3 +278,34 @@ def test_list_reads_the_ledger_without_importing_pydantic(tmp_path: Path) -> Non
     assert (view["vcpus"], view["memory_mib"], view["disk_gib"]) == (2, 768, 3)
     assert view["spec"] == VMSpec(name="test", vcpus=2, memory_mib=768, disk_gib=3).model_dump(mode="json")
     assert json.loads(hvctl_env(state, env, "show", "test", "--json").stdout)["spec"] == view["spec"]
+
+
+def test_every_error_has_its_own_exit_status_and_the_readme_table_is_the_codes() -> None:
+    """Each HvctlError subclass's exit code is in hvctl.errors.EXIT_CODES under its own name, or is its parent's
+    (a kind of that error); no two unrelated errors share one; the README's table is the one printed from it."""
+    import importlib
+    import pkgutil
+
+    import hvctl
+    from hvctl.errors import EXIT_CODES, HvctlError, exit_code_table
+
+    for module in pkgutil.walk_packages(hvctl.__path__, "hvctl."):
+        if not module.name.startswith(("hvctl.devhost", "hvctl.cli.__main__")):
+            importlib.import_module(module.name)
+
+    def every(cls: type[HvctlError]) -> list[type[HvctlError]]:
+        return [cls] + [s for sub in cls.__subclasses__() for s in every(sub)]
+
+    owners: dict[int, type[HvctlError]] = {}
+    for cls in every(HvctlError):
+        assert cls.exit_code in EXIT_CODES, f"{cls.__name__}: exit code {cls.exit_code} is not in EXIT_CODES"
+        if "exit_code" in vars(cls):  # a code of its own, not its parent's
+            assert cls.exit_code not in owners, f"{cls.__name__} and {owners[cls.exit_code].__name__} share " \
+                                                f"exit code {cls.exit_code}"
+            owners[cls.exit_code] = cls
+            assert EXIT_CODES[cls.exit_code][0] == cls.__name__
+    named = {code for code, (name, _) in EXIT_CODES.items() if name}
+    assert named == set(owners), f"in the table but raised by no class: {named - set(owners)}"
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = readme.split("<!-- exit-codes: begin -->\n", 1)[1].split("<!-- exit-codes: end -->", 1)[0]
+    assert block == exit_code_table(), "README's exit-code table is stale: paste `python -m hvctl.errors`"

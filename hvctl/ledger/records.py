@@ -64,7 +64,7 @@ class VMPaths:
 class DeviceTaken(HvctlError):
     """Another VM claimed the device first."""
 
-    exit_code = 13
+    exit_code = 18
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from hvctl.access import copy, route_for
 from hvctl.accounting import host_footprint
 from hvctl.agent_client import AgentClient, AgentError
 from hvctl.context import Context
-from hvctl.errors import GuestTimeout, HvctlError, InvalidSpec, NotFound
+from hvctl.errors import GuestTimeout, HvctlError, InvalidSpec, MigrationFailed, NotFound
 from hvctl.ledger import VMRecord
 from hvctl.ops import Undo
 from hvctl.ops.incarnation import DEFAULT_BOOT_TIMEOUT, BootOptions, GuestSecrets, Incarnation, LocalStorage, boot
@@ -47,8 +47,8 @@ from hvctl.placement import host_limit
 DEFAULT_TIMEOUT_S = 900.0
 
 
-class CheckpointMigrationFailed(HvctlError):
-    exit_code = 15
+class CheckpointMigrationFailed(MigrationFailed):
+    """A step of a checkpoint migration failed; ``migrate`` reports it as the migration's failure."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 from hvctl.accounting import host_footprint
 from hvctl.context import Context
 from hvctl.domain.model import retarget_paths, retarget_ssh_forward
-from hvctl.errors import AlreadyExists, HvctlError, InvalidSpec, NotFound
+from hvctl.errors import AlreadyExists, HvctlError, InvalidSpec, MigrationFailed, NotFound
 from hvctl.host import DomainState, Guest, Host
 from hvctl.ledger import QuotaExceeded, VMRecord
 from hvctl.ops import pooled
@@ -48,10 +48,6 @@ class MigrateOptions:
     copy_storage: bool = False
     timeout_s: float | None = None
     timeout_action: Literal["abort", "postcopy"] = "abort"
-
-
-class MigrationFailed(HvctlError):
-    exit_code = 15
 
 
 def migrate(ctx: Context, name: str, target: str, opts: MigrateOptions,

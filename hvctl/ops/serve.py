@@ -27,7 +27,7 @@ POLL_S = 0.5
 
 
 class ServeFailed(HvctlError):
-    exit_code = 14
+    exit_code = 20
 
 
 def served(model: str, name: str | None) -> rpc.ServedModel:
