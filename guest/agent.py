@@ -29,6 +29,7 @@ from pydantic import BaseModel, ValidationError
 
 from guest import rpc
 from guest.serving.control import ServeControl, ServeRefused
+from guest.validation import describe
 
 VERSION = "0.2.0"
 STARTED = time.monotonic()
@@ -126,7 +127,7 @@ class Agent:
             try:
                 request = rpc.Request.model_validate(raw)
             except ValidationError as exc:
-                raise RpcFailure(rpc.ErrorCode.MALFORMED, _first_error(exc)) from None
+                raise RpcFailure(rpc.ErrorCode.MALFORMED, describe(exc)) from None
             if request.v != rpc.PROTOCOL_VERSION:
                 raise RpcFailure(rpc.ErrorCode.UNSUPPORTED_VERSION, f"protocol v{request.v} is not supported; "
                                                                     f"this agent speaks v{rpc.PROTOCOL_VERSION}")
@@ -138,7 +139,7 @@ class Agent:
             try:
                 params = params_model.model_validate(request.params)
             except ValidationError as exc:
-                raise RpcFailure(rpc.ErrorCode.BAD_PARAMS, _first_error(exc)) from None
+                raise RpcFailure(rpc.ErrorCode.BAD_PARAMS, describe(exc)) from None
             result = getattr(self, "rpc_" + request.method.replace(".", "_"))(params)
             # Validate our own reply too: a reply the controller would reject is our bug, caught here.
             result = result_model.model_validate(result.model_dump())
@@ -367,11 +368,6 @@ def find_port(name: str = AGENT_PORT_NAME, sys_root: Path = Path("/sys")) -> Pat
 
 
 # -- helpers ----------------------------------------------------------------------------------------------------
-
-
-def _first_error(exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    return f"{'.'.join(str(p) for p in err['loc']) or 'message'}: {err['msg']}"
 
 
 def _memory_mib() -> int:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from guest import rpc
+from guest.validation import describe
 from hvctl.errors import HvctlError
 
 if TYPE_CHECKING:
@@ -118,7 +119,7 @@ class AgentClient:
         try:
             return result_model.model_validate(reply.result or {})
         except ValidationError as exc:
-            raise AgentError(f"agent sent an invalid {method} result: {exc.errors()[0]['msg']}") from None
+            raise AgentError(f"agent sent an invalid {method} result: {describe(exc)}") from None
 
     def typed(self, method: str, result_type: type[ResultT], params: BaseModel | None = None,
               timeout: float | None = None) -> ResultT:

@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
+from guest.validation import problems
 from hvctl import yamlfile
 from hvctl.errors import InvalidSpec
 
@@ -124,11 +125,8 @@ def parse_policy(text: str, where: str) -> Policy:
     try:
         return Policy.model_validate(data)
     except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            loc = [str(p) for p in err["loc"]]
-            problems.append(f"{where}:{_line_of(tree, loc)}: {'.'.join(loc) or 'policy'}: {err['msg']}")
-        raise PolicyError(problems) from None
+        raise PolicyError([f"{where}:{_line_of(tree, list(p.loc))}: {p if p.loc else f'policy: {p.rule}'}"
+                           for p in problems(exc)]) from None
 
 
 def _line_of(node: Any, path: list[str]) -> int:

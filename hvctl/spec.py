@@ -8,6 +8,7 @@ from typing import Annotated, Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
+from guest.validation import describe
 from hvctl.errors import InvalidSpec
 from hvctl.names import NAME_PATTERN
 
@@ -40,7 +41,7 @@ class Frozen(BaseModel):
         try:
             return cls(**values)
         except ValidationError as exc:
-            raise InvalidSpec(describe_validation_error(exc)) from None
+            raise InvalidSpec("invalid request: " + describe(exc)) from None
 
 
 class GPURequest(Frozen):
@@ -103,18 +104,3 @@ class VMSpec(Frozen):
         if self.cpu_limit is not None and self.cpu_limit > self.vcpus:
             raise ValueError(f"cpu_limit {self.cpu_limit} exceeds the VM's {self.vcpus} vCPU(s)")
         return self
-
-
-def describe_validation_error(exc: ValidationError) -> str:
-    """One line naming every bad field, its value and the rule it broke."""
-    parts = []
-    for err in exc.errors():
-        field = ".".join(str(p) for p in err["loc"]) or "value"
-        value = err.get("input")
-        rule = err["msg"]
-        if err["type"] == "string_pattern_mismatch":
-            pattern = err.get("ctx", {}).get("pattern", "")
-            rule = f"must match {pattern.strip('^$')}"
-        shown = repr(value) if isinstance(value, str | int | float) else None
-        parts.append(f"{field} {shown}: {rule}" if shown is not None else f"{field}: {rule}")
-    return "invalid request: " + "; ".join(parts)

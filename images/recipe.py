@@ -11,6 +11,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError
 
+from guest.validation import describe
+
 RECIPES_DIR = Path(__file__).parent / "recipes"
 INIT_DIR = Path(__file__).parent / "init"
 # Bumped when a builder changes what it produces from the same recipe, so old cache entries stop matching.
@@ -77,13 +79,8 @@ def load_recipe(name_or_path: str) -> Recipe:
     try:
         return Recipe(**tomllib.loads(path.read_text()))
     except (tomllib.TOMLDecodeError, ValidationError) as exc:
-        first = str(exc).splitlines()[0] if isinstance(exc, tomllib.TOMLDecodeError) else _first_error(exc)
+        first = str(exc).splitlines()[0] if isinstance(exc, tomllib.TOMLDecodeError) else describe(exc)
         raise ImageError(f"{path}: {first}") from None
-
-
-def _first_error(exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    return f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
 
 
 def shipped_recipe_names() -> set[str]:

@@ -47,3 +47,23 @@ def test_spec_is_frozen_and_has_sane_defaults() -> None:
     assert spec.workload == "llm" and spec.gpus.count == 1
     with pytest.raises(ValidationError, match="frozen"):
         spec.vcpus = 4  # type: ignore[misc]
+
+
+def test_one_formatter_says_what_pydantic_refused_on_both_sides_of_the_channel() -> None:
+    """guest.validation is the one place a pydantic refusal becomes words, for the controller and the guest alike:
+    every bad field, its value when it is a scalar, and the rule (a pattern said as the pattern)."""
+    from pydantic import ValidationError
+
+    from guest import rpc
+    from guest.validation import describe, problems
+    from hvctl.spec import VMSpec
+
+    with pytest.raises(ValidationError) as refused:
+        VMSpec.model_validate({"name": "Bad Name", "vcpus": 0, "gpus": {"count": "x"}})
+    said, found = describe(refused.value), problems(refused.value)
+    assert "name 'Bad Name': must match [a-z][a-z0-9-]{0,62}" in said
+    assert "vcpus 0: Input should be greater than or equal to 1" in said and "gpus.count 'x':" in said
+    assert [p.loc for p in found][:2] == [("name",), ("vcpus",)]
+    with pytest.raises(ValidationError) as refused:
+        rpc.ServeGenerateParams.model_validate({"model": "m", "prompt": "p", "max_tokens": 0})
+    assert describe(refused.value).startswith("max_tokens 0: ")

@@ -17,6 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from ..validation import describe
 from .errors import BadMediaFormat, CheckpointMismatch, ModelDirError, OutOfMemory, PromptTooLong, WorkloadError
 from .schema import LLMRequest, PerceptionRequest, PerceptionTrainRequest, Sampling, TokenEvent, TrainRequest
 
@@ -274,8 +275,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"error": error.to_dict()}))
         return EXIT_CODES.get(type(error), 1)
     except ValidationError as error:
-        first = error.errors()[0]
-        print(f"error: bad request: {'.'.join(map(str, first['loc']))}: {first['msg']}", file=sys.stderr)
+        print(f"error: bad request: {describe(error)}", file=sys.stderr)
         return 2
     return 0
 

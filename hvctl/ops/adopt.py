@@ -19,6 +19,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from guest.validation import describe
 from hvctl.context import Context
 from hvctl.domain import Disk, Domain, PciHostdev, SerialConsole, UnixChannel
 from hvctl.errors import AlreadyExists, HvctlError, NotFound
@@ -80,7 +81,9 @@ def _spec_of(domain: Domain, host_name: str) -> VMSpec:
         raise HvctlError(f"the domain {domain.name}'s hvctl metadata has no spec (made by an hvctl too old to adopt)")
     try:
         spec = VMSpec.model_validate(json.loads(meta["spec"]))
-    except (ValueError, ValidationError) as exc:
+    except ValidationError as exc:
+        raise HvctlError(f"the domain {domain.name}'s hvctl metadata holds no valid spec: {describe(exc)}") from None
+    except ValueError as exc:
         raise HvctlError(f"the domain {domain.name}'s hvctl metadata holds no valid spec: "
                          f"{str(exc).splitlines()[0]}") from None
     if spec.name != domain.name:

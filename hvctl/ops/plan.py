@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from guest.validation import describe
 from hvctl import yamlfile
 from hvctl.accounting import first_excess, host_footprint, tenant_charge
 from hvctl.context import Context
@@ -45,7 +46,9 @@ def load_requests(ctx: Context, path: Path) -> list[VMSpec]:
         items = PlanFile.model_validate(raw).requests
     except OSError as exc:
         raise InvalidSpec(f"cannot read {path}: {exc.strerror}") from None
-    except (yaml.YAMLError, ValidationError, UnicodeDecodeError) as exc:
+    except ValidationError as exc:
+        raise InvalidSpec(f"{path}: {describe(exc)}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise InvalidSpec(f"{path}: {str(exc).splitlines()[0]}") from None
     specs = []
     for item in items:

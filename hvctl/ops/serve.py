@@ -14,7 +14,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
+from pydantic import ValidationError
+
 from guest import rpc
+from guest.validation import describe
 from hvctl.access import openssh_command, route_for, write_pin
 from hvctl.agent_client import AgentClient, AgentError
 from hvctl.context import Context
@@ -102,8 +105,8 @@ def start(ctx: Context, record: VMRecord, models: list[rpc.ServedModel], *, port
     try:
         params = rpc.ServeStartParams(models=models, port=port, max_seqs=max_seqs, max_tokens=max_tokens,
                                       backend=backend)
-    except ValueError as exc:
-        raise InvalidSpec(f"bad serve options: {exc.errors()[0]['msg']}") from None  # type: ignore[attr-defined]
+    except ValidationError as exc:
+        raise InvalidSpec(f"bad serve options: {describe(exc)}") from None
     _call(client, "serve.start", params)
     try:
         now = wait_models(client, [m.name for m in models], wait_s, on_progress)
@@ -152,8 +155,8 @@ def generate(ctx: Context, record: VMRecord, model: str, prompt: str, max_tokens
     client = agent_for(ctx, record)
     try:
         params = rpc.ServeGenerateParams(model=model, prompt=prompt, max_tokens=max_tokens, timeout_s=timeout_s)
-    except ValueError as exc:
-        raise InvalidSpec(f"bad generate request: {exc.errors()[0]['msg']}") from None  # type: ignore[attr-defined]
+    except ValidationError as exc:
+        raise InvalidSpec(f"bad generate request: {describe(exc)}") from None
     try:
         return client.typed("serve.generate", rpc.ServeGenerated, params, timeout=timeout_s + 30)
     except AgentError as exc:
