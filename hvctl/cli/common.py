@@ -144,6 +144,10 @@ class RichReporter:
         self.started = time.monotonic()
         self.last: tuple[str, float] | None = None
 
+    def __call__(self, message: str) -> None:
+        """A reporter is an operation's ``say`` (hvctl.ops.Say)."""
+        self.step(message)
+
     def step(self, message: str) -> None:
         now = time.monotonic()
         if self.quiet:

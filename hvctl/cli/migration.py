@@ -62,11 +62,11 @@ def migrate(
                   f"expected downtime {stats.get('downtime', '?')} ms")
         progress.update(task, completed=done, total=done + left or None, detail=detail)
 
-    def on_step(step: str) -> None:
+    def say(step: str) -> None:
         progress.update(task, detail=step)
 
     with progress:
-        stats = do_migrate(c, name, to, opts, on_progress, on_step)
+        stats = do_migrate(c, name, to, opts, on_progress, say)
     if as_json:
         emit_json({"name": name, "host": to} | stats)
     elif mode == "checkpoint":

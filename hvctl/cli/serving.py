@@ -92,7 +92,7 @@ def serve_start(
     line = _progress(f"{Vm.name}: asking the agent to serve {wanted.name}")
     try:
         now = ops.start(c, record, [wanted], port=port, max_seqs=max_seqs, max_tokens=max_tokens, backend=backend,
-                        wait_s=wait, on_progress=lambda s: line.update(f"{Vm.name}: {s}"))
+                        wait_s=wait, say=lambda s: line.update(f"{Vm.name}: {s}"))
     finally:
         line.stop()
     assert now.port is not None
@@ -147,7 +147,7 @@ def serve_reload(
     started = time.monotonic()
     line = _progress(f"{Vm.name}: loading {wanted.dir} beside {name}")
     try:
-        now = ops.reload(c, record, wanted, wait_s=wait, on_progress=lambda s: line.update(f"{Vm.name}: {s}"))
+        now = ops.reload(c, record, wanted, wait_s=wait, say=lambda s: line.update(f"{Vm.name}: {s}"))
     finally:
         line.stop()
     if as_json:

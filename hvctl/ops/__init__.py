@@ -5,18 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from types import TracebackType
-from typing import Protocol
+
+Say = Callable[[str], None]
+"""How an operation tells its caller what it is doing, one line per step. The CLI's RichReporter is one (it shows
+each line with a spinner on stderr); tests may record the lines; a caller that wants none passes ``quiet``."""
 
 
-class Reporter(Protocol):
-    """How an operation tells its caller what it is doing; the CLI renders it, tests may record it."""
-
-    def step(self, message: str) -> None: ...
-
-
-class SilentReporter:
-    def step(self, message: str) -> None:
-        pass
+def quiet(_: str) -> None:
+    """Says nothing."""
 
 
 class Undo:

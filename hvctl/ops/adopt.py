@@ -25,7 +25,7 @@ from hvctl.domain import Disk, Domain, PciHostdev, SerialConsole, UnixChannel
 from hvctl.errors import AlreadyExists, HvctlError, NotFound
 from hvctl.host import DomainState, Pool
 from hvctl.ledger import Admission, VMPaths, VMRecord
-from hvctl.ops import Reporter, SilentReporter, pooled
+from hvctl.ops import Say, pooled, quiet
 from hvctl.ops.intent import operation
 from hvctl.placement import host_limit
 from hvctl.seed import read_seed_file
@@ -34,8 +34,7 @@ from hvctl.spec import VMSpec
 _STATES = {DomainState.RUNNING: "running", DomainState.SHUTOFF: "stopped", DomainState.CRASHED: "stopped"}
 
 
-def adopt(ctx: Context, name: str, host_name: str, reporter: Reporter | None = None) -> VMRecord:
-    say = (reporter or SilentReporter()).step
+def adopt(ctx: Context, name: str, host_name: str, say: Say = quiet) -> VMRecord:
     if name in {vm.name for vm in ctx.ledger.list_vms()}:
         raise AlreadyExists(f"{name} is already in the ledger, so it is not an orphan")
     with operation(ctx, name, "adopt", target=host_name, say=say):

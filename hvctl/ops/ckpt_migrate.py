@@ -38,7 +38,7 @@ from hvctl.agent_client import AgentClient, AgentError
 from hvctl.context import Context
 from hvctl.errors import GuestTimeout, HvctlError, InvalidSpec, MigrationFailed, NotFound
 from hvctl.ledger import VMRecord
-from hvctl.ops import Undo
+from hvctl.ops import Say, Undo
 from hvctl.ops.incarnation import DEFAULT_BOOT_TIMEOUT, BootOptions, GuestSecrets, Incarnation, LocalStorage, boot
 from hvctl.ops.intent import Operation
 from hvctl.ops.run import checkpoint_name, operator_identity, train_progress
@@ -65,8 +65,7 @@ class Moving:
 
 
 def checkpoint_migrate(ctx: Context, record: VMRecord, target: str, timeout_s: float | None,
-                       on_step: Callable[[str], None] | None, op: Operation) -> dict[str, Any]:
-    say = on_step or (lambda _: None)
+                       say: Say, op: Operation) -> dict[str, Any]:
     started = time.monotonic()
     deadline = started + (timeout_s or DEFAULT_TIMEOUT_S)
     ledger, name = ctx.ledger, record.name

@@ -10,7 +10,7 @@ from hvctl import passthrough
 from hvctl.context import Context
 from hvctl.errors import AlreadyExists, InvalidSpec
 from hvctl.ledger import Admission, VMRecord
-from hvctl.ops import Reporter, SilentReporter, Undo, pooled
+from hvctl.ops import Say, Undo, pooled, quiet
 from hvctl.ops.incarnation import BootOptions, GuestSecrets, Incarnation, LocalStorage, Storage, boot
 from hvctl.ops.intent import operation
 from hvctl.placement import choose_host, host_limit
@@ -18,11 +18,10 @@ from hvctl.spec import VMSpec
 from images.store import Image
 
 
-def create(ctx: Context, spec: VMSpec, reporter: Reporter | None = None, options: BootOptions | None = None,
+def create(ctx: Context, spec: VMSpec, say: Say = quiet, options: BootOptions | None = None,
            stats: dict[str, object] | None = None) -> VMRecord:
     """``stats``, if given, receives numbers a caller may report: ``image_upload`` (bytes, seconds) for a VM on a
     host that keeps its files in its storage pool."""
-    say = (reporter or SilentReporter()).step
     # Every check that can refuse the request runs before anything is written anywhere, the state dir included.
     policy = ctx.policy
     quota = policy.tenant(spec.tenant).quota
@@ -76,7 +75,7 @@ def create(ctx: Context, spec: VMSpec, reporter: Reporter | None = None, options
     return ctx.ledger.get_vm(spec.name)
 
 
-def _storage_for(ctx: Context, spec: VMSpec, image: Image, say: Callable[[str], None],
+def _storage_for(ctx: Context, spec: VMSpec, image: Image, say: Say,
                  stats: dict[str, object] | None) -> Storage:
     """Where the VM's files go, checked for room before anything is written: this machine's state dir, or, on a
     host that does not share this machine's filesystem, that host's storage pool (the image uploaded once)."""
@@ -96,7 +95,7 @@ def _storage_for(ctx: Context, spec: VMSpec, image: Image, say: Callable[[str], 
     return pooled.PoolStorage(pool_files, volumes)
 
 
-def _upload_progress(say: Callable[[str], None]) -> Callable[[str, int, int], None]:
+def _upload_progress(say: Say) -> Callable[[str, int, int], None]:
     """Upload progress as reporter steps, one per tenth of each file."""
     shown: dict[str, int] = {}
 

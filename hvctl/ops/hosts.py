@@ -10,6 +10,7 @@ from hvctl.context import Context
 from hvctl.errors import AlreadyExists, InvalidSpec
 from hvctl.host import Host, identity
 from hvctl.names import check_name
+from hvctl.ops import Say
 from hvctl.placement import host_limit
 
 # Enough for the largest image hvctl builds (ml: ~1.5 GiB with torch) to be uploaded once.
@@ -101,7 +102,7 @@ def set_enabled(ctx: Context, name: str, enabled: bool, reason: str = "") -> boo
     return True
 
 
-def evacuate(ctx: Context, name: str, say: Callable[[str], None] = lambda _: None,
+def evacuate(ctx: Context, name: str, say: Say = lambda _: None,
              on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Move every VM off host ``name`` to hosts the scheduler picks: running VMs live, stopped ones offline, VMs
     with passthrough GPUs by checkpoint migration; with their disks copied when the two hosts do not share this

@@ -27,7 +27,7 @@ from hvctl.designer import BootArtifacts, HostCapabilities, VMAllocation, design
 from hvctl.errors import AlreadyExists, GuestTimeout, HypervisorError, ImageError
 from hvctl.host import DomainState, Guest
 from hvctl.ledger import VMPaths
-from hvctl.ops import Undo
+from hvctl.ops import Say, Undo
 from hvctl.passthrough import GpuAllocation
 from hvctl.paths import VMFiles, make_private_dir
 from hvctl.seed import KeyPair, build_seed, generate_ed25519, new_agent_token, operator_key, public_key_of
@@ -84,7 +84,7 @@ class Storage(Protocol):
 
     def console(self) -> Path | ConsoleSource: ...
 
-    def make(self, spec: VMSpec, secrets: GuestSecrets, undo: Undo, say: Callable[[str], None]) -> None:
+    def make(self, spec: VMSpec, secrets: GuestSecrets, undo: Undo, say: Say) -> None:
         """The overlay disk and the seed, each pushed on ``undo``."""
 
 
@@ -110,7 +110,7 @@ class LocalStorage:
     def console(self) -> Path:
         return self.files.console_log
 
-    def make(self, spec: VMSpec, secrets: GuestSecrets, undo: Undo, say: Callable[[str], None]) -> None:
+    def make(self, spec: VMSpec, secrets: GuestSecrets, undo: Undo, say: Say) -> None:
         files, image = self.files, self.image
         if files.overlay.exists():
             raise AlreadyExists(f"disk path {files.overlay} already exists", hint="remove it or pick another name")
@@ -146,7 +146,7 @@ class Incarnation:
                 "host_pubkey": self.secrets.host_key.public_line}
 
 
-def boot(ctx: Context, inc: Incarnation, options: BootOptions, undo: Undo, say: Callable[[str], None],
+def boot(ctx: Context, inc: Incarnation, options: BootOptions, undo: Undo, say: Say,
          move_port: Callable[[int], int] | None = None, step: Callable[..., None] | None = None) -> str:
     """Files, seed, domain, boot, readiness, agent: every step pushed on ``undo``. Returns how it went.
 

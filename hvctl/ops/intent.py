@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +27,7 @@ from typing import Any
 
 from hvctl.context import Context
 from hvctl.errors import HostUnreachable, HvctlError
+from hvctl.ops import Say
 
 CRASH_ENV = "HVCTL_CRASH_AFTER"
 FAIL_ENV = "HVCTL_FAIL_AFTER"
@@ -108,7 +109,7 @@ class Operation:
 
 @contextmanager
 def operation(ctx: Context, vm: str, kind: str, *, source: str | None = None, target: str | None = None,
-              data: dict[str, Any] | None = None, say: Callable[[str], None] | None = None) -> Iterator[Operation]:
+              data: dict[str, Any] | None = None, say: Say | None = None) -> Iterator[Operation]:
     """Hold VM ``vm``'s operation lock for the block, with its intent row. A lock left by a dead holder is
     reconciled first; one held by a live process refuses with who holds it. The row goes when the block ends,
     however it ends: the caller has finished or rolled back by then. Only a crash leaves it."""

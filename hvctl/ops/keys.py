@@ -3,7 +3,6 @@ boot) and, through the agent, in the running guest."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from guest import rpc
@@ -13,6 +12,7 @@ from hvctl.designer import nic_mac
 from hvctl.errors import HvctlError, InvalidSpec, NotFound
 from hvctl.host import DomainState
 from hvctl.ledger import VMRecord
+from hvctl.ops import Say
 from hvctl.ops.incarnation import authorized_keys_for
 from hvctl.ops.intent import operation
 from hvctl.seed import new_agent_token, rewrite_seed
@@ -39,7 +39,7 @@ def _running_agent(ctx: Context, record: VMRecord) -> AgentClient | None:
 
 
 def remove_tenant_key(ctx: Context, tenant: str, pubkey: str,
-                      say: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+                      say: Say = lambda _: None) -> dict[str, Any]:
     """Forget ``pubkey`` for ``tenant``, rewrite the seed of each of the tenant's VMs without it, and remove it
     from the running ones' authorized_keys through their agents. A VM that cannot be reached now keeps the key
     until its next boot; the result says which.

@@ -15,15 +15,14 @@ from hvctl.domain.model import retarget_ssh_forward
 from hvctl.errors import HostUnreachable, HvctlError, HypervisorError, NotFound
 from hvctl.host import DomainState, Guest
 from hvctl.ledger import VMRecord
-from hvctl.ops import Reporter, SilentReporter, pooled
+from hvctl.ops import Say, pooled, quiet
 from hvctl.ops.incarnation import DEFAULT_BOOT_TIMEOUT, HOSTFWD_REFUSED, PORT_ATTEMPTS
 from hvctl.ops.intent import operation
 
 
-def start(ctx: Context, name: str, reporter: Reporter | None = None,
+def start(ctx: Context, name: str, say: Say = quiet,
           boot_timeout: float = DEFAULT_BOOT_TIMEOUT) -> float:
     """Start a stopped VM and wait until the guest reports ready; returns the seconds it took."""
-    say = (reporter or SilentReporter()).step
     ctx.ledger.get_vm(name)
     with operation(ctx, name, "start", say=say) as op:
         record = ctx.ledger.get_vm(name)
@@ -80,7 +79,7 @@ def reconcile_power(ctx: Context, op: dict[str, Any]) -> str:
 
 
 
-def start_claiming_a_port(ctx: Context, guest: Guest, say: Callable[[str], None]) -> Guest:
+def start_claiming_a_port(ctx: Context, guest: Guest, say: Say) -> Guest:
     """Start a defined VM. Any local user can bind a stopped VM's SSH forward port; QEMU then refuses to start.
     So a refused forward moves to a port that is free now, in the domain and the ledger, and the start is tried
     again. Nothing else is retried. Returns the handle on what was started: a redefinition makes a new one."""
@@ -102,9 +101,8 @@ def start_claiming_a_port(ctx: Context, guest: Guest, say: Callable[[str], None]
                           hint="something is binding ports in hvctl's range as fast as they are freed")
 
 
-def stop(ctx: Context, name: str, timeout: float = 30.0, reporter: Reporter | None = None) -> str:
+def stop(ctx: Context, name: str, timeout: float = 30.0, say: Say = quiet) -> str:
     """Graceful shutdown, then destroy after ``timeout`` seconds. Returns "graceful" or "forced"."""
-    say = (reporter or SilentReporter()).step
     ctx.ledger.get_vm(name)
     with operation(ctx, name, "stop", say=say) as op:
         record = ctx.ledger.get_vm(name)
@@ -115,7 +113,7 @@ def stop(ctx: Context, name: str, timeout: float = 30.0, reporter: Reporter | No
     return how
 
 
-def _power_off(guest: Guest, timeout: float, say: Callable[[str], None],
+def _power_off(guest: Guest, timeout: float, say: Say,
                asked: Callable[[], None] = lambda: None) -> str:
     """ACPI power button, then destroy after ``timeout``: "graceful", "forced" or "already stopped". A paused
     guest is resumed first: paused vCPUs cannot act on the button."""
@@ -137,12 +135,11 @@ def _power_off(guest: Guest, timeout: float, say: Callable[[str], None],
     return "forced"
 
 
-def restart(ctx: Context, name: str, timeout: float = 30.0, reporter: Reporter | None = None,
+def restart(ctx: Context, name: str, timeout: float = 30.0, say: Say = quiet,
             boot_timeout: float = DEFAULT_BOOT_TIMEOUT, force: bool = False) -> tuple[str, float]:
     """Power off (gracefully, forced after ``timeout``; at once with ``force``) and boot again in one operation,
     waiting until the guest reports ready. A new QEMU process: CPU and memory changes made with ``resize`` for the
     next boot take effect. Returns how it stopped and the seconds the boot took."""
-    say = (reporter or SilentReporter()).step
     ctx.ledger.get_vm(name)
     with operation(ctx, name, "restart", say=say) as op:
         record = ctx.ledger.get_vm(name)
@@ -196,14 +193,13 @@ def resume(ctx: Context, name: str) -> None:
         ctx.ledger.set_state(name, "running", f"resumed {name}")
 
 
-def destroy(ctx: Context, name: str, reporter: Reporter | None = None) -> None:
+def destroy(ctx: Context, name: str, say: Say = quiet) -> None:
     """Remove the domain, its overlay disk and console log, and its ledger entry.
 
     The ledger row goes last: if anything fails first, the row still names what is left to clean, and a second
     destroy finishes the job. It holds the VM's operation lock (an interrupted migration is reconciled first), and
     deletes no file or volume while any host runs the VM's domain.
     """
-    say = (reporter or SilentReporter()).step
     ctx.ledger.get_vm(name)
     with operation(ctx, name, "destroy", say=say) as op:
         _destroy(ctx, name, say, op.step)
@@ -221,7 +217,7 @@ def reconcile_destroy(ctx: Context, op: dict[str, Any]) -> str:
     return "finished"
 
 
-def _destroy(ctx: Context, name: str, say: Callable[[str], None], step: Callable[..., None]) -> None:
+def _destroy(ctx: Context, name: str, say: Say, step: Callable[..., None]) -> None:
     record = ctx.ledger.get_vm(name)
     host = ctx.host(record.host)
     guest = host.find_guest(name)
@@ -269,14 +265,13 @@ def remove_vm_files(ctx: Context, record: VMRecord) -> None:
             shutil.rmtree(vm_dir, ignore_errors=True)
 
 
-def destroy_orphan(ctx: Context, name: str, host_name: str, reporter: Reporter | None = None) -> list[str]:
+def destroy_orphan(ctx: Context, name: str, host_name: str, say: Say = quiet) -> list[str]:
     """An orphan: a domain on ``host_name`` that carries hvctl's metadata but that no VM in the ledger is. Its domain
     goes, and the files it names that are hvctl's own and no VM in the ledger uses: under this machine's state dir
     (vms/NAME*), or its vm-NAME.* volumes in the host's pool. Returns what was removed. Never automatic: `doctor`
     lists orphans, and this is the command its hint names."""
     from xml.etree import ElementTree as ET
 
-    say = (reporter or SilentReporter()).step
     if name in {vm.name for vm in ctx.ledger.list_vms()}:
         raise HvctlError(f"{name} is in the ledger, so it is not an orphan", hint=f"hvctl destroy {name}")
     with operation(ctx, name, "destroy-orphan", target=host_name, say=say):

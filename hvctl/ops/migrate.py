@@ -28,7 +28,7 @@ from hvctl.domain.model import retarget_paths, retarget_ssh_forward
 from hvctl.errors import AlreadyExists, HvctlError, InvalidSpec, MigrationFailed, NotFound
 from hvctl.host import DomainState, Guest, Host
 from hvctl.ledger import QuotaExceeded, VMRecord
-from hvctl.ops import pooled
+from hvctl.ops import Say, pooled, quiet
 from hvctl.ops.ckpt_migrate import checkpoint_migrate
 from hvctl.ops.create import check_network
 from hvctl.ops.incarnation import make_overlay
@@ -52,17 +52,17 @@ class MigrateOptions:
 
 def migrate(ctx: Context, name: str, target: str, opts: MigrateOptions,
             on_progress: Callable[[dict[str, Any]], None] | None = None,
-            on_step: Callable[[str], None] | None = None) -> dict[str, Any]:
+            say: Say = quiet) -> dict[str, Any]:
     """A live (or offline) migration holds the VM's operation lock with a durable intent (``hvctl.ops.intent``),
     so a crash at any step is finished or rolled back by ``reconcile_migration``."""
     ctx.ledger.get_vm(name)  # NotFound before any lock
     kind = "migrate-checkpoint" if opts.mode == "checkpoint" else "migrate"
-    with operation(ctx, name, kind, target=target, say=on_step) as op:
-        return _migrate(ctx, name, target, opts, on_progress, on_step, op)
+    with operation(ctx, name, kind, target=target, say=say) as op:
+        return _migrate(ctx, name, target, opts, on_progress, say, op)
 
 
 def _migrate(ctx: Context, name: str, target: str, opts: MigrateOptions,
-             on_progress: Callable[[dict[str, Any]], None] | None, on_step: Callable[[str], None] | None,
+             on_progress: Callable[[dict[str, Any]], None] | None, say: Say,
              op: Operation) -> dict[str, Any]:
     ledger = ctx.ledger
     record = ledger.get_vm(name)
@@ -95,7 +95,7 @@ def _migrate(ctx: Context, name: str, target: str, opts: MigrateOptions,
                           "its disk", hint=f"`hvctl start {name}` and migrate it live with --copy-storage")
     if opts.mode == "checkpoint":
         try:
-            return checkpoint_migrate(ctx, record, target, opts.timeout_s, on_step, op)
+            return checkpoint_migrate(ctx, record, target, opts.timeout_s, say, op)
         except BaseException as exc:
             message = exc.message if isinstance(exc, HvctlError) else f"{type(exc).__name__}: {exc}"
             ledger.log_event(name, record.host, "migration.failed", f"checkpoint-migration of {name} to {target} "
@@ -120,7 +120,6 @@ def _migrate(ctx: Context, name: str, target: str, opts: MigrateOptions,
             if not Path(disk).exists():
                 raise InvalidSpec(f"{disk} is not reachable from {target}",
                                   hint=None if opts.copy_storage else "use --copy-storage")
-    say = on_step or (lambda _: None)
     op.step("checked", source=record.host, uuid=guest.uuid, source_overlay=str(record.overlay),
                 copy_storage=opts.copy_storage)
     # A host never used since it was registered (the default host, say) has its capacity probed first: its limit
@@ -276,7 +275,7 @@ class StorageCopy:
 
 
 def prepare_storage_copy(ctx: Context, record: VMRecord, target: str, dest_xml: str,
-                         say: Callable[[str], None]) -> StorageCopy:
+                         say: Say) -> StorageCopy:
     """An empty overlay of the same size on the target, on the image's base there (QEMU mirrors the source overlay
     into it; only the top layer travels), the seed, and new console and agent paths. On this machine they are
     files under the state dir (NAME or NAME.g1); on another host, volumes in its pool, the image uploaded there

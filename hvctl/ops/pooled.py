@@ -12,7 +12,6 @@ Destroy deletes the VM's volumes through the pool. Nothing of the VM is written 
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -23,7 +22,7 @@ from hvctl.errors import AlreadyExists, InvalidSpec
 from hvctl.host import Host, Pool
 from hvctl.ledger import VMPaths, VMRecord
 from hvctl.names import check_name
-from hvctl.ops import Undo
+from hvctl.ops import Say, Undo
 from hvctl.ops.incarnation import GuestSecrets
 from hvctl.ops.volumes import ImageVolumes, Progress, ensure_image
 from hvctl.spec import VMSpec
@@ -102,7 +101,7 @@ def check_room(files: PooledFiles, spec: VMSpec, host_name: str) -> None:
                           f"{free / 2**30:.1f} GiB free", hint="a smaller --disk-gib, or free space in that pool")
 
 
-def upload_image(files: PooledFiles, image: Image, say: Callable[[str], None],
+def upload_image(files: PooledFiles, image: Image, say: Say,
                  progress: Progress | None = None) -> ImageVolumes:
     say(f"making sure the host has image {image.name}@{image.content_hash[:8]} (uploaded once per host)")
     volumes = ensure_image(files.pool, image, progress)
@@ -136,7 +135,7 @@ class PoolStorage:
     def console(self) -> VolumeConsole:
         return self.files.console_source()
 
-    def make(self, spec: VMSpec, secrets: GuestSecrets, undo: Undo, say: Callable[[str], None]) -> None:
+    def make(self, spec: VMSpec, secrets: GuestSecrets, undo: Undo, say: Say) -> None:
         files, pool = self.files, self.files.pool
         say(f"creating a {spec.disk_gib} GiB overlay volume on {self.image_volumes.base.name}")
         pool.create(files.disk, spec.disk_gib * 2**30, fmt="qcow2", backing=self.image_volumes.base)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hvctl.errors import HostUnreachable, HvctlError
+from hvctl.ops import Say
 
 if TYPE_CHECKING:
     from hvctl.pki import Authority
@@ -134,7 +135,7 @@ def connect(address: str, user: str = "root", port: int = 22, identity: Path | N
 
 
 def prepare(connection: Any, vfio: bool = False, hugepages: int | None = None, dry_run: bool = False,
-            say: Callable[[str], None] = lambda _: None,
+            say: Say = lambda _: None,
             tls: tuple[Authority, str] | None = None) -> list[dict[str, str]]:
     """Run the steps on ``connection``; returns each step with its outcome: ok, changed, or would change."""
     import paramiko

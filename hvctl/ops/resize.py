@@ -14,22 +14,20 @@ the new size; a refused resize changes nothing.
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Callable
 from typing import Any
 
 from hvctl.context import Context
 from hvctl.errors import HvctlError, InvalidSpec
 from hvctl.host import DomainState
 from hvctl.ledger import Admission, VMRecord
-from hvctl.ops import Reporter, SilentReporter, pooled
+from hvctl.ops import Say, pooled, quiet
 from hvctl.ops.intent import operation
 from hvctl.placement import host_limit
 from hvctl.spec import VMSpec
 
 
 def resize(ctx: Context, name: str, vcpus: int | None = None, memory_mib: int | None = None,
-           disk_gib: int | None = None, reporter: Reporter | None = None) -> dict[str, Any]:
-    say = (reporter or SilentReporter()).step
+           disk_gib: int | None = None, say: Say = quiet) -> dict[str, Any]:
     record = ctx.ledger.get_vm(name)
     old = record.spec
     changes = {k: v for k, v in (("vcpus", vcpus), ("memory_mib", memory_mib), ("disk_gib", disk_gib))
@@ -59,7 +57,7 @@ def resize(ctx: Context, name: str, vcpus: int | None = None, memory_mib: int | 
 
 
 def _apply(ctx: Context, name: str, host_name: str, old: VMSpec, new: VMSpec,
-           say: Callable[[str], None]) -> dict[str, Any]:
+           say: Say) -> dict[str, Any]:
     from hvctl.designer import qemu_overhead_mib
 
     record = ctx.ledger.get_vm(name)
@@ -95,7 +93,7 @@ def _apply(ctx: Context, name: str, host_name: str, old: VMSpec, new: VMSpec,
     return result
 
 
-def _grow_filesystem(ctx: Context, record: VMRecord, say: Callable[[str], None]) -> str:
+def _grow_filesystem(ctx: Context, record: VMRecord, say: Say) -> str:
     """resize2fs on the guest's root disk, online, through the agent: its new size as the guest's df reports it."""
     if not record.agent_token:
         return "not grown: the image has no agent (its init grows it at the next boot, if it does that)"

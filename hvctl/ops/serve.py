@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
 from pydantic import ValidationError
@@ -23,6 +22,7 @@ from hvctl.agent_client import AgentClient, AgentError
 from hvctl.context import Context
 from hvctl.errors import HvctlError, InvalidSpec, NotFound
 from hvctl.ledger import VMRecord
+from hvctl.ops import Say, quiet
 from hvctl.ops.run import agent_for, guest_model_dir
 
 DEFAULT_WAIT_S = 1800.0  # importing torch and loading a model under TCG take minutes; on KVM, seconds
@@ -65,7 +65,7 @@ def status(ctx: Context, record: VMRecord) -> rpc.ServeStatus:
     return _call(agent_for(ctx, record), "serve.status")
 
 
-def wait_models(client: AgentClient, names: list[str], wait_s: float, on_progress: Callable[[str], None],
+def wait_models(client: AgentClient, names: list[str], wait_s: float, say: Say,
                 min_version: dict[str, int] | None = None) -> rpc.ServeStatus:
     """Poll until each of ``names`` is ready (at ``min_version`` or later) or has failed; raises on failure."""
     deadline = time.monotonic() + wait_s
@@ -92,13 +92,13 @@ def wait_models(client: AgentClient, names: list[str], wait_s: float, on_progres
                               hint="`hvctl serve NAME status` shows how far they got")
         what = "starting the server (Python imports torch)" if now.state == "starting" else \
             f"loading {', '.join(pending)}"
-        on_progress(f"{what}: {time.monotonic() - started:.0f} s")
+        say(f"{what}: {time.monotonic() - started:.0f} s")
         time.sleep(POLL_S)
 
 
 def start(ctx: Context, record: VMRecord, models: list[rpc.ServedModel], *, port: int, max_seqs: int,
           max_tokens: int | None, backend: str = "cb", wait_s: float = DEFAULT_WAIT_S,
-          on_progress: Callable[[str], None] = lambda _: None) -> rpc.ServeStatus:
+          say: Say = quiet) -> rpc.ServeStatus:
     client = agent_for(ctx, record)
     before = _call(client, "serve.status")
     fresh = before.state not in ("running", "starting")
@@ -109,7 +109,7 @@ def start(ctx: Context, record: VMRecord, models: list[rpc.ServedModel], *, port
         raise InvalidSpec(f"bad serve options: {describe(exc)}") from None
     _call(client, "serve.start", params)
     try:
-        now = wait_models(client, [m.name for m in models], wait_s, on_progress)
+        now = wait_models(client, [m.name for m in models], wait_s, say)
     except BaseException:
         if fresh:  # leave nothing behind: the server this command started goes with it
             with contextlib.suppress(HvctlError):
@@ -126,12 +126,12 @@ def start(ctx: Context, record: VMRecord, models: list[rpc.ServedModel], *, port
 
 
 def reload(ctx: Context, record: VMRecord, model: rpc.ServedModel, wait_s: float = DEFAULT_WAIT_S,
-           on_progress: Callable[[str], None] = lambda _: None) -> rpc.ServeStatus:
+           say: Say = quiet) -> rpc.ServeStatus:
     client = agent_for(ctx, record)
     before = {m.name: m for m in _call(client, "serve.status").models}
     version = before[model.name].version if model.name in before else 0
     _call(client, "serve.reload", model)
-    now = wait_models(client, [model.name], wait_s, on_progress, min_version={model.name: version + 1})
+    now = wait_models(client, [model.name], wait_s, say, min_version={model.name: version + 1})
     ctx.ledger.log_event(record.name, record.host, "serve.reloaded", f"model {model.name} now serves {model.dir}",
                          {"model": model.name, "dir": model.dir, "version": version + 1})
     return now

@@ -22,14 +22,13 @@ from hvctl.errors import HvctlError, NotFound
 from hvctl.host import DomainState
 from hvctl.ledger import Admission, SnapshotRecord
 from hvctl.names import check_name
-from hvctl.ops import Reporter, SilentReporter
+from hvctl.ops import Say, quiet
 from hvctl.ops.intent import operation
 from hvctl.ops.lifecycle import ledger_state
 from hvctl.placement import host_limit
 
 
-def create(ctx: Context, vm: str, name: str, memory: bool = False, reporter: Reporter | None = None) -> SnapshotRecord:
-    say = (reporter or SilentReporter()).step
+def create(ctx: Context, vm: str, name: str, memory: bool = False, say: Say = quiet) -> SnapshotRecord:
     check_name(name, "snapshot name")
     record = ctx.ledger.get_vm(vm)
     with operation(ctx, vm, "snapshot", data={"action": "create", "snapshot": name}, say=say) as op:
@@ -71,9 +70,8 @@ def list_snapshots(ctx: Context, vm: str) -> list[dict[str, Any]]:
     return [s.as_dict() | {"in_libvirt": s.name in present} for s in ctx.ledger.snapshots(vm)]
 
 
-def revert(ctx: Context, vm: str, name: str, reporter: Reporter | None = None) -> str:
+def revert(ctx: Context, vm: str, name: str, say: Say = quiet) -> str:
     """Returns the VM's state after the revert: "running" for a memory snapshot, "stopped" for a disk one."""
-    say = (reporter or SilentReporter()).step
     record = ctx.ledger.get_vm(vm)
     snap = ctx.ledger.get_snapshot(vm, name)
     with operation(ctx, vm, "snapshot", data={"action": "revert", "snapshot": name}, say=say) as op:
@@ -94,8 +92,7 @@ def revert(ctx: Context, vm: str, name: str, reporter: Reporter | None = None) -
     return now
 
 
-def remove(ctx: Context, vm: str, name: str, reporter: Reporter | None = None) -> None:
-    say = (reporter or SilentReporter()).step
+def remove(ctx: Context, vm: str, name: str, say: Say = quiet) -> None:
     record = ctx.ledger.get_vm(vm)
     ctx.ledger.get_snapshot(vm, name)
     with operation(ctx, vm, "snapshot", data={"action": "rm", "snapshot": name}, say=say) as op:
