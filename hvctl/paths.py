@@ -74,9 +74,6 @@ class StateDir:
     def console_log(self, name: str) -> Path:
         return self.vm_dir(name) / "console.log"
 
-    def seed(self, name: str) -> Path:
-        return self.vm_dir(name) / "seed.iso"
-
     @property
     def keys(self) -> Path:
         return self.root / "keys"

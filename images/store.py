@@ -237,14 +237,6 @@ class ImageStore:
             shutil.rmtree(image.directory)
         return victims
 
-    def prune_failed_builds(self) -> None:
-        for leftover in self.root.glob(".build-*"):
-            shutil.rmtree(leftover, ignore_errors=True)
-
-
-def dump(images: builtins.list[Image]) -> str:
-    return json.dumps([json.loads(i.model_dump_json()) for i in images], indent=2)
-
 
 def _put_in_place(work: Path, final: Path) -> None:
     """Rename a finished image directory into place. Another command that made the same build (same name, same
