@@ -34,7 +34,7 @@ from hvctl.ops.create import check_network
 from hvctl.ops.incarnation import make_overlay
 from hvctl.ops.intent import Operation, operation
 from hvctl.paths import make_private_dir
-from hvctl.placement import host_limit
+from hvctl.placement import NoValidHost, host_limit
 
 Mode = Literal["live", "postcopy", "offline", "checkpoint"]
 
@@ -70,7 +70,7 @@ def _migrate(ctx: Context, name: str, target: str, opts: MigrateOptions,
     if target == record.host:
         raise InvalidSpec(f"{name} is already on host {target}")
     if not target_record.enabled:
-        raise InvalidSpec(f"host {target} is disabled: nothing new is placed there",
+        raise NoValidHost(f"host {target} is disabled: nothing new is placed there",
                           hint=f"`hvctl host enable {target}` first")
     if record.spec.gpus.count and opts.mode != "checkpoint":
         raise InvalidSpec(f"{name} holds {record.spec.gpus.count} passthrough GPU(s), whose state cannot be moved "
