@@ -69,9 +69,11 @@ def test_a_dry_run_of_the_tls_steps_makes_no_ca_and_no_key(tmp_path: Path) -> No
     """The steps are built before anything runs; the certificate and key only when the install action runs."""
     authority = Authority(tmp_path / "pki")
     certificates, listener = tls_steps(authority, "198.18.9.2")
-    assert certificates.command("check") == "false"  # no CA yet: no host can have it
+    assert certificates.check_command() == "false"  # no CA yet: no host can have it
     assert not (tmp_path / "pki").exists()
-    assert "16514" in listener.command("check")
-    action = certificates.command("action")
-    assert "BEGIN RSA PRIVATE KEY" in action and "/etc/pki/libvirt/private/serverkey.pem" in action
-    assert "sha256sum" in certificates.command("check")  # the CA the action made
+    assert "16514" in listener.check_command()
+    action, stdin = certificates.action_command()
+    # The key goes on stdin, never on the command line (which the host's other users can read in ps).
+    assert "PRIVATE KEY" not in action and "/etc/pki/libvirt/private/serverkey.pem" in action
+    assert stdin is not None and "BEGIN RSA PRIVATE KEY" in stdin
+    assert "sha256sum" in certificates.check_command()  # the CA the action made

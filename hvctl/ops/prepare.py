@@ -19,6 +19,7 @@ says so. Steps:
 from __future__ import annotations
 
 import hashlib
+import io
 import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,18 +43,25 @@ SERVER_KEY = "/etc/pki/libvirt/private/serverkey.pem"
 TLS_PORT = 16514
 
 
+# A shell command, and what its standard input carries (a secret never goes on a command line, where the host's
+# other users could read it in ps).
+Command = tuple[str, str | None]
+
+
 @dataclass(frozen=True)
 class Step:
     name: str
-    # Shell commands, or what makes one when it runs (a key is generated for an action; a check reads the CA made
-    # since). check: exit 0 means the step is already done; action: what makes it so.
+    # check: exit 0 means the step is already done; action: what makes it so. Either may be made only when it runs
+    # (a key is generated for an action; a check reads the CA made since).
     check: str | Callable[[], str]
-    action: str | Callable[[], str]
+    action: str | Callable[[], Command]
     describe: str
 
-    def command(self, which: str) -> str:
-        made = getattr(self, which)
-        return made if isinstance(made, str) else str(made())
+    def check_command(self) -> str:
+        return self.check if isinstance(self.check, str) else self.check()
+
+    def action_command(self) -> Command:
+        return (self.action, None) if isinstance(self.action, str) else self.action()
 
 
 def steps(vfio: bool, hugepages: int | None, tls: tuple[Authority, str] | None = None) -> list[Step]:
@@ -95,16 +103,16 @@ def tls_steps(authority: Authority, address: str) -> list[Step]:
         return (f"echo {hashlib.sha256(ca.encode()).hexdigest()}' *{CA_FILE}' | sha256sum -c --status - && "
                 f"[ -s {SERVER_CERT} ] && [ -s {SERVER_KEY} ]")
 
-    def install() -> str:
+    def install() -> Command:
         pair = authority.server_pair(address)
         return (f"install -d -m 0755 /etc/pki/CA /etc/pki/libvirt && install -d -m 0700 /etc/pki/libvirt/private && "
-                f"(umask 077 && printf %s {shlex.quote(pair.key_pem)} > {SERVER_KEY}.new) && "
+                f"(umask 077 && cat > {SERVER_KEY}.new) && "  # the key comes on stdin
                 f"printf %s {shlex.quote(pair.cert_pem)} > {SERVER_CERT}.new && "
                 f"printf %s {shlex.quote(authority.ca_pem())} > {CA_FILE}.new && "
                 f"mv {SERVER_KEY}.new {SERVER_KEY} && mv {SERVER_CERT}.new {SERVER_CERT} && mv {CA_FILE}.new {CA_FILE}"
                 # A libvirtd already listening read the old ones at start.
                 " && if [ -d /run/systemd/system ] && systemctl is-active --quiet libvirtd-tls.socket; then "
-                "systemctl restart libvirtd.service; fi")
+                "systemctl restart libvirtd.service; fi", pair.key_pem)
 
     return [
         Step("tls certificates", installed, install,
@@ -140,9 +148,10 @@ def prepare(connection: Any, vfio: bool = False, hugepages: int | None = None, d
     """Run the steps on ``connection``; returns each step with its outcome: ok, changed, or would change."""
     import paramiko
 
-    def sh(command: str) -> Any:
+    def sh(command: str, stdin: str | None = None) -> Any:
         try:
-            return connection.run(f"sh -c {shlex.quote(command)}", hide=True, warn=True, in_stream=False)
+            return connection.run(f"sh -c {shlex.quote(command)}", hide=True, warn=True,
+                                  in_stream=io.StringIO(stdin) if stdin is not None else False)
         except (paramiko.SSHException, OSError) as exc:
             raise HostUnreachable(f"cannot run commands on {connection.host} over SSH: {exc}",
                                   hint="check the address, the key (-i) and that its host key is in known_hosts "
@@ -154,15 +163,15 @@ def prepare(connection: Any, vfio: bool = False, hugepages: int | None = None, d
                          "hvctl host prepare only knows Debian 12")
     done = []
     for step in steps(vfio, hugepages, tls):
-        if sh(step.command("check")).ok:
+        if sh(step.check_command()).ok:
             done.append({"step": step.name, "outcome": "ok", "detail": "already so"})
             continue
         if dry_run:
             done.append({"step": step.name, "outcome": "would change", "detail": step.describe})
             continue
         say(f"{step.name}: {step.describe}")
-        applied = sh(step.command("action"))
-        if not applied.ok or not sh(step.command("check")).ok:
+        applied = sh(*step.action_command())
+        if not applied.ok or not sh(step.check_command()).ok:
             error = (applied.stderr or applied.stdout).strip().splitlines()[-1:] or ["its check still fails"]
             raise HvctlError(f"host prepare on {connection.host}: {step.name} failed: {error[0]}",
                              hint="the steps before it are done; fix this one and run prepare again")
