@@ -208,23 +208,18 @@ class Guest:
     def undefine(self) -> None:
         with self._call("undefine"):
             # A UEFI guest's NVRAM (its variable store, which libvirt copied from the firmware's template at first
-            # boot) goes with it; libvirt refuses to undefine a domain that has one without the flag, and its test
-            # driver refuses the flag, so it is only given to a UEFI domain. (libvirt 9.0 keeps the NVRAM path of
-            # an autoselected firmware out of the persistent definition, but still asks for the flag.) Snapshots'
-            # metadata goes too (their data is inside the overlay, which the caller removes), likewise.
-            xml = self._dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
-            uefi = "firmware='efi'" in xml or "<loader" in xml or "<nvram" in xml
-            flags = libvirt.VIR_DOMAIN_UNDEFINE_NVRAM if uefi else 0
+            # boot) goes with it: libvirt refuses to undefine a domain that has one without the flag (9.0 even when
+            # the path is absent from the persistent XML, as with autoselected firmware), and ignores the flag for
+            # one that has none. Snapshots' metadata goes too (their data is inside the overlay, which the caller
+            # removes), likewise refused without its flag.
+            flags = libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
             if self._dom.snapshotNum(0):
                 flags |= libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
-            if not flags:
-                self._dom.undefine()
-                return
             try:
                 self._dom.undefineFlags(flags)
             except libvirt.libvirtError as exc:
                 # libvirt's test driver knows no NVRAM: it refuses the flag ("unsupported flags").
-                if not flags & libvirt.VIR_DOMAIN_UNDEFINE_NVRAM or exc.get_error_code() != libvirt.VIR_ERR_INVALID_ARG:
+                if exc.get_error_code() != libvirt.VIR_ERR_INVALID_ARG:
                     raise
                 self._dom.undefineFlags(flags & ~libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
 
