@@ -13,5 +13,5 @@ _NAME = re.compile(NAME_PATTERN)
 
 def check_name(name: str, what: str = "name") -> str:
     if not _NAME.fullmatch(name):
-        raise InvalidSpec(f"invalid {what} {name!r}: must match [a-z][a-z0-9-]{{0,62}}")
+        raise InvalidSpec(f"invalid {what} {name!r}: must match {NAME_PATTERN.strip('^$')}")
     return name

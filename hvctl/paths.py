@@ -35,6 +35,22 @@ def make_private_dir(path: Path, qemu_gid: int | None, exist_ok: bool = False) -
     os.chmod(path, 0o750 if qemu_gid is not None else 0o700)
 
 
+def write_new(path: Path, data: bytes, mode: int) -> Path:
+    """A new file, born with ``mode`` (a key is never readable by others, even for an instant); refused if
+    ``path`` exists. Callers write a temporary name and rename it into place."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    return path
+
+
+def replace_atomically(path: Path, data: bytes, mode: int) -> None:
+    """``path`` holds ``data`` with ``mode``, written beside it under a temporary name and renamed over it."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    partial.unlink(missing_ok=True)
+    write_new(partial, data, mode).replace(path)
+
+
 @dataclass(frozen=True)
 class StateDir:
     root: Path
@@ -77,6 +93,11 @@ class StateDir:
     @property
     def keys(self) -> Path:
         return self.root / "keys"
+
+    @property
+    def pki(self) -> Path:
+        """hvctl's CA and client certificate for qemu+tls (hvctl.pki)."""
+        return self.root / "pki"
 
     def agent_socket(self, name: str) -> Path:
         return self.vm_dir(name) / "agent.sock"

@@ -21,10 +21,11 @@ from __future__ import annotations
 import datetime
 import fcntl
 import ipaddress
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from hvctl.paths import replace_atomically
 
 if TYPE_CHECKING:
     from cryptography import x509
@@ -93,12 +94,12 @@ class Authority:
                 ).add_extension(_usage(cert_sign=True), critical=True).add_extension(
                     x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False,
                 )
-                _write(self.ca_dir / "cacert.pem", _cert_pem(_sign(cert, key)), 0o644)
-                _write(self.ca_dir / "cakey.pem", _key_pem(key), 0o600)
+                _put(self.ca_dir / "cacert.pem", _cert_pem(_sign(cert, key)), 0o644)
+                _put(self.ca_dir / "cakey.pem", _key_pem(key), 0o600)
             client = self._issue(CLIENT_CN, ExtendedKeyUsageOID.CLIENT_AUTH, [])
-            _write(self.pkipath / "cacert.pem", (self.ca_dir / "cacert.pem").read_text(), 0o644)
-            _write(self.pkipath / "clientcert.pem", client.cert_pem, 0o644)
-            _write(self.pkipath / "clientkey.pem", client.key_pem, 0o600)  # last: its presence means done
+            _put(self.pkipath / "cacert.pem", (self.ca_dir / "cacert.pem").read_text(), 0o644)
+            _put(self.pkipath / "clientcert.pem", client.cert_pem, 0o644)
+            _put(self.pkipath / "clientkey.pem", client.key_pem, 0o600)  # last: its presence means done
 
     def server_pair(self, address: str) -> ServerPair:
         """A certificate and key for the host reached as ``address`` (an IP address or a DNS name)."""
@@ -184,11 +185,5 @@ def _key_pem(key: RSAPrivateKey) -> str:
                              serialization.NoEncryption()).decode()
 
 
-def _write(path: Path, text: str, mode: int) -> None:
-    """Born with its mode (a key is never readable by others, even for an instant), renamed into place."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+def _put(path: Path, text: str, mode: int) -> None:
+    replace_atomically(path, text.encode(), mode)

@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from hvctl.console import READY_MARKER
 from hvctl.errors import HvctlError
+from hvctl.paths import replace_atomically
 from hvctl.spec import NetworkAttach
 
 
@@ -53,16 +54,8 @@ def operator_key(keys_dir: Path) -> Path:
         if not path.exists():
             pair = generate_ed25519("hvctl-operator")
             public = path.with_suffix(".pub")
-            _write_new(public.with_name(f".{public.name}.{os.getpid()}"), (pair.public_line + "\n").encode(),
-                       0o644).replace(public)
-            _write_new(path.with_name(f".{path.name}.{os.getpid()}"), pair.private_openssh, 0o600).replace(path)
-    return path
-
-
-def _write_new(path: Path, data: bytes, mode: int) -> Path:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
+            replace_atomically(public, (pair.public_line + "\n").encode(), 0o644)
+            replace_atomically(path, pair.private_openssh, 0o600)
     return path
 
 

@@ -156,7 +156,7 @@ def host_prepare(
     if tls:
         from hvctl.pki import Authority
 
-        authority = Authority(ctx().paths.root / "pki")
+        authority = Authority(ctx().paths.pki)
     with RichReporter(f"host prepare {target}") as reporter:
         done = prepare(connect(address, user, port or uri_port or 22, key, pins), vfio, hugepages, dry_run,
                        reporter.step, (authority, address) if authority else None)

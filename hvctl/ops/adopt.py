@@ -80,11 +80,9 @@ def _spec_of(domain: Domain, host_name: str) -> VMSpec:
         raise HvctlError(f"the domain {domain.name}'s hvctl metadata has no spec (made by an hvctl too old to adopt)")
     try:
         spec = VMSpec.model_validate(json.loads(meta["spec"]))
-    except ValidationError as exc:
-        raise HvctlError(f"the domain {domain.name}'s hvctl metadata holds no valid spec: {describe(exc)}") from None
-    except ValueError as exc:
-        raise HvctlError(f"the domain {domain.name}'s hvctl metadata holds no valid spec: "
-                         f"{str(exc).splitlines()[0]}") from None
+    except ValueError as exc:  # not JSON, or a spec pydantic refuses (a ValidationError is a ValueError)
+        why = describe(exc) if isinstance(exc, ValidationError) else str(exc).splitlines()[0]
+        raise HvctlError(f"the domain {domain.name}'s hvctl metadata holds no valid spec: {why}") from None
     if spec.name != domain.name:
         raise HvctlError(f"the domain {domain.name}'s hvctl metadata describes a VM named {spec.name!r}")
     return spec.model_copy(update={"host": host_name})
