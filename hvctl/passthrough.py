@@ -2,12 +2,15 @@
 journal, and give them back.
 
 hvctl binds devices itself (hostdev ``managed='no'``) so that every step is journaled before it is attempted and a
-crash at any point can be finished or undone by ``hvctl doctor --repair``. sysfs is read and written on the machine
-hvctl runs on, so GPUs are managed only on hosts that are this machine (``Context.is_this_machine``).
+crash at any point can be finished or undone by ``hvctl doctor --repair``. On the machine hvctl runs on
+(``Context.is_this_machine``) devices are read and moved through sysfs (vfio's ``PciSysfs`` and ``VfioBinder``);
+on any other host through that host's libvirt node-device API (``hvctl.host.devices``). Both give the same
+inventory to the same choice and viability rules, and both binders keep the same journal in the ledger.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -17,12 +20,16 @@ from hvctl.domain import PciAddress, PciHostdev
 from hvctl.errors import HvctlError, InvalidSpec
 from hvctl.ledger import Ledger
 from hvctl.ops import Undo
+from hvctl.ops.gpus import UNKNOWN_CONSOLE
 from hvctl.spec import VMSpec
 from vfio import (
+    Bar,
     Binding,
     BoundDevice,
     Gpu,
     JournalEntry,
+    PciDevice,
+    PciInventory,
     PciSysfs,
     VfioBinder,
     VfioError,
@@ -30,7 +37,8 @@ from vfio import (
     pcihole64_kib,
     plan_devices,
 )
-from vfio.binding import TERMINAL_STATES
+from vfio.binding import TERMINAL_STATES, DeviceBinder
+from vfio.sysfs import IORESOURCE_MEM, IORESOURCE_MEM_64, IORESOURCE_PREFETCH
 
 # Binding-journal states in which a device belongs to no VM: given back. "original" is terminal for the device (it
 # is on its host driver) but not free: the binder writes it as a bind begins, before the device moves, and a
@@ -48,6 +56,9 @@ class GpuAllocation:
     gpus: tuple[str, ...]  # primary addresses
     hostdevs: tuple[PciHostdev, ...]
     pcihole64_kib: int | None
+    # Models whose BAR sizes neither the host (libvirt does not report them) nor the policy (mmio64_gib) gave: the
+    # guest gets QEMU's default 64-bit hole, and create says so.
+    unsized: tuple[str, ...] = ()
 
 
 class LedgerJournal:
@@ -64,11 +75,17 @@ def accelerator_allowlist(ctx: Context) -> tuple[tuple[int, int], ...]:
     return tuple((a.vendor, a.device) for a in ctx.policy.accelerators.values())
 
 
-def local_inventory(ctx: Context) -> list[dict[str, str]]:
-    """This machine's GPUs (and allowlisted accelerators) as a host's inventory: address, model, ids."""
-    sysfs = PciSysfs(ctx.gpu_env.sysfs_root)
+def inventory_rows(ctx: Context, devices: PciInventory) -> list[dict[str, str]]:
+    """A host's GPUs (and allowlisted accelerators) as the ledger records them at `host add`: address, model, ids."""
     return [{"address": g.address, "model": ctx.policy.gpu_model(g.primary.vendor, g.primary.device),
-             "ids": g.primary.ids} for g in sysfs.gpus(accelerator_allowlist=accelerator_allowlist(ctx))]
+             "ids": g.primary.ids} for g in devices.gpus(accelerator_allowlist=accelerator_allowlist(ctx))]
+
+
+def inventory(ctx: Context, env: GpuEnvironment, host: str) -> PciInventory:
+    """``host``'s PCI devices now: this machine's sysfs, or the host's libvirt node devices."""
+    if ctx.is_this_machine(host):
+        return PciSysfs(env.sysfs_root)
+    return ctx.host(host).pci_devices()
 
 
 def owners(ledger: Ledger, host: str) -> dict[str, str]:
@@ -76,11 +93,17 @@ def owners(ledger: Ledger, host: str) -> dict[str, str]:
     return {r["address"]: r["vm"] for r in ledger.gpu_bindings(host) if r["state"] not in RELEASED_STATES}
 
 
-def binder(ctx: Context, env: GpuEnvironment, host: str, vm: str | None) -> VfioBinder:
+def binder(ctx: Context, env: GpuEnvironment, host: str, vm: str | None) -> DeviceBinder:
     held = owners(ctx.ledger, host)
-    return VfioBinder(PciSysfs(env.sysfs_root), writer=env.writer, journal=LedgerJournal(ctx.ledger, host, vm),
-                      users_of=env.users_of, owner_of=lambda address: held.get(address) if held.get(address) != vm
-                      else None, dev_root=env.dev_root, bind_timeout=env.bind_timeout)
+    journal = LedgerJournal(ctx.ledger, host, vm)
+
+    def owner_of(address: str) -> str | None:
+        return held.get(address) if held.get(address) != vm else None
+
+    if not ctx.is_this_machine(host):
+        return ctx.host(host).device_binder(journal, owner_of)
+    return VfioBinder(PciSysfs(env.sysfs_root), writer=env.writer, journal=journal, users_of=env.users_of,
+                      owner_of=owner_of, dev_root=env.dev_root, bind_timeout=env.bind_timeout)
 
 
 def _matches(ctx: Context, gpu: Gpu, model: str | None) -> bool:
@@ -90,12 +113,13 @@ def _matches(ctx: Context, gpu: Gpu, model: str | None) -> bool:
 def choose(ctx: Context, env: GpuEnvironment, spec: VMSpec, host: str) -> list[tuple[Gpu, list[str]]]:
     """``spec.gpus.count`` passable GPUs of the requested model, each with the addresses its bind moves; or a
     refusal that says, GPU by GPU, why none of the others would do."""
-    sysfs = PciSysfs(env.sysfs_root)
+    pci = inventory(ctx, env, host)
     held = owners(ctx.ledger, host)
     unhealthy = ctx.ledger.gpu_health(host)
     chosen: list[tuple[Gpu, list[str]]] = []
     why_not: list[str] = []
-    for gpu in sysfs.gpus(accelerator_allowlist=accelerator_allowlist(ctx)):
+    allowlist = accelerator_allowlist(ctx)
+    for gpu in pci.gpus(accelerator_allowlist=allowlist):
         if len(chosen) == spec.gpus.count:
             break
         if not _matches(ctx, gpu, spec.gpus.model):
@@ -110,12 +134,15 @@ def choose(ctx: Context, env: GpuEnvironment, spec: VMSpec, host: str) -> list[t
         if gpu.primary.boot_vga:
             why_not.append(f"{gpu.address} is the boot VGA device")
             continue
+        if gpu.primary.boot_vga is None and (gpu.primary.vendor, gpu.primary.device) not in allowlist:
+            why_not.append(f"{gpu.address}: {UNKNOWN_CONSOLE}")
+            continue
         try:
-            devices = plan_devices(sysfs, gpu)
+            functions = plan_devices(pci, gpu)
             if gpu.primary.iommu_group is None:
                 why_not.append(f"{gpu.address} is in no IOMMU group")
                 continue
-            report = check_group(sysfs, gpu.primary.iommu_group, [d.address for d in devices])
+            report = check_group(pci, gpu.primary.iommu_group, [d.address for d in functions])
         except VfioError as exc:
             why_not.append(f"{gpu.address}: {exc.message}")
             continue
@@ -123,7 +150,7 @@ def choose(ctx: Context, env: GpuEnvironment, spec: VMSpec, host: str) -> list[t
             why_not.append(f"{gpu.address}: group {gpu.primary.iommu_group} is not viable: "
                            + "; ".join(b.describe() for b in report.blockers))
             continue
-        chosen.append((gpu, [d.address for d in devices]))
+        chosen.append((gpu, [d.address for d in functions]))
     if len(chosen) < spec.gpus.count:
         model = f" of model {spec.gpus.model}" if spec.gpus.model else ""
         raise NoGpuAvailable(f"{spec.gpus.count} GPU(s){model} requested on host {host}, {len(chosen)} passable "
@@ -137,9 +164,6 @@ def allocate(ctx: Context, env: GpuEnvironment, spec: VMSpec, host: str, undo: U
     rolled back by the binder and leaves no ledger rows."""
     if not spec.gpus.count:
         return None
-    if not ctx.is_this_machine(host):
-        raise InvalidSpec(f"GPUs are bound through this machine's sysfs, and host {host} is remote",
-                          hint="run hvctl on that host to create GPU VMs there")
     chosen = choose(ctx, env, spec, host)
     addresses = [a for _, plan in chosen for a in plan]
     # Claimed in one ledger transaction first: a concurrent create that chose the same device is refused here.
@@ -152,14 +176,31 @@ def allocate(ctx: Context, env: GpuEnvironment, spec: VMSpec, host: str, undo: U
         _forget_settled(ctx.ledger, host, addresses)  # rolled back: every device is where it started
         raise
     undo.push("give the GPUs back to their host drivers", lambda: release_binding(ctx, env, host, binding))
-    sysfs = PciSysfs(env.sysfs_root)
-    functions = [sysfs.device(d.address) for gpu, _ in chosen for d in gpu.functions]
+    functions = [d for gpu, _ in chosen for d in gpu.functions]
+    sized = [_with_policy_bars(ctx, d) for d in functions]
     return GpuAllocation(
         binding=binding,
         gpus=tuple(gpu.address for gpu, _ in chosen),
         hostdevs=tuple(PciHostdev(PciAddress.parse(d.address)) for d in functions),
-        pcihole64_kib=pcihole64_kib(functions),
+        pcihole64_kib=pcihole64_kib(sized),
+        unsized=tuple(sorted({ctx.policy.gpu_model(gpu.primary.vendor, gpu.primary.device) for gpu, _ in chosen
+                              if not any(d.bars for d in sized if d.slot == gpu.primary.slot)})),
     )
+
+
+_MEM64_PREFETCH = IORESOURCE_MEM | IORESOURCE_MEM_64 | IORESOURCE_PREFETCH
+
+
+def _with_policy_bars(ctx: Context, device: PciDevice) -> PciDevice:
+    """A device as the 64-bit hole is sized from it. sysfs gives every BAR; libvirt's node-device XML gives none,
+    so a remote device's window is the policy's ``mmio64_gib`` for its model (one BAR of that size), and with no
+    such fact the hole stays at QEMU's default."""
+    if device.bars:
+        return device
+    model = ctx.policy.accelerator(device.vendor, device.device)
+    if model is None or model.mmio64_gib is None:
+        return device
+    return dataclasses.replace(device, bars=(Bar(0, 0, model.mmio64_gib << 30, _MEM64_PREFETCH),))
 
 
 NEEDS_HOST_REBOOT = "needs-host-reboot"
@@ -175,11 +216,11 @@ def check_answers(ctx: Context, env: GpuEnvironment, host: str, addresses: Itera
     """After a release: each device must still answer on the bus. One whose config space reads 0xffff (it fell off
     after a failed reset, the classic case being a GPU without a working FLR) is marked needs-host-reboot in the
     ledger, and neither the scheduler nor a create will place it until it answers again. Returns the dead ones."""
-    sysfs = PciSysfs(env.sysfs_root)
+    pci = inventory(ctx, env, host)
     dead = []
     for address in addresses:
-        if sysfs.live_vendor_id(address) == 0xFFFF:
-            methods = " ".join(sysfs.device(address).reset_method) or "none the kernel reports"
+        if pci.live_vendor_id(address) == 0xFFFF:
+            methods = " ".join(pci.device(address).reset_method) or "none the kernel reports"
             ctx.ledger.mark_gpu_unhealthy(host, address, NEEDS_HOST_REBOOT,
                                           "its config space reads 0xffff after it was released (reset methods: "
                                           f"{methods}); it is not placed again until a host reboot brings it back")
@@ -190,10 +231,10 @@ def check_answers(ctx: Context, env: GpuEnvironment, host: str, addresses: Itera
 def revive(ctx: Context, env: GpuEnvironment, host: str) -> list[str]:
     """``doctor --repair``: devices marked needs-host-reboot that answer again (the host was rebooted) are placed
     again. Returns them."""
-    sysfs = PciSysfs(env.sysfs_root)
+    pci = inventory(ctx, env, host)
     back = []
     for address in ctx.ledger.gpu_health(host):
-        vendor = sysfs.live_vendor_id(address)
+        vendor = pci.live_vendor_id(address)
         if vendor is not None and vendor != 0xFFFF:
             ctx.ledger.clear_gpu_health(host, address, "it answers on the bus again")
             back.append(address)
@@ -206,8 +247,8 @@ def release_vm(ctx: Context, env: GpuEnvironment, vm: str, host: str) -> list[st
     rows = ctx.ledger.gpu_bindings(host, vm)
     if not rows:
         return []
-    sysfs = PciSysfs(env.sysfs_root)
-    binding = Binding(devices=tuple(BoundDevice(r["address"], sysfs.device(r["address"]).iommu_group or -1,
+    pci = inventory(ctx, env, host)
+    binding = Binding(devices=tuple(BoundDevice(r["address"], pci.device(r["address"]).iommu_group or -1,
                                                 r["original_driver"], None) for r in rows))
     release_binding(ctx, env, host, binding)
     return [r["address"] for r in rows]
@@ -218,8 +259,8 @@ def rebind_vm(ctx: Context, env: GpuEnvironment, vm: str, host: str) -> list[str
     back to their drivers) are bound again. Returns the addresses that moved; a bind that fails leaves them all
     where they were and raises."""
     rows = ctx.ledger.gpu_bindings(host, vm)
-    sysfs = PciSysfs(env.sysfs_root)
-    stray = [r["address"] for r in rows if sysfs.device(r["address"]).driver != "vfio-pci"]
+    pci = inventory(ctx, env, host)
+    stray = [r["address"] for r in rows if pci.device(r["address"]).driver != "vfio-pci"]
     if stray:
         binder(ctx, env, host, vm).bind([r["address"] for r in rows])
     return stray
@@ -230,8 +271,8 @@ def release_address(ctx: Context, env: GpuEnvironment, address: str, host: str,
     """``hvctl gpu release ADDR``: give back a GPU (all its functions) whose VM hvctl no longer has (its ledger row
     is gone, as after a crash). ``running`` names the VMs that keep their GPUs, the host's VMs in the ledger,
     running or stopped: only destroy releases theirs. It is asked only once the address is known to be bound."""
-    sysfs = PciSysfs(env.sysfs_root)
-    gpu = sysfs.gpu(address, accelerator_allowlist=accelerator_allowlist(ctx))  # unknown, or not a GPU: refused
+    pci = inventory(ctx, env, host)
+    gpu = pci.gpu(address, accelerator_allowlist=accelerator_allowlist(ctx))  # unknown, or not a GPU: refused
     rows = {r["address"]: r for r in ctx.ledger.gpu_bindings(host)}
     held = [rows[d.address] for d in gpu.functions if d.address in rows]
     if not held:

@@ -61,10 +61,14 @@ class Placement(Strict):
 
 class Accelerator(Strict):
     """A PCI device passed through as a GPU although its class is not a display class (an NPU, say, or QEMU's
-    edu device in the nested passthrough test). Its name is a model for `hvctl create --gpu-model`."""
+    edu device in the remote GPU test), or a GPU given a model name and facts. Its name is a model for
+    `hvctl create --gpu-model`."""
 
     vendor: int = Field(ge=0, le=0xFFFF)
     device: int = Field(ge=0, le=0xFFFF)
+    # The card's 64-bit prefetchable BAR space, in GiB (an H100's is 128): what the guest's 64-bit PCI hole is
+    # sized from on a remote host, whose BAR sizes libvirt does not report. Unset there: QEMU's default hole.
+    mmio64_gib: int | None = Field(default=None, ge=1, le=4096)
 
 
 class Policy(Strict):
@@ -81,6 +85,10 @@ class Policy(Strict):
             if (accelerator.vendor, accelerator.device) == (vendor, device):
                 return name
         return f"{vendor:04x}:{device:04x}"
+
+    def accelerator(self, vendor: int, device: int) -> Accelerator | None:
+        """The policy's entry for a vendor:device, if it names one."""
+        return next((a for a in self.accelerators.values() if (a.vendor, a.device) == (vendor, device)), None)
 
     def tenant(self, name: str) -> Tenant:
         if name not in self.tenants:

@@ -37,8 +37,9 @@ def test_gpu_list_cli_on_this_machine_finds_none_and_says_why(tmp_path: Path) ->
     data = json.loads(result.stdout)
     real_gpus = [d for d in Path("/sys/bus/pci/devices").glob("*")
                  if (d / "class").read_text().startswith("0x03")]
-    assert len(data["gpus"]) == len(real_gpus)
-    iommu = next(c for c in data["host"] if c["name"] == "iommu")
+    assert len(data["gpus"]) == len(real_gpus) and data["unreachable"] == {}
+    assert {g["host"] for g in data["gpus"]} <= {"local"}
+    iommu = next(c for c in data["checks"]["local"] if c["name"] == "iommu")
     assert iommu["ok"] == any(Path("/sys/kernel/iommu_groups").glob("*"))
     if not iommu["ok"]:
         assert "intel_iommu=on" in iommu["hint"]

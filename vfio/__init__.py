@@ -1,7 +1,8 @@
 """Host-side VFIO support: find GPUs in sysfs, check IOMMU groups, bind to vfio-pci and size BAR windows.
 
-This package knows nothing of libvirt or of hvctl; it only reads and writes sysfs (under an injectable
-root) so that it can be tested against fake trees and reused by any hypervisor front end.
+This package knows nothing of hvctl and never calls libvirt. It reads and writes sysfs (under an injectable root,
+so that it is tested against fake trees) and reads libvirt's node-device XML as text (``nodedev``: the same
+inventory for a host whose sysfs is on another machine); any hypervisor front end can reuse it.
 """
 
 from .bars import pcihole64_kib, required_mmio64_bytes
@@ -26,6 +27,7 @@ from .errors import (
     ReleaseError,
     VfioError,
 )
+from .nodedev import NodeDeviceInventory, node_device_name, parse_pci_node_device
 from .sysfs import (
     IOMMU_HINT,
     VFIO_PCI_HINT,
@@ -33,6 +35,7 @@ from .sysfs import (
     Gpu,
     HostCheck,
     PciDevice,
+    PciInventory,
     PciSysfs,
     host_checks,
     iommu_enabled,
@@ -61,7 +64,9 @@ __all__ = [
     "KernelWriter",
     "MemoryJournal",
     "NotAGpu",
+    "NodeDeviceInventory",
     "PciDevice",
+    "PciInventory",
     "PciSysfs",
     "ProcfsUsers",
     "ReleaseError",
@@ -72,7 +77,9 @@ __all__ = [
     "check_group",
     "host_checks",
     "iommu_enabled",
+    "node_device_name",
     "normalize_address",
+    "parse_pci_node_device",
     "pcihole64_kib",
     "plan_devices",
     "require_viable",

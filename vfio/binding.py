@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Protocol
 
 from .errors import BindError, DeviceInUse, ReleaseError
-from .sysfs import VFIO_DRIVER, PciDevice, PciSysfs
+from .sysfs import VFIO_DRIVER, PciDevice, PciInventory, PciSysfs
 from .viability import ProcfsUsers, group_of, require_viable
 
 UsersOf = Callable[[PciDevice], list[str]]
@@ -86,7 +86,9 @@ class Binding:
         return tuple(sorted({d.iommu_group for d in self.devices}))
 
 
-class _StepFailed(Exception):
+class StepFailed(Exception):
+    """One step of a move failed; the binder journals it, rolls back and raises BindError or ReleaseError."""
+
     def __init__(self, address: str, step: str, cause: str) -> None:
         super().__init__(cause)
         self.address = address
@@ -98,40 +100,42 @@ def _no_owner(address: str) -> str | None:
     return None
 
 
-class VfioBinder:
-    """Binds a set of devices to vfio-pci as one transaction and gives them back afterwards."""
+class DeviceBinder:
+    """Binds a set of devices to vfio-pci as one transaction and gives them back afterwards.
 
-    def __init__(
-        self,
-        sysfs: PciSysfs,
-        *,
-        writer: SysfsWriter | None = None,
-        journal: BindingJournal | None = None,
-        users_of: UsersOf | None = None,
-        owner_of: OwnerOf = _no_owner,
-        dev_root: Path | str = Path("/dev"),
-        bind_timeout: float = 10.0,
-        poll_interval: float = 0.05,
-    ) -> None:
-        self.sysfs = sysfs
-        self.writer: SysfsWriter = writer or KernelWriter()
+    The transaction, the journal, the checks and the rollback are here; how one device moves is a subclass's:
+    ``VfioBinder`` writes this machine's sysfs, and hvctl's node-device binder asks a host's libvirt."""
+
+    def __init__(self, *, journal: BindingJournal | None = None, users_of: UsersOf | None = None,
+                 owner_of: OwnerOf = _no_owner) -> None:
         self.journal: BindingJournal = journal or MemoryJournal()
-        self.users_of: UsersOf = users_of or ProcfsUsers(sysfs)
+        self.users_of: UsersOf = users_of or (lambda device: [])
         self.owner_of = owner_of
-        self.dev_root = Path(dev_root)
-        self.bind_timeout = bind_timeout
-        self.poll_interval = poll_interval
+
+    # What a subclass provides.
+
+    def inventory(self) -> PciInventory:
+        """The host's devices as they are now (re-read at each call where the source is a snapshot)."""
+        raise NotImplementedError
+
+    def _move_to_vfio(self, item: BoundDevice) -> None:
+        raise NotImplementedError
+
+    def _restore(self, item: BoundDevice, step: str) -> None:
+        raise NotImplementedError
+
+    def _settle(self, bound: tuple[BoundDevice, ...]) -> None:
+        """After every device moved: wait for whatever must exist before a VM can use them."""
 
     # Public transitions.
 
     def bind(self, devices: Iterable[PciDevice | str]) -> Binding:
         """Move every device to vfio-pci, or leave all of them exactly as they were and raise."""
         # Re-read each device: the caller's snapshot may predate another bind or a driver load.
-        addresses = dict.fromkeys(
-            self.sysfs.device(d if isinstance(d, str) else d.address).address for d in devices
-        )
-        fresh = [self.sysfs.device(address) for address in addresses]
-        require_viable(self.sysfs, fresh)
+        now = self.inventory()
+        addresses = dict.fromkeys(now.device(d if isinstance(d, str) else d.address).address for d in devices)
+        fresh = [now.device(address) for address in addresses]
+        require_viable(now, fresh)
         for device in fresh:
             self._refuse_if_in_use(device)
         bound = tuple(BoundDevice(d.address, group_of(d), d.driver, d.driver_override) for d in fresh)
@@ -146,9 +150,8 @@ class VfioBinder:
                     continue
                 touched.append(item)
                 self._move_to_vfio(item)
-            for group in sorted({d.iommu_group for d in bound}):
-                self._wait_for_devnode(group, next(d.address for d in bound if d.iommu_group == group))
-        except _StepFailed as failure:
+            self._settle(bound)
+        except StepFailed as failure:
             original = next(d.original_driver for d in bound if d.address == failure.address)
             self.journal.record(failure.address, failure.step, original, "failed")
             problems = self._give_back(reversed(touched), step="rollback", final="restored")
@@ -206,11 +209,56 @@ class VfioBinder:
                 hint="stop those processes (e.g. nvidia-persistenced, a display server) and retry",
             )
 
+    def _give_back(self, items: Iterable[BoundDevice], *, step: str, final: str) -> list[str]:
+        """Restore each device, carrying on past failures so that as many as possible are returned."""
+        problems: list[str] = []
+        for item in items:
+            self.journal.record(item.address, step, item.original_driver, "restoring")
+            try:
+                self._restore(item, step)
+            except StepFailed as failure:
+                self.journal.record(item.address, step, item.original_driver, "restore-failed")
+                problems.append(f"{item.address}: {failure.cause}")
+                continue
+            self.journal.record(item.address, step, item.original_driver, final)
+        return problems
+
+
+class VfioBinder(DeviceBinder):
+    """Moves devices of the machine it runs on, through sysfs: ``driver_override``, ``unbind``,
+    ``drivers_probe``, then a wait for the driver link and for ``/dev/vfio/N``."""
+
+    def __init__(
+        self,
+        sysfs: PciSysfs,
+        *,
+        writer: SysfsWriter | None = None,
+        journal: BindingJournal | None = None,
+        users_of: UsersOf | None = None,
+        owner_of: OwnerOf = _no_owner,
+        dev_root: Path | str = Path("/dev"),
+        bind_timeout: float = 10.0,
+        poll_interval: float = 0.05,
+    ) -> None:
+        super().__init__(journal=journal, users_of=users_of or ProcfsUsers(sysfs), owner_of=owner_of)
+        self.sysfs = sysfs
+        self.writer: SysfsWriter = writer or KernelWriter()
+        self.dev_root = Path(dev_root)
+        self.bind_timeout = bind_timeout
+        self.poll_interval = poll_interval
+
+    def inventory(self) -> PciInventory:
+        return self.sysfs  # sysfs is read afresh at every call
+
+    def _settle(self, bound: tuple[BoundDevice, ...]) -> None:
+        for group in sorted({d.iommu_group for d in bound}):
+            self._wait_for_devnode(group, next(d.address for d in bound if d.iommu_group == group))
+
     def _write(self, address: str, step: str, path: Path, value: str) -> None:
         try:
             self.writer.write(path, value)
         except OSError as err:
-            raise _StepFailed(address, step, f"writing '{value.strip()}' to {path} failed: {err}") from err
+            raise StepFailed(address, step, f"writing '{value.strip()}' to {path} failed: {err}") from err
 
     def _move_to_vfio(self, item: BoundDevice) -> None:
         address, original = item.address, item.original_driver
@@ -223,7 +271,7 @@ class VfioBinder:
         self._write(address, "probe", self.sysfs.root / "bus" / "pci" / "drivers_probe", address)
         if not self._wait_for_driver(address, VFIO_DRIVER):
             current = self.sysfs.current_driver(address) or "no driver"
-            raise _StepFailed(
+            raise StepFailed(
                 address, "verify", f"still on {current} {self.bind_timeout:g}s after probing, not vfio-pci"
             )
         self.journal.record(address, "verify", original, "bound")
@@ -234,7 +282,7 @@ class VfioBinder:
     def _wait_for_devnode(self, group: int, address: str) -> None:
         node = self.dev_root / "vfio" / str(group)
         if not self._poll(node.exists):
-            raise _StepFailed(address, "devnode", f"{node} did not appear after binding group {group}")
+            raise StepFailed(address, "devnode", f"{node} did not appear after binding group {group}")
 
     def _poll(self, condition: Callable[[], bool]) -> bool:
         deadline = time.monotonic() + self.bind_timeout
@@ -244,20 +292,6 @@ class VfioBinder:
             if time.monotonic() >= deadline:
                 return False
             time.sleep(self.poll_interval)
-
-    def _give_back(self, items: Iterable[BoundDevice], *, step: str, final: str) -> list[str]:
-        """Restore each device, carrying on past failures so that as many as possible are returned."""
-        problems: list[str] = []
-        for item in items:
-            self.journal.record(item.address, step, item.original_driver, "restoring")
-            try:
-                self._restore(item, step)
-            except _StepFailed as failure:
-                self.journal.record(item.address, step, item.original_driver, "restore-failed")
-                problems.append(f"{item.address}: {failure.cause}")
-                continue
-            self.journal.record(item.address, step, item.original_driver, final)
-        return problems
 
     def _restore(self, item: BoundDevice, step: str) -> None:
         address, original = item.address, item.original_driver
@@ -277,6 +311,6 @@ class VfioBinder:
             self._write(address, step, self.sysfs.drivers_dir / original / "bind", address)
         if not self._wait_for_driver(address, original):
             now = self.sysfs.current_driver(address) or "no driver"
-            raise _StepFailed(address, step, f"expected {original or 'no driver'} but found {now}")
+            raise StepFailed(address, step, f"expected {original or 'no driver'} but found {now}")
         if item.original_override is not None:
             self._write(address, step, override_path, item.original_override)

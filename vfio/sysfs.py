@@ -30,6 +30,7 @@ _BAR_COUNT = 6
 # Base class + subclass (the top 16 bits of the 24-bit class code). 0x0380 ("other display controller")
 # is included because AMD Instinct accelerators enumerate with it.
 GPU_CLASSES = frozenset({0x0300, 0x0302, 0x0380})
+VGA_CLASS = 0x0300  # VGA-compatible: the only class firmware picks a boot display from
 BRIDGE_CLASS = 0x0604
 
 VFIO_DRIVER = "vfio-pci"
@@ -88,7 +89,9 @@ class PciDevice:
     driver_override: str | None
     iommu_group: int | None
     numa_node: int | None
-    boot_vga: bool
+    # Whether firmware chose it as the boot VGA device (the host's console). None: the source cannot tell (libvirt's
+    # node-device XML, for a VGA-compatible device).
+    boot_vga: bool | None
     bars: tuple[Bar, ...]
     # The kernel's reset methods for the function, in the order it tries them (``reset_method``, Linux 5.15+):
     # "flr", "pm", "bus", "af"...; empty when it has none or the kernel does not say.
@@ -165,7 +168,58 @@ def parse_resource(text: str) -> tuple[Bar, ...]:
     return tuple(bars)
 
 
-class PciSysfs:
+class PciInventory:
+    """A host's PCI devices and IOMMU groups, read from wherever that host describes them: its sysfs
+    (``PciSysfs``, on the machine hvctl runs on) or libvirt's node-device XML (``vfio.nodedev``, any host). What
+    is derived from the devices (GPUs, their functions, a group's members) is worked out here, once for both."""
+
+    def addresses(self) -> list[str]:
+        raise NotImplementedError
+
+    def device(self, address: str) -> PciDevice:
+        raise NotImplementedError
+
+    def group_members(self, group: int) -> list[PciDevice]:
+        raise NotImplementedError
+
+    def live_vendor_id(self, address: str) -> int | None:
+        """The vendor ID read from the device's configuration space now, or None where that cannot be read."""
+        return None
+
+    def devices(self) -> list[PciDevice]:
+        return [self.device(address) for address in self.addresses()]
+
+    def slot_functions(self, address: str) -> list[PciDevice]:
+        """Every function of the card at ``address``, the given one included, in function order."""
+        slot = normalize_address(address).rsplit(".", 1)[0]
+        return [self.device(a) for a in self.addresses() if a.rsplit(".", 1)[0] == slot]
+
+    def is_gpu(self, device: PciDevice, allowlist: Allowlist = ()) -> bool:
+        return device.is_display or (device.vendor, device.device) in set(allowlist)
+
+    def gpu(self, address: str, accelerator_allowlist: Allowlist = ()) -> Gpu:
+        """The GPU whose primary function is at ``address``; raises if it is not a GPU."""
+        allow = set(accelerator_allowlist)
+        primary = self.device(address)
+        if not self.is_gpu(primary, allow):
+            raise NotAGpu(primary.address, primary.ids, primary.class_code)
+        companions = tuple(d for d in self.slot_functions(primary.address) if d.address != primary.address)
+        return Gpu(primary=primary, companions=companions)
+
+    def gpus(self, accelerator_allowlist: Allowlist = ()) -> list[Gpu]:
+        """Every GPU on the host, one per card: the lowest GPU function of a slot is its primary."""
+        allow = set(accelerator_allowlist)
+        seen_slots: set[str] = set()
+        found: list[Gpu] = []
+        for device in self.devices():
+            if device.slot in seen_slots or not self.is_gpu(device, allow):
+                continue
+            seen_slots.add(device.slot)
+            found.append(self.gpu(device.address, allow))
+        return found
+
+
+class PciSysfs(PciInventory):
     """Reads PCI devices and IOMMU groups under ``root`` (normally ``/sys``)."""
 
     def __init__(self, root: Path | str = DEFAULT_SYSFS) -> None:
@@ -228,43 +282,11 @@ class PciSysfs:
             return None
         return int.from_bytes(head, "little") if len(head) == 2 else None
 
-    def devices(self) -> list[PciDevice]:
-        return [self.device(address) for address in self.addresses()]
-
     def group_members(self, group: int) -> list[PciDevice]:
         members = self.root / "kernel" / "iommu_groups" / str(group) / "devices"
         if not members.is_dir():
             return []
         return [self.device(entry.name) for entry in sorted(members.iterdir())]
-
-    def slot_functions(self, address: str) -> list[PciDevice]:
-        """Every function of the card at ``address``, the given one included, in function order."""
-        slot = normalize_address(address).rsplit(".", 1)[0]
-        return [self.device(a) for a in self.addresses() if a.rsplit(".", 1)[0] == slot]
-
-    def is_gpu(self, device: PciDevice, allowlist: Allowlist = ()) -> bool:
-        return device.is_display or (device.vendor, device.device) in set(allowlist)
-
-    def gpu(self, address: str, accelerator_allowlist: Allowlist = ()) -> Gpu:
-        """The GPU whose primary function is at ``address``; raises if it is not a GPU."""
-        allow = set(accelerator_allowlist)
-        primary = self.device(address)
-        if not self.is_gpu(primary, allow):
-            raise NotAGpu(primary.address, primary.ids, primary.class_code)
-        companions = tuple(d for d in self.slot_functions(primary.address) if d.address != primary.address)
-        return Gpu(primary=primary, companions=companions)
-
-    def gpus(self, accelerator_allowlist: Allowlist = ()) -> list[Gpu]:
-        """Every GPU on the host, one per card: the lowest GPU function of a slot is its primary."""
-        allow = set(accelerator_allowlist)
-        seen_slots: set[str] = set()
-        found: list[Gpu] = []
-        for device in self.devices():
-            if device.slot in seen_slots or not self.is_gpu(device, allow):
-                continue
-            seen_slots.add(device.slot)
-            found.append(self.gpu(device.address, allow))
-        return found
 
 
 def iommu_enabled(root: Path | str = DEFAULT_SYSFS) -> bool:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import GroupNotViable, IommuUnavailable
-from .sysfs import INERT_DRIVERS, IOMMU_HINT, Gpu, PciDevice, PciSysfs
+from .sysfs import INERT_DRIVERS, IOMMU_HINT, Gpu, PciDevice, PciInventory, PciSysfs
 
 
 @dataclass(frozen=True)
@@ -50,9 +50,9 @@ def _blocker(device: PciDevice, to_bind: set[str]) -> Blocker | None:
     return Blocker(device, f"is bound to host driver {device.driver}")
 
 
-def check_group(sysfs: PciSysfs, group: int, to_bind: Iterable[str]) -> GroupReport:
+def check_group(inventory: PciInventory, group: int, to_bind: Iterable[str]) -> GroupReport:
     """Report whether ``group`` becomes viable once the addresses in ``to_bind`` are on vfio-pci."""
-    members = tuple(sysfs.group_members(group))
+    members = tuple(inventory.group_members(group))
     if not members:
         raise IommuUnavailable(f"IOMMU group {group} does not exist or is empty", hint=IOMMU_HINT)
     wanted = set(to_bind)
@@ -66,22 +66,22 @@ def group_of(device: PciDevice) -> int:
     return device.iommu_group
 
 
-def check_devices(sysfs: PciSysfs, devices: Sequence[PciDevice]) -> list[GroupReport]:
+def check_devices(inventory: PciInventory, devices: Sequence[PciDevice]) -> list[GroupReport]:
     """Check every group the devices belong to, treating all of ``devices`` as about to be bound."""
     addresses = {d.address for d in devices}
     groups = sorted({group_of(d) for d in devices})
-    return [check_group(sysfs, group, addresses) for group in groups]
+    return [check_group(inventory, group, addresses) for group in groups]
 
 
-def require_viable(sysfs: PciSysfs, devices: Sequence[PciDevice]) -> list[GroupReport]:
+def require_viable(inventory: PciInventory, devices: Sequence[PciDevice]) -> list[GroupReport]:
     """Like ``check_devices`` but raises GroupNotViable for the first group that is not viable."""
-    reports = check_devices(sysfs, devices)
+    reports = check_devices(inventory, devices)
     for report in reports:
         report.raise_if_not_viable()
     return reports
 
 
-def plan_devices(sysfs: PciSysfs, gpu: Gpu, extra: Iterable[str] = ()) -> list[PciDevice]:
+def plan_devices(inventory: PciInventory, gpu: Gpu, extra: Iterable[str] = ()) -> list[PciDevice]:
     """The devices to move to vfio-pci for ``gpu``.
 
     That is every function of the card, any addresses the caller explicitly adds (to seize a group mate
@@ -92,10 +92,10 @@ def plan_devices(sysfs: PciSysfs, gpu: Gpu, extra: Iterable[str] = ()) -> list[P
     """
     chosen: dict[str, PciDevice] = {d.address: d for d in gpu.functions}
     for address in extra:
-        device = sysfs.device(address)
+        device = inventory.device(address)
         chosen[device.address] = device
     for group in sorted({group_of(d) for d in chosen.values()}):
-        for member in sysfs.group_members(group):
+        for member in inventory.group_members(group):
             if not member.is_bridge and member.driver is None:
                 chosen.setdefault(member.address, member)
     return sorted(chosen.values(), key=lambda d: d.address)

@@ -258,31 +258,36 @@ def gpu_release(
 
 @gpu_app.command("list")
 def gpu_list(
-    sysfs: Annotated[Path, typer.Option(help="sysfs root (tests point this at a fake tree).")] = Path("/sys"),
+    host: Annotated[list[str] | None, typer.Option("--host", help="Only this host (repeatable); default: every "
+                                                                   "registered host.")] = None,
+    sysfs: Annotated[Path | None, typer.Option(help="This machine's sysfs root (tests point this at a fake "
+                                                    "tree).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """GPUs on this host: address, model, IOMMU group, driver, NUMA node, owner VM, and whether passable."""
-    from hvctl.ops.gpus import list_gpus
-    from hvctl.passthrough import accelerator_allowlist, owners
+    """GPUs on every host of the fleet: address, model, IOMMU group, driver, NUMA node, owner VM, and whether
+    passable. This machine's come from sysfs, other hosts' from their libvirt's node devices."""
+    from hvctl.ops.gpus import list_fleet_gpus
 
     c = ctx()
-    data = list_gpus(sysfs, owners(c.ledger, c.host_name), accelerator_allowlist(c), c.policy.gpu_model,
-                     c.ledger.gpu_health(c.host_name))
+    data = list_fleet_gpus(c, host, sysfs)
     if as_json:
         emit_json(data)
         return
     if data["gpus"]:
-        table = Table("ADDRESS", "MODEL", "GROUP", "DRIVER", "NUMA", "RESET", "OWNER", "PASSABLE")
+        table = Table("HOST", "ADDRESS", "MODEL", "GROUP", "DRIVER", "NUMA", "RESET", "OWNER", "PASSABLE")
         for g in data["gpus"]:
-            table.add_row(g["address"], g["model"], str(g["iommu_group"]), g["driver"] or "-", str(g["numa_node"]),
-                          ",".join(g["reset_method"]) or "[yellow]none[/]", g["owner"] or "-",
+            table.add_row(g["host"], g["address"], g["model"], str(g["iommu_group"]), g["driver"] or "-",
+                          str(g["numa_node"]), ",".join(g["reset_method"]) or "[yellow]none[/]", g["owner"] or "-",
                           "yes" if g["passable"] else f"[red]no: {safe(g['why_not'])}[/]")
         out.print(table)
     else:
-        out.print("no GPUs found on this host")
-    for check in data["host"]:
-        if not check["ok"]:
-            out.print(f"[yellow]{check['name']} unavailable[/]: {check['hint']}")
+        out.print(f"no GPUs found on {'host ' + ', '.join(host) if host else 'any host'}")
+    for name, checks in data["checks"].items():
+        for check in checks:
+            if not check["ok"]:
+                out.print(f"[yellow]host {name}: {check['name']} unavailable[/]: {check['hint']}")
+    for name, why in data["unreachable"].items():
+        out.print(f"[red]host {name} unreachable[/]: {safe(why)}")
 
 
 @app.command()

@@ -21,9 +21,12 @@ from hvctl.console import PROBE_MARKER
 from hvctl.domain import Accel, DirectBoot, Domain, SerialConsole
 from hvctl.domain.model import HVCTL_NS
 from hvctl.errors import HostUnreachable, HypervisorError, NotFound
+from hvctl.host import devices
 from hvctl.host._errors import _errors, _msg, _typed
 from hvctl.host.guest import STATE_MAP, ByteStream, ChannelBusy, DomainState, Guest
 from hvctl.host.storage import Pool, Volume, ensure_pool
+from vfio import NodeDeviceInventory
+from vfio.binding import BindingJournal, DeviceBinder
 
 __all__ = ["ByteStream", "ChannelBusy", "DomainEvent", "DomainState", "Guest", "Pool", "Volume"]
 
@@ -211,26 +214,14 @@ class Host:
             cells.append({"cpus": len(cell.findall("cpus/cpu")), "memory_mib": kib // 1024})
         return cells
 
-    def pci_gpus(self, allowlist: frozenset[tuple[int, int]] = frozenset()) -> list[dict[str, str]]:
-        """PCI display/3D controllers (class 0x03xxxx), plus allowlisted vendor:device pairs, from node devices."""
-        found = []
-        with _errors("listing node devices"):
-            devices = self.conn.listAllDevices(libvirt.VIR_CONNECT_LIST_NODE_DEVICES_CAP_PCI_DEV)
-        for dev in devices:
-            xml = ET.fromstring(dev.XMLDesc(0))
-            cap = xml.find("capability[@type='pci']")
-            if cap is None:
-                continue
-            klass = int(cap.findtext("class") or "0", 16)
-            vendor_el, product_el = cap.find("vendor"), cap.find("product")
-            vendor = int(vendor_el.get("id", "0"), 16) if vendor_el is not None else 0
-            product = int(product_el.get("id", "0"), 16) if product_el is not None else 0
-            if klass >> 16 == 0x03 or (vendor, product) in allowlist:
-                addr = f"{int(cap.findtext('domain') or 0):04x}:{int(cap.findtext('bus') or 0):02x}:" \
-                       f"{int(cap.findtext('slot') or 0):02x}.{int(cap.findtext('function') or 0):x}"
-                name = cap.findtext("product") or f"{vendor:04x}:{product:04x}"
-                found.append({"address": addr, "model": name.strip(), "ids": f"{vendor:04x}:{product:04x}"})
-        return found
+    def pci_devices(self) -> NodeDeviceInventory:
+        """The host's PCI functions, with drivers and IOMMU groups, from its libvirt's node devices."""
+        with _errors("listing the host's PCI devices"):
+            return devices.pci_inventory(self.conn)
+
+    def device_binder(self, journal: BindingJournal, owner_of: Callable[[str], str | None]) -> DeviceBinder:
+        """A binder that moves this host's devices to vfio-pci and back through its libvirt."""
+        return devices.NodeDeviceBinder(self.conn, journal=journal, owner_of=owner_of)
 
     def network_active(self, name: str) -> bool | None:
         """None if this host has no libvirt network ``name``, else whether it is active."""

@@ -62,6 +62,9 @@ def create(ctx: Context, spec: VMSpec, say: Say = quiet, options: BootOptions | 
         if spec.gpus.count:
             say(f"binding {spec.gpus.count} GPU(s) to vfio-pci")
         gpu_alloc = passthrough.allocate(ctx, ctx.gpu_env, spec, spec.host, undo)
+        if gpu_alloc and gpu_alloc.unsized:
+            say(f"host {spec.host}'s libvirt does not report BAR sizes and the policy gives no mmio64_gib for "
+                f"{', '.join(gpu_alloc.unsized)}: the guest gets QEMU's default 64-bit PCI hole (32 GiB)")
         incarnation = Incarnation(spec, spec.host, storage, record.ssh_port, secrets, gpu_alloc)
         message = boot(ctx, incarnation, options or BootOptions(), undo, say,
                        lambda refused: ctx.ledger.move_ssh_port(spec.name, str(spec.ssh_bind), refused, probe=here),

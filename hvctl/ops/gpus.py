@@ -1,4 +1,5 @@
-"""hvctl gpu list: the host's GPUs as VFIO sees them, from sysfs, with IOMMU viability and ownership."""
+"""hvctl gpu list: every host's GPUs as VFIO sees them, with IOMMU viability and ownership. This machine's come from
+its sysfs; any other host's from its libvirt's node devices, through the same viability rules."""
 
 from __future__ import annotations
 
@@ -6,32 +7,38 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from vfio import PciSysfs, VfioError, check_group, host_checks, plan_devices
+from hvctl.errors import HostUnreachable, HypervisorError
+from vfio import IOMMU_HINT, PciInventory, PciSysfs, VfioError, check_group, host_checks, plan_devices
+
+# The refusal of a VGA-compatible device on a host whose sysfs hvctl cannot read. Naming the model in the policy is
+# the operator saying it is not the host's console.
+UNKNOWN_CONSOLE = ("it is a VGA-compatible device, and libvirt cannot tell whether it draws the host's console; "
+                   "name its vendor:device in the policy's accelerators to pass it through")
 
 
-def list_gpus(sysfs_root: Path = Path("/sys"), owners: dict[str, str] | None = None,
-              allowlist: tuple[tuple[int, int], ...] = (),
-              model_of: Callable[[int, int], str] | None = None,
-              health: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+def gpu_rows(pci: PciInventory, owners: dict[str, str] | None = None, allowlist: tuple[tuple[int, int], ...] = (),
+             model_of: Callable[[int, int], str] | None = None,
+             health: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Every GPU with address, model ids, group, driver, NUMA node, reset methods, owner, health, and whether (and
     why not) passable."""
     owners = owners or {}
     health = health or {}
-    sysfs = PciSysfs(sysfs_root)
     rows = []
-    for gpu in sysfs.gpus(accelerator_allowlist=allowlist):
+    for gpu in pci.gpus(accelerator_allowlist=allowlist):
         primary = gpu.primary
         passable, why = True, None
         if gpu.address in health:
             passable, why = False, f"{health[gpu.address]['state']}: {health[gpu.address]['reason']}"
         elif primary.boot_vga:
             passable, why = False, "it is the boot VGA device the host console uses"
+        elif primary.boot_vga is None and (primary.vendor, primary.device) not in allowlist:
+            passable, why = False, UNKNOWN_CONSOLE
         elif primary.iommu_group is None:
             passable, why = False, "not in any IOMMU group (IOMMU off?)"
         else:
             try:
-                wanted = [d.address for d in plan_devices(sysfs, gpu)]
-                report = check_group(sysfs, primary.iommu_group, wanted)
+                wanted = [d.address for d in plan_devices(pci, gpu)]
+                report = check_group(pci, primary.iommu_group, wanted)
                 if not report.viable:
                     passable, why = False, "; ".join(b.describe() for b in report.blockers)
             except VfioError as exc:
@@ -45,5 +52,41 @@ def list_gpus(sysfs_root: Path = Path("/sys"), owners: dict[str, str] | None = N
             "health": health[gpu.address]["state"] if gpu.address in health else "ok",
             "owner": owners.get(gpu.address), "passable": passable, "why_not": why,
         })
+    return rows
+
+
+def list_gpus(sysfs_root: Path = Path("/sys"), owners: dict[str, str] | None = None,
+              allowlist: tuple[tuple[int, int], ...] = (),
+              model_of: Callable[[int, int], str] | None = None,
+              health: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """This machine's GPUs from sysfs, and its IOMMU and vfio-pci checks."""
     checks = [{"name": c.name, "ok": c.ok, "hint": None if c.ok else c.hint} for c in host_checks(sysfs_root)]
-    return {"gpus": rows, "host": checks}
+    return {"gpus": gpu_rows(PciSysfs(sysfs_root), owners, allowlist, model_of, health), "host": checks}
+
+
+def list_fleet_gpus(ctx: Any, hosts: list[str] | None = None, sysfs_root: Path | None = None) -> dict[str, Any]:
+    """``hvctl gpu list``: the GPUs of every registered host (or of ``hosts``), each row naming its host; per host its
+    checks, and the hosts that could not be read with why. One host's failure never hides the others'."""
+    from hvctl import passthrough
+
+    names = hosts or [h.name for h in ctx.ledger.list_hosts()]
+    allowlist = passthrough.accelerator_allowlist(ctx)
+    result: dict[str, Any] = {"gpus": [], "checks": {}, "unreachable": {}}
+    for name in names:
+        ctx.ledger.get_host(name)  # an unknown name is refused, not listed empty
+        owners, health = passthrough.owners(ctx.ledger, name), ctx.ledger.gpu_health(name)
+        if ctx.is_this_machine(name):
+            local = list_gpus(sysfs_root or ctx.gpu_env.sysfs_root, owners, allowlist, ctx.policy.gpu_model, health)
+            rows, checks = local["gpus"], local["host"]
+        else:
+            try:
+                pci = ctx.host(name).pci_devices()
+            except (HostUnreachable, HypervisorError) as exc:
+                result["unreachable"][name] = exc.message
+                continue
+            rows = gpu_rows(pci, owners, allowlist, ctx.policy.gpu_model, health)
+            # libvirt loads vfio-pci itself when it detaches a device, so only the IOMMU is a host prerequisite here.
+            checks = [{"name": "iommu", "ok": pci.iommu_enabled, "hint": None if pci.iommu_enabled else IOMMU_HINT}]
+        result["gpus"] += [{"host": name} | row for row in rows]
+        result["checks"][name] = checks
+    return result

@@ -12,6 +12,7 @@ from hvctl.host import Host, identity
 from hvctl.names import check_name
 from hvctl.ops import Say
 from hvctl.placement import host_limit
+from vfio import PciSysfs
 
 # Enough for the largest image hvctl builds (ml: ~1.5 GiB with torch) to be uploaded once.
 MIN_POOL_FREE_BYTES = 2 << 30
@@ -36,13 +37,9 @@ def add_host(ctx: Context, name: str, uri: str) -> dict[str, Any]:
                               f"free, under the {MIN_POOL_FREE_BYTES // 2**30} GiB hvctl needs for an image",
                               hint="free space there, or adopt a larger pool under that name")
         numa = probe.numa_cells()
-        allowlist = frozenset((a.vendor, a.device) for a in ctx.policy.accelerators.values())
-        if not uri.startswith("test:") and identity.is_this_machine(uri, probe.conn, ctx.local_daemon_uuids()):
-            # This machine: sysfs is what GPU binding works from (and libvirt's node devices need udev running).
-            gpus = passthrough.local_inventory(ctx)
-        else:
-            gpus = [g | {"model": ctx.policy.gpu_model(*(int(x, 16) for x in g["ids"].split(":"))),
-                         "product": g["model"]} for g in probe.pci_gpus(allowlist)]
+        # This machine's GPUs are read (and bound) through sysfs, any other host's through its node devices.
+        here = uri.startswith("test:") or identity.is_this_machine(uri, probe.conn, ctx.local_daemon_uuids())
+        gpus = passthrough.inventory_rows(ctx, PciSysfs(ctx.gpu_env.sysfs_root) if here else probe.pci_devices())
     finally:
         probe.close()
     ctx.ledger.ensure_host(name, uri)
