@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hvctl.context import Context
-from hvctl.errors import HostUnreachable, HvctlError
+from hvctl.errors import HostUnreachable, HvctlError, HypervisorError
 
 
 @dataclass(frozen=True)
@@ -166,12 +166,18 @@ def repair(ctx: Context) -> dict[str, Any]:
 
     operations = [{"operation": describe(op), "outcome": reconcile(ctx, op)} for op in interrupted(ctx)]
     returned: list[str] = []
+    unreachable: dict[str, str] = {}
     for host in sorted({r["host"] for r in ctx.ledger.gpu_bindings()}):
-        done = passthrough.repair(ctx, ctx.gpu_env, host, gpu_keepers(ctx, host))
+        try:
+            done = passthrough.repair(ctx, ctx.gpu_env, host, gpu_keepers(ctx, host))
+        except (HostUnreachable, HypervisorError) as exc:  # a remote host's libvirt: the others are still repaired
+            unreachable[host] = exc.message
+            continue
         if done:
             ctx.ledger.log_event(None, host, "gpu.repaired", f"returned {', '.join(done)} to their host drivers")
         returned += done
     # Devices marked dead after a release that answer again (the host was rebooted) are placed again. Only this
     # machine's sysfs can be read.
     revived = passthrough.revive(ctx, ctx.gpu_env, ctx.host_name) if ctx.is_this_machine(ctx.host_name) else []
-    return {"gpus_returned": returned, "operations": operations, "gpus_revived": revived}
+    return {"gpus_returned": returned, "operations": operations, "gpus_revived": revived,
+            "gpus_unreachable": unreachable}

@@ -177,7 +177,7 @@ def allocate(ctx: Context, env: GpuEnvironment, spec: VMSpec, host: str, undo: U
         raise
     undo.push("give the GPUs back to their host drivers", lambda: release_binding(ctx, env, host, binding))
     functions = [d for gpu, _ in chosen for d in gpu.functions]
-    sized = [_with_policy_bars(ctx, d) for d in functions]
+    sized = [sized_by_policy(ctx, d) for d in functions]
     return GpuAllocation(
         binding=binding,
         gpus=tuple(gpu.address for gpu, _ in chosen),
@@ -191,7 +191,7 @@ def allocate(ctx: Context, env: GpuEnvironment, spec: VMSpec, host: str, undo: U
 _MEM64_PREFETCH = IORESOURCE_MEM | IORESOURCE_MEM_64 | IORESOURCE_PREFETCH
 
 
-def _with_policy_bars(ctx: Context, device: PciDevice) -> PciDevice:
+def sized_by_policy(ctx: Context, device: PciDevice) -> PciDevice:
     """A device as the 64-bit hole is sized from it. sysfs gives every BAR; libvirt's node-device XML gives none,
     so a remote device's window is the policy's ``mmio64_gib`` for its model (one BAR of that size), and with no
     such fact the hole stays at QEMU's default."""

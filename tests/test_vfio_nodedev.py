@@ -9,6 +9,7 @@ would describe it, and both inventories are read back by the same code.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from xml.sax.saxutils import escape
 
@@ -32,6 +33,7 @@ from fakesysfs import (
 from hvctl.host.devices import NodeDeviceBinder
 from hvctl.ops.gpus import UNKNOWN_CONSOLE, gpu_rows
 from vfio import (
+    Bar,
     BindError,
     DeviceInUse,
     DeviceNotFound,
@@ -274,3 +276,31 @@ def test_recovery_reattaches_what_a_crash_left_on_vfio(tmp_path: Path) -> None:
     node_binder(fake, journal).bind([GPU, AUDIO])  # and the controller died before the VM was defined
     done = node_binder(fake, MemoryJournal()).recover(journal.entries)
     assert sorted(done) == [GPU, AUDIO] and fake.host.snapshot() == before
+
+
+def test_a_remote_gpus_64_bit_hole_is_sized_from_the_policys_mmio64_fact(tmp_path: Path) -> None:
+    from hvctl.context import Context
+    from hvctl.passthrough import sized_by_policy
+    from vfio import pcihole64_kib
+
+    (tmp_path / "policy.yaml").write_text(
+        "accelerators:\n  h100: {vendor: 0x10de, device: 0x2330, mmio64_gib: 128}\n"
+        "tenants:\n  default: {quota: {vcpus: 1, memory_mib: 1, disk_gib: 1, vms: 1}}\n")
+    ctx = Context(state_dir=tmp_path)
+    try:
+        h100 = parse_pci_node_device(H100_XML)
+        assert h100 is not None and h100.bars == ()
+        assert pcihole64_kib([h100]) is None  # no BARs known: QEMU's default hole
+        sized = sized_by_policy(ctx, h100)
+        # 128 GiB of BAR and 1 GiB of headroom, rounded to a power of two: 256 GiB, as sysfs's BARs would give.
+        assert pcihole64_kib([sized]) == 256 * 2**20
+        from fakesysfs import H100_BARS
+        from_sysfs = pcihole64_kib([dataclasses.replace(h100, bars=tuple(
+            Bar(b.index, 0, b.size, b.flags) for b in H100_BARS))])
+        assert pcihole64_kib([sized]) == from_sysfs
+        edu = NodeDeviceInventory([libvirt_xml(dataclasses.replace(h100, address="0000:00:0a.0", vendor=0x1234,
+                                                                   device=0x11E8, class_code=0x00FF00), [])])
+        plain = edu.device("0000:00:0a.0")
+        assert sized_by_policy(ctx, plain) == plain  # a model the policy gives no fact for stays unsized
+    finally:
+        ctx.close()

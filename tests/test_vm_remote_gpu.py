@@ -235,3 +235,27 @@ def test_destroy_gives_edu_back_through_libvirt_and_the_ledger_holds_no_binding(
     listed = json.loads(fleet.hvctl("gpu", "list", "--host", "l1", "--json").stdout)
     (edu,) = [g for g in listed["gpus"] if g["address"] == EDU]
     assert edu["passable"] and edu["owner"] is None and edu["driver"] is None
+
+
+def test_a_create_killed_after_its_domain_was_defined_is_undone_by_doctor_repair_through_libvirt(
+        fleet: Fleet, race: dict[str, subprocess.CompletedProcess[str]]) -> None:
+    """After the destroy above, edu is free again. A create is killed (SIGKILL, hvctl's crash hook) once its domain
+    is defined on l1, with edu already detached to vfio-pci; `doctor --repair` finds it all from the ledger."""
+    killed = hvctl_cli(fleet.state, "test:///default", "create", "l5", "--host", "l1", "--image", "minimal",
+                       "--memory", "128", "--gpus", "1", "--gpu-model", "edu", crash_after="create.defined",
+                       timeout=600)
+    assert killed.returncode == -9, killed.stderr
+    assert fleet.driver(EDU) == "vfio-pci" and [(a, vm) for a, vm, _ in fleet.bindings()] == [(EDU, "l5")]
+    repaired = fleet.hvctl("doctor", "--repair", "--json", timeout=600)
+    data = json.loads(repaired.stdout)["repaired"]
+    assert data["gpus_unreachable"] == {}, data
+    assert any("l5" in op["operation"] for op in data["operations"]) or EDU in data["gpus_returned"], data
+    assert fleet.driver(EDU) == "none" and fleet.bindings() == []
+    assert not [f for f in fleet.pool_files() if f.startswith("vm-l5")]
+    conn = libvirt.open(fleet.uri)
+    try:
+        assert [d.name() for d in conn.listAllDomains(0)] == []
+    finally:
+        conn.close()
+    again = fleet.hvctl("doctor", "--repair", "--json")
+    assert json.loads(again.stdout)["repaired"]["operations"] == []

@@ -238,7 +238,10 @@ def plan(requests: Path, as_json: JsonOpt = False) -> None:
 @gpu_app.command("release")
 def gpu_release(
     address: str,
-    sysfs: Annotated[Path | None, typer.Option(help="sysfs root (tests point this at a fake tree).")] = None,
+    host: Annotated[str | None, typer.Option("--host", help="The host the GPU is on (default: the one hvctl acts "
+                                                             "on, `local` or -c's).")] = None,
+    sysfs: Annotated[Path | None, typer.Option(help="This machine's sysfs root (tests point this at a fake "
+                                                    "tree).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Give a GPU hvctl bound back to its host driver, when its VM is gone (a crash, a host reboot)."""
@@ -248,8 +251,10 @@ def gpu_release(
     from hvctl.passthrough import release_address
 
     c = ctx()
+    on = host or c.host_name
+    c.ledger.get_host(on)  # an unknown host is refused before anything is read
     env = dataclasses.replace(c.gpu_env, sysfs_root=sysfs) if sysfs else c.gpu_env
-    done = release_address(c, env, address, c.host_name, lambda: gpu_keepers(c, c.host_name))
+    done = release_address(c, env, address, on, lambda: gpu_keepers(c, on))
     if as_json:
         emit_json(done)
     else:

@@ -477,7 +477,9 @@ def doctor(
             out.print(f"repair: returned {', '.join(returned)} to their host drivers")
         if repaired["gpus_revived"]:
             out.print(f"repair: {', '.join(repaired['gpus_revived'])} answer on the bus again and are placed again")
-        if not (returned or repaired["operations"] or repaired["gpus_revived"]):
+        for host, why in repaired["gpus_unreachable"].items():
+            out.print(f"[red]repair: host {host} could not be reached; its GPUs are as they were[/]: {safe(why)}")
+        if not (returned or repaired["operations"] or repaired["gpus_revived"] or repaired["gpus_unreachable"]):
             out.print("repair: nothing to repair")
     checks = doc.run_checks(context)
     if as_json:
