@@ -58,7 +58,10 @@ class NetworkAttach(Frozen):
     NIC that carries hvctl's SSH forward stays; with ``gateway`` the guest's default route moves to this NIC."""
 
     bridge: BridgeName | None = None
-    network: Name | None = None  # a libvirt network (NAT or isolated) defined by the admin
+    network: Name | None = None  # a libvirt network (NAT or isolated) defined by the admin, or by hvctl:
+    # hvctl's tenant network this NIC is on (`hvctl network`): hvctl defines ``network`` on the VM's host, and the
+    # ledger gives ``address``.
+    tenant_network: Name | None = None
     address: IPv4Interface | None = None  # static, e.g. 198.18.77.10/24; None: the guest's DHCP client, if any
     gateway: IPv4Address | None = None
 

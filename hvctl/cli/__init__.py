@@ -11,7 +11,17 @@ import sys
 
 import typer
 
-from hvctl.cli import access, fleet, images, migration, serving, snapshots, vms, workloads  # noqa: F401 - registers the commands
+from hvctl.cli import (  # noqa: F401 - registers the commands
+    access,
+    fleet,
+    images,
+    migration,
+    networks,
+    serving,
+    snapshots,
+    vms,
+    workloads,
+)
 from hvctl.cli.common import State, app, fail
 from hvctl.errors import GuestTimeout, HvctlError
 

@@ -34,6 +34,8 @@ policy_app = typer.Typer(no_args_is_help=True, help="Quotas, flavors, overcommit
 app.add_typer(policy_app, name="policy")
 gpu_app = typer.Typer(no_args_is_help=True, help="GPUs for VFIO passthrough.")
 app.add_typer(gpu_app, name="gpu")
+network_app = typer.Typer(no_args_is_help=True, help="Tenant networks: isolated segments joining a tenant's VMs.")
+app.add_typer(network_app, name="network")
 
 class _LazyTable:
     """rich's Table, imported on first use: most commands print no table, and the import costs start-up time."""

@@ -56,6 +56,8 @@ def create(
     network: Annotated[str | None, typer.Option(help="Add a NIC on this libvirt network (NAT or isolated).")] = None,
     ip: Annotated[str | None, typer.Option(help="Static address of that NIC, e.g. 198.18.77.10/24.")] = None,
     gateway: Annotated[str | None, typer.Option(help="Default route via that NIC, through this gateway.")] = None,
+    net: Annotated[str | None, typer.Option("--net", help="Add a NIC on this tenant network (`hvctl network`); "
+                                                          "the ledger gives its address.")] = None,
     operator_key: Annotated[bool, typer.Option(
         "--operator-key/--no-operator-key",
         help="Authorise hvctl's operator key for root (default). Without it only the tenant's keys open the VM; "
@@ -80,7 +82,14 @@ def create(
         sizes["gpus"] = sizes["gpus"] | {"model": gpu_model}
     if (ip or gateway) and not (bridge or network):
         fail("--ip and --gateway configure the NIC that --bridge or --network adds", 2)
-    attach = {"bridge": bridge, "network": network, "address": ip, "gateway": gateway} if bridge or network else None
+    if net is not None and (bridge or network):
+        fail("--net adds the VM's second NIC, as --bridge and --network do: give one of them", 2)
+    attach: Any = {"bridge": bridge, "network": network, "address": ip, "gateway": gateway} \
+        if bridge or network else None
+    if net is not None:
+        from hvctl.ops.networks import tenant_attach
+
+        attach = tenant_attach(ctx(), net)
     spec = VMSpec.parse(name=name, image=image, tenant=tenant, host=host, ssh_bind=ssh_bind, cpu_limit=cpu_limit,
                         io_weight=io_weight, anti_affinity=anti_affinity, viommu=viommu, network=attach,
                         operator_key=operator_key, **sizes)

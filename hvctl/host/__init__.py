@@ -21,7 +21,7 @@ from hvctl.console import PROBE_MARKER
 from hvctl.domain import Accel, DirectBoot, Domain, SerialConsole
 from hvctl.domain.model import HVCTL_NS
 from hvctl.errors import HostUnreachable, HypervisorError, NotFound
-from hvctl.host import devices
+from hvctl.host import devices, networks
 from hvctl.host._errors import _errors, _msg, _typed
 from hvctl.host.guest import STATE_MAP, ByteStream, ChannelBusy, DomainState, Guest
 from hvctl.host.storage import Pool, Volume, ensure_pool
@@ -222,6 +222,14 @@ class Host:
     def device_binder(self, journal: BindingJournal, owner_of: Callable[[str], str | None]) -> DeviceBinder:
         """A binder that moves this host's devices to vfio-pci and back through its libvirt."""
         return devices.NodeDeviceBinder(self.conn, journal=journal, owner_of=owner_of)
+
+    def ensure_isolated_network(self, name: str, bridge: str, tenant_network: str, tenant: str, subnet: str) -> bool:
+        """hvctl's tenant network on this host, running (``hvctl.host.networks``); True if it was made or started."""
+        return networks.ensure_network(self.conn, networks.isolated_network_xml(name, bridge, tenant_network, tenant,
+                                                                                 subnet))
+
+    def remove_network(self, name: str) -> bool:
+        return networks.remove_network(self.conn, name)
 
     def network_active(self, name: str) -> bool | None:
         """None if this host has no libvirt network ``name``, else whether it is active."""

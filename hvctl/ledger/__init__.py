@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from hvctl.accounting import Usage, first_excess, host_footprint, tenant_charge
 from hvctl.errors import AlreadyExists, HvctlError, LedgerError, NotFound
 from hvctl.ledger.gpus import GpuLedger
+from hvctl.ledger.networks import NetworkLedger, NetworkRecord
 from hvctl.ledger.records import (
     DEFAULT_PORT_RANGE,
     MOVABLE_COLUMNS,
@@ -39,12 +40,12 @@ if TYPE_CHECKING:
     from hvctl.spec import VMSpec
 
 __all__ = ["DEFAULT_PORT_RANGE", "MIGRATIONS", "MOVABLE_COLUMNS", "VM_STATES", "Admission", "DeviceTaken", "Event",
-           "HostRecord", "Ledger", "QuotaExceeded", "SnapshotRecord", "VMPaths", "VMRecord"]
+           "HostRecord", "Ledger", "NetworkRecord", "QuotaExceeded", "SnapshotRecord", "VMPaths", "VMRecord"]
 
 
-class Ledger(GpuLedger, SnapshotLedger):
-    """The whole ledger: the core (connection, migrations, transactions, usage), GPUs and snapshots in their own
-    modules, and here hosts, VMs, operations, reservations, tenant keys and reading the event log."""
+class Ledger(GpuLedger, SnapshotLedger, NetworkLedger):
+    """The whole ledger: the core (connection, migrations, transactions, usage), GPUs, snapshots and tenant networks
+    in their own modules, and here hosts, VMs, operations, reservations, tenant keys and reading the event log."""
 
     # -- hosts ------------------------------------------------------------------------------------------------
 
@@ -121,9 +122,11 @@ class Ledger(GpuLedger, SnapshotLedger):
                 raise AlreadyExists(f"VM {spec.name!r} already exists")
             if admission is not None:
                 self._admit(db, spec, host, admission)
+            spec = self._with_address(db, spec)
             used = {r[0] for r in db.execute("SELECT ssh_port FROM vms WHERE host = ?", (host,))}
             port = _free_port(port_range, used, probe_on)
             _insert_vm(db, spec, host, paths, port, "creating", now, agent_token, host_pubkey, None)
+            self._record_address(db, spec)
             self._event(db, spec.name, host, "create.requested", f"create {spec.name} on {host}, ssh port {port}")
         return self.get_vm(spec.name)
 
@@ -140,7 +143,9 @@ class Ledger(GpuLedger, SnapshotLedger):
                 raise HvctlError(f"{spec.name}'s SSH forward port {ssh_port} is VM {holder[0]}'s on host {host}; "
                                  "the two cannot both run", hint=f"`hvctl destroy {spec.name} --orphan --host {host}`")
             self._admit(db, spec, host, admission)
+            spec = self._with_address(db, spec)
             _insert_vm(db, spec, host, paths, ssh_port, state, time.time(), agent_token, host_pubkey, domain_uuid)
+            self._record_address(db, spec)
             self._event(db, spec.name, host, "vm.adopted",
                         f"adopted {spec.name} on {host} ({state}, domain {domain_uuid}, ssh port {ssh_port})")
         return self.get_vm(spec.name)

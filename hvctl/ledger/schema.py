@@ -129,4 +129,22 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (host, address)
     );
     """,
+    # Tenant networks (hvctl network): an isolated L2 segment per network, its subnet, the bridge it gets on each host
+    # that has one of its VMs; and the IPAM, one address per VM, gone with the VM's row.
+    """
+    CREATE TABLE networks (
+        name TEXT PRIMARY KEY,
+        tenant TEXT NOT NULL,
+        subnet TEXT NOT NULL,
+        bridge TEXT NOT NULL UNIQUE,
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE network_addresses (
+        network TEXT NOT NULL REFERENCES networks(name),
+        vm TEXT NOT NULL REFERENCES vms(name) ON DELETE CASCADE,
+        address TEXT NOT NULL,
+        PRIMARY KEY (network, address),
+        UNIQUE (network, vm)
+    );
+    """,
 ]

@@ -13,6 +13,7 @@ from hvctl.ledger import Admission, VMRecord
 from hvctl.ops import Say, Undo, pooled, quiet
 from hvctl.ops.incarnation import BootOptions, GuestSecrets, Incarnation, LocalStorage, Storage, boot
 from hvctl.ops.intent import operation
+from hvctl.ops.networks import ensure_on_host
 from hvctl.placement import choose_host, host_limit
 from hvctl.spec import VMSpec
 from images.store import Image
@@ -58,6 +59,8 @@ def create(ctx: Context, spec: VMSpec, say: Say = quiet, options: BootOptions | 
                                        host_pubkey=secrets.host_key.public_line, admission=admission,
                                        probe_ports=here)
         undo.push("forget the ledger row", lambda: ctx.ledger.delete_vm(spec.name, "create rolled back"))
+        spec = record.spec.model_copy(update={"host": record.host})  # as recorded: with its tenant address, if any
+        assert spec.host is not None
         op.step("reserved")
         if spec.gpus.count:
             say(f"binding {spec.gpus.count} GPU(s) to vfio-pci")
@@ -112,9 +115,13 @@ def _upload_progress(say: Say) -> Callable[[str, int, int], None]:
 
 
 def check_network(ctx: Context, spec: VMSpec, host_name: str) -> None:
-    """The production NIC's bridge or libvirt network must exist (and be up) before anything is written."""
+    """The production NIC's bridge or libvirt network must exist (and be up) before anything is written; a tenant
+    network is set up on the host then (it stays there until `hvctl network rm`)."""
     net = spec.network
     if net is None:
+        return
+    if net.tenant_network is not None:  # hvctl's own: checked in the ledger, and made on the host if it is not there
+        ensure_on_host(ctx, spec, host_name)
         return
     if net.network is not None:
         active = ctx.host(host_name).network_active(net.network)

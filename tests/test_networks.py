@@ -1,0 +1,161 @@
+"""Tenant networks: the ledger's networks and IPAM (SQLite, real), and `create --net` end to end on libvirt's test
+driver, which defines and "starts" the isolated network and the domain without touching the host's interfaces or
+firewall (no guest boots; the GPU tests' stand-in writes the console's ready marker). The real packets are in
+tests/test_vm_networks.py, on a host in its own network namespace."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from ipaddress import IPv4Network
+from pathlib import Path
+
+import libvirt
+import pytest
+from conftest import hvctl_cli
+from test_gpu_create import Rig
+
+from hvctl.context import Context
+from hvctl.errors import AlreadyExists, InvalidSpec, NotFound
+from hvctl.ledger import Ledger
+from hvctl.ops.create import create
+from hvctl.ops.incarnation import BootOptions
+from hvctl.ops.lifecycle import destroy
+from hvctl.ops.networks import create_network, remove_network, show_network, tenant_attach
+from hvctl.spec import VMSpec
+
+POLICY = """
+hosts: {reserve: {memory_mib: 0}}
+tenants:
+  acme: {quota: {vcpus: 16, memory_mib: 16384, disk_gib: 100, vms: 10}}
+  globex: {quota: {vcpus: 16, memory_mib: 16384, disk_gib: 100, vms: 10}}
+"""
+
+
+def test_subnets_never_overlap_and_a_default_one_is_the_next_free_24(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "ledger.sqlite3")
+    try:
+        first = ledger.add_network("blue", "acme", None)
+        assert first.subnet == IPv4Network("10.96.0.0/24") and first.libvirt_name == "hvctl-net-blue"
+        assert len(first.bridge) <= 15 and first.usable()[0].compressed == "10.96.0.2"  # .1 kept for the network
+        ledger.add_network("red", "globex", IPv4Network("10.96.1.0/25"))
+        assert ledger.add_network("green", "acme", None).subnet == IPv4Network("10.96.2.0/24")
+        for subnet, problem in ((IPv4Network("10.96.1.64/26"), "overlaps network red (10.96.1.0/25)"),
+                                (IPv4Network("10.96.0.0/16"), "overlaps network blue (10.96.0.0/24)"),
+                                (IPv4Network("10.0.0.0/16"), "user-mode NIC"),
+                                (IPv4Network("10.99.0.0/30"), "too small")):
+            with pytest.raises(InvalidSpec, match=problem.replace("(", r"\(").replace(")", r"\)")):
+                ledger.add_network("bad", "acme", subnet)
+        with pytest.raises(AlreadyExists):
+            ledger.add_network("blue", "acme", IPv4Network("10.99.0.0/24"))
+        assert [n.name for n in ledger.networks()] == ["blue", "green", "red"]
+        assert [n.name for n in ledger.networks("globex")] == ["red"]
+    finally:
+        ledger.close()
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[Rig]:
+    r = Rig(tmp_path)
+    (r.state / "policy.yaml").write_text(POLICY)
+    env = r.ctx.gpu_env
+    r.ctx.close()
+    r.ctx = Context(state_dir=r.state, uri="test:///default", gpu_env=env)
+    yield r
+    for vm in r.ctx.ledger.list_vms():
+        destroy(r.ctx, vm.name)
+    for network in r.ctx.ledger.networks():
+        remove_network(r.ctx, network.name)
+    r.ctx.close()
+    shutil.rmtree(r.state, ignore_errors=True)
+
+
+def make(rig: Rig, name: str, tenant: str, net: str) -> None:
+    with rig.stand_in_guest(name):
+        create(rig.ctx, VMSpec.parse(name=name, image="stub", tenant=tenant, network=tenant_attach(rig.ctx, net)),
+               options=BootOptions(timeout=10))
+
+
+def libvirt_networks() -> dict[str, bool]:
+    conn = libvirt.open("test:///default")
+    try:
+        return {n.name(): bool(n.isActive()) for n in conn.listAllNetworks(0)}
+    finally:
+        conn.close()
+
+
+def test_a_vm_on_a_tenant_network_gets_an_address_a_nic_on_its_isolated_network_and_gives_both_back(rig: Rig) -> None:
+    create_network(rig.ctx, "blue", "acme", "10.96.7.0/29")
+    make(rig, "a1", "acme", "blue")
+    make(rig, "a2", "acme", "blue")
+    spec = rig.ctx.ledger.get_vm("a1").spec
+    assert spec.network is not None and spec.network.tenant_network == "blue"
+    assert str(spec.network.address) == "10.96.7.2/29"
+    assert str(rig.ctx.ledger.get_vm("a2").spec.network.address) == "10.96.7.3/29"  # type: ignore[union-attr]
+    # The host got the network once: isolated (no <forward>), with no address of its own (no <ip>).
+    assert libvirt_networks()["hvctl-net-blue"] is True
+    conn = libvirt.open("test:///default")
+    try:
+        net = ET.fromstring(conn.networkLookupByName("hvctl-net-blue").XMLDesc(0))
+        domain = ET.fromstring(conn.lookupByName("a1").XMLDesc(0))
+    finally:
+        conn.close()
+    assert net.find("forward") is None and net.find("ip") is None
+    assert net.find("bridge").get("name") == rig.ctx.ledger.get_network("blue").bridge  # type: ignore[union-attr]
+    nics = [i for i in domain.iterfind("devices/interface") if i.get("type") == "network"]
+    assert [n.find("source").get("network") for n in nics] == ["hvctl-net-blue"]  # type: ignore[union-attr]
+    shown = show_network(rig.ctx, "blue")
+    assert [(v["vm"], v["address"], v["host"]) for v in shown["vms"]] == [("a1", "10.96.7.2", "local"),
+                                                                        ("a2", "10.96.7.3", "local")]
+    assert shown["free"] == 3
+    # In use: not removed. Its VMs gone: their addresses are free again, and rm takes it off the host.
+    with pytest.raises(InvalidSpec, match="in use by a1, a2"):
+        remove_network(rig.ctx, "blue")
+    destroy(rig.ctx, "a1")
+    make(rig, "a3", "acme", "blue")
+    assert str(rig.ctx.ledger.get_vm("a3").spec.network.address) == "10.96.7.2/29"  # type: ignore[union-attr]
+    destroy(rig.ctx, "a2")
+    destroy(rig.ctx, "a3")
+    assert remove_network(rig.ctx, "blue") == {"network": "blue", "removed_from": ["local"]}
+    assert "hvctl-net-blue" not in libvirt_networks()
+    with pytest.raises(NotFound):
+        rig.ctx.ledger.get_network("blue")
+
+
+def test_a_full_network_and_another_tenants_network_are_refused_before_anything_is_written(rig: Rig) -> None:
+    create_network(rig.ctx, "tiny", "acme", "10.96.9.0/29")
+    for i in range(5):
+        make(rig, f"t{i}", "acme", "tiny")
+    before = sorted(p.name for p in (rig.state / "vms").iterdir())
+    with pytest.raises(InvalidSpec, match=r"network tiny \(10.96.9.0/29\) has no free address: all 5 are in use"):
+        make(rig, "t5", "acme", "tiny")
+    with pytest.raises(InvalidSpec, match="network tiny is tenant acme's, and g1 is tenant globex's"):
+        make(rig, "g1", "globex", "tiny")
+    assert sorted(p.name for p in (rig.state / "vms").iterdir()) == before
+    assert {v.name for v in rig.ctx.ledger.list_vms()} == {f"t{i}" for i in range(5)}
+    assert len(rig.ctx.ledger.network_addresses("tiny")) == 5
+
+
+def test_the_cli_refuses_bad_network_requests_in_one_line_and_leaves_nothing(rig: Rig) -> None:
+    state = rig.state
+    assert hvctl_cli(state, "test:///default", "network", "create", "blue", "--tenant", "acme").returncode == 0
+    for args, code, message in (
+        (("network", "create", "red", "--tenant", "globex", "--subnet", "10.96.0.0/16"), 2,
+         "subnet 10.96.0.0/16 overlaps network blue (10.96.0.0/24)"),
+        (("network", "create", "red", "--tenant", "nobody"), 2, "unknown tenant 'nobody'"),
+        (("network", "create", "red", "--tenant", "globex", "--subnet", "10.96.300.0/24"), 2, "--subnet"),
+        (("network", "rm", "nope"), 3, "no network named 'nope'"),
+        (("create", "g1", "--image", "stub", "--tenant", "globex", "--net", "blue"), 2,
+         "network blue is tenant acme's, and g1 is tenant globex's"),
+        (("create", "g1", "--image", "stub", "--tenant", "globex", "--net", "nope"), 3, "no network named 'nope'"),
+        (("create", "g1", "--image", "stub", "--net", "blue", "--bridge", "br0"), 2, "give one of them"),
+    ):
+        result = hvctl_cli(state, "test:///default", *args)
+        assert result.returncode == code, (args, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert message in lines[-1] and "Traceback" not in result.stderr, (args, result.stderr)
+    listed = json.loads(hvctl_cli(state, "test:///default", "network", "list", "--json").stdout)
+    assert [(n["name"], n["vms"]) for n in listed] == [("blue", [])]
+    assert rig.ctx.ledger.list_vms() == [] and not (state / "vms" / "g1").exists()
