@@ -1,0 +1,140 @@
+"""Tenant networks with real packets: three Debian guests on a remote-style host (its libvirtd, bridges and firewall
+live in the host's own network namespace, so nothing here touches this machine's interfaces or firewall). acme's a1
+and a2 are on network blue, globex's g1 on network red. Each VM's address comes from hvctl's IPAM through its seed;
+what reaches whom is asked inside the guests, through their agents."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import hvctl_cli, short_tempdir
+
+from guest import rpc
+from hvctl.context import Context
+from hvctl.designer import nic_mac
+from hvctl.devhost.remote import RemoteStyleHost
+from images.store import ImageStore
+
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(1500)]
+
+POLICY = """
+hosts: {cpu_overcommit: 4.0, reserve: {memory_mib: 0}}
+tenants:
+  acme: {quota: {vcpus: 4, memory_mib: 2048, disk_gib: 10, vms: 4}}
+  globex: {quota: {vcpus: 4, memory_mib: 2048, disk_gib: 10, vms: 4}}
+"""
+VMS = {"a1": ("acme", "blue"), "a2": ("acme", "blue"), "g1": ("globex", "red")}
+
+
+@dataclass
+class Tenants:
+    state: Path
+    host: RemoteStyleHost
+    made: dict[str, subprocess.CompletedProcess[str]]
+
+    def hvctl(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        return hvctl_cli(self.state, "test:///default", *args, timeout=timeout)
+
+    def run(self, vm: str, script: str) -> rpc.ExecResult:
+        """``script`` by sh inside ``vm``, through its agent."""
+        ctx = Context(state_dir=self.state, uri="test:///default")
+        try:
+            record = ctx.ledger.get_vm(vm)
+            assert record.agent_token
+            return ctx.agent(record.host, vm, record.agent_token, timeout=120).typed(
+                "exec", rpc.ExecResult, rpc.ExecParams(argv=["sh", "-c", script], timeout_s=90))
+        finally:
+            ctx.close()
+
+    def address(self, vm: str) -> str:
+        shown = json.loads(self.hvctl("show", vm, "--json").stdout)
+        return str(shown["spec"]["network"]["address"]).split("/")[0]
+
+    def tenant_nic(self, vm: str) -> str:
+        """The guest's name for its NIC on the tenant network (found by the MAC hvctl gave it)."""
+        found = self.run(vm, f"for d in /sys/class/net/*; do [ \"$(cat $d/address)\" = {nic_mac(vm)} ] && "
+                             "echo ${d##*/}; done; true")
+        assert found.exit_code == 0 and found.stdout.strip(), found
+        return found.stdout.strip()
+
+    def pings(self, vm: str, address: str) -> bool:
+        return self.run(vm, f"busybox ping -c 3 -W 3 {address}").exit_code == 0
+
+
+@pytest.fixture(scope="module")
+def tenants(image_dir: Path) -> Iterator[Tenants]:
+    ImageStore(image_dir).build("base")
+    state = short_tempdir("hvt-")
+    (state / "images").symlink_to(image_dir)
+    (state / "policy.yaml").write_text(POLICY)
+    host = RemoteStyleHost(short_tempdir("hvr-"), index=44, hide=(state,))
+    try:
+        host.start()
+        t = Tenants(state, host, {})
+        assert t.hvctl("host", "add", "far", host.uri).returncode == 0
+        assert t.hvctl("network", "create", "blue", "--tenant", "acme", "--subnet", "10.96.10.0/24").returncode == 0
+        assert t.hvctl("network", "create", "red", "--tenant", "globex", "--subnet", "10.96.20.0/24").returncode == 0
+        for vm, (tenant, net) in VMS.items():
+            t.made[vm] = t.hvctl("create", vm, "--host", "far", "--image", "base", "--memory", "384", "--disk", "2",
+                                 "--tenant", tenant, "--net", net, "--boot-timeout", "300", timeout=600)
+        yield t
+    finally:
+        for leftover in Context(state_dir=state, uri="test:///default").ledger.list_vms():
+            hvctl_cli(state, "test:///default", "destroy", leftover.name, timeout=300)
+        host.stop()
+        shutil.rmtree(host.root, ignore_errors=True)
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def test_each_vm_has_its_ledger_address_on_its_tenant_nic(tenants: Tenants) -> None:
+    for vm, result in tenants.made.items():
+        assert result.returncode == 0, (vm, result.stderr[-2000:])
+    assert [tenants.address(vm) for vm in VMS] == ["10.96.10.2", "10.96.10.3", "10.96.20.2"]
+    for vm in VMS:
+        nic = tenants.tenant_nic(vm)
+        shown = tenants.run(vm, f"ip -o -4 addr show dev {nic}")
+        assert f"inet {tenants.address(vm)}/24" in shown.stdout, shown
+    listed = json.loads(tenants.hvctl("network", "show", "blue", "--json").stdout)
+    assert [(v["vm"], v["address"], v["host"]) for v in listed["vms"]] == [("a1", "10.96.10.2", "far"),
+                                                                          ("a2", "10.96.10.3", "far")]
+
+
+def test_vms_of_one_tenant_network_reach_each_other(tenants: Tenants) -> None:
+    assert tenants.pings("a1", tenants.address("a2"))
+    assert tenants.pings("a2", tenants.address("a1"))
+
+
+def test_another_tenants_vm_cannot_reach_them_even_with_an_address_in_their_subnet(tenants: Tenants) -> None:
+    a1 = tenants.address("a1")
+    assert not tenants.pings("g1", a1)  # red has no route to blue's subnet
+    # g1 takes an address in blue's subnet on its own tenant NIC: the segments are apart at layer 2, so still nothing.
+    nic = tenants.tenant_nic("g1")
+    assert tenants.run("g1", f"ip addr add 10.96.10.77/24 dev {nic}").exit_code == 0
+    assert not tenants.pings("g1", a1)
+    assert tenants.run("g1", f"ip addr del 10.96.10.77/24 dev {nic}").exit_code == 0
+    # And a1, which reaches a2 above, cannot reach g1.
+    assert not tenants.pings("a1", tenants.address("g1"))
+
+
+def test_rm_of_a_network_in_use_is_refused_and_after_its_vms_it_leaves_the_host(tenants: Tenants) -> None:
+    refused = tenants.hvctl("network", "rm", "red")
+    assert refused.returncode == 2 and "in use by g1" in refused.stderr.strip().splitlines()[-1]
+    assert tenants.hvctl("destroy", "g1").returncode == 0
+    removed = tenants.hvctl("network", "rm", "red", "--json")
+    assert removed.returncode == 0 and json.loads(removed.stdout)["removed_from"] == ["far"], removed.stderr
+    # The host's own view (inside its network namespace): blue's bridge is there, red's is gone.
+    ctx = Context(state_dir=tenants.state, uri="test:///default")
+    try:
+        bridge = ctx.ledger.get_network("blue").bridge
+    finally:
+        ctx.close()
+    links = subprocess.run(["nsenter", "-t", str(tenants.host.pids()["holder"]), "-n", "ip", "-o", "link"],
+                           capture_output=True, text=True, check=True).stdout
+    assert bridge in links and "hvn-" in links
+    assert sum(1 for line in links.splitlines() if ": hvn-" in line and "master" not in line) == 1
