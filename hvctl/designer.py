@@ -5,6 +5,7 @@ The domain model only describes; every choice of accelerator, CPU model, devices
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from hvctl.domain import (
     UnixChannel,
     UserNetwork,
 )
-from hvctl.domain.devices import Device
+from hvctl.domain.devices import TENANT_FILTER, Device
 from hvctl.spec import VMSpec
 
 CFS_PERIOD_US = 100_000
@@ -95,6 +96,21 @@ class VMAllocation:
     seed: Path | None = None
 
 
+def production_nic(spec: VMSpec) -> NetInterface:
+    """The VM's second NIC: on an admin's bridge or libvirt network as it is, or on hvctl's tenant network with the
+    tenant filter (its own MAC and address only, IPv4 to its subnet only; ``hvctl.host.networks``)."""
+    net = spec.network
+    assert net is not None
+    nic = NetInterface(kind="bridge" if net.bridge else "network", source=net.bridge or net.network or "",
+                       mac=nic_mac(spec.name))
+    if net.tenant_network is None or net.address is None:
+        return nic
+    # By name, as libvirt keeps them.
+    return dataclasses.replace(nic, filter=TENANT_FILTER, filter_params=(
+        ("IP", str(net.address.ip)), ("MASK", str(net.address.network.netmask)),
+        ("NET", str(net.address.network.network_address))))
+
+
 def nic_mac(name: str) -> str:
     """The production NIC's MAC: fixed per VM name (so it survives migration and re-creation), in QEMU's
     locally administered 52:54:00 range; the guest and cloud-init find the NIC by it."""
@@ -131,9 +147,7 @@ def design(
         UnixChannel(path=alloc.agent_socket, name=AGENT_CHANNEL),
         Rng(),
         *alloc.hostdevs,
-        *((NetInterface(kind="bridge" if spec.network.bridge else "network",
-                        source=spec.network.bridge or spec.network.network or "", mac=nic_mac(spec.name)),)
-          if spec.network else ()),
+        *((production_nic(spec),) if spec.network else ()),
     )
     return Domain(
         name=spec.name,

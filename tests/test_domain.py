@@ -45,6 +45,11 @@ CASES = {
         VMSpec(name="natted", network={"network": "default"}), HostCapabilities("local", Accel.TCG), BOOT,
         alloc("natted"),
     ),
+    "tcg-tenant-network-nic": (
+        VMSpec(name="a1", tenant="acme", network={"network": "hvctl-net-blue", "tenant_network": "blue",
+                                                  "address": "10.96.10.2/24"}),
+        HostCapabilities("local", Accel.TCG), BOOT, alloc("a1"),
+    ),
     "tcg-gpu-hostdev": (
         VMSpec(name="gpu-vm", gpus={"count": 1, "model": "H100"}),
         HostCapabilities("local", Accel.TCG), BOOT,

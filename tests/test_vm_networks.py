@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,9 @@ class Tenants:
     def pings(self, vm: str, address: str) -> bool:
         return self.run(vm, f"busybox ping -c 3 -W 3 {address}").exit_code == 0
 
+    def pings_from(self, vm: str, address: str, source: str) -> bool:
+        return self.run(vm, f"busybox ping -c 3 -W 3 -I {source} {address}").exit_code == 0
+
 
 @pytest.fixture(scope="module")
 def tenants(image_dir: Path) -> Iterator[Tenants]:
@@ -120,6 +124,54 @@ def test_another_tenants_vm_cannot_reach_them_even_with_an_address_in_their_subn
     assert tenants.run("g1", f"ip addr del 10.96.10.77/24 dev {nic}").exit_code == 0
     # And a1, which reaches a2 above, cannot reach g1.
     assert not tenants.pings("a1", tenants.address("g1"))
+
+
+def test_a_vm_cannot_send_with_an_address_or_a_mac_that_is_not_its_own(tenants: Tenants) -> None:
+    a2, nic = tenants.address("a2"), tenants.tenant_nic("a1")
+    assert tenants.pings("a1", a2)  # its own address and MAC: through
+    # A second address, free in blue but not a1's: its packets are dropped where they leave a1 (libvirt's nwfilter).
+    assert tenants.run("a1", f"ip addr add 10.96.10.99/24 dev {nic}").exit_code == 0
+    try:
+        assert not tenants.pings_from("a1", a2, "10.96.10.99")
+    finally:
+        tenants.run("a1", f"ip addr del 10.96.10.99/24 dev {nic}")
+    assert tenants.pings("a1", a2)
+    # Another MAC on the same NIC: dropped too.
+    assert tenants.run("a1", f"ip link set {nic} address 52:54:00:ee:ee:ee").exit_code == 0
+    try:
+        assert not tenants.pings("a1", a2)
+    finally:
+        tenants.run("a1", f"ip link set {nic} address {nic_mac('a1')}")
+    assert tenants.pings("a1", a2)
+
+
+def test_a_vm_cannot_reach_the_hosts_own_addresses_through_its_tenant_network(tenants: Tenants) -> None:
+    """The host has no address on the segment; a VM that routes the host's underlay address through its tenant NIC
+    must still get nothing to it. A UDP listener in the host's network namespace prints every datagram it gets until
+    the test's own "done", sent from inside the host after a1 has sent its five."""
+    host = tenants.host
+    inside = ["nsenter", "-t", str(host.pids()["holder"]), "-n", sys.executable, "-c"]
+    listener = subprocess.Popen(
+        [*inside, "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ns.bind(('0.0.0.0', 5555))\n"
+                  "print('listening', flush=True)\nwhile True:\n    data, peer = s.recvfrom(100)\n"
+                  "    print(data.decode(), peer[0], flush=True)\n    if data == b'done':\n        break\n"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert listener.stdout is not None and listener.stdout.readline().strip() == "listening"
+        nic = tenants.tenant_nic("a1")
+        sent = tenants.run("a1", f"ip route add {host.address}/32 dev {nic} && for i in 1 2 3 4 5; do "
+                                 f"python3 -c \"import socket; socket.socket(socket.AF_INET, socket.SOCK_DGRAM)"
+                                 f".sendto(b'from-a1', ('{host.address}', 5555))\"; done; "
+                                 f"ip neigh show {host.address}; ip route del {host.address}/32 dev {nic}")
+        assert sent.exit_code == 0, sent
+        subprocess.run([*inside, "import socket; socket.socket(socket.AF_INET, socket.SOCK_DGRAM)"
+                                 ".sendto(b'done', ('127.0.0.1', 5555))"], check=True)
+        out, _ = listener.communicate(timeout=60)
+    finally:
+        if listener.poll() is None:
+            listener.kill()
+            listener.wait()
+    assert out.strip().splitlines() == ["done 127.0.0.1"], (out, sent.stdout)
 
 
 def test_rm_of_a_network_in_use_is_refused_and_after_its_vms_it_leaves_the_host(tenants: Tenants) -> None:

@@ -161,26 +161,42 @@ class PciHostdev:
         return cls(PciAddress(num("domain"), num("bus"), num("slot"), num("function")))
 
 
+# The nwfilter on every NIC of a tenant network (its rules: hvctl.host.networks.TENANT_FILTERS). Versioned: a change of
+# the rules is a new filter, never a redefinition under the VMs that use the old one.
+TENANT_FILTER = "hvctl-tenant-v1"
+
+
 @dataclass(frozen=True)
 class NetInterface:
-    """A virtio NIC on a host bridge (``kind='bridge'``) or a libvirt network (``kind='network'``)."""
+    """A virtio NIC on a host bridge (``kind='bridge'``) or a libvirt network (``kind='network'``), optionally with a
+    libvirt nwfilter and its parameters (``<filterref>``)."""
 
     tag: ClassVar[str] = "interface"
     kind: str
     source: str
     mac: str
+    filter: str | None = None
+    filter_params: tuple[tuple[str, str], ...] = ()
 
     def to_xml(self) -> ET.Element:
         el = ET.Element("interface", type=self.kind)
         sub(el, "mac", address=self.mac)
         sub(el, "source", **{self.kind: self.source})
         sub(el, "model", type="virtio")
+        if self.filter is not None:
+            ref = sub(el, "filterref", filter=self.filter)
+            for name, value in self.filter_params:
+                sub(ref, "parameter", name=name, value=value)
         return el
 
     @classmethod
     def from_xml(cls, el: ET.Element) -> Self:
         kind = req(el, ".", "type")
-        return cls(kind=kind, source=req(el, "source", kind), mac=req(el, "mac", "address"))
+        ref = el.find("filterref")
+        return cls(kind=kind, source=req(el, "source", kind), mac=req(el, "mac", "address"),
+                   filter=ref.get("filter") if ref is not None else None,
+                   filter_params=tuple((p.get("name", ""), p.get("value", "")) for p in ref.iterfind("parameter"))
+                   if ref is not None else ())
 
 
 @dataclass(frozen=True)

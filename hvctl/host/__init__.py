@@ -224,7 +224,9 @@ class Host:
         return devices.NodeDeviceBinder(self.conn, journal=journal, owner_of=owner_of)
 
     def ensure_isolated_network(self, name: str, bridge: str, tenant_network: str, tenant: str, subnet: str) -> bool:
-        """hvctl's tenant network on this host, running (``hvctl.host.networks``); True if it was made or started."""
+        """hvctl's tenant network on this host, running, and its filters defined (``hvctl.host.networks``); True if
+        the network was made or started."""
+        networks.ensure_tenant_filters(self.conn, self.uri)
         return networks.ensure_network(self.conn, networks.isolated_network_xml(name, bridge, tenant_network, tenant,
                                                                                  subnet))
 
