@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import enum
 from ipaddress import IPv4Address, IPv4Interface
 from typing import Annotated, Any, Self
 
@@ -24,12 +23,6 @@ MIN_MEMORY_MIB = 64
 MAX_MEMORY_MIB = 4 * 1024 * 1024
 MAX_DISK_GIB = 16 * 1024
 MAX_GPUS = 16
-
-
-class WorkloadKind(enum.StrEnum):
-    LLM = "llm"
-    PERCEPTION = "perception"
-    TRAIN = "train"
 
 
 class Frozen(BaseModel):
@@ -81,7 +74,6 @@ class VMSpec(Frozen):
     memory_mib: int = Field(default=256, ge=MIN_MEMORY_MIB, le=MAX_MEMORY_MIB)
     disk_gib: int = Field(default=1, ge=1, le=MAX_DISK_GIB)
     image: ImageName = "minimal"
-    workload: WorkloadKind | None = None
     gpus: GPURequest = GPURequest()
     # None: the scheduler picks the host.
     host: Name | None = None
@@ -101,6 +93,15 @@ class VMSpec(Frozen):
     # hvctl's operator key is root on every VM that authorises it (hvctl checkpoint, restore and checkpoint migration
     # copy files over SSH with it). False: only the tenant's keys; the agent still works, over its host-only channel.
     operator_key: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_retired_fields(cls, values: Any) -> Any:
+        """Specs recorded by older hvctl (ledger rows, domain metadata) carry ``workload``, a field nothing ever read
+        (workloads are run with `hvctl run`, not declared at create); it is dropped on reading, if unset."""
+        if isinstance(values, dict) and "workload" in values and values["workload"] is None:
+            return {k: v for k, v in values.items() if k != "workload"}
+        return values
 
     @model_validator(mode="after")
     def _cpu_limit_within_vcpus(self) -> VMSpec:

@@ -25,7 +25,7 @@ def alloc(name: str, **extra: object) -> VMAllocation:
 CASES = {
     "tcg-minimal": (VMSpec(name="tiny"), HostCapabilities("local", Accel.TCG), BOOT, alloc("tiny")),
     "kvm-4cpu-disk-root": (
-        VMSpec(name="big-1", tenant="acme", vcpus=4, memory_mib=8192, disk_gib=20, image="base", workload="llm"),
+        VMSpec(name="big-1", tenant="acme", vcpus=4, memory_mib=8192, disk_gib=20, image="base"),
         HostCapabilities("local", Accel.KVM),
         BootArtifacts(BOOT.kernel, BOOT.initrd, root_on_disk=True),
         alloc("big-1"),

@@ -1,5 +1,7 @@
 """VMSpec refuses anything that could reach XML, a path or a shell, and sizes out of bounds, in one line."""
 
+import json
+
 import pytest
 from pydantic import ValidationError
 
@@ -42,9 +44,9 @@ def test_cpu_limit_cannot_exceed_vcpus() -> None:
 
 
 def test_spec_is_frozen_and_has_sane_defaults() -> None:
-    spec = VMSpec.parse(name="web-1", workload="llm", gpus={"count": 1, "model": "H100"})
+    spec = VMSpec.parse(name="web-1", gpus={"count": 1, "model": "H100"})
     assert (spec.vcpus, spec.memory_mib, spec.disk_gib, spec.image, spec.host) == (1, 256, 1, "minimal", None)
-    assert spec.workload == "llm" and spec.gpus.count == 1
+    assert spec.gpus.count == 1
     with pytest.raises(ValidationError, match="frozen"):
         spec.vcpus = 4  # type: ignore[misc]
 
@@ -67,3 +69,10 @@ def test_one_formatter_says_what_pydantic_refused_on_both_sides_of_the_channel()
     with pytest.raises(ValidationError) as refused:
         rpc.ServeGenerateParams.model_validate({"model": "m", "prompt": "p", "max_tokens": 0})
     assert describe(refused.value).startswith("max_tokens 0: ")
+
+
+def test_a_spec_recorded_by_an_older_hvctl_with_the_retired_workload_field_still_reads() -> None:
+    old = json.loads(VMSpec.parse(name="old-1").model_dump_json()) | {"workload": None}
+    assert VMSpec.model_validate(old) == VMSpec.parse(name="old-1")
+    with pytest.raises(ValidationError, match="workload"):
+        VMSpec.model_validate(old | {"workload": "llm"})  # never set by any hvctl: not silently dropped
