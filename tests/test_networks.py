@@ -106,6 +106,8 @@ def test_a_vm_on_a_tenant_network_gets_an_address_a_nic_on_its_isolated_network_
     assert net.find("bridge").get("name") == rig.ctx.ledger.get_network("blue").bridge  # type: ignore[union-attr]
     nics = [i for i in domain.iterfind("devices/interface") if i.get("type") == "network"]
     assert [n.find("source").get("network") for n in nics] == ["hvctl-net-blue"]  # type: ignore[union-attr]
+    as_shown = hvctl_cli(rig.state, "test:///default", "show", "a1")
+    assert as_shown.returncode == 0 and "tenant network blue, 10.96.7.2/29" in as_shown.stdout, as_shown.stderr
     shown = show_network(rig.ctx, "blue")
     assert [(v["vm"], v["address"], v["host"]) for v in shown["vms"]] == [("a1", "10.96.7.2", "local"),
                                                                         ("a2", "10.96.7.3", "local")]

@@ -170,6 +170,11 @@ def show(name: str, output: OutputOpt = None, as_json: JsonOpt = False) -> None:
     data["enforcement"] = enforcement_report(c, record)
     data["last_migration"] = c.ledger.last_event_data(name, "migration.completed")
     data["snapshots"] = [s.as_dict() for s in c.ledger.snapshots(name)]
+    net = record.spec.network
+    data["network"] = None if net is None else (
+        f"tenant network {net.tenant_network}, {net.address}" if net.tenant_network else
+        f"{'bridge ' + net.bridge if net.bridge else 'libvirt network ' + str(net.network)}, "
+        f"{net.address or 'address by the guest'}")
     data["operation"] = next(({"kind": op["kind"], "step": op["step"], "target": op["target"],
                                "started_at": op["started_at"], "progress": op["data"].get("progress")}
                               for op in c.ledger.operations() if op["vm"] == name), None)
@@ -178,8 +183,10 @@ def show(name: str, output: OutputOpt = None, as_json: JsonOpt = False) -> None:
         return
     table = Table.grid(padding=(0, 2))
     for key in ("name", "tenant", "host", "state", "actual", "drift", "image", "vcpus", "memory_mib", "disk_gib",
-                "ssh_port", "overlay", "console_log", "agent_socket"):
+                "network", "ssh_port", "overlay", "console_log", "agent_socket"):
         value = data[key]
+        if key == "network" and value is None:
+            continue
         table.add_row(f"[bold]{key}[/]", f"[red]{safe(value)}[/]" if key == "drift" and value else safe(value))
     out.print(table)
     enforcement = data["enforcement"]
