@@ -82,13 +82,26 @@ def ssh_jump(uri: str, address: str, port: int) -> tuple[str, ...]:
     ``qemu+ssh`` transport runs to that host (its ``command``, ``keyfile``, ``known_hosts`` and ``no_verify``
     parameters, its user and port), with ``-W`` in place of the remote command. So a VM's SSH forward on a remote
     host's loopback is reached with the admin's credentials for that host, and nothing listens anywhere else."""
+    argv, host = _host_ssh(uri, f"the VM's host is reached as {uri}, with no SSH to the host to jump through",
+                           "give the VM a production NIC (create --bridge/--network --ip) and use --direct")
+    return (argv[0], "-W", f"{address}:{port}", *argv[1:], "--", host)
+
+
+def host_command(uri: str, script: str) -> tuple[str, ...]:
+    """The command that runs ``script`` (by sh) on the host at ``uri``, over the ssh its ``qemu+ssh`` transport
+    uses: for what libvirt cannot do on a host (a VXLAN device, say)."""
+    argv, host = _host_ssh(uri, f"the host is reached as {uri}, with no SSH to it to run commands",
+                           "reach the host over qemu+ssh, or make what is needed there by hand")
+    return (*argv, "--", host, f"sh -c {shlex.quote(script)}")
+
+
+def _host_ssh(uri: str, refusal: str, hint: str) -> tuple[list[str], str]:
     parts = urlsplit(uri)
     scheme = parts.scheme.lower()
     if "+ssh" not in scheme and "+libssh" not in scheme:
-        raise AccessError(f"the VM's host is reached as {uri}, with no SSH to the host to jump through",
-                          hint="give the VM a production NIC (create --bridge/--network --ip) and use --direct")
+        raise AccessError(refusal, hint=hint)
     query = dict(parse_qsl(parts.query))
-    argv = [query.get("command", "ssh"), "-W", f"{address}:{port}", "-o", "BatchMode=yes"]
+    argv = [query.get("command", "ssh"), "-o", "BatchMode=yes"]
     if parts.port:
         argv += ["-p", str(parts.port)]
     if parts.username:
@@ -101,7 +114,7 @@ def ssh_jump(uri: str, address: str, port: int) -> tuple[str, ...]:
         argv += ["-o", "StrictHostKeyChecking=no"]  # as libvirt's own transport does with no_verify=1
     else:
         argv += ["-o", "StrictHostKeyChecking=yes"]
-    return (*argv, "--", parts.hostname or "localhost")
+    return argv, parts.hostname or "localhost"
 
 
 def route_for(ctx: Context, record: VMRecord, direct: bool = False) -> Route:

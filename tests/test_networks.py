@@ -161,3 +161,17 @@ def test_the_cli_refuses_bad_network_requests_in_one_line_and_leaves_nothing(rig
     listed = json.loads(hvctl_cli(state, "test:///default", "network", "list", "--json").stdout)
     assert [(n["name"], n["vms"]) for n in listed] == [("blue", [])]
     assert rig.ctx.ledger.list_vms() == [] and not (state / "vms" / "g1").exists()
+
+
+def test_a_network_that_would_span_a_host_without_an_underlay_is_refused_before_anything_is_made(rig: Rig) -> None:
+    from hvctl.ops.networks import ensure_on_host
+
+    create_network(rig.ctx, "blue", "acme", "10.96.8.0/24")
+    make(rig, "a1", "acme", "blue")
+    rig.ctx.ledger.ensure_host("h2", "test:///default")
+    spec = VMSpec.parse(name="a2", image="stub", tenant="acme", host="h2", network=tenant_attach(rig.ctx, "blue"))
+    with pytest.raises(InvalidSpec, match="network blue would span hosts h2, local, and host h2 has no underlay"):
+        ensure_on_host(rig.ctx, spec, "h2")
+    bad = hvctl_cli(rig.state, "test:///default", "host", "add", "h3", "test:///default", "--underlay", "10.1.2")
+    assert bad.returncode == 2 and "--underlay 10.1.2: not an IPv4 address" in bad.stderr.strip().splitlines()[-1]
+    assert "h3" not in {h.name for h in rig.ctx.ledger.list_hosts()}

@@ -19,7 +19,7 @@ from conftest import hvctl_cli, short_tempdir
 from guest import rpc
 from hvctl.context import Context
 from hvctl.designer import nic_mac
-from hvctl.devhost.remote import RemoteStyleHost
+from hvctl.devhost.remote import RemoteStyleHost, link_hosts
 from images.store import ImageStore
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(1500)]
@@ -190,3 +190,71 @@ def test_rm_of_a_network_in_use_is_refused_and_after_its_vms_it_leaves_the_host(
                            capture_output=True, text=True, check=True).stdout
     assert bridge in links and "hvn-" in links
     assert sum(1 for line in links.splitlines() if ": hvn-" in line and "master" not in line) == 1
+
+
+@pytest.fixture(scope="module")
+def two_hosts(image_dir: Path) -> Iterator[tuple[Tenants, RemoteStyleHost, RemoteStyleHost]]:
+    """Two remote-style hosts wired to each other (198.19.7.0/30, their underlays), each reached from here over its
+    own veth: blue's a3 runs on near, a4 and globex's g2 on far."""
+    ImageStore(image_dir).build("base")
+    state = short_tempdir("hvt-")
+    (state / "images").symlink_to(image_dir)
+    (state / "policy.yaml").write_text(POLICY)
+    near = RemoteStyleHost(short_tempdir("hvr-"), index=45, hide=(state,))
+    far = RemoteStyleHost(short_tempdir("hvr-"), index=46, hide=(state,))
+    try:
+        near.start()
+        far.start()
+        near_underlay, far_underlay = link_hosts(near, far, 7)
+        t = Tenants(state, far, {})
+        assert t.hvctl("host", "add", "near", near.uri, "--underlay", near_underlay).returncode == 0
+        added = t.hvctl("host", "add", "far", far.uri, "--underlay", far_underlay, "--json")
+        assert added.returncode == 0 and json.loads(added.stdout)["underlay"] == far_underlay, added.stderr
+        assert t.hvctl("network", "create", "blue", "--tenant", "acme", "--subnet", "10.96.30.0/24").returncode == 0
+        assert t.hvctl("network", "create", "red", "--tenant", "globex", "--subnet", "10.96.40.0/24").returncode == 0
+        for vm, tenant, net, host in (("a3", "acme", "blue", "near"), ("a4", "acme", "blue", "far"),
+                                      ("g2", "globex", "red", "far")):
+            t.made[vm] = t.hvctl("create", vm, "--host", host, "--image", "base", "--memory", "384", "--disk", "2",
+                                 "--tenant", tenant, "--net", net, "--boot-timeout", "300", timeout=600)
+        yield t, near, far
+    finally:
+        for leftover in Context(state_dir=state, uri="test:///default").ledger.list_vms():
+            hvctl_cli(state, "test:///default", "destroy", leftover.name, timeout=300)
+        for host in (near, far):
+            host.stop()
+            shutil.rmtree(host.root, ignore_errors=True)
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def test_a_tenant_network_spans_two_hosts_over_vxlan_and_another_tenant_stays_out(
+        two_hosts: tuple[Tenants, RemoteStyleHost, RemoteStyleHost]) -> None:
+    t, near, far = two_hosts
+    for vm, result in t.made.items():
+        assert result.returncode == 0, (vm, result.stderr[-2000:])
+    assert "tenant network blue spans hosts far, near (VXLAN" in t.made["a4"].stderr
+    a3, a4 = t.address("a3"), t.address("a4")
+    assert t.pings("a4", a3) and t.pings("a3", a4)  # across the two hosts
+    # The guests' NICs got the tenant MTU, which leaves room for VXLAN's header on the underlay.
+    assert "mtu 1450" in t.run("a3", f"ip link show dev {t.tenant_nic('a3')}").stdout
+    # globex's g2, on far beside a4, with an address in blue's subnet: nothing reaches a3 or a4.
+    nic = t.tenant_nic("g2")
+    assert t.run("g2", f"ip addr add 10.96.30.77/24 dev {nic}").exit_code == 0
+    assert not t.pings("g2", a3) and not t.pings("g2", a4)
+    # network rm after its VMs: the VXLAN device goes with it, on both hosts.
+    ctx = Context(state_dir=t.state, uri="test:///default")
+    try:
+        vxlan = ctx.ledger.get_network("blue").vxlan
+    finally:
+        ctx.close()
+    assert all(vxlan in links(host) for host in (near, far))
+    for vm in ("a3", "a4"):
+        assert t.hvctl("destroy", vm).returncode == 0
+    removed = t.hvctl("network", "rm", "blue")
+    assert removed.returncode == 0, removed.stderr
+    assert not any(vxlan in links(host) for host in (near, far))
+
+
+def links(host: RemoteStyleHost) -> str:
+    """The network interfaces the host has, as it sees them (inside its network namespace)."""
+    return subprocess.run(["nsenter", "-t", str(host.pids()["holder"]), "-n", "ip", "-o", "link"],
+                          capture_output=True, text=True, check=True).stdout

@@ -28,13 +28,19 @@ from hvctl.cli.common import (
 
 
 @host_app.command("add")
-def host_add(name: str, uri: str, as_json: JsonOpt = False) -> None:
+def host_add(
+    name: str,
+    uri: str,
+    underlay: Annotated[str | None, typer.Option(help="The host's own IPv4 address that other hosts reach: tenant "
+                                                      "networks spanning hosts run VXLAN over it.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
     """Register a host: capacity, NUMA cells and GPUs are read from its libvirt; the accelerator is probed."""
     from hvctl.ops.hosts import add_host
 
     with RichReporter(f"host add {name}") as reporter:
         reporter.step(f"connecting to {uri}")
-        view = add_host(ctx(), name, uri)
+        view = add_host(ctx(), name, uri, underlay)
     if as_json:
         emit_json(view)
     else:

@@ -358,3 +358,19 @@ def _run(*argv: str) -> None:
     result = subprocess.run(list(argv), capture_output=True, text=True, timeout=30)
     if result.returncode != 0:
         raise HostUnreachable(f"`{' '.join(argv)}` failed: {result.stderr.strip()}")
+
+
+def link_hosts(first: RemoteStyleHost, second: RemoteStyleHost, subnet_index: int) -> tuple[str, str]:
+    """A wire between two remote-style hosts' network namespaces, as two machines on one LAN have: a veth pair with
+    198.19.<subnet_index>.1/30 on ``first`` and .2 on ``second``. Nothing of it is in this machine's namespace; it
+    goes with either host. Returns the two addresses (each host's underlay)."""
+    one, two = _read_pid(first.holder_pidfile), _read_pid(second.holder_pidfile)
+    assert one is not None and two is not None, "both hosts must be running"
+    a, b = f"198.19.{subnet_index}.1", f"198.19.{subnet_index}.2"
+    name_a, name_b = f"hvu{subnet_index}a", f"hvu{subnet_index}b"
+    _run("nsenter", "-t", str(one), "-n", "ip", "link", "add", name_a, "type", "veth", "peer", "name", name_b,
+         "netns", str(two))
+    for pid, name, address in ((one, name_a, a), (two, name_b, b)):
+        _run("nsenter", "-t", str(pid), "-n", "ip", "addr", "add", f"{address}/30", "dev", name)
+        _run("nsenter", "-t", str(pid), "-n", "ip", "link", "set", name, "up")
+    return a, b

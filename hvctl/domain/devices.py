@@ -164,6 +164,8 @@ class PciHostdev:
 # The nwfilter on every NIC of a tenant network (its rules: hvctl.host.networks.TENANT_FILTERS). Versioned: a change of
 # the rules is a new filter, never a redefinition under the VMs that use the old one.
 TENANT_FILTER = "hvctl-tenant-v1"
+# A tenant network's MTU: room for VXLAN's 50 bytes on a 1500-byte underlay when it spans hosts.
+TENANT_MTU = 1450
 
 
 @dataclass(frozen=True)
@@ -177,12 +179,15 @@ class NetInterface:
     mac: str
     filter: str | None = None
     filter_params: tuple[tuple[str, str], ...] = ()
+    mtu: int | None = None  # given to the guest too (virtio's host_mtu)
 
     def to_xml(self) -> ET.Element:
         el = ET.Element("interface", type=self.kind)
         sub(el, "mac", address=self.mac)
         sub(el, "source", **{self.kind: self.source})
         sub(el, "model", type="virtio")
+        if self.mtu is not None:
+            sub(el, "mtu", size=str(self.mtu))
         if self.filter is not None:
             ref = sub(el, "filterref", filter=self.filter)
             for name, value in self.filter_params:
@@ -193,7 +198,9 @@ class NetInterface:
     def from_xml(cls, el: ET.Element) -> Self:
         kind = req(el, ".", "type")
         ref = el.find("filterref")
+        mtu = el.find("mtu")
         return cls(kind=kind, source=req(el, "source", kind), mac=req(el, "mac", "address"),
+                   mtu=int(mtu.get("size", "0")) if mtu is not None else None,
                    filter=ref.get("filter") if ref is not None else None,
                    filter_params=tuple((p.get("name", ""), p.get("value", "")) for p in ref.iterfind("parameter"))
                    if ref is not None else ())

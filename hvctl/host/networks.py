@@ -14,7 +14,7 @@ from xml.etree import ElementTree as ET
 
 import libvirt
 
-from hvctl.domain.devices import TENANT_FILTER
+from hvctl.domain.devices import TENANT_FILTER, TENANT_MTU
 from hvctl.domain.model import HVCTL_NS
 from hvctl.host._errors import _errors, _typed
 
@@ -57,6 +57,9 @@ def isolated_network_xml(name: str, bridge: str, tenant_network: str, tenant: st
     ET.SubElement(ET.SubElement(root, "metadata"), f"{{{HVCTL_NS}}}network",
                   {"name": tenant_network, "tenant": tenant, "subnet": subnet})
     ET.SubElement(root, "bridge", {"name": bridge, "stp": "off", "delay": "0"})
+    # Room for VXLAN's 50 bytes on a 1500-byte underlay when the network spans hosts (the guests' NICs get it from
+    # their own <mtu>: libvirt sets the tap's from the network, but tells the guest only the interface's).
+    ET.SubElement(root, "mtu", {"size": str(TENANT_MTU)})
     return ET.tostring(root, encoding="unicode")
 
 

@@ -22,6 +22,8 @@ DEFAULT_POOL = IPv4Network("10.96.0.0/12")
 USER_MODE_NET = IPv4Network("10.0.2.0/24")
 # At least 8 addresses: the subnet's own, one kept for the network (a DHCP server or gateway), the broadcast, and 5.
 MAX_PREFIX = 29
+# VXLAN network identifiers hvctl gives, one per network, from here up.
+FIRST_VNI = 10_000
 
 
 @dataclass(frozen=True)
@@ -30,7 +32,13 @@ class NetworkRecord:
     tenant: str
     subnet: IPv4Network
     bridge: str  # the Linux bridge the network has on each host, the same name everywhere
+    vni: int  # its VXLAN network identifier, when it spans hosts
     created_at: float
+
+    @property
+    def vxlan(self) -> str:
+        """The VXLAN device that joins its bridge to the other hosts' (a Linux interface name, at most 15 bytes)."""
+        return "vx-" + self.bridge.removeprefix("hvn-")
 
     @property
     def libvirt_name(self) -> str:
@@ -43,11 +51,13 @@ class NetworkRecord:
 
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "tenant": self.tenant, "subnet": str(self.subnet), "bridge": self.bridge,
-                "libvirt_network": self.libvirt_name, "capacity": len(self.usable()), "created_at": self.created_at}
+                "vni": self.vni, "libvirt_network": self.libvirt_name, "capacity": len(self.usable()),
+                "created_at": self.created_at}
 
 
 def _record(row: sqlite3.Row) -> NetworkRecord:
-    return NetworkRecord(row["name"], row["tenant"], IPv4Network(row["subnet"]), row["bridge"], row["created_at"])
+    return NetworkRecord(row["name"], row["tenant"], IPv4Network(row["subnet"]), row["bridge"], row["vni"],
+                         row["created_at"])
 
 
 def bridge_name(network: str) -> str:
@@ -76,8 +86,9 @@ class NetworkLedger(LedgerBase):
             if clash:
                 raise InvalidSpec(f"subnet {subnet} overlaps {clash}", hint="`hvctl network list` shows them all")
             bridge = bridge_name(name)
-            db.execute("INSERT INTO networks (name, tenant, subnet, bridge, created_at) VALUES (?,?,?,?,?)",
-                       (name, tenant, str(subnet), bridge, time.time()))
+            vni = max(FIRST_VNI - 1, db.execute("SELECT COALESCE(MAX(vni), 0) FROM networks").fetchone()[0]) + 1
+            db.execute("INSERT INTO networks (name, tenant, subnet, bridge, vni, created_at) VALUES (?,?,?,?,?,?)",
+                       (name, tenant, str(subnet), bridge, vni, time.time()))
             self._event(db, None, None, "network.created", f"network {name} of tenant {tenant}: {subnet}")
         return self.get_network(name)
 
@@ -97,6 +108,19 @@ class NetworkLedger(LedgerBase):
         rows = self.db.execute("SELECT a.vm, a.address, v.host FROM network_addresses a JOIN vms v ON v.name = a.vm "
                                "WHERE a.network = ?", (name,)).fetchall()
         return sorted(((r[0], r[1], r[2]) for r in rows), key=lambda r: IPv4Address(r[1]))
+
+    def network_hosts(self, name: str) -> list[str]:
+        """The hosts that run a VM on the network."""
+        return sorted({host for _, _, host in self.network_addresses(name)})
+
+    def set_underlay(self, host: str, address: IPv4Address) -> None:
+        """The host's own address that VXLAN between hosts runs over (`hvctl host add --underlay`)."""
+        with self.transaction() as db:
+            db.execute("INSERT INTO underlays (host, address) VALUES (?,?) ON CONFLICT (host) DO UPDATE SET "
+                       "address = excluded.address", (host, str(address)))
+
+    def underlays(self) -> dict[str, IPv4Address]:
+        return {r[0]: IPv4Address(r[1]) for r in self.db.execute("SELECT host, address FROM underlays")}
 
     def remove_network(self, name: str) -> None:
         """Forget a network no VM is on; one in use is refused with its VMs named."""

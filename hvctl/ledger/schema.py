@@ -130,14 +130,20 @@ MIGRATIONS: list[str] = [
     );
     """,
     # Tenant networks (hvctl network): an isolated L2 segment per network, its subnet, the bridge it gets on each host
-    # that has one of its VMs; and the IPAM, one address per VM, gone with the VM's row.
+    # that has one of its VMs and the VXLAN id that joins those hosts; the IPAM, one address per VM, gone with the
+    # VM's row; and each host's underlay address, which VXLAN runs over.
     """
     CREATE TABLE networks (
         name TEXT PRIMARY KEY,
         tenant TEXT NOT NULL,
         subnet TEXT NOT NULL,
         bridge TEXT NOT NULL UNIQUE,
+        vni INTEGER NOT NULL UNIQUE,
         created_at REAL NOT NULL
+    );
+    CREATE TABLE underlays (
+        host TEXT PRIMARY KEY REFERENCES hosts(name) ON DELETE CASCADE,
+        address TEXT NOT NULL
     );
     CREATE TABLE network_addresses (
         network TEXT NOT NULL REFERENCES networks(name),

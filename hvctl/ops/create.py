@@ -45,7 +45,7 @@ def create(ctx: Context, spec: VMSpec, say: Say = quiet, options: BootOptions | 
                           host_limit=host_limit(policy, ctx.ledger.get_host(spec.host), gpus))
     if host.exists(spec.name):
         raise AlreadyExists(f"a domain named {spec.name!r} already exists on host {spec.host}")
-    check_network(ctx, spec, spec.host)
+    check_network(ctx, spec, spec.host, say)
     if spec.disk_gib * 2**30 < image.disk_virtual_bytes:
         need = -(-image.disk_virtual_bytes // 2**30)
         raise InvalidSpec(f"image {image.name} needs a disk of at least {need} GiB; {spec.disk_gib} GiB requested")
@@ -114,14 +114,14 @@ def _upload_progress(say: Say) -> Callable[[str, int, int], None]:
     return progress
 
 
-def check_network(ctx: Context, spec: VMSpec, host_name: str) -> None:
+def check_network(ctx: Context, spec: VMSpec, host_name: str, say: Say = quiet) -> None:
     """The production NIC's bridge or libvirt network must exist (and be up) before anything is written; a tenant
     network is set up on the host then (it stays there until `hvctl network rm`)."""
     net = spec.network
     if net is None:
         return
     if net.tenant_network is not None:  # hvctl's own: checked in the ledger, and made on the host if it is not there
-        ensure_on_host(ctx, spec, host_name)
+        ensure_on_host(ctx, spec, host_name, say)
         return
     if net.network is not None:
         active = ctx.host(host_name).network_active(net.network)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from ipaddress import IPv4Address
 from typing import Any
 
 from hvctl import passthrough
@@ -18,9 +19,13 @@ from vfio import PciSysfs
 MIN_POOL_FREE_BYTES = 2 << 30
 
 
-def add_host(ctx: Context, name: str, uri: str) -> dict[str, Any]:
+def add_host(ctx: Context, name: str, uri: str, underlay: str | None = None) -> dict[str, Any]:
     """Connect first: a URI that does not answer is refused before anything is written."""
     check_name(name, "host name")
+    try:
+        underlay_address = IPv4Address(underlay) if underlay is not None else None
+    except ValueError:
+        raise InvalidSpec(f"--underlay {underlay}: not an IPv4 address") from None
     if name in {h.name for h in ctx.ledger.list_hosts()} and ctx.ledger.get_host(name).uri != uri:
         raise AlreadyExists(f"host {name} already exists with another URI")
     probe = Host(uri)
@@ -44,6 +49,8 @@ def add_host(ctx: Context, name: str, uri: str) -> dict[str, Any]:
         probe.close()
     ctx.ledger.ensure_host(name, uri)
     ctx.ledger.record_host_inventory(name, numa, gpus)
+    if underlay_address is not None:
+        ctx.ledger.set_underlay(name, underlay_address)
     caps = ctx.capabilities(name)
     pool_view = {"name": pool.name, "path": str(pool.path), "made": made, "capacity_bytes": space.capacity,
                  "available_bytes": space.available}
@@ -84,6 +91,7 @@ def host_view(ctx: Context, name: str) -> dict[str, Any]:
         "memory_mib": record.memory_mib, "numa_cells": numa, "gpus": gpus,
         "allocatable": limit, "allocated": used.as_dict(),
         "vms": len(ctx.ledger.list_vms(host=name)),
+        "underlay": str(ctx.ledger.underlays()[name]) if name in ctx.ledger.underlays() else None,
     }
 
 

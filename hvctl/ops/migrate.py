@@ -87,7 +87,7 @@ def _migrate(ctx: Context, name: str, target: str, opts: MigrateOptions,
         raise InvalidSpec("--copy-storage does not apply to --mode checkpoint, which boots a fresh disk on the target")
     src = ctx.host(record.host)
     guest = src.guest(name)
-    check_network(ctx, record.spec, target)  # its production NIC's bridge or network must exist there too
+    check_network(ctx, record.spec, target, say)  # its production NIC's bridge or network must exist there too
     if guest.state() is not DomainState.RUNNING and opts.mode != "offline":
         raise InvalidSpec(f"{name} is not running; use --mode offline")
     if guest.state() is DomainState.SHUTOFF and opts.copy_storage:

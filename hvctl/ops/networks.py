@@ -1,12 +1,19 @@
 """hvctl network create/list/show/rm, and a VM's place on a tenant network: the ledger keeps the networks and their
 addresses (``hvctl.ledger.networks``); each host that runs one of a network's VMs gets it as an isolated libvirt
-network (``hvctl.host.networks``), made when the first VM there needs it and kept until `network rm`."""
+network (``hvctl.host.networks``), made when the first VM there needs it and kept until `network rm`.
+
+A network whose VMs run on several hosts is one segment through VXLAN, one VNI per network, over the hosts' own
+underlay addresses (`hvctl host add --underlay`). libvirt cannot make a VXLAN device, so hvctl makes it on each host
+over the ssh of the host's qemu+ssh URI (``access.host_command``): a ``vx-…`` device on the network's bridge, with a
+flood entry per peer host (head-end replication; unicast MACs are learnt)."""
 
 from __future__ import annotations
 
-from ipaddress import IPv4Network
+import subprocess
+from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
+from hvctl.access import host_command
 from hvctl.context import Context
 from hvctl.errors import HostUnreachable, HvctlError, HypervisorError, InvalidSpec
 from hvctl.ledger import NetworkRecord
@@ -44,11 +51,14 @@ def remove_network(ctx: Context, name: str, say: Say = quiet) -> dict[str, Any]:
         raise InvalidSpec(f"network {name} is in use by {', '.join(vm for vm, _, _ in users)}",
                           hint="destroy those VMs first")
     removed_from = []
+    underlays = ctx.ledger.underlays()
     for host in ctx.ledger.list_hosts():
         try:
             if ctx.host(host.name).remove_network(network.libvirt_name):
                 say(f"removed libvirt network {network.libvirt_name} from host {host.name}")
                 removed_from.append(host.name)
+            if host.name in underlays:  # a host that may have carried it over VXLAN
+                _on_host(ctx, host.name, f"ip link del {network.vxlan} 2>/dev/null || true")
         except (HostUnreachable, HypervisorError) as exc:
             raise HvctlError(f"network {name}: host {host.name} could not be asked to remove it: {exc.message}",
                              hint="bring the host back (or `hvctl host rm` it) and run `hvctl network rm` again") \
@@ -80,10 +90,47 @@ def check_tenant_network(ctx: Context, spec: VMSpec) -> NetworkRecord | None:
 
 
 def ensure_on_host(ctx: Context, spec: VMSpec, host: str, say: Say = quiet) -> None:
-    """The VM's tenant network, running on ``host`` (made there if it is the first of its VMs on that host)."""
+    """The VM's tenant network, running on ``host`` (made there if it is the first of its VMs on that host), and
+    joined by VXLAN to the other hosts that run its VMs."""
     network = check_tenant_network(ctx, spec)
     if network is None:
         return
+    hosts = sorted({*ctx.ledger.network_hosts(network.name), host})
+    if len(hosts) > 1:
+        underlays = ctx.ledger.underlays()
+        missing = [h for h in hosts if h not in underlays]
+        if missing:
+            raise InvalidSpec(f"network {network.name} would span hosts {', '.join(hosts)}, and host "
+                              f"{missing[0]} has no underlay address for VXLAN",
+                              hint=f"`hvctl host add {missing[0]} URI --underlay ADDRESS` (the host's own address "
+                                   "that the other hosts reach)")
     if ctx.host(host).ensure_isolated_network(network.libvirt_name, network.bridge, network.name, network.tenant,
                                               str(network.subnet)):
         say(f"tenant network {network.name} set up on host {host} (bridge {network.bridge})")
+    if len(hosts) > 1:
+        for each in hosts:
+            peers = [str(underlays[h]) for h in hosts if h != each]
+            _on_host(ctx, each, _vxlan_script(network, underlays[each], peers))
+        say(f"tenant network {network.name} spans hosts {', '.join(hosts)} (VXLAN {network.vni})")
+
+
+def _vxlan_script(network: NetworkRecord, local: IPv4Address, peers: list[str]) -> str:
+    """Idempotent: the network's VXLAN device on its bridge, up, with a flood entry for each peer host."""
+    vx = network.vxlan
+    return (f"set -e; ip link show {vx} >/dev/null 2>&1 || ip link add {vx} type vxlan id {network.vni} "
+            f"local {local} dstport 4789; ip link set {vx} master {network.bridge}; ip link set {vx} up; "
+            f"for peer in {' '.join(peers)}; do bridge fdb show dev {vx} | grep -q \"dst $peer \" || "
+            f"bridge fdb append 00:00:00:00:00:00 dev {vx} dst $peer; done")
+
+
+def _on_host(ctx: Context, host: str, script: str) -> None:
+    """Run ``script`` on ``host``: here, or over its URI's ssh."""
+    argv = ("sh", "-c", script) if ctx.is_this_machine(host) else \
+        host_command(ctx.ledger.get_host(host).uri, script)
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise HostUnreachable(f"host {host}: {exc}") from None
+    if done.returncode != 0:
+        raise HypervisorError(f"host {host}: setting up VXLAN failed: "
+                              f"{(done.stderr.strip().splitlines() or ['exit ' + str(done.returncode)])[-1]}")
