@@ -90,6 +90,16 @@ class Policy(Strict):
         """The policy's entry for a vendor:device, if it names one."""
         return next((a for a in self.accelerators.values() if (a.vendor, a.device) == (vendor, device)), None)
 
+    def sizes(self, flavor: str | None = None, *, vcpus: int | None = None, memory_mib: int | None = None,
+              disk_gib: int | None = None, gpus: int | None = None) -> dict[str, Any]:
+        """A request's sizes as VMSpec takes them: the flavor's (without one: 1 vCPU, 256 MiB, 1 GiB, no GPU), each
+        overridden by a value given explicitly. `hvctl create` and `hvctl plan` both size requests here."""
+        base = self.flavor(flavor) if flavor is not None else Flavor(vcpus=1, memory_mib=256, disk_gib=1)
+        return {"vcpus": vcpus if vcpus is not None else base.vcpus,
+                "memory_mib": memory_mib if memory_mib is not None else base.memory_mib,
+                "disk_gib": disk_gib if disk_gib is not None else base.disk_gib,
+                "gpus": {"count": gpus if gpus is not None else base.gpus}}
+
     def tenant(self, name: str) -> Tenant:
         if name not in self.tenants:
             raise InvalidSpec(f"unknown tenant {name!r}; the policy defines: {', '.join(sorted(self.tenants))}")

@@ -298,3 +298,14 @@ def test_yaml_files_are_capped_in_size(state: Path) -> None:
     huge.write_text("# " + "x" * yamlfile.MAX_YAML_BYTES + "\nflavors: {}\n")
     with pytest.raises(PolicyError, match="over 1048576 bytes"):
         load_policy(huge)
+
+
+def test_create_and_plan_size_requests_the_same_way() -> None:
+    from hvctl.policy import load_policy
+
+    policy = load_policy(Path(__file__).resolve().parent.parent / "policies" / "default.yaml")
+    assert policy.sizes() == {"vcpus": 1, "memory_mib": 256, "disk_gib": 1, "gpus": {"count": 0}}
+    assert policy.sizes("gpu-1", memory_mib=4096) == {"vcpus": 8, "memory_mib": 4096, "disk_gib": 100,
+                                                      "gpus": {"count": 1}}
+    assert policy.sizes("small", gpus=0, vcpus=2) == {"vcpus": 2, "memory_mib": 512, "disk_gib": 2,
+                                                      "gpus": {"count": 0}}

@@ -69,13 +69,7 @@ def create(
     from hvctl.ops.incarnation import BootOptions
     from hvctl.spec import VMSpec
 
-    sizes: dict[str, Any] = {"vcpus": 1, "memory_mib": 256, "disk_gib": 1, "gpus": {"count": 0}}
-    if flavor is not None:
-        f = ctx().policy.flavor(flavor)
-        sizes = {"vcpus": f.vcpus, "memory_mib": f.memory_mib, "disk_gib": f.disk_gib, "gpus": {"count": f.gpus}}
-    explicit = {"vcpus": vcpus, "memory_mib": memory, "disk_gib": disk,
-                "gpus": {"count": gpus} if gpus is not None else None}
-    sizes |= {k: v for k, v in explicit.items() if v is not None}
+    sizes = ctx().policy.sizes(flavor, vcpus=vcpus, memory_mib=memory, disk_gib=disk, gpus=gpus)
     if gpu_model is not None:
         if not sizes["gpus"]["count"]:
             fail("--gpu-model needs --gpus N (or a flavor with GPUs)", 2)

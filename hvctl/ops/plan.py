@@ -52,15 +52,8 @@ def load_requests(ctx: Context, path: Path) -> list[VMSpec]:
         raise InvalidSpec(f"{path}: {str(exc).splitlines()[0]}") from None
     specs = []
     for item in items:
-        sizes: dict[str, Any] = {"vcpus": 1, "memory_mib": 256, "disk_gib": 1, "gpus": {"count": 0}}
-        if item.flavor:
-            f = ctx.policy.flavor(item.flavor)
-            sizes = {"vcpus": f.vcpus, "memory_mib": f.memory_mib, "disk_gib": f.disk_gib, "gpus": {"count": f.gpus}}
-        for key in ("vcpus", "memory_mib", "disk_gib"):
-            if getattr(item, key) is not None:
-                sizes[key] = getattr(item, key)
-        if item.gpus is not None:
-            sizes["gpus"] = {"count": item.gpus}
+        sizes = ctx.policy.sizes(item.flavor or None, vcpus=item.vcpus, memory_mib=item.memory_mib,
+                                 disk_gib=item.disk_gib, gpus=item.gpus)
         ctx.policy.tenant(item.tenant)
         for i in range(item.count):
             name = item.name if item.count == 1 else f"{item.name}-{i + 1}"
