@@ -20,7 +20,7 @@ from hvctl.domain import PciAddress, PciHostdev
 from hvctl.errors import HvctlError, InvalidSpec
 from hvctl.ledger import Ledger
 from hvctl.ops import Undo
-from hvctl.ops.gpus import UNKNOWN_CONSOLE
+from hvctl.ops.gpus import unpassable
 from hvctl.spec import VMSpec
 from vfio import (
     Bar,
@@ -32,10 +32,7 @@ from vfio import (
     PciInventory,
     PciSysfs,
     VfioBinder,
-    VfioError,
-    check_group,
     pcihole64_kib,
-    plan_devices,
 )
 from vfio.binding import TERMINAL_STATES, DeviceBinder
 from vfio.sysfs import IORESOURCE_MEM, IORESOURCE_MEM_64, IORESOURCE_PREFETCH
@@ -128,27 +125,9 @@ def choose(ctx: Context, env: GpuEnvironment, spec: VMSpec, host: str) -> list[t
         if owner is not None:
             why_not.append(f"{gpu.address} is held by VM {owner}")
             continue
-        if gpu.address in unhealthy:
-            why_not.append(f"{gpu.address} {unhealthy[gpu.address]['state']}: {unhealthy[gpu.address]['reason']}")
-            continue
-        if gpu.primary.boot_vga:
-            why_not.append(f"{gpu.address} is the boot VGA device")
-            continue
-        if gpu.primary.boot_vga is None and (gpu.primary.vendor, gpu.primary.device) not in allowlist:
-            why_not.append(f"{gpu.address}: {UNKNOWN_CONSOLE}")
-            continue
-        try:
-            functions = plan_devices(pci, gpu)
-            if gpu.primary.iommu_group is None:
-                why_not.append(f"{gpu.address} is in no IOMMU group")
-                continue
-            report = check_group(pci, gpu.primary.iommu_group, [d.address for d in functions])
-        except VfioError as exc:
-            why_not.append(f"{gpu.address}: {exc.message}")
-            continue
-        if not report.viable:
-            why_not.append(f"{gpu.address}: group {gpu.primary.iommu_group} is not viable: "
-                           + "; ".join(b.describe() for b in report.blockers))
+        why, functions = unpassable(pci, gpu, allowlist, unhealthy)
+        if why is not None:
+            why_not.append(f"{gpu.address}: {why}")
             continue
         chosen.append((gpu, [d.address for d in functions]))
     if len(chosen) < spec.gpus.count:

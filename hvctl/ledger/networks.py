@@ -60,6 +60,17 @@ def _record(row: sqlite3.Row) -> NetworkRecord:
                          row["created_at"])
 
 
+def check_attach(network: NetworkRecord, spec: VMSpec, used: int) -> None:
+    """Refuse ``spec`` on ``network``, which has ``used`` addresses given: another tenant's, or full when the VM needs
+    a new address."""
+    if network.tenant != spec.tenant:
+        raise InvalidSpec(f"network {network.name} is tenant {network.tenant}'s, and {spec.name} is tenant "
+                          f"{spec.tenant}'s")
+    if spec.network is not None and spec.network.address is None and used >= len(network.usable()):
+        raise InvalidSpec(f"network {network.name} ({network.subnet}) has no free address: all "
+                          f"{len(network.usable())} are in use", hint="a network with a larger subnet")
+
+
 def bridge_name(network: str) -> str:
     """A Linux interface name (at most 15 bytes) for the network's bridge, derived from its name."""
     return "hvn-" + hashlib.sha256(network.encode()).hexdigest()[:10]
@@ -147,18 +158,13 @@ class NetworkLedger(LedgerBase):
         if row is None:
             raise NotFound(f"no network named {net.tenant_network!r}", hint="`hvctl network list` shows them")
         network = _record(row)
-        if network.tenant != spec.tenant:
-            raise InvalidSpec(f"network {network.name} is tenant {network.tenant}'s, and {spec.name} is tenant "
-                              f"{spec.tenant}'s")
         used = {r[0] for r in db.execute("SELECT address FROM network_addresses WHERE network = ?", (network.name,))}
+        check_attach(network, spec, len(used))
         if net.address is not None:
             if net.address.network != network.subnet or str(net.address.ip) in used:
                 raise InvalidSpec(f"{net.address} is not a free address of network {network.name} ({network.subnet})")
             return spec
-        free = next((a for a in network.usable() if str(a) not in used), None)
-        if free is None:
-            raise InvalidSpec(f"network {network.name} ({network.subnet}) has no free address: all "
-                              f"{len(network.usable())} are in use", hint="a network with a larger subnet")
+        free = next(a for a in network.usable() if str(a) not in used)
         address = IPv4Interface(f"{free}/{network.subnet.prefixlen}")
         return spec.model_copy(update={"network": net.model_copy(update={"address": address})})
 

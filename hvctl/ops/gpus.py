@@ -5,15 +5,52 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hvctl.errors import HostUnreachable, HypervisorError
-from vfio import IOMMU_HINT, PciInventory, PciSysfs, VfioError, check_group, host_checks, plan_devices
+
+if TYPE_CHECKING:
+    from hvctl.context import Context
+from vfio import (
+    IOMMU_HINT,
+    Gpu,
+    PciDevice,
+    PciInventory,
+    PciSysfs,
+    VfioError,
+    check_group,
+    host_checks,
+    plan_devices,
+)
 
 # The refusal of a VGA-compatible device on a host whose sysfs hvctl cannot read. Naming the model in the policy is
 # the operator saying it is not the host's console.
 UNKNOWN_CONSOLE = ("it is a VGA-compatible device, and libvirt cannot tell whether it draws the host's console; "
                    "name its vendor:device in the policy's accelerators to pass it through")
+
+
+def unpassable(pci: PciInventory, gpu: Gpu, allowlist: tuple[tuple[int, int], ...] = (),
+               health: dict[str, dict[str, Any]] | None = None) -> tuple[str | None, list[PciDevice]]:
+    """Why ``gpu`` cannot be passed through from ``pci``'s host (None: it can), and the functions its bind moves.
+    `gpu list` shows the reason; create, which also skips GPUs other VMs hold, gives it in its refusal."""
+    primary, health = gpu.primary, health or {}
+    if gpu.address in health:
+        return f"{health[gpu.address]['state']}: {health[gpu.address]['reason']}", []
+    if primary.boot_vga:
+        return "it is the boot VGA device the host console uses", []
+    if primary.boot_vga is None and (primary.vendor, primary.device) not in allowlist:
+        return UNKNOWN_CONSOLE, []
+    if primary.iommu_group is None:
+        return "not in any IOMMU group (IOMMU off?)", []
+    try:
+        functions = plan_devices(pci, gpu)
+        report = check_group(pci, primary.iommu_group, [d.address for d in functions])
+    except VfioError as exc:
+        return exc.message, []
+    if not report.viable:
+        return (f"group {primary.iommu_group} is not viable: "
+                + "; ".join(b.describe() for b in report.blockers)), []
+    return None, functions
 
 
 def gpu_rows(pci: PciInventory, owners: dict[str, str] | None = None, allowlist: tuple[tuple[int, int], ...] = (),
@@ -26,23 +63,7 @@ def gpu_rows(pci: PciInventory, owners: dict[str, str] | None = None, allowlist:
     rows = []
     for gpu in pci.gpus(accelerator_allowlist=allowlist):
         primary = gpu.primary
-        passable, why = True, None
-        if gpu.address in health:
-            passable, why = False, f"{health[gpu.address]['state']}: {health[gpu.address]['reason']}"
-        elif primary.boot_vga:
-            passable, why = False, "it is the boot VGA device the host console uses"
-        elif primary.boot_vga is None and (primary.vendor, primary.device) not in allowlist:
-            passable, why = False, UNKNOWN_CONSOLE
-        elif primary.iommu_group is None:
-            passable, why = False, "not in any IOMMU group (IOMMU off?)"
-        else:
-            try:
-                wanted = [d.address for d in plan_devices(pci, gpu)]
-                report = check_group(pci, primary.iommu_group, wanted)
-                if not report.viable:
-                    passable, why = False, "; ".join(b.describe() for b in report.blockers)
-            except VfioError as exc:
-                passable, why = False, exc.message
+        why, _ = unpassable(pci, gpu, allowlist, health)
         rows.append({
             "address": gpu.address, "ids": primary.ids,
             "model": model_of(primary.vendor, primary.device) if model_of else primary.ids,
@@ -50,7 +71,7 @@ def gpu_rows(pci: PciInventory, owners: dict[str, str] | None = None, allowlist:
             "iommu_group": primary.iommu_group, "driver": primary.driver, "numa_node": primary.numa_node,
             "reset_method": list(primary.reset_method),
             "health": health[gpu.address]["state"] if gpu.address in health else "ok",
-            "owner": owners.get(gpu.address), "passable": passable, "why_not": why,
+            "owner": owners.get(gpu.address), "passable": why is None, "why_not": why,
         })
     return rows
 
@@ -64,7 +85,7 @@ def list_gpus(sysfs_root: Path = Path("/sys"), owners: dict[str, str] | None = N
     return {"gpus": gpu_rows(PciSysfs(sysfs_root), owners, allowlist, model_of, health), "host": checks}
 
 
-def list_fleet_gpus(ctx: Any, hosts: list[str] | None = None, sysfs_root: Path | None = None) -> dict[str, Any]:
+def list_fleet_gpus(ctx: Context, hosts: list[str] | None = None, sysfs_root: Path | None = None) -> dict[str, Any]:
     """``hvctl gpu list``: the GPUs of every registered host (or of ``hosts``), each row naming its host; per host its
     checks, and the hosts that could not be read with why. One host's failure never hides the others'."""
     from hvctl import passthrough

@@ -91,7 +91,7 @@ def host_view(ctx: Context, name: str) -> dict[str, Any]:
         "memory_mib": record.memory_mib, "numa_cells": numa, "gpus": gpus,
         "allocatable": limit, "allocated": used.as_dict(),
         "vms": len(ctx.ledger.list_vms(host=name)),
-        "underlay": str(ctx.ledger.underlays()[name]) if name in ctx.ledger.underlays() else None,
+        "underlay": str(underlay) if (underlay := ctx.ledger.underlays().get(name)) else None,
     }
 
 

@@ -17,6 +17,7 @@ from hvctl.access import host_command
 from hvctl.context import Context
 from hvctl.errors import HostUnreachable, HvctlError, HypervisorError, InvalidSpec
 from hvctl.ledger import NetworkRecord
+from hvctl.ledger.networks import check_attach
 from hvctl.names import check_name
 from hvctl.ops import Say, quiet
 from hvctl.spec import NetworkAttach, VMSpec
@@ -80,12 +81,7 @@ def check_tenant_network(ctx: Context, spec: VMSpec) -> NetworkRecord | None:
     if net is None or net.tenant_network is None:
         return None
     network = ctx.ledger.get_network(net.tenant_network)
-    if network.tenant != spec.tenant:
-        raise InvalidSpec(f"network {network.name} is tenant {network.tenant}'s, and {spec.name} is tenant "
-                          f"{spec.tenant}'s")
-    if net.address is None and len(ctx.ledger.network_addresses(network.name)) >= len(network.usable()):
-        raise InvalidSpec(f"network {network.name} ({network.subnet}) has no free address: all "
-                          f"{len(network.usable())} are in use", hint="a network with a larger subnet")
+    check_attach(network, spec, len(ctx.ledger.network_addresses(network.name)))
     return network
 
 
