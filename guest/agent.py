@@ -56,7 +56,7 @@ def _workload_module(kind: str) -> WorkloadCommand:
 
 
 DEFAULT_WORKLOADS: dict[str, WorkloadCommand] = {
-    k: _workload_module(k) for k in ("llm", "perception", "perception-train", "train")
+    k: _workload_module(k) for k in ("llm", "perception", "perception-train", "train", "train-ddp")
 }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -79,6 +80,23 @@ def _parser() -> argparse.ArgumentParser:
     training.add_argument("--checkpoint-dir")
     training.add_argument("--no-resume", action="store_true")
     training.add_argument("--export", help="ssl: write the trained model here as a transformers directory")
+    training.add_argument("--distributed", action="store_true",
+                          help="ssl: be one rank of a data-parallel job (under torch.distributed.run)")
+    training.add_argument("--collective-timeout", type=float, default=120.0,
+                          help="distributed: seconds a rank waits for its peers in a collective")
+
+    ddp = run.add_parser("train-ddp", help="this VM's part of a distributed ssl job: the elastic launcher")
+    ddp.add_argument("--job", required=True, help="rendezvous id, the same on every VM")
+    ddp.add_argument("--rendezvous", required=True, help="the first VM's tenant address (it hosts the store)")
+    ddp.add_argument("--address", required=True, help="this VM's tenant address")
+    ddp.add_argument("--min-nodes", type=int, required=True)
+    ddp.add_argument("--max-nodes", type=int, required=True)
+    ddp.add_argument("--hosts-store", action="store_true", help="this is the first VM: it hosts the rendezvous")
+    ddp.add_argument("--port", type=int, default=29400, help="the rendezvous port")
+    ddp.add_argument("--max-restarts", type=int, default=3)
+    ddp.add_argument("--go-file", help="join the rendezvous once this file exists")
+    ddp.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then the train workload's arguments")
+    ddp.add_argument("--json", action="store_true")
     for sub in (llm, perception, ptrain, training):
         sub.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
         sub.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -190,12 +208,17 @@ def _run_train(args: argparse.Namespace) -> None:
             return True
         return False
 
+    # A fault hook for tests: this process stops for good after reporting that step (and waits to be killed).
+    hold_after = int(os.environ.get("HVCTL_TEST_HOLD_AFTER_STEP", "0"))
+
     def progress(p: Any) -> None:
         if args.json:
             print(json.dumps({"progress": p.model_dump()}), flush=True)
         else:
             mark = f" checkpoint {p.checkpoint}" if p.checkpoint else ""
             print(f"step {p.step}/{args.steps} loss {p.loss:.4f} lr {p.lr:.2e}{mark}", flush=True)
+        while hold_after and p.step >= hold_after:
+            signal.pause()
 
     request = TrainRequest(
         objective=args.objective,
@@ -210,6 +233,8 @@ def _run_train(args: argparse.Namespace) -> None:
         resume=not args.no_resume,
         device=args.device,
         export_dir=args.export,
+        distributed=args.distributed,
+        collective_timeout_s=args.collective_timeout,
     )
     # Imported only once the request is valid: a bad request fails in a second, not after importing torch.
     from .train import train
@@ -224,6 +249,18 @@ def _run_train(args: argparse.Namespace) -> None:
         )
 
     _emit(train(request, progress, checkpoint_requested), args.json, summary)
+
+
+def _run_train_ddp(args: argparse.Namespace) -> None:
+    from .distributed import LaunchOptions, launch
+
+    train_args = [a for a in args.train_args if a != "--json"]
+    if train_args[:1] == ["--"]:
+        train_args = train_args[1:]
+    launch(LaunchOptions(job=args.job, rendezvous=args.rendezvous, local_address=args.address,
+                         min_nodes=args.min_nodes, max_nodes=args.max_nodes, max_restarts=args.max_restarts,
+                         train_args=train_args, hosts_store=args.hosts_store, port=args.port,
+                         go_file=args.go_file))
 
 
 def _make_media_samples(args: argparse.Namespace) -> None:
@@ -267,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
                 "perception": _run_perception,
                 "perception-train": _run_perception_train,
                 "train": _run_train,
+                "train-ddp": _run_train_ddp,
             }
             handlers[args.workload](args)
     except WorkloadError as error:

@@ -9,6 +9,7 @@ a checkpoint can never run code on load.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import random
 import re
@@ -27,6 +28,11 @@ _NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
 
 def checkpoint_path(directory: str | Path, step: int) -> Path:
     return Path(directory) / f"ckpt-{step:08d}.pt"
+
+
+def checkpoint_step(path: Path) -> int | None:
+    match = _NAME.match(path.name)
+    return int(match.group(1)) if match else None
 
 
 def latest_checkpoint(directory: str | Path) -> Path | None:
@@ -77,16 +83,18 @@ def isolated_global_rng() -> Iterator[None]:
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(path.name + ".tmp")
+    staging = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # the ranks of a job on one machine share a folder
     torch.save({"format": FORMAT_VERSION, **payload}, staging)
     os.replace(staging, path)  # atomic: a crash mid-write never leaves a truncated "latest" checkpoint
     return path
 
 
-def load_checkpoint(path: Path, fingerprint: dict[str, Any]) -> dict[str, Any]:
-    """Load and check that the checkpoint belongs to this model and run; CheckpointMismatch otherwise."""
+def load_checkpoint(path: Path, fingerprint: dict[str, Any], data: bytes | None = None) -> dict[str, Any]:
+    """Load and check that the checkpoint belongs to this model and run; CheckpointMismatch otherwise. ``data``: the
+    file's bytes, when they came from another rank of a distributed job rather than from ``path`` here."""
     try:
-        payload: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+        source: Any = io.BytesIO(data) if data is not None else path
+        payload: dict[str, Any] = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated, not a torch file, or holds objects weights_only refuses
         raise CheckpointMismatch(f"cannot read checkpoint {path}: {type(error).__name__}: {error}") from error
     if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION:

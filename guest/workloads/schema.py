@@ -164,11 +164,18 @@ class TrainRequest(Frozen):
     # ssl: after the last step, write the trained model and its tokenizer here as a transformers directory, the
     # kind the model server loads (`hvctl serve NAME reload --model DIR`).
     export_dir: str | None = None
+    # Run as one rank of a data-parallel job under torch.distributed.run (guest/workloads/distributed.py);
+    # batch_size is then the global batch, split evenly over the ranks.
+    distributed: bool = False
+    # How long a rank waits in a collective for its peers before it gives up (a dead VM is noticed this way).
+    collective_timeout_s: float = Field(120.0, gt=0.0)
 
     @model_validator(mode="after")
     def _export_is_ssl(self) -> TrainRequest:
         if self.export_dir is not None and self.objective != "ssl":
             raise ValueError("export_dir: only ssl training makes a language model to export")
+        if self.distributed and self.objective != "ssl":
+            raise ValueError("distributed: data-parallel training is for the ssl objective")
         return self
 
 
@@ -179,6 +186,8 @@ class TrainProgress(Frozen):
     mean_reward: float | None = None  # rl / seed-rl: mean reward of this step's batch
     checkpoint: str | None = None  # path written after this step, if any
     requested: bool = False  # that checkpoint was asked for (SIGUSR1), not scheduled by checkpoint_every
+    rank: int = 0  # distributed: this rank of world_size; loss is then the mean over all ranks
+    world_size: int = 1
 
 
 class TrainResult(Frozen):
@@ -192,4 +201,6 @@ class TrainResult(Frozen):
     checkpoints: tuple[str, ...]
     device: str
     autocast_dtype: str | None  # "bfloat16" on GPU, None on CPU (fp32)
+    rank: int = 0
+    world_size: int = 1
     exported: str | None = None  # the model directory written (export_dir), if asked for

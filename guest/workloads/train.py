@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed
 from .assets import build_random_llama, read_corpus, save_llm, tiny_llama_config, train_tokenizer
 from .checkpoint import (
     capture_rng,
@@ -114,16 +115,19 @@ class CausalLMTask:
             raise WorkloadError(f"seq_len {request.seq_len} exceeds the model's context window of {context} tokens")
         require_memory(_ssl_memory_estimate(model, request), f"ssl training with batch {request.batch_size}", device)
         self.model: nn.Module = model.to(device).train()
+        self.forward: nn.Module = self.model  # the DDP wrapper of model in a distributed run
+        self.rows = slice(None)  # this rank's rows of each global batch (all of them when not distributed)
         self.tokenizer = tokenizer
         self.config = model.config
         self.device, self.batch_size = device, request.batch_size
         self.data = CorpusWindows(tokenizer.encode(corpus, add_special_tokens=False), request.seq_len, request.seed)
 
     def loss(self, autocast: bool) -> tuple[torch.Tensor, float | None]:
-        window = self.data.next_batch(self.batch_size).to(self.device)
+        # Every rank draws the whole global batch (so all keep one data position) and trains on its rows.
+        window = self.data.next_batch(self.batch_size)[self.rows].to(self.device)
         inputs, targets = window[:, :-1], window[:, 1:]
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast):
-            logits = self.model(input_ids=inputs, use_cache=False).logits
+            logits = self.forward(input_ids=inputs, use_cache=False).logits
         # Mean over all N = batch × seq_len predicted tokens, in fp32 even under autocast.
         return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1)), None
 
@@ -202,12 +206,17 @@ def train(request: TrainRequest, on_progress: ProgressCallback | None = None,
     say, before a checkpoint-migration), a checkpoint of that step is written, outside the ``checkpoint_every``
     schedule, and training carries on."""
     device = resolve_device(request.device)
-    with isolated_global_rng(), oom_guard(f"{request.objective} training"):
-        return _train(request, device, on_progress, checkpoint_requested or (lambda: False))
+    group = distributed.join(request.collective_timeout_s) if request.distributed else None
+    try:
+        with isolated_global_rng(), oom_guard(f"{request.objective} training"):
+            return _train(request, device, on_progress, checkpoint_requested or (lambda: False), group)
+    finally:
+        if group is not None:
+            distributed.leave()
 
 
 def _train(request: TrainRequest, device: torch.device, on_progress: ProgressCallback | None,
-           checkpoint_requested: Callable[[], bool]) -> TrainResult:
+           checkpoint_requested: Callable[[], bool], group: distributed.Group | None) -> TrainResult:
     random.seed(request.seed)
     np.random.seed(request.seed % 2**32)
     torch.manual_seed(request.seed)
@@ -216,15 +225,19 @@ def _train(request: TrainRequest, device: torch.device, on_progress: ProgressCal
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(request.warmup_steps, request.steps))
     fingerprint = _fingerprint(request, task.model)
     start_step = 0
-    resume_from = latest_checkpoint(request.checkpoint_dir) if request.checkpoint_dir and request.resume else None
-    if resume_from is not None:
-        payload = load_checkpoint(resume_from, fingerprint)
+    payload = _resume_payload(request, fingerprint, group)
+    if payload is not None:
         task.model.load_state_dict(payload["model"])
         optimizer.load_state_dict(payload["optimizer"])
         scheduler.load_state_dict(payload["scheduler"])
         task.load_state(payload["task"])
         restore_rng(payload["rng"])
         start_step = int(payload["step"])
+    if group is not None:
+        assert isinstance(task, CausalLMTask)  # the request's validator allows ssl only
+        task.rows = distributed.shard_of(request.batch_size, group)
+        # After loading: DDP's constructor checks that every rank holds the same weights, which they now do.
+        task.forward = torch.nn.parallel.DistributedDataParallel(task.model)
     autocast = device.type == "cuda"
     losses: list[float] = []
     rewards: list[float] = []
@@ -238,18 +251,20 @@ def _train(request: TrainRequest, device: torch.device, on_progress: ProgressCal
         optimizer.step()
         lr = float(optimizer.param_groups[0]["lr"])  # the rate this step used
         scheduler.step()
-        losses.append(loss.item())
+        losses.append(distributed.mean_over_ranks(loss, group) if group is not None else loss.item())
         if reward is not None:
             rewards.append(reward)
         written = None
         scheduled = bool(request.checkpoint_every) and (step % request.checkpoint_every == 0 or step == request.steps)
-        requested = checkpoint_requested()
+        # A request reaches one VM's launcher, not the job; a distributed run checkpoints on its schedule only.
+        requested = checkpoint_requested() if group is None else False
         if request.checkpoint_dir and (scheduled or requested):
             written = str(_save(request, step, task, optimizer, scheduler, fingerprint))
             checkpoints.append(written)
         if on_progress is not None:
             on_progress(TrainProgress(step=step, loss=losses[-1], lr=lr, mean_reward=reward, checkpoint=written,
-                                      requested=requested and written is not None))
+                                      requested=requested and written is not None, rank=group.rank if group else 0,
+                                      world_size=group.world_size if group else 1))
     elapsed = time.perf_counter() - started
     steps_run = request.steps - start_step
     exported = None
@@ -269,8 +284,25 @@ def _train(request: TrainRequest, device: torch.device, on_progress: ProgressCal
         checkpoints=tuple(checkpoints),
         device=str(device),
         autocast_dtype="bfloat16" if autocast else None,
+        rank=group.rank if group else 0,
+        world_size=group.world_size if group else 1,
         exported=exported,
     )
+
+
+def _resume_payload(request: TrainRequest, fingerprint: dict[str, Any],
+                    group: distributed.Group | None) -> dict[str, Any] | None:
+    """The checkpoint to resume from: the newest in checkpoint_dir, or in a distributed run the newest any rank has."""
+    if not (request.checkpoint_dir and request.resume):
+        return None
+    latest = latest_checkpoint(request.checkpoint_dir)
+    if group is None:
+        return load_checkpoint(latest, fingerprint) if latest is not None else None
+    agreed = distributed.agree_on_checkpoint(latest)
+    if agreed is None:
+        return None
+    step, data = agreed
+    return load_checkpoint(checkpoint_path(request.checkpoint_dir, step), fingerprint, data)
 
 
 def _save(
