@@ -19,6 +19,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from ..validation import describe
+from .distributed import RDZV_PORT
 from .errors import BadMediaFormat, CheckpointMismatch, ModelDirError, OutOfMemory, PromptTooLong, WorkloadError
 from .schema import LLMRequest, PerceptionRequest, PerceptionTrainRequest, Sampling, TokenEvent, TrainRequest
 
@@ -92,11 +93,10 @@ def _parser() -> argparse.ArgumentParser:
     ddp.add_argument("--min-nodes", type=int, required=True)
     ddp.add_argument("--max-nodes", type=int, required=True)
     ddp.add_argument("--hosts-store", action="store_true", help="this is the first VM: it hosts the rendezvous")
-    ddp.add_argument("--port", type=int, default=29400, help="the rendezvous port")
+    ddp.add_argument("--port", type=int, default=RDZV_PORT, help="the rendezvous port")
     ddp.add_argument("--max-restarts", type=int, default=3)
     ddp.add_argument("--go-file", help="join the rendezvous once this file exists")
     ddp.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then the train workload's arguments")
-    ddp.add_argument("--json", action="store_true")
     for sub in (llm, perception, ptrain, training):
         sub.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
         sub.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -254,6 +254,8 @@ def _run_train(args: argparse.Namespace) -> None:
 def _run_train_ddp(args: argparse.Namespace) -> None:
     from .distributed import LaunchOptions, launch
 
+    # The launcher's own output is JSON lines already; the agent's trailing --json lands among the train arguments,
+    # and launcher_argv gives the worker its own.
     train_args = [a for a in args.train_args if a != "--json"]
     if train_args[:1] == ["--"]:
         train_args = train_args[1:]

@@ -35,7 +35,6 @@ from typing import Any
 from .errors import WorkloadError
 
 RDZV_PORT = 29400
-GO_DIR = "/run/hvctl-ddp"
 _SIOCGIFADDR = 0x8915
 
 

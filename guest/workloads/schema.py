@@ -171,7 +171,7 @@ class TrainRequest(Frozen):
     collective_timeout_s: float = Field(120.0, gt=0.0)
 
     @model_validator(mode="after")
-    def _export_is_ssl(self) -> TrainRequest:
+    def _ssl_only(self) -> TrainRequest:
         if self.export_dir is not None and self.objective != "ssl":
             raise ValueError("export_dir: only ssl training makes a language model to export")
         if self.distributed and self.objective != "ssl":

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from ..errors import InvalidSpec
 
-GO_DIR = "/run/hvctl-ddp"  # guest.workloads.distributed.GO_DIR; the controller does not import guest code
+GO_DIR = "/run/hvctl-ddp"  # in the guest: where the go files of its jobs are created
 
 
 @dataclass(frozen=True)
@@ -61,9 +61,9 @@ def plan_job(members: list[Member], train_args: list[str], batch_size: int, min_
                           f"run on {floor} to {len(members)} of them")
     job = job or f"ddp-{secrets.token_hex(4)}"
     rendezvous = members[0].addresses[network]
+    go_file = f"{GO_DIR}/{job}.go"
     launches = []
     for i, member in enumerate(members):
-        go_file = f"{GO_DIR}/{job}.go"
         argv = ["run", "train-ddp", "--job", job, "--rendezvous", rendezvous,
                 "--address", member.addresses[network], "--min-nodes", str(floor),
                 "--max-nodes", str(len(members)), "--max-restarts", str(max_restarts), "--go-file", go_file,
