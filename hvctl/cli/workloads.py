@@ -26,8 +26,8 @@ from hvctl.limits import DEFAULT_MAX_DOWNLOAD_BYTES
 
 @app.command()
 def run(
-    name: str,
-    kind: Annotated[str, typer.Argument(help="llm, perception or train")],
+    name: Annotated[str, typer.Argument(help="The VM (with --vms: the workload, train).")],
+    kind: Annotated[str | None, typer.Argument(help="llm, perception or train")] = None,
     prompt: Annotated[list[str] | None, typer.Option(help="llm: a prompt (repeat for a batch).")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="llm: tokens to generate.")] = 16,
     stream: Annotated[bool, typer.Option(help="llm: print tokens as they are generated.")] = False,
@@ -48,6 +48,14 @@ def run(
     objective: Annotated[str, typer.Option(help="train: ssl, rl or seed-rl.")] = "ssl",
     steps: Annotated[int, typer.Option(help="train: steps to run (resumes from the latest checkpoint).")] = 10,
     checkpoint_every: Annotated[int, typer.Option(help="train: checkpoint every K steps.")] = 5,
+    batch_size: Annotated[int, typer.Option(help="train: the global batch (split over the VMs with --distributed).")]
+    = 8,
+    vms: Annotated[str | None, typer.Option("--vms", help="train --distributed: the VMs, a,b[,c]; the first hosts "
+                                                          "the rendezvous.")] = None,
+    distributed: Annotated[bool, typer.Option(help="train (ssl): data-parallel over --vms, on their tenant "
+                                                   "network.")] = False,
+    min_nodes: Annotated[int | None, typer.Option(help="--distributed: go on without a lost VM while this many "
+                                                       "are left (default: all of them).")] = None,
     timeout: Annotated[float | None, typer.Option(help="Cancel the workload after this many seconds.")] = None,
     detach: Annotated[bool, typer.Option(help="Start it and return; follow it with `hvctl logs`.")] = False,
     as_json: JsonOpt = False,
@@ -55,6 +63,16 @@ def run(
     """Run a model workload inside a VM through its agent, following its output."""
     from hvctl.ops import run as ops
 
+    if vms is not None or distributed:
+        if vms is None or not distributed or kind is not None or name != "train":
+            fail("a distributed job is `hvctl run --vms a,b[,c] train --distributed`", 2)
+        if detach:
+            fail("--detach is not supported with --distributed yet; follow the job, or `hvctl logs` each VM", 2)
+        run_distributed([v for v in vms.split(",") if v], steps, checkpoint_every, model, batch_size, min_nodes,
+                        timeout, as_json)
+        return
+    if kind is None:
+        fail("which workload? `hvctl run NAME llm|perception|train`", 2)
     c = ctx()
     record = c.ledger.get_vm(name)
     if kind == "llm":
@@ -62,7 +80,7 @@ def run(
     elif kind == "perception":
         args = ops.perception_args(c, record, text, image, audio)
     elif kind == "train":
-        args = ops.train_args(objective, steps, checkpoint_every, model, export)
+        args = ops.train_args(objective, steps, checkpoint_every, model, export) + ["--batch-size", str(batch_size)]
     else:
         fail(f"unknown workload {kind!r}; use llm, perception or train", 2)
 
@@ -110,6 +128,49 @@ def run(
         out.print(describe_result(kind, result.result or {}, time.monotonic() - started), markup=False)
     if result.state != "succeeded":
         fail(f"workload {result.id} in {name} {result.state}: {result.error}", ops.WorkloadFailed.exit_code)
+
+
+def run_distributed(vms: list[str], steps: int, checkpoint_every: int, model: str | None, batch_size: int,
+                    min_nodes: int | None, timeout: float | None, as_json: bool) -> None:
+    """`hvctl run --vms a,b train --distributed`: per-rank progress on one status line, the result at the end."""
+    from hvctl.ops import distributed
+    from hvctl.ops import run as ops
+
+    c = ctx()
+    train = ops.train_args("ssl", steps, checkpoint_every, model)
+    started = time.monotonic()
+    at: dict[str, int] = {}
+    loss: list[float] = []
+    status_line = err.status(f"train on {','.join(vms)}: starting the launchers")
+    status_line.start()
+
+    def on_event(event: distributed.Event) -> None:
+        elapsed = f"{time.monotonic() - started:.0f} s"
+        if event.kind == "ready":
+            status_line.update(f"train on {','.join(vms)} ({elapsed}): {event.vm} ready")
+        elif event.kind == "go":
+            status_line.update(f"train on {','.join(vms)} ({elapsed}): rendezvous at {event.vm}")
+        elif event.kind == "dropped":
+            err.print(f"{event.vm} left the job: {safe(event.data['reason'])}", markup=False)
+        elif event.kind == "progress":
+            at[event.vm] = int(event.data["step"])
+            loss.append(float(event.data["loss"]))
+            ranks = ", ".join(f"{vm} {step}" for vm, step in at.items())
+            status_line.update(f"train on {len(at)} VMs ({elapsed}): step {max(at.values())}/{steps} "
+                               f"loss {loss[-1]:.4f} (world {event.data.get('world_size')}; {ranks})")
+
+    try:
+        result = distributed.run_job(c, vms, train, batch_size, min_nodes, on_event, timeout)
+    finally:
+        status_line.stop()
+    if as_json:
+        emit_json(result.as_dict())
+        return
+    out.print(describe_result("train", result.result, time.monotonic() - started), markup=False)
+    out.print(f"job {result.job} on {', '.join(result.finished)} over network {result.network}"
+              + "".join(f"; {vm} dropped: {why}" for vm, why in result.dropped.items())
+              + f". Per-rank progress: `hvctl logs VM` ({', '.join(f'{v} {w}' for v, w in result.workloads.items())})",
+              markup=False)
 
 
 def describe_result(kind: str, r: dict[str, Any], wall: float) -> str:

@@ -1,16 +1,32 @@
-"""Planning a data-parallel training job across VMs (issue 15): which VM hosts the rendezvous, what each VM's agent
-runs. Not wired into the CLI yet: ``hvctl run --vms a,b,c train --distributed`` will plan with :func:`plan_job`, start
-each member's ``train-ddp`` through its agent, wait for every ``{"ready"}`` line and then create the go files.
+"""A data-parallel training job across a tenant's VMs: ``hvctl run --vms a,b,c train --distributed``.
 
-Pure: the caller reads the members' tenants and tenant-network addresses from the ledger.
+- :func:`plan_job` (pure) checks that the VMs can train together and says what each VM's agent runs: the first VM
+  hosts the rendezvous on its tenant-network address, every VM runs ``train-ddp`` (guest/workloads/distributed.py).
+- :func:`drive` starts those through the agents, keeps a barrier (each VM's launcher prints ``{"ready"}`` once
+  torch is imported; hvctl then creates the go file in every VM, so all join the first rendezvous together), follows
+  every rank's progress, and drops a member whose VM stopped running or whose launcher failed. The job goes on while
+  ``min_nodes`` members are left (the launchers re-form and resume from the last checkpoint), is refused as soon as
+  fewer are, and on any failure or Ctrl-C every member's workload is cancelled.
+- :func:`run_job` reads the members from the ledger and drives them through their agent channels.
 """
 
 from __future__ import annotations
 
+import contextlib
 import secrets
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
+from guest import rpc
+
+from ..agent_client import AgentClient, AgentError
 from ..errors import InvalidSpec
+from .run import WorkloadFailed, agent_for, train_progress
+
+if TYPE_CHECKING:
+    from ..context import Context
 
 GO_DIR = "/run/hvctl-ddp"  # in the guest: where the go files of its jobs are created
 
@@ -34,11 +50,12 @@ class JobPlan:
     job: str
     network: str
     rendezvous: str
+    min_nodes: int
     launches: list[Launch]
 
 
 def plan_job(members: list[Member], train_args: list[str], batch_size: int, min_nodes: int | None = None,
-             max_restarts: int = 3, job: str | None = None) -> JobPlan:
+             max_restarts: int = 3, job: str | None = None, go_dir: str = GO_DIR) -> JobPlan:
     """Check that ``members`` can train together and say what each runs. Raises InvalidSpec with one line."""
     names = [m.vm for m in members]
     if len(members) < 2:
@@ -50,7 +67,7 @@ def plan_job(members: list[Member], train_args: list[str], batch_size: int, min_
         raise InvalidSpec(f"the VMs belong to different tenants ({', '.join(tenants)}); a job stays in one tenant")
     shared = set(members[0].addresses).intersection(*(m.addresses for m in members[1:]))
     if not shared:
-        raise InvalidSpec("the VMs share no tenant network; attach them to one (hvctl net attach) first")
+        raise InvalidSpec("the VMs share no tenant network; a job needs VMs created with the same --net NET")
     network = sorted(shared)[0]
     floor = len(members) if min_nodes is None else min_nodes
     if not 1 <= floor <= len(members):
@@ -61,7 +78,7 @@ def plan_job(members: list[Member], train_args: list[str], batch_size: int, min_
                           f"run on {floor} to {len(members)} of them")
     job = job or f"ddp-{secrets.token_hex(4)}"
     rendezvous = members[0].addresses[network]
-    go_file = f"{GO_DIR}/{job}.go"
+    go_file = f"{go_dir}/{job}.go"
     launches = []
     for i, member in enumerate(members):
         argv = ["run", "train-ddp", "--job", job, "--rendezvous", rendezvous,
@@ -69,4 +86,174 @@ def plan_job(members: list[Member], train_args: list[str], batch_size: int, min_
                 "--max-nodes", str(len(members)), "--max-restarts", str(max_restarts), "--go-file", go_file,
                 *(["--hosts-store"] if i == 0 else []), "--", *train_args, "--batch-size", str(batch_size)]
         launches.append(Launch(member.vm, argv, go_file))
-    return JobPlan(job, network, rendezvous, launches)
+    return JobPlan(job, network, rendezvous, floor, launches)
+
+
+# -- running a planned job -----------------------------------------------------------------------------------------
+
+READY_TIMEOUT_S = 1800.0  # importing torch in a TCG guest takes minutes; on real hardware, seconds
+
+
+@dataclass
+class Node:
+    """One member while the job runs: its agent, whether its VM still runs, and how far hvctl has read its log."""
+
+    vm: str
+    agent: AgentClient
+    running: Callable[[], bool]  # is the VM's domain still running (asked when its agent stops answering)
+    workload: str | None = None
+    offset: int = 0
+    ready: bool = False
+    status: rpc.WorkloadStatus | None = None
+    dropped: str | None = None  # why the job goes on without it
+
+
+@dataclass(frozen=True)
+class Event:
+    """What :func:`drive` reports as the job runs. kind: started, ready, go, progress, dropped."""
+
+    kind: str
+    vm: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class JobResult:
+    job: str
+    network: str
+    rendezvous: str
+    workloads: dict[str, str]  # vm -> its workload id (`hvctl logs VM --id ID` shows its ranks' progress)
+    finished: list[str]  # the VMs that ran the job to its end
+    dropped: dict[str, str]  # vm -> why the job went on without it
+    result: dict[str, Any]  # the training result, as the first finished VM reported it
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"job": self.job, "network": self.network, "rendezvous": self.rendezvous,
+                "workloads": self.workloads, "finished": self.finished, "dropped": self.dropped,
+                "result": self.result}
+
+
+def drive(plan: JobPlan, nodes: dict[str, Node], on_event: Callable[[Event], None] = lambda e: None,
+          timeout: float | None = None, ready_timeout: float = READY_TIMEOUT_S, poll: float = 0.5) -> JobResult:
+    """Run ``plan`` on ``nodes`` (one per launch, by VM name) until it ends. Raises WorkloadFailed (every member's
+    workload cancelled) when it cannot finish; KeyboardInterrupt cancels them too."""
+    members = [nodes[launch.vm] for launch in plan.launches]
+    started = time.monotonic()
+    try:
+        go_dir = plan.launches[0].go_file.rsplit("/", 1)[0]
+        for node, launch in zip(members, plan.launches, strict=True):
+            _exec(node, ["mkdir", "-p", go_dir])
+            status = node.agent.typed("workload.start", rpc.WorkloadStatus,
+                                      rpc.WorkloadStartParams(kind="train-ddp", args=launch.argv[2:]))
+            node.workload, node.status = status.id, status
+            on_event(Event("started", node.vm, {"workload": status.id}))
+        while not all(n.ready for n in members):  # the barrier: every launcher has torch imported
+            for node in members:
+                if not node.ready:
+                    node.ready = '{"ready"' in _read(node)
+                    if node.ready:
+                        on_event(Event("ready", node.vm))
+                    elif node.status is not None and node.status.state != "running":
+                        raise WorkloadFailed(f"{node.vm} {node.status.state} before the job began: "
+                                             f"{node.status.error}")
+            if time.monotonic() - started > ready_timeout:
+                late = ", ".join(n.vm for n in members if not n.ready)
+                raise WorkloadFailed(f"{late} did not get ready within {ready_timeout:.0f} s")
+            time.sleep(poll)
+        for node, launch in zip(members, plan.launches, strict=True):
+            _exec(node, ["touch", launch.go_file])
+        on_event(Event("go", plan.rendezvous, {"members": [n.vm for n in members]}))
+        return _follow(plan, members, on_event, started, timeout, poll)
+    except BaseException:
+        for node in members:
+            if node.workload is not None and node.dropped is None:
+                with contextlib.suppress(AgentError):
+                    node.agent.call("workload.cancel", rpc.WorkloadRef(id=node.workload))
+        raise
+
+
+def _follow(plan: JobPlan, members: list[Node], on_event: Callable[[Event], None], started: float,
+            timeout: float | None, poll: float) -> JobResult:
+    while True:
+        for node in members:
+            if node.dropped is not None or (node.status is not None and node.status.state != "running"):
+                continue
+            try:
+                for progress in train_progress(_read(node)):
+                    on_event(Event("progress", node.vm, progress))
+            except AgentError as exc:
+                if node.running():
+                    raise
+                node.dropped = f"its VM stopped ({exc})"
+                on_event(Event("dropped", node.vm, {"reason": node.dropped}))
+                continue
+            if node.status is not None and node.status.state == "failed":
+                node.dropped = f"its launcher failed: {node.status.error}"
+                on_event(Event("dropped", node.vm, {"reason": node.dropped}))
+        left = [n for n in members if n.dropped is None]
+        if len(left) < plan.min_nodes:
+            gone = "; ".join(f"{n.vm}: {n.dropped}" for n in members if n.dropped is not None)
+            raise WorkloadFailed(f"only {len(left)} of {len(members)} VMs are left, fewer than the job's minimum "
+                                 f"of {plan.min_nodes} ({gone})")
+        if all(n.status is not None and n.status.state != "running" for n in left):
+            done = [n for n in left if n.status is not None and n.status.state == "succeeded"]
+            if len(done) != len(left):
+                raise WorkloadFailed(f"the job was cancelled in {', '.join(n.vm for n in left if n not in done)}")
+            return JobResult(plan.job, plan.network, plan.rendezvous,
+                             {n.vm: n.workload for n in members if n.workload is not None},
+                             [n.vm for n in done], {n.vm: n.dropped for n in members if n.dropped is not None},
+                             (done[0].status.result if done[0].status else None) or {})
+        if timeout is not None and time.monotonic() - started > timeout:
+            raise WorkloadFailed(f"the job ran past {timeout:.0f} s; cancelled")
+        time.sleep(poll)
+
+
+def _read(node: Node) -> str:
+    """The next part of the node's workload output, and its status as of after that part."""
+    assert node.workload is not None
+    logs = node.agent.typed("workload.logs", rpc.WorkloadLogs,
+                            rpc.WorkloadLogsParams(id=node.workload, offset=node.offset))
+    node.offset = logs.next_offset
+    if logs.eof:  # only once everything it wrote is read, so no progress line is missed
+        node.status = node.agent.typed("workload.status", rpc.WorkloadStatus, rpc.WorkloadRef(id=node.workload))
+    return logs.data
+
+
+def _exec(node: Node, argv: list[str]) -> None:
+    done = node.agent.typed("exec", rpc.ExecResult, rpc.ExecParams(argv=argv))
+    if done.exit_code != 0:
+        raise WorkloadFailed(f"{' '.join(argv)} failed in {node.vm}: {done.stderr.strip()}")
+
+
+def run_job(ctx: Context, vms: list[str], train_args: list[str], batch_size: int, min_nodes: int | None = None,
+            on_event: Callable[[Event], None] = lambda e: None, timeout: float | None = None) -> JobResult:
+    """Plan and run a job on ledger VMs ``vms``, over their shared tenant network."""
+    records = [ctx.ledger.get_vm(name) for name in vms]
+    members = []
+    for record in records:
+        net = record.spec.network
+        addresses = {net.tenant_network: str(net.address.ip)} \
+            if net is not None and net.tenant_network is not None and net.address is not None else {}
+        members.append(Member(record.name, record.spec.tenant, addresses))
+    plan = plan_job(members, train_args, batch_size, min_nodes)
+
+    def running(host: str, name: str) -> Callable[[], bool]:
+        from ..host.guest import DomainState
+
+        return lambda: ctx.host(host).state(name) == DomainState.RUNNING
+
+    nodes = {r.name: Node(r.name, agent_for(ctx, r), running(r.host, r.name)) for r in records}
+    for record in records:
+        ctx.ledger.log_event(record.name, record.host, "workload.started", f"distributed job {plan.job} started",
+                             {"job": plan.job, "kind": "train-ddp"})
+    try:
+        result = drive(plan, nodes, on_event, timeout)
+    except BaseException as exc:
+        for record in records:
+            ctx.ledger.log_event(record.name, record.host, "workload.finished",
+                                 f"distributed job {plan.job} failed: {exc or type(exc).__name__}", {"job": plan.job})
+        raise
+    for record in records:
+        ctx.ledger.log_event(record.name, record.host, "workload.finished", f"distributed job {plan.job} finished",
+                             {"job": plan.job, "dropped": result.dropped.get(record.name)})
+    return result
