@@ -23,6 +23,8 @@ from .distributed import RDZV_PORT
 from .errors import BadMediaFormat, CheckpointMismatch, ModelDirError, OutOfMemory, PromptTooLong, WorkloadError
 from .schema import LLMRequest, PerceptionRequest, PerceptionTrainRequest, Sampling, TokenEvent, TrainRequest
 
+HOLD_FILE = Path("/run/hvctl-test/hold-after-step")  # the fault hook of _run_train, for VM tests
+
 EXIT_CODES: dict[type[WorkloadError], int] = {
     ModelDirError: 3,
     PromptTooLong: 4,
@@ -208,8 +210,11 @@ def _run_train(args: argparse.Namespace) -> None:
             return True
         return False
 
-    # A fault hook for tests: this process stops for good after reporting that step (and waits to be killed).
-    hold_after = int(os.environ.get("HVCTL_TEST_HOLD_AFTER_STEP", "0"))
+    # A fault hook for tests: this process stops for good after reporting that step (and waits to be killed). The
+    # variable is for a process a test starts itself; the file for a workload a test starts in a VM through hvctl
+    # (it writes the file with the agent's exec first).
+    hold_after = int(os.environ.get("HVCTL_TEST_HOLD_AFTER_STEP")
+                     or (HOLD_FILE.read_text() if HOLD_FILE.is_file() else "0"))
 
     def progress(p: Any) -> None:
         if args.json:

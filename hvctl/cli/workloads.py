@@ -56,6 +56,9 @@ def run(
                                                    "network.")] = False,
     min_nodes: Annotated[int | None, typer.Option(help="--distributed: go on without a lost VM while this many "
                                                        "are left (default: all of them).")] = None,
+    collective_timeout: Annotated[float, typer.Option(
+        min=1.0, help="--distributed: seconds a rank waits for a lost peer before the rest re-form and resume.")]
+    = 120.0,
     timeout: Annotated[float | None, typer.Option(help="Cancel the workload after this many seconds.")] = None,
     detach: Annotated[bool, typer.Option(help="Start it and return; follow it with `hvctl logs`.")] = False,
     as_json: JsonOpt = False,
@@ -69,7 +72,7 @@ def run(
         if detach:
             fail("--detach is not supported with --distributed yet; follow the job, or `hvctl logs` each VM", 2)
         run_distributed([v for v in vms.split(",") if v], steps, checkpoint_every, model, batch_size, min_nodes,
-                        timeout, as_json)
+                        collective_timeout, timeout, as_json)
         return
     if kind is None:
         fail("which workload? `hvctl run NAME llm|perception|train`", 2)
@@ -131,13 +134,13 @@ def run(
 
 
 def run_distributed(vms: list[str], steps: int, checkpoint_every: int, model: str | None, batch_size: int,
-                    min_nodes: int | None, timeout: float | None, as_json: bool) -> None:
+                    min_nodes: int | None, collective_timeout: float, timeout: float | None, as_json: bool) -> None:
     """`hvctl run --vms a,b train --distributed`: per-rank progress on one status line, the result at the end."""
     from hvctl.ops import distributed
     from hvctl.ops import run as ops
 
     c = ctx()
-    train = ops.train_args("ssl", steps, checkpoint_every, model)
+    train = ops.train_args("ssl", steps, checkpoint_every, model) + ["--collective-timeout", str(collective_timeout)]
     started = time.monotonic()
     at: dict[str, int] = {}
     loss: list[float] = []

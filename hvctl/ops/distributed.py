@@ -103,6 +103,7 @@ class Node:
     running: Callable[[], bool]  # is the VM's domain still running (asked when its agent stops answering)
     workload: str | None = None
     offset: int = 0
+    partial: str = ""  # the start of a line whose end has not been read yet
     ready: bool = False
     status: rpc.WorkloadStatus | None = None
     dropped: str | None = None  # why the job goes on without it
@@ -209,14 +210,19 @@ def _follow(plan: JobPlan, members: list[Node], on_event: Callable[[Event], None
 
 
 def _read(node: Node) -> str:
-    """The next part of the node's workload output, and its status as of after that part."""
+    """The node's next whole lines of workload output, and its status as of after them."""
     assert node.workload is not None
     logs = node.agent.typed("workload.logs", rpc.WorkloadLogs,
                             rpc.WorkloadLogsParams(id=node.workload, offset=node.offset))
     node.offset = logs.next_offset
+    data = node.partial + logs.data
     if logs.eof:  # only once everything it wrote is read, so no progress line is missed
         node.status = node.agent.typed("workload.status", rpc.WorkloadStatus, rpc.WorkloadRef(id=node.workload))
-    return logs.data
+    if node.status is not None and node.status.state != "running":
+        node.partial = ""
+        return data
+    lines, _, node.partial = data.rpartition("\n")  # a line cut by the chunk's end waits for its rest
+    return lines
 
 
 def _exec(node: Node, argv: list[str]) -> None:

@@ -32,10 +32,14 @@ if [ "$(arg hvctl.agent)" != "0" ] && [ -s /run/hvctl/agent_token ]; then
         --workdir /var/lib/hvctl-agent --allow-poweroff > /var/log/hvctl-agent.log 2>&1 &
 fi
 
+# localhost and the VM's own name resolve without DNS (debootstrap writes no /etc/hosts; torch's elastic launcher,
+# for one, resolves "localhost" to pick free ports).
+printf '127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n' > /etc/hosts
 if [ -s /run/hvctl/hostname ]; then
     read -r name < /run/hvctl/hostname
     hostname "$name"
     echo "$name" > /etc/hostname
+    printf '127.0.1.1\t%s\n' "$name" >> /etc/hosts
     mkdir -p -m 0700 /root/.ssh
     mv /run/hvctl/authorized_keys /root/.ssh/authorized_keys
     mv /run/hvctl/ssh_host_ed25519_key /run/hvctl/ssh_host_ed25519_key.pub /etc/ssh/

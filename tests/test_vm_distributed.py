@@ -1,0 +1,161 @@
+"""Data-parallel training across real VMs (issue 15): three `ml` guests of tenant acme on its tenant network "lab",
+on a remote-style host (its bridges and firewall live in its own network namespace). One job checks both things the
+issue asks for, because every torch import under TCG costs minutes:
+
+- DDP correctness: steps 1-4 run on three VMs, steps 5-8 on two, each step with the global batch of 6; every loss
+  must equal, within float tolerance, one process on this machine with batch 6 over the same data and seed.
+- Elastic restart: d3's worker holds after step 4 (a fault hook file written through its agent, so the job stops
+  at that step on any machine), the test destroys d3, hvctl drops it, and d1 and d2 re-form and finish from the
+  step-4 checkpoint. The guests' own logs (through their agents) show who trained which step in which world.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import HVCTL, short_tempdir
+
+from guest import rpc
+from guest.workloads.assets import make_tiny_llm
+from hvctl.context import Context
+from hvctl.devhost.remote import RemoteStyleHost
+from hvctl.ops.run import train_progress
+from images.store import ImageStore
+
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(3000)]
+
+POLICY = """
+hosts: {cpu_overcommit: 4.0, reserve: {memory_mib: 0}}
+tenants:
+  acme: {quota: {vcpus: 3, memory_mib: 4608, disk_gib: 12, vms: 3}}
+"""
+VMS = ("d1", "d2", "d3")
+STEPS, HOLD, BATCH = 8, 4, 6
+
+
+@dataclass
+class Fleet:
+    state: Path
+    host: RemoteStyleHost
+
+    def env(self) -> dict[str, str]:
+        import os
+        return os.environ | {"HVCTL_STATE_DIR": str(self.state), "HVCTL_CONNECT": "test:///default",
+                             "COLUMNS": "200", "NO_COLOR": "1"}
+
+    def hvctl(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*HVCTL, *args], capture_output=True, text=True, env=self.env(), timeout=timeout,
+                              stdin=subprocess.DEVNULL)
+
+    def agent(self, vm: str, method: str, result: type, params: object = None) -> object:
+        ctx = Context(state_dir=self.state, uri="test:///default")
+        try:
+            record = ctx.ledger.get_vm(vm)
+            assert record.agent_token
+            return ctx.agent(record.host, vm, record.agent_token, timeout=120).typed(method, result, params)
+        finally:
+            ctx.close()
+
+    def sh(self, vm: str, script: str) -> rpc.ExecResult:
+        done = self.agent(vm, "exec", rpc.ExecResult, rpc.ExecParams(argv=["sh", "-c", script], timeout_s=90))
+        assert isinstance(done, rpc.ExecResult)
+        return done
+
+    def ddp_log(self, vm: str) -> str:
+        """The output of ``vm``'s train-ddp workload (its launcher and every worker it started)."""
+        listed = self.agent(vm, "workload.list", rpc.WorkloadList)
+        assert isinstance(listed, rpc.WorkloadList)
+        ours = [w for w in listed.workloads if w.kind == "train-ddp"]
+        if not ours:
+            return ""
+        logs = self.agent(vm, "workload.logs", rpc.WorkloadLogs, rpc.WorkloadLogsParams(id=ours[-1].id))
+        assert isinstance(logs, rpc.WorkloadLogs)
+        return logs.data
+
+
+@pytest.fixture(scope="module")
+def fleet(image_dir: Path) -> Iterator[Fleet]:
+    ImageStore(image_dir).build("ml")
+    state = short_tempdir("hvd-")
+    (state / "images").symlink_to(image_dir)
+    (state / "policy.yaml").write_text(POLICY)
+    host = RemoteStyleHost(short_tempdir("hvr-"), index=47, hide=(state,))
+    try:
+        host.start()
+        f = Fleet(state, host)
+        assert f.hvctl("host", "add", "far", host.uri).returncode == 0
+        assert f.hvctl("network", "create", "lab", "--tenant", "acme", "--subnet", "10.96.30.0/24").returncode == 0
+        for vm in VMS:
+            made = f.hvctl("create", vm, "--host", "far", "--image", "ml", "--memory", "1536", "--disk", "4",
+                           "--tenant", "acme", "--net", "lab", "--boot-timeout", "600", timeout=1200)
+            assert made.returncode == 0, made.stderr
+        yield f
+    finally:
+        for leftover in Context(state_dir=state, uri="test:///default").ledger.list_vms():
+            subprocess.run([*HVCTL, "destroy", leftover.name], env=Fleet(state, host).env(), timeout=300,
+                           capture_output=True)
+        host.stop()
+        shutil.rmtree(host.root, ignore_errors=True)
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def single_process(tmp_path: Path) -> list[float]:
+    """The reference: this machine's guest code, one process, the whole global batch, the image's tiny LLM (seeded,
+    so the same weights), the guest's defaults for everything else."""
+    model = make_tiny_llm(tmp_path / "tiny-llm")
+    done = subprocess.run([sys.executable, "-m", "guest.workloads", "run", "train", "--objective", "ssl",
+                           "--steps", str(STEPS), "--batch-size", str(BATCH), "--model", str(model),
+                           "--checkpoint-dir", str(tmp_path / "ck"), "--checkpoint-every", "0", "--json"],
+                          capture_output=True, text=True, timeout=600, check=True)
+    return [float(x) for x in json.loads(done.stdout.splitlines()[-1])["losses"]]
+
+
+def test_a_job_over_three_vms_loses_one_and_finishes_on_two_with_one_processs_losses(fleet: Fleet,
+                                                                                      tmp_path: Path) -> None:
+    # The fault hook: d3's worker stops for good after reporting step HOLD (its peers then wait in step HOLD+1).
+    hook = fleet.sh("d3", f"mkdir -p /run/hvctl-test && echo {HOLD} > /run/hvctl-test/hold-after-step")
+    assert hook.exit_code == 0, hook.stderr
+    job = subprocess.Popen([*HVCTL, "run", "--vms", ",".join(VMS), "train", "--distributed", "--min-nodes", "2",
+                            "--steps", str(STEPS), "--checkpoint-every", str(HOLD), "--batch-size", str(BATCH),
+                            "--collective-timeout", "60", "--json"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=fleet.env())
+    try:
+        deadline = time.monotonic() + 2400  # a hang guard only: the hook, not a clock, decides when d3 goes
+        while not any(p["step"] == HOLD and p["checkpoint"] for p in train_progress(fleet.ddp_log("d3"))):
+            assert job.poll() is None, job.communicate()
+            assert time.monotonic() < deadline, fleet.ddp_log("d3")[-3000:]
+            time.sleep(10)
+        destroyed = fleet.hvctl("destroy", "d3", timeout=300)
+        assert destroyed.returncode == 0, destroyed.stderr
+        out, err = job.communicate(timeout=2400)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 0, err
+    result = json.loads(out)
+    assert result["finished"] == ["d1", "d2"] and list(result["dropped"]) == ["d3"], result
+    assert result["dropped"]["d3"].startswith("its VM stopped"), result
+
+    reference = single_process(tmp_path)
+    for vm in ("d1", "d2"):
+        steps = {int(p["step"]): p for p in train_progress(fleet.ddp_log(vm))}  # a restart repeats no step
+        assert sorted(steps) == list(range(1, STEPS + 1)), sorted(steps)
+        worlds = [steps[s]["world_size"] for s in range(1, STEPS + 1)]
+        assert worlds == [3] * HOLD + [2] * (STEPS - HOLD), worlds
+        largest = max(abs(float(steps[s]["loss"]) - reference[s - 1]) for s in steps)
+        print(f"{vm}: largest loss difference from one process with batch {BATCH}: {largest:.2e} "
+              f"(steps 1-{HOLD} on 3 VMs, {HOLD + 1}-{STEPS} on 2 after the restart)")
+        assert largest < 1e-3, ([steps[s]["loss"] for s in sorted(steps)], reference)
+    assert result["result"]["start_step"] == HOLD and result["result"]["final_step"] == STEPS
+    # Both survivors hold the job's last checkpoint: hvctl checkpoint takes it out as for any training.
+    fetched = fleet.hvctl("checkpoint", "d2", "--out", str(tmp_path / "out"), "--json")
+    assert fetched.returncode == 0, fetched.stderr
+    assert json.loads(fetched.stdout)["checkpoint"].endswith(f"ckpt-{STEPS:08d}.pt")
