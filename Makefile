@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 # The stock-style cloud image `make demo` imports (built from Debian packages by hvctl.devhost.stockimage).
 STOCK_IMAGE ?= /var/tmp/hvctl-stock-debian-v2.qcow2
 
-.PHONY: all deps venv image daemons demo demo-key demo-remote demo-quotas demo-workloads demo-cloud test test-unit test-vm lint bench stop-daemons
+.PHONY: all deps venv image daemons demo demo-key demo-remote demo-quotas demo-workloads demo-networks demo-cloud test test-unit test-vm lint bench stop-daemons
 
 all: venv
 
@@ -105,7 +105,7 @@ demo: daemons
 	$(HVCTL) --state-dir $(STATE_DIR) host rm h2
 	@$(PY) -m hvctl.devhost stop $(H2_DIR)
 	@$(MAKE) --no-print-directory demo-remote
-	@$(MAKE) --no-print-directory demo-quotas demo-workloads demo-cloud
+	@$(MAKE) --no-print-directory demo-quotas demo-workloads demo-networks demo-cloud
 	@echo "== hvctl list"; $(HVCTL) --state-dir $(STATE_DIR) list
 
 # A stock cloud image: imported as any downloaded qcow2 would be, booted by SeaBIOS and its own GRUB (it boots with
@@ -206,6 +206,44 @@ demo-workloads: daemons
 	@kill $$(cat $(STATE_DIR)/demo/forward.pid) 2>/dev/null || true
 	$(HVCTL) --state-dir $(STATE_DIR) serve ml-demo stop
 	$(HVCTL) --state-dir $(STATE_DIR) destroy ml-demo
+
+# Tenant networks and distributed training, on a remote-style host (its bridges and firewall in its own namespaces):
+# acme's two ml VMs on network lab train one model data-parallel; globex's VM on network red cannot reach them.
+LAB_DIR := $(DAEMON_DIR)-lab
+NETS := $(HVCTL) --state-dir $(STATE_DIR) --policy policies/tenant-networks.yaml
+demo-networks: daemons
+	$(HVCTL) --state-dir $(STATE_DIR) image build ml
+	$(HVCTL) --state-dir $(STATE_DIR) image build base
+	@for vm in lab-1 lab-2 red-1; do $(HVCTL) --state-dir $(STATE_DIR) destroy $$vm >/dev/null 2>&1 || true; done
+	@for net in lab red; do $(HVCTL) --state-dir $(STATE_DIR) network rm $$net >/dev/null 2>&1 || true; done
+	@$(HVCTL) --state-dir $(STATE_DIR) host rm lab >/dev/null 2>&1 || true
+	@$(PY) -m hvctl.devhost stop $(LAB_DIR) --remote 2 >/dev/null 2>&1 || true
+	@$(PY) -m hvctl.devhost start $(LAB_DIR) --remote 2 --hide $(STATE_DIR) >/dev/null
+	$(HVCTL) --state-dir $(STATE_DIR) host add lab "$$($(PY) -m hvctl.devhost uri $(LAB_DIR) --remote 2)"
+	@echo "== tenant networks: lab for acme, red for globex (isolated L2 segments, addresses from hvctl's IPAM)"
+	$(NETS) network create lab --tenant acme --subnet 10.96.40.0/24
+	$(NETS) network create red --tenant globex --subnet 10.96.41.0/24
+	$(NETS) create lab-1 --host lab --image ml --tenant acme --memory 1536 --disk 4 --net lab --boot-timeout 600
+	$(NETS) create lab-2 --host lab --image ml --tenant acme --memory 1536 --disk 4 --net lab --boot-timeout 600
+	$(NETS) create red-1 --host lab --image base --tenant globex --memory 384 --disk 2 --net red --boot-timeout 300
+	$(NETS) network list
+	@echo "== data-parallel training over lab: torch's elastic launcher in each VM, rendezvous on lab-1, gloo"
+	$(NETS) run --vms lab-1,lab-2 train --distributed --steps 6 --checkpoint-every 3 --batch-size 4
+	@echo "== each VM's ranks reported every step (hvctl logs lab-2, progress lines)"
+	@$(HVCTL) --state-dir $(STATE_DIR) logs lab-2 | $(PY) -c 'import json, sys; \
+	  [print("lab-2: rank {rank} of {world_size}, step {step}, loss {loss:.4f}".format(**json.loads(line)["progress"])) \
+	   for line in sys.stdin if line.startswith("{\"progress\"")]'
+	@echo "== lab-2 reaches lab-1 on lab; globex's red-1 does not"
+	@a1="$$($(HVCTL) --state-dir $(STATE_DIR) show lab-1 --json | $(PY) -c 'import json,sys; print(json.load(sys.stdin)["spec"]["network"]["address"].split("/")[0])')"; \
+	  $(HVCTL) --state-dir $(STATE_DIR) exec lab-2 --agent -- busybox ping -c 2 -W 3 $$a1 | tail -2 && \
+	  if $(HVCTL) --state-dir $(STATE_DIR) exec red-1 --agent -- busybox ping -c 2 -W 3 $$a1 >/dev/null; then \
+	    echo "red-1 reached lab-1: isolation broken"; exit 1; else echo "red-1 -> $$a1: no answer (isolated)"; fi
+	@for vm in lab-1 lab-2 red-1; do $(HVCTL) --state-dir $(STATE_DIR) destroy $$vm; done
+	$(HVCTL) --state-dir $(STATE_DIR) network rm lab
+	$(HVCTL) --state-dir $(STATE_DIR) network rm red
+	$(HVCTL) --state-dir $(STATE_DIR) host rm lab
+	@$(PY) -m hvctl.devhost stop $(LAB_DIR) --remote 2
+	@rm -rf $(LAB_DIR)
 
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)
