@@ -94,7 +94,7 @@ def test_every_vm_gets_ready_before_the_go_and_every_ranks_progress_is_reported(
     go = kinds.index("go")
     assert sorted(e.vm for e in events[:go] if e.kind == "ready") == ["a", "b"]
     assert all(k in ("started", "ready") for k in kinds[:go]) and set(kinds[go + 1:]) == {"progress"}
-    steps = {vm: [e.data["step"] for e in events if e.kind == "progress" and e.vm == vm] for vm in ("a", "b")}
+    steps = {vm: [e.progress.step for e in events if e.progress and e.vm == vm] for vm in ("a", "b")}
     assert steps == {"a": [1, 2, 3, 4, 5, 6], "b": [1, 2, 3, 4, 5, 6]}
     assert (result.finished, result.dropped, result.result["final_step"]) == (["a", "b"], {}, 6)
     assert result.result["address"] == "198.18.7.10"  # the first VM's, which hosted the rendezvous
@@ -108,7 +108,7 @@ def test_a_vm_that_fails_before_the_go_fails_the_job_and_the_others_are_cancelle
     started: dict[str, str] = {}
     with pytest.raises(WorkloadFailed, match="b failed before the job began: cannot import torch"):
         drive(plan(tmp_path, ["a", "b"]), nodes(vms),
-              lambda e: started.update({e.vm: e.data["workload"]}) if e.kind == "started" else None, poll=0.02)
+              lambda e: started.update({e.vm: str(e.workload)}) if e.kind == "started" else None, poll=0.02)
     assert vms["a"].state(started["a"]) == "cancelled"
     assert not (tmp_path / "go").exists() or not list((tmp_path / "go").iterdir())  # no go was given
 
@@ -118,7 +118,7 @@ def destroy_on_step_2_of(victim: str, vms: dict[str, FakeVM], tmp_path: Path, ev
     """Destroy ``victim`` once it reports step 2; once it is dropped, let the others finish if ``release``."""
     def on_event(event: Event) -> None:
         events.append(event)
-        if event.kind == "progress" and event.vm == victim and event.data["step"] == 2:
+        if event.progress and event.vm == victim and event.progress.step == 2:
             vms[victim].destroy()
         if event.kind == "dropped" and release:
             (tmp_path / "release").touch()
@@ -147,7 +147,7 @@ def test_a_job_left_with_fewer_than_min_nodes_is_refused_and_the_rest_cancelled(
                                              r"VM stopped"):
         drive(plan(tmp_path, ["a", "b", "c"]), nodes(vms),
               destroy_on_step_2_of("c", vms, tmp_path, events, release=False), poll=0.02)
-    workloads = {e.vm: e.data["workload"] for e in events if e.kind == "started"}
+    workloads = {e.vm: str(e.workload) for e in events if e.kind == "started"}
     assert {vms[vm].state(workloads[vm]) for vm in ("a", "b")} == {"cancelled"}
 
 
@@ -159,7 +159,7 @@ def test_ctrl_c_cancels_every_vms_part(cluster) -> None:  # type: ignore[no-unty
 
     def on_event(event: Event) -> None:
         if event.kind == "started":
-            workloads[event.vm] = event.data["workload"]
+            workloads[event.vm] = str(event.workload)
         if event.kind == "progress":
             raise KeyboardInterrupt
 

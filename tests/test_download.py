@@ -20,6 +20,7 @@ import paramiko
 import pytest
 from conftest import short_tempdir
 
+from guest.workloads.schema import TrainProgress
 from hvctl.access import AccessError, download
 from hvctl.errors import InvalidSpec
 from hvctl.ops.ckpt_migrate import CheckpointMigrationFailed, Moving, _reported_checkpoint
@@ -160,14 +161,12 @@ def test_checkpoint_names_from_a_guest_are_accepted_only_as_steps() -> None:
 
 def test_a_checkpoint_path_reported_by_a_guest_must_be_the_step_it_claims() -> None:
     item = Moving(source_id="w1", args=[], checkpoint_dir="/var/lib/hvctl-agent/checkpoints/ssl")
-    ok = {"step": 4, "checkpoint": "/var/lib/hvctl-agent/checkpoints/ssl/ckpt-00000004.pt"}
-    assert _reported_checkpoint(ok, item) == ok["checkpoint"]
-    for bad in ({"step": 4, "checkpoint": "/root/.ssh/id_ed25519"},
-                {"step": 4, "checkpoint": "/var/lib/hvctl-agent/checkpoints/ssl/../../../../etc/shadow"},
-                {"step": 5, "checkpoint": ok["checkpoint"]},
-                {"step": "4", "checkpoint": ok["checkpoint"]}):
+    path = "/var/lib/hvctl-agent/checkpoints/ssl/ckpt-00000004.pt"
+    assert _reported_checkpoint(TrainProgress(step=4, loss=1.0, lr=0.1, checkpoint=path), item) == path
+    for step, bad in ((4, "/root/.ssh/id_ed25519"), (4, "/var/lib/hvctl-agent/checkpoints/ssl/../../../../etc/shadow"),
+                      (5, path), (4, None)):
         with pytest.raises(CheckpointMigrationFailed, match="refusing to copy it"):
-            _reported_checkpoint(bad, item)
+            _reported_checkpoint(TrainProgress(step=step, loss=1.0, lr=0.1, checkpoint=bad), item)
 
 
 def test_objectives_are_checked_before_anything_reaches_a_guest(tmp_path: Path) -> None:

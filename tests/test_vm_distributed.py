@@ -25,9 +25,9 @@ from conftest import HVCTL, short_tempdir
 
 from guest import rpc
 from guest.workloads.assets import make_tiny_llm
+from guest.workloads.protocol import parse_progress
 from hvctl.context import Context
 from hvctl.devhost.remote import RemoteStyleHost
-from hvctl.ops.run import train_progress
 from images.store import ImageStore
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(3000)]
@@ -129,7 +129,7 @@ def test_a_job_over_three_vms_loses_one_and_finishes_on_two_with_one_processs_lo
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=fleet.env())
     try:
         deadline = time.monotonic() + 2400  # a hang guard only: the hook, not a clock, decides when d3 goes
-        while not any(p["step"] == HOLD and p["checkpoint"] for p in train_progress(fleet.ddp_log("d3"))):
+        while not any(p.step == HOLD and p.checkpoint for p in parse_progress(fleet.ddp_log("d3"))):
             assert job.poll() is None, job.communicate()
             assert time.monotonic() < deadline, fleet.ddp_log("d3")[-3000:]
             time.sleep(10)
@@ -146,14 +146,14 @@ def test_a_job_over_three_vms_loses_one_and_finishes_on_two_with_one_processs_lo
 
     reference = single_process(tmp_path)
     for vm in ("d1", "d2"):
-        steps = {int(p["step"]): p for p in train_progress(fleet.ddp_log(vm))}  # a restart repeats no step
+        steps = {p.step: p for p in parse_progress(fleet.ddp_log(vm))}  # a restart repeats no step
         assert sorted(steps) == list(range(1, STEPS + 1)), sorted(steps)
-        worlds = [steps[s]["world_size"] for s in range(1, STEPS + 1)]
+        worlds = [steps[s].world_size for s in range(1, STEPS + 1)]
         assert worlds == [3] * HOLD + [2] * (STEPS - HOLD), worlds
-        largest = max(abs(float(steps[s]["loss"]) - reference[s - 1]) for s in steps)
+        largest = max(abs(steps[s].loss - reference[s - 1]) for s in steps)
         print(f"{vm}: largest loss difference from one process with batch {BATCH}: {largest:.2e} "
               f"(steps 1-{HOLD} on 3 VMs, {HOLD + 1}-{STEPS} on 2 after the restart)")
-        assert largest < 1e-3, ([steps[s]["loss"] for s in sorted(steps)], reference)
+        assert largest < 1e-3, ([steps[s].loss for s in sorted(steps)], reference)
     assert result["result"]["start_step"] == HOLD and result["result"]["final_step"] == STEPS
     # Both survivors hold the job's last checkpoint: hvctl checkpoint takes it out as for any training.
     fetched = fleet.hvctl("checkpoint", "d2", "--out", str(tmp_path / "out"), "--json")

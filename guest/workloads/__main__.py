@@ -21,6 +21,7 @@ from pydantic import BaseModel, ValidationError
 from ..validation import describe
 from .distributed import RDZV_PORT
 from .errors import BadMediaFormat, CheckpointMismatch, ModelDirError, OutOfMemory, PromptTooLong, WorkloadError
+from .protocol import progress_line
 from .schema import LLMRequest, PerceptionRequest, PerceptionTrainRequest, Sampling, TokenEvent, TrainRequest
 
 HOLD_FILE = Path("/run/hvctl-test/hold-after-step")  # the fault hook of _run_train, for VM tests
@@ -218,7 +219,7 @@ def _run_train(args: argparse.Namespace) -> None:
 
     def progress(p: Any) -> None:
         if args.json:
-            print(json.dumps({"progress": p.model_dump()}), flush=True)
+            print(progress_line(p), flush=True)
         else:
             mark = f" checkpoint {p.checkpoint}" if p.checkpoint else ""
             print(f"step {p.step}/{args.steps} loss {p.loss:.4f} lr {p.lr:.2e}{mark}", flush=True)

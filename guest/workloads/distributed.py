@@ -22,7 +22,6 @@ How a job runs (hvctl's ``run --vms a,b,c train --distributed`` drives it throug
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import socket
 import struct
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import WorkloadError
+from .protocol import Ready, ready_line
 
 RDZV_PORT = 29400
 _SIOCGIFADDR = 0x8915
@@ -103,7 +103,7 @@ def launch(options: LaunchOptions) -> None:
     from torch.distributed import run as elastic
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    print(json.dumps({"ready": {"interface": nic, "address": options.local_address}}), flush=True)
+    print(ready_line(Ready(interface=nic, address=options.local_address)), flush=True)
     if options.go_file is not None:
         _wait_for(Path(options.go_file), options.join_timeout_s)
     try:

@@ -64,6 +64,7 @@ def run(
     as_json: JsonOpt = False,
 ) -> None:
     """Run a model workload inside a VM through its agent, following its output."""
+    from guest.workloads.protocol import parse_progress
     from hvctl.ops import run as ops
 
     if vms is not None or distributed:
@@ -111,7 +112,7 @@ def run(
             sys.stdout.flush()
         else:
             last = [line for line in chunk.splitlines() if line.strip() and not line.startswith("{")]
-            last += [f"step {p['step']}/{steps} loss {p['loss']:.4f}" for p in ops.train_progress(chunk)]
+            last += [f"step {p.step}/{steps} loss {p.loss:.4f}" for p in parse_progress(chunk)]
             if last:
                 status_line.update(f"{kind} in {name} ({time.monotonic() - started:.0f} s): {safe(last[-1][:100])}")
             else:
@@ -143,7 +144,6 @@ def run_distributed(vms: list[str], steps: int, checkpoint_every: int, model: st
     train = ops.train_args("ssl", steps, checkpoint_every, model) + ["--collective-timeout", str(collective_timeout)]
     started = time.monotonic()
     at: dict[str, int] = {}
-    loss: list[float] = []
     status_line = err.status(f"train on {','.join(vms)}: starting the launchers")
     status_line.start()
 
@@ -154,13 +154,12 @@ def run_distributed(vms: list[str], steps: int, checkpoint_every: int, model: st
         elif event.kind == "go":
             status_line.update(f"train on {','.join(vms)} ({elapsed}): rendezvous at {event.vm}")
         elif event.kind == "dropped":
-            err.print(f"{event.vm} left the job: {safe(event.data['reason'])}", markup=False)
-        elif event.kind == "progress":
-            at[event.vm] = int(event.data["step"])
-            loss.append(float(event.data["loss"]))
+            err.print(f"{event.vm} left the job: {safe(event.reason or '')}", markup=False)
+        elif event.progress is not None:
+            at[event.vm] = event.progress.step
             ranks = ", ".join(f"{vm} {step}" for vm, step in at.items())
             status_line.update(f"train on {len(at)} VMs ({elapsed}): step {max(at.values())}/{steps} "
-                               f"loss {loss[-1]:.4f} (world {event.data.get('world_size')}; {ranks})")
+                               f"loss {event.progress.loss:.4f} (world {event.progress.world_size}; {ranks})")
 
     try:
         result = distributed.run_job(c, vms, train, batch_size, min_nodes, on_event, timeout)

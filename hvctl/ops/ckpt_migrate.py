@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from guest import rpc
+from guest.workloads.protocol import parse_progress
+from guest.workloads.schema import TrainProgress
 from hvctl import passthrough
 from hvctl.access import copy, route_for
 from hvctl.accounting import host_footprint
@@ -41,7 +43,7 @@ from hvctl.ledger import VMRecord
 from hvctl.ops import Say, Undo
 from hvctl.ops.incarnation import DEFAULT_BOOT_TIMEOUT, BootOptions, GuestSecrets, Incarnation, LocalStorage, boot
 from hvctl.ops.intent import Operation
-from hvctl.ops.run import checkpoint_name, operator_identity, train_progress
+from hvctl.ops.run import checkpoint_name, operator_identity
 from hvctl.placement import host_limit
 
 DEFAULT_TIMEOUT_S = 900.0
@@ -107,15 +109,15 @@ def checkpoint_migrate(ctx: Context, record: VMRecord, target: str, timeout_s: f
                 asked = source_agent.typed("workload.checkpoint", rpc.WorkloadCheckpointed,
                                            rpc.WorkloadRef(id=item.source_id))
                 event, offset = _wait_for_progress(source_agent, item.source_id, max(offset, asked.log_offset),
-                                                   deadline, lambda p: bool(p.get("requested")),
+                                                   deadline, lambda p: p.requested,
                                                    "the requested checkpoint")
                 remote = _reported_checkpoint(event, item)
                 # The local name is hvctl's (the index of the workload), never a name the guest chose.
-                local = workdir / str(len(moved)) / checkpoint_name(int(event["step"]))
+                local = workdir / str(len(moved)) / checkpoint_name(event.step)
                 local.parent.mkdir(mode=0o700)
-                say(f"copying the step-{event['step']} checkpoint out of {name}")
+                say(f"copying the step-{event.step} checkpoint out of {name}")
                 copy(record, key, remote, str(local), upload=False, route=route_for(ctx, record), overwrite=False)
-                moved.append(dataclasses.replace(item, step=int(event["step"]), remote_checkpoint=remote,
+                moved.append(dataclasses.replace(item, step=event.step, remote_checkpoint=remote,
                                                  local_checkpoint=local, log_offset=offset))
 
             # 2. The new incarnation on the target.
@@ -213,11 +215,11 @@ def reconcile_checkpoint_migration(ctx: Context, op: dict[str, Any]) -> str:
     return f"rolled back: the new incarnation on {target} is removed; {vm} kept running on {source}"
 
 
-def _reported_checkpoint(event: dict[str, Any], item: Moving) -> str:
+def _reported_checkpoint(event: TrainProgress, item: Moving) -> str:
     """The checkpoint path a training workload reported, accepted only as the file it must be: the step it
     reported, in the directory it was started with."""
-    step, path = event.get("step"), str(event.get("checkpoint"))
-    if not isinstance(step, int) or path != f"{item.checkpoint_dir}/{checkpoint_name(step)}":
+    step, path = event.step, str(event.checkpoint)
+    if path != f"{item.checkpoint_dir}/{checkpoint_name(step)}":
         raise CheckpointMigrationFailed(f"workload {item.source_id} reported checkpoint {path!r} for step {step!r}, "
                                         f"not a file of {item.checkpoint_dir}; refusing to copy it")
     return path
@@ -238,15 +240,15 @@ def _wait(done: Callable[[], bool], deadline: float, what: str, poll: float = 0.
         time.sleep(poll)
 
 
-def _progress(agent: AgentClient, wid: str, offset: int) -> tuple[list[dict[str, Any]], int, bool]:
+def _progress(agent: AgentClient, wid: str, offset: int) -> tuple[list[TrainProgress], int, bool]:
     """The workload's ``{"progress": ...}`` lines from ``offset``, the next offset, and whether it has ended."""
     logs = agent.typed("workload.logs", rpc.WorkloadLogs, rpc.WorkloadLogsParams(id=wid, offset=offset))
     complete = logs.data[: logs.data.rfind("\n") + 1]  # a line still being written is read next time
-    return train_progress(complete), offset + len(complete.encode()), logs.eof
+    return parse_progress(complete), offset + len(complete.encode()), logs.eof
 
 
 def _wait_for_progress(agent: AgentClient, wid: str, offset: int, deadline: float,
-                       match: Callable[[dict[str, Any]], bool], what: str) -> tuple[dict[str, Any], int]:
+                       match: Callable[[TrainProgress], bool], what: str) -> tuple[TrainProgress, int]:
     """The first progress event from ``offset`` on that ``match``es, and the offset to read on from."""
     while True:
         start = offset
@@ -268,16 +270,16 @@ def _verify(source: AgentClient, target: AgentClient, item: Moving, target_id: s
     """The resumed run's first step must be k+1 and its loss must equal the source's own step k+1: the source kept
     training past the checkpoint, so it is the uninterrupted run, on the same emulated CPU."""
     first, _ = _wait_for_progress(target, target_id, 0, deadline, lambda _: True, "its first step after resuming")
-    if int(first["step"]) != item.step + 1:
-        raise CheckpointMigrationFailed(f"the restored workload started at step {first['step']}, "
+    if first.step != item.step + 1:
+        raise CheckpointMigrationFailed(f"the restored workload started at step {first.step}, "
                                         f"not {item.step + 1}: the checkpoint was not picked up")
     reference, _ = _wait_for_progress(source, item.source_id, item.log_offset, deadline,
-                                      lambda p: int(p["step"]) == item.step + 1, f"step {item.step + 1}")
-    if first["loss"] != reference["loss"]:
-        raise CheckpointMigrationFailed(f"step {item.step + 1} loss on the target is {first['loss']!r}, on the source "
-                                        f"{reference['loss']!r}: the restore is not exact")
+                                      lambda p: p.step == item.step + 1, f"step {item.step + 1}")
+    if first.loss != reference.loss:
+        raise CheckpointMigrationFailed(f"step {item.step + 1} loss on the target is {first.loss!r}, on the source "
+                                        f"{reference.loss!r}: the restore is not exact")
     return {"source_id": item.source_id, "target_id": target_id, "checkpoint_step": item.step,
-            "resumed_step": int(first["step"]), "loss": first["loss"], "source_loss": reference["loss"]}
+            "resumed_step": first.step, "loss": first.loss, "source_loss": reference.loss}
 
 
 def _retire_source(ctx: Context, name: str, host_name: str, directory: Path, uuid: str, strict: bool = False) -> None:

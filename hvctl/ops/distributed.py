@@ -16,14 +16,16 @@ import contextlib
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
 from guest import rpc
+from guest.workloads.protocol import parse_progress, parse_ready
+from guest.workloads.schema import TrainProgress
 
 from ..agent_client import AgentClient, AgentError
 from ..errors import InvalidSpec
-from .run import WorkloadFailed, agent_for, train_progress
+from .run import WorkloadFailed, agent_for
 
 if TYPE_CHECKING:
     from ..context import Context
@@ -111,11 +113,13 @@ class Node:
 
 @dataclass(frozen=True)
 class Event:
-    """What :func:`drive` reports as the job runs. kind: started, ready, go, progress, dropped."""
+    """What :func:`drive` reports as the job runs."""
 
-    kind: str
-    vm: str
-    data: dict[str, Any] = field(default_factory=dict)
+    kind: Literal["started", "ready", "go", "progress", "dropped"]
+    vm: str  # for go: the VM that hosts the rendezvous
+    workload: str | None = None  # started: the VM's workload id
+    progress: TrainProgress | None = None  # progress: one step of the rank in this VM
+    reason: str | None = None  # dropped: why the job goes on without the VM
 
 
 @dataclass(frozen=True)
@@ -147,11 +151,11 @@ def drive(plan: JobPlan, nodes: dict[str, Node], on_event: Callable[[Event], Non
             status = node.agent.typed("workload.start", rpc.WorkloadStatus,
                                       rpc.WorkloadStartParams(kind="train-ddp", args=launch.argv[2:]))
             node.workload, node.status = status.id, status
-            on_event(Event("started", node.vm, {"workload": status.id}))
+            on_event(Event("started", node.vm, workload=status.id))
         while not all(n.ready for n in members):  # the barrier: every launcher has torch imported
             for node in members:
                 if not node.ready:
-                    node.ready = '{"ready"' in _read(node)
+                    node.ready = parse_ready(_read(node)) is not None
                     if node.ready:
                         on_event(Event("ready", node.vm))
                     elif node.status is not None and node.status.state != "running":
@@ -163,7 +167,7 @@ def drive(plan: JobPlan, nodes: dict[str, Node], on_event: Callable[[Event], Non
             time.sleep(poll)
         for node, launch in zip(members, plan.launches, strict=True):
             _exec(node, ["touch", launch.go_file])
-        on_event(Event("go", plan.rendezvous, {"members": [n.vm for n in members]}))
+        on_event(Event("go", plan.launches[0].vm))
         return _follow(plan, members, on_event, started, timeout, poll)
     except BaseException:
         for node in members:
@@ -180,17 +184,17 @@ def _follow(plan: JobPlan, members: list[Node], on_event: Callable[[Event], None
             if node.dropped is not None or (node.status is not None and node.status.state != "running"):
                 continue
             try:
-                for progress in train_progress(_read(node)):
-                    on_event(Event("progress", node.vm, progress))
+                for progress in parse_progress(_read(node)):
+                    on_event(Event("progress", node.vm, progress=progress))
             except AgentError as exc:
                 if node.running():
                     raise
                 node.dropped = f"its VM stopped ({exc})"
-                on_event(Event("dropped", node.vm, {"reason": node.dropped}))
+                on_event(Event("dropped", node.vm, reason=node.dropped))
                 continue
             if node.status is not None and node.status.state == "failed":
                 node.dropped = f"its launcher failed: {node.status.error}"
-                on_event(Event("dropped", node.vm, {"reason": node.dropped}))
+                on_event(Event("dropped", node.vm, reason=node.dropped))
         left = [n for n in members if n.dropped is None]
         if len(left) < plan.min_nodes:
             gone = "; ".join(f"{n.vm}: {n.dropped}" for n in members if n.dropped is not None)

@@ -169,18 +169,6 @@ def stream_text(chunk: str) -> list[str]:
     return texts
 
 
-def train_progress(chunk: str) -> list[dict[str, object]]:
-    """The training workload's per-step ``{"progress": ...}`` lines in a chunk of its output."""
-    events = []
-    for line in chunk.splitlines():
-        if line.startswith('{"progress"'):
-            try:
-                events.append(json.loads(line)["progress"])
-            except (ValueError, KeyError):
-                continue
-    return events
-
-
 def check_objective(objective: str) -> str:
     if objective not in OBJECTIVES:
         raise InvalidSpec(f"unknown objective {objective!r}; use {', '.join(OBJECTIVES)}")

@@ -18,6 +18,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from guest.workloads.__main__ import _parser  # noqa: E402
+from guest.workloads.protocol import Ready, progress_line, ready_line  # noqa: E402
+from guest.workloads.schema import TrainProgress  # noqa: E402
 
 behaviour, control = sys.argv[1], Path(sys.argv[2])
 args = _parser().parse_args(["run", "train-ddp", *sys.argv[3:]])
@@ -25,12 +27,12 @@ train = _parser().parse_args(["run", "train", *[a for a in args.train_args if a 
 if behaviour == "fail-early":
     print("cannot import torch: pretend", file=sys.stderr)
     sys.exit(3)
-print(json.dumps({"ready": {"interface": "lo", "address": args.address}}), flush=True)
+print(ready_line(Ready(interface="lo", address=args.address)), flush=True)
 while not Path(args.go_file).exists():
     time.sleep(0.02)
 rank = 0 if args.hosts_store else 1
 for step in range(1, train.steps + 1):
-    print(json.dumps({"progress": {"step": step, "loss": 1.0 / step, "rank": rank, "world_size": args.max_nodes}}),
+    print(progress_line(TrainProgress(step=step, loss=1.0 / step, lr=1e-3, rank=rank, world_size=args.max_nodes)),
           flush=True)
     if behaviour == "hold" and step == 2:
         while True:
