@@ -150,6 +150,23 @@ def test_a_rank_killed_mid_run_leaves_the_rest_to_finish_from_the_last_checkpoin
         assert largest < 1e-3
 
 
+@pytest.mark.timeout(300)
+def test_a_checkpoint_restored_into_one_vm_resumes_the_whole_job(tmp_path: Path, jobs: list[Job]) -> None:
+    """`hvctl restore VM CKPT` puts a checkpoint into one VM only; the next distributed run resumes from it on every
+    rank (they agree on the newest checkpoint any of them holds)."""
+    earlier = train(TrainRequest(objective="ssl", steps=6, batch_size=6, seq_len=16, seed=3,
+                                 checkpoint_dir=str(tmp_path / "ck1"), checkpoint_every=3))
+    (tmp_path / "ck1" / "ckpt-00000006.pt").unlink()  # rank 1 keeps step 3's; rank 0 has none
+    jobs.append(job := Job(tmp_path, ranks=2, min_nodes=2, steps=6, checkpoint_every=3))
+    job.finish([0, 1])
+    for rank in (0, 1):
+        result = job.result(rank)
+        assert (result["start_step"], result["final_step"]) == (3, 6)
+        losses = list(result["losses"])  # type: ignore[call-overload]
+        largest = max(abs(a - b) for a, b in zip(losses, earlier.losses[3:], strict=True))
+        assert largest < 1e-4, (losses, earlier.losses)
+
+
 def test_a_global_batch_that_does_not_split_evenly_is_refused() -> None:
     assert shard_of(6, Group(rank=1, world_size=3)) == slice(2, 4)
     with pytest.raises(WorkloadError, match="a global batch of 6 does not split evenly over 4 ranks"):
