@@ -114,7 +114,6 @@ def test_bad_serve_input_is_one_line(tmp_path: Path, args: list[str], code: int,
     (["metrics", "--listen", "127.0.0.1:9100", "--textfile", "/tmp/x"], 2, "pick one"),
     (["run", "--vms", "a,b", "train"], 2, "a distributed job is `hvctl run --vms a,b[,c] train --distributed`"),
     (["run", "a", "train", "--distributed"], 2, "a distributed job is"),
-    (["run", "--vms", "a,b", "train", "--distributed", "--detach"], 2, "--detach is not supported"),
     (["run", "--vms", "a,b", "train", "--distributed"], 3, "no VM named 'a'"),
     (["run", "a"], 2, "which workload?"),
 ])

@@ -166,3 +166,19 @@ def test_ctrl_c_cancels_every_vms_part(cluster) -> None:  # type: ignore[no-unty
     with pytest.raises(KeyboardInterrupt):
         drive(plan(tmp_path, ["a", "b"]), nodes(vms), on_event, poll=0.02)
     assert {vms[vm].state(wid) for vm, wid in workloads.items()} == {"cancelled"}
+
+
+def test_detached_the_job_is_left_running_after_the_go_and_finishes_on_its_own(cluster) -> None:  # type: ignore[no-untyped-def]
+    tmp_path, vms, start = cluster
+    for name in ("a", "b"):
+        start(name, "ok")
+    started = drive(plan(tmp_path, ["a", "b"]), nodes(vms), poll=0.02, detach=True)
+    assert started.state == "started" and started.finished == []
+    assert {vms[vm].state(wid) for vm, wid in started.workloads.items()} == {"running"}  # held until released
+    (tmp_path / "release").touch()
+    for vm, wid in started.workloads.items():
+        deadline = time.monotonic() + 60  # a hang guard: the release, not a clock, ends them
+        while vms[vm].state(wid) == "running":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert vms[vm].state(wid) == "succeeded"

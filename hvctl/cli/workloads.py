@@ -70,10 +70,8 @@ def run(
     if vms is not None or distributed:
         if vms is None or not distributed or kind is not None or name != "train":
             fail("a distributed job is `hvctl run --vms a,b[,c] train --distributed`", 2)
-        if detach:
-            fail("--detach is not supported with --distributed yet; follow the job, or `hvctl logs` each VM", 2)
         run_distributed([v for v in vms.split(",") if v], steps, checkpoint_every, model, batch_size, min_nodes,
-                        collective_timeout, timeout, as_json)
+                        collective_timeout, timeout, detach, as_json)
         return
     if kind is None:
         fail("which workload? `hvctl run NAME llm|perception|train`", 2)
@@ -135,7 +133,8 @@ def run(
 
 
 def run_distributed(vms: list[str], steps: int, checkpoint_every: int, model: str | None, batch_size: int,
-                    min_nodes: int | None, collective_timeout: float, timeout: float | None, as_json: bool) -> None:
+                    min_nodes: int | None, collective_timeout: float, timeout: float | None, detach: bool,
+                    as_json: bool) -> None:
     """`hvctl run --vms a,b train --distributed`: per-rank progress on one status line, the result at the end."""
     from hvctl.ops import distributed
     from hvctl.ops import run as ops
@@ -162,11 +161,17 @@ def run_distributed(vms: list[str], steps: int, checkpoint_every: int, model: st
                                f"loss {event.progress.loss:.4f} (world {event.progress.world_size}; {ranks})")
 
     try:
-        result = distributed.run_job(c, vms, train, batch_size, min_nodes, on_event, timeout)
+        result = distributed.run_job(c, vms, train, batch_size, min_nodes, on_event, timeout, detach)
     finally:
         status_line.stop()
     if as_json:
         emit_json(result.as_dict())
+        return
+    if result.state == "started":
+        out.print(f"job {result.job} started on {', '.join(result.workloads)} over network {result.network} "
+                  f"(rendezvous at {result.rendezvous}); `hvctl logs VM` follows each rank "
+                  f"({', '.join(f'{v} {w}' for v, w in result.workloads.items())}). Detached: hvctl does not "
+                  "cancel the rest if a VM is lost; the launchers re-form on their own", markup=False)
         return
     out.print(describe_result("train", result.result, time.monotonic() - started), markup=False)
     out.print(f"job {result.job} on {', '.join(result.finished)} over network {result.network}"

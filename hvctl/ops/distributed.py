@@ -16,7 +16,7 @@ import contextlib
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from guest import rpc
@@ -127,21 +127,25 @@ class JobResult:
     job: str
     network: str
     rendezvous: str
+    state: Literal["started", "succeeded"]  # started: detached after the go, the launchers carry on alone
     workloads: dict[str, str]  # vm -> its workload id (`hvctl logs VM --id ID` shows its ranks' progress)
-    finished: list[str]  # the VMs that ran the job to its end
-    dropped: dict[str, str]  # vm -> why the job went on without it
-    result: dict[str, Any]  # the training result, as the first finished VM reported it
+    finished: list[str] = field(default_factory=list)  # the VMs that ran the job to its end
+    dropped: dict[str, str] = field(default_factory=dict)  # vm -> why the job went on without it
+    result: dict[str, Any] = field(default_factory=dict)  # the training result, as the first finished VM gave it
 
     def as_dict(self) -> dict[str, Any]:
-        return {"job": self.job, "network": self.network, "rendezvous": self.rendezvous,
+        return {"job": self.job, "network": self.network, "rendezvous": self.rendezvous, "state": self.state,
                 "workloads": self.workloads, "finished": self.finished, "dropped": self.dropped,
                 "result": self.result}
 
 
 def drive(plan: JobPlan, nodes: dict[str, Node], on_event: Callable[[Event], None] = lambda e: None,
-          timeout: float | None = None, ready_timeout: float = READY_TIMEOUT_S, poll: float = 0.5) -> JobResult:
-    """Run ``plan`` on ``nodes`` (one per launch, by VM name) until it ends. Raises WorkloadFailed (every member's
-    workload cancelled) when it cannot finish; KeyboardInterrupt cancels them too."""
+          timeout: float | None = None, ready_timeout: float = READY_TIMEOUT_S, poll: float = 0.5,
+          detach: bool = False) -> JobResult:
+    """Run ``plan`` on ``nodes`` (one per launch, by VM name) until it ends, or with ``detach`` until the go. Raises
+    WorkloadFailed (every member's workload cancelled) when it cannot finish; KeyboardInterrupt cancels them too.
+    Detached, nothing watches the job after the go: the launchers re-form without a lost VM on their own, and give
+    up when fewer than the minimum are left after their join timeout."""
     members = [nodes[launch.vm] for launch in plan.launches]
     started = time.monotonic()
     try:
@@ -168,6 +172,9 @@ def drive(plan: JobPlan, nodes: dict[str, Node], on_event: Callable[[Event], Non
         for node, launch in zip(members, plan.launches, strict=True):
             _exec(node, ["touch", launch.go_file])
         on_event(Event("go", plan.launches[0].vm))
+        if detach:
+            return JobResult(plan.job, plan.network, plan.rendezvous, "started",
+                             {n.vm: n.workload for n in members if n.workload is not None})
         return _follow(plan, members, on_event, started, timeout, poll)
     except BaseException:
         for node in members:
@@ -204,7 +211,7 @@ def _follow(plan: JobPlan, members: list[Node], on_event: Callable[[Event], None
             done = [n for n in left if n.status is not None and n.status.state == "succeeded"]
             if len(done) != len(left):
                 raise WorkloadFailed(f"the job was cancelled in {', '.join(n.vm for n in left if n not in done)}")
-            return JobResult(plan.job, plan.network, plan.rendezvous,
+            return JobResult(plan.job, plan.network, plan.rendezvous, "succeeded",
                              {n.vm: n.workload for n in members if n.workload is not None},
                              [n.vm for n in done], {n.vm: n.dropped for n in members if n.dropped is not None},
                              (done[0].status.result if done[0].status else None) or {})
@@ -236,7 +243,8 @@ def _exec(node: Node, argv: list[str]) -> None:
 
 
 def run_job(ctx: Context, vms: list[str], train_args: list[str], batch_size: int, min_nodes: int | None = None,
-            on_event: Callable[[Event], None] = lambda e: None, timeout: float | None = None) -> JobResult:
+            on_event: Callable[[Event], None] = lambda e: None, timeout: float | None = None,
+            detach: bool = False) -> JobResult:
     """Plan and run a job on ledger VMs ``vms``, over their shared tenant network."""
     records = [ctx.ledger.get_vm(name) for name in vms]
     members = []
@@ -257,13 +265,13 @@ def run_job(ctx: Context, vms: list[str], train_args: list[str], batch_size: int
         ctx.ledger.log_event(record.name, record.host, "workload.started", f"distributed job {plan.job} started",
                              {"job": plan.job, "kind": "train-ddp"})
     try:
-        result = drive(plan, nodes, on_event, timeout)
+        result = drive(plan, nodes, on_event, timeout, detach=detach)
     except BaseException as exc:
         for record in records:
             ctx.ledger.log_event(record.name, record.host, "workload.finished",
                                  f"distributed job {plan.job} failed: {exc or type(exc).__name__}", {"job": plan.job})
         raise
-    for record in records:
+    for record in records if result.state == "succeeded" else []:
         ctx.ledger.log_event(record.name, record.host, "workload.finished", f"distributed job {plan.job} finished",
                              {"job": plan.job, "dropped": result.dropped.get(record.name)})
     return result
