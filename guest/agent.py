@@ -28,6 +28,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from guest import rpc
+from guest.kinds import CHECKPOINTABLE, KINDS
 from guest.serving.control import ServeControl, ServeRefused
 from guest.validation import describe
 
@@ -40,8 +41,6 @@ AGENT_PORT_NAME = rpc.AGENT_CHANNEL
 WorkloadCommand = Callable[[list[str]], list[str]]
 
 
-# Workload kinds that write a checkpoint at a step boundary when sent SIGUSR1 (see guest/workloads/__main__.py).
-CHECKPOINTABLE = frozenset({"train"})
 
 
 def _ignore_sigusr1() -> None:
@@ -55,9 +54,7 @@ def _workload_module(kind: str) -> WorkloadCommand:
     return command
 
 
-DEFAULT_WORKLOADS: dict[str, WorkloadCommand] = {
-    k: _workload_module(k) for k in ("llm", "perception", "perception-train", "train", "train-ddp")
-}
+DEFAULT_WORKLOADS: dict[str, WorkloadCommand] = {k: _workload_module(k) for k in KINDS}
 
 
 class RpcFailure(Exception):

@@ -24,3 +24,14 @@ def test_envelopes_round_trip_and_everything_else_in_a_log_is_skipped() -> None:
     assert parse_progress(log) == steps
     assert parse_ready(log) == Ready(interface="eth1", address="10.96.30.2")
     assert parse_ready(progress_line(steps[0])) is None
+
+
+def test_every_kind_has_one_workload_parser_and_handler_and_the_agent_starts_each() -> None:
+    from guest.agent import DEFAULT_WORKLOADS
+    from guest.kinds import KINDS
+    from guest.workloads.__main__ import HANDLERS, _parser
+
+    run = next(a for a in _parser()._subparsers._group_actions if a.dest == "command").choices["run"]  # type: ignore[union-attr]
+    parsers = next(a for a in run._subparsers._group_actions if a.dest == "workload").choices  # type: ignore[union-attr]
+    assert set(parsers) == set(HANDLERS) == set(KINDS) == set(DEFAULT_WORKLOADS)
+    assert DEFAULT_WORKLOADS["train-ddp"](["--x"])[-4:] == ["run", "train-ddp", "--x", "--json"]

@@ -18,6 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from ..kinds import KINDS
 from ..validation import describe
 from .distributed import RDZV_PORT
 from .errors import BadMediaFormat, CheckpointMismatch, ModelDirError, OutOfMemory, PromptTooLong, WorkloadError
@@ -47,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     samples.add_argument("--seed", type=int, default=7)
 
     run = commands.add_parser("run", help="run one workload").add_subparsers(dest="workload", required=True)
-    llm = run.add_parser("llm", help="generate text")
+    llm = run.add_parser("llm", help=KINDS["llm"].summary)
     llm.add_argument("--model", required=True)
     llm.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
     llm.add_argument("--max-new-tokens", type=int, default=32)
@@ -60,19 +61,19 @@ def _parser() -> argparse.ArgumentParser:
     llm.add_argument("--weights", choices=["native", "int8"], default="native", help="int8: --backend fast only")
     llm.add_argument("--stream", action="store_true")
 
-    perception = run.add_parser("perception", help="classify text/image/audio with a trained perception model")
+    perception = run.add_parser("perception", help=KINDS["perception"].summary)
     perception.add_argument("--model", required=True)
     perception.add_argument("--text")
     perception.add_argument("--image")
     perception.add_argument("--audio")
 
-    ptrain = run.add_parser("perception-train", help="train the perception model on the synthetic task")
+    ptrain = run.add_parser("perception-train", help=KINDS["perception-train"].summary)
     ptrain.add_argument("--out", required=True)
     ptrain.add_argument("--epochs", type=int, default=5)
     ptrain.add_argument("--seed", type=int, default=0)
     ptrain.add_argument("--no-compare", action="store_true", help="skip the single-modality baselines")
 
-    training = run.add_parser("train", help="ssl / rl / seed-rl training with checkpoints")
+    training = run.add_parser("train", help=KINDS["train"].summary)
     training.add_argument("--objective", choices=["ssl", "rl", "seed-rl"], required=True)
     training.add_argument("--steps", type=int, required=True)
     training.add_argument("--batch-size", type=int, default=8)
@@ -89,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     training.add_argument("--collective-timeout", type=float, default=120.0,
                           help="distributed: seconds a rank waits for its peers in a collective")
 
-    ddp = run.add_parser("train-ddp", help="this VM's part of a distributed ssl job: the elastic launcher")
+    ddp = run.add_parser("train-ddp", help=KINDS["train-ddp"].summary)
     ddp.add_argument("--job", required=True, help="rendezvous id, the same on every VM")
     ddp.add_argument("--rendezvous", required=True, help="the first VM's tenant address (it hosts the store)")
     ddp.add_argument("--address", required=True, help="this VM's tenant address")
@@ -297,6 +298,16 @@ def _make_media_samples(args: argparse.Namespace) -> None:
     print(f"wrote {args.count} samples to {directory} (see samples.json)")
 
 
+# One handler per kind of guest.kinds.KINDS (tests/test_workload_protocol.py checks that they match).
+HANDLERS: dict[str, Callable[[argparse.Namespace], None]] = {
+    "llm": _run_llm,
+    "perception": _run_perception,
+    "perception-train": _run_perception_train,
+    "train": _run_train,
+    "train-ddp": _run_train_ddp,
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -307,14 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "make-media-samples":
             _make_media_samples(args)
         else:
-            handlers = {
-                "llm": _run_llm,
-                "perception": _run_perception,
-                "perception-train": _run_perception_train,
-                "train": _run_train,
-                "train-ddp": _run_train_ddp,
-            }
-            handlers[args.workload](args)
+            HANDLERS[args.workload](args)
     except WorkloadError as error:
         print(f"error: {error.message}", file=sys.stderr)
         if getattr(args, "json", False):

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
+from guest.kinds import HVCTL_RUN
 from hvctl.cli.common import (
     JsonOpt,
     MaxBytesOpt,
@@ -27,7 +28,7 @@ from hvctl.limits import DEFAULT_MAX_DOWNLOAD_BYTES
 @app.command()
 def run(
     name: Annotated[str, typer.Argument(help="The VM (with --vms: the workload, train).")],
-    kind: Annotated[str | None, typer.Argument(help="llm, perception or train")] = None,
+    kind: Annotated[str | None, typer.Argument(help=", ".join(HVCTL_RUN))] = None,
     prompt: Annotated[list[str] | None, typer.Option(help="llm: a prompt (repeat for a batch).")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="llm: tokens to generate.")] = 16,
     stream: Annotated[bool, typer.Option(help="llm: print tokens as they are generated.")] = False,
@@ -74,7 +75,7 @@ def run(
                         collective_timeout, timeout, detach, as_json)
         return
     if kind is None:
-        fail("which workload? `hvctl run NAME llm|perception|train`", 2)
+        fail(f"which workload? `hvctl run NAME {'|'.join(HVCTL_RUN)}`", 2)
     c = ctx()
     record = c.ledger.get_vm(name)
     if kind == "llm":
@@ -84,7 +85,7 @@ def run(
     elif kind == "train":
         args = ops.train_args(objective, steps, checkpoint_every, model, export) + ["--batch-size", str(batch_size)]
     else:
-        fail(f"unknown workload {kind!r}; use llm, perception or train", 2)
+        fail(f"unknown workload {kind!r}; use {', '.join(HVCTL_RUN)}", 2)
 
     if detach:
         from guest import rpc

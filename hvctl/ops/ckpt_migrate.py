@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from guest import rpc
+from guest.kinds import CHECKPOINTABLE
 from guest.workloads.protocol import parse_progress
 from guest.workloads.schema import TrainProgress
 from hvctl import passthrough
@@ -78,8 +79,8 @@ def checkpoint_migrate(ctx: Context, record: VMRecord, target: str, timeout_s: f
     source_agent = ctx.agent(record.host, name, record.agent_token, timeout=60)
     say("asking the source agent for its workloads")
     running = [w for w in source_agent.typed("workload.list", rpc.WorkloadList).workloads if w.state == "running"]
-    moving = [Moving(w.id, w.args, _checkpoint_dir(w)) for w in running if w.kind == "train"]
-    draining = [w.id for w in running if w.kind != "train"]
+    moving = [Moving(w.id, w.args, _checkpoint_dir(w)) for w in running if w.kind in CHECKPOINTABLE]
+    draining = [w.id for w in running if w.kind not in CHECKPOINTABLE]
     image = ctx.images.get(record.spec.image)
     image.verify()
     target_record = ledger.get_host(target)
