@@ -89,9 +89,14 @@ class ImageStore:
         images = []
         for manifest in sorted(self.root.glob("*@*/manifest.json")):
             try:
-                images.append(Image.model_validate_json(manifest.read_text()))
+                image = Image.model_validate_json(manifest.read_text())
             except ValueError:
                 continue  # A damaged manifest is reported by `hvctl doctor`, not fatal to listing.
+            if not image.directory.is_dir():
+                # The manifest keeps the path the store was reached by at build time (VMs' disks name their base by
+                # it); a state dir that reached a shared store through a symlink, since removed, leaves it stale.
+                image = image.model_copy(update={"directory": manifest.parent})
+            images.append(image)
         return sorted(images, key=lambda i: (i.name, -i.built_at))
 
     def get(self, name: str) -> Image:

@@ -79,6 +79,22 @@ def test_unknown_and_damaged_images(tmp_path: Path) -> None:
     assert store.list() == []
 
 
+def test_an_image_built_through_a_path_that_is_gone_is_found_where_it_is(tmp_path: Path) -> None:
+    """A state dir whose images/ was a symlink to a shared store builds there; once that state dir is removed, the
+    manifest names a directory that no longer exists, and the store must still find the files."""
+    store = tmp_path / "shared"
+    store.mkdir()
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "images").symlink_to(store)
+    through = fake_build(ImageStore(tmp_path / "state" / "images"), "base", "cccc" * 4, 1.0)
+    for part in ("vmlinuz", "initrd.img"):
+        (through.directory / part).write_bytes(b"x")
+    (tmp_path / "state" / "images").unlink()
+    (tmp_path / "state").rmdir()
+    found = ImageStore(store).get("base")
+    assert found.directory == store / f"base@{'cccc' * 4}" and found.kernel.read_bytes() == b"x"
+
+
 def fake_build(store: ImageStore, name: str, content_hash: str, built_at: float) -> Image:
     directory = store.root / f"{name}@{content_hash}"
     directory.mkdir(parents=True)
