@@ -5,6 +5,7 @@ Each is opened on first use, so a command that only reads the ledger never conne
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -134,6 +135,14 @@ class Context:
 
             self._hosts[name] = Host(ledger.get_host(name).uri)
         return self._hosts[name]
+
+    def reconnect(self, name: str) -> Host:
+        """A new connection to host ``name``, for a long-running command whose connection was closed under it."""
+        old = self._hosts.pop(name, None)
+        if old is not None:
+            with contextlib.suppress(Exception):
+                old.close()
+        return self.host(name)
 
     def is_this_machine(self, name: str | None = None) -> bool:
         """Whether host ``name`` is the machine hvctl runs on (``hvctl.host.identity``): decided once per command,

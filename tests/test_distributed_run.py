@@ -182,3 +182,38 @@ def test_detached_the_job_is_left_running_after_the_go_and_finishes_on_its_own(c
             assert time.monotonic() < deadline
             time.sleep(0.05)
         assert vms[vm].state(wid) == "succeeded"
+
+
+def test_an_agent_lost_while_its_vm_runs_is_reached_anew_and_a_lasting_loss_ends_the_job(cluster) -> None:  # type: ignore[no-untyped-def]
+    """As when the connection to a host is closed under a long job: b's client fails while b still runs."""
+    from hvctl.agent_client import AgentError
+
+    tmp_path, vms, start = cluster
+    for name in ("a", "b"):
+        start(name, "ok")
+    (tmp_path / "release").touch()
+    broken = AgentClient.over_socket(tmp_path / "closed.sock", TOKEN, timeout=2)
+    renewed = nodes(vms)
+    renewed["b"].reconnect = lambda: vms["b"].client
+
+    def break_b(event: Event) -> None:
+        if event.kind == "go":
+            renewed["b"].agent = broken
+
+    result = drive(plan(tmp_path, ["a", "b"]), renewed, break_b, poll=0.02)
+    assert (result.finished, result.dropped) == (["a", "b"], {})
+
+    (tmp_path / "release").unlink()
+    lasting = nodes(vms)
+    lasting["b"].reconnect = lambda: broken
+    workloads: dict[str, str] = {}
+
+    def break_b_for_good(event: Event) -> None:
+        if event.kind == "started":
+            workloads[event.vm] = str(event.workload)
+        if event.kind == "go":
+            lasting["b"].agent = broken
+
+    with pytest.raises(AgentError, match="cannot connect"):
+        drive(plan(tmp_path, ["a", "b"]), lasting, break_b_for_good, poll=0.02)
+    assert vms["a"].state(workloads["a"]) == "cancelled"

@@ -24,11 +24,12 @@ from guest.workloads.protocol import parse_progress, parse_ready
 from guest.workloads.schema import TrainProgress
 
 from ..agent_client import AgentClient, AgentError
-from ..errors import InvalidSpec
+from ..errors import HvctlError, InvalidSpec
 from .run import WorkloadFailed, agent_for
 
 if TYPE_CHECKING:
     from ..context import Context
+    from ..ledger import VMRecord
 
 GO_DIR = "/run/hvctl-ddp"  # in the guest: where the go files of its jobs are created
 
@@ -94,6 +95,7 @@ def plan_job(members: list[Member], train_args: list[str], batch_size: int, min_
 # -- running a planned job -----------------------------------------------------------------------------------------
 
 READY_TIMEOUT_S = 1800.0  # importing torch in a TCG guest takes minutes; on real hardware, seconds
+MAX_AGENT_RETRIES = 3  # reconnections to a running VM's agent in a row before the job is given up
 
 
 @dataclass
@@ -103,6 +105,10 @@ class Node:
     vm: str
     agent: AgentClient
     running: Callable[[], bool]  # is the VM's domain still running (asked when its agent stops answering)
+    # A fresh client, for an agent that stopped answering while its VM runs (a host connection closed under a long
+    # job); None: such a failure ends the job.
+    reconnect: Callable[[], AgentClient] | None = None
+    failures: int = 0  # consecutive failed reads of a running VM's agent
     workload: str | None = None
     offset: int = 0
     partial: str = ""  # the start of a line whose end has not been read yet
@@ -193,9 +199,14 @@ def _follow(plan: JobPlan, members: list[Node], on_event: Callable[[Event], None
             try:
                 for progress in parse_progress(_read(node)):
                     on_event(Event("progress", node.vm, progress=progress))
+                node.failures = 0
             except AgentError as exc:
                 if node.running():
-                    raise
+                    if node.reconnect is None or node.failures >= MAX_AGENT_RETRIES:
+                        raise
+                    node.failures += 1
+                    node.agent = node.reconnect()
+                    continue
                 node.dropped = f"its VM stopped ({exc})"
                 on_event(Event("dropped", node.vm, reason=node.dropped))
                 continue
@@ -258,9 +269,18 @@ def run_job(ctx: Context, vms: list[str], train_args: list[str], batch_size: int
     def running(host: str, name: str) -> Callable[[], bool]:
         from ..host.guest import DomainState
 
-        return lambda: ctx.host(host).state(name) == DomainState.RUNNING
+        def ask() -> bool:
+            try:
+                return ctx.host(host).state(name) == DomainState.RUNNING
+            except HvctlError:  # the connection to its host was closed under this long command: once more, anew
+                return ctx.reconnect(host).state(name) == DomainState.RUNNING
 
-    nodes = {r.name: Node(r.name, agent_for(ctx, r), running(r.host, r.name)) for r in records}
+        return ask
+
+    def reconnect(record: VMRecord) -> Callable[[], AgentClient]:
+        return lambda: agent_for(ctx, record)  # through ctx.host, which running() renews
+
+    nodes = {r.name: Node(r.name, agent_for(ctx, r), running(r.host, r.name), reconnect(r)) for r in records}
     for record in records:
         ctx.ledger.log_event(record.name, record.host, "workload.started", f"distributed job {plan.job} started",
                              {"job": plan.job, "kind": "train-ddp"})
