@@ -36,11 +36,9 @@ VERSION = "0.2.0"
 STARTED = time.monotonic()
 AGENT_PORT_NAME = rpc.AGENT_CHANNEL
 
-# Workload kind → the command that runs it. The workloads issue fills in the modules these name; a kind whose module
-# is missing fails at start with Python's own message, reported through workload.status.
+# Workload kind (guest/kinds.py) → the command that runs it; a kind whose module is missing fails at start with
+# Python's own message, reported through workload.status.
 WorkloadCommand = Callable[[list[str]], list[str]]
-
-
 
 
 def _ignore_sigusr1() -> None:

@@ -18,11 +18,11 @@ def test_the_first_vm_hosts_the_rendezvous_and_every_argv_is_one_the_guest_accep
     plan = plan_job([A, B, C], TRAIN, batch_size=6, min_nodes=2, job="j1")
     assert (plan.job, plan.network, plan.rendezvous) == ("j1", "lab", "198.18.5.10")
     for launch, member in zip(plan.launches, (A, B, C), strict=True):
-        args = _parser().parse_args(launch.argv)
+        args = _parser().parse_args(["run", "train-ddp", *launch.args])
         assert (args.workload, args.rendezvous, args.address) == ("train-ddp", "198.18.5.10", member.addresses["lab"])
         assert args.hosts_store == (member is A)
         assert (args.min_nodes, args.max_nodes, args.go_file) == (2, 3, "/run/hvctl-ddp/j1.go")
-        assert launch.argv[launch.argv.index("--") + 1:] == [*TRAIN, "--batch-size", "6"]
+        assert launch.args[launch.args.index("--") + 1:] == [*TRAIN, "--batch-size", "6"]
 
 
 @pytest.mark.parametrize(("members", "batch", "min_nodes", "error"), [

@@ -17,11 +17,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import HVCTL, short_tempdir
+from conftest import hvctl_cli, short_tempdir
 
 from guest import rpc
 from guest.workloads.assets import make_tiny_llm
@@ -46,14 +47,8 @@ class Fleet:
     state: Path
     host: RemoteStyleHost
 
-    def env(self) -> dict[str, str]:
-        import os
-        return os.environ | {"HVCTL_STATE_DIR": str(self.state), "HVCTL_CONNECT": "test:///default",
-                             "COLUMNS": "200", "NO_COLOR": "1"}
-
     def hvctl(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*HVCTL, *args], capture_output=True, text=True, env=self.env(), timeout=timeout,
-                              stdin=subprocess.DEVNULL)
+        return hvctl_cli(self.state, "test:///default", *args, timeout=timeout)
 
     def agent(self, vm: str, method: str, result: type, params: object = None) -> object:
         ctx = Context(state_dir=self.state, uri="test:///default")
@@ -100,8 +95,7 @@ def fleet(image_dir: Path) -> Iterator[Fleet]:
         yield f
     finally:
         for leftover in Context(state_dir=state, uri="test:///default").ledger.list_vms():
-            subprocess.run([*HVCTL, "destroy", leftover.name], env=Fleet(state, host).env(), timeout=300,
-                           capture_output=True)
+            hvctl_cli(state, "test:///default", "destroy", leftover.name, timeout=300)
         host.stop()
         shutil.rmtree(host.root, ignore_errors=True)
         shutil.rmtree(state, ignore_errors=True)
@@ -123,24 +117,21 @@ def test_a_job_over_three_vms_loses_one_and_finishes_on_two_with_one_processs_lo
     # The fault hook: d3's worker stops for good after reporting step HOLD (its peers then wait in step HOLD+1).
     hook = fleet.sh("d3", f"mkdir -p /run/hvctl-test && echo {HOLD} > /run/hvctl-test/hold-after-step")
     assert hook.exit_code == 0, hook.stderr
-    job = subprocess.Popen([*HVCTL, "run", "--vms", ",".join(VMS), "train", "--distributed", "--min-nodes", "2",
-                            "--steps", str(STEPS), "--checkpoint-every", str(HOLD), "--batch-size", str(BATCH),
-                            "--collective-timeout", "60", "--json"],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=fleet.env())
-    try:
-        deadline = time.monotonic() + 2400  # a hang guard only: the hook, not a clock, decides when d3 goes
+    with ThreadPoolExecutor(1) as background:  # the job runs while the test destroys d3
+        job = background.submit(fleet.hvctl, "run", "--vms", ",".join(VMS), "train", "--distributed",
+                                "--min-nodes", "2", "--steps", str(STEPS), "--checkpoint-every", str(HOLD),
+                                "--batch-size", str(BATCH), "--collective-timeout", "60", "--json", timeout=2400)
+        # A hang guard only (the job's own timeout bounds it too): the hook, not a clock, decides when d3 goes.
+        deadline = time.monotonic() + 2400
         while not any(p.step == HOLD and p.checkpoint for p in parse_progress(fleet.ddp_log("d3"))):
-            assert job.poll() is None, job.communicate()
+            assert not job.done(), job.result().stderr
             assert time.monotonic() < deadline, fleet.ddp_log("d3")[-3000:]
             time.sleep(10)
         destroyed = fleet.hvctl("destroy", "d3", timeout=300)
         assert destroyed.returncode == 0, destroyed.stderr
-        out, err = job.communicate(timeout=2400)
-    finally:
-        if job.poll() is None:
-            job.kill()
-    assert job.returncode == 0, err
-    result = json.loads(out)
+        done = job.result()
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
     assert result["finished"] == ["d1", "d2"] and list(result["dropped"]) == ["d3"], result
     assert result["dropped"]["d3"].startswith("its VM stopped"), result
 

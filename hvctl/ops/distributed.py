@@ -44,7 +44,7 @@ class Member:
 @dataclass(frozen=True)
 class Launch:
     vm: str
-    argv: list[str]  # the agent's workload arguments: ``run train-ddp ...``
+    args: list[str]  # the train-ddp workload's arguments, as the agent passes them to ``run train-ddp``
     go_file: str
 
 
@@ -84,11 +84,11 @@ def plan_job(members: list[Member], train_args: list[str], batch_size: int, min_
     go_file = f"{go_dir}/{job}.go"
     launches = []
     for i, member in enumerate(members):
-        argv = ["run", "train-ddp", "--job", job, "--rendezvous", rendezvous,
+        args = ["--job", job, "--rendezvous", rendezvous,
                 "--address", member.addresses[network], "--min-nodes", str(floor),
                 "--max-nodes", str(len(members)), "--max-restarts", str(max_restarts), "--go-file", go_file,
                 *(["--hosts-store"] if i == 0 else []), "--", *train_args, "--batch-size", str(batch_size)]
-        launches.append(Launch(member.vm, argv, go_file))
+        launches.append(Launch(member.vm, args, go_file))
     return JobPlan(job, network, rendezvous, floor, launches)
 
 
@@ -159,7 +159,7 @@ def drive(plan: JobPlan, nodes: dict[str, Node], on_event: Callable[[Event], Non
         for node, launch in zip(members, plan.launches, strict=True):
             _exec(node, ["mkdir", "-p", go_dir])
             status = node.agent.typed("workload.start", rpc.WorkloadStatus,
-                                      rpc.WorkloadStartParams(kind="train-ddp", args=launch.argv[2:]))
+                                      rpc.WorkloadStartParams(kind="train-ddp", args=launch.args))
             node.workload, node.status = status.id, status
             on_event(Event("started", node.vm, workload=status.id))
         while not all(n.ready for n in members):  # the barrier: every launcher has torch imported
