@@ -8,7 +8,7 @@ STATE_DIR ?= /var/lib/hvctl
 DAEMON_DIR ?= /var/lib/hvctl-libvirtd
 DEBS := qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients libvirt-dev \
         pkg-config debootstrap cpio busybox-static genisoimage e2fsprogs kmod util-linux python3-venv python3-dev gcc procps \
-        openssh-server openssh-client ovmf ebtables
+        openssh-server openssh-client ovmf ebtables dnsmasq-base
 PYTEST_ARGS ?=
 # The stock-style cloud image `make demo` imports (built from Debian packages by hvctl.devhost.stockimage).
 STOCK_IMAGE ?= /var/tmp/hvctl-stock-debian-v2.qcow2

@@ -27,7 +27,7 @@ from hvctl.domain import (
     UnixChannel,
     UserNetwork,
 )
-from hvctl.domain.devices import TENANT_FILTER, TENANT_MTU, Device
+from hvctl.domain.devices import TENANT_FILTER, TENANT_MTU, Device, tenant_server
 from hvctl.spec import VMSpec
 
 CFS_PERIOD_US = 100_000
@@ -98,7 +98,8 @@ class VMAllocation:
 
 def production_nic(spec: VMSpec) -> NetInterface:
     """The VM's second NIC: on an admin's bridge or libvirt network as it is, or on hvctl's tenant network with the
-    tenant filter (its own MAC and address only, IPv4 to its subnet only; ``hvctl.host.networks``) and the tenant
+    tenant filter (its own MAC and address only, IPv4 to its subnet only, the network's own address (GW) for DHCP
+    only; ``hvctl.host.networks``) and the tenant
     MTU."""
     net = spec.network
     assert net is not None
@@ -108,8 +109,8 @@ def production_nic(spec: VMSpec) -> NetInterface:
         return nic
     # By name, as libvirt keeps them.
     return dataclasses.replace(nic, mtu=TENANT_MTU, filter=TENANT_FILTER, filter_params=(
-        ("IP", str(net.address.ip)), ("MASK", str(net.address.network.netmask)),
-        ("NET", str(net.address.network.network_address))))
+        ("GW", str(tenant_server(net.address.network))), ("IP", str(net.address.ip)),
+        ("MASK", str(net.address.network.netmask)), ("NET", str(net.address.network.network_address))))
 
 
 def nic_mac(name: str) -> str:

@@ -73,9 +73,10 @@ USER_NIC_MAC = "52:54:00:12:34:56"
 
 def network_config(mac: str, attach: NetworkAttach) -> dict[str, object]:
     """cloud-init network-config v2: the user-mode NIC by DHCP (QEMU's slirp answers), the production NIC static or
-    by DHCP, both found by MAC."""
+    by DHCP, both found by MAC. On hvctl's tenant network by DHCP: the network's server gives the VM's MAC the
+    address the ledger holds for it (``hvctl.host.networks``)."""
     production: dict[str, object] = {"match": {"macaddress": mac}}
-    if attach.address is not None:
+    if attach.address is not None and attach.tenant_network is None:
         production["addresses"] = [str(attach.address)]
     else:
         production["dhcp4"] = True

@@ -18,7 +18,9 @@ from conftest import hvctl_cli
 from test_gpu_create import Rig
 
 from hvctl.context import Context
-from hvctl.errors import AlreadyExists, InvalidSpec, NotFound
+from hvctl.designer import nic_mac
+from hvctl.errors import AlreadyExists, HvctlError, InvalidSpec, NotFound
+from hvctl.host.networks import isolated_network_xml
 from hvctl.ledger import Ledger
 from hvctl.ops.create import create
 from hvctl.ops.incarnation import BootOptions
@@ -86,6 +88,16 @@ def libvirt_networks() -> dict[str, bool]:
         conn.close()
 
 
+def dhcp_leases(network: str = "hvctl-net-blue") -> list[tuple[str, str, str]]:
+    conn = libvirt.open("test:///default")
+    try:
+        ip = ET.fromstring(conn.networkLookupByName(network).XMLDesc(0)).find("ip")
+    finally:
+        conn.close()
+    assert ip is not None
+    return [(h.get("mac", ""), h.get("ip", ""), h.get("name", "")) for h in ip.iterfind("dhcp/host")]
+
+
 def test_a_vm_on_a_tenant_network_gets_an_address_a_nic_on_its_isolated_network_and_gives_both_back(rig: Rig) -> None:
     create_network(rig.ctx, "blue", "acme", "10.96.7.0/29")
     make(rig, "a1", "acme", "blue")
@@ -94,7 +106,8 @@ def test_a_vm_on_a_tenant_network_gets_an_address_a_nic_on_its_isolated_network_
     assert spec.network is not None and spec.network.tenant_network == "blue"
     assert str(spec.network.address) == "10.96.7.2/29"
     assert str(rig.ctx.ledger.get_vm("a2").spec.network.address) == "10.96.7.3/29"  # type: ignore[union-attr]
-    # The host got the network once: isolated (no <forward>), with no address of its own (no <ip>).
+    # The host got the network once: isolated (no <forward>), its own address the subnet's first, where DHCP
+    # serves each VM's ledger address to its MAC and nothing else (no DNS, no range for unknown MACs).
     assert libvirt_networks()["hvctl-net-blue"] is True
     conn = libvirt.open("test:///default")
     try:
@@ -102,7 +115,10 @@ def test_a_vm_on_a_tenant_network_gets_an_address_a_nic_on_its_isolated_network_
         domain = ET.fromstring(conn.lookupByName("a1").XMLDesc(0))
     finally:
         conn.close()
-    assert net.find("forward") is None and net.find("ip") is None
+    assert net.find("forward") is None and net.find("dns").get("enable") == "no"  # type: ignore[union-attr]
+    assert net.find("ip").attrib == {"address": "10.96.7.1", "prefix": "29"}  # type: ignore[union-attr]
+    assert net.find("ip/dhcp/range") is None
+    assert dhcp_leases() == [(nic_mac("a1"), "10.96.7.2", "a1"), (nic_mac("a2"), "10.96.7.3", "a2")]
     assert net.find("bridge").get("name") == rig.ctx.ledger.get_network("blue").bridge  # type: ignore[union-attr]
     nics = [i for i in domain.iterfind("devices/interface") if i.get("type") == "network"]
     assert [n.find("source").get("network") for n in nics] == ["hvctl-net-blue"]  # type: ignore[union-attr]
@@ -116,14 +132,43 @@ def test_a_vm_on_a_tenant_network_gets_an_address_a_nic_on_its_isolated_network_
     with pytest.raises(InvalidSpec, match="in use by a1, a2"):
         remove_network(rig.ctx, "blue")
     destroy(rig.ctx, "a1")
+    assert dhcp_leases() == [(nic_mac("a2"), "10.96.7.3", "a2")]
     make(rig, "a3", "acme", "blue")
     assert str(rig.ctx.ledger.get_vm("a3").spec.network.address) == "10.96.7.2/29"  # type: ignore[union-attr]
+    assert dhcp_leases() == [(nic_mac("a2"), "10.96.7.3", "a2"), (nic_mac("a3"), "10.96.7.2", "a3")]
     destroy(rig.ctx, "a2")
     destroy(rig.ctx, "a3")
     assert remove_network(rig.ctx, "blue") == {"network": "blue", "removed_from": ["local"]}
     assert "hvctl-net-blue" not in libvirt_networks()
     with pytest.raises(NotFound):
         rig.ctx.ledger.get_network("blue")
+
+
+def test_a_create_that_fails_after_its_address_was_given_withdraws_its_dhcp_lease(rig: Rig) -> None:
+    create_network(rig.ctx, "blue", "acme", "10.96.7.0/29")
+    make(rig, "a1", "acme", "blue")
+    # No stand-in guest: the test driver's domain never says it is ready, so the create fails after the reservation.
+    with pytest.raises(HvctlError, match="a2"):
+        create(rig.ctx, VMSpec.parse(name="a2", image="stub", tenant="acme", network=tenant_attach(rig.ctx, "blue")),
+               options=BootOptions(timeout=0.2))
+    assert [v.name for v in rig.ctx.ledger.list_vms()] == ["a1"]
+    assert dhcp_leases() == [(nic_mac("a1"), "10.96.7.2", "a1")]
+
+
+def test_a_network_an_older_hvctl_defined_without_dhcp_gets_it_once_no_nic_is_on_it(rig: Rig) -> None:
+    create_network(rig.ctx, "blue", "acme", "10.96.7.0/29")
+    record = rig.ctx.ledger.get_network("blue")
+    old = ET.fromstring(isolated_network_xml(record.libvirt_name, record.bridge, "blue", "acme", "10.96.7.0/29"))
+    for element in (old.find("ip"), old.find("dns")):
+        assert element is not None
+        old.remove(element)
+    conn = libvirt.open("test:///default")
+    try:
+        conn.networkDefineXML(ET.tostring(old, encoding="unicode")).create()
+    finally:
+        conn.close()
+    make(rig, "a1", "acme", "blue")
+    assert dhcp_leases() == [(nic_mac("a1"), "10.96.7.2", "a1")]
 
 
 def test_a_full_network_and_another_tenants_network_are_refused_before_anything_is_written(rig: Rig) -> None:

@@ -126,6 +126,23 @@ def test_another_tenants_vm_cannot_reach_them_even_with_an_address_in_their_subn
     assert not tenants.pings("a1", tenants.address("g1"))
 
 
+def test_the_networks_dhcp_server_gives_each_vm_its_ledger_address_and_hvctls_image_takes_it(
+        tenants: Tenants) -> None:
+    """hvctl's images read their address from the seed; a stock image asks DHCP. Here a1 drops its address and
+    runs the DHCP client its image uses when the seed gives none (busybox udhcpc with the event script guest-init
+    writes): the host's server answers through the tenant filter with the ledger's address, and no router."""
+    a1, nic = tenants.address("a1"), tenants.tenant_nic("a1")
+    try:
+        got = tenants.run("a1", f"ip -4 addr flush dev {nic} && busybox udhcpc -i {nic} -n -q -t 10 -T 3 "
+                                f"-s /run/hvctl/udhcpc.script 2>&1; ip -o -4 addr show dev {nic}; ip -4 route")
+    finally:
+        tenants.run("a1", f"ip addr replace {a1}/24 dev {nic}")
+    assert got.exit_code == 0, got
+    assert f"lease of {a1} obtained from 10.96.10.1" in got.stdout, got.stdout
+    assert f"inet {a1}/24" in got.stdout and "via 10.96.10.1" not in got.stdout, got.stdout
+    assert tenants.pings("a1", tenants.address("a2"))
+
+
 def test_a_vm_cannot_send_with_an_address_or_a_mac_that_is_not_its_own(tenants: Tenants) -> None:
     a2, nic = tenants.address("a2"), tenants.tenant_nic("a1")
     assert tenants.pings("a1", a2)  # its own address and MAC: through
@@ -146,9 +163,10 @@ def test_a_vm_cannot_send_with_an_address_or_a_mac_that_is_not_its_own(tenants: 
 
 
 def test_a_vm_cannot_reach_the_hosts_own_addresses_through_its_tenant_network(tenants: Tenants) -> None:
-    """The host has no address on the segment; a VM that routes the host's underlay address through its tenant NIC
-    must still get nothing to it. A UDP listener in the host's network namespace prints every datagram it gets until
-    the test's own "done", sent from inside the host after a1 has sent its five."""
+    """The host's one address on the segment (the subnet's first, where its DHCP server listens) takes nothing
+    but DHCP from a VM, and a VM that routes the host's underlay address through its tenant NIC must still get
+    nothing to it. A UDP listener in the host's network namespace prints every datagram it gets until the test's
+    own "done", sent from inside the host after a1 has sent its five to each address."""
     host = tenants.host
     inside = ["nsenter", "-t", str(host.pids()["holder"]), "-n", sys.executable, "-c"]
     listener = subprocess.Popen(
@@ -160,10 +178,12 @@ def test_a_vm_cannot_reach_the_hosts_own_addresses_through_its_tenant_network(te
         assert listener.stdout is not None and listener.stdout.readline().strip() == "listening"
         nic = tenants.tenant_nic("a1")
         sent = tenants.run("a1", f"ip route add {host.address}/32 dev {nic} && for i in 1 2 3 4 5; do "
+                                 f"for to in {host.address} 10.96.10.1; do "
                                  f"python3 -c \"import socket; socket.socket(socket.AF_INET, socket.SOCK_DGRAM)"
-                                 f".sendto(b'from-a1', ('{host.address}', 5555))\"; done; "
+                                 f".sendto(b'from-a1', ('$to', 5555))\"; done; done; "
                                  f"ip neigh show {host.address}; ip route del {host.address}/32 dev {nic}")
         assert sent.exit_code == 0, sent
+        assert not tenants.pings("a1", "10.96.10.1")
         subprocess.run([*inside, "import socket; socket.socket(socket.AF_INET, socket.SOCK_DGRAM)"
                                  ".sendto(b'done', ('127.0.0.1', 5555))"], check=True)
         out, _ = listener.communicate(timeout=60)

@@ -24,6 +24,7 @@ import libvirt
 import pytest
 from conftest import HVCTL, hvctl_cli, short_tempdir
 
+from hvctl.designer import nic_mac
 from hvctl.devhost import _alive
 from hvctl.devhost.cgroups import hierarchies
 from hvctl.devhost.remote import RemoteStyleHost
@@ -507,16 +508,20 @@ def test_a_vm_is_created_and_destroyed_over_qemu_tls_and_a_foreign_ca_is_refused
 def test_an_imported_cloud_image_is_uploaded_to_the_remote_host_and_boots_there(
         remote: tuple[RemoteStyleHost, Path], stock_image: Path, image_dir: Path) -> None:
     """An imported image goes to a remote host's pool like a recipe's, its qcow2 alone (its bootloader is
-    inside): the VM boots SeaBIOS -> GRUB -> cloud-init there, and answers over SSH through the host."""
+    inside): the VM boots SeaBIOS -> GRUB -> cloud-init there, and answers over SSH through the host. It is on a
+    tenant network, which a stock image configures by DHCP (cloud-init's network-config says so): its address there
+    is the ledger's, served by the network's DHCP server on the host."""
     host, state = remote
     added = hvctl_at(state, "host", "add", "far", host.uri)
     assert added.returncode in (0, 4), added.stderr  # 4: an earlier test of this module added it
     imported = hvctl_at(state, "image", "import", "debian-cloud", str(stock_image), "--json")
     assert imported.returncode == 0, imported.stderr
     digest = json.loads(imported.stdout)["content_hash"]
+    net = hvctl_at(state, "network", "create", "cl", "--tenant", "default", "--subnet", "10.96.30.0/24")
+    assert net.returncode == 0, net.stderr
     try:
         made = hvctl_at(state, "create", "rc1", "--host", "far", "--image", "debian-cloud", "--memory", "512",
-                        "--disk", "4", "--boot-timeout", "800", "--json", timeout=1000)
+                        "--disk", "4", "--net", "cl", "--boot-timeout", "800", "--json", timeout=1000)
         assert made.returncode == 0, made.stderr
         assert json.loads(made.stdout)["image_upload"]["image"] == "debian-cloud"
         listing = pool_listing(host)
@@ -526,11 +531,18 @@ def test_an_imported_cloud_image_is_uploaded_to_the_remote_host_and_boots_there(
         assert console.returncode == 0 and "HVCTL-READY name=rc1 cloud-init finished" in console.stdout
         ran = hvctl_at(state, "exec", "rc1", "--", "cat", "/proc/cmdline")
         assert ran.returncode == 0 and "BOOT_IMAGE=/boot/vmlinuz" in ran.stdout, ran.stderr
+        # cloud-init rendered the tenant NIC as DHCP, and the address on it is the one the ledger gave.
+        nic = hvctl_at(state, "exec", "rc1", "--", "sh", "-c",
+                       f"for d in /sys/class/net/*; do [ $(cat $d/address) = {nic_mac('rc1')} ] && n=${{d##*/}}; "
+                       "done; grep -h \"iface $n\" /etc/network/interfaces.d/*; ip -o -4 addr show dev $n")
+        assert nic.returncode == 0, nic.stderr
+        assert "inet dhcp" in nic.stdout and " inet 10.96.30.2/24 " in nic.stdout, nic.stdout
         gone = hvctl_at(state, "destroy", "rc1")
         assert gone.returncode == 0, gone.stderr
         assert not [f for f in pool_listing(host) if f.startswith("vm-")]
     finally:
         hvctl_at(state, "destroy", "rc1")
+        hvctl_at(state, "network", "rm", "cl")
         for image in ImageStore(image_dir).list():
             if image.name == "debian-cloud":
                 shutil.rmtree(image_dir / image.directory.name, ignore_errors=True)

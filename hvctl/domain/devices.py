@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import ClassVar, Protocol, Self
 from xml.etree import ElementTree as ET
@@ -163,9 +164,15 @@ class PciHostdev:
 
 # The nwfilter on every NIC of a tenant network (its rules: hvctl.host.networks.TENANT_FILTERS). Versioned: a change of
 # the rules is a new filter, never a redefinition under the VMs that use the old one.
-TENANT_FILTER = "hvctl-tenant-v1"
+TENANT_FILTER = "hvctl-tenant-v2"
 # A tenant network's MTU: room for VXLAN's 50 bytes on a 1500-byte underlay when it spans hosts.
 TENANT_MTU = 1450
+
+
+def tenant_server(subnet: IPv4Network) -> IPv4Address:
+    """A tenant network's own address on each host, where its DHCP server listens: the subnet's first, which
+    hvctl's IPAM never gives a VM."""
+    return next(subnet.hosts())
 
 
 @dataclass(frozen=True)

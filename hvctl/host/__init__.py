@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -223,12 +223,19 @@ class Host:
         """A binder that moves this host's devices to vfio-pci and back through its libvirt."""
         return devices.NodeDeviceBinder(self.conn, journal=journal, owner_of=owner_of)
 
-    def ensure_isolated_network(self, name: str, bridge: str, tenant_network: str, tenant: str, subnet: str) -> bool:
+    def ensure_isolated_network(self, name: str, bridge: str, tenant_network: str, tenant: str, subnet: str,
+                                leases: Iterable[networks.DhcpHost] = ()) -> bool:
         """hvctl's tenant network on this host, running, and its filters defined (``hvctl.host.networks``); True if
-        the network was made or started."""
+        the network was made or started. ``leases``: the static DHCP leases it serves when it is made here."""
         networks.ensure_tenant_filters(self.conn, self.uri)
         return networks.ensure_network(self.conn, networks.isolated_network_xml(name, bridge, tenant_network, tenant,
-                                                                                 subnet))
+                                                                                 subnet, leases))
+
+    def set_dhcp_host(self, network: str, lease: networks.DhcpHost) -> bool:
+        return networks.set_dhcp_host(self.conn, network, lease)
+
+    def remove_dhcp_host(self, network: str, mac: str) -> bool:
+        return networks.remove_dhcp_host(self.conn, network, mac)
 
     def remove_network(self, name: str) -> bool:
         return networks.remove_network(self.conn, name)

@@ -46,7 +46,8 @@ class NetworkRecord:
         return f"hvctl-net-{self.name}"
 
     def usable(self) -> list[IPv4Address]:
-        """The addresses VMs get, lowest first: every host address but the first, which the network keeps."""
+        """The addresses VMs get, lowest first: every host address but the first, the network's own on each host
+        (``hvctl.domain.devices.tenant_server``)."""
         return list(self.subnet.hosts())[1:]
 
     def as_dict(self) -> dict[str, Any]:

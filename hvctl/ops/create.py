@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from hvctl.ledger import Admission, VMRecord
 from hvctl.ops import Say, Undo, pooled, quiet
 from hvctl.ops.incarnation import BootOptions, GuestSecrets, Incarnation, LocalStorage, Storage, boot
 from hvctl.ops.intent import operation
-from hvctl.ops.networks import ensure_on_host
+from hvctl.ops.networks import ensure_on_host, publish_lease, withdraw_lease
 from hvctl.placement import choose_host, host_limit
 from hvctl.spec import VMSpec
 from images.store import Image
@@ -62,6 +63,10 @@ def create(ctx: Context, spec: VMSpec, say: Say = quiet, options: BootOptions | 
         spec = record.spec.model_copy(update={"host": record.host})  # as recorded: with its tenant address, if any
         assert spec.host is not None
         op.step("reserved")
+        served = publish_lease(ctx, spec, say)
+        if served and spec.network is not None and spec.network.tenant_network is not None:
+            undo.push("withdraw the DHCP lease",
+                      functools.partial(withdraw_lease, ctx, spec.network.tenant_network, spec.name, served))
         if spec.gpus.count:
             say(f"binding {spec.gpus.count} GPU(s) to vfio-pci")
         gpu_alloc = passthrough.allocate(ctx, ctx.gpu_env, spec, spec.host, undo)

@@ -18,6 +18,7 @@ from hvctl.ledger import VMRecord
 from hvctl.ops import Say, pooled, quiet
 from hvctl.ops.incarnation import DEFAULT_BOOT_TIMEOUT, HOSTFWD_REFUSED, PORT_ATTEMPTS
 from hvctl.ops.intent import operation
+from hvctl.ops.networks import withdraw_lease
 
 
 def start(ctx: Context, name: str, say: Say = quiet,
@@ -249,6 +250,10 @@ def _destroy(ctx: Context, name: str, say: Say, step: Callable[..., None]) -> No
         else "removing the overlay disk and console log")
     remove_vm_files(ctx, record)
     step("files-removed")
+    net = record.spec.network
+    if net is not None and net.tenant_network is not None:
+        withdraw_lease(ctx, net.tenant_network, name,
+                       sorted({*ctx.ledger.network_hosts(net.tenant_network), record.host}), say)
     ctx.ledger.delete_vm(name, f"destroyed {name}")
 
 

@@ -1,6 +1,7 @@
 """hvctl network create/list/show/rm, and a VM's place on a tenant network: the ledger keeps the networks and their
 addresses (``hvctl.ledger.networks``); each host that runs one of a network's VMs gets it as an isolated libvirt
-network (``hvctl.host.networks``), made when the first VM there needs it and kept until `network rm`.
+network (``hvctl.host.networks``), made when the first VM there needs it and kept until `network rm`, whose DHCP
+server gives each VM of the network its IPAM address (``publish_lease``).
 
 A network whose VMs run on several hosts is one segment through VXLAN, one VNI per network, over the hosts' own
 underlay addresses (`hvctl host add --underlay`). libvirt cannot make a VXLAN device, so hvctl makes it on each host
@@ -15,7 +16,9 @@ from typing import Any
 
 from hvctl.access import host_command
 from hvctl.context import Context
-from hvctl.errors import HostUnreachable, HvctlError, HypervisorError, InvalidSpec
+from hvctl.designer import nic_mac
+from hvctl.errors import HostUnreachable, HvctlError, HypervisorError, InvalidSpec, NotFound
+from hvctl.host.networks import DhcpHost
 from hvctl.ledger import NetworkRecord
 from hvctl.ledger.networks import check_attach
 from hvctl.names import check_name
@@ -101,13 +104,59 @@ def ensure_on_host(ctx: Context, spec: VMSpec, host: str, say: Say = quiet) -> N
                               hint=f"`hvctl host add {missing[0]} URI --underlay ADDRESS` (the host's own address "
                                    "that the other hosts reach)")
     if ctx.host(host).ensure_isolated_network(network.libvirt_name, network.bridge, network.name, network.tenant,
-                                              str(network.subnet)):
+                                              str(network.subnet), leases(ctx, network.name)):
         say(f"tenant network {network.name} set up on host {host} (bridge {network.bridge})")
+    if spec.network is not None and spec.network.address is not None:  # a VM that has its address: a migration
+        ctx.host(host).set_dhcp_host(network.libvirt_name, _lease(spec.name, str(spec.network.address.ip)))
     if len(hosts) > 1:
         for each in hosts:
             peers = [str(underlays[h]) for h in hosts if h != each]
             _on_host(ctx, each, _vxlan_script(network, underlays[each], peers))
         say(f"tenant network {network.name} spans hosts {', '.join(hosts)} (VXLAN {network.vni})")
+
+
+def leases(ctx: Context, name: str) -> list[DhcpHost]:
+    """The static DHCP leases of network ``name``: one per VM on it, its IPAM address for its NIC's MAC."""
+    return [_lease(vm, address) for vm, address, _ in ctx.ledger.network_addresses(name)]
+
+
+def _lease(vm: str, address: str) -> DhcpHost:
+    return DhcpHost(mac=nic_mac(vm), ip=address, vm=vm)
+
+
+def publish_lease(ctx: Context, spec: VMSpec, say: Say = quiet) -> list[str]:
+    """Once the ledger gave ``spec`` its address: its DHCP lease on every host that carries its network (each host's
+    server answers for every VM of the network, so a VM that moves between hosts, or a DISCOVER that crosses
+    VXLAN, gets the same answer everywhere). Returns the hosts that serve it. Its own host failing raises; another
+    host failing is said and skipped (that host's server then stays silent for this VM)."""
+    net = spec.network
+    if net is None or net.tenant_network is None or net.address is None:
+        return []
+    network = ctx.ledger.get_network(net.tenant_network)
+    served = []
+    for host in sorted({*ctx.ledger.network_hosts(network.name), spec.host or ""} - {""}):
+        try:
+            if ctx.host(host).set_dhcp_host(network.libvirt_name, _lease(spec.name, str(net.address.ip))):
+                served.append(host)
+        except (HostUnreachable, HypervisorError) as exc:
+            if host == spec.host:
+                raise
+            say(f"warning: host {host} could not be given {spec.name}'s DHCP lease: {exc.message}")
+    return served
+
+
+def withdraw_lease(ctx: Context, network_name: str, vm: str, hosts: list[str], say: Say = quiet) -> None:
+    """``vm``'s DHCP lease off network ``network_name`` on ``hosts``, as far as they can be asked: a lease left
+    behind only holds an address for a MAC no VM has, and a later VM of that name or address replaces it."""
+    try:
+        libvirt_name = ctx.ledger.get_network(network_name).libvirt_name
+    except NotFound:
+        return
+    for host in hosts:
+        try:
+            ctx.host(host).remove_dhcp_host(libvirt_name, nic_mac(vm))
+        except (HostUnreachable, HypervisorError, NotFound) as exc:
+            say(f"warning: host {host} still serves {vm}'s DHCP lease on {network_name}: {exc.message}")
 
 
 def _vxlan_script(network: NetworkRecord, local: IPv4Address, peers: list[str]) -> str:

@@ -49,6 +49,17 @@ modprobe -a $(cat /etc/hvctl-guest-modules)
 ip link set lo up
 # A production NIC (bridge or libvirt network), if the seed names one: "MAC ADDRESS|- GATEWAY|-".
 prod_mac=- prod_addr=- prod_gw=-
+# busybox udhcpc's event script, for a production NIC the seed gives no address: the lease's address, and no route
+# (the default stays on the user-mode NIC unless the seed names a gateway).
+cat > /run/hvctl/udhcpc.script <<'SCRIPT'
+#!/bin/sh
+case "$1" in
+    deconfig) ip -4 addr flush dev "$interface" ;;
+    bound) ip -4 addr flush dev "$interface"; ip addr add "$ip/$mask" dev "$interface" ;;
+    renew) ip addr replace "$ip/$mask" dev "$interface" ;;
+esac
+SCRIPT
+chmod 0755 /run/hvctl/udhcpc.script
 [ -s /run/hvctl/net ] && read -r prod_mac prod_addr prod_gw < /run/hvctl/net
 user_nic=
 for dev in /sys/class/net/*; do
@@ -56,7 +67,11 @@ for dev in /sys/class/net/*; do
     nic=${dev##*/}
     if [ "$(cat "$dev/address")" = "$prod_mac" ]; then
         ip link set "$nic" up
-        [ "$prod_addr" != - ] && ip addr add "$prod_addr" dev "$nic"
+        if [ "$prod_addr" != - ]; then
+            ip addr add "$prod_addr" dev "$nic"
+        else  # no address in the seed: the network's DHCP server's, renewed for as long as the VM runs
+            busybox udhcpc -f -i "$nic" -s /run/hvctl/udhcpc.script > /var/log/udhcpc.log 2>&1 &
+        fi
         continue
     fi
     # The first other NIC, whatever the slot made of its name: QEMU user-mode networking is always 10.0.2.0/24.
