@@ -7,10 +7,11 @@ import hashlib
 import json
 import tomllib
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError
+from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError, field_validator
 
+from guest.kinds import BAKED_MODELS
 from guest.validation import describe
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
@@ -47,9 +48,17 @@ class Recipe(BaseModel):
     guest_modules: tuple[ModuleName, ...] = ()
     python_packages: tuple[Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.<>=!,-]*$")], ...] = ()
     agent: bool = False
-    # Models built on the host at image build time and baked into /opt/hvctl/models/NAME.
-    models: tuple[Literal["tiny-llm", "perception"], ...] = ()
+    # Models built on the host at image build time and baked into MODELS_DIR/NAME (guest.kinds.BAKED_MODELS).
+    models: tuple[str, ...] = ()
     trim: tuple[Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_./-]*$")], ...] = ()
+
+    @field_validator("models")
+    @classmethod
+    def _known_models(cls, models: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [m for m in models if m not in BAKED_MODELS]
+        if unknown:
+            raise ValueError(f"unknown model {unknown[0]!r}; known: {', '.join(BAKED_MODELS)}")
+        return models
 
     def content_hash(self) -> str:
         """Hash of everything that decides the image's bytes: the recipe, the files it names, the builder."""

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from guest.kinds import BAKED_MODELS, MODELS_DIR
 from hvctl.errors import ImageError
 from images.initramfs import _run, build_initramfs, fetch_kernel, make_disk
 from images.recipe import GUEST_DIR, INIT_DIR, Recipe
@@ -83,7 +84,7 @@ def build_debian_image(recipe: Recipe, work: Path, cache: Path, say: Callable[[s
         shutil.copytree(GUEST_DIR, lib / "guest", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     for model in recipe.models:
         say(f"building the {model} model for the guest")
-        _bake_model(model, root / "opt/hvctl/models" / model)
+        _bake_model(model, root / MODELS_DIR.lstrip("/") / model)
     # Byte-compile with the guest's own interpreter: under TCG, compiling at first import costs seconds per boot.
     subprocess.run(["chroot", str(root), "python3", "-m", "compileall", "-q", "-j", "0", "/opt/hvctl/lib"],
                    capture_output=True, check=False)
@@ -138,16 +139,10 @@ def _pip_target(packages: tuple[str, ...], target: Path) -> None:
         raise ImageError(f"pip install for the guest failed: {lines[-1] if lines else result.returncode}")
 
 
-MODEL_COMMANDS = {
-    "tiny-llm": ["make-tiny-llm", "{out}"],
-    "perception": ["run", "perception-train", "--out", "{out}", "--no-compare", "--device", "cpu"],
-}
-
-
 def _bake_model(model: str, out: Path) -> None:
     """Build a model with the workloads' own code on the host (same Python ABI, deterministic seeds)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    args = [a.format(out=out) for a in MODEL_COMMANDS[model]]
+    args = [a.format(out=out) for a in BAKED_MODELS[model]]
     result = subprocess.run([sys.executable, "-m", "guest.workloads", *args], capture_output=True, text=True,
                             cwd=GUEST_DIR.parent)
     if result.returncode != 0:

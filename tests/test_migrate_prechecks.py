@@ -3,16 +3,28 @@
 from __future__ import annotations
 
 import shutil
+import sys
+import threading
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from conftest import short_tempdir
+from test_gpu_create import Rig
 
+from guest import rpc
+from guest.agent import Agent, serve_socket
+from hvctl.agent_client import AgentClient
 from hvctl.context import Context
 from hvctl.errors import InvalidSpec, NotFound
 from hvctl.ledger import VMPaths
+from hvctl.ops.lifecycle import destroy
 from hvctl.ops.migrate import MigrateOptions, migrate
+from hvctl.ops.run import cancel
 from hvctl.spec import VMSpec
+
+TOKEN = "t" * 32
 
 
 @pytest.fixture
@@ -55,3 +67,40 @@ def test_checkpoint_mode_needs_an_agent_and_says_so_before_reserving(ctx: Contex
     assert ctx.ledger.reservations() == [] and ctx.ledger.get_vm("gpu-vm").host == "h1"
 
 
+
+
+
+def test_checkpoint_mode_refuses_a_member_of_a_distributed_job_before_reserving(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A running domain on libvirt's test driver, and a real agent (guest/agent.py serving a unix socket in a
+    thread, its train-ddp a sleeping stand-in): only the channel to the agent is a socket here instead of the
+    domain's virtio-serial one."""
+    rig = Rig(tmp_path)
+    rig.create("member", gpus=0)
+    rig.ctx.ledger.ensure_host("h2", "test:///default")
+    agent = Agent(token=TOKEN, workdir=tmp_path / "agent",
+                  workloads={"train-ddp": lambda _args: [sys.executable, "-c", "import time; time.sleep(60)"]})
+    sock = Path("/tmp") / f"hvctl-ckpt-test-{time.time_ns()}.sock"
+    threading.Thread(target=serve_socket, args=(agent, sock), daemon=True).start()
+    client = AgentClient.over_socket(sock, TOKEN, timeout=10)
+    try:
+        client.wait_ready(20)
+        started = client.typed("workload.start", rpc.WorkloadStatus, rpc.WorkloadStartParams(kind="train-ddp"))
+        monkeypatch.setattr(rig.ctx, "agent", lambda *_a, **_k: client)
+        with pytest.raises(InvalidSpec, match=f"member runs {started.id}, its part of a distributed training job"):
+            migrate(rig.ctx, "member", "h2", MigrateOptions(mode="checkpoint"))
+        assert rig.ctx.ledger.reservations() == [] and rig.ctx.ledger.get_vm("member").host == "local"
+        assert client.typed("workload.status", rpc.WorkloadStatus, rpc.WorkloadRef(id=started.id)).state == "running"
+        # `hvctl cancel`'s core: every running workload stopped, and reported; an unknown id refused.
+        assert [(vm, s.state) for vm, s in cancel({"member": client})] == [("member", "cancelled")]
+        assert cancel({"member": client}) == []
+        with pytest.raises(NotFound, match="member has no workload w99"):
+            cancel({"member": client}, "w99")
+    finally:
+        agent.shutdown_requested.set()
+        for wid in list(agent._running):
+            agent.rpc_workload_cancel(rpc.WorkloadRef(id=wid))
+        sock.unlink(missing_ok=True)
+        destroy(rig.ctx, "member")
+        rig.ctx.close()
+        shutil.rmtree(rig.state, ignore_errors=True)

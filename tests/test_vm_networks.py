@@ -256,6 +256,22 @@ def test_a_tenant_network_spans_two_hosts_over_vxlan_and_another_tenant_stays_ou
     assert t.pings("a4", a3) and t.pings("a3", a4)  # across the two hosts
     # The guests' NICs got the tenant MTU, which leaves room for VXLAN's header on the underlay.
     assert "mtu 1450" in t.run("a3", f"ip link show dev {t.tenant_nic('a3')}").stdout
+    # Each host's DHCP server holds every lease of the network, so a DISCOVER that crosses VXLAN gets the same
+    # answer from either: a3's client gets a3's address.
+    ctx = Context(state_dir=t.state, uri="test:///default")
+    try:
+        for host in ("near", "far"):
+            served = {(h.vm, h.ip) for h in ctx.host(host).dhcp_hosts("hvctl-net-blue") or []}
+            assert served == {("a3", a3), ("a4", a4)}, (host, served)
+    finally:
+        ctx.close()
+    nic = t.tenant_nic("a3")
+    try:
+        got = t.run("a3", f"ip -4 addr flush dev {nic} && busybox udhcpc -i {nic} -n -q -t 10 -T 3 "
+                          f"-s /run/hvctl/udhcpc.script 2>&1; ip -o -4 addr show dev {nic}")
+    finally:
+        t.run("a3", f"ip addr replace {a3}/24 dev {nic}")
+    assert f"lease of {a3} obtained from 10.96.30.1" in got.stdout and f"inet {a3}/24" in got.stdout, got.stdout
     # globex's g2, on far beside a4, with an address in blue's subnet: nothing reaches a3 or a4.
     nic = t.tenant_nic("g2")
     assert t.run("g2", f"ip addr add 10.96.30.77/24 dev {nic}").exit_code == 0

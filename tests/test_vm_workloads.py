@@ -325,3 +325,21 @@ def test_checkpoint_migration_resumes_training_on_the_target_at_the_next_step(en
     assert shown["host"] == "h2" and shown["last_migration"]["mode"] == "checkpoint"
     print(f"checkpoint-migration: {stats['total_s']} s, {stats['bytes']} bytes of checkpoint, resumed at step "
           f"{moved['resumed_step']} with loss {moved['loss']}")
+
+
+def test_cancel_stops_the_detached_training_and_workloads_shows_it(env: dict[str, object]) -> None:
+    """After the migration, the training restarted on h2 is the one running: `hvctl cancel` stops it, and the guest's
+    own list of workloads shows it cancelled."""
+    listed = hvctl(env, "workloads", "ml", "--json")
+    assert listed.returncode == 0, listed.stderr
+    running = [w for w in json.loads(listed.stdout) if w["state"] == "running"]
+    assert [w["kind"] for w in running] == ["train"], listed.stdout
+    cancelled = hvctl(env, "cancel", "ml", "--json")
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert json.loads(cancelled.stdout) == [{"vm": "ml", "id": running[0]["id"], "kind": "train",
+                                             "state": "cancelled"}]
+    after = {w["id"]: w["state"] for w in json.loads(hvctl(env, "workloads", "ml", "--json").stdout)}
+    assert after[running[0]["id"]] == "cancelled" and "running" not in after.values()
+    unknown = hvctl(env, "cancel", "ml", "--id", "w999")
+    assert unknown.returncode == 3 and unknown.stderr.strip().splitlines()[-1].startswith("hvctl: error: ml has no "
+                                                                                          "workload w999")

@@ -40,6 +40,7 @@ class Job:
     def __init__(self, tmp: Path, ranks: int, min_nodes: int, steps: int, checkpoint_every: int,
                  hold: dict[int, int] | None = None) -> None:
         self.logs = [tmp / f"rank{i}.log" for i in range(ranks)]
+        self.go = [tmp / f"go{i}" for i in range(ranks)]  # each VM's own go file
         port = free_port()
         self.procs = []
         for i in range(ranks):
@@ -48,7 +49,7 @@ class Job:
                 env["HVCTL_TEST_HOLD_AFTER_STEP"] = str(hold[i])
             argv = [sys.executable, "-m", "guest.workloads", "run", "train-ddp", "--job", f"t{port}",
                     "--rendezvous", "127.0.0.1", "--address", "127.0.0.1", "--port", str(port),
-                    "--min-nodes", str(min_nodes), "--max-nodes", str(ranks), "--go-file", str(tmp / "go"),
+                    "--min-nodes", str(min_nodes), "--max-nodes", str(ranks), "--go-file", str(self.go[i]),
                     *(["--hosts-store"] if i == 0 else []), "--",
                     *TRAIN, "--steps", str(steps), "--checkpoint-every", str(checkpoint_every),
                     "--checkpoint-dir", str(tmp / f"ck{i}"), "--json"]
@@ -57,7 +58,8 @@ class Job:
                                                    start_new_session=True))
         # The go barrier hvctl keeps: every launcher has imported torch before any joins the rendezvous.
         self.wait_for(lambda: all(any('"ready"' in line for line in self.lines(i)) for i in range(ranks)))
-        (tmp / "go").touch()
+        for go in self.go:
+            go.touch()
 
     def lines(self, rank: int) -> list[str]:
         return self.logs[rank].read_text(errors="replace").splitlines()
@@ -88,6 +90,7 @@ class Job:
     def finish(self, ranks: list[int]) -> None:
         for i in ranks:
             assert self.procs[i].wait(timeout=240) == 0, "\n".join(self.lines(i)[-30:])
+            assert not self.go[i].exists()  # read once, and removed by the launcher that read it
 
     def stop(self) -> None:
         for rank, p in enumerate(self.procs):

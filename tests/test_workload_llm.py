@@ -244,19 +244,3 @@ def test_cli_streams_json_lines_and_maps_errors_to_exit_codes(
     errors = capsys.readouterr().err.splitlines()
     assert errors[0].startswith("error: model directory") and errors[1].startswith("error: prompt 0 is")
     assert errors[2].startswith("error: bad request: max_new_tokens")
-
-
-def test_rpc_entry_validates_and_streams(tiny_dir: Path) -> None:
-    from pydantic import ValidationError
-
-    from guest.workloads.api import run_workload
-
-    events: list[dict[str, object]] = []
-    result = run_workload(
-        "llm",
-        {"model_dir": str(tiny_dir), "prompts": ["Rain"], "max_new_tokens": 3, "stop_at_eos": False},
-        events.append,
-    )
-    assert [e["token_id"] for e in events] == result["completions"][0]["token_ids"]
-    with pytest.raises(ValidationError):
-        run_workload("llm", {"model_dir": str(tiny_dir), "prompts": [], "typo_field": 1})

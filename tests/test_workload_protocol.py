@@ -3,8 +3,15 @@ the same models, and nothing else in a log passes for an envelope."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
+
+from guest.kinds import BAKED_MODELS, DEFAULT_LLM, PERCEPTION_MODEL
 from guest.workloads.protocol import Ready, parse_progress, parse_ready, progress_line, ready_line
 from guest.workloads.schema import TrainProgress
+from hvctl.errors import ImageError
+from images.recipe import load_recipe, shipped_recipe_names
 
 
 def test_envelopes_round_trip_and_everything_else_in_a_log_is_skipped() -> None:
@@ -35,3 +42,25 @@ def test_every_kind_has_one_workload_parser_and_handler_and_the_agent_starts_eac
     parsers = next(a for a in run._subparsers._group_actions if a.dest == "workload").choices  # type: ignore[union-attr]
     assert set(parsers) == set(HANDLERS) == set(KINDS) == set(DEFAULT_WORKLOADS)
     assert DEFAULT_WORKLOADS["train-ddp"](["--x"])[-4:] == ["run", "train-ddp", "--x", "--json"]
+
+
+def test_each_workload_error_has_an_exit_code_of_its_own() -> None:
+    """The workload CLI's exit status: one meaning per code, declared on the error class; 0 is success and 2 the bad
+    request (pydantic's refusal), so neither is an error class's. A subclass without a code of its own exits 1."""
+    from guest.workloads import errors
+
+    classes = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, errors.WorkloadError)]
+    assert len(classes) >= 7
+    own = [(c.__name__, c.exit_code) for c in classes if c.exit_code != 1]
+    assert len({code for _, code in own}) == len(own), own
+    assert all(code not in (0, 2) for _, code in own)
+    assert errors.UnsupportedModel.exit_code == 1 and errors.PromptTooLong.exit_code == 4
+
+
+def test_the_baked_models_are_listed_once_and_a_recipe_naming_another_is_refused(tmp_path: Path) -> None:
+    assert {DEFAULT_LLM, PERCEPTION_MODEL} <= set(BAKED_MODELS)
+    assert all(set(load_recipe(name).models) <= set(BAKED_MODELS) for name in shipped_recipe_names())
+    bad = tmp_path / "bad.toml"
+    bad.write_text('name = "bad"\nkind = "debootstrap"\nmodels = ["gpt-5"]\n')
+    with pytest.raises(ImageError, match="unknown model 'gpt-5'; known: tiny-llm, perception"):
+        load_recipe(str(bad))

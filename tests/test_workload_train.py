@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 
 from guest.workloads import __main__ as cli
-from guest.workloads.api import run_workload
 from guest.workloads.assets import build_random_llama, make_tiny_llm, read_corpus, tiny_llama_config, train_tokenizer
 from guest.workloads.checkpoint import latest_checkpoint
 from guest.workloads.errors import CheckpointMismatch, OutOfMemory
@@ -181,11 +180,11 @@ def test_allocation_failures_become_out_of_memory() -> None:
         raise RuntimeError("unrelated")  # other runtime errors pass through untouched
 
 
-def test_rpc_entry_and_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    events: list[dict[str, object]] = []
-    result = run_workload("train", {"objective": "rl", "steps": 3, "batch_size": 8}, on_event=events.append)
-    assert result["final_step"] == 3 and len(result["losses"]) == 3
-    assert [e["step"] for e in events] == [1, 2, 3] and events[0]["event"] == "TrainProgress"
+def test_progress_callback_and_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    events: list[TrainProgress] = []
+    result = train(TrainRequest(objective="rl", steps=3, batch_size=8), on_progress=events.append)
+    assert result.final_step == 3 and len(result.losses) == 3
+    assert [e.step for e in events] == [1, 2, 3]
     args = ["run", "train", "--objective", "seed-rl", "--steps", "4", "--checkpoint-every", "2"]
     assert cli.main([*args, "--checkpoint-dir", str(tmp_path), "--json"]) == 0
     *steps, last = [json.loads(line) for line in capsys.readouterr().out.splitlines()]

@@ -2,8 +2,8 @@
 ``make-media-samples DIR``.
 
 Output is human-readable, or one JSON document with ``--json`` (with ``--stream --json``, one JSON line per token
-first). Errors are one line on stderr with a distinct exit code: 2 bad request, 3 model dir, 4 prompt too long,
-5 bad media, 6 checkpoint mismatch, 7 out of memory, 1 any other workload error.
+first). Errors are one line on stderr with the error class's own exit code (``errors.py``: 2 bad request, 3 model
+dir, 4 prompt too long, 5 bad media, 6 checkpoint mismatch, 7 out of memory, 1 any other workload error).
 """
 
 from __future__ import annotations
@@ -21,20 +21,11 @@ from pydantic import BaseModel, ValidationError
 from ..kinds import KINDS
 from ..validation import describe
 from .distributed import RDZV_PORT
-from .errors import BadMediaFormat, CheckpointMismatch, ModelDirError, OutOfMemory, PromptTooLong, WorkloadError
+from .errors import WorkloadError
 from .protocol import progress_line
 from .schema import LLMRequest, PerceptionRequest, PerceptionTrainRequest, Sampling, TokenEvent, TrainRequest
 
 HOLD_FILE = Path("/run/hvctl-test/hold-after-step")  # the fault hook of _run_train, for VM tests
-
-EXIT_CODES: dict[type[WorkloadError], int] = {
-    ModelDirError: 3,
-    PromptTooLong: 4,
-    BadMediaFormat: 5,
-    CheckpointMismatch: 6,
-    OutOfMemory: 7,
-}
-
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m guest.workloads", description="run hvctl guest workloads locally")
@@ -323,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error.message}", file=sys.stderr)
         if getattr(args, "json", False):
             print(json.dumps({"error": error.to_dict()}))
-        return EXIT_CODES.get(type(error), 1)
+        return error.exit_code
     except ValidationError as error:
         print(f"error: bad request: {describe(error)}", file=sys.stderr)
         return 2

@@ -104,8 +104,9 @@ def launch(options: LaunchOptions) -> None:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     print(ready_line(Ready(interface=nic, address=options.local_address)), flush=True)
-    if options.go_file is not None:
+    if options.go_file is not None:  # this VM's own, read once
         _wait_for(Path(options.go_file), options.join_timeout_s)
+        Path(options.go_file).unlink(missing_ok=True)
     try:
         elastic.main(launcher_argv(options))
     except ChildFailedError as error:

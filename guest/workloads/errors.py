@@ -1,8 +1,9 @@
 """Typed workload errors.
 
 Every error a caller can act on is a WorkloadError subclass with a one-line message (the agent RPC and the CLI print
-it as is) and a stable ``code`` (what the RPC puts on the wire, so the controller can map it back to a class without
-parsing prose). Anything else escaping a workload is a bug, not a user error.
+it as is), a stable ``code`` (what the RPC puts on the wire, so the controller can map it back to a class without
+parsing prose) and the workload CLI's ``exit_code``, one per class. Anything else escaping a workload is a bug, not
+a user error.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ class WorkloadError(Exception):
     """Base class: a workload refused or failed for a reason the caller can fix or report."""
 
     code: ClassVar[str] = "workload_error"
+    # The workload CLI's exit status for it (``python -m guest.workloads``); 2 is a bad request (pydantic's refusal).
+    exit_code: ClassVar[int] = 1
 
     def __init__(self, message: str) -> None:
         # One line, always: RPC frames and CLI error lines are line-oriented.
@@ -28,12 +31,14 @@ class ModelDirError(WorkloadError):
     """The model directory is missing, incomplete or unreadable (config, weights or tokenizer)."""
 
     code = "model_dir"
+    exit_code = 3
 
 
 class PromptTooLong(WorkloadError):
     """The prompt, plus the tokens asked for, does not fit the model's context window."""
 
     code = "prompt_too_long"
+    exit_code = 4
 
     def __init__(self, prompt_tokens: int, max_new_tokens: int, context_window: int, prompt_index: int = 0) -> None:
         self.prompt_tokens = prompt_tokens
@@ -50,12 +55,14 @@ class BadMediaFormat(WorkloadError):
     """An image or audio input is not in a format the workload decodes (PNG/.npy images, PCM WAV/.npy audio)."""
 
     code = "bad_media_format"
+    exit_code = 5
 
 
 class CheckpointMismatch(WorkloadError):
     """A checkpoint does not belong to this model/objective, or cannot be read."""
 
     code = "checkpoint_mismatch"
+    exit_code = 6
 
 
 class UnsupportedModel(WorkloadError):
@@ -68,6 +75,7 @@ class OutOfMemory(WorkloadError):
     """Not enough host or device memory: refused up front by an estimate, or caught from an allocation failure."""
 
     code = "out_of_memory"
+    exit_code = 7
 
 
 ERRORS_BY_CODE: dict[str, type[WorkloadError]] = {

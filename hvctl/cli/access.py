@@ -45,11 +45,11 @@ def agent(
             out.print(f"{name}: new agent token " + ("in use now and at the next boot" if rotated["live"]
                                                      else "takes effect at the next start"))
         return
-    record = ctx().ledger.get_vm(name)
-    if not record.agent_token:
-        fail(f"VM {name} has no agent (its image was built without one)", 2)
+    from hvctl.ops.run import agent_for
+
+    client = agent_for(ctx(), ctx().ledger.get_vm(name))
     started = time.monotonic()
-    result = ctx().agent(record.host, record.name, record.agent_token).call(method)
+    result = client.call(method)
     rtt_ms = (time.monotonic() - started) * 1000
     data = result.model_dump(mode="json")
     if as_json:

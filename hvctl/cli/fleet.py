@@ -251,16 +251,9 @@ def gpu_release(
     as_json: JsonOpt = False,
 ) -> None:
     """Give a GPU hvctl bound back to its host driver, when its VM is gone (a crash, a host reboot)."""
-    import dataclasses
+    from hvctl.ops.gpus import release_gpu
 
-    from hvctl.doctor import gpu_keepers
-    from hvctl.passthrough import release_address
-
-    c = ctx()
-    on = host or c.host_name
-    c.ledger.get_host(on)  # an unknown host is refused before anything is read
-    env = dataclasses.replace(c.gpu_env, sysfs_root=sysfs) if sysfs else c.gpu_env
-    done = release_address(c, env, address, on, lambda: gpu_keepers(c, on))
+    done = release_gpu(ctx(), address, host, sysfs)
     if as_json:
         emit_json(done)
     else:

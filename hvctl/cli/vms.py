@@ -152,26 +152,10 @@ def print_vm_table(views: "list[VMView]", orphans: "list[Drift]") -> None:
 @app.command()
 def show(name: str, output: OutputOpt = None, as_json: JsonOpt = False) -> None:
     """Everything hvctl knows about one VM, with its recent events."""
-    from hvctl.ops.inspect import describe_drift, enforcement_report
+    from hvctl.ops.inspect import show_vm
 
     fmt = output_format(output, as_json, ("table", "json", "yaml"))
-    c = ctx()
-    record = c.ledger.get_vm(name)
-    host = c.host(record.host)
-    actual = host.state(name)
-    data = record.as_dict() | {"actual": actual.value, "drift": describe_drift(record, actual)}
-    data["events"] = [{"ts": e.ts, "kind": e.kind, "message": e.message} for e in c.ledger.events(name, 20)]
-    data["enforcement"] = enforcement_report(c, record)
-    data["last_migration"] = c.ledger.last_event_data(name, "migration.completed")
-    data["snapshots"] = [s.as_dict() for s in c.ledger.snapshots(name)]
-    net = record.spec.network
-    data["network"] = None if net is None else (
-        f"tenant network {net.tenant_network}, {net.address}" if net.tenant_network else
-        f"{'bridge ' + net.bridge if net.bridge else 'libvirt network ' + str(net.network)}, "
-        f"{net.address or 'address by the guest'}")
-    data["operation"] = next(({"kind": op["kind"], "step": op["step"], "target": op["target"],
-                               "started_at": op["started_at"], "progress": op["data"].get("progress")}
-                              for op in c.ledger.operations() if op["vm"] == name), None)
+    data = show_vm(ctx(), name)
     if fmt != "table":
         emit(data, fmt)
         return

@@ -206,17 +206,11 @@ def logs(
 ) -> None:
     """Print the output of a VM's workload."""
     from guest import rpc
-    from hvctl.ops.run import agent_for
+    from hvctl.ops.run import agent_for, latest_workload
 
     c = ctx()
-    record = c.ledger.get_vm(name)
-    client = agent_for(c, record)
-    if workload is None:
-        # The agent's own list: it also knows workloads a checkpoint-migration restarted in this incarnation.
-        known = client.typed("workload.list", rpc.WorkloadList).workloads
-        if not known:
-            fail(f"{name} has run no workload since it booted", 3)
-        workload = max(known, key=lambda w: int(w.id[1:])).id
+    client = agent_for(c, c.ledger.get_vm(name))
+    workload = workload or latest_workload(client, name)
     offset = 0
     while True:
         chunk = client.typed("workload.logs", rpc.WorkloadLogs, rpc.WorkloadLogsParams(id=workload, offset=offset))
@@ -224,6 +218,45 @@ def logs(
         offset = chunk.next_offset
         if chunk.eof or not chunk.data:
             break
+
+
+@app.command(name="workloads")
+def list_workloads(name: str, as_json: JsonOpt = False) -> None:
+    """The workloads a VM's agent started since it booted: id, kind, state and how it ended."""
+    from hvctl.ops.run import agent_for, workloads
+
+    c = ctx()
+    known = workloads(agent_for(c, c.ledger.get_vm(name)))
+    if as_json:
+        emit_json([w.model_dump(exclude={"result"}) | {"vm": name} for w in known])
+        return
+    if not known:
+        out.print(f"{name} has run no workload since it booted")
+    for w in known:
+        ended = f"exit {w.exit_code}" if w.exit_code is not None else ""
+        out.print(f"{w.id}  {w.kind:<16} {w.state:<10} {ended}  {w.error or ''}".rstrip(), markup=False)
+
+
+@app.command(name="cancel")
+def cancel_workloads(
+    names: Annotated[str, typer.Argument(help="A VM, or several separated by commas (a distributed job's).")],
+    workload: Annotated[str | None, typer.Option("--id", help="Only this workload (default: every running one).")]
+    = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Stop a VM's running workloads (the whole process group of each); a distributed job's VMs all at once."""
+    from hvctl.ops.run import agent_for, cancel
+
+    c = ctx()
+    vms = [n for n in names.split(",") if n]
+    cancelled = cancel({vm: agent_for(c, c.ledger.get_vm(vm)) for vm in vms}, workload)
+    if as_json:
+        emit_json([{"vm": vm, "id": s.id, "kind": s.kind, "state": s.state} for vm, s in cancelled])
+        return
+    if not cancelled:
+        out.print(f"nothing was running on {', '.join(vms)}")
+    for vm, s in cancelled:
+        out.print(f"{vm}: {s.id} ({s.kind}) {s.state}")
 
 
 @app.command()

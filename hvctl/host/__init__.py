@@ -231,6 +231,9 @@ class Host:
         return networks.ensure_network(self.conn, networks.isolated_network_xml(name, bridge, tenant_network, tenant,
                                                                                  subnet, leases))
 
+    def dhcp_hosts(self, network: str) -> list[networks.DhcpHost] | None:
+        return networks.dhcp_hosts(self.conn, network)
+
     def set_dhcp_host(self, network: str, lease: networks.DhcpHost) -> bool:
         return networks.set_dhcp_host(self.conn, network, lease)
 

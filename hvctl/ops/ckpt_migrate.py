@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from guest import rpc
-from guest.kinds import CHECKPOINTABLE
+from guest.kinds import CHECKPOINTABLE, DISTRIBUTED
 from guest.workloads.protocol import parse_progress
 from guest.workloads.schema import TrainProgress
 from hvctl import passthrough
@@ -79,6 +79,14 @@ def checkpoint_migrate(ctx: Context, record: VMRecord, target: str, timeout_s: f
     source_agent = ctx.agent(record.host, name, record.agent_token, timeout=60)
     say("asking the source agent for its workloads")
     running = [w for w in source_agent.typed("workload.list", rpc.WorkloadList).workloads if w.state == "running"]
+    member = next((w for w in running if w.kind in DISTRIBUTED), None)
+    if member is not None:
+        # Its job would re-form without it at once, and the new incarnation would share its tenant address with
+        # the source until the commit: a job's checkpoint is every member's, so it moves by running the job again.
+        raise InvalidSpec(f"{name} runs {member.id}, its part of a distributed training job: checkpoint migration "
+                          "moves a VM's own workloads, not one member of a job that spans VMs",
+                          hint=f"`hvctl cancel` the job's VMs, migrate {name}, and run the job again: it resumes "
+                               "from its newest checkpoint")
     moving = [Moving(w.id, w.args, _checkpoint_dir(w)) for w in running if w.kind in CHECKPOINTABLE]
     draining = [w.id for w in running if w.kind not in CHECKPOINTABLE]
     image = ctx.images.get(record.spec.image)

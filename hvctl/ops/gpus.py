@@ -3,10 +3,12 @@ its sysfs; any other host's from its libvirt's node devices, through the same vi
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hvctl.doctor import gpu_keepers
 from hvctl.errors import HostUnreachable, HypervisorError
 
 if TYPE_CHECKING:
@@ -111,3 +113,14 @@ def list_fleet_gpus(ctx: Context, hosts: list[str] | None = None, sysfs_root: Pa
         result["gpus"] += [{"host": name} | row for row in rows]
         result["checks"][name] = checks
     return result
+
+
+def release_gpu(ctx: Context, address: str, host: str | None = None, sysfs_root: Path | None = None) -> dict[str, Any]:
+    """`hvctl gpu release`: a GPU hvctl bound, back on its host driver once its VM is gone (a crash, a host reboot);
+    refused while a VM that exists holds it. ``host``: the one hvctl acts on when None."""
+    from hvctl.passthrough import release_address  # passthrough imports this module's unpassable
+
+    on = host or ctx.host_name
+    ctx.ledger.get_host(on)  # an unknown host is refused before anything is read
+    env = dataclasses.replace(ctx.gpu_env, sysfs_root=sysfs_root) if sysfs_root else ctx.gpu_env
+    return release_address(ctx, env, address, on, lambda: gpu_keepers(ctx, on))

@@ -130,3 +130,26 @@ def enforcement_report(ctx: Context, record: VMRecord) -> dict[str, Any] | None:
             report |= {"pid": pid, "enforced": enforced.as_dict()}
             report["mismatches"] += mismatches(configured, enforced)
     return report
+
+
+def show_vm(ctx: Context, name: str) -> dict[str, Any]:
+    """Everything hvctl knows about one VM (`hvctl show`): its ledger record, libvirt's state and any drift between
+    them, its last events, enforcement, last migration, snapshots, production network and operation in progress."""
+    record = ctx.ledger.get_vm(name)
+    actual = ctx.host(record.host).state(name)
+    net = record.spec.network
+    return record.as_dict() | {
+        "actual": actual.value,
+        "drift": describe_drift(record, actual),
+        "events": [{"ts": e.ts, "kind": e.kind, "message": e.message} for e in ctx.ledger.events(name, 20)],
+        "enforcement": enforcement_report(ctx, record),
+        "last_migration": ctx.ledger.last_event_data(name, "migration.completed"),
+        "snapshots": [s.as_dict() for s in ctx.ledger.snapshots(name)],
+        "network": None if net is None else (
+            f"tenant network {net.tenant_network}, {net.address}" if net.tenant_network else
+            f"{'bridge ' + net.bridge if net.bridge else 'libvirt network ' + str(net.network)}, "
+            f"{net.address or 'address by the guest'}"),
+        "operation": next(({"kind": op["kind"], "step": op["step"], "target": op["target"],
+                            "started_at": op["started_at"], "progress": op["data"].get("progress")}
+                           for op in ctx.ledger.operations() if op["vm"] == name), None),
+    }

@@ -1,8 +1,8 @@
-"""hvctl run / logs / checkpoint / restore: workloads inside a VM, driven through its agent.
+"""hvctl run / workloads / cancel / logs / checkpoint / restore: workloads inside a VM, driven through its agent.
 
 The agent runs each workload as a child process (`python -m guest.workloads run KIND ... --json`); this module
 starts it, follows its output through workload.logs, and returns the final status with the workload's JSON result.
-Models live in the image (/opt/hvctl/models, baked at build time); media files for perception are copied in over
+Models live in the image (guest.kinds.MODELS_DIR, baked at build time); media files for perception are copied in over
 SFTP first.
 """
 
@@ -14,18 +14,19 @@ import re
 import secrets
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from guest import rpc
+from guest.kinds import DEFAULT_LLM, MODELS_DIR, PERCEPTION_MODEL
 from hvctl.access import copy, route_for
 from hvctl.agent_client import AgentClient, AgentError
 from hvctl.context import Context
-from hvctl.errors import HvctlError, InvalidSpec
+from hvctl.errors import HvctlError, InvalidSpec, NotFound
 from hvctl.ledger import VMRecord
 from hvctl.limits import DEFAULT_MAX_DOWNLOAD_BYTES
 from hvctl.seed import operator_key
 
-MODELS = "/opt/hvctl/models"
 CHECKPOINTS = "/var/lib/hvctl-agent/checkpoints"
 OBJECTIVES = ("ssl", "rl", "seed-rl")
 # The training workload's checkpoint names (guest/workloads/checkpoint.py): the only names hvctl accepts from a guest.
@@ -48,6 +49,35 @@ def agent_for(ctx: Context, record: VMRecord) -> AgentClient:
     if not record.agent_token:
         raise InvalidSpec(f"VM {record.name} has no agent (its image was built without one)")
     return ctx.agent(record.host, record.name, record.agent_token, timeout=60)
+
+
+def workloads(client: AgentClient) -> list[rpc.WorkloadStatus]:
+    """Every workload the VM's agent started since it booted (a checkpoint migration's restarts included), oldest
+    first."""
+    return sorted(client.typed("workload.list", rpc.WorkloadList).workloads, key=lambda w: int(w.id[1:]))
+
+
+def latest_workload(client: AgentClient, name: str) -> str:
+    known = workloads(client)
+    if not known:
+        raise NotFound(f"{name} has run no workload since it booted")
+    return known[-1].id
+
+
+def cancel(clients: dict[str, AgentClient], wid: str | None = None) -> list[tuple[str, rpc.WorkloadStatus]]:
+    """Cancel, on each VM, workload ``wid`` or (None) every one still running: all signalled before any is waited
+    for, so that the members of a distributed job go together instead of re-forming without each other. Returns
+    (vm, status after) for each one cancelled; a ``wid`` a VM does not know is refused before any is touched."""
+    targets: list[tuple[str, str]] = []
+    for vm, client in clients.items():
+        known = {w.id: w for w in workloads(client)}
+        if wid is not None and wid not in known:
+            raise NotFound(f"{vm} has no workload {wid}", hint=f"`hvctl workloads {vm}` lists them")
+        targets += [(vm, w.id) for w in known.values() if (wid is None or w.id == wid) and w.state == "running"]
+    with ThreadPoolExecutor(max_workers=max(len(targets), 1)) as pool:
+        done = list(pool.map(lambda t: clients[t[0]].typed("workload.cancel", rpc.WorkloadStatus,
+                                                           rpc.WorkloadRef(id=t[1])), targets))
+    return [(vm, status) for (vm, _), status in zip(targets, done, strict=True)]
 
 
 LLM_BACKENDS = ("eager", "fast", "onnx")
@@ -82,7 +112,7 @@ def perception_args(ctx: Context, record: VMRecord, text: str | None, image: Pat
     """Copy the media into the guest and point the workload at the copies."""
     if not (text or image or audio):
         raise InvalidSpec("perception needs at least one of --text, --image, --audio")
-    args = ["--model", f"{MODELS}/perception"]
+    args = ["--model", f"{MODELS_DIR}/{PERCEPTION_MODEL}"]
     if text:
         args += ["--text", text]
     remote_dir = f"/tmp/hvctl-run-{secrets.token_hex(4)}"
@@ -106,13 +136,13 @@ def guest_model_dir(model: str | None) -> str:
     """A model directory in the guest: an absolute path as given, or the name of a model baked into the image
     (the tiny LLM when None)."""
     if model is None:
-        return f"{MODELS}/tiny-llm"
+        return f"{MODELS_DIR}/{DEFAULT_LLM}"
     if model.startswith("/"):
         return model
     if "/" in model or model in (".", ".."):
         raise InvalidSpec(f"--model {model!r}: give an absolute path in the guest, or the name of a model in the "
-                          f"image (under {MODELS})")
-    return f"{MODELS}/{model}"
+                          f"image (under {MODELS_DIR})")
+    return f"{MODELS_DIR}/{model}"
 
 
 def train_args(objective: str, steps: int, checkpoint_every: int, model: str | None = None,
