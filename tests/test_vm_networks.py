@@ -215,7 +215,7 @@ def test_rm_of_a_network_in_use_is_refused_and_after_its_vms_it_leaves_the_host(
 @pytest.fixture(scope="module")
 def two_hosts(image_dir: Path) -> Iterator[tuple[Tenants, RemoteStyleHost, RemoteStyleHost]]:
     """Two remote-style hosts wired to each other (198.19.7.0/30, their underlays), each reached from here over its
-    own veth: blue's a3 runs on near, a4 and globex's g2 on far."""
+    own veth: blue's a3 runs on near (until the test moves it to far), a4 and globex's g2 on far."""
     ImageStore(image_dir).build("base")
     state = short_tempdir("hvt-")
     (state / "images").symlink_to(image_dir)
@@ -272,6 +272,16 @@ def test_a_tenant_network_spans_two_hosts_over_vxlan_and_another_tenant_stays_ou
     finally:
         t.run("a3", f"ip addr replace {a3}/24 dev {nic}")
     assert f"lease of {a3} obtained from 10.96.30.1" in got.stdout and f"inet {a3}/24" in got.stdout, got.stdout
+    # a3 moves live to far, its disk copied (the hosts share no storage) over the hosts' own link: QEMU on near
+    # reaches far's underlay address, which this machine does not route to. It keeps its address and MAC, and a4
+    # reaches it on the same host now; its uptime shows it never stopped.
+    before = float(t.run("a3", "cut -d' ' -f1 /proc/uptime").stdout)
+    moved = t.hvctl("migrate", "a3", "--to", "far", "--copy-storage", "--json", timeout=900)
+    assert moved.returncode == 0, moved.stderr
+    assert json.loads(t.hvctl("show", "a3", "--json").stdout)["host"] == "far" and t.address("a3") == a3
+    assert float(t.run("a3", "cut -d' ' -f1 /proc/uptime").stdout) > before
+    assert f"inet {a3}/24" in t.run("a3", f"ip -o -4 addr show dev {t.tenant_nic('a3')}").stdout
+    assert t.pings("a4", a3) and t.pings("a3", a4)
     # globex's g2, on far beside a4, with an address in blue's subnet: nothing reaches a3 or a4.
     nic = t.tenant_nic("g2")
     assert t.run("g2", f"ip addr add 10.96.30.77/24 dev {nic}").exit_code == 0

@@ -239,10 +239,16 @@ def _discard_target_copy(ctx: Context, record: VMRecord, target: str) -> None:
 
 def migration_address(ctx: Context, source: str, target: str) -> str:
     """Where the source host's QEMU reaches the target's (memory, and the disks' NBD mirror): loopback when both
-    are this machine; the address the target's URI names when it is another host; and when only the source is
-    another host, this machine's own address on its route to that host (the kernel's choice of source address
-    for a datagram socket connected there: nothing is sent)."""
-    if not ctx.is_this_machine(target):
+    are this machine; between two other hosts, the target's underlay address when it has one (`host add
+    --underlay`: the address other hosts reach it at, which its URI's, the controller's way in, need not be);
+    otherwise the address the target's URI names when it is another host; and when only the source is another
+    host, this machine's own address on its route to that host (the kernel's choice of source address for a
+    datagram socket connected there: nothing is sent)."""
+    underlay = ctx.ledger.underlays().get(target)
+    address: str | None
+    if underlay is not None and not ctx.is_this_machine(source) and not ctx.is_this_machine(target):
+        address = str(underlay)
+    elif not ctx.is_this_machine(target):
         address = urlsplit(ctx.ledger.get_host(target).uri).hostname
         if not address:
             raise InvalidSpec(f"host {target}'s URI names no address that {source} could migrate to")
