@@ -176,7 +176,7 @@ def _remaining(deadline: float) -> float:
 
 def _open_channel(host: Host, vm: str, channel: str, deadline: float) -> Transport:
     """Open the channel, waiting out another client that holds it (never past ``deadline``, nor BUSY_GRACE_S)."""
-    from hvctl.host import ChannelBusy
+    from hvctl.host import ChannelBusy  # libvirt loads when a channel is first opened, not with this module
 
     busy_until = min(deadline, time.monotonic() + BUSY_GRACE_S)
     while True:

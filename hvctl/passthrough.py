@@ -290,3 +290,19 @@ def _forget_settled(ledger: Ledger, host: str, addresses: Iterable[str]) -> None
     for row in ledger.gpu_bindings(host):
         if row["address"] in wanted and row["state"] in TERMINAL_STATES:
             ledger.forget_gpu(host, row["address"])
+
+
+def gpu_keepers(ctx: Context, host: str) -> set[str]:
+    """The VMs on ``host`` that keep their GPUs: every one the ledger has, running or stopped. Only destroy
+    releases a VM's GPUs; a stopped VM's are rebound at its start if a host reboot gave them back."""
+    return {vm.name for vm in ctx.ledger.list_vms(host=host)}
+
+
+def stranded_gpus(ctx: Context) -> list[dict[str, Any]]:
+    """Devices hvctl moved (or began to move) for a VM it no longer has: left by a crash or a failed release."""
+    stranded = []
+    for host in sorted({r["host"] for r in ctx.ledger.gpu_bindings()}):
+        keepers = gpu_keepers(ctx, host)
+        stranded += [r for r in ctx.ledger.gpu_bindings(host)
+                     if r["state"] not in RELEASED_STATES and r["vm"] not in keepers]
+    return stranded

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hvctl.errors import LedgerError
+from hvctl.names import check_name
 
 DEFAULT_STATE_DIR = Path("/var/lib/hvctl")
 # sockaddr_un.sun_path holds 108 bytes; the agent socket lives at STATE/vms/NAME/agent.sock.
@@ -65,8 +66,6 @@ class StateDir:
 
     def vm_dir(self, name: str, generation: int = 0) -> Path:
         # Names never contain '.', so NAME.gN cannot be another VM's directory.
-        from hvctl.names import check_name
-
         return self.root / "vms" / (check_name(name) + (f".g{generation}" if generation else ""))
 
     def vm_files(self, name: str, generation: int = 0) -> VMFiles:

@@ -13,7 +13,8 @@ controller. hvctl keeps its CA and its client identity in the state dir, made on
 ``server_pair`` issues a host's certificate and key, which ``host prepare --tls`` installs where libvirtd looks for
 them by default. Key usages and purposes are the ones libvirt's certificate checks require of each kind (CA: cert
 signing; server: serverAuth; client: clientAuth; both: digitalSignature and keyEncipherment). RSA 2048, as
-libvirt's own guide does.
+libvirt's own guide does. ``cryptography`` is imported where it is used, so that only the commands that make or read
+certificates load it.
 """
 
 from __future__ import annotations

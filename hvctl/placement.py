@@ -39,7 +39,7 @@ def inventory(ledger: Ledger, policy: Policy, record: HostRecord) -> HostInvento
     gpus = [g for g in gpus if g.get("address") not in unhealthy]  # dead until a host reboot: not capacity
     # Devices a VM holds (claimed or bound, not yet given back) are not free, whatever model they are. The inventory
     # rows carry no owner: the ledger's GPU journal is where ownership lives.
-    from hvctl.passthrough import owners
+    from hvctl.passthrough import owners  # passthrough imports ops, which import this module
 
     held = owners(ledger, record.name)
     for gpu in gpus:

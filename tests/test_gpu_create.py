@@ -37,12 +37,12 @@ from fakesysfs import (
 )
 
 from hvctl.context import Context, GpuEnvironment
-from hvctl.doctor import gpu_keepers, repair, stranded_gpus
 from hvctl.ledger import QuotaExceeded
 from hvctl.ops.create import create
+from hvctl.ops.doctor import repair
 from hvctl.ops.incarnation import BootOptions
 from hvctl.ops.lifecycle import destroy, start, stop
-from hvctl.passthrough import NoGpuAvailable, release_address
+from hvctl.passthrough import NoGpuAvailable, gpu_keepers, release_address, stranded_gpus
 from hvctl.placement import NoValidHost
 from hvctl.spec import VMSpec
 from vfio import BindError, DeviceNotFound, NotAGpu
@@ -364,7 +364,7 @@ def test_a_gpu_create_killed_after_any_step_is_rolled_back_and_its_devices_go_ho
 def test_a_gpu_that_stops_answering_after_release_needs_a_host_reboot_and_is_not_placed_again(rig: Rig) -> None:
     """The fake kernel's device falls off the bus when its release resets it (config space reads all ones, the
     cached vendor file does not change). A fake: no GPU can fail a reset here."""
-    from hvctl.doctor import repair
+    from hvctl.ops.doctor import repair
     from hvctl.ops.gpus import list_gpus
 
     rig.create("gpu-vm", 1)
@@ -376,7 +376,7 @@ def test_a_gpu_that_stops_answering_after_release_needs_a_host_reboot_and_is_not
     assert list(health) == [GPU] and health[GPU]["state"] == "needs-host-reboot"
     assert "0xffff" in health[GPU]["reason"]
     assert "gpu.needs-host-reboot" in [e.kind for e in rig.ctx.ledger.events(None, 50)]
-    from hvctl.doctor import run_checks
+    from hvctl.ops.doctor import run_checks
 
     (check,) = [c for c in run_checks(rig.ctx) if c.name == "gpu health"]
     assert not check.ok and GPU in check.detail and "reboot the host" in (check.hint or "")

@@ -214,8 +214,8 @@ def test_an_unreachable_host_leaves_its_operation_undecided_and_never_blocks_rep
         ctx: Context) -> None:
     """Two interrupted operations: a migration to a host that does not answer, and a start of a VM on a host that
     does (libvirt's test driver, whose domain "test" runs). The repair decides the second and keeps the first."""
-    from hvctl.doctor import repair
     from hvctl.ledger import VMPaths
+    from hvctl.ops.doctor import repair
     from hvctl.spec import VMSpec
 
     ctx.ledger.ensure_host("gone", "qemu:///system?socket=/nonexistent")

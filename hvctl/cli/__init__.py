@@ -1,6 +1,9 @@
 """The hvctl command line: parses arguments, renders tables and progress. The only package that prints or exits.
 
-Commands live in one module per area; importing them registers them on the shared typer app.
+Commands live in one module per area; importing them registers them on the shared typer app. Each command imports
+the ops it runs inside its own body: every invocation loads this whole package, and `hvctl --help`, completion and
+`hvctl list` should not pay for libvirt's, the designer's or the scheduler's imports that another command needs
+(benchmarks/bench_cli.py measures the start-up). A function-local import in this package has that reason.
 """
 
 from __future__ import annotations

@@ -459,7 +459,7 @@ def doctor(
 ) -> None:
     """Check libvirtd, the accelerator, images, the state dir, drift between the ledger and libvirt, and GPUs left
     bound; --repair returns those first (with --json: {"repaired": ..., "checks": [...]})."""
-    from hvctl import doctor as doc
+    from hvctl.ops import doctor as doc
 
     context = ctx()
     repaired = doc.repair(context) if repair else None
@@ -478,7 +478,7 @@ def doctor(
     checks = doc.run_checks(context)
     if as_json:
         listed = [c.as_dict() for c in checks]
-        # Without --repair the output stays the list of checks it has always been.
+        # `doctor --json` is the list of checks; with --repair, an object holding what was repaired and that list.
         emit_json(listed if repaired is None else {"repaired": repaired, "checks": listed})
     else:
         for c in checks:

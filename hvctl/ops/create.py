@@ -9,13 +9,14 @@ from typing import Any
 
 from hvctl import passthrough
 from hvctl.context import Context
-from hvctl.errors import AlreadyExists, InvalidSpec
+from hvctl.errors import AlreadyExists, InvalidSpec, NotFound
 from hvctl.ledger import Admission, VMRecord
 from hvctl.ops import Say, Undo, pooled, quiet
 from hvctl.ops.incarnation import BootOptions, GuestSecrets, Incarnation, LocalStorage, Storage, boot
 from hvctl.ops.intent import operation
+from hvctl.ops.lifecycle import remove_vm_files
 from hvctl.ops.networks import ensure_on_host, publish_lease, withdraw_lease
-from hvctl.placement import choose_host, host_limit
+from hvctl.placement import NoValidHost, choose_host, host_limit
 from hvctl.spec import VMSpec
 from images.store import Image
 
@@ -35,8 +36,6 @@ def create(ctx: Context, spec: VMSpec, say: Say = quiet, options: BootOptions | 
         spec = spec.model_copy(update={"host": choose_host(ctx.ledger, policy, spec)})
     assert spec.host is not None
     if not ctx.ledger.get_host(spec.host).enabled:
-        from hvctl.placement import NoValidHost
-
         raise NoValidHost(f"host {spec.host} is disabled: nothing new is placed there",
                           hint=f"`hvctl host enable {spec.host}`, or leave out --host")
     host = ctx.host(spec.host)
@@ -145,9 +144,6 @@ def reconcile_create(ctx: Context, op: dict[str, Any]) -> str:
     """An interrupted create is rolled back: its domain (by the UUID the intent recorded, else by name and hvctl's
     metadata on the target host), its GPUs, its files or volumes, and its ledger row. One that had committed
     (the ledger says running) is left as it is."""
-    from hvctl.errors import NotFound
-    from hvctl.ops.lifecycle import remove_vm_files
-
     vm, ledger = op["vm"], ctx.ledger
     try:
         record = ledger.get_vm(vm)

@@ -25,6 +25,7 @@ from guest.workloads.schema import TrainProgress
 
 from ..agent_client import AgentClient, AgentError
 from ..errors import HvctlError, InvalidSpec
+from ..host.guest import DomainState
 from .run import WorkloadFailed, agent_for
 
 if TYPE_CHECKING:
@@ -267,8 +268,6 @@ def run_job(ctx: Context, vms: list[str], train_args: list[str], batch_size: int
     plan = plan_job(members, train_args, batch_size, min_nodes)
 
     def running(host: str, name: str) -> Callable[[], bool]:
-        from ..host.guest import DomainState
-
         def ask() -> bool:
             try:
                 return ctx.host(host).state(name) == DomainState.RUNNING

@@ -8,7 +8,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hvctl.doctor import gpu_keepers
 from hvctl.errors import HostUnreachable, HypervisorError
 
 if TYPE_CHECKING:
@@ -90,7 +89,7 @@ def list_gpus(sysfs_root: Path = Path("/sys"), owners: dict[str, str] | None = N
 def list_fleet_gpus(ctx: Context, hosts: list[str] | None = None, sysfs_root: Path | None = None) -> dict[str, Any]:
     """``hvctl gpu list``: the GPUs of every registered host (or of ``hosts``), each row naming its host; per host its
     checks, and the hosts that could not be read with why. One host's failure never hides the others'."""
-    from hvctl import passthrough
+    from hvctl import passthrough  # which imports this module
 
     names = hosts or [h.name for h in ctx.ledger.list_hosts()]
     allowlist = passthrough.accelerator_allowlist(ctx)
@@ -118,7 +117,7 @@ def list_fleet_gpus(ctx: Context, hosts: list[str] | None = None, sysfs_root: Pa
 def release_gpu(ctx: Context, address: str, host: str | None = None, sysfs_root: Path | None = None) -> dict[str, Any]:
     """`hvctl gpu release`: a GPU hvctl bound, back on its host driver once its VM is gone (a crash, a host reboot);
     refused while a VM that exists holds it. ``host``: the one hvctl acts on when None."""
-    from hvctl.passthrough import release_address  # passthrough imports this module's unpassable
+    from hvctl.passthrough import gpu_keepers, release_address  # passthrough imports this module
 
     on = host or ctx.host_name
     ctx.ledger.get_host(on)  # an unknown host is refused before anything is read

@@ -8,11 +8,12 @@ from typing import Any
 
 from hvctl import passthrough
 from hvctl.context import Context
-from hvctl.errors import AlreadyExists, InvalidSpec
-from hvctl.host import Host, identity
+from hvctl.errors import AlreadyExists, HostUnreachable, HvctlError, InvalidSpec
+from hvctl.host import DomainState, Host, identity
 from hvctl.names import check_name
 from hvctl.ops import Say
-from hvctl.placement import host_limit
+from hvctl.ops.migrate import MigrateOptions, Mode, migrate
+from hvctl.placement import choose_host, host_limit
 from vfio import PciSysfs
 
 # Enough for the largest image hvctl builds (ml: ~1.5 GiB with torch) to be uploaded once.
@@ -64,8 +65,6 @@ def add_host(ctx: Context, name: str, uri: str, underlay: str | None = None) -> 
 def cpu_compatibility(ctx: Context, new: Host, exclude: str) -> dict[str, str]:
     """For each registered host that answers: can a guest started there run on ``new``? (libvirt compares that
     host's CPU with the new one's.) A host that does not answer is left out."""
-    from hvctl.errors import HostUnreachable, HvctlError
-
     found = {}
     for record in ctx.ledger.list_hosts():
         if record.name == exclude:
@@ -113,11 +112,6 @@ def evacuate(ctx: Context, name: str, say: Say = lambda _: None,
     with passthrough GPUs by checkpoint migration; with their disks copied when the two hosts do not share this
     machine's filesystem. The host is disabled first, so that nothing new lands on it. Each VM is tried once; what
     could not move is reported with why, and the others still go."""
-    from hvctl.errors import HvctlError
-    from hvctl.host import DomainState
-    from hvctl.ops.migrate import MigrateOptions, Mode, migrate
-    from hvctl.placement import choose_host
-
     ctx.ledger.get_host(name)
     set_enabled(ctx, name, False, "evacuating")
     moved: list[dict[str, Any]] = []

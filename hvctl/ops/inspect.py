@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+from xml.etree import ElementTree as ET
 
 from hvctl.context import Context
+from hvctl.domain import Tuning
+from hvctl.enforcement import QemuCgroups, find_qemu_pid, libvirt_mismatches, mismatches
 from hvctl.errors import HostUnreachable
 from hvctl.host import DomainState
 from hvctl.ledger import VMRecord
+from hvctl.ops.intent import holder_alive
 
 # Ledger state → the libvirt states that agree with it.
 _AGREES = {
@@ -60,8 +64,6 @@ def list_vms(ctx: Context) -> tuple[list[VMView], list[Drift], list[Drift]]:
     orphans: list[Drift] = []
     unreachable: list[Drift] = []
     records = ctx.ledger.list_vms()
-    from hvctl.ops.intent import holder_alive
-
     operations = {op["vm"]: op for op in ctx.ledger.operations()}
 
     def drift(record: VMRecord, actual: DomainState) -> str | None:
@@ -109,11 +111,6 @@ def drift_report(ctx: Context) -> list[Drift]:
 def enforcement_report(ctx: Context, record: VMRecord) -> dict[str, Any] | None:
     """For a running VM on any host: its configured tuning next to what its host's libvirt reports applied, and
     on this machine also what its QEMU process's cgroups enforce; None when it is not running."""
-    from xml.etree import ElementTree as ET
-
-    from hvctl.domain import Tuning
-    from hvctl.enforcement import QemuCgroups, find_qemu_pid, libvirt_mismatches, mismatches
-
     guest = ctx.host(record.host).find_guest(record.name)
     if guest is None or guest.state() is not DomainState.RUNNING:
         return None

@@ -140,7 +140,8 @@ def operation(ctx: Context, vm: str, kind: str, *, source: str | None = None, ta
 
 def reconcile(ctx: Context, op: dict[str, Any]) -> str:
     """Finish or roll back one interrupted operation. Returns what was done; the row is removed when decided,
-    and kept (with the reason returned) when a host involved cannot be asked or the outcome is not yet known."""
+    and kept (with the reason returned) when a host involved cannot be asked or the outcome is not yet known.
+    Each kind's reconciler is imported here: those modules run their operations under ``operation`` from this one."""
     try:
         if op["kind"] == "migrate":
             from hvctl.ops.migrate import reconcile_migration

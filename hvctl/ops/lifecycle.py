@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from xml.etree import ElementTree as ET
 
 from hvctl import passthrough
 from hvctl.console import console_size, wait_for_ready
@@ -275,8 +276,6 @@ def destroy_orphan(ctx: Context, name: str, host_name: str, say: Say = quiet) ->
     goes, and the files it names that are hvctl's own and no VM in the ledger uses: under this machine's state dir
     (vms/NAME*), or its vm-NAME.* volumes in the host's pool. Returns what was removed. Never automatic: `doctor`
     lists orphans, and this is the command its hint names."""
-    from xml.etree import ElementTree as ET
-
     if name in {vm.name for vm in ctx.ledger.list_vms()}:
         raise HvctlError(f"{name} is in the ledger, so it is not an orphan", hint=f"hvctl destroy {name}")
     with operation(ctx, name, "destroy-orphan", target=host_name, say=say):

@@ -19,6 +19,7 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
 from prometheus_client.registry import Collector
 
+from hvctl.accounting import Usage
 from hvctl.context import Context
 from hvctl.errors import HvctlError
 
@@ -127,8 +128,6 @@ def _tenant_metrics(ctx: Context, vms: list[Any]) -> Iterator[Metric]:
 
 
 def _host_metrics(ctx: Context, hosts: list[Any]) -> Iterator[Metric]:
-    from hvctl.accounting import Usage
-
     enabled = GaugeMetricFamily("hvctl_host_enabled", "1 when the scheduler may place VMs on the host.",
                                 labels=["host"])
     for h in hosts:
@@ -203,7 +202,7 @@ def _migration_metrics(ctx: Context) -> Iterator[Metric]:
 
 def exposition(open_context: Callable[[], Context]) -> bytes:
     """The text exposition, once."""
-    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client import CollectorRegistry, generate_latest  # loaded by `hvctl metrics` only
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(FleetCollector(open_context))

@@ -6,7 +6,6 @@ Dominant Resource Fairness and placed by the scheduler. Nothing is written.
 
 from __future__ import annotations
 
-from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +14,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from guest.validation import describe
 from hvctl import yamlfile
-from hvctl.accounting import first_excess, host_footprint, tenant_charge
+from hvctl.accounting import Usage, first_excess, host_footprint, tenant_charge
 from hvctl.context import Context
 from hvctl.errors import InvalidSpec
 from hvctl.placement import host_limit, inventory, placement_request
 from hvctl.scheduler import Scheduler
+from hvctl.scheduler.drf import progressive_filling
+from hvctl.scheduler.model import PlacementRequest
 from hvctl.spec import VMSpec
 
 
@@ -62,50 +63,54 @@ def load_requests(ctx: Context, path: Path) -> list[VMSpec]:
 
 
 def plan(ctx: Context, specs: list[VMSpec]) -> dict[str, Any]:
-    """Progressive filling with quotas: repeatedly take the next request of the tenant with the lowest weighted
-    dominant share (its largest fraction of any cluster resource, divided by its weight), refuse it if it would
-    exceed the tenant's quota, else let the scheduler place it. Requests a tenant cannot get do not count."""
+    """The scheduler's weighted DRF (``scheduler.drf.progressive_filling``): repeatedly take the next request of the
+    tenant with the lowest weighted dominant share (its largest fraction of any cluster resource, divided by its
+    weight; ties to the tenant first by name), refuse it if it would exceed the tenant's quota, else let the scheduler
+    place it. Requests a tenant cannot get do not count."""
     policy, ledger = ctx.policy, ctx.ledger
     hosts = [h for h in ledger.list_hosts() if h.cpus is not None]
     limits = [host_limit(policy, h, len(ledger.host_inventory(h.name)[1])) for h in hosts]
-    total = {k: sum(float(lim[k] or 0) for lim in limits) for k in ("vcpus", "memory_mib", "gpus")}
+    # The shares are of what tenants are charged (quota units) against the hosts' usable capacity; disk is not a
+    # resource the fairness counts.
+    capacity = tuple(sum(float(lim[k] or 0) for lim in limits) if k != "disk_gib" else 0.0
+                     for k in ("vcpus", "memory_mib", "disk_gib", "gpus"))
     usage = {t: ledger.tenant_usage(t) for t in policy.tenants}
     scheduler = Scheduler([inventory(ledger, policy, h) for h in hosts], policy.placement.mode)
     host_used = {h.name: ledger.host_usage(h.name) for h in hosts}
-    queues: dict[str, deque[VMSpec]] = {}
-    for spec in specs:
-        queues.setdefault(spec.tenant, deque()).append(spec)
-
-    def dominant_share(tenant: str) -> float:
-        used = usage[tenant]
-        shares = [getattr(used, k) / total[k] for k in total if total[k] > 0]
-        return max(shares, default=0.0) / policy.tenants[tenant].weight
-
+    by_name = {spec.name: spec for spec in specs}
     decisions: dict[str, dict[str, Any]] = {}
-    while queues:
-        tenant = min(queues, key=lambda t: (dominant_share(t), t))
-        spec = queues[tenant].popleft()
-        if not queues[tenant]:
-            del queues[tenant]
-        refusal = first_excess(f"tenant {tenant}", tenant_charge(spec), usage[tenant],
-                               policy.tenants[tenant].quota.model_dump())
-        if refusal:
-            decisions[spec.name] = {"host": None, "reason": refusal, "order": len(decisions) + 1}
-            continue
-        if not hosts:
-            decisions[spec.name] = {"host": None, "reason": "no host is registered", "order": len(decisions) + 1}
-            continue
-        placed = scheduler.place_one(placement_request(spec, policy))
-        decisions[spec.name] = {"host": placed.host, "reason": placed.reason, "order": len(decisions) + 1}
-        if placed.host:
-            usage[tenant] = usage[tenant] + tenant_charge(spec)
-            host_used[placed.host] = host_used[placed.host] + host_footprint(spec)
+
+    def admit(request: PlacementRequest) -> bool:
+        spec = by_name[request.id]
+        refusal = first_excess(f"tenant {spec.tenant}", tenant_charge(spec), usage[spec.tenant],
+                               policy.tenants[spec.tenant].quota.model_dump())
+        placed = scheduler.place_one(request) if not refusal and hosts else None
+        decisions[spec.name] = {"host": placed.host if placed else None, "order": len(decisions) + 1,
+                                "reason": refusal or (placed.reason if placed else "no host is registered")}
+        if placed is None or placed.host is None:
+            return False
+        usage[spec.tenant] = usage[spec.tenant] + tenant_charge(spec)
+        host_used[placed.host] = host_used[placed.host] + host_footprint(spec)
+        return True
+
+    # Sorted by tenant (stably: each tenant's own requests stay in order), so that a tie goes to the first by name.
+    ordered = sorted(specs, key=lambda s: s.tenant)
+    outcome = progressive_filling(
+        [placement_request(s, policy) for s in ordered], capacity, {t: policy.tenants[t].weight for t in usage},
+        try_admit=admit, initial_usage={t: _charged(u) for t, u in usage.items()},
+        amounts=[_charged(tenant_charge(s)) for s in ordered])
     return {
         "requests": [{"name": s.name, "tenant": s.tenant, "vcpus": s.vcpus, "memory_mib": s.memory_mib,
                       **decisions[s.name]} for s in specs],
         "hosts": [{"name": h.name, "used": host_used[h.name].as_dict(), "limit": lim}
                   for h, lim in zip(hosts, limits, strict=True)],
-        "tenants": [{"name": t, "weight": policy.tenants[t].weight, "dominant_share": round(dominant_share(t), 4),
+        "tenants": [{"name": t, "weight": policy.tenants[t].weight,
+                     "dominant_share": round(outcome.weighted_shares.get(t, 0.0), 4),
                      "used": usage[t].as_dict(), "quota": policy.tenants[t].quota.model_dump()}
                     for t in sorted(policy.tenants)],
     }
+
+
+def _charged(usage: Usage) -> tuple[float, float, float, float]:
+    """A tenant's charge in the scheduler's resource order, without disk (which the fairness does not count)."""
+    return (usage.vcpus, usage.memory_mib, 0.0, usage.gpus)

@@ -129,7 +129,7 @@ def connect(address: str, user: str = "root", port: int = 22, identity: Path | N
             known_hosts: Path | None = None, timeout: float = 30.0) -> Any:
     """A fabric Connection that checks the host's key strictly: against ``known_hosts`` if given, else the
     admin's own (~/.ssh/known_hosts). An unknown key is refused, never added."""
-    import paramiko
+    import paramiko  # fabric and paramiko load only for `host prepare`, the one command that needs them
     from fabric import Connection
 
     connection = Connection(address, user=user, port=port, connect_timeout=timeout,

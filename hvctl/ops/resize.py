@@ -16,7 +16,9 @@ from __future__ import annotations
 import subprocess
 from typing import Any
 
+from guest import rpc
 from hvctl.context import Context
+from hvctl.designer import qemu_overhead_mib
 from hvctl.errors import HvctlError, InvalidSpec
 from hvctl.host import DomainState
 from hvctl.ledger import Admission, VMRecord
@@ -58,8 +60,6 @@ def resize(ctx: Context, name: str, vcpus: int | None = None, memory_mib: int | 
 
 def _apply(ctx: Context, name: str, host_name: str, old: VMSpec, new: VMSpec,
            say: Say) -> dict[str, Any]:
-    from hvctl.designer import qemu_overhead_mib
-
     record = ctx.ledger.get_vm(name)
     guest = ctx.host(host_name).guest(name)
     running = guest.state() in (DomainState.RUNNING, DomainState.PAUSED)
@@ -97,8 +97,6 @@ def _grow_filesystem(ctx: Context, record: VMRecord, say: Say) -> str:
     """resize2fs on the guest's root disk, online, through the agent: its new size as the guest's df reports it."""
     if not record.agent_token:
         return "not grown: the image has no agent (its init grows it at the next boot, if it does that)"
-    from guest import rpc
-
     say("growing the guest's filesystem (resize2fs, online)")
     agent = ctx.agent(record.host, record.name, record.agent_token)
     grown = agent.typed("exec", rpc.ExecResult, rpc.ExecParams(argv=["resize2fs", "/dev/vda"], timeout_s=300),

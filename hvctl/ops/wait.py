@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import time
 
+from guest import rpc
 from guest.rpc import ExecResult
+from hvctl.access import AccessError, HostKeyMismatch, route_for, wait_for_ssh
+from hvctl.agent_client import AgentError
 from hvctl.context import Context
 from hvctl.errors import GuestTimeout, HvctlError
 from hvctl.host import DomainState
 from hvctl.ledger import VMRecord
+from hvctl.ops.intent import OperationBusy, operation
+from hvctl.seed import operator_key
 
 CONDITIONS = ("agent", "ssh", "stopped")
 # How often a wait for the domain to stop asks libvirt.
@@ -28,8 +33,6 @@ def wait(ctx: Context, name: str, condition: str, timeout: float) -> float:
     record = ctx.ledger.get_vm(name)
     started = time.monotonic()
     if condition == "agent":
-        from hvctl.agent_client import AgentError
-
         if not record.agent_token:
             raise HvctlError(f"VM {name} has no agent (image {record.image} was built without one)")
         try:
@@ -37,9 +40,6 @@ def wait(ctx: Context, name: str, condition: str, timeout: float) -> float:
         except AgentError as exc:
             raise GuestTimeout(f"the agent of {name} did not answer within {timeout:g} s: {exc.message}") from None
     elif condition == "ssh":
-        from hvctl.access import AccessError, HostKeyMismatch, route_for, wait_for_ssh
-        from hvctl.seed import operator_key
-
         if not record.host_pubkey:
             raise HvctlError(f"VM {name} has no SSH (image {record.image} was built without sshd)")
         if not record.spec.operator_key:
@@ -57,8 +57,6 @@ def wait(ctx: Context, name: str, condition: str, timeout: float) -> float:
 
 
 def _wait_stopped(ctx: Context, record: VMRecord, timeout: float) -> None:
-    from hvctl.ops.intent import OperationBusy, operation
-
     host = ctx.host(record.host)
     deadline = time.monotonic() + timeout
     while host.state(record.name) not in (DomainState.SHUTOFF, DomainState.MISSING):
@@ -78,8 +76,6 @@ def _wait_stopped(ctx: Context, record: VMRecord, timeout: float) -> None:
 def has_ssh_path(ctx: Context, record: VMRecord) -> bool:
     """Whether `hvctl exec` can reach the VM over SSH with the operator key: it has sshd (a pinned host key), the
     operator key was authorised at create, and its forward can be reached from here."""
-    from hvctl.access import AccessError, route_for
-
     if not record.host_pubkey or not record.spec.operator_key:
         return False
     try:
@@ -93,8 +89,6 @@ def exec_over_agent(ctx: Context, record: VMRecord, argv: list[str], timeout: fl
                     stdin: bytes = b"") -> ExecResult:
     """Run ``argv`` in the guest through its agent: no guest network involved. The output comes back whole when the
     command ends (capped at the agent's limit, the end kept); a command past ``timeout`` is killed by the agent."""
-    from guest import rpc
-
     if not record.agent_token:
         raise HvctlError(f"VM {record.name} has no agent (image {record.image} was built without one)")
     limit = rpc.MAX_MESSAGE_BYTES // 2

@@ -36,24 +36,25 @@ class DrfLedger:
 
     def __init__(
         self,
-        capacity: Resources,
+        capacity: Resources | Sequence[float],
         weights: Mapping[str, float] | None = None,
-        initial_usage: Mapping[str, Resources] | None = None,
+        initial_usage: Mapping[str, Resources | Sequence[float]] | None = None,
     ) -> None:
+        """``capacity`` and each tenant's ``initial_usage``: Resources, or amounts in the fixed resource order
+        (vcpus, memory, disk, gpus), which may be fractional (a host's vCPUs under a 1.5 overcommit)."""
         for tenant, weight in (weights or {}).items():
             if weight <= 0:
                 raise ValueError(f"tenant {tenant}: weight must be positive, not {weight}")
-        self.capacity = capacity
         self.weights = dict(weights or {})
         # Plain floats rather than numpy: four numbers per tenant are cheaper to handle one by one.
-        self.capacity_amounts = tuple(float(c) for c in capacity.as_tuple())
+        self.capacity_amounts = tuple(float(c) for c in _amounts(capacity))
         # A resource the cluster has none of cannot define anyone's share, so its inverse is 0.
         self._inverse_capacity = tuple(1.0 / c if c > 0 else 0.0 for c in self.capacity_amounts)
         self._usage: dict[str, list[float]] = {}
         self._dominant: dict[str, float] = {}
         self._total = [0.0, 0.0, 0.0, 0.0]
         for tenant, used in (initial_usage or {}).items():
-            self.charge(tenant, used)
+            self.charge_amounts(tenant, _amounts(used))
 
     def weight(self, tenant: str) -> float:
         return self.weights.get(tenant, 1.0)
@@ -97,11 +98,11 @@ class DrfLedger:
 
 def progressive_filling(
     requests: Sequence[PlacementRequest],
-    capacity: Resources,
+    capacity: Resources | Sequence[float],
     weights: Mapping[str, float] | None = None,
     *,
     try_admit: Callable[[PlacementRequest], bool] | None = None,
-    initial_usage: Mapping[str, Resources] | None = None,
+    initial_usage: Mapping[str, Resources | Sequence[float]] | None = None,
     amounts: Sequence[Sequence[float]] | None = None,
     admit_next: Mapping[str, Callable[[], bool]] | None = None,
 ) -> DrfOutcome:
@@ -163,6 +164,10 @@ def progressive_filling(
         dominant_shares={t: ledger.dominant_share(t) for t in everyone},
         weighted_shares={t: ledger.weighted_share(t) for t in everyone},
     )
+
+
+def _amounts(resources: Resources | Sequence[float]) -> Sequence[float]:
+    return resources.as_tuple() if isinstance(resources, Resources) else resources
 
 
 def _in_order(admit: Callable[[PlacementRequest], bool], queue: list[PlacementRequest]) -> Callable[[], bool]:

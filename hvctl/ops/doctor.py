@@ -7,8 +7,13 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from hvctl.context import Context
+from hvctl import passthrough
+from hvctl.context import Context, can_limit_memory
 from hvctl.errors import HostUnreachable, HvctlError, HypervisorError
+from hvctl.host import libvirt_version
+from hvctl.ops.inspect import drift_report, enforcement_report
+from hvctl.ops.intent import describe, interrupted, reconcile
+from vfio import host_checks
 
 
 @dataclass(frozen=True)
@@ -34,8 +39,6 @@ def run_checks(ctx: Context) -> list[Check]:
         checks.append(Check("ledger", True, f"{ctx.paths.ledger} (schema v{ctx.ledger.schema_version})"))
     except HvctlError as exc:
         return [*checks, Check("state dir", False, exc.message, exc.hint)]
-
-    from hvctl.host import libvirt_version
 
     try:
         host = ctx.host()
@@ -69,14 +72,9 @@ def run_checks(ctx: Context) -> list[Check]:
     except HvctlError as exc:
         checks.append(Check("accelerator", False, exc.message, exc.hint))
 
-    from vfio import host_checks
-
     for vc in host_checks("/sys"):
         checks.append(Check(vc.name, True, "present" if vc.ok else "missing: GPU passthrough unavailable",
                             None if vc.ok else vc.hint, warning=not vc.ok))
-
-    from hvctl.context import can_limit_memory
-    from hvctl.ops.inspect import enforcement_report
 
     if ctx.is_this_machine() and not can_limit_memory():
         checks.append(Check("memory limits", True, "no CAP_SYS_RESOURCE: libvirt cannot set memtune hard limits here, "
@@ -94,7 +92,7 @@ def run_checks(ctx: Context) -> list[Check]:
                                                "here)",
                         "check that libvirt's cgroup controllers are mounted and delegated" if problems else None))
 
-    stranded = stranded_gpus(ctx)
+    stranded = passthrough.stranded_gpus(ctx)
     checks.append(Check("gpu bindings", not stranded,
                         "; ".join(f"{r['address']} ({r['state']} for {r['vm'] or 'no VM'})" for r in stranded)
                         or "every device hvctl bound belongs to a VM it has (running or stopped)",
@@ -106,15 +104,11 @@ def run_checks(ctx: Context) -> list[Check]:
                         or "every device hvctl released still answers on the bus",
                         "reboot the host; then `hvctl doctor --repair` places them again" if dead else None))
 
-    from hvctl.ops.intent import describe, interrupted
-
     stopped = interrupted(ctx)
     checks.append(Check("operations", not stopped, "; ".join(f"interrupted {describe(op)}" for op in stopped)
                         or "no operation was interrupted",
                         "`hvctl doctor --repair` finishes or rolls back each one, by where its domain runs"
                         if stopped else None))
-
-    from hvctl.ops.inspect import drift_report
 
     drift = drift_report(ctx)
     checks.append(Check("drift", not drift, "; ".join(f"{d.vm}@{d.host}: {d.problem}" for d in drift)
@@ -139,37 +133,16 @@ def _hosts_check(ctx: Context) -> Check:
                  "forgets a host that is gone for good" if down else None)
 
 
-def gpu_keepers(ctx: Context, host: str) -> set[str]:
-    """The VMs on ``host`` that keep their GPUs: every one the ledger has, running or stopped. Only destroy
-    releases a VM's GPUs; a stopped VM's are rebound at its start if a host reboot gave them back."""
-    return {vm.name for vm in ctx.ledger.list_vms(host=host)}
-
-
-def stranded_gpus(ctx: Context) -> list[dict[str, Any]]:
-    """Devices hvctl moved (or began to move) for a VM it no longer has: left by a crash or a failed release."""
-    from hvctl.passthrough import RELEASED_STATES
-
-    stranded = []
-    for host in sorted({r["host"] for r in ctx.ledger.gpu_bindings()}):
-        keepers = gpu_keepers(ctx, host)
-        stranded += [r for r in ctx.ledger.gpu_bindings(host)
-                     if r["state"] not in RELEASED_STATES and r["vm"] not in keepers]
-    return stranded
-
-
 def repair(ctx: Context) -> dict[str, Any]:
     """`hvctl doctor --repair`: finish or undo what a crash interrupted. Interrupted operations first (their
     intents; see ``hvctl.ops.intent``); then GPU binding: every device whose VM is not running goes back to its
     original driver, as the ledger's journal recorded it."""
-    from hvctl import passthrough
-    from hvctl.ops.intent import describe, interrupted, reconcile
-
     operations = [{"operation": describe(op), "outcome": reconcile(ctx, op)} for op in interrupted(ctx)]
     returned: list[str] = []
     unreachable: dict[str, str] = {}
     for host in sorted({r["host"] for r in ctx.ledger.gpu_bindings()}):
         try:
-            done = passthrough.repair(ctx, ctx.gpu_env, host, gpu_keepers(ctx, host))
+            done = passthrough.repair(ctx, ctx.gpu_env, host, passthrough.gpu_keepers(ctx, host))
         except (HostUnreachable, HypervisorError) as exc:  # a remote host's libvirt: the others are still repaired
             unreachable[host] = exc.message
             continue
