@@ -143,6 +143,24 @@ def test_list_calls_an_interrupted_operation_by_its_name_and_leaves_a_live_one_a
     assert view.drift == "an interrupted create (step begun): `hvctl doctor --repair` finishes or undoes it"
 
 
+def test_a_vm_left_half_made_or_half_removed_is_named_by_the_command_that_left_it(ctx: Context) -> None:
+    from hvctl.host import DomainState
+    from hvctl.ledger import VMPaths, VMState
+    from hvctl.ops.inspect import describe_drift
+    from hvctl.spec import VMSpec
+
+    vm = ctx.paths.root / "half"
+    ctx.ledger.reserve_vm(VMSpec(name="half"), "local", VMPaths(vm / "b", vm / "o", vm / "s", vm / "c", vm / "a"))
+    record = ctx.ledger.get_vm("half")
+    assert record.state is VMState.CREATING
+    assert describe_drift(record, DomainState.RUNNING) == "an interrupted create left it half-done (libvirt: running)"
+    ctx.ledger.set_state("half", VMState.DESTROYING)
+    assert describe_drift(ctx.ledger.get_vm("half"), DomainState.SHUTOFF) == \
+        "an interrupted destroy left it half-done (libvirt: shutoff)"
+    with pytest.raises(ValueError):
+        ctx.ledger.set_state("half", "exploded")
+
+
 def test_an_orphan_is_listed_with_the_command_that_removes_it_and_only_hvctls_own_files_go(ctx: Context) -> None:
     """A domain with hvctl's metadata that no VM in the ledger is (on libvirt's test driver): `list` names it with
     `destroy --orphan`, which removes the domain and its directory under the state dir, and nothing else: not a

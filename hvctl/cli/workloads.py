@@ -88,12 +88,7 @@ def run(
         fail(f"unknown workload {kind!r}; use {', '.join(HVCTL_RUN)}", 2)
 
     if detach:
-        from guest import rpc
-
-        status = ops.agent_for(c, record).typed("workload.start", rpc.WorkloadStatus,
-                                             rpc.WorkloadStartParams(kind=kind, args=args))
-        c.ledger.log_event(name, record.host, "workload.started", f"{kind} {status.id} started",
-                           {"id": status.id, "kind": kind})
+        status = ops.start_workload(c, record, kind, args)
         if as_json:
             emit_json(status.model_dump(mode="json"))
         else:
@@ -121,8 +116,6 @@ def run(
         result = ops.run_workload(c, record, kind, args, on_output, timeout=timeout)
     finally:
         status_line.stop()
-    c.ledger.log_event(name, record.host, "workload.finished", f"{kind} {result.id} {result.state}",
-                       {"id": result.id, "kind": kind})
     if stream and kind == "llm" and not as_json:
         sys.stdout.write("\n")
     if as_json:

@@ -29,6 +29,7 @@ from hvctl.ledger.records import (
     SnapshotRecord,
     VMPaths,
     VMRecord,
+    VMState,
     event_from_row,
     operation_from_row,
     vm_from_row,
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
     from hvctl.spec import VMSpec
 
 __all__ = ["DEFAULT_PORT_RANGE", "MIGRATIONS", "MOVABLE_COLUMNS", "VM_STATES", "Admission", "DeviceTaken", "Event",
-           "HostRecord", "Ledger", "NetworkRecord", "QuotaExceeded", "SnapshotRecord", "VMPaths", "VMRecord"]
+           "HostRecord", "Ledger", "NetworkRecord", "QuotaExceeded", "SnapshotRecord", "VMPaths", "VMRecord", "VMState"]
 
 
 class Ledger(GpuLedger, SnapshotLedger, NetworkLedger):
@@ -150,8 +151,8 @@ class Ledger(GpuLedger, SnapshotLedger, NetworkLedger):
                         f"adopted {spec.name} on {host} ({state}, domain {domain_uuid}, ssh port {ssh_port})")
         return self.get_vm(spec.name)
 
-    def set_state(self, name: str, state: str, message: str | None = None) -> None:
-        assert state in VM_STATES, state
+    def set_state(self, name: str, state: VMState | str, message: str | None = None) -> None:
+        state = VMState(state)  # a state the ledger does not know is a bug: ValueError
         with self.transaction() as db:
             cur = db.execute("UPDATE vms SET state = ?, updated_at = ? WHERE name = ?", (state, time.time(), name))
             if cur.rowcount == 0:

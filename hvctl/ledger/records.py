@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import json
 import sqlite3
 from dataclasses import dataclass
@@ -14,7 +15,20 @@ from hvctl.errors import HvctlError
 if TYPE_CHECKING:
     from hvctl.spec import VMSpec
 
-VM_STATES = ("creating", "running", "paused", "stopped", "destroying")
+
+
+class VMState(enum.StrEnum):
+    """What the ledger says of a VM (libvirt says what runs; ``hvctl list`` shows both and any drift). A StrEnum: it
+    is its value in JSON, in SQL and in comparisons with plain strings."""
+
+    CREATING = "creating"  # reserved, being made; a failure rolls it back
+    RUNNING = "running"
+    PAUSED = "paused"
+    STOPPED = "stopped"
+    DESTROYING = "destroying"  # being removed; a second destroy finishes it
+
+
+VM_STATES = tuple(VMState)
 # What a checkpoint-migration's new incarnation changes besides host and port (column names: never user input).
 MOVABLE_COLUMNS = frozenset({"overlay", "console_log", "agent_socket", "seed", "agent_token", "host_pubkey",
                              "base_disk", "domain_uuid"})
@@ -75,7 +89,7 @@ class VMRecord:
     # The VM's spec, or the JSON the ledger stores it as: parsed on first use of ``spec``, so that reading rows
     # (``hvctl list``) does not import pydantic, which alone costs more than the whole listing.
     spec_source: VMSpec | str
-    state: str
+    state: VMState
     image: str
     base_disk: Path
     overlay: Path
@@ -164,7 +178,7 @@ def event_from_row(r: sqlite3.Row) -> Event:
 def vm_from_row(row: sqlite3.Row) -> VMRecord:
     return VMRecord(
         name=row["name"], tenant=row["tenant"], host=row["host"], spec_source=row["spec"],
-        state=row["state"], image=row["image"], base_disk=Path(row["base_disk"]), overlay=Path(row["overlay"]),
+        state=VMState(row["state"]), image=row["image"], base_disk=Path(row["base_disk"]), overlay=Path(row["overlay"]),
         console_log=Path(row["console_log"]), agent_socket=Path(row["agent_socket"]), ssh_port=row["ssh_port"],
         created_at=row["created_at"], updated_at=row["updated_at"], agent_token=row["agent_token"],
         host_pubkey=row["host_pubkey"], seed=Path(row["seed"]) if row["seed"] else None,

@@ -10,7 +10,7 @@ from typing import Any
 from hvctl import passthrough
 from hvctl.context import Context
 from hvctl.errors import AlreadyExists, InvalidSpec, NotFound
-from hvctl.ledger import Admission, VMRecord
+from hvctl.ledger import Admission, VMRecord, VMState
 from hvctl.ops import Say, Undo, pooled, quiet
 from hvctl.ops.incarnation import BootOptions, GuestSecrets, Incarnation, LocalStorage, Storage, boot
 from hvctl.ops.intent import operation
@@ -80,7 +80,7 @@ def create(ctx: Context, spec: VMSpec, say: Say = quiet, options: BootOptions | 
         if gpu_alloc:
             message += f"; GPUs {', '.join(gpu_alloc.gpus)}"
         ctx.ledger.set_domain_uuid(spec.name, host.guest(spec.name).uuid)
-        ctx.ledger.set_state(spec.name, "running", message)
+        ctx.ledger.set_state(spec.name, VMState.RUNNING, message)
         undo.commit()
     return ctx.ledger.get_vm(spec.name)
 
@@ -150,7 +150,7 @@ def reconcile_create(ctx: Context, op: dict[str, Any]) -> str:
     except NotFound:
         ledger.end_operation(vm)
         return "nothing had been recorded"
-    if record.state != "creating":
+    if record.state != VMState.CREATING:
         ledger.end_operation(vm)
         return f"it had finished ({record.state})"
     host = ctx.host(record.host)

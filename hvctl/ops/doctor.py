@@ -30,6 +30,22 @@ class Check:
 
 
 def run_checks(ctx: Context) -> list[Check]:
+    """Every check, in order. Without a usable state dir or an answering libvirtd the rest cannot run."""
+    checks, usable = _state_checks(ctx)
+    if not usable:
+        return checks
+    checks.append(_libvirtd_check(ctx))
+    if not checks[-1].ok:
+        return checks
+    checks += [_hosts_check(ctx), _images_check(ctx), _accelerator_check(ctx), *_passthrough_checks(),
+               *_memory_limit_checks(ctx), _enforcement_check(ctx), _gpu_bindings_check(ctx), _gpu_health_check(ctx)]
+    stopped = interrupted(ctx)
+    checks += [_operations_check(stopped), _drift_check(ctx, bool(stopped))]
+    return checks
+
+
+def _state_checks(ctx: Context) -> tuple[list[Check], bool]:
+    """The state dir and the ledger in it, and whether the other checks can run."""
     checks: list[Check] = []
     try:
         ctx.paths.ensure()
@@ -38,18 +54,20 @@ def run_checks(ctx: Context) -> list[Check]:
                             None if writable else "run as root or pass --state-dir"))
         checks.append(Check("ledger", True, f"{ctx.paths.ledger} (schema v{ctx.ledger.schema_version})"))
     except HvctlError as exc:
-        return [*checks, Check("state dir", False, exc.message, exc.hint)]
+        return [*checks, Check("state dir", False, exc.message, exc.hint)], False
+    return checks, True
 
+
+def _libvirtd_check(ctx: Context) -> Check:
     try:
-        host = ctx.host()
-        facts = host.facts()
-        checks.append(Check("libvirtd", True, f"{ctx.connected_uri}: libvirt {libvirt_version()}, {facts.cpus} CPUs, "
-                                              f"{facts.memory_mib} MiB"))
+        facts = ctx.host().facts()
+        return Check("libvirtd", True, f"{ctx.connected_uri}: libvirt {libvirt_version()}, {facts.cpus} CPUs, "
+                                       f"{facts.memory_mib} MiB")
     except HvctlError as exc:
-        checks.append(Check("libvirtd", False, exc.message, exc.hint or "start libvirtd (`make daemons`)"))
-        return checks
+        return Check("libvirtd", False, exc.message, exc.hint or "start libvirtd (`make daemons`)")
 
-    checks.append(_hosts_check(ctx))
+
+def _images_check(ctx: Context) -> Check:
     images = ctx.images.list()
     damaged = []
     for image in images:
@@ -58,27 +76,36 @@ def run_checks(ctx: Context) -> list[Check]:
         except HvctlError as exc:
             damaged.append(exc.message)
     if not images:
-        checks.append(Check("images", False, "no images built", "run `hvctl image build minimal`"))
-    else:
-        names = ", ".join(f"{i.name}@{i.content_hash[:8]}" for i in images)
-        checks.append(Check("images", not damaged, "; ".join(damaged) or names,
-                            "rebuild with `hvctl image build NAME --force`" if damaged else None))
+        return Check("images", False, "no images built", "run `hvctl image build minimal`")
+    names = ", ".join(f"{i.name}@{i.content_hash[:8]}" for i in images)
+    return Check("images", not damaged, "; ".join(damaged) or names,
+                 "rebuild with `hvctl image build NAME --force`" if damaged else None)
 
+
+def _accelerator_check(ctx: Context) -> Check:
     try:
         caps = ctx.capabilities()
-        detail = "KVM (hardware virtualisation)" if caps.accel.value == "kvm" else \
-            "TCG (software emulation): KVM is absent or could not boot a probe kernel"
-        checks.append(Check("accelerator", True, detail, warning=caps.accel.value != "kvm"))
     except HvctlError as exc:
-        checks.append(Check("accelerator", False, exc.message, exc.hint))
+        return Check("accelerator", False, exc.message, exc.hint)
+    detail = "KVM (hardware virtualisation)" if caps.accel.value == "kvm" else \
+        "TCG (software emulation): KVM is absent or could not boot a probe kernel"
+    return Check("accelerator", True, detail, warning=caps.accel.value != "kvm")
 
-    for vc in host_checks("/sys"):
-        checks.append(Check(vc.name, True, "present" if vc.ok else "missing: GPU passthrough unavailable",
-                            None if vc.ok else vc.hint, warning=not vc.ok))
 
+def _passthrough_checks() -> list[Check]:
+    """IOMMU and vfio-pci on this machine: warnings, since a host without them still runs VMs (without GPUs)."""
+    return [Check(vc.name, True, "present" if vc.ok else "missing: GPU passthrough unavailable",
+                  None if vc.ok else vc.hint, warning=not vc.ok) for vc in host_checks("/sys")]
+
+
+def _memory_limit_checks(ctx: Context) -> list[Check]:
     if ctx.is_this_machine() and not can_limit_memory():
-        checks.append(Check("memory limits", True, "no CAP_SYS_RESOURCE: libvirt cannot set memtune hard limits here, "
-                            "so VMs get none", "run hvctl and libvirtd with CAP_SYS_RESOURCE", warning=True))
+        return [Check("memory limits", True, "no CAP_SYS_RESOURCE: libvirt cannot set memtune hard limits here, "
+                      "so VMs get none", "run hvctl and libvirtd with CAP_SYS_RESOURCE", warning=True)]
+    return []
+
+
+def _enforcement_check(ctx: Context) -> Check:
     problems = []
     for record in ctx.ledger.list_vms():
         try:
@@ -87,36 +114,41 @@ def run_checks(ctx: Context) -> list[Check]:
             continue  # the hosts check says so; enforcement of another host is not read from here anyway
         if report:
             problems += [f"{record.name}: {p}" for p in report.get("mismatches", [])]
-    checks.append(Check("enforcement", not problems,
-                        "; ".join(problems) or "libvirt reports applied what was configured (and cgroups enforce it "
-                                               "here)",
-                        "check that libvirt's cgroup controllers are mounted and delegated" if problems else None))
+    return Check("enforcement", not problems,
+                 "; ".join(problems) or "libvirt reports applied what was configured (and cgroups enforce it here)",
+                 "check that libvirt's cgroup controllers are mounted and delegated" if problems else None)
 
+
+def _gpu_bindings_check(ctx: Context) -> Check:
     stranded = passthrough.stranded_gpus(ctx)
-    checks.append(Check("gpu bindings", not stranded,
-                        "; ".join(f"{r['address']} ({r['state']} for {r['vm'] or 'no VM'})" for r in stranded)
-                        or "every device hvctl bound belongs to a VM it has (running or stopped)",
-                        "`hvctl doctor --repair` returns them to their host drivers" if stranded else None))
+    return Check("gpu bindings", not stranded,
+                 "; ".join(f"{r['address']} ({r['state']} for {r['vm'] or 'no VM'})" for r in stranded)
+                 or "every device hvctl bound belongs to a VM it has (running or stopped)",
+                 "`hvctl doctor --repair` returns them to their host drivers" if stranded else None)
 
+
+def _gpu_health_check(ctx: Context) -> Check:
     dead = [(h.name, a, v) for h in ctx.ledger.list_hosts() for a, v in ctx.ledger.gpu_health(h.name).items()]
-    checks.append(Check("gpu health", not dead,
-                        "; ".join(f"{a} on {h}: {v['state']} since {time.ctime(v['since'])}" for h, a, v in dead)
-                        or "every device hvctl released still answers on the bus",
-                        "reboot the host; then `hvctl doctor --repair` places them again" if dead else None))
+    return Check("gpu health", not dead,
+                 "; ".join(f"{a} on {h}: {v['state']} since {time.ctime(v['since'])}" for h, a, v in dead)
+                 or "every device hvctl released still answers on the bus",
+                 "reboot the host; then `hvctl doctor --repair` places them again" if dead else None)
 
-    stopped = interrupted(ctx)
-    checks.append(Check("operations", not stopped, "; ".join(f"interrupted {describe(op)}" for op in stopped)
-                        or "no operation was interrupted",
-                        "`hvctl doctor --repair` finishes or rolls back each one, by where its domain runs"
-                        if stopped else None))
 
+def _operations_check(stopped: list[dict[str, Any]]) -> Check:
+    return Check("operations", not stopped, "; ".join(f"interrupted {describe(op)}" for op in stopped)
+                 or "no operation was interrupted",
+                 "`hvctl doctor --repair` finishes or rolls back each one, by where its domain runs"
+                 if stopped else None)
+
+
+def _drift_check(ctx: Context, interrupted_first: bool) -> Check:
     drift = drift_report(ctx)
-    checks.append(Check("drift", not drift, "; ".join(f"{d.vm}@{d.host}: {d.problem}" for d in drift)
-                        or "ledger and libvirt agree",
-                        ("`hvctl doctor --repair` first, for the interrupted operations above; then " if stopped
-                         else "") + "inspect with `hvctl show NAME`; `hvctl destroy NAME` removes a VM you mean to "
-                        "delete, and refuses while any host runs its domain" if drift else None))
-    return checks
+    return Check("drift", not drift, "; ".join(f"{d.vm}@{d.host}: {d.problem}" for d in drift)
+                 or "ledger and libvirt agree",
+                 ("`hvctl doctor --repair` first, for the interrupted operations above; then " if interrupted_first
+                  else "") + "inspect with `hvctl show NAME`; `hvctl destroy NAME` removes a VM you mean to "
+                 "delete, and refuses while any host runs its domain" if drift else None)
 
 
 def _hosts_check(ctx: Context) -> Check:

@@ -11,14 +11,14 @@ from hvctl.domain import Tuning
 from hvctl.enforcement import QemuCgroups, find_qemu_pid, libvirt_mismatches, mismatches
 from hvctl.errors import HostUnreachable
 from hvctl.host import DomainState
-from hvctl.ledger import VMRecord
+from hvctl.ledger import VMRecord, VMState
 from hvctl.ops.intent import holder_alive
 
 # Ledger state → the libvirt states that agree with it.
 _AGREES = {
-    "running": {DomainState.RUNNING},
-    "paused": {DomainState.PAUSED},
-    "stopped": {DomainState.SHUTOFF},
+    VMState.RUNNING: {DomainState.RUNNING},
+    VMState.PAUSED: {DomainState.PAUSED},
+    VMState.STOPPED: {DomainState.SHUTOFF},
 }
 
 
@@ -46,12 +46,13 @@ class VMView:
 
 
 def describe_drift(record: VMRecord, actual: DomainState) -> str | None:
-    if record.state in ("creating", "destroying"):
-        return f"an interrupted {record.state[:-3]}e left it half-done (libvirt: {actual.value})"
+    if record.state in (VMState.CREATING, VMState.DESTROYING):
+        verb = "create" if record.state is VMState.CREATING else "destroy"
+        return f"an interrupted {verb} left it half-done (libvirt: {actual.value})"
     if actual is DomainState.MISSING:
         return "in the ledger but libvirt has no such domain"
     if actual not in _AGREES.get(record.state, {actual}):
-        if record.state == "running" and actual in (DomainState.SHUTOFF, DomainState.CRASHED):
+        if record.state == VMState.RUNNING and actual in (DomainState.SHUTOFF, DomainState.CRASHED):
             return f"the guest powered off or crashed outside hvctl (libvirt: {actual.value})"
         return f"ledger says {record.state}, libvirt says {actual.value}"
     return None

@@ -15,7 +15,7 @@ from hvctl.context import Context
 from hvctl.domain.model import retarget_ssh_forward
 from hvctl.errors import HostUnreachable, HvctlError, HypervisorError, NotFound
 from hvctl.host import DomainState, Guest
-from hvctl.ledger import VMRecord
+from hvctl.ledger import VMRecord, VMState
 from hvctl.ops import Say, pooled, quiet
 from hvctl.ops.incarnation import DEFAULT_BOOT_TIMEOUT, HOSTFWD_REFUSED, PORT_ATTEMPTS
 from hvctl.ops.intent import operation
@@ -47,13 +47,13 @@ def start(ctx: Context, name: str, say: Say = quiet,
         line, waited = wait_for_ready(name, console, boot_timeout,
                                       lambda: guest.state() is DomainState.RUNNING, offset=offset,
                                       poll=0.05 if isinstance(console, Path) else 0.5)
-        ctx.ledger.set_state(name, "running", f"started; guest up after {waited:.2f} s")
+        ctx.ledger.set_state(name, VMState.RUNNING, f"started; guest up after {waited:.2f} s")
     return waited
 
 
-def ledger_state(actual: DomainState) -> str:
+def ledger_state(actual: DomainState) -> VMState:
     """The ledger's state for what libvirt reports of a domain hvctl is not in the middle of changing."""
-    return {DomainState.RUNNING: "running", DomainState.PAUSED: "paused"}.get(actual, "stopped")
+    return {DomainState.RUNNING: VMState.RUNNING, DomainState.PAUSED: VMState.PAUSED}.get(actual, VMState.STOPPED)
 
 
 def reconcile_power(ctx: Context, op: dict[str, Any]) -> str:
@@ -69,7 +69,7 @@ def reconcile_power(ctx: Context, op: dict[str, Any]) -> str:
     if op["kind"] == "stop" and op["step"] in ("asked", "powered-off"):
         guest = ctx.host(record.host).find_guest(vm)
         how = _power_off(guest, 30.0, lambda _: None) if guest is not None else "already stopped"
-        ctx.ledger.set_state(vm, "stopped", f"an interrupted stop was finished ({how})")
+        ctx.ledger.set_state(vm, VMState.STOPPED, f"an interrupted stop was finished ({how})")
         ctx.ledger.end_operation(vm)
         return f"the stop was finished ({how})"
     actual = ctx.host(record.host).state(vm)
@@ -111,7 +111,7 @@ def stop(ctx: Context, name: str, timeout: float = 30.0, say: Say = quiet) -> st
         guest = ctx.host(record.host).find_guest(name)
         how = _power_off(guest, timeout, say, lambda: op.step("asked")) if guest is not None else "already stopped"
         op.step("powered-off")
-        ctx.ledger.set_state(name, "stopped", f"stopped ({how})")
+        ctx.ledger.set_state(name, VMState.STOPPED, f"stopped ({how})")
     return how
 
 
@@ -153,7 +153,7 @@ def restart(ctx: Context, name: str, timeout: float = 30.0, say: Say = quiet,
         else:
             how = _power_off(guest, timeout, say, lambda: op.step("asked"))
         op.step("powered-off")
-        ctx.ledger.set_state(name, "stopped", f"restarting: stopped ({how})")
+        ctx.ledger.set_state(name, VMState.STOPPED, f"restarting: stopped ({how})")
         console = pooled.console_of(ctx, record)
         offset = console_size(console)
         say("starting")
@@ -162,7 +162,7 @@ def restart(ctx: Context, name: str, timeout: float = 30.0, say: Say = quiet,
         say("waiting for the guest to report ready")
         _, waited = wait_for_ready(name, console, boot_timeout, lambda: guest.state() is DomainState.RUNNING,
                                    offset=offset, poll=0.05 if isinstance(console, Path) else 0.5)
-        ctx.ledger.set_state(name, "running", f"restarted ({how} stop); guest up after {waited:.2f} s")
+        ctx.ledger.set_state(name, VMState.RUNNING, f"restarted ({how} stop); guest up after {waited:.2f} s")
     return how, waited
 
 
@@ -179,7 +179,7 @@ def pause(ctx: Context, name: str) -> None:
         if state is not DomainState.RUNNING:
             raise HvctlError(f"VM {name} is not running (libvirt: {state.value}); only a running VM can be paused")
         guest.suspend()
-        ctx.ledger.set_state(name, "paused", f"paused {name}")
+        ctx.ledger.set_state(name, VMState.PAUSED, f"paused {name}")
 
 
 def resume(ctx: Context, name: str) -> None:
@@ -192,7 +192,7 @@ def resume(ctx: Context, name: str) -> None:
         if state is not DomainState.PAUSED:
             raise HvctlError(f"VM {name} is not paused (libvirt: {state.value})")
         guest.resume()
-        ctx.ledger.set_state(name, "running", f"resumed {name}")
+        ctx.ledger.set_state(name, VMState.RUNNING, f"resumed {name}")
 
 
 def destroy(ctx: Context, name: str, say: Say = quiet) -> None:
@@ -231,7 +231,7 @@ def _destroy(ctx: Context, name: str, say: Say, step: Callable[..., None]) -> No
                          hint="undefine it yourself if it is leftover, then `hvctl destroy` again")
     if guest is None:
         _refuse_if_running_elsewhere(ctx, record)
-    ctx.ledger.set_state(name, "destroying")
+    ctx.ledger.set_state(name, VMState.DESTROYING)
     step("marked")
     try:
         if guest is not None:

@@ -160,8 +160,19 @@ def train_args(objective: str, steps: int, checkpoint_every: int, model: str | N
     return args
 
 
+def start_workload(ctx: Context, record: VMRecord, kind: str, args: list[str]) -> rpc.WorkloadStatus:
+    """Start workload ``kind`` in the VM and return at once (`hvctl run --detach`); the event log records it."""
+    status = agent_for(ctx, record).typed("workload.start", rpc.WorkloadStatus,
+                                          rpc.WorkloadStartParams(kind=kind, args=args))
+    ctx.ledger.log_event(record.name, record.host, "workload.started", f"{kind} {status.id} started",
+                         {"id": status.id, "kind": kind})
+    return status
+
+
 def run_workload(ctx: Context, record: VMRecord, kind: str, args: list[str], on_output: Callable[[str], None],
                  timeout: float | None = None, poll: float = 0.3) -> rpc.WorkloadStatus:
+    """Run workload ``kind`` in the VM to its end, passing its output to ``on_output`` as it comes; the event log
+    records how it ended. A timeout, or Ctrl-C, cancels it."""
     client = agent_for(ctx, record)
     status = client.typed("workload.start", rpc.WorkloadStatus, rpc.WorkloadStartParams(kind=kind, args=args))
     offset = 0
@@ -175,6 +186,8 @@ def run_workload(ctx: Context, record: VMRecord, kind: str, args: list[str], on_
                 offset = logs.next_offset
             status = client.typed("workload.status", rpc.WorkloadStatus, rpc.WorkloadRef(id=status.id))
             if status.state != "running" and logs.eof:
+                ctx.ledger.log_event(record.name, record.host, "workload.finished",
+                                     f"{kind} {status.id} {status.state}", {"id": status.id, "kind": kind})
                 return status
             if timeout is not None and time.monotonic() - started > timeout:
                 raise WorkloadFailed(f"workload {status.id} ran past {timeout:.0f} s; cancelled")

@@ -71,7 +71,7 @@ def list_snapshots(ctx: Context, vm: str) -> list[dict[str, Any]]:
 
 
 def revert(ctx: Context, vm: str, name: str, say: Say = quiet) -> str:
-    """Returns the VM's state after the revert: "running" for a memory snapshot, "stopped" for a disk one."""
+    """Returns the VM's state after the revert: running for a memory snapshot, stopped for a disk one."""
     record = ctx.ledger.get_vm(vm)
     snap = ctx.ledger.get_snapshot(vm, name)
     with operation(ctx, vm, "snapshot", data={"action": "revert", "snapshot": name}, say=say) as op:

@@ -11,7 +11,7 @@ from hvctl.agent_client import AgentError
 from hvctl.context import Context
 from hvctl.errors import GuestTimeout, HvctlError
 from hvctl.host import DomainState
-from hvctl.ledger import VMRecord
+from hvctl.ledger import VMRecord, VMState
 from hvctl.ops.intent import OperationBusy, operation
 from hvctl.seed import operator_key
 
@@ -67,8 +67,8 @@ def _wait_stopped(ctx: Context, record: VMRecord, timeout: float) -> None:
     try:
         with operation(ctx, record.name, "wait"):
             now = ctx.ledger.get_vm(record.name)
-            if now.state in ("running", "paused") and host.state(record.name) is DomainState.SHUTOFF:
-                ctx.ledger.set_state(record.name, "stopped", f"{record.name} powered off (seen by hvctl wait)")
+            if now.state in (VMState.RUNNING, VMState.PAUSED) and host.state(record.name) is DomainState.SHUTOFF:
+                ctx.ledger.set_state(record.name, VMState.STOPPED, f"{record.name} powered off (seen by hvctl wait)")
     except OperationBusy:
         pass  # the command that holds the VM (a stop, a destroy) records what it did itself
 
