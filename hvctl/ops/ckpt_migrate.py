@@ -46,6 +46,7 @@ from hvctl.ops.incarnation import DEFAULT_BOOT_TIMEOUT, BootOptions, GuestSecret
 from hvctl.ops.intent import Operation
 from hvctl.ops.run import checkpoint_name, operator_identity
 from hvctl.placement import host_limit
+from images.store import Image
 
 DEFAULT_TIMEOUT_S = 900.0
 
@@ -67,18 +68,108 @@ class Moving:
     log_offset: int = 0  # in the source workload's log, at or before the checkpoint's line
 
 
+@dataclasses.dataclass
+class _Move:
+    """What every step of one checkpoint migration reads: the VM, where it goes, the agents, the deadline."""
+
+    ctx: Context
+    record: VMRecord
+    target: str
+    key: Path  # hvctl's SSH key: checkpoints move over SSH
+    source_agent: AgentClient
+    deadline: float
+    say: Say
+    op: Operation
+    workdir: Path = Path()
+
+    def drain(self, draining: list[str]) -> None:
+        """Wait for every inference workload to finish (the source keeps serving until then)."""
+        for wid in draining:
+            self.say(f"draining inference workload {wid}")
+            _wait(lambda wid=wid: self.source_agent.typed(  # type: ignore[misc]
+                "workload.status", rpc.WorkloadStatus, rpc.WorkloadRef(id=wid)).state != "running",
+                self.deadline, f"inference workload {wid} did not finish")
+
+    def checkpoint_out(self, moving: list[Moving]) -> list[Moving]:
+        """Each training workload checkpoints at its next step boundary (it keeps training); the checkpoint comes
+        to this machine's work dir, under a name hvctl gives it (the index of the workload), never the guest's."""
+        moved: list[Moving] = []
+        for item in moving:
+            self.say(f"waiting for {item.source_id} to finish a step (it may still be starting up)")
+            _, offset = _wait_for_progress(self.source_agent, item.source_id, 0, self.deadline, lambda _: True,
+                                           "its first step")
+            self.say(f"checkpointing {item.source_id} at its next step boundary")
+            asked = self.source_agent.typed("workload.checkpoint", rpc.WorkloadCheckpointed,
+                                            rpc.WorkloadRef(id=item.source_id))
+            event, offset = _wait_for_progress(self.source_agent, item.source_id, max(offset, asked.log_offset),
+                                               self.deadline, lambda p: p.requested, "the requested checkpoint")
+            remote = _reported_checkpoint(event, item)
+            local = self.workdir / str(len(moved)) / checkpoint_name(event.step)
+            local.parent.mkdir(mode=0o700)
+            self.say(f"copying the step-{event.step} checkpoint out of {self.record.name}")
+            copy(self.record, self.key, remote, str(local), upload=False, route=route_for(self.ctx, self.record),
+                 overwrite=False)
+            moved.append(dataclasses.replace(item, step=event.step, remote_checkpoint=remote,
+                                             local_checkpoint=local, log_offset=offset))
+        return moved
+
+    def boot_target(self, image: Image, undo: Undo) -> tuple[Incarnation, VMRecord, AgentClient]:
+        """The new incarnation on the target: its own files, SSH port, host key, agent token and GPUs. Returns it,
+        the VM's record as it will be once moved, and a client for its agent."""
+        record, target = self.record, self.target
+        files = self.ctx.paths.next_vm_files(record.name, record.overlay)
+        port = self.ctx.ledger.free_port_on(target, bind_address=str(record.spec.ssh_bind))
+        self.op.step("checkpointed", target_dir=str(files.dir))
+        secrets = GuestSecrets.fresh(self.ctx, record.spec)
+        gpu_alloc = passthrough.allocate(self.ctx, self.ctx.gpu_env, record.spec, target, undo)
+        new = Incarnation(record.spec, target, LocalStorage(files, image, self.ctx.host(target).qemu_gid()), port,
+                          secrets, gpu_alloc)
+        boot(self.ctx, new, BootOptions(timeout=min(DEFAULT_BOOT_TIMEOUT * 2,
+                                                    max(self.deadline - time.monotonic(), 1.0))),
+             undo, self.say, step=self.op.step)  # "files", "defined" (the new domain's uuid), "started"
+        self.op.step("booted")
+        as_moved = dataclasses.replace(
+            record, host=target, ssh_port=port, overlay=files.overlay, console_log=files.console_log,
+            agent_socket=files.agent_socket, seed=files.seed, agent_token=secrets.token,
+            host_pubkey=secrets.host_key.public_line)
+        return new, as_moved, self.ctx.agent(target, record.name, secrets.token, timeout=60)
+
+    def restore_and_verify(self, moved: list[Moving], as_moved: VMRecord,
+                           target_agent: AgentClient) -> list[dict[str, Any]]:
+        """Each checkpoint copied in, its workload started again with its original arguments, and its first step
+        checked against the source's own (``_verify``)."""
+        verified: list[dict[str, Any]] = []
+        for item in moved:
+            assert item.local_checkpoint is not None
+            self.say(f"restoring the step-{item.step} checkpoint on {self.target}")
+            made = target_agent.typed("exec", rpc.ExecResult,
+                                      rpc.ExecParams(argv=["mkdir", "-p", item.checkpoint_dir]))
+            if made.exit_code != 0:
+                raise CheckpointMigrationFailed(f"cannot create {item.checkpoint_dir} on {self.target}: "
+                                                f"{made.stderr.strip()}")
+            copy(as_moved, self.key, str(item.local_checkpoint), item.remote_checkpoint, upload=True,
+                 route=route_for(self.ctx, as_moved))
+            status = target_agent.typed("workload.start", rpc.WorkloadStatus,
+                                        rpc.WorkloadStartParams(kind="train", args=item.args))
+            self.say(f"verifying that {status.id} on {self.target} resumed at step {item.step + 1}")
+            verified.append(_verify(self.source_agent, target_agent, item, status.id, self.deadline))
+        self.op.step("verified")
+        return verified
+
+
 def checkpoint_migrate(ctx: Context, record: VMRecord, target: str, timeout_s: float | None,
                        say: Say, op: Operation) -> dict[str, Any]:
     started = time.monotonic()
-    deadline = started + (timeout_s or DEFAULT_TIMEOUT_S)
     ledger, name = ctx.ledger, record.name
     if record.agent_token is None:
         raise InvalidSpec(f"{name} has no agent, and checkpoint mode moves workloads through it",
                           hint="use --mode offline")
-    key = operator_identity(ctx, record)  # checkpoints move over SSH with hvctl's key
-    source_agent = ctx.agent(record.host, name, record.agent_token, timeout=60)
+    move = _Move(ctx, record, target, operator_identity(ctx, record),
+                 ctx.agent(record.host, name, record.agent_token, timeout=60),
+                 started + (timeout_s or DEFAULT_TIMEOUT_S), say, op)
     say("asking the source agent for its workloads")
-    running = [w for w in source_agent.typed("workload.list", rpc.WorkloadList).workloads if w.state == "running"]
+    running = [w for w in move.source_agent.typed("workload.list", rpc.WorkloadList).workloads
+               if w.state == "running"]
     member = next((w for w in running if w.kind in DISTRIBUTED), None)
     if member is not None:
         # Its job would re-form without it at once, and the new incarnation would share its tenant address with
@@ -98,84 +189,26 @@ def checkpoint_migrate(ctx: Context, record: VMRecord, target: str, timeout_s: f
     op.step("checked", source=record.host, source_uuid=source_uuid, source_dir=str(record.overlay.parent))
     reservation = ledger.reserve(target, record.tenant, host_footprint(record.spec), "migration", vm=name,
                                  host_limit=host_limit(ctx.policy, target_record, gpus))
-    workdir = Path(tempfile.mkdtemp(prefix=f"hvctl-ckpt-{name}-"))
-    op.step("reserved", reservation=reservation, workdir=str(workdir))
+    move.workdir = Path(tempfile.mkdtemp(prefix=f"hvctl-ckpt-{name}-"))
+    op.step("reserved", reservation=reservation, workdir=str(move.workdir))
     try:
         with Undo() as undo:
             undo.push("release the reservation", lambda: ledger.release(reservation))
-            # 1. Drain inference, checkpoint training (the source keeps training).
-            for wid in draining:
-                say(f"draining inference workload {wid}")
-                _wait(lambda wid=wid: source_agent.typed("workload.status", rpc.WorkloadStatus,  # type: ignore[misc]
-                                                         rpc.WorkloadRef(id=wid)).state != "running",
-                      deadline, f"inference workload {wid} did not finish")
-            moved: list[Moving] = []
-            for item in moving:
-                say(f"waiting for {item.source_id} to finish a step (it may still be starting up)")
-                _, offset = _wait_for_progress(source_agent, item.source_id, 0, deadline, lambda _: True,
-                                               "its first step")
-                say(f"checkpointing {item.source_id} at its next step boundary")
-                asked = source_agent.typed("workload.checkpoint", rpc.WorkloadCheckpointed,
-                                           rpc.WorkloadRef(id=item.source_id))
-                event, offset = _wait_for_progress(source_agent, item.source_id, max(offset, asked.log_offset),
-                                                   deadline, lambda p: p.requested,
-                                                   "the requested checkpoint")
-                remote = _reported_checkpoint(event, item)
-                # The local name is hvctl's (the index of the workload), never a name the guest chose.
-                local = workdir / str(len(moved)) / checkpoint_name(event.step)
-                local.parent.mkdir(mode=0o700)
-                say(f"copying the step-{event.step} checkpoint out of {name}")
-                copy(record, key, remote, str(local), upload=False, route=route_for(ctx, record), overwrite=False)
-                moved.append(dataclasses.replace(item, step=event.step, remote_checkpoint=remote,
-                                                 local_checkpoint=local, log_offset=offset))
-
-            # 2. The new incarnation on the target.
-            files = ctx.paths.next_vm_files(name, record.overlay)
-            port = ledger.free_port_on(target, bind_address=str(record.spec.ssh_bind))
-            op.step("checkpointed", target_dir=str(files.dir))
-            secrets = GuestSecrets.fresh(ctx, record.spec)
-            gpu_alloc = passthrough.allocate(ctx, ctx.gpu_env, record.spec, target, undo)
-            new = Incarnation(record.spec, target, LocalStorage(files, image, ctx.host(target).qemu_gid()), port,
-                              secrets, gpu_alloc)
-            boot(ctx, new, BootOptions(timeout=min(DEFAULT_BOOT_TIMEOUT * 2, max(deadline - time.monotonic(), 1.0))),
-                 undo, say, step=op.step)  # "files", "defined" (the new domain's uuid), "started"
-            op.step("booted")
-            as_moved = dataclasses.replace(
-                record, host=target, ssh_port=port, overlay=files.overlay, console_log=files.console_log,
-                agent_socket=files.agent_socket, seed=files.seed, agent_token=secrets.token,
-                host_pubkey=secrets.host_key.public_line)
-            target_agent = ctx.agent(target, name, secrets.token, timeout=60)
-
-            # 3. Restore and restart; 4. verify.
-            verified: list[dict[str, Any]] = []
-            for item in moved:
-                assert item.local_checkpoint is not None
-                say(f"restoring the step-{item.step} checkpoint on {target}")
-                made = target_agent.typed("exec", rpc.ExecResult,
-                                          rpc.ExecParams(argv=["mkdir", "-p", item.checkpoint_dir]))
-                if made.exit_code != 0:
-                    raise CheckpointMigrationFailed(f"cannot create {item.checkpoint_dir} on {target}: "
-                                                    f"{made.stderr.strip()}")
-                copy(as_moved, key, str(item.local_checkpoint), item.remote_checkpoint, upload=True,
-                     route=route_for(ctx, as_moved))
-                status = target_agent.typed("workload.start", rpc.WorkloadStatus,
-                                            rpc.WorkloadStartParams(kind="train", args=item.args))
-                say(f"verifying that {status.id} on {target} resumed at step {item.step + 1}")
-                verified.append(_verify(source_agent, target_agent, item, status.id, deadline))
-            op.step("verified")
-
-            # 5. Commit, then retire the source.
+            move.drain(draining)
+            moved = move.checkpoint_out(moving)
+            new, as_moved, target_agent = move.boot_target(image, undo)
+            verified = move.restore_and_verify(moved, as_moved, target_agent)
             say("committing the move in the ledger")
             stats = {"mode": "checkpoint", "total_s": round(time.monotonic() - started, 3), "downtime_ms": None,
                      "bytes": sum(i.local_checkpoint.stat().st_size for i in moved if i.local_checkpoint),
                      "workloads": verified, "drained": draining, "source_host": record.host}
             # The new incarnation is a new domain: its UUID moves with the rest, in the same transaction.
-            ledger.complete_migration(name, target, port, reservation, stats,
+            ledger.complete_migration(name, target, new.ssh_port, reservation, stats,
                                       moved=new.ledger_columns() | {"domain_uuid": ctx.host(target).guest(name).uuid})
             undo.commit()
             op.step("committed")
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        shutil.rmtree(move.workdir, ignore_errors=True)
     say(f"destroying the source incarnation on {record.host}")
     _retire_source(ctx, name, record.host, record.overlay.parent, source_uuid)
     op.step("retired")
