@@ -1,7 +1,8 @@
 """Create → agent-ready and create → SSH-ready for the `base` image: hvctl against raw libvirt-python, in one run.
 
-Both sides boot the same image under the same private libvirtd with the same domain XML and the same kind of seed
-(hvctl's designer and seed builder write them for the raw side too), and are waited on with the same probes: an
+Both sides boot the same image under the same private libvirtd, the same machine (the raw side's domain XML is
+written by hand in common.py, not by hvctl's designer) and the same kind of seed (hvctl's seed builder makes the raw
+side's), and are waited on with the same probes: an
 authenticated agent ping over the virtio-serial channel, then an authenticated SSH session with the pinned host
 key. Runs alternate between the sides. Guests run under TCG on 1 vCPU.
 
@@ -24,14 +25,13 @@ import libvirt
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import Report, scratch_dir, share_test_images  # noqa: E402
+from common import Report, raw_domain_xml, scratch_dir, share_test_images  # noqa: E402
 
 from hvctl.access import wait_for_ssh  # noqa: E402
 from hvctl.agent_client import AgentClient  # noqa: E402
 from hvctl.context import Context  # noqa: E402
-from hvctl.designer import BootArtifacts, VMAllocation, design  # noqa: E402
 from hvctl.devhost import PrivateLibvirtd  # noqa: E402
-from hvctl.ledger import VMRecord  # noqa: E402
+from hvctl.ledger import VMRecord, VMState  # noqa: E402
 from hvctl.ops.create import create  # noqa: E402
 from hvctl.ops.incarnation import make_overlay  # noqa: E402
 from hvctl.ops.lifecycle import destroy  # noqa: E402
@@ -58,9 +58,8 @@ def raw_side(conn: libvirt.virConnect, ctx: Context, name: str, port: int) -> tu
     vm_dir.mkdir(mode=0o755)
     host_key, token = generate_ed25519(name), new_agent_token()
     seed = vm_dir / "seed.iso"
-    xml = design(spec, ctx.capabilities(), BootArtifacts(image.kernel, image.initrd, root_on_disk=True),
-                 VMAllocation(vm_dir / "disk.qcow2", vm_dir / "console.log", vm_dir / "agent.sock", port,
-                              seed=seed)).to_xml()
+    xml = raw_domain_xml(ctx.capabilities().accel.value == "kvm", name, spec.memory_mib, image.kernel, image.initrd,
+                         vm_dir, port, vcpus=spec.vcpus, root_on_disk=True, seed=True)
     started = time.perf_counter()
     make_overlay(image.base_disk, vm_dir / "disk.qcow2", spec.disk_gib)
     build_seed(seed, name, [public_key_of(operator_key(ctx.paths.keys))], host_key, token)
@@ -68,7 +67,7 @@ def raw_side(conn: libvirt.virConnect, ctx: Context, name: str, port: int) -> tu
     dom.create()
     AgentClient.over_socket(vm_dir / "agent.sock", token).wait_ready(180)
     agent = time.perf_counter() - started
-    record = VMRecord(name=name, tenant="default", host="local", spec_source=spec, state="running", image="base",
+    record = VMRecord(name=name, tenant="default", host="local", spec_source=spec, state=VMState.RUNNING, image="base",
                       base_disk=image.base_disk, overlay=vm_dir / "disk.qcow2", console_log=vm_dir / "console.log",
                       agent_socket=vm_dir / "agent.sock", ssh_port=port, created_at=0, updated_at=0,
                       host_pubkey=host_key.public_line)

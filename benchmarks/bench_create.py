@@ -1,7 +1,8 @@
 """Create → guest up: hvctl against the same domain created through raw libvirt-python, in one run.
 
-Both sides boot the same minimal image under the same private libvirtd, with the same domain XML (hvctl's designer
-writes it for the raw side too) and the same readiness probe (the guest's console marker). The runs alternate
+Both sides boot the same minimal image under the same private libvirtd, the same machine (the raw side's domain XML
+is written by hand here, device for device what hvctl makes, not by hvctl's designer) and the same readiness probe
+(the guest's console marker). The runs alternate
 between the two sides so that drift in machine load hits both equally. hvctl's side is the library call that
 `hvctl create` makes, which includes the ledger transaction, the overlay, define, start and the wait; the CLI's own
 interpreter start-up is reported separately.
@@ -26,11 +27,10 @@ import libvirt
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import Report, scratch_dir  # noqa: E402
+from common import Report, raw_domain_xml, scratch_dir  # noqa: E402
 
 from hvctl.console import wait_for_ready  # noqa: E402
 from hvctl.context import Context  # noqa: E402
-from hvctl.designer import BootArtifacts, VMAllocation, design  # noqa: E402
 from hvctl.devhost import PrivateLibvirtd  # noqa: E402
 from hvctl.ops.create import create  # noqa: E402
 from hvctl.ops.incarnation import make_overlay  # noqa: E402
@@ -40,11 +40,9 @@ from hvctl.spec import VMSpec  # noqa: E402
 
 def raw_create(conn: libvirt.virConnect, ctx: Context, name: str, port: int) -> float:
     """The same work with libvirt-python alone: overlay, define, start, wait for the same marker."""
-    spec = VMSpec(name=name, memory_mib=128)
     image = ctx.images.get("minimal")
     vm_dir = ctx.paths.vm_dir(name)
-    xml = design(spec, ctx.capabilities(), BootArtifacts(image.kernel, image.initrd),
-                 VMAllocation(vm_dir / "disk.qcow2", vm_dir / "console.log", vm_dir / "agent.sock", port)).to_xml()
+    xml = raw_domain_xml(ctx.capabilities().accel.value == "kvm", name, 128, image.kernel, image.initrd, vm_dir, port)
     started = time.perf_counter()
     vm_dir.mkdir(mode=0o755)
     make_overlay(image.base_disk, vm_dir / "disk.qcow2", 1)
