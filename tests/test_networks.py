@@ -155,6 +155,29 @@ def test_a_create_that_fails_after_its_address_was_given_withdraws_its_dhcp_leas
     assert dhcp_leases() == [(nic_mac("a1"), "10.96.7.2", "a1")]
 
 
+def test_a_create_killed_after_its_lease_was_given_is_rolled_back_lease_and_all(rig: Rig) -> None:
+    """hvctl died right after publishing a2's lease (a dead holder's intent row, as `kill -9` leaves it): `doctor
+    --repair` rolls the create back, and the host's DHCP server no longer holds a2's address."""
+    from test_intent import dead_holder
+
+    from hvctl.ledger import VMPaths
+    from hvctl.ops.doctor import repair
+    from hvctl.ops.networks import publish_lease
+
+    create_network(rig.ctx, "blue", "acme", "10.96.7.0/29")
+    make(rig, "a1", "acme", "blue")
+    vm = rig.ctx.paths.root / "vms" / "a2"
+    spec = VMSpec.parse(name="a2", image="stub", tenant="acme", network=tenant_attach(rig.ctx, "blue"))
+    record = rig.ctx.ledger.reserve_vm(spec, "local", VMPaths(vm / "b", vm / "o", vm / "s", vm / "c", vm / "a"))
+    rig.ctx.ledger.begin_operation("a2", "create", dead_holder(), None, "local", {})
+    assert publish_lease(rig.ctx, record.spec.model_copy(update={"host": "local"})) == ["local"]
+    assert [ip for _, ip, _ in dhcp_leases()] == ["10.96.7.2", "10.96.7.3"]
+    repaired = repair(rig.ctx)["operations"]
+    assert [r["outcome"] for r in repaired] == ["rolled back on local"]
+    assert dhcp_leases() == [(nic_mac("a1"), "10.96.7.2", "a1")]
+    assert [v.name for v in rig.ctx.ledger.list_vms()] == ["a1"]
+
+
 def test_a_network_an_older_hvctl_defined_without_dhcp_gets_it_once_no_nic_is_on_it(rig: Rig) -> None:
     create_network(rig.ctx, "blue", "acme", "10.96.7.0/29")
     record = rig.ctx.ledger.get_network("blue")

@@ -15,7 +15,7 @@ from hvctl.ops import Say, Undo, pooled, quiet
 from hvctl.ops.incarnation import BootOptions, GuestSecrets, Incarnation, LocalStorage, Storage, boot
 from hvctl.ops.intent import operation
 from hvctl.ops.lifecycle import remove_vm_files
-from hvctl.ops.networks import ensure_on_host, publish_lease, withdraw_lease
+from hvctl.ops.networks import ensure_on_host, publish_lease, withdraw_lease, withdraw_vm_lease
 from hvctl.placement import NoValidHost, choose_host, host_limit
 from hvctl.spec import VMSpec
 from images.store import Image
@@ -142,8 +142,8 @@ def check_network(ctx: Context, spec: VMSpec, host_name: str, say: Say = quiet) 
 
 def reconcile_create(ctx: Context, op: dict[str, Any]) -> str:
     """An interrupted create is rolled back: its domain (by the UUID the intent recorded, else by name and hvctl's
-    metadata on the target host), its GPUs, its files or volumes, and its ledger row. One that had committed
-    (the ledger says running) is left as it is."""
+    metadata on the target host), its GPUs, its files or volumes, its DHCP lease, and its ledger row. One that had
+    committed (the ledger says running) is left as it is."""
     vm, ledger = op["vm"], ctx.ledger
     try:
         record = ledger.get_vm(vm)
@@ -162,6 +162,7 @@ def reconcile_create(ctx: Context, op: dict[str, Any]) -> str:
     if ledger.gpu_bindings(record.host, vm):
         passthrough.release_vm(ctx, ctx.gpu_env, vm, record.host)
     remove_vm_files(ctx, record)
+    withdraw_vm_lease(ctx, record)
     ledger.delete_vm(vm, "an interrupted create was rolled back")
     ledger.end_operation(vm)
     return f"rolled back on {record.host}"

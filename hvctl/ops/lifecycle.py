@@ -19,7 +19,7 @@ from hvctl.ledger import VMRecord, VMState
 from hvctl.ops import Say, pooled, quiet
 from hvctl.ops.incarnation import DEFAULT_BOOT_TIMEOUT, HOSTFWD_REFUSED, PORT_ATTEMPTS
 from hvctl.ops.intent import operation
-from hvctl.ops.networks import withdraw_lease
+from hvctl.ops.networks import withdraw_vm_lease
 
 
 def start(ctx: Context, name: str, say: Say = quiet,
@@ -251,10 +251,7 @@ def _destroy(ctx: Context, name: str, say: Say, step: Callable[..., None]) -> No
         else "removing the overlay disk and console log")
     remove_vm_files(ctx, record)
     step("files-removed")
-    net = record.spec.network
-    if net is not None and net.tenant_network is not None:
-        withdraw_lease(ctx, net.tenant_network, name,
-                       sorted({*ctx.ledger.network_hosts(net.tenant_network), record.host}), say)
+    withdraw_vm_lease(ctx, record, say)
     ctx.ledger.delete_vm(name, f"destroyed {name}")
 
 

@@ -19,7 +19,7 @@ from hvctl.context import Context
 from hvctl.designer import nic_mac
 from hvctl.errors import HostUnreachable, HvctlError, HypervisorError, InvalidSpec, NotFound
 from hvctl.host.networks import DhcpHost
-from hvctl.ledger import NetworkRecord
+from hvctl.ledger import NetworkRecord, VMRecord
 from hvctl.ledger.networks import check_attach
 from hvctl.names import check_name
 from hvctl.ops import Say, quiet
@@ -157,6 +157,14 @@ def withdraw_lease(ctx: Context, network_name: str, vm: str, hosts: list[str], s
             ctx.host(host).remove_dhcp_host(libvirt_name, nic_mac(vm))
         except (HostUnreachable, HypervisorError, NotFound) as exc:
             say(f"warning: host {host} still serves {vm}'s DHCP lease on {network_name}: {exc.message}")
+
+
+def withdraw_vm_lease(ctx: Context, record: VMRecord, say: Say = quiet) -> None:
+    """A VM that is going (destroy, a rolled-back create): its lease off every host of its tenant network."""
+    net = record.spec.network
+    if net is not None and net.tenant_network is not None:
+        withdraw_lease(ctx, net.tenant_network, record.name,
+                       sorted({*ctx.ledger.network_hosts(net.tenant_network), record.host}), say)
 
 
 def _vxlan_script(network: NetworkRecord, local: IPv4Address, peers: list[str]) -> str:
