@@ -256,10 +256,12 @@ def test_a_tenant_network_spans_two_hosts_over_vxlan_and_another_tenant_stays_ou
     assert t.pings("a4", a3) and t.pings("a3", a4)  # across the two hosts
     # The guests' NICs got the tenant MTU, which leaves room for VXLAN's header on the underlay.
     assert "mtu 1450" in t.run("a3", f"ip link show dev {t.tenant_nic('a3')}").stdout
-    # Each host's DHCP server holds every lease of the network, so a DISCOVER that crosses VXLAN gets the same
-    # answer from either: a3's client gets a3's address.
+    # Each host has the network's VXLAN device, and its DHCP server holds every lease of the network, so a
+    # DISCOVER that crosses VXLAN gets the same answer from either: a3's client gets a3's address.
     ctx = Context(state_dir=t.state, uri="test:///default")
     try:
+        vxlan = ctx.ledger.get_network("blue").vxlan
+        assert all(vxlan in links(host) for host in (near, far))
         for host in ("near", "far"):
             served = {(h.vm, h.ip) for h in ctx.host(host).dhcp_hosts("hvctl-net-blue") or []}
             assert served == {("a3", a3), ("a4", a4)}, (host, served)
@@ -282,21 +284,18 @@ def test_a_tenant_network_spans_two_hosts_over_vxlan_and_another_tenant_stays_ou
     assert float(t.run("a3", "cut -d' ' -f1 /proc/uptime").stdout) > before
     assert f"inet {a3}/24" in t.run("a3", f"ip -o -4 addr show dev {t.tenant_nic('a3')}").stdout
     assert t.pings("a4", a3) and t.pings("a3", a4)
+    # near runs no VM of blue now, so it left blue's VXLAN, and far, the only host left, needs none either.
+    assert not any(vxlan in links(host) for host in (near, far))
     # globex's g2, on far beside a4, with an address in blue's subnet: nothing reaches a3 or a4.
     nic = t.tenant_nic("g2")
     assert t.run("g2", f"ip addr add 10.96.30.77/24 dev {nic}").exit_code == 0
     assert not t.pings("g2", a3) and not t.pings("g2", a4)
-    # network rm after its VMs: the VXLAN device goes with it, on both hosts.
-    ctx = Context(state_dir=t.state, uri="test:///default")
-    try:
-        vxlan = ctx.ledger.get_network("blue").vxlan
-    finally:
-        ctx.close()
-    assert all(vxlan in links(host) for host in (near, far))
+    # network rm after its VMs: its libvirt network goes from both hosts.
     for vm in ("a3", "a4"):
         assert t.hvctl("destroy", vm).returncode == 0
-    removed = t.hvctl("network", "rm", "blue")
+    removed = t.hvctl("network", "rm", "blue", "--json")
     assert removed.returncode == 0, removed.stderr
+    assert sorted(json.loads(removed.stdout)["removed_from"]) == ["far", "near"]
     assert not any(vxlan in links(host) for host in (near, far))
 
 

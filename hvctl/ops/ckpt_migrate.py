@@ -44,6 +44,7 @@ from hvctl.ledger import VMRecord
 from hvctl.ops import Say, Undo
 from hvctl.ops.incarnation import DEFAULT_BOOT_TIMEOUT, BootOptions, GuestSecrets, Incarnation, LocalStorage, boot
 from hvctl.ops.intent import Operation
+from hvctl.ops.networks import leave_if_unused
 from hvctl.ops.run import checkpoint_name, operator_identity
 from hvctl.placement import host_limit
 from images.store import Image
@@ -212,6 +213,8 @@ def checkpoint_migrate(ctx: Context, record: VMRecord, target: str, timeout_s: f
     say(f"destroying the source incarnation on {record.host}")
     _retire_source(ctx, name, record.host, record.overlay.parent, source_uuid)
     op.step("retired")
+    if record.spec.network is not None and record.spec.network.tenant_network is not None:
+        leave_if_unused(ctx, record.spec.network.tenant_network, record.host, say)
     return stats
 
 

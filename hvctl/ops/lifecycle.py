@@ -19,7 +19,7 @@ from hvctl.ledger import VMRecord, VMState
 from hvctl.ops import Say, pooled, quiet
 from hvctl.ops.incarnation import DEFAULT_BOOT_TIMEOUT, HOSTFWD_REFUSED, PORT_ATTEMPTS
 from hvctl.ops.intent import operation
-from hvctl.ops.networks import withdraw_vm_lease
+from hvctl.ops.networks import leave_if_unused, withdraw_vm_lease
 
 
 def start(ctx: Context, name: str, say: Say = quiet,
@@ -253,6 +253,8 @@ def _destroy(ctx: Context, name: str, say: Say, step: Callable[..., None]) -> No
     step("files-removed")
     withdraw_vm_lease(ctx, record, say)
     ctx.ledger.delete_vm(name, f"destroyed {name}")
+    if record.spec.network is not None and record.spec.network.tenant_network is not None:
+        leave_if_unused(ctx, record.spec.network.tenant_network, record.host, say)
 
 
 def remove_vm_files(ctx: Context, record: VMRecord) -> None:

@@ -33,6 +33,7 @@ from hvctl.ops.ckpt_migrate import checkpoint_migrate
 from hvctl.ops.create import check_network
 from hvctl.ops.incarnation import make_overlay
 from hvctl.ops.intent import Operation, operation
+from hvctl.ops.networks import leave_if_unused
 from hvctl.paths import make_private_dir
 from hvctl.placement import NoValidHost, host_limit
 
@@ -168,6 +169,8 @@ def _migrate(ctx: Context, name: str, target: str, opts: MigrateOptions,
     op.step("committed")
     if opts.copy_storage:
         _discard_source_files(ctx, record)  # the source's copy: the VM runs on the new one
+    if record.spec.network is not None and record.spec.network.tenant_network is not None:
+        leave_if_unused(ctx, record.spec.network.tenant_network, record.host, say)
     return stats
 
 

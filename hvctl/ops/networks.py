@@ -167,6 +167,30 @@ def withdraw_vm_lease(ctx: Context, record: VMRecord, say: Say = quiet) -> None:
                        sorted({*ctx.ledger.network_hosts(net.tenant_network), record.host}), say)
 
 
+def leave_if_unused(ctx: Context, network_name: str, host: str, say: Say = quiet) -> None:
+    """``host`` ran a VM of the network and runs none now (a destroy, a migration away): it leaves the network's
+    VXLAN (its ``vx-`` device goes; its libvirt network stays until `network rm`), and the hosts still running its
+    VMs drop their flood entry for it, or their own device when no peer is left. As far as the hosts can be asked:
+    a host that cannot be is said and skipped (a flood entry left for a host that is gone only costs a copy of each
+    broadcast)."""
+    remaining = ctx.ledger.network_hosts(network_name)
+    underlays = ctx.ledger.underlays()
+    if host in remaining or host not in underlays:
+        return
+    vx = ctx.ledger.get_network(network_name).vxlan
+    scripts = {host: f"ip link del {vx} 2>/dev/null || true"}
+    for other in remaining:
+        scripts[other] = (f"ip link del {vx} 2>/dev/null || true" if len(remaining) == 1 else
+                          f"bridge fdb del 00:00:00:00:00:00 dev {vx} dst {underlays[host]} 2>/dev/null || true")
+    for each, script in scripts.items():
+        try:
+            _on_host(ctx, each, script)
+        except (HostUnreachable, HypervisorError) as exc:
+            say(f"warning: host {each} could not be asked to leave or prune network {network_name}'s VXLAN: "
+                f"{exc.message}")
+    say(f"host {host} left network {network_name}'s VXLAN")
+
+
 def _vxlan_script(network: NetworkRecord, local: IPv4Address, peers: list[str]) -> str:
     """Idempotent: the network's VXLAN device on its bridge, up, with a flood entry for each peer host."""
     vx = network.vxlan
