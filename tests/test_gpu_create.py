@@ -314,7 +314,8 @@ def test_a_stopped_gpu_vm_keeps_its_gpus_through_repair_and_a_host_reboot_and_st
 def test_doctor_repair_json_reports_what_it_repaired_with_the_checks(rig: Rig) -> None:
     result = hvctl_cli(rig.state, "test:///default", "doctor", "--repair", "--json")
     data = json.loads(result.stdout)
-    assert data["repaired"] == {"gpus_returned": [], "operations": [], "gpus_revived": [], "gpus_unreachable": {}}
+    assert data["repaired"] == {"gpus_returned": [], "operations": [], "gpus_revived": [], "gpus_unreachable": {},
+                                "vxlan": []}
     assert {c["name"] for c in data["checks"]} >= {"ledger", "libvirtd", "gpu bindings"}
     plain = json.loads(hvctl_cli(rig.state, "test:///default", "doctor", "--json").stdout)
     assert isinstance(plain, list)  # without --repair, the shape scripts already parse

@@ -473,7 +473,10 @@ def doctor(
             out.print(f"repair: {', '.join(repaired['gpus_revived'])} answer on the bus again and are placed again")
         for host, why in repaired["gpus_unreachable"].items():
             out.print(f"[red]repair: host {host} could not be reached; its GPUs are as they were[/]: {safe(why)}")
-        if not (returned or repaired["operations"] or repaired["gpus_revived"] or repaired["gpus_unreachable"]):
+        for fixed in repaired["vxlan"]:
+            out.print(f"repair: tenant network {safe(fixed)}: VXLAN set up again")
+        if not (returned or repaired["operations"] or repaired["gpus_revived"] or repaired["gpus_unreachable"]
+                or repaired["vxlan"]):
             out.print("repair: nothing to repair")
     checks = doc.run_checks(context)
     if as_json:

@@ -13,6 +13,7 @@ from hvctl.errors import HostUnreachable, HvctlError, HypervisorError
 from hvctl.host import libvirt_version
 from hvctl.ops.inspect import drift_report, enforcement_report
 from hvctl.ops.intent import describe, interrupted, reconcile
+from hvctl.ops.networks import repair_vxlan, vxlan_gaps
 from vfio import host_checks
 
 
@@ -38,7 +39,8 @@ def run_checks(ctx: Context) -> list[Check]:
     if not checks[-1].ok:
         return checks
     checks += [_hosts_check(ctx), _images_check(ctx), _accelerator_check(ctx), *_passthrough_checks(),
-               *_memory_limit_checks(ctx), _enforcement_check(ctx), _gpu_bindings_check(ctx), _gpu_health_check(ctx)]
+               *_memory_limit_checks(ctx), _enforcement_check(ctx), _vxlan_check(ctx), _gpu_bindings_check(ctx),
+               _gpu_health_check(ctx)]
     stopped = interrupted(ctx)
     checks += [_operations_check(stopped), _drift_check(ctx, bool(stopped))]
     return checks
@@ -119,6 +121,14 @@ def _enforcement_check(ctx: Context) -> Check:
                  "check that libvirt's cgroup controllers are mounted and delegated" if problems else None)
 
 
+def _vxlan_check(ctx: Context) -> Check:
+    gaps = vxlan_gaps(ctx)
+    return Check("tenant networks", not gaps,
+                 "; ".join(f"{n.name}: host {h} runs its VMs but has no VXLAN device {n.vxlan}" for n, h in gaps)
+                 or "every network that spans hosts has its VXLAN device on each of them",
+                 "`hvctl doctor --repair` sets them up again (a host reboot drops them)" if gaps else None)
+
+
 def _gpu_bindings_check(ctx: Context) -> Check:
     stranded = passthrough.stranded_gpus(ctx)
     return Check("gpu bindings", not stranded,
@@ -168,7 +178,7 @@ def _hosts_check(ctx: Context) -> Check:
 def repair(ctx: Context) -> dict[str, Any]:
     """`hvctl doctor --repair`: finish or undo what a crash interrupted. Interrupted operations first (their
     intents; see ``hvctl.ops.intent``); then GPU binding: every device whose VM is not running goes back to its
-    original driver, as the ledger's journal recorded it."""
+    original driver, as the ledger's journal recorded it; last, each tenant network's VXLAN device a host lost."""
     operations = [{"operation": describe(op), "outcome": reconcile(ctx, op)} for op in interrupted(ctx)]
     returned: list[str] = []
     unreachable: dict[str, str] = {}
@@ -185,4 +195,4 @@ def repair(ctx: Context) -> dict[str, Any]:
     # machine's sysfs can be read.
     revived = passthrough.revive(ctx, ctx.gpu_env, ctx.host_name) if ctx.is_this_machine(ctx.host_name) else []
     return {"gpus_returned": returned, "operations": operations, "gpus_revived": revived,
-            "gpus_unreachable": unreachable}
+            "gpus_unreachable": unreachable, "vxlan": repair_vxlan(ctx)}

@@ -14,7 +14,7 @@ import subprocess
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
-from hvctl.access import host_command
+from hvctl.access import AccessError, host_command
 from hvctl.context import Context
 from hvctl.designer import nic_mac
 from hvctl.errors import HostUnreachable, HvctlError, HypervisorError, InvalidSpec, NotFound
@@ -109,10 +109,16 @@ def ensure_on_host(ctx: Context, spec: VMSpec, host: str, say: Say = quiet) -> N
     if spec.network is not None and spec.network.address is not None:  # a VM that has its address: a migration
         ctx.host(host).set_dhcp_host(network.libvirt_name, _lease(spec.name, str(spec.network.address.ip)))
     if len(hosts) > 1:
-        for each in hosts:
-            peers = [str(underlays[h]) for h in hosts if h != each]
-            _on_host(ctx, each, _vxlan_script(network, underlays[each], peers))
-        say(f"tenant network {network.name} spans hosts {', '.join(hosts)} (VXLAN {network.vni})")
+        _join_vxlan(ctx, network, hosts, say)
+
+
+def _join_vxlan(ctx: Context, network: NetworkRecord, hosts: list[str], say: Say) -> None:
+    """The network's VXLAN device on each of ``hosts``, with a flood entry for each of the others (idempotent)."""
+    underlays = ctx.ledger.underlays()
+    for each in hosts:
+        peers = [str(underlays[h]) for h in hosts if h != each]
+        _on_host(ctx, each, _vxlan_script(network, underlays[each], peers))
+    say(f"tenant network {network.name} spans hosts {', '.join(hosts)} (VXLAN {network.vni})")
 
 
 def leases(ctx: Context, name: str) -> list[DhcpHost]:
@@ -189,6 +195,37 @@ def leave_if_unused(ctx: Context, network_name: str, host: str, say: Say = quiet
             say(f"warning: host {each} could not be asked to leave or prune network {network_name}'s VXLAN: "
                 f"{exc.message}")
     say(f"host {host} left network {network_name}'s VXLAN")
+
+
+def vxlan_gaps(ctx: Context) -> list[tuple[NetworkRecord, str]]:
+    """(network, host) for each host that runs VMs of a network spanning hosts and has no VXLAN device for it (a
+    host reboot: libvirt restarts the network but knows nothing of the device). A host that cannot be asked is
+    not counted here: the doctor's hosts check names one that is down, and one reached over qemu+tls has no ssh."""
+    gaps = []
+    for network in ctx.ledger.networks():
+        hosts = ctx.ledger.network_hosts(network.name)
+        for host in hosts if len(hosts) > 1 else []:
+            try:
+                _on_host(ctx, host, f"ip link show {network.vxlan} >/dev/null 2>&1")
+            except HypervisorError:
+                gaps.append((network, host))
+            except (HostUnreachable, AccessError):  # down, or no ssh to it (qemu+tls): an admin's to check
+                continue
+    return gaps
+
+
+def repair_vxlan(ctx: Context, say: Say = quiet) -> list[str]:
+    """`doctor --repair`: each gap ``vxlan_gaps`` finds is set up again as a create would (the device, its flood
+    entries, and the peers' entries for it). Returns "NETWORK on HOST" for each."""
+    repaired = []
+    for network, host in vxlan_gaps(ctx):
+        try:
+            _join_vxlan(ctx, network, ctx.ledger.network_hosts(network.name), say)
+        except (HostUnreachable, HypervisorError, AccessError) as exc:  # another of its hosts: the rest go on
+            say(f"warning: network {network.name}'s VXLAN on {host} could not be set up again: {exc.message}")
+            continue
+        repaired.append(f"{network.name} on {host}")
+    return repaired
 
 
 def _vxlan_script(network: NetworkRecord, local: IPv4Address, peers: list[str]) -> str:
