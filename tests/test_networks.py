@@ -125,6 +125,7 @@ def test_a_vm_on_a_tenant_network_gets_an_address_a_nic_on_its_isolated_network_
     as_shown = hvctl_cli(rig.state, "test:///default", "show", "a1")
     assert as_shown.returncode == 0 and "tenant network blue, 10.96.7.2/29" in as_shown.stdout, as_shown.stderr
     shown = show_network(rig.ctx, "blue")
+    assert shown["dhcp_server"] == "10.96.7.1"
     assert [(v["vm"], v["address"], v["host"]) for v in shown["vms"]] == [("a1", "10.96.7.2", "local"),
                                                                         ("a2", "10.96.7.3", "local")]
     assert shown["free"] == 3

@@ -57,7 +57,8 @@ def network_show(name: str, as_json: JsonOpt = False) -> None:
         emit_json(shown)
         return
     out.print(f"network [bold]{name}[/]: tenant {shown['tenant']}, subnet {shown['subnet']}, bridge {shown['bridge']} "
-              f"(libvirt network {shown['libvirt_network']}), {shown['free']} of {shown['capacity']} addresses free")
+              f"(libvirt network {shown['libvirt_network']}), {shown['free']} of {shown['capacity']} addresses free; "
+              f"each host's DHCP server at {shown['dhcp_server']}")
     for vm in shown["vms"]:
         out.print(f"  {safe(vm['vm'])}  {vm['address']}  on {safe(vm['host'])}")
 

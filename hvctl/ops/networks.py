@@ -17,6 +17,7 @@ from typing import Any
 from hvctl.access import AccessError, host_command
 from hvctl.context import Context
 from hvctl.designer import nic_mac
+from hvctl.domain.devices import tenant_server
 from hvctl.errors import HostUnreachable, HvctlError, HypervisorError, InvalidSpec, NotFound
 from hvctl.host.networks import DhcpHost
 from hvctl.ledger import NetworkRecord, VMRecord
@@ -39,7 +40,8 @@ def create_network(ctx: Context, name: str, tenant: str, subnet: str | None) -> 
 def show_network(ctx: Context, name: str) -> dict[str, Any]:
     network = ctx.ledger.get_network(name)
     vms = [{"vm": vm, "address": address, "host": host} for vm, address, host in ctx.ledger.network_addresses(name)]
-    return network.as_dict() | {"vms": vms, "free": len(network.usable()) - len(vms)}
+    return network.as_dict() | {"vms": vms, "free": len(network.usable()) - len(vms),
+                                "dhcp_server": str(tenant_server(network.subnet))}
 
 
 def list_networks(ctx: Context, tenant: str | None = None) -> list[dict[str, Any]]:
