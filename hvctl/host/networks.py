@@ -149,6 +149,11 @@ _LIVE_AND_CONFIG = libvirt.VIR_NETWORK_UPDATE_AFFECT_LIVE | libvirt.VIR_NETWORK_
 
 def dhcp_hosts(conn: libvirt.virConnect, name: str) -> list[DhcpHost] | None:
     """The static leases network ``name`` serves; None when it has no DHCP (defined before hvctl served it)."""
+    served = _served(conn, name)
+    return served[1] if served else None
+
+
+def _served(conn: libvirt.virConnect, name: str) -> tuple[libvirt.virNetwork, list[DhcpHost]] | None:
     net = _lookup(conn, name)
     if net is None:
         return None
@@ -156,19 +161,18 @@ def dhcp_hosts(conn: libvirt.virConnect, name: str) -> list[DhcpHost] | None:
         ip = ET.fromstring(net.XMLDesc(0)).find("ip")
     if ip is None:
         return None
-    return [DhcpHost(h.get("mac", ""), h.get("ip", ""), h.get("name", "")) for h in ip.iterfind("dhcp/host")]
+    return net, [DhcpHost(h.get("mac", ""), h.get("ip", ""), h.get("name", "")) for h in ip.iterfind("dhcp/host")]
 
 
 def set_dhcp_host(conn: libvirt.virConnect, name: str, lease: DhcpHost) -> bool:
     """Serve ``lease`` on network ``name``, live and in its definition, in place of any other lease of that MAC or
     address. False when the network has no DHCP."""
-    current = dhcp_hosts(conn, name)
-    if current is None:
+    served = _served(conn, name)
+    if served is None:
         return False
+    net, current = served
     if lease in current:
         return True
-    net = _lookup(conn, name)
-    assert net is not None
     with _errors(f"giving {lease.vm} its DHCP lease on libvirt network {name}"):
         for stale in current:
             if stale.mac == lease.mac or stale.ip == lease.ip:
@@ -181,8 +185,8 @@ def set_dhcp_host(conn: libvirt.virConnect, name: str, lease: DhcpHost) -> bool:
 
 def remove_dhcp_host(conn: libvirt.virConnect, name: str, mac: str) -> bool:
     """Stop serving the lease of ``mac`` on network ``name``; False when it served none."""
-    stale = [h for h in dhcp_hosts(conn, name) or [] if h.mac == mac]
-    net = _lookup(conn, name)
+    net, current = _served(conn, name) or (None, [])
+    stale = [h for h in current if h.mac == mac]
     for lease in stale:
         assert net is not None
         with _errors(f"removing {lease.vm}'s DHCP lease from libvirt network {name}"):

@@ -26,6 +26,10 @@ from hvctl.names import check_name
 from hvctl.ops import Say, quiet
 from hvctl.spec import NetworkAttach, VMSpec
 
+# What asking a host to do something can fail with: it is down, it refused (a failed command or libvirt call), or it
+# has no ssh to run commands over (reached by qemu+tls).
+_HOST_FAILURES = (HostUnreachable, HypervisorError, AccessError)
+
 
 def create_network(ctx: Context, name: str, tenant: str, subnet: str | None) -> dict[str, Any]:
     check_name(name, "network name")
@@ -142,11 +146,11 @@ def publish_lease(ctx: Context, spec: VMSpec, say: Say = quiet) -> list[str]:
         return []
     network = ctx.ledger.get_network(net.tenant_network)
     served = []
-    for host in sorted({*ctx.ledger.network_hosts(network.name), spec.host or ""} - {""}):
+    for host in sorted({*ctx.ledger.network_hosts(network.name), *([spec.host] if spec.host else [])}):
         try:
             if ctx.host(host).set_dhcp_host(network.libvirt_name, _lease(spec.name, str(net.address.ip))):
                 served.append(host)
-        except (HostUnreachable, HypervisorError) as exc:
+        except _HOST_FAILURES as exc:
             if host == spec.host:
                 raise
             say(f"warning: host {host} could not be given {spec.name}'s DHCP lease: {exc.message}")
@@ -163,7 +167,7 @@ def withdraw_lease(ctx: Context, network_name: str, vm: str, hosts: list[str], s
     for host in hosts:
         try:
             ctx.host(host).remove_dhcp_host(libvirt_name, nic_mac(vm))
-        except (HostUnreachable, HypervisorError, NotFound) as exc:
+        except (*_HOST_FAILURES, NotFound) as exc:
             say(f"warning: host {host} still serves {vm}'s DHCP lease on {network_name}: {exc.message}")
 
 
@@ -193,7 +197,7 @@ def leave_if_unused(ctx: Context, network_name: str, host: str, say: Say = quiet
     for each, script in scripts.items():
         try:
             _on_host(ctx, each, script)
-        except (HostUnreachable, HypervisorError) as exc:
+        except _HOST_FAILURES as exc:
             say(f"warning: host {each} could not be asked to leave or prune network {network_name}'s VXLAN: "
                 f"{exc.message}")
     say(f"host {host} left network {network_name}'s VXLAN")
@@ -209,7 +213,7 @@ def vxlan_gaps(ctx: Context) -> list[tuple[NetworkRecord, str]]:
         for host in hosts if len(hosts) > 1 else []:
             try:
                 _on_host(ctx, host, f"ip link show {network.vxlan} >/dev/null 2>&1")
-            except HypervisorError:
+            except HypervisorError:  # the command ran and found no device
                 gaps.append((network, host))
             except (HostUnreachable, AccessError):  # down, or no ssh to it (qemu+tls): an admin's to check
                 continue
@@ -219,14 +223,17 @@ def vxlan_gaps(ctx: Context) -> list[tuple[NetworkRecord, str]]:
 def repair_vxlan(ctx: Context, say: Say = quiet) -> list[str]:
     """`doctor --repair`: each gap ``vxlan_gaps`` finds is set up again as a create would (the device, its flood
     entries, and the peers' entries for it). Returns "NETWORK on HOST" for each."""
-    repaired = []
+    gaps: dict[str, tuple[NetworkRecord, list[str]]] = {}
     for network, host in vxlan_gaps(ctx):
+        gaps.setdefault(network.name, (network, []))[1].append(host)
+    repaired = []
+    for network, hosts in gaps.values():  # one join per network sets up every host of it that lacks its device
         try:
             _join_vxlan(ctx, network, ctx.ledger.network_hosts(network.name), say)
-        except (HostUnreachable, HypervisorError, AccessError) as exc:  # another of its hosts: the rest go on
-            say(f"warning: network {network.name}'s VXLAN on {host} could not be set up again: {exc.message}")
+        except _HOST_FAILURES as exc:  # another of its hosts: the other networks go on
+            say(f"warning: network {network.name}'s VXLAN could not be set up again: {exc.message}")
             continue
-        repaired.append(f"{network.name} on {host}")
+        repaired += [f"{network.name} on {host}" for host in hosts]
     return repaired
 
 
