@@ -91,7 +91,7 @@ class Fleet:
     def exec(self, vm: str, argv: list[str], timeout: float = 1200) -> rpc.ExecResult:
         ctx = Context(state_dir=self.state, uri="test:///default")
         try:
-            record = ctx.ledger.get_vm(vm)
+            record = ctx.ledger.vms.get(vm)
             assert record.agent_token
             return ctx.agent(record.host, vm, record.agent_token, timeout=timeout + 30).typed(
                 "exec", rpc.ExecResult, rpc.ExecParams(argv=argv, timeout_s=timeout))

@@ -68,14 +68,14 @@ def define_domains(ctx: Context, conn: libvirt.virConnect, count: int) -> None:
         name = f"cli-{i:03d}"
         spec = VMSpec(name=name, memory_mib=128)
         files = ctx.paths.vm_files(name)
-        record = ctx.ledger.reserve_vm(spec, "local", VMPaths(image.base_disk, files.overlay, files.seed,
+        record = ctx.ledger.vms.reserve(spec, "local", VMPaths(image.base_disk, files.overlay, files.seed,
                                                               files.console_log, files.agent_socket),
                                        probe_ports=False)
         xml = design(spec, caps, BootArtifacts(image.kernel, image.initrd),
                      VMAllocation(files.overlay, files.console_log, files.agent_socket, record.ssh_port)).to_xml()
         dom = conn.defineXML(xml)
-        ctx.ledger.set_domain_uuid(name, dom.UUIDString())
-        ctx.ledger.set_state(name, "stopped", "defined by bench_cli")
+        ctx.ledger.vms.set_domain_uuid(name, dom.UUIDString())
+        ctx.ledger.vms.set_state(name, "stopped", "defined by bench_cli")
 
 
 def main() -> int:

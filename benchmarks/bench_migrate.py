@@ -79,7 +79,7 @@ def main() -> int:
         hv_t, raw_t, downs, sizes = [], [], [], []
         raw_where, raw_port = "h1", 22950
         for i in range(args.n):
-            target = "h2" if ctx.ledger.get_vm("hv").host == "h1" else "h1"
+            target = "h2" if ctx.ledger.vms.get("hv").host == "h1" else "h1"
             started = time.perf_counter()
             stats = migrate(ctx, "hv", target, opts)
             hv_t.append(time.perf_counter() - started)
@@ -126,7 +126,7 @@ def main() -> int:
             f"(goal <= 1.0); {statistics.median(sizes) / 2**20:.1f} MiB per migration")
         say(f"hvctl_s={hv_med:.3f} raw_s={raw_med:.3f} ratio={hv_med / raw_med:.3f} downtime_ms={down_med:.0f} "
             f"max_downtime_ms={MAX_DOWNTIME_MS}")
-        for vm in ctx.ledger.list_vms():
+        for vm in ctx.ledger.vms.all():
             destroy(ctx, vm.name)
         ctx.close()
     finally:

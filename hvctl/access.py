@@ -125,7 +125,7 @@ def route_for(ctx: Context, record: VMRecord, direct: bool = False) -> Route:
     route = Route.forward(record)
     if ctx.is_this_machine(record.host):
         return route
-    return Route(route.address, route.port, ssh_jump(ctx.ledger.get_host(record.host).uri, route.address, route.port))
+    return Route(route.address, route.port, ssh_jump(ctx.ledger.hosts.get(record.host).uri, route.address, route.port))
 
 
 def openssh_command(record: VMRecord, route: Route, identity: Path, user: str, known_hosts: Path) -> list[str]:

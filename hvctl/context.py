@@ -48,19 +48,19 @@ def resolve_connect(ledger: Ledger, uri: str | None, default_host: str = LOCAL_H
     daemon used to rewrite ``local``'s URI for good, after which destroy asked the wrong daemon, took "not found"
     for "gone" and deleted a running VM's disk. No -c: ``local`` as the ledger has it (made at DEFAULT_URI on first
     use)."""
-    hosts = ledger.list_hosts()
+    hosts = ledger.hosts.all()
     if uri is None:
         if default_host not in {h.name for h in hosts}:
-            ledger.ensure_host(default_host, DEFAULT_URI)
+            ledger.hosts.ensure(default_host, DEFAULT_URI)
         return default_host
     named = sorted((h.name for h in hosts if h.uri == uri), key=lambda n: n != default_host)
     if named:
         return named[0]
     if default_host not in {h.name for h in hosts}:
-        ledger.ensure_host(default_host, uri)
+        ledger.hosts.ensure(default_host, uri)
         return default_host
     raise InvalidSpec(f"-c {uri}: no registered host has that URI (host {default_host} is "
-                      f"{ledger.get_host(default_host).uri})",
+                      f"{ledger.hosts.get(default_host).uri})",
                       hint="register it with `hvctl host add NAME URI`, then use --host NAME or -c with its URI")
 
 
@@ -119,7 +119,7 @@ class Context:
     @property
     def connected_uri(self) -> str:
         """The URI of the host hvctl acts on by default (``host_name``)."""
-        return self.ledger.get_host(self.host_name).uri
+        return self.ledger.hosts.get(self.host_name).uri
 
     @cached_property
     def images(self) -> ImageStore:
@@ -133,7 +133,7 @@ class Context:
         if name not in self._hosts:
             from hvctl.host import Host
 
-            self._hosts[name] = Host(ledger.get_host(name).uri)
+            self._hosts[name] = Host(ledger.hosts.get(name).uri)
         return self._hosts[name]
 
     def reconnect(self, name: str) -> Host:
@@ -151,7 +151,7 @@ class Context:
 
         name = name or self.host_name
         if name not in self._this_machine:
-            uri = self.ledger.get_host(name).uri
+            uri = self.ledger.hosts.get(name).uri
             self._this_machine[name] = identity.needs_no_network(uri) or identity.is_this_machine(
                 uri, self.host(name).conn, self.local_daemon_uuids())
         return self._this_machine[name]
@@ -161,7 +161,7 @@ class Context:
         from hvctl.host import identity
 
         found = []
-        for record in self.ledger.list_hosts():
+        for record in self.ledger.hosts.all():
             if identity.needs_no_network(record.uri) and not record.uri.startswith("test:"):
                 try:
                     found.append(identity.host_uuid(self.host(record.name).conn))
@@ -182,7 +182,7 @@ class Context:
 
         ledger = self.ledger  # resolves -c to a host name first
         name = name or self.host_name
-        record = ledger.get_host(name)
+        record = ledger.hosts.get(name)
         if record.accel is None or record.cpus is None or record.memory_mib is None:
             host = self.host(name)
             facts = host.facts()
@@ -191,8 +191,8 @@ class Context:
                 accel = host.probe_accelerator(probe_image.kernel, probe_image.initrd, self.paths.root / "probe")
             else:
                 accel = self._probe_remote(host, probe_image)
-            self.ledger.record_host_facts(name, accel.value, facts.cpus, facts.memory_mib)
-            record = self.ledger.get_host(name)
+            self.ledger.hosts.record_facts(name, accel.value, facts.cpus, facts.memory_mib)
+            record = self.ledger.hosts.get(name)
         if record.disk_gib is None:
             # VM disks live under the controller's state dir on this machine, and in the host's storage pool on
             # another: admission counts their sizes against that.
@@ -201,8 +201,8 @@ class Context:
             else:
                 pool, _ = self.host(name).ensure_pool()
                 disk_gib = pool.space().capacity // 2**30
-            self.ledger.record_host_disk(name, disk_gib)
-            record = self.ledger.get_host(name)
+            self.ledger.hosts.record_disk(name, disk_gib)
+            record = self.ledger.hosts.get(name)
         return HostCapabilities(name=name, accel=Accel(record.accel or "qemu"), cpus=record.cpus or 1,
                                 memory_mib=record.memory_mib or 0,
                                 memory_limits=can_limit_memory() if self.is_this_machine(name)

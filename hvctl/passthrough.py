@@ -65,7 +65,7 @@ class LedgerJournal:
         self.ledger, self.host, self.vm = ledger, host, vm
 
     def record(self, address: str, step: str, original_driver: str | None, state: str) -> None:
-        self.ledger.record_gpu_step(self.host, address, self.vm, step, original_driver, state)
+        self.ledger.gpus.record_step(self.host, address, self.vm, step, original_driver, state)
 
 
 def accelerator_allowlist(ctx: Context) -> tuple[tuple[int, int], ...]:
@@ -87,7 +87,7 @@ def inventory(ctx: Context, env: GpuEnvironment, host: str) -> PciInventory:
 
 def owners(ledger: Ledger, host: str) -> dict[str, str]:
     """Device address → the VM holding it: every device claimed or bound by a VM and not yet given back."""
-    return {r["address"]: r["vm"] for r in ledger.gpu_bindings(host) if r["state"] not in RELEASED_STATES}
+    return {r["address"]: r["vm"] for r in ledger.gpus.bindings(host) if r["state"] not in RELEASED_STATES}
 
 
 def binder(ctx: Context, env: GpuEnvironment, host: str, vm: str | None) -> DeviceBinder:
@@ -112,7 +112,7 @@ def choose(ctx: Context, env: GpuEnvironment, spec: VMSpec, host: str) -> list[t
     refusal that says, GPU by GPU, why none of the others would do."""
     pci = inventory(ctx, env, host)
     held = owners(ctx.ledger, host)
-    unhealthy = ctx.ledger.gpu_health(host)
+    unhealthy = ctx.ledger.gpus.health(host)
     chosen: list[tuple[Gpu, list[str]]] = []
     why_not: list[str] = []
     allowlist = accelerator_allowlist(ctx)
@@ -146,12 +146,12 @@ def allocate(ctx: Context, env: GpuEnvironment, spec: VMSpec, host: str, undo: U
     chosen = choose(ctx, env, spec, host)
     addresses = [a for _, plan in chosen for a in plan]
     # Claimed in one ledger transaction first: a concurrent create that chose the same device is refused here.
-    ctx.ledger.claim_gpus(host, spec.name, addresses, RELEASED_STATES)
+    ctx.ledger.gpus.claim(host, spec.name, addresses, RELEASED_STATES)
     vfio = binder(ctx, env, host, spec.name)
     try:
         binding = vfio.bind(addresses)
     except BaseException:
-        ctx.ledger.unclaim_gpus(host, spec.name)  # devices the bind never reached
+        ctx.ledger.gpus.unclaim(host, spec.name)  # devices the bind never reached
         _forget_settled(ctx.ledger, host, addresses)  # rolled back: every device is where it started
         raise
     undo.push("give the GPUs back to their host drivers", lambda: release_binding(ctx, env, host, binding))
@@ -200,7 +200,7 @@ def check_answers(ctx: Context, env: GpuEnvironment, host: str, addresses: Itera
     for address in addresses:
         if pci.live_vendor_id(address) == 0xFFFF:
             methods = " ".join(pci.device(address).reset_method) or "none the kernel reports"
-            ctx.ledger.mark_gpu_unhealthy(host, address, NEEDS_HOST_REBOOT,
+            ctx.ledger.gpus.mark_unhealthy(host, address, NEEDS_HOST_REBOOT,
                                           "its config space reads 0xffff after it was released (reset methods: "
                                           f"{methods}); it is not placed again until a host reboot brings it back")
             dead.append(address)
@@ -212,18 +212,18 @@ def revive(ctx: Context, env: GpuEnvironment, host: str) -> list[str]:
     again. Returns them."""
     pci = inventory(ctx, env, host)
     back = []
-    for address in ctx.ledger.gpu_health(host):
+    for address in ctx.ledger.gpus.health(host):
         vendor = pci.live_vendor_id(address)
         if vendor is not None and vendor != 0xFFFF:
-            ctx.ledger.clear_gpu_health(host, address, "it answers on the bus again")
+            ctx.ledger.gpus.clear_health(host, address, "it answers on the bus again")
             back.append(address)
     return back
 
 
 def release_vm(ctx: Context, env: GpuEnvironment, vm: str, host: str) -> list[str]:
     """After the VM's domain is gone: every device it held back to its original driver. Returns the addresses."""
-    ctx.ledger.unclaim_gpus(host, vm)  # claimed, never moved: nothing to give back
-    rows = ctx.ledger.gpu_bindings(host, vm)
+    ctx.ledger.gpus.unclaim(host, vm)  # claimed, never moved: nothing to give back
+    rows = ctx.ledger.gpus.bindings(host, vm)
     if not rows:
         return []
     pci = inventory(ctx, env, host)
@@ -237,7 +237,7 @@ def rebind_vm(ctx: Context, env: GpuEnvironment, vm: str, host: str) -> list[str
     """Before a stopped VM starts: the devices it holds that are no longer on vfio-pci (a host reboot gave them
     back to their drivers) are bound again. Returns the addresses that moved; a bind that fails leaves them all
     where they were and raises."""
-    rows = ctx.ledger.gpu_bindings(host, vm)
+    rows = ctx.ledger.gpus.bindings(host, vm)
     pci = inventory(ctx, env, host)
     stray = [r["address"] for r in rows if pci.device(r["address"]).driver != "vfio-pci"]
     if stray:
@@ -252,7 +252,7 @@ def release_address(ctx: Context, env: GpuEnvironment, address: str, host: str,
     running or stopped: only destroy releases theirs. It is asked only once the address is known to be bound."""
     pci = inventory(ctx, env, host)
     gpu = pci.gpu(address, accelerator_allowlist=accelerator_allowlist(ctx))  # unknown, or not a GPU: refused
-    rows = {r["address"]: r for r in ctx.ledger.gpu_bindings(host)}
+    rows = {r["address"]: r for r in ctx.ledger.gpus.bindings(host)}
     held = [rows[d.address] for d in gpu.functions if d.address in rows]
     if not held:
         raise InvalidSpec(f"{gpu.address} is not bound by hvctl; nothing to release")
@@ -274,9 +274,9 @@ def repair(ctx: Context, env: GpuEnvironment, host: str, running: set[str]) -> l
     """``hvctl doctor --repair``: finish what a crash interrupted. Devices of VMs hvctl no longer has (``running``:
     the host's VMs in the ledger, which keep theirs even when stopped), in any state short of
     back-with-their-driver, are returned; rows that say "back" are dropped."""
-    for vm in {r["vm"] for r in ctx.ledger.gpu_bindings(host) if r["vm"] not in running}:
-        ctx.ledger.unclaim_gpus(host, vm)  # claims of a create that never bound: the devices never moved
-    rows = ctx.ledger.gpu_bindings(host)
+    for vm in {r["vm"] for r in ctx.ledger.gpus.bindings(host) if r["vm"] not in running}:
+        ctx.ledger.gpus.unclaim(host, vm)  # claims of a create that never bound: the devices never moved
+    rows = ctx.ledger.gpus.bindings(host)
     pending = [r for r in rows if r["state"] not in TERMINAL_STATES and r["vm"] not in running]
     done = binder(ctx, env, host, None).recover(
         JournalEntry(r["address"], r["step"], r["original_driver"], r["state"]) for r in pending)
@@ -287,22 +287,22 @@ def repair(ctx: Context, env: GpuEnvironment, host: str, running: set[str]) -> l
 
 def _forget_settled(ledger: Ledger, host: str, addresses: Iterable[str]) -> None:
     wanted = set(addresses)
-    for row in ledger.gpu_bindings(host):
+    for row in ledger.gpus.bindings(host):
         if row["address"] in wanted and row["state"] in TERMINAL_STATES:
-            ledger.forget_gpu(host, row["address"])
+            ledger.gpus.forget(host, row["address"])
 
 
 def gpu_keepers(ctx: Context, host: str) -> set[str]:
     """The VMs on ``host`` that keep their GPUs: every one the ledger has, running or stopped. Only destroy
     releases a VM's GPUs; a stopped VM's are rebound at its start if a host reboot gave them back."""
-    return {vm.name for vm in ctx.ledger.list_vms(host=host)}
+    return {vm.name for vm in ctx.ledger.vms.all(host=host)}
 
 
 def stranded_gpus(ctx: Context) -> list[dict[str, Any]]:
     """Devices hvctl moved (or began to move) for a VM it no longer has: left by a crash or a failed release."""
     stranded = []
-    for host in sorted({r["host"] for r in ctx.ledger.gpu_bindings()}):
+    for host in sorted({r["host"] for r in ctx.ledger.gpus.bindings()}):
         keepers = gpu_keepers(ctx, host)
-        stranded += [r for r in ctx.ledger.gpu_bindings(host)
+        stranded += [r for r in ctx.ledger.gpus.bindings(host)
                      if r["state"] not in RELEASED_STATES and r["vm"] not in keepers]
     return stranded

@@ -31,11 +31,11 @@ def host_limit(policy: Policy, record: HostRecord, gpus: int) -> dict[str, float
 
 
 def inventory(ledger: Ledger, policy: Policy, record: HostRecord) -> HostInventory:
-    numa, gpus = ledger.host_inventory(record.name)
+    numa, gpus = ledger.hosts.inventory(record.name)
     used = ledger.host_usage(record.name)
-    groups = frozenset(v.spec.anti_affinity for v in ledger.list_vms(host=record.name) if v.spec.anti_affinity)
+    groups = frozenset(v.spec.anti_affinity for v in ledger.vms.all(host=record.name) if v.spec.anti_affinity)
     models: dict[str, int] = {}
-    unhealthy = ledger.gpu_health(record.name)
+    unhealthy = ledger.gpus.health(record.name)
     gpus = [g for g in gpus if g.get("address") not in unhealthy]  # dead until a host reboot: not capacity
     # Devices a VM holds (claimed or bound, not yet given back) are not free, whatever model they are. The inventory
     # rows carry no owner: the ledger's GPU journal is where ownership lives.
@@ -76,7 +76,7 @@ def placement_request(spec: VMSpec, policy: Policy) -> PlacementRequest:
 
 
 def choose_host(ledger: Ledger, policy: Policy, spec: VMSpec) -> str:
-    hosts = [h for h in ledger.list_hosts() if h.cpus is not None]
+    hosts = [h for h in ledger.hosts.all() if h.cpus is not None]
     if not hosts:
         raise NoValidHost("no host with known capacity is registered", hint="`hvctl host add NAME URI`")
     decision = place_one([inventory(ledger, policy, h) for h in hosts], placement_request(spec, policy),

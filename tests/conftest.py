@@ -159,7 +159,7 @@ def two_local_hosts(image_dir: Path, prefix: str) -> Iterator[dict[str, object]]
         add_host(ctx, "h1", h1.uri)
         add_host(ctx, "h2", h2.uri)
         yield {"ctx": ctx, "h1": h1, "h2": h2, "state": state}
-        for vm in ctx.ledger.list_vms():
+        for vm in ctx.ledger.vms.all():
             # A daemon killed by a fault test may refuse; the daemons are stopped below either way.
             with contextlib.suppress(Exception):
                 destroy(ctx, vm.name)

@@ -150,8 +150,8 @@ def test_connect_names_a_host_and_never_renames_local(tmp_path: Path) -> None:
     assert other.returncode == 2 and "no registered host has that URI (host local is test:///default)" in other.stderr
     assert run("list", "--json").returncode == 0  # no -c: local, where the ledger says it is
     ledger = Ledger(state / "ledger.sqlite3")
-    assert [(h.name, h.uri) for h in ledger.list_hosts()] == [("local", "test:///default")]
-    ledger.ensure_host("h2", "qemu:///system?socket=/nonexistent")
+    assert [(h.name, h.uri) for h in ledger.hosts.all()] == [("local", "test:///default")]
+    ledger.hosts.ensure("h2", "qemu:///system?socket=/nonexistent")
     assert resolve_connect(ledger, "qemu:///system?socket=/nonexistent") == "h2"
     assert resolve_connect(ledger, None) == "local"
     ledger.close()
@@ -175,11 +175,11 @@ def test_an_unreachable_host_never_aborts_list_or_doctor_for_the_others(tmp_path
 
     assert run("list").returncode == 0
     ledger = Ledger(state / "ledger.sqlite3")
-    ledger.ensure_host("gone", "qemu:///system?socket=/nonexistent")
+    ledger.hosts.ensure("gone", "qemu:///system?socket=/nonexistent")
     for name, host in (("test", "local"), ("lost", "gone")):  # "test": the domain libvirt's test driver runs
         vm = tmp_path / name
-        ledger.reserve_vm(VMSpec(name=name), host, VMPaths(vm / "b", vm / "o", vm / "s", vm / "c", vm / "a"))
-        ledger.set_state(name, "running")
+        ledger.vms.reserve(VMSpec(name=name), host, VMPaths(vm / "b", vm / "o", vm / "s", vm / "c", vm / "a"))
+        ledger.vms.set_state(name, "running")
     ledger.close()
 
     listing = run("list", "--json")
@@ -272,7 +272,7 @@ def test_list_reads_the_ledger_without_importing_pydantic(tmp_path: Path) -> Non
     assert hvctl_env(state, env, "list").returncode == 0  # registers host local
     ledger = Ledger(state / "ledger.sqlite3")
     vm = tmp_path / "test"
-    ledger.reserve_vm(VMSpec(name="test", vcpus=2, memory_mib=768, disk_gib=3),
+    ledger.vms.reserve(VMSpec(name="test", vcpus=2, memory_mib=768, disk_gib=3),
                       "local", VMPaths(vm / "b", vm / "o", vm / "s", vm / "c", vm / "a"))
     ledger.close()
     probe = ("import sys\nfrom hvctl.cli import main\ntry:\n    main(['list', '--json'])\nfinally:\n"

@@ -40,7 +40,7 @@ def test_the_ledger_exists_as_0600_before_sqlite_writes_a_byte(tmp_path: Path, o
 
     monkeypatch.setattr(sqlite3, "connect", connect)
     ledger = Ledger(tmp_path / "ledger.sqlite3")
-    ledger.ensure_host("local", "test:///default")
+    ledger.hosts.ensure("local", "test:///default")
     assert seen == [0o600]
     assert {p.name: mode(p) for p in tmp_path.iterdir()} == {
         "ledger.sqlite3": 0o600, "ledger.sqlite3-wal": 0o600, "ledger.sqlite3-shm": 0o600}

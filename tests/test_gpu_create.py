@@ -74,9 +74,9 @@ class Rig:
         self.ctx = Context(state_dir=self.state, uri="test:///default", gpu_env=GpuEnvironment(
             sysfs_root=self.fake.sys, dev_root=self.fake.dev, writer=self.kernel, users_of=lambda _: [],
             bind_timeout=0.2))
-        self.ctx.ledger.record_host_facts("local", "qemu", 64, 262144)
+        self.ctx.ledger.hosts.record_facts("local", "qemu", 64, 262144)
         inventory = [(GPU, "10de:2684"), (H100, "10de:2330"), (EDU, "edu"), (IDLE_GPU, "10de:2684")]
-        self.ctx.ledger.record_host_inventory("local", [], [{"address": a, "model": m} for a, m in inventory])
+        self.ctx.ledger.hosts.record_inventory("local", [], [{"address": a, "model": m} for a, m in inventory])
 
     def create(self, name: str, gpus: int, model: str | None = None, host: str | None = None,
                ctx: Context | None = None) -> None:
@@ -111,14 +111,14 @@ class Rig:
             writer.join()
 
     def bindings(self) -> dict[str, tuple[str | None, str]]:
-        return {r["address"]: (r["vm"], r["state"]) for r in self.ctx.ledger.gpu_bindings("local")}
+        return {r["address"]: (r["vm"], r["state"]) for r in self.ctx.ledger.gpus.bindings("local")}
 
 
 @pytest.fixture
 def rig(tmp_path: Path) -> Iterator[Rig]:
     r = Rig(tmp_path)
     yield r
-    for vm in r.ctx.ledger.list_vms():
+    for vm in r.ctx.ledger.vms.all():
         destroy(r.ctx, vm.name)
     r.ctx.close()
     shutil.rmtree(r.state, ignore_errors=True)
@@ -154,7 +154,7 @@ def test_gpus_held_by_one_vm_are_not_given_to_another_and_the_refusal_says_why(r
     message = refused.value.message
     assert f"{GPU} is held by VM first" in message and f"{IDLE_GPU} is held by VM first" in message
     assert H100 in message and NIC in message  # not viable: its group holds a NIC the host uses
-    assert [vm.name for vm in rig.ctx.ledger.list_vms()] == ["first"]
+    assert [vm.name for vm in rig.ctx.ledger.vms.all()] == ["first"]
     assert not rig.ctx.paths.vm_dir("second").exists()
 
 
@@ -204,8 +204,8 @@ def test_two_creates_racing_for_the_last_device_one_wins_and_the_other_is_refuse
         assert isinstance(outcomes[loser], DeviceTaken), outcomes[loser]
         assert f"was just claimed by VM {winner}" in str(outcomes[loser])
         assert rig.bindings() == {EDU: (winner, "bound")} and rig.fake.driver(EDU) == "vfio-pci"
-        assert [vm.name for vm in rig.ctx.ledger.list_vms()] == [winner]
-        assert rig.ctx.host().state(loser).value == "missing" and rig.ctx.ledger.operations() == []
+        assert [vm.name for vm in rig.ctx.ledger.vms.all()] == [winner]
+        assert rig.ctx.host().state(loser).value == "missing" and rig.ctx.ledger.operations.all() == []
     finally:
         other.close()
 
@@ -219,10 +219,10 @@ def test_a_device_whose_bind_has_begun_is_not_free_for_another_create(rig: Rig) 
     from hvctl.ledger import DeviceTaken
 
     ledger = rig.ctx.ledger
-    ledger.claim_gpus("local", "left", [EDU], passthrough.RELEASED_STATES)
-    ledger.record_gpu_step("local", EDU, "left", "record", None, "original")
+    ledger.gpus.claim("local", "left", [EDU], passthrough.RELEASED_STATES)
+    ledger.gpus.record_step("local", EDU, "left", "record", None, "original")
     with pytest.raises(DeviceTaken, match="just claimed by VM left"):
-        ledger.claim_gpus("local", "right", [EDU], passthrough.RELEASED_STATES)
+        ledger.gpus.claim("local", "right", [EDU], passthrough.RELEASED_STATES)
     assert passthrough.owners(ledger, "local") == {EDU: "left"}
     # The scheduler already counts it as held (it counted every device as free before: issue 17); placed by hand
     # on the host, the create's own choice names the holder.
@@ -246,7 +246,7 @@ def test_a_bind_that_fails_halfway_leaves_every_device_and_the_ledger_as_they_we
     with pytest.raises(BindError):
         rig.create("half", 1)
     assert rig.fake.snapshot() == before
-    assert rig.bindings() == {} and rig.ctx.ledger.list_vms() == []
+    assert rig.bindings() == {} and rig.ctx.ledger.vms.all() == []
     assert not rig.ctx.paths.vm_dir("half").exists()
 
 
@@ -256,7 +256,7 @@ def test_placement_and_admission_count_gpus_before_anything_is_bound(rig: Rig) -
         rig.create("greedy", 5)  # the host has 4 in its inventory
     with pytest.raises(QuotaExceeded, match="gpus"):
         rig.create("greedy", 5, host="local")  # no scheduler: the ledger's admission refuses
-    assert rig.fake.snapshot() == before and rig.bindings() == {} and rig.ctx.ledger.list_vms() == []
+    assert rig.fake.snapshot() == before and rig.bindings() == {} and rig.ctx.ledger.vms.all() == []
 
 
 def test_doctor_repair_returns_devices_a_crash_left_half_moved(rig: Rig) -> None:
@@ -285,7 +285,7 @@ def test_gpu_release_refuses_what_it_must_and_returns_a_gpu_whose_vm_is_gone(rig
     with pytest.raises(Exception, match="held by VM keeper, which keeps it while it exists, running or stopped"):
         release_address(rig.ctx, rig.ctx.gpu_env, GPU, "local", lambda: gpu_keepers(rig.ctx, "local"))
     # A VM hvctl no longer has (its ledger row lost in a crash): the GPU, still on vfio-pci, can be given back.
-    rig.ctx.ledger.delete_vm("keeper", "lost")
+    rig.ctx.ledger.vms.delete("keeper", "lost")
     done = release_address(rig.ctx, rig.ctx.gpu_env, GPU, "local", lambda: gpu_keepers(rig.ctx, "local"))
     assert set(done["released"]) == {GPU, AUDIO} and rig.fake.driver(GPU) == "nvidia"
     assert rig.bindings() == {}
@@ -295,7 +295,7 @@ def test_a_stopped_gpu_vm_keeps_its_gpus_through_repair_and_a_host_reboot_and_st
     before = rig.fake.snapshot()
     rig.create("sleeper", 1)
     stop(rig.ctx, "sleeper", timeout=5)
-    assert rig.ctx.ledger.get_vm("sleeper").state == "stopped"
+    assert rig.ctx.ledger.vms.get("sleeper").state == "stopped"
     assert repair(rig.ctx)["gpus_returned"] == []  # a stopped VM's GPUs are not stranded
     assert rig.bindings() == {GPU: ("sleeper", "bound"), AUDIO: ("sleeper", "bound")}
     assert rig.ctx.ledger.host_usage("local").gpus == 1  # still allocated to it
@@ -305,7 +305,7 @@ def test_a_stopped_gpu_vm_keeps_its_gpus_through_repair_and_a_host_reboot_and_st
     assert rig.fake.driver(GPU) == "nvidia"
     rig.start("sleeper")
     assert rig.fake.driver(GPU) == "vfio-pci" and rig.fake.driver(AUDIO) == "vfio-pci"
-    assert rig.ctx.ledger.get_vm("sleeper").state == "running"
+    assert rig.ctx.ledger.vms.get("sleeper").state == "running"
     assert rig.bindings() == {GPU: ("sleeper", "bound"), AUDIO: ("sleeper", "bound")}
     destroy(rig.ctx, "sleeper")
     assert rig.fake.snapshot() == before and rig.bindings() == {}
@@ -356,7 +356,7 @@ def test_a_gpu_create_killed_after_any_step_is_rolled_back_and_its_devices_go_ho
     (done,) = repaired["operations"]
     assert done["outcome"] == "rolled back on local", done
     assert rig.fake.snapshot() == before and rig.bindings() == {}
-    assert rig.ctx.ledger.list_vms() == [] and rig.ctx.ledger.operations() == []
+    assert rig.ctx.ledger.vms.all() == [] and rig.ctx.ledger.operations.all() == []
     assert not rig.ctx.paths.vm_dir("killed").exists()
     print(f"\n| create --gpus 1 (fake sysfs) | {step} | {done['outcome']}, its devices back on their host drivers "
           "| gone |")
@@ -373,10 +373,10 @@ def test_a_gpu_that_stops_answering_after_release_needs_a_host_reboot_and_is_not
     assert listed[GPU]["reset_method"] == ["flr", "bus"] and listed[GPU]["health"] == "ok"
     rig.fake.fall_off_the_bus(GPU)
     destroy(rig.ctx, "gpu-vm")
-    health = rig.ctx.ledger.gpu_health("local")
+    health = rig.ctx.ledger.gpus.health("local")
     assert list(health) == [GPU] and health[GPU]["state"] == "needs-host-reboot"
     assert "0xffff" in health[GPU]["reason"]
-    assert "gpu.needs-host-reboot" in [e.kind for e in rig.ctx.ledger.events(None, 50)]
+    assert "gpu.needs-host-reboot" in [e.kind for e in rig.ctx.ledger.events.recent(None, 50)]
     from hvctl.ops.doctor import run_checks
 
     (check,) = [c for c in run_checks(rig.ctx) if c.name == "gpu health"]
@@ -384,11 +384,11 @@ def test_a_gpu_that_stops_answering_after_release_needs_a_host_reboot_and_is_not
     # Neither the create path nor the scheduler's inventory counts it: the next GPU VM gets another device.
     rig.create("next", 1)
     assert rig.bindings().get(GPU) is None and GPU not in {a for a, (vm, _) in rig.bindings().items() if vm}
-    shown = {g["address"]: g for g in list_gpus(rig.fake.sys, health=rig.ctx.ledger.gpu_health("local"))["gpus"]}
+    shown = {g["address"]: g for g in list_gpus(rig.fake.sys, health=rig.ctx.ledger.gpus.health("local"))["gpus"]}
     assert shown[GPU]["health"] == "needs-host-reboot" and not shown[GPU]["passable"]
     # A host reboot brings it back; doctor --repair sees it answer and places it again.
     (rig.fake.device_dir(GPU) / "config").write_bytes((0x10DE).to_bytes(2, "little") + bytes(62))
-    assert repair(rig.ctx)["gpus_revived"] == [GPU] and rig.ctx.ledger.gpu_health("local") == {}
+    assert repair(rig.ctx)["gpus_revived"] == [GPU] and rig.ctx.ledger.gpus.health("local") == {}
 
 
 def test_gpus_held_by_a_vm_are_not_free_in_the_schedulers_inventory(rig: Rig) -> None:
@@ -396,7 +396,7 @@ def test_gpus_held_by_a_vm_are_not_free_in_the_schedulers_inventory(rig: Rig) ->
     from hvctl.placement import inventory
 
     def free() -> dict[str, int]:
-        return dict(inventory(rig.ctx.ledger, rig.ctx.policy, rig.ctx.ledger.get_host("local")).gpu_models)
+        return dict(inventory(rig.ctx.ledger, rig.ctx.policy, rig.ctx.ledger.hosts.get("local")).gpu_models)
 
     before = free()
     assert before.get("edu", 0) >= 1, before

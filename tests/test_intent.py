@@ -32,7 +32,7 @@ from hvctl.ops.intent import (
 def ctx() -> Iterator[Context]:
     state = short_tempdir("hvi-")
     context = Context(state_dir=state, uri="test:///default")
-    context.ledger.ensure_host("local", "test:///default")
+    context.ledger.hosts.ensure("local", "test:///default")
     yield context
     context.close()
     shutil.rmtree(state, ignore_errors=True)
@@ -72,29 +72,29 @@ def test_a_live_holder_refuses_a_second_command_and_the_lock_goes_with_the_block
                 operation(ctx, "vm1", "destroy"):
             pass  # never reached
         with operation(ctx, "vm2", "destroy"):  # another VM's lock is its own
-            assert {op["vm"] for op in ctx.ledger.operations()} == {"vm1", "vm2"}
-    assert ctx.ledger.operations() == []
+            assert {op["vm"] for op in ctx.ledger.operations.all()} == {"vm1", "vm2"}
+    assert ctx.ledger.operations.all() == []
     with pytest.raises(RuntimeError), operation(ctx, "vm1", "destroy"):
         raise RuntimeError("the caller rolled back and re-raised")
-    assert ctx.ledger.operations() == []  # a failure that was handled leaves no intent behind
+    assert ctx.ledger.operations.all() == []  # a failure that was handled leaves no intent behind
 
 
 def test_a_dead_holders_intent_is_reconciled_and_its_lock_taken_over(ctx: Context) -> None:
-    ctx.ledger.begin_operation("vm1", "migrate", dead_holder(), None, "h2", {})
+    ctx.ledger.operations.begin("vm1", "migrate", dead_holder(), None, "h2", {})
     (op,) = interrupted(ctx)
     assert op["vm"] == "vm1" and op["step"] == "begun"
     steps = []
     with operation(ctx, "vm1", "destroy", say=steps.append):
-        assert [o["kind"] for o in ctx.ledger.operations()] == ["destroy"]
+        assert [o["kind"] for o in ctx.ledger.operations.all()] == ["destroy"]
     assert len(steps) == 1 and steps[0].startswith("an interrupted migrate of vm1 to h2 (step begun")
-    assert interrupted(ctx) == [] and ctx.ledger.operations() == []
+    assert interrupted(ctx) == [] and ctx.ledger.operations.all() == []
 
 
 def test_an_intent_that_cannot_be_decided_keeps_the_lock(ctx: Context) -> None:
-    ctx.ledger.begin_operation("vm1", "defragment", dead_holder(), None, None, {})
+    ctx.ledger.operations.begin("vm1", "defragment", dead_holder(), None, None, {})
     with pytest.raises(OperationBusy, match="could not be reconciled: undecided"), operation(ctx, "vm1", "destroy"):
         pass
-    assert [op["kind"] for op in ctx.ledger.operations()] == ["defragment"]
+    assert [op["kind"] for op in ctx.ledger.operations.all()] == ["defragment"]
 
 
 def test_the_crash_hook_kills_the_process_right_after_the_named_step(ctx: Context, tmp_path: Path) -> None:
@@ -125,7 +125,7 @@ def test_the_fault_hook_fails_the_operation_right_after_the_named_step_and_its_l
         reached.append("reserved")
         op.step("checked")
         reached.append("checked")
-    assert reached == ["reserved"] and ctx.ledger.operations() == []
+    assert reached == ["reserved"] and ctx.ledger.operations.all() == []
 
 
 def test_list_calls_an_interrupted_operation_by_its_name_and_leaves_a_live_one_alone(ctx: Context) -> None:
@@ -134,11 +134,11 @@ def test_list_calls_an_interrupted_operation_by_its_name_and_leaves_a_live_one_a
     from hvctl.spec import VMSpec
 
     vm = ctx.paths.root / "test"  # "test": the domain libvirt's test driver runs
-    ctx.ledger.reserve_vm(VMSpec(name="test"), "local", VMPaths(vm / "b", vm / "o", vm / "s", vm / "c", vm / "a"))
+    ctx.ledger.vms.reserve(VMSpec(name="test"), "local", VMPaths(vm / "b", vm / "o", vm / "s", vm / "c", vm / "a"))
     with operation(ctx, "test", "create"):
         (view,), _, _ = list_vms(ctx)
         assert view.drift is None  # state "creating" while its create runs is not drift
-    ctx.ledger.begin_operation("test", "create", dead_holder(), None, "local", {})
+    ctx.ledger.operations.begin("test", "create", dead_holder(), None, "local", {})
     (view,), _, _ = list_vms(ctx)
     assert view.drift == "an interrupted create (step begun): `hvctl doctor --repair` finishes or undoes it"
 
@@ -150,15 +150,15 @@ def test_a_vm_left_half_made_or_half_removed_is_named_by_the_command_that_left_i
     from hvctl.spec import VMSpec
 
     vm = ctx.paths.root / "half"
-    ctx.ledger.reserve_vm(VMSpec(name="half"), "local", VMPaths(vm / "b", vm / "o", vm / "s", vm / "c", vm / "a"))
-    record = ctx.ledger.get_vm("half")
+    ctx.ledger.vms.reserve(VMSpec(name="half"), "local", VMPaths(vm / "b", vm / "o", vm / "s", vm / "c", vm / "a"))
+    record = ctx.ledger.vms.get("half")
     assert record.state is VMState.CREATING
     assert describe_drift(record, DomainState.RUNNING) == "an interrupted create left it half-done (libvirt: running)"
-    ctx.ledger.set_state("half", VMState.DESTROYING)
-    assert describe_drift(ctx.ledger.get_vm("half"), DomainState.SHUTOFF) == \
+    ctx.ledger.vms.set_state("half", VMState.DESTROYING)
+    assert describe_drift(ctx.ledger.vms.get("half"), DomainState.SHUTOFF) == \
         "an interrupted destroy left it half-done (libvirt: shutoff)"
     with pytest.raises(ValueError):
-        ctx.ledger.set_state("half", "exploded")
+        ctx.ledger.vms.set_state("half", "exploded")
 
 
 def test_an_orphan_is_listed_with_the_command_that_removes_it_and_only_hvctls_own_files_go(ctx: Context) -> None:
@@ -188,7 +188,7 @@ def test_an_orphan_is_listed_with_the_command_that_removes_it_and_only_hvctls_ow
     removed = destroy_orphan(ctx, "ghost", "local")
     assert removed[0].startswith("domain ghost (") and str(files.dir) in removed
     assert ctx.host().find_guest("ghost") is None and not files.dir.exists()
-    assert list_vms(ctx)[1] == [] and ctx.ledger.operations() == []
+    assert list_vms(ctx)[1] == [] and ctx.ledger.operations.all() == []
 
 
 def test_with_wait_a_second_command_waits_for_the_first_to_end_and_then_goes_on(ctx: Context) -> None:
@@ -220,7 +220,7 @@ def test_with_wait_a_second_command_waits_for_the_first_to_end_and_then_goes_on(
 
         with operation(patient, "vm1", "destroy", say=say):
             assert released.is_set()
-            assert [op["kind"] for op in ctx.ledger.operations()] == ["destroy"]
+            assert [op["kind"] for op in ctx.ledger.operations.all()] == ["destroy"]
         assert said and said[0].startswith("waiting up to 120 s for the migrate of vm1 to h2")
     finally:
         waiting.set()
@@ -236,19 +236,19 @@ def test_an_unreachable_host_leaves_its_operation_undecided_and_never_blocks_rep
     from hvctl.ops.doctor import repair
     from hvctl.spec import VMSpec
 
-    ctx.ledger.ensure_host("gone", "qemu:///system?socket=/nonexistent")
+    ctx.ledger.hosts.ensure("gone", "qemu:///system?socket=/nonexistent")
     for name in ("test", "far-away"):
         vm = ctx.paths.root / name
-        ctx.ledger.reserve_vm(VMSpec(name=name), "local", VMPaths(vm / "b", vm / "o", vm / "s", vm / "c", vm / "a"))
-        ctx.ledger.set_state(name, "stopped")
-    ctx.ledger.begin_operation("far-away", "migrate", dead_holder(), None, "gone",
+        ctx.ledger.vms.reserve(VMSpec(name=name), "local", VMPaths(vm / "b", vm / "o", vm / "s", vm / "c", vm / "a"))
+        ctx.ledger.vms.set_state(name, "stopped")
+    ctx.ledger.operations.begin("far-away", "migrate", dead_holder(), None, "gone",
                                {"source": "local", "uuid": "00000000-0000-0000-0000-000000000000"})
-    ctx.ledger.begin_operation("test", "start", dead_holder(), None, None, {})
+    ctx.ledger.operations.begin("test", "start", dead_holder(), None, None, {})
     outcomes = {r["operation"].split(" of ")[1].split()[0]: r["outcome"] for r in repair(ctx)["operations"]}
     assert outcomes["far-away"].startswith("undecided: cannot reach libvirt at qemu:///system?socket=/nonexistent")
     assert outcomes["test"] == "libvirt says running: the ledger says running"
-    assert [op["vm"] for op in ctx.ledger.operations()] == ["far-away"]
-    assert ctx.ledger.get_vm("test").state == "running"
+    assert [op["vm"] for op in ctx.ledger.operations.all()] == ["far-away"]
+    assert ctx.ledger.vms.get("test").state == "running"
 
 
 def _orphan(ctx: Context, name: str, tenant: str = "default", vcpus: int = 1) -> tuple[Path, str]:
@@ -294,7 +294,7 @@ def test_adopt_takes_an_orphan_back_as_it_is_and_refuses_what_it_cannot_prove(
     parse = Domain.from_xml
     monkeypatch.setattr(Domain, "from_xml", classmethod(
         lambda cls, xml: dataclasses.replace(parse(xml), network=UserNetwork(ssh_port=22300))))
-    ctx.ledger.record_host_facts("local", "qemu", 8, 16384)  # the accelerator probe needs a real daemon
+    ctx.ledger.hosts.record_facts("local", "qemu", 8, 16384)  # the accelerator probe needs a real daemon
     base, token = _orphan(ctx, "ghost")
     assert [o.vm for o in list_vms(ctx)[1]] == ["ghost"]
     with pytest.raises(HvctlError, match="was not made by hvctl"):
@@ -307,15 +307,15 @@ def test_adopt_takes_an_orphan_back_as_it_is_and_refuses_what_it_cannot_prove(
     assert record.console_log == files.console_log and record.agent_socket == files.agent_socket
     assert record.agent_token == token
     assert record.host_pubkey == read_seed_file(files.seed, "hvctl/ssh_host_ed25519_key.pub").decode().strip()
-    assert list_vms(ctx)[1] == [] and ctx.ledger.operations() == []
-    assert [e.kind for e in ctx.ledger.events("ghost")][0] == "vm.adopted"
+    assert list_vms(ctx)[1] == [] and ctx.ledger.operations.all() == []
+    assert [e.kind for e in ctx.ledger.events.recent("ghost")][0] == "vm.adopted"
     with pytest.raises(AlreadyExists, match="already in the ledger"):
         adopt(ctx, "ghost", "local")
 
     _orphan(ctx, "twin")  # the same forward port as ghost: both cannot run
     with pytest.raises(HvctlError, match="port 22300 is VM ghost's"):
         adopt(ctx, "twin", "local")
-    ctx.ledger.delete_vm("ghost", "test")
+    ctx.ledger.vms.delete("ghost", "test")
     from hvctl.policy import SHIPPED
 
     (ctx.state_dir / "policy.yaml").write_text(
@@ -325,7 +325,7 @@ def test_adopt_takes_an_orphan_back_as_it_is_and_refuses_what_it_cannot_prove(
     _orphan(ctx, "big", tenant="small", vcpus=2)
     with pytest.raises(QuotaExceeded, match="tenant small"):
         adopt(ctx, "big", "local")
-    assert {r.name for r in ctx.ledger.list_vms()} == set() and ctx.ledger.operations() == []
+    assert {r.name for r in ctx.ledger.vms.all()} == set() and ctx.ledger.operations.all() == []
     assert {o.vm for o in list_vms(ctx)[1]} == {"big", "ghost", "twin"}
 
 
@@ -336,13 +336,13 @@ def _ckpt_rig(ctx: Context, on: str) -> tuple[Path, Path, Path]:
     from hvctl.ledger import VMPaths
     from hvctl.spec import VMSpec
 
-    ctx.ledger.ensure_host("h2", "test:///default")
+    ctx.ledger.hosts.ensure("h2", "test:///default")
     source, target = ctx.paths.vm_files("ml"), ctx.paths.vm_files("ml", 1)
     for files in (source, target):
         files.dir.mkdir(parents=True)
         files.overlay.write_bytes(b"disk")
     mine = target if on == "h2" else source
-    ctx.ledger.reserve_vm(VMSpec(name="ml"), on, VMPaths(Path("/base.qcow2"), mine.overlay, mine.seed,
+    ctx.ledger.vms.reserve(VMSpec(name="ml"), on, VMPaths(Path("/base.qcow2"), mine.overlay, mine.seed,
                                                          mine.console_log, mine.agent_socket))
     workdir = short_tempdir("hvctl-ckpt-ml-")
     (workdir / "ckpt-00000004.pt").write_bytes(b"state")
@@ -358,16 +358,16 @@ def test_a_checkpoint_migration_killed_before_its_commit_loses_the_new_incarnati
     from hvctl.spec import VMSpec
 
     source, target, workdir = _ckpt_rig(ctx, "local")
-    held = ctx.ledger.reserve("h2", "default", host_footprint(VMSpec(name="ml")), "migration", vm="ml")
-    ctx.ledger.begin_operation("ml", "migrate-checkpoint", dead_holder(), None, "h2", {
+    held = ctx.ledger.reservations.hold("h2", "default", host_footprint(VMSpec(name="ml")), "migration", vm="ml")
+    ctx.ledger.operations.begin("ml", "migrate-checkpoint", dead_holder(), None, "h2", {
         "source": "local", "source_uuid": "6695eb01-f6a4-8304-79aa-97f2502e193f", "source_dir": str(source),
         "reservation": held, "workdir": str(workdir), "target_dir": str(target)})
     (op,) = interrupted(ctx)
     outcome = reconcile(ctx, op)
     assert outcome == "rolled back: the new incarnation on h2 is removed; ml kept running on local"
-    assert ctx.ledger.get_vm("ml").host == "local" and source.exists()
+    assert ctx.ledger.vms.get("ml").host == "local" and source.exists()
     assert not target.exists() and not workdir.exists()
-    assert ctx.ledger.reservations() == [] and ctx.ledger.operations() == []
+    assert ctx.ledger.reservations.all() == [] and ctx.ledger.operations.all() == []
 
 
 def test_a_checkpoint_migration_killed_after_its_commit_loses_the_source_incarnation_only(ctx: Context) -> None:
@@ -383,11 +383,11 @@ def test_a_checkpoint_migration_killed_after_its_commit_loses_the_source_incarna
     old = ctx.host().define(design(VMSpec(name="ml"), HostCapabilities("local", Accel.TCG),
                                    BootArtifacts(Path("/boot/vmlinuz"), Path("/boot/initrd.img")),
                                    VMAllocation(files.overlay, files.console_log, files.agent_socket, 22200)).to_xml())
-    ctx.ledger.begin_operation("ml", "migrate-checkpoint", dead_holder(), None, "h2", {
+    ctx.ledger.operations.begin("ml", "migrate-checkpoint", dead_holder(), None, "h2", {
         "source": "local", "source_uuid": old.uuid, "source_dir": str(source), "workdir": str(workdir),
         "target_dir": str(target)})
     (op,) = interrupted(ctx)
     assert reconcile(ctx, op) == "it had been committed on h2; the source incarnation on local is removed"
     assert ctx.host().find_guest_by_uuid(old.uuid) is None
     assert not source.exists() and target.exists() and not workdir.exists()
-    assert ctx.ledger.get_vm("ml").host == "h2" and ctx.ledger.operations() == []
+    assert ctx.ledger.vms.get("ml").host == "h2" and ctx.ledger.operations.all() == []

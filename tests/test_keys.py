@@ -70,15 +70,15 @@ def test_a_key_rm_killed_part_way_leaves_the_key_listed_and_running_it_again_fin
     from hvctl.spec import VMSpec
 
     ctx = Context(state_dir=state, uri="test:///default")
-    ctx.ledger.ensure_host("local", "test:///default")
+    ctx.ledger.hosts.ensure("local", "test:///default")
     keep, drop = generate_ed25519("keep").public_line, generate_ed25519("drop").public_line
     for key in (keep, drop):
-        ctx.ledger.add_tenant_key("acme", key)
+        ctx.ledger.keys.add("acme", key)
     files = ctx.paths.vm_files("vm1")
     files.dir.mkdir(parents=True)
     host_key = generate_ed25519("hvctl-host-vm1")
     build_seed(files.seed, "vm1", [keep, drop], host_key, "token")
-    ctx.ledger.reserve_vm(VMSpec(name="vm1", tenant="acme", operator_key=False), "local",
+    ctx.ledger.vms.reserve(VMSpec(name="vm1", tenant="acme", operator_key=False), "local",
                           VMPaths(Path("/base.qcow2"), files.overlay, files.seed, files.console_log,
                                   files.agent_socket), agent_token="token", host_pubkey=host_key.public_line)
 
@@ -86,13 +86,13 @@ def test_a_key_rm_killed_part_way_leaves_the_key_listed_and_running_it_again_fin
         raise RuntimeError("killed before the ledger forgot the key")
 
     with monkeypatch.context() as patch:
-        patch.setattr(ctx.ledger, "remove_tenant_key", killed)
+        patch.setattr(ctx.ledger.keys, "remove", killed)
         with pytest.raises(RuntimeError):
             remove_tenant_key(ctx, "acme", drop)
-    assert drop in {k for _, k in ctx.ledger.tenant_keys("acme")}
+    assert drop in {k for _, k in ctx.ledger.keys.all("acme")}
     assert read_seed_file(files.seed, "hvctl/authorized_keys").decode() == keep + "\n"
     done = remove_tenant_key(ctx, "acme", drop)
     assert done["vms"] == [{"vm": "vm1", "seed": True, "live": False, "problem": None}]
-    assert [k for _, k in ctx.ledger.tenant_keys("acme")] == [keep]
+    assert [k for _, k in ctx.ledger.keys.all("acme")] == [keep]
     assert read_seed_file(files.seed, "hvctl/authorized_keys").decode() == keep + "\n"
     ctx.close()

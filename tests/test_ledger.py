@@ -16,7 +16,7 @@ from hvctl.spec import VMSpec
 def reserve(ledger: Ledger, name: str, tmp: Path, port_range: tuple[int, int] = (22200, 22999),
             host: str = "local", probe_ports: bool = True) -> int:
     vm = tmp / name
-    return ledger.reserve_vm(VMSpec(name=name), host, VMPaths(tmp / "base.qcow2", vm / "disk.qcow2", vm / "seed.iso",
+    return ledger.vms.reserve(VMSpec(name=name), host, VMPaths(tmp / "base.qcow2", vm / "disk.qcow2", vm / "seed.iso",
                                                             vm / "console.log", vm / "agent.sock"),
                              port_range=port_range, probe_ports=probe_ports).ssh_port
 
@@ -24,7 +24,7 @@ def reserve(ledger: Ledger, name: str, tmp: Path, port_range: tuple[int, int] = 
 @pytest.fixture
 def ledger(tmp_path: Path) -> Ledger:
     led = Ledger(tmp_path / "ledger.sqlite3")
-    led.ensure_host("local", "qemu:///system")
+    led.hosts.ensure("local", "qemu:///system")
     return led
 
 
@@ -39,7 +39,7 @@ def test_reopening_does_not_migrate_twice(tmp_path: Path, ledger: Ledger) -> Non
     reserve(ledger, "a", tmp_path)
     ledger.close()
     again = Ledger(tmp_path / "ledger.sqlite3")
-    assert [v.name for v in again.list_vms()] == ["a"]
+    assert [v.name for v in again.vms.all()] == ["a"]
 
 
 def test_ledger_from_a_newer_hvctl_is_refused(tmp_path: Path) -> None:
@@ -53,16 +53,16 @@ def test_ledger_from_a_newer_hvctl_is_refused(tmp_path: Path) -> None:
 
 def test_reservation_state_changes_and_events(ledger: Ledger, tmp_path: Path) -> None:
     port = reserve(ledger, "web", tmp_path)
-    assert ledger.get_vm("web").state == "creating"
-    ledger.set_state("web", "running", "booted")
-    assert ledger.get_vm("web").state == "running"
+    assert ledger.vms.get("web").state == "creating"
+    ledger.vms.set_state("web", "running", "booted")
+    assert ledger.vms.get("web").state == "running"
     with pytest.raises(AlreadyExists):
         reserve(ledger, "web", tmp_path)
     assert reserve(ledger, "db", tmp_path) != port
-    ledger.delete_vm("web", "gone")
+    ledger.vms.delete("web", "gone")
     with pytest.raises(NotFound):
-        ledger.get_vm("web")
-    kinds = [e.kind for e in ledger.events("web")]
+        ledger.vms.get("web")
+    kinds = [e.kind for e in ledger.events.recent("web")]
     assert kinds == ["create.requested", "state.running", "vm.deleted"]
 
 
@@ -78,12 +78,12 @@ def test_ports_exhausted_is_a_clear_error(ledger: Ledger, tmp_path: Path) -> Non
     with pytest.raises(LedgerError, match="no free SSH forward port in 22900-22900"):
         reserve(ledger, "b", tmp_path, port_range=(22900, 22900))
     with pytest.raises(NotFound):
-        ledger.get_vm("b")
+        ledger.vms.get("b")
 
 
 def test_concurrent_reservations_from_many_connections_never_collide(tmp_path: Path) -> None:
     """Twenty threads, each with its own connection to one SQLite file, race to reserve VMs and ports."""
-    Ledger(tmp_path / "l.sqlite3").ensure_host("local", "qemu:///system")
+    Ledger(tmp_path / "l.sqlite3").hosts.ensure("local", "qemu:///system")
     ports: list[int] = []
     errors: list[Exception] = []
     barrier = threading.Barrier(20)
@@ -113,21 +113,21 @@ def test_a_migration_commit_moves_the_vm_and_its_new_incarnation_in_one_transact
                                                                                     tmp_path: Path) -> None:
     from hvctl.accounting import host_footprint
 
-    ledger.ensure_host("h2", "test:///default")
+    ledger.hosts.ensure("h2", "test:///default")
     reserve(ledger, "vm1", tmp_path)
-    held = ledger.reserve("h2", "default", host_footprint(VMSpec(name="vm1")), "migration", vm="vm1")
+    held = ledger.reservations.hold("h2", "default", host_footprint(VMSpec(name="vm1")), "migration", vm="vm1")
     assert ledger.host_usage("h2").memory_mib > 0
     new = tmp_path / "vms" / "vm1.g1"
     with pytest.raises(LedgerError, match="cannot move"):
-        ledger.complete_migration("vm1", "h2", 22300, held, {}, moved={"tenant": "mallory"})
-    assert ledger.get_vm("vm1").host == "local" and len(ledger.reservations()) == 1
-    ledger.complete_migration("vm1", "h2", 22300, held, {"mode": "checkpoint"},
+        ledger.vms.complete_migration("vm1", "h2", 22300, held, {}, moved={"tenant": "mallory"})
+    assert ledger.vms.get("vm1").host == "local" and len(ledger.reservations.all()) == 1
+    ledger.vms.complete_migration("vm1", "h2", 22300, held, {"mode": "checkpoint"},
                               moved={"overlay": str(new / "disk.qcow2"), "agent_token": "t2"})
-    moved = ledger.get_vm("vm1")
+    moved = ledger.vms.get("vm1")
     assert (moved.host, moved.ssh_port, moved.overlay, moved.agent_token) == ("h2", 22300, new / "disk.qcow2", "t2")
-    assert ledger.reservations() == [] and ledger.host_usage("local").memory_mib == 0
+    assert ledger.reservations.all() == [] and ledger.host_usage("local").memory_mib == 0
     assert ledger.host_usage("h2") == host_footprint(moved.spec)
-    assert ledger.last_event_data("vm1", "migration.completed") == {"mode": "checkpoint"}
+    assert ledger.events.last_data("vm1", "migration.completed") == {"mode": "checkpoint"}
 
 
 def test_ports_are_per_host_and_another_hosts_are_not_probed_here(ledger: Ledger, tmp_path: Path) -> None:
@@ -135,7 +135,7 @@ def test_ports_are_per_host_and_another_hosts_are_not_probed_here(ledger: Ledger
     host's VMs get the lowest port its own VMs do not hold (a taken one is moved at start, where QEMU reports it)."""
     import socket
 
-    ledger.ensure_host("far", "qemu+ssh://root@198.18.1.2/system")
+    ledger.hosts.ensure("far", "qemu+ssh://root@198.18.1.2/system")
     with socket.socket() as held:
         held.bind(("127.0.0.1", 0))
         taken = held.getsockname()[1]
@@ -145,9 +145,9 @@ def test_ports_are_per_host_and_another_hosts_are_not_probed_here(ledger: Ledger
         assert reserve(ledger, "there2", tmp_path, span, host="far", probe_ports=False) == taken + 1
         with pytest.raises(LedgerError, match="no free SSH forward port"):
             reserve(ledger, "there3", tmp_path, span, host="far", probe_ports=False)
-        moved = ledger.move_ssh_port("there", "127.0.0.1", taken, probe=False, port_range=(taken, taken + 5))
-        assert moved == taken + 2 and ledger.get_vm("there").ssh_port == moved
-        assert [e.kind for e in ledger.events("there")][-1] == "port.moved"
+        moved = ledger.vms.move_ssh_port("there", "127.0.0.1", taken, probe=False, port_range=(taken, taken + 5))
+        assert moved == taken + 2 and ledger.vms.get("there").ssh_port == moved
+        assert [e.kind for e in ledger.events.recent("there")][-1] == "port.moved"
 
 
 def test_snapshots_are_charged_against_the_tenants_disk_and_released_with_them(ledger: Ledger,
@@ -157,21 +157,21 @@ def test_snapshots_are_charged_against_the_tenants_disk_and_released_with_them(l
     vm = tmp_path / "snap"
     spec = VMSpec(name="snap", disk_gib=4, memory_mib=1536)
     paths = VMPaths(tmp_path / "base.qcow2", vm / "disk.qcow2", vm / "seed.iso", vm / "console.log", vm / "agent.sock")
-    ledger.reserve_vm(spec, "local", paths, probe_ports=False)
+    ledger.vms.reserve(spec, "local", paths, probe_ports=False)
     limits = Admission(tenant_limit={"disk_gib": 14}, host_limit={"disk_gib": None})
-    disk = ledger.reserve_snapshot("snap", "cold", False, limits)
+    disk = ledger.snapshots.reserve("snap", "cold", False, limits)
     assert (disk.disk_gib, disk.state) == (4, "creating")
     # With memory, the saved RAM counts too, rounded up to GiB: 4 + 2.
-    warm = ledger.reserve_snapshot("snap", "warm", True, limits)
+    warm = ledger.snapshots.reserve("snap", "warm", True, limits)
     assert warm.disk_gib == 6 and ledger.tenant_usage("default").disk_gib == 14
     assert ledger.host_usage("local").disk_gib == 14
     with pytest.raises(QuotaExceeded, match="snapshot more of snap: tenant default: disk 4 GiB requested, 14 of 14"):
-        ledger.reserve_snapshot("snap", "more", False, limits)
-    assert [s.name for s in ledger.snapshots("snap")] == ["cold", "warm"]
+        ledger.snapshots.reserve("snap", "more", False, limits)
+    assert [s.name for s in ledger.snapshots.all("snap")] == ["cold", "warm"]
     with pytest.raises(AlreadyExists):
-        ledger.reserve_snapshot("snap", "cold", False, Admission({}, {}))
-    ledger.delete_snapshot("snap", "cold", "gone")
+        ledger.snapshots.reserve("snap", "cold", False, Admission({}, {}))
+    ledger.snapshots.delete("snap", "cold", "gone")
     assert ledger.tenant_usage("default").disk_gib == 10
     # The VM's row going takes its snapshots' rows (and charges) with it.
-    ledger.delete_vm("snap", "destroyed")
-    assert ledger.snapshots() == [] and ledger.tenant_usage("default").disk_gib == 0
+    ledger.vms.delete("snap", "destroyed")
+    assert ledger.snapshots.all() == [] and ledger.tenant_usage("default").disk_gib == 0

@@ -33,10 +33,10 @@ def ctx() -> Iterator[Context]:
     # URIs that would fail loudly if a precheck tried to connect anywhere.
     context = Context(state_dir=state, uri="qemu:///system?socket=/nonexistent")
     for host in ("h1", "h2"):
-        context.ledger.ensure_host(host, f"qemu+tcp://127.0.0.1:1/{host}")
-        context.ledger.record_host_facts(host, "qemu", 8, 16384)
+        context.ledger.hosts.ensure(host, f"qemu+tcp://127.0.0.1:1/{host}")
+        context.ledger.hosts.record_facts(host, "qemu", 8, 16384)
     vm = state / "vms" / "gpu-vm"
-    context.ledger.reserve_vm(VMSpec(name="gpu-vm", gpus={"count": 1}), "h1",
+    context.ledger.vms.reserve(VMSpec(name="gpu-vm", gpus={"count": 1}), "h1",
                               VMPaths(state / "base", vm / "disk", vm / "seed", vm / "console", vm / "agent"))
     yield context
     context.close()
@@ -47,7 +47,7 @@ def test_live_migration_of_a_gpu_vm_points_to_checkpoint_mode(ctx: Context) -> N
     with pytest.raises(InvalidSpec, match="passthrough GPU") as exc:
         migrate(ctx, "gpu-vm", "h2", MigrateOptions(mode="live"))
     assert exc.value.hint == "use --mode checkpoint"
-    assert ctx.ledger.reservations() == [] and ctx.ledger.get_vm("gpu-vm").host == "h1"
+    assert ctx.ledger.reservations.all() == [] and ctx.ledger.vms.get("gpu-vm").host == "h1"
 
 
 def test_same_host_unknown_host_and_unknown_vm(ctx: Context) -> None:
@@ -57,14 +57,14 @@ def test_same_host_unknown_host_and_unknown_vm(ctx: Context) -> None:
         migrate(ctx, "gpu-vm", "h9", MigrateOptions())
     with pytest.raises(NotFound, match="no VM named 'nope'"):
         migrate(ctx, "nope", "h2", MigrateOptions())
-    assert ctx.ledger.reservations() == []
+    assert ctx.ledger.reservations.all() == []
 
 
 def test_checkpoint_mode_needs_an_agent_and_says_so_before_reserving(ctx: Context) -> None:
     with pytest.raises(InvalidSpec, match="has no agent") as exc:
         migrate(ctx, "gpu-vm", "h2", MigrateOptions(mode="checkpoint"))
     assert exc.value.hint == "use --mode offline"
-    assert ctx.ledger.reservations() == [] and ctx.ledger.get_vm("gpu-vm").host == "h1"
+    assert ctx.ledger.reservations.all() == [] and ctx.ledger.vms.get("gpu-vm").host == "h1"
 
 
 
@@ -77,7 +77,7 @@ def test_checkpoint_mode_refuses_a_member_of_a_distributed_job_before_reserving(
     domain's virtio-serial one."""
     rig = Rig(tmp_path)
     rig.create("member", gpus=0)
-    rig.ctx.ledger.ensure_host("h2", "test:///default")
+    rig.ctx.ledger.hosts.ensure("h2", "test:///default")
     agent = Agent(token=TOKEN, workdir=tmp_path / "agent",
                   workloads={"train-ddp": lambda _args: [sys.executable, "-c", "import time; time.sleep(60)"]})
     sock = Path("/tmp") / f"hvctl-ckpt-test-{time.time_ns()}.sock"
@@ -89,7 +89,7 @@ def test_checkpoint_mode_refuses_a_member_of_a_distributed_job_before_reserving(
         monkeypatch.setattr(rig.ctx, "agent", lambda *_a, **_k: client)
         with pytest.raises(InvalidSpec, match=f"member runs {started.id}, its part of a distributed training job"):
             migrate(rig.ctx, "member", "h2", MigrateOptions(mode="checkpoint"))
-        assert rig.ctx.ledger.reservations() == [] and rig.ctx.ledger.get_vm("member").host == "local"
+        assert rig.ctx.ledger.reservations.all() == [] and rig.ctx.ledger.vms.get("member").host == "local"
         assert client.typed("workload.status", rpc.WorkloadStatus, rpc.WorkloadRef(id=started.id)).state == "running"
         # `hvctl cancel`'s core: every running workload stopped, and reported; an unknown id refused.
         assert [(vm, s.state) for vm, s in cancel({"member": client})] == [("member", "cancelled")]

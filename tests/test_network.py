@@ -41,7 +41,7 @@ def test_a_missing_libvirt_network_or_bridge_is_refused_before_anything_is_writt
     try:
         with pytest.raises(InvalidSpec, match="has no libvirt network 'nope'"):
             create(rig.ctx, VMSpec.parse(name="n1", image="stub", network={"network": "nope"}))
-        assert rig.ctx.ledger.list_vms() == [] and not rig.ctx.paths.vm_dir("n1").exists()
+        assert rig.ctx.ledger.vms.all() == [] and not rig.ctx.paths.vm_dir("n1").exists()
         assert rig.ctx.host().network_active("default") is True  # the test driver's own network
     finally:
         rig.ctx.close()

@@ -39,21 +39,21 @@ tenants:
 def test_subnets_never_overlap_and_a_default_one_is_the_next_free_24(tmp_path: Path) -> None:
     ledger = Ledger(tmp_path / "ledger.sqlite3")
     try:
-        first = ledger.add_network("blue", "acme", None)
+        first = ledger.networks.add("blue", "acme", None)
         assert first.subnet == IPv4Network("10.96.0.0/24") and first.libvirt_name == "hvctl-net-blue"
         assert len(first.bridge) <= 15 and first.usable()[0].compressed == "10.96.0.2"  # .1 kept for the network
-        ledger.add_network("red", "globex", IPv4Network("10.96.1.0/25"))
-        assert ledger.add_network("green", "acme", None).subnet == IPv4Network("10.96.2.0/24")
+        ledger.networks.add("red", "globex", IPv4Network("10.96.1.0/25"))
+        assert ledger.networks.add("green", "acme", None).subnet == IPv4Network("10.96.2.0/24")
         for subnet, problem in ((IPv4Network("10.96.1.64/26"), "overlaps network red (10.96.1.0/25)"),
                                 (IPv4Network("10.96.0.0/16"), "overlaps network blue (10.96.0.0/24)"),
                                 (IPv4Network("10.0.0.0/16"), "user-mode NIC"),
                                 (IPv4Network("10.99.0.0/30"), "too small")):
             with pytest.raises(InvalidSpec, match=problem.replace("(", r"\(").replace(")", r"\)")):
-                ledger.add_network("bad", "acme", subnet)
+                ledger.networks.add("bad", "acme", subnet)
         with pytest.raises(AlreadyExists):
-            ledger.add_network("blue", "acme", IPv4Network("10.99.0.0/24"))
-        assert [n.name for n in ledger.networks()] == ["blue", "green", "red"]
-        assert [n.name for n in ledger.networks("globex")] == ["red"]
+            ledger.networks.add("blue", "acme", IPv4Network("10.99.0.0/24"))
+        assert [n.name for n in ledger.networks.all()] == ["blue", "green", "red"]
+        assert [n.name for n in ledger.networks.all("globex")] == ["red"]
     finally:
         ledger.close()
 
@@ -66,9 +66,9 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
     r.ctx.close()
     r.ctx = Context(state_dir=r.state, uri="test:///default", gpu_env=env)
     yield r
-    for vm in r.ctx.ledger.list_vms():
+    for vm in r.ctx.ledger.vms.all():
         destroy(r.ctx, vm.name)
-    for network in r.ctx.ledger.networks():
+    for network in r.ctx.ledger.networks.all():
         remove_network(r.ctx, network.name)
     r.ctx.close()
     shutil.rmtree(r.state, ignore_errors=True)
@@ -102,10 +102,10 @@ def test_a_vm_on_a_tenant_network_gets_an_address_a_nic_on_its_isolated_network_
     create_network(rig.ctx, "blue", "acme", "10.96.7.0/29")
     make(rig, "a1", "acme", "blue")
     make(rig, "a2", "acme", "blue")
-    spec = rig.ctx.ledger.get_vm("a1").spec
+    spec = rig.ctx.ledger.vms.get("a1").spec
     assert spec.network is not None and spec.network.tenant_network == "blue"
     assert str(spec.network.address) == "10.96.7.2/29"
-    assert str(rig.ctx.ledger.get_vm("a2").spec.network.address) == "10.96.7.3/29"  # type: ignore[union-attr]
+    assert str(rig.ctx.ledger.vms.get("a2").spec.network.address) == "10.96.7.3/29"  # type: ignore[union-attr]
     # The host got the network once: isolated (no <forward>), its own address the subnet's first, where DHCP
     # serves each VM's ledger address to its MAC and nothing else (no DNS, no range for unknown MACs).
     assert libvirt_networks()["hvctl-net-blue"] is True
@@ -119,7 +119,7 @@ def test_a_vm_on_a_tenant_network_gets_an_address_a_nic_on_its_isolated_network_
     assert net.find("ip").attrib == {"address": "10.96.7.1", "prefix": "29"}  # type: ignore[union-attr]
     assert net.find("ip/dhcp/range") is None
     assert dhcp_leases() == [(nic_mac("a1"), "10.96.7.2", "a1"), (nic_mac("a2"), "10.96.7.3", "a2")]
-    assert net.find("bridge").get("name") == rig.ctx.ledger.get_network("blue").bridge  # type: ignore[union-attr]
+    assert net.find("bridge").get("name") == rig.ctx.ledger.networks.get("blue").bridge  # type: ignore[union-attr]
     nics = [i for i in domain.iterfind("devices/interface") if i.get("type") == "network"]
     assert [n.find("source").get("network") for n in nics] == ["hvctl-net-blue"]  # type: ignore[union-attr]
     as_shown = hvctl_cli(rig.state, "test:///default", "show", "a1")
@@ -135,14 +135,14 @@ def test_a_vm_on_a_tenant_network_gets_an_address_a_nic_on_its_isolated_network_
     destroy(rig.ctx, "a1")
     assert dhcp_leases() == [(nic_mac("a2"), "10.96.7.3", "a2")]
     make(rig, "a3", "acme", "blue")
-    assert str(rig.ctx.ledger.get_vm("a3").spec.network.address) == "10.96.7.2/29"  # type: ignore[union-attr]
+    assert str(rig.ctx.ledger.vms.get("a3").spec.network.address) == "10.96.7.2/29"  # type: ignore[union-attr]
     assert dhcp_leases() == [(nic_mac("a2"), "10.96.7.3", "a2"), (nic_mac("a3"), "10.96.7.2", "a3")]
     destroy(rig.ctx, "a2")
     destroy(rig.ctx, "a3")
     assert remove_network(rig.ctx, "blue") == {"network": "blue", "removed_from": ["local"]}
     assert "hvctl-net-blue" not in libvirt_networks()
     with pytest.raises(NotFound):
-        rig.ctx.ledger.get_network("blue")
+        rig.ctx.ledger.networks.get("blue")
 
 
 def test_a_create_that_fails_after_its_address_was_given_withdraws_its_dhcp_lease(rig: Rig) -> None:
@@ -152,7 +152,7 @@ def test_a_create_that_fails_after_its_address_was_given_withdraws_its_dhcp_leas
     with pytest.raises(HvctlError, match="a2"):
         create(rig.ctx, VMSpec.parse(name="a2", image="stub", tenant="acme", network=tenant_attach(rig.ctx, "blue")),
                options=BootOptions(timeout=0.2))
-    assert [v.name for v in rig.ctx.ledger.list_vms()] == ["a1"]
+    assert [v.name for v in rig.ctx.ledger.vms.all()] == ["a1"]
     assert dhcp_leases() == [(nic_mac("a1"), "10.96.7.2", "a1")]
 
 
@@ -169,19 +169,19 @@ def test_a_create_killed_after_its_lease_was_given_is_rolled_back_lease_and_all(
     make(rig, "a1", "acme", "blue")
     vm = rig.ctx.paths.root / "vms" / "a2"
     spec = VMSpec.parse(name="a2", image="stub", tenant="acme", network=tenant_attach(rig.ctx, "blue"))
-    record = rig.ctx.ledger.reserve_vm(spec, "local", VMPaths(vm / "b", vm / "o", vm / "s", vm / "c", vm / "a"))
-    rig.ctx.ledger.begin_operation("a2", "create", dead_holder(), None, "local", {})
+    record = rig.ctx.ledger.vms.reserve(spec, "local", VMPaths(vm / "b", vm / "o", vm / "s", vm / "c", vm / "a"))
+    rig.ctx.ledger.operations.begin("a2", "create", dead_holder(), None, "local", {})
     assert publish_lease(rig.ctx, record.spec.model_copy(update={"host": "local"})) == ["local"]
     assert [ip for _, ip, _ in dhcp_leases()] == ["10.96.7.2", "10.96.7.3"]
     repaired = repair(rig.ctx)["operations"]
     assert [r["outcome"] for r in repaired] == ["rolled back on local"]
     assert dhcp_leases() == [(nic_mac("a1"), "10.96.7.2", "a1")]
-    assert [v.name for v in rig.ctx.ledger.list_vms()] == ["a1"]
+    assert [v.name for v in rig.ctx.ledger.vms.all()] == ["a1"]
 
 
 def test_a_network_an_older_hvctl_defined_without_dhcp_gets_it_once_no_nic_is_on_it(rig: Rig) -> None:
     create_network(rig.ctx, "blue", "acme", "10.96.7.0/29")
-    record = rig.ctx.ledger.get_network("blue")
+    record = rig.ctx.ledger.networks.get("blue")
     old = ET.fromstring(isolated_network_xml(record.libvirt_name, record.bridge, "blue", "acme", "10.96.7.0/29"))
     for element in (old.find("ip"), old.find("dns")):
         assert element is not None
@@ -205,8 +205,8 @@ def test_a_full_network_and_another_tenants_network_are_refused_before_anything_
     with pytest.raises(InvalidSpec, match="network tiny is tenant acme's, and g1 is tenant globex's"):
         make(rig, "g1", "globex", "tiny")
     assert sorted(p.name for p in (rig.state / "vms").iterdir()) == before
-    assert {v.name for v in rig.ctx.ledger.list_vms()} == {f"t{i}" for i in range(5)}
-    assert len(rig.ctx.ledger.network_addresses("tiny")) == 5
+    assert {v.name for v in rig.ctx.ledger.vms.all()} == {f"t{i}" for i in range(5)}
+    assert len(rig.ctx.ledger.networks.addresses("tiny")) == 5
 
 
 def test_the_cli_refuses_bad_network_requests_in_one_line_and_leaves_nothing(rig: Rig) -> None:
@@ -229,7 +229,7 @@ def test_the_cli_refuses_bad_network_requests_in_one_line_and_leaves_nothing(rig
         assert message in lines[-1] and "Traceback" not in result.stderr, (args, result.stderr)
     listed = json.loads(hvctl_cli(state, "test:///default", "network", "list", "--json").stdout)
     assert [(n["name"], n["vms"]) for n in listed] == [("blue", [])]
-    assert rig.ctx.ledger.list_vms() == [] and not (state / "vms" / "g1").exists()
+    assert rig.ctx.ledger.vms.all() == [] and not (state / "vms" / "g1").exists()
 
 
 def test_a_network_that_would_span_a_host_without_an_underlay_is_refused_before_anything_is_made(rig: Rig) -> None:
@@ -237,10 +237,10 @@ def test_a_network_that_would_span_a_host_without_an_underlay_is_refused_before_
 
     create_network(rig.ctx, "blue", "acme", "10.96.8.0/24")
     make(rig, "a1", "acme", "blue")
-    rig.ctx.ledger.ensure_host("h2", "test:///default")
+    rig.ctx.ledger.hosts.ensure("h2", "test:///default")
     spec = VMSpec.parse(name="a2", image="stub", tenant="acme", host="h2", network=tenant_attach(rig.ctx, "blue"))
     with pytest.raises(InvalidSpec, match="network blue would span hosts h2, local, and host h2 has no underlay"):
         ensure_on_host(rig.ctx, spec, "h2")
     bad = hvctl_cli(rig.state, "test:///default", "host", "add", "h3", "test:///default", "--underlay", "10.1.2")
     assert bad.returncode == 2 and "--underlay 10.1.2: not an IPv4 address" in bad.stderr.strip().splitlines()[-1]
-    assert "h3" not in {h.name for h in rig.ctx.ledger.list_hosts()}
+    assert "h3" not in {h.name for h in rig.ctx.ledger.hosts.all()}

@@ -42,17 +42,17 @@ def state() -> Iterator[Path]:
 
 
 def add_host(ledger: Ledger, name: str, cpus: int, memory_mib: int) -> None:
-    ledger.ensure_host(name, f"test:///{name}")
-    ledger.record_host_facts(name, "qemu", cpus, memory_mib)
-    ledger.record_host_inventory(name, [{"cpus": cpus, "memory_mib": memory_mib}], [])
+    ledger.hosts.ensure(name, f"test:///{name}")
+    ledger.hosts.record_facts(name, "qemu", cpus, memory_mib)
+    ledger.hosts.record_inventory(name, [{"cpus": cpus, "memory_mib": memory_mib}], [])
 
 
 def admit(ledger: Ledger, spec: VMSpec, host: str, tmp: Path) -> None:
     policy = parse_policy(POLICY, "policy.yaml")
     admission = Admission(policy.tenant(spec.tenant).quota.model_dump(),
-                          host_limit(policy, ledger.get_host(host), 0))
+                          host_limit(policy, ledger.hosts.get(host), 0))
     vm = tmp / spec.name
-    ledger.reserve_vm(spec, host, VMPaths(tmp / "base", vm / "disk", vm / "seed", vm / "console", vm / "agent"),
+    ledger.vms.reserve(spec, host, VMPaths(tmp / "base", vm / "disk", vm / "seed", vm / "console", vm / "agent"),
                       admission=admission,
                       port_range=(23000, 23999))
 
@@ -112,23 +112,23 @@ def test_a_vm_sized_exactly_to_the_quota_is_admitted_and_the_next_is_refused(tmp
     with pytest.raises(QuotaExceeded) as exc:
         admit(ledger, VMSpec(name="more", tenant="acme", memory_mib=64), "h1", tmp_path)
     assert exc.value.message == "tenant acme: memory 64 MiB requested, 2048 of 2048 MiB in use"
-    assert [v.name for v in ledger.list_vms()] == ["exact"]
-    assert ledger.events("more")[-1].kind == "admission.refused"
+    assert [v.name for v in ledger.vms.all()] == ["exact"]
+    assert ledger.events.recent("more")[-1].kind == "admission.refused"
 
 
 def test_disk_is_admitted_against_the_hosts_storage(tmp_path: Path) -> None:
     """One tenant cannot fill a host's disk: virtual disk sizes count against the storage VM disks live on."""
     ledger = Ledger(tmp_path / "l.sqlite3")
     add_host(ledger, "h1", cpus=8, memory_mib=16384)
-    ledger.record_host_disk("h1", 10)
+    ledger.hosts.record_disk("h1", 10)
     admit(ledger, VMSpec(name="a", tenant="acme", disk_gib=6), "h1", tmp_path)
     with pytest.raises(QuotaExceeded, match=r"^host h1: disk 6 GiB requested, 6 of 10 GiB in use$"):
         admit(ledger, VMSpec(name="b", tenant="globex", disk_gib=6), "h1", tmp_path)
-    assert [v.name for v in ledger.list_vms()] == ["a"]
+    assert [v.name for v in ledger.vms.all()] == ["a"]
     policy = parse_policy(POLICY.replace("cpu_overcommit: 2.0,", "cpu_overcommit: 2.0, disk_overcommit: 2.0,")
                           .replace("reserve: {memory_mib: 1024}", "reserve: {memory_mib: 1024, disk_gib: 2}"),
                           "policy.yaml")
-    assert host_limit(policy, ledger.get_host("h1"), 0)["disk_gib"] == 16.0
+    assert host_limit(policy, ledger.hosts.get("h1"), 0)["disk_gib"] == 16.0
     with pytest.raises(NoValidHost, match="disk"):
         choose_host(ledger, parse_policy(POLICY, "policy.yaml"), VMSpec(name="c", tenant="globex", disk_gib=6))
 
@@ -139,11 +139,11 @@ def test_a_hosts_storage_is_measured_once_with_its_other_facts() -> None:
     state = short_tempdir("hvd-")
     try:
         ctx = Context(state_dir=state, uri="test:///default")
-        ctx.ledger.record_host_facts("local", "qemu", 8, 16384)
-        assert ctx.ledger.get_host("local").disk_gib is None
+        ctx.ledger.hosts.record_facts("local", "qemu", 8, 16384)
+        assert ctx.ledger.hosts.get("local").disk_gib is None
         ctx.capabilities("local")
         st = os.statvfs(state / "vms")
-        assert ctx.ledger.get_host("local").disk_gib == st.f_blocks * st.f_frsize // 2**30
+        assert ctx.ledger.hosts.get("local").disk_gib == st.f_blocks * st.f_frsize // 2**30
         ctx.close()
     finally:
         shutil.rmtree(state, ignore_errors=True)
@@ -155,7 +155,7 @@ def test_host_capacity_includes_overhead_and_reserve(tmp_path: Path) -> None:
     # 3072 MiB - 1024 reserved = 2048 allocatable; a 2000 MiB guest needs 2000 + 256 + 40 with QEMU's overhead.
     with pytest.raises(QuotaExceeded, match=r"host small-host: memory 2296 MiB requested, 0 of 2048 MiB in use"):
         admit(ledger, VMSpec(name="big", tenant="globex", memory_mib=2000), "small-host", tmp_path)
-    assert ledger.list_vms() == []
+    assert ledger.vms.all() == []
 
 
 def test_twenty_concurrent_creates_never_overshoot_quota_or_host(tmp_path: Path) -> None:
@@ -199,18 +199,18 @@ def test_migration_reservations_hold_the_host_not_the_tenant(tmp_path: Path) -> 
     add_host(ledger, "h1", cpus=8, memory_mib=16384)
     add_host(ledger, "h2", cpus=8, memory_mib=4096)
     admit(ledger, VMSpec(name="full", tenant="acme", memory_mib=2048), "h1", tmp_path)
-    spec = ledger.get_vm("full").spec
+    spec = ledger.vms.get("full").spec
     policy = parse_policy(POLICY, "policy.yaml")
     # The tenant is at its full quota, yet its VM's migration target can be reserved (kubevirt#9238).
-    rid = ledger.reserve("h2", "acme", host_footprint(spec), "migration", vm="full",
-                         host_limit=host_limit(policy, ledger.get_host("h2"), 0))
+    rid = ledger.reservations.hold("h2", "acme", host_footprint(spec), "migration", vm="full",
+                         host_limit=host_limit(policy, ledger.hosts.get("h2"), 0))
     assert ledger.host_usage("h2").memory_mib == host_footprint(spec).memory_mib
     assert ledger.tenant_usage("acme").memory_mib == 2048
     with pytest.raises(QuotaExceeded, match="host h2: memory"):
-        ledger.reserve("h2", "acme", host_footprint(spec), "migration", vm="full",
-                       host_limit=host_limit(policy, ledger.get_host("h2"), 0))
-    ledger.release(rid)
-    assert ledger.host_usage("h2").memory_mib == 0 and ledger.reservations() == []
+        ledger.reservations.hold("h2", "acme", host_footprint(spec), "migration", vm="full",
+                       host_limit=host_limit(policy, ledger.hosts.get("h2"), 0))
+    ledger.reservations.release(rid)
+    assert ledger.host_usage("h2").memory_mib == 0 and ledger.reservations.all() == []
 
 
 def test_placement_refuses_a_request_bigger_than_any_host(tmp_path: Path) -> None:
@@ -222,7 +222,7 @@ def test_placement_refuses_a_request_bigger_than_any_host(tmp_path: Path) -> Non
         choose_host(ledger, policy, VMSpec(name="giant", tenant="globex", memory_mib=10000))
     # Pack: the request goes to the host where it fits.
     assert choose_host(ledger, policy, VMSpec(name="fits", tenant="globex", memory_mib=5000)) == "h1"
-    assert ledger.list_vms() == []
+    assert ledger.vms.all() == []
 
 
 def test_anti_affinity_group_members_never_share_a_host(tmp_path: Path) -> None:
@@ -246,7 +246,7 @@ def test_host_add_with_an_unreachable_uri_writes_nothing(state: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "hvctl.cli", "host", "add", "far", "qemu+tcp://127.0.0.1:1/system"],
                             capture_output=True, text=True, env=env)
     assert result.returncode == 5 and "cannot reach libvirt at qemu+tcp://127.0.0.1:1/system" in result.stderr
-    assert "far" not in {h.name for h in Ledger(state / "ledger.sqlite3").list_hosts()}
+    assert "far" not in {h.name for h in Ledger(state / "ledger.sqlite3").hosts.all()}
 
 
 def test_plan_orders_tenants_by_weighted_drf_and_names_refusals(state: Path) -> None:
@@ -269,7 +269,7 @@ def test_plan_orders_tenants_by_weighted_drf_and_names_refusals(state: Path) -> 
     # Weighted DRF: with weight 2, acme is picked twice for each globex pick while both have demand.
     first_three = sorted(result["requests"], key=lambda r: r["order"])[:3]
     assert [r["tenant"] for r in first_three].count("acme") == 2
-    assert ctx.ledger.list_vms() == []  # a dry run writes nothing
+    assert ctx.ledger.vms.all() == []  # a dry run writes nothing
     ctx.close()
 
 

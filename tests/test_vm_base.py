@@ -64,12 +64,12 @@ def env(libvirtd: PrivateLibvirtd, image_dir: Path) -> Iterator[dict[str, object
     acme_key, acme_pub = write_keypair(keys, "acme")
     globex_key, globex_pub = write_keypair(keys, "globex")
     ctx = Context(state_dir=state, uri=libvirtd.uri)
-    ctx.ledger.add_tenant_key("acme", acme_pub)
-    ctx.ledger.add_tenant_key("globex", globex_pub)
+    ctx.ledger.keys.add("acme", acme_pub)
+    ctx.ledger.keys.add("globex", globex_pub)
     record = create(ctx, VMSpec.parse(name="deb", tenant="acme", memory_mib=512, disk_gib=2, image="base"),
                     options=BootOptions(timeout=180))
     yield {"ctx": ctx, "vm": record, "acme": acme_key, "globex": globex_key, "state": state, "uri": libvirtd.uri}
-    for leftover in ctx.ledger.list_vms():
+    for leftover in ctx.ledger.vms.all():
         destroy(ctx, leftover.name)
     ctx.close()
     shutil.rmtree(state, ignore_errors=True)
@@ -122,12 +122,12 @@ def test_a_host_key_that_does_not_match_is_refused_loudly(env: dict[str, object]
     assert isinstance(ctx, Context) and isinstance(vm, VMRecord)
     assert vm.host_pubkey
     impostor = generate_ed25519("impostor").public_line
-    ctx.ledger.set_host_pubkey("deb", impostor)
+    ctx.ledger.vms.set_host_pubkey("deb", impostor)
     try:
         result = hvctl(env, "exec", "deb", "--", "true")
         assert result.returncode == 12 and "HOST KEY MISMATCH" in result.stderr
     finally:
-        ctx.ledger.set_host_pubkey("deb", vm.host_pubkey)
+        ctx.ledger.vms.set_host_pubkey("deb", vm.host_pubkey)
     assert hvctl(env, "exec", "deb", "--", "true").returncode == 0
 
 
@@ -163,7 +163,7 @@ def test_key_rm_revokes_a_key_in_running_vms_and_their_seeds(env: dict[str, obje
         gone = hvctl(env, "exec", "nokey", "-i", str(spare_key), "--", "true")
         assert gone.returncode == 11 and "refused the key" in gone.stderr
         assert hvctl(env, "exec", "nokey", "-i", str(env["acme"]), "--", "true").returncode == 0
-        record = ctx.ledger.get_vm("nokey")
+        record = ctx.ledger.vms.get("nokey")
         assert record.seed is not None
         seeded = read_seed_file(record.seed, "hvctl/authorized_keys").decode()
         assert spare_pub not in seeded and seeded.count("ssh-ed25519") == 1
@@ -173,7 +173,7 @@ def test_key_rm_revokes_a_key_in_running_vms_and_their_seeds(env: dict[str, obje
         rotated = hvctl(env, "agent", "nokey", "rotate-token", "--json")
         assert rotated.returncode == 0, rotated.stderr
         assert json.loads(rotated.stdout) == {"vm": "nokey", "rotated": True, "live": True}
-        new_token = ctx.ledger.get_vm("nokey").agent_token
+        new_token = ctx.ledger.vms.get("nokey").agent_token
         assert new_token and new_token != old_token
         assert read_seed_file(record.seed, "hvctl/agent_token").decode().strip() == new_token
         with pytest.raises(AgentError, match="bad or missing agent token"):
@@ -184,17 +184,17 @@ def test_key_rm_revokes_a_key_in_running_vms_and_their_seeds(env: dict[str, obje
         for step, outcome in (("chosen", "the guest kept its old token: nothing to mend"),
                               ("switched", "the guest holds the new token: the ledger and the seed have it too"),
                               ("recorded", "the guest holds the new token: the ledger and the seed have it too")):
-            before = ctx.ledger.get_vm("nokey").agent_token
+            before = ctx.ledger.vms.get("nokey").agent_token
             killed = hvctl(env, "agent", "nokey", "rotate-token", crash_after=f"rotate-token.{step}")
             assert killed.returncode == -9, (step, killed.stderr)
             repaired = hvctl(env, "doctor", "--repair", "--json")
             (done,) = json.loads(repaired.stdout)["repaired"]["operations"]
             assert done["outcome"] == outcome, (step, done)
-            now = ctx.ledger.get_vm("nokey").agent_token
+            now = ctx.ledger.vms.get("nokey").agent_token
             assert (now == before) is (step == "chosen"), step
             assert json.loads(hvctl(env, "agent", "nokey", "ping", "--json").stdout)["pong"] is True, step
             assert read_seed_file(record.seed, "hvctl/agent_token").decode().strip() == now, step
-            assert ctx.ledger.operations() == []
+            assert ctx.ledger.operations.all() == []
         # Across a reboot (the guest reads its seed again): the new token holds, the revoked key stays revoked.
         assert hvctl(env, "stop", "nokey", "--timeout", "60").returncode == 0
         assert hvctl(env, "start", "nokey", timeout=300).returncode == 0
@@ -265,7 +265,7 @@ def test_agent_that_never_answers_times_out_with_console_and_is_cleaned_up(env: 
     assert "HVCTL-READY name=mute-agent" in exc.value.console_tail
     assert ctx.host().state("mute-agent") is DomainState.MISSING
     assert not ctx.paths.vm_dir("mute-agent").exists()
-    assert "mute-agent" not in {r.name for r in ctx.ledger.list_vms()}
+    assert "mute-agent" not in {r.name for r in ctx.ledger.vms.all()}
 
 
 def test_guest_shutdown_via_agent_is_noticed_then_destroy_removes_everything(env: dict[str, object]) -> None:
@@ -282,7 +282,7 @@ def test_guest_shutdown_via_agent_is_noticed_then_destroy_removes_everything(env
     assert ctx.host().state("deb") is DomainState.MISSING
     assert not vm.overlay.exists() and vm.seed is not None and not vm.seed.exists()
     assert not ctx.paths.vm_dir("deb").exists()
-    assert ctx.ledger.list_vms() == []
+    assert ctx.ledger.vms.all() == []
 
 
 

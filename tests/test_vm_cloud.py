@@ -34,7 +34,7 @@ def env(libvirtd: PrivateLibvirtd, image_dir: Path, stock_image: Path) -> Iterat
     yield {"ctx": ctx, "state": state, "uri": libvirtd.uri, "stock": stock, "images": image_dir,
            "libvirtd": libvirtd}
     try:
-        for leftover in ctx.ledger.list_vms():
+        for leftover in ctx.ledger.vms.all():
             destroy(ctx, leftover.name)
     finally:
         for image in ctx.images.list():

@@ -63,7 +63,7 @@ def crash_then_repair(rig: dict[str, object], crash_after: str, *args: str) -> s
 
 
 def no_leftovers(ctx: Context) -> None:
-    assert ctx.ledger.operations() == [] and ctx.ledger.reservations() == []
+    assert ctx.ledger.operations.all() == [] and ctx.ledger.reservations.all() == []
 
 
 def ticks(console: Path) -> list[int]:
@@ -88,13 +88,13 @@ def test_a_live_migration_killed_after_any_step_is_finished_or_rolled_back(rig: 
     record = create(ctx, VMSpec.parse(name="crasher", memory_mib=128, host="h1"),
                     options=BootOptions(extra_cmdline=("hvctl.tick=1",)))
     assert record.domain_uuid is None or len(record.domain_uuid) == 36
-    assert ctx.ledger.get_vm("crasher").domain_uuid  # recorded at create
+    assert ctx.ledger.vms.get("crasher").domain_uuid  # recorded at create
     matrix = []
     for step, moves in (("checked", False), ("reserved", False), ("migrated", True), ("committed", True)):
-        source = ctx.ledger.get_vm("crasher").host
+        source = ctx.ledger.vms.get("crasher").host
         target = other(source)
         outcome = crash_then_repair(rig, f"migrate.{step}", "migrate", "crasher", "--to", target)
-        now = ctx.ledger.get_vm("crasher")
+        now = ctx.ledger.vms.get("crasher")
         expected = target if moves else source
         assert now.host == expected, (step, outcome)
         assert ctx.host(expected).state("crasher") is DomainState.RUNNING
@@ -124,15 +124,15 @@ def test_a_copy_storage_migration_killed_after_any_step_leaves_one_disk_in_use(r
         return ctx.agent(record.host, record.name, record.agent_token, timeout=60).typed(
             "exec", rpc.ExecResult, rpc.ExecParams(argv=["sh", "-c", script]))
 
-    assert run(ctx.ledger.get_vm("porter"), f"echo {marker} > /root/marker && sync").exit_code == 0
+    assert run(ctx.ledger.vms.get("porter"), f"echo {marker} > /root/marker && sync").exit_code == 0
     dirs = {ctx.paths.vm_dir("porter"), ctx.paths.vm_dir("porter", 1)}
     matrix = []
     for step, moves in (("checked", False), ("reserved", False), ("prepared", False), ("migrated", True),
                         ("committed", True)):
-        before = ctx.ledger.get_vm("porter")
+        before = ctx.ledger.vms.get("porter")
         target = other(before.host)
         outcome = crash_then_repair(rig, f"migrate.{step}", "migrate", "porter", "--to", target, "--copy-storage")
-        now = ctx.ledger.get_vm("porter")
+        now = ctx.ledger.vms.get("porter")
         expected = target if moves else before.host
         assert now.host == expected, (step, outcome)
         assert ctx.host(expected).state("porter") is DomainState.RUNNING
@@ -156,7 +156,7 @@ def test_a_destroy_killed_after_any_step_is_finished(rig: dict[str, object]) -> 
         name = f"doomed-{step}"
         record = create(ctx, VMSpec.parse(name=name, memory_mib=128, host="h1"))
         outcome = crash_then_repair(rig, f"destroy.{step}", "destroy", name)
-        assert name not in {v.name for v in ctx.ledger.list_vms()}
+        assert name not in {v.name for v in ctx.ledger.vms.all()}
         assert ctx.host("h1").state(name) is DomainState.MISSING
         assert not record.overlay.parent.exists()
         no_leftovers(ctx)
@@ -171,7 +171,7 @@ def test_a_create_killed_after_any_step_is_rolled_back(rig: dict[str, object]) -
     for step in ("reserved", "files", "defined", "started", "ready"):
         name = f"half-{step}"
         outcome = crash_then_repair(rig, f"create.{step}", "create", name, "--memory", "128", "--host", "h1")
-        assert name not in {v.name for v in ctx.ledger.list_vms()}, outcome
+        assert name not in {v.name for v in ctx.ledger.vms.all()}, outcome
         assert ctx.host("h1").state(name) is DomainState.MISSING
         assert not ctx.paths.vm_dir(name).exists()
         no_leftovers(ctx)
@@ -195,7 +195,7 @@ def test_a_stop_or_start_killed_after_any_step_leaves_the_ledger_saying_what_lib
                                  ("start", "started", "running")):
         args = ("stop", "switch", "--timeout", "30") if kind == "stop" else ("start", "switch")
         outcome = crash_then_repair(rig, f"{kind}.{step}", *args)
-        now = ctx.ledger.get_vm("switch")
+        now = ctx.ledger.vms.get("switch")
         actual = ctx.host("h1").state("switch")
         assert now.state == expected, (kind, step, outcome)
         assert actual is (DomainState.RUNNING if expected == "running" else DomainState.SHUTOFF), (kind, step)
@@ -220,17 +220,18 @@ def test_destroy_never_deletes_the_disk_of_a_vm_running_on_another_host(rig: dic
     record = create(ctx, VMSpec.parse(name="stray", memory_mib=128, host="h1"))
     killed = hvctl(rig, "migrate", "stray", "--to", "h2", crash_after="migrate.migrated")
     assert killed.returncode == -9
-    ctx.ledger.end_operation("stray")  # the intent lost too: only the hosts can tell where it runs
-    ctx.ledger.release_for("stray", "migration", "h2")
+    ctx.ledger.operations.end("stray")  # the intent lost too: only the hosts can tell where it runs
+    ctx.ledger.reservations.release_for("stray", "migration", "h2")
     refused = hvctl(rig, "destroy", "stray")
     assert refused.returncode != 0 and "stray's domain is on host h2 (running)" in refused.stderr, refused.stderr
     assert record.overlay.exists() and ctx.host("h2").state("stray") is DomainState.RUNNING
     listed = json.loads(hvctl(rig, "list", "--json").stdout)
     assert {v["name"]: v["actual"] for v in listed["vms"]}["stray"] == "missing"
     # Put the ledger right by hand (what a reconcile with the intent would have done), then destroy works.
-    port = ctx.ledger.free_port_on("h2")
-    reservation = ctx.ledger.reserve("h2", record.tenant, host_footprint(record.spec), "migration", vm="stray")
-    ctx.ledger.complete_migration("stray", "h2", port, reservation, {"by": "test"})
+    port = ctx.ledger.vms.free_port_on("h2")
+    reservation = ctx.ledger.reservations.hold("h2", record.tenant, host_footprint(record.spec), "migration",
+                                                vm="stray")
+    ctx.ledger.vms.complete_migration("stray", "h2", port, reservation, {"by": "test"})
     gone = hvctl(rig, "destroy", "stray")
     assert gone.returncode == 0, gone.stderr
     assert not record.overlay.parent.exists() and ctx.host("h2").state("stray") is DomainState.MISSING
@@ -245,7 +246,7 @@ def test_a_vm_whose_ledger_row_was_lost_is_adopted_back_and_runs_on(rig: dict[st
     assert isinstance(ctx, Context)
     before = create(ctx, VMSpec.parse(name="lost", memory_mib=128, host="h2"),
                     options=BootOptions(extra_cmdline=("hvctl.tick=1",)))
-    ctx.ledger.delete_vm("lost", "test: the row is lost")
+    ctx.ledger.vms.delete("lost", "test: the row is lost")
     listed = json.loads(hvctl(rig, "list", "--json").stdout)
     ((orphan_host, hint),) = [(o["host"], o["problem"]) for o in listed["orphans"] if o["vm"] == "lost"]
     assert orphan_host == "h2" and "`hvctl adopt lost --host h2`" in hint, hint
@@ -253,7 +254,7 @@ def test_a_vm_whose_ledger_row_was_lost_is_adopted_back_and_runs_on(rig: dict[st
     assert wrong_host.returncode == 3 and "host h1 has no domain 'lost'" in wrong_host.stderr
     adopted = hvctl(rig, "adopt", "lost", "--host", "h2", "--json")
     assert adopted.returncode == 0, adopted.stderr
-    after = ctx.ledger.get_vm("lost")
+    after = ctx.ledger.vms.get("lost")
     fields = ("host", "state", "domain_uuid", "ssh_port", "overlay", "seed", "console_log", "base_disk",
               "agent_socket", "agent_token", "host_pubkey")
     assert [getattr(after, f) for f in fields] == [getattr(before, f) for f in fields]
@@ -269,5 +270,5 @@ def test_a_vm_whose_ledger_row_was_lost_is_adopted_back_and_runs_on(rig: dict[st
     gone = hvctl(rig, "destroy", "lost")
     assert gone.returncode == 0, gone.stderr
     assert not before.overlay.parent.exists() and ctx.host("h2").state("lost") is DomainState.MISSING
-    assert "lost" not in {v.name for v in ctx.ledger.list_vms()}
+    assert "lost" not in {v.name for v in ctx.ledger.vms.all()}
     no_leftovers(ctx)

@@ -53,7 +53,7 @@ class Fleet:
     def agent(self, vm: str, method: str, result: type, params: object = None) -> object:
         ctx = Context(state_dir=self.state, uri="test:///default")
         try:
-            record = ctx.ledger.get_vm(vm)
+            record = ctx.ledger.vms.get(vm)
             assert record.agent_token
             return ctx.agent(record.host, vm, record.agent_token, timeout=120).typed(method, result, params)
         finally:
@@ -94,7 +94,7 @@ def fleet(image_dir: Path) -> Iterator[Fleet]:
             assert made.returncode == 0, made.stderr
         yield f
     finally:
-        for leftover in Context(state_dir=state, uri="test:///default").ledger.list_vms():
+        for leftover in Context(state_dir=state, uri="test:///default").ledger.vms.all():
             hvctl_cli(state, "test:///default", "destroy", leftover.name, timeout=300)
         host.stop()
         shutil.rmtree(host.root, ignore_errors=True)

@@ -36,7 +36,7 @@ def assert_nothing_left(ctx: Context, name: str) -> None:
     """No domain, no VM directory or overlay, no ledger row."""
     assert ctx.host().state(name) is DomainState.MISSING
     assert not ctx.paths.vm_dir(name).exists()
-    assert name not in {r.name for r in ctx.ledger.list_vms()}
+    assert name not in {r.name for r in ctx.ledger.vms.all()}
 
 
 def test_create_list_show_console_destroy_through_the_cli(run_hvctl: Run, ctx: Context) -> None:
@@ -111,7 +111,7 @@ def test_duplicate_name_is_refused_and_the_first_vm_is_untouched(make_vm: Callab
     assert again.returncode == 4
     assert "already exists" in again.stderr and "Traceback" not in again.stderr
     assert ctx.host().state("twin") is DomainState.RUNNING and first.overlay.exists()
-    assert len(ctx.ledger.list_vms()) == 1
+    assert len(ctx.ledger.vms.all()) == 1
 
 
 def test_existing_disk_path_is_refused_and_left_alone(run_hvctl: Run, ctx: Context) -> None:
@@ -122,7 +122,7 @@ def test_existing_disk_path_is_refused_and_left_alone(run_hvctl: Run, ctx: Conte
     assert result.returncode == 4 and "disk path" in result.stderr and "already exists" in result.stderr
     assert ctx.paths.overlay("squatter").read_text() == "somebody's data"
     assert ctx.host().state("squatter") is DomainState.MISSING
-    assert ctx.ledger.list_vms() == []
+    assert ctx.ledger.vms.all() == []
 
 
 def _broken_image(ctx: Context, kernel_bytes: bytes | None = None, **manifest_changes: object) -> str:
@@ -158,7 +158,7 @@ def test_start_failure_halfway_through_create_leaves_nothing(run_hvctl: Run, ctx
     assert result.stderr.strip().splitlines()[-1] == errors[0]
     assert "✗ starting" in result.stderr
     assert_nothing_left(ctx, "halfway")
-    assert [e.kind for e in ctx.ledger.events("halfway")] == ["create.requested", "vm.deleted"]
+    assert [e.kind for e in ctx.ledger.events.recent("halfway")] == ["create.requested", "vm.deleted"]
 
 
 def test_disk_smaller_than_the_image_is_refused_before_anything_is_made(run_hvctl: Run, ctx: Context) -> None:
@@ -201,11 +201,11 @@ def test_libvirtd_not_running_and_unreachable_uri(run_hvctl: Run, ctx: Context, 
     finally:
         shutil.rmtree(fresh, ignore_errors=True)
     # On a state dir whose host `local` is this test's daemon, another URI names no host: refused, nothing renamed.
-    assert ctx.ledger.get_host("local").uri == ctx.uri
+    assert ctx.ledger.hosts.get("local").uri == ctx.uri
     other = run_hvctl("create", "nohost", uri="qemu:///system?socket=/var/tmp/hvctl-no-such/libvirt-sock")
     assert other.returncode == 2 and "no registered host has that URI" in other.stderr
-    assert ctx.ledger.get_host("local").uri == ctx.uri
-    assert ctx.ledger.list_vms() == []
+    assert ctx.ledger.hosts.get("local").uri == ctx.uri
+    assert ctx.ledger.vms.all() == []
     assert not ctx.paths.vm_dir("nohost").exists()
 
 
@@ -218,7 +218,7 @@ def test_create_refuses_a_domain_defined_outside_hvctl(ctx: Context) -> None:
     try:
         with pytest.raises(AlreadyExists, match="domain named 'foreign'"):
             create(ctx, VMSpec.parse(name="foreign", memory_mib=128))
-        assert ctx.ledger.list_vms() == []
+        assert ctx.ledger.vms.all() == []
     finally:
         ctx.host().guest("foreign").undefine()
 
@@ -226,7 +226,7 @@ def test_create_refuses_a_domain_defined_outside_hvctl(ctx: Context) -> None:
 def test_accelerator_probe_answers_tcg_on_a_daemon_without_kvm(ctx: Context) -> None:
     caps = ctx.capabilities()
     assert caps.accel.value == "qemu"
-    assert ctx.ledger.get_host("local").accel == "qemu"  # cached per host
+    assert ctx.ledger.hosts.get("local").accel == "qemu"  # cached per host
 
 
 def as_nobody(*argv: str) -> subprocess.CompletedProcess[str]:
@@ -298,10 +298,10 @@ def test_a_squatted_ssh_port_moves_and_the_vm_still_starts(ctx: Context, make_vm
         squatter.listen()
         started = run_hvctl("start", "squat")
         assert started.returncode == 0, started.stderr
-    moved = ctx.ledger.get_vm("squat")
+    moved = ctx.ledger.vms.get("squat")
     assert moved.ssh_port != vm.ssh_port
     assert f"127.0.0.1:{moved.ssh_port}-:22" in ctx.host().guest("squat").xml()
-    event = ctx.ledger.last_event_data("squat", "port.moved")
+    event = ctx.ledger.events.last_data("squat", "port.moved")
     assert event == {"from": vm.ssh_port, "to": moved.ssh_port}
     assert "HVCTL-READY" in ctx.paths.console_log("squat").read_text(errors="replace")
 
@@ -349,7 +349,7 @@ def test_destroy_refuses_a_domain_of_the_same_name_that_hvctl_did_not_make(
         with pytest.raises(HvctlError, match="is not the one hvctl made for this VM .no hvctl metadata."):
             destroy(ctx, "swapped")
         assert ctx.host().state("swapped") is DomainState.SHUTOFF
-        assert Path(vm.overlay).exists() and ctx.ledger.get_vm("swapped").state == "running"
+        assert Path(vm.overlay).exists() and ctx.ledger.vms.get("swapped").state == "running"
     finally:
         ctx.host().guest("swapped").undefine()
     destroy(ctx, "swapped")  # the foreign domain gone, destroy finishes the job

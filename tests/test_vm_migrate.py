@@ -76,10 +76,10 @@ def test_live_migration_keeps_the_guest_counting_on_the_destination(hosts: dict[
     after = [int(n) for n in re.findall(r"hvctl-tick (\d+)", gained)]
     assert after and min(after) >= before and max(after) > before
     assert console.read_text(errors="replace").count("HVCTL-READY") == 1
-    assert ctx.ledger.get_vm("mover").host == "h2"
+    assert ctx.ledger.vms.get("mover").host == "h2"
     assert ctx.host("h1").state("mover") is DomainState.MISSING
     assert ctx.host("h2").state("mover") is DomainState.RUNNING
-    assert ctx.ledger.reservations() == []
+    assert ctx.ledger.reservations.all() == []
     shown = json.loads(hvctl(hosts, "show", "mover", "--json").stdout)
     assert shown["host"] == "h2" and shown["last_migration"]["total_s"] == stats["total_s"]
     print(f"live migration: {stats['total_s']} s total, downtime {stats['downtime_ms']} ms, {stats['bytes']} bytes")
@@ -99,7 +99,7 @@ def test_the_agent_answers_after_live_migrations_on_shared_storage_there_and_bac
     for there, socket_name in (("h2", "agent.live"), ("h1", "agent.sock")):
         result = hvctl(hosts, "migrate", "talker", "--to", there, "--json")
         assert result.returncode == 0, result.stderr
-        record = ctx.ledger.get_vm("talker")
+        record = ctx.ledger.vms.get("talker")
         assert record.host == there and record.agent_socket.name == socket_name
         pong = hvctl(hosts, "agent", "talker", "ping", "--json")
         assert pong.returncode == 0, (there, pong.stderr)
@@ -122,12 +122,12 @@ def test_copy_storage_moves_the_disk_and_the_guest_reads_its_data_back_from_it(h
     assert wrote.exit_code == 0, wrote.stderr
     result = hvctl(hosts, "migrate", "carrier", "--to", "h2", "--copy-storage", "--json")
     assert result.returncode == 0, result.stderr
-    moved = ctx.ledger.get_vm("carrier")
+    moved = ctx.ledger.vms.get("carrier")
     assert moved.host == "h2" and moved.overlay.parent == ctx.paths.vm_dir("carrier", 1)
     assert not old.overlay.exists() and not old.overlay.parent.exists()
     on_h2 = ctx.host("h2").guest("carrier").xml()
     assert str(moved.overlay) in on_h2 and str(old.overlay) not in on_h2
-    assert ctx.host("h1").state("carrier") is DomainState.MISSING and ctx.ledger.reservations() == []
+    assert ctx.host("h1").state("carrier") is DomainState.MISSING and ctx.ledger.reservations.all() == []
     read = agent_exec(ctx, moved, "echo 3 > /proc/sys/vm/drop_caches; cat /root/marker")
     assert read.exit_code == 0 and read.stdout.strip() == marker, read.stderr
     stats = json.loads(result.stdout)
@@ -158,14 +158,14 @@ def test_auto_converge_moves_a_guest_that_keeps_dirtying_memory(hosts: dict[str,
     stats = json.loads(result.stdout)
     # 48 MiB rewritten continuously cannot go in one pass at 16 MiB/s: several iterations, more than RAM sent.
     assert stats["memory_iterations"] >= 3 and stats["bytes"] > 128 * 2**20
-    assert ctx.ledger.get_vm("dirty").host == "h2" and ctx.host("h2").state("dirty") is DomainState.RUNNING
+    assert ctx.ledger.vms.get("dirty").host == "h2" and ctx.host("h2").state("dirty") is DomainState.RUNNING
     destroy(ctx, "dirty")
 
 
 def test_bad_migrations_are_refused_before_anything_moves(hosts: dict[str, object]) -> None:
     ctx = hosts["ctx"]
     assert isinstance(ctx, Context)
-    here = ctx.ledger.get_vm("mover").host
+    here = ctx.ledger.vms.get("mover").host
     same = hvctl(hosts, "migrate", "mover", "--to", here)
     assert same.returncode == 2 and "already on host" in same.stderr
     unknown_host = hvctl(hosts, "migrate", "mover", "--to", "nowhere")
@@ -174,14 +174,14 @@ def test_bad_migrations_are_refused_before_anything_moves(hosts: dict[str, objec
     assert unknown_vm.returncode == 3 and "no VM named 'ghost'" in unknown_vm.stderr
     # A target too small for the VM: the numbers come back and nothing is reserved or moved.
     other = "h1" if here == "h2" else "h2"
-    record = ctx.ledger.get_host(other)
-    ctx.ledger.record_host_facts(other, record.accel or "qemu", record.cpus or 1, 600)
+    record = ctx.ledger.hosts.get(other)
+    ctx.ledger.hosts.record_facts(other, record.accel or "qemu", record.cpus or 1, 600)
     try:
         full = hvctl(hosts, "migrate", "mover", "--to", other)
         assert full.returncode == 13 and f"host {other}: memory" in full.stderr and "in use" in full.stderr
     finally:
-        ctx.ledger.record_host_facts(other, record.accel or "qemu", record.cpus or 1, record.memory_mib or 0)
-    assert ctx.ledger.get_vm("mover").host == here and ctx.ledger.reservations() == []
+        ctx.ledger.hosts.record_facts(other, record.accel or "qemu", record.cpus or 1, record.memory_mib or 0)
+    assert ctx.ledger.vms.get("mover").host == here and ctx.ledger.reservations.all() == []
 
 
 def test_evacuate_disables_the_host_and_moves_running_and_stopped_vms_off_it(hosts: dict[str, object]) -> None:
@@ -196,7 +196,7 @@ def test_evacuate_disables_the_host_and_moves_running_and_stopped_vms_off_it(hos
     report = json.loads(result.stdout)
     modes = {m["vm"]: (m["to"], m["mode"]) for m in report["moved"]}
     assert modes["ev-run"] == ("h2", "live") and modes["ev-off"] == ("h2", "offline") and report["failed"] == []
-    assert ctx.ledger.list_vms(host="h1") == [] and not ctx.ledger.get_host("h1").enabled
+    assert ctx.ledger.vms.all(host="h1") == [] and not ctx.ledger.hosts.get("h1").enabled
     # The running guest kept counting through the move; the stopped one is defined, stopped, on h2.
     time.sleep(2)
     assert max(ticks(console)) > before and console.read_text(errors="replace").count("HVCTL-READY") == 1
@@ -208,8 +208,8 @@ def test_evacuate_disables_the_host_and_moves_running_and_stopped_vms_off_it(hos
     assert refused.returncode == 17 and "host h1 is disabled" in refused.stderr
     back = hvctl(hosts, "migrate", "ev-run", "--to", "h1")
     assert back.returncode == 17 and "host h1 is disabled" in back.stderr
-    assert hvctl(hosts, "host", "enable", "h1").returncode == 0 and ctx.ledger.get_host("h1").enabled
-    kinds = [e.kind for e in ctx.ledger.events(None, 500)]
+    assert hvctl(hosts, "host", "enable", "h1").returncode == 0 and ctx.ledger.hosts.get("h1").enabled
+    kinds = [e.kind for e in ctx.ledger.events.recent(None, 500)]
     assert {"host.disabled", "host.evacuated", "host.enabled"} <= set(kinds)
     destroy(ctx, "ev-run")
     destroy(ctx, "ev-off")
@@ -239,18 +239,18 @@ def test_cancel_leaves_the_vm_on_the_source(hosts: dict[str, object]) -> None:
     assert hvctl(hosts, "migrate", "stayer", "--cancel").returncode == 0
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 15 and "still on h1" in err
-    assert ctx.ledger.get_vm("stayer").host == "h1" and ctx.ledger.reservations() == []
+    assert ctx.ledger.vms.get("stayer").host == "h1" and ctx.ledger.reservations.all() == []
     assert ctx.host("h1").state("stayer") is DomainState.RUNNING
     counted = max(ticks(console))
     time.sleep(2.5)
     assert max(ticks(console)) > counted, "the guest stopped counting after the cancel"
-    assert [e.kind for e in ctx.ledger.events("stayer")][-1] == "migration.failed"
+    assert [e.kind for e in ctx.ledger.events.recent("stayer")][-1] == "migration.failed"
 
 
 def test_killing_the_destination_daemon_mid_migration_leaves_the_source_running(hosts: dict[str, object]) -> None:
     ctx = hosts["ctx"]
     assert isinstance(ctx, Context)
-    console = ctx.ledger.get_vm("stayer").console_log
+    console = ctx.ledger.vms.get("stayer").console_log
     env = os.environ | {"HVCTL_STATE_DIR": str(hosts["state"]), "HVCTL_CONNECT": hosts["h1"].uri}  # type: ignore[attr-defined]
     proc = subprocess.Popen([sys.executable, "-m", "hvctl.cli", "migrate", "stayer", "--to", "h2", "--bandwidth", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -265,7 +265,7 @@ def test_killing_the_destination_daemon_mid_migration_leaves_the_source_running(
             os.kill(int(pidfile.read_text()), signal.SIGKILL)
     _, err = proc.communicate(timeout=180)
     assert proc.returncode != 0 and "still on h1" in err, err
-    assert ctx.ledger.get_vm("stayer").host == "h1" and ctx.ledger.reservations() == []
+    assert ctx.ledger.vms.get("stayer").host == "h1" and ctx.ledger.reservations.all() == []
     assert ctx.host("h1").state("stayer") is DomainState.RUNNING
     counted = max(ticks(console))
     time.sleep(2.5)
@@ -306,11 +306,11 @@ def test_copy_storage_takes_a_vm_to_a_remote_host_and_back_with_no_shared_storag
 
         out = hvctl(hosts, "migrate", "rover", "--to", "far", "--copy-storage", "--json", timeout=600)
         assert out.returncode == 0, out.stderr
-        there = ctx.ledger.get_vm("rover")
+        there = ctx.ledger.vms.get("rover")
         assert there.host == "far" and str(there.overlay) == "/var/lib/libvirt/images/hvctl/vm-rover.qcow2"
         assert {"vm-rover.qcow2", "vm-rover.seed.iso"} <= set(pool())
         assert not home.overlay.parent.exists()  # the source's copy, here, is gone
-        assert ctx.host("h1").state("rover") is DomainState.MISSING and ctx.ledger.reservations() == []
+        assert ctx.host("h1").state("rover") is DomainState.MISSING and ctx.ledger.reservations.all() == []
         read = agent_exec(ctx, there, "echo 3 > /proc/sys/vm/drop_caches; cat /root/marker")
         assert read.exit_code == 0 and read.stdout.strip() == marker, read.stderr
         assert uptime(there) > up
@@ -327,12 +327,12 @@ def test_copy_storage_takes_a_vm_to_a_remote_host_and_back_with_no_shared_storag
         repaired = json.loads(hvctl(hosts, "doctor", "--repair", "--json").stdout)["repaired"]["operations"]
         assert [r["outcome"] for r in repaired] == ["it never left far: rolled back"], repaired
         assert not any(d.exists() for d in (ctx.paths.vm_dir("rover"), ctx.paths.vm_dir("rover", 1)))
-        assert ctx.ledger.get_vm("rover").host == "far" and {"vm-rover.qcow2", "vm-rover.seed.iso"} <= set(pool())
-        assert ctx.ledger.reservations() == [] and ctx.ledger.operations() == []
+        assert ctx.ledger.vms.get("rover").host == "far" and {"vm-rover.qcow2", "vm-rover.seed.iso"} <= set(pool())
+        assert ctx.ledger.reservations.all() == [] and ctx.ledger.operations.all() == []
 
         back = hvctl(hosts, "migrate", "rover", "--to", "h1", "--copy-storage", "--json", timeout=600)
         assert back.returncode == 0, back.stderr
-        again = ctx.ledger.get_vm("rover")
+        again = ctx.ledger.vms.get("rover")
         assert again.host == "h1" and again.overlay.exists() and again.overlay.parent != home.overlay.parent
         assert not [f for f in pool() if f.startswith("vm-")]  # far's copy is gone
         read = agent_exec(ctx, again, "echo 3 > /proc/sys/vm/drop_caches; cat /root/marker")

@@ -46,7 +46,7 @@ class Tenants:
         """``script`` by sh inside ``vm``, through its agent."""
         ctx = Context(state_dir=self.state, uri="test:///default")
         try:
-            record = ctx.ledger.get_vm(vm)
+            record = ctx.ledger.vms.get(vm)
             assert record.agent_token
             return ctx.agent(record.host, vm, record.agent_token, timeout=120).typed(
                 "exec", rpc.ExecResult, rpc.ExecParams(argv=["sh", "-c", script], timeout_s=90))
@@ -89,7 +89,7 @@ def tenants(image_dir: Path) -> Iterator[Tenants]:
                                  "--tenant", tenant, "--net", net, "--boot-timeout", "300", timeout=600)
         yield t
     finally:
-        for leftover in Context(state_dir=state, uri="test:///default").ledger.list_vms():
+        for leftover in Context(state_dir=state, uri="test:///default").ledger.vms.all():
             hvctl_cli(state, "test:///default", "destroy", leftover.name, timeout=300)
         host.stop()
         shutil.rmtree(host.root, ignore_errors=True)
@@ -203,7 +203,7 @@ def test_rm_of_a_network_in_use_is_refused_and_after_its_vms_it_leaves_the_host(
     # The host's own view (inside its network namespace): blue's bridge is there, red's is gone.
     ctx = Context(state_dir=tenants.state, uri="test:///default")
     try:
-        bridge = ctx.ledger.get_network("blue").bridge
+        bridge = ctx.ledger.networks.get("blue").bridge
     finally:
         ctx.close()
     links = subprocess.run(["nsenter", "-t", str(tenants.host.pids()["holder"]), "-n", "ip", "-o", "link"],
@@ -238,7 +238,7 @@ def two_hosts(image_dir: Path) -> Iterator[tuple[Tenants, RemoteStyleHost, Remot
                                  "--tenant", tenant, "--net", net, "--boot-timeout", "300", timeout=600)
         yield t, near, far
     finally:
-        for leftover in Context(state_dir=state, uri="test:///default").ledger.list_vms():
+        for leftover in Context(state_dir=state, uri="test:///default").ledger.vms.all():
             hvctl_cli(state, "test:///default", "destroy", leftover.name, timeout=300)
         for host in (near, far):
             host.stop()
@@ -260,7 +260,7 @@ def test_a_tenant_network_spans_two_hosts_over_vxlan_and_another_tenant_stays_ou
     # DISCOVER that crosses VXLAN gets the same answer from either: a3's client gets a3's address.
     ctx = Context(state_dir=t.state, uri="test:///default")
     try:
-        vxlan = ctx.ledger.get_network("blue").vxlan
+        vxlan = ctx.ledger.networks.get("blue").vxlan
         assert all(vxlan in links(host) for host in (near, far))
         for host in ("near", "far"):
             served = {(h.vm, h.ip) for h in ctx.host(host).dhcp_hosts("hvctl-net-blue") or []}

@@ -37,7 +37,7 @@ def env(libvirtd: PrivateLibvirtd, image_dir: Path) -> Iterator[dict[str, object
                                        "vms: 10}}\n")
     ctx = Context(state_dir=state, uri=libvirtd.uri)
     yield {"ctx": ctx, "state": state, "uri": libvirtd.uri}
-    for leftover in ctx.ledger.list_vms():
+    for leftover in ctx.ledger.vms.all():
         destroy(ctx, leftover.name)
     ctx.close()
     shutil.rmtree(state, ignore_errors=True)
@@ -282,7 +282,7 @@ def test_snapshots_revert_the_disk_and_memory_count_against_the_quota_and_go_wit
     assert guest_out(env, vm, "cat", "/proc/sys/kernel/random/boot_id") == boot_id
     assert guest_out(env, vm, "sh", "-c", "ls /root/before /root/after 2>/dev/null; true") == "/root/before"
     ok(hvctl(env, "snapshot", "rm", vm, "warm"))
-    assert ctx.host().guest(vm).snapshot_names() == [] and ctx.ledger.snapshots(vm) == []
+    assert ctx.host().guest(vm).snapshot_names() == [] and ctx.ledger.snapshots.all(vm) == []
 
     # A disk snapshot of the stopped VM; what is written after it is gone once it is reverted.
     ok(hvctl(env, "stop", vm))
@@ -301,7 +301,7 @@ def test_snapshots_revert_the_disk_and_memory_count_against_the_quota_and_go_wit
 
     # Destroy takes the snapshot's metadata and its ledger charge with the VM.
     ok(hvctl(env, "destroy", vm))
-    assert ctx.ledger.snapshots() == [] and ctx.host().state(vm) is DomainState.MISSING
+    assert ctx.ledger.snapshots.all() == [] and ctx.host().state(vm) is DomainState.MISSING
 
 
 def test_resize_grows_the_disk_and_filesystem_live_and_cpus_and_memory_at_the_next_boot(

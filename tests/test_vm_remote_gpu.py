@@ -73,7 +73,7 @@ class Fleet:
     def bindings(self) -> list[tuple[str, str, str]]:
         ctx = Context(state_dir=self.state, uri="test:///default")
         try:
-            return [(r["address"], r["vm"], r["state"]) for r in ctx.ledger.gpu_bindings("l1")]
+            return [(r["address"], r["vm"], r["state"]) for r in ctx.ledger.gpus.bindings("l1")]
         finally:
             ctx.close()
 
@@ -112,9 +112,9 @@ def fleet(libvirtd: PrivateLibvirtd, image_dir: Path) -> Iterator[Fleet]:
         added = hvctl_cli(state, "test:///default", "host", "add", "l1", uri, "--json", timeout=600)
         yield Fleet(state, uri, l1, key, added)
     finally:
-        for leftover in Context(state_dir=state, uri="test:///default").ledger.list_vms():
+        for leftover in Context(state_dir=state, uri="test:///default").ledger.vms.all():
             hvctl_cli(state, "test:///default", "destroy", leftover.name, timeout=600)
-        for vm in ctx.ledger.list_vms():
+        for vm in ctx.ledger.vms.all():
             destroy(ctx, vm.name)
         ctx.close()
         shutil.rmtree(state, ignore_errors=True)

@@ -240,7 +240,7 @@ def test_a_vm_on_the_remote_host_lives_in_its_pool_answers_through_libvirt_and_l
     assert hvctl_at(state, "key", "add", "default", str(tenant_key.with_suffix(".pub"))).returncode == 0
     # Something on the host holds the port the ledger gives rv1 next. It is free on this machine, so only the
     # host's QEMU can tell: the create moves the forward and goes on.
-    taken = ctx.ledger.free_port_on("far", bind_address=None)
+    taken = ctx.ledger.vms.free_port_on("far", bind_address=None)
     squatter = subprocess.Popen(
         ["nsenter", "-t", str(host.pids()["holder"]), "-n", sys.executable, "-c",
          f"import socket, time; s = socket.socket(); s.bind(('127.0.0.1', {taken})); s.listen(); time.sleep(900)"])
@@ -250,7 +250,7 @@ def test_a_vm_on_the_remote_host_lives_in_its_pool_answers_through_libvirt_and_l
         assert made.returncode == 0, made.stderr
         assert "uploading base's qcow2" in made.stderr  # the first VM of an image on a host uploads it
         assert f"port {taken} is taken on host far" in made.stderr
-        assert ctx.ledger.get_vm("rv1").ssh_port != taken
+        assert ctx.ledger.vms.get("rv1").ssh_port != taken
         upload = json.loads(made.stdout)["image_upload"]
         assert upload["image"] == "base" and upload["bytes"] > 100 * 2**20 and upload["seconds"] > 0
         # The VM's disk, seed and console log are the host's files, in its pool; the controller holds none.
@@ -259,7 +259,7 @@ def test_a_vm_on_the_remote_host_lives_in_its_pool_answers_through_libvirt_and_l
         # The agent answers through virDomain.openChannel over ssh, and runs a command inside the guest.
         ping = hvctl_at(state, "agent", "rv1", "ping", "--json")
         assert ping.returncode == 0 and json.loads(ping.stdout)["pong"] is True, ping.stderr
-        record = ctx.ledger.get_vm("rv1")
+        record = ctx.ledger.vms.get("rv1")
         assert record.agent_token
         ran = ctx.agent("far", "rv1", record.agent_token).typed(
             "exec", rpc.ExecResult, rpc.ExecParams(argv=["hostname"]))
@@ -329,13 +329,13 @@ def test_a_vm_on_the_remote_host_lives_in_its_pool_answers_through_libvirt_and_l
         # rv1's ledger row lost (a ledger restored from an old backup): it is an orphan on far, and `hvctl adopt`
         # reads it back from its domain and its seed volume (downloaded through far's pool) as it was, so the agent
         # token and the pinned host key work again.
-        before = ctx.ledger.get_vm("rv1")
-        ctx.ledger.delete_vm("rv1", "test: the row is lost")
+        before = ctx.ledger.vms.get("rv1")
+        ctx.ledger.vms.delete("rv1", "test: the row is lost")
         listed = json.loads(hvctl_at(state, "list", "--json").stdout)
         assert [(o["vm"], o["host"]) for o in listed["orphans"]] == [("rv1", "far")], listed
         adopted = hvctl_at(state, "adopt", "rv1", "--host", "far", "--json")
         assert adopted.returncode == 0, adopted.stderr
-        after = ctx.ledger.get_vm("rv1")
+        after = ctx.ledger.vms.get("rv1")
         fields = ("host", "state", "domain_uuid", "ssh_port", "overlay", "seed", "console_log", "base_disk",
                   "agent_token", "host_pubkey")
         assert [getattr(after, f) for f in fields] == [getattr(before, f) for f in fields]
@@ -358,7 +358,7 @@ def test_a_vm_on_the_remote_host_lives_in_its_pool_answers_through_libvirt_and_l
     finally:
         squatter.kill()
         squatter.wait()
-        for leftover in ctx.ledger.list_vms():
+        for leftover in ctx.ledger.vms.all():
             hvctl_at(state, "destroy", leftover.name)
         ctx.close()
         hvctl_at(state, "host", "rm", "far")

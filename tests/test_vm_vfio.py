@@ -56,7 +56,7 @@ def probe_output(libvirtd: PrivateLibvirtd, image_dir: Path) -> Iterator[dict[st
         assert code == 0, (state / "probe.err").read_text()
         yield json.loads(out.read_text())
     finally:
-        for vm in ctx.ledger.list_vms():
+        for vm in ctx.ledger.vms.all():
             destroy(ctx, vm.name)
         ctx.close()
         shutil.rmtree(state, ignore_errors=True)

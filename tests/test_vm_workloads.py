@@ -54,7 +54,7 @@ def env(libvirtd: PrivateLibvirtd, image_dir: Path) -> Iterator[dict[str, object
                options=BootOptions(timeout=300))
         yield {"ctx": ctx, "state": state, "uri": libvirtd.uri}
     finally:
-        for vm in ctx.ledger.list_vms():
+        for vm in ctx.ledger.vms.all():
             with contextlib.suppress(Exception):
                 destroy(ctx, vm.name)
         ctx.close()
@@ -224,7 +224,7 @@ def test_the_model_server_serves_a_tenant_swaps_in_fine_tuned_weights_and_surviv
         assert answered.returncode == 0, (there, answered.stderr)
         again = json.loads(answered.stdout)
         assert again["token_ids"] == after["token_ids"]
-    assert ctx.ledger.get_vm("ml").host == "local"
+    assert ctx.ledger.vms.get("ml").host == "local"
 
     stopped = hvctl(env, "serve", "ml", "stop", "--json")
     assert stopped.returncode == 0 and json.loads(stopped.stdout)["state"] == "stopped", stopped.stderr
@@ -267,10 +267,10 @@ def test_a_checkpoint_migration_that_fails_leaves_the_source_training(env: dict[
                    fail_after="migrate-checkpoint.verified")
     assert result.returncode == 15 and "still on local" in result.stderr, result.stderr
     assert "fault injected after step verified" in result.stderr, result.stderr
-    assert ctx.ledger.get_vm("ml").host == "local" and ctx.ledger.reservations() == []
+    assert ctx.ledger.vms.get("ml").host == "local" and ctx.ledger.reservations.all() == []
     assert ctx.host("h2").state("ml") is DomainState.MISSING
     assert not ctx.paths.vm_dir("ml", 1).exists()
-    assert ctx.ledger.events("ml")[-1].kind == "migration.failed"
+    assert ctx.ledger.events.recent("ml")[-1].kind == "migration.failed"
     keeps_training(env)
 
 
@@ -285,8 +285,8 @@ def test_a_checkpoint_migration_killed_before_its_commit_is_rolled_back_and_the_
     for step in ("checked", "reserved", "checkpointed", "files", "defined", "started", "booted", "verified"):
         outcome = repair_after_crash(env, f"migrate-checkpoint.{step}", "migrate", "ml", "--to", "h2", "--mode",
                                      "checkpoint")
-        assert ctx.ledger.get_vm("ml").host == "local", (step, outcome)
-        assert ctx.ledger.reservations() == [] and ctx.ledger.operations() == [], step
+        assert ctx.ledger.vms.get("ml").host == "local", (step, outcome)
+        assert ctx.ledger.reservations.all() == [] and ctx.ledger.operations.all() == [], step
         assert ctx.host("h2").state("ml") is DomainState.MISSING, step
         assert not ctx.paths.vm_dir("ml", 1).exists() and checkpoints_left_here() == [], step
         assert ctx.host("local").state("ml") is DomainState.RUNNING, step
@@ -301,20 +301,20 @@ def test_checkpoint_migration_resumes_training_on_the_target_at_the_next_step(en
     same function, by the source domain's UUID), and the VM trains on on the target."""
     ctx = env["ctx"]
     assert isinstance(ctx, Context)
-    old = ctx.ledger.get_vm("ml")
+    old = ctx.ledger.vms.get("ml")
     outcome = repair_after_crash(env, "migrate-checkpoint.committed", "migrate", "ml", "--to", "h2", "--mode",
                                  "checkpoint")
     assert outcome.startswith("it had been committed on h2"), outcome
-    assert ctx.ledger.operations() == [] and checkpoints_left_here() == []
+    assert ctx.ledger.operations.all() == [] and checkpoints_left_here() == []
     print(f"\n| checkpoint migrate | committed | {outcome} | on h2, training |")
-    stats = ctx.ledger.last_event_data("ml", "migration.completed")
+    stats = ctx.ledger.events.last_data("ml", "migration.completed")
     assert stats is not None
     (moved,) = stats["workloads"]
     # hvctl verified the restore itself: the target's first step is k+1, with the loss the source (which kept
     # training, so it is the uninterrupted run) computed for step k+1. Check its numbers against the guest's logs.
     assert moved["resumed_step"] == moved["checkpoint_step"] + 1 and moved["loss"] == moved["source_loss"]
-    record = ctx.ledger.get_vm("ml")
-    assert record.host == "h2" and ctx.ledger.reservations() == []
+    record = ctx.ledger.vms.get("ml")
+    assert record.host == "h2" and ctx.ledger.reservations.all() == []
     assert record.overlay.parent == ctx.paths.vm_dir("ml", 1) and not old.overlay.parent.exists()
     assert ctx.host("local").state("ml") is DomainState.MISSING
     assert ctx.host("h2").state("ml") is DomainState.RUNNING

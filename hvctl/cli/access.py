@@ -47,7 +47,7 @@ def agent(
         return
     from hvctl.ops.run import agent_for
 
-    client = agent_for(ctx(), ctx().ledger.get_vm(name))
+    client = agent_for(ctx(), ctx().ledger.vms.get(name))
     started = time.monotonic()
     result = client.call(method)
     rtt_ms = (time.monotonic() - started) * 1000
@@ -89,7 +89,7 @@ def ssh(name: str, identity: IdentityOpt = None, user: Annotated[str, typer.Opti
     """Open an interactive shell in a VM, verifying the host key hvctl generated for it."""
     from hvctl.access import interactive_shell, openssh_command, pin_line, route_for, write_pin
 
-    record = ctx().ledger.get_vm(name)
+    record = ctx().ledger.vms.get(name)
     route = route_for(ctx(), record, direct)
     if print_command or as_json:
         known_hosts = ctx().paths.root / "known_hosts"
@@ -136,7 +136,7 @@ def exec_cmd(
         via = "agent"
     if via not in (None, "ssh", "agent"):
         fail(f"--via takes ssh or agent, not {via!r}", 2)
-    record = ctx().ledger.get_vm(name)
+    record = ctx().ledger.vms.get(name)
     if via is None:
         via = "ssh" if direct or identity is not None or has_ssh_path(ctx(), record) else "agent"
     if via == "ssh":
@@ -192,7 +192,7 @@ def cp(
         fail("exactly one of SOURCE and DEST must be NAME:PATH", 2)
     vm, path = src or dst  # type: ignore[misc]
     upload = dst is not None
-    record = ctx().ledger.get_vm(vm)
+    record = ctx().ledger.vms.get(vm)
     copied = copy(record, identity_for(identity), source if upload else path, path if upload else dest, upload,
                   route=route_for(ctx(), record, direct), max_bytes=max_bytes)
     if as_json:
@@ -218,7 +218,7 @@ def _read_public_key(tenant: str, public_key_file: Path) -> str:
 @key_app.command("add")
 def key_add(tenant: str, public_key_file: Path) -> None:
     """Authorise an SSH public key for a tenant's VMs created from now on."""
-    added = ctx().ledger.add_tenant_key(tenant, _read_public_key(tenant, public_key_file))
+    added = ctx().ledger.keys.add(tenant, _read_public_key(tenant, public_key_file))
     out.print(f"key {'added for' if added else 'was already authorised for'} tenant {tenant}")
 
 
@@ -246,7 +246,7 @@ def key_rm(tenant: str, public_key_file: Path, as_json: JsonOpt = False) -> None
 @key_app.command("list")
 def key_list(tenant: Annotated[str | None, typer.Argument()] = None, as_json: JsonOpt = False) -> None:
     """List tenants' authorised SSH keys."""
-    keys = ctx().ledger.tenant_keys(tenant)
+    keys = ctx().ledger.keys.all(tenant)
     if as_json:
         emit_json([{"tenant": t, "key": k} for t, k in keys])
         return

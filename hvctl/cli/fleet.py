@@ -62,7 +62,7 @@ def host_list(as_json: JsonOpt = False) -> None:
 
     c = ctx()
     c.capabilities(c.host_name)
-    views = [host_view(c, h.name) for h in c.ledger.list_hosts()]
+    views = [host_view(c, h.name) for h in c.ledger.hosts.all()]
     if as_json:
         emit_json(views)
         return
@@ -147,7 +147,7 @@ def host_prepare(
 
     user, address, uri_port, query = "root", target, None, {}
     try:
-        uri = ctx().ledger.get_host(target).uri
+        uri = ctx().ledger.hosts.get(target).uri
         parts = urlsplit(uri)
         if "ssh" not in parts.scheme:
             fail(f"host {target} is reached as {uri}, with no SSH for prepare to use; give its [USER@]ADDRESS", 2)
@@ -180,7 +180,7 @@ def host_prepare(
 @host_app.command("rm")
 def host_rm(name: str) -> None:
     """Forget a host that runs no VMs."""
-    ctx().ledger.remove_host(name)
+    ctx().ledger.hosts.remove(name)
     out.print(f"host {name} removed")
 
 

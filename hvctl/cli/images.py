@@ -56,7 +56,7 @@ def image_list(as_json: JsonOpt = False) -> None:
 def image_rm(name: str, as_json: JsonOpt = False) -> None:
     """Remove every build of an image, unless a VM still uses it."""
     c = ctx()
-    in_use = {r.base_disk for r in c.ledger.list_vms()}
+    in_use = {r.base_disk for r in c.ledger.vms.all()}
     removed = c.images.remove(name, in_use)
     if as_json:
         emit_json({"removed": [f"{i.name}@{i.content_hash}" for i in removed]})

@@ -40,7 +40,7 @@ def migrate(
 
     c = ctx()
     if cancel:
-        record = c.ledger.get_vm(name)
+        record = c.ledger.vms.get(name)
         c.host(record.host).guest(name).abort_job()
         out.print(f"cancelled the migration of {name}; it stays on {record.host}")
         return

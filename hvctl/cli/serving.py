@@ -87,7 +87,7 @@ def serve_start(
 
     wanted = ops.served(model, name)  # a bad model is refused before anything else is asked
     c = ctx()
-    record = c.ledger.get_vm(Vm.name)
+    record = c.ledger.vms.get(Vm.name)
     started = time.monotonic()
     line = _progress(f"{Vm.name}: asking the agent to serve {wanted.name}")
     try:
@@ -115,7 +115,7 @@ def serve_status(as_json: JsonOpt = False) -> None:
     from hvctl.ops import serve as ops
 
     c = ctx()
-    now = ops.status(c, c.ledger.get_vm(Vm.name))
+    now = ops.status(c, c.ledger.vms.get(Vm.name))
     if as_json:
         emit_json(now.model_dump(mode="json"))
     else:
@@ -136,7 +136,7 @@ def serve_reload(
     from hvctl.ops import serve as ops
 
     c = ctx()
-    record = c.ledger.get_vm(Vm.name)
+    record = c.ledger.vms.get(Vm.name)
     if name is None:
         names = [m.name for m in ops.status(c, record).models]
         if len(names) != 1:
@@ -165,7 +165,7 @@ def serve_unload(name: Annotated[str, typer.Option("--name", help="The model to 
     from hvctl.ops import serve as ops
 
     c = ctx()
-    now = ops.unload(c, c.ledger.get_vm(Vm.name), name)
+    now = ops.unload(c, c.ledger.vms.get(Vm.name), name)
     if as_json:
         emit_json(now.model_dump(mode="json"))
     else:
@@ -178,7 +178,7 @@ def serve_stop(as_json: JsonOpt = False) -> None:
     from hvctl.ops import serve as ops
 
     c = ctx()
-    now = ops.stop(c, c.ledger.get_vm(Vm.name))
+    now = ops.stop(c, c.ledger.vms.get(Vm.name))
     if as_json:
         emit_json(now.model_dump(mode="json"))
     else:
@@ -196,7 +196,7 @@ def serve_forward(
     from hvctl.ops.serve import ServeFailed
 
     c = ctx()
-    record = c.ledger.get_vm(Vm.name)
+    record = c.ledger.vms.get(Vm.name)
     now = ops.status(c, record)
     if now.port is None:
         raise ServeFailed(f"{Vm.name} runs no model server", hint=f"`hvctl serve {Vm.name} start --model DIR`")
@@ -221,7 +221,7 @@ def generate(
     from hvctl.ops import serve as ops
 
     c = ctx()
-    record = c.ledger.get_vm(name)
+    record = c.ledger.vms.get(name)
     if model is None:
         now = ops.status(c, record)
         ready = [m.name for m in now.models if m.state == "ready"]

@@ -421,7 +421,7 @@ def console_log(
     from hvctl.ops.pooled import console_of
 
     c = ctx()
-    text = read_console(console_of(c, c.ledger.get_vm(name)))
+    text = read_console(console_of(c, c.ledger.vms.get(name)))
     if lines:
         text = "\n".join(text.splitlines()[-lines:])
     text = plain(text)
@@ -439,7 +439,7 @@ def console(
     from hvctl.ops.console import attach
 
     c = ctx()
-    record = c.ledger.get_vm(name)
+    record = c.ledger.vms.get(name)
 
     def connected() -> None:
         sys.stderr.write(f"connected to the console of {name} on {record.host}; escape character is ^]\r\n")

@@ -77,7 +77,7 @@ def run(
     if kind is None:
         fail(f"which workload? `hvctl run NAME {'|'.join(HVCTL_RUN)}`", 2)
     c = ctx()
-    record = c.ledger.get_vm(name)
+    record = c.ledger.vms.get(name)
     if kind == "llm":
         args = ops.llm_args(prompt or [], max_new_tokens, stream, temperature, top_p, seed, model, backend, weights)
     elif kind == "perception":
@@ -202,7 +202,7 @@ def logs(
     from hvctl.ops.run import agent_for, latest_workload
 
     c = ctx()
-    client = agent_for(c, c.ledger.get_vm(name))
+    client = agent_for(c, c.ledger.vms.get(name))
     workload = workload or latest_workload(client, name)
     offset = 0
     while True:
@@ -219,7 +219,7 @@ def list_workloads(name: str, as_json: JsonOpt = False) -> None:
     from hvctl.ops.run import agent_for, workloads
 
     c = ctx()
-    known = workloads(agent_for(c, c.ledger.get_vm(name)))
+    known = workloads(agent_for(c, c.ledger.vms.get(name)))
     if as_json:
         emit_json([w.model_dump(exclude={"result"}) | {"vm": name} for w in known])
         return
@@ -242,7 +242,7 @@ def cancel_workloads(
 
     c = ctx()
     vms = [n for n in names.split(",") if n]
-    cancelled = cancel({vm: agent_for(c, c.ledger.get_vm(vm)) for vm in vms}, workload)
+    cancelled = cancel({vm: agent_for(c, c.ledger.vms.get(vm)) for vm in vms}, workload)
     if as_json:
         emit_json([{"vm": vm, "id": s.id, "kind": s.kind, "state": s.state} for vm, s in cancelled])
         return
@@ -266,7 +266,7 @@ def checkpoint(
     from hvctl.ops.run import fetch_checkpoint
 
     c = ctx()
-    local = fetch_checkpoint(c, c.ledger.get_vm(name), objective, out_dir or c.paths.root / "checkpoints" / name,
+    local = fetch_checkpoint(c, c.ledger.vms.get(name), objective, out_dir or c.paths.root / "checkpoints" / name,
                              force=force, max_bytes=max_bytes)
     if as_json:
         emit_json({"vm": name, "objective": objective, "checkpoint": str(local), "bytes": local.stat().st_size})
@@ -284,5 +284,5 @@ def restore(
     from hvctl.ops.run import push_checkpoint
 
     c = ctx()
-    remote = push_checkpoint(c, c.ledger.get_vm(name), objective, ckpt)
+    remote = push_checkpoint(c, c.ledger.vms.get(name), objective, ckpt)
     out.print(f"{ckpt.name} restored into {name} at {remote}; the next train run resumes from it")

@@ -1,5 +1,6 @@
-"""The ledger's core: the SQLite connection, its migrations, transactions, the event log's writer, and what each
-tenant and host has in use. The parts of the ledger (``hvctl.ledger.Ledger``) build on it."""
+"""The ledger's store: the one SQLite connection, its migrations, transactions, the event log's writer, and what each
+tenant and host has in use (queries across tables). Every repository of ``hvctl.ledger.Ledger`` holds the same store,
+so that one transaction can span them: admission reads usage and inserts the VM under one ``BEGIN IMMEDIATE``."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from hvctl.errors import LedgerError
 from hvctl.ledger.schema import MIGRATIONS
 
 
-class LedgerBase:
+class Store:
     def __init__(self, path: Path) -> None:
         self.path = path
         try:
@@ -73,10 +74,10 @@ class LedgerBase:
     def log_event(self, vm: str | None, host: str | None, kind: str, message: str,
                   data: dict[str, Any] | None = None) -> None:
         with self.transaction() as db:
-            self._event(db, vm, host, kind, message, data)
+            self.event(db, vm, host, kind, message, data)
 
     @staticmethod
-    def _event(db: sqlite3.Connection, vm: str | None, host: str | None, kind: str, message: str,
+    def event(db: sqlite3.Connection, vm: str | None, host: str | None, kind: str, message: str,
                data: dict[str, Any] | None = None) -> None:
         db.execute("INSERT INTO events (ts, vm, host, kind, message, data) VALUES (?,?,?,?,?,?)",
                    (time.time(), vm, host, kind, message, json.dumps(data) if data else None))
@@ -109,3 +110,14 @@ class LedgerBase:
         for row in db.execute("SELECT disk_gib FROM snapshots WHERE host = ?", (host,)):
             total += Usage(disk_gib=row[0])
         return total
+
+
+class Repository:
+    """One part of the ledger (hosts, VMs, reservations…): its queries, over the store it shares with the others."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    @property
+    def _db(self) -> sqlite3.Connection:
+        return self._store.db

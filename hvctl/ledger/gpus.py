@@ -6,38 +6,38 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from hvctl.ledger.core import LedgerBase
+from hvctl.ledger.core import Repository
 from hvctl.ledger.records import DeviceTaken
 
 
-class GpuLedger(LedgerBase):
+class GpuJournal(Repository):
     # -- GPU health -----------------------------------------------------------------------------------------------
 
-    def mark_gpu_unhealthy(self, host: str, address: str, state: str, reason: str) -> None:
-        with self.transaction() as db:
+    def mark_unhealthy(self, host: str, address: str, state: str, reason: str) -> None:
+        with self._store.transaction() as db:
             db.execute("INSERT INTO gpu_health (host, address, state, reason, since) VALUES (?,?,?,?,?) "
                        "ON CONFLICT (host, address) DO UPDATE SET state = excluded.state, reason = excluded.reason",
                        (host, address, state, reason, time.time()))
-            self._event(db, None, host, f"gpu.{state}", f"{address}: {reason}")
+            self._store.event(db, None, host, f"gpu.{state}", f"{address}: {reason}")
 
-    def clear_gpu_health(self, host: str, address: str, reason: str) -> None:
-        with self.transaction() as db:
+    def clear_health(self, host: str, address: str, reason: str) -> None:
+        with self._store.transaction() as db:
             if db.execute("DELETE FROM gpu_health WHERE host = ? AND address = ?", (host, address)).rowcount:
-                self._event(db, None, host, "gpu.healthy", f"{address}: {reason}")
+                self._store.event(db, None, host, "gpu.healthy", f"{address}: {reason}")
 
-    def gpu_health(self, host: str) -> dict[str, dict[str, Any]]:
+    def health(self, host: str) -> dict[str, dict[str, Any]]:
         """Address → {state, reason, since} for each of the host's devices that must not be placed."""
-        rows = self.db.execute("SELECT * FROM gpu_health WHERE host = ?", (host,))
+        rows = self._db.execute("SELECT * FROM gpu_health WHERE host = ?", (host,))
         return {r["address"]: {"state": r["state"], "reason": r["reason"], "since": r["since"]} for r in rows}
 
     # -- GPU bindings: the vfio binder's journal -----------------------------------------------------------------
 
-    def claim_gpus(self, host: str, vm: str, addresses: list[str], free_states: frozenset[str]) -> None:
+    def claim(self, host: str, vm: str, addresses: list[str], free_states: frozenset[str]) -> None:
         """Claim devices for ``vm`` in one transaction, before anything is bound: two creates that chose the same
         device cannot both get it. A device whose row is another VM's, in a state outside ``free_states``, is
         refused (DeviceTaken) and nothing is claimed."""
         now = time.time()
-        with self.transaction() as db:
+        with self._store.transaction() as db:
             for address in addresses:
                 row = db.execute("SELECT vm, state FROM gpu_bindings WHERE host = ? AND address = ?",
                                  (host, address)).fetchone()
@@ -50,33 +50,33 @@ class GpuLedger(LedgerBase):
                            "vm = excluded.vm, original_driver = NULL, step = 'claim', state = 'claimed', "
                            "updated_at = excluded.updated_at", (host, address, vm, now))
 
-    def unclaim_gpus(self, host: str, vm: str) -> list[str]:
+    def unclaim(self, host: str, vm: str) -> list[str]:
         """Drop ``vm``'s claims on devices that were never moved (state 'claimed'); returns their addresses."""
-        with self.transaction() as db:
+        with self._store.transaction() as db:
             rows = db.execute("SELECT address FROM gpu_bindings WHERE host = ? AND vm = ? AND state = 'claimed'",
                               (host, vm)).fetchall()
             db.execute("DELETE FROM gpu_bindings WHERE host = ? AND vm = ? AND state = 'claimed'", (host, vm))
         return [r[0] for r in rows]
 
-    def record_gpu_step(self, host: str, address: str, vm: str | None, step: str, original_driver: str | None,
+    def record_step(self, host: str, address: str, vm: str | None, step: str, original_driver: str | None,
                         state: str) -> None:
         """One transition of a device between its host driver and vfio-pci, written before it is attempted, so
         that after a crash `hvctl doctor --repair` knows which devices may be half-moved."""
-        with self.transaction() as db:
+        with self._store.transaction() as db:
             db.execute("INSERT INTO gpu_bindings (host, address, vm, original_driver, step, state, updated_at) "
                        "VALUES (?,?,?,?,?,?,?) ON CONFLICT (host, address) DO UPDATE SET vm = excluded.vm, "
                        "original_driver = excluded.original_driver, step = excluded.step, state = excluded.state, "
                        "updated_at = excluded.updated_at",
                        (host, address, vm, original_driver, step, state, time.time()))
 
-    def gpu_bindings(self, host: str | None = None, vm: str | None = None) -> list[dict[str, Any]]:
+    def bindings(self, host: str | None = None, vm: str | None = None) -> list[dict[str, Any]]:
         query, args = "SELECT * FROM gpu_bindings WHERE 1=1", list[str]()
         if host is not None:
             query, args = query + " AND host = ?", [*args, host]
         if vm is not None:
             query, args = query + " AND vm = ?", [*args, vm]
-        return [dict(r) for r in self.db.execute(query + " ORDER BY host, address", args)]
+        return [dict(r) for r in self._db.execute(query + " ORDER BY host, address", args)]
 
-    def forget_gpu(self, host: str, address: str) -> None:
-        with self.transaction() as db:
+    def forget(self, host: str, address: str) -> None:
+        with self._store.transaction() as db:
             db.execute("DELETE FROM gpu_bindings WHERE host = ? AND address = ?", (host, address))

@@ -11,7 +11,7 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from typing import TYPE_CHECKING, Any
 
 from hvctl.errors import AlreadyExists, InvalidSpec, NotFound
-from hvctl.ledger.core import LedgerBase
+from hvctl.ledger.core import Repository
 
 if TYPE_CHECKING:
     from hvctl.spec import VMSpec
@@ -77,11 +77,11 @@ def bridge_name(network: str) -> str:
     return "hvn-" + hashlib.sha256(network.encode()).hexdigest()[:10]
 
 
-class NetworkLedger(LedgerBase):
-    def add_network(self, name: str, tenant: str, subnet: IPv4Network | None) -> NetworkRecord:
+class Networks(Repository):
+    def add(self, name: str, tenant: str, subnet: IPv4Network | None) -> NetworkRecord:
         """Record a tenant network. A subnet that overlaps another network's (or the user-mode NIC's) is refused;
         none given: the first free /24 of DEFAULT_POOL."""
-        with self.transaction() as db:
+        with self._store.transaction() as db:
             if db.execute("SELECT 1 FROM networks WHERE name = ?", (name,)).fetchone():
                 raise AlreadyExists(f"network {name} already exists")
             taken = {r["name"]: IPv4Network(r["subnet"]) for r in db.execute("SELECT name, subnet FROM networks")}
@@ -101,42 +101,42 @@ class NetworkLedger(LedgerBase):
             vni = max(FIRST_VNI - 1, db.execute("SELECT COALESCE(MAX(vni), 0) FROM networks").fetchone()[0]) + 1
             db.execute("INSERT INTO networks (name, tenant, subnet, bridge, vni, created_at) VALUES (?,?,?,?,?,?)",
                        (name, tenant, str(subnet), bridge, vni, time.time()))
-            self._event(db, None, None, "network.created", f"network {name} of tenant {tenant}: {subnet}")
-        return self.get_network(name)
+            self._store.event(db, None, None, "network.created", f"network {name} of tenant {tenant}: {subnet}")
+        return self.get(name)
 
-    def get_network(self, name: str) -> NetworkRecord:
-        row = self.db.execute("SELECT * FROM networks WHERE name = ?", (name,)).fetchone()
+    def get(self, name: str) -> NetworkRecord:
+        row = self._db.execute("SELECT * FROM networks WHERE name = ?", (name,)).fetchone()
         if row is None:
             raise NotFound(f"no network named {name!r}", hint="`hvctl network list` shows them")
         return _record(row)
 
-    def networks(self, tenant: str | None = None) -> list[NetworkRecord]:
-        rows = self.db.execute("SELECT * FROM networks ORDER BY name") if tenant is None else \
-            self.db.execute("SELECT * FROM networks WHERE tenant = ? ORDER BY name", (tenant,))
+    def all(self, tenant: str | None = None) -> list[NetworkRecord]:
+        rows = self._db.execute("SELECT * FROM networks ORDER BY name") if tenant is None else \
+            self._db.execute("SELECT * FROM networks WHERE tenant = ? ORDER BY name", (tenant,))
         return [_record(r) for r in rows]
 
-    def network_addresses(self, name: str) -> list[tuple[str, str, str]]:
+    def addresses(self, name: str) -> list[tuple[str, str, str]]:
         """(vm, address, host) for every VM on the network, by address."""
-        rows = self.db.execute("SELECT a.vm, a.address, v.host FROM network_addresses a JOIN vms v ON v.name = a.vm "
+        rows = self._db.execute("SELECT a.vm, a.address, v.host FROM network_addresses a JOIN vms v ON v.name = a.vm "
                                "WHERE a.network = ?", (name,)).fetchall()
         return sorted(((r[0], r[1], r[2]) for r in rows), key=lambda r: IPv4Address(r[1]))
 
-    def network_hosts(self, name: str) -> list[str]:
+    def hosts(self, name: str) -> list[str]:
         """The hosts that run a VM on the network."""
-        return sorted({host for _, _, host in self.network_addresses(name)})
+        return sorted({host for _, _, host in self.addresses(name)})
 
     def set_underlay(self, host: str, address: IPv4Address) -> None:
         """The host's own address that VXLAN between hosts runs over (`hvctl host add --underlay`)."""
-        with self.transaction() as db:
+        with self._store.transaction() as db:
             db.execute("INSERT INTO underlays (host, address) VALUES (?,?) ON CONFLICT (host) DO UPDATE SET "
                        "address = excluded.address", (host, str(address)))
 
     def underlays(self) -> dict[str, IPv4Address]:
-        return {r[0]: IPv4Address(r[1]) for r in self.db.execute("SELECT host, address FROM underlays")}
+        return {r[0]: IPv4Address(r[1]) for r in self._db.execute("SELECT host, address FROM underlays")}
 
-    def remove_network(self, name: str) -> None:
+    def remove(self, name: str) -> None:
         """Forget a network no VM is on; one in use is refused with its VMs named."""
-        with self.transaction() as db:
+        with self._store.transaction() as db:
             if not db.execute("SELECT 1 FROM networks WHERE name = ?", (name,)).fetchone():
                 raise NotFound(f"no network named {name!r}")
             users = [r[0] for r in db.execute("SELECT vm FROM network_addresses WHERE network = ? ORDER BY vm",
@@ -145,33 +145,34 @@ class NetworkLedger(LedgerBase):
                 raise InvalidSpec(f"network {name} is in use by {', '.join(users)}",
                                   hint="destroy those VMs, or migrate them off it, first")
             db.execute("DELETE FROM networks WHERE name = ?", (name,))
-            self._event(db, None, None, "network.removed", f"network {name} removed")
+            self._store.event(db, None, None, "network.removed", f"network {name} removed")
 
-    # -- IPAM, inside the VM's own transaction -------------------------------------------------------------------
 
-    def _with_address(self, db: sqlite3.Connection, spec: VMSpec) -> VMSpec:
-        """``spec`` with its address on its tenant network: the lowest free one when it has none (a create), or the
-        one it has, checked (an adoption). Refused: an unknown network, another tenant's, or one with no room."""
-        net = spec.network
-        if net is None or net.tenant_network is None:
-            return spec
-        row = db.execute("SELECT * FROM networks WHERE name = ?", (net.tenant_network,)).fetchone()
-        if row is None:
-            raise NotFound(f"no network named {net.tenant_network!r}", hint="`hvctl network list` shows them")
-        network = _record(row)
-        used = {r[0] for r in db.execute("SELECT address FROM network_addresses WHERE network = ?", (network.name,))}
-        check_attach(network, spec, len(used))
-        if net.address is not None:
-            if net.address.network != network.subnet or str(net.address.ip) in used:
-                raise InvalidSpec(f"{net.address} is not a free address of network {network.name} ({network.subnet})")
-            return spec
-        free = next(a for a in network.usable() if str(a) not in used)
-        address = IPv4Interface(f"{free}/{network.subnet.prefixlen}")
-        return spec.model_copy(update={"network": net.model_copy(update={"address": address})})
+# -- IPAM, inside the VM's own transaction (``VMs.reserve``, ``VMs.adopt``) ----------------------------------------
 
-    @staticmethod
-    def _record_address(db: sqlite3.Connection, spec: VMSpec) -> None:
-        net = spec.network
-        if net is not None and net.tenant_network is not None and net.address is not None:
-            db.execute("INSERT INTO network_addresses (network, vm, address) VALUES (?,?,?)",
-                       (net.tenant_network, spec.name, str(net.address.ip)))
+def assign_address(db: sqlite3.Connection, spec: VMSpec) -> VMSpec:
+    """``spec`` with its address on its tenant network: the lowest free one when it has none (a create), or the
+    one it has, checked (an adoption). Refused: an unknown network, another tenant's, or one with no room."""
+    net = spec.network
+    if net is None or net.tenant_network is None:
+        return spec
+    row = db.execute("SELECT * FROM networks WHERE name = ?", (net.tenant_network,)).fetchone()
+    if row is None:
+        raise NotFound(f"no network named {net.tenant_network!r}", hint="`hvctl network list` shows them")
+    network = _record(row)
+    used = {r[0] for r in db.execute("SELECT address FROM network_addresses WHERE network = ?", (network.name,))}
+    check_attach(network, spec, len(used))
+    if net.address is not None:
+        if net.address.network != network.subnet or str(net.address.ip) in used:
+            raise InvalidSpec(f"{net.address} is not a free address of network {network.name} ({network.subnet})")
+        return spec
+    free = next(a for a in network.usable() if str(a) not in used)
+    address = IPv4Interface(f"{free}/{network.subnet.prefixlen}")
+    return spec.model_copy(update={"network": net.model_copy(update={"address": address})})
+
+
+def record_address(db: sqlite3.Connection, spec: VMSpec) -> None:
+    net = spec.network
+    if net is not None and net.tenant_network is not None and net.address is not None:
+        db.execute("INSERT INTO network_addresses (network, vm, address) VALUES (?,?,?)",
+                   (net.tenant_network, spec.name, str(net.address.ip)))

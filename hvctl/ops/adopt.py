@@ -35,7 +35,7 @@ _STATES = {DomainState.RUNNING: "running", DomainState.SHUTOFF: "stopped", Domai
 
 
 def adopt(ctx: Context, name: str, host_name: str, say: Say = quiet) -> VMRecord:
-    if name in {vm.name for vm in ctx.ledger.list_vms()}:
+    if name in {vm.name for vm in ctx.ledger.vms.all()}:
         raise AlreadyExists(f"{name} is already in the ledger, so it is not an orphan")
     with operation(ctx, name, "adopt", target=host_name, say=say):
         host = ctx.host(host_name)
@@ -65,11 +65,11 @@ def adopt(ctx: Context, name: str, host_name: str, say: Say = quiet) -> VMRecord
         token, pubkey = _secrets_of(paths.seed, pool)
         policy = ctx.policy
         ctx.capabilities(host_name)  # the host's capacity, probed (cached) for the admission below
-        gpus = len(ctx.ledger.host_inventory(host_name)[1])
+        gpus = len(ctx.ledger.hosts.inventory(host_name)[1])
         admission = Admission(tenant_limit=policy.tenant(spec.tenant).quota.model_dump(),
-                              host_limit=host_limit(policy, ctx.ledger.get_host(host_name), gpus))
+                              host_limit=host_limit(policy, ctx.ledger.hosts.get(host_name), gpus))
         say("recording it in the ledger")
-        return ctx.ledger.adopt_vm(spec, host_name, paths, ssh_port=domain.network.ssh_port, state=state,
+        return ctx.ledger.vms.adopt(spec, host_name, paths, ssh_port=domain.network.ssh_port, state=state,
                                    domain_uuid=guest.uuid, agent_token=token, host_pubkey=pubkey,
                                    admission=admission)
 

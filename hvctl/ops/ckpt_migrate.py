@@ -119,7 +119,7 @@ class _Move:
         the VM's record as it will be once moved, and a client for its agent."""
         record, target = self.record, self.target
         files = self.ctx.paths.next_vm_files(record.name, record.overlay)
-        port = self.ctx.ledger.free_port_on(target, bind_address=str(record.spec.ssh_bind))
+        port = self.ctx.ledger.vms.free_port_on(target, bind_address=str(record.spec.ssh_bind))
         self.op.step("checkpointed", target_dir=str(files.dir))
         secrets = GuestSecrets.fresh(self.ctx, record.spec)
         gpu_alloc = passthrough.allocate(self.ctx, self.ctx.gpu_env, record.spec, target, undo)
@@ -183,18 +183,18 @@ def checkpoint_migrate(ctx: Context, record: VMRecord, target: str, timeout_s: f
     draining = [w.id for w in running if w.kind not in CHECKPOINTABLE]
     image = ctx.images.get(record.spec.image)
     image.verify()
-    target_record = ledger.get_host(target)
+    target_record = ledger.hosts.get(target)
     ctx.capabilities(target)  # reachable, and its accelerator known, before anything is reserved
-    gpus = len(ledger.host_inventory(target)[1])
+    gpus = len(ledger.hosts.inventory(target)[1])
     source_uuid = ctx.host(record.host).guest(name).uuid
     op.step("checked", source=record.host, source_uuid=source_uuid, source_dir=str(record.overlay.parent))
-    reservation = ledger.reserve(target, record.tenant, host_footprint(record.spec), "migration", vm=name,
+    reservation = ledger.reservations.hold(target, record.tenant, host_footprint(record.spec), "migration", vm=name,
                                  host_limit=host_limit(ctx.policy, target_record, gpus))
     move.workdir = Path(tempfile.mkdtemp(prefix=f"hvctl-ckpt-{name}-"))
     op.step("reserved", reservation=reservation, workdir=str(move.workdir))
     try:
         with Undo() as undo:
-            undo.push("release the reservation", lambda: ledger.release(reservation))
+            undo.push("release the reservation", lambda: ledger.reservations.release(reservation))
             move.drain(draining)
             moved = move.checkpoint_out(moving)
             new, as_moved, target_agent = move.boot_target(image, undo)
@@ -204,7 +204,7 @@ def checkpoint_migrate(ctx: Context, record: VMRecord, target: str, timeout_s: f
                      "bytes": sum(i.local_checkpoint.stat().st_size for i in moved if i.local_checkpoint),
                      "workloads": verified, "drained": draining, "source_host": record.host}
             # The new incarnation is a new domain: its UUID moves with the rest, in the same transaction.
-            ledger.complete_migration(name, target, new.ssh_port, reservation, stats,
+            ledger.vms.complete_migration(name, target, new.ssh_port, reservation, stats,
                                       moved=new.ledger_columns() | {"domain_uuid": ctx.host(target).guest(name).uuid})
             undo.commit()
             op.step("committed")
@@ -232,16 +232,16 @@ def reconcile_checkpoint_migration(ctx: Context, op: dict[str, Any]) -> str:
         shutil.rmtree(data["workdir"], ignore_errors=True)
     source = data.get("source")
     if source is None:
-        ledger.end_operation(vm)
+        ledger.operations.end(vm)
         return "nothing had been done yet"
     try:
-        record = ledger.get_vm(vm)
+        record = ledger.vms.get(vm)
     except NotFound:
-        ledger.end_operation(vm)
+        ledger.operations.end(vm)
         return "the VM is gone"
     if record.host == target:
         _retire_source(ctx, vm, source, Path(data["source_dir"]), data["source_uuid"], strict=True)
-        ledger.end_operation(vm)
+        ledger.operations.end(vm)
         return f"it had been committed on {target}; the source incarnation on {source} is removed"
     host = ctx.host(target)
     uuid = data.get("uuid")
@@ -249,14 +249,14 @@ def reconcile_checkpoint_migration(ctx: Context, op: dict[str, Any]) -> str:
     if guest is not None and (uuid or (guest.made_by_hvctl() and guest.uuid != data["source_uuid"])):
         guest.destroy()
         guest.undefine()
-    if ledger.gpu_bindings(target, vm):
+    if ledger.gpus.bindings(target, vm):
         passthrough.release_vm(ctx, ctx.gpu_env, vm, target)
     target_dir = data.get("target_dir")
     if target_dir and Path(target_dir) != record.overlay.parent and Path(target_dir).parent == ctx.paths.root / "vms":
         shutil.rmtree(target_dir, ignore_errors=True)
     if "reservation" in data:
-        ledger.release_for(vm, "migration", target)
-    ledger.end_operation(vm)
+        ledger.reservations.release_for(vm, "migration", target)
+    ledger.operations.end(vm)
     return f"rolled back: the new incarnation on {target} is removed; {vm} kept running on {source}"
 
 
@@ -340,11 +340,11 @@ def _retire_source(ctx: Context, name: str, host_name: str, directory: Path, uui
                 guest.undefine()
         except NotFound:
             pass
-        if directory.parent == ctx.paths.root / "vms" and directory != ctx.ledger.get_vm(name).overlay.parent:
+        if directory.parent == ctx.paths.root / "vms" and directory != ctx.ledger.vms.get(name).overlay.parent:
             shutil.rmtree(directory, ignore_errors=True)
         passthrough.release_vm(ctx, ctx.gpu_env, name, host_name)  # "its GPU returned to the host"
     except (HvctlError, AgentError) as exc:
         if strict:
             raise
-        ctx.ledger.log_event(name, host_name, "migration.source-left",
+        ctx.ledger.events.log(name, host_name, "migration.source-left",
                              f"the source incarnation on {host_name} could not be removed: {exc}")

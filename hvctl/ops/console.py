@@ -42,7 +42,7 @@ def attach(ctx: Context, name: str, inp: int, out: int, force: bool = False, esc
     (reason "stopped"): how a script waits for a prompt or an answer without guessing at timing. When ``inp`` ends
     (a pipe, not a terminal), what the guest prints in answer is still relayed until it has been quiet for a
     second. ``connected`` is called once the console is open and the terminal is in raw mode."""
-    record = ctx.ledger.get_vm(name)
+    record = ctx.ledger.vms.get(name)
     guest = ctx.host(record.host).find_guest(name)
     if guest is None or guest.state() is not DomainState.RUNNING:
         raise InvalidSpec(f"{name} is not running, so its console has nobody on the other end",

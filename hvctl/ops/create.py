@@ -35,14 +35,14 @@ def create(ctx: Context, spec: VMSpec, say: Say = quiet, options: BootOptions | 
         say("placing")
         spec = spec.model_copy(update={"host": choose_host(ctx.ledger, policy, spec)})
     assert spec.host is not None
-    if not ctx.ledger.get_host(spec.host).enabled:
+    if not ctx.ledger.hosts.get(spec.host).enabled:
         raise NoValidHost(f"host {spec.host} is disabled: nothing new is placed there",
                           hint=f"`hvctl host enable {spec.host}`, or leave out --host")
     host = ctx.host(spec.host)
     ctx.capabilities(spec.host)  # probed (cached) before anything is written
-    gpus = len(ctx.ledger.host_inventory(spec.host)[1])
+    gpus = len(ctx.ledger.hosts.inventory(spec.host)[1])
     admission = Admission(tenant_limit=quota.model_dump(),
-                          host_limit=host_limit(policy, ctx.ledger.get_host(spec.host), gpus))
+                          host_limit=host_limit(policy, ctx.ledger.hosts.get(spec.host), gpus))
     if host.exists(spec.name):
         raise AlreadyExists(f"a domain named {spec.name!r} already exists on host {spec.host}")
     check_network(ctx, spec, spec.host, say)
@@ -55,10 +55,10 @@ def create(ctx: Context, spec: VMSpec, say: Say = quiet, options: BootOptions | 
     with operation(ctx, spec.name, "create", target=spec.host, say=say) as op, Undo() as undo:
         say("reserving in the ledger")
         here = ctx.is_this_machine(spec.host)
-        record = ctx.ledger.reserve_vm(spec, spec.host, storage.paths, agent_token=secrets.token,
+        record = ctx.ledger.vms.reserve(spec, spec.host, storage.paths, agent_token=secrets.token,
                                        host_pubkey=secrets.host_key.public_line, admission=admission,
                                        probe_ports=here)
-        undo.push("forget the ledger row", lambda: ctx.ledger.delete_vm(spec.name, "create rolled back"))
+        undo.push("forget the ledger row", lambda: ctx.ledger.vms.delete(spec.name, "create rolled back"))
         spec = record.spec.model_copy(update={"host": record.host})  # as recorded: with its tenant address, if any
         assert spec.host is not None
         op.step("reserved")
@@ -74,15 +74,15 @@ def create(ctx: Context, spec: VMSpec, say: Say = quiet, options: BootOptions | 
                 f"{', '.join(gpu_alloc.unsized)}: the guest gets QEMU's default 64-bit PCI hole (32 GiB)")
         incarnation = Incarnation(spec, spec.host, storage, record.ssh_port, secrets, gpu_alloc)
         message = boot(ctx, incarnation, options or BootOptions(), undo, say,
-                       lambda refused: ctx.ledger.move_ssh_port(spec.name, str(spec.ssh_bind), refused, probe=here),
+                       lambda refused: ctx.ledger.vms.move_ssh_port(spec.name, str(spec.ssh_bind), refused, probe=here),
                        op.step)
         op.step("ready")
         if gpu_alloc:
             message += f"; GPUs {', '.join(gpu_alloc.gpus)}"
-        ctx.ledger.set_domain_uuid(spec.name, host.guest(spec.name).uuid)
-        ctx.ledger.set_state(spec.name, VMState.RUNNING, message)
+        ctx.ledger.vms.set_domain_uuid(spec.name, host.guest(spec.name).uuid)
+        ctx.ledger.vms.set_state(spec.name, VMState.RUNNING, message)
         undo.commit()
-    return ctx.ledger.get_vm(spec.name)
+    return ctx.ledger.vms.get(spec.name)
 
 
 def _storage_for(ctx: Context, spec: VMSpec, image: Image, say: Say,
@@ -146,12 +146,12 @@ def reconcile_create(ctx: Context, op: dict[str, Any]) -> str:
     committed (the ledger says running) is left as it is."""
     vm, ledger = op["vm"], ctx.ledger
     try:
-        record = ledger.get_vm(vm)
+        record = ledger.vms.get(vm)
     except NotFound:
-        ledger.end_operation(vm)
+        ledger.operations.end(vm)
         return "nothing had been recorded"
     if record.state != VMState.CREATING:
-        ledger.end_operation(vm)
+        ledger.operations.end(vm)
         return f"it had finished ({record.state})"
     host = ctx.host(record.host)
     uuid = op["data"].get("uuid")
@@ -159,10 +159,10 @@ def reconcile_create(ctx: Context, op: dict[str, Any]) -> str:
     if guest is not None and (uuid or guest.made_by_hvctl()):
         guest.destroy()
         guest.undefine()
-    if ledger.gpu_bindings(record.host, vm):
+    if ledger.gpus.bindings(record.host, vm):
         passthrough.release_vm(ctx, ctx.gpu_env, vm, record.host)
     remove_vm_files(ctx, record)
     withdraw_vm_lease(ctx, record)
-    ledger.delete_vm(vm, "an interrupted create was rolled back")
-    ledger.end_operation(vm)
+    ledger.vms.delete(vm, "an interrupted create was rolled back")
+    ledger.operations.end(vm)
     return f"rolled back on {record.host}"

@@ -258,7 +258,7 @@ def run_job(ctx: Context, vms: list[str], train_args: list[str], batch_size: int
             on_event: Callable[[Event], None] = lambda e: None, timeout: float | None = None,
             detach: bool = False) -> JobResult:
     """Plan and run a job on ledger VMs ``vms``, over their shared tenant network."""
-    records = [ctx.ledger.get_vm(name) for name in vms]
+    records = [ctx.ledger.vms.get(name) for name in vms]
     members = []
     for record in records:
         net = record.spec.network
@@ -281,16 +281,16 @@ def run_job(ctx: Context, vms: list[str], train_args: list[str], batch_size: int
 
     nodes = {r.name: Node(r.name, agent_for(ctx, r), running(r.host, r.name), reconnect(r)) for r in records}
     for record in records:
-        ctx.ledger.log_event(record.name, record.host, "workload.started", f"distributed job {plan.job} started",
+        ctx.ledger.events.log(record.name, record.host, "workload.started", f"distributed job {plan.job} started",
                              {"job": plan.job, "kind": "train-ddp"})
     try:
         result = drive(plan, nodes, on_event, timeout, detach=detach)
     except BaseException as exc:
         for record in records:
-            ctx.ledger.log_event(record.name, record.host, "workload.finished",
+            ctx.ledger.events.log(record.name, record.host, "workload.finished",
                                  f"distributed job {plan.job} failed: {exc or type(exc).__name__}", {"job": plan.job})
         raise
     for record in records if result.state == "succeeded" else []:
-        ctx.ledger.log_event(record.name, record.host, "workload.finished", f"distributed job {plan.job} finished",
+        ctx.ledger.events.log(record.name, record.host, "workload.finished", f"distributed job {plan.job} finished",
                              {"job": plan.job, "dropped": result.dropped.get(record.name)})
     return result

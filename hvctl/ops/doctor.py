@@ -109,7 +109,7 @@ def _memory_limit_checks(ctx: Context) -> list[Check]:
 
 def _enforcement_check(ctx: Context) -> Check:
     problems = []
-    for record in ctx.ledger.list_vms():
+    for record in ctx.ledger.vms.all():
         try:
             report = enforcement_report(ctx, record)
         except HostUnreachable:
@@ -138,7 +138,7 @@ def _gpu_bindings_check(ctx: Context) -> Check:
 
 
 def _gpu_health_check(ctx: Context) -> Check:
-    dead = [(h.name, a, v) for h in ctx.ledger.list_hosts() for a, v in ctx.ledger.gpu_health(h.name).items()]
+    dead = [(h.name, a, v) for h in ctx.ledger.hosts.all() for a, v in ctx.ledger.gpus.health(h.name).items()]
     return Check("gpu health", not dead,
                  "; ".join(f"{a} on {h}: {v['state']} since {time.ctime(v['since'])}" for h, a, v in dead)
                  or "every device hvctl released still answers on the bus",
@@ -164,7 +164,7 @@ def _drift_check(ctx: Context, interrupted_first: bool) -> Check:
 def _hosts_check(ctx: Context) -> Check:
     """Every registered host answers. One that does not is named, and the rest of the doctor goes on."""
     down = []
-    hosts = ctx.ledger.list_hosts()
+    hosts = ctx.ledger.hosts.all()
     for record in hosts:
         try:
             ctx.host(record.name).facts()
@@ -182,14 +182,14 @@ def repair(ctx: Context) -> dict[str, Any]:
     operations = [{"operation": describe(op), "outcome": reconcile(ctx, op)} for op in interrupted(ctx)]
     returned: list[str] = []
     unreachable: dict[str, str] = {}
-    for host in sorted({r["host"] for r in ctx.ledger.gpu_bindings()}):
+    for host in sorted({r["host"] for r in ctx.ledger.gpus.bindings()}):
         try:
             done = passthrough.repair(ctx, ctx.gpu_env, host, passthrough.gpu_keepers(ctx, host))
         except (HostUnreachable, HypervisorError) as exc:  # a remote host's libvirt: the others are still repaired
             unreachable[host] = exc.message
             continue
         if done:
-            ctx.ledger.log_event(None, host, "gpu.repaired", f"returned {', '.join(done)} to their host drivers")
+            ctx.ledger.events.log(None, host, "gpu.repaired", f"returned {', '.join(done)} to their host drivers")
         returned += done
     # Devices marked dead after a release that answer again (the host was rebooted) are placed again. Only this
     # machine's sysfs can be read.

@@ -23,8 +23,8 @@ LEDGER_POLL_S = 0.5
 
 def history(ctx: Context, vm: str | None, limit: int) -> list[dict[str, Any]]:
     if vm is not None:
-        ctx.ledger.get_vm(vm)  # NotFound for a VM that never was, rather than an empty list
-    return [e.as_dict() for e in ctx.ledger.events(vm, limit)]
+        ctx.ledger.vms.get(vm)  # NotFound for a VM that never was, rather than an empty list
+    return [e.as_dict() for e in ctx.ledger.events.recent(vm, limit)]
 
 
 def follow(ctx: Context, vm: str | None, limit: int, stop: threading.Event | None = None,
@@ -34,22 +34,22 @@ def follow(ctx: Context, vm: str | None, limit: int, stop: threading.Event | Non
     through ``on_problem`` and the others are still followed."""
     stop = stop or threading.Event()
     if vm is not None:
-        ctx.ledger.get_vm(vm)
+        ctx.ledger.vms.get(vm)
     incoming: queue.Queue[DomainEvent] = queue.Queue()
     watchers = []
-    for host in ctx.ledger.list_hosts():
+    for host in ctx.ledger.hosts.all():
         try:
             watchers.append(ctx.host(host.name).watch_domain_events(incoming.put))
         except HostUnreachable as exc:
             on_problem(f"host {host.name}: {exc.message}; its libvirt events are not followed")
-    names = {h.uri: h.name for h in ctx.ledger.list_hosts()}
+    names = {h.uri: h.name for h in ctx.ledger.hosts.all()}
     try:
         last = 0
-        for event in ctx.ledger.events(vm, limit):
+        for event in ctx.ledger.events.recent(vm, limit):
             last = event.id
             yield event.as_dict()
         next_poll = time.monotonic() + LEDGER_POLL_S
-        known = {r.name for r in ctx.ledger.list_vms()}
+        known = {r.name for r in ctx.ledger.vms.all()}
         while not stop.is_set():
             try:
                 seen = incoming.get(timeout=max(0.0, min(next_poll - time.monotonic(), LEDGER_POLL_S)))
@@ -59,11 +59,11 @@ def follow(ctx: Context, vm: str | None, limit: int, stop: threading.Event | Non
             except queue.Empty:
                 pass
             if time.monotonic() >= next_poll:
-                for event in ctx.ledger.events(vm, 10_000, after=last):
+                for event in ctx.ledger.events.recent(vm, 10_000, after=last):
                     last = event.id
                     yield event.as_dict()
                 # A VM created since the follower started counts too; one destroyed keeps its last events.
-                known |= {r.name for r in ctx.ledger.list_vms()}
+                known |= {r.name for r in ctx.ledger.vms.all()}
                 next_poll = time.monotonic() + LEDGER_POLL_S
     finally:
         for unsubscribe in watchers:

@@ -91,12 +91,12 @@ def list_fleet_gpus(ctx: Context, hosts: list[str] | None = None, sysfs_root: Pa
     checks, and the hosts that could not be read with why. One host's failure never hides the others'."""
     from hvctl import passthrough  # which imports this module
 
-    names = hosts or [h.name for h in ctx.ledger.list_hosts()]
+    names = hosts or [h.name for h in ctx.ledger.hosts.all()]
     allowlist = passthrough.accelerator_allowlist(ctx)
     result: dict[str, Any] = {"gpus": [], "checks": {}, "unreachable": {}}
     for name in names:
-        ctx.ledger.get_host(name)  # an unknown name is refused, not listed empty
-        owners, health = passthrough.owners(ctx.ledger, name), ctx.ledger.gpu_health(name)
+        ctx.ledger.hosts.get(name)  # an unknown name is refused, not listed empty
+        owners, health = passthrough.owners(ctx.ledger, name), ctx.ledger.gpus.health(name)
         if ctx.is_this_machine(name):
             local = list_gpus(sysfs_root or ctx.gpu_env.sysfs_root, owners, allowlist, ctx.policy.gpu_model, health)
             rows, checks = local["gpus"], local["host"]
@@ -120,6 +120,6 @@ def release_gpu(ctx: Context, address: str, host: str | None = None, sysfs_root:
     from hvctl.passthrough import gpu_keepers, release_address  # passthrough imports this module
 
     on = host or ctx.host_name
-    ctx.ledger.get_host(on)  # an unknown host is refused before anything is read
+    ctx.ledger.hosts.get(on)  # an unknown host is refused before anything is read
     env = dataclasses.replace(ctx.gpu_env, sysfs_root=sysfs_root) if sysfs_root else ctx.gpu_env
     return release_address(ctx, env, address, on, lambda: gpu_keepers(ctx, on))

@@ -27,7 +27,7 @@ def add_host(ctx: Context, name: str, uri: str, underlay: str | None = None) -> 
         underlay_address = IPv4Address(underlay) if underlay is not None else None
     except ValueError:
         raise InvalidSpec(f"--underlay {underlay}: not an IPv4 address") from None
-    if name in {h.name for h in ctx.ledger.list_hosts()} and ctx.ledger.get_host(name).uri != uri:
+    if name in {h.name for h in ctx.ledger.hosts.all()} and ctx.ledger.hosts.get(name).uri != uri:
         raise AlreadyExists(f"host {name} already exists with another URI")
     probe = Host(uri)
     try:
@@ -48,14 +48,14 @@ def add_host(ctx: Context, name: str, uri: str, underlay: str | None = None) -> 
         gpus = passthrough.inventory_rows(ctx, PciSysfs(ctx.gpu_env.sysfs_root) if here else probe.pci_devices())
     finally:
         probe.close()
-    ctx.ledger.ensure_host(name, uri)
-    ctx.ledger.record_host_inventory(name, numa, gpus)
+    ctx.ledger.hosts.ensure(name, uri)
+    ctx.ledger.hosts.record_inventory(name, numa, gpus)
     if underlay_address is not None:
-        ctx.ledger.set_underlay(name, underlay_address)
+        ctx.ledger.networks.set_underlay(name, underlay_address)
     caps = ctx.capabilities(name)
     pool_view = {"name": pool.name, "path": str(pool.path), "made": made, "capacity_bytes": space.capacity,
                  "available_bytes": space.available}
-    ctx.ledger.log_event(None, name, "host.added", f"host {name} at {uri}: {facts.cpus} CPUs, {facts.memory_mib} MiB, "
+    ctx.ledger.events.log(None, name, "host.added", f"host {name} at {uri}: {facts.cpus} CPUs, {facts.memory_mib} MiB, "
                                                    f"{len(numa)} NUMA cells, {len(gpus)} GPUs, {caps.accel.value}")
     return host_view(ctx, name) | {"pool": pool_view, "libvirt_version": facts.libvirt_version,
                                    "cpu_model": facts.cpu_model, "hostname": facts.hostname,
@@ -66,7 +66,7 @@ def cpu_compatibility(ctx: Context, new: Host, exclude: str) -> dict[str, str]:
     """For each registered host that answers: can a guest started there run on ``new``? (libvirt compares that
     host's CPU with the new one's.) A host that does not answer is left out."""
     found = {}
-    for record in ctx.ledger.list_hosts():
+    for record in ctx.ledger.hosts.all():
         if record.name == exclude:
             continue
         try:
@@ -81,28 +81,28 @@ def cpu_compatibility(ctx: Context, new: Host, exclude: str) -> dict[str, str]:
 
 
 def host_view(ctx: Context, name: str) -> dict[str, Any]:
-    record = ctx.ledger.get_host(name)
-    numa, gpus = ctx.ledger.host_inventory(name)
+    record = ctx.ledger.hosts.get(name)
+    numa, gpus = ctx.ledger.hosts.inventory(name)
     limit = host_limit(ctx.policy, record, len(gpus))
     used = ctx.ledger.host_usage(name)
     return {
         "name": name, "uri": record.uri, "enabled": record.enabled, "accel": record.accel, "cpus": record.cpus,
         "memory_mib": record.memory_mib, "numa_cells": numa, "gpus": gpus,
         "allocatable": limit, "allocated": used.as_dict(),
-        "vms": len(ctx.ledger.list_vms(host=name)),
-        "underlay": str(underlay) if (underlay := ctx.ledger.underlays().get(name)) else None,
+        "vms": len(ctx.ledger.vms.all(host=name)),
+        "underlay": str(underlay) if (underlay := ctx.ledger.networks.underlays().get(name)) else None,
     }
 
 
 def set_enabled(ctx: Context, name: str, enabled: bool, reason: str = "") -> bool:
     """Let the scheduler place VMs on the host, or stop it; returns whether anything changed. A disabled host keeps
     its VMs running; create --host and migrate --to refuse it."""
-    record = ctx.ledger.get_host(name)
+    record = ctx.ledger.hosts.get(name)
     if record.enabled == enabled:
         return False
-    ctx.ledger.set_host_enabled(name, enabled)
+    ctx.ledger.hosts.set_enabled(name, enabled)
     what = "enabled" if enabled else "disabled"
-    ctx.ledger.log_event(None, name, f"host.{what}", f"host {name} {what}" + (f": {reason}" if reason else ""))
+    ctx.ledger.events.log(None, name, f"host.{what}", f"host {name} {what}" + (f": {reason}" if reason else ""))
     return True
 
 
@@ -112,11 +112,11 @@ def evacuate(ctx: Context, name: str, say: Say = lambda _: None,
     with passthrough GPUs by checkpoint migration; with their disks copied when the two hosts do not share this
     machine's filesystem. The host is disabled first, so that nothing new lands on it. Each VM is tried once; what
     could not move is reported with why, and the others still go."""
-    ctx.ledger.get_host(name)
+    ctx.ledger.hosts.get(name)
     set_enabled(ctx, name, False, "evacuating")
     moved: list[dict[str, Any]] = []
     failed: list[dict[str, Any]] = []
-    vms = ctx.ledger.list_vms(host=name)
+    vms = ctx.ledger.vms.all(host=name)
     for i, record in enumerate(vms, 1):
         prefix = f"[{i}/{len(vms)}] {record.name}: "
         say(prefix + "placing")
@@ -139,7 +139,7 @@ def evacuate(ctx: Context, name: str, say: Say = lambda _: None,
             moved.append({"vm": record.name, "to": target, "mode": mode, "total_s": stats.get("total_s")})
         except HvctlError as exc:
             failed.append({"vm": record.name, "error": exc.message})
-    ctx.ledger.log_event(None, name, "host.evacuated", f"host {name}: {len(moved)} VM(s) moved, "
+    ctx.ledger.events.log(None, name, "host.evacuated", f"host {name}: {len(moved)} VM(s) moved, "
                                                        f"{len(failed)} could not be"
                                                        + "".join(f"; {f['vm']}: {f['error']}" for f in failed))
     return {"host": name, "moved": moved, "failed": failed}

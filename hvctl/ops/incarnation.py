@@ -62,7 +62,7 @@ class GuestSecrets:
 def authorized_keys_for(ctx: Context, spec: VMSpec) -> list[str]:
     """The keys a VM's root account accepts: its tenant's, and hvctl's operator key unless the spec declines it."""
     operator = [public_key_of(operator_key(ctx.paths.keys))] if spec.operator_key else []
-    return operator + [k for _, k in ctx.ledger.tenant_keys(spec.tenant)]
+    return operator + [k for _, k in ctx.ledger.keys.all(spec.tenant)]
 
 
 @dataclass(frozen=True)
@@ -198,7 +198,7 @@ def boot(ctx: Context, inc: Incarnation, options: BootOptions, undo: Undo, say: 
                 # domain with a memory hard limit. This machine's is checked before designing; another host's
                 # only tells here.
                 say(f"host {inc.host} cannot set memory hard limits; starting without one")
-                ctx.ledger.record_no_memory_limits(inc.host)  # the next boot there knows it from the start
+                ctx.ledger.hosts.record_no_memory_limits(inc.host)  # the next boot there knows it from the start
                 caps = dataclasses.replace(caps, memory_limits=False)
                 note = f"; no memory hard limit (host {inc.host}'s libvirtd may not set one)"
             elif HOSTFWD_REFUSED in exc.message and move_port is not None:

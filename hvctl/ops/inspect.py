@@ -64,8 +64,8 @@ def list_vms(ctx: Context) -> tuple[list[VMView], list[Drift], list[Drift]]:
     views: list[VMView] = []
     orphans: list[Drift] = []
     unreachable: list[Drift] = []
-    records = ctx.ledger.list_vms()
-    operations = {op["vm"]: op for op in ctx.ledger.operations()}
+    records = ctx.ledger.vms.all()
+    operations = {op["vm"]: op for op in ctx.ledger.operations.all()}
 
     def drift(record: VMRecord, actual: DomainState) -> str | None:
         op = operations.get(record.name)
@@ -76,7 +76,7 @@ def list_vms(ctx: Context) -> tuple[list[VMView], list[Drift], list[Drift]]:
         return f"an interrupted {op['kind']} (step {op['step']}): `hvctl doctor --repair` finishes or undoes it"
 
     # Every registered host, not only those the ledger has VMs on: an orphan may be alone on its host.
-    for host_name in sorted({r.host for r in records} | {h.name for h in ctx.ledger.list_hosts()} | {ctx.host_name}):
+    for host_name in sorted({r.host for r in records} | {h.name for h in ctx.ledger.hosts.all()} | {ctx.host_name}):
         try:
             host = ctx.host(host_name)
             states = host.domain_states()
@@ -133,21 +133,21 @@ def enforcement_report(ctx: Context, record: VMRecord) -> dict[str, Any] | None:
 def show_vm(ctx: Context, name: str) -> dict[str, Any]:
     """Everything hvctl knows about one VM (`hvctl show`): its ledger record, libvirt's state and any drift between
     them, its last events, enforcement, last migration, snapshots, production network and operation in progress."""
-    record = ctx.ledger.get_vm(name)
+    record = ctx.ledger.vms.get(name)
     actual = ctx.host(record.host).state(name)
     net = record.spec.network
     return record.as_dict() | {
         "actual": actual.value,
         "drift": describe_drift(record, actual),
-        "events": [{"ts": e.ts, "kind": e.kind, "message": e.message} for e in ctx.ledger.events(name, 20)],
+        "events": [{"ts": e.ts, "kind": e.kind, "message": e.message} for e in ctx.ledger.events.recent(name, 20)],
         "enforcement": enforcement_report(ctx, record),
-        "last_migration": ctx.ledger.last_event_data(name, "migration.completed"),
-        "snapshots": [s.as_dict() for s in ctx.ledger.snapshots(name)],
+        "last_migration": ctx.ledger.events.last_data(name, "migration.completed"),
+        "snapshots": [s.as_dict() for s in ctx.ledger.snapshots.all(name)],
         "network": None if net is None else (
             f"tenant network {net.tenant_network}, {net.address}" if net.tenant_network else
             f"{'bridge ' + net.bridge if net.bridge else 'libvirt network ' + str(net.network)}, "
             f"{net.address or 'address by the guest'}"),
         "operation": next(({"kind": op["kind"], "step": op["step"], "target": op["target"],
                             "started_at": op["started_at"], "progress": op["data"].get("progress")}
-                           for op in ctx.ledger.operations() if op["vm"] == name), None),
+                           for op in ctx.ledger.operations.all() if op["vm"] == name), None),
     }

@@ -94,7 +94,7 @@ class Operation:
 
     def step(self, name: str, **data: Any) -> None:
         """Record that ``name`` is done and what it made; then the crash hook may fire."""
-        self.ctx.ledger.operation_step(self.vm, self.holder, name, data)
+        self.ctx.ledger.operations.step(self.vm, self.holder, name, data)
         here = f"{self.kind}.{name}"
         if os.environ.get(CRASH_ENV) == here:
             os.kill(os.getpid(), signal.SIGKILL)
@@ -104,7 +104,7 @@ class Operation:
 
     def progress(self, data: dict[str, Any]) -> None:
         """How far the current step has got (a migration's bytes), for other shells to see; the step stays."""
-        self.ctx.ledger.operation_progress(self.vm, self.holder, data)
+        self.ctx.ledger.operations.progress(self.vm, self.holder, data)
 
 
 @contextmanager
@@ -114,13 +114,13 @@ def operation(ctx: Context, vm: str, kind: str, *, source: str | None = None, ta
     reconciled first; one held by a live process refuses with who holds it. The row goes when the block ends,
     however it ends: the caller has finished or rolled back by then. Only a crash leaves it."""
     holder = this_holder()
-    held = ctx.ledger.begin_operation(vm, kind, holder, source, target, data or {})
+    held = ctx.ledger.operations.begin(vm, kind, holder, source, target, data or {})
     deadline = time.monotonic() + ctx.lock_wait_s
     if held is not None and holder_alive(held["holder"], held["updated_at"]) and ctx.lock_wait_s > 0 and say:
         say(f"waiting up to {ctx.lock_wait_s:g} s for the {describe(held)} to end")
     while held is not None and holder_alive(held["holder"], held["updated_at"]) and time.monotonic() < deadline:
         time.sleep(min(WAIT_POLL_S, max(deadline - time.monotonic(), 0.0)))
-        held = ctx.ledger.begin_operation(vm, kind, holder, source, target, data or {})
+        held = ctx.ledger.operations.begin(vm, kind, holder, source, target, data or {})
     if held is not None:
         if holder_alive(held["holder"], held["updated_at"]):
             raise OperationBusy(f"{vm} is busy: {describe(held)} is in progress",
@@ -128,14 +128,14 @@ def operation(ctx: Context, vm: str, kind: str, *, source: str | None = None, ta
         if say:
             say(f"an interrupted {describe(held)} is reconciled first")
         outcome = reconcile(ctx, held)
-        held = ctx.ledger.begin_operation(vm, kind, holder, source, target, data or {})
+        held = ctx.ledger.operations.begin(vm, kind, holder, source, target, data or {})
         if held is not None:
             raise OperationBusy(f"{vm}: an interrupted {describe(held)} could not be reconciled: {outcome}",
                                 hint="`hvctl doctor --repair` once every host involved answers")
     try:
         yield Operation(ctx, vm, kind, holder)
     finally:
-        ctx.ledger.end_operation(vm, holder)
+        ctx.ledger.operations.end(vm, holder)
 
 
 def reconcile(ctx: Context, op: dict[str, Any]) -> str:
@@ -176,10 +176,10 @@ def reconcile(ctx: Context, op: dict[str, Any]) -> str:
 
             return reconcile_destroy(ctx, op)
         if op["kind"] == "destroy-orphan":
-            ctx.ledger.end_operation(op["vm"])  # nothing the ledger tracks: running it again finishes the job
+            ctx.ledger.operations.end(op["vm"])  # nothing the ledger tracks: running it again finishes the job
             return "no ledger state to mend; `hvctl destroy --orphan` again removes what is left"
         if op["kind"] == "adopt":
-            ctx.ledger.end_operation(op["vm"])  # its one write is a single transaction: done or not at all
+            ctx.ledger.operations.end(op["vm"])  # its one write is a single transaction: done or not at all
             return "nothing to mend: the VM was adopted, or is still an orphan that `hvctl adopt` can take"
     except HostUnreachable as exc:
         return f"undecided: {exc.message}"
@@ -188,4 +188,4 @@ def reconcile(ctx: Context, op: dict[str, Any]) -> str:
 
 def interrupted(ctx: Context) -> list[dict[str, Any]]:
     """Operations whose holder is dead: what `doctor` reports and `doctor --repair` reconciles."""
-    return [op for op in ctx.ledger.operations() if not holder_alive(op["holder"], op["updated_at"])]
+    return [op for op in ctx.ledger.operations.all() if not holder_alive(op["holder"], op["updated_at"])]

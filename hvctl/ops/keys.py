@@ -46,10 +46,10 @@ def remove_tenant_key(ctx: Context, tenant: str, pubkey: str,
 
     The ledger forgets the key last: killed part way, the key is still listed, and `key rm` run again takes it out
     of every VM (dropping a line that is already gone changes nothing)."""
-    if pubkey not in {k for _, k in ctx.ledger.tenant_keys(tenant)}:
+    if pubkey not in {k for _, k in ctx.ledger.keys.all(tenant)}:
         raise NotFound(f"that key is not authorised for tenant {tenant}", hint=f"`hvctl key list {tenant}`")
     vms = []
-    for record in (r for r in ctx.ledger.list_vms() if r.tenant == tenant):
+    for record in (r for r in ctx.ledger.vms.all() if r.tenant == tenant):
         say(f"removing the key from {record.name}")
         outcome: dict[str, Any] = {"vm": record.name, "seed": False, "live": False, "problem": None}
         try:
@@ -64,18 +64,18 @@ def remove_tenant_key(ctx: Context, tenant: str, pubkey: str,
                 outcome["live"] = True
         except (HvctlError, AgentError) as exc:
             outcome["problem"] = exc.message
-        ctx.ledger.log_event(record.name, record.host, "key.removed",
+        ctx.ledger.events.log(record.name, record.host, "key.removed",
                              f"a key of tenant {tenant} was removed" + (f" ({outcome['problem']})"
                                                                         if outcome["problem"] else ""), outcome)
         vms.append(outcome)
-    ctx.ledger.remove_tenant_key(tenant, pubkey)
+    ctx.ledger.keys.remove(tenant, pubkey)
     return {"tenant": tenant, "vms": vms}
 
 
 def rotate_agent_token(ctx: Context, name: str) -> dict[str, Any]:
     """Give a VM's agent a new token: the running agent switches (authenticated by the old one), then the ledger
     and the seed (the next boot) take it. A stopped VM takes it at its next start."""
-    record = ctx.ledger.get_vm(name)
+    record = ctx.ledger.vms.get(name)
     if record.agent_token is None:
         raise InvalidSpec(f"VM {name} has no agent (its image was built without one)")
     token = new_agent_token()
@@ -91,7 +91,7 @@ def rotate_agent_token(ctx: Context, name: str) -> dict[str, Any]:
                 raise AgentError(f"the agent of {name} did not take a new token; the old one stays: {exc.message}",
                                  code=exc.code) from None
             op.step("switched")
-        ctx.ledger.set_agent_token(name, token)
+        ctx.ledger.vms.set_agent_token(name, token)
         op.step("recorded")
         _rewrite_seed(ctx, record, token)
     return {"vm": name, "rotated": True, "live": agent is not None}
@@ -104,9 +104,9 @@ def reconcile_rotation(ctx: Context, op: dict[str, Any]) -> str:
     running (its next boot reads the seed, which still has the old one), there is nothing to mend."""
     vm, token = op["vm"], op["data"].get("token")
     try:
-        record = ctx.ledger.get_vm(vm)
+        record = ctx.ledger.vms.get(vm)
     except NotFound:
-        ctx.ledger.end_operation(vm)
+        ctx.ledger.operations.end(vm)
         return "the VM is gone"
     if token and record.agent_token != token and ctx.host(record.host).state(vm) is DomainState.RUNNING:
         try:
@@ -114,13 +114,13 @@ def reconcile_rotation(ctx: Context, op: dict[str, Any]) -> str:
         except AgentError as exc:
             if exc.code != rpc.ErrorCode.UNAUTHORIZED:
                 return f"undecided: the agent of {vm} did not answer ({exc.message})"
-            ctx.ledger.end_operation(vm)
+            ctx.ledger.operations.end(vm)
             return "the guest kept its old token: nothing to mend"
-        ctx.ledger.set_agent_token(vm, token)
-        record = ctx.ledger.get_vm(vm)
+        ctx.ledger.vms.set_agent_token(vm, token)
+        record = ctx.ledger.vms.get(vm)
     if token and record.agent_token == token:
         _rewrite_seed(ctx, record, token)
-        ctx.ledger.end_operation(vm)
+        ctx.ledger.operations.end(vm)
         return "the guest holds the new token: the ledger and the seed have it too"
-    ctx.ledger.end_operation(vm)
+    ctx.ledger.operations.end(vm)
     return "the rotation had not reached the guest: nothing to mend"

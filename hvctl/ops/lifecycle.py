@@ -25,15 +25,15 @@ from hvctl.ops.networks import leave_if_unused, withdraw_vm_lease
 def start(ctx: Context, name: str, say: Say = quiet,
           boot_timeout: float = DEFAULT_BOOT_TIMEOUT) -> float:
     """Start a stopped VM and wait until the guest reports ready; returns the seconds it took."""
-    ctx.ledger.get_vm(name)
+    ctx.ledger.vms.get(name)
     with operation(ctx, name, "start", say=say) as op:
-        record = ctx.ledger.get_vm(name)
+        record = ctx.ledger.vms.get(name)
         guest = ctx.host(record.host).guest(name)
         if guest.state() is DomainState.RUNNING:
             raise HvctlError(f"VM {name} is already running")
         if guest.state() is DomainState.PAUSED:
             raise HvctlError(f"VM {name} is paused, not stopped", hint=f"hvctl resume {name}")
-        if ctx.ledger.gpu_bindings(record.host, name):
+        if ctx.ledger.gpus.bindings(record.host, name):
             moved = passthrough.rebind_vm(ctx, ctx.gpu_env, name, record.host)
             if moved:
                 say(f"binding {', '.join(moved)} to vfio-pci again (a host reboot gave them back)")
@@ -47,7 +47,7 @@ def start(ctx: Context, name: str, say: Say = quiet,
         line, waited = wait_for_ready(name, console, boot_timeout,
                                       lambda: guest.state() is DomainState.RUNNING, offset=offset,
                                       poll=0.05 if isinstance(console, Path) else 0.5)
-        ctx.ledger.set_state(name, VMState.RUNNING, f"started; guest up after {waited:.2f} s")
+        ctx.ledger.vms.set_state(name, VMState.RUNNING, f"started; guest up after {waited:.2f} s")
     return waited
 
 
@@ -62,21 +62,21 @@ def reconcile_power(ctx: Context, op: dict[str, Any]) -> str:
     libvirt reports (running, or stopped)."""
     vm = op["vm"]
     try:
-        record = ctx.ledger.get_vm(vm)
+        record = ctx.ledger.vms.get(vm)
     except NotFound:
-        ctx.ledger.end_operation(vm)
+        ctx.ledger.operations.end(vm)
         return "the VM is gone"
     if op["kind"] == "stop" and op["step"] in ("asked", "powered-off"):
         guest = ctx.host(record.host).find_guest(vm)
         how = _power_off(guest, 30.0, lambda _: None) if guest is not None else "already stopped"
-        ctx.ledger.set_state(vm, VMState.STOPPED, f"an interrupted stop was finished ({how})")
-        ctx.ledger.end_operation(vm)
+        ctx.ledger.vms.set_state(vm, VMState.STOPPED, f"an interrupted stop was finished ({how})")
+        ctx.ledger.operations.end(vm)
         return f"the stop was finished ({how})"
     actual = ctx.host(record.host).state(vm)
     state = ledger_state(actual)
     if record.state != state:
-        ctx.ledger.set_state(vm, state, f"an interrupted {op['kind']}: libvirt says {actual.value}")
-    ctx.ledger.end_operation(vm)
+        ctx.ledger.vms.set_state(vm, state, f"an interrupted {op['kind']}: libvirt says {actual.value}")
+    ctx.ledger.operations.end(vm)
     return f"libvirt says {actual.value}: the ledger says {state}"
 
 
@@ -86,7 +86,7 @@ def start_claiming_a_port(ctx: Context, guest: Guest, say: Say) -> Guest:
     So a refused forward moves to a port that is free now, in the domain and the ledger, and the start is tried
     again. Nothing else is retried. Returns the handle on what was started: a redefinition makes a new one."""
     name = guest.name
-    record = ctx.ledger.get_vm(name)
+    record = ctx.ledger.vms.get(name)
     port = record.ssh_port
     for _ in range(PORT_ATTEMPTS):
         try:
@@ -95,7 +95,7 @@ def start_claiming_a_port(ctx: Context, guest: Guest, say: Say) -> Guest:
         except HypervisorError as exc:
             if HOSTFWD_REFUSED not in exc.message:
                 raise
-        refused, port = port, ctx.ledger.move_ssh_port(name, str(record.spec.ssh_bind), port,
+        refused, port = port, ctx.ledger.vms.move_ssh_port(name, str(record.spec.ssh_bind), port,
                                                        probe=ctx.is_this_machine(record.host))
         say(f"port {refused} is taken by another process; moving the SSH forward to {port}")
         guest = guest.host.define(retarget_ssh_forward(guest.xml(inactive=True), port))
@@ -105,13 +105,13 @@ def start_claiming_a_port(ctx: Context, guest: Guest, say: Say) -> Guest:
 
 def stop(ctx: Context, name: str, timeout: float = 30.0, say: Say = quiet) -> str:
     """Graceful shutdown, then destroy after ``timeout`` seconds. Returns "graceful" or "forced"."""
-    ctx.ledger.get_vm(name)
+    ctx.ledger.vms.get(name)
     with operation(ctx, name, "stop", say=say) as op:
-        record = ctx.ledger.get_vm(name)
+        record = ctx.ledger.vms.get(name)
         guest = ctx.host(record.host).find_guest(name)
         how = _power_off(guest, timeout, say, lambda: op.step("asked")) if guest is not None else "already stopped"
         op.step("powered-off")
-        ctx.ledger.set_state(name, VMState.STOPPED, f"stopped ({how})")
+        ctx.ledger.vms.set_state(name, VMState.STOPPED, f"stopped ({how})")
     return how
 
 
@@ -142,9 +142,9 @@ def restart(ctx: Context, name: str, timeout: float = 30.0, say: Say = quiet,
     """Power off (gracefully, forced after ``timeout``; at once with ``force``) and boot again in one operation,
     waiting until the guest reports ready. A new QEMU process: CPU and memory changes made with ``resize`` for the
     next boot take effect. Returns how it stopped and the seconds the boot took."""
-    ctx.ledger.get_vm(name)
+    ctx.ledger.vms.get(name)
     with operation(ctx, name, "restart", say=say) as op:
-        record = ctx.ledger.get_vm(name)
+        record = ctx.ledger.vms.get(name)
         guest = ctx.host(record.host).guest(name)
         if force and guest.state() is not DomainState.SHUTOFF:
             say("powering off at once (--force)")
@@ -153,7 +153,7 @@ def restart(ctx: Context, name: str, timeout: float = 30.0, say: Say = quiet,
         else:
             how = _power_off(guest, timeout, say, lambda: op.step("asked"))
         op.step("powered-off")
-        ctx.ledger.set_state(name, VMState.STOPPED, f"restarting: stopped ({how})")
+        ctx.ledger.vms.set_state(name, VMState.STOPPED, f"restarting: stopped ({how})")
         console = pooled.console_of(ctx, record)
         offset = console_size(console)
         say("starting")
@@ -162,16 +162,16 @@ def restart(ctx: Context, name: str, timeout: float = 30.0, say: Say = quiet,
         say("waiting for the guest to report ready")
         _, waited = wait_for_ready(name, console, boot_timeout, lambda: guest.state() is DomainState.RUNNING,
                                    offset=offset, poll=0.05 if isinstance(console, Path) else 0.5)
-        ctx.ledger.set_state(name, VMState.RUNNING, f"restarted ({how} stop); guest up after {waited:.2f} s")
+        ctx.ledger.vms.set_state(name, VMState.RUNNING, f"restarted ({how} stop); guest up after {waited:.2f} s")
     return how, waited
 
 
 def pause(ctx: Context, name: str) -> None:
     """Freeze the VM's vCPUs (libvirt suspend). Its memory stays allocated and counted; nothing in the guest runs,
     its agent and SSH included, until ``resume``."""
-    ctx.ledger.get_vm(name)
+    ctx.ledger.vms.get(name)
     with operation(ctx, name, "pause"):
-        record = ctx.ledger.get_vm(name)
+        record = ctx.ledger.vms.get(name)
         guest = ctx.host(record.host).guest(name)
         state = guest.state()
         if state is DomainState.PAUSED:
@@ -179,20 +179,20 @@ def pause(ctx: Context, name: str) -> None:
         if state is not DomainState.RUNNING:
             raise HvctlError(f"VM {name} is not running (libvirt: {state.value}); only a running VM can be paused")
         guest.suspend()
-        ctx.ledger.set_state(name, VMState.PAUSED, f"paused {name}")
+        ctx.ledger.vms.set_state(name, VMState.PAUSED, f"paused {name}")
 
 
 def resume(ctx: Context, name: str) -> None:
     """Let a paused VM's vCPUs run again."""
-    ctx.ledger.get_vm(name)
+    ctx.ledger.vms.get(name)
     with operation(ctx, name, "resume"):
-        record = ctx.ledger.get_vm(name)
+        record = ctx.ledger.vms.get(name)
         guest = ctx.host(record.host).guest(name)
         state = guest.state()
         if state is not DomainState.PAUSED:
             raise HvctlError(f"VM {name} is not paused (libvirt: {state.value})")
         guest.resume()
-        ctx.ledger.set_state(name, VMState.RUNNING, f"resumed {name}")
+        ctx.ledger.vms.set_state(name, VMState.RUNNING, f"resumed {name}")
 
 
 def destroy(ctx: Context, name: str, say: Say = quiet) -> None:
@@ -202,7 +202,7 @@ def destroy(ctx: Context, name: str, say: Say = quiet) -> None:
     destroy finishes the job. It holds the VM's operation lock (an interrupted migration is reconciled first), and
     deletes no file or volume while any host runs the VM's domain.
     """
-    ctx.ledger.get_vm(name)
+    ctx.ledger.vms.get(name)
     with operation(ctx, name, "destroy", say=say) as op:
         _destroy(ctx, name, say, op.step)
 
@@ -210,17 +210,17 @@ def destroy(ctx: Context, name: str, say: Say = quiet) -> None:
 def reconcile_destroy(ctx: Context, op: dict[str, Any]) -> str:
     """An interrupted destroy is finished: destroy is idempotent up to its last step, the ledger row."""
     try:
-        ctx.ledger.get_vm(op["vm"])
+        ctx.ledger.vms.get(op["vm"])
     except NotFound:
-        ctx.ledger.end_operation(op["vm"])
+        ctx.ledger.operations.end(op["vm"])
         return "it had finished"
     _destroy(ctx, op["vm"], lambda _: None, lambda *_a, **_k: None)
-    ctx.ledger.end_operation(op["vm"])
+    ctx.ledger.operations.end(op["vm"])
     return "finished"
 
 
 def _destroy(ctx: Context, name: str, say: Say, step: Callable[..., None]) -> None:
-    record = ctx.ledger.get_vm(name)
+    record = ctx.ledger.vms.get(name)
     host = ctx.host(record.host)
     guest = host.find_guest(name)
     if guest is not None and (not guest.made_by_hvctl() or (record.domain_uuid and guest.uuid != record.domain_uuid)):
@@ -231,7 +231,7 @@ def _destroy(ctx: Context, name: str, say: Say, step: Callable[..., None]) -> No
                          hint="undefine it yourself if it is leftover, then `hvctl destroy` again")
     if guest is None:
         _refuse_if_running_elsewhere(ctx, record)
-    ctx.ledger.set_state(name, VMState.DESTROYING)
+    ctx.ledger.vms.set_state(name, VMState.DESTROYING)
     step("marked")
     try:
         if guest is not None:
@@ -242,17 +242,17 @@ def _destroy(ctx: Context, name: str, say: Say, step: Callable[..., None]) -> No
     except NotFound:
         pass  # Already gone from libvirt (drift); the rest still has to be removed.
     step("undefined")
-    if ctx.ledger.gpu_bindings(record.host, name):
+    if ctx.ledger.gpus.bindings(record.host, name):
         say("giving the GPUs back to their host drivers")
         # A failure raises here, before the ledger row goes: `hvctl destroy` again, or `hvctl gpu release`.
         released = passthrough.release_vm(ctx, ctx.gpu_env, name, record.host)
-        ctx.ledger.log_event(name, record.host, "gpu.released", f"returned {', '.join(released)} to their drivers")
+        ctx.ledger.events.log(name, record.host, "gpu.released", f"returned {', '.join(released)} to their drivers")
     say(f"deleting the VM's volumes from host {record.host}'s storage pool" if not ctx.is_this_machine(record.host)
         else "removing the overlay disk and console log")
     remove_vm_files(ctx, record)
     step("files-removed")
     withdraw_vm_lease(ctx, record, say)
-    ctx.ledger.delete_vm(name, f"destroyed {name}")
+    ctx.ledger.vms.delete(name, f"destroyed {name}")
     if record.spec.network is not None and record.spec.network.tenant_network is not None:
         leave_if_unused(ctx, record.spec.network.tenant_network, record.host, say)
 
@@ -275,7 +275,7 @@ def destroy_orphan(ctx: Context, name: str, host_name: str, say: Say = quiet) ->
     goes, and the files it names that are hvctl's own and no VM in the ledger uses: under this machine's state dir
     (vms/NAME*), or its vm-NAME.* volumes in the host's pool. Returns what was removed. Never automatic: `doctor`
     lists orphans, and this is the command its hint names."""
-    if name in {vm.name for vm in ctx.ledger.list_vms()}:
+    if name in {vm.name for vm in ctx.ledger.vms.all()}:
         raise HvctlError(f"{name} is in the ledger, so it is not an orphan", hint=f"hvctl destroy {name}")
     with operation(ctx, name, "destroy-orphan", target=host_name, say=say):
         host = ctx.host(host_name)
@@ -288,7 +288,7 @@ def destroy_orphan(ctx: Context, name: str, host_name: str, say: Say = quiet) ->
         root = ET.fromstring(guest.xml())
         paths = {el.get("file") or el.get("path") or "" for el in root.iter("source")}
         paths |= {el.get("file") or "" for el in root.iter("log")}
-        used = {str(p) for vm in ctx.ledger.list_vms() for p in (vm.overlay, vm.seed, vm.console_log) if p}
+        used = {str(p) for vm in ctx.ledger.vms.all() for p in (vm.overlay, vm.seed, vm.console_log) if p}
         say("destroying the orphan domain")
         guest.destroy()
         guest.undefine()
@@ -301,7 +301,7 @@ def destroy_orphan(ctx: Context, name: str, host_name: str, say: Say = quiet) ->
                     removed.append(str(directory))
         else:
             removed += pooled.open_files(host, name).delete()
-        ctx.ledger.log_event(name, host_name, "orphan.destroyed", f"destroyed orphan {name}: {', '.join(removed)}")
+        ctx.ledger.events.log(name, host_name, "orphan.destroyed", f"destroyed orphan {name}: {', '.join(removed)}")
         return removed
 
 
@@ -310,7 +310,7 @@ def _refuse_if_running_elsewhere(ctx: Context, record: VMRecord) -> None:
     (by name and hvctl's metadata for a VM recorded before UUIDs were), whether it runs it there: after a crash
     mid-migration it may, with the ledger still naming the source."""
     silent = []
-    for other in ctx.ledger.list_hosts():
+    for other in ctx.ledger.hosts.all():
         if other.name == record.host:
             continue
         try:

@@ -47,8 +47,8 @@ class FleetCollector(Collector):
 
 def _collect(ctx: Context) -> Iterator[Metric]:
     ledger = ctx.ledger
-    vms = ledger.list_vms()
-    hosts = ledger.list_hosts()
+    vms = ledger.vms.all()
+    hosts = ledger.hosts.all()
     yield from _vm_metrics(ctx, vms, [h.name for h in hosts])
     yield from _tenant_metrics(ctx, vms)
     yield from _host_metrics(ctx, hosts)
@@ -134,7 +134,7 @@ def _host_metrics(ctx: Context, hosts: list[Any]) -> Iterator[Metric]:
         enabled.add_metric([h.name], 1 if h.enabled else 0)
     yield enabled
     reserved_by_host: dict[str, Usage] = {}
-    for row in ctx.ledger.reservations():
+    for row in ctx.ledger.reservations.all():
         reserved_by_host[row["host"]] = reserved_by_host.get(row["host"], Usage()) + Usage(**json.loads(row["usage"]))
     capacity = {"vcpus": lambda h: h.cpus, "memory_mib": lambda h: h.memory_mib, "disk_gib": lambda h: h.disk_gib}
     usage = {h.name: ctx.ledger.host_usage(h.name) for h in hosts}
@@ -160,11 +160,11 @@ def _host_metrics(ctx: Context, hosts: list[Any]) -> Iterator[Metric]:
 def _gpu_metrics(ctx: Context) -> Iterator[Metric]:
     owned = GaugeMetricFamily("hvctl_gpu_assigned", "1 for each passthrough device bound for a VM, by owner.",
                               labels=["host", "address", "vm", "state"])
-    for row in ctx.ledger.gpu_bindings():
+    for row in ctx.ledger.gpus.bindings():
         owned.add_metric([row["host"], row["address"], row["vm"] or "", row["state"]], 1)
     devices = GaugeMetricFamily("hvctl_host_gpus", "Passthrough-capable GPUs found on the host.", labels=["host"])
-    for h in ctx.ledger.list_hosts():
-        devices.add_metric([h.name], len(ctx.ledger.host_inventory(h.name)[1]))
+    for h in ctx.ledger.hosts.all():
+        devices.add_metric([h.name], len(ctx.ledger.hosts.inventory(h.name)[1]))
     yield owned
     yield devices
 
@@ -174,7 +174,7 @@ def _migration_metrics(ctx: Context) -> Iterator[Metric]:
     counts: dict[tuple[str, str], int] = {}
     durations: dict[str, list[float]] = {}
     downtimes: list[float] = []
-    for event in ctx.ledger.events_of_kind("migration.completed"):
+    for event in ctx.ledger.events.of_kind("migration.completed"):
         data = event.data or {}
         mode = str(data.get("mode", "live"))
         counts[("completed", mode)] = counts.get(("completed", mode), 0) + 1
@@ -182,7 +182,7 @@ def _migration_metrics(ctx: Context) -> Iterator[Metric]:
             durations.setdefault(mode, []).append(float(data["total_s"]))
         if data.get("downtime_ms") is not None:
             downtimes.append(float(data["downtime_ms"]) / 1000)
-    for event in ctx.ledger.events_of_kind("migration.failed"):
+    for event in ctx.ledger.events.of_kind("migration.failed"):
         # Older failures were logged without their mode: checkpoint ones say so in their message.
         mode = str((event.data or {}).get("mode") or ("checkpoint" if "checkpoint" in event.message else "live"))
         counts[("failed", mode)] = counts.get(("failed", mode), 0) + 1

@@ -56,7 +56,7 @@ def migrate(ctx: Context, name: str, target: str, opts: MigrateOptions,
             say: Say = quiet) -> dict[str, Any]:
     """A live (or offline) migration holds the VM's operation lock with a durable intent (``hvctl.ops.intent``),
     so a crash at any step is finished or rolled back by ``reconcile_migration``."""
-    ctx.ledger.get_vm(name)  # NotFound before any lock
+    ctx.ledger.vms.get(name)  # NotFound before any lock
     kind = "migrate-checkpoint" if opts.mode == "checkpoint" else "migrate"
     with operation(ctx, name, kind, target=target, say=say) as op:
         return _migrate(ctx, name, target, opts, on_progress, say, op)
@@ -66,8 +66,8 @@ def _migrate(ctx: Context, name: str, target: str, opts: MigrateOptions,
              on_progress: Callable[[dict[str, Any]], None] | None, say: Say,
              op: Operation) -> dict[str, Any]:
     ledger = ctx.ledger
-    record = ledger.get_vm(name)
-    target_record = ledger.get_host(target)
+    record = ledger.vms.get(name)
+    target_record = ledger.hosts.get(target)
     if target == record.host:
         raise InvalidSpec(f"{name} is already on host {target}")
     if not target_record.enabled:
@@ -79,7 +79,7 @@ def _migrate(ctx: Context, name: str, target: str, opts: MigrateOptions,
     if opts.mode == "checkpoint" and record.agent_token is None:
         raise InvalidSpec(f"{name} has no agent, and checkpoint mode moves its workloads through it",
                           hint="use --mode offline")
-    snapshots = ledger.snapshots(name)
+    snapshots = ledger.snapshots.all(name)
     if snapshots:
         raise InvalidSpec(f"{name} has {len(snapshots)} snapshot(s) ({', '.join(s.name for s in snapshots)}); "
                           "libvirt does not migrate a domain with internal snapshots",
@@ -99,7 +99,7 @@ def _migrate(ctx: Context, name: str, target: str, opts: MigrateOptions,
             return checkpoint_migrate(ctx, record, target, opts.timeout_s, say, op)
         except BaseException as exc:
             message = exc.message if isinstance(exc, HvctlError) else f"{type(exc).__name__}: {exc}"
-            ledger.log_event(name, record.host, "migration.failed", f"checkpoint-migration of {name} to {target} "
+            ledger.events.log(name, record.host, "migration.failed", f"checkpoint-migration of {name} to {target} "
                                                                     f"failed: {message}; it stays on {record.host}",
                              {"mode": opts.mode, "target": target})
             if isinstance(exc, (InvalidSpec, NotFound, QuotaExceeded)) or not isinstance(exc, Exception):
@@ -126,13 +126,13 @@ def _migrate(ctx: Context, name: str, target: str, opts: MigrateOptions,
     # A host never used since it was registered (the default host, say) has its capacity probed first: its limit
     # would read as zero otherwise.
     ctx.capabilities(target)
-    target_record = ledger.get_host(target)
-    gpus = len(ledger.host_inventory(target)[1])
-    reservation = ledger.reserve(target, record.tenant, host_footprint(record.spec), "migration", vm=name,
+    target_record = ledger.hosts.get(target)
+    gpus = len(ledger.hosts.inventory(target)[1])
+    reservation = ledger.reservations.hold(target, record.tenant, host_footprint(record.spec), "migration", vm=name,
                                  host_limit=host_limit(ctx.policy, target_record, gpus))
     copy: StorageCopy | None = None
     try:
-        port = ledger.free_port_on(target, bind_address=str(record.spec.ssh_bind) if ctx.is_this_machine(target)
+        port = ledger.vms.free_port_on(target, bind_address=str(record.spec.ssh_bind) if ctx.is_this_machine(target)
                                    else None)
         op.step("reserved", reservation=reservation, port=port)
         dest_xml = retarget_ssh_forward(guest.migratable_xml(), port)
@@ -157,15 +157,15 @@ def _migrate(ctx: Context, name: str, target: str, opts: MigrateOptions,
                      copy.copy_disks if copy else ())
         op.step("migrated")  # libvirt has finished: the VM runs on the target, the ledger does not say so yet
     except BaseException as exc:
-        ledger.release(reservation)
+        ledger.reservations.release(reservation)
         if copy is not None:
             copy.discard()
         message = exc.message if isinstance(exc, HvctlError) else f"{type(exc).__name__}: {exc}"
-        ledger.log_event(name, record.host, "migration.failed", f"migration of {name} to {target} failed: "
+        ledger.events.log(name, record.host, "migration.failed", f"migration of {name} to {target} failed: "
                                                                 f"{message}; it stays on {record.host}",
                          {"mode": opts.mode, "target": target})
         raise
-    ledger.complete_migration(name, target, port, reservation, stats, moved=moved)
+    ledger.vms.complete_migration(name, target, port, reservation, stats, moved=moved)
     op.step("committed")
     if opts.copy_storage:
         _discard_source_files(ctx, record)  # the source's copy: the VM runs on the new one
@@ -193,16 +193,16 @@ def reconcile_migration(ctx: Context, op: dict[str, Any]) -> str:
     source = data.get("source")
     ledger = ctx.ledger
     if source is None:  # killed before the checks ended: nothing was made
-        ledger.end_operation(vm)
+        ledger.operations.end(vm)
         return "nothing had been done yet"
-    record = ledger.get_vm(vm)
+    record = ledger.vms.get(vm)
     uuid = data["uuid"]
     copy_storage = bool(data.get("copy_storage"))
     if record.host == target:
         if copy_storage and ctx.host(source).find_guest_by_uuid(uuid) is None:
             _discard_source_files(ctx, dataclasses.replace(record, host=source,
                                                            overlay=Path(data["source_overlay"])))
-        ledger.end_operation(vm)
+        ledger.operations.end(vm)
         return f"it had been committed on {target}" + ("; the source's copy of its disk is removed" if copy_storage
                                                        else "")
     there = ctx.host(target).find_guest_by_uuid(uuid)
@@ -213,17 +213,17 @@ def reconcile_migration(ctx: Context, op: dict[str, Any]) -> str:
         port = data.get("port")
         if reservation is None or port is None:
             return "undecided: the VM runs on the target, but the intent has no reservation or port"
-        ledger.complete_migration(vm, target, int(port), int(reservation), {"reconciled": True},
+        ledger.vms.complete_migration(vm, target, int(port), int(reservation), {"reconciled": True},
                                   moved=data.get("moved"))
         if copy_storage and here is None:
             _discard_source_files(ctx, dataclasses.replace(record, overlay=Path(data["source_overlay"])))
-        ledger.end_operation(vm)
+        ledger.operations.end(vm)
         return f"libvirt had finished: committed on {target}"
     if here is not None and here.state() in live and there is None:
-        ledger.release_for(vm, "migration", target)
+        ledger.reservations.release_for(vm, "migration", target)
         if copy_storage:
             _discard_target_copy(ctx, record, target)
-        ledger.end_operation(vm)
+        ledger.operations.end(vm)
         return f"it never left {source}: rolled back"
     return (f"undecided: the domain runs on {'both hosts' if here and there else 'neither host'}; "
             "if a migration is still finishing, try again in a moment")
@@ -247,18 +247,18 @@ def migration_address(ctx: Context, source: str, target: str) -> str:
     otherwise the address the target's URI names when it is another host; and when only the source is another
     host, this machine's own address on its route to that host (the kernel's choice of source address for a
     datagram socket connected there: nothing is sent)."""
-    underlay = ctx.ledger.underlays().get(target)
+    underlay = ctx.ledger.networks.underlays().get(target)
     address: str | None
     if underlay is not None and not ctx.is_this_machine(source) and not ctx.is_this_machine(target):
         address = str(underlay)
     elif not ctx.is_this_machine(target):
-        address = urlsplit(ctx.ledger.get_host(target).uri).hostname
+        address = urlsplit(ctx.ledger.hosts.get(target).uri).hostname
         if not address:
             raise InvalidSpec(f"host {target}'s URI names no address that {source} could migrate to")
     elif ctx.is_this_machine(source):
         address = "127.0.0.1"
     else:
-        peer = urlsplit(ctx.ledger.get_host(source).uri).hostname
+        peer = urlsplit(ctx.ledger.hosts.get(source).uri).hostname
         if not peer:
             raise InvalidSpec(f"host {source}'s URI names no address, so hvctl cannot tell which of this "
                               "machine's addresses it reaches")
@@ -364,7 +364,7 @@ def _discard_source_files(ctx: Context, record: VMRecord) -> None:
         else:
             pooled.open_files(ctx.host(record.host), record.name).delete()
     except HvctlError as exc:
-        ctx.ledger.log_event(record.name, record.host, "migration.source-left",
+        ctx.ledger.events.log(record.name, record.host, "migration.source-left",
                              f"the source's copy of {record.name}'s files could not be deleted: {exc.message}")
 
 
@@ -393,7 +393,7 @@ def _recording(ctx: Context, op: Operation, source: str, target: str,
                    "expected_downtime_ms": stats.get("downtime")}
         op.progress(summary)
         pct = f"{summary['percent']:.0f}%" if summary["percent"] is not None else "starting"
-        ctx.ledger.log_event(op.vm, source, "migration.progress",
+        ctx.ledger.events.log(op.vm, source, "migration.progress",
                              f"migrating to {target}: {pct}, {done / 2**20:.1f} MiB sent, {left / 2**20:.1f} MiB "
                              f"left, iteration {summary['iteration']}", summary)
 

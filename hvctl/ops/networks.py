@@ -38,31 +38,31 @@ def create_network(ctx: Context, name: str, tenant: str, subnet: str | None) -> 
         parsed = IPv4Network(subnet) if subnet is not None else None
     except ValueError as exc:
         raise InvalidSpec(f"--subnet {subnet}: {exc}", hint="an IPv4 network such as 10.96.1.0/24") from None
-    return ctx.ledger.add_network(name, tenant, parsed).as_dict()
+    return ctx.ledger.networks.add(name, tenant, parsed).as_dict()
 
 
 def show_network(ctx: Context, name: str) -> dict[str, Any]:
-    network = ctx.ledger.get_network(name)
-    vms = [{"vm": vm, "address": address, "host": host} for vm, address, host in ctx.ledger.network_addresses(name)]
+    network = ctx.ledger.networks.get(name)
+    vms = [{"vm": vm, "address": address, "host": host} for vm, address, host in ctx.ledger.networks.addresses(name)]
     return network.as_dict() | {"vms": vms, "free": len(network.usable()) - len(vms),
                                 "dhcp_server": str(tenant_server(network.subnet))}
 
 
 def list_networks(ctx: Context, tenant: str | None = None) -> list[dict[str, Any]]:
-    return [show_network(ctx, n.name) for n in ctx.ledger.networks(tenant)]
+    return [show_network(ctx, n.name) for n in ctx.ledger.networks.all(tenant)]
 
 
 def remove_network(ctx: Context, name: str, say: Say = quiet) -> dict[str, Any]:
     """Refused while a VM is on it. Otherwise its libvirt network goes from every registered host that has it; a host
     that cannot be asked stops the removal with nothing forgotten, so that a later `network rm` finishes it."""
-    network = ctx.ledger.get_network(name)
-    users = ctx.ledger.network_addresses(name)
+    network = ctx.ledger.networks.get(name)
+    users = ctx.ledger.networks.addresses(name)
     if users:
         raise InvalidSpec(f"network {name} is in use by {', '.join(vm for vm, _, _ in users)}",
                           hint="destroy those VMs first")
     removed_from = []
-    underlays = ctx.ledger.underlays()
-    for host in ctx.ledger.list_hosts():
+    underlays = ctx.ledger.networks.underlays()
+    for host in ctx.ledger.hosts.all():
         try:
             if ctx.host(host.name).remove_network(network.libvirt_name):
                 say(f"removed libvirt network {network.libvirt_name} from host {host.name}")
@@ -73,13 +73,13 @@ def remove_network(ctx: Context, name: str, say: Say = quiet) -> dict[str, Any]:
             raise HvctlError(f"network {name}: host {host.name} could not be asked to remove it: {exc.message}",
                              hint="bring the host back (or `hvctl host rm` it) and run `hvctl network rm` again") \
                 from None
-    ctx.ledger.remove_network(name)
+    ctx.ledger.networks.remove(name)
     return {"network": name, "removed_from": removed_from}
 
 
 def tenant_attach(ctx: Context, name: str) -> NetworkAttach:
     """The NIC a VM gets on tenant network ``name``; its address is given when the VM is reserved."""
-    network = ctx.ledger.get_network(name)
+    network = ctx.ledger.networks.get(name)
     return NetworkAttach(network=network.libvirt_name, tenant_network=network.name)
 
 
@@ -89,8 +89,8 @@ def check_tenant_network(ctx: Context, spec: VMSpec) -> NetworkRecord | None:
     net = spec.network
     if net is None or net.tenant_network is None:
         return None
-    network = ctx.ledger.get_network(net.tenant_network)
-    check_attach(network, spec, len(ctx.ledger.network_addresses(network.name)))
+    network = ctx.ledger.networks.get(net.tenant_network)
+    check_attach(network, spec, len(ctx.ledger.networks.addresses(network.name)))
     return network
 
 
@@ -100,9 +100,9 @@ def ensure_on_host(ctx: Context, spec: VMSpec, host: str, say: Say = quiet) -> N
     network = check_tenant_network(ctx, spec)
     if network is None:
         return
-    hosts = sorted({*ctx.ledger.network_hosts(network.name), host})
+    hosts = sorted({*ctx.ledger.networks.hosts(network.name), host})
     if len(hosts) > 1:
-        underlays = ctx.ledger.underlays()
+        underlays = ctx.ledger.networks.underlays()
         missing = [h for h in hosts if h not in underlays]
         if missing:
             raise InvalidSpec(f"network {network.name} would span hosts {', '.join(hosts)}, and host "
@@ -120,7 +120,7 @@ def ensure_on_host(ctx: Context, spec: VMSpec, host: str, say: Say = quiet) -> N
 
 def _join_vxlan(ctx: Context, network: NetworkRecord, hosts: list[str], say: Say) -> None:
     """The network's VXLAN device on each of ``hosts``, with a flood entry for each of the others (idempotent)."""
-    underlays = ctx.ledger.underlays()
+    underlays = ctx.ledger.networks.underlays()
     for each in hosts:
         peers = [str(underlays[h]) for h in hosts if h != each]
         _on_host(ctx, each, _vxlan_script(network, underlays[each], peers))
@@ -129,7 +129,7 @@ def _join_vxlan(ctx: Context, network: NetworkRecord, hosts: list[str], say: Say
 
 def leases(ctx: Context, name: str) -> list[DhcpHost]:
     """The static DHCP leases of network ``name``: one per VM on it, its IPAM address for its NIC's MAC."""
-    return [_lease(vm, address) for vm, address, _ in ctx.ledger.network_addresses(name)]
+    return [_lease(vm, address) for vm, address, _ in ctx.ledger.networks.addresses(name)]
 
 
 def _lease(vm: str, address: str) -> DhcpHost:
@@ -144,9 +144,9 @@ def publish_lease(ctx: Context, spec: VMSpec, say: Say = quiet) -> list[str]:
     net = spec.network
     if net is None or net.tenant_network is None or net.address is None:
         return []
-    network = ctx.ledger.get_network(net.tenant_network)
+    network = ctx.ledger.networks.get(net.tenant_network)
     served = []
-    for host in sorted({*ctx.ledger.network_hosts(network.name), *([spec.host] if spec.host else [])}):
+    for host in sorted({*ctx.ledger.networks.hosts(network.name), *([spec.host] if spec.host else [])}):
         try:
             if ctx.host(host).set_dhcp_host(network.libvirt_name, _lease(spec.name, str(net.address.ip))):
                 served.append(host)
@@ -161,7 +161,7 @@ def withdraw_lease(ctx: Context, network_name: str, vm: str, hosts: list[str], s
     """``vm``'s DHCP lease off network ``network_name`` on ``hosts``, as far as they can be asked: a lease left
     behind only holds an address for a MAC no VM has, and a later VM of that name or address replaces it."""
     try:
-        libvirt_name = ctx.ledger.get_network(network_name).libvirt_name
+        libvirt_name = ctx.ledger.networks.get(network_name).libvirt_name
     except NotFound:
         return
     for host in hosts:
@@ -176,7 +176,7 @@ def withdraw_vm_lease(ctx: Context, record: VMRecord, say: Say = quiet) -> None:
     net = record.spec.network
     if net is not None and net.tenant_network is not None:
         withdraw_lease(ctx, net.tenant_network, record.name,
-                       sorted({*ctx.ledger.network_hosts(net.tenant_network), record.host}), say)
+                       sorted({*ctx.ledger.networks.hosts(net.tenant_network), record.host}), say)
 
 
 def leave_if_unused(ctx: Context, network_name: str, host: str, say: Say = quiet) -> None:
@@ -185,11 +185,11 @@ def leave_if_unused(ctx: Context, network_name: str, host: str, say: Say = quiet
     VMs drop their flood entry for it, or their own device when no peer is left. As far as the hosts can be asked:
     a host that cannot be is said and skipped (a flood entry left for a host that is gone only costs a copy of each
     broadcast)."""
-    remaining = ctx.ledger.network_hosts(network_name)
-    underlays = ctx.ledger.underlays()
+    remaining = ctx.ledger.networks.hosts(network_name)
+    underlays = ctx.ledger.networks.underlays()
     if host in remaining or host not in underlays:
         return
-    vx = ctx.ledger.get_network(network_name).vxlan
+    vx = ctx.ledger.networks.get(network_name).vxlan
     scripts = {host: f"ip link del {vx} 2>/dev/null || true"}
     for other in remaining:
         scripts[other] = (f"ip link del {vx} 2>/dev/null || true" if len(remaining) == 1 else
@@ -208,8 +208,8 @@ def vxlan_gaps(ctx: Context) -> list[tuple[NetworkRecord, str]]:
     host reboot: libvirt restarts the network but knows nothing of the device). A host that cannot be asked is
     not counted here: the doctor's hosts check names one that is down, and one reached over qemu+tls has no ssh."""
     gaps = []
-    for network in ctx.ledger.networks():
-        hosts = ctx.ledger.network_hosts(network.name)
+    for network in ctx.ledger.networks.all():
+        hosts = ctx.ledger.networks.hosts(network.name)
         for host in hosts if len(hosts) > 1 else []:
             try:
                 _on_host(ctx, host, f"ip link show {network.vxlan} >/dev/null 2>&1")
@@ -229,7 +229,7 @@ def repair_vxlan(ctx: Context, say: Say = quiet) -> list[str]:
     repaired = []
     for network, hosts in gaps.values():  # one join per network sets up every host of it that lacks its device
         try:
-            _join_vxlan(ctx, network, ctx.ledger.network_hosts(network.name), say)
+            _join_vxlan(ctx, network, ctx.ledger.networks.hosts(network.name), say)
         except _HOST_FAILURES as exc:  # another of its hosts: the other networks go on
             say(f"warning: network {network.name}'s VXLAN could not be set up again: {exc.message}")
             continue
@@ -249,7 +249,7 @@ def _vxlan_script(network: NetworkRecord, local: IPv4Address, peers: list[str]) 
 def _on_host(ctx: Context, host: str, script: str) -> None:
     """Run ``script`` on ``host``: here, or over its URI's ssh."""
     argv = ("sh", "-c", script) if ctx.is_this_machine(host) else \
-        host_command(ctx.ledger.get_host(host).uri, script)
+        host_command(ctx.ledger.hosts.get(host).uri, script)
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
     except (OSError, subprocess.TimeoutExpired) as exc:

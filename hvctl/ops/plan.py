@@ -68,8 +68,8 @@ def plan(ctx: Context, specs: list[VMSpec]) -> dict[str, Any]:
     weight; ties to the tenant first by name), refuse it if it would exceed the tenant's quota, else let the scheduler
     place it. Requests a tenant cannot get do not count."""
     policy, ledger = ctx.policy, ctx.ledger
-    hosts = [h for h in ledger.list_hosts() if h.cpus is not None]
-    limits = [host_limit(policy, h, len(ledger.host_inventory(h.name)[1])) for h in hosts]
+    hosts = [h for h in ledger.hosts.all() if h.cpus is not None]
+    limits = [host_limit(policy, h, len(ledger.hosts.inventory(h.name)[1])) for h in hosts]
     # The shares are of what tenants are charged (quota units) against the hosts' usable capacity; disk is not a
     # resource the fairness counts.
     capacity = tuple(sum(float(lim[k] or 0) for lim in limits) if k != "disk_gib" else 0.0

@@ -30,7 +30,7 @@ from hvctl.spec import VMSpec
 
 def resize(ctx: Context, name: str, vcpus: int | None = None, memory_mib: int | None = None,
            disk_gib: int | None = None, say: Say = quiet) -> dict[str, Any]:
-    record = ctx.ledger.get_vm(name)
+    record = ctx.ledger.vms.get(name)
     old = record.spec
     changes = {k: v for k, v in (("vcpus", vcpus), ("memory_mib", memory_mib), ("disk_gib", disk_gib))
                if v is not None and v != getattr(old, k)}
@@ -43,16 +43,16 @@ def resize(ctx: Context, name: str, vcpus: int | None = None, memory_mib: int | 
     new = VMSpec.parse(**(old.model_dump() | changes))  # the same bounds as a create
     with operation(ctx, name, "resize", data={"from": old.model_dump(mode="json")}, say=say) as op:
         policy = ctx.policy
-        gpus = len(ctx.ledger.host_inventory(record.host)[1])
+        gpus = len(ctx.ledger.hosts.inventory(record.host)[1])
         admission = Admission(tenant_limit=policy.tenant(record.tenant).quota.model_dump(),
-                              host_limit=host_limit(policy, ctx.ledger.get_host(record.host), gpus))
+                              host_limit=host_limit(policy, ctx.ledger.hosts.get(record.host), gpus))
         say("admitting the new size")
-        ctx.ledger.resize_vm(name, new, admission)
+        ctx.ledger.vms.resize(name, new, admission)
         op.step("recorded")
         try:
             result = _apply(ctx, name, record.host, old, new, say)
         except BaseException:
-            ctx.ledger.resize_vm(name, old, Admission({}, {}))  # back to what the VM still has
+            ctx.ledger.vms.resize(name, old, Admission({}, {}))  # back to what the VM still has
             raise
         op.step("applied")
     return {"name": name, "vcpus": new.vcpus, "memory_mib": new.memory_mib, "disk_gib": new.disk_gib} | result
@@ -60,7 +60,7 @@ def resize(ctx: Context, name: str, vcpus: int | None = None, memory_mib: int | 
 
 def _apply(ctx: Context, name: str, host_name: str, old: VMSpec, new: VMSpec,
            say: Say) -> dict[str, Any]:
-    record = ctx.ledger.get_vm(name)
+    record = ctx.ledger.vms.get(name)
     guest = ctx.host(host_name).guest(name)
     running = guest.state() in (DomainState.RUNNING, DomainState.PAUSED)
     result: dict[str, Any] = {"cpu_memory": "unchanged", "disk": "unchanged", "filesystem": None}
@@ -111,5 +111,5 @@ def _grow_filesystem(ctx: Context, record: VMRecord, say: Say) -> str:
 def reconcile_resize(ctx: Context, op: dict[str, Any]) -> str:
     """An interrupted resize keeps the size the ledger recorded; running `hvctl resize` again with it applies
     whatever did not happen (each step is idempotent)."""
-    ctx.ledger.end_operation(op["vm"])
+    ctx.ledger.operations.end(op["vm"])
     return "the ledger keeps the new size; `hvctl resize` with it again finishes applying it"

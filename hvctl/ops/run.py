@@ -164,7 +164,7 @@ def start_workload(ctx: Context, record: VMRecord, kind: str, args: list[str]) -
     """Start workload ``kind`` in the VM and return at once (`hvctl run --detach`); the event log records it."""
     status = agent_for(ctx, record).typed("workload.start", rpc.WorkloadStatus,
                                           rpc.WorkloadStartParams(kind=kind, args=args))
-    ctx.ledger.log_event(record.name, record.host, "workload.started", f"{kind} {status.id} started",
+    ctx.ledger.events.log(record.name, record.host, "workload.started", f"{kind} {status.id} started",
                          {"id": status.id, "kind": kind})
     return status
 
@@ -186,7 +186,7 @@ def run_workload(ctx: Context, record: VMRecord, kind: str, args: list[str], on_
                 offset = logs.next_offset
             status = client.typed("workload.status", rpc.WorkloadStatus, rpc.WorkloadRef(id=status.id))
             if status.state != "running" and logs.eof:
-                ctx.ledger.log_event(record.name, record.host, "workload.finished",
+                ctx.ledger.events.log(record.name, record.host, "workload.finished",
                                      f"{kind} {status.id} {status.state}", {"id": status.id, "kind": kind})
                 return status
             if timeout is not None and time.monotonic() - started > timeout:

@@ -119,7 +119,7 @@ def start(ctx: Context, record: VMRecord, models: list[rpc.ServedModel], *, port
                 with contextlib.suppress(HvctlError):
                     client.typed("serve.unload", rpc.ServeStatus, rpc.ServeModelRef(name=model.name))
         raise
-    ctx.ledger.log_event(record.name, record.host, "serve.started",
+    ctx.ledger.events.log(record.name, record.host, "serve.started",
                          f"serving {', '.join(m.name for m in models)} on port {now.port}",
                          {"models": [m.model_dump() for m in models], "port": now.port})
     return now
@@ -132,7 +132,7 @@ def reload(ctx: Context, record: VMRecord, model: rpc.ServedModel, wait_s: float
     version = before[model.name].version if model.name in before else 0
     _call(client, "serve.reload", model)
     now = wait_models(client, [model.name], wait_s, say, min_version={model.name: version + 1})
-    ctx.ledger.log_event(record.name, record.host, "serve.reloaded", f"model {model.name} now serves {model.dir}",
+    ctx.ledger.events.log(record.name, record.host, "serve.reloaded", f"model {model.name} now serves {model.dir}",
                          {"model": model.name, "dir": model.dir, "version": version + 1})
     return now
 
@@ -146,7 +146,7 @@ def stop(ctx: Context, record: VMRecord) -> rpc.ServeStatus:
     was = _call(client, "serve.status")
     now = _call(client, "serve.stop", timeout=90)
     if was.state != "stopped":
-        ctx.ledger.log_event(record.name, record.host, "serve.stopped", "model server stopped", {})
+        ctx.ledger.events.log(record.name, record.host, "serve.stopped", "model server stopped", {})
     return now
 
 

@@ -30,7 +30,7 @@ from hvctl.placement import host_limit
 
 def create(ctx: Context, vm: str, name: str, memory: bool = False, say: Say = quiet) -> SnapshotRecord:
     check_name(name, "snapshot name")
-    record = ctx.ledger.get_vm(vm)
+    record = ctx.ledger.vms.get(vm)
     with operation(ctx, vm, "snapshot", data={"action": "create", "snapshot": name}, say=say) as op:
         guest = ctx.host(record.host).guest(vm)
         state = guest.state()
@@ -44,36 +44,36 @@ def create(ctx: Context, vm: str, name: str, memory: bool = False, say: Say = qu
             raise HvctlError(f"{vm}'s domain already has a snapshot named {name!r} that the ledger does not know",
                              hint=f"virsh snapshot-delete {vm} {name}, if it is not wanted")
         policy = ctx.policy
-        gpus = len(ctx.ledger.host_inventory(record.host)[1])
+        gpus = len(ctx.ledger.hosts.inventory(record.host)[1])
         admission = Admission(tenant_limit=policy.tenant(record.tenant).quota.model_dump(),
-                              host_limit=host_limit(policy, ctx.ledger.get_host(record.host), gpus))
-        snap = ctx.ledger.reserve_snapshot(vm, name, memory, admission)
+                              host_limit=host_limit(policy, ctx.ledger.hosts.get(record.host), gpus))
+        snap = ctx.ledger.snapshots.reserve(vm, name, memory, admission)
         op.step("reserved")
         try:
             say(f"taking snapshot {name}" + (" with the guest's memory (QEMU savevm)" if memory else ""))
             guest.snapshot_create(name, memory)
         except BaseException:
-            ctx.ledger.delete_snapshot(vm, name, f"snapshot {name} failed; its charge released")
+            ctx.ledger.snapshots.delete(vm, name, f"snapshot {name} failed; its charge released")
             raise
         op.step("taken")
         what = "disk and memory" if memory else "disk"
-        ctx.ledger.set_snapshot_state(vm, name, "ready",
+        ctx.ledger.snapshots.set_state(vm, name, "ready",
                                       f"snapshot {name} of {vm} ({what}; {snap.disk_gib:g} GiB charged)")
-    return ctx.ledger.get_snapshot(vm, name)
+    return ctx.ledger.snapshots.get(vm, name)
 
 
 def list_snapshots(ctx: Context, vm: str) -> list[dict[str, Any]]:
     """The ledger's snapshots of ``vm``, each with whether its domain has it (``in_libvirt``)."""
-    record = ctx.ledger.get_vm(vm)
+    record = ctx.ledger.vms.get(vm)
     guest = ctx.host(record.host).find_guest(vm)
     present = set(guest.snapshot_names()) if guest is not None else set()
-    return [s.as_dict() | {"in_libvirt": s.name in present} for s in ctx.ledger.snapshots(vm)]
+    return [s.as_dict() | {"in_libvirt": s.name in present} for s in ctx.ledger.snapshots.all(vm)]
 
 
 def revert(ctx: Context, vm: str, name: str, say: Say = quiet) -> str:
     """Returns the VM's state after the revert: running for a memory snapshot, stopped for a disk one."""
-    record = ctx.ledger.get_vm(vm)
-    snap = ctx.ledger.get_snapshot(vm, name)
+    record = ctx.ledger.vms.get(vm)
+    snap = ctx.ledger.snapshots.get(vm, name)
     with operation(ctx, vm, "snapshot", data={"action": "revert", "snapshot": name}, say=say) as op:
         guest = ctx.host(record.host).guest(vm)
         in_libvirt = name in guest.snapshot_names()
@@ -88,22 +88,22 @@ def revert(ctx: Context, vm: str, name: str, say: Say = quiet) -> str:
         guest.snapshot_revert(name)
         op.step("reverted")
         now = ledger_state(guest.state())
-        ctx.ledger.set_state(vm, now, f"reverted to snapshot {name}")
+        ctx.ledger.vms.set_state(vm, now, f"reverted to snapshot {name}")
     return now
 
 
 def remove(ctx: Context, vm: str, name: str, say: Say = quiet) -> None:
-    record = ctx.ledger.get_vm(vm)
-    ctx.ledger.get_snapshot(vm, name)
+    record = ctx.ledger.vms.get(vm)
+    ctx.ledger.snapshots.get(vm, name)
     with operation(ctx, vm, "snapshot", data={"action": "rm", "snapshot": name}, say=say) as op:
-        ctx.ledger.set_snapshot_state(vm, name, "deleting", f"deleting snapshot {name}")
+        ctx.ledger.snapshots.set_state(vm, name, "deleting", f"deleting snapshot {name}")
         op.step("marked")
         guest = ctx.host(record.host).guest(vm)
         if name in guest.snapshot_names():
             say(f"deleting snapshot {name}")
             guest.snapshot_delete(name)
         op.step("deleted")
-        ctx.ledger.delete_snapshot(vm, name, f"snapshot {name} of {vm} deleted; its charge released")
+        ctx.ledger.snapshots.delete(vm, name, f"snapshot {name} of {vm} deleted; its charge released")
 
 
 def reconcile_snapshot(ctx: Context, op: dict[str, Any]) -> str:
@@ -112,30 +112,30 @@ def reconcile_snapshot(ctx: Context, op: dict[str, Any]) -> str:
     libvirt's after an interrupted revert."""
     vm = op["vm"]
     try:
-        record = ctx.ledger.get_vm(vm)
+        record = ctx.ledger.vms.get(vm)
     except NotFound:
-        ctx.ledger.end_operation(vm)
+        ctx.ledger.operations.end(vm)
         return "the VM is gone"
     guest = ctx.host(record.host).find_guest(vm)
     present = set(guest.snapshot_names()) if guest is not None else set()
     settled = []
-    for snap in ctx.ledger.snapshots(vm):
+    for snap in ctx.ledger.snapshots.all(vm):
         if snap.state == "ready":
             continue
         if snap.name in present and snap.state == "creating":
-            ctx.ledger.set_snapshot_state(vm, snap.name, "ready", f"an interrupted snapshot {snap.name} was made")
+            ctx.ledger.snapshots.set_state(vm, snap.name, "ready", f"an interrupted snapshot {snap.name} was made")
             settled.append(f"{snap.name} kept")
         elif snap.name in present:  # deleting: finish it
             assert guest is not None
             guest.snapshot_delete(snap.name)
-            ctx.ledger.delete_snapshot(vm, snap.name, f"an interrupted removal of {snap.name} was finished")
+            ctx.ledger.snapshots.delete(vm, snap.name, f"an interrupted removal of {snap.name} was finished")
             settled.append(f"{snap.name} removed")
         else:
-            ctx.ledger.delete_snapshot(vm, snap.name, f"snapshot {snap.name} was never made, or is gone")
+            ctx.ledger.snapshots.delete(vm, snap.name, f"snapshot {snap.name} was never made, or is gone")
             settled.append(f"{snap.name} dropped")
     if guest is not None:
         now = ledger_state(guest.state())
         if record.state != now:
-            ctx.ledger.set_state(vm, now, f"after an interrupted snapshot operation libvirt says {now}")
-    ctx.ledger.end_operation(vm)
+            ctx.ledger.vms.set_state(vm, now, f"after an interrupted snapshot operation libvirt says {now}")
+    ctx.ledger.operations.end(vm)
     return ", ".join(settled) or "nothing to settle"

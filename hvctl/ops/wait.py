@@ -30,7 +30,7 @@ def wait(ctx: Context, name: str, condition: str, timeout: float) -> float:
     No operation lock is held while waiting, so other commands (`hvctl stop` from another shell) go ahead."""
     if condition not in CONDITIONS:
         raise HvctlError(f"unknown condition {condition!r}; use {', '.join(CONDITIONS)}")
-    record = ctx.ledger.get_vm(name)
+    record = ctx.ledger.vms.get(name)
     started = time.monotonic()
     if condition == "agent":
         if not record.agent_token:
@@ -66,9 +66,10 @@ def _wait_stopped(ctx: Context, record: VMRecord, timeout: float) -> None:
         time.sleep(STOP_POLL_S)
     try:
         with operation(ctx, record.name, "wait"):
-            now = ctx.ledger.get_vm(record.name)
+            now = ctx.ledger.vms.get(record.name)
             if now.state in (VMState.RUNNING, VMState.PAUSED) and host.state(record.name) is DomainState.SHUTOFF:
-                ctx.ledger.set_state(record.name, VMState.STOPPED, f"{record.name} powered off (seen by hvctl wait)")
+                ctx.ledger.vms.set_state(record.name, VMState.STOPPED,
+                                         f"{record.name} powered off (seen by hvctl wait)")
     except OperationBusy:
         pass  # the command that holds the VM (a stop, a destroy) records what it did itself
 
