@@ -18,7 +18,7 @@ from typing import Any
 from hvctl.context import Context, GpuEnvironment
 from hvctl.domain import PciAddress, PciHostdev
 from hvctl.errors import HvctlError, InvalidSpec
-from hvctl.ledger import Ledger
+from hvctl.ledger import GpuBinding, InventoryGpu, Ledger
 from hvctl.ops import Undo
 from hvctl.ops.gpus import unpassable
 from hvctl.spec import VMSpec
@@ -72,10 +72,10 @@ def accelerator_allowlist(ctx: Context) -> tuple[tuple[int, int], ...]:
     return tuple((a.vendor, a.device) for a in ctx.policy.accelerators.values())
 
 
-def inventory_rows(ctx: Context, devices: PciInventory) -> list[dict[str, str]]:
+def inventory_rows(ctx: Context, devices: PciInventory) -> tuple[InventoryGpu, ...]:
     """A host's GPUs (and allowlisted accelerators) as the ledger records them at `host add`: address, model, ids."""
-    return [{"address": g.address, "model": ctx.policy.gpu_model(g.primary.vendor, g.primary.device),
-             "ids": g.primary.ids} for g in devices.gpus(accelerator_allowlist=accelerator_allowlist(ctx))]
+    return tuple(InventoryGpu(g.address, ctx.policy.gpu_model(g.primary.vendor, g.primary.device), g.primary.ids)
+                 for g in devices.gpus(accelerator_allowlist=accelerator_allowlist(ctx)))
 
 
 def inventory(ctx: Context, env: GpuEnvironment, host: str) -> PciInventory:
@@ -87,7 +87,7 @@ def inventory(ctx: Context, env: GpuEnvironment, host: str) -> PciInventory:
 
 def owners(ledger: Ledger, host: str) -> dict[str, str]:
     """Device address → the VM holding it: every device claimed or bound by a VM and not yet given back."""
-    return {r["address"]: r["vm"] for r in ledger.gpus.bindings(host) if r["state"] not in RELEASED_STATES}
+    return {r.address: r.vm for r in ledger.gpus.bindings(host) if r.state not in RELEASED_STATES and r.vm is not None}
 
 
 def binder(ctx: Context, env: GpuEnvironment, host: str, vm: str | None) -> DeviceBinder:
@@ -227,10 +227,10 @@ def release_vm(ctx: Context, env: GpuEnvironment, vm: str, host: str) -> list[st
     if not rows:
         return []
     pci = inventory(ctx, env, host)
-    binding = Binding(devices=tuple(BoundDevice(r["address"], pci.device(r["address"]).iommu_group or -1,
-                                                r["original_driver"], None) for r in rows))
+    binding = Binding(devices=tuple(BoundDevice(r.address, pci.device(r.address).iommu_group or -1,
+                                                r.original_driver, None) for r in rows))
     release_binding(ctx, env, host, binding)
-    return [r["address"] for r in rows]
+    return [r.address for r in rows]
 
 
 def rebind_vm(ctx: Context, env: GpuEnvironment, vm: str, host: str) -> list[str]:
@@ -239,9 +239,9 @@ def rebind_vm(ctx: Context, env: GpuEnvironment, vm: str, host: str) -> list[str
     where they were and raises."""
     rows = ctx.ledger.gpus.bindings(host, vm)
     pci = inventory(ctx, env, host)
-    stray = [r["address"] for r in rows if pci.device(r["address"]).driver != "vfio-pci"]
+    stray = [r.address for r in rows if pci.device(r.address).driver != "vfio-pci"]
     if stray:
-        binder(ctx, env, host, vm).bind([r["address"] for r in rows])
+        binder(ctx, env, host, vm).bind([r.address for r in rows])
     return stray
 
 
@@ -252,18 +252,18 @@ def release_address(ctx: Context, env: GpuEnvironment, address: str, host: str,
     running or stopped: only destroy releases theirs. It is asked only once the address is known to be bound."""
     pci = inventory(ctx, env, host)
     gpu = pci.gpu(address, accelerator_allowlist=accelerator_allowlist(ctx))  # unknown, or not a GPU: refused
-    rows = {r["address"]: r for r in ctx.ledger.gpus.bindings(host)}
+    rows = {r.address: r for r in ctx.ledger.gpus.bindings(host)}
     held = [rows[d.address] for d in gpu.functions if d.address in rows]
     if not held:
         raise InvalidSpec(f"{gpu.address} is not bound by hvctl; nothing to release")
-    vms = {r["vm"] for r in held if r["vm"]}
+    vms = {r.vm for r in held if r.vm}
     busy = sorted(vms & running())
     if busy:
         raise InvalidSpec(f"{gpu.address} is held by VM {busy[0]}, which keeps it while it exists, running or "
                           "stopped", hint=f"hvctl destroy {busy[0]} releases it")
     # Driverless group mates pinned with it belong to the same VM's bind.
-    extra = [r for r in rows.values() if r["vm"] in vms and r["address"] not in {h["address"] for h in held}]
-    entries = [JournalEntry(r["address"], r["step"], r["original_driver"], "bound") for r in (*held, *extra)]
+    extra = [r for r in rows.values() if r.vm in vms and r.address not in {h.address for h in held}]
+    entries = [JournalEntry(r.address, r.step, r.original_driver, "bound") for r in (*held, *extra)]
     done = binder(ctx, env, host, None).recover(entries)
     _forget_settled(ctx.ledger, host, [e.address for e in entries])
     dead = check_answers(ctx, env, host, done)
@@ -274,13 +274,13 @@ def repair(ctx: Context, env: GpuEnvironment, host: str, running: set[str]) -> l
     """``hvctl doctor --repair``: finish what a crash interrupted. Devices of VMs hvctl no longer has (``running``:
     the host's VMs in the ledger, which keep theirs even when stopped), in any state short of
     back-with-their-driver, are returned; rows that say "back" are dropped."""
-    for vm in {r["vm"] for r in ctx.ledger.gpus.bindings(host) if r["vm"] not in running}:
+    for vm in {r.vm for r in ctx.ledger.gpus.bindings(host) if r.vm is not None and r.vm not in running}:
         ctx.ledger.gpus.unclaim(host, vm)  # claims of a create that never bound: the devices never moved
     rows = ctx.ledger.gpus.bindings(host)
-    pending = [r for r in rows if r["state"] not in TERMINAL_STATES and r["vm"] not in running]
+    pending = [r for r in rows if r.state not in TERMINAL_STATES and r.vm not in running]
     done = binder(ctx, env, host, None).recover(
-        JournalEntry(r["address"], r["step"], r["original_driver"], r["state"]) for r in pending)
-    _forget_settled(ctx.ledger, host, [r["address"] for r in rows if r["vm"] not in running])
+        JournalEntry(r.address, r.step, r.original_driver, r.state) for r in pending)
+    _forget_settled(ctx.ledger, host, [r.address for r in rows if r.vm not in running])
     check_answers(ctx, env, host, done)
     return done
 
@@ -288,8 +288,8 @@ def repair(ctx: Context, env: GpuEnvironment, host: str, running: set[str]) -> l
 def _forget_settled(ledger: Ledger, host: str, addresses: Iterable[str]) -> None:
     wanted = set(addresses)
     for row in ledger.gpus.bindings(host):
-        if row["address"] in wanted and row["state"] in TERMINAL_STATES:
-            ledger.gpus.forget(host, row["address"])
+        if row.address in wanted and row.state in TERMINAL_STATES:
+            ledger.gpus.forget(host, row.address)
 
 
 def gpu_keepers(ctx: Context, host: str) -> set[str]:
@@ -298,11 +298,11 @@ def gpu_keepers(ctx: Context, host: str) -> set[str]:
     return {vm.name for vm in ctx.ledger.vms.all(host=host)}
 
 
-def stranded_gpus(ctx: Context) -> list[dict[str, Any]]:
+def stranded_gpus(ctx: Context) -> list[GpuBinding]:
     """Devices hvctl moved (or began to move) for a VM it no longer has: left by a crash or a failed release."""
     stranded = []
-    for host in sorted({r["host"] for r in ctx.ledger.gpus.bindings()}):
+    for host in sorted({r.host for r in ctx.ledger.gpus.bindings()}):
         keepers = gpu_keepers(ctx, host)
         stranded += [r for r in ctx.ledger.gpus.bindings(host)
-                     if r["state"] not in RELEASED_STATES and r["vm"] not in keepers]
+                     if r.state not in RELEASED_STATES and r.vm not in keepers]
     return stranded

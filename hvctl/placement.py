@@ -31,20 +31,20 @@ def host_limit(policy: Policy, record: HostRecord, gpus: int) -> dict[str, float
 
 
 def inventory(ledger: Ledger, policy: Policy, record: HostRecord) -> HostInventory:
-    numa, gpus = ledger.hosts.inventory(record.name)
+    hardware = ledger.hosts.hardware(record.name)
     used = ledger.host_usage(record.name)
     groups = frozenset(v.spec.anti_affinity for v in ledger.vms.all(host=record.name) if v.spec.anti_affinity)
     models: dict[str, int] = {}
     unhealthy = ledger.gpus.health(record.name)
-    gpus = [g for g in gpus if g.get("address") not in unhealthy]  # dead until a host reboot: not capacity
+    gpus = tuple(g for g in hardware.gpus if g.address not in unhealthy)  # dead until a host reboot: not capacity
     # Devices a VM holds (claimed or bound, not yet given back) are not free, whatever model they are. The inventory
     # rows carry no owner: the ledger's GPU journal is where ownership lives.
     from hvctl.passthrough import owners  # passthrough imports ops, which import this module
 
     held = owners(ledger, record.name)
     for gpu in gpus:
-        if gpu.get("address") not in held:
-            models[gpu.get("model", "unknown")] = models.get(gpu.get("model", "unknown"), 0) + 1
+        if gpu.address not in held:
+            models[gpu.model] = models.get(gpu.model, 0) + 1
     reserve = policy.hosts.reserve
     return HostInventory(
         name=record.name,
@@ -58,7 +58,7 @@ def inventory(ledger: Ledger, policy: Policy, record: HostRecord) -> HostInvento
         mem_overcommit=policy.hosts.mem_overcommit,
         host_reserve=Resources(vcpus=reserve.vcpus, memory_mib=reserve.memory_mib, gpus=reserve.gpus),
         gpu_models=models,
-        numa_cells=tuple(NumaCell(free_vcpus=c["cpus"], free_memory_mib=c["memory_mib"]) for c in numa),
+        numa_cells=tuple(NumaCell(free_vcpus=c.cpus, free_memory_mib=c.memory_mib) for c in hardware.numa_cells),
         enabled=record.enabled,
         anti_affinity_groups=groups,
     )

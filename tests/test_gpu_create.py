@@ -37,7 +37,7 @@ from fakesysfs import (
 )
 
 from hvctl.context import Context, GpuEnvironment
-from hvctl.ledger import QuotaExceeded
+from hvctl.ledger import Hardware, InventoryGpu, QuotaExceeded
 from hvctl.ops.create import create
 from hvctl.ops.doctor import repair
 from hvctl.ops.incarnation import BootOptions
@@ -76,7 +76,8 @@ class Rig:
             bind_timeout=0.2))
         self.ctx.ledger.hosts.record_facts("local", "qemu", 64, 262144)
         inventory = [(GPU, "10de:2684"), (H100, "10de:2330"), (EDU, "edu"), (IDLE_GPU, "10de:2684")]
-        self.ctx.ledger.hosts.record_inventory("local", [], [{"address": a, "model": m} for a, m in inventory])
+        gpus = tuple(InventoryGpu(address, model, "") for address, model in inventory)
+        self.ctx.ledger.hosts.record_hardware("local", Hardware(gpus=gpus))
 
     def create(self, name: str, gpus: int, model: str | None = None, host: str | None = None,
                ctx: Context | None = None) -> None:
@@ -111,7 +112,7 @@ class Rig:
             writer.join()
 
     def bindings(self) -> dict[str, tuple[str | None, str]]:
-        return {r["address"]: (r["vm"], r["state"]) for r in self.ctx.ledger.gpus.bindings("local")}
+        return {r.address: (r.vm, r.state) for r in self.ctx.ledger.gpus.bindings("local")}
 
 
 @pytest.fixture
@@ -233,7 +234,7 @@ def test_a_device_whose_bind_has_begun_is_not_free_for_another_create(rig: Rig) 
     with pytest.raises(NoGpuAvailable, match=f"{EDU} is held by VM left"):
         rig.create("right", 1, model="edu", host="local")
     # left is not in the ledger (its create died right there): doctor calls the row stranded, the repair drops it.
-    assert [r["address"] for r in stranded_gpus(rig.ctx)] == [EDU]
+    assert [r.address for r in stranded_gpus(rig.ctx)] == [EDU]
     repair(rig.ctx)
     assert rig.bindings() == {} and passthrough.owners(ledger, "local") == {}
     rig.create("right", 1, model="edu")
@@ -374,8 +375,8 @@ def test_a_gpu_that_stops_answering_after_release_needs_a_host_reboot_and_is_not
     rig.fake.fall_off_the_bus(GPU)
     destroy(rig.ctx, "gpu-vm")
     health = rig.ctx.ledger.gpus.health("local")
-    assert list(health) == [GPU] and health[GPU]["state"] == "needs-host-reboot"
-    assert "0xffff" in health[GPU]["reason"]
+    assert list(health) == [GPU] and health[GPU].state == "needs-host-reboot"
+    assert "0xffff" in health[GPU].reason
     assert "gpu.needs-host-reboot" in [e.kind for e in rig.ctx.ledger.events.recent(None, 50)]
     from hvctl.ops.doctor import run_checks
 

@@ -72,7 +72,7 @@ def test_a_live_holder_refuses_a_second_command_and_the_lock_goes_with_the_block
                 operation(ctx, "vm1", "destroy"):
             pass  # never reached
         with operation(ctx, "vm2", "destroy"):  # another VM's lock is its own
-            assert {op["vm"] for op in ctx.ledger.operations.all()} == {"vm1", "vm2"}
+            assert {op.vm for op in ctx.ledger.operations.all()} == {"vm1", "vm2"}
     assert ctx.ledger.operations.all() == []
     with pytest.raises(RuntimeError), operation(ctx, "vm1", "destroy"):
         raise RuntimeError("the caller rolled back and re-raised")
@@ -82,10 +82,10 @@ def test_a_live_holder_refuses_a_second_command_and_the_lock_goes_with_the_block
 def test_a_dead_holders_intent_is_reconciled_and_its_lock_taken_over(ctx: Context) -> None:
     ctx.ledger.operations.begin("vm1", "migrate", dead_holder(), None, "h2", {})
     (op,) = interrupted(ctx)
-    assert op["vm"] == "vm1" and op["step"] == "begun"
+    assert op.vm == "vm1" and op.step == "begun"
     steps = []
     with operation(ctx, "vm1", "destroy", say=steps.append):
-        assert [o["kind"] for o in ctx.ledger.operations.all()] == ["destroy"]
+        assert [o.kind for o in ctx.ledger.operations.all()] == ["destroy"]
     assert len(steps) == 1 and steps[0].startswith("an interrupted migrate of vm1 to h2 (step begun")
     assert interrupted(ctx) == [] and ctx.ledger.operations.all() == []
 
@@ -94,7 +94,7 @@ def test_an_intent_that_cannot_be_decided_keeps_the_lock(ctx: Context) -> None:
     ctx.ledger.operations.begin("vm1", "defragment", dead_holder(), None, None, {})
     with pytest.raises(OperationBusy, match="could not be reconciled: undecided"), operation(ctx, "vm1", "destroy"):
         pass
-    assert [op["kind"] for op in ctx.ledger.operations.all()] == ["defragment"]
+    assert [op.kind for op in ctx.ledger.operations.all()] == ["defragment"]
 
 
 def test_the_crash_hook_kills_the_process_right_after_the_named_step(ctx: Context, tmp_path: Path) -> None:
@@ -112,7 +112,7 @@ def test_the_crash_hook_kills_the_process_right_after_the_named_step(ctx: Contex
     killed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
     assert killed.returncode == -9 and "not reached" not in killed.stdout, killed.stderr
     (op,) = interrupted(ctx)
-    assert op["step"] == "checked" and op["data"] == {"source": "local"}
+    assert op.step == "checked" and op.data == {"source": "local"}
 
 
 def test_the_fault_hook_fails_the_operation_right_after_the_named_step_and_its_lock_goes(
@@ -220,7 +220,7 @@ def test_with_wait_a_second_command_waits_for_the_first_to_end_and_then_goes_on(
 
         with operation(patient, "vm1", "destroy", say=say):
             assert released.is_set()
-            assert [op["kind"] for op in ctx.ledger.operations.all()] == ["destroy"]
+            assert [op.kind for op in ctx.ledger.operations.all()] == ["destroy"]
         assert said and said[0].startswith("waiting up to 120 s for the migrate of vm1 to h2")
     finally:
         waiting.set()
@@ -247,7 +247,7 @@ def test_an_unreachable_host_leaves_its_operation_undecided_and_never_blocks_rep
     outcomes = {r["operation"].split(" of ")[1].split()[0]: r["outcome"] for r in repair(ctx)["operations"]}
     assert outcomes["far-away"].startswith("undecided: cannot reach libvirt at qemu:///system?socket=/nonexistent")
     assert outcomes["test"] == "libvirt says running: the ledger says running"
-    assert [op["vm"] for op in ctx.ledger.operations.all()] == ["far-away"]
+    assert [op.vm for op in ctx.ledger.operations.all()] == ["far-away"]
     assert ctx.ledger.vms.get("test").state == "running"
 
 

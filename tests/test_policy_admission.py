@@ -17,7 +17,7 @@ from conftest import short_tempdir
 
 from hvctl.accounting import Usage, host_footprint, tenant_charge
 from hvctl.designer import qemu_overhead_mib
-from hvctl.ledger import Admission, Ledger, QuotaExceeded, VMPaths
+from hvctl.ledger import Admission, Hardware, Ledger, NumaCell, QuotaExceeded, VMPaths
 from hvctl.placement import NoValidHost, choose_host, host_limit
 from hvctl.policy import SHIPPED, PolicyError, load_policy, parse_policy
 from hvctl.spec import VMSpec
@@ -44,7 +44,7 @@ def state() -> Iterator[Path]:
 def add_host(ledger: Ledger, name: str, cpus: int, memory_mib: int) -> None:
     ledger.hosts.ensure(name, f"test:///{name}")
     ledger.hosts.record_facts(name, "qemu", cpus, memory_mib)
-    ledger.hosts.record_inventory(name, [{"cpus": cpus, "memory_mib": memory_mib}], [])
+    ledger.hosts.record_hardware(name, Hardware(numa_cells=(NumaCell(cpus, memory_mib),)))
 
 
 def admit(ledger: Ledger, spec: VMSpec, host: str, tmp: Path) -> None:

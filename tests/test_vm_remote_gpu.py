@@ -73,7 +73,7 @@ class Fleet:
     def bindings(self) -> list[tuple[str, str, str]]:
         ctx = Context(state_dir=self.state, uri="test:///default")
         try:
-            return [(r["address"], r["vm"], r["state"]) for r in ctx.ledger.gpus.bindings("l1")]
+            return [(r.address, r.vm, r.state) for r in ctx.ledger.gpus.bindings("l1")]
         finally:
             ctx.close()
 

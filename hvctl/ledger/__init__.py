@@ -30,8 +30,15 @@ from hvctl.ledger.records import (
     Admission,
     DeviceTaken,
     Event,
+    GpuBinding,
+    GpuHealth,
+    Hardware,
     HostRecord,
+    InventoryGpu,
+    NumaCell,
+    OperationRecord,
     QuotaExceeded,
+    ReservationRecord,
     SnapshotRecord,
     VMPaths,
     VMRecord,
@@ -43,7 +50,8 @@ from hvctl.ledger.snapshots import Snapshots
 from hvctl.ledger.vms import VMs
 
 __all__ = ["DEFAULT_PORT_RANGE", "MIGRATIONS", "MOVABLE_COLUMNS", "VM_STATES", "Admission", "DeviceTaken", "Event",
-           "HostRecord", "Ledger", "NetworkRecord", "QuotaExceeded", "SnapshotRecord", "VMPaths", "VMRecord", "VMState"]
+           "GpuBinding", "GpuHealth", "Hardware", "HostRecord", "InventoryGpu", "Ledger", "NetworkRecord", "NumaCell",
+           "OperationRecord", "QuotaExceeded", "ReservationRecord", "SnapshotRecord", "VMPaths", "VMRecord", "VMState"]
 
 
 class Ledger:

@@ -4,10 +4,9 @@ placed until their host reboots."""
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from hvctl.ledger.core import Repository
-from hvctl.ledger.records import DeviceTaken
+from hvctl.ledger.records import DeviceTaken, GpuBinding, GpuHealth, gpu_binding_from_row
 
 
 class GpuJournal(Repository):
@@ -25,10 +24,10 @@ class GpuJournal(Repository):
             if db.execute("DELETE FROM gpu_health WHERE host = ? AND address = ?", (host, address)).rowcount:
                 self._store.event(db, None, host, "gpu.healthy", f"{address}: {reason}")
 
-    def health(self, host: str) -> dict[str, dict[str, Any]]:
-        """Address → {state, reason, since} for each of the host's devices that must not be placed."""
+    def health(self, host: str) -> dict[str, GpuHealth]:
+        """Address → why, for each of the host's devices that must not be placed."""
         rows = self._db.execute("SELECT * FROM gpu_health WHERE host = ?", (host,))
-        return {r["address"]: {"state": r["state"], "reason": r["reason"], "since": r["since"]} for r in rows}
+        return {r["address"]: GpuHealth(r["state"], r["reason"], r["since"]) for r in rows}
 
     # -- GPU bindings: the vfio binder's journal -----------------------------------------------------------------
 
@@ -69,13 +68,13 @@ class GpuJournal(Repository):
                        "updated_at = excluded.updated_at",
                        (host, address, vm, original_driver, step, state, time.time()))
 
-    def bindings(self, host: str | None = None, vm: str | None = None) -> list[dict[str, Any]]:
+    def bindings(self, host: str | None = None, vm: str | None = None) -> list[GpuBinding]:
         query, args = "SELECT * FROM gpu_bindings WHERE 1=1", list[str]()
         if host is not None:
             query, args = query + " AND host = ?", [*args, host]
         if vm is not None:
             query, args = query + " AND vm = ?", [*args, vm]
-        return [dict(r) for r in self._db.execute(query + " ORDER BY host, address", args)]
+        return [gpu_binding_from_row(r) for r in self._db.execute(query + " ORDER BY host, address", args)]
 
     def forget(self, host: str, address: str) -> None:
         with self._store.transaction() as db:

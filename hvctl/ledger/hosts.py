@@ -8,7 +8,7 @@ import time
 
 from hvctl.errors import HvctlError, NotFound
 from hvctl.ledger.core import Repository
-from hvctl.ledger.records import HostRecord
+from hvctl.ledger.records import Hardware, HostRecord
 
 
 class Hosts(Repository):
@@ -53,16 +53,17 @@ class Hosts(Repository):
         with self._store.transaction() as db:
             db.execute("UPDATE hosts SET disk_gib = ? WHERE name = ?", (disk_gib, name))
 
-    def record_inventory(self, name: str, numa: list[dict[str, int]], gpus: list[dict[str, str]]) -> None:
+    def record_hardware(self, name: str, hardware: Hardware) -> None:
+        found = hardware.as_dict()
         with self._store.transaction() as db:
-            db.execute("UPDATE hosts SET numa = ?, gpus = ? WHERE name = ?", (json.dumps(numa), json.dumps(gpus),
-                                                                             name))
+            db.execute("UPDATE hosts SET numa = ?, gpus = ? WHERE name = ?",
+                       (json.dumps(found["numa_cells"]), json.dumps(found["gpus"]), name))
 
-    def inventory(self, name: str) -> tuple[list[dict[str, int]], list[dict[str, str]]]:
+    def hardware(self, name: str) -> Hardware:
         row = self._db.execute("SELECT numa, gpus FROM hosts WHERE name = ?", (name,)).fetchone()
         if row is None:
             raise NotFound(f"unknown host {name!r}")
-        return json.loads(row[0] or "[]"), json.loads(row[1] or "[]")
+        return Hardware.from_json(row[0], row[1])
 
     def remove(self, name: str) -> None:
         with self._store.transaction() as db:

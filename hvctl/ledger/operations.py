@@ -9,12 +9,12 @@ from typing import Any
 
 from hvctl.errors import LedgerError
 from hvctl.ledger.core import Repository
-from hvctl.ledger.records import operation_from_row
+from hvctl.ledger.records import OperationRecord, operation_from_row
 
 
 class Operations(Repository):
     def begin(self, vm: str, kind: str, holder: str, source: str | None, target: str | None,
-                        data: dict[str, Any]) -> dict[str, Any] | None:
+              data: dict[str, Any]) -> OperationRecord | None:
         """Take VM ``vm``'s operation lock by writing the intent row; returns None if taken, else the row of the
         operation that holds it (nothing is written then)."""
         now = time.time()
@@ -55,5 +55,5 @@ class Operations(Repository):
             else:
                 db.execute("DELETE FROM operations WHERE vm = ? AND holder = ?", (vm, holder))
 
-    def all(self) -> list[dict[str, Any]]:
+    def all(self) -> list[OperationRecord]:
         return [operation_from_row(r) for r in self._db.execute("SELECT * FROM operations ORDER BY started_at")]

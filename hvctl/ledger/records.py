@@ -5,12 +5,13 @@ from __future__ import annotations
 import enum
 import json
 import sqlite3
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hvctl.errors import HvctlError
+from hvctl.accounting import Usage
+from hvctl.errors import HvctlError, LedgerError
 
 if TYPE_CHECKING:
     from hvctl.spec import VMSpec
@@ -186,5 +187,119 @@ def vm_from_row(row: sqlite3.Row) -> VMRecord:
     )
 
 
-def operation_from_row(row: sqlite3.Row) -> dict[str, Any]:
-    return dict(row) | {"data": json.loads(row["data"])}
+@dataclass(frozen=True)
+class OperationRecord:
+    """A VM's operation lock and durable intent: which command (``holder``) runs which ``kind`` of operation on
+    ``vm``, the last ``step`` it reached and what it has made so far (``data``, free-form per kind), for a repair to
+    finish or roll back if the command dies."""
+
+    vm: str
+    kind: str
+    source: str | None
+    target: str | None
+    step: str
+    data: dict[str, Any]
+    holder: str
+    started_at: float
+    updated_at: float
+
+    @property
+    def target_host(self) -> str:
+        """The target of an operation that must have one (a migration's): a row without one is refused."""
+        if self.target is None:
+            raise LedgerError(f"the {self.kind} of {self.vm} in the ledger names no target host")
+        return self.target
+
+    @property
+    def progress(self) -> dict[str, Any] | None:
+        """What a long operation (a migration) last reported of its progress, for a second shell's `hvctl show`."""
+        value = self.data.get("progress")
+        return dict(value) if isinstance(value, dict) else None
+
+
+def operation_from_row(row: sqlite3.Row) -> OperationRecord:
+    return OperationRecord(row["vm"], row["kind"], row["source"], row["target"], row["step"], json.loads(row["data"]),
+                           row["holder"], row["started_at"], row["updated_at"])
+
+
+@dataclass(frozen=True)
+class ReservationRecord:
+    """Resources held on ``host`` for an operation in flight (``kind``: a migration's target, say)."""
+
+    id: int
+    host: str
+    tenant: str
+    vm: str | None
+    kind: str
+    usage: Usage
+    counts_against_tenant: bool
+    created_at: float
+
+
+def reservation_from_row(row: sqlite3.Row) -> ReservationRecord:
+    return ReservationRecord(row["id"], row["host"], row["tenant"], row["vm"], row["kind"],
+                             Usage(**json.loads(row["usage"])), bool(row["counts_against_tenant"]), row["created_at"])
+
+
+@dataclass(frozen=True)
+class GpuBinding:
+    """One device's row in the vfio binder's journal: who holds it (``vm``: None once given back), the driver it
+    came from, and the last step of its move between that driver and vfio-pci (``state``: claimed, moving, bound,
+    released, original…), written before the step is tried."""
+
+    host: str
+    address: str
+    vm: str | None
+    original_driver: str | None
+    step: str
+    state: str
+    updated_at: float
+
+
+def gpu_binding_from_row(row: sqlite3.Row) -> GpuBinding:
+    return GpuBinding(row["host"], row["address"], row["vm"], row["original_driver"], row["step"], row["state"],
+                      row["updated_at"])
+
+
+@dataclass(frozen=True)
+class GpuHealth:
+    """A device that must not be placed until its host reboots (it fell off the bus, or would not reset)."""
+
+    state: str
+    reason: str
+    since: float
+
+
+@dataclass(frozen=True)
+class NumaCell:
+    cpus: int
+    memory_mib: int
+
+
+@dataclass(frozen=True)
+class InventoryGpu:
+    """A GPU (or allowlisted accelerator) a host had when it was added: its PCI address, its model as the policy
+    names it, and its vendor:device ids."""
+
+    address: str
+    model: str
+    ids: str
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """What `hvctl host add` found on a host: its NUMA cells and its GPUs. Owners and health live elsewhere (the GPU
+    journal, ``ledger.gpus``): this is what the host has, not what is free."""
+
+    numa_cells: tuple[NumaCell, ...] = ()
+    gpus: tuple[InventoryGpu, ...] = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"numa_cells": [asdict(c) for c in self.numa_cells], "gpus": [asdict(g) for g in self.gpus]}
+
+    @classmethod
+    def from_json(cls, numa: str | None, gpus: str | None) -> Hardware:
+        # Rows written by older hvctl may lack a GPU's model or ids: read them as unknown rather than fail.
+        return cls(tuple(NumaCell(int(c["cpus"]), int(c["memory_mib"])) for c in json.loads(numa or "[]")),
+                   tuple(InventoryGpu(str(g["address"]), str(g.get("model", "unknown")), str(g.get("ids", "")))
+                         for g in json.loads(gpus or "[]")))

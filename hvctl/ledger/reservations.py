@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
 
 from hvctl.accounting import Usage, first_excess
 from hvctl.ledger.core import Repository
-from hvctl.ledger.records import QuotaExceeded
+from hvctl.ledger.records import QuotaExceeded, ReservationRecord, reservation_from_row
 
 
 class Reservations(Repository):
@@ -40,5 +39,5 @@ class Reservations(Repository):
             return int(db.execute("DELETE FROM reservations WHERE vm = ? AND kind = ? AND host = ?",
                                   (vm, kind, host)).rowcount)
 
-    def all(self) -> list[dict[str, Any]]:
-        return [dict(r) for r in self._db.execute("SELECT * FROM reservations ORDER BY id")]
+    def all(self) -> list[ReservationRecord]:
+        return [reservation_from_row(r) for r in self._db.execute("SELECT * FROM reservations ORDER BY id")]

@@ -65,7 +65,7 @@ def adopt(ctx: Context, name: str, host_name: str, say: Say = quiet) -> VMRecord
         token, pubkey = _secrets_of(paths.seed, pool)
         policy = ctx.policy
         ctx.capabilities(host_name)  # the host's capacity, probed (cached) for the admission below
-        gpus = len(ctx.ledger.hosts.inventory(host_name)[1])
+        gpus = len(ctx.ledger.hosts.hardware(host_name).gpus)
         admission = Admission(tenant_limit=policy.tenant(spec.tenant).quota.model_dump(),
                               host_limit=host_limit(policy, ctx.ledger.hosts.get(host_name), gpus))
         say("recording it in the ledger")

@@ -40,7 +40,7 @@ from hvctl.accounting import host_footprint
 from hvctl.agent_client import AgentClient, AgentError
 from hvctl.context import Context
 from hvctl.errors import GuestTimeout, HvctlError, InvalidSpec, MigrationFailed, NotFound
-from hvctl.ledger import VMRecord
+from hvctl.ledger import OperationRecord, VMRecord
 from hvctl.ops import Say, Undo
 from hvctl.ops.incarnation import DEFAULT_BOOT_TIMEOUT, BootOptions, GuestSecrets, Incarnation, LocalStorage, boot
 from hvctl.ops.intent import Operation
@@ -185,7 +185,7 @@ def checkpoint_migrate(ctx: Context, record: VMRecord, target: str, timeout_s: f
     image.verify()
     target_record = ledger.hosts.get(target)
     ctx.capabilities(target)  # reachable, and its accelerator known, before anything is reserved
-    gpus = len(ledger.hosts.inventory(target)[1])
+    gpus = len(ledger.hosts.hardware(target).gpus)
     source_uuid = ctx.host(record.host).guest(name).uuid
     op.step("checked", source=record.host, source_uuid=source_uuid, source_dir=str(record.overlay.parent))
     reservation = ledger.reservations.hold(target, record.tenant, host_footprint(record.spec), "migration", vm=name,
@@ -218,7 +218,7 @@ def checkpoint_migrate(ctx: Context, record: VMRecord, target: str, timeout_s: f
     return stats
 
 
-def reconcile_checkpoint_migration(ctx: Context, op: dict[str, Any]) -> str:
+def reconcile_checkpoint_migration(ctx: Context, op: OperationRecord) -> str:
     """An interrupted checkpoint migration, decided by the ledger's commit (one transaction moved the VM, or not):
     - committed: the source incarnation (its domain, by the UUID recorded at the start, its files, its GPUs) is
       removed, as the command would have done next;
@@ -226,7 +226,7 @@ def reconcile_checkpoint_migration(ctx: Context, op: dict[str, Any]) -> str:
       name and hvctl's metadata when it is not the source's domain; its files; its GPUs) and the reservation go. The
       source never stopped, so its workloads are still running.
     Either way the checkpoints copied to this machine are deleted."""
-    vm, target, data = op["vm"], op["target"], op["data"]
+    vm, target, data = op.vm, op.target_host, op.data
     ledger = ctx.ledger
     if data.get("workdir"):
         shutil.rmtree(data["workdir"], ignore_errors=True)

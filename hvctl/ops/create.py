@@ -5,12 +5,11 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from hvctl import passthrough
 from hvctl.context import Context
 from hvctl.errors import AlreadyExists, InvalidSpec, NotFound
-from hvctl.ledger import Admission, VMRecord, VMState
+from hvctl.ledger import Admission, OperationRecord, VMRecord, VMState
 from hvctl.ops import Say, Undo, pooled, quiet
 from hvctl.ops.incarnation import BootOptions, GuestSecrets, Incarnation, LocalStorage, Storage, boot
 from hvctl.ops.intent import operation
@@ -40,7 +39,7 @@ def create(ctx: Context, spec: VMSpec, say: Say = quiet, options: BootOptions | 
                           hint=f"`hvctl host enable {spec.host}`, or leave out --host")
     host = ctx.host(spec.host)
     ctx.capabilities(spec.host)  # probed (cached) before anything is written
-    gpus = len(ctx.ledger.hosts.inventory(spec.host)[1])
+    gpus = len(ctx.ledger.hosts.hardware(spec.host).gpus)
     admission = Admission(tenant_limit=quota.model_dump(),
                           host_limit=host_limit(policy, ctx.ledger.hosts.get(spec.host), gpus))
     if host.exists(spec.name):
@@ -140,11 +139,11 @@ def check_network(ctx: Context, spec: VMSpec, host_name: str, say: Say = quiet) 
                           hint=f"create it first (ip link add {net.bridge} type bridge)")
 
 
-def reconcile_create(ctx: Context, op: dict[str, Any]) -> str:
+def reconcile_create(ctx: Context, op: OperationRecord) -> str:
     """An interrupted create is rolled back: its domain (by the UUID the intent recorded, else by name and hvctl's
     metadata on the target host), its GPUs, its files or volumes, its DHCP lease, and its ledger row. One that had
     committed (the ledger says running) is left as it is."""
-    vm, ledger = op["vm"], ctx.ledger
+    vm, ledger = op.vm, ctx.ledger
     try:
         record = ledger.vms.get(vm)
     except NotFound:
@@ -154,7 +153,7 @@ def reconcile_create(ctx: Context, op: dict[str, Any]) -> str:
         ledger.operations.end(vm)
         return f"it had finished ({record.state})"
     host = ctx.host(record.host)
-    uuid = op["data"].get("uuid")
+    uuid = op.data.get("uuid")
     guest = host.find_guest_by_uuid(uuid) if uuid else host.find_guest(vm)
     if guest is not None and (uuid or guest.made_by_hvctl()):
         guest.destroy()

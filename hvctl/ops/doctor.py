@@ -11,6 +11,7 @@ from hvctl import passthrough
 from hvctl.context import Context, can_limit_memory
 from hvctl.errors import HostUnreachable, HvctlError, HypervisorError
 from hvctl.host import libvirt_version
+from hvctl.ledger import OperationRecord
 from hvctl.ops.inspect import drift_report, enforcement_report
 from hvctl.ops.intent import describe, interrupted, reconcile
 from hvctl.ops.networks import repair_vxlan, vxlan_gaps
@@ -132,7 +133,7 @@ def _vxlan_check(ctx: Context) -> Check:
 def _gpu_bindings_check(ctx: Context) -> Check:
     stranded = passthrough.stranded_gpus(ctx)
     return Check("gpu bindings", not stranded,
-                 "; ".join(f"{r['address']} ({r['state']} for {r['vm'] or 'no VM'})" for r in stranded)
+                 "; ".join(f"{r.address} ({r.state} for {r.vm or 'no VM'})" for r in stranded)
                  or "every device hvctl bound belongs to a VM it has (running or stopped)",
                  "`hvctl doctor --repair` returns them to their host drivers" if stranded else None)
 
@@ -140,12 +141,12 @@ def _gpu_bindings_check(ctx: Context) -> Check:
 def _gpu_health_check(ctx: Context) -> Check:
     dead = [(h.name, a, v) for h in ctx.ledger.hosts.all() for a, v in ctx.ledger.gpus.health(h.name).items()]
     return Check("gpu health", not dead,
-                 "; ".join(f"{a} on {h}: {v['state']} since {time.ctime(v['since'])}" for h, a, v in dead)
+                 "; ".join(f"{a} on {h}: {v.state} since {time.ctime(v.since)}" for h, a, v in dead)
                  or "every device hvctl released still answers on the bus",
                  "reboot the host; then `hvctl doctor --repair` places them again" if dead else None)
 
 
-def _operations_check(stopped: list[dict[str, Any]]) -> Check:
+def _operations_check(stopped: list[OperationRecord]) -> Check:
     return Check("operations", not stopped, "; ".join(f"interrupted {describe(op)}" for op in stopped)
                  or "no operation was interrupted",
                  "`hvctl doctor --repair` finishes or rolls back each one, by where its domain runs"
@@ -182,7 +183,7 @@ def repair(ctx: Context) -> dict[str, Any]:
     operations = [{"operation": describe(op), "outcome": reconcile(ctx, op)} for op in interrupted(ctx)]
     returned: list[str] = []
     unreachable: dict[str, str] = {}
-    for host in sorted({r["host"] for r in ctx.ledger.gpus.bindings()}):
+    for host in sorted({r.host for r in ctx.ledger.gpus.bindings()}):
         try:
             done = passthrough.repair(ctx, ctx.gpu_env, host, passthrough.gpu_keepers(ctx, host))
         except (HostUnreachable, HypervisorError) as exc:  # a remote host's libvirt: the others are still repaired

@@ -12,6 +12,7 @@ from hvctl.errors import HostUnreachable, HypervisorError
 
 if TYPE_CHECKING:
     from hvctl.context import Context
+    from hvctl.ledger import GpuHealth
 from vfio import (
     IOMMU_HINT,
     Gpu,
@@ -31,12 +32,12 @@ UNKNOWN_CONSOLE = ("it is a VGA-compatible device, and libvirt cannot tell wheth
 
 
 def unpassable(pci: PciInventory, gpu: Gpu, allowlist: tuple[tuple[int, int], ...] = (),
-               health: dict[str, dict[str, Any]] | None = None) -> tuple[str | None, list[PciDevice]]:
+               health: dict[str, GpuHealth] | None = None) -> tuple[str | None, list[PciDevice]]:
     """Why ``gpu`` cannot be passed through from ``pci``'s host (None: it can), and the functions its bind moves.
     `gpu list` shows the reason; create, which also skips GPUs other VMs hold, gives it in its refusal."""
     primary, health = gpu.primary, health or {}
     if gpu.address in health:
-        return f"{health[gpu.address]['state']}: {health[gpu.address]['reason']}", []
+        return f"{health[gpu.address].state}: {health[gpu.address].reason}", []
     if primary.boot_vga:
         return "it is the boot VGA device the host console uses", []
     if primary.boot_vga is None and (primary.vendor, primary.device) not in allowlist:
@@ -56,7 +57,7 @@ def unpassable(pci: PciInventory, gpu: Gpu, allowlist: tuple[tuple[int, int], ..
 
 def gpu_rows(pci: PciInventory, owners: dict[str, str] | None = None, allowlist: tuple[tuple[int, int], ...] = (),
              model_of: Callable[[int, int], str] | None = None,
-             health: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+             health: dict[str, GpuHealth] | None = None) -> list[dict[str, Any]]:
     """Every GPU with address, model ids, group, driver, NUMA node, reset methods, owner, health, and whether (and
     why not) passable."""
     owners = owners or {}
@@ -71,7 +72,7 @@ def gpu_rows(pci: PciInventory, owners: dict[str, str] | None = None, allowlist:
             "functions": [d.address for d in gpu.functions],
             "iommu_group": primary.iommu_group, "driver": primary.driver, "numa_node": primary.numa_node,
             "reset_method": list(primary.reset_method),
-            "health": health[gpu.address]["state"] if gpu.address in health else "ok",
+            "health": health[gpu.address].state if gpu.address in health else "ok",
             "owner": owners.get(gpu.address), "passable": why is None, "why_not": why,
         })
     return rows
@@ -80,7 +81,7 @@ def gpu_rows(pci: PciInventory, owners: dict[str, str] | None = None, allowlist:
 def list_gpus(sysfs_root: Path = Path("/sys"), owners: dict[str, str] | None = None,
               allowlist: tuple[tuple[int, int], ...] = (),
               model_of: Callable[[int, int], str] | None = None,
-              health: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+              health: dict[str, GpuHealth] | None = None) -> dict[str, Any]:
     """This machine's GPUs from sysfs, and its IOMMU and vfio-pci checks."""
     checks = [{"name": c.name, "ok": c.ok, "hint": None if c.ok else c.hint} for c in host_checks(sysfs_root)]
     return {"gpus": gpu_rows(PciSysfs(sysfs_root), owners, allowlist, model_of, health), "host": checks}

@@ -10,6 +10,7 @@ from hvctl import passthrough
 from hvctl.context import Context
 from hvctl.errors import AlreadyExists, HostUnreachable, HvctlError, InvalidSpec
 from hvctl.host import DomainState, Host, identity
+from hvctl.ledger import Hardware, NumaCell
 from hvctl.names import check_name
 from hvctl.ops import Say
 from hvctl.ops.migrate import MigrateOptions, Mode, migrate
@@ -49,7 +50,7 @@ def add_host(ctx: Context, name: str, uri: str, underlay: str | None = None) -> 
     finally:
         probe.close()
     ctx.ledger.hosts.ensure(name, uri)
-    ctx.ledger.hosts.record_inventory(name, numa, gpus)
+    ctx.ledger.hosts.record_hardware(name, Hardware(tuple(NumaCell(**cell) for cell in numa), gpus))
     if underlay_address is not None:
         ctx.ledger.networks.set_underlay(name, underlay_address)
     caps = ctx.capabilities(name)
@@ -82,12 +83,12 @@ def cpu_compatibility(ctx: Context, new: Host, exclude: str) -> dict[str, str]:
 
 def host_view(ctx: Context, name: str) -> dict[str, Any]:
     record = ctx.ledger.hosts.get(name)
-    numa, gpus = ctx.ledger.hosts.inventory(name)
-    limit = host_limit(ctx.policy, record, len(gpus))
+    hardware = ctx.ledger.hosts.hardware(name)
+    limit = host_limit(ctx.policy, record, len(hardware.gpus))
     used = ctx.ledger.host_usage(name)
     return {
         "name": name, "uri": record.uri, "enabled": record.enabled, "accel": record.accel, "cpus": record.cpus,
-        "memory_mib": record.memory_mib, "numa_cells": numa, "gpus": gpus,
+        "memory_mib": record.memory_mib, **hardware.as_dict(),
         "allocatable": limit, "allocated": used.as_dict(),
         "vms": len(ctx.ledger.vms.all(host=name)),
         "underlay": str(underlay) if (underlay := ctx.ledger.networks.underlays().get(name)) else None,

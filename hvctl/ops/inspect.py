@@ -65,15 +65,15 @@ def list_vms(ctx: Context) -> tuple[list[VMView], list[Drift], list[Drift]]:
     orphans: list[Drift] = []
     unreachable: list[Drift] = []
     records = ctx.ledger.vms.all()
-    operations = {op["vm"]: op for op in ctx.ledger.operations.all()}
+    operations = {op.vm: op for op in ctx.ledger.operations.all()}
 
     def drift(record: VMRecord, actual: DomainState) -> str | None:
         op = operations.get(record.name)
         if op is None:
             return describe_drift(record, actual)
-        if holder_alive(op["holder"], op["updated_at"]):
+        if holder_alive(op.holder, op.updated_at):
             return None  # in flight: what libvirt and the ledger say differs for a moment, by design
-        return f"an interrupted {op['kind']} (step {op['step']}): `hvctl doctor --repair` finishes or undoes it"
+        return f"an interrupted {op.kind} (step {op.step}): `hvctl doctor --repair` finishes or undoes it"
 
     # Every registered host, not only those the ledger has VMs on: an orphan may be alone on its host.
     for host_name in sorted({r.host for r in records} | {h.name for h in ctx.ledger.hosts.all()} | {ctx.host_name}):
@@ -96,7 +96,7 @@ def list_vms(ctx: Context) -> tuple[list[VMView], list[Drift], list[Drift]]:
                 orphans.append(Drift(n, host_name, "domain made by hvctl but absent from the ledger: "
                                                    f"`hvctl adopt {n} --host {host_name}` takes it back, "
                                                    f"`hvctl destroy {n} --orphan --host {host_name}` removes it"))
-            elif n not in operations or not holder_alive(operations[n]["holder"], operations[n]["updated_at"]):
+            elif n not in operations or not holder_alive(operations[n].holder, operations[n].updated_at):
                 # Not in flight (a migration's target has the domain until it commits): a second copy, or the
                 # VM itself left here by an interrupted operation.
                 orphans.append(Drift(n, host_name, f"a domain of {n}, which the ledger puts on {where[n]}: "
@@ -147,7 +147,7 @@ def show_vm(ctx: Context, name: str) -> dict[str, Any]:
             f"tenant network {net.tenant_network}, {net.address}" if net.tenant_network else
             f"{'bridge ' + net.bridge if net.bridge else 'libvirt network ' + str(net.network)}, "
             f"{net.address or 'address by the guest'}"),
-        "operation": next(({"kind": op["kind"], "step": op["step"], "target": op["target"],
-                            "started_at": op["started_at"], "progress": op["data"].get("progress")}
-                           for op in ctx.ledger.operations.all() if op["vm"] == name), None),
+        "operation": next(({"kind": op.kind, "step": op.step, "target": op.target,
+                            "started_at": op.started_at, "progress": op.progress}
+                           for op in ctx.ledger.operations.all() if op.vm == name), None),
     }

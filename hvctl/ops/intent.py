@@ -27,6 +27,7 @@ from typing import Any
 
 from hvctl.context import Context
 from hvctl.errors import HostUnreachable, HvctlError
+from hvctl.ledger import OperationRecord
 from hvctl.ops import Say
 
 CRASH_ENV = "HVCTL_CRASH_AFTER"
@@ -79,10 +80,10 @@ def holder_alive(holder: str, updated_at: float) -> bool:
     return _start_ticks(int(pid)) == ticks
 
 
-def describe(op: dict[str, Any]) -> str:
-    source = op.get("source") or op["data"].get("source")
-    where = (f" from {source}" if source else "") + (f" to {op['target']}" if op.get("target") else "")
-    return f"{op['kind']} of {op['vm']}{where} (step {op['step']}, started {time.ctime(op['started_at'])})"
+def describe(op: OperationRecord) -> str:
+    source = op.source or op.data.get("source")
+    where = (f" from {source}" if source else "") + (f" to {op.target}" if op.target else "")
+    return f"{op.kind} of {op.vm}{where} (step {op.step}, started {time.ctime(op.started_at)})"
 
 
 @dataclass
@@ -116,13 +117,13 @@ def operation(ctx: Context, vm: str, kind: str, *, source: str | None = None, ta
     holder = this_holder()
     held = ctx.ledger.operations.begin(vm, kind, holder, source, target, data or {})
     deadline = time.monotonic() + ctx.lock_wait_s
-    if held is not None and holder_alive(held["holder"], held["updated_at"]) and ctx.lock_wait_s > 0 and say:
+    if held is not None and holder_alive(held.holder, held.updated_at) and ctx.lock_wait_s > 0 and say:
         say(f"waiting up to {ctx.lock_wait_s:g} s for the {describe(held)} to end")
-    while held is not None and holder_alive(held["holder"], held["updated_at"]) and time.monotonic() < deadline:
+    while held is not None and holder_alive(held.holder, held.updated_at) and time.monotonic() < deadline:
         time.sleep(min(WAIT_POLL_S, max(deadline - time.monotonic(), 0.0)))
         held = ctx.ledger.operations.begin(vm, kind, holder, source, target, data or {})
     if held is not None:
-        if holder_alive(held["holder"], held["updated_at"]):
+        if holder_alive(held.holder, held.updated_at):
             raise OperationBusy(f"{vm} is busy: {describe(held)} is in progress",
                                 hint="wait for it to finish (`hvctl --wait SECONDS …` waits), then try again")
         if say:
@@ -138,54 +139,54 @@ def operation(ctx: Context, vm: str, kind: str, *, source: str | None = None, ta
         ctx.ledger.operations.end(vm, holder)
 
 
-def reconcile(ctx: Context, op: dict[str, Any]) -> str:
+def reconcile(ctx: Context, op: OperationRecord) -> str:
     """Finish or roll back one interrupted operation. Returns what was done; the row is removed when decided,
     and kept (with the reason returned) when a host involved cannot be asked or the outcome is not yet known.
     Each kind's reconciler is imported here: those modules run their operations under ``operation`` from this one."""
     try:
-        if op["kind"] == "migrate":
+        if op.kind == "migrate":
             from hvctl.ops.migrate import reconcile_migration
 
             return reconcile_migration(ctx, op)
-        if op["kind"] == "migrate-checkpoint":
+        if op.kind == "migrate-checkpoint":
             from hvctl.ops.ckpt_migrate import reconcile_checkpoint_migration
 
             return reconcile_checkpoint_migration(ctx, op)
-        if op["kind"] == "rotate-token":
+        if op.kind == "rotate-token":
             from hvctl.ops.keys import reconcile_rotation
 
             return reconcile_rotation(ctx, op)
-        if op["kind"] == "create":
+        if op.kind == "create":
             from hvctl.ops.create import reconcile_create
 
             return reconcile_create(ctx, op)
-        if op["kind"] in ("start", "stop", "restart", "pause", "resume"):
+        if op.kind in ("start", "stop", "restart", "pause", "resume"):
             from hvctl.ops.lifecycle import reconcile_power
 
             return reconcile_power(ctx, op)
-        if op["kind"] == "resize":
+        if op.kind == "resize":
             from hvctl.ops.resize import reconcile_resize
 
             return reconcile_resize(ctx, op)
-        if op["kind"] == "snapshot":
+        if op.kind == "snapshot":
             from hvctl.ops.snapshot import reconcile_snapshot
 
             return reconcile_snapshot(ctx, op)
-        if op["kind"] == "destroy":
+        if op.kind == "destroy":
             from hvctl.ops.lifecycle import reconcile_destroy
 
             return reconcile_destroy(ctx, op)
-        if op["kind"] == "destroy-orphan":
-            ctx.ledger.operations.end(op["vm"])  # nothing the ledger tracks: running it again finishes the job
+        if op.kind == "destroy-orphan":
+            ctx.ledger.operations.end(op.vm)  # nothing the ledger tracks: running it again finishes the job
             return "no ledger state to mend; `hvctl destroy --orphan` again removes what is left"
-        if op["kind"] == "adopt":
-            ctx.ledger.operations.end(op["vm"])  # its one write is a single transaction: done or not at all
+        if op.kind == "adopt":
+            ctx.ledger.operations.end(op.vm)  # its one write is a single transaction: done or not at all
             return "nothing to mend: the VM was adopted, or is still an orphan that `hvctl adopt` can take"
     except HostUnreachable as exc:
         return f"undecided: {exc.message}"
-    return f"undecided: hvctl does not know how to reconcile a {op['kind']}"
+    return f"undecided: hvctl does not know how to reconcile a {op.kind}"
 
 
-def interrupted(ctx: Context) -> list[dict[str, Any]]:
+def interrupted(ctx: Context) -> list[OperationRecord]:
     """Operations whose holder is dead: what `doctor` reports and `doctor --repair` reconciles."""
-    return [op for op in ctx.ledger.operations.all() if not holder_alive(op["holder"], op["updated_at"])]
+    return [op for op in ctx.ledger.operations.all() if not holder_alive(op.holder, op.updated_at)]

@@ -11,7 +11,7 @@ from hvctl.context import Context
 from hvctl.designer import nic_mac
 from hvctl.errors import HvctlError, InvalidSpec, NotFound
 from hvctl.host import DomainState
-from hvctl.ledger import VMRecord
+from hvctl.ledger import OperationRecord, VMRecord
 from hvctl.ops import Say
 from hvctl.ops.incarnation import authorized_keys_for
 from hvctl.ops.intent import operation
@@ -97,12 +97,12 @@ def rotate_agent_token(ctx: Context, name: str) -> dict[str, Any]:
     return {"vm": name, "rotated": True, "live": agent is not None}
 
 
-def reconcile_rotation(ctx: Context, op: dict[str, Any]) -> str:
+def reconcile_rotation(ctx: Context, op: OperationRecord) -> str:
     """An interrupted token rotation. The ledger already has the new token (killed after recording it): the seed
     is written again with it, so the next boot agrees. Otherwise the running guest is asked, with the new token,
     whether it took it: if it did, the ledger and the seed take it now; if it answers to the old one, or is not
     running (its next boot reads the seed, which still has the old one), there is nothing to mend."""
-    vm, token = op["vm"], op["data"].get("token")
+    vm, token = op.vm, op.data.get("token")
     try:
         record = ctx.ledger.vms.get(vm)
     except NotFound:

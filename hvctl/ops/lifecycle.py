@@ -6,7 +6,6 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 from xml.etree import ElementTree as ET
 
 from hvctl import passthrough
@@ -15,7 +14,7 @@ from hvctl.context import Context
 from hvctl.domain.model import retarget_ssh_forward
 from hvctl.errors import HostUnreachable, HvctlError, HypervisorError, NotFound
 from hvctl.host import DomainState, Guest
-from hvctl.ledger import VMRecord, VMState
+from hvctl.ledger import OperationRecord, VMRecord, VMState
 from hvctl.ops import Say, pooled, quiet
 from hvctl.ops.incarnation import DEFAULT_BOOT_TIMEOUT, HOSTFWD_REFUSED, PORT_ATTEMPTS
 from hvctl.ops.intent import operation
@@ -56,17 +55,17 @@ def ledger_state(actual: DomainState) -> VMState:
     return {DomainState.RUNNING: VMState.RUNNING, DomainState.PAUSED: VMState.PAUSED}.get(actual, VMState.STOPPED)
 
 
-def reconcile_power(ctx: Context, op: dict[str, Any]) -> str:
+def reconcile_power(ctx: Context, op: OperationRecord) -> str:
     """An interrupted stop that had asked the guest to power off is finished (it powers off, or is destroyed after
     the usual 30 s); any other interrupted start or stop leaves the VM as it is, and the ledger takes the state
     libvirt reports (running, or stopped)."""
-    vm = op["vm"]
+    vm = op.vm
     try:
         record = ctx.ledger.vms.get(vm)
     except NotFound:
         ctx.ledger.operations.end(vm)
         return "the VM is gone"
-    if op["kind"] == "stop" and op["step"] in ("asked", "powered-off"):
+    if op.kind == "stop" and op.step in ("asked", "powered-off"):
         guest = ctx.host(record.host).find_guest(vm)
         how = _power_off(guest, 30.0, lambda _: None) if guest is not None else "already stopped"
         ctx.ledger.vms.set_state(vm, VMState.STOPPED, f"an interrupted stop was finished ({how})")
@@ -75,7 +74,7 @@ def reconcile_power(ctx: Context, op: dict[str, Any]) -> str:
     actual = ctx.host(record.host).state(vm)
     state = ledger_state(actual)
     if record.state != state:
-        ctx.ledger.vms.set_state(vm, state, f"an interrupted {op['kind']}: libvirt says {actual.value}")
+        ctx.ledger.vms.set_state(vm, state, f"an interrupted {op.kind}: libvirt says {actual.value}")
     ctx.ledger.operations.end(vm)
     return f"libvirt says {actual.value}: the ledger says {state}"
 
@@ -207,15 +206,15 @@ def destroy(ctx: Context, name: str, say: Say = quiet) -> None:
         _destroy(ctx, name, say, op.step)
 
 
-def reconcile_destroy(ctx: Context, op: dict[str, Any]) -> str:
+def reconcile_destroy(ctx: Context, op: OperationRecord) -> str:
     """An interrupted destroy is finished: destroy is idempotent up to its last step, the ledger row."""
     try:
-        ctx.ledger.vms.get(op["vm"])
+        ctx.ledger.vms.get(op.vm)
     except NotFound:
-        ctx.ledger.operations.end(op["vm"])
+        ctx.ledger.operations.end(op.vm)
         return "it had finished"
-    _destroy(ctx, op["vm"], lambda _: None, lambda *_a, **_k: None)
-    ctx.ledger.operations.end(op["vm"])
+    _destroy(ctx, op.vm, lambda _: None, lambda *_a, **_k: None)
+    ctx.ledger.operations.end(op.vm)
     return "finished"
 
 

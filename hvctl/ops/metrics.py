@@ -12,7 +12,6 @@ Names follow Prometheus conventions: ``hvctl_`` prefix, base units (seconds, byt
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -135,7 +134,7 @@ def _host_metrics(ctx: Context, hosts: list[Any]) -> Iterator[Metric]:
     yield enabled
     reserved_by_host: dict[str, Usage] = {}
     for row in ctx.ledger.reservations.all():
-        reserved_by_host[row["host"]] = reserved_by_host.get(row["host"], Usage()) + Usage(**json.loads(row["usage"]))
+        reserved_by_host[row.host] = reserved_by_host.get(row.host, Usage()) + row.usage
     capacity = {"vcpus": lambda h: h.cpus, "memory_mib": lambda h: h.memory_mib, "disk_gib": lambda h: h.disk_gib}
     usage = {h.name: ctx.ledger.host_usage(h.name) for h in hosts}
     for field, (stem, factor) in RESOURCES.items():
@@ -161,10 +160,10 @@ def _gpu_metrics(ctx: Context) -> Iterator[Metric]:
     owned = GaugeMetricFamily("hvctl_gpu_assigned", "1 for each passthrough device bound for a VM, by owner.",
                               labels=["host", "address", "vm", "state"])
     for row in ctx.ledger.gpus.bindings():
-        owned.add_metric([row["host"], row["address"], row["vm"] or "", row["state"]], 1)
+        owned.add_metric([row.host, row.address, row.vm or "", row.state], 1)
     devices = GaugeMetricFamily("hvctl_host_gpus", "Passthrough-capable GPUs found on the host.", labels=["host"])
     for h in ctx.ledger.hosts.all():
-        devices.add_metric([h.name], len(ctx.ledger.hosts.inventory(h.name)[1]))
+        devices.add_metric([h.name], len(ctx.ledger.hosts.hardware(h.name).gpus))
     yield owned
     yield devices
 

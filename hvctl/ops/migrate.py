@@ -27,7 +27,7 @@ from hvctl.context import Context
 from hvctl.domain.model import retarget_paths, retarget_ssh_forward
 from hvctl.errors import AlreadyExists, HvctlError, InvalidSpec, MigrationFailed, NotFound
 from hvctl.host import DomainState, Guest, Host
-from hvctl.ledger import QuotaExceeded, VMRecord
+from hvctl.ledger import OperationRecord, QuotaExceeded, VMRecord
 from hvctl.ops import Say, pooled, quiet
 from hvctl.ops.ckpt_migrate import checkpoint_migrate
 from hvctl.ops.create import check_network
@@ -127,7 +127,7 @@ def _migrate(ctx: Context, name: str, target: str, opts: MigrateOptions,
     # would read as zero otherwise.
     ctx.capabilities(target)
     target_record = ledger.hosts.get(target)
-    gpus = len(ledger.hosts.inventory(target)[1])
+    gpus = len(ledger.hosts.hardware(target).gpus)
     reservation = ledger.reservations.hold(target, record.tenant, host_footprint(record.spec), "migration", vm=name,
                                  host_limit=host_limit(ctx.policy, target_record, gpus))
     copy: StorageCopy | None = None
@@ -180,7 +180,7 @@ def shared_storage_socket(current: Path) -> Path:
     return current.with_name("agent.live" if current.name == "agent.sock" else "agent.sock")
 
 
-def reconcile_migration(ctx: Context, op: dict[str, Any]) -> str:
+def reconcile_migration(ctx: Context, op: OperationRecord) -> str:
     """An interrupted live migration, decided by where the domain with the VM's UUID runs now:
     - the ledger already says the target (killed after the commit): the source's leftover copy is removed;
     - it runs on the target and no longer on the source (libvirt finished, hvctl did not commit): committed now,
@@ -189,7 +189,7 @@ def reconcile_migration(ctx: Context, op: dict[str, Any]) -> str:
       of its disk (made for --copy-storage, unused) removed;
     - on both, or on neither: not decided; the row stays, and the reason is returned.
     A file or volume is removed only when no host of the two runs a domain with that UUID from it."""
-    vm, target, data = op["vm"], op["target"], op["data"]
+    vm, target, data = op.vm, op.target_host, op.data
     source = data.get("source")
     ledger = ctx.ledger
     if source is None:  # killed before the checks ended: nothing was made

@@ -21,7 +21,7 @@ from hvctl.context import Context
 from hvctl.designer import qemu_overhead_mib
 from hvctl.errors import HvctlError, InvalidSpec
 from hvctl.host import DomainState
-from hvctl.ledger import Admission, VMRecord
+from hvctl.ledger import Admission, OperationRecord, VMRecord
 from hvctl.ops import Say, pooled, quiet
 from hvctl.ops.intent import operation
 from hvctl.placement import host_limit
@@ -43,7 +43,7 @@ def resize(ctx: Context, name: str, vcpus: int | None = None, memory_mib: int | 
     new = VMSpec.parse(**(old.model_dump() | changes))  # the same bounds as a create
     with operation(ctx, name, "resize", data={"from": old.model_dump(mode="json")}, say=say) as op:
         policy = ctx.policy
-        gpus = len(ctx.ledger.hosts.inventory(record.host)[1])
+        gpus = len(ctx.ledger.hosts.hardware(record.host).gpus)
         admission = Admission(tenant_limit=policy.tenant(record.tenant).quota.model_dump(),
                               host_limit=host_limit(policy, ctx.ledger.hosts.get(record.host), gpus))
         say("admitting the new size")
@@ -108,8 +108,8 @@ def _grow_filesystem(ctx: Context, record: VMRecord, say: Say) -> str:
     return f"grown to {int(size) / 2**30:.2f} GiB" if size.isdigit() else "grown"
 
 
-def reconcile_resize(ctx: Context, op: dict[str, Any]) -> str:
+def reconcile_resize(ctx: Context, op: OperationRecord) -> str:
     """An interrupted resize keeps the size the ledger recorded; running `hvctl resize` again with it applies
     whatever did not happen (each step is idempotent)."""
-    ctx.ledger.operations.end(op["vm"])
+    ctx.ledger.operations.end(op.vm)
     return "the ledger keeps the new size; `hvctl resize` with it again finishes applying it"

@@ -20,7 +20,7 @@ from typing import Any
 from hvctl.context import Context
 from hvctl.errors import HvctlError, NotFound
 from hvctl.host import DomainState
-from hvctl.ledger import Admission, SnapshotRecord
+from hvctl.ledger import Admission, OperationRecord, SnapshotRecord
 from hvctl.names import check_name
 from hvctl.ops import Say, quiet
 from hvctl.ops.intent import operation
@@ -44,7 +44,7 @@ def create(ctx: Context, vm: str, name: str, memory: bool = False, say: Say = qu
             raise HvctlError(f"{vm}'s domain already has a snapshot named {name!r} that the ledger does not know",
                              hint=f"virsh snapshot-delete {vm} {name}, if it is not wanted")
         policy = ctx.policy
-        gpus = len(ctx.ledger.hosts.inventory(record.host)[1])
+        gpus = len(ctx.ledger.hosts.hardware(record.host).gpus)
         admission = Admission(tenant_limit=policy.tenant(record.tenant).quota.model_dump(),
                               host_limit=host_limit(policy, ctx.ledger.hosts.get(record.host), gpus))
         snap = ctx.ledger.snapshots.reserve(vm, name, memory, admission)
@@ -106,11 +106,11 @@ def remove(ctx: Context, vm: str, name: str, say: Say = quiet) -> None:
         ctx.ledger.snapshots.delete(vm, name, f"snapshot {name} of {vm} deleted; its charge released")
 
 
-def reconcile_snapshot(ctx: Context, op: dict[str, Any]) -> str:
+def reconcile_snapshot(ctx: Context, op: OperationRecord) -> str:
     """An interrupted snapshot operation is settled by what libvirt has: a snapshot the ledger holds as
     'creating' or 'deleting' is kept (ready) if the domain has it and dropped if not; the VM's state follows
     libvirt's after an interrupted revert."""
-    vm = op["vm"]
+    vm = op.vm
     try:
         record = ctx.ledger.vms.get(vm)
     except NotFound:
