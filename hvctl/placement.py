@@ -5,7 +5,7 @@ from __future__ import annotations
 from hvctl.accounting import host_footprint
 from hvctl.designer import qemu_overhead_mib
 from hvctl.errors import HvctlError
-from hvctl.ledger import HostRecord, Ledger
+from hvctl.ledger import Admission, HostRecord, Ledger
 from hvctl.policy import Policy
 from hvctl.scheduler import HostInventory, NumaCell, PlacementRequest, Resources, place_one
 from hvctl.spec import VMSpec
@@ -29,6 +29,18 @@ def host_limit(policy: Policy, record: HostRecord, gpus: int) -> dict[str, float
         "vms": None,
     }
 
+
+
+def host_allowance(ledger: Ledger, policy: Policy, host: str) -> dict[str, float | None]:
+    """What may be allocated on ``host`` under ``policy``: its probed size less the reserve, times the overcommit,
+    and its GPUs."""
+    return host_limit(policy, ledger.hosts.get(host), len(ledger.hosts.hardware(host).gpus))
+
+
+def admission_for(ledger: Ledger, policy: Policy, tenant: str, host: str) -> Admission:
+    """The limits a new allocation of ``tenant`` on ``host`` is admitted against, in the ledger's transaction."""
+    return Admission(tenant_limit=policy.tenant(tenant).quota.model_dump(),
+                     host_limit=host_allowance(ledger, policy, host))
 
 def inventory(ledger: Ledger, policy: Policy, record: HostRecord) -> HostInventory:
     hardware = ledger.hosts.hardware(record.name)

@@ -24,10 +24,10 @@ from hvctl.context import Context
 from hvctl.domain import Disk, Domain, PciHostdev, SerialConsole, UnixChannel
 from hvctl.errors import AlreadyExists, HvctlError, NotFound
 from hvctl.host import DomainState, Pool
-from hvctl.ledger import Admission, VMPaths, VMRecord
+from hvctl.ledger import VMPaths, VMRecord
 from hvctl.ops import Say, pooled, quiet
 from hvctl.ops.intent import operation
-from hvctl.placement import host_limit
+from hvctl.placement import admission_for
 from hvctl.seed import read_seed_file
 from hvctl.spec import VMSpec
 
@@ -65,9 +65,7 @@ def adopt(ctx: Context, name: str, host_name: str, say: Say = quiet) -> VMRecord
         token, pubkey = _secrets_of(paths.seed, pool)
         policy = ctx.policy
         ctx.capabilities(host_name)  # the host's capacity, probed (cached) for the admission below
-        gpus = len(ctx.ledger.hosts.hardware(host_name).gpus)
-        admission = Admission(tenant_limit=policy.tenant(spec.tenant).quota.model_dump(),
-                              host_limit=host_limit(policy, ctx.ledger.hosts.get(host_name), gpus))
+        admission = admission_for(ctx.ledger, policy, spec.tenant, host_name)
         say("recording it in the ledger")
         return ctx.ledger.vms.adopt(spec, host_name, paths, ssh_port=domain.network.ssh_port, state=state,
                                    domain_uuid=guest.uuid, agent_token=token, host_pubkey=pubkey,

@@ -46,7 +46,7 @@ from hvctl.ops.incarnation import DEFAULT_BOOT_TIMEOUT, BootOptions, GuestSecret
 from hvctl.ops.intent import Operation
 from hvctl.ops.networks import leave_if_unused
 from hvctl.ops.run import checkpoint_name, operator_identity
-from hvctl.placement import host_limit
+from hvctl.placement import host_allowance
 from images.store import Image
 
 DEFAULT_TIMEOUT_S = 900.0
@@ -183,13 +183,12 @@ def checkpoint_migrate(ctx: Context, record: VMRecord, target: str, timeout_s: f
     draining = [w.id for w in running if w.kind not in CHECKPOINTABLE]
     image = ctx.images.get(record.spec.image)
     image.verify()
-    target_record = ledger.hosts.get(target)
+    ledger.hosts.get(target)  # a host hvctl knows
     ctx.capabilities(target)  # reachable, and its accelerator known, before anything is reserved
-    gpus = len(ledger.hosts.hardware(target).gpus)
     source_uuid = ctx.host(record.host).guest(name).uuid
     op.step("checked", source=record.host, source_uuid=source_uuid, source_dir=str(record.overlay.parent))
     reservation = ledger.reservations.hold(target, record.tenant, host_footprint(record.spec), "migration", vm=name,
-                                 host_limit=host_limit(ctx.policy, target_record, gpus))
+                                           host_limit=host_allowance(ledger, ctx.policy, target))
     move.workdir = Path(tempfile.mkdtemp(prefix=f"hvctl-ckpt-{name}-"))
     op.step("reserved", reservation=reservation, workdir=str(move.workdir))
     try:

@@ -9,13 +9,13 @@ from pathlib import Path
 from hvctl import passthrough
 from hvctl.context import Context
 from hvctl.errors import AlreadyExists, InvalidSpec, NotFound
-from hvctl.ledger import Admission, OperationRecord, VMRecord, VMState
+from hvctl.ledger import OperationRecord, VMRecord, VMState
 from hvctl.ops import Say, Undo, pooled, quiet
 from hvctl.ops.incarnation import BootOptions, GuestSecrets, Incarnation, LocalStorage, Storage, boot
 from hvctl.ops.intent import operation
 from hvctl.ops.lifecycle import remove_vm_files
 from hvctl.ops.networks import ensure_on_host, publish_lease, withdraw_lease, withdraw_vm_lease
-from hvctl.placement import NoValidHost, choose_host, host_limit
+from hvctl.placement import NoValidHost, admission_for, choose_host
 from hvctl.spec import VMSpec
 from images.store import Image
 
@@ -26,7 +26,7 @@ def create(ctx: Context, spec: VMSpec, say: Say = quiet, options: BootOptions | 
     host that keeps its files in its storage pool."""
     # Every check that can refuse the request runs before anything is written anywhere, the state dir included.
     policy = ctx.policy
-    quota = policy.tenant(spec.tenant).quota
+    policy.tenant(spec.tenant)  # an unknown tenant is refused first
     image = ctx.images.get(spec.image)
     image.verify()
     if spec.host is None:
@@ -39,9 +39,7 @@ def create(ctx: Context, spec: VMSpec, say: Say = quiet, options: BootOptions | 
                           hint=f"`hvctl host enable {spec.host}`, or leave out --host")
     host = ctx.host(spec.host)
     ctx.capabilities(spec.host)  # probed (cached) before anything is written
-    gpus = len(ctx.ledger.hosts.hardware(spec.host).gpus)
-    admission = Admission(tenant_limit=quota.model_dump(),
-                          host_limit=host_limit(policy, ctx.ledger.hosts.get(spec.host), gpus))
+    admission = admission_for(ctx.ledger, policy, spec.tenant, spec.host)
     if host.exists(spec.name):
         raise AlreadyExists(f"a domain named {spec.name!r} already exists on host {spec.host}")
     check_network(ctx, spec, spec.host, say)

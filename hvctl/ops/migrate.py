@@ -35,7 +35,7 @@ from hvctl.ops.incarnation import make_overlay
 from hvctl.ops.intent import Operation, operation
 from hvctl.ops.networks import leave_if_unused
 from hvctl.paths import make_private_dir
-from hvctl.placement import NoValidHost, host_limit
+from hvctl.placement import NoValidHost, host_allowance
 
 Mode = Literal["live", "postcopy", "offline", "checkpoint"]
 
@@ -126,10 +126,8 @@ def _migrate(ctx: Context, name: str, target: str, opts: MigrateOptions,
     # A host never used since it was registered (the default host, say) has its capacity probed first: its limit
     # would read as zero otherwise.
     ctx.capabilities(target)
-    target_record = ledger.hosts.get(target)
-    gpus = len(ledger.hosts.hardware(target).gpus)
     reservation = ledger.reservations.hold(target, record.tenant, host_footprint(record.spec), "migration", vm=name,
-                                 host_limit=host_limit(ctx.policy, target_record, gpus))
+                                           host_limit=host_allowance(ledger, ctx.policy, target))
     copy: StorageCopy | None = None
     try:
         port = ledger.vms.free_port_on(target, bind_address=str(record.spec.ssh_bind) if ctx.is_this_machine(target)

@@ -17,7 +17,7 @@ from hvctl import yamlfile
 from hvctl.accounting import Usage, first_excess, host_footprint, tenant_charge
 from hvctl.context import Context
 from hvctl.errors import InvalidSpec
-from hvctl.placement import host_limit, inventory, placement_request
+from hvctl.placement import host_allowance, inventory, placement_request
 from hvctl.scheduler import Scheduler
 from hvctl.scheduler.drf import progressive_filling
 from hvctl.scheduler.model import PlacementRequest
@@ -69,7 +69,7 @@ def plan(ctx: Context, specs: list[VMSpec]) -> dict[str, Any]:
     place it. Requests a tenant cannot get do not count."""
     policy, ledger = ctx.policy, ctx.ledger
     hosts = [h for h in ledger.hosts.all() if h.cpus is not None]
-    limits = [host_limit(policy, h, len(ledger.hosts.hardware(h.name).gpus)) for h in hosts]
+    limits = [host_allowance(ledger, policy, h.name) for h in hosts]
     # The shares are of what tenants are charged (quota units) against the hosts' usable capacity; disk is not a
     # resource the fairness counts.
     capacity = tuple(sum(float(lim[k] or 0) for lim in limits) if k != "disk_gib" else 0.0

@@ -24,7 +24,7 @@ from hvctl.host import DomainState
 from hvctl.ledger import Admission, OperationRecord, VMRecord
 from hvctl.ops import Say, pooled, quiet
 from hvctl.ops.intent import operation
-from hvctl.placement import host_limit
+from hvctl.placement import admission_for
 from hvctl.spec import VMSpec
 
 
@@ -43,9 +43,7 @@ def resize(ctx: Context, name: str, vcpus: int | None = None, memory_mib: int | 
     new = VMSpec.parse(**(old.model_dump() | changes))  # the same bounds as a create
     with operation(ctx, name, "resize", data={"from": old.model_dump(mode="json")}, say=say) as op:
         policy = ctx.policy
-        gpus = len(ctx.ledger.hosts.hardware(record.host).gpus)
-        admission = Admission(tenant_limit=policy.tenant(record.tenant).quota.model_dump(),
-                              host_limit=host_limit(policy, ctx.ledger.hosts.get(record.host), gpus))
+        admission = admission_for(ctx.ledger, policy, record.tenant, record.host)
         say("admitting the new size")
         ctx.ledger.vms.resize(name, new, admission)
         op.step("recorded")

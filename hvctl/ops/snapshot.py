@@ -20,12 +20,12 @@ from typing import Any
 from hvctl.context import Context
 from hvctl.errors import HvctlError, NotFound
 from hvctl.host import DomainState
-from hvctl.ledger import Admission, OperationRecord, SnapshotRecord
+from hvctl.ledger import OperationRecord, SnapshotRecord
 from hvctl.names import check_name
 from hvctl.ops import Say, quiet
 from hvctl.ops.intent import operation
 from hvctl.ops.lifecycle import ledger_state
-from hvctl.placement import host_limit
+from hvctl.placement import admission_for
 
 
 def create(ctx: Context, vm: str, name: str, memory: bool = False, say: Say = quiet) -> SnapshotRecord:
@@ -44,9 +44,7 @@ def create(ctx: Context, vm: str, name: str, memory: bool = False, say: Say = qu
             raise HvctlError(f"{vm}'s domain already has a snapshot named {name!r} that the ledger does not know",
                              hint=f"virsh snapshot-delete {vm} {name}, if it is not wanted")
         policy = ctx.policy
-        gpus = len(ctx.ledger.hosts.hardware(record.host).gpus)
-        admission = Admission(tenant_limit=policy.tenant(record.tenant).quota.model_dump(),
-                              host_limit=host_limit(policy, ctx.ledger.hosts.get(record.host), gpus))
+        admission = admission_for(ctx.ledger, policy, record.tenant, record.host)
         snap = ctx.ledger.snapshots.reserve(vm, name, memory, admission)
         op.step("reserved")
         try:
