@@ -8,7 +8,8 @@ STATE_DIR ?= /var/lib/hvctl
 DAEMON_DIR ?= /var/lib/hvctl-libvirtd
 DEBS := qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients libvirt-dev \
         pkg-config debootstrap cpio busybox-static genisoimage e2fsprogs kmod util-linux python3-venv python3-dev gcc procps \
-        openssh-server openssh-client ovmf ebtables dnsmasq-base
+        openssh-server openssh-client ovmf ebtables dnsmasq-base libpq5 postgresql
+# postgresql: the tests start a throwaway server of their own (tests/pgserver.py) for the shared-ledger suite.
 PYTEST_ARGS ?=
 # The stock-style cloud image `make demo` imports (built from Debian packages by hvctl.devhost.stockimage).
 STOCK_IMAGE ?= /var/tmp/hvctl-stock-debian-v2.qcow2

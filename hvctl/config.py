@@ -9,6 +9,7 @@ flags' help is the settings' documentation. A flag or its environment variable b
     state_dir = "/srv/hvctl"
     policy = "/etc/hvctl/policy.yaml"
     wait = 30
+    ledger = "postgresql://hvctl@db.example/hvctl"   # several controllers, one fleet (README)
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from hvctl.errors import InvalidSpec
 # Setting → the type its value must have. The keys are the root command's parameter names (hvctl.cli.common's
 # main_options), so the file feeds click's default_map directly.
 SETTINGS: dict[str, type | tuple[type, ...]] = {"connect": str, "state_dir": str, "policy": str,
-                                                "wait": (int, float)}
+                                                "wait": (int, float), "ledger": str}
 ENV = "HVCTL_CONFIG"
 
 

@@ -85,6 +85,8 @@ class Context:
     gpu_env: GpuEnvironment = field(default_factory=GpuEnvironment)
     # --wait: how long a command waits for another command's operation on the same VM to end (0: refuse at once).
     lock_wait_s: float = 0.0
+    # --ledger: a postgresql:// URL several controllers share; None: the state dir's SQLite file.
+    ledger_url: str | None = None
     _hosts: dict[str, Host] = field(default_factory=dict, repr=False)
     _this_machine: dict[str, bool] = field(default_factory=dict, repr=False)
 
@@ -112,9 +114,19 @@ class Context:
     def ledger(self) -> Ledger:
         from hvctl.ledger import Ledger
 
-        ledger = Ledger(self.paths.ledger)
+        ledger = Ledger(self.ledger_url or self.paths.ledger)
         self.host_name = resolve_connect(ledger, self.uri, self.host_name)
         return ledger
+
+    @property
+    def ledger_location(self) -> str:
+        """Where the ledger is, as messages show it: the SQLite file, or the URL without its password."""
+        if self.ledger_url is None:
+            return str(StateDir(self.state_dir).ledger)
+        from hvctl.ledger.postgres import redact
+
+        return redact(self.ledger_url) if self.ledger_url.startswith(("postgresql://", "postgres://")) \
+            else self.ledger_url
 
     @property
     def connected_uri(self) -> str:

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from pgserver import PgServer
 
 from hvctl.context import Context
 from hvctl.devhost import PrivateLibvirtd
@@ -46,6 +47,25 @@ def short_tempdir(prefix: str) -> Path:
     path = Path(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp"))
     path.chmod(0o755)
     return path
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    """One throwaway PostgreSQL server for the session, started on first use (tests/pgserver.py)."""
+    server = PgServer()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ledger_location(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Where a test's ledger lives, once on each backend: a SQLite file, or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return str(tmp_path / "ledger.sqlite3")
+    server: PgServer = request.getfixturevalue("pg_server")
+    return server.new_database()
 
 
 def _vm_prerequisites_missing() -> str | None:

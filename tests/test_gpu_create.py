@@ -57,7 +57,7 @@ tenants:
 
 
 class Rig:
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, ledger_url: str | None = None) -> None:
         self.fake: FakeHost = standard_host(base / "fake")
         self.kernel = FakeKernel(self.fake)
         self.state = short_tempdir("hvg-")
@@ -71,7 +71,7 @@ class Rig:
         (stub / "manifest.json").write_text(json.dumps({
             "name": "stub", "content_hash": "0000000000000000", "kind": "initramfs", "directory": str(stub),
             "kernel_version": "fake", "built_at": 0, "size_bytes": 1}))
-        self.ctx = Context(state_dir=self.state, uri="test:///default", gpu_env=GpuEnvironment(
+        self.ctx = Context(state_dir=self.state, uri="test:///default", ledger_url=ledger_url, gpu_env=GpuEnvironment(
             sysfs_root=self.fake.sys, dev_root=self.fake.dev, writer=self.kernel, users_of=lambda _: [],
             bind_timeout=0.2))
         self.ctx.ledger.hosts.record_facts("local", "qemu", 64, 262144)
@@ -115,14 +115,24 @@ class Rig:
         return {r.address: (r.vm, r.state) for r in self.ctx.ledger.gpus.bindings("local")}
 
 
-@pytest.fixture
-def rig(tmp_path: Path) -> Iterator[Rig]:
-    r = Rig(tmp_path)
+def _rig(base: Path, ledger_url: str | None) -> Iterator[Rig]:
+    r = Rig(base, ledger_url)
     yield r
     for vm in r.ctx.ledger.vms.all():
         destroy(r.ctx, vm.name)
     r.ctx.close()
     shutil.rmtree(r.state, ignore_errors=True)
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[Rig]:
+    yield from _rig(tmp_path, None)
+
+
+@pytest.fixture
+def rig_on_each_ledger(tmp_path: Path, ledger_location: str) -> Iterator[Rig]:
+    """The rig with its ledger on SQLite, then on PostgreSQL (a location that is not a URL is the state dir's)."""
+    yield from _rig(tmp_path, ledger_location if ledger_location.startswith("postgresql://") else None)
 
 
 def test_create_with_a_gpu_binds_it_writes_hostdevs_and_records_it_and_destroy_gives_it_back(rig: Rig) -> None:
@@ -167,7 +177,7 @@ def test_an_allowlisted_accelerator_is_a_gpu_model_and_an_unknown_model_is_refus
 
 
 def test_two_creates_racing_for_the_last_device_one_wins_and_the_other_is_refused_cleanly(
-        rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+        rig_on_each_ledger: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
     """Both creates choose the only edu device before either claims it (a barrier after the choice, the hook that
     makes the race happen every time): the claim, one ledger transaction, lets one through and refuses the
     other, which leaves no VM, binding or domain behind."""
@@ -182,8 +192,9 @@ def test_two_creates_racing_for_the_last_device_one_wins_and_the_other_is_refuse
         both_chose.wait()
         return chosen
 
+    rig = rig_on_each_ledger
     monkeypatch.setattr(passthrough, "choose", choose_then_wait)
-    other = Context(state_dir=rig.state, uri="test:///default", gpu_env=rig.ctx.gpu_env)
+    other = Context(state_dir=rig.state, uri="test:///default", gpu_env=rig.ctx.gpu_env, ledger_url=rig.ctx.ledger_url)
     outcomes: dict[str, BaseException | None] = {}
 
     def race(name: str, ctx: Context) -> None:

@@ -1,12 +1,17 @@
-"""The ledger on real SQLite files: migrations, atomic reservations under real concurrency, events."""
+"""The ledger on both its backends, each real: SQLite files, and databases on a PostgreSQL server the session starts
+(tests/pgserver.py). Migrations, atomic reservations under real concurrency, events."""
 
 from __future__ import annotations
 
 import sqlite3
 import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
+from pgserver import PgServer
 
 from hvctl.errors import AlreadyExists, LedgerError, NotFound
 from hvctl.ledger import MIGRATIONS, Ledger, VMPaths
@@ -22,33 +27,59 @@ def reserve(ledger: Ledger, name: str, tmp: Path, port_range: tuple[int, int] = 
 
 
 @pytest.fixture
-def ledger(tmp_path: Path) -> Ledger:
-    led = Ledger(tmp_path / "ledger.sqlite3")
+def ledger(ledger_location: str) -> Iterator[Ledger]:
+    led = Ledger(ledger_location)
     led.hosts.ensure("local", "qemu:///system")
-    return led
+    yield led
+    led.close()
 
 
-def test_fresh_ledger_is_migrated_and_uses_wal(ledger: Ledger) -> None:
-    assert ledger.schema_version == len(MIGRATIONS)
+def test_fresh_sqlite_ledger_is_migrated_and_uses_wal(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "ledger.sqlite3")
+    assert ledger.schema_version == len(MIGRATIONS) and ledger.store.backend == "sqlite"
     assert ledger.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     tables = {r[0] for r in ledger.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     assert {"hosts", "vms", "events"} <= tables
 
 
-def test_reopening_does_not_migrate_twice(tmp_path: Path, ledger: Ledger) -> None:
+def test_fresh_postgresql_ledger_is_migrated_with_double_precision_times(pg_server: PgServer) -> None:
+    ledger = Ledger(pg_server.new_database())
+    assert ledger.schema_version == len(MIGRATIONS) and ledger.store.backend == "postgresql"
+    columns = dict(ledger.db.execute("SELECT column_name, data_type FROM information_schema.columns "
+                                     "WHERE table_name = 'events'").fetchall())
+    assert columns["ts"] == "double precision" and columns["id"] == "bigint"
+    ledger.events.log(None, None, "x", "y")
+    (event,) = ledger.events.of_kind("x")
+    assert abs(event.ts - time.time()) < 3600 and event.ts != round(event.ts)  # not a 4-byte float's minutes
+    info = ledger.store.describe()
+    assert info["backend"] == "postgresql" and info["version"].split(".")[0].isdigit() and not info["standby"]
+
+
+def test_reopening_does_not_migrate_twice(tmp_path: Path, ledger_location: str) -> None:
+    ledger = Ledger(ledger_location)
+    ledger.hosts.ensure("local", "qemu:///system")
     reserve(ledger, "a", tmp_path)
     ledger.close()
-    again = Ledger(tmp_path / "ledger.sqlite3")
-    assert [v.name for v in again.vms.all()] == ["a"]
+    again = Ledger(ledger_location)
+    assert [v.name for v in again.vms.all()] == ["a"] and again.schema_version == len(MIGRATIONS)
 
 
-def test_ledger_from_a_newer_hvctl_is_refused(tmp_path: Path) -> None:
-    path = tmp_path / "future.sqlite3"
-    db = sqlite3.connect(path)
-    db.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 5}")
-    db.close()
+def test_ledger_from_a_newer_hvctl_is_refused(ledger_location: str) -> None:
+    Ledger(ledger_location).close()
+    if ledger_location.startswith("postgresql://"):
+        with psycopg.connect(ledger_location, autocommit=True) as db:
+            db.execute("UPDATE hvctl_schema SET version = %s", (len(MIGRATIONS) + 5,))
+    else:
+        db = sqlite3.connect(ledger_location)
+        db.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 5}")
+        db.close()
     with pytest.raises(LedgerError, match="newer than this hvctl"):
-        Ledger(path)
+        Ledger(ledger_location)
+
+
+def test_an_unreachable_postgresql_ledger_is_one_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(LedgerError, match=r"cannot connect to ledger postgresql://hvctl:\*\*\*@/x\?host="):
+        Ledger(f"postgresql://hvctl:secret@/x?host={tmp_path}")
 
 
 def test_reservation_state_changes_and_events(ledger: Ledger, tmp_path: Path) -> None:
@@ -81,15 +112,15 @@ def test_ports_exhausted_is_a_clear_error(ledger: Ledger, tmp_path: Path) -> Non
         ledger.vms.get("b")
 
 
-def test_concurrent_reservations_from_many_connections_never_collide(tmp_path: Path) -> None:
-    """Twenty threads, each with its own connection to one SQLite file, race to reserve VMs and ports."""
-    Ledger(tmp_path / "l.sqlite3").hosts.ensure("local", "qemu:///system")
+def test_concurrent_reservations_from_many_connections_never_collide(tmp_path: Path, ledger_location: str) -> None:
+    """Twenty threads, each with its own connection to one ledger, race to reserve VMs and ports."""
+    Ledger(ledger_location).hosts.ensure("local", "qemu:///system")
     ports: list[int] = []
     errors: list[Exception] = []
     barrier = threading.Barrier(20)
 
     def worker(i: int) -> None:
-        led = Ledger(tmp_path / "l.sqlite3")
+        led = Ledger(ledger_location)
         barrier.wait()
         try:
             ports.append(reserve(led, f"vm-{i}", tmp_path, port_range=(22300, 22339)))

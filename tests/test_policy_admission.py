@@ -105,8 +105,9 @@ def test_footprint_counts_qemu_overhead_against_the_host_only() -> None:
     assert host_footprint(spec) == Usage(2, 1024 + qemu_overhead_mib(spec), 3, 0, 1)
 
 
-def test_a_vm_sized_exactly_to_the_quota_is_admitted_and_the_next_is_refused(tmp_path: Path) -> None:
-    ledger = Ledger(tmp_path / "l.sqlite3")
+def test_a_vm_sized_exactly_to_the_quota_is_admitted_and_the_next_is_refused(tmp_path: Path,
+                                                                              ledger_location: str) -> None:
+    ledger = Ledger(ledger_location)
     add_host(ledger, "h1", cpus=8, memory_mib=16384)
     admit(ledger, VMSpec(name="exact", tenant="acme", memory_mib=2048), "h1", tmp_path)
     with pytest.raises(QuotaExceeded) as exc:
@@ -116,9 +117,9 @@ def test_a_vm_sized_exactly_to_the_quota_is_admitted_and_the_next_is_refused(tmp
     assert ledger.events.recent("more")[-1].kind == "admission.refused"
 
 
-def test_disk_is_admitted_against_the_hosts_storage(tmp_path: Path) -> None:
+def test_disk_is_admitted_against_the_hosts_storage(tmp_path: Path, ledger_location: str) -> None:
     """One tenant cannot fill a host's disk: virtual disk sizes count against the storage VM disks live on."""
-    ledger = Ledger(tmp_path / "l.sqlite3")
+    ledger = Ledger(ledger_location)
     add_host(ledger, "h1", cpus=8, memory_mib=16384)
     ledger.hosts.record_disk("h1", 10)
     admit(ledger, VMSpec(name="a", tenant="acme", disk_gib=6), "h1", tmp_path)
@@ -149,8 +150,8 @@ def test_a_hosts_storage_is_measured_once_with_its_other_facts() -> None:
         shutil.rmtree(state, ignore_errors=True)
 
 
-def test_host_capacity_includes_overhead_and_reserve(tmp_path: Path) -> None:
-    ledger = Ledger(tmp_path / "l.sqlite3")
+def test_host_capacity_includes_overhead_and_reserve(tmp_path: Path, ledger_location: str) -> None:
+    ledger = Ledger(ledger_location)
     add_host(ledger, "small-host", cpus=2, memory_mib=3072)
     # 3072 MiB - 1024 reserved = 2048 allocatable; a 2000 MiB guest needs 2000 + 256 + 40 with QEMU's overhead.
     with pytest.raises(QuotaExceeded, match=r"host small-host: memory 2296 MiB requested, 0 of 2048 MiB in use"):
@@ -158,17 +159,18 @@ def test_host_capacity_includes_overhead_and_reserve(tmp_path: Path) -> None:
     assert ledger.vms.all() == []
 
 
-def test_twenty_concurrent_creates_never_overshoot_quota_or_host(tmp_path: Path) -> None:
-    """Twenty threads, each with its own SQLite connection, race to admit 512 MiB VMs for acme (quota 2048 MiB,
-    6 VMs) and globex onto one host; admission and insert share a transaction, so exactly the quota gets in."""
-    Ledger(tmp_path / "l.sqlite3")
-    add_host(Ledger(tmp_path / "l.sqlite3"), "h1", cpus=4, memory_mib=8192)
+def test_twenty_concurrent_creates_never_overshoot_quota_or_host(tmp_path: Path, ledger_location: str) -> None:
+    """Twenty threads, each with its own connection to the ledger (SQLite, then PostgreSQL), race to admit 512 MiB
+    VMs for acme (quota 2048 MiB, 6 VMs) and globex onto one host; admission and insert share a transaction, so
+    exactly the quota gets in."""
+    Ledger(ledger_location)
+    add_host(Ledger(ledger_location), "h1", cpus=4, memory_mib=8192)
     admitted: list[str] = []
     refused: list[str] = []
     barrier = threading.Barrier(20)
 
     def worker(i: int) -> None:
-        ledger = Ledger(tmp_path / "l.sqlite3")
+        ledger = Ledger(ledger_location)
         tenant = "acme" if i % 2 == 0 else "globex"
         barrier.wait()
         try:
@@ -184,7 +186,7 @@ def test_twenty_concurrent_creates_never_overshoot_quota_or_host(tmp_path: Path)
         t.start()
     for t in threads:
         t.join()
-    ledger = Ledger(tmp_path / "l.sqlite3")
+    ledger = Ledger(ledger_location)
     assert admitted.count("acme") == 4  # 4 x 512 MiB = the 2048 MiB quota
     acme = ledger.tenant_usage("acme")
     assert acme.memory_mib <= 2048 and acme.vms == 4
@@ -194,8 +196,8 @@ def test_twenty_concurrent_creates_never_overshoot_quota_or_host(tmp_path: Path)
     assert all("in use" in r for r in refused)
 
 
-def test_migration_reservations_hold_the_host_not_the_tenant(tmp_path: Path) -> None:
-    ledger = Ledger(tmp_path / "l.sqlite3")
+def test_migration_reservations_hold_the_host_not_the_tenant(tmp_path: Path, ledger_location: str) -> None:
+    ledger = Ledger(ledger_location)
     add_host(ledger, "h1", cpus=8, memory_mib=16384)
     add_host(ledger, "h2", cpus=8, memory_mib=4096)
     admit(ledger, VMSpec(name="full", tenant="acme", memory_mib=2048), "h1", tmp_path)
@@ -213,8 +215,8 @@ def test_migration_reservations_hold_the_host_not_the_tenant(tmp_path: Path) -> 
     assert ledger.host_usage("h2").memory_mib == 0 and ledger.reservations.all() == []
 
 
-def test_placement_refuses_a_request_bigger_than_any_host(tmp_path: Path) -> None:
-    ledger = Ledger(tmp_path / "l.sqlite3")
+def test_placement_refuses_a_request_bigger_than_any_host(tmp_path: Path, ledger_location: str) -> None:
+    ledger = Ledger(ledger_location)
     add_host(ledger, "h1", cpus=4, memory_mib=8192)
     add_host(ledger, "h2", cpus=8, memory_mib=4096)
     policy = parse_policy(POLICY, "policy.yaml")
@@ -225,8 +227,8 @@ def test_placement_refuses_a_request_bigger_than_any_host(tmp_path: Path) -> Non
     assert ledger.vms.all() == []
 
 
-def test_anti_affinity_group_members_never_share_a_host(tmp_path: Path) -> None:
-    ledger = Ledger(tmp_path / "l.sqlite3")
+def test_anti_affinity_group_members_never_share_a_host(tmp_path: Path, ledger_location: str) -> None:
+    ledger = Ledger(ledger_location)
     add_host(ledger, "h1", cpus=8, memory_mib=16384)
     add_host(ledger, "h2", cpus=8, memory_mib=16384)
     policy = parse_policy(POLICY, "policy.yaml")

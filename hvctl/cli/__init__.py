@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 # The global options that take a value: the word after one is its value, not the command.
-_VALUE_OPTIONS = frozenset({"--connect", "-c", "--state-dir", "--policy", "--wait"})
+_VALUE_OPTIONS = frozenset({"--connect", "-c", "--state-dir", "--policy", "--wait", "--ledger"})
 
 
 def _only_the_command(args: list[str]) -> typer.Typer:

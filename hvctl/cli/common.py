@@ -112,22 +112,26 @@ def main_options(
     wait: Annotated[float, typer.Option("--wait", envvar="HVCTL_WAIT", min=0, metavar="SECONDS",
                                         help="Wait up to SECONDS for another command's operation on the same VM "
                                              "to end, instead of refusing at once.")] = 0.0,
+    ledger: Annotated[str | None, typer.Option("--ledger", envvar="HVCTL_LEDGER", metavar="URL",
+                                               help="The ledger: a postgresql:// URL that several controllers share, "
+                                                    "or a SQLite file (default: STATE_DIR/ledger.sqlite3).")]
+    = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or step lines on stderr; errors and "
                                                               "results only.")] = False,
     version: Annotated[bool, typer.Option("--version", help="Print hvctl's version and exit.", is_eager=True,
                                           callback=lambda value: _print_version(value))] = False,
 ) -> None:
-    """Global options: each of --connect, --state-dir, --policy and --wait is also a setting of the config file
-    (/etc/hvctl/config.toml, then ~/.config/hvctl/config.toml; HVCTL_CONFIG names another), which a flag or its
+    """Global options: each of --connect, --state-dir, --policy, --wait and --ledger is also a setting of the config
+    file (/etc/hvctl/config.toml, then ~/.config/hvctl/config.toml; HVCTL_CONFIG names another), which a flag or its
     environment variable overrides."""
     State.debug = debug
     State.quiet = quiet
-    for name in ("connect", "state_dir", "policy", "wait"):
+    for name in ("connect", "state_dir", "policy", "wait", "ledger"):
         source = context.get_parameter_source(name)
         State.option_sources[name] = {"COMMANDLINE": "flag", "ENVIRONMENT": "environment",
                                       "DEFAULT_MAP": f"config file {State.config_sources.get(name, '')}"}.get(
             source.name if source is not None else "", "default")
-    State.ctx = Context(state_dir=state_dir, uri=connect, policy_path=policy, lock_wait_s=wait)
+    State.ctx = Context(state_dir=state_dir, uri=connect, policy_path=policy, lock_wait_s=wait, ledger_url=ledger)
 
 
 def _print_version(value: bool) -> None:

@@ -311,7 +311,7 @@ def metrics(
     c = ctx()
 
     def fresh() -> Context:
-        return Context(state_dir=c.state_dir, uri=c.uri, policy_path=c.policy_path)
+        return Context(state_dir=c.state_dir, uri=c.uri, policy_path=c.policy_path, ledger_url=c.ledger_url)
 
     if textfile is not None and listen is not None:
         fail("--textfile and --listen are two different ways out; pick one", 2)
@@ -352,7 +352,7 @@ def config_cmd(as_json: JsonOpt = False) -> None:
 
     c = ctx()
     values = {"connect": c.uri, "state_dir": str(c.state_dir), "policy": str(c.policy_path or c.policy_source),
-              "wait": c.lock_wait_s}
+              "wait": c.lock_wait_s, "ledger": c.ledger_location}
     rows = [{"setting": k, "value": values[k], "from": State.option_sources.get(k, "default")}
             for k in config.SETTINGS]
     if as_json:

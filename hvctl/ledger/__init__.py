@@ -11,12 +11,11 @@ another process's.
 
 from __future__ import annotations
 
-import sqlite3
 from contextlib import AbstractContextManager
 from pathlib import Path
 
 from hvctl.accounting import Usage
-from hvctl.ledger.core import Store
+from hvctl.ledger.core import Connection, open_store
 from hvctl.ledger.events import Events
 from hvctl.ledger.gpus import GpuJournal
 from hvctl.ledger.hosts import Hosts
@@ -57,8 +56,9 @@ __all__ = ["DEFAULT_PORT_RANGE", "MIGRATIONS", "MOVABLE_COLUMNS", "VM_STATES", "
 class Ledger:
     """The whole ledger: one store, and a repository per kind of record over it."""
 
-    def __init__(self, path: Path) -> None:
-        self.store = Store(path)
+    def __init__(self, location: Path | str) -> None:
+        """``location``: a SQLite file (the state dir's, by default) or a ``postgresql://`` URL."""
+        self.store = open_store(location)
         self.hosts = Hosts(self.store)
         self.vms = VMs(self.store)
         self.operations = Operations(self.store)
@@ -70,18 +70,14 @@ class Ledger:
         self.networks = Networks(self.store)
 
     @property
-    def path(self) -> Path:
-        return self.store.path
-
-    @property
-    def db(self) -> sqlite3.Connection:
+    def db(self) -> Connection:
         return self.store.db
 
     @property
     def schema_version(self) -> int:
         return self.store.schema_version
 
-    def transaction(self) -> AbstractContextManager[sqlite3.Connection]:
+    def transaction(self) -> AbstractContextManager[Connection]:
         return self.store.transaction()
 
     def close(self) -> None:

@@ -1,6 +1,13 @@
-"""The ledger's store: the one SQLite connection, its migrations, transactions, the event log's writer, and what each
+"""The ledger's store: one database connection, its migrations, transactions, the event log's writer, and what each
 tenant and host has in use (queries across tables). Every repository of ``hvctl.ledger.Ledger`` holds the same store,
-so that one transaction can span them: admission reads usage and inserts the VM under one ``BEGIN IMMEDIATE``."""
+so that one transaction can span them: admission reads usage and inserts the VM in one write transaction.
+
+Two backends, the same SQL: SQLite under the state dir (the default: nothing to set up) and PostgreSQL
+(``hvctl.ledger.postgres``), for several controllers sharing one fleet. The repositories write portable SQL with
+``?`` placeholders; a write transaction holds the database's one writer lock on both (SQLite's ``BEGIN IMMEDIATE``,
+a transaction-scoped advisory lock on PostgreSQL), so a check-then-insert never interleaves with another
+controller's, and neither needs retry loops.
+"""
 
 from __future__ import annotations
 
@@ -8,66 +15,79 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from hvctl.accounting import Usage, host_footprint, tenant_charge
 from hvctl.errors import LedgerError
 from hvctl.ledger.schema import MIGRATIONS
 
 
-class Store:
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        try:
-            # isolation_level=None: we issue BEGIN ourselves, so each transaction's boundaries are explicit.
-            if not path.exists():
-                # It holds agent tokens: born 0600, so never readable by others even for an instant. SQLite gives
-                # its -wal and -shm files the database file's mode.
-                try:
-                    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-                except FileExistsError:
-                    pass
-                except OSError as exc:
-                    raise LedgerError(f"cannot create ledger {path}: {exc.strerror}") from None
-            self.db = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
-            self.db.row_factory = sqlite3.Row
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA foreign_keys=ON")
-            self.db.execute("PRAGMA busy_timeout=30000")
-            self._migrate()
-        except sqlite3.DatabaseError as exc:
-            raise LedgerError(f"cannot open ledger {path}: {exc}") from None
+class Row(Protocol):
+    """A result row, read by column name or position (``sqlite3.Row`` and the PostgreSQL backend's rows)."""
 
-    def close(self) -> None:
-        self.db.close()
+    def __getitem__(self, key: int | str, /) -> Any: ...
+
+
+class Cursor(Protocol):
+    @property
+    def rowcount(self) -> int: ...
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+    def __iter__(self) -> Iterator[Any]: ...
+
+
+class Connection(Protocol):
+    """What the repositories use of a connection: one ``execute`` with ``?`` placeholders."""
+
+    def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> Cursor: ...
+
+
+class Store(ABC):
+    """A ledger database: ``db`` for reads (each its own snapshot), ``transaction()`` for writes."""
+
+    backend: str  # "sqlite" or "postgresql"
+    location: str  # what `doctor` names: the file, or the URL without its password
+    db: Connection
+
+    @abstractmethod
+    def transaction(self) -> AbstractContextManager[Connection]:
+        """A write transaction holding the database's writer lock until it commits (or rolls back on error)."""
+
+    @abstractmethod
+    def close(self) -> None: ...
 
     @property
-    def schema_version(self) -> int:
-        return int(self.db.execute("PRAGMA user_version").fetchone()[0])
+    @abstractmethod
+    def schema_version(self) -> int: ...
+
+    @abstractmethod
+    def _set_schema_version(self, db: Connection, version: int) -> None: ...
+
+    def _ddl(self, statement: str) -> str:
+        """A migration statement as this backend spells it (the migrations are written for SQLite)."""
+        return statement
+
+    def describe(self) -> dict[str, Any]:
+        """The backend, its server's version and, where it reports one, its replication state (`hvctl doctor`)."""
+        return {"backend": self.backend, "location": self.location, "schema": self.schema_version}
 
     def _migrate(self) -> None:
-        with self.transaction():
+        with self.transaction() as db:
             current = self.schema_version
             if current > len(MIGRATIONS):
-                raise LedgerError(f"ledger {self.path} has schema v{current}, newer than this hvctl "
+                raise LedgerError(f"ledger {self.location} has schema v{current}, newer than this hvctl "
                                   f"(v{len(MIGRATIONS)})", hint="upgrade hvctl")
             for version, script in enumerate(MIGRATIONS[current:], start=current + 1):
                 for statement in filter(str.strip, script.split(";")):
-                    self.db.execute(statement)
-                self.db.execute(f"PRAGMA user_version = {version}")
-
-    @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self.db
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
+                    db.execute(self._ddl(statement))
+                self._set_schema_version(db, version)
 
     # -- events -----------------------------------------------------------------------------------------------
 
@@ -77,14 +97,14 @@ class Store:
             self.event(db, vm, host, kind, message, data)
 
     @staticmethod
-    def event(db: sqlite3.Connection, vm: str | None, host: str | None, kind: str, message: str,
-               data: dict[str, Any] | None = None) -> None:
+    def event(db: Connection, vm: str | None, host: str | None, kind: str, message: str,
+              data: dict[str, Any] | None = None) -> None:
         db.execute("INSERT INTO events (ts, vm, host, kind, message, data) VALUES (?,?,?,?,?,?)",
                    (time.time(), vm, host, kind, message, json.dumps(data) if data else None))
 
     # -- what is in use ---------------------------------------------------------------------------------------
 
-    def tenant_usage(self, tenant: str, db: sqlite3.Connection | None = None) -> Usage:
+    def tenant_usage(self, tenant: str, db: Connection | None = None) -> Usage:
         from hvctl.spec import VMSpec
 
         db = db or self.db
@@ -98,7 +118,7 @@ class Store:
             total += Usage(disk_gib=row[0])
         return total
 
-    def host_usage(self, host: str, db: sqlite3.Connection | None = None) -> Usage:
+    def host_usage(self, host: str, db: Connection | None = None) -> Usage:
         from hvctl.spec import VMSpec
 
         db = db or self.db
@@ -112,6 +132,69 @@ class Store:
         return total
 
 
+class SqliteStore(Store):
+    """The embedded default: one file under the state dir, in WAL mode."""
+
+    backend = "sqlite"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.location = str(path)
+        try:
+            # isolation_level=None: we issue BEGIN ourselves, so each transaction's boundaries are explicit.
+            if not path.exists():
+                # It holds agent tokens: born 0600, so never readable by others even for an instant. SQLite gives
+                # its -wal and -shm files the database file's mode.
+                try:
+                    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+                except FileExistsError:
+                    pass
+                except OSError as exc:
+                    raise LedgerError(f"cannot create ledger {path}: {exc.strerror}") from None
+            self.sqlite = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
+            self.sqlite.row_factory = sqlite3.Row
+            self.sqlite.execute("PRAGMA journal_mode=WAL")
+            self.sqlite.execute("PRAGMA foreign_keys=ON")
+            self.sqlite.execute("PRAGMA busy_timeout=30000")
+            self.db = self.sqlite
+            self._migrate()
+        except sqlite3.DatabaseError as exc:
+            raise LedgerError(f"cannot open ledger {path}: {exc}") from None
+
+    def close(self) -> None:
+        self.sqlite.close()
+
+    @property
+    def schema_version(self) -> int:
+        return int(self.sqlite.execute("PRAGMA user_version").fetchone()[0])
+
+    def _set_schema_version(self, db: Connection, version: int) -> None:
+        db.execute(f"PRAGMA user_version = {int(version)}")
+
+    def describe(self) -> dict[str, Any]:
+        return super().describe() | {"version": sqlite3.sqlite_version}
+
+    @contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        self.sqlite.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.sqlite
+        except BaseException:
+            self.sqlite.execute("ROLLBACK")
+            raise
+        self.sqlite.execute("COMMIT")
+
+
+def open_store(location: Path | str) -> Store:
+    """The store at ``location``: a ``postgresql://`` URL, else a SQLite file (a path, or ``sqlite:///path``)."""
+    text = str(location)
+    if text.startswith(("postgresql://", "postgres://")):
+        from hvctl.ledger.postgres import PostgresStore  # psycopg only when a PostgreSQL ledger is asked for
+
+        return PostgresStore(text)
+    return SqliteStore(Path(text.removeprefix("sqlite://")))
+
+
 class Repository:
     """One part of the ledger (hosts, VMs, reservations…): its queries, over the store it shares with the others."""
 
@@ -119,5 +202,5 @@ class Repository:
         self._store = store
 
     @property
-    def _db(self) -> sqlite3.Connection:
+    def _db(self) -> Connection:
         return self._store.db

@@ -11,8 +11,8 @@ class TenantKeys(Repository):
     def add(self, tenant: str, pubkey: str) -> bool:
         """Authorise a public key for a tenant's future VMs. Returns False if it was already there."""
         with self._store.transaction() as db:
-            cur = db.execute("INSERT OR IGNORE INTO tenant_keys (tenant, pubkey, added_at) VALUES (?, ?, ?)",
-                             (tenant, pubkey, time.time()))
+            cur = db.execute("INSERT INTO tenant_keys (tenant, pubkey, added_at) VALUES (?, ?, ?) "
+                             "ON CONFLICT DO NOTHING", (tenant, pubkey, time.time()))
             if cur.rowcount:
                 self._store.event(db, None, None, "tenant.key-added", f"key added for tenant {tenant}")
             return bool(cur.rowcount)

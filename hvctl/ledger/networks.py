@@ -4,14 +4,13 @@ the same transaction that records the VM and gone with the VM's row."""
 from __future__ import annotations
 
 import hashlib
-import sqlite3
 import time
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from typing import TYPE_CHECKING, Any
 
 from hvctl.errors import AlreadyExists, InvalidSpec, NotFound
-from hvctl.ledger.core import Repository
+from hvctl.ledger.core import Connection, Repository, Row
 
 if TYPE_CHECKING:
     from hvctl.spec import VMSpec
@@ -56,7 +55,7 @@ class NetworkRecord:
                 "created_at": self.created_at}
 
 
-def _record(row: sqlite3.Row) -> NetworkRecord:
+def _record(row: Row) -> NetworkRecord:
     return NetworkRecord(row["name"], row["tenant"], IPv4Network(row["subnet"]), row["bridge"], row["vni"],
                          row["created_at"])
 
@@ -150,7 +149,7 @@ class Networks(Repository):
 
 # -- IPAM, inside the VM's own transaction (``VMs.reserve``, ``VMs.adopt``) ----------------------------------------
 
-def assign_address(db: sqlite3.Connection, spec: VMSpec) -> VMSpec:
+def assign_address(db: Connection, spec: VMSpec) -> VMSpec:
     """``spec`` with its address on its tenant network: the lowest free one when it has none (a create), or the
     one it has, checked (an adoption). Refused: an unknown network, another tenant's, or one with no room."""
     net = spec.network
@@ -171,7 +170,7 @@ def assign_address(db: sqlite3.Connection, spec: VMSpec) -> VMSpec:
     return spec.model_copy(update={"network": net.model_copy(update={"address": address})})
 
 
-def record_address(db: sqlite3.Connection, spec: VMSpec) -> None:
+def record_address(db: Connection, spec: VMSpec) -> None:
     net = spec.network
     if net is not None and net.tenant_network is not None and net.address is not None:
         db.execute("INSERT INTO network_addresses (network, vm, address) VALUES (?,?,?)",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import enum
 import json
-import sqlite3
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from hvctl.accounting import Usage
 from hvctl.errors import HvctlError, LedgerError
+from hvctl.ledger.core import Row
 
 if TYPE_CHECKING:
     from hvctl.spec import VMSpec
@@ -171,12 +171,12 @@ class Event:
                 "message": self.message, "source": "ledger"} | ({"data": self.data} if self.data else {})
 
 
-def event_from_row(r: sqlite3.Row) -> Event:
+def event_from_row(r: Row) -> Event:
     return Event(r["id"], r["ts"], r["vm"], r["host"], r["kind"], r["message"],
                  json.loads(r["data"]) if r["data"] else None)
 
 
-def vm_from_row(row: sqlite3.Row) -> VMRecord:
+def vm_from_row(row: Row) -> VMRecord:
     return VMRecord(
         name=row["name"], tenant=row["tenant"], host=row["host"], spec_source=row["spec"],
         state=VMState(row["state"]), image=row["image"], base_disk=Path(row["base_disk"]), overlay=Path(row["overlay"]),
@@ -217,7 +217,7 @@ class OperationRecord:
         return dict(value) if isinstance(value, dict) else None
 
 
-def operation_from_row(row: sqlite3.Row) -> OperationRecord:
+def operation_from_row(row: Row) -> OperationRecord:
     return OperationRecord(row["vm"], row["kind"], row["source"], row["target"], row["step"], json.loads(row["data"]),
                            row["holder"], row["started_at"], row["updated_at"])
 
@@ -236,7 +236,7 @@ class ReservationRecord:
     created_at: float
 
 
-def reservation_from_row(row: sqlite3.Row) -> ReservationRecord:
+def reservation_from_row(row: Row) -> ReservationRecord:
     return ReservationRecord(row["id"], row["host"], row["tenant"], row["vm"], row["kind"],
                              Usage(**json.loads(row["usage"])), bool(row["counts_against_tenant"]), row["created_at"])
 
@@ -256,7 +256,7 @@ class GpuBinding:
     updated_at: float
 
 
-def gpu_binding_from_row(row: sqlite3.Row) -> GpuBinding:
+def gpu_binding_from_row(row: Row) -> GpuBinding:
     return GpuBinding(row["host"], row["address"], row["vm"], row["original_driver"], row["step"], row["state"],
                       row["updated_at"])
 

@@ -22,12 +22,12 @@ class Reservations(Repository):
                 refusal = first_excess(f"host {host}", usage, self._store.host_usage(host, db), host_limit)
                 if refusal:
                     raise QuotaExceeded(refusal)
-            cur = db.execute("INSERT INTO reservations (host, tenant, vm, kind, usage, counts_against_tenant, "
-                             "created_at) VALUES (?,?,?,?,?,?,?)", (host, tenant, vm, kind,
-                                                                    json.dumps(usage.as_dict()),
-                                                                    int(counts_against_tenant), time.time()))
+            row = db.execute("INSERT INTO reservations (host, tenant, vm, kind, usage, counts_against_tenant, "
+                             "created_at) VALUES (?,?,?,?,?,?,?) RETURNING id",
+                             (host, tenant, vm, kind, json.dumps(usage.as_dict()), int(counts_against_tenant),
+                              time.time())).fetchone()
             self._store.event(db, vm, host, f"reservation.{kind}", f"reserved {usage.as_dict()} on {host}")
-            return int(cur.lastrowid or 0)
+            return int(row[0])
 
     def release(self, reservation_id: int) -> None:
         with self._store.transaction() as db:

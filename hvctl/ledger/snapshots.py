@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import sqlite3
 import time
 
 from hvctl.accounting import Usage, first_excess
 from hvctl.errors import AlreadyExists, NotFound
-from hvctl.ledger.core import Repository
+from hvctl.ledger.core import Repository, Row
 from hvctl.ledger.records import Admission, QuotaExceeded, SnapshotRecord, snapshot_charge, vm_from_row
 
 
@@ -45,8 +44,8 @@ class Snapshots(Repository):
         return _snapshot_from_row(row)
 
     def all(self, vm: str | None = None) -> list[SnapshotRecord]:
-        rows = self._db.execute("SELECT * FROM snapshots WHERE ? IS NULL OR vm = ? ORDER BY created_at, name",
-                               (vm, vm))
+        rows = self._db.execute("SELECT * FROM snapshots ORDER BY created_at, name") if vm is None else \
+            self._db.execute("SELECT * FROM snapshots WHERE vm = ? ORDER BY created_at, name", (vm,))
         return [_snapshot_from_row(r) for r in rows]
 
     def set_state(self, vm: str, name: str, state: str, message: str) -> None:
@@ -65,7 +64,7 @@ class Snapshots(Repository):
                 self._store.event(db, vm, row[0], "snapshot.deleted", message)
 
 
-def _snapshot_from_row(row: sqlite3.Row) -> SnapshotRecord:
+def _snapshot_from_row(row: Row) -> SnapshotRecord:
     return SnapshotRecord(vm=row["vm"], name=row["name"], tenant=row["tenant"], host=row["host"],
                           memory=bool(row["memory"]), disk_gib=row["disk_gib"], state=row["state"],
                           created_at=row["created_at"])

@@ -5,13 +5,12 @@ transaction, so that concurrent creates can never together overshoot a limit or 
 from __future__ import annotations
 
 import socket
-import sqlite3
 import time
 from typing import TYPE_CHECKING, Any
 
 from hvctl.accounting import Usage, first_excess, host_footprint, tenant_charge
 from hvctl.errors import AlreadyExists, HvctlError, LedgerError, NotFound
-from hvctl.ledger.core import Repository
+from hvctl.ledger.core import Connection, Repository
 from hvctl.ledger.networks import assign_address, record_address
 from hvctl.ledger.records import (
     DEFAULT_PORT_RANGE,
@@ -144,7 +143,7 @@ class VMs(Repository):
             db.execute("DELETE FROM vms WHERE name = ?", (name,))
             self._store.event(db, name, row[0] if row else None, "vm.deleted", message)
 
-    def _admit(self, db: sqlite3.Connection, spec: VMSpec, host: str, admission: Admission) -> None:
+    def _admit(self, db: Connection, spec: VMSpec, host: str, admission: Admission) -> None:
         refusal = first_excess(f"tenant {spec.tenant}", tenant_charge(spec), self._store.tenant_usage(spec.tenant, db),
                                admission.tenant_limit) or \
             first_excess(f"host {host}", host_footprint(spec), self._store.host_usage(host, db), admission.host_limit)
@@ -202,7 +201,7 @@ class VMs(Repository):
                               f"migrated {name} from {source} to {target}", stats)
 
 
-def _insert_vm(db: sqlite3.Connection, spec: VMSpec, host: str, paths: VMPaths, port: int, state: str, now: float,
+def _insert_vm(db: Connection, spec: VMSpec, host: str, paths: VMPaths, port: int, state: str, now: float,
                agent_token: str | None, host_pubkey: str | None, domain_uuid: str | None) -> None:
     db.execute(
         "INSERT INTO vms (name, tenant, host, spec, state, image, base_disk, overlay, console_log, agent_socket, "

@@ -47,6 +47,17 @@ def run_checks(ctx: Context) -> list[Check]:
     return checks
 
 
+def _ledger_check(ctx: Context) -> Check:
+    """The ledger's backend, its version and, on PostgreSQL, whether it is a standby and what replicates from it."""
+    info = ctx.ledger.store.describe()
+    detail = f"{info['location']} ({info['backend']} {info['version']}, schema v{info['schema']}"
+    if info["backend"] == "postgresql":
+        replicas = ", ".join(f"{r['name'] or '?'} {r['state']}/{r['sync']}" for r in info["replicas"]) or "none"
+        detail += f"; {'a standby' if info['standby'] else 'primary'}, replicas: {replicas}"
+    return Check("ledger", not info.get("standby"), detail + ")",
+                 "a standby is read-only: point --ledger at the primary" if info.get("standby") else None)
+
+
 def _state_checks(ctx: Context) -> tuple[list[Check], bool]:
     """The state dir and the ledger in it, and whether the other checks can run."""
     checks: list[Check] = []
@@ -55,7 +66,7 @@ def _state_checks(ctx: Context) -> tuple[list[Check], bool]:
         writable = os.access(ctx.paths.root, os.W_OK)
         checks.append(Check("state dir", writable, str(ctx.paths.root),
                             None if writable else "run as root or pass --state-dir"))
-        checks.append(Check("ledger", True, f"{ctx.paths.ledger} (schema v{ctx.ledger.schema_version})"))
+        checks.append(_ledger_check(ctx))
     except HvctlError as exc:
         return [*checks, Check("state dir", False, exc.message, exc.hint)], False
     return checks, True
