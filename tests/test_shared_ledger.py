@@ -12,10 +12,12 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pgserver import PgServer
 
+from hvctl.accounting import Usage
 from hvctl.ledger import Ledger, VMPaths
 from hvctl.spec import VMSpec
 
@@ -25,9 +27,9 @@ def controller(state: Path, ledger: str) -> dict[str, str]:
                          "COLUMNS": "200", "NO_COLOR": "1"}
 
 
-def hvctl(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+def hvctl(env: dict[str, str], *args: str, input_text: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "hvctl.cli", *args], capture_output=True, text=True, env=env,
-                          timeout=120)
+                          timeout=120, input=input_text)
 
 
 @pytest.fixture
@@ -88,3 +90,116 @@ def test_an_unreachable_postgresql_ledger_is_one_line_and_no_password(tmp_path: 
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines[0].startswith("hvctl: error: cannot connect to ledger postgresql://hvctl:***@/hvctl?host=")
     assert "Traceback" not in result.stderr and "s3cret" not in result.stderr
+
+
+def populated(location: str, tmp: Path) -> None:
+    """A ledger with a row in every table, through the repositories."""
+    from ipaddress import IPv4Address, IPv4Network
+
+    from hvctl.accounting import host_footprint
+    from hvctl.ledger import Admission, Hardware, InventoryGpu, NumaCell
+    from hvctl.spec import NetworkAttach
+
+    ledger = Ledger(location)
+    ledger.hosts.ensure("local", "test:///default")
+    ledger.hosts.ensure("h2", "qemu+ssh://root@198.18.0.2/system")
+    ledger.hosts.record_facts("h2", "kvm", 16, 65536)
+    gpu = InventoryGpu("0000:41:00.0", "h100", "10de:2330")
+    ledger.hosts.record_hardware("h2", Hardware((NumaCell(16, 65536),), (gpu,)))
+    ledger.networks.add("blue", "acme", IPv4Network("10.96.7.0/24"))
+    ledger.networks.set_underlay("h2", IPv4Address("198.18.0.2"))
+    for name, host in (("a1", "local"), ("a2", "h2")):
+        vm = tmp / name
+        attach = NetworkAttach(network="hvctl-net-blue", tenant_network="blue") if name == "a1" else None
+        spec = VMSpec(name=name, tenant="acme", network=attach)
+        ledger.vms.reserve(spec, host, VMPaths(vm / "b", vm / "o", vm / "s", vm / "c", vm / "a"), agent_token="tok",
+                           probe_ports=False)
+        ledger.vms.set_state(name, "running")
+    ledger.keys.add("acme", "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGFrZQ test")
+    ledger.reservations.hold("h2", "acme", host_footprint(VMSpec(name="a1")), "migration", vm="a1")
+    ledger.gpus.claim("h2", "a2", ["0000:41:00.0"], frozenset())
+    ledger.gpus.mark_unhealthy("h2", "0000:42:00.0", "needs-host-reboot", "reads 0xffff")
+    ledger.operations.begin("a2", "stop", "test-holder", None, None, {"step": 1})
+    ledger.snapshots.reserve("a1", "s1", False, Admission({}, {}))
+    ledger.close()
+
+
+def tables_of(location: str) -> dict[str, Any]:
+    from hvctl.ledger import transfer
+
+    ledger = Ledger(location)
+    try:
+        return transfer.export(ledger.store)["tables"]
+    finally:
+        ledger.close()
+
+
+def test_a_fleet_moves_from_sqlite_to_postgresql_and_back_row_for_row(short: Path, pg_server: PgServer) -> None:
+    sqlite_ledger, url, back = short / "a" / "ledger.sqlite3", pg_server.new_database(), short / "c" / "back.sqlite3"
+    sqlite_ledger.parent.mkdir()
+    populated(str(sqlite_ledger), short)
+    original = tables_of(str(sqlite_ledger))
+    assert all(original[t]["rows"] for t in original), {t: len(v["rows"]) for t, v in original.items()}
+
+    dump = short / "fleet.json"
+    out = hvctl(controller(short / "a", "") | {"HVCTL_LEDGER": ""}, "ledger", "export", str(dump))
+    assert out.returncode == 0, out.stderr
+    assert dump.stat().st_mode & 0o777 == 0o600 and "exported" in out.stdout
+    into = hvctl(controller(short / "b", url), "ledger", "import", str(dump), "--json")
+    assert into.returncode == 0, into.stderr
+    assert json.loads(into.stdout)["rows"]["events"] == len(original["events"]["rows"])
+    assert tables_of(url) == original
+
+    # The next ids follow the imported ones on PostgreSQL, and the fleet works there.
+    ledger = Ledger(url)
+    assert ledger.reservations.hold("h2", "acme", Usage(vcpus=1), "migration") > \
+        max(r[0] for r in original["reservations"]["rows"])
+    ledger.close()
+
+    again = hvctl(controller(short / "b", url), "ledger", "export", "-")
+    assert again.returncode == 0, again.stderr
+    back.parent.mkdir()
+    home = hvctl(controller(short / "c", f"sqlite://{back}"), "ledger", "import", "-", input_text=again.stdout)
+    assert home.returncode == 0, home.stderr
+    assert tables_of(str(back)) == tables_of(url)
+
+
+def test_an_import_into_a_ledger_that_is_not_empty_is_refused_and_changes_nothing(short: Path,
+                                                                                 pg_server: PgServer) -> None:
+    url = pg_server.new_database()
+    populated(url, short)
+    before = tables_of(url)
+    dump = short / "fleet.json"
+    assert hvctl(controller(short / "a", url), "ledger", "export", str(dump)).returncode == 0
+    refused = hvctl(controller(short / "a", url), "ledger", "import", str(dump))
+    assert refused.returncode == 9 and "is not empty (hosts: 2, vms: 2" in refused.stderr, refused.stderr
+    assert tables_of(url) == before
+
+
+@pytest.mark.parametrize(("edit", "needle"), [
+    (lambda d: d | {"schema": 999}, "the export is of ledger schema v999"),
+    (lambda d: d | {"format": "other"}, "not an hvctl ledger export"),
+    (lambda d: d | {"tables": {}}, "missing: events"),
+])
+def test_a_foreign_or_future_export_is_refused_in_one_line(short: Path, pg_server: PgServer, edit: Any,
+                                                           needle: str) -> None:
+    url = pg_server.new_database()
+    populated(url, short)
+    document = edit(json.loads(hvctl(controller(short / "a", url), "ledger", "export", "-").stdout))
+    target = pg_server.new_database()
+    refused = hvctl(controller(short / "b", target), "ledger", "import", "-", input_text=json.dumps(document))
+    assert refused.returncode == 2 and needle in refused.stderr, refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    assert all(not v["rows"] for v in tables_of(target).values())
+
+
+def test_every_table_of_the_schema_is_exported(ledger_location: str) -> None:
+    from hvctl.ledger import transfer
+
+    ledger = Ledger(ledger_location)
+    if ledger.store.backend == "sqlite":
+        names = {r[0] for r in ledger.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    else:
+        names = {r[0] for r in ledger.db.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
+    ledger.close()
+    assert names - {"sqlite_sequence", "hvctl_schema"} == set(transfer.TABLES)

@@ -18,6 +18,7 @@ from hvctl.cli import (  # noqa: F401 - registers the commands
     access,
     fleet,
     images,
+    ledger,
     migration,
     networks,
     serving,

@@ -36,6 +36,9 @@ class Cursor(Protocol):
     @property
     def rowcount(self) -> int: ...
 
+    @property
+    def description(self) -> Any: ...
+
     def fetchone(self) -> Any: ...
 
     def fetchall(self) -> list[Any]: ...
@@ -73,6 +76,11 @@ class Store(ABC):
     def _ddl(self, statement: str) -> str:
         """A migration statement as this backend spells it (the migrations are written for SQLite)."""
         return statement
+
+    def after_import(self, db: Connection, identities: Sequence[str]) -> None:
+        """After rows were inserted with their ids (``hvctl ledger import``): make the next ids follow them. SQLite
+        does so by itself."""
+        return None
 
     def describe(self) -> dict[str, Any]:
         """The backend, its server's version and, where it reports one, its replication state (`hvctl doctor`)."""

@@ -116,6 +116,11 @@ class PostgresStore(Store):
                                   "PRIMARY KEY")
                 .replace(" REAL", " DOUBLE PRECISION"))
 
+    def after_import(self, db: Connection, identities: Sequence[str]) -> None:
+        for table in identities:
+            db.execute(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "  # noqa: S608 - a table's name
+                       f"COALESCE((SELECT MAX(id) FROM {table}), 0) + 1, false)")
+
     def describe(self) -> dict[str, Any]:
         version = self.db.execute("SHOW server_version").fetchone()[0]
         standby = bool(self.db.execute("SELECT pg_is_in_recovery()").fetchone()[0])
