@@ -58,7 +58,11 @@ class PgServer:
         subprocess.run([self.bindir / "initdb", "-D", self.data, "-U", "hvctl", "--auth=trust", "-E", "UTF8",
                         "--no-sync", "--no-instructions"], user=self._user, check=True, capture_output=True,
                        timeout=300)
-        with open(self.log, "wb") as log:
+        self.launch()
+
+    def launch(self) -> None:
+        """Start the server on the cluster (again, after ``kill``), and wait until it accepts connections."""
+        with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [self.bindir / "postgres", "-D", self.data, "-k", self.root, "-c", "listen_addresses=",
                  "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
@@ -76,6 +80,16 @@ class PgServer:
                     raise RuntimeError(f"postgres did not accept connections: {self.log.read_text()[-2000:]}") from None
                 time.sleep(0.1)
 
+    def kill(self) -> None:
+        """Stop the server by its pid (fast shutdown: its clients are disconnected), keeping the cluster."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
     def url(self, database: str) -> str:
         return f"postgresql://hvctl@/{database}?host={self.root}"
 
@@ -87,12 +101,6 @@ class PgServer:
         return self.url(name)
 
     def stop(self) -> None:
-        """Stop the server by its pid (fast shutdown), and remove the cluster."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)  # fast shutdown: disconnect clients, then exit
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        """Stop the server by its pid, and remove the cluster."""
+        self.kill()
         shutil.rmtree(self.root, ignore_errors=True)

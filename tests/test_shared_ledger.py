@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -203,3 +204,52 @@ def test_every_table_of_the_schema_is_exported(ledger_location: str) -> None:
         names = {r[0] for r in ledger.db.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
     ledger.close()
     assert names - {"sqlite_sequence", "hvctl_schema"} == set(transfer.TABLES)
+
+
+def test_postgresql_killed_mid_create_fails_it_in_one_line_and_leaves_nothing_to_repair(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A create on libvirt's test driver (tests/test_gpu_create.py's rig, no GPU asked) whose ledger server is
+    stopped while the create's last ledger transaction is open (a hook on the statement: the fault lands there
+    every time). That transaction fails, so the create does: one line. Its undo runs on: the domain and files go at
+    once, and its ledger writes wait for the server, which the test starts again; then nothing is left anywhere,
+    and `doctor --repair` has nothing to do."""
+    from test_gpu_create import Rig
+
+    from hvctl.errors import LedgerError
+    from hvctl.host import DomainState
+    from hvctl.ledger import postgres
+    from hvctl.ops.doctor import repair
+
+    server = PgServer()  # its own: this test stops it
+    rig = None
+    try:
+        rig = Rig(tmp_path, server.new_database())
+        real_execute = postgres._PgConnection.execute
+        restarted: list[threading.Thread] = []
+
+        def execute(conn: postgres._PgConnection, sql: str, parameters: Any = ()) -> Any:
+            if sql.startswith("UPDATE operations SET step") and "ready" in parameters and not restarted:
+                server.kill()  # the server is gone before the statement runs, inside the open transaction
+                restarted.append(threading.Thread(target=server.launch))
+                restarted[0].start()
+            return real_execute(conn, sql, parameters)
+
+        monkeypatch.setattr(postgres._PgConnection, "execute", execute)
+        with pytest.raises(LedgerError) as failed:
+            rig.create("doomed", 0)
+        assert restarted, "the hook never fired: the create's step names changed?"
+        restarted[0].join()
+        message = failed.value.message
+        assert message.startswith("ledger postgresql://hvctl@/t1?host=") and "\n" not in message, message
+        assert rig.ctx.host().state("doomed") is DomainState.MISSING
+        assert not rig.ctx.paths.vm_files("doomed").overlay.parent.exists()
+        assert rig.ctx.ledger.vms.all() == [] and rig.ctx.ledger.operations.all() == []
+        assert rig.ctx.ledger.reservations.all() == []
+        done = repair(rig.ctx)
+        assert done["operations"] == [] and done["gpus_returned"] == [], done
+        assert [e.kind for e in rig.ctx.ledger.events.recent("doomed")][-1] == "vm.deleted"
+    finally:
+        if rig is not None:
+            rig.ctx.close()
+            shutil.rmtree(rig.state, ignore_errors=True)
+        server.stop()

@@ -10,6 +10,8 @@ what limits a create (`benchmarks/bench_ledger.py` measures it).
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from typing import Any
@@ -23,6 +25,11 @@ from hvctl.ledger.core import Connection, Cursor, Store
 # The advisory lock every write transaction holds: any constant, the same in every hvctl ("hvctl" in ASCII).
 WRITER_LOCK = 0x687663746C
 CONNECT_TIMEOUT_S = 10
+# How long a command waits for a server that went away (a restart, a failover) before it gives up: the undo of a
+# failed create waits here for the ledger to come back, so that it leaves nothing behind for a repair.
+DEFAULT_RETRY_S = 30.0
+RETRY_ENV = "HVCTL_LEDGER_RETRY_S"
+RETRY_INTERVAL_S = 0.2
 
 
 class PgRow:
@@ -61,39 +68,63 @@ def redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
-def _lost(location: str, exc: psycopg.Error) -> LedgerError:
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return LedgerError(f"ledger {location}: {first}", hint="is the PostgreSQL server up and reachable?")
-
-
 class _PgConnection:
-    """The repositories' ``Connection`` over a psycopg connection: ``?`` placeholders, and a lost server reported
-    as one line (LedgerError) rather than a traceback."""
+    """The repositories' ``Connection`` over psycopg: ``?`` placeholders; a server that went away (restarted, failed
+    over) reconnected to between transactions, waiting up to ``retry_s`` for it; and a loss that cannot be retried
+    (inside a transaction, or for longer than that) reported as one line, LedgerError, rather than a traceback."""
 
-    def __init__(self, conn: psycopg.Connection[Any], location: str) -> None:
-        self.conn, self.location = conn, location
+    def __init__(self, url: str, location: str, retry_s: float) -> None:
+        self.url, self.location, self.retry_s = url, location, retry_s
+        self.in_transaction = False
+        self.conn = self._connect(first=True)
+
+    def _connect(self, first: bool = False) -> psycopg.Connection[Any]:
+        deadline = time.monotonic() + (0.0 if first else self.retry_s)
+        while True:
+            try:
+                return psycopg.connect(self.url, autocommit=True, row_factory=_row_maker, application_name="hvctl",
+                                       connect_timeout=CONNECT_TIMEOUT_S)
+            except psycopg.Error as exc:
+                if time.monotonic() >= deadline:
+                    waited = "" if first else f" (retried for {self.retry_s:g} s)"
+                    raise LedgerError(f"cannot connect to ledger {self.location}{waited}: {_first_line(exc)}",
+                                      hint="is the PostgreSQL server up and reachable? check the URL") from None
+                time.sleep(RETRY_INTERVAL_S)
 
     def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> Cursor:
+        query, values = sql.replace("%", "%%").replace("?", "%s"), tuple(parameters)
+        if not self.in_transaction and (self.conn.closed or self.conn.broken):
+            self.conn = self._connect()
         try:
-            return self.conn.execute(sql.replace("%", "%%").replace("?", "%s"), tuple(parameters))
+            return self.conn.execute(query, values)
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
-            raise _lost(self.location, exc) from None
+            if self.in_transaction or not self.conn.broken:
+                raise LedgerError(f"ledger {self.location}: {_first_line(exc)}",
+                                  hint="is the PostgreSQL server up and reachable?") from None
+        # Outside a transaction a statement is a read (every write is in one): reconnect and read again.
+        self.conn = self._connect()
+        return self.conn.execute(query, values)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class PostgresStore(Store):
     backend = "postgresql"
+    db: _PgConnection
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, retry_s: float | None = None) -> None:
         self.location = redact(url)
-        try:
-            conn = psycopg.connect(url, autocommit=True, row_factory=_row_maker, application_name="hvctl",
-                                   connect_timeout=CONNECT_TIMEOUT_S)
-        except psycopg.Error as exc:
-            raise LedgerError(f"cannot connect to ledger {self.location}: {str(exc).strip().splitlines()[0]}",
-                              hint="check the URL, and that the server is up") from None
-        self.pg = conn
-        self.db = _PgConnection(conn, self.location)
+        if retry_s is None:
+            retry_s = float(os.environ.get(RETRY_ENV, DEFAULT_RETRY_S))
+        self.db = _PgConnection(url, self.location, retry_s)
         self._migrate()
+
+    @property
+    def pg(self) -> psycopg.Connection[Any]:
+        return self.db.conn
 
     def close(self) -> None:
         self.pg.close()
@@ -133,14 +164,18 @@ class PostgresStore(Store):
     @contextmanager
     def transaction(self) -> Iterator[Connection]:
         db = self.db
-        db.execute("BEGIN")
+        db.execute("BEGIN")  # outside a transaction still: a lost server is waited for here
+        db.in_transaction = True
         try:
             db.execute("SELECT pg_advisory_xact_lock(?)", (WRITER_LOCK,))
             yield db
         except BaseException:
-            if not self.pg.closed:
-                with suppress(LedgerError):  # the server went away: the transaction is gone with it
+            if not (self.pg.closed or self.pg.broken):
+                with suppress(LedgerError):
                     db.execute("ROLLBACK")
             raise
-        db.execute("COMMIT")
+        else:
+            db.execute("COMMIT")  # a loss here is reported: whether it committed is not known
+        finally:
+            db.in_transaction = False
 
