@@ -264,3 +264,4 @@ bench: daemons
 	$(PY) benchmarks/bench_boot.py
 	$(PY) benchmarks/bench_migrate.py
 	$(PY) benchmarks/bench_place.py
+	$(PY) benchmarks/bench_ledger.py
