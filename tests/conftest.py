@@ -161,10 +161,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 
 @contextlib.contextmanager
-def two_local_hosts(image_dir: Path, prefix: str) -> Iterator[dict[str, object]]:
+def two_local_hosts(image_dir: Path, prefix: str, ledger_url: str | None = None) -> Iterator[dict[str, object]]:
     """Two private libvirtd daemons on this machine registered as hosts h1 and h2, and a controller state dir
     (sharing the test image store) that connects to h1; VMs left at the end are destroyed, then the daemons go.
-    cgroups are off on both: the two would name a migrating domain's cgroup alike on this one machine."""
+    cgroups are off on both: the two would name a migrating domain's cgroup alike on this one machine.
+    ``ledger_url``: the controller's ledger is there (PostgreSQL) rather than in its state dir."""
     from hvctl.ops.hosts import add_host
 
     root = short_tempdir(prefix)
@@ -175,10 +176,10 @@ def two_local_hosts(image_dir: Path, prefix: str) -> Iterator[dict[str, object]]
         state = root / "state"
         state.mkdir(mode=0o755)
         (state / "images").symlink_to(image_dir)
-        ctx = Context(state_dir=state, uri=h1.uri)
+        ctx = Context(state_dir=state, uri=h1.uri, ledger_url=ledger_url)
         add_host(ctx, "h1", h1.uri)
         add_host(ctx, "h2", h2.uri)
-        yield {"ctx": ctx, "h1": h1, "h2": h2, "state": state}
+        yield {"ctx": ctx, "h1": h1, "h2": h2, "state": state, "root": root}
         for vm in ctx.ledger.vms.all():
             # A daemon killed by a fault test may refuse; the daemons are stopped below either way.
             with contextlib.suppress(Exception):

@@ -206,3 +206,21 @@ def test_snapshots_are_charged_against_the_tenants_disk_and_released_with_them(l
     # The VM's row going takes its snapshots' rows (and charges) with it.
     ledger.vms.delete("snap", "destroyed")
     assert ledger.snapshots.all() == [] and ledger.tenant_usage("default").disk_gib == 0
+
+
+def test_a_migrations_reservation_holds_its_port_on_the_target(ledger: Ledger, tmp_path: Path) -> None:
+    """Two migrations to one host at once, and a create there meanwhile, never get the same SSH forward port: each
+    port is chosen in the transaction that records who holds it."""
+    from hvctl.accounting import Usage
+
+    ledger.hosts.ensure("h2", "qemu+ssh://root@198.18.0.2/system")
+    span = (22400, 22410)
+    first, p1 = ledger.reservations.hold_with_port("h2", "default", Usage(vcpus=1), "migration", "m1", port_range=span)
+    second, p2 = ledger.reservations.hold_with_port("h2", "default", Usage(vcpus=1), "migration", "m2",
+                                                    port_range=span)
+    assert (p1, p2) == (22400, 22401)
+    assert reserve(ledger, "made", tmp_path, span, host="h2", probe_ports=False) == 22402
+    assert {r.ssh_port for r in ledger.reservations.all()} == {22400, 22401}
+    ledger.reservations.release(first)
+    assert reserve(ledger, "next", tmp_path, span, host="h2", probe_ports=False) == 22400
+    ledger.reservations.release(second)

@@ -65,6 +65,8 @@ def test_two_controllers_see_one_fleet_through_one_postgresql_ledger(short: Path
     checks = {c["name"]: c for c in json.loads(doctor.stdout)}
     assert checks["ledger"]["ok"], checks["ledger"]
     assert "(postgresql " in checks["ledger"]["detail"] and "primary, replicas: none" in checks["ledger"]["detail"]
+    # test:///default names each controller's own machine: fine for this test, worth a warning in a real fleet.
+    assert checks["ledger"]["warning"] and "host(s) local have machine-local URIs" in checks["ledger"]["detail"]
     # Neither controller made a SQLite ledger of its own.
     assert not (tmp_path / "a" / "ledger.sqlite3").exists() and not (tmp_path / "b" / "ledger.sqlite3").exists()
 

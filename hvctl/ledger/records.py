@@ -234,11 +234,13 @@ class ReservationRecord:
     usage: Usage
     counts_against_tenant: bool
     created_at: float
+    ssh_port: int | None = None  # a migration's: the port its VM gets on the target
 
 
 def reservation_from_row(row: Row) -> ReservationRecord:
     return ReservationRecord(row["id"], row["host"], row["tenant"], row["vm"], row["kind"],
-                             Usage(**json.loads(row["usage"])), bool(row["counts_against_tenant"]), row["created_at"])
+                             Usage(**json.loads(row["usage"])), bool(row["counts_against_tenant"]), row["created_at"],
+                             row["ssh_port"])
 
 
 @dataclass(frozen=True)

@@ -8,26 +8,42 @@ import time
 
 from hvctl.accounting import Usage, first_excess
 from hvctl.ledger.core import Repository
-from hvctl.ledger.records import QuotaExceeded, ReservationRecord, reservation_from_row
+from hvctl.ledger.records import DEFAULT_PORT_RANGE, QuotaExceeded, ReservationRecord, reservation_from_row
+from hvctl.ledger.vms import free_port, used_ports
 
 
 class Reservations(Repository):
     def hold(self, host: str, tenant: str, usage: Usage, kind: str, vm: str | None = None,
-                counts_against_tenant: bool = False, host_limit: dict[str, float | None] | None = None) -> int:
+             counts_against_tenant: bool = False, host_limit: dict[str, float | None] | None = None) -> int:
         """Hold resources on a host for an operation in flight (a migration target, say) until it commits or
         rolls back. A migration's reservation does not count against its tenant: the VM is already charged once,
         so a tenant at its full quota can still be migrated (kubevirt#9238)."""
+        return self._hold(host, tenant, usage, kind, vm, counts_against_tenant, host_limit, None)[0]
+
+    def hold_with_port(self, host: str, tenant: str, usage: Usage, kind: str, vm: str, *,
+                       host_limit: dict[str, float | None] | None = None, probe_on: str | None = None,
+                       port_range: tuple[int, int] = DEFAULT_PORT_RANGE) -> tuple[int, int]:
+        """``hold``, and an SSH forward port on ``host`` for the VM on its way in, chosen in the same transaction
+        among those no VM and no other reservation there holds (and, with ``probe_on``, free on that address on
+        this machine). Returns the reservation's id and the port."""
+        return self._hold(host, tenant, usage, kind, vm, False, host_limit, (port_range, probe_on))
+
+    def _hold(self, host: str, tenant: str, usage: Usage, kind: str, vm: str | None, counts_against_tenant: bool,
+              host_limit: dict[str, float | None] | None,
+              port: tuple[tuple[int, int], str | None] | None) -> tuple[int, int]:
         with self._store.transaction() as db:
             if host_limit is not None:
                 refusal = first_excess(f"host {host}", usage, self._store.host_usage(host, db), host_limit)
                 if refusal:
                     raise QuotaExceeded(refusal)
+            ssh_port = None if port is None else free_port(port[0], used_ports(db, host), port[1])
             row = db.execute("INSERT INTO reservations (host, tenant, vm, kind, usage, counts_against_tenant, "
-                             "created_at) VALUES (?,?,?,?,?,?,?) RETURNING id",
+                             "created_at, ssh_port) VALUES (?,?,?,?,?,?,?,?) RETURNING id",
                              (host, tenant, vm, kind, json.dumps(usage.as_dict()), int(counts_against_tenant),
-                              time.time())).fetchone()
-            self._store.event(db, vm, host, f"reservation.{kind}", f"reserved {usage.as_dict()} on {host}")
-            return int(row[0])
+                              time.time(), ssh_port)).fetchone()
+            held = f" and SSH forward port {ssh_port}" if ssh_port is not None else ""
+            self._store.event(db, vm, host, f"reservation.{kind}", f"reserved {usage.as_dict()}{held} on {host}")
+            return int(row[0]), ssh_port or 0
 
     def release(self, reservation_id: int) -> None:
         with self._store.transaction() as db:

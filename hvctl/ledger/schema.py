@@ -153,4 +153,9 @@ MIGRATIONS: list[str] = [
         UNIQUE (network, vm)
     );
     """,
+    # The SSH forward port a migration's reservation holds on its target: chosen in the reservation's transaction, so
+    # that two migrations to one host at once (from one controller or two) never choose the same port.
+    """
+    ALTER TABLE reservations ADD COLUMN ssh_port INTEGER;
+    """,
 ]

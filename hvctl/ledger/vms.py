@@ -59,8 +59,7 @@ class VMs(Repository):
             if admission is not None:
                 self._admit(db, spec, host, admission)
             spec = assign_address(db, spec)
-            used = {r[0] for r in db.execute("SELECT ssh_port FROM vms WHERE host = ?", (host,))}
-            port = _free_port(port_range, used, probe_on)
+            port = free_port(port_range, used_ports(db, host), probe_on)
             _insert_vm(db, spec, host, paths, port, "creating", now, agent_token, host_pubkey, None)
             record_address(db, spec)
             self._store.event(db, spec.name, host, "create.requested", f"create {spec.name} on {host}, ssh port {port}")
@@ -112,8 +111,8 @@ class VMs(Repository):
         host is this machine); the move is an event."""
         with self._store.transaction() as db:
             host = db.execute("SELECT host FROM vms WHERE name = ?", (name,)).fetchone()[0]
-            used = {r[0] for r in db.execute("SELECT ssh_port FROM vms WHERE host = ?", (host,))} | {refused}
-            port = _free_port(port_range, used, bind_address if probe else None)
+            used = used_ports(db, host) | {refused}
+            port = free_port(port_range, used, bind_address if probe else None)
             db.execute("UPDATE vms SET ssh_port = ?, updated_at = ? WHERE name = ?", (port, time.time(), name))
             self._store.event(db, name, host, "port.moved", f"SSH forward port {refused} was taken by another process; "
                         f"{name} now forwards {bind_address}:{port}", {"from": refused, "to": port})
@@ -179,8 +178,7 @@ class VMs(Repository):
     def free_port_on(self, host: str, port_range: tuple[int, int] = DEFAULT_PORT_RANGE,
                      bind_address: str | None = "127.0.0.1") -> int:
         """A port no VM of ``host`` holds, also free on ``bind_address`` here unless that is None."""
-        used = {r[0] for r in self._db.execute("SELECT ssh_port FROM vms WHERE host = ?", (host,))}
-        return _free_port(port_range, used, bind_address)
+        return free_port(port_range, used_ports(self._db, host), bind_address)
 
     def complete_migration(self, name: str, target: str, ssh_port: int, reservation_id: int,
                            stats: dict[str, Any], moved: dict[str, str] | None = None) -> None:
@@ -213,7 +211,13 @@ def _insert_vm(db: Connection, spec: VMSpec, host: str, paths: VMPaths, port: in
     )
 
 
-def _free_port(port_range: tuple[int, int], used: set[int], bind_address: str | None) -> int:
+def used_ports(db: Connection, host: str) -> set[int]:
+    """The SSH forward ports ``host``'s VMs hold, and those reservations hold there for VMs on their way in."""
+    return {r[0] for r in db.execute("SELECT ssh_port FROM vms WHERE host = ? UNION SELECT ssh_port FROM "
+                                     "reservations WHERE host = ? AND ssh_port IS NOT NULL", (host, host))}
+
+
+def free_port(port_range: tuple[int, int], used: set[int], bind_address: str | None) -> int:
     """The lowest port in range that no VM in the ledger holds and, unless ``bind_address`` is None, that nothing
     on this machine is bound to."""
     for port in range(port_range[0], port_range[1] + 1):

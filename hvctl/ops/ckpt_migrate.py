@@ -82,6 +82,7 @@ class _Move:
     say: Say
     op: Operation
     workdir: Path = Path()
+    port: int = 0  # the SSH forward port the target's incarnation gets, held with the reservation
 
     def drain(self, draining: list[str]) -> None:
         """Wait for every inference workload to finish (the source keeps serving until then)."""
@@ -119,7 +120,7 @@ class _Move:
         the VM's record as it will be once moved, and a client for its agent."""
         record, target = self.record, self.target
         files = self.ctx.paths.next_vm_files(record.name, record.overlay)
-        port = self.ctx.ledger.vms.free_port_on(target, bind_address=str(record.spec.ssh_bind))
+        port = self.port  # held with the reservation
         self.op.step("checkpointed", target_dir=str(files.dir))
         secrets = GuestSecrets.fresh(self.ctx, record.spec)
         gpu_alloc = passthrough.allocate(self.ctx, self.ctx.gpu_env, record.spec, target, undo)
@@ -187,8 +188,9 @@ def checkpoint_migrate(ctx: Context, record: VMRecord, target: str, timeout_s: f
     ctx.capabilities(target)  # reachable, and its accelerator known, before anything is reserved
     source_uuid = ctx.host(record.host).guest(name).uuid
     op.step("checked", source=record.host, source_uuid=source_uuid, source_dir=str(record.overlay.parent))
-    reservation = ledger.reservations.hold(target, record.tenant, host_footprint(record.spec), "migration", vm=name,
-                                           host_limit=host_allowance(ledger, ctx.policy, target))
+    reservation, move.port = ledger.reservations.hold_with_port(
+        target, record.tenant, host_footprint(record.spec), "migration", name,
+        host_limit=host_allowance(ledger, ctx.policy, target), probe_on=str(record.spec.ssh_bind))
     move.workdir = Path(tempfile.mkdtemp(prefix=f"hvctl-ckpt-{name}-"))
     op.step("reserved", reservation=reservation, workdir=str(move.workdir))
     try:

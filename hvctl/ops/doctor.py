@@ -6,6 +6,7 @@ import os
 import time
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from hvctl import passthrough
 from hvctl.context import Context, can_limit_memory
@@ -54,8 +55,18 @@ def _ledger_check(ctx: Context) -> Check:
     if info["backend"] == "postgresql":
         replicas = ", ".join(f"{r['name'] or '?'} {r['state']}/{r['sync']}" for r in info["replicas"]) or "none"
         detail += f"; {'a standby' if info['standby'] else 'primary'}, replicas: {replicas}"
-    return Check("ledger", not info.get("standby"), detail + ")",
-                 "a standby is read-only: point --ledger at the primary" if info.get("standby") else None)
+    if info.get("standby"):
+        return Check("ledger", False, detail + ")", "a standby is read-only: point --ledger at the primary")
+    if info["backend"] == "postgresql":
+        # Every controller reads the hosts' URIs from the one ledger: one without a host name means each
+        # controller's own machine, a different host for each.
+        local = [h.name for h in ctx.ledger.hosts.all() if not urlsplit(h.uri).hostname]
+        if local:
+            return Check("ledger", True, detail + f"); host(s) {', '.join(local)} have machine-local URIs, which "
+                         "name a different machine for each controller sharing this ledger",
+                         "register hosts by an address every controller reaches (qemu+ssh://…, qemu+tls://…)",
+                         warning=True)
+    return Check("ledger", True, detail + ")")
 
 
 def _state_checks(ctx: Context) -> tuple[list[Check], bool]:

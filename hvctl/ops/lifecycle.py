@@ -258,15 +258,24 @@ def _destroy(ctx: Context, name: str, say: Say, step: Callable[..., None]) -> No
 
 def remove_vm_files(ctx: Context, record: VMRecord) -> None:
     """The VM's disk, seed and console log: its volumes in its host's pool, or its directories here (NAME, or
-    NAME.gN after a migration that moved its files, and any other left over). The caller has made sure that no
-    host runs its domain."""
+    NAME.gN after a migration that moved its files, and any other left over). The directory its files are in may
+    be another controller's state dir (a ledger several controllers share): it goes too, being the VM's own by
+    its name and place (STATE/vms/NAME[.gN]). The caller has made sure that no host runs its domain."""
     if not ctx.is_this_machine(record.host):
         pooled.open_files(ctx.host(record.host), record.name).delete()
         return
     record.overlay.unlink(missing_ok=True)
     for vm_dir in {ctx.paths.vm_dir(record.name), ctx.paths.vm_dir(record.name, 1), record.overlay.parent}:
-        if vm_dir.parent == ctx.paths.root / "vms":
+        if _is_vm_dir(vm_dir, record.name):
             shutil.rmtree(vm_dir, ignore_errors=True)
+
+
+def _is_vm_dir(path: Path, name: str) -> bool:
+    """A directory hvctl made for VM ``name``: STATE/vms/NAME or STATE/vms/NAME.gN, not a link. Names never contain
+    '.', so it cannot be another VM's."""
+    generation = path.name.removeprefix(f"{name}.g")
+    return (path.parent.name == "vms" and not path.is_symlink()
+            and (path.name == name or (path.name != generation and generation.isdigit())))
 
 
 def destroy_orphan(ctx: Context, name: str, host_name: str, say: Say = quiet) -> list[str]:

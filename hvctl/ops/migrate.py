@@ -126,12 +126,12 @@ def _migrate(ctx: Context, name: str, target: str, opts: MigrateOptions,
     # A host never used since it was registered (the default host, say) has its capacity probed first: its limit
     # would read as zero otherwise.
     ctx.capabilities(target)
-    reservation = ledger.reservations.hold(target, record.tenant, host_footprint(record.spec), "migration", vm=name,
-                                           host_limit=host_allowance(ledger, ctx.policy, target))
+    reservation, port = ledger.reservations.hold_with_port(
+        target, record.tenant, host_footprint(record.spec), "migration", name,
+        host_limit=host_allowance(ledger, ctx.policy, target),
+        probe_on=str(record.spec.ssh_bind) if ctx.is_this_machine(target) else None)
     copy: StorageCopy | None = None
     try:
-        port = ledger.vms.free_port_on(target, bind_address=str(record.spec.ssh_bind) if ctx.is_this_machine(target)
-                                   else None)
         op.step("reserved", reservation=reservation, port=port)
         dest_xml = retarget_ssh_forward(guest.migratable_xml(), port)
         moved: dict[str, str] | None = None
