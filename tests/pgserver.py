@@ -30,7 +30,7 @@ def postgres_bin() -> Path | None:
 
 
 class PgServer:
-    def __init__(self) -> None:
+    def __init__(self, primary: PgServer | None = None) -> None:
         bindir = postgres_bin()
         if bindir is None:
             raise RuntimeError("PostgreSQL is not installed (`make deps` installs Debian's postgresql package)")
@@ -44,21 +44,42 @@ class PgServer:
         # initdb and the server refuse to run as root: as root, they run as the postgres user.
         self._user = "postgres" if os.geteuid() == 0 else None
         try:
-            self._start()
+            self._start(primary)
         except BaseException:
             self.stop()
             raise
 
-    def _start(self) -> None:
-        self.data.mkdir()
+    @classmethod
+    def replica_of(cls, primary: PgServer) -> PgServer:
+        """A streaming standby of ``primary``: a base backup of it, started in recovery, named "replica"."""
+        return cls(primary)
+
+    def _start(self, primary: PgServer | None) -> None:
         self.root.chmod(0o700)
         if self._user:
-            for path in (self.root, self.data):
-                shutil.chown(path, self._user, self._user)
-        subprocess.run([self.bindir / "initdb", "-D", self.data, "-U", "hvctl", "--auth=trust", "-E", "UTF8",
-                        "--no-sync", "--no-instructions"], user=self._user, check=True, capture_output=True,
-                       timeout=300)
+            shutil.chown(self.root, self._user, self._user)
+        if primary is None:
+            self.data.mkdir(mode=0o700)
+            if self._user:
+                shutil.chown(self.data, self._user, self._user)
+            subprocess.run([self.bindir / "initdb", "-D", self.data, "-U", "hvctl", "--auth=trust", "-E", "UTF8",
+                            "--no-sync", "--no-instructions"], user=self._user, check=True, capture_output=True,
+                           timeout=300)
+        else:
+            # -R writes the standby's connection to the primary (primary_conninfo) and standby.signal.
+            subprocess.run([self.bindir / "pg_basebackup", "-D", self.data, "-h", primary.root, "-U", "hvctl", "-R",
+                            "-X", "stream", "-c", "fast", "-d", f"host={primary.root} user=hvctl application_name=replica"],
+                           user=self._user, check=True, capture_output=True, timeout=300)
         self.launch()
+
+    def wait_for_replay(self, lsn: str) -> None:
+        """Until this standby has replayed the primary's WAL up to ``lsn``."""
+        deadline = time.monotonic() + START_DEADLINE_S
+        with psycopg.connect(self.url("postgres"), autocommit=True) as db:
+            while not db.execute("SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", (lsn,)).fetchone()[0]:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the standby did not replay up to {lsn}")
+                time.sleep(0.1)
 
     def launch(self) -> None:
         """Start the server on the cluster (again, after ``kill``), and wait until it accepts connections."""

@@ -29,9 +29,12 @@ from hvctl.ops.intent import (
 
 
 @pytest.fixture
-def ctx() -> Iterator[Context]:
+def ctx(ledger_location: str) -> Iterator[Context]:
+    """A controller on libvirt's test driver, with its ledger in its state dir (SQLite), then on PostgreSQL: the
+    intents and the operation locks work the same on both."""
     state = short_tempdir("hvi-")
-    context = Context(state_dir=state, uri="test:///default")
+    url = ledger_location if ledger_location.startswith("postgresql://") else None
+    context = Context(state_dir=state, uri="test:///default", ledger_url=url)
     context.ledger.hosts.ensure("local", "test:///default")
     yield context
     context.close()
@@ -102,7 +105,7 @@ def test_the_crash_hook_kills_the_process_right_after_the_named_step(ctx: Contex
         from pathlib import Path
         from hvctl.context import Context
         from hvctl.ops.intent import operation
-        ctx = Context(state_dir=Path({str(ctx.paths.root)!r}), uri="test:///default")
+        ctx = Context(state_dir=Path({str(ctx.paths.root)!r}), uri="test:///default", ledger_url={ctx.ledger_url!r})
         with operation(ctx, "vm1", "migrate", target="h2") as op:
             op.step("checked", source="local")
             op.step("reserved", reservation=7)
@@ -198,7 +201,7 @@ def test_with_wait_a_second_command_waits_for_the_first_to_end_and_then_goes_on(
     import threading
 
     waiting, released = threading.Event(), threading.Event()
-    holder_ctx = Context(state_dir=ctx.state_dir, uri="test:///default")
+    holder_ctx = Context(state_dir=ctx.state_dir, uri="test:///default", ledger_url=ctx.ledger_url)
 
     def hold() -> None:
         with operation(holder_ctx, "vm1", "migrate", target="h2"):

@@ -14,6 +14,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from pgserver import PgServer
@@ -255,3 +256,29 @@ def test_postgresql_killed_mid_create_fails_it_in_one_line_and_leaves_nothing_to
             rig.ctx.close()
             shutil.rmtree(rig.state, ignore_errors=True)
         server.stop()
+
+
+def test_doctor_names_a_streaming_replica_and_refuses_a_standby_as_the_ledger(short: Path,
+                                                                               pg_server: PgServer) -> None:
+    """A real standby: pg_basebackup of the session's server, started as a streaming replica beside it (its own
+    socket directory). The primary's `doctor` lists it; pointed at the standby, `doctor` fails its ledger check."""
+    import psycopg
+
+    url = pg_server.new_database()
+    Ledger(url).close()  # the schema, made on the primary, replicates with the rest
+    standby = PgServer.replica_of(pg_server)
+    try:
+        database = urlsplit(url).path.lstrip("/")
+        with psycopg.connect(pg_server.url("postgres")) as db:  # the standby has caught up to here
+            lsn = db.execute("SELECT pg_current_wal_lsn()").fetchone()[0]
+        standby.wait_for_replay(lsn)
+        env = controller(short / "state", url)
+        primary = {c["name"]: c for c in json.loads(hvctl(env, "doctor", "--json").stdout)}
+        assert "primary, replicas: replica streaming/async" in primary["ledger"]["detail"], primary["ledger"]
+        on_standby = hvctl(env | {"HVCTL_LEDGER": standby.url(database)}, "doctor", "--json")
+        assert on_standby.stdout, on_standby.stderr
+        checks = {c["name"]: c for c in json.loads(on_standby.stdout)}
+        assert not checks["ledger"]["ok"] and "a standby" in checks["ledger"]["detail"], checks["ledger"]
+        assert checks["ledger"]["hint"].startswith("a standby is read-only")
+    finally:
+        standby.stop()

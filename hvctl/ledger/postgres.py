@@ -97,6 +97,9 @@ class _PgConnection:
             self.conn = self._connect()
         try:
             return self.conn.execute(query, values)
+        except psycopg.errors.ReadOnlySqlTransaction as exc:
+            raise LedgerError(f"ledger {self.location} is read-only: {_first_line(exc)}",
+                              hint="a standby is read-only: point --ledger at the primary") from None
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
             if self.in_transaction or not self.conn.broken:
                 raise LedgerError(f"ledger {self.location}: {_first_line(exc)}",

@@ -10,9 +10,10 @@ from urllib.parse import urlsplit
 
 from hvctl import passthrough
 from hvctl.context import Context, can_limit_memory
-from hvctl.errors import HostUnreachable, HvctlError, HypervisorError
+from hvctl.errors import HostUnreachable, HvctlError, HypervisorError, LedgerError
 from hvctl.host import libvirt_version
 from hvctl.ledger import OperationRecord
+from hvctl.ledger.core import open_store
 from hvctl.ops.inspect import drift_report, enforcement_report
 from hvctl.ops.intent import describe, interrupted, reconcile
 from hvctl.ops.networks import repair_vxlan, vxlan_gaps
@@ -48,15 +49,19 @@ def run_checks(ctx: Context) -> list[Check]:
     return checks
 
 
-def _ledger_check(ctx: Context) -> Check:
-    """The ledger's backend, its version and, on PostgreSQL, whether it is a standby and what replicates from it."""
-    info = ctx.ledger.store.describe()
+def _ledger_check(ctx: Context) -> tuple[Check, bool]:
+    """The ledger's backend, its version and, on PostgreSQL, whether it is a standby and what replicates from it;
+    and whether the ledger could be opened at all (the other checks need it)."""
+    try:
+        info = ctx.ledger.store.describe()
+    except LedgerError as exc:
+        return _unusable_ledger(ctx, exc), False
     detail = f"{info['location']} ({info['backend']} {info['version']}, schema v{info['schema']}"
     if info["backend"] == "postgresql":
         replicas = ", ".join(f"{r['name'] or '?'} {r['state']}/{r['sync']}" for r in info["replicas"]) or "none"
         detail += f"; {'a standby' if info['standby'] else 'primary'}, replicas: {replicas}"
     if info.get("standby"):
-        return Check("ledger", False, detail + ")", "a standby is read-only: point --ledger at the primary")
+        return Check("ledger", False, detail + ")", "a standby is read-only: point --ledger at the primary"), True
     if info["backend"] == "postgresql":
         # Every controller reads the hosts' URIs from the one ledger: one without a host name means each
         # controller's own machine, a different host for each.
@@ -65,8 +70,24 @@ def _ledger_check(ctx: Context) -> Check:
             return Check("ledger", True, detail + f"); host(s) {', '.join(local)} have machine-local URIs, which "
                          "name a different machine for each controller sharing this ledger",
                          "register hosts by an address every controller reaches (qemu+ssh://…, qemu+tls://…)",
-                         warning=True)
-    return Check("ledger", True, detail + ")")
+                         warning=True), True
+    return Check("ledger", True, detail + ")"), True
+
+
+def _unusable_ledger(ctx: Context, exc: LedgerError) -> Check:
+    """Why the ledger cannot be used: a standby (read-only) is named as one; anything else as it was reported."""
+    try:
+        store = open_store(ctx.ledger_url or ctx.paths.ledger)
+        try:
+            standby = bool(store.describe().get("standby"))
+        finally:
+            store.close()
+    except HvctlError:
+        standby = False
+    if standby:
+        return Check("ledger", False, f"{ctx.ledger_location} is a standby (read-only): {exc.message}",
+                     "a standby is read-only: point --ledger at the primary")
+    return Check("ledger", False, exc.message, exc.hint)
 
 
 def _state_checks(ctx: Context) -> tuple[list[Check], bool]:
@@ -77,7 +98,10 @@ def _state_checks(ctx: Context) -> tuple[list[Check], bool]:
         writable = os.access(ctx.paths.root, os.W_OK)
         checks.append(Check("state dir", writable, str(ctx.paths.root),
                             None if writable else "run as root or pass --state-dir"))
-        checks.append(_ledger_check(ctx))
+        ledger, usable = _ledger_check(ctx)
+        checks.append(ledger)
+        if not usable:  # nothing else can run without it
+            return checks, False
     except HvctlError as exc:
         return [*checks, Check("state dir", False, exc.message, exc.hint)], False
     return checks, True
