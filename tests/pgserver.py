@@ -68,7 +68,8 @@ class PgServer:
         else:
             # -R writes the standby's connection to the primary (primary_conninfo) and standby.signal.
             subprocess.run([self.bindir / "pg_basebackup", "-D", self.data, "-h", primary.root, "-U", "hvctl", "-R",
-                            "-X", "stream", "-c", "fast", "-d", f"host={primary.root} user=hvctl application_name=replica"],
+                            "-X", "stream", "-c", "fast",
+                            "-d", f"host={primary.root} user=hvctl application_name=replica"],
                            user=self._user, check=True, capture_output=True, timeout=300)
         self.launch()
 
