@@ -11,7 +11,9 @@ DEBS := qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-daemon-driver-q
         openssh-server openssh-client ovmf ebtables dnsmasq-base libpq5 postgresql
 # postgresql: the tests start a throwaway server of their own (tests/pgserver.py) for the shared-ledger suite.
 PYTEST_ARGS ?=
-# The stock-style cloud image `make demo` imports (built from Debian packages by hvctl.devhost.stockimage).
+# The test framework's daemons and images, which the demo stands on too (tests/framework: not part of hvctl).
+DEVHOST := PYTHONPATH=tests $(PY) -m framework.devhost
+# The stock-style cloud image `make demo` imports (built from Debian packages by tests/framework/devhost/stockimage.py).
 STOCK_IMAGE ?= /var/tmp/hvctl-stock-debian-v2.qcow2
 
 .PHONY: all deps venv image daemons demo demo-key demo-remote demo-quotas demo-workloads demo-networks demo-cloud test test-unit test-vm lint bench stop-daemons
@@ -45,12 +47,12 @@ daemons: image
 	@if virsh -q -c qemu:///system version >/dev/null 2>&1; then \
 	  echo "libvirtd already answers at qemu:///system"; \
 	else \
-	  $(PY) -m hvctl.devhost start $(DAEMON_DIR) --system --hide-kvm auto \
+	  $(DEVHOST) start $(DAEMON_DIR) --system --hide-kvm auto \
 	    --probe-image "$$(ls -d $(STATE_DIR)/images/minimal@* | tail -1)"; \
 	fi
 
 stop-daemons:
-	$(PY) -m hvctl.devhost stop $(DAEMON_DIR) --system
+	$(DEVHOST) stop $(DAEMON_DIR) --system
 
 DEMO_KEY := $(STATE_DIR)/demo/acme_ed25519
 # The demo's second "host": a private libvirtd on this machine that the demo VM live-migrates to.
@@ -68,8 +70,8 @@ demo: daemons
 	@$(HVCTL) --state-dir $(STATE_DIR) destroy far-demo >/dev/null 2>&1 || true
 	@$(HVCTL) --state-dir $(STATE_DIR) host rm h2 >/dev/null 2>&1 || true
 	@$(HVCTL) --state-dir $(STATE_DIR) host rm far >/dev/null 2>&1 || true
-	@$(PY) -m hvctl.devhost stop $(H2_DIR) >/dev/null 2>&1 || true
-	@$(PY) -m hvctl.devhost stop $(FAR_DIR) --remote 1 >/dev/null 2>&1 || true
+	@$(DEVHOST) stop $(H2_DIR) >/dev/null 2>&1 || true
+	@$(DEVHOST) stop $(FAR_DIR) --remote 1 >/dev/null 2>&1 || true
 	@$(MAKE) --no-print-directory demo-key
 	@echo "== hvctl doctor"; $(HVCTL) --state-dir $(STATE_DIR) doctor || true
 	@echo "== hvctl create demo (Debian base image, tenant acme: 512 MiB is exactly its quota, and it still fits)"
@@ -83,9 +85,9 @@ demo: daemons
 	@echo "== tenant acme runs a command over SSH with its own key (host key pinned by hvctl)"
 	$(HVCTL) --state-dir $(STATE_DIR) exec demo -i $(DEMO_KEY) -- sh -c 'echo "hello from $$(hostname), kernel $$(uname -r)"'
 	@echo "== a second host: a private libvirtd on this machine (h2), registered with hvctl"
-	@$(PY) -m hvctl.devhost start $(H2_DIR) --no-cgroups --hide-kvm auto \
+	@$(DEVHOST) start $(H2_DIR) --no-cgroups --hide-kvm auto \
 	  --probe-image "$$(ls -d $(STATE_DIR)/images/minimal@* | tail -1)" >/dev/null
-	$(HVCTL) --state-dir $(STATE_DIR) host add h2 "$$($(PY) -m hvctl.devhost uri $(H2_DIR))"
+	$(HVCTL) --state-dir $(STATE_DIR) host add h2 "$$($(DEVHOST) uri $(H2_DIR))"
 	@echo "== hvctl migrate demo --to h2: live, with progress from libvirt's job stats"
 	$(HVCTL) --state-dir $(STATE_DIR) migrate demo --to h2 --max-downtime 300
 	@echo "== the same guest, not rebooted, answers the tenant on h2"
@@ -104,7 +106,7 @@ demo: daemons
 	@echo "== hvctl stop demo (graceful)"; $(HVCTL) --state-dir $(STATE_DIR) stop demo
 	@echo "== hvctl destroy demo"; $(HVCTL) --state-dir $(STATE_DIR) destroy demo
 	$(HVCTL) --state-dir $(STATE_DIR) host rm h2
-	@$(PY) -m hvctl.devhost stop $(H2_DIR)
+	@$(DEVHOST) stop $(H2_DIR)
 	@$(MAKE) --no-print-directory demo-remote
 	@$(MAKE) --no-print-directory demo-quotas demo-workloads demo-networks demo-cloud
 	@echo "== hvctl list"; $(HVCTL) --state-dir $(STATE_DIR) list
@@ -114,7 +116,7 @@ demo: daemons
 demo-cloud: daemons
 	@$(HVCTL) --state-dir $(STATE_DIR) destroy cloud-demo >/dev/null 2>&1 || true
 	@echo "== a stock-style Debian cloud image (systemd, cloud-init, GRUB on a partitioned disk), built from packages"
-	@test -s $(STOCK_IMAGE) || $(PY) -m hvctl.devhost.stockimage $(STOCK_IMAGE) --cache $(STATE_DIR)/images/.cache
+	@test -s $(STOCK_IMAGE) || $(DEVHOST).stockimage $(STOCK_IMAGE) --cache $(STATE_DIR)/images/.cache
 	@echo "== hvctl image import debian-cloud (checked with qemu-img: standalone qcow2, size, sha256)"
 	$(HVCTL) --state-dir $(STATE_DIR) image import debian-cloud $(STOCK_IMAGE) --sha256 "$$(sha256sum $(STOCK_IMAGE) | cut -d' ' -f1)"
 	@echo "== hvctl create cloud-demo --image debian-cloud (up when cloud-init's final message reaches the console)"
@@ -137,10 +139,10 @@ demo-remote: daemons
 	@$(MAKE) --no-print-directory demo-key
 	@$(HVCTL) --state-dir $(STATE_DIR) destroy far-demo >/dev/null 2>&1 || true
 	@$(HVCTL) --state-dir $(STATE_DIR) host rm far >/dev/null 2>&1 || true
-	@$(PY) -m hvctl.devhost stop $(FAR_DIR) --remote 1 >/dev/null 2>&1 || true
+	@$(DEVHOST) stop $(FAR_DIR) --remote 1 >/dev/null 2>&1 || true
 	@echo "== a remote-style host: libvirtd + sshd in their own network and mount namespaces, reached over ssh"
-	@$(PY) -m hvctl.devhost start $(FAR_DIR) --remote 1 --hide $(STATE_DIR) >/dev/null
-	$(HVCTL) --state-dir $(STATE_DIR) host add far "$$($(PY) -m hvctl.devhost uri $(FAR_DIR) --remote 1)"
+	@$(DEVHOST) start $(FAR_DIR) --remote 1 --hide $(STATE_DIR) >/dev/null
+	$(HVCTL) --state-dir $(STATE_DIR) host add far "$$($(DEVHOST) uri $(FAR_DIR) --remote 1)"
 	@echo "== the tenant's VM on far: its disk, seed and console log live in far's storage pool"
 	$(TWO) create far-demo --host far --image base --tenant acme --memory 512 --disk 2 --boot-timeout 300
 	$(HVCTL) --state-dir $(STATE_DIR) agent far-demo ping
@@ -154,7 +156,7 @@ demo-remote: daemons
 	$(HVCTL) --state-dir $(STATE_DIR) list
 	@echo "== hvctl destroy far-demo"; $(HVCTL) --state-dir $(STATE_DIR) destroy far-demo
 	$(HVCTL) --state-dir $(STATE_DIR) host rm far
-	@$(PY) -m hvctl.devhost stop $(FAR_DIR) --remote 1
+	@$(DEVHOST) stop $(FAR_DIR) --remote 1
 	@rm -rf $(FAR_DIR)
 
 # Two tenants under the quotas of policies/two-tenants.yaml: globex's third VM is refused with the numbers.
@@ -190,8 +192,8 @@ demo-workloads: daemons
 	  | $(PY) -c 'import json, shlex, sys; print("exec", shlex.join(json.load(sys.stdin)["argv"]))' \
 	  > $(STATE_DIR)/demo/forward.sh
 	@sh -c 'sh $(STATE_DIR)/demo/forward.sh </dev/null >/dev/null 2>&1 & echo $$! > $(STATE_DIR)/demo/forward.pid'
-	$(PY) -m hvctl.devhost.tenant wait-port $(DEMO_SERVE_PORT)
-	$(PY) -m hvctl.devhost.tenant chat --port $(DEMO_SERVE_PORT) --model tiny-llm --message "The river" \
+	$(DEVHOST).tenant wait-port $(DEMO_SERVE_PORT)
+	$(DEVHOST).tenant chat --port $(DEMO_SERVE_PORT) --model tiny-llm --message "The river" \
 	  | tee $(STATE_DIR)/demo/answer-before
 	@echo "== the same server through the agent channel (no guest network)"
 	$(HVCTL) --state-dir $(STATE_DIR) generate ml-demo --prompt "The river" --max-tokens 8
@@ -199,7 +201,7 @@ demo-workloads: daemons
 	$(HVCTL) --state-dir $(STATE_DIR) run ml-demo train --objective ssl --steps 8 --checkpoint-every 8 \
 	  --export /var/lib/hvctl-agent/tuned
 	$(HVCTL) --state-dir $(STATE_DIR) serve ml-demo reload --model /var/lib/hvctl-agent/tuned
-	$(PY) -m hvctl.devhost.tenant chat --port $(DEMO_SERVE_PORT) --model tiny-llm --message "The river" \
+	$(DEVHOST).tenant chat --port $(DEMO_SERVE_PORT) --model tiny-llm --message "The river" \
 	  | tee $(STATE_DIR)/demo/answer-after
 	@if cmp -s $(STATE_DIR)/demo/answer-before $(STATE_DIR)/demo/answer-after; then \
 	  echo "the answer did not change after the reload"; exit 1; fi; echo "== the answer changed with the weights"
@@ -218,9 +220,9 @@ demo-networks: daemons
 	@for vm in lab-1 lab-2 red-1; do $(HVCTL) --state-dir $(STATE_DIR) destroy $$vm >/dev/null 2>&1 || true; done
 	@for net in lab red; do $(HVCTL) --state-dir $(STATE_DIR) network rm $$net >/dev/null 2>&1 || true; done
 	@$(HVCTL) --state-dir $(STATE_DIR) host rm lab >/dev/null 2>&1 || true
-	@$(PY) -m hvctl.devhost stop $(LAB_DIR) --remote 2 >/dev/null 2>&1 || true
-	@$(PY) -m hvctl.devhost start $(LAB_DIR) --remote 2 --hide $(STATE_DIR) >/dev/null
-	$(HVCTL) --state-dir $(STATE_DIR) host add lab "$$($(PY) -m hvctl.devhost uri $(LAB_DIR) --remote 2)"
+	@$(DEVHOST) stop $(LAB_DIR) --remote 2 >/dev/null 2>&1 || true
+	@$(DEVHOST) start $(LAB_DIR) --remote 2 --hide $(STATE_DIR) >/dev/null
+	$(HVCTL) --state-dir $(STATE_DIR) host add lab "$$($(DEVHOST) uri $(LAB_DIR) --remote 2)"
 	@echo "== tenant networks: lab for acme, red for globex (isolated L2 segments, addresses from hvctl's IPAM)"
 	$(NETS) network create lab --tenant acme --subnet 10.96.40.0/24
 	$(NETS) network create red --tenant globex --subnet 10.96.41.0/24
@@ -243,7 +245,7 @@ demo-networks: daemons
 	$(HVCTL) --state-dir $(STATE_DIR) network rm lab
 	$(HVCTL) --state-dir $(STATE_DIR) network rm red
 	$(HVCTL) --state-dir $(STATE_DIR) host rm lab
-	@$(PY) -m hvctl.devhost stop $(LAB_DIR) --remote 2
+	@$(DEVHOST) stop $(LAB_DIR) --remote 2
 	@rm -rf $(LAB_DIR)
 
 test: venv

@@ -2,7 +2,7 @@
 one run; and the step time of data-parallel training on two VMs against one VM.
 
 Two `ml` guests of one tenant on its tenant network, on a remote-style host (bridges and firewall in its own network
-namespace; see hvctl.devhost.remote). The all-reduce script is the same in both places: torch.distributed with
+namespace; see framework.devhost.remote). The all-reduce script is the same in both places: torch.distributed with
 gloo, pinned to the tenant NIC in the guests and to loopback here; for each message size, one warm-up and then the
 mean of several all-reduces. Under TCG the absolute numbers say little about real hardware; the VM/host ratio and
 how it moves with the message size do (the tenant path is virtio-net through a bridge on an emulated CPU).
@@ -26,13 +26,14 @@ import threading
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the test framework
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import Report, scratch_dir  # noqa: E402
+from framework.devhost.remote import RemoteStyleHost  # noqa: E402
 
 from guest import rpc  # noqa: E402
 from hvctl.context import Context  # noqa: E402
-from hvctl.devhost.remote import RemoteStyleHost  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 HVCTL = [sys.executable, "-m", "hvctl.cli"]

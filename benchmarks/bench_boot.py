@@ -23,14 +23,15 @@ from pathlib import Path
 import libvirt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the test framework
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import Report, raw_domain_xml, scratch_dir, share_test_images  # noqa: E402
+from framework.devhost import PrivateLibvirtd  # noqa: E402
 
 from hvctl.access import wait_for_ssh  # noqa: E402
 from hvctl.agent_client import AgentClient  # noqa: E402
 from hvctl.context import Context  # noqa: E402
-from hvctl.devhost import PrivateLibvirtd  # noqa: E402
 from hvctl.ledger import VMRecord, VMState  # noqa: E402
 from hvctl.ops.create import create  # noqa: E402
 from hvctl.ops.incarnation import make_overlay  # noqa: E402

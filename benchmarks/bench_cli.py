@@ -29,13 +29,14 @@ from pathlib import Path
 import libvirt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the test framework
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import Report, scratch_dir, share_test_images  # noqa: E402
+from framework.devhost import PrivateLibvirtd  # noqa: E402
 
 from hvctl.context import Context  # noqa: E402
 from hvctl.designer import BootArtifacts, VMAllocation, design  # noqa: E402
-from hvctl.devhost import PrivateLibvirtd  # noqa: E402
 from hvctl.ledger import VMPaths  # noqa: E402
 from hvctl.spec import VMSpec  # noqa: E402
 

@@ -25,13 +25,14 @@ from pathlib import Path
 import libvirt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the test framework
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import Report, raw_domain_xml, scratch_dir  # noqa: E402
+from framework.devhost import PrivateLibvirtd  # noqa: E402
 
 from hvctl.console import wait_for_ready  # noqa: E402
 from hvctl.context import Context  # noqa: E402
-from hvctl.devhost import PrivateLibvirtd  # noqa: E402
 from hvctl.ops.create import create  # noqa: E402
 from hvctl.ops.incarnation import make_overlay  # noqa: E402
 from hvctl.ops.lifecycle import destroy  # noqa: E402

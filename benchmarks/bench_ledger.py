@@ -33,10 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import Report, scratch_dir, share_test_images  # noqa: E402
-from pgserver import PgServer  # noqa: E402
+from framework.devhost import PrivateLibvirtd  # noqa: E402
+from framework.pgserver import PgServer  # noqa: E402
 
 from hvctl.context import Context  # noqa: E402
-from hvctl.devhost import PrivateLibvirtd  # noqa: E402
 from hvctl.ledger import Admission, Ledger, VMPaths  # noqa: E402
 from hvctl.ops.create import create  # noqa: E402
 from hvctl.ops.lifecycle import destroy  # noqa: E402

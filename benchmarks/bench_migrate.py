@@ -20,12 +20,13 @@ from pathlib import Path
 import libvirt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the test framework
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import Report, scratch_dir  # noqa: E402
+from framework.devhost import PrivateLibvirtd  # noqa: E402
 
 from hvctl.context import Context  # noqa: E402
-from hvctl.devhost import PrivateLibvirtd  # noqa: E402
 from hvctl.domain.model import retarget_ssh_forward  # noqa: E402
 from hvctl.ops.create import create  # noqa: E402
 from hvctl.ops.hosts import add_host  # noqa: E402

@@ -1,7 +1,7 @@
 """A VM on a remote host against the same VM on this machine, in one run; and the image upload against scp.
 
 Two hosts: a private libvirtd on this machine (`local`), and a remote-style host (`far`: libvirtd and sshd in their
-own network and mount namespaces, reached as qemu+ssh over a veth pair; see hvctl.devhost.remote). The guest is the
+own network and mount namespaces, reached as qemu+ssh over a veth pair; see framework.devhost.remote). The guest is the
 `base` image (Debian with hvctl's agent), and every create is timed from the call to the agent answering:
 - cold on far: the first VM of the image there, so the kernel, initrd and 258 MiB qcow2 are uploaded first;
 - warm on far: the image volumes are already in far's pool;
@@ -25,13 +25,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the test framework
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import Report, scratch_dir  # noqa: E402
+from framework.devhost import PrivateLibvirtd  # noqa: E402
+from framework.devhost.remote import RemoteStyleHost  # noqa: E402
 
 from hvctl.context import Context  # noqa: E402
-from hvctl.devhost import PrivateLibvirtd  # noqa: E402
-from hvctl.devhost.remote import RemoteStyleHost  # noqa: E402
 from hvctl.host import libvirt_version  # noqa: E402
 from hvctl.ops.create import create  # noqa: E402
 from hvctl.ops.hosts import add_host  # noqa: E402

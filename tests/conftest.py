@@ -17,10 +17,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from pgserver import PgServer
+from framework.devhost import PrivateLibvirtd
+from framework.pgserver import PgServer
 
 from hvctl.context import Context
-from hvctl.devhost import PrivateLibvirtd
 from hvctl.ledger import VMRecord
 from hvctl.ops.create import create
 from hvctl.ops.incarnation import BootOptions
@@ -107,7 +107,7 @@ def image_dir(libvirtd: PrivateLibvirtd) -> Path:
 def stock_image(image_dir: Path) -> Path:
     """A stock-style Debian cloud image (GRUB for BIOS and UEFI, cloud-init), built from packages once per machine
     and cached beside the test images (its debootstrap tree too); hvctl is only ever handed the file."""
-    from hvctl.devhost.stockimage import build
+    from framework.devhost.stockimage import build
 
     stock = image_dir / ".cache" / "stock-debian-v2.qcow2"  # v2: boots with BIOS or UEFI
     if not stock.exists():

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 from conftest import short_tempdir
+from framework.devhost import PrivateLibvirtd, boots_under
 
-from hvctl.devhost import PrivateLibvirtd, boots_under
 from hvctl.domain import Accel
 from hvctl.host import Host
 from images.store import ImageStore

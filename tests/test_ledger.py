@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from pgserver import PgServer
+from framework.pgserver import PgServer
 
 from hvctl.errors import AlreadyExists, LedgerError, NotFound
 from hvctl.ledger import MIGRATIONS, Ledger, VMPaths

@@ -17,7 +17,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from pgserver import PgServer
+from framework.pgserver import PgServer
 
 from hvctl.accounting import Usage
 from hvctl.ledger import Ledger, VMPaths

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import pytest
 from conftest import hvctl_cli, short_tempdir
+from framework.devhost import PrivateLibvirtd
 
 from guest import rpc
 from hvctl.agent_client import AgentClient, AgentError
 from hvctl.context import Context
-from hvctl.devhost import PrivateLibvirtd
 from hvctl.errors import GuestTimeout
 from hvctl.host import DomainState
 from hvctl.ledger import VMRecord

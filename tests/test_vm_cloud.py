@@ -1,7 +1,7 @@
 """A stock-style cloud image: imported with `hvctl image import`, booted by SeaBIOS and the image's own GRUB,
 configured by cloud-init from hvctl's NoCloud seed, up when cloud-init's final message reaches the serial console.
 
-No cloud image can be downloaded here, so hvctl.devhost.stockimage builds one from Debian packages the way a
+No cloud image can be downloaded here, so framework.devhost.stockimage builds one from Debian packages the way a
 distribution does; hvctl is handed the qcow2 file like any other. What the tests check is what the guest did:
 GRUB's BOOT_IMAGE on its kernel command line, cloud-init's status, the hostname and the keys from the seed (an SSH
 session with the pinned host key)."""
@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 from conftest import hvctl_cli, short_tempdir
+from framework.devhost import PrivateLibvirtd
 
 from hvctl.context import Context
-from hvctl.devhost import PrivateLibvirtd
 from hvctl.ops.lifecycle import destroy
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(1500)]

@@ -23,12 +23,12 @@ from pathlib import Path
 
 import pytest
 from conftest import hvctl_cli, short_tempdir
+from framework.devhost.remote import RemoteStyleHost
 
 from guest import rpc
 from guest.workloads.assets import make_tiny_llm
 from guest.workloads.protocol import parse_progress
 from hvctl.context import Context
-from hvctl.devhost.remote import RemoteStyleHost
 from images.store import ImageStore
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(3000)]

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 from conftest import hvctl_cli, short_tempdir
+from framework.devhost import PrivateLibvirtd
 
 from hvctl.context import Context
-from hvctl.devhost import PrivateLibvirtd
 from hvctl.errors import AlreadyExists, GuestTimeout, HvctlError, HypervisorError
 from hvctl.host import DomainState
 from hvctl.ledger import VMRecord

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 from conftest import HVCTL, hvctl_cli, short_tempdir, two_local_hosts
+from framework.devhost import PrivateLibvirtd
 
 from guest import rpc
 from hvctl.context import Context
-from hvctl.devhost import PrivateLibvirtd
 from hvctl.host import DomainState
 from hvctl.ledger import VMRecord
 from hvctl.ops.create import create
@@ -278,7 +278,7 @@ def test_copy_storage_takes_a_vm_to_a_remote_host_and_back_with_no_shared_storag
     with --copy-storage: each time the overlay is mirrored into a new disk on the target (a volume in far's pool,
     then a file here again), the guest keeps running (its uptime only grows) and reads back from the copied disk
     a file written before the first move; each source's copy is deleted."""
-    from hvctl.devhost.remote import RemoteStyleHost
+    from framework.devhost.remote import RemoteStyleHost
 
     ctx = hosts["ctx"]
     assert isinstance(ctx, Context)

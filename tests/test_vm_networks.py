@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 from conftest import hvctl_cli, short_tempdir
+from framework.devhost.remote import RemoteStyleHost, link_hosts
 
 from guest import rpc
 from hvctl.context import Context
 from hvctl.designer import nic_mac
-from hvctl.devhost.remote import RemoteStyleHost, link_hosts
 from images.store import ImageStore
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(1500)]

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 from conftest import HVCTL, hvctl_cli, short_tempdir
+from framework.devhost import PrivateLibvirtd
 
 from hvctl.context import Context
-from hvctl.devhost import PrivateLibvirtd
 from hvctl.host import DomainState
 from hvctl.ops.lifecycle import destroy
 from images.store import ImageStore

@@ -1,5 +1,5 @@
 """hvctl host prepare over SSH (fabric) against a remote-style host: its own network, sshd and libvirtd, in
-namespaces on this machine (hvctl.devhost.remote).
+namespaces on this machine (framework.devhost.remote).
 
 The host shares this machine's kernel, /usr and /etc: the steps that would change those (--vfio, --hugepages) are
 only run with --dry-run here; the storage pool directory is the host's own (its private /var/lib/libvirt), so that
@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 from conftest import hvctl_cli, short_tempdir
+from framework.devhost import PrivateLibvirtd
+from framework.devhost.remote import RemoteStyleHost
 
-from hvctl.devhost import PrivateLibvirtd
-from hvctl.devhost.remote import RemoteStyleHost
 from hvctl.seed import generate_ed25519
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(300)]

@@ -23,11 +23,11 @@ from pathlib import Path
 import libvirt
 import pytest
 from conftest import HVCTL, REPO, hvctl_cli, short_tempdir
+from framework.devhost import PrivateLibvirtd
 from test_vm_vfio import EMULATED_DEVICES
 
 from hvctl.access import copy, run_command
 from hvctl.context import Context
-from hvctl.devhost import PrivateLibvirtd
 from hvctl.ledger import VMRecord
 from hvctl.ops.create import create
 from hvctl.ops.incarnation import BootOptions

@@ -23,11 +23,11 @@ from xml.etree import ElementTree as ET
 import libvirt
 import pytest
 from conftest import HVCTL, hvctl_cli, short_tempdir
+from framework.devhost import _alive
+from framework.devhost.cgroups import hierarchies
+from framework.devhost.remote import RemoteStyleHost
 
 from hvctl.designer import nic_mac
-from hvctl.devhost import _alive
-from hvctl.devhost.cgroups import hierarchies
-from hvctl.devhost.remote import RemoteStyleHost
 from hvctl.errors import HostUnreachable
 from hvctl.host import Host, libvirt_version
 from hvctl.ops.volumes import ensure_image

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import two_local_hosts
-from pgserver import PgServer
+from framework.pgserver import PgServer
 
 from hvctl.context import Context
 from hvctl.host import DomainState

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, short_tempdir
+from framework.devhost import PrivateLibvirtd
 
 from hvctl.access import copy, run_command
 from hvctl.context import Context
-from hvctl.devhost import PrivateLibvirtd
 from hvctl.ops.create import create
 from hvctl.ops.incarnation import BootOptions
 from hvctl.ops.lifecycle import destroy

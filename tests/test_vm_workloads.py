@@ -21,13 +21,13 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import hvctl_cli, short_tempdir
+from framework.devhost import PrivateLibvirtd
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from guest.workloads.assets import make_tiny_llm
 from guest.workloads.llm import generate
 from guest.workloads.schema import LLMRequest
 from hvctl.context import Context
-from hvctl.devhost import PrivateLibvirtd
 from hvctl.host import DomainState
 from hvctl.ops.create import create
 from hvctl.ops.hosts import add_host

@@ -1,6 +1,6 @@
 """A tenant's side of the demo: a streamed chat completion from a VM's model server, over plain HTTP.
 
-``python -m hvctl.devhost.tenant chat --port P --model M --message TEXT`` talks to ``http://127.0.0.1:P``, where the
+``python -m framework.devhost.tenant chat --port P --model M --message TEXT`` talks to ``http://127.0.0.1:P``, where the
 tenant's ``ssh -L`` (``hvctl serve NAME forward``) brings the server's API, and prints the answer as its
 server-sent events arrive. ``wait-port P`` waits for that forward to listen. Standard library only: it stands for
 whatever client a tenant brings (the ``openai`` package, curl).
@@ -53,7 +53,7 @@ def chat(port: int, model: str, message: str, max_tokens: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hvctl.devhost.tenant", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m framework.devhost.tenant", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     waiting = sub.add_parser("wait-port")
     waiting.add_argument("port", type=int)

@@ -34,7 +34,7 @@ _PRIVATE_DIRS = ("etc/libvirt", "run/libvirt", "var/lib/libvirt", "var/log/libvi
 
 def _set_conf(text: str, settings: dict[str, str]) -> str:
     """Append settings to a libvirt .conf file; later assignments win in libvirt's config parser."""
-    lines = [text.rstrip("\n"), "", "# Set by hvctl.devhost"]
+    lines = [text.rstrip("\n"), "", "# Set by framework.devhost"]
     lines += [f"{key} = {value}" for key, value in settings.items()]
     return "\n".join(lines) + "\n"
 
@@ -254,11 +254,11 @@ def boots_under(accel: str, kernel: Path, initrd: Path, timeout: float = 20.0) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m hvctl.devhost start|stop|uri ROOT [--system] [--no-cgroups] [--remote N [--hide DIR]]`` for
-    Makefiles and CI scripts."""
+    """``python -m framework.devhost start|stop|uri ROOT [--system] [--no-cgroups] [--remote N [--hide DIR]]``, with
+    tests/ on PYTHONPATH, for Makefiles and CI scripts."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m hvctl.devhost")
+    parser = argparse.ArgumentParser(prog="python -m framework.devhost")
     parser.add_argument("action", choices=["start", "stop", "uri"])
     parser.add_argument("root", type=Path)
     parser.add_argument("--system", action="store_true", help="be the machine's qemu:///system daemon")
@@ -268,13 +268,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="auto: hide /dev/kvm only if a probe kernel fails to boot under KVM")
     parser.add_argument("--probe-image", type=Path, help="image dir with vmlinuz and initrd.img, for --hide-kvm auto")
     parser.add_argument("--remote", type=int, metavar="N",
-                        help="a remote-style host instead (hvctl.devhost.remote): libvirtd and sshd in their own "
+                        help="a remote-style host instead (framework.devhost.remote): libvirtd and sshd in their own "
                              "namespaces at 198.18.N.2, reached as qemu+ssh; give the same N to stop it")
     parser.add_argument("--hide", type=Path, action="append", default=[],
                         help="with --remote: a directory of this machine the host must not see (the state dir)")
     args = parser.parse_args(argv)
     if args.remote is not None:
-        from hvctl.devhost.remote import RemoteStyleHost
+        from framework.devhost.remote import RemoteStyleHost
 
         host = RemoteStyleHost(args.root, index=args.remote, hide=tuple(args.hide))
         if args.action == "start":

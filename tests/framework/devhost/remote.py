@@ -28,8 +28,8 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hvctl.devhost import _alive, _read_pid, _set_conf, _terminate
-from hvctl.devhost.cgroups import CgroupTree, supported
+from framework.devhost import _alive, _read_pid, _set_conf, _terminate
+from framework.devhost.cgroups import CgroupTree, supported
 from hvctl.errors import HostUnreachable
 
 # Bind-mounted from ``root`` over the same path inside the host's mount namespace.
@@ -46,7 +46,7 @@ class RemoteStyleHost:
     host_uuid: str = field(default_factory=lambda: str(uuid.uuid4()))
     # Also listen for qemu+tls on 16514, with a CA, server and client certificates made for this host.
     tls: bool = False
-    # libvirt's cgroups on this host, in a cgroup tree of its own (hvctl.devhost.cgroups), where this machine
+    # libvirt's cgroups on this host, in a cgroup tree of its own (framework.devhost.cgroups), where this machine
     # allows one; otherwise off, and ``cgroups_off`` says why.
     cgroups: bool = True
 

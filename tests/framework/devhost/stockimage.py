@@ -15,7 +15,7 @@ It boots with either firmware, as Debian's own cloud images do. The disk is made
   the removable-media path ``EFI/BOOT/BOOTX64.EFI``, which firmware boots with no NVRAM boot entry; its embedded
   config finds the root filesystem by UUID and reads the same grub.cfg.
 
-Usage: python -m hvctl.devhost.stockimage OUT.qcow2 [--cache DIR]
+Usage: PYTHONPATH=tests python -m framework.devhost.stockimage OUT.qcow2 [--cache DIR]
 """
 
 from __future__ import annotations

@@ -77,7 +77,7 @@ class PgServer:
         """Until this standby has replayed the primary's WAL up to ``lsn``."""
         deadline = time.monotonic() + START_DEADLINE_S
         with psycopg.connect(self.url("postgres"), autocommit=True) as db:
-            while not db.execute("SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", (lsn,)).fetchone()[0]:
+            while not (db.execute("SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", (lsn,)).fetchone() or (False,))[0]:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"the standby did not replay up to {lsn}")
                 time.sleep(0.1)
