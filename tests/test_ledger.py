@@ -52,7 +52,7 @@ def test_fresh_postgresql_ledger_is_migrated_with_double_precision_times(pg_serv
     (event,) = ledger.events.of_kind("x")
     assert abs(event.ts - time.time()) < 3600 and event.ts != round(event.ts)  # not a 4-byte float's minutes
     info = ledger.store.describe()
-    assert info["backend"] == "postgresql" and info["version"].split(".")[0].isdigit() and not info["standby"]
+    assert info.backend == "postgresql" and info.version.split(".")[0].isdigit() and not info.standby
 
 
 def test_reopening_does_not_migrate_twice(tmp_path: Path, ledger_location: str) -> None:

@@ -18,6 +18,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -52,6 +53,25 @@ class Connection(Protocol):
     def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> Cursor: ...
 
 
+@dataclass(frozen=True)
+class Replica:
+    name: str
+    state: str  # streaming, catchup…
+    sync: str  # async, sync, quorum…
+
+
+@dataclass(frozen=True)
+class StoreInfo:
+    """What `hvctl doctor` reports of the ledger's database."""
+
+    backend: str
+    location: str
+    schema: int
+    version: str
+    standby: bool = False  # a PostgreSQL standby: read-only
+    replicas: tuple[Replica, ...] = ()
+
+
 class Store(ABC):
     """A ledger database: ``db`` for reads (each its own snapshot), ``transaction()`` for writes."""
 
@@ -82,9 +102,9 @@ class Store(ABC):
         does so by itself."""
         return None
 
-    def describe(self) -> dict[str, Any]:
+    @abstractmethod
+    def describe(self) -> StoreInfo:
         """The backend, its server's version and, where it reports one, its replication state (`hvctl doctor`)."""
-        return {"backend": self.backend, "location": self.location, "schema": self.schema_version}
 
     def _migrate(self) -> None:
         with self.transaction() as db:
@@ -179,8 +199,8 @@ class SqliteStore(Store):
     def _set_schema_version(self, db: Connection, version: int) -> None:
         db.execute(f"PRAGMA user_version = {int(version)}")
 
-    def describe(self) -> dict[str, Any]:
-        return super().describe() | {"version": sqlite3.sqlite_version}
+    def describe(self) -> StoreInfo:
+        return StoreInfo(self.backend, self.location, self.schema_version, sqlite3.sqlite_version)
 
     @contextmanager
     def transaction(self) -> Iterator[Connection]:

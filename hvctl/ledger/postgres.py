@@ -20,7 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 
 from hvctl.errors import LedgerError
-from hvctl.ledger.core import Connection, Cursor, Store
+from hvctl.ledger.core import Connection, Cursor, Replica, Store, StoreInfo
 
 # The advisory lock every write transaction holds: any constant, the same in every hvctl ("hvctl" in ASCII).
 WRITER_LOCK = 0x687663746C
@@ -155,14 +155,12 @@ class PostgresStore(Store):
             db.execute(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "  # noqa: S608 - a table's name
                        f"COALESCE((SELECT MAX(id) FROM {table}), 0) + 1, false)")
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self) -> StoreInfo:
         version = self.db.execute("SHOW server_version").fetchone()[0]
         standby = bool(self.db.execute("SELECT pg_is_in_recovery()").fetchone()[0])
         replicas = self.db.execute("SELECT application_name, state, sync_state FROM pg_stat_replication").fetchall()
-        return super().describe() | {
-            "version": str(version), "standby": standby,
-            "replicas": [{"name": r[0], "state": r[1], "sync": r[2]} for r in replicas],
-        }
+        return StoreInfo(self.backend, self.location, self.schema_version, str(version), standby,
+                         tuple(Replica(r[0] or "?", r[1], r[2]) for r in replicas))
 
     @contextmanager
     def transaction(self) -> Iterator[Connection]:

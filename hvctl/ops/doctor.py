@@ -56,13 +56,13 @@ def _ledger_check(ctx: Context) -> tuple[Check, bool]:
         info = ctx.ledger.store.describe()
     except LedgerError as exc:
         return _unusable_ledger(ctx, exc), False
-    detail = f"{info['location']} ({info['backend']} {info['version']}, schema v{info['schema']}"
-    if info["backend"] == "postgresql":
-        replicas = ", ".join(f"{r['name'] or '?'} {r['state']}/{r['sync']}" for r in info["replicas"]) or "none"
-        detail += f"; {'a standby' if info['standby'] else 'primary'}, replicas: {replicas}"
-    if info.get("standby"):
+    detail = f"{info.location} ({info.backend} {info.version}, schema v{info.schema}"
+    if info.backend == "postgresql":
+        replicas = ", ".join(f"{r.name} {r.state}/{r.sync}" for r in info.replicas) or "none"
+        detail += f"; {'a standby' if info.standby else 'primary'}, replicas: {replicas}"
+    if info.standby:
         return Check("ledger", False, detail + ")", "a standby is read-only: point --ledger at the primary"), True
-    if info["backend"] == "postgresql":
+    if info.backend == "postgresql":
         # Every controller reads the hosts' URIs from the one ledger: one without a host name means each
         # controller's own machine, a different host for each.
         local = [h.name for h in ctx.ledger.hosts.all() if not urlsplit(h.uri).hostname]
@@ -79,7 +79,7 @@ def _unusable_ledger(ctx: Context, exc: LedgerError) -> Check:
     try:
         store = open_store(ctx.ledger_url or ctx.paths.ledger)
         try:
-            standby = bool(store.describe().get("standby"))
+            standby = store.describe().standby
         finally:
             store.close()
     except HvctlError:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,20 @@ from hvctl.context import Context
 from hvctl.errors import InvalidSpec, LedgerError
 from hvctl.ledger import Ledger, transfer
 from hvctl.paths import StateDir
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """What an export or an import moved: where to (a file, or the ledger imported into), from which ledger, the
+    schema version, and the rows per table."""
+
+    to: str
+    source: dict[str, str]
+    schema: int
+    rows: dict[str, int]
+
+    def as_json(self) -> dict[str, Any]:
+        return {"to": self.to, "source": self.source, "schema": self.schema, "rows": self.rows}
 
 
 def _location(ctx: Context, must_exist: bool) -> Path | str:
@@ -27,16 +42,18 @@ def _location(ctx: Context, must_exist: bool) -> Path | str:
     return path
 
 
-def export_ledger(ctx: Context, dest: Path | None) -> dict[str, Any]:
-    """Write the ledger to ``dest`` (None: return the document for stdout). The file is born 0600: it holds agent
-    tokens. Returns a summary (or the document)."""
+def export_document(ctx: Context) -> dict[str, Any]:
+    """The ledger as an export document (for stdout)."""
     ledger = Ledger(_location(ctx, must_exist=True))
     try:
-        document = transfer.export(ledger.store)
+        return transfer.export(ledger.store)
     finally:
         ledger.close()
-    if dest is None:
-        return document
+
+
+def export_ledger(ctx: Context, dest: Path) -> Transfer:
+    """Write the ledger to ``dest``, born 0600: it holds agent tokens."""
+    document = export_document(ctx)
     text = json.dumps(document)
     partial = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
     try:
@@ -47,11 +64,11 @@ def export_ledger(ctx: Context, dest: Path | None) -> dict[str, Any]:
     except OSError as exc:
         partial.unlink(missing_ok=True)
         raise InvalidSpec(f"cannot write {dest}: {exc.strerror}") from None
-    return {"file": str(dest), "schema": document["schema"], "source": document["source"],
-            "rows": {t: len(v["rows"]) for t, v in document["tables"].items()}}
+    return Transfer(str(dest), document["source"], document["schema"],
+                    {t: len(v["rows"]) for t, v in document["tables"].items()})
 
 
-def import_ledger(ctx: Context, source: Path | None, text: str | None = None) -> dict[str, Any]:
+def import_ledger(ctx: Context, source: Path | None, text: str | None = None) -> Transfer:
     """Read an export (the file ``source``, or ``text`` from stdin) into the ledger hvctl points at, which must be
     empty; one transaction, checked row for row before it commits."""
     if text is None:
@@ -70,4 +87,4 @@ def import_ledger(ctx: Context, source: Path | None, text: str | None = None) ->
         target = ledger.store.location
     finally:
         ledger.close()
-    return {"ledger": target, "schema": document["schema"], "source": document["source"], "rows": counts}
+    return Transfer(target, document["source"], document["schema"], counts)
