@@ -67,7 +67,31 @@ def _migrate(ctx: Context, name: str, target: str, opts: MigrateOptions,
              op: Operation) -> dict[str, Any]:
     ledger = ctx.ledger
     record = ledger.vms.get(name)
-    target_record = ledger.hosts.get(target)
+    _refuse(ctx, record, target, opts)
+    src = ctx.host(record.host)
+    guest = src.guest(name)
+    check_network(ctx, record.spec, target, say)  # its production NIC's bridge or network must exist there too
+    if guest.state() is not DomainState.RUNNING and opts.mode != "offline":
+        raise InvalidSpec(f"{name} is not running; use --mode offline")
+    if guest.state() is DomainState.SHUTOFF and opts.copy_storage:
+        raise InvalidSpec(f"{name} is stopped: libvirt moves a stopped domain's definition only, and cannot copy "
+                          "its disk", hint=f"`hvctl start {name}` and migrate it live with --copy-storage")
+    if opts.mode == "checkpoint":
+        return _checkpoint(ctx, record, target, opts, say, op)
+    compatible, detail = src.cpu_compatible_with(ctx.host(target))
+    if not compatible:
+        raise InvalidSpec(f"cannot migrate {name} to {target}: {detail}")
+    _refuse_storage(ctx, record, target, opts)
+    op.step("checked", source=record.host, uuid=guest.uuid, source_overlay=str(record.overlay),
+            copy_storage=opts.copy_storage)
+    return _move(ctx, record, guest, target, opts, on_progress, say, op)
+
+
+def _refuse(ctx: Context, record: VMRecord, target: str, opts: MigrateOptions) -> None:
+    """What the ledger alone can refuse: the VM's own host, a disabled target, GPUs moved live, an agentless
+    checkpoint migration, internal snapshots, and options that contradict each other."""
+    name = record.name
+    target_record = ctx.ledger.hosts.get(target)
     if target == record.host:
         raise InvalidSpec(f"{name} is already on host {target}")
     if not target_record.enabled:
@@ -79,37 +103,35 @@ def _migrate(ctx: Context, name: str, target: str, opts: MigrateOptions,
     if opts.mode == "checkpoint" and record.agent_token is None:
         raise InvalidSpec(f"{name} has no agent, and checkpoint mode moves its workloads through it",
                           hint="use --mode offline")
-    snapshots = ledger.snapshots.all(name)
+    snapshots = ctx.ledger.snapshots.all(name)
     if snapshots:
         raise InvalidSpec(f"{name} has {len(snapshots)} snapshot(s) ({', '.join(s.name for s in snapshots)}); "
                           "libvirt does not migrate a domain with internal snapshots",
                           hint=f"`hvctl snapshot rm {name} SNAP` each first")
     if opts.copy_storage and opts.mode == "checkpoint":
         raise InvalidSpec("--copy-storage does not apply to --mode checkpoint, which boots a fresh disk on the target")
-    src = ctx.host(record.host)
-    guest = src.guest(name)
-    check_network(ctx, record.spec, target, say)  # its production NIC's bridge or network must exist there too
-    if guest.state() is not DomainState.RUNNING and opts.mode != "offline":
-        raise InvalidSpec(f"{name} is not running; use --mode offline")
-    if guest.state() is DomainState.SHUTOFF and opts.copy_storage:
-        raise InvalidSpec(f"{name} is stopped: libvirt moves a stopped domain's definition only, and cannot copy "
-                          "its disk", hint=f"`hvctl start {name}` and migrate it live with --copy-storage")
-    if opts.mode == "checkpoint":
-        try:
-            return checkpoint_migrate(ctx, record, target, opts.timeout_s, say, op)
-        except BaseException as exc:
-            message = exc.message if isinstance(exc, HvctlError) else f"{type(exc).__name__}: {exc}"
-            ledger.events.log(name, record.host, "migration.failed", f"checkpoint-migration of {name} to {target} "
+
+
+def _checkpoint(ctx: Context, record: VMRecord, target: str, opts: MigrateOptions, say: Say,
+                op: Operation) -> dict[str, Any]:
+    """A checkpoint migration (``hvctl.ops.ckpt_migrate``), its failure logged and named as one."""
+    name = record.name
+    try:
+        return checkpoint_migrate(ctx, record, target, opts.timeout_s, say, op)
+    except BaseException as exc:
+        message = exc.message if isinstance(exc, HvctlError) else f"{type(exc).__name__}: {exc}"
+        ctx.ledger.events.log(name, record.host, "migration.failed", f"checkpoint-migration of {name} to {target} "
                                                                     f"failed: {message}; it stays on {record.host}",
-                             {"mode": opts.mode, "target": target})
-            if isinstance(exc, (InvalidSpec, NotFound, QuotaExceeded)) or not isinstance(exc, Exception):
-                raise  # refused before anything moved, or interrupted: the error says it all
-            raise MigrationFailed(f"checkpoint-migration of {name} to {target} failed: {message}; "
-                                  f"it is still on {record.host}, its workloads running") from exc
-    dst = ctx.host(target)
-    compatible, detail = src.cpu_compatible_with(dst)
-    if not compatible:
-        raise InvalidSpec(f"cannot migrate {name} to {target}: {detail}")
+                              {"mode": opts.mode, "target": target})
+        if isinstance(exc, (InvalidSpec, NotFound, QuotaExceeded)) or not isinstance(exc, Exception):
+            raise  # refused before anything moved, or interrupted: the error says it all
+        raise MigrationFailed(f"checkpoint-migration of {name} to {target} failed: {message}; "
+                              f"it is still on {record.host}, its workloads running") from exc
+
+
+def _refuse_storage(ctx: Context, record: VMRecord, target: str, opts: MigrateOptions) -> None:
+    """The VM's disk must either stay reachable from the target (both hosts this machine) or be copied."""
+    name = record.name
     both_here = ctx.is_this_machine(record.host) and ctx.is_this_machine(target)
     if not both_here and not opts.copy_storage:
         raise InvalidSpec(f"{record.host} and {target} share no storage that hvctl knows of, so {name}'s disk "
@@ -121,8 +143,13 @@ def _migrate(ctx: Context, name: str, target: str, opts: MigrateOptions,
             if not Path(disk).exists():
                 raise InvalidSpec(f"{disk} is not reachable from {target}",
                                   hint=None if opts.copy_storage else "use --copy-storage")
-    op.step("checked", source=record.host, uuid=guest.uuid, source_overlay=str(record.overlay),
-                copy_storage=opts.copy_storage)
+
+
+def _move(ctx: Context, record: VMRecord, guest: Guest, target: str, opts: MigrateOptions,
+          on_progress: Callable[[dict[str, Any]], None] | None, say: Say, op: Operation) -> dict[str, Any]:
+    """Reserve the target (its share and an SSH port), move the domain, and commit the move in the ledger; a
+    failure releases the reservation and leaves the VM on its source."""
+    name, ledger = record.name, ctx.ledger
     # A host never used since it was registered (the default host, say) has its capacity probed first: its limit
     # would read as zero otherwise.
     ctx.capabilities(target)
