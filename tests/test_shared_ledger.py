@@ -282,3 +282,14 @@ def test_doctor_names_a_streaming_replica_and_refuses_a_standby_as_the_ledger(sh
         assert checks["ledger"]["hint"].startswith("a standby is read-only")
     finally:
         standby.stop()
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("postgresql://hvctl:pw@db.example/hvctl", "postgresql://hvctl:***@db.example/hvctl"),
+    ("postgresql://hvctl@db.example/hvctl?sslmode=require&password=pw", "postgresql://hvctl@db.example/hvctl?sslmode=require&password=***"),
+    ("postgresql://hvctl@/hvctl?host=/run/postgresql", "postgresql://hvctl@/hvctl?host=/run/postgresql"),
+])
+def test_a_ledger_url_is_shown_without_its_password(url: str, shown: str) -> None:
+    from hvctl.ledger.postgres import redact
+
+    assert redact(url) == shown

@@ -59,13 +59,14 @@ def _row_maker(cursor: Any) -> Any:
 
 
 def redact(url: str) -> str:
-    """``url`` without its password: what messages and `doctor` show."""
+    """``url`` without its password (in the user part, or a ``password=`` parameter): what messages and `doctor`
+    show."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.netloc.rpartition("@")[2]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    if parts.password is not None:
+        parts = parts._replace(netloc=f"{parts.username or ''}:***@{parts.netloc.rpartition('@')[2]}")
+    query = "&".join("password=***" if item.split("=", 1)[0] == "password" else item
+                     for item in parts.query.split("&")) if parts.query else ""
+    return urlunsplit(parts._replace(query=query))
 
 
 class _PgConnection:
@@ -104,9 +105,14 @@ class _PgConnection:
             if self.in_transaction or not self.conn.broken:
                 raise LedgerError(f"ledger {self.location}: {_first_line(exc)}",
                                   hint="is the PostgreSQL server up and reachable?") from None
-        # Outside a transaction a statement is a read (every write is in one): reconnect and read again.
+        # Outside a transaction a statement is a read or a BEGIN (every write is in a transaction): reconnect and
+        # run it again, once.
         self.conn = self._connect()
-        return self.conn.execute(query, values)
+        try:
+            return self.conn.execute(query, values)
+        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+            raise LedgerError(f"ledger {self.location}: {_first_line(exc)}",
+                              hint="is the PostgreSQL server up and reachable?") from None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -121,7 +127,10 @@ class PostgresStore(Store):
     def __init__(self, url: str, retry_s: float | None = None) -> None:
         self.location = redact(url)
         if retry_s is None:
-            retry_s = float(os.environ.get(RETRY_ENV, DEFAULT_RETRY_S))
+            try:
+                retry_s = float(os.environ.get(RETRY_ENV, DEFAULT_RETRY_S))
+            except ValueError:
+                raise LedgerError(f"{RETRY_ENV}={os.environ[RETRY_ENV]!r} is not a number of seconds") from None
         self.db = _PgConnection(url, self.location, retry_s)
         self._migrate()
 
