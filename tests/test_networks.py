@@ -125,10 +125,10 @@ def test_a_vm_on_a_tenant_network_gets_an_address_a_nic_on_its_isolated_network_
     as_shown = hvctl_cli(rig.state, "test:///default", "show", "a1")
     assert as_shown.returncode == 0 and "tenant network blue, 10.96.7.2/29" in as_shown.stdout, as_shown.stderr
     shown = show_network(rig.ctx, "blue")
-    assert shown["dhcp_server"] == "10.96.7.1"
-    assert [(v["vm"], v["address"], v["host"]) for v in shown["vms"]] == [("a1", "10.96.7.2", "local"),
-                                                                        ("a2", "10.96.7.3", "local")]
-    assert shown["free"] == 3
+    assert shown.dhcp_server == "10.96.7.1"
+    assert [(v.vm, v.address, v.host) for v in shown.vms] == [("a1", "10.96.7.2", "local"),
+                                                              ("a2", "10.96.7.3", "local")]
+    assert shown.free == 3 and shown.as_json()["vms"][0] == {"vm": "a1", "address": "10.96.7.2", "host": "local"}
     # In use: not removed. Its VMs gone: their addresses are free again, and rm takes it off the host.
     with pytest.raises(InvalidSpec, match="in use by a1, a2"):
         remove_network(rig.ctx, "blue")
@@ -139,7 +139,7 @@ def test_a_vm_on_a_tenant_network_gets_an_address_a_nic_on_its_isolated_network_
     assert dhcp_leases() == [(nic_mac("a2"), "10.96.7.3", "a2"), (nic_mac("a3"), "10.96.7.2", "a3")]
     destroy(rig.ctx, "a2")
     destroy(rig.ctx, "a3")
-    assert remove_network(rig.ctx, "blue") == {"network": "blue", "removed_from": ["local"]}
+    assert remove_network(rig.ctx, "blue").as_json() == {"network": "blue", "removed_from": ["local"]}
     assert "hvctl-net-blue" not in libvirt_networks()
     with pytest.raises(NotFound):
         rig.ctx.ledger.networks.get("blue")

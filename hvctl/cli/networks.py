@@ -23,9 +23,9 @@ def network_create(
 
     made = create_network(ctx(), name, tenant, subnet)
     if as_json:
-        emit_json(made)
+        emit_json(made.as_dict())
     else:
-        out.print(f"network [bold]{name}[/] of tenant {tenant}: {made['subnet']}, {made['capacity']} addresses for "
+        out.print(f"network [bold]{name}[/] of tenant {tenant}: {made.subnet}, {len(made.usable())} addresses for "
                   f"VMs (`hvctl create … --net {name}`)")
 
 
@@ -39,11 +39,12 @@ def network_list(
 
     listed = list_networks(ctx(), tenant)
     if as_json:
-        emit_json(listed)
+        emit_json([n.as_json() for n in listed])
         return
     table = Table("NETWORK", "TENANT", "SUBNET", "VMS", "FREE", "BRIDGE")
     for n in listed:
-        table.add_row(n["name"], n["tenant"], n["subnet"], str(len(n["vms"])), str(n["free"]), n["bridge"])
+        net = n.network
+        table.add_row(net.name, net.tenant, str(net.subnet), str(len(n.vms)), str(n.free), net.bridge)
     out.print(table)
 
 
@@ -54,13 +55,14 @@ def network_show(name: str, as_json: JsonOpt = False) -> None:
 
     shown = show_network(ctx(), name)
     if as_json:
-        emit_json(shown)
+        emit_json(shown.as_json())
         return
-    out.print(f"network [bold]{name}[/]: tenant {shown['tenant']}, subnet {shown['subnet']}, bridge {shown['bridge']} "
-              f"(libvirt network {shown['libvirt_network']}), {shown['free']} of {shown['capacity']} addresses free; "
-              f"each host's DHCP server at {shown['dhcp_server']}")
-    for vm in shown["vms"]:
-        out.print(f"  {safe(vm['vm'])}  {vm['address']}  on {safe(vm['host'])}")
+    net = shown.network
+    out.print(f"network [bold]{name}[/]: tenant {net.tenant}, subnet {net.subnet}, bridge {net.bridge} "
+              f"(libvirt network {net.libvirt_name}), {shown.free} of {len(net.usable())} addresses free; "
+              f"each host's DHCP server at {shown.dhcp_server}")
+    for member in shown.vms:
+        out.print(f"  {safe(member.vm)}  {member.address}  on {safe(member.host)}")
 
 
 @network_app.command("rm")
@@ -71,7 +73,6 @@ def network_rm(name: str, as_json: JsonOpt = False) -> None:
     with RichReporter(f"network rm {name}") as reporter:
         done = remove_network(ctx(), name, reporter)
     if as_json:
-        emit_json(done)
+        emit_json(done.as_json())
     else:
-        out.print(f"network {name} removed" + (f" (from {', '.join(done['removed_from'])})"
-                                               if done["removed_from"] else ""))
+        out.print(f"network {name} removed" + (f" (from {', '.join(done.removed_from)})" if done.removed_from else ""))

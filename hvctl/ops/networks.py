@@ -11,6 +11,7 @@ flood entry per peer host (head-end replication; unicast MACs are learnt)."""
 from __future__ import annotations
 
 import subprocess
+from dataclasses import asdict, dataclass
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
@@ -31,28 +32,63 @@ from hvctl.spec import NetworkAttach, VMSpec
 _HOST_FAILURES = (HostUnreachable, HypervisorError, AccessError)
 
 
-def create_network(ctx: Context, name: str, tenant: str, subnet: str | None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class NetworkMember:
+    vm: str
+    address: str
+    host: str
+
+
+@dataclass(frozen=True)
+class NetworkView:
+    """`hvctl network show`: the network, the VMs on it, how many addresses are left, and its DHCP server's address
+    (the same on every host)."""
+
+    network: NetworkRecord
+    vms: tuple[NetworkMember, ...]
+
+    @property
+    def free(self) -> int:
+        return len(self.network.usable()) - len(self.vms)
+
+    @property
+    def dhcp_server(self) -> str:
+        return str(tenant_server(self.network.subnet))
+
+    def as_json(self) -> dict[str, Any]:
+        return self.network.as_dict() | {"vms": [asdict(m) for m in self.vms], "free": self.free,
+                                         "dhcp_server": self.dhcp_server}
+
+
+@dataclass(frozen=True)
+class NetworkRemoved:
+    network: str
+    removed_from: tuple[str, ...]  # the hosts whose libvirt network went
+
+    def as_json(self) -> dict[str, Any]:
+        return {"network": self.network, "removed_from": list(self.removed_from)}
+
+
+def create_network(ctx: Context, name: str, tenant: str, subnet: str | None) -> NetworkRecord:
     check_name(name, "network name")
     ctx.policy.tenant(tenant)  # an unknown tenant is refused
     try:
         parsed = IPv4Network(subnet) if subnet is not None else None
     except ValueError as exc:
         raise InvalidSpec(f"--subnet {subnet}: {exc}", hint="an IPv4 network such as 10.96.1.0/24") from None
-    return ctx.ledger.networks.add(name, tenant, parsed).as_dict()
+    return ctx.ledger.networks.add(name, tenant, parsed)
 
 
-def show_network(ctx: Context, name: str) -> dict[str, Any]:
-    network = ctx.ledger.networks.get(name)
-    vms = [{"vm": vm, "address": address, "host": host} for vm, address, host in ctx.ledger.networks.addresses(name)]
-    return network.as_dict() | {"vms": vms, "free": len(network.usable()) - len(vms),
-                                "dhcp_server": str(tenant_server(network.subnet))}
+def show_network(ctx: Context, name: str) -> NetworkView:
+    return NetworkView(ctx.ledger.networks.get(name),
+                       tuple(NetworkMember(*member) for member in ctx.ledger.networks.addresses(name)))
 
 
-def list_networks(ctx: Context, tenant: str | None = None) -> list[dict[str, Any]]:
+def list_networks(ctx: Context, tenant: str | None = None) -> list[NetworkView]:
     return [show_network(ctx, n.name) for n in ctx.ledger.networks.all(tenant)]
 
 
-def remove_network(ctx: Context, name: str, say: Say = quiet) -> dict[str, Any]:
+def remove_network(ctx: Context, name: str, say: Say = quiet) -> NetworkRemoved:
     """Refused while a VM is on it. Otherwise its libvirt network goes from every registered host that has it; a host
     that cannot be asked stops the removal with nothing forgotten, so that a later `network rm` finishes it."""
     network = ctx.ledger.networks.get(name)
@@ -74,7 +110,7 @@ def remove_network(ctx: Context, name: str, say: Say = quiet) -> dict[str, Any]:
                              hint="bring the host back (or `hvctl host rm` it) and run `hvctl network rm` again") \
                 from None
     ctx.ledger.networks.remove(name)
-    return {"network": name, "removed_from": removed_from}
+    return NetworkRemoved(name, tuple(removed_from))
 
 
 def tenant_attach(ctx: Context, name: str) -> NetworkAttach:
