@@ -40,17 +40,17 @@ def host_add(
 
     with RichReporter(f"host add {name}") as reporter:
         reporter.step(f"connecting to {uri}")
-        view = add_host(ctx(), name, uri, underlay)
+        added = add_host(ctx(), name, uri, underlay)
     if as_json:
-        emit_json(view)
+        emit_json(added.as_json())
     else:
-        pool = view["pool"]
-        out.print(f"host {name}: {view['cpus']} CPUs, {view['memory_mib']} MiB, {len(view['numa_cells'])} NUMA "
-                  f"cell(s), {len(view['gpus'])} GPU(s), accelerator {view['accel']}; storage pool {pool['name']} "
-                  f"at {pool['path']} ({'made' if pool['made'] else 'adopted'}, "
-                  f"{pool['available_bytes'] / 2**30:.1f} GiB free); libvirt {view['libvirt_version']}, CPU "
-                  f"{view['cpu_model'] or '?'}")
-        for other, verdict in view["migration_from"].items():
+        record, hardware, pool = added.view.record, added.view.hardware, added.pool
+        out.print(f"host {name}: {record.cpus} CPUs, {record.memory_mib} MiB, {len(hardware.numa_cells)} NUMA "
+                  f"cell(s), {len(hardware.gpus)} GPU(s), accelerator {record.accel}; storage pool {pool.name} "
+                  f"at {pool.path} ({'made' if pool.made else 'adopted'}, "
+                  f"{pool.available_bytes / 2**30:.1f} GiB free); libvirt {added.libvirt_version}, CPU "
+                  f"{added.cpu_model or '?'}")
+        for other, verdict in added.migration_from.items():
             out.print(f"  guests from {other} can migrate here: {verdict}" if not verdict.startswith("incompatible")
                       else f"  [yellow]guests from {other} cannot migrate here[/]: {verdict}")
 
@@ -64,14 +64,14 @@ def host_list(as_json: JsonOpt = False) -> None:
     c.capabilities(c.host_name)
     views = [host_view(c, h.name) for h in c.ledger.hosts.all()]
     if as_json:
-        emit_json(views)
+        emit_json([v.as_json() for v in views])
         return
     table = Table("HOST", "URI", "ON", "ACCEL", "VCPU used/alloc", "MEM MiB used/alloc", "GPUS", "VMS")
     for v in views:
-        lim, used = v["allocatable"], v["allocated"]
-        table.add_row(v["name"], v["uri"], "yes" if v["enabled"] else "no", v["accel"] or "?",
-                      f"{used['vcpus']:g}/{lim['vcpus']:g}", f"{used['memory_mib']:g}/{lim['memory_mib']:g}",
-                      f"{used['gpus']:g}/{lim['gpus']:g}", str(v["vms"]))
+        lim, used, r = v.allocatable, v.allocated, v.record
+        table.add_row(r.name, r.uri, "yes" if r.enabled else "no", r.accel or "?",
+                      f"{used.vcpus:g}/{lim['vcpus']:g}", f"{used.memory_mib:g}/{lim['memory_mib']:g}",
+                      f"{used.gpus:g}/{lim['gpus']:g}", str(v.vms))
     out.print(table)
 
 

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from ipaddress import IPv4Address
 from typing import Any
 
 from hvctl import passthrough
+from hvctl.accounting import Usage
 from hvctl.context import Context
 from hvctl.errors import AlreadyExists, HostUnreachable, HvctlError, InvalidSpec
 from hvctl.host import DomainState, Host, identity
-from hvctl.ledger import Hardware, NumaCell
+from hvctl.ledger import Hardware, HostRecord, NumaCell
 from hvctl.names import check_name
 from hvctl.ops import Say
 from hvctl.ops.migrate import MigrateOptions, Mode, migrate
@@ -21,7 +23,53 @@ from vfio import PciSysfs
 MIN_POOL_FREE_BYTES = 2 << 30
 
 
-def add_host(ctx: Context, name: str, uri: str, underlay: str | None = None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class HostView:
+    """`hvctl host list`: a host as the ledger has it, its hardware, what the policy lets be allocated there and
+    what is."""
+
+    record: HostRecord
+    hardware: Hardware
+    allocatable: dict[str, float | None]
+    allocated: Usage
+    vms: int
+    underlay: str | None
+
+    def as_json(self) -> dict[str, Any]:
+        r = self.record
+        return {"name": r.name, "uri": r.uri, "enabled": r.enabled, "accel": r.accel, "cpus": r.cpus,
+                "memory_mib": r.memory_mib, **self.hardware.as_dict(), "allocatable": self.allocatable,
+                "allocated": self.allocated.as_dict(), "vms": self.vms, "underlay": self.underlay}
+
+
+@dataclass(frozen=True)
+class PoolView:
+    name: str
+    path: str
+    made: bool  # made for hvctl now, or adopted as it was
+    capacity_bytes: int
+    available_bytes: int
+
+
+@dataclass(frozen=True)
+class HostAdded:
+    """`hvctl host add`: the host's view, its storage pool, its libvirt and CPU, and for each registered host
+    whether guests started there can migrate to it."""
+
+    view: HostView
+    pool: PoolView
+    libvirt_version: str
+    cpu_model: str | None
+    hostname: str
+    migration_from: dict[str, str]
+
+    def as_json(self) -> dict[str, Any]:
+        return self.view.as_json() | {"pool": asdict(self.pool), "libvirt_version": self.libvirt_version,
+                                      "cpu_model": self.cpu_model, "hostname": self.hostname,
+                                      "migration_from": self.migration_from}
+
+
+def add_host(ctx: Context, name: str, uri: str, underlay: str | None = None) -> HostAdded:
     """Connect first: a URI that does not answer is refused before anything is written."""
     check_name(name, "host name")
     try:
@@ -54,13 +102,11 @@ def add_host(ctx: Context, name: str, uri: str, underlay: str | None = None) -> 
     if underlay_address is not None:
         ctx.ledger.networks.set_underlay(name, underlay_address)
     caps = ctx.capabilities(name)
-    pool_view = {"name": pool.name, "path": str(pool.path), "made": made, "capacity_bytes": space.capacity,
-                 "available_bytes": space.available}
+    pool_view = PoolView(pool.name, str(pool.path), made, space.capacity, space.available)
     ctx.ledger.events.log(None, name, "host.added", f"host {name} at {uri}: {facts.cpus} CPUs, {facts.memory_mib} MiB, "
                                                    f"{len(numa)} NUMA cells, {len(gpus)} GPUs, {caps.accel.value}")
-    return host_view(ctx, name) | {"pool": pool_view, "libvirt_version": facts.libvirt_version,
-                                   "cpu_model": facts.cpu_model, "hostname": facts.hostname,
-                                   "migration_from": migration}
+    return HostAdded(host_view(ctx, name), pool_view, facts.libvirt_version, facts.cpu_model, facts.hostname,
+                     migration)
 
 
 def cpu_compatibility(ctx: Context, new: Host, exclude: str) -> dict[str, str]:
@@ -81,18 +127,12 @@ def cpu_compatibility(ctx: Context, new: Host, exclude: str) -> dict[str, str]:
     return found
 
 
-def host_view(ctx: Context, name: str) -> dict[str, Any]:
+def host_view(ctx: Context, name: str) -> HostView:
     record = ctx.ledger.hosts.get(name)
     hardware = ctx.ledger.hosts.hardware(name)
-    limit = host_limit(ctx.policy, record, len(hardware.gpus))
-    used = ctx.ledger.host_usage(name)
-    return {
-        "name": name, "uri": record.uri, "enabled": record.enabled, "accel": record.accel, "cpus": record.cpus,
-        "memory_mib": record.memory_mib, **hardware.as_dict(),
-        "allocatable": limit, "allocated": used.as_dict(),
-        "vms": len(ctx.ledger.vms.all(host=name)),
-        "underlay": str(underlay) if (underlay := ctx.ledger.networks.underlays().get(name)) else None,
-    }
+    underlay = ctx.ledger.networks.underlays().get(name)
+    return HostView(record, hardware, host_limit(ctx.policy, record, len(hardware.gpus)), ctx.ledger.host_usage(name),
+                    len(ctx.ledger.vms.all(host=name)), str(underlay) if underlay else None)
 
 
 def set_enabled(ctx: Context, name: str, enabled: bool, reason: str = "") -> bool:
