@@ -46,10 +46,15 @@ def write_new(path: Path, data: bytes, mode: int) -> Path:
 
 
 def replace_atomically(path: Path, data: bytes, mode: int) -> None:
-    """``path`` holds ``data`` with ``mode``, written beside it under a temporary name and renamed over it."""
+    """``path`` holds ``data`` with ``mode``, written beside it under a temporary name and renamed over it; a
+    failure leaves neither the temporary file nor a partial ``path``."""
     partial = path.with_name(f".{path.name}.{os.getpid()}")
     partial.unlink(missing_ok=True)
-    write_new(partial, data, mode).replace(path)
+    try:
+        write_new(partial, data, mode).replace(path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,12 @@ IDENTITIES = ("reservations", "events")
 def _read(db: Connection, table: str) -> tuple[list[str], list[list[Any]]]:
     cursor = db.execute(f"SELECT * FROM {table}")  # noqa: S608 - a name from TABLES
     columns = [str(d[0]) for d in cursor.description]
-    rows = [list(row) for row in cursor.fetchall()]
-    rows.sort(key=lambda r: [(v is None, str(v)) for v in r])
-    return columns, rows
+    return columns, _in_order([list(row) for row in cursor.fetchall()])
+
+
+def _in_order(rows: list[list[Any]]) -> list[list[Any]]:
+    """Rows in one order whatever the backend returned them in (NULLs last in each column)."""
+    return sorted(rows, key=lambda r: [(v is None, str(v)) for v in r])
 
 
 def export(store: Store) -> dict[str, Any]:
@@ -75,8 +78,7 @@ def import_(store: Store, document: dict[str, Any]) -> dict[str, int]:
         for table in TABLES:
             columns, rows = _read(db, table)
             expected = document["tables"][table]
-            if columns != expected["columns"] or rows != sorted(expected["rows"],
-                                                                key=lambda r: [(v is None, str(v)) for v in r]):
+            if columns != expected["columns"] or rows != _in_order(expected["rows"]):
                 raise LedgerError(f"table {table} does not read back as exported; nothing was imported")
         store.after_import(db, IDENTITIES)
     return counts

@@ -6,7 +6,6 @@ use: an import must find its target empty, and an export must not write to what 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ from typing import Any
 from hvctl.context import Context
 from hvctl.errors import InvalidSpec, LedgerError
 from hvctl.ledger import Ledger, transfer
-from hvctl.paths import StateDir
+from hvctl.paths import StateDir, replace_atomically
 
 
 @dataclass(frozen=True)
@@ -54,15 +53,9 @@ def export_document(ctx: Context) -> dict[str, Any]:
 def export_ledger(ctx: Context, dest: Path) -> Transfer:
     """Write the ledger to ``dest``, born 0600: it holds agent tokens."""
     document = export_document(ctx)
-    text = json.dumps(document)
-    partial = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
     try:
-        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        partial.replace(dest)
+        replace_atomically(dest, json.dumps(document).encode(), 0o600)
     except OSError as exc:
-        partial.unlink(missing_ok=True)
         raise InvalidSpec(f"cannot write {dest}: {exc.strerror}") from None
     return Transfer(str(dest), document["source"], document["schema"],
                     {t: len(v["rows"]) for t, v in document["tables"].items()})
