@@ -259,3 +259,20 @@ def test_a_cloud_image_boots_through_its_firmware_and_uefi_gets_the_gpus_mmio_wi
     # 96 GiB of BARs: OVMF's aperture floor is set to that, in MiB, through fw_cfg.
     assert 'value="name=opt/ovmf/X-PciMmio64Mb,string=98304"' in uefi
     assert "X-PciMmio64Mb" not in design(*CASES["tcg-gpu-hostdev"]).to_xml()  # SeaBIOS: pcihole64 only
+
+
+def test_a_nic_with_the_first_tenant_filter_is_given_the_current_one_and_nothing_else_changes() -> None:
+    """A VM made before tenant networks served DHCP names hvctl-tenant-v1, which lets it reach the host's address on
+    the segment; its XML is brought to the current filter (with GW, the network's first address) and is otherwise
+    today's own."""
+    from hvctl.domain.model import retarget_tenant_filter
+
+    today = (GOLDEN / "tcg-tenant-network-nic.xml").read_text()
+    older = today.replace('"hvctl-tenant-v2"', '"hvctl-tenant-v1"').replace(
+        '<parameter name="GW" value="10.96.10.1" />', "")
+    assert "hvctl-tenant-v1" in older and "GW" not in older
+    assert Domain.from_xml(retarget_tenant_filter(older)) == Domain.from_xml(today)
+    # Today's XML, and one with no tenant NIC, are returned as they are.
+    assert retarget_tenant_filter(today) == today
+    plain = designed("tcg-minimal").to_xml()
+    assert retarget_tenant_filter(plain) == plain

@@ -194,6 +194,34 @@ def test_a_vm_cannot_reach_the_hosts_own_addresses_through_its_tenant_network(te
     assert out.strip().splitlines() == ["done 127.0.0.1"], (out, sent.stdout)
 
 
+def test_a_vm_defined_with_the_first_tenant_filter_gets_the_current_one_when_it_starts(tenants: Tenants) -> None:
+    """A VM made before tenant networks served DHCP names hvctl-tenant-v1, which lets anything out to its own
+    subnet, the host's address on the segment included. a2 is stopped and redefined that way (as such a VM was
+    defined); with it, a2 reaches the host there. hvctl start gives it the current filter, and the host is out of
+    reach again while a1 still is not."""
+    ctx = Context(state_dir=tenants.state, uri="test:///default")
+    try:
+        assert tenants.hvctl("stop", "a2").returncode == 0
+        guest = ctx.host("far").guest("a2")
+        today = guest.xml(inactive=True)
+        assert "hvctl-tenant-v2" in today
+        guest.host.define(today.replace("hvctl-tenant-v2", "hvctl-tenant-v1"))
+        guest.start()  # as hvctl did before it knew better
+        token = ctx.ledger.vms.get("a2").agent_token
+        assert token
+        ctx.agent("far", "a2", token, timeout=120).wait_ready(600)  # a hang guard: it returns once the guest is up
+        assert tenants.pings("a2", "10.96.10.1")  # the hole: the host answers on its address in blue
+        guest.destroy()
+        started = tenants.hvctl("start", "a2")
+        assert started.returncode == 0, started.stderr
+        assert "gets the current filter" in started.stderr
+        assert "hvctl-tenant-v2" in ctx.host("far").guest("a2").xml(inactive=True)
+    finally:
+        ctx.close()
+    assert not tenants.pings("a2", "10.96.10.1")
+    assert tenants.pings("a2", tenants.address("a1"))
+
+
 def test_rm_of_a_network_in_use_is_refused_and_after_its_vms_it_leaves_the_host(tenants: Tenants) -> None:
     refused = tenants.hvctl("network", "rm", "red")
     assert refused.returncode == 2 and "in use by g1" in refused.stderr.strip().splitlines()[-1]

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Self
 from xml.etree import ElementTree as ET
 
-from hvctl.domain.devices import DEVICE_PARSERS, Device, PcieRoot, req, sub
+from hvctl.domain.devices import DEVICE_PARSERS, TENANT_FILTER, Device, PcieRoot, req, sub, tenant_server
 from hvctl.domain.tuning import Tuning
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
@@ -113,6 +114,32 @@ def retarget_ssh_forward(xml: str, port: int) -> str:
                     opts[i] = f"{proto}:{addr}:{port}-{rest.split('-', 1)[1]}"
             arg.set("value", ",".join(opts))
     return ET.tostring(root, encoding="unicode")
+
+
+def retarget_tenant_filter(xml: str) -> str:
+    """The same domain XML with every NIC that names an earlier version of hvctl's tenant filter moved to today's
+    (``TENANT_FILTER``), given the parameter it adds: the network's own address on the host (GW). ``xml`` itself
+    when none does.
+
+    The first version (``hvctl-tenant-v1``, from before tenant networks served DHCP) lets a VM send anything to its
+    own subnet, and the host's address on the segment is in that subnet: such a VM on a network that has DHCP now
+    reaches the host's own stack. A stopped VM is redefined with this before it starts, and a migration's
+    destination XML goes through it (a filter is no part of the guest's ABI).
+    """
+    root = ET.fromstring(xml)
+    changed = False
+    for ref in root.iterfind("devices/interface/filterref"):
+        name = ref.get("filter", "")
+        if not name.startswith("hvctl-tenant-v") or name == TENANT_FILTER:
+            continue
+        params = {p.get("name"): p.get("value") for p in ref.iterfind("parameter")}
+        subnet = IPv4Network(f"{params.get('NET')}/{params.get('MASK')}")
+        ref.set("filter", TENANT_FILTER)
+        if "GW" not in params:
+            gw = ET.Element("parameter", name="GW", value=str(tenant_server(subnet)))
+            ref.insert(0, gw)
+        changed = True
+    return ET.tostring(root, encoding="unicode") if changed else xml
 
 
 def retarget_paths(xml: str, moves: dict[str, str]) -> str:

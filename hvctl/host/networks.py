@@ -12,7 +12,9 @@ subnet but not the server's address. The filters are defined on the host with th
 with ebtables and iptables in the host's network namespace.
 
 A network hvctl defined before it served DHCP (no <ip>) is redefined when no NIC uses it; until then its VMs keep
-their static addresses and a stock image on it gets no lease."""
+their static addresses and a stock image on it gets no lease. A VM defined with the filter of those days
+(hvctl-tenant-v1, which lets it reach its network's own address) gets today's at its next start or migration
+(``hvctl.domain.model.retarget_tenant_filter``)."""
 
 from __future__ import annotations
 

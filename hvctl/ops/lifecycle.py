@@ -18,7 +18,7 @@ from hvctl.ledger import OperationRecord, VMRecord, VMState
 from hvctl.ops import Say, pooled, quiet
 from hvctl.ops.incarnation import DEFAULT_BOOT_TIMEOUT, HOSTFWD_REFUSED, PORT_ATTEMPTS
 from hvctl.ops.intent import operation
-from hvctl.ops.networks import leave_if_unused, withdraw_vm_lease
+from hvctl.ops.networks import leave_if_unused, with_current_filter, withdraw_vm_lease
 
 
 def start(ctx: Context, name: str, say: Say = quiet,
@@ -40,7 +40,7 @@ def start(ctx: Context, name: str, say: Say = quiet,
         # The console log is appended to: an earlier boot's marker is before this offset, so it cannot count.
         console = pooled.console_of(ctx, record)
         offset = console_size(console)
-        guest = start_claiming_a_port(ctx, guest, say)
+        guest = start_claiming_a_port(ctx, with_current_filter(ctx, record, guest, say), say)
         op.step("started")
         say("waiting for the guest to report ready")
         line, waited = wait_for_ready(name, console, boot_timeout,

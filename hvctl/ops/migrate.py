@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 
 from hvctl.accounting import host_footprint
 from hvctl.context import Context
-from hvctl.domain.model import retarget_paths, retarget_ssh_forward
+from hvctl.domain.model import retarget_paths, retarget_ssh_forward, retarget_tenant_filter
 from hvctl.errors import AlreadyExists, HvctlError, InvalidSpec, MigrationFailed, NotFound
 from hvctl.host import DomainState, Guest, Host
 from hvctl.ledger import OperationRecord, QuotaExceeded, VMRecord
@@ -160,7 +160,7 @@ def _move(ctx: Context, record: VMRecord, guest: Guest, target: str, opts: Migra
     copy: StorageCopy | None = None
     try:
         op.step("reserved", reservation=reservation, port=port)
-        dest_xml = retarget_ssh_forward(guest.migratable_xml(), port)
+        dest_xml = retarget_tenant_filter(retarget_ssh_forward(guest.migratable_xml(), port))
         moved: dict[str, str] | None = None
         if opts.copy_storage:
             copy = prepare_storage_copy(ctx, record, target, dest_xml, say)

@@ -19,7 +19,9 @@ from hvctl.access import AccessError, host_command
 from hvctl.context import Context
 from hvctl.designer import nic_mac
 from hvctl.domain.devices import tenant_server
+from hvctl.domain.model import retarget_tenant_filter
 from hvctl.errors import HostUnreachable, HvctlError, HypervisorError, InvalidSpec, NotFound
+from hvctl.host.guest import Guest
 from hvctl.host.networks import DhcpHost
 from hvctl.ledger import NetworkRecord, VMRecord
 from hvctl.ledger.networks import check_attach
@@ -152,6 +154,20 @@ def ensure_on_host(ctx: Context, spec: VMSpec, host: str, say: Say = quiet) -> N
         ctx.host(host).set_dhcp_host(network.libvirt_name, _lease(spec.name, str(spec.network.address.ip)))
     if len(hosts) > 1:
         _join_vxlan(ctx, network, hosts, say)
+
+
+def with_current_filter(ctx: Context, record: VMRecord, guest: Guest, say: Say = quiet) -> Guest:
+    """A stopped VM whose tenant NIC names an earlier tenant filter (``retarget_tenant_filter``), redefined with
+    today's before it starts; its network set up on the host first (which defines the filter there, and gives the
+    network DHCP if it has none and no NIC uses it). Returns the guest to start: ``guest`` when nothing changed."""
+    xml = guest.xml(inactive=True)
+    current = retarget_tenant_filter(xml)
+    if current == xml:
+        return guest
+    ensure_on_host(ctx, record.spec, record.host, say)
+    say(f"{record.name}'s tenant NIC gets the current filter (its own was from before the network's DHCP server, "
+        "and let it reach the host there)")
+    return guest.host.define(current)
 
 
 def _join_vxlan(ctx: Context, network: NetworkRecord, hosts: list[str], say: Say) -> None:
