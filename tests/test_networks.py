@@ -20,7 +20,7 @@ from test_gpu_create import Rig
 from hvctl.context import Context
 from hvctl.designer import nic_mac
 from hvctl.errors import AlreadyExists, HvctlError, InvalidSpec, NotFound
-from hvctl.host.networks import isolated_network_xml
+from hvctl.host.networks import ensure_network, isolated_network_xml
 from hvctl.ledger import Ledger
 from hvctl.ops.create import create
 from hvctl.ops.incarnation import BootOptions
@@ -193,6 +193,41 @@ def test_a_network_an_older_hvctl_defined_without_dhcp_gets_it_once_no_nic_is_on
         conn.close()
     make(rig, "a1", "acme", "blue")
     assert dhcp_leases() == [(nic_mac("a1"), "10.96.7.2", "a1")]
+
+
+class LookedUpTooEarly:
+    """A connection whose first look-up of a network finds none: as a create sees it that looked before another
+    create defined and started the network. The race itself, pinned to one order (libvirt's test driver)."""
+
+    def __init__(self, conn: libvirt.virConnect) -> None:
+        self.conn, self.missed = conn, False
+
+    def networkLookupByName(self, name: str) -> libvirt.virNetwork:
+        if not self.missed:
+            self.missed = True
+            name = "hvctl-no-such-network"  # libvirt's own "no network" error
+        return self.conn.networkLookupByName(name)
+
+    def __getattr__(self, attr: str) -> object:
+        return getattr(self.conn, attr)
+
+
+def test_a_network_another_create_set_up_meanwhile_is_taken_and_a_real_failure_is_not() -> None:
+    conn = libvirt.open("test:///default")
+    xml = isolated_network_xml("hvctl-net-race", "hvb-race", "race", "acme", "10.96.9.0/24")
+    try:
+        assert ensure_network(conn, xml)  # the create that won
+        loser = LookedUpTooEarly(conn)
+        assert not ensure_network(loser, xml)  # type: ignore[arg-type]
+        assert loser.missed and conn.networkLookupByName("hvctl-net-race").isActive()
+        bad = "<network><name>hvctl-net-bad</name><ip address='10.96.9.1' prefix='99'/></network>"
+        with pytest.raises(HvctlError, match="defining libvirt network hvctl-net-bad"):
+            ensure_network(conn, bad)
+    finally:
+        net = conn.networkLookupByName("hvctl-net-race")
+        net.destroy()
+        net.undefine()
+        conn.close()
 
 
 def test_a_full_network_and_another_tenants_network_are_refused_before_anything_is_written(rig: Rig) -> None:

@@ -79,10 +79,21 @@ def ensure_tenant_filters(conn: libvirt.virConnect, uri: str) -> bool:
                 return False
             if exc.get_error_code() != libvirt.VIR_ERR_NO_NWFILTER:
                 raise _typed(exc, f"reading nwfilter {name}") from None
-        with _errors(f"defining nwfilter {name} (tenant networks need libvirt's nwfilter driver, with ebtables and "
-                     "iptables on the host)"):
+        try:
             conn.nwfilterDefineXML(xml)
+        except libvirt.libvirtError as exc:
+            if not _has_filter(conn, name):  # else another create defined it meanwhile, with the same rules
+                raise _typed(exc, f"defining nwfilter {name} (tenant networks need libvirt's nwfilter driver, with "
+                                  "ebtables and iptables on the host)") from None
     return True
+
+
+def _has_filter(conn: libvirt.virConnect, name: str) -> bool:
+    try:
+        conn.nwfilterLookupByName(name)
+        return True
+    except libvirt.libvirtError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -129,21 +140,35 @@ def _lookup(conn: libvirt.virConnect, name: str) -> libvirt.virNetwork | None:
 def ensure_network(conn: libvirt.virConnect, xml: str) -> bool:
     """Define (persistent, autostarted) and start the network ``xml`` describes, unless the host has it running.
     Returns whether anything was made or started. One hvctl defined without DHCP is defined again from ``xml``
-    when no NIC is on it."""
+    when no NIC is on it.
+
+    Two creates may set up one network on one host at once (from two controllers, even): the one that loses the
+    race finds the network the other defined and started, and takes it as its own."""
     name = ET.fromstring(xml).findtext("name") or ""
     net = _lookup(conn, name)
+    if _is_up(net):
+        return False
     if net is not None and net.isActive():
-        live = ET.fromstring(net.XMLDesc(0))
-        if live.find("ip") is not None or int(live.get("connections", "0")):
-            return False
         with _errors(f"stopping libvirt network {name} to give it DHCP"):
             net.destroy()
-    with _errors(f"defining libvirt network {name}"):
+    try:
         if net is None or ET.fromstring(net.XMLDesc(libvirt.VIR_NETWORK_XML_INACTIVE)).find("ip") is None:
             net = conn.networkDefineXML(xml)
         net.setAutostart(1)
         net.create()
+    except libvirt.libvirtError as exc:
+        if _is_up(_lookup(conn, name)):
+            return False
+        raise _typed(exc, f"defining libvirt network {name}") from None
     return True
+
+
+def _is_up(net: libvirt.virNetwork | None) -> bool:
+    """``net`` runs as hvctl wants it: with DHCP, or with NICs on it (which keep one made before DHCP as it is)."""
+    if net is None or not net.isActive():
+        return False
+    live = ET.fromstring(net.XMLDesc(0))
+    return live.find("ip") is not None or bool(int(live.get("connections", "0")))
 
 
 _LIVE_AND_CONFIG = libvirt.VIR_NETWORK_UPDATE_AFFECT_LIVE | libvirt.VIR_NETWORK_UPDATE_AFFECT_CONFIG
