@@ -63,7 +63,9 @@ class VolumeConsole:
     volume: str
 
     def size(self) -> int:
-        self.pool.refresh()  # virtlogd made and grows the file behind libvirt's back
+        # virtlogd made the file behind libvirt's back; a lookup re-reads a known volume's size by itself. While
+        # another command uploads into the pool, libvirt refuses the refresh: this poll reads what it knows.
+        self.pool.refresh(wait=False)
         found = self.pool.volume(self.volume)
         return found.capacity if found is not None else 0
 

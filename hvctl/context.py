@@ -202,7 +202,7 @@ class Context:
             if self.is_this_machine(name):
                 accel = host.probe_accelerator(probe_image.kernel, probe_image.initrd, self.paths.root / "probe")
             else:
-                accel = self._probe_remote(host, probe_image)
+                accel = self._probe_remote(host, name, probe_image)
             self.ledger.hosts.record_facts(name, accel.value, facts.cpus, facts.memory_mib)
             record = self.ledger.hosts.get(name)
         if record.disk_gib is None:
@@ -220,8 +220,7 @@ class Context:
                                 memory_limits=can_limit_memory() if self.is_this_machine(name)
                                 else record.memory_limits is not False)
 
-    @staticmethod
-    def _probe_remote(host: Host, image: Image) -> Accel:
+    def _probe_remote(self, host: Host, name: str, image: Image) -> Accel:
         """The accelerator probe on a host that is not this machine: the image's kernel and initrd from the host's
         pool (uploaded once), the probe's console log in the pool, read back as a volume and deleted after."""
         from hvctl.domain import Accel
@@ -229,10 +228,10 @@ class Context:
         if "kvm" not in host.facts().domain_types:
             return Accel.TCG  # nothing to boot, nothing to upload
         from hvctl.console import VolumeConsole, read_console
-        from hvctl.ops.volumes import ensure_image
+        from hvctl.ops.volumes import UploadLease, ensure_image
 
         pool, _ = host.ensure_pool()
-        volumes = ensure_image(pool, image)
+        volumes = ensure_image(pool, image, lease=UploadLease(self.ledger.hosts, name, image))
         assert volumes.kernel is not None and volumes.initrd is not None  # the minimal recipe boots its kernel
         log = "hvctl-accel-probe.log"
         pool.delete(log, refresh=True)

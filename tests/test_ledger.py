@@ -15,6 +15,7 @@ from framework.pgserver import PgServer
 
 from hvctl.errors import AlreadyExists, LedgerError, NotFound
 from hvctl.ledger import MIGRATIONS, Ledger, VMPaths
+from hvctl.ops.volumes import UploadLease
 from hvctl.spec import VMSpec
 
 
@@ -224,3 +225,47 @@ def test_a_migrations_reservation_holds_its_port_on_the_target(ledger: Ledger, t
     ledger.reservations.release(first)
     assert reserve(ledger, "next", tmp_path, span, host="h2", probe_ports=False) == 22400
     ledger.reservations.release(second)
+
+
+def test_one_command_at_a_time_uploads_an_image_to_a_host_and_a_dead_holders_turn_is_taken_over(
+        ledger: Ledger, ledger_location: str) -> None:
+    """Two commands of this process stand for two creates onto a new host (their holders differ past the part that
+    is checked for life); a third holder is a process that is gone."""
+    from types import SimpleNamespace
+    from typing import cast
+
+    from hvctl.ops.intent import this_holder
+    from images.store import Image
+
+    image = cast(Image, SimpleNamespace(name="minimal", content_hash="c0ffee"))
+    said: list[str] = []
+    second_in = threading.Event()
+
+    def second() -> None:
+        other = Ledger(ledger_location)
+        try:
+            with UploadLease(other.hosts, "far", image, said.append, holder=f"{this_holder()}/second"):
+                second_in.set()
+        finally:
+            other.close()
+
+    first = UploadLease(ledger.hosts, "far", image, holder=f"{this_holder()}/first")
+    with first:
+        waiting = threading.Thread(target=second)
+        waiting.start()
+        deadline = time.monotonic() + 60  # a hang guard: the second says it waits as soon as it finds the claim
+        while not said and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert said == ["another command is uploading image minimal to host far: waiting for it"]
+        first.renew()
+        assert not second_in.is_set()
+    waiting.join(60)
+    assert second_in.is_set() and not waiting.is_alive()
+    # A holder on this machine whose process is gone (no such pid) holds nothing: its claim is taken over at once.
+    machine, boot = this_holder().split("/")[:2]
+    assert ledger.hosts.claim_upload("far", "c0ffee", f"{machine}/{boot}/999999999/1") is None
+    said.clear()
+    with UploadLease(ledger.hosts, "far", image, said.append):
+        assert said == []
+        assert ledger.hosts.claim_upload("far", "c0ffee", "someone-else") is not None
+    assert ledger.hosts.claim_upload("far", "c0ffee", "someone-else") is None  # the turn was given back

@@ -125,6 +125,7 @@ def populated(location: str, tmp: Path) -> None:
     ledger.gpus.mark_unhealthy("h2", "0000:42:00.0", "needs-host-reboot", "reads 0xffff")
     ledger.operations.begin("a2", "stop", "test-holder", None, None, {"step": 1})
     ledger.snapshots.reserve("a1", "s1", False, Admission({}, {}))
+    ledger.hosts.claim_upload("h2", "c0ffee", "test-holder")
     ledger.close()
 
 

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,9 +85,15 @@ def tenants(image_dir: Path) -> Iterator[Tenants]:
         assert t.hvctl("host", "add", "far", host.uri).returncode == 0
         assert t.hvctl("network", "create", "blue", "--tenant", "acme", "--subnet", "10.96.10.0/24").returncode == 0
         assert t.hvctl("network", "create", "red", "--tenant", "globex", "--subnet", "10.96.20.0/24").returncode == 0
-        for vm, (tenant, net) in VMS.items():
-            t.made[vm] = t.hvctl("create", vm, "--host", "far", "--image", "base", "--memory", "384", "--disk", "2",
-                                 "--tenant", tenant, "--net", net, "--boot-timeout", "300", timeout=600)
+        def create(vm: str) -> subprocess.CompletedProcess[str]:
+            tenant, net = VMS[vm]
+            return t.hvctl("create", vm, "--host", "far", "--image", "base", "--memory", "384", "--disk", "2",
+                           "--tenant", tenant, "--net", net, "--boot-timeout", "300", timeout=600)
+
+        # a1 first, for the addresses the tests expect; then a2 and g1 side by side (g1 setting up red meanwhile).
+        t.made["a1"] = create("a1")
+        with ThreadPoolExecutor(2) as pool:
+            t.made.update(zip(("a2", "g1"), pool.map(create, ("a2", "g1")), strict=True))
         yield t
     finally:
         for leftover in Context(state_dir=state, uri="test:///default").ledger.vms.all():

@@ -15,6 +15,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,7 +31,9 @@ from framework.devhost.remote import RemoteStyleHost
 from hvctl.designer import nic_mac
 from hvctl.errors import HostUnreachable
 from hvctl.host import Host, libvirt_version
-from hvctl.ops.volumes import ensure_image
+from hvctl.ledger import Ledger
+from hvctl.ops.intent import this_holder
+from hvctl.ops.volumes import ImageVolumes, UploadLease, ensure_image
 from hvctl.seed import generate_ed25519
 from images.store import ImageStore
 
@@ -218,6 +221,58 @@ def test_an_image_is_uploaded_once_per_host_through_its_pool(remote: tuple[Remot
         if made:
             pool.release()
     finally:
+        conn.close()
+
+
+def test_two_commands_uploading_one_image_to_a_host_take_turns(remote: tuple[RemoteStyleHost, Path],
+                                                                 image_dir: Path, tmp_path: Path) -> None:
+    """Two creates onto a new host, each with its own connection and ledger handle. The second starts from the
+    first's first uploaded chunk, and the first goes on once the second says it waits for its turn: without the
+    turn, the second would delete the volume the first is writing. It then finds the first's volumes."""
+    host, _ = remote
+    image = ImageStore(image_dir).get("minimal")
+    ledger_path = str(tmp_path / "ledger.sqlite3")
+    waits = threading.Event()
+    second: dict[str, object] = {}
+
+    def second_command() -> None:
+        conn, ledger = Host(host.uri), Ledger(ledger_path)
+        try:
+            pool, _ = conn.ensure_pool()
+            second["volumes"] = ensure_image(pool, image, lease=UploadLease(
+                ledger.hosts, "far", image, lambda line: waits.set(), holder=f"{this_holder()}/second"))
+        except Exception as exc:  # noqa: BLE001 - reported by the test below
+            second["error"] = exc
+            waits.set()
+        finally:
+            ledger.close()
+            conn.close()
+
+    started: list[threading.Thread] = []
+
+    def first_progress(what: str, done: int, total: int) -> None:
+        if not started:
+            started.append(threading.Thread(target=second_command))
+            started[0].start()
+            assert waits.wait(120), "the second command neither waited nor failed"  # a hang guard
+
+    conn, ledger = Host(host.uri), Ledger(ledger_path)
+    try:
+        pool, made = conn.ensure_pool()
+        first = ensure_image(pool, image, first_progress, UploadLease(ledger.hosts, "far", image))
+        started[0].join(300)
+        assert "error" not in second, second
+        volumes = second["volumes"]
+        assert isinstance(volumes, ImageVolumes)
+        assert volumes.uploaded_bytes == 0 and volumes.base == first.base and first.uploaded_bytes > 0
+        names = sorted(v.name for v in pool.volumes())
+        assert len(names) == 4 and all(n.startswith(image.volume_prefix) for n in names), names
+        for volume in pool.volumes():
+            pool.delete(volume.name)
+        if made:
+            pool.release()
+    finally:
+        ledger.close()
         conn.close()
 
 

@@ -2,13 +2,14 @@
 ``qemu+tls``, with no file of the host visible to the controller.
 
 Each host has one directory pool for hvctl, made by ``host add`` or adopted. Images are uploaded into it once over a
-libvirt stream (``hvctl.ops.volumes``). Not yet wired into create: VMs' overlays, seeds and console logs still live
-under the controller's state dir (remote hosts, stage 1).
+libvirt stream (``hvctl.ops.volumes``); a VM on a host that does not share the controller's filesystem keeps its
+overlay, seed and console log there too (``hvctl.ops.pooled``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -21,10 +22,15 @@ from hvctl.errors import HypervisorError, InvalidSpec
 from hvctl.host._errors import _code as code
 from hvctl.host._errors import _errors as libvirt_errors
 from hvctl.host._errors import _msg as message
+from hvctl.host._errors import _typed
 
 # Pool types whose volumes are plain files, so that overlays with backing files and direct kernel boot work.
 FILE_POOL_TYPES = frozenset({"dir", "fs", "netfs"})
 CHUNK = 256 << 10
+# libvirt refuses to refresh a pool while a volume is being built or uploaded into it: another command's upload, say.
+# A refresh waits for that, asking again this often, for up to this long.
+BUSY_POLL_S = 0.2
+BUSY_WAIT_S = 900.0
 
 Progress = Callable[[int, int], None]  # bytes done, bytes in all
 
@@ -62,10 +68,28 @@ class Pool:
             _state, capacity, allocation, available = self._pool.info()
         return PoolSpace(int(capacity), int(allocation), int(available))
 
-    def refresh(self) -> None:
-        """Re-read the directory: volumes QEMU or another controller made since, and formats probed anew."""
-        with libvirt_errors(f"refreshing pool {self.name}"):
-            self._pool.refresh(0)
+    def refresh(self, wait: bool = True, on_busy: Callable[[], None] | None = None) -> bool:
+        """Re-read the directory: volumes QEMU or another controller made since, and formats probed anew.
+
+        While another command uploads or builds a volume in the pool, libvirt refuses ("has asynchronous jobs
+        running"); then this waits for it (up to ``BUSY_WAIT_S``), or with ``wait`` False returns False at once.
+        ``on_busy`` is called at each refusal (a test's hook)."""
+        deadline = time.monotonic() + BUSY_WAIT_S
+        while True:
+            try:
+                self._pool.refresh(0)
+                return True
+            except libvirt.libvirtError as exc:
+                if "asynchronous jobs running" not in message(exc):
+                    raise _typed(exc, f"refreshing pool {self.name}") from None
+            if on_busy is not None:
+                on_busy()
+            if not wait:
+                return False
+            if time.monotonic() > deadline:
+                raise HypervisorError(f"pool {self.name} stayed busy with another upload for {BUSY_WAIT_S:.0f} s",
+                                      hint="`virsh vol-list` on the host shows what is being written")
+            time.sleep(BUSY_POLL_S)
 
     def _find(self, name: str) -> libvirt.virStorageVol | None:
         try:
@@ -90,11 +114,14 @@ class Pool:
             return sorted((_volume(v) for v in self._pool.listAllVolumes(0)), key=lambda v: v.name)
 
     def create(self, name: str, capacity: int, fmt: str = "raw", backing: Volume | None = None,
-               mode: int = 0o600) -> Volume:
-        """A new volume; ``backing``: a qcow2 overlay on that volume (libvirt runs qemu-img create -b)."""
+               mode: int = 0o600, sparse: bool = False) -> Volume:
+        """A new volume; ``backing``: a qcow2 overlay on that volume (libvirt runs qemu-img create -b). libvirt
+        allocates a raw volume whole unless it is ``sparse``."""
         root = ET.Element("volume")
         ET.SubElement(root, "name").text = name
         ET.SubElement(root, "capacity", unit="bytes").text = str(capacity)
+        if sparse:
+            ET.SubElement(root, "allocation", unit="bytes").text = "0"
         target = ET.SubElement(root, "target")
         ET.SubElement(target, "format", type=fmt)
         ET.SubElement(ET.SubElement(target, "permissions"), "mode").text = f"0{mode:o}"
@@ -115,7 +142,7 @@ class Pool:
         """A new raw volume filled from a controller-side file or bytes. Its format is probed when the pool is
         next refreshed, so an uploaded qcow2 is seen as qcow2."""
         size = len(source) if isinstance(source, bytes) else source.stat().st_size
-        volume = self.create(name, size)
+        volume = self.create(name, size, sparse=True)  # not written with zeros first: the upload writes it
         if not self._streams:
             return volume
         vol = self._lookup(name)

@@ -73,6 +73,27 @@ class Hosts(Repository):
                 raise NotFound(f"unknown host {name!r}")
             self._store.event(db, None, name, "host.removed", f"host {name} removed")
 
+    def claim_upload(self, host: str, image: str, holder: str) -> tuple[str, float] | None:
+        """Take the upload of ``image`` (its content hash) to ``host``'s pool for ``holder``, or renew it if it is
+        ``holder``'s already: None then. Another's: who holds it and when it last renewed it."""
+        now = time.time()
+        with self._store.transaction() as db:
+            row = db.execute("SELECT holder, updated_at FROM image_uploads WHERE host = ? AND image = ?",
+                             (host, image)).fetchone()
+            if row is None:
+                db.execute("INSERT INTO image_uploads (host, image, holder, updated_at) VALUES (?, ?, ?, ?)",
+                           (host, image, holder, now))
+            elif row["holder"] == holder:
+                db.execute("UPDATE image_uploads SET updated_at = ? WHERE host = ? AND image = ?", (now, host, image))
+            else:
+                return str(row["holder"]), float(row["updated_at"])
+        return None
+
+    def end_upload(self, host: str, image: str, holder: str) -> None:
+        """Give up ``holder``'s claim (its own, or a dead holder's that another takes over)."""
+        with self._store.transaction() as db:
+            db.execute("DELETE FROM image_uploads WHERE host = ? AND image = ? AND holder = ?", (host, image, holder))
+
     def set_enabled(self, name: str, enabled: bool) -> None:
         with self._store.transaction() as db:
             if db.execute("UPDATE hosts SET enabled = ? WHERE name = ?", (int(enabled), name)).rowcount == 0:

@@ -158,4 +158,16 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE reservations ADD COLUMN ssh_port INTEGER;
     """,
+    # Who is uploading which image to which host's pool right now: one command at a time (two creates onto a new
+    # host would each delete what the other was writing). A row is a lease held like an operation lock: its holder
+    # is checked for life exactly on its own machine, and trusted from elsewhere while it keeps updating the row.
+    """
+    CREATE TABLE image_uploads (
+        host TEXT NOT NULL,
+        image TEXT NOT NULL,
+        holder TEXT NOT NULL,
+        updated_at REAL NOT NULL,
+        PRIMARY KEY (host, image)
+    );
+    """,
 ]

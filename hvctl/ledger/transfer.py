@@ -14,7 +14,7 @@ FORMAT = "hvctl-ledger"
 VERSION = 1
 # Every table, parents before the tables whose rows refer to them (imports insert in this order).
 TABLES = ("hosts", "vms", "tenant_keys", "reservations", "gpu_bindings", "operations", "snapshots", "gpu_health",
-          "networks", "underlays", "network_addresses", "events")
+          "networks", "underlays", "network_addresses", "image_uploads", "events")
 # Tables whose id the database hands out: after an import the next id must follow the imported ones.
 IDENTITIES = ("reservations", "events")
 

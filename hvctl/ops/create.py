@@ -95,7 +95,7 @@ def _storage_for(ctx: Context, spec: VMSpec, image: Image, say: Say,
     pool_files = pooled.open_files(ctx.host(spec.host), spec.name)
     pooled.check_room(pool_files, spec, spec.host)
     # Shared per host and content-addressed, so not part of this VM's undo; an upload cut short leaves nothing.
-    volumes = pooled.upload_image(pool_files, image, say, _upload_progress(say))
+    volumes = pooled.upload_image(ctx, spec.host, pool_files, image, say, _upload_progress(say))
     if stats is not None:
         stats["image_upload"] = {"image": image.name, "bytes": volumes.uploaded_bytes,
                                  "seconds": round(volumes.seconds, 3)}

@@ -338,7 +338,7 @@ def prepare_storage_copy(ctx: Context, record: VMRecord, target: str, dest_xml: 
     else:
         pool_files = pooled.open_files(ctx.host(target), record.name)
         pooled.check_room(pool_files, record.spec, target)
-        volumes = pooled.upload_image(pool_files, image, say)
+        volumes = pooled.upload_image(ctx, target, pool_files, image, say)
         pool = pool_files.pool
         try:
             say(f"creating a {record.spec.disk_gib} GiB overlay volume on {target} for the copy")

@@ -24,7 +24,7 @@ from hvctl.ledger import VMPaths, VMRecord
 from hvctl.names import check_name
 from hvctl.ops import Say, Undo
 from hvctl.ops.incarnation import GuestSecrets
-from hvctl.ops.volumes import ImageVolumes, Progress, ensure_image
+from hvctl.ops.volumes import ImageVolumes, Progress, UploadLease, ensure_image
 from hvctl.spec import VMSpec
 from images.store import Image
 
@@ -101,10 +101,11 @@ def check_room(files: PooledFiles, spec: VMSpec, host_name: str) -> None:
                           f"{free / 2**30:.1f} GiB free", hint="a smaller --disk-gib, or free space in that pool")
 
 
-def upload_image(files: PooledFiles, image: Image, say: Say,
+def upload_image(ctx: Context, host: str, files: PooledFiles, image: Image, say: Say,
                  progress: Progress | None = None) -> ImageVolumes:
+    """The image's volumes in host ``host``'s pool, uploaded unless there (one command at a time: ``UploadLease``)."""
     say(f"making sure the host has image {image.name}@{image.content_hash[:8]} (uploaded once per host)")
-    volumes = ensure_image(files.pool, image, progress)
+    volumes = ensure_image(files.pool, image, progress, UploadLease(ctx.ledger.hosts, host, image, say))
     if volumes.uploaded_bytes:
         say(f"uploaded {volumes.uploaded_bytes / 2**20:.0f} MiB in {volumes.seconds:.1f} s")
     return volumes
