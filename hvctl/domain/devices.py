@@ -1,4 +1,6 @@
-"""One class per device kind. Each turns itself into its libvirt XML element and parses it back; none decides."""
+"""One class per device kind, each with its XML declared once (``hvctl.domain.xmlmap``): where each field lives in
+the device's libvirt element, and the element's fixed parts. ``to_xml`` and ``from_xml`` both read that; none
+decides."""
 
 from __future__ import annotations
 
@@ -7,6 +9,8 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import ClassVar, Protocol, Self
 from xml.etree import ElementTree as ET
+
+from hvctl.domain.xmlmap import INT, Fixed, Flag, Item, Nested, Pairs, Quantity, Value, emit, hex_width, parse
 
 
 class Device(Protocol):
@@ -37,33 +41,39 @@ def req(el: ET.Element, path: str, attr: str | None = None) -> str:
     return value
 
 
+PATH = (str, Path)
+
+
+class Declared:
+    """A device whose XML is its ``xml`` declarations."""
+
+    tag: ClassVar[str]
+    xml: ClassVar[tuple[Item, ...]]
+
+    def to_xml(self) -> ET.Element:
+        return emit(self.tag, self)
+
+    @classmethod
+    def from_xml(cls, el: ET.Element) -> Self:
+        return parse(el, cls)
+
+
 @dataclass(frozen=True)
-class Disk:
+class Disk(Declared):
     tag: ClassVar[str] = "disk"
+    xml: ClassVar[tuple[Item, ...]] = (
+        Fixed(".", (("type", "file"), ("device", "disk"))), Fixed("driver", (("name", "qemu"),)),
+        Value("fmt", "driver", "type"), Value("source", "source", "file", PATH), Value("target", "target", "dev"),
+        Value("bus", "target", "bus"), Flag("readonly", "readonly"))
     source: Path
     target: str = "vda"
     fmt: str = "qcow2"
     bus: str = "virtio"
     readonly: bool = False
 
-    def to_xml(self) -> ET.Element:
-        el = ET.Element("disk", type="file", device="disk")
-        sub(el, "driver", name="qemu", type=self.fmt)
-        sub(el, "source", file=str(self.source))
-        sub(el, "target", dev=self.target, bus=self.bus)
-        if self.readonly:
-            sub(el, "readonly")
-        return el
-
-    @classmethod
-    def from_xml(cls, el: ET.Element) -> Self:
-        return cls(source=Path(req(el, "source", "file")), target=req(el, "target", "dev"),
-                   fmt=req(el, "driver", "type"), bus=req(el, "target", "bus"),
-                   readonly=el.find("readonly") is not None)
-
 
 @dataclass(frozen=True)
-class SerialConsole:
+class SerialConsole(Declared):
     """The guest's first serial port: a pty that ``virDomain.openConsole`` attaches to (``hvctl console``), with
     everything the guest prints also logged to a file on the host, which hvctl reads for readiness and
     ``console-log``. The log is appended to, never truncated: virtlogd (which writes it for libvirt, and rotates
@@ -72,53 +82,36 @@ class SerialConsole:
     (``<serial type='file'>``); it parses to the same thing."""
 
     tag: ClassVar[str] = "serial"
+    xml: ClassVar[tuple[Item, ...]] = (
+        Fixed(".", (("type", "pty"),)), Value("path", "log", "file", PATH, also=(("append", "on"),)),
+        Fixed("target", (("port", "0"),)))
     path: Path
-
-    def to_xml(self) -> ET.Element:
-        el = ET.Element("serial", type="pty")
-        sub(el, "log", file=str(self.path), append="on")
-        sub(el, "target", port="0")
-        return el
 
     @classmethod
     def from_xml(cls, el: ET.Element) -> Self:
         if el.get("type") == "file":
             return cls(path=Path(req(el, "source", "path")))
-        return cls(path=Path(req(el, "log", "file")))
+        return parse(el, cls)
 
 
 @dataclass(frozen=True)
-class UnixChannel:
+class UnixChannel(Declared):
     """A virtio-serial port whose host side is a unix socket; the agent RPC needs no guest network."""
 
     tag: ClassVar[str] = "channel"
+    xml: ClassVar[tuple[Item, ...]] = (
+        Fixed(".", (("type", "unix"),)), Fixed("source", (("mode", "bind"),)), Value("path", "source", "path", PATH),
+        Fixed("target", (("type", "virtio"),)), Value("name", "target", "name"))
     path: Path
     name: str
 
-    def to_xml(self) -> ET.Element:
-        el = ET.Element("channel", type="unix")
-        sub(el, "source", mode="bind", path=str(self.path))
-        sub(el, "target", type="virtio", name=self.name)
-        return el
-
-    @classmethod
-    def from_xml(cls, el: ET.Element) -> Self:
-        return cls(path=Path(req(el, "source", "path")), name=req(el, "target", "name"))
-
 
 @dataclass(frozen=True)
-class Rng:
+class Rng(Declared):
     tag: ClassVar[str] = "rng"
+    xml: ClassVar[tuple[Item, ...]] = (
+        Fixed(".", (("model", "virtio"),)), Value("backend", "backend", also=(("model", "random"),)))
     backend: str = "/dev/urandom"
-
-    def to_xml(self) -> ET.Element:
-        el = ET.Element("rng", model="virtio")
-        sub(el, "backend", self.backend, model="random")
-        return el
-
-    @classmethod
-    def from_xml(cls, el: ET.Element) -> Self:
-        return cls(backend=req(el, "backend"))
 
 
 @dataclass(frozen=True)
@@ -127,6 +120,10 @@ class PciAddress:
     bus: int
     slot: int
     function: int
+
+    xml: ClassVar[tuple[Item, ...]] = (
+        Value("domain", ".", "domain", hex_width(4)), Value("bus", ".", "bus", hex_width(2)),
+        Value("slot", ".", "slot", hex_width(2)), Value("function", ".", "function", hex_width(1)))
 
     @classmethod
     def parse(cls, text: str) -> Self:
@@ -139,27 +136,14 @@ class PciAddress:
 
 
 @dataclass(frozen=True)
-class PciHostdev:
+class PciHostdev(Declared):
     """A host PCI function passed through with VFIO. ``managed='no'``: hvctl binds and releases it itself."""
 
     tag: ClassVar[str] = "hostdev"
+    xml: ClassVar[tuple[Item, ...]] = (
+        Fixed(".", (("mode", "subsystem"), ("type", "pci"), ("managed", "no"))), Fixed("driver", (("name", "vfio"),)),
+        Nested("address", "source/address", PciAddress))
     address: PciAddress
-
-    def to_xml(self) -> ET.Element:
-        el = ET.Element("hostdev", mode="subsystem", type="pci", managed="no")
-        sub(el, "driver", name="vfio")
-        source = sub(el, "source")
-        a = self.address
-        sub(source, "address", domain=f"0x{a.domain:04x}", bus=f"0x{a.bus:02x}", slot=f"0x{a.slot:02x}",
-            function=f"0x{a.function:x}")
-        return el
-
-    @classmethod
-    def from_xml(cls, el: ET.Element) -> Self:
-        def num(attr: str) -> int:
-            return int(req(el, "source/address", attr), 16)
-
-        return cls(PciAddress(num("domain"), num("bus"), num("slot"), num("function")))
 
 
 # The nwfilter on every NIC of a tenant network (its rules: hvctl.host.networks.TENANT_FILTERS). Versioned: a change of
@@ -176,11 +160,15 @@ def tenant_server(subnet: IPv4Network) -> IPv4Address:
 
 
 @dataclass(frozen=True)
-class NetInterface:
+class NetInterface(Declared):
     """A virtio NIC on a host bridge (``kind='bridge'``) or a libvirt network (``kind='network'``), optionally with a
     libvirt nwfilter and its parameters (``<filterref>``)."""
 
     tag: ClassVar[str] = "interface"
+    xml: ClassVar[tuple[Item, ...]] = (
+        Value("kind", ".", "type"), Value("mac", "mac", "address"), Value("source", "source", attr_from="kind"),
+        Fixed("model", (("type", "virtio"),)), Value("mtu", "mtu", "size", INT), Value("filter", "filterref", "filter"),
+        Pairs("filter_params", "filterref/parameter", "name", "value"))
     kind: str
     source: str
     mac: str
@@ -188,48 +176,16 @@ class NetInterface:
     filter_params: tuple[tuple[str, str], ...] = ()
     mtu: int | None = None  # given to the guest too (virtio's host_mtu)
 
-    def to_xml(self) -> ET.Element:
-        el = ET.Element("interface", type=self.kind)
-        sub(el, "mac", address=self.mac)
-        sub(el, "source", **{self.kind: self.source})
-        sub(el, "model", type="virtio")
-        if self.mtu is not None:
-            sub(el, "mtu", size=str(self.mtu))
-        if self.filter is not None:
-            ref = sub(el, "filterref", filter=self.filter)
-            for name, value in self.filter_params:
-                sub(ref, "parameter", name=name, value=value)
-        return el
-
-    @classmethod
-    def from_xml(cls, el: ET.Element) -> Self:
-        kind = req(el, ".", "type")
-        ref = el.find("filterref")
-        mtu = el.find("mtu")
-        return cls(kind=kind, source=req(el, "source", kind), mac=req(el, "mac", "address"),
-                   mtu=int(mtu.get("size", "0")) if mtu is not None else None,
-                   filter=ref.get("filter") if ref is not None else None,
-                   filter_params=tuple((p.get("name", ""), p.get("value", "")) for p in ref.iterfind("parameter"))
-                   if ref is not None else ())
-
 
 @dataclass(frozen=True)
-class PcieRoot:
+class PcieRoot(Declared):
     """The q35 root complex. ``pcihole64_kib`` enlarges the 64-bit MMIO window that large-BAR GPUs need."""
 
     tag: ClassVar[str] = "controller"
+    xml: ClassVar[tuple[Item, ...]] = (
+        Fixed(".", (("type", "pci"), ("index", "0"), ("model", "pcie-root"))),
+        Quantity("pcihole64_kib", "pcihole64", "KiB"))
     pcihole64_kib: int | None = None
-
-    def to_xml(self) -> ET.Element:
-        el = ET.Element("controller", type="pci", index="0", model="pcie-root")
-        if self.pcihole64_kib is not None:
-            sub(el, "pcihole64", str(self.pcihole64_kib), unit="KiB")
-        return el
-
-    @classmethod
-    def from_xml(cls, el: ET.Element) -> Self:
-        hole = el.find("pcihole64")
-        return cls(pcihole64_kib=int(hole.text) if hole is not None and hole.text else None)
 
 
 DEVICE_PARSERS: dict[str, DeviceParser] = {

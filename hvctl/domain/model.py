@@ -14,6 +14,7 @@ from xml.etree import ElementTree as ET
 
 from hvctl.domain.devices import DEVICE_PARSERS, TENANT_FILTER, Device, PcieRoot, req, sub, tenant_server
 from hvctl.domain.tuning import Tuning
+from hvctl.domain.xmlmap import in_unit
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 HVCTL_NS = "https://hvctl.dev/xmlns/vm/1"
@@ -240,8 +241,7 @@ class Domain:
         args = [a.get("value", "") for a in root.iterfind(f"{{{QEMU_NS}}}commandline/{{{QEMU_NS}}}arg")]
         meta = root.find(f"metadata/{{{HVCTL_NS}}}vm")
         memory = root.find("memory")
-        unit = memory.get("unit", "KiB") if memory is not None else "KiB"
-        memory_mib = int(req(root, "memory")) // (1 if unit == "MiB" else 1024 if unit == "KiB" else 1)
+        memory_mib = in_unit(req(root, "memory"), memory.get("unit") if memory is not None else None, "MiB")
         cpu = root.find("cpu")
         os_el = root.find("os")
         boot: DirectBoot | FirmwareBoot = (

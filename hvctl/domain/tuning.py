@@ -1,16 +1,27 @@
-"""Resource tuning elements: <cputune>, <memtune>, <blkiotune>, <numatune>. Values only; the designer decides them."""
+"""Resource tuning elements: <cputune>, <memtune>, <blkiotune>, <numatune>, declared once (``hvctl.domain.xmlmap``).
+Values only; the designer decides them."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Self
+from typing import ClassVar, Self
 from xml.etree import ElementTree as ET
 
-from hvctl.domain.devices import sub
+from hvctl.domain.xmlmap import INT, Item, Pairs, Quantity, Value, parse, write
 
 
 @dataclass(frozen=True)
 class Tuning:
+    xml: ClassVar[tuple[Item, ...]] = (  # below <domain>
+        Value("cpu_shares", "cputune/shares", conv=INT),
+        Value("global_period_us", "cputune/global_period", conv=INT, when="global_quota_us"),
+        Value("global_quota_us", "cputune/global_quota", conv=INT),
+        Pairs("vcpupin", "cputune/vcpupin", "vcpu", "cpuset", key_conv=INT),
+        Value("emulatorpin", "cputune/emulatorpin", "cpuset"),
+        Quantity("memory_hard_limit_kib", "memtune/hard_limit", "KiB"),
+        Value("blkio_weight", "blkiotune/weight", conv=INT),
+        Value("numa_mode", "numatune/memory", "mode", when="numa_nodeset"),
+        Value("numa_nodeset", "numatune/memory", "nodeset"))
     cpu_shares: int | None = None
     # The whole domain's CFS bandwidth (all vCPU and emulator threads together), in microseconds per period.
     global_period_us: int | None = None
@@ -23,48 +34,11 @@ class Tuning:
     numa_mode: str = "strict"
 
     def append_to(self, root: ET.Element) -> None:
-        if self.cpu_shares or self.global_quota_us or self.vcpupin or self.emulatorpin:
-            cputune = sub(root, "cputune")
-            if self.cpu_shares:
-                sub(cputune, "shares", str(self.cpu_shares))
-            if self.global_quota_us:
-                sub(cputune, "global_period", str(self.global_period_us or 100_000))
-                sub(cputune, "global_quota", str(self.global_quota_us))
-            for vcpu, cpuset in self.vcpupin:
-                sub(cputune, "vcpupin", vcpu=str(vcpu), cpuset=cpuset)
-            if self.emulatorpin:
-                sub(cputune, "emulatorpin", cpuset=self.emulatorpin)
-        if self.memory_hard_limit_kib:
-            sub(sub(root, "memtune"), "hard_limit", str(self.memory_hard_limit_kib), unit="KiB")
-        if self.blkio_weight:
-            sub(sub(root, "blkiotune"), "weight", str(self.blkio_weight))
-        if self.numa_nodeset:
-            sub(sub(root, "numatune"), "memory", mode=self.numa_mode, nodeset=self.numa_nodeset)
+        write(root, self, self.xml)
 
     @classmethod
     def from_xml(cls, root: ET.Element) -> Self:
-        def num(path: str) -> int | None:
-            text = root.findtext(path)
-            return int(text) if text else None
-
-        hard = root.find("memtune/hard_limit")
-        hard_kib = None
-        if hard is not None and hard.text:
-            scale = {"KiB": 1, "k": 1, "MiB": 1024, "M": 1024, "GiB": 1024**2, "G": 1024**2}
-            hard_kib = int(hard.text) * scale.get(hard.get("unit", "KiB"), 1)
-        numa = root.find("numatune/memory")
-        return cls(
-            cpu_shares=num("cputune/shares"),
-            global_period_us=num("cputune/global_period"),
-            global_quota_us=num("cputune/global_quota"),
-            vcpupin=tuple((int(p.get("vcpu", "0")), p.get("cpuset", "")) for p in root.iterfind("cputune/vcpupin")),
-            emulatorpin=(root.find("cputune/emulatorpin").get("cpuset")  # type: ignore[union-attr]
-                         if root.find("cputune/emulatorpin") is not None else None),
-            memory_hard_limit_kib=hard_kib,
-            blkio_weight=num("blkiotune/weight"),
-            numa_nodeset=numa.get("nodeset") if numa is not None else None,
-            numa_mode=numa.get("mode", "strict") if numa is not None else "strict",
-        )
+        return parse(root, cls)
 
 
 @dataclass(frozen=True)
