@@ -26,11 +26,14 @@ from hvctl.domain import (
     Tuning,
     UnixChannel,
     UserNetwork,
+    Viommu,
 )
 from hvctl.domain.devices import TENANT_FILTER, TENANT_MTU, Device, tenant_server
 from hvctl.spec import VMSpec
 
 CFS_PERIOD_US = 100_000
+# The user-mode NIC's slot on pcie.0.
+USER_NIC_SLOT = 0x9
 
 
 def qemu_overhead_mib(spec: VMSpec) -> int:
@@ -164,10 +167,17 @@ def design(
         cpu_mode=cpu_mode,
         devices=devices,
         root_controller=PcieRoot(pcihole64_kib=alloc.pcihole64_kib),
-        network=UserNetwork(ssh_port=alloc.ssh_port, bind_address=alloc.ssh_bind_address),
+        # The user-mode NIC cannot reach the host or other VMs' forwards (restrict), only be reached through its
+        # own SSH forward; an explicit slot on pcie.0 keeps it off the root ports libvirt adds.
+        network=UserNetwork(ssh_port=alloc.ssh_port, bind_address=alloc.ssh_bind_address, restrict=True,
+                            pci_slot=USER_NIC_SLOT),
         metadata=(("tenant", spec.tenant), ("image", spec.image), ("spec", spec.model_dump_json())),
         tuning=design_tuning(spec, host),
-        viommu=spec.viommu,
+        acpi=True,  # the power button: hvctl stop asks the guest to shut down through ACPI
+        on_poweroff="destroy", on_reboot="restart", on_crash="destroy",
+        # caching_mode: the guest's own VFIO needs QEMU to see its IOTLB updates; interrupt remapping would need a
+        # split irqchip, which TCG guests do not need here.
+        viommu=Viommu(intremap="off", caching_mode="on") if spec.viommu else None,
         extra_qemu_args=(*ovmf_mmio64_args(boot, alloc), *extra_qemu_args),
     )
 

@@ -296,7 +296,7 @@ def test_adopt_takes_an_orphan_back_as_it_is_and_refuses_what_it_cannot_prove(
 
     parse = Domain.from_xml
     monkeypatch.setattr(Domain, "from_xml", classmethod(
-        lambda cls, xml: dataclasses.replace(parse(xml), network=UserNetwork(ssh_port=22300))))
+        lambda cls, xml: dataclasses.replace(parse(xml), network=UserNetwork(22300, "127.0.0.1", True, 0x9))))
     ctx.ledger.hosts.record_facts("local", "qemu", 8, 16384)  # the accelerator probe needs a real daemon
     base, token = _orphan(ctx, "ghost")
     assert [o.vm for o in list_vms(ctx)[1]] == ["ghost"]

@@ -9,12 +9,12 @@ import enum
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network
 from pathlib import Path
-from typing import Self
+from typing import Any, ClassVar, Self
 from xml.etree import ElementTree as ET
 
 from hvctl.domain.devices import DEVICE_PARSERS, TENANT_FILTER, Device, PcieRoot, req, sub, tenant_server
 from hvctl.domain.tuning import Tuning
-from hvctl.domain.xmlmap import in_unit
+from hvctl.domain.xmlmap import INT, Custom, Fixed, Flag, Item, Nested, Quantity, Value, emit, enum_of, parse
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 HVCTL_NS = "https://hvctl.dev/xmlns/vm/1"
@@ -59,9 +59,9 @@ class UserNetwork:
     """
 
     ssh_port: int
-    bind_address: str = "127.0.0.1"
-    restrict: bool = True
-    pci_slot: int = 0x9
+    bind_address: str
+    restrict: bool
+    pci_slot: int
 
     def qemu_args(self) -> list[str]:
         netdev = f"user,id=hvctl-net0,hostfwd=tcp:{self.bind_address}:{self.ssh_port}-:22"
@@ -162,7 +162,102 @@ def retarget_paths(xml: str, moves: dict[str, str]) -> str:
 
 
 @dataclass(frozen=True)
+class Viommu:
+    """A virtual Intel IOMMU among the devices, with its driver's options (the designer chooses them)."""
+
+    tag: ClassVar[str] = "iommu"
+    xml: ClassVar[tuple[Item, ...]] = (
+        Fixed(".", (("model", "intel"),)), Value("intremap", "driver", "intremap"),
+        Value("caching_mode", "driver", "caching_mode"))
+    intremap: str
+    caching_mode: str
+
+
+def _write_metadata(root: ET.Element, d: Domain) -> None:
+    if d.metadata:
+        vm = sub(sub(root, "metadata"), f"{{{HVCTL_NS}}}vm")
+        for key, value in d.metadata:
+            sub(vm, f"{{{HVCTL_NS}}}{key}", value)
+
+
+def _read_metadata(root: ET.Element) -> dict[str, Any]:
+    meta = root.find(f"metadata/{{{HVCTL_NS}}}vm")
+    return {"metadata": tuple((child.tag.split("}")[1], child.text or "") for child in
+                              (meta if meta is not None else []))}
+
+
+def _write_os(root: ET.Element, d: Domain) -> None:
+    os_el = sub(root, "os")
+    if isinstance(d.boot, FirmwareBoot) and d.boot.firmware == "efi":
+        os_el.set("firmware", "efi")
+    sub(os_el, "type", "hvm", arch=d.arch, machine=d.machine)
+    if isinstance(d.boot, DirectBoot):
+        sub(os_el, "kernel", str(d.boot.kernel))
+        sub(os_el, "initrd", str(d.boot.initrd))
+        sub(os_el, "cmdline", d.boot.cmdline)
+    else:
+        if d.boot.firmware == "efi":
+            sub(sub(os_el, "firmware"), "feature", enabled="no", name="secure-boot")
+        sub(os_el, "boot", dev="hd")
+
+
+def _read_os(root: ET.Element) -> dict[str, Any]:
+    os_el = root.find("os")
+    boot: DirectBoot | FirmwareBoot = (
+        DirectBoot(Path(req(root, "os/kernel")), Path(req(root, "os/initrd")), req(root, "os/cmdline"))
+        if root.find("os/kernel") is not None
+        else FirmwareBoot("efi" if os_el is not None and os_el.get("firmware") == "efi" else "bios"))
+    return {"boot": boot, "machine": req(root, "os/type", "machine"), "arch": req(root, "os/type", "arch")}
+
+
+def _write_devices(root: ET.Element, d: Domain) -> None:
+    devices = sub(root, "devices")
+    devices.append(d.root_controller.to_xml())
+    for device in d.devices:
+        devices.append(device.to_xml())
+    if d.viommu is not None:
+        devices.append(emit(Viommu.tag, d.viommu))
+
+
+def _read_devices(root: ET.Element) -> dict[str, Any]:
+    devices: list[Device] = []
+    root_controller = PcieRoot()
+    for el in root.find("devices") or []:
+        if el.tag == "controller" and el.get("model") == "pcie-root":
+            root_controller = PcieRoot.from_xml(el)
+        elif el.tag in DEVICE_PARSERS and not (el.tag == "serial" and el.get("type") not in ("file", "pty")):
+            devices.append(DEVICE_PARSERS[el.tag](el))
+    iommu = root.find("devices/iommu[@model='intel']")
+    return {"devices": tuple(devices), "root_controller": root_controller,
+            "viommu": parse(iommu, Viommu) if iommu is not None else None}
+
+
+def _write_qemu_args(root: ET.Element, d: Domain) -> None:
+    args = [*(d.network.qemu_args() if d.network else []), *d.extra_qemu_args]
+    if args:
+        cmdline = sub(root, f"{{{QEMU_NS}}}commandline")
+        for arg in args:
+            sub(cmdline, f"{{{QEMU_NS}}}arg", value=arg)
+
+
+def _read_qemu_args(root: ET.Element) -> dict[str, Any]:
+    args = [a.get("value", "") for a in root.iterfind(f"{{{QEMU_NS}}}commandline/{{{QEMU_NS}}}arg")]
+    return {"network": UserNetwork.from_args(args), "extra_qemu_args": _extra_args(args)}
+
+
+@dataclass(frozen=True)
 class Domain:
+    """A libvirt domain, as values: what each is, the designer decides (the defaults are libvirt's own)."""
+
+    xml: ClassVar[tuple[Item, ...]] = (
+        Value("accel", ".", "type", enum_of(Accel)), Value("name", "name"), Value("uuid", "uuid"),
+        Custom(("metadata",), _write_metadata, _read_metadata),
+        Quantity("memory_mib", "memory", "MiB"), Value("vcpus", "vcpu", conv=INT), Nested("tuning", ".", Tuning),
+        Custom(("boot", "machine", "arch"), _write_os, _read_os),
+        Flag("acpi", "features/acpi"), Value("cpu_mode", "cpu", "mode", enum_of(CpuMode)),
+        Value("on_poweroff", "on_poweroff"), Value("on_reboot", "on_reboot"), Value("on_crash", "on_crash"),
+        Custom(("root_controller", "devices", "viommu"), _write_devices, _read_devices),
+        Custom(("network", "extra_qemu_args"), _write_qemu_args, _read_qemu_args))
     name: str
     accel: Accel
     memory_mib: int
@@ -177,92 +272,20 @@ class Domain:
     network: UserNetwork | None = None
     metadata: tuple[tuple[str, str], ...] = ()
     tuning: Tuning = field(default_factory=Tuning)
+    acpi: bool = False
+    on_poweroff: str = "destroy"
+    on_reboot: str = "restart"
+    on_crash: str = "destroy"
     # A virtual Intel IOMMU, so the guest can itself use VFIO (nested passthrough, or testing vfio/ on a real kernel).
-    viommu: bool = False
+    viommu: Viommu | None = None
     # Further QEMU arguments after the network's, for emulated devices libvirt has no element for (QEMU's edu).
     extra_qemu_args: tuple[str, ...] = ()
 
     def to_xml(self) -> str:
-        root = ET.Element("domain", type=self.accel.value)
-        sub(root, "name", self.name)
-        if self.uuid:
-            sub(root, "uuid", self.uuid)
-        if self.metadata:
-            vm = sub(sub(root, "metadata"), f"{{{HVCTL_NS}}}vm")
-            for key, value in self.metadata:
-                sub(vm, f"{{{HVCTL_NS}}}{key}", value)
-        sub(root, "memory", str(self.memory_mib), unit="MiB")
-        sub(root, "vcpu", str(self.vcpus))
-        self.tuning.append_to(root)
-        os_el = sub(root, "os")
-        if isinstance(self.boot, FirmwareBoot) and self.boot.firmware == "efi":
-            os_el.set("firmware", "efi")
-        sub(os_el, "type", "hvm", arch=self.arch, machine=self.machine)
-        if isinstance(self.boot, DirectBoot):
-            sub(os_el, "kernel", str(self.boot.kernel))
-            sub(os_el, "initrd", str(self.boot.initrd))
-            sub(os_el, "cmdline", self.boot.cmdline)
-        else:
-            if self.boot.firmware == "efi":
-                sub(sub(os_el, "firmware"), "feature", enabled="no", name="secure-boot")
-            sub(os_el, "boot", dev="hd")
-        sub(sub(root, "features"), "acpi")
-        sub(root, "cpu", mode=self.cpu_mode.value)
-        sub(root, "on_poweroff", "destroy")
-        sub(root, "on_reboot", "restart")
-        sub(root, "on_crash", "destroy")
-        devices = sub(root, "devices")
-        devices.append(self.root_controller.to_xml())
-        for device in self.devices:
-            devices.append(device.to_xml())
-        if self.viommu:
-            # caching_mode: the guest's own VFIO needs QEMU to see its IOTLB updates; interrupt remapping would
-            # need a split irqchip, which TCG guests do not need here.
-            iommu = sub(devices, "iommu", model="intel")
-            sub(iommu, "driver", intremap="off", caching_mode="on")
-        args = [*(self.network.qemu_args() if self.network else []), *self.extra_qemu_args]
-        if args:
-            cmdline = sub(root, f"{{{QEMU_NS}}}commandline")
-            for arg in args:
-                sub(cmdline, f"{{{QEMU_NS}}}arg", value=arg)
+        root = emit("domain", self)
         ET.indent(root)
         return ET.tostring(root, encoding="unicode") + "\n"
 
     @classmethod
     def from_xml(cls, xml: str) -> Self:
-        root = ET.fromstring(xml)
-        devices: list[Device] = []
-        root_controller = PcieRoot()
-        for el in root.find("devices") or []:
-            if el.tag == "controller" and el.get("model") == "pcie-root":
-                root_controller = PcieRoot.from_xml(el)
-            elif el.tag in DEVICE_PARSERS and not (el.tag == "serial" and el.get("type") not in ("file", "pty")):
-                devices.append(DEVICE_PARSERS[el.tag](el))
-        args = [a.get("value", "") for a in root.iterfind(f"{{{QEMU_NS}}}commandline/{{{QEMU_NS}}}arg")]
-        meta = root.find(f"metadata/{{{HVCTL_NS}}}vm")
-        memory = root.find("memory")
-        memory_mib = in_unit(req(root, "memory"), memory.get("unit") if memory is not None else None, "MiB")
-        cpu = root.find("cpu")
-        os_el = root.find("os")
-        boot: DirectBoot | FirmwareBoot = (
-            DirectBoot(Path(req(root, "os/kernel")), Path(req(root, "os/initrd")), req(root, "os/cmdline"))
-            if root.find("os/kernel") is not None
-            else FirmwareBoot("efi" if os_el is not None and os_el.get("firmware") == "efi" else "bios"))
-        return cls(
-            name=req(root, "name"),
-            accel=Accel(req(root, ".", "type")),
-            memory_mib=memory_mib,
-            vcpus=int(req(root, "vcpu")),
-            boot=boot,
-            machine=req(root, "os/type", "machine"),
-            arch=req(root, "os/type", "arch"),
-            cpu_mode=CpuMode(cpu.get("mode", "maximum")) if cpu is not None else CpuMode.MAXIMUM,
-            uuid=root.findtext("uuid"),
-            devices=tuple(devices),
-            root_controller=root_controller,
-            network=UserNetwork.from_args(args),
-            viommu=root.find("devices/iommu[@model='intel']") is not None,
-            extra_qemu_args=_extra_args(args),
-            metadata=tuple((child.tag.split("}")[1], child.text or "") for child in (meta if meta is not None else [])),
-            tuning=Tuning.from_xml(root),
-        )
+        return parse(ET.fromstring(xml), cls)

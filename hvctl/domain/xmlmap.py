@@ -13,6 +13,7 @@ model). Paths are ElementTree paths below the element ("." is the element itself
 - ``Flag(field, path)``: True is an empty element there, False its absence.
 - ``Pairs(field, path, key, value)``: a tuple of pairs as repeated elements, each with two attributes.
 - ``Nested(field, path, cls)``: an object of a class with its own declarations, in the element at ``path``.
+- ``Custom(fields, write, read)``: fields whose XML is not one value in one place, by two functions.
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ from xml.etree import ElementTree as ET
 Conv = tuple[Callable[[Any], str], Callable[[str], Any]]
 TEXT: Conv = (str, str)
 INT: Conv = (str, int)
+
+
+def enum_of(cls: Callable[[str], Any]) -> Conv:
+    return (lambda v: str(v.value), cls)
 
 
 def hex_width(width: int) -> Conv:
@@ -92,7 +97,18 @@ class Nested:
     cls: type[HasXml]
 
 
-Item = Fixed | Value | Quantity | Flag | Pairs | Nested
+@dataclass(frozen=True)
+class Custom:
+    """Fields whose XML is not one value in one place (a variant, a namespace, QEMU's argument list), written and
+    read by the two functions given: the one place for them. ``write(element, obj)``; ``read(element)`` returns the
+    fields."""
+
+    fields: tuple[str, ...]
+    write: Callable[[ET.Element, Any], None]
+    read: Callable[[ET.Element], dict[str, Any]]
+
+
+Item = Fixed | Value | Quantity | Flag | Pairs | Nested | Custom
 
 
 class HasXml(Protocol):
@@ -126,6 +142,9 @@ def write(el: ET.Element, obj: object, items: tuple[Item, ...]) -> ET.Element:
                 target.set(name, value)
             if item.text is not None:
                 target.text = item.text
+            continue
+        if isinstance(item, Custom):
+            item.write(el, obj)
             continue
         value = getattr(obj, item.field)
         if isinstance(item, Value):
@@ -179,6 +198,9 @@ def fields_of(el: ET.Element, cls: type) -> dict[str, Any]:
     for item in cls.xml:  # type: ignore[attr-defined]
         if isinstance(item, Fixed):
             continue
+        if isinstance(item, Custom):
+            found.update(item.read(el))
+            continue
         at = el if item.path == "." else el.find(item.path)
         if isinstance(item, Flag):
             found[item.field] = at is not None
@@ -207,4 +229,6 @@ def parse(el: ET.Element, cls: type[T]) -> T:
 
 def declared_fields(cls: type) -> list[str]:
     """The fields ``cls`` declares, in order (a test checks every one is exercised by some golden file)."""
-    return [item.field for item in cls.xml if not isinstance(item, Fixed)]  # type: ignore[attr-defined]
+    items = cls.xml  # type: ignore[attr-defined]
+    return [f for item in items if not isinstance(item, Fixed)
+            for f in (item.fields if isinstance(item, Custom) else (item.field,))]

@@ -357,7 +357,7 @@ class Host:
         probe = Domain(
             name=f"hvctl-accel-probe-{int(time.time() * 1000) % 10**9}", accel=Accel.KVM, memory_mib=128, vcpus=1,
             boot=DirectBoot(Path(kernel), Path(initrd), f"console=ttyS0 panic=-1 hvctl.probe {PROBE_MARKER.lower()}"),
-            devices=(SerialConsole(Path(console)),),
+            devices=(SerialConsole(Path(console)),), acpi=True,
         )
         try:
             # A transient domain: it vanishes when it powers off or is destroyed, leaving nothing defined.
