@@ -9,6 +9,7 @@ import dataclasses
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from guest.rpc import AGENT_CHANNEL
 from hvctl.domain import (
@@ -30,6 +31,9 @@ from hvctl.domain import (
 )
 from hvctl.domain.devices import TENANT_FILTER, TENANT_MTU, Device, tenant_server
 from hvctl.spec import VMSpec
+
+if TYPE_CHECKING:
+    from hvctl.host.capabilities import Capabilities
 
 CFS_PERIOD_US = 100_000
 # The user-mode NIC's slot on pcie.0.
@@ -72,6 +76,16 @@ class HostCapabilities:
     # Whether libvirt may set a memory hard limit there: it must raise RLIMIT_MEMLOCK for QEMU, which needs
     # CAP_SYS_RESOURCE; sandboxes without it refuse every domain that has <memtune><hard_limit>.
     memory_limits: bool = True
+
+    @classmethod
+    def of(cls, name: str, caps: Capabilities, accel: Accel | None = None,
+           memory_limits: bool = True) -> HostCapabilities:
+        """From the host's libvirt capabilities. ``accel`` is the accelerator probe's verdict: libvirt offers "kvm"
+        wherever /dev/kvm opens, which a nested hypervisor's /dev/kvm does without running a guest."""
+        if accel is None:
+            accel = Accel.KVM if "kvm" in caps.domain_types else Accel.TCG
+        return cls(name=name, accel=accel, arch=caps.arch, cpus=caps.cpus, memory_mib=caps.memory_mib,
+                   memory_limits=memory_limits)
 
 
 @dataclass(frozen=True)

@@ -283,7 +283,12 @@ def test_list_reads_the_ledger_without_importing_pydantic(tmp_path: Path) -> Non
     (view,) = json.loads(result.stdout)["vms"]
     assert (view["vcpus"], view["memory_mib"], view["disk_gib"]) == (2, 768, 3)
     assert view["spec"] == VMSpec(name="test", vcpus=2, memory_mib=768, disk_gib=3).model_dump(mode="json")
-    assert json.loads(hvctl_env(state, env, "show", "test", "--json").stdout)["spec"] == view["spec"]
+    shown = json.loads(hvctl_env(state, env, "show", "test", "--json").stdout)
+    assert shown["spec"] == view["spec"]
+    # show's typed detail writes the list's view of the VM and what only show tells.
+    assert set(shown) == set(view) | {"events", "enforcement", "last_migration", "snapshots", "network", "operation"}
+    assert shown["enforcement"]["error"] == "no local QEMU process found for this domain"  # test:///default's VM
+    assert "vcpus" in hvctl_env(state, env, "show", "test").stdout
 
 
 def test_every_error_has_its_own_exit_status_and_the_readme_table_is_the_codes() -> None:

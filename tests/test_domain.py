@@ -9,10 +9,16 @@ import pytest
 from hvctl.designer import BootArtifacts, HostCapabilities, VMAllocation, design
 from hvctl.domain import Accel, CpuMode, Domain, FirmwareBoot, PciAddress, PciHostdev
 from hvctl.errors import NotFound
-from hvctl.host import DomainState, Host
+from hvctl.host import DomainState, Host, capabilities
 from hvctl.spec import VMSpec
 
 GOLDEN = Path(__file__).parent / "golden"
+# libvirt's capabilities as recorded on this project's build machine (libvirt 9.0.0, QEMU 7.2): by a daemon that
+# does not see /dev/kvm, and by one that does (libvirt then offers "kvm"; hvctl's boot probe finds it unusable there).
+TCG_ONLY = capabilities.parse((GOLDEN / "caps" / "tcg-only.xml").read_text())
+KVM_OFFERED = capabilities.parse((GOLDEN / "caps" / "kvm-offered.xml").read_text())
+TCG_HOST = HostCapabilities.of("local", TCG_ONLY)
+KVM_HOST = HostCapabilities.of("local", KVM_OFFERED)
 BOOT = BootArtifacts(Path("/var/lib/hvctl/images/minimal@0123/vmlinuz"),
                      Path("/var/lib/hvctl/images/minimal@0123/initrd.img"))
 
@@ -23,47 +29,47 @@ def alloc(name: str, **extra: object) -> VMAllocation:
 
 
 CASES = {
-    "tcg-minimal": (VMSpec(name="tiny"), HostCapabilities("local", Accel.TCG), BOOT, alloc("tiny")),
+    "tcg-minimal": (VMSpec(name="tiny"), TCG_HOST, BOOT, alloc("tiny")),
     "kvm-4cpu-disk-root": (
         VMSpec(name="big-1", tenant="acme", vcpus=4, memory_mib=8192, disk_gib=20, image="base"),
-        HostCapabilities("local", Accel.KVM),
+        KVM_HOST,
         BootArtifacts(BOOT.kernel, BOOT.initrd, root_on_disk=True),
         alloc("big-1"),
     ),
     "kvm-tuned": (
         VMSpec(name="tuned", vcpus=2, memory_mib=2048, cpu_limit=1.5, pin_cpus=(2, 3), io_weight=300, numa_node=0),
-        HostCapabilities("local", Accel.KVM), BOOT, alloc("tuned"),
+        KVM_HOST, BOOT, alloc("tuned"),
     ),
     "tcg-viommu-edu": (
-        VMSpec(name="l1", viommu=True), HostCapabilities("local", Accel.TCG), BOOT, alloc("l1"),
+        VMSpec(name="l1", viommu=True), TCG_HOST, BOOT, alloc("l1"),
     ),
     "tcg-bridge-nic": (
         VMSpec(name="web", network={"bridge": "br-prod", "address": "198.18.77.10/24", "gateway": "198.18.77.1"}),
-        HostCapabilities("local", Accel.TCG), BOOT, alloc("web"),
+        TCG_HOST, BOOT, alloc("web"),
     ),
     "tcg-libvirt-network-nic": (
-        VMSpec(name="natted", network={"network": "default"}), HostCapabilities("local", Accel.TCG), BOOT,
+        VMSpec(name="natted", network={"network": "default"}), TCG_HOST, BOOT,
         alloc("natted"),
     ),
     "tcg-tenant-network-nic": (
         VMSpec(name="a1", tenant="acme", network={"network": "hvctl-net-blue", "tenant_network": "blue",
                                                   "address": "10.96.10.2/24"}),
-        HostCapabilities("local", Accel.TCG), BOOT, alloc("a1"),
+        TCG_HOST, BOOT, alloc("a1"),
     ),
     "tcg-gpu-hostdev": (
         VMSpec(name="gpu-vm", gpus={"count": 1, "model": "H100"}),
-        HostCapabilities("local", Accel.TCG), BOOT,
+        TCG_HOST, BOOT,
         alloc("gpu-vm", hostdevs=(PciHostdev(PciAddress.parse("0000:41:00.0")),
                                   PciHostdev(PciAddress.parse("0000:41:00.1"))), pcihole64_kib=256 * 1024 * 1024),
     ),
     "tcg-cloud-bios": (
         VMSpec(name="stock", image="debian-cloud", disk_gib=4),
-        HostCapabilities("local", Accel.TCG), BootArtifacts(BOOT.kernel, BOOT.initrd, True, firmware="bios"),
+        TCG_HOST, BootArtifacts(BOOT.kernel, BOOT.initrd, True, firmware="bios"),
         alloc("stock", seed=Path("/var/lib/hvctl/vms/stock/seed.iso")),
     ),
     "kvm-cloud-uefi-gpu": (
         VMSpec(name="stock-gpu", image="debian-cloud", disk_gib=40, gpus={"count": 1}),
-        HostCapabilities("local", Accel.KVM), BootArtifacts(BOOT.kernel, BOOT.initrd, True, firmware="efi"),
+        KVM_HOST, BootArtifacts(BOOT.kernel, BOOT.initrd, True, firmware="efi"),
         alloc("stock-gpu", hostdevs=(PciHostdev(PciAddress.parse("0000:41:00.0")),), pcihole64_kib=96 * 2**20),
     ),
 }
@@ -158,6 +164,27 @@ def test_designer_decisions() -> None:
     assert "hostfwd=tcp:127.0.0.1:22200-:22" in " ".join(tcg.network.qemu_args())
 
 
+def test_recorded_capabilities_read_as_libvirt_wrote_them(test_host: Host) -> None:
+    assert (TCG_ONLY.arch, TCG_ONLY.domain_types, TCG_ONLY.qemu_gid) == ("x86_64", {"qemu"}, 64055)
+    assert KVM_OFFERED.domain_types == {"qemu", "kvm"}
+    assert TCG_ONLY.cells == (capabilities.Cell(cpus=2, memory_mib=24683772 // 1024),)
+    assert (TCG_ONLY.cpus, TCG_ONLY.memory_mib) == (2, 24683772 // 1024)
+    assert TCG_ONLY.cpu_xml is not None and "<arch>x86_64</arch>" in TCG_ONLY.cpu_xml
+    assert (TCG_HOST.accel, KVM_HOST.accel, KVM_HOST.cpus) == (Accel.TCG, Accel.KVM, 2)
+    # The live reader is the same one: libvirt's test driver describes an i686 host with no NUMA topology.
+    live = test_host.capabilities()
+    assert (live.arch, live.domain_types, live.cells) == ("i686", {"test"}, ())
+    assert test_host.facts().domain_types == live.domain_types and test_host.capabilities() is live
+
+
+def test_the_accelerator_probe_overrules_what_libvirt_offers() -> None:
+    """This machine's libvirt offers "kvm" when it sees /dev/kvm, yet no guest boots under it (a nested hypervisor's
+    /dev/kvm): the probe's verdict, not the offer, decides the domain type and the CPU mode."""
+    spec, _, boot, allocation = CASES["kvm-4cpu-disk-root"]
+    domain = design(spec, HostCapabilities.of("local", KVM_OFFERED, Accel.TCG), boot, allocation)
+    assert (domain.accel, domain.cpu_mode) == (Accel.TCG, CpuMode.MAXIMUM)
+
+
 def test_tuning_maps_quotas_to_libvirt() -> None:
     tuned = design(*CASES["kvm-tuned"]).tuning
     assert (tuned.cpu_shares, tuned.global_period_us, tuned.global_quota_us) == (2048, 100_000, 150_000)
@@ -166,7 +193,7 @@ def test_tuning_maps_quotas_to_libvirt() -> None:
     assert tuned.memory_hard_limit_kib == (2048 + 256 + 40) * 1024
     assert (tuned.blkio_weight, tuned.numa_nodeset) == (300, "0")
     spec, host, boot, allocation = CASES["kvm-tuned"]
-    no_memlock = design(spec, HostCapabilities("local", Accel.KVM, memory_limits=False), boot, allocation)
+    no_memlock = design(spec, HostCapabilities.of("local", KVM_OFFERED, memory_limits=False), boot, allocation)
     assert no_memlock.tuning.memory_hard_limit_kib is None
     plain = design(*CASES["tcg-minimal"]).tuning
     assert plain.global_quota_us is None and plain.vcpupin == () and plain.numa_nodeset is None

@@ -260,7 +260,7 @@ def test_plan_orders_tenants_by_weighted_drf_and_names_refusals(state: Path) -> 
     requests = state / "requests.yaml"
     requests.write_text("requests:\n  - {name: a, tenant: acme, flavor: small, count: 6}\n"
                         "  - {name: g, tenant: globex, flavor: small, count: 6}\n")
-    result = plan(ctx, load_requests(ctx, requests))
+    result = plan(ctx, load_requests(ctx, requests)).as_json()
     decided = {r["name"]: r for r in result["requests"]}
     placed = [r for r in result["requests"] if r["host"]]
     # acme's quota (2048 MiB) stops it at 4 VMs; the host (3 CPUs x 2.0 overcommit = 6 vCPUs) takes 6 in all.
@@ -273,6 +273,15 @@ def test_plan_orders_tenants_by_weighted_drf_and_names_refusals(state: Path) -> 
     assert [r["tenant"] for r in first_three].count("acme") == 2
     assert ctx.ledger.vms.all() == []  # a dry run writes nothing
     ctx.close()
+    # The command prints the same plan: as JSON, and as tables.
+    env = os.environ | {"HVCTL_STATE_DIR": str(state), "HVCTL_CONNECT": "test:///h1", "NO_COLOR": "1",
+                        "COLUMNS": "200"}
+    cli = [sys.executable, "-m", "hvctl.cli", "plan", str(requests)]
+    as_json = subprocess.run([*cli, "--json"], capture_output=True, text=True, env=env, timeout=60)
+    assert as_json.returncode == 0, as_json.stderr
+    assert json.loads(as_json.stdout)["requests"] == result["requests"]
+    table = subprocess.run(cli, capture_output=True, text=True, env=env, timeout=60).stdout
+    assert "tenant acme: memory 512 MiB requested" in table and "h1" in table and "acme" in table
 
 
 BOMB = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(

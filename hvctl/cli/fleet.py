@@ -61,7 +61,7 @@ def host_list(as_json: JsonOpt = False) -> None:
     from hvctl.ops.hosts import host_view
 
     c = ctx()
-    c.capabilities(c.host_name)
+    c.capabilities()  # the host -c names: probed once, so that it is listed with its size
     views = [host_view(c, h.name) for h in c.ledger.hosts.all()]
     if as_json:
         emit_json([v.as_json() for v in views])
@@ -217,27 +217,27 @@ def plan(requests: Path, as_json: JsonOpt = False) -> None:
 
     c = ctx()
     specs = load_requests(c, requests)  # the file is checked before any host is asked
-    c.capabilities(c.host_name)
+    c.capabilities()  # the host -c names: probed once, so that the plan counts it
     result = make_plan(c, specs)
     if as_json:
-        emit_json(result)
+        emit_json(result.as_json())
         return
     table = Table("REQUEST", "TENANT", "VCPU", "MEM MiB", "HOST", "REFUSED BECAUSE")
-    for r in result["requests"]:
-        table.add_row(r["name"], r["tenant"], str(r["vcpus"]), str(r["memory_mib"]), r["host"] or "-",
-                      f"[red]{r['reason']}[/]" if r["reason"] else "")
+    for r in result.requests:
+        table.add_row(r.name, r.tenant, str(r.vcpus), str(r.memory_mib), r.decision.host or "-",
+                      f"[red]{r.decision.reason}[/]" if r.decision.reason else "")
     out.print(table)
     hosts = Table("HOST", "VCPU", "MEM MiB", "GPUS")
-    for h in result["hosts"]:
-        u, lim = h["used"], h["limit"]
-        hosts.add_row(h["name"], f"{u['vcpus']:g}/{lim['vcpus']:g}", f"{u['memory_mib']:g}/{lim['memory_mib']:g}",
-                      f"{u['gpus']:g}/{lim['gpus']:g}")
+    for h in result.hosts:
+        u, lim = h.used, h.limit
+        hosts.add_row(h.name, f"{u.vcpus:g}/{lim['vcpus']:g}", f"{u.memory_mib:g}/{lim['memory_mib']:g}",
+                      f"{u.gpus:g}/{lim['gpus']:g}")
     out.print(hosts)
     tenants = Table("TENANT", "WEIGHT", "VCPU", "MEM MiB", "VMS")
-    for t in result["tenants"]:
-        u, q = t["used"], t["quota"]
-        tenants.add_row(t["name"], f"{t['weight']:g}", f"{u['vcpus']:g}/{q['vcpus']}",
-                        f"{u['memory_mib']:g}/{q['memory_mib']}", f"{u['vms']:g}/{q['vms']}")
+    for t in result.tenants:
+        u, q = t.used, t.quota
+        tenants.add_row(t.name, f"{t.weight:g}", f"{u.vcpus:g}/{q.vcpus}", f"{u.memory_mib:g}/{q.memory_mib}",
+                        f"{u.vms:g}/{q.vms}")
     out.print(tenants)
 
 

@@ -155,47 +155,51 @@ def show(name: str, output: OutputOpt = None, as_json: JsonOpt = False) -> None:
     from hvctl.ops.inspect import show_vm
 
     fmt = output_format(output, as_json, ("table", "json", "yaml"))
-    data = show_vm(ctx(), name)
+    detail = show_vm(ctx(), name)
     if fmt != "table":
-        emit(data, fmt)
+        emit(detail.as_json(), fmt)
         return
+    r = detail.record
+    spec = r.spec
+    rows = (("name", r.name), ("tenant", r.tenant), ("host", r.host), ("state", r.state),
+            ("actual", detail.view.actual.value if detail.view.actual else "unreachable"), ("drift", detail.view.drift),
+            ("image", r.image), ("vcpus", spec.vcpus), ("memory_mib", spec.memory_mib), ("disk_gib", spec.disk_gib),
+            ("network", detail.network), ("ssh_port", r.ssh_port), ("overlay", r.overlay),
+            ("console_log", r.console_log), ("agent_socket", r.agent_socket))
     table = Table.grid(padding=(0, 2))
-    for key in ("name", "tenant", "host", "state", "actual", "drift", "image", "vcpus", "memory_mib", "disk_gib",
-                "network", "ssh_port", "overlay", "console_log", "agent_socket"):
-        value = data[key]
+    for key, value in rows:
         if key == "network" and value is None:
             continue
         table.add_row(f"[bold]{key}[/]", f"[red]{safe(value)}[/]" if key == "drift" and value else safe(value))
     out.print(table)
-    enforcement = data["enforcement"]
-    if enforcement and "enforced" in enforcement:
-        cfg, got = enforcement["configured"], enforcement["enforced"]
-        quota = f"{cfg['global_quota_us']}/{cfg['global_period_us']}" if cfg["global_quota_us"] else "none"
-        out.print(f"[bold]enforcement[/] (cgroup v{got['version']}, QEMU pid {enforcement['pid']}): "
-                  f"CPU quota configured {quota}, enforced {got['cpu_quota_us'] or 'none'}/{got['cpu_period_us']}; "
-                  f"memory hard limit configured {cfg['memory_hard_limit_kib'] or 'none'} KiB, "
-                  f"enforced {got['memory_limit_bytes'] or 'none'} bytes")
-        for problem in enforcement["mismatches"]:
+    report = detail.enforcement
+    if report and report.enforced:
+        cfg, got = report.configured, report.enforced
+        quota = f"{cfg.global_quota_us}/{cfg.global_period_us}" if cfg.global_quota_us else "none"
+        out.print(f"[bold]enforcement[/] (cgroup v{got.version}, QEMU pid {report.pid}): "
+                  f"CPU quota configured {quota}, enforced {got.cpu_quota_us or 'none'}/{got.cpu_period_us}; "
+                  f"memory hard limit configured {cfg.memory_hard_limit_kib or 'none'} KiB, "
+                  f"enforced {got.memory_limit_bytes or 'none'} bytes")
+        for problem in report.mismatches:
             out.print(f"  [red]mismatch: {problem}[/]")
-    if data["last_migration"]:
-        m = data["last_migration"]
+    if detail.last_migration:
+        m = detail.last_migration
         downtime = ("workloads resumed from checkpoints" if m["mode"] == "checkpoint"
                     else f"downtime {m['downtime_ms']} ms")
         out.print(f"[bold]last migration[/]: {m['total_s']} s total, {downtime}, "
                   f"{(m['bytes'] or 0) / 2**20:.1f} MiB, mode {m['mode']}")
-    if data["operation"]:
-        op = data["operation"]
-        progress = op["progress"] or {}
+    if detail.operation:
+        op = detail.operation
+        progress = op.progress or {}
         done = f", {progress['percent']:.0f}% after {progress['elapsed_s']} s" \
             if progress.get("percent") is not None else ""
-        out.print(f"[bold]in progress[/]: {safe(op['kind'])}" + (f" to {safe(op['target'])}" if op["target"] else "")
-                  + f" (step {safe(op['step'])}{done})")
-    if data["snapshots"]:
+        out.print(f"[bold]in progress[/]: {safe(op.kind)}" + (f" to {safe(op.target)}" if op.target else "")
+                  + f" (step {safe(op.step)}{done})")
+    if detail.snapshots:
         out.print("[bold]snapshots[/]: " + ", ".join(
-            f"{safe(s['name'])} ({'memory' if s['memory'] else 'disk'}, {s['disk_gib']:g} GiB)"
-            for s in data["snapshots"]))
+            f"{safe(s.name)} ({'memory' if s.memory else 'disk'}, {s.disk_gib:g} GiB)" for s in detail.snapshots))
     out.print("[bold]events[/]")
-    out.print(render_events(data["events"]))
+    out.print(render_events([{"ts": e.ts, "kind": e.kind, "message": e.message} for e in detail.events]))
 
 
 def render_events(events: list[dict[str, Any]]) -> str:

@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
-from xml.etree import ElementTree as ET
 
 import libvirt
 
@@ -21,7 +20,7 @@ from hvctl.console import PROBE_MARKER
 from hvctl.domain import Accel, DirectBoot, Domain, SerialConsole
 from hvctl.domain.model import HVCTL_NS
 from hvctl.errors import HostUnreachable, HypervisorError, NotFound
-from hvctl.host import devices, networks
+from hvctl.host import capabilities, devices, networks
 from hvctl.host._errors import _errors, _msg, _typed
 from hvctl.host.guest import STATE_MAP, ByteStream, ChannelBusy, DomainState, Guest
 from hvctl.host.storage import Pool, Volume, ensure_pool
@@ -182,37 +181,24 @@ class Host:
 
         return stop
 
+    def capabilities(self) -> capabilities.Capabilities:
+        """libvirt's capabilities of this host, read once per connection: with /dev/kvm visible, each
+        capabilities call makes libvirtd re-probe QEMU."""
+        if not hasattr(self, "_capabilities"):
+            with _errors("reading the host's capabilities"):
+                self._capabilities = capabilities.parse(self.conn.getCapabilities())
+        return self._capabilities
+
     def qemu_gid(self) -> int | None:
-        """The group QEMU runs as on this host: the gid of libvirt's DAC base label (``+64055:+64055`` on Debian,
-        the libvirt-qemu group), or None where the DAC driver is off or QEMU runs as root. Asked once per
-        connection: with /dev/kvm visible, each capabilities call makes libvirtd re-probe QEMU."""
-        if not hasattr(self, "_qemu_gid"):
-            caps = ET.fromstring(self.conn.getCapabilities())
-            label = next((el.text or "" for el in caps.iterfind("host/secmodel/baselabel")
-                          if el.get("type") == "qemu"), "")
-            _, _, gid = label.partition(":")
-            gid = gid.lstrip("+")
-            self._qemu_gid = int(gid) if gid.isdigit() and int(gid) != 0 else None
-        return self._qemu_gid
+        """The group QEMU runs as on this host: ``+64055:+64055`` on Debian (the libvirt-qemu group)."""
+        return self.capabilities().qemu_gid
 
     def facts(self) -> HostFacts:
-        caps = ET.fromstring(self.conn.getCapabilities())
+        caps = self.capabilities()
         info = self.conn.getInfo()  # [model, memory MiB, cpus, mhz, nodes, sockets, cores, threads]
-        types = frozenset(d.get("type", "") for d in caps.iterfind("guest/arch/domain"))
-        return HostFacts(arch=caps.findtext("host/cpu/arch") or "x86_64", cpus=int(info[2]),
-                         memory_mib=int(info[1]), domain_types=types, hostname=self.conn.getHostname(),
-                         libvirt_version=_version(self.conn.getLibVersion()),
-                         cpu_model=caps.findtext("host/cpu/model") or "")
-
-    def numa_cells(self) -> list[dict[str, int]]:
-        """Per NUMA cell: CPUs and memory (MiB), from the capabilities' host topology."""
-        caps = ET.fromstring(self.conn.getCapabilities())
-        cells = []
-        for cell in caps.iterfind("host/topology/cells/cell"):
-            memory = cell.find("memory")
-            kib = int(memory.text or 0) if memory is not None else 0
-            cells.append({"cpus": len(cell.findall("cpus/cpu")), "memory_mib": kib // 1024})
-        return cells
+        return HostFacts(arch=caps.arch, cpus=int(info[2]), memory_mib=int(info[1]), domain_types=caps.domain_types,
+                         hostname=self.conn.getHostname(), libvirt_version=_version(self.conn.getLibVersion()),
+                         cpu_model=caps.cpu_model)
 
     def pci_devices(self) -> NodeDeviceInventory:
         """The host's PCI functions, with drivers and IOMMU groups, from its libvirt's node devices."""
@@ -322,12 +308,11 @@ class Host:
 
     def cpu_compatible_with(self, dest: Host) -> tuple[bool, str]:
         """Can a guest started here run on ``dest``? libvirt compares this host's CPU model with dest's."""
-        caps = ET.fromstring(self.conn.getCapabilities())
-        cpu = caps.find("host/cpu")
+        cpu = self.capabilities().cpu_xml
         if cpu is None:
             return True, "no host CPU description to compare"
         with _errors("CPU comparison"):
-            result = dest.conn.compareCPU(ET.tostring(cpu, encoding="unicode"), 0)
+            result = dest.conn.compareCPU(cpu, 0)
         if result == libvirt.VIR_CPU_COMPARE_INCOMPATIBLE:
             return False, f"{dest.uri}'s CPU lacks features of {self.uri}'s"
         return True, "identical" if result == libvirt.VIR_CPU_COMPARE_IDENTICAL else "superset"

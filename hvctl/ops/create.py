@@ -30,7 +30,7 @@ def create(ctx: Context, spec: VMSpec, say: Say = quiet, options: BootOptions | 
     image = ctx.images.get(spec.image)
     image.verify()
     if spec.host is None:
-        ctx.capabilities(ctx.host_name)  # the connected host's capacity must be known to place on it
+        ctx.capabilities()  # the connected host's capacity must be known to place on it
         say("placing")
         spec = spec.model_copy(update={"host": choose_host(ctx.ledger, policy, spec)})
     assert spec.host is not None

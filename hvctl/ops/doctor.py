@@ -162,7 +162,7 @@ def _enforcement_check(ctx: Context) -> Check:
         except HostUnreachable:
             continue  # the hosts check says so; enforcement of another host is not read from here anyway
         if report:
-            problems += [f"{record.name}: {p}" for p in report.get("mismatches", [])]
+            problems += [f"{record.name}: {p}" for p in report.mismatches]
     return Check("enforcement", not problems,
                  "; ".join(problems) or "libvirt reports applied what was configured (and cgroups enforce it here)",
                  "check that libvirt's cgroup controllers are mounted and delegated" if problems else None)

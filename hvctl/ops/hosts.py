@@ -91,20 +91,20 @@ def add_host(ctx: Context, name: str, uri: str, underlay: str | None = None) -> 
             raise InvalidSpec(f"host {name}: pool {pool.name} at {pool.path} has {space.available // 2**20} MiB "
                               f"free, under the {MIN_POOL_FREE_BYTES // 2**30} GiB hvctl needs for an image",
                               hint="free space there, or adopt a larger pool under that name")
-        numa = probe.numa_cells()
+        cells = probe.capabilities().cells
         # This machine's GPUs are read (and bound) through sysfs, any other host's through its node devices.
         here = uri.startswith("test:") or identity.is_this_machine(uri, probe.conn, ctx.local_daemon_uuids())
         gpus = passthrough.inventory_rows(ctx, PciSysfs(ctx.gpu_env.sysfs_root) if here else probe.pci_devices())
     finally:
         probe.close()
     ctx.ledger.hosts.ensure(name, uri)
-    ctx.ledger.hosts.record_hardware(name, Hardware(tuple(NumaCell(**cell) for cell in numa), gpus))
+    ctx.ledger.hosts.record_hardware(name, Hardware(tuple(NumaCell(c.cpus, c.memory_mib) for c in cells), gpus))
     if underlay_address is not None:
         ctx.ledger.networks.set_underlay(name, underlay_address)
     caps = ctx.capabilities(name)
     pool_view = PoolView(pool.name, str(pool.path), made, space.capacity, space.available)
     ctx.ledger.events.log(None, name, "host.added", f"host {name} at {uri}: {facts.cpus} CPUs, {facts.memory_mib} MiB, "
-                                                   f"{len(numa)} NUMA cells, {len(gpus)} GPUs, {caps.accel.value}")
+                                                   f"{len(cells)} NUMA cells, {len(gpus)} GPUs, {caps.accel.value}")
     return HostAdded(host_view(ctx, name), pool_view, facts.libvirt_version, facts.cpu_model, facts.hostname,
                      migration)
 

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 from xml.etree import ElementTree as ET
 
 from hvctl.context import Context
 from hvctl.domain import Tuning
-from hvctl.enforcement import QemuCgroups, find_qemu_pid, libvirt_mismatches, mismatches
+from hvctl.domain.tuning import LiveTuning
+from hvctl.enforcement import Enforced, QemuCgroups, find_qemu_pid, libvirt_mismatches, mismatches
 from hvctl.errors import HostUnreachable
 from hvctl.host import DomainState
-from hvctl.ledger import VMRecord, VMState
+from hvctl.ledger import Event, OperationRecord, SnapshotRecord, VMRecord, VMState
 from hvctl.ops.intent import holder_alive
 
 # Ledger state → the libvirt states that agree with it.
@@ -109,45 +111,87 @@ def drift_report(ctx: Context) -> list[Drift]:
     return [Drift(v.record.name, v.record.host, v.drift) for v in views if v.drift] + orphans + unreachable
 
 
-def enforcement_report(ctx: Context, record: VMRecord) -> dict[str, Any] | None:
-    """For a running VM on any host: its configured tuning next to what its host's libvirt reports applied, and
-    on this machine also what its QEMU process's cgroups enforce; None when it is not running."""
+@dataclass(frozen=True)
+class EnforcementReport:
+    """A running VM's configured tuning next to what its host's libvirt reports applied, and on this machine what
+    its QEMU process's cgroups enforce (``pid``/``enforced``, or ``error`` when no QEMU process was found)."""
+
+    configured: Tuning
+    live: LiveTuning
+    mismatches: tuple[str, ...]
+    pid: int | None = None
+    enforced: Enforced | None = None
+    error: str | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        return ({"configured": dict(self.configured.__dict__), "libvirt": self.live.as_dict(),
+                 "mismatches": list(self.mismatches)}
+                | ({"error": self.error} if self.error else {})
+                | ({"pid": self.pid, "enforced": self.enforced.as_dict()} if self.enforced else {}))
+
+
+def enforcement_report(ctx: Context, record: VMRecord) -> EnforcementReport | None:
+    """For a running VM on any host: its enforcement report; None when it is not running."""
     guest = ctx.host(record.host).find_guest(record.name)
     if guest is None or guest.state() is not DomainState.RUNNING:
         return None
     configured = Tuning.from_xml(ET.fromstring(guest.xml()))  # only the tuning: any domain has one, or none
     live = guest.live_tuning()
-    report: dict[str, Any] = {"configured": dict(configured.__dict__), "libvirt": live.as_dict(),
-                              "mismatches": libvirt_mismatches(configured, live)}
-    if ctx.is_this_machine(record.host):
-        pid = find_qemu_pid(record.name)
-        if pid is None:
-            report["error"] = "no local QEMU process found for this domain"
-        else:
-            enforced = QemuCgroups(pid).enforced()
-            report |= {"pid": pid, "enforced": enforced.as_dict()}
-            report["mismatches"] += mismatches(configured, enforced)
-    return report
+    report = EnforcementReport(configured, live, tuple(libvirt_mismatches(configured, live)))
+    if not ctx.is_this_machine(record.host):
+        return report
+    pid = find_qemu_pid(record.name)
+    if pid is None:
+        return dataclasses.replace(report, error="no local QEMU process found for this domain")
+    enforced = QemuCgroups(pid).enforced()
+    return dataclasses.replace(report, pid=pid, enforced=enforced,
+                               mismatches=(*report.mismatches, *mismatches(configured, enforced)))
 
 
-def show_vm(ctx: Context, name: str) -> dict[str, Any]:
-    """Everything hvctl knows about one VM (`hvctl show`): its ledger record, libvirt's state and any drift between
-    them, its last events, enforcement, last migration, snapshots, production network and operation in progress."""
+@dataclass(frozen=True)
+class VMDetail:
+    """Everything hvctl knows about one VM (`hvctl show`)."""
+
+    view: VMView
+    events: tuple[Event, ...]
+    enforcement: EnforcementReport | None
+    last_migration: dict[str, Any] | None  # the migration.completed event's data, as the migration recorded it
+    snapshots: tuple[SnapshotRecord, ...]
+    network: str | None  # the production network, in words
+    operation: OperationRecord | None
+
+    @property
+    def record(self) -> VMRecord:
+        return self.view.record
+
+    def as_json(self) -> dict[str, Any]:
+        op = self.operation
+        return self.view.as_dict() | {
+            "events": [{"ts": e.ts, "kind": e.kind, "message": e.message} for e in self.events],
+            "enforcement": self.enforcement.as_json() if self.enforcement else None,
+            "last_migration": self.last_migration,
+            "snapshots": [s.as_dict() for s in self.snapshots],
+            "network": self.network,
+            "operation": None if op is None else {"kind": op.kind, "step": op.step, "target": op.target,
+                                                  "started_at": op.started_at, "progress": op.progress},
+        }
+
+
+def show_vm(ctx: Context, name: str) -> VMDetail:
+    """One VM: its ledger record, libvirt's state and any drift between them, its last events, enforcement, last
+    migration, snapshots, production network and operation in progress."""
     record = ctx.ledger.vms.get(name)
     actual = ctx.host(record.host).state(name)
     net = record.spec.network
-    return record.as_dict() | {
-        "actual": actual.value,
-        "drift": describe_drift(record, actual),
-        "events": [{"ts": e.ts, "kind": e.kind, "message": e.message} for e in ctx.ledger.events.recent(name, 20)],
-        "enforcement": enforcement_report(ctx, record),
-        "last_migration": ctx.ledger.events.last_data(name, "migration.completed"),
-        "snapshots": [s.as_dict() for s in ctx.ledger.snapshots.all(name)],
-        "network": None if net is None else (
+    return VMDetail(
+        view=VMView(record, actual, describe_drift(record, actual)),
+        events=tuple(ctx.ledger.events.recent(name, 20)),
+        enforcement=enforcement_report(ctx, record),
+        last_migration=ctx.ledger.events.last_data(name, "migration.completed"),
+        snapshots=tuple(ctx.ledger.snapshots.all(name)),
+        network=None if net is None else (
             f"tenant network {net.tenant_network}, {net.address}" if net.tenant_network else
             f"{'bridge ' + net.bridge if net.bridge else 'libvirt network ' + str(net.network)}, "
             f"{net.address or 'address by the guest'}"),
-        "operation": next(({"kind": op.kind, "step": op.step, "target": op.target,
-                            "started_at": op.started_at, "progress": op.progress}
-                           for op in ctx.ledger.operations.all() if op.vm == name), None),
-    }
+        operation=next((op for op in ctx.ledger.operations.all() if op.vm == name), None),
+    )

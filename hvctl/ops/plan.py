@@ -6,6 +6,7 @@ Dominant Resource Fairness and placed by the scheduler. Nothing is written.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from hvctl.accounting import Usage, first_excess, host_footprint, tenant_charge
 from hvctl.context import Context
 from hvctl.errors import InvalidSpec
 from hvctl.placement import host_allowance, inventory, placement_request
+from hvctl.policy import Quota
 from hvctl.scheduler import Scheduler
 from hvctl.scheduler.drf import progressive_filling
 from hvctl.scheduler.model import PlacementRequest
@@ -62,7 +64,56 @@ def load_requests(ctx: Context, path: Path) -> list[VMSpec]:
     return specs
 
 
-def plan(ctx: Context, specs: list[VMSpec]) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Decision:
+    host: str | None  # None: refused
+    order: int  # the order in which the fairness took it
+    reason: str | None  # the scheduler's reason for the host, or why it was refused
+
+
+@dataclass(frozen=True)
+class PlannedRequest:
+    name: str
+    tenant: str
+    vcpus: int
+    memory_mib: int
+    decision: Decision
+
+
+@dataclass(frozen=True)
+class PlannedHost:
+    name: str
+    used: Usage
+    limit: dict[str, float | None]  # placement.host_allowance
+
+
+@dataclass(frozen=True)
+class PlannedTenant:
+    name: str
+    weight: float
+    dominant_share: float
+    used: Usage
+    quota: Quota
+
+
+@dataclass(frozen=True)
+class Plan:
+    requests: tuple[PlannedRequest, ...]
+    hosts: tuple[PlannedHost, ...]
+    tenants: tuple[PlannedTenant, ...]
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "requests": [{"name": r.name, "tenant": r.tenant, "vcpus": r.vcpus, "memory_mib": r.memory_mib,
+                          "host": r.decision.host, "order": r.decision.order, "reason": r.decision.reason}
+                         for r in self.requests],
+            "hosts": [{"name": h.name, "used": h.used.as_dict(), "limit": h.limit} for h in self.hosts],
+            "tenants": [{"name": t.name, "weight": t.weight, "dominant_share": t.dominant_share,
+                         "used": t.used.as_dict(), "quota": t.quota.model_dump()} for t in self.tenants],
+        }
+
+
+def plan(ctx: Context, specs: list[VMSpec]) -> Plan:
     """The scheduler's weighted DRF (``scheduler.drf.progressive_filling``): repeatedly take the next request of the
     tenant with the lowest weighted dominant share (its largest fraction of any cluster resource, divided by its
     weight; ties to the tenant first by name), refuse it if it would exceed the tenant's quota, else let the scheduler
@@ -78,15 +129,15 @@ def plan(ctx: Context, specs: list[VMSpec]) -> dict[str, Any]:
     scheduler = Scheduler([inventory(ledger, policy, h) for h in hosts], policy.placement.mode)
     host_used = {h.name: ledger.host_usage(h.name) for h in hosts}
     by_name = {spec.name: spec for spec in specs}
-    decisions: dict[str, dict[str, Any]] = {}
+    decisions: dict[str, Decision] = {}
 
     def admit(request: PlacementRequest) -> bool:
         spec = by_name[request.id]
         refusal = first_excess(f"tenant {spec.tenant}", tenant_charge(spec), usage[spec.tenant],
                                policy.tenants[spec.tenant].quota.model_dump())
         placed = scheduler.place_one(request) if not refusal and hosts else None
-        decisions[spec.name] = {"host": placed.host if placed else None, "order": len(decisions) + 1,
-                                "reason": refusal or (placed.reason if placed else "no host is registered")}
+        decisions[spec.name] = Decision(placed.host if placed else None, len(decisions) + 1,
+                                        refusal or (placed.reason if placed else "no host is registered"))
         if placed is None or placed.host is None:
             return False
         usage[spec.tenant] = usage[spec.tenant] + tenant_charge(spec)
@@ -99,16 +150,12 @@ def plan(ctx: Context, specs: list[VMSpec]) -> dict[str, Any]:
         [placement_request(s, policy) for s in ordered], capacity, {t: policy.tenants[t].weight for t in usage},
         try_admit=admit, initial_usage={t: _charged(u) for t, u in usage.items()},
         amounts=[_charged(tenant_charge(s)) for s in ordered])
-    return {
-        "requests": [{"name": s.name, "tenant": s.tenant, "vcpus": s.vcpus, "memory_mib": s.memory_mib,
-                      **decisions[s.name]} for s in specs],
-        "hosts": [{"name": h.name, "used": host_used[h.name].as_dict(), "limit": lim}
-                  for h, lim in zip(hosts, limits, strict=True)],
-        "tenants": [{"name": t, "weight": policy.tenants[t].weight,
-                     "dominant_share": round(outcome.weighted_shares.get(t, 0.0), 4),
-                     "used": usage[t].as_dict(), "quota": policy.tenants[t].quota.model_dump()}
-                    for t in sorted(policy.tenants)],
-    }
+    return Plan(
+        requests=tuple(PlannedRequest(s.name, s.tenant, s.vcpus, s.memory_mib, decisions[s.name]) for s in specs),
+        hosts=tuple(PlannedHost(h.name, host_used[h.name], lim) for h, lim in zip(hosts, limits, strict=True)),
+        tenants=tuple(PlannedTenant(t, policy.tenants[t].weight, round(outcome.weighted_shares.get(t, 0.0), 4),
+                                    usage[t], policy.tenants[t].quota) for t in sorted(policy.tenants)),
+    )
 
 
 def _charged(usage: Usage) -> tuple[float, float, float, float]:
