@@ -245,8 +245,23 @@ def rebind_vm(ctx: Context, env: GpuEnvironment, vm: str, host: str) -> list[str
     return stray
 
 
+@dataclass(frozen=True)
+class Released:
+    """What `hvctl gpu release` gave back: the GPU, every function moved back to its host driver, the VMs that
+    had held them, and the functions that no longer answer (``needs_host_reboot``)."""
+
+    gpu: str
+    released: tuple[str, ...]
+    vms: tuple[str, ...]
+    needs_host_reboot: tuple[str, ...]
+
+    def as_json(self) -> dict[str, Any]:
+        return {"gpu": self.gpu, "released": list(self.released), "vms": list(self.vms),
+                "needs_host_reboot": list(self.needs_host_reboot)}
+
+
 def release_address(ctx: Context, env: GpuEnvironment, address: str, host: str,
-                    running: Callable[[], set[str]]) -> dict[str, Any]:
+                    running: Callable[[], set[str]]) -> Released:
     """``hvctl gpu release ADDR``: give back a GPU (all its functions) whose VM hvctl no longer has (its ledger row
     is gone, as after a crash). ``running`` names the VMs that keep their GPUs, the host's VMs in the ledger,
     running or stopped: only destroy releases theirs. It is asked only once the address is known to be bound."""
@@ -267,7 +282,7 @@ def release_address(ctx: Context, env: GpuEnvironment, address: str, host: str,
     done = binder(ctx, env, host, None).recover(entries)
     _forget_settled(ctx.ledger, host, [e.address for e in entries])
     dead = check_answers(ctx, env, host, done)
-    return {"gpu": gpu.address, "released": done, "vms": sorted(vms), "needs_host_reboot": dead}
+    return Released(gpu.address, tuple(done), tuple(sorted(vms)), tuple(dead))
 
 
 def repair(ctx: Context, env: GpuEnvironment, host: str, running: set[str]) -> list[str]:

@@ -280,7 +280,7 @@ def test_doctor_repair_returns_devices_a_crash_left_half_moved(rig: Rig) -> None
     assert rig.fake.driver(GPU) == "vfio-pci"  # the crash left it there
     assert rig.bindings()[GPU] == ("crashy", "bound")
     repaired = repair(rig.ctx)
-    assert set(repaired["gpus_returned"]) == {GPU, AUDIO}
+    assert set(repaired.gpus_returned) == {GPU, AUDIO}
     assert rig.fake.snapshot() == before and rig.bindings() == {}
 
 
@@ -299,7 +299,7 @@ def test_gpu_release_refuses_what_it_must_and_returns_a_gpu_whose_vm_is_gone(rig
     # A VM hvctl no longer has (its ledger row lost in a crash): the GPU, still on vfio-pci, can be given back.
     rig.ctx.ledger.vms.delete("keeper", "lost")
     done = release_address(rig.ctx, rig.ctx.gpu_env, GPU, "local", lambda: gpu_keepers(rig.ctx, "local"))
-    assert set(done["released"]) == {GPU, AUDIO} and rig.fake.driver(GPU) == "nvidia"
+    assert set(done.released) == {GPU, AUDIO} and rig.fake.driver(GPU) == "nvidia"
     assert rig.bindings() == {}
 
 
@@ -308,7 +308,7 @@ def test_a_stopped_gpu_vm_keeps_its_gpus_through_repair_and_a_host_reboot_and_st
     rig.create("sleeper", 1)
     stop(rig.ctx, "sleeper", timeout=5)
     assert rig.ctx.ledger.vms.get("sleeper").state == "stopped"
-    assert repair(rig.ctx)["gpus_returned"] == []  # a stopped VM's GPUs are not stranded
+    assert repair(rig.ctx).gpus_returned == ()  # a stopped VM's GPUs are not stranded
     assert rig.bindings() == {GPU: ("sleeper", "bound"), AUDIO: ("sleeper", "bound")}
     assert rig.ctx.ledger.host_usage("local").gpus == 1  # still allocated to it
     # The host reboots: the devices come back on their own drivers; the ledger still gives them to the VM.
@@ -365,12 +365,12 @@ def test_a_gpu_create_killed_after_any_step_is_rolled_back_and_its_devices_go_ho
     if step != "reserved":  # from "files" on, the devices were claimed and bound before the step was recorded
         assert rig.fake.driver(GPU) == "vfio-pci" and rig.bindings()[GPU] == ("killed", "bound")
     repaired = repair(rig.ctx)
-    (done,) = repaired["operations"]
-    assert done["outcome"] == "rolled back on local", done
+    (done,) = repaired.operations
+    assert done.outcome == "rolled back on local", done
     assert rig.fake.snapshot() == before and rig.bindings() == {}
     assert rig.ctx.ledger.vms.all() == [] and rig.ctx.ledger.operations.all() == []
     assert not rig.ctx.paths.vm_dir("killed").exists()
-    print(f"\n| create --gpus 1 (fake sysfs) | {step} | {done['outcome']}, its devices back on their host drivers "
+    print(f"\n| create --gpus 1 (fake sysfs) | {step} | {done.outcome}, its devices back on their host drivers "
           "| gone |")
 
 
@@ -381,8 +381,8 @@ def test_a_gpu_that_stops_answering_after_release_needs_a_host_reboot_and_is_not
     from hvctl.ops.gpus import list_gpus
 
     rig.create("gpu-vm", 1)
-    listed = {g["address"]: g for g in list_gpus(rig.fake.sys)["gpus"]}
-    assert listed[GPU]["reset_method"] == ["flr", "bus"] and listed[GPU]["health"] == "ok"
+    listed = {g.address: g for g in list_gpus(rig.fake.sys).gpus}
+    assert listed[GPU].reset_method == ("flr", "bus") and listed[GPU].health == "ok"
     rig.fake.fall_off_the_bus(GPU)
     destroy(rig.ctx, "gpu-vm")
     health = rig.ctx.ledger.gpus.health("local")
@@ -396,11 +396,11 @@ def test_a_gpu_that_stops_answering_after_release_needs_a_host_reboot_and_is_not
     # Neither the create path nor the scheduler's inventory counts it: the next GPU VM gets another device.
     rig.create("next", 1)
     assert rig.bindings().get(GPU) is None and GPU not in {a for a, (vm, _) in rig.bindings().items() if vm}
-    shown = {g["address"]: g for g in list_gpus(rig.fake.sys, health=rig.ctx.ledger.gpus.health("local"))["gpus"]}
-    assert shown[GPU]["health"] == "needs-host-reboot" and not shown[GPU]["passable"]
+    shown = {g.address: g for g in list_gpus(rig.fake.sys, health=rig.ctx.ledger.gpus.health("local")).gpus}
+    assert shown[GPU].health == "needs-host-reboot" and not shown[GPU].passable
     # A host reboot brings it back; doctor --repair sees it answer and places it again.
     (rig.fake.device_dir(GPU) / "config").write_bytes((0x10DE).to_bytes(2, "little") + bytes(62))
-    assert repair(rig.ctx)["gpus_revived"] == [GPU] and rig.ctx.ledger.gpus.health("local") == {}
+    assert repair(rig.ctx).gpus_revived == (GPU,) and rig.ctx.ledger.gpus.health("local") == {}
 
 
 def test_gpus_held_by_a_vm_are_not_free_in_the_schedulers_inventory(rig: Rig) -> None:

@@ -18,13 +18,14 @@ from hvctl.ops.gpus import list_gpus
 
 def test_gpu_list_reports_viability_and_why_not(tmp_path: Path) -> None:
     host = standard_host(tmp_path)
-    rows = {g["address"]: g for g in list_gpus(host.sys)["gpus"]}
+    rows = {g.address: g for g in list_gpus(host.sys).gpus}
     assert {GPU, H100, BMC_VGA, IDLE_GPU} <= set(rows)
-    assert rows[GPU]["passable"] and rows[GPU]["driver"] == "nvidia" and len(rows[GPU]["functions"]) == 2
-    assert not rows[H100]["passable"] and NIC in rows[H100]["why_not"] and "e1000e" in rows[H100]["why_not"]
-    assert rows[H100]["numa_node"] == 1
-    assert not rows[BMC_VGA]["passable"] and "boot VGA" in rows[BMC_VGA]["why_not"]
-    assert rows[IDLE_GPU]["passable"] and rows[IDLE_GPU]["driver"] is None
+    assert rows[GPU].passable and rows[GPU].driver == "nvidia" and len(rows[GPU].functions) == 2
+    assert not rows[H100].passable and NIC in (rows[H100].why_not or "") and "e1000e" in (rows[H100].why_not or "")
+    assert rows[H100].numa_node == 1
+    assert not rows[BMC_VGA].passable and "boot VGA" in (rows[BMC_VGA].why_not or "")
+    assert rows[IDLE_GPU].passable and rows[IDLE_GPU].driver is None
+    assert rows[GPU].as_json()["passable"] is True and rows[GPU].as_json()["functions"] == list(rows[GPU].functions)
 
 
 def test_gpu_list_cli_on_this_machine_finds_none_and_says_why(tmp_path: Path) -> None:

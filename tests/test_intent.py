@@ -247,7 +247,7 @@ def test_an_unreachable_host_leaves_its_operation_undecided_and_never_blocks_rep
     ctx.ledger.operations.begin("far-away", "migrate", dead_holder(), None, "gone",
                                {"source": "local", "uuid": "00000000-0000-0000-0000-000000000000"})
     ctx.ledger.operations.begin("test", "start", dead_holder(), None, None, {})
-    outcomes = {r["operation"].split(" of ")[1].split()[0]: r["outcome"] for r in repair(ctx)["operations"]}
+    outcomes = {r.operation.split(" of ")[1].split()[0]: r.outcome for r in repair(ctx).operations}
     assert outcomes["far-away"].startswith("undecided: cannot reach libvirt at qemu:///system?socket=/nonexistent")
     assert outcomes["test"] == "libvirt says running: the ledger says running"
     assert [op.vm for op in ctx.ledger.operations.all()] == ["far-away"]

@@ -173,8 +173,8 @@ def test_a_create_killed_after_its_lease_was_given_is_rolled_back_lease_and_all(
     rig.ctx.ledger.operations.begin("a2", "create", dead_holder(), None, "local", {})
     assert publish_lease(rig.ctx, record.spec.model_copy(update={"host": "local"})) == ["local"]
     assert [ip for _, ip, _ in dhcp_leases()] == ["10.96.7.2", "10.96.7.3"]
-    repaired = repair(rig.ctx)["operations"]
-    assert [r["outcome"] for r in repaired] == ["rolled back on local"]
+    repaired = repair(rig.ctx).operations
+    assert [r.outcome for r in repaired] == ["rolled back on local"]
     assert dhcp_leases() == [(nic_mac("a1"), "10.96.7.2", "a1")]
     assert [v.name for v in rig.ctx.ledger.vms.all()] == ["a1"]
 

@@ -250,7 +250,7 @@ def test_postgresql_killed_mid_create_fails_it_in_one_line_and_leaves_nothing_to
         assert rig.ctx.ledger.vms.all() == [] and rig.ctx.ledger.operations.all() == []
         assert rig.ctx.ledger.reservations.all() == []
         done = repair(rig.ctx)
-        assert done["operations"] == [] and done["gpus_returned"] == [], done
+        assert done.operations == () and done.gpus_returned == (), done
         assert [e.kind for e in rig.ctx.ledger.events.recent("doomed")][-1] == "vm.deleted"
     finally:
         if rig is not None:

@@ -150,27 +150,27 @@ def test_node_device_xml_and_sysfs_give_the_same_gpus_groups_and_viability(tmp_p
     assert IDLE_USB in [d.address for d in plan_devices(remote, remote.gpu(IDLE_GPU))]  # the driverless group mate
     assert BRIDGE not in [d.address for d in plan_devices(remote, remote.gpu(GPU))]
 
-    local_rows = {r["address"]: r for r in gpu_rows(sysfs, allowlist=tuple(allow))}
-    remote_rows = {r["address"]: r for r in gpu_rows(remote, allowlist=tuple(allow))}
+    local_rows = {r.address: r for r in gpu_rows(sysfs, allowlist=tuple(allow))}
+    remote_rows = {r.address: r for r in gpu_rows(remote, allowlist=tuple(allow))}
     assert set(remote_rows) == set(local_rows)
     for address, row in remote_rows.items():
         for field in ("ids", "functions", "iommu_group", "driver", "numa_node", "owner", "health"):
-            assert row[field] == local_rows[address][field], (address, field)
+            assert getattr(row, field) == getattr(local_rows[address], field), (address, field)
         if address not in (BMC_VGA, GPU, IDLE_GPU):  # VGA-compatible: below
-            assert (row["passable"], row["why_not"]) == (local_rows[address]["passable"],
-                                                         local_rows[address]["why_not"]), address
+            assert (row.passable, row.why_not) == (local_rows[address].passable, local_rows[address].why_not), \
+                address
     # The H100 shares its group with a NIC the host uses: refused from either source, with the NIC named.
-    assert not remote_rows[H100]["passable"] and NIC in remote_rows[H100]["why_not"] and \
-        "e1000e" in remote_rows[H100]["why_not"]
+    assert not remote_rows[H100].passable and NIC in (remote_rows[H100].why_not or "") and \
+        "e1000e" in (remote_rows[H100].why_not or "")
     # What libvirt cannot say: which VGA device draws the host's console. sysfs refuses the BMC's VGA for being it;
     # from the XML every VGA-compatible device is refused as possibly it, until the policy names its model.
-    assert "boot VGA" in local_rows[BMC_VGA]["why_not"] and local_rows[GPU]["passable"]
+    assert "boot VGA" in (local_rows[BMC_VGA].why_not or "") and local_rows[GPU].passable
     for address in (BMC_VGA, GPU, IDLE_GPU):
-        assert not remote_rows[address]["passable"] and remote_rows[address]["why_not"] == UNKNOWN_CONSOLE
-    named = {r["address"]: r for r in gpu_rows(remote, allowlist=(*allow, (0x10DE, 0x2684)))}
-    assert named[GPU]["passable"] and named[IDLE_GPU]["passable"] and not named[BMC_VGA]["passable"]
-    assert remote_rows[H100]["passable"] is False  # a 3D controller: refused for its group alone (above)
-    assert remote_rows[GPU]["reset_method"] == []
+        assert not remote_rows[address].passable and remote_rows[address].why_not == UNKNOWN_CONSOLE
+    named = {r.address: r for r in gpu_rows(remote, allowlist=(*allow, (0x10DE, 0x2684)))}
+    assert named[GPU].passable and named[IDLE_GPU].passable and not named[BMC_VGA].passable
+    assert remote_rows[H100].passable is False  # a 3D controller: refused for its group alone (above)
+    assert remote_rows[GPU].reset_method == ()
 
 
 class FakeLibvirt:

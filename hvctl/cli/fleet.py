@@ -255,9 +255,9 @@ def gpu_release(
 
     done = release_gpu(ctx(), address, host, sysfs)
     if as_json:
-        emit_json(done)
+        emit_json(done.as_json())
     else:
-        out.print(f"{done['gpu']}: {', '.join(done['released'])} back on their host drivers")
+        out.print(f"{done.gpu}: {', '.join(done.released)} back on their host drivers")
 
 
 @gpu_app.command("list")
@@ -275,22 +275,23 @@ def gpu_list(
     c = ctx()
     data = list_fleet_gpus(c, host, sysfs)
     if as_json:
-        emit_json(data)
+        emit_json(data.as_json())
         return
-    if data["gpus"]:
+    rows = [(name, g) for name, found in data.hosts.items() for g in found.gpus]
+    if rows:
         table = Table("HOST", "ADDRESS", "MODEL", "GROUP", "DRIVER", "NUMA", "RESET", "OWNER", "PASSABLE")
-        for g in data["gpus"]:
-            table.add_row(g["host"], g["address"], g["model"], str(g["iommu_group"]), g["driver"] or "-",
-                          str(g["numa_node"]), ",".join(g["reset_method"]) or "[yellow]none[/]", g["owner"] or "-",
-                          "yes" if g["passable"] else f"[red]no: {safe(g['why_not'])}[/]")
+        for name, g in rows:
+            table.add_row(name, g.address, g.model, str(g.iommu_group), g.driver or "-", str(g.numa_node),
+                          ",".join(g.reset_method) or "[yellow]none[/]", g.owner or "-",
+                          "yes" if g.passable else f"[red]no: {safe(g.why_not)}[/]")
         out.print(table)
     else:
         out.print(f"no GPUs found on {'host ' + ', '.join(host) if host else 'any host'}")
-    for name, checks in data["checks"].items():
-        for check in checks:
-            if not check["ok"]:
-                out.print(f"[yellow]host {name}: {check['name']} unavailable[/]: {check['hint']}")
-    for name, why in data["unreachable"].items():
+    for name, found in data.hosts.items():
+        for check in found.checks:
+            if not check.ok:
+                out.print(f"[yellow]host {name}: {check.name} unavailable[/]: {check.hint}")
+    for name, why in data.unreachable.items():
         out.print(f"[red]host {name} unreachable[/]: {safe(why)}")
 
 

@@ -468,25 +468,23 @@ def doctor(
     context = ctx()
     repaired = doc.repair(context) if repair else None
     if repaired is not None and not as_json:
-        for fixed in repaired["operations"]:
-            out.print(f"repair: {safe(fixed['operation'])}: {safe(fixed['outcome'])}")
-        returned = repaired["gpus_returned"]
-        if returned:
-            out.print(f"repair: returned {', '.join(returned)} to their host drivers")
-        if repaired["gpus_revived"]:
-            out.print(f"repair: {', '.join(repaired['gpus_revived'])} answer on the bus again and are placed again")
-        for host, why in repaired["gpus_unreachable"].items():
+        for fixed in repaired.operations:
+            out.print(f"repair: {safe(fixed.operation)}: {safe(fixed.outcome)}")
+        if repaired.gpus_returned:
+            out.print(f"repair: returned {', '.join(repaired.gpus_returned)} to their host drivers")
+        if repaired.gpus_revived:
+            out.print(f"repair: {', '.join(repaired.gpus_revived)} answer on the bus again and are placed again")
+        for host, why in repaired.gpus_unreachable.items():
             out.print(f"[red]repair: host {host} could not be reached; its GPUs are as they were[/]: {safe(why)}")
-        for fixed in repaired["vxlan"]:
-            out.print(f"repair: tenant network {safe(fixed)}: VXLAN set up again")
-        if not (returned or repaired["operations"] or repaired["gpus_revived"] or repaired["gpus_unreachable"]
-                or repaired["vxlan"]):
+        for network in repaired.vxlan:
+            out.print(f"repair: tenant network {safe(network)}: VXLAN set up again")
+        if repaired.nothing:
             out.print("repair: nothing to repair")
     checks = doc.run_checks(context)
     if as_json:
         listed = [c.as_dict() for c in checks]
         # `doctor --json` is the list of checks; with --repair, an object holding what was repaired and that list.
-        emit_json(listed if repaired is None else {"repaired": repaired, "checks": listed})
+        emit_json(listed if repaired is None else {"repaired": repaired.as_json(), "checks": listed})
     else:
         for c in checks:
             mark = "[green]ok[/]  " if c.ok else "[red]FAIL[/]"

@@ -222,11 +222,41 @@ def _hosts_check(ctx: Context) -> Check:
                  "forgets a host that is gone for good" if down else None)
 
 
-def repair(ctx: Context) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Settled:
+    """An interrupted operation and what the repair did with it (finished it, or undid it)."""
+
+    operation: str
+    outcome: str
+
+
+@dataclass(frozen=True)
+class Repaired:
+    """What `hvctl doctor --repair` did."""
+
+    operations: tuple[Settled, ...]
+    gpus_returned: tuple[str, ...]  # to their host drivers
+    gpus_revived: tuple[str, ...]  # answer on the bus again after a host reboot, placed again
+    gpus_unreachable: dict[str, str]  # host → why its GPUs could not be repaired
+    vxlan: tuple[str, ...]  # "NETWORK on HOST", set up again
+
+    @property
+    def nothing(self) -> bool:
+        return not (self.operations or self.gpus_returned or self.gpus_revived or self.gpus_unreachable
+                    or self.vxlan)
+
+    def as_json(self) -> dict[str, Any]:
+        return {"gpus_returned": list(self.gpus_returned),
+                "operations": [{"operation": o.operation, "outcome": o.outcome} for o in self.operations],
+                "gpus_revived": list(self.gpus_revived), "gpus_unreachable": dict(self.gpus_unreachable),
+                "vxlan": list(self.vxlan)}
+
+
+def repair(ctx: Context) -> Repaired:
     """`hvctl doctor --repair`: finish or undo what a crash interrupted. Interrupted operations first (their
     intents; see ``hvctl.ops.intent``); then GPU binding: every device whose VM is not running goes back to its
     original driver, as the ledger's journal recorded it; last, each tenant network's VXLAN device a host lost."""
-    operations = [{"operation": describe(op), "outcome": reconcile(ctx, op)} for op in interrupted(ctx)]
+    operations = tuple(Settled(describe(op), reconcile(ctx, op)) for op in interrupted(ctx))
     returned: list[str] = []
     unreachable: dict[str, str] = {}
     for host in sorted({r.host for r in ctx.ledger.gpus.bindings()}):
@@ -241,5 +271,4 @@ def repair(ctx: Context) -> dict[str, Any]:
     # Devices marked dead after a release that answer again (the host was rebooted) are placed again. Only this
     # machine's sysfs can be read.
     revived = passthrough.revive(ctx, ctx.gpu_env, ctx.host_name) if ctx.is_this_machine(ctx.host_name) else []
-    return {"gpus_returned": returned, "operations": operations, "gpus_revived": revived,
-            "gpus_unreachable": unreachable, "vxlan": repair_vxlan(ctx)}
+    return Repaired(operations, tuple(returned), tuple(revived), unreachable, tuple(repair_vxlan(ctx)))
