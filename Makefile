@@ -9,7 +9,7 @@ DAEMON_DIR ?= /var/lib/hvctl-libvirtd
 DEBS := qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients libvirt-dev \
         pkg-config debootstrap cpio busybox-static genisoimage e2fsprogs kmod util-linux python3-venv python3-dev gcc procps \
         openssh-server openssh-client ovmf ebtables dnsmasq-base libpq5 postgresql
-# postgresql: the tests start a throwaway server of their own (tests/pgserver.py) for the shared-ledger suite.
+# postgresql: the tests start a throwaway server of their own (tests/framework/pgserver.py) for the shared-ledger suite.
 PYTEST_ARGS ?=
 # The test framework's daemons and images, which the demo stands on too (tests/framework: not part of hvctl).
 DEVHOST := PYTHONPATH=tests $(PY) -m framework.devhost

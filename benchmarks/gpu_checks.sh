@@ -1,6 +1,6 @@
 #!/bin/bash
 # The GPU checks of the LLM decode path, in one go, for a machine with CUDA (run from the repository root):
-#   1. the tests marked gpu (tests/test_gpu_decode.py);
+#   1. the tests marked gpu (tests/unit/test_gpu_decode.py);
 #   2. the product's entry point: `python -m guest.workloads run llm --backend fast` on a tiny model, native and int8;
 #   3. benchmarks/bench_llm.py on the Llama-1B shape: every path at batch 1, the batch sweep, int8.
 # (--noconftest: tests/conftest.py needs libvirt, which a GPU box need not have; these tests use none of it.)
@@ -14,7 +14,7 @@ python3 -c 'import torch; assert torch.cuda.is_available(), "no CUDA device"; pr
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader | tee "$out/device.txt"
 
 echo "== 1. tests marked gpu"
-timeout 240 python3 -m pytest -q --noconftest -m gpu -rs -p no:cacheprovider tests/test_gpu_decode.py -s 2>&1 \
+timeout 240 python3 -m pytest -q --noconftest -m gpu -rs -p no:cacheprovider tests/unit/test_gpu_decode.py -s 2>&1 \
     | tee "$out/gpu_tests.txt" | grep -v '^W[0-9]'
 
 echo "== 2. python -m guest.workloads run llm --backend fast"

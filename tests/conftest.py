@@ -223,7 +223,8 @@ def run_hvctl(libvirtd: PrivateLibvirtd, state_dir: Path) -> Callable[..., subpr
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tokenizer + random tiny Llama on disk (tests/test_gpu_decode.py has its own: it runs without this file)."""
+    """A tokenizer + random tiny Llama on disk (tests/unit/test_gpu_decode.py has its own: it runs without this
+    file)."""
     from guest.workloads.assets import make_tiny_llm
 
     return make_tiny_llm(tmp_path_factory.mktemp("llm") / "tiny", seed=0)

@@ -289,7 +289,7 @@ def _make_media_samples(args: argparse.Namespace) -> None:
     print(f"wrote {args.count} samples to {directory} (see samples.json)")
 
 
-# One handler per kind of guest.kinds.KINDS (tests/test_workload_protocol.py checks that they match).
+# One handler per kind of guest.kinds.KINDS (tests/unit/test_workload_protocol.py checks that they match).
 HANDLERS: dict[str, Callable[[argparse.Namespace], None]] = {
     "llm": _run_llm,
     "perception": _run_perception,

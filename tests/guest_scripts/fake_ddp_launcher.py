@@ -1,7 +1,7 @@
 """A stand-in for one VM's `train-ddp` launcher, for tests of hvctl's side of a distributed job
-(tests/test_distributed_run.py): the real launcher's protocol (a ready line, the go file, per-rank progress lines, a
-JSON result) without torch, so that the orchestration is tested in seconds. The real launcher is tested in
-tests/test_workload_distributed.py, and both together in a VM test.
+(tests/unit/test_distributed_run.py): the real launcher's protocol (a ready line, the go file, per-rank progress
+lines, a JSON result) without torch, so that the orchestration is tested in seconds. The real launcher is tested in
+tests/unit/test_workload_distributed.py, and both together in a VM test.
 
 argv: BEHAVIOUR CONTROL_DIR then the agent's workload arguments. BEHAVIOUR:
   ok           train every step and finish

@@ -1,5 +1,5 @@
 #!/bin/sh
-# Runs as root inside the L1 guest of tests/test_vm_remote_gpu.py, from the `nested` image (QEMU, libvirt). It makes L1
+# Runs as root inside the L1 guest of tests/functional/test_vm_remote_gpu.py, from the `nested` image (QEMU, libvirt). It makes L1
 # a GPU host as an admin would: libvirtd running, VFIO usable. hvctl itself stays on the test machine and drives this
 # libvirtd over qemu+ssh; nothing of hvctl is copied here.
 set -eu

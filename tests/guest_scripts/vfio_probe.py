@@ -1,6 +1,6 @@
 """Run inside a TCG guest with a virtual Intel IOMMU: exercise vfio/ against the guest kernel's real sysfs.
 
-Copied into the guest with vfio/ beside it by tests/test_vm_vfio.py; prints one JSON object.
+Copied into the guest with vfio/ beside it by tests/functional/test_vm_vfio.py; prints one JSON object.
 """
 
 import json

@@ -1,7 +1,7 @@
 """Tenant networks: the ledger's networks and IPAM (SQLite, real), and `create --net` end to end on libvirt's test
 driver, which defines and "starts" the isolated network and the domain without touching the host's interfaces or
 firewall (no guest boots; the GPU tests' stand-in writes the console's ready marker). The real packets are in
-tests/test_vm_networks.py, on a host in its own network namespace."""
+tests/functional/test_vm_networks.py, on a host in its own network namespace."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The fast decode loop on a real GPU: compiled with CUDA graphs ("reduce-overhead"), several calls in a row.
 
 Runs only where ``torch.cuda.is_available()``; elsewhere every test here is skipped with that reason (a skip, not a
-pass: on the CPU-only CI these checks do not run). The CPU half is tests/test_workload_decode.py.
+pass: on the CPU-only CI these checks do not run). The CPU half is tests/unit/test_workload_decode.py.
 """
 
 from __future__ import annotations

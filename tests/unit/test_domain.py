@@ -12,7 +12,7 @@ from hvctl.errors import NotFound
 from hvctl.host import DomainState, Host, capabilities
 from hvctl.spec import VMSpec
 
-GOLDEN = Path(__file__).parent / "golden"
+GOLDEN = Path(__file__).parents[1] / "golden"
 # libvirt's capabilities as recorded on this project's build machine (libvirt 9.0.0, QEMU 7.2): by a daemon that
 # does not see /dev/kvm, and by one that does (libvirt then offers "kvm"; hvctl's boot probe finds it unusable there).
 TCG_ONLY = capabilities.parse((GOLDEN / "caps" / "tcg-only.xml").read_text())

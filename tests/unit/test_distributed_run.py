@@ -1,7 +1,8 @@
 """hvctl's side of a distributed job (hvctl/ops/distributed.py drive): real agents (guest/agent.py, each serving its
 own unix socket in a thread, as in development) run a stand-in launcher that speaks the real one's protocol without
 torch (tests/guest_scripts/fake_ddp_launcher.py), so the barrier, the progress, a lost VM, --min-nodes and the
-cancel-all on failure are tested in seconds. The real launcher's training is tests/test_workload_distributed.py's."""
+cancel-all on failure are tested in seconds. The real launcher's training is
+tests/unit/test_workload_distributed.py's."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from hvctl.agent_client import AgentClient
 from hvctl.ops.distributed import Event, JobPlan, Member, Node, drive, plan_job
 from hvctl.ops.run import WorkloadFailed
 
-FAKE = Path(__file__).parent / "guest_scripts" / "fake_ddp_launcher.py"
+FAKE = Path(__file__).parents[1] / "guest_scripts" / "fake_ddp_launcher.py"
 TOKEN = "t" * 32
 
 

@@ -1,5 +1,5 @@
 """The production NIC (`create --bridge/--network --ip`): what the seed tells the guest, and refusals before
-anything is written. tests/test_vm_base.py boots a guest on a real bridge and SSHes to it there."""
+anything is written. tests/functional/test_vm_base.py boots a guest on a real bridge and SSHes to it there."""
 
 from __future__ import annotations
 

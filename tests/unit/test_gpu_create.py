@@ -4,7 +4,7 @@ No GPU, and no IOMMU, exists on these machines, so the PCI side is the fake sysf
 tests/fakesysfs.py, and the hypervisor is libvirt's test driver (test:///default), which accepts and "runs" a domain
 with hostdevs without touching hardware; its guest never boots, so a thread here writes the console's ready marker
 in its place. What is real: hvctl's create path end to end, the domain XML libvirt accepted, the ledger (SQLite)
-and every sysfs write the binder makes. tests/test_vm_vfio.py runs the same vfio code against a real kernel.
+and every sysfs write the binder makes. tests/functional/test_vm_vfio.py runs the same vfio code against a real kernel.
 """
 
 from __future__ import annotations
@@ -352,8 +352,8 @@ def test_a_gpu_create_killed_after_any_step_is_rolled_back_and_its_devices_go_ho
     """The GPU rows of the crash matrix: SIGKILL right after each step of `create --gpus 1` (the HVCTL_CRASH_AFTER
     hook, no timing), then `doctor --repair`: the interrupted create is rolled back, the GPU and its audio function
     are on their host drivers again, and no VM, binding, claim, operation or file is left. (The domain is not
-    checked here: the test driver keeps it in the killed process; tests/test_vm_crash.py kills creates of real
-    guests.)"""
+    checked here: the test driver keeps it in the killed process; tests/functional/test_vm_crash.py kills creates of
+    real guests.)"""
     import multiprocessing
     import signal
 

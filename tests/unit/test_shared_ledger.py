@@ -212,7 +212,7 @@ def test_every_table_of_the_schema_is_exported(ledger_location: str) -> None:
 
 def test_postgresql_killed_mid_create_fails_it_in_one_line_and_leaves_nothing_to_repair(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A create on libvirt's test driver (tests/test_gpu_create.py's rig, no GPU asked) whose ledger server is
+    """A create on libvirt's test driver (tests/unit/test_gpu_create.py's rig, no GPU asked) whose ledger server is
     stopped while the create's last ledger transaction is open (a hook on the statement: the fault lands there
     every time). That transaction fails, so the create does: one line. Its undo runs on: the domain and files go at
     once, and its ledger writes wait for the server, which the test starts again; then nothing is left anywhere,

@@ -177,7 +177,7 @@ class FakeLibvirt:
     """A STAND-IN for a remote host's libvirt connection, over the FAKE kernel of tests/fakesysfs.py: node devices
     are the fake sysfs tree written as libvirt's XML, ``detachFlags`` and ``reAttach`` make the sysfs writes
     libvirt's virPCIDeviceDetach and virPCIDeviceReattach make. It models only what hvctl's node-device binder
-    relies on; the real API is exercised by the remote GPU VM test (tests/test_vm_nested.py)."""
+    relies on; the real API is exercised by the remote GPU VM test (tests/functional/test_vm_remote_gpu.py)."""
 
     def __init__(self, host: FakeHost) -> None:
         self.host, self.sysfs, self.kernel = host, PciSysfs(host.sys), FakeKernel(host)

@@ -314,7 +314,7 @@ def test_yaml_files_are_capped_in_size(state: Path) -> None:
 def test_create_and_plan_size_requests_the_same_way() -> None:
     from hvctl.policy import load_policy
 
-    policy = load_policy(Path(__file__).resolve().parent.parent / "policies" / "default.yaml")
+    policy = load_policy(Path(__file__).resolve().parents[2] / "policies" / "default.yaml")
     assert policy.sizes() == {"vcpus": 1, "memory_mib": 256, "disk_gib": 1, "gpus": {"count": 0}}
     assert policy.sizes("gpu-1", memory_mib=4096) == {"vcpus": 8, "memory_mib": 4096, "disk_gib": 100,
                                                       "gpus": {"count": 1}}

@@ -1,7 +1,7 @@
 """The fast decode loop (guest.workloads.decode) on CPU: it must give HF eager generate's greedy tokens, call after
 call with other shapes, compiled or not; sampling on the device is seeded; int8 weights are smaller and close.
 
-The GPU half (CUDA graphs, bf16) is tests/test_gpu_decode.py, which runs only where CUDA is present.
+The GPU half (CUDA graphs, bf16) is tests/unit/test_gpu_decode.py, which runs only where CUDA is present.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Enforcement readback: libvirt's report of what it applied, compared with what the domain was configured with.
 The live values come from libvirt's test driver (which reports fixed ones) and from hand-written LiveTuning; the
-real readback on a running VM is checked in tests/test_vm_lifecycle.py."""
+real readback on a running VM is checked in tests/functional/test_vm_lifecycle.py."""
 
 from __future__ import annotations
 

@@ -317,6 +317,6 @@ def test_every_error_has_its_own_exit_status_and_the_readme_table_is_the_codes()
             assert EXIT_CODES[cls.exit_code][0] == cls.__name__
     named = {code for code, (name, _) in EXIT_CODES.items() if name}
     assert named == set(owners), f"in the table but raised by no class: {named - set(owners)}"
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     block = readme.split("<!-- exit-codes: begin -->\n", 1)[1].split("<!-- exit-codes: end -->", 1)[0]
     assert block == exit_code_table(), "README's exit-code table is stale: paste `python -m hvctl.errors`"

@@ -24,7 +24,7 @@ from guest.workloads.train import train
 
 torch.set_num_threads(1)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TRAIN = ["--objective", "ssl", "--batch-size", "6", "--seq-len", "16", "--seed", "3"]
 
 

@@ -284,7 +284,8 @@ def test_adopt_takes_an_orphan_back_as_it_is_and_refuses_what_it_cannot_prove(
     ledger row has the domain's UUID, its port, its files, the seed's token and host key, and the VM is no longer an
     orphan. Refused, leaving nothing: a domain hvctl did not make, a VM already in the ledger, one over its tenant's
     quota, and one whose port another VM holds. The test driver drops <qemu:commandline>, where the SSH forward is,
-    so the forward design() wrote is put back when the XML is parsed; tests/test_vm_crash.py adopts a real guest."""
+    so the forward design() wrote is put back when the XML is parsed; tests/functional/test_vm_crash.py adopts a real
+    guest."""
     import dataclasses
 
     from hvctl.domain import Domain, UserNetwork
