@@ -11,12 +11,12 @@ import contextlib
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from framework.controller import HVCTL, Controller, TwoHosts, hvctl_cli, two_local_hosts
 from framework.devhost import PrivateLibvirtd
 from framework.pgserver import PgServer
 
@@ -24,12 +24,12 @@ from hvctl.context import Context
 from hvctl.ledger import VMRecord
 from hvctl.ops.create import create
 from hvctl.ops.incarnation import BootOptions
-from hvctl.ops.intent import CRASH_ENV, FAIL_ENV
 from hvctl.ops.lifecycle import destroy
 from hvctl.spec import VMSpec
 
 REPO = Path(__file__).resolve().parent.parent
-HVCTL = [sys.executable, "-m", "hvctl.cli"]
+# What the test modules import from here: the framework's controller, and the VM fixtures below.
+__all__ = ["HVCTL", "REPO", "Controller", "TwoHosts", "hvctl_cli", "short_tempdir", "two_local_hosts"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -158,54 +158,6 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     outcome = yield
     report = outcome.get_result()  # type: ignore[attr-defined]
     setattr(item, f"rep_{report.when}", report)
-
-
-@contextlib.contextmanager
-def two_local_hosts(image_dir: Path, prefix: str, ledger_url: str | None = None) -> Iterator[dict[str, object]]:
-    """Two private libvirtd daemons on this machine registered as hosts h1 and h2, and a controller state dir
-    (sharing the test image store) that connects to h1; VMs left at the end are destroyed, then the daemons go.
-    cgroups are off on both: the two would name a migrating domain's cgroup alike on this one machine.
-    ``ledger_url``: the controller's ledger is there (PostgreSQL) rather than in its state dir."""
-    from hvctl.ops.hosts import add_host
-
-    root = short_tempdir(prefix)
-    h1 = PrivateLibvirtd(root / "h1", cgroups=False).start()
-    h2 = PrivateLibvirtd(root / "h2", cgroups=False)
-    try:
-        h2.start()
-        state = root / "state"
-        state.mkdir(mode=0o755)
-        (state / "images").symlink_to(image_dir)
-        ctx = Context(state_dir=state, uri=h1.uri, ledger_url=ledger_url)
-        add_host(ctx, "h1", h1.uri)
-        add_host(ctx, "h2", h2.uri)
-        yield {"ctx": ctx, "h1": h1, "h2": h2, "state": state, "root": root}
-        for vm in ctx.ledger.vms.all():
-            # A daemon killed by a fault test may refuse; the daemons are stopped below either way.
-            with contextlib.suppress(Exception):
-                destroy(ctx, vm.name)
-        ctx.close()
-    finally:
-        h1.stop()
-        h2.stop()
-        shutil.rmtree(root, ignore_errors=True)
-
-
-def hvctl_cli(state_dir: Path | str, uri: str, *args: str, timeout: float = 180,
-              crash_after: str | None = None, fail_after: str | None = None,
-              stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    """Run the real `hvctl` CLI in a subprocess against ``uri`` with ``state_dir``; wide, colourless output.
-    ``crash_after``: KIND.STEP, after which hvctl SIGKILLs itself (``hvctl.ops.intent.CRASH_ENV``); ``fail_after``:
-    KIND.STEP, after which the operation fails with an error and undoes itself (``FAIL_ENV``)."""
-    env = os.environ | {"HVCTL_STATE_DIR": str(state_dir), "HVCTL_CONNECT": uri, "COLUMNS": "200", "NO_COLOR": "1"}
-    env.pop(CRASH_ENV, None)
-    env.pop(FAIL_ENV, None)
-    if crash_after:
-        env[CRASH_ENV] = crash_after
-    if fail_after:
-        env[FAIL_ENV] = fail_after
-    return subprocess.run([*HVCTL, *args], capture_output=True, text=True, env=env, timeout=timeout,
-                          input=stdin, stdin=None if stdin is not None else subprocess.DEVNULL)
 
 
 @pytest.fixture

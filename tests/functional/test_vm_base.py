@@ -16,10 +16,11 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import hvctl_cli, short_tempdir
+from conftest import Controller, short_tempdir
 from framework.devhost import PrivateLibvirtd
 
 from guest import rpc
@@ -30,7 +31,6 @@ from hvctl.host import DomainState
 from hvctl.ledger import VMRecord
 from hvctl.ops.create import create
 from hvctl.ops.incarnation import BootOptions
-from hvctl.ops.lifecycle import destroy
 from hvctl.seed import generate_ed25519
 from hvctl.spec import VMSpec
 from images.store import ImageStore
@@ -53,44 +53,52 @@ def write_keypair(directory: Path, name: str) -> tuple[Path, str]:
     return private, pair.public_line
 
 
+@dataclass
+class KeyedEnv:
+    """A controller with tenants acme and globex, each with a key pair of its own, and acme's VM deb."""
+
+    controller: Controller
+    vm: VMRecord
+    acme: Path  # private keys
+    globex: Path
+
+    @property
+    def ctx(self) -> Context:
+        return self.controller.ctx
+
+
 @pytest.fixture(scope="module")
-def env(libvirtd: PrivateLibvirtd, image_dir: Path) -> Iterator[dict[str, object]]:
+def env(libvirtd: PrivateLibvirtd, image_dir: Path) -> Iterator[KeyedEnv]:
     ImageStore(image_dir).build("base")
-    state = short_tempdir("hvb-")
-    (state / "images").symlink_to(image_dir)
     # The tenants whose keys this module uses; the shipped default policy only knows "default".
-    (state / "policy.yaml").write_text(TENANTS_POLICY)
+    controller = Controller.open(short_tempdir("hvb-"), libvirtd.uri, image_dir, policy=TENANTS_POLICY)
     keys = short_tempdir("hvk-")
-    acme_key, acme_pub = write_keypair(keys, "acme")
-    globex_key, globex_pub = write_keypair(keys, "globex")
-    ctx = Context(state_dir=state, uri=libvirtd.uri)
-    ctx.ledger.keys.add("acme", acme_pub)
-    ctx.ledger.keys.add("globex", globex_pub)
-    record = create(ctx, VMSpec.parse(name="deb", tenant="acme", memory_mib=512, disk_gib=2, image="base"),
-                    options=BootOptions(timeout=180))
-    yield {"ctx": ctx, "vm": record, "acme": acme_key, "globex": globex_key, "state": state, "uri": libvirtd.uri}
-    for leftover in ctx.ledger.vms.all():
-        destroy(ctx, leftover.name)
-    ctx.close()
-    shutil.rmtree(state, ignore_errors=True)
-    shutil.rmtree(keys, ignore_errors=True)
+    try:
+        acme_key, acme_pub = write_keypair(keys, "acme")
+        globex_key, globex_pub = write_keypair(keys, "globex")
+        controller.ctx.ledger.keys.add("acme", acme_pub)
+        controller.ctx.ledger.keys.add("globex", globex_pub)
+        record = create(controller.ctx, VMSpec.parse(name="deb", tenant="acme", memory_mib=512, disk_gib=2,
+                                                     image="base"), options=BootOptions(timeout=180))
+        yield KeyedEnv(controller, record, acme_key, globex_key)
+    finally:
+        controller.close()
+        shutil.rmtree(keys, ignore_errors=True)
 
 
-def hvctl(env: dict[str, object], *args: str, timeout: float = 120,
+def hvctl(env: KeyedEnv, *args: str, timeout: float = 120,
           crash_after: str | None = None) -> subprocess.CompletedProcess[str]:
-    return hvctl_cli(str(env["state"]), str(env["uri"]), *args, timeout=timeout, crash_after=crash_after)
+    return env.controller.hvctl(*args, timeout=timeout, crash_after=crash_after)
 
 
-def agent_of(env: dict[str, object], record: VMRecord) -> AgentClient:
+def agent_of(env: KeyedEnv, record: VMRecord) -> AgentClient:
     """The agent through the host's libvirt connection (openChannel), as hvctl reaches it."""
-    ctx = env["ctx"]
-    assert isinstance(ctx, Context) and record.agent_token
+    ctx = env.ctx
+    assert record.agent_token
     return ctx.agent(record.host, record.name, record.agent_token)
 
 
-def test_agent_ping_and_info_come_from_inside_the_guest(env: dict[str, object], image_dir: Path) -> None:
-    vm = env["vm"]
-    assert isinstance(vm, VMRecord)
+def test_agent_ping_and_info_come_from_inside_the_guest(env: KeyedEnv, image_dir: Path) -> None:
     info = json.loads(hvctl(env, "agent", "deb", "info", "--json").stdout)
     image = ImageStore(image_dir).get("base")
     assert info["hostname"] == "deb" and info["kernel"] == image.kernel_version
@@ -100,7 +108,7 @@ def test_agent_ping_and_info_come_from_inside_the_guest(env: dict[str, object], 
     assert ping["pong"] is True and ping["uptime_s"] > 0
 
 
-def test_exec_returns_the_guest_kernel_and_propagates_exit_codes(env: dict[str, object], image_dir: Path) -> None:
+def test_exec_returns_the_guest_kernel_and_propagates_exit_codes(env: KeyedEnv, image_dir: Path) -> None:
     kernel = ImageStore(image_dir).get("base").kernel_version
     uname = hvctl(env, "exec", "deb", "--", "uname", "-r")
     assert uname.returncode == 0 and uname.stdout.strip() == kernel
@@ -110,16 +118,15 @@ def test_exec_returns_the_guest_kernel_and_propagates_exit_codes(env: dict[str, 
     assert hvctl(env, "exec", "deb", "--", "hostname").stdout.strip() == "deb"
 
 
-def test_tenant_key_opens_its_own_vm_and_another_tenants_key_is_refused(env: dict[str, object]) -> None:
-    own = hvctl(env, "exec", "deb", "-i", str(env["acme"]), "--", "cat", "/etc/hvctl-image")
+def test_tenant_key_opens_its_own_vm_and_another_tenants_key_is_refused(env: KeyedEnv) -> None:
+    own = hvctl(env, "exec", "deb", "-i", str(env.acme), "--", "cat", "/etc/hvctl-image")
     assert own.returncode == 0 and own.stdout.startswith("base@")
-    other = hvctl(env, "exec", "deb", "-i", str(env["globex"]), "--", "true")
+    other = hvctl(env, "exec", "deb", "-i", str(env.globex), "--", "true")
     assert other.returncode == 11 and "refused the key" in other.stderr and "Traceback" not in other.stderr
 
 
-def test_a_host_key_that_does_not_match_is_refused_loudly(env: dict[str, object]) -> None:
-    ctx, vm = env["ctx"], env["vm"]
-    assert isinstance(ctx, Context) and isinstance(vm, VMRecord)
+def test_a_host_key_that_does_not_match_is_refused_loudly(env: KeyedEnv) -> None:
+    ctx, vm = env.ctx, env.vm
     assert vm.host_pubkey
     impostor = generate_ed25519("impostor").public_line
     ctx.ledger.vms.set_host_pubkey("deb", impostor)
@@ -131,14 +138,13 @@ def test_a_host_key_that_does_not_match_is_refused_loudly(env: dict[str, object]
     assert hvctl(env, "exec", "deb", "--", "true").returncode == 0
 
 
-def test_key_rm_revokes_a_key_in_running_vms_and_their_seeds(env: dict[str, object], tmp_path: Path) -> None:
+def test_key_rm_revokes_a_key_in_running_vms_and_their_seeds(env: KeyedEnv, tmp_path: Path) -> None:
     """A VM made with --no-operator-key opens to its tenant's keys only, and its agent still answers. Then `key rm`
     takes one of those keys away: the running guest refuses it at once, the seed no longer carries it, and the VM
     keeps its own host key."""
     from hvctl.seed import read_seed_file
 
-    ctx = env["ctx"]
-    assert isinstance(ctx, Context)
+    ctx = env.ctx
     spare_key, spare_pub = write_keypair(tmp_path, "acme-spare")
     (tmp_path / "acme-spare.pub").write_text(spare_pub + "\n")
     assert hvctl(env, "key", "add", "acme", str(tmp_path / "acme-spare.pub")).returncode == 0
@@ -162,7 +168,7 @@ def test_key_rm_revokes_a_key_in_running_vms_and_their_seeds(env: dict[str, obje
         assert outcome["nokey"] == {"vm": "nokey", "seed": True, "live": True, "problem": None}
         gone = hvctl(env, "exec", "nokey", "-i", str(spare_key), "--", "true")
         assert gone.returncode == 11 and "refused the key" in gone.stderr
-        assert hvctl(env, "exec", "nokey", "-i", str(env["acme"]), "--", "true").returncode == 0
+        assert hvctl(env, "exec", "nokey", "-i", str(env.acme), "--", "true").returncode == 0
         record = ctx.ledger.vms.get("nokey")
         assert record.seed is not None
         seeded = read_seed_file(record.seed, "hvctl/authorized_keys").decode()
@@ -207,7 +213,7 @@ def test_key_rm_revokes_a_key_in_running_vms_and_their_seeds(env: dict[str, obje
         hvctl(env, "destroy", "nokey")
 
 
-def test_cp_in_and_out(env: dict[str, object], tmp_path: Path) -> None:
+def test_cp_in_and_out(env: KeyedEnv, tmp_path: Path) -> None:
     payload = tmp_path / "in.bin"
     payload.write_bytes(os.urandom(200_000))
     assert hvctl(env, "cp", str(payload), "deb:/root/in.bin").returncode == 0
@@ -220,11 +226,10 @@ def test_cp_in_and_out(env: dict[str, object], tmp_path: Path) -> None:
     assert missing.returncode == 11 and "no such file" in missing.stderr
 
 
-def test_a_guest_cannot_reach_host_ports_nor_other_vms_forwards(env: dict[str, object]) -> None:
+def test_a_guest_cannot_reach_host_ports_nor_other_vms_forwards(env: KeyedEnv) -> None:
     """Every VM's SSH forward is a port on the host's loopback. A listener there stands in for another VM's forward:
     the guest's user-mode network is restricted, so it must not get through."""
-    vm = env["vm"]
-    assert isinstance(vm, VMRecord)
+    vm = env.vm
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen(1)
@@ -236,11 +241,9 @@ def test_a_guest_cannot_reach_host_ports_nor_other_vms_forwards(env: dict[str, o
         assert out.stdout.startswith("blocked"), out.stdout
 
 
-def test_agent_refuses_calls_without_the_seed_token(env: dict[str, object]) -> None:
-    vm = env["vm"]
-    assert isinstance(vm, VMRecord)
-    ctx = env["ctx"]
-    assert isinstance(ctx, Context)
+def test_agent_refuses_calls_without_the_seed_token(env: KeyedEnv) -> None:
+    vm = env.vm
+    ctx = env.ctx
     with pytest.raises(Exception, match="bad or missing agent token"):
         ctx.agent(vm.host, vm.name, "not-the-token").call("ping")
     # A malformed line straight into QEMU's end of the channel gets an error reply, and the agent keeps serving.
@@ -255,9 +258,8 @@ def test_agent_refuses_calls_without_the_seed_token(env: dict[str, object]) -> N
     assert agent_of(env, vm).typed("ping", rpc.PingResult).pong
 
 
-def test_agent_that_never_answers_times_out_with_console_and_is_cleaned_up(env: dict[str, object]) -> None:
-    ctx = env["ctx"]
-    assert isinstance(ctx, Context)
+def test_agent_that_never_answers_times_out_with_console_and_is_cleaned_up(env: KeyedEnv) -> None:
+    ctx = env.ctx
     spec = VMSpec.parse(name="mute-agent", memory_mib=512, disk_gib=2, image="base")
     with pytest.raises(GuestTimeout, match="agent of mute-agent never answered") as exc:
         # hvctl.agent=0 boots the guest without starting its agent (an admin debugging switch).
@@ -268,9 +270,8 @@ def test_agent_that_never_answers_times_out_with_console_and_is_cleaned_up(env: 
     assert "mute-agent" not in {r.name for r in ctx.ledger.vms.all()}
 
 
-def test_guest_shutdown_via_agent_is_noticed_then_destroy_removes_everything(env: dict[str, object]) -> None:
-    ctx, vm = env["ctx"], env["vm"]
-    assert isinstance(ctx, Context) and isinstance(vm, VMRecord)
+def test_guest_shutdown_via_agent_is_noticed_then_destroy_removes_everything(env: KeyedEnv) -> None:
+    ctx, vm = env.ctx, env.vm
     assert agent_of(env, vm).typed("shutdown", rpc.ShutdownResult).accepted
     deadline = time.monotonic() + 60
     while ctx.host().state("deb") is not DomainState.SHUTOFF and time.monotonic() < deadline:
@@ -286,12 +287,11 @@ def test_guest_shutdown_via_agent_is_noticed_then_destroy_removes_everything(env
 
 
 
-def test_a_vm_on_a_host_bridge_answers_ssh_at_its_own_address(env: dict[str, object]) -> None:
+def test_a_vm_on_a_host_bridge_answers_ssh_at_its_own_address(env: KeyedEnv) -> None:
     """`create --bridge BR --ip ADDR`: the test makes an isolated bridge of its own (no uplink, an address from
     198.18.0.0/15, the range set aside for lab networks), so the traffic never leaves this machine. The tenant
     reaches the guest on port 22 of that address, the host key still pinned."""
-    ctx = env["ctx"]
-    assert isinstance(ctx, Context)
+    ctx = env.ctx
     bridge = f"hvbr{secrets.token_hex(3)}"
     missing = hvctl(env, "create", "nobridge", "--image", "base", "--bridge", bridge, "--ip", "198.18.77.10/24")
     assert missing.returncode == 2 and f"there is no bridge '{bridge}'" in missing.stderr
@@ -303,12 +303,12 @@ def test_a_vm_on_a_host_bridge_answers_ssh_at_its_own_address(env: dict[str, obj
         created = hvctl(env, "create", "bridged", "--tenant", "acme", "--image", "base", "--memory", "512", "--disk",
                         "2", "--bridge", bridge, "--ip", "198.18.77.10/24", "--boot-timeout", "180", timeout=240)
         assert created.returncode == 0, created.stderr
-        shown = hvctl(env, "exec", "bridged", "--direct", "-i", str(env["acme"]), "--", "sh", "-c",
+        shown = hvctl(env, "exec", "bridged", "--direct", "-i", str(env.acme), "--", "sh", "-c",
                       "ip -4 -o addr show; cat /proc/net/route")
         assert shown.returncode == 0, shown.stderr
         assert "198.18.77.10/24" in shown.stdout and "10.0.2.15/24" in shown.stdout
         # The other tenant's key is refused on the bridge address too.
-        refused = hvctl(env, "exec", "bridged", "--direct", "-i", str(env["globex"]), "--", "true")
+        refused = hvctl(env, "exec", "bridged", "--direct", "-i", str(env.globex), "--", "true")
         assert refused.returncode != 0 and "refused the key" in refused.stderr
         assert hvctl(env, "destroy", "bridged").returncode == 0
     finally:

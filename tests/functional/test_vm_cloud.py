@@ -13,40 +13,50 @@ import json
 import shutil
 import subprocess
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import hvctl_cli, short_tempdir
+from conftest import Controller, short_tempdir
 from framework.devhost import PrivateLibvirtd
 
 from hvctl.context import Context
-from hvctl.ops.lifecycle import destroy
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(1500)]
 
 
+@dataclass
+class CloudEnv:
+    """A controller, the stock-style cloud image file it imports, the test image store and the daemon."""
+
+    controller: Controller
+    stock: Path
+    images: Path
+    libvirtd: PrivateLibvirtd
+
+    @property
+    def ctx(self) -> Context:
+        return self.controller.ctx
+
+
 @pytest.fixture(scope="module")
-def env(libvirtd: PrivateLibvirtd, image_dir: Path, stock_image: Path) -> Iterator[dict[str, object]]:
-    state = short_tempdir("hvcl-")
-    (state / "images").symlink_to(image_dir)
-    stock = stock_image
-    ctx = Context(state_dir=state, uri=libvirtd.uri)
-    yield {"ctx": ctx, "state": state, "uri": libvirtd.uri, "stock": stock, "images": image_dir,
-           "libvirtd": libvirtd}
+def env(libvirtd: PrivateLibvirtd, image_dir: Path, stock_image: Path) -> Iterator[CloudEnv]:
+    controller = Controller.open(short_tempdir("hvcl-"), libvirtd.uri, image_dir, cli_timeout=900)
     try:
-        for leftover in ctx.ledger.vms.all():
-            destroy(ctx, leftover.name)
+        yield CloudEnv(controller, stock_image, image_dir, libvirtd)
     finally:
-        for image in ctx.images.list():
-            if image.kind.value == "cloud":
-                # The store's own path: a manifest records the one it was reached by at import.
-                shutil.rmtree(image_dir / image.directory.name, ignore_errors=True)
-        ctx.close()
-        shutil.rmtree(state, ignore_errors=True)
+        try:
+            controller.close(remove_state=False)  # its VMs first
+        finally:
+            for image in controller.ctx.images.list():
+                if image.kind.value == "cloud":
+                    # The store's own path: a manifest records the one it was reached by at import.
+                    shutil.rmtree(image_dir / image.directory.name, ignore_errors=True)
+            shutil.rmtree(controller.state, ignore_errors=True)
 
 
-def hvctl(env: dict[str, object], *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    return hvctl_cli(str(env["state"]), str(env["uri"]), *args, timeout=timeout)
+def hvctl(env: CloudEnv, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    return env.controller.hvctl(*args, timeout=timeout)
 
 
 def ok(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
@@ -54,26 +64,25 @@ def ok(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[
     return result
 
 
-def test_import_refuses_what_is_not_a_standalone_qcow2_and_leaves_nothing(env: dict[str, object],
+def test_import_refuses_what_is_not_a_standalone_qcow2_and_leaves_nothing(env: CloudEnv,
                                                                           tmp_path: Path) -> None:
     raw = tmp_path / "disk.raw"
     raw.write_bytes(bytes(1 << 20))
     backed = tmp_path / "backed.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(env["stock"]), "-F", "qcow2", str(backed)],
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(env.stock), "-F", "qcow2", str(backed)],
                    check=True)
     huge = tmp_path / "huge.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(huge), "100G"], check=True)
-    images = env["images"]
-    assert isinstance(images, Path)
+    images = env.images
     before = sorted(p.name for p in images.iterdir())
     for args, needle in (
         (["image", "import", "c", str(raw)], "'raw', not qcow2"),
         (["image", "import", "c", str(backed)], "has a backing file"),
         (["image", "import", "c", str(huge)], "100.0 GiB (virtual), over the 64 GiB"),
-        (["image", "import", "c", str(env["stock"]), "--sha256", "0" * 64], "sha256 is"),
-        (["image", "import", "base", str(env["stock"])], "one of hvctl's recipes"),
+        (["image", "import", "c", str(env.stock), "--sha256", "0" * 64], "sha256 is"),
+        (["image", "import", "base", str(env.stock)], "one of hvctl's recipes"),
         (["image", "import", "c", str(tmp_path / "nope.qcow2")], "is not a file"),
-        (["image", "import", "c", str(env["stock"]), "--firmware", "coreboot"], "takes bios or uefi"),
+        (["image", "import", "c", str(env.stock), "--firmware", "coreboot"], "takes bios or uefi"),
     ):
         refused = hvctl(env, *args)
         assert refused.returncode == 8 and needle in refused.stderr, (args, refused.stderr)
@@ -82,9 +91,8 @@ def test_import_refuses_what_is_not_a_standalone_qcow2_and_leaves_nothing(env: d
     assert sorted(p.name for p in images.iterdir()) == before
 
 
-def test_a_stock_image_boots_through_grub_and_cloud_init_configures_it_from_the_seed(env: dict[str, object]) -> None:
-    stock = env["stock"]
-    assert isinstance(stock, Path)
+def test_a_stock_image_boots_through_grub_and_cloud_init_configures_it_from_the_seed(env: CloudEnv) -> None:
+    stock = env.stock
     digest = hashlib.sha256(stock.read_bytes()).hexdigest()
     imported = json.loads(ok(hvctl(env, "image", "import", "debian-cloud", str(stock), "--sha256", digest,
                                    "--json")).stdout)
@@ -102,30 +110,26 @@ def test_a_stock_image_boots_through_grub_and_cloud_init_configures_it_from_the_
     assert "BOOT_IMAGE=/boot/vmlinuz" in cmdline  # GRUB loaded the kernel, not libvirt's direct boot
     status = ok(hvctl(env, "exec", "c1", "--", "cloud-init", "status", "--long")).stdout
     assert "status: done" in status and "NoCloud" in status
-    ctx = env["ctx"]
-    assert isinstance(ctx, Context)
+    ctx = env.ctx
     xml = ctx.host().guest("c1").xml()
     assert "<kernel>" not in xml and "<boot dev='hd'/>" in xml
     ok(hvctl(env, "destroy", "c1"))
 
 
-def test_the_same_stock_image_boots_through_ovmf_when_imported_for_uefi(env: dict[str, object]) -> None:
+def test_the_same_stock_image_boots_through_ovmf_when_imported_for_uefi(env: CloudEnv) -> None:
     """The stock-style image boots with either firmware, as Debian's cloud images do. Imported with --firmware
     uefi, the VM boots OVMF (Secure Boot off), which runs GRUB from the EFI system partition's removable path; the
     guest sees EFI runtime services; its NVRAM, which libvirt made at first boot, goes with the VM."""
-    stock = env["stock"]
-    assert isinstance(stock, Path)
+    stock = env.stock
     imported = json.loads(ok(hvctl(env, "image", "import", "debian-uefi", str(stock), "--firmware", "uefi",
                                    "--json")).stdout)
     assert imported["firmware"] == "efi"  # libvirt's name for it
     ok(hvctl(env, "create", "u1", "--image", "debian-uefi", "--memory", "512", "--disk", "4",
              "--boot-timeout", "900"))
-    ctx = env["ctx"]
-    assert isinstance(ctx, Context)
+    ctx = env.ctx
     xml = ctx.host().guest("u1").xml()
     assert "OVMF" in xml and "<kernel>" not in xml
-    daemon = env["libvirtd"]
-    assert isinstance(daemon, PrivateLibvirtd)
+    daemon = env.libvirtd
     # The daemon's /var/lib/libvirt is its own, under its root here.
     where = xml.split("<nvram", 1)[1].split(">", 1)[1].split("<", 1)[0]
     nvram = (daemon.root if daemon.private else Path("/")) / where.lstrip("/")

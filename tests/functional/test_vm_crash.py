@@ -8,7 +8,6 @@ Each test prints its row of the matrix: the step killed after, what the repair d
 from __future__ import annotations
 
 import json
-import os
 import re
 import secrets
 import subprocess
@@ -17,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import HVCTL, two_local_hosts
+from conftest import TwoHosts, short_tempdir, two_local_hosts
 
 from guest import rpc
 from hvctl.accounting import host_footprint
@@ -26,7 +25,6 @@ from hvctl.host import DomainState
 from hvctl.ledger import VMRecord
 from hvctl.ops.create import create
 from hvctl.ops.incarnation import BootOptions
-from hvctl.ops.intent import CRASH_ENV
 from hvctl.ops.lifecycle import destroy
 from hvctl.spec import VMSpec
 from images.store import ImageStore
@@ -35,22 +33,17 @@ pytestmark = [pytest.mark.vm, pytest.mark.timeout(900)]
 
 
 @pytest.fixture(scope="module")
-def rig(image_dir: Path) -> Iterator[dict[str, object]]:
-    with two_local_hosts(image_dir, "hvk-") as hosts:
+def rig(image_dir: Path) -> Iterator[TwoHosts]:
+    with two_local_hosts(short_tempdir("hvk-"), image_dir) as hosts:
         yield hosts
 
 
-def hvctl(rig: dict[str, object], *args: str, crash_after: str | None = None,
+def hvctl(rig: TwoHosts, *args: str, crash_after: str | None = None,
           timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    env = os.environ | {"HVCTL_STATE_DIR": str(rig["state"]), "HVCTL_CONNECT": rig["h1"].uri,  # type: ignore[attr-defined]
-                        "COLUMNS": "200", "NO_COLOR": "1"}
-    env.pop(CRASH_ENV, None)
-    if crash_after:
-        env[CRASH_ENV] = crash_after
-    return subprocess.run([*HVCTL, *args], capture_output=True, text=True, env=env, timeout=timeout)
+    return rig.hvctl(*args, timeout=timeout, crash_after=crash_after)
 
 
-def crash_then_repair(rig: dict[str, object], crash_after: str, *args: str) -> str:
+def crash_then_repair(rig: TwoHosts, crash_after: str, *args: str) -> str:
     killed = hvctl(rig, *args, crash_after=crash_after)
     assert killed.returncode == -9, f"{crash_after}: not killed ({killed.returncode}): {killed.stderr}"
     doctor = json.loads(hvctl(rig, "doctor", "--json").stdout)
@@ -82,9 +75,8 @@ def other(host: str) -> str:
     return "h2" if host == "h1" else "h1"
 
 
-def test_a_live_migration_killed_after_any_step_is_finished_or_rolled_back(rig: dict[str, object]) -> None:
-    ctx = rig["ctx"]
-    assert isinstance(ctx, Context)
+def test_a_live_migration_killed_after_any_step_is_finished_or_rolled_back(rig: TwoHosts) -> None:
+    ctx = rig.ctx
     record = create(ctx, VMSpec.parse(name="crasher", memory_mib=128, host="h1"),
                     options=BootOptions(extra_cmdline=("hvctl.tick=1",)))
     assert record.domain_uuid is None or len(record.domain_uuid) == 36
@@ -108,12 +100,11 @@ def test_a_live_migration_killed_after_any_step_is_finished_or_rolled_back(rig: 
     no_leftovers(ctx)
 
 
-def test_a_copy_storage_migration_killed_after_any_step_leaves_one_disk_in_use(rig: dict[str, object],
+def test_a_copy_storage_migration_killed_after_any_step_leaves_one_disk_in_use(rig: TwoHosts,
                                                                                image_dir: Path) -> None:
     """After each repair exactly one copy of the disk exists, the one the ledger names and the VM runs from; the
     guest reads back from it a file written before the first move."""
-    ctx = rig["ctx"]
-    assert isinstance(ctx, Context)
+    ctx = rig.ctx
     ImageStore(image_dir).build("base")
     create(ctx, VMSpec.parse(name="porter", memory_mib=512, disk_gib=2, image="base", host="h1"),
            options=BootOptions(timeout=180))
@@ -148,9 +139,8 @@ def test_a_copy_storage_migration_killed_after_any_step_leaves_one_disk_in_use(r
     assert not any(d.exists() for d in dirs)
 
 
-def test_a_destroy_killed_after_any_step_is_finished(rig: dict[str, object]) -> None:
-    ctx = rig["ctx"]
-    assert isinstance(ctx, Context)
+def test_a_destroy_killed_after_any_step_is_finished(rig: TwoHosts) -> None:
+    ctx = rig.ctx
     matrix = []
     for step in ("marked", "undefined", "files-removed"):
         name = f"doomed-{step}"
@@ -164,9 +154,8 @@ def test_a_destroy_killed_after_any_step_is_finished(rig: dict[str, object]) -> 
     print("\n" + "\n".join(matrix))
 
 
-def test_a_create_killed_after_any_step_is_rolled_back(rig: dict[str, object]) -> None:
-    ctx = rig["ctx"]
-    assert isinstance(ctx, Context)
+def test_a_create_killed_after_any_step_is_rolled_back(rig: TwoHosts) -> None:
+    ctx = rig.ctx
     matrix = []
     for step in ("reserved", "files", "defined", "started", "ready"):
         name = f"half-{step}"
@@ -184,11 +173,10 @@ def test_a_create_killed_after_any_step_is_rolled_back(rig: dict[str, object]) -
 
 
 def test_a_stop_or_start_killed_after_any_step_leaves_the_ledger_saying_what_libvirt_does(
-        rig: dict[str, object]) -> None:
+        rig: TwoHosts) -> None:
     """A stop killed after it asked the guest to power off is finished by the repair; a start killed after libvirt
     started the domain is recorded as running, and the guest does come up."""
-    ctx = rig["ctx"]
-    assert isinstance(ctx, Context)
+    ctx = rig.ctx
     record = create(ctx, VMSpec.parse(name="switch", memory_mib=128, host="h1"))
     matrix = []
     for kind, step, expected in (("stop", "asked", "stopped"), ("stop", "powered-off", "stopped"),
@@ -212,11 +200,10 @@ def test_a_stop_or_start_killed_after_any_step_leaves_the_ledger_saying_what_lib
     destroy(ctx, "switch")
 
 
-def test_destroy_never_deletes_the_disk_of_a_vm_running_on_another_host(rig: dict[str, object]) -> None:
+def test_destroy_never_deletes_the_disk_of_a_vm_running_on_another_host(rig: TwoHosts) -> None:
     """The original failure: the ledger names h1, the domain runs on h2 (a migration whose commit was lost, with
     no intent left to say so). destroy must find it there by UUID and refuse, deleting nothing."""
-    ctx = rig["ctx"]
-    assert isinstance(ctx, Context)
+    ctx = rig.ctx
     record = create(ctx, VMSpec.parse(name="stray", memory_mib=128, host="h1"))
     killed = hvctl(rig, "migrate", "stray", "--to", "h2", crash_after="migrate.migrated")
     assert killed.returncode == -9
@@ -238,12 +225,11 @@ def test_destroy_never_deletes_the_disk_of_a_vm_running_on_another_host(rig: dic
     no_leftovers(ctx)
 
 
-def test_a_vm_whose_ledger_row_was_lost_is_adopted_back_and_runs_on(rig: dict[str, object]) -> None:
+def test_a_vm_whose_ledger_row_was_lost_is_adopted_back_and_runs_on(rig: TwoHosts) -> None:
     """The ledger lost a running VM's row (a restored backup, a hand edit): `list` shows the domain as an orphan
     with `hvctl adopt` in its hint; adopt puts the row back as it was, read from the domain and its seed; the guest
     never stopped, and stop, start and destroy then work on it as on any VM, leaving nothing."""
-    ctx = rig["ctx"]
-    assert isinstance(ctx, Context)
+    ctx = rig.ctx
     before = create(ctx, VMSpec.parse(name="lost", memory_mib=128, host="h2"),
                     options=BootOptions(extra_cmdline=("hvctl.tick=1",)))
     ctx.ledger.vms.delete("lost", "test: the row is lost")

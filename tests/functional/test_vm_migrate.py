@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import HVCTL, hvctl_cli, short_tempdir, two_local_hosts
+from conftest import HVCTL, TwoHosts, short_tempdir, two_local_hosts
 from framework.devhost import PrivateLibvirtd
 
 from guest import rpc
@@ -36,13 +36,13 @@ pytestmark = [pytest.mark.vm, pytest.mark.timeout(600)]
 
 
 @pytest.fixture(scope="module")
-def hosts(image_dir: Path) -> Iterator[dict[str, object]]:
-    with two_local_hosts(image_dir, "hvm-") as rig:
+def hosts(image_dir: Path) -> Iterator[TwoHosts]:
+    with two_local_hosts(short_tempdir("hvm-"), image_dir) as rig:
         yield rig
 
 
-def hvctl(h: dict[str, object], *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return hvctl_cli(str(h["state"]), h["h1"].uri, *args, timeout=timeout)  # type: ignore[attr-defined]
+def hvctl(h: TwoHosts, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return h.hvctl(*args, timeout=timeout)
 
 
 def ticks(console: Path) -> list[int]:
@@ -59,9 +59,8 @@ def boot_ticker(ctx: Context, name: str, host: str) -> Path:
     return record.console_log
 
 
-def test_live_migration_keeps_the_guest_counting_on_the_destination(hosts: dict[str, object]) -> None:
-    ctx = hosts["ctx"]
-    assert isinstance(ctx, Context)
+def test_live_migration_keeps_the_guest_counting_on_the_destination(hosts: TwoHosts) -> None:
+    ctx = hosts.ctx
     console = boot_ticker(ctx, "mover", "h1")
     before = max(ticks(console))
     offset = console.stat().st_size
@@ -85,13 +84,12 @@ def test_live_migration_keeps_the_guest_counting_on_the_destination(hosts: dict[
     print(f"live migration: {stats['total_s']} s total, downtime {stats['downtime_ms']} ms, {stats['bytes']} bytes")
 
 
-def test_the_agent_answers_after_live_migrations_on_shared_storage_there_and_back(hosts: dict[str, object],
+def test_the_agent_answers_after_live_migrations_on_shared_storage_there_and_back(hosts: TwoHosts,
                                                                                  image_dir: Path) -> None:
     """Both QEMUs see one filesystem, and the source's, exiting after the switch-over, unlinks its channel socket:
     with the destination on the same path, the agent was unreachable after every live migration. The destination
     now listens on the other of two socket names; the agent answers there, and back again."""
-    ctx = hosts["ctx"]
-    assert isinstance(ctx, Context)
+    ctx = hosts.ctx
     ImageStore(image_dir).build("base")
     create(ctx, VMSpec.parse(name="talker", memory_mib=384, image="base", host="h1"),
            options=BootOptions(timeout=300))
@@ -108,12 +106,11 @@ def test_the_agent_answers_after_live_migrations_on_shared_storage_there_and_bac
     destroy(ctx, "talker")
 
 
-def test_copy_storage_moves_the_disk_and_the_guest_reads_its_data_back_from_it(hosts: dict[str, object],
+def test_copy_storage_moves_the_disk_and_the_guest_reads_its_data_back_from_it(hosts: TwoHosts,
                                                                                image_dir: Path) -> None:
     """A Debian guest writes a file to its disk; the migration mirrors its overlay into a new file the destination
     QEMU uses. After the page cache is dropped, the guest reads the file back from the copied disk."""
-    ctx = hosts["ctx"]
-    assert isinstance(ctx, Context)
+    ctx = hosts.ctx
     ImageStore(image_dir).build("base")
     old = create(ctx, VMSpec.parse(name="carrier", memory_mib=512, disk_gib=2, image="base", host="h1"),
                  options=BootOptions(timeout=180))
@@ -142,9 +139,8 @@ def agent_exec(ctx: Context, record: VMRecord, script: str) -> rpc.ExecResult:
         "exec", rpc.ExecResult, rpc.ExecParams(argv=["sh", "-c", script]))
 
 
-def test_auto_converge_moves_a_guest_that_keeps_dirtying_memory(hosts: dict[str, object]) -> None:
-    ctx = hosts["ctx"]
-    assert isinstance(ctx, Context)
+def test_auto_converge_moves_a_guest_that_keeps_dirtying_memory(hosts: TwoHosts) -> None:
+    ctx = hosts.ctx
     record = create(ctx, VMSpec.parse(name="dirty", memory_mib=128, host="h1"),
                     options=BootOptions(extra_cmdline=("hvctl.dirty=48",)))
     deadline = time.monotonic() + 30
@@ -162,9 +158,8 @@ def test_auto_converge_moves_a_guest_that_keeps_dirtying_memory(hosts: dict[str,
     destroy(ctx, "dirty")
 
 
-def test_bad_migrations_are_refused_before_anything_moves(hosts: dict[str, object]) -> None:
-    ctx = hosts["ctx"]
-    assert isinstance(ctx, Context)
+def test_bad_migrations_are_refused_before_anything_moves(hosts: TwoHosts) -> None:
+    ctx = hosts.ctx
     here = ctx.ledger.vms.get("mover").host
     same = hvctl(hosts, "migrate", "mover", "--to", here)
     assert same.returncode == 2 and "already on host" in same.stderr
@@ -184,9 +179,8 @@ def test_bad_migrations_are_refused_before_anything_moves(hosts: dict[str, objec
     assert ctx.ledger.vms.get("mover").host == here and ctx.ledger.reservations.all() == []
 
 
-def test_evacuate_disables_the_host_and_moves_running_and_stopped_vms_off_it(hosts: dict[str, object]) -> None:
-    ctx = hosts["ctx"]
-    assert isinstance(ctx, Context)
+def test_evacuate_disables_the_host_and_moves_running_and_stopped_vms_off_it(hosts: TwoHosts) -> None:
+    ctx = hosts.ctx
     console = boot_ticker(ctx, "ev-run", "h1")
     create(ctx, VMSpec.parse(name="ev-off", memory_mib=128, host="h1"))
     assert hvctl(hosts, "stop", "ev-off").returncode == 0
@@ -215,11 +209,10 @@ def test_evacuate_disables_the_host_and_moves_running_and_stopped_vms_off_it(hos
     destroy(ctx, "ev-off")
 
 
-def test_cancel_leaves_the_vm_on_the_source(hosts: dict[str, object]) -> None:
-    ctx = hosts["ctx"]
-    assert isinstance(ctx, Context)
+def test_cancel_leaves_the_vm_on_the_source(hosts: TwoHosts) -> None:
+    ctx = hosts.ctx
     console = boot_ticker(ctx, "stayer", "h1")
-    env = os.environ | {"HVCTL_STATE_DIR": str(hosts["state"]), "HVCTL_CONNECT": hosts["h1"].uri}  # type: ignore[attr-defined]
+    env = os.environ | {"HVCTL_STATE_DIR": str(hosts.state), "HVCTL_CONNECT": hosts.h1.uri}
     # 1 MiB/s: the 128 MiB guest takes minutes to copy, so the cancel lands mid-flight.
     proc = subprocess.Popen([sys.executable, "-m", "hvctl.cli", "migrate", "stayer", "--to", "h2", "--bandwidth", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -247,15 +240,14 @@ def test_cancel_leaves_the_vm_on_the_source(hosts: dict[str, object]) -> None:
     assert [e.kind for e in ctx.ledger.events.recent("stayer")][-1] == "migration.failed"
 
 
-def test_killing_the_destination_daemon_mid_migration_leaves_the_source_running(hosts: dict[str, object]) -> None:
-    ctx = hosts["ctx"]
-    assert isinstance(ctx, Context)
+def test_killing_the_destination_daemon_mid_migration_leaves_the_source_running(hosts: TwoHosts) -> None:
+    ctx = hosts.ctx
     console = ctx.ledger.vms.get("stayer").console_log
-    env = os.environ | {"HVCTL_STATE_DIR": str(hosts["state"]), "HVCTL_CONNECT": hosts["h1"].uri}  # type: ignore[attr-defined]
+    env = os.environ | {"HVCTL_STATE_DIR": str(hosts.state), "HVCTL_CONNECT": hosts.h1.uri}
     proc = subprocess.Popen([sys.executable, "-m", "hvctl.cli", "migrate", "stayer", "--to", "h2", "--bandwidth", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     time.sleep(4)
-    h2 = hosts["h2"]
+    h2 = hosts.h2
     assert isinstance(h2, PrivateLibvirtd)
     pid = int(h2.pidfile.read_text())
     os.kill(pid, signal.SIGKILL)
@@ -272,7 +264,7 @@ def test_killing_the_destination_daemon_mid_migration_leaves_the_source_running(
     assert max(ticks(console)) > counted, "the source guest stopped after the destination died"
 
 
-def test_copy_storage_takes_a_vm_to_a_remote_host_and_back_with_no_shared_storage(hosts: dict[str, object],
+def test_copy_storage_takes_a_vm_to_a_remote_host_and_back_with_no_shared_storage(hosts: TwoHosts,
                                                                                   image_dir: Path) -> None:
     """h1 (a daemon on this machine) → far (a remote-style host that cannot see this machine's files) → h1, live,
     with --copy-storage: each time the overlay is mirrored into a new disk on the target (a volume in far's pool,
@@ -280,9 +272,8 @@ def test_copy_storage_takes_a_vm_to_a_remote_host_and_back_with_no_shared_storag
     a file written before the first move; each source's copy is deleted."""
     from framework.devhost.remote import RemoteStyleHost
 
-    ctx = hosts["ctx"]
-    assert isinstance(ctx, Context)
-    state = hosts["state"]
+    ctx = hosts.ctx
+    state = hosts.state
     assert isinstance(state, Path)
     ImageStore(image_dir).build("base")
     far = RemoteStyleHost(short_tempdir("hvr-"), index=44, hide=(state,))
@@ -318,7 +309,7 @@ def test_copy_storage_takes_a_vm_to_a_remote_host_and_back_with_no_shared_storag
 
         # Killed after the disk was made here for the way back, before anything moved: the repair deletes that
         # unused copy and the VM stays on far, its pool volumes untouched.
-        env = os.environ | {"HVCTL_STATE_DIR": str(state), "HVCTL_CONNECT": hosts["h1"].uri,  # type: ignore[attr-defined]
+        env = os.environ | {"HVCTL_STATE_DIR": str(state), "HVCTL_CONNECT": hosts.h1.uri,
                             CRASH_ENV: "migrate.prepared"}
         killed = subprocess.run([*HVCTL, "migrate", "rover", "--to", "h1", "--copy-storage"], env=env,
                                 capture_output=True, text=True, timeout=600)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import threading
@@ -16,36 +15,28 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import HVCTL, hvctl_cli, short_tempdir
+from conftest import HVCTL, Controller, short_tempdir
 from framework.devhost import PrivateLibvirtd
 
-from hvctl.context import Context
 from hvctl.host import DomainState
-from hvctl.ops.lifecycle import destroy
 from images.store import ImageStore
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(600)]
 
 
 @pytest.fixture(scope="module")
-def env(libvirtd: PrivateLibvirtd, image_dir: Path) -> Iterator[dict[str, object]]:
+def env(libvirtd: PrivateLibvirtd, image_dir: Path) -> Iterator[Controller]:
     ImageStore(image_dir).build("base")
-    state = short_tempdir("hvo-")
-    (state / "images").symlink_to(image_dir)
     # A disk quota that one memory snapshot of op1 fits in and a second does not.
-    (state / "policy.yaml").write_text("tenants:\n  default: {quota: {vcpus: 8, memory_mib: 8192, disk_gib: 6, "
-                                       "vms: 10}}\n")
-    ctx = Context(state_dir=state, uri=libvirtd.uri)
-    yield {"ctx": ctx, "state": state, "uri": libvirtd.uri}
-    for leftover in ctx.ledger.vms.all():
-        destroy(ctx, leftover.name)
-    ctx.close()
-    shutil.rmtree(state, ignore_errors=True)
+    controller = Controller.open(short_tempdir("hvo-"), libvirtd.uri, image_dir, policy=(
+        "tenants:\n  default: {quota: {vcpus: 8, memory_mib: 8192, disk_gib: 6, vms: 10}}\n"))
+    yield controller
+    controller.close()
 
 
-def hvctl(env: dict[str, object], *args: str, timeout: float = 240,
+def hvctl(env: Controller, *args: str, timeout: float = 240,
           stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return hvctl_cli(str(env["state"]), str(env["uri"]), *args, timeout=timeout, stdin=stdin)
+    return env.hvctl(*args, timeout=timeout, stdin=stdin)
 
 
 def ok(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
@@ -53,23 +44,23 @@ def ok(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[
     return result
 
 
-def guest_out(env: dict[str, object], vm: str, *argv: str) -> str:
+def guest_out(env: Controller, vm: str, *argv: str) -> str:
     return ok(hvctl(env, "exec", vm, "--agent", "--", *argv)).stdout.strip()
 
 
-def listed(env: dict[str, object], vm: str) -> dict[str, object]:
+def listed(env: Controller, vm: str) -> dict[str, object]:
     (view,) = [v for v in json.loads(ok(hvctl(env, "list", "--json")).stdout)["vms"] if v["name"] == vm]
     return view
 
 
 @pytest.fixture(scope="module")
-def vm(env: dict[str, object]) -> str:
+def vm(env: Controller) -> str:
     ok(hvctl(env, "create", "op1", "--image", "base", "--memory", "512", "--disk", "2", "--boot-timeout", "180"))
     return "op1"
 
 
 def test_exec_through_the_agent_needs_no_network_and_keeps_exit_codes_input_and_timeouts(
-        env: dict[str, object], vm: str) -> None:
+        env: Controller, vm: str) -> None:
     both = hvctl(env, "exec", vm, "--agent", "--", "sh", "-c", "hostname; echo oops >&2; exit 3")
     assert both.returncode == 3 and both.stdout == "op1\n" and both.stderr == "oops\n"
     fed = hvctl(env, "exec", vm, "--agent", "--input", "-", "--", "sh", "-c", "tr a-z A-Z", stdin="from the host\n")
@@ -82,19 +73,19 @@ def test_exec_through_the_agent_needs_no_network_and_keeps_exit_codes_input_and_
     assert missing.returncode == 10 and "cannot run '/no/such/program'" in missing.stderr
 
 
-def guest_clock(env: dict[str, object], vm: str) -> tuple[float, float, float]:
+def guest_clock(env: Controller, vm: str) -> tuple[float, float, float]:
     """The guest's wall clock, with the host's clock just before and just after asking for it."""
     before = time.time()
     guest = float(guest_out(env, vm, "date", "+%s.%N"))
     return before, guest, time.time()
 
 
-def test_pause_freezes_the_guest_and_resume_lets_it_run(env: dict[str, object], vm: str) -> None:
+def test_pause_freezes_the_guest_and_resume_lets_it_run(env: Controller, vm: str) -> None:
     a1, g1, _ = guest_clock(env, vm)
     paused = json.loads(ok(hvctl(env, "pause", vm, "--json")).stdout)
     assert paused == {"name": vm, "state": "paused"}
-    ctx = env["ctx"]
-    assert isinstance(ctx, Context) and ctx.host().state(vm) is DomainState.PAUSED
+    ctx = env.ctx
+    assert ctx.host().state(vm) is DomainState.PAUSED
     view = listed(env, vm)
     assert (view["state"], view["actual"], view["drift"]) == ("paused", "paused", None)
     # Frozen vCPUs: the agent cannot answer at all.
@@ -115,8 +106,8 @@ def test_pause_freezes_the_guest_and_resume_lets_it_run(env: dict[str, object], 
     assert hvctl(env, "resume", vm).returncode == 1
 
 
-def test_events_follow_shows_what_hvctl_did_and_what_libvirt_saw(env: dict[str, object], vm: str) -> None:
-    environ = os.environ | {"HVCTL_STATE_DIR": str(env["state"]), "HVCTL_CONNECT": str(env["uri"])}
+def test_events_follow_shows_what_hvctl_did_and_what_libvirt_saw(env: Controller, vm: str) -> None:
+    environ = os.environ | {"HVCTL_STATE_DIR": str(env.state), "HVCTL_CONNECT": str(env.uri)}
     follower = subprocess.Popen([*HVCTL, "events", "--follow", "--json", "--vm", vm, "-n", "1"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environ)
     seen: list[dict[str, object]] = []
@@ -149,7 +140,7 @@ def test_events_follow_shows_what_hvctl_did_and_what_libvirt_saw(env: dict[str, 
     assert [e["kind"] for e in past][-2:] == ["state.paused", "state.running"]
 
 
-def test_list_filters_and_output_formats(env: dict[str, object], vm: str) -> None:
+def test_list_filters_and_output_formats(env: Controller, vm: str) -> None:
     import yaml
 
     assert ok(hvctl(env, "list", "-o", "name")).stdout == f"{vm}\n"
@@ -165,7 +156,7 @@ def test_list_filters_and_output_formats(env: dict[str, object], vm: str) -> Non
     assert quiet.stderr == "" and f"{vm} restarted" in quiet.stdout
 
 
-def test_restart_boots_a_new_kernel_and_wait_for_ssh(env: dict[str, object], vm: str) -> None:
+def test_restart_boots_a_new_kernel_and_wait_for_ssh(env: Controller, vm: str) -> None:
     before = guest_out(env, vm, "cat", "/proc/sys/kernel/random/boot_id")
     restarted = json.loads(ok(hvctl(env, "restart", vm, "--json", "--boot-timeout", "180")).stdout)
     assert restarted["stop"] == "graceful" and restarted["state"] == "running"
@@ -181,7 +172,7 @@ def test_restart_boots_a_new_kernel_and_wait_for_ssh(env: dict[str, object], vm:
     assert hvctl(env, "wait", vm, "--for", "stopped", "--timeout", "0.5").returncode == 7
 
 
-def test_create_no_wait_then_wait_and_exec_falls_back_to_the_agent(env: dict[str, object]) -> None:
+def test_create_no_wait_then_wait_and_exec_falls_back_to_the_agent(env: Controller) -> None:
     # Without the operator key hvctl has no SSH path into this VM, so exec goes through the agent by itself.
     made = json.loads(ok(hvctl(env, "create", "op2", "--image", "base", "--memory", "384", "--disk", "2",
                                "--no-operator-key", "--no-wait", "--json")).stdout)
@@ -190,8 +181,7 @@ def test_create_no_wait_then_wait_and_exec_falls_back_to_the_agent(env: dict[str
     plain = hvctl(env, "exec", "op2", "--", "sh", "-c", "hostname; echo ${SSH_CONNECTION:-no-ssh}")
     assert plain.returncode == 0 and plain.stdout.split() == ["op2", "no-ssh"]
     # The guest powers off behind hvctl's back; `wait --for stopped` sees it and the ledger follows.
-    ctx = env["ctx"]
-    assert isinstance(ctx, Context)
+    ctx = env.ctx
     ctx.host().guest("op2").shutdown()
     stopped = json.loads(ok(hvctl(env, "wait", "op2", "--for", "stopped", "--timeout", "120", "--json")).stdout)
     assert stopped["for"] == "stopped"
@@ -214,7 +204,7 @@ def vm_sample(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], nam
     return value
 
 
-def test_metrics_report_what_the_guest_really_did(env: dict[str, object], vm: str, tmp_path: Path) -> None:
+def test_metrics_report_what_the_guest_really_did(env: Controller, vm: str, tmp_path: Path) -> None:
     before = scrape(ok(hvctl(env, "metrics")).stdout)
     labels = (("host", "local"), ("tenant", "default"), ("vm", vm))
     assert before[("hvctl_vm_running", labels)] == 1 and before[("hvctl_host_up", (("host", "local"),))] == 1
@@ -240,7 +230,7 @@ def test_metrics_report_what_the_guest_really_did(env: dict[str, object], vm: st
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    environ = os.environ | {"HVCTL_STATE_DIR": str(env["state"]), "HVCTL_CONNECT": str(env["uri"])}
+    environ = os.environ | {"HVCTL_STATE_DIR": str(env.state), "HVCTL_CONNECT": str(env.uri)}
     server = subprocess.Popen([*HVCTL, "metrics", "--listen", f"127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True, env=environ)
     try:
@@ -259,9 +249,8 @@ def test_metrics_report_what_the_guest_really_did(env: dict[str, object], vm: st
 
 
 def test_snapshots_revert_the_disk_and_memory_count_against_the_quota_and_go_with_the_vm(
-        env: dict[str, object], vm: str) -> None:
-    ctx = env["ctx"]
-    assert isinstance(ctx, Context)
+        env: Controller, vm: str) -> None:
+    ctx = env.ctx
     boot_id = guest_out(env, vm, "cat", "/proc/sys/kernel/random/boot_id")
     guest_out(env, vm, "sh", "-c", "echo kept > /root/before; sync")
     refused = hvctl(env, "snapshot", "create", vm, "hot")
@@ -305,7 +294,7 @@ def test_snapshots_revert_the_disk_and_memory_count_against_the_quota_and_go_wit
 
 
 def test_resize_grows_the_disk_and_filesystem_live_and_cpus_and_memory_at_the_next_boot(
-        env: dict[str, object]) -> None:
+        env: Controller) -> None:
     ok(hvctl(env, "create", "op3", "--image", "base", "--memory", "384", "--disk", "2", "--boot-timeout", "180"))
     grown = json.loads(ok(hvctl(env, "resize", "op3", "--disk", "3", "--json")).stdout)
     assert grown["disk"] == "grown live" and grown["filesystem"].startswith("grown to")

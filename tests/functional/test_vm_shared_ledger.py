@@ -12,10 +12,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import two_local_hosts
+from conftest import TwoHosts, short_tempdir, two_local_hosts
 from framework.pgserver import PgServer
 
 from hvctl.context import Context
@@ -55,22 +56,33 @@ ctx.close()
 """
 
 
+@dataclass
+class Fleet:
+    """Two hosts, one PostgreSQL ledger, and two controllers' state dirs (a: the hosts' own controller's)."""
+
+    hosts: TwoHosts
+    url: str
+    a: Path
+    b: Path
+
+    def state(self, who: str) -> Path:
+        return self.a if who == "a" else self.b
+
+
 @pytest.fixture(scope="module")
-def fleet(image_dir: Path, pg_server: PgServer) -> Iterator[dict[str, object]]:
+def fleet(image_dir: Path, pg_server: PgServer) -> Iterator[Fleet]:
     url = pg_server.new_database()
-    with two_local_hosts(image_dir, "hvw-", ledger_url=url) as rig:
-        root = rig["root"]
-        assert isinstance(root, Path)
-        other = root / "sb"  # as short as "state": agent socket paths must fit in 107 bytes
+    with two_local_hosts(short_tempdir("hvw-"), image_dir, ledger_url=url) as rig:
+        other = rig.root / "sb"  # as short as "state": agent socket paths must fit in 107 bytes
         other.mkdir(mode=0o755)
         (other / "images").symlink_to(image_dir)
-        yield rig | {"url": url, "a": rig["state"], "b": other}
+        yield Fleet(rig, url, rig.state, other)
 
 
-def at_once(fleet: dict[str, object], plans: dict[str, list[list[str]]]) -> dict[str, list[dict[str, object]]]:
+def at_once(fleet: Fleet, plans: dict[str, list[list[str]]]) -> dict[str, list[dict[str, object]]]:
     """Run controller a's and controller b's actions in two processes started together; their results."""
-    uri = fleet["h1"].uri  # type: ignore[attr-defined]
-    procs = {who: subprocess.Popen([sys.executable, "-c", CONTROLLER, str(fleet[who]), uri, str(fleet["url"]),
+    uri = fleet.hosts.h1.uri
+    procs = {who: subprocess.Popen([sys.executable, "-c", CONTROLLER, str(fleet.state(who)), uri, fleet.url,
                                     json.dumps(plan)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for who, plan in plans.items()}
     results = {}
@@ -95,9 +107,9 @@ def wait_for_ticks(console: Path, after: int, above: int) -> list[int]:
     return ticks(console, after)
 
 
-def test_two_controllers_create_migrate_and_destroy_on_one_fleet_at_once(fleet: dict[str, object]) -> None:
-    a = Context(state_dir=fleet["a"], uri=fleet["h1"].uri, ledger_url=str(fleet["url"]))  # type: ignore[arg-type,attr-defined]
-    b = Context(state_dir=fleet["b"], uri=fleet["h1"].uri, ledger_url=str(fleet["url"]))  # type: ignore[arg-type,attr-defined]
+def test_two_controllers_create_migrate_and_destroy_on_one_fleet_at_once(fleet: Fleet) -> None:
+    a = Context(state_dir=fleet.a, uri=fleet.hosts.h1.uri, ledger_url=fleet.url)
+    b = Context(state_dir=fleet.b, uri=fleet.hosts.h1.uri, ledger_url=fleet.url)
     try:
         made = at_once(fleet, {"a": [["create", "a1", "h1"], ["create", "a2", "h2"], ["create", "twin", "h1"]],
                                "b": [["create", "b1", "h1"], ["create", "b2", "h2"], ["create", "twin", "h2"]]})
@@ -118,7 +130,7 @@ def test_two_controllers_create_migrate_and_destroy_on_one_fleet_at_once(fleet: 
             assert len({(r.host, r.ssh_port) for r in records}) == 5
             assert all(ctx.host(r.host).state(r.name) is DomainState.RUNNING for r in records)
         consoles = {r.name: r.console_log for r in a.ledger.vms.all()}
-        assert consoles["a1"].is_relative_to(fleet["a"]) and consoles["b1"].is_relative_to(fleet["b"])  # type: ignore[arg-type]
+        assert consoles["a1"].is_relative_to(fleet.a) and consoles["b1"].is_relative_to(fleet.b)
         before = {n: (max(wait_for_ticks(consoles[n], 0, 2)), consoles[n].stat().st_size) for n in ("a1", "b1")}
 
         # Each moves the other's VM, at the same time.
@@ -141,7 +153,7 @@ def test_two_controllers_create_migrate_and_destroy_on_one_fleet_at_once(fleet: 
             assert ctx.ledger.reservations.all() == []
         for host in ("h1", "h2"):
             assert a.host(host).conn.listAllDomains() == []
-        for state in (fleet["a"], fleet["b"]):
+        for state in (fleet.a, fleet.b):
             assert not any((Path(str(state)) / "vms").iterdir()), list((Path(str(state)) / "vms").iterdir())
         kinds = [e.kind for e in a.ledger.events.of_kind("vm.deleted")]
         assert len(kinds) == 5  # every VM's row went, each once

@@ -20,19 +20,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import hvctl_cli, short_tempdir
+from conftest import Controller, short_tempdir
 from framework.devhost import PrivateLibvirtd
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from guest.workloads.assets import make_tiny_llm
 from guest.workloads.llm import generate
 from guest.workloads.schema import LLMRequest
-from hvctl.context import Context
 from hvctl.host import DomainState
 from hvctl.ops.create import create
 from hvctl.ops.hosts import add_host
 from hvctl.ops.incarnation import BootOptions
-from hvctl.ops.lifecycle import destroy
 from hvctl.spec import VMSpec
 from images.store import ImageStore
 
@@ -40,32 +38,28 @@ pytestmark = [pytest.mark.vm, pytest.mark.timeout(1200)]
 
 
 @pytest.fixture(scope="module")
-def env(libvirtd: PrivateLibvirtd, image_dir: Path) -> Iterator[dict[str, object]]:
+def env(libvirtd: PrivateLibvirtd, image_dir: Path) -> Iterator[Controller]:
     ImageStore(image_dir).build("ml")
-    state = short_tempdir("hvw-")
-    (state / "images").symlink_to(image_dir)
+    controller = Controller.open(short_tempdir("hvw-"), libvirtd.uri, image_dir, cli_timeout=900)
     # A second "host" for the checkpoint-migration tests: a private daemon of its own. cgroups off: both daemons
     # run a domain named "ml" for a while, and on one machine their cgroup names would collide.
-    second = PrivateLibvirtd(state / "h2", cgroups=False).start()
-    ctx = Context(state_dir=state, uri=libvirtd.uri)
+    second = PrivateLibvirtd(controller.state / "h2", cgroups=False).start()
     try:
-        add_host(ctx, "h2", second.uri)
-        create(ctx, VMSpec.parse(name="ml", memory_mib=1536, disk_gib=4, image="ml", host="local"),
+        add_host(controller.ctx, "h2", second.uri)
+        create(controller.ctx, VMSpec.parse(name="ml", memory_mib=1536, disk_gib=4, image="ml", host="local"),
                options=BootOptions(timeout=300))
-        yield {"ctx": ctx, "state": state, "uri": libvirtd.uri}
+        yield controller
     finally:
-        for vm in ctx.ledger.vms.all():
-            with contextlib.suppress(Exception):
-                destroy(ctx, vm.name)
-        ctx.close()
-        second.stop()
-        shutil.rmtree(state, ignore_errors=True)
+        try:
+            controller.close(remove_state=False)
+        finally:
+            second.stop()
+            shutil.rmtree(controller.state, ignore_errors=True)
 
 
-def hvctl(env: dict[str, object], *args: str, timeout: float = 900, crash_after: str | None = None,
+def hvctl(env: Controller, *args: str, timeout: float = 900, crash_after: str | None = None,
           fail_after: str | None = None) -> subprocess.CompletedProcess[str]:
-    return hvctl_cli(str(env["state"]), str(env["uri"]), *args, timeout=timeout, crash_after=crash_after,
-                     fail_after=fail_after)
+    return env.hvctl(*args, timeout=timeout, crash_after=crash_after, fail_after=fail_after)
 
 
 def free_port() -> int:
@@ -81,7 +75,7 @@ def greedy(model: object, ids: list[int], new: int) -> list[int]:
     return [int(t) for t in out[0, len(ids):]]
 
 
-def repair_after_crash(env: dict[str, object], step: str, *args: str) -> str:
+def repair_after_crash(env: Controller, step: str, *args: str) -> str:
     """hvctl killed with SIGKILL right after ``step`` (no timing involved), then `doctor --repair`; returns what the
     repair did, which must be a decision."""
     killed = hvctl(env, *args, crash_after=step, timeout=1100)
@@ -97,11 +91,11 @@ def checkpoints_left_here() -> list[Path]:
     return list(Path(tempfile.gettempdir()).glob("hvctl-ckpt-ml-*"))
 
 
-def latest_step(env: dict[str, object]) -> int:
+def latest_step(env: Controller) -> int:
     return max(int(p["step"]) for p in progress(env))  # type: ignore[call-overload]
 
 
-def keeps_training(env: dict[str, object]) -> None:
+def keeps_training(env: Controller) -> None:
     """A later step shows up. How soon depends on the machine (a TCG guest on a loaded host took over 10 s for one
     step), so wait for it, with a bound only a stopped workload reaches."""
     before = latest_step(env)
@@ -111,7 +105,7 @@ def keeps_training(env: dict[str, object]) -> None:
         time.sleep(5)
 
 
-def test_llm_generates_inside_the_guest_exactly_what_the_host_generates(env: dict[str, object],
+def test_llm_generates_inside_the_guest_exactly_what_the_host_generates(env: Controller,
                                                                        tmp_path: Path) -> None:
     result = hvctl(env, "run", "ml", "llm", "--prompt", "The river", "--max-new-tokens", "4", "--json")
     assert result.returncode == 0, result.stderr
@@ -125,7 +119,7 @@ def test_llm_generates_inside_the_guest_exactly_what_the_host_generates(env: dic
     assert status["result"]["decode_tokens_per_s"] > 0
 
 
-def test_a_workload_error_is_reported_and_the_agent_keeps_serving(env: dict[str, object]) -> None:
+def test_a_workload_error_is_reported_and_the_agent_keeps_serving(env: Controller) -> None:
     # A request the workload refuses before importing torch (the host tests cover each refusal, such as a prompt
     # longer than the context window); here the point is the path back: exit code, reason, and an agent still up.
     bad = hvctl(env, "run", "ml", "train", "--steps", "0")
@@ -148,14 +142,13 @@ def sse_text(port: int, body: dict[str, object]) -> tuple[str, int]:
 
 
 def test_the_model_server_serves_a_tenant_swaps_in_fine_tuned_weights_and_survives_live_migration(
-        env: dict[str, object], tmp_path: Path) -> None:
+        env: Controller, tmp_path: Path) -> None:
     """`serve start` in the guest; a streamed chat completion from outside the VM through the tenant's `ssh -L`
     line (real OpenSSH, the VM's pinned host key); `generate` through the agent channel; a fine-tune in the same VM
     exported and swapped in with `serve reload` (the answer changes to the tuned weights' greedy answer, computed
     here from the copied-out weights); a live migration to h2 and back with the server still the same process and
     answering; `serve stop`. Each answer is checked against the host's own greedy tokens."""
-    ctx = env["ctx"]
-    assert isinstance(ctx, Context)
+    ctx = env.ctx
     local_port = free_port()
     started = hvctl(env, "serve", "ml", "start", "--model", "tiny-llm", "--max-seqs", "4", "--max-tokens", "128",
                     "--local-port", str(local_port), "--json", timeout=1500)
@@ -235,14 +228,14 @@ def test_the_model_server_serves_a_tenant_swaps_in_fine_tuned_weights_and_surviv
 # The last three tests share one training run, started detached and still going when they run, in this order.
 
 
-def progress(env: dict[str, object]) -> list[dict[str, object]]:
+def progress(env: Controller) -> list[dict[str, object]]:
     """The latest workload's per-step progress lines, read through `hvctl logs`."""
     result = hvctl(env, "logs", "ml")
     assert result.returncode == 0, result.stderr
     return [json.loads(line)["progress"] for line in result.stdout.splitlines() if line.startswith('{"progress"')]
 
 
-def test_detached_training_checkpoints_and_the_checkpoint_comes_out(env: dict[str, object]) -> None:
+def test_detached_training_checkpoints_and_the_checkpoint_comes_out(env: Controller) -> None:
     started = hvctl(env, "run", "ml", "train", "--objective", "ssl", "--steps", "100000", "--checkpoint-every", "2",
                     "--detach", "--json")
     assert started.returncode == 0, started.stderr
@@ -257,12 +250,11 @@ def test_detached_training_checkpoints_and_the_checkpoint_comes_out(env: dict[st
     assert local.name.startswith("ckpt-") and local.stat().st_size > 10_000
 
 
-def test_a_checkpoint_migration_that_fails_leaves_the_source_training(env: dict[str, object]) -> None:
+def test_a_checkpoint_migration_that_fails_leaves_the_source_training(env: Controller) -> None:
     """The migration fails at its last step before the commit, after the checkpoint, the copy, the target's boot and
     the restored workload's verified first step, so every undo runs. The failure is injected at that step (a
     timeout would race the machine's speed: a fast one finishes inside it). The source never stops training."""
-    ctx = env["ctx"]
-    assert isinstance(ctx, Context)
+    ctx = env.ctx
     result = hvctl(env, "migrate", "ml", "--to", "h2", "--mode", "checkpoint",
                    fail_after="migrate-checkpoint.verified")
     assert result.returncode == 15 and "still on local" in result.stderr, result.stderr
@@ -275,12 +267,11 @@ def test_a_checkpoint_migration_that_fails_leaves_the_source_training(env: dict[
 
 
 def test_a_checkpoint_migration_killed_before_its_commit_is_rolled_back_and_the_source_trains_on(
-        env: dict[str, object]) -> None:
+        env: Controller) -> None:
     """hvctl killed right after each step before the commit, then `doctor --repair`: the new incarnation on h2 (its
     domain, files and GPUs), the reservation and the checkpoints copied here are gone, the lock is free, and the
     source, which never stopped, is still training. Prints its rows of the crash matrix."""
-    ctx = env["ctx"]
-    assert isinstance(ctx, Context)
+    ctx = env.ctx
     matrix = []
     for step in ("checked", "reserved", "checkpointed", "files", "defined", "started", "booted", "verified"):
         outcome = repair_after_crash(env, f"migrate-checkpoint.{step}", "migrate", "ml", "--to", "h2", "--mode",
@@ -295,12 +286,11 @@ def test_a_checkpoint_migration_killed_before_its_commit_is_rolled_back_and_the_
     print("\n" + "\n".join(matrix))
 
 
-def test_checkpoint_migration_resumes_training_on_the_target_at_the_next_step(env: dict[str, object]) -> None:
+def test_checkpoint_migration_resumes_training_on_the_target_at_the_next_step(env: Controller) -> None:
     """The migration goes all the way, and hvctl is killed right after the ledger committed the move (the last row
     of the crash matrix): `doctor --repair` removes the source incarnation, as the command would have next (the
     same function, by the source domain's UUID), and the VM trains on on the target."""
-    ctx = env["ctx"]
-    assert isinstance(ctx, Context)
+    ctx = env.ctx
     old = ctx.ledger.vms.get("ml")
     outcome = repair_after_crash(env, "migrate-checkpoint.committed", "migrate", "ml", "--to", "h2", "--mode",
                                  "checkpoint")
@@ -327,7 +317,7 @@ def test_checkpoint_migration_resumes_training_on_the_target_at_the_next_step(en
           f"{moved['resumed_step']} with loss {moved['loss']}")
 
 
-def test_cancel_stops_the_detached_training_and_workloads_shows_it(env: dict[str, object]) -> None:
+def test_cancel_stops_the_detached_training_and_workloads_shows_it(env: Controller) -> None:
     """After the migration, the training restarted on h2 is the one running: `hvctl cancel` stops it, and the guest's
     own list of workloads shows it cancelled."""
     listed = hvctl(env, "workloads", "ml", "--json")
