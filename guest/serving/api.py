@@ -92,170 +92,7 @@ def make_server(models: dict[str, Model], address: tuple[str, int],
                 states: Callable[[], dict[str, str]] | None = None) -> ThreadingHTTPServer:
     """``states``: every model the server was asked for, by name, with its state (loading, ready, failed), for
     /health to say what is still loading and what failed, not only what serves."""
-    metrics = Metrics()
-
-    def health() -> dict[str, Any]:
-        ready = sorted(models)
-        if states is None:
-            return {"status": "ok", "models": ready}
-        known = states()
-        loading = sorted(n for n, state in known.items() if state == "loading")
-        failed = sorted(n for n, state in known.items() if state == "failed")
-        status = "ok" if ready and not loading else "loading" if loading else "no-model"
-        return {"status": status, "models": ready, "loading": loading, "failed": failed}
-
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
-            pass  # the agent keeps its own log; one line per request would drown it
-
-        def do_GET(self) -> None:  # noqa: N802 - the base class's name
-            try:
-                if self.path == "/health":
-                    self._json(200, health())
-                elif self.path == "/v1/models":
-                    self._json(200, {"object": "list", "data": [
-                        {"id": name, "object": "model", "owned_by": "hvctl"} for name in sorted(models)]})
-                elif self.path == "/metrics":
-                    self._send(200, metrics.text(models).encode(), "text/plain; version=0.0.4")
-                else:
-                    raise ApiError(404, f"no such path {self.path}")
-            except ApiError as exc:
-                self._error(exc)
-
-        def do_POST(self) -> None:  # noqa: N802 - the base class's name
-            try:
-                if self.path not in ("/v1/completions", "/v1/chat/completions"):
-                    raise ApiError(404, f"no such path {self.path}")
-                body = self._body()
-                chat = self.path == "/v1/chat/completions"
-                max_tokens = body.get("max_tokens", 16)
-                if not isinstance(max_tokens, int) or isinstance(max_tokens, bool):
-                    raise ApiError(400, "max_tokens must be an integer")
-                model, stream = self._submit(body, chat, max_tokens)
-                with metrics.lock:
-                    metrics.requests += 1
-                if body.get("stream"):
-                    self._stream(model, stream, chat)
-                else:
-                    try:
-                        self._complete(model, stream, chat)
-                    except ServingError as exc:  # the engine failed the request (or stopped under it)
-                        raise ApiError(500, exc.message) from None
-            except ApiError as exc:
-                self._error(exc)
-
-        def _submit(self, body: dict[str, Any], chat: bool, max_tokens: int) -> tuple[Model, Stream]:
-            """Look the model up and admit the request to its engine. A reload may retire the engine between the
-            two: then the lookup is done again and the new weights take the request, so none fails."""
-            while True:
-                model = models.get(str(body.get("model", "")))
-                if model is None:
-                    raise ApiError(404, f"no model {body.get('model')!r}; loaded: {', '.join(sorted(models))}")
-                prompt_ids = _chat_ids(model, body) if chat else _prompt_ids(model, body)
-                try:
-                    return model, model.engine.submit(prompt_ids, max_tokens)
-                except Retired:
-                    continue
-                except Overloaded as exc:
-                    with metrics.lock:
-                        metrics.refused += 1
-                    raise ApiError(429, exc.message, {"Retry-After": str(exc.retry_after_s)}) from None
-                except BadRequest as exc:
-                    raise ApiError(400, exc.message) from None
-
-        # -- bodies ----------------------------------------------------------------------------------------
-
-        def _body(self) -> dict[str, Any]:
-            length = self.headers.get("Content-Length")
-            if length is None or not length.isdigit():
-                raise ApiError(411, "a request body needs a Content-Length")
-            if int(length) > MAX_BODY:
-                self.close_connection = True  # the body is never read: the connection cannot be reused
-                raise ApiError(413, f"the body is {int(length)} bytes; at most {MAX_BODY} are accepted")
-            try:
-                body = json.loads(self.rfile.read(int(length)))
-            except (ValueError, UnicodeDecodeError) as exc:
-                raise ApiError(400, f"the body is not JSON: {exc}") from None
-            if not isinstance(body, dict):
-                raise ApiError(400, "the body must be a JSON object")
-            return body
-
-        def _complete(self, model: Model, stream: Stream, chat: bool) -> None:
-            started = time.monotonic()
-            tokens: list[int] = []
-            for token in stream:
-                if not tokens:
-                    _first_token(metrics, started)
-                tokens.append(token)
-            metrics.count_tokens(len(tokens))
-            text = model.tokenizer.decode(tokens, skip_special_tokens=True)
-            finish = "length" if len(tokens) >= stream.max_tokens else "stop"
-            choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "token_ids": tokens}
-            choice |= {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
-            self._json(200, {"id": f"cmpl-{uuid.uuid4().hex[:16]}",
-                             "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-                             "model": model.name, "choices": [choice],
-                             "usage": {"prompt_tokens": len(stream.prompt_ids), "completion_tokens": len(tokens),
-                                       "total_tokens": len(stream.prompt_ids) + len(tokens)}})
-
-        def _stream(self, model: Model, stream: Stream, chat: bool) -> None:
-            """Server-sent events, one per token's text; a client that goes away cancels the request."""
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream")
-            self.send_header("Cache-Control", "no-cache")
-            self.send_header("Connection", "close")
-            self.end_headers()
-            self.close_connection = True
-            ident, created = f"cmpl-{uuid.uuid4().hex[:16]}", int(time.time())
-            kind = "chat.completion.chunk" if chat else "text_completion"
-            started = time.monotonic()
-            try:
-                for n, delta in enumerate(_text_deltas(model.tokenizer, stream)):
-                    if n == 0:
-                        _first_token(metrics, started)
-                    piece = {"delta": {"content": delta}} if chat else {"text": delta}
-                    self._event({"id": ident, "object": kind, "created": created, "model": model.name,
-                                 "choices": [{"index": 0, "finish_reason": None, **piece}]})
-                finish = "length" if len(stream.tokens) >= stream.max_tokens else "stop"
-                end: dict[str, Any] = {"delta": {}} if chat else {"text": ""}
-                self._event({"id": ident, "object": kind, "created": created, "model": model.name,
-                             "choices": [{"index": 0, "finish_reason": finish, **end}]})
-                self.wfile.write(b"data: [DONE]\n\n")
-                self.wfile.flush()
-            except (BrokenPipeError, ConnectionResetError):
-                stream.close()  # the client went away: its sequence is freed at the next step
-            except ServingError as exc:  # the engine failed the request mid-stream: say so, then end the stream
-                self._event({"error": {"message": exc.message, "type": "server_error", "code": 500}})
-            finally:
-                metrics.count_tokens(len(stream.tokens))
-
-        # -- responses -------------------------------------------------------------------------------------
-
-        def _event(self, data: dict[str, Any]) -> None:
-            self.wfile.write(b"data: " + json.dumps(data).encode() + b"\n\n")
-            self.wfile.flush()
-
-        def _json(self, status: int, data: dict[str, Any], headers: dict[str, str] | None = None) -> None:
-            self._send(status, json.dumps(data).encode(), "application/json", headers)
-
-        def _send(self, status: int, payload: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(payload)))
-            for key, value in (headers or {}).items():
-                self.send_header(key, value)
-            self.end_headers()
-            self.wfile.write(payload)
-
-        def _error(self, exc: ApiError) -> None:
-            kind = {400: "invalid_request_error", 404: "not_found_error", 413: "invalid_request_error",
-                    429: "rate_limit_error"}.get(exc.status, "server_error")
-            self._json(exc.status, {"error": {"message": exc.message, "type": kind, "code": exc.status}},
-                       exc.headers)
-
-    return _Server(address, Handler)
+    return _Server(address, models, states)
 
 
 class _Server(ThreadingHTTPServer):
@@ -263,6 +100,178 @@ class _Server(ThreadingHTTPServer):
     # measured as a 1 s time to first token for most of 32 clients arriving at once.
     request_queue_size = 1024
     daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], models: dict[str, Model],
+                 states: Callable[[], dict[str, str]] | None) -> None:
+        self.models = models  # the caller's own dict: a load or reload changes what this server serves
+        self.states = states
+        self.metrics = Metrics()
+        super().__init__(address, _Handler)
+
+    def health(self) -> dict[str, Any]:
+        ready = sorted(self.models)
+        if self.states is None:
+            return {"status": "ok", "models": ready}
+        known = self.states()
+        loading = sorted(n for n, state in known.items() if state == "loading")
+        failed = sorted(n for n, state in known.items() if state == "failed")
+        status = "ok" if ready and not loading else "loading" if loading else "no-model"
+        return {"status": status, "models": ready, "loading": loading, "failed": failed}
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """One request of the OpenAI-compatible API, against the models and metrics of its ``_Server``."""
+
+    protocol_version = "HTTP/1.1"
+    server: _Server
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+        pass  # the agent keeps its own log; one line per request would drown it
+
+    def do_GET(self) -> None:  # noqa: N802 - the base class's name
+        try:
+            if self.path == "/health":
+                self._json(200, self.server.health())
+            elif self.path == "/v1/models":
+                self._json(200, {"object": "list", "data": [
+                    {"id": name, "object": "model", "owned_by": "hvctl"} for name in sorted(self.server.models)]})
+            elif self.path == "/metrics":
+                self._send(200, self.server.metrics.text(self.server.models).encode(), "text/plain; version=0.0.4")
+            else:
+                raise ApiError(404, f"no such path {self.path}")
+        except ApiError as exc:
+            self._error(exc)
+
+    def do_POST(self) -> None:  # noqa: N802 - the base class's name
+        try:
+            if self.path not in ("/v1/completions", "/v1/chat/completions"):
+                raise ApiError(404, f"no such path {self.path}")
+            body = self._body()
+            chat = self.path == "/v1/chat/completions"
+            max_tokens = body.get("max_tokens", 16)
+            if not isinstance(max_tokens, int) or isinstance(max_tokens, bool):
+                raise ApiError(400, "max_tokens must be an integer")
+            model, stream = self._submit(body, chat, max_tokens)
+            with self.server.metrics.lock:
+                self.server.metrics.requests += 1
+            if body.get("stream"):
+                self._stream(model, stream, chat)
+            else:
+                try:
+                    self._complete(model, stream, chat)
+                except ServingError as exc:  # the engine failed the request (or stopped under it)
+                    raise ApiError(500, exc.message) from None
+        except ApiError as exc:
+            self._error(exc)
+
+    def _submit(self, body: dict[str, Any], chat: bool, max_tokens: int) -> tuple[Model, Stream]:
+        """Look the model up and admit the request to its engine. A reload may retire the engine between the
+        two: then the lookup is done again and the new weights take the request, so none fails."""
+        while True:
+            model = self.server.models.get(str(body.get("model", "")))
+            if model is None:
+                raise ApiError(404, f"no model {body.get('model')!r}; loaded: {', '.join(sorted(self.server.models))}")
+            prompt_ids = _chat_ids(model, body) if chat else _prompt_ids(model, body)
+            try:
+                return model, model.engine.submit(prompt_ids, max_tokens)
+            except Retired:
+                continue
+            except Overloaded as exc:
+                with self.server.metrics.lock:
+                    self.server.metrics.refused += 1
+                raise ApiError(429, exc.message, {"Retry-After": str(exc.retry_after_s)}) from None
+            except BadRequest as exc:
+                raise ApiError(400, exc.message) from None
+
+    # -- bodies ----------------------------------------------------------------------------------------
+
+    def _body(self) -> dict[str, Any]:
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            raise ApiError(411, "a request body needs a Content-Length")
+        if int(length) > MAX_BODY:
+            self.close_connection = True  # the body is never read: the connection cannot be reused
+            raise ApiError(413, f"the body is {int(length)} bytes; at most {MAX_BODY} are accepted")
+        try:
+            body = json.loads(self.rfile.read(int(length)))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ApiError(400, f"the body is not JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the body must be a JSON object")
+        return body
+
+    def _complete(self, model: Model, stream: Stream, chat: bool) -> None:
+        started = time.monotonic()
+        tokens: list[int] = []
+        for token in stream:
+            if not tokens:
+                _first_token(self.server.metrics, started)
+            tokens.append(token)
+        self.server.metrics.count_tokens(len(tokens))
+        text = model.tokenizer.decode(tokens, skip_special_tokens=True)
+        finish = "length" if len(tokens) >= stream.max_tokens else "stop"
+        choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "token_ids": tokens}
+        choice |= {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
+        self._json(200, {"id": f"cmpl-{uuid.uuid4().hex[:16]}",
+                         "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+                         "model": model.name, "choices": [choice],
+                         "usage": {"prompt_tokens": len(stream.prompt_ids), "completion_tokens": len(tokens),
+                                   "total_tokens": len(stream.prompt_ids) + len(tokens)}})
+
+    def _stream(self, model: Model, stream: Stream, chat: bool) -> None:
+        """Server-sent events, one per token's text; a client that goes away cancels the request."""
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+        ident, created = f"cmpl-{uuid.uuid4().hex[:16]}", int(time.time())
+        kind = "chat.completion.chunk" if chat else "text_completion"
+        started = time.monotonic()
+        try:
+            for n, delta in enumerate(_text_deltas(model.tokenizer, stream)):
+                if n == 0:
+                    _first_token(self.server.metrics, started)
+                piece = {"delta": {"content": delta}} if chat else {"text": delta}
+                self._event({"id": ident, "object": kind, "created": created, "model": model.name,
+                             "choices": [{"index": 0, "finish_reason": None, **piece}]})
+            finish = "length" if len(stream.tokens) >= stream.max_tokens else "stop"
+            end: dict[str, Any] = {"delta": {}} if chat else {"text": ""}
+            self._event({"id": ident, "object": kind, "created": created, "model": model.name,
+                         "choices": [{"index": 0, "finish_reason": finish, **end}]})
+            self.wfile.write(b"data: [DONE]\n\n")
+            self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            stream.close()  # the client went away: its sequence is freed at the next step
+        except ServingError as exc:  # the engine failed the request mid-stream: say so, then end the stream
+            self._event({"error": {"message": exc.message, "type": "server_error", "code": 500}})
+        finally:
+            self.server.metrics.count_tokens(len(stream.tokens))
+
+    # -- responses -------------------------------------------------------------------------------------
+
+    def _event(self, data: dict[str, Any]) -> None:
+        self.wfile.write(b"data: " + json.dumps(data).encode() + b"\n\n")
+        self.wfile.flush()
+
+    def _json(self, status: int, data: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+        self._send(status, json.dumps(data).encode(), "application/json", headers)
+
+    def _send(self, status: int, payload: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(payload)))
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def _error(self, exc: ApiError) -> None:
+        kind = {400: "invalid_request_error", 404: "not_found_error", 413: "invalid_request_error",
+                429: "rate_limit_error"}.get(exc.status, "server_error")
+        self._json(exc.status, {"error": {"message": exc.message, "type": kind, "code": exc.status}},
+                   exc.headers)
 
 
 def _first_token(metrics: Metrics, started: float) -> None:

@@ -40,9 +40,9 @@ def agent(
 
         rotated = rotate_agent_token(ctx(), name)
         if as_json:
-            emit_json(rotated)
+            emit_json(rotated.as_json())
         else:
-            out.print(f"{name}: new agent token " + ("in use now and at the next boot" if rotated["live"]
+            out.print(f"{name}: new agent token " + ("in use now and at the next boot" if rotated.live
                                                      else "takes effect at the next start"))
         return
     from hvctl.ops.run import agent_for
@@ -233,13 +233,13 @@ def key_rm(tenant: str, public_key_file: Path, as_json: JsonOpt = False) -> None
     with RichReporter(f"key rm {tenant}") as reporter:
         result = remove_tenant_key(ctx(), tenant, line, reporter.step)
     if as_json:
-        emit_json(result)
+        emit_json(result.as_json())
     else:
         out.print(f"key removed for tenant {tenant}")
-        for vm in result["vms"]:
-            where = "now and at its next boot" if vm["live"] else "at its next boot" if vm["seed"] else "nowhere"
-            out.print(f"  {vm['vm']}: revoked {where}" + (f" [red]({safe(vm['problem'])})[/]" if vm["problem"] else ""))
-    if any(vm["problem"] for vm in result["vms"]):
+        for vm in result.vms:
+            where = "now and at its next boot" if vm.live else "at its next boot" if vm.seed else "nowhere"
+            out.print(f"  {vm.vm}: revoked {where}" + (f" [red]({safe(vm.problem)})[/]" if vm.problem else ""))
+    if any(vm.problem for vm in result.vms):
         raise typer.Exit(1)
 
 

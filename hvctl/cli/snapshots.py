@@ -41,13 +41,14 @@ def snapshot_list(name: str, as_json: JsonOpt = False) -> None:
 
     snaps = list_snapshots(ctx(), name)
     if as_json:
-        emit_json(snaps)
+        emit_json([s.as_json() for s in snaps])
         return
     table = Table("NAME", "CREATED", "MEMORY", "CHARGED GiB", "STATE")
-    for s in snaps:
-        state = s["state"] if s["in_libvirt"] else f"[red]{s['state']}, missing from libvirt[/]"
-        table.add_row(s["name"], time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["created_at"])),
-                      "yes" if s["memory"] else "no", f"{s['disk_gib']:g}", state)
+    for view in snaps:
+        s = view.record
+        state = s.state if view.in_libvirt else f"[red]{s.state}, missing from libvirt[/]"
+        table.add_row(s.name, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.created_at)),
+                      "yes" if s.memory else "no", f"{s.disk_gib:g}", state)
     out.print(table)
 
 

@@ -312,14 +312,15 @@ def resize(
     with RichReporter(f"resize {name}") as reporter:
         done = resize_vm(ctx(), name, vcpus, memory, disk, reporter)
     if as_json:
-        emit_json(done)
+        emit_json(done.as_json())
         return
-    out.print(f"{name}: {done['vcpus']} vCPU, {done['memory_mib']} MiB, {done['disk_gib']} GiB disk")
-    if done["cpu_memory"] != "unchanged":
-        out.print(f"  vCPUs and memory take effect {done['cpu_memory']}"
-                  + (f" (`hvctl restart {name}`)" if done["cpu_memory"] == "at the next boot" else ""))
-    if done["disk"] != "unchanged":
-        out.print(f"  disk {done['disk']}; filesystem {safe(done['filesystem'])}")
+    size, applied = done.spec, done.applied
+    out.print(f"{name}: {size.vcpus} vCPU, {size.memory_mib} MiB, {size.disk_gib} GiB disk")
+    if applied.cpu_memory != "unchanged":
+        out.print(f"  vCPUs and memory take effect {applied.cpu_memory}"
+                  + (f" (`hvctl restart {name}`)" if applied.cpu_memory == "at the next boot" else ""))
+    if applied.disk != "unchanged":
+        out.print(f"  disk {applied.disk}; filesystem {safe(applied.filesystem)}")
 
 
 @app.command()

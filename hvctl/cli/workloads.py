@@ -3,7 +3,7 @@
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -21,6 +21,10 @@ from hvctl.cli.common import (
     safe,
 )
 from hvctl.limits import DEFAULT_MAX_DOWNLOAD_BYTES
+
+if TYPE_CHECKING:
+    from hvctl.context import Context
+    from hvctl.ledger import VMRecord
 
 # -- workloads ------------------------------------------------------------------------------------------------
 
@@ -65,7 +69,6 @@ def run(
     as_json: JsonOpt = False,
 ) -> None:
     """Run a model workload inside a VM through its agent, following its output."""
-    from guest.workloads.protocol import parse_progress
     from hvctl.ops import run as ops
 
     if vms is not None or distributed:
@@ -95,12 +98,24 @@ def run(
             out.print(f"{kind} started in {name} as {status.id}; `hvctl logs {name}` shows its output")
         return
 
+    _follow(c, record, kind, args, stream=stream and kind == "llm" and not as_json, steps=steps, timeout=timeout,
+            as_json=as_json)
+
+
+def _follow(c: "Context", record: "VMRecord", kind: str, args: list[str], stream: bool, steps: int,
+            timeout: float | None, as_json: bool) -> None:
+    """Run the workload and follow it: its tokens as they come (``stream``) or a status line with its last output
+    or training step; then its result, or its failure as the exit status."""
+    from guest.workloads.protocol import parse_progress
+    from hvctl.ops import run as ops
+
+    name = record.name
     started = time.monotonic()
     status_line = err.status(f"{kind} in {name}: starting")
     status_line.start()
 
     def on_output(chunk: str) -> None:
-        if stream and kind == "llm" and not as_json:
+        if stream:
             status_line.stop()
             sys.stdout.write(plain("".join(ops.stream_text(chunk))))
             sys.stdout.flush()
@@ -116,7 +131,7 @@ def run(
         result = ops.run_workload(c, record, kind, args, on_output, timeout=timeout)
     finally:
         status_line.stop()
-    if stream and kind == "llm" and not as_json:
+    if stream:
         sys.stdout.write("\n")
     if as_json:
         emit_json(result.model_dump(mode="json"))

@@ -3,6 +3,7 @@ boot) and, through the agent, in the running guest."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from guest import rpc
@@ -38,8 +39,40 @@ def _running_agent(ctx: Context, record: VMRecord) -> AgentClient | None:
     return ctx.agent(record.host, record.name, record.agent_token, timeout=30)
 
 
+@dataclass(frozen=True)
+class KeyRevoked:
+    """What revoking a tenant's key did in one of its VMs: its seed rewritten (the next boot), the running guest's
+    authorized_keys changed (``live``), or why not (``problem``)."""
+
+    vm: str
+    seed: bool = False
+    live: bool = False
+    problem: str | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        return {"vm": self.vm, "seed": self.seed, "live": self.live, "problem": self.problem}
+
+
+@dataclass(frozen=True)
+class KeyRemoval:
+    tenant: str
+    vms: tuple[KeyRevoked, ...]
+
+    def as_json(self) -> dict[str, Any]:
+        return {"tenant": self.tenant, "vms": [vm.as_json() for vm in self.vms]}
+
+
+@dataclass(frozen=True)
+class TokenRotated:
+    vm: str
+    live: bool  # the running agent took it now; otherwise at the VM's next start
+
+    def as_json(self) -> dict[str, Any]:
+        return {"vm": self.vm, "rotated": True, "live": self.live}
+
+
 def remove_tenant_key(ctx: Context, tenant: str, pubkey: str,
-                      say: Say = lambda _: None) -> dict[str, Any]:
+                      say: Say = lambda _: None) -> KeyRemoval:
     """Forget ``pubkey`` for ``tenant``, rewrite the seed of each of the tenant's VMs without it, and remove it
     from the running ones' authorized_keys through their agents. A VM that cannot be reached now keeps the key
     until its next boot; the result says which.
@@ -51,28 +84,30 @@ def remove_tenant_key(ctx: Context, tenant: str, pubkey: str,
     vms = []
     for record in (r for r in ctx.ledger.vms.all() if r.tenant == tenant):
         say(f"removing the key from {record.name}")
-        outcome: dict[str, Any] = {"vm": record.name, "seed": False, "live": False, "problem": None}
+        seed = live = False
+        problem = None
         try:
             _rewrite_seed(ctx, record, record.agent_token or "", dropping=pubkey)
-            outcome["seed"] = True
+            seed = True
             agent = _running_agent(ctx, record)
             if agent is not None:
                 done = agent.typed("exec", rpc.ExecResult,
                                    rpc.ExecParams(argv=["sh", "-c", _DROP_LINE, AUTHORIZED_KEYS, pubkey]))
                 if done.exit_code != 0:
                     raise HvctlError(f"removing it from {AUTHORIZED_KEYS} failed: {done.stderr.strip()}")
-                outcome["live"] = True
+                live = True
         except (HvctlError, AgentError) as exc:
-            outcome["problem"] = exc.message
+            problem = exc.message
+        outcome = KeyRevoked(record.name, seed, live, problem)
         ctx.ledger.events.log(record.name, record.host, "key.removed",
-                             f"a key of tenant {tenant} was removed" + (f" ({outcome['problem']})"
-                                                                        if outcome["problem"] else ""), outcome)
+                             f"a key of tenant {tenant} was removed" + (f" ({problem})" if problem else ""),
+                             outcome.as_json())
         vms.append(outcome)
     ctx.ledger.keys.remove(tenant, pubkey)
-    return {"tenant": tenant, "vms": vms}
+    return KeyRemoval(tenant, tuple(vms))
 
 
-def rotate_agent_token(ctx: Context, name: str) -> dict[str, Any]:
+def rotate_agent_token(ctx: Context, name: str) -> TokenRotated:
     """Give a VM's agent a new token: the running agent switches (authenticated by the old one), then the ledger
     and the seed (the next boot) take it. A stopped VM takes it at its next start."""
     record = ctx.ledger.vms.get(name)
@@ -94,7 +129,7 @@ def rotate_agent_token(ctx: Context, name: str) -> dict[str, Any]:
         ctx.ledger.vms.set_agent_token(name, token)
         op.step("recorded")
         _rewrite_seed(ctx, record, token)
-    return {"vm": name, "rotated": True, "live": agent is not None}
+    return TokenRotated(name, agent is not None)
 
 
 def reconcile_rotation(ctx: Context, op: OperationRecord) -> str:

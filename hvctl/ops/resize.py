@@ -14,6 +14,7 @@ the new size; a refused resize changes nothing.
 from __future__ import annotations
 
 import subprocess
+from dataclasses import dataclass
 from typing import Any
 
 from guest import rpc
@@ -28,8 +29,30 @@ from hvctl.placement import admission_for
 from hvctl.spec import VMSpec
 
 
+@dataclass(frozen=True)
+class Applied:
+    """How a resize took effect: vCPUs and memory ("unchanged", "at the next boot" of a running VM, "at the start" of
+    a stopped one), the disk ("unchanged", "grown live", "grown") and the guest's filesystem (None: not touched)."""
+
+    cpu_memory: str = "unchanged"
+    disk: str = "unchanged"
+    filesystem: str | None = None
+
+
+@dataclass(frozen=True)
+class Resized:
+    name: str
+    spec: VMSpec  # the new size
+    applied: Applied
+
+    def as_json(self) -> dict[str, Any]:
+        return {"name": self.name, "vcpus": self.spec.vcpus, "memory_mib": self.spec.memory_mib,
+                "disk_gib": self.spec.disk_gib, "cpu_memory": self.applied.cpu_memory, "disk": self.applied.disk,
+                "filesystem": self.applied.filesystem}
+
+
 def resize(ctx: Context, name: str, vcpus: int | None = None, memory_mib: int | None = None,
-           disk_gib: int | None = None, say: Say = quiet) -> dict[str, Any]:
+           disk_gib: int | None = None, say: Say = quiet) -> Resized:
     record = ctx.ledger.vms.get(name)
     old = record.spec
     changes = {k: v for k, v in (("vcpus", vcpus), ("memory_mib", memory_mib), ("disk_gib", disk_gib))
@@ -48,47 +71,43 @@ def resize(ctx: Context, name: str, vcpus: int | None = None, memory_mib: int | 
         ctx.ledger.vms.resize(name, new, admission)
         op.step("recorded")
         try:
-            result = _apply(ctx, name, record.host, old, new, say)
+            applied = _apply(ctx, name, record.host, old, new, say)
         except BaseException:
             ctx.ledger.vms.resize(name, old, Admission({}, {}))  # back to what the VM still has
             raise
         op.step("applied")
-    return {"name": name, "vcpus": new.vcpus, "memory_mib": new.memory_mib, "disk_gib": new.disk_gib} | result
+    return Resized(name, new, applied)
 
 
-def _apply(ctx: Context, name: str, host_name: str, old: VMSpec, new: VMSpec,
-           say: Say) -> dict[str, Any]:
+def _apply(ctx: Context, name: str, host_name: str, old: VMSpec, new: VMSpec, say: Say) -> Applied:
     record = ctx.ledger.vms.get(name)
     guest = ctx.host(host_name).guest(name)
     running = guest.state() in (DomainState.RUNNING, DomainState.PAUSED)
-    result: dict[str, Any] = {"cpu_memory": "unchanged", "disk": "unchanged", "filesystem": None}
+    cpu_memory, disk, filesystem = "unchanged", "unchanged", None  # Applied's defaults
     if (new.vcpus, new.memory_mib) != (old.vcpus, old.memory_mib):
         say(f"setting {new.vcpus} vCPU and {new.memory_mib} MiB for the next boot")
         limited = ctx.capabilities(host_name).memory_limits
         guest.set_next_boot_size(new.vcpus, new.memory_mib * 1024,
                                  (new.memory_mib + qemu_overhead_mib(new)) * 1024 if limited else None)
-        result["cpu_memory"] = "at the next boot" if running else "at the start"
+        cpu_memory = "at the next boot" if running else "at the start"
     if new.disk_gib != old.disk_gib:
         size = new.disk_gib * 2**30
         if running:
             say(f"growing the running guest's disk to {new.disk_gib} GiB")
             guest.block_resize("vda", size)
-            result["disk"] = "grown live"
-            result["filesystem"] = _grow_filesystem(ctx, record, say)
+            disk, filesystem = "grown live", _grow_filesystem(ctx, record, say)
         elif ctx.is_this_machine(host_name):
             say(f"growing the overlay to {new.disk_gib} GiB")
             done = subprocess.run(["qemu-img", "resize", "-q", str(record.overlay), str(size)],
                                   capture_output=True, text=True)
             if done.returncode != 0:
                 raise HvctlError(f"cannot grow {record.overlay}: {done.stderr.strip()}")
-            result["disk"] = "grown"
-            result["filesystem"] = "at the next boot"
+            disk, filesystem = "grown", "at the next boot"
         else:
             say(f"growing the overlay volume to {new.disk_gib} GiB")
             pooled.open_files(ctx.host(host_name), name).pool.resize(record.overlay.name, size)
-            result["disk"] = "grown"
-            result["filesystem"] = "at the next boot"
-    return result
+            disk, filesystem = "grown", "at the next boot"
+    return Applied(cpu_memory, disk, filesystem)
 
 
 def _grow_filesystem(ctx: Context, record: VMRecord, say: Say) -> str:

@@ -15,6 +15,7 @@ with internal snapshots.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from hvctl.context import Context
@@ -60,12 +61,23 @@ def create(ctx: Context, vm: str, name: str, memory: bool = False, say: Say = qu
     return ctx.ledger.snapshots.get(vm, name)
 
 
-def list_snapshots(ctx: Context, vm: str) -> list[dict[str, Any]]:
-    """The ledger's snapshots of ``vm``, each with whether its domain has it (``in_libvirt``)."""
+@dataclass(frozen=True)
+class SnapshotView:
+    """A snapshot as the ledger charges it, and whether the VM's domain has it."""
+
+    record: SnapshotRecord
+    in_libvirt: bool
+
+    def as_json(self) -> dict[str, Any]:
+        return self.record.as_dict() | {"in_libvirt": self.in_libvirt}
+
+
+def list_snapshots(ctx: Context, vm: str) -> list[SnapshotView]:
+    """The ledger's snapshots of ``vm``."""
     record = ctx.ledger.vms.get(vm)
     guest = ctx.host(record.host).find_guest(vm)
     present = set(guest.snapshot_names()) if guest is not None else set()
-    return [s.as_dict() | {"in_libvirt": s.name in present} for s in ctx.ledger.snapshots.all(vm)]
+    return [SnapshotView(s, s.name in present) for s in ctx.ledger.snapshots.all(vm)]
 
 
 def revert(ctx: Context, vm: str, name: str, say: Say = quiet) -> str:

@@ -92,7 +92,7 @@ def test_a_key_rm_killed_part_way_leaves_the_key_listed_and_running_it_again_fin
     assert drop in {k for _, k in ctx.ledger.keys.all("acme")}
     assert read_seed_file(files.seed, "hvctl/authorized_keys").decode() == keep + "\n"
     done = remove_tenant_key(ctx, "acme", drop)
-    assert done["vms"] == [{"vm": "vm1", "seed": True, "live": False, "problem": None}]
+    assert done.as_json()["vms"] == [{"vm": "vm1", "seed": True, "live": False, "problem": None}]
     assert [k for _, k in ctx.ledger.keys.all("acme")] == [keep]
     assert read_seed_file(files.seed, "hvctl/authorized_keys").decode() == keep + "\n"
     ctx.close()

@@ -184,7 +184,7 @@ class FakeLibvirt:
         self.refuse: set[tuple[str, str]] = set()  # (address, "detach" | "reattach") answered with libvirt's error
         self.calls: list[tuple[str, str]] = []
 
-    def listAllDevices(self, flags: int) -> list[FakeNodeDevice]:  # noqa: N802: libvirt's name
+    def listAllDevices(self, flags: int) -> list[FakeNodeDevice]:  # noqa: N802 - libvirt's name
         return [FakeNodeDevice(self, a) for a in self.sysfs.addresses()]
 
     def nodeDeviceLookupByName(self, name: str) -> FakeNodeDevice:  # noqa: N802
