@@ -84,8 +84,8 @@ def main() -> int:
             started = time.perf_counter()
             stats = migrate(ctx, "hv", target, opts)
             hv_t.append(time.perf_counter() - started)
-            downs.append(float(stats["downtime_ms"] or 0))
-            sizes.append(int(stats["bytes"] or 0))
+            downs.append(float(stats.downtime_ms or 0))
+            sizes.append(int(stats.bytes or 0))
             raw_target = "h2" if raw_where == "h1" else "h1"
             raw_port += 1
             elapsed, raw_stats = raw_migrate(uris[raw_where], uris[raw_target], "raw", raw_port)
@@ -112,9 +112,9 @@ def main() -> int:
             started = time.perf_counter()
             try:
                 stats = migrate(ctx, name, "h2", mode_opts)
-                say(f"{label}: {time.perf_counter() - started:.1f} s, downtime {stats['downtime_ms']} ms, "
-                    f"{(stats['bytes'] or 0) / 2**20:.1f} MiB, {stats['memory_iterations']} iterations"
-                    + (", switched to post-copy" if stats["switched_to_postcopy"] else ""))
+                say(f"{label}: {time.perf_counter() - started:.1f} s, downtime {stats.downtime_ms} ms, "
+                    f"{(stats.bytes or 0) / 2**20:.1f} MiB, {stats.memory_iterations} iterations"
+                    + (", switched to post-copy" if stats.switched_to_postcopy else ""))
             except MigrationFailed as exc:
                 say(f"{label}: did not complete within the limit ({time.perf_counter() - started:.1f} s): "
                     f"{exc.message[-300:]}")

@@ -109,14 +109,14 @@ def host_evacuate(name: str, as_json: JsonOpt = False) -> None:
     with RichReporter(f"evacuate {name}") as reporter:
         result = evacuate(ctx(), name, reporter.step)
     if as_json:
-        emit_json(result)
+        emit_json(result.as_json())
     else:
-        for m in result["moved"]:
-            out.print(f"{m['vm']} → {m['to']} ({m['mode']}, {m['total_s']} s)")
-        for f in result["failed"]:
-            out.print(f"[red]{safe(f['vm'])} stays on {name}: {safe(f['error'])}[/]")
-        out.print(f"host {name} is disabled; {len(result['moved'])} VM(s) moved, {len(result['failed'])} could not be")
-    if result["failed"]:
+        for vm, to, mode, total_s in result.moved:
+            out.print(f"{vm} → {to} ({mode}, {total_s} s)")
+        for vm, why in result.failed:
+            out.print(f"[red]{safe(vm)} stays on {name}: {safe(why)}[/]")
+        out.print(f"host {name} is disabled; {len(result.moved)} VM(s) moved, {len(result.failed)} could not be")
+    if result.failed:
         raise typer.Exit(1)
 
 

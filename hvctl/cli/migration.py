@@ -68,13 +68,13 @@ def migrate(
     with progress:
         stats = do_migrate(c, name, to, opts, on_progress, say)
     if as_json:
-        emit_json({"name": name, "host": to} | stats)
+        emit_json({"name": name, "host": to} | stats.as_json())
     elif mode == "checkpoint":
-        resumed = "; ".join(f"{w['source_id']} → {w['target_id']} resumed at step {w['resumed_step']} "
-                            f"(loss {w['loss']:.6f}, equal to the source's)" for w in stats["workloads"])
-        out.print(f"{name} is on {to} (a new incarnation; the one on {stats['source_host']} is destroyed): "
-                  f"{stats['total_s']:.1f} s total, {(stats['bytes'] or 0) / 2**20:.1f} MiB of checkpoints"
+        resumed = "; ".join(f"{w.source_id} → {w.target_id} resumed at step {w.resumed_step} "
+                            f"(loss {w.loss:.6f}, equal to the source's)" for w in stats.workloads)
+        out.print(f"{name} is on {to} (a new incarnation; the one on {stats.source_host} is destroyed): "
+                  f"{stats.total_s:.1f} s total, {(stats.bytes or 0) / 2**20:.1f} MiB of checkpoints"
                   + (f"; {resumed}" if resumed else "; no training workload was running"))
     else:
-        out.print(f"{name} is on {to}: {stats['total_s']:.2f} s total, downtime {stats['downtime_ms']} ms, "
-                  f"{(stats['bytes'] or 0) / 2**20:.1f} MiB transferred")
+        out.print(f"{name} is on {to}: {stats.total_s:.2f} s total, downtime {stats.downtime_ms} ms, "
+                  f"{(stats.bytes or 0) / 2**20:.1f} MiB transferred")

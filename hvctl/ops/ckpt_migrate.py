@@ -28,7 +28,6 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from guest import rpc
 from guest.kinds import CHECKPOINTABLE, DISTRIBUTED
@@ -44,6 +43,7 @@ from hvctl.ledger import OperationRecord, VMRecord
 from hvctl.ops import Say, Undo
 from hvctl.ops.incarnation import DEFAULT_BOOT_TIMEOUT, BootOptions, GuestSecrets, Incarnation, LocalStorage, boot
 from hvctl.ops.intent import Operation
+from hvctl.ops.migrated import Migrated, Resumed
 from hvctl.ops.networks import leave_if_unused
 from hvctl.ops.run import checkpoint_name, operator_identity
 from hvctl.placement import host_allowance
@@ -137,10 +137,10 @@ class _Move:
         return new, as_moved, self.ctx.agent(target, record.name, secrets.token, timeout=60)
 
     def restore_and_verify(self, moved: list[Moving], as_moved: VMRecord,
-                           target_agent: AgentClient) -> list[dict[str, Any]]:
+                           target_agent: AgentClient) -> list[Resumed]:
         """Each checkpoint copied in, its workload started again with its original arguments, and its first step
         checked against the source's own (``_verify``)."""
-        verified: list[dict[str, Any]] = []
+        verified: list[Resumed] = []
         for item in moved:
             assert item.local_checkpoint is not None
             self.say(f"restoring the step-{item.step} checkpoint on {self.target}")
@@ -160,7 +160,7 @@ class _Move:
 
 
 def checkpoint_migrate(ctx: Context, record: VMRecord, target: str, timeout_s: float | None,
-                       say: Say, op: Operation) -> dict[str, Any]:
+                       say: Say, op: Operation) -> Migrated:
     started = time.monotonic()
     ledger, name = ctx.ledger, record.name
     if record.agent_token is None:
@@ -201,11 +201,11 @@ def checkpoint_migrate(ctx: Context, record: VMRecord, target: str, timeout_s: f
             new, as_moved, target_agent = move.boot_target(image, undo)
             verified = move.restore_and_verify(moved, as_moved, target_agent)
             say("committing the move in the ledger")
-            stats = {"mode": "checkpoint", "total_s": round(time.monotonic() - started, 3), "downtime_ms": None,
-                     "bytes": sum(i.local_checkpoint.stat().st_size for i in moved if i.local_checkpoint),
-                     "workloads": verified, "drained": draining, "source_host": record.host}
+            stats = Migrated(mode="checkpoint", total_s=round(time.monotonic() - started, 3), downtime_ms=None,
+                             bytes=sum(i.local_checkpoint.stat().st_size for i in moved if i.local_checkpoint),
+                             workloads=tuple(verified), drained=tuple(draining), source_host=record.host)
             # The new incarnation is a new domain: its UUID moves with the rest, in the same transaction.
-            ledger.vms.complete_migration(name, target, new.ssh_port, reservation, stats,
+            ledger.vms.complete_migration(name, target, new.ssh_port, reservation, stats.as_json(),
                                       moved=new.ledger_columns() | {"domain_uuid": ctx.host(target).guest(name).uuid})
             undo.commit()
             op.step("committed")
@@ -312,7 +312,7 @@ def _wait_for_progress(agent: AgentClient, wid: str, offset: int, deadline: floa
 
 
 def _verify(source: AgentClient, target: AgentClient, item: Moving, target_id: str,
-            deadline: float) -> dict[str, Any]:
+            deadline: float) -> Resumed:
     """The resumed run's first step must be k+1 and its loss must equal the source's own step k+1: the source kept
     training past the checkpoint, so it is the uninterrupted run, on the same emulated CPU."""
     first, _ = _wait_for_progress(target, target_id, 0, deadline, lambda _: True, "its first step after resuming")
@@ -324,8 +324,7 @@ def _verify(source: AgentClient, target: AgentClient, item: Moving, target_id: s
     if first.loss != reference.loss:
         raise CheckpointMigrationFailed(f"step {item.step + 1} loss on the target is {first.loss!r}, on the source "
                                         f"{reference.loss!r}: the restore is not exact")
-    return {"source_id": item.source_id, "target_id": target_id, "checkpoint_step": item.step,
-            "resumed_step": first.step, "loss": first.loss, "source_loss": reference.loss}
+    return Resumed(item.source_id, target_id, item.step, first.step, first.loss, reference.loss)
 
 
 def _retire_source(ctx: Context, name: str, host_name: str, directory: Path, uuid: str, strict: bool = False) -> None:

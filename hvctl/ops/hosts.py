@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from ipaddress import IPv4Address
-from typing import Any
+from typing import Any, NamedTuple
 
 from hvctl import passthrough
 from hvctl.accounting import Usage
@@ -147,16 +147,41 @@ def set_enabled(ctx: Context, name: str, enabled: bool, reason: str = "") -> boo
     return True
 
 
+class Moved(NamedTuple):
+    vm: str
+    to: str
+    mode: str
+    total_s: float
+
+
+class Stayed(NamedTuple):
+    vm: str
+    error: str
+
+
+@dataclass(frozen=True)
+class Evacuated:
+    """`hvctl host evacuate`: each VM that moved (where, how, in how long), and each that could not, with why."""
+
+    host: str
+    moved: tuple[Moved, ...]
+    failed: tuple[Stayed, ...]
+
+    def as_json(self) -> dict[str, Any]:
+        return {"host": self.host, "moved": [m._asdict() for m in self.moved],
+                "failed": [f._asdict() for f in self.failed]}
+
+
 def evacuate(ctx: Context, name: str, say: Say = lambda _: None,
-             on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+             on_progress: Callable[[dict[str, Any]], None] | None = None) -> Evacuated:
     """Move every VM off host ``name`` to hosts the scheduler picks: running VMs live, stopped ones offline, VMs
     with passthrough GPUs by checkpoint migration; with their disks copied when the two hosts do not share this
     machine's filesystem. The host is disabled first, so that nothing new lands on it. Each VM is tried once; what
     could not move is reported with why, and the others still go."""
     ctx.ledger.hosts.get(name)
     set_enabled(ctx, name, False, "evacuating")
-    moved: list[dict[str, Any]] = []
-    failed: list[dict[str, Any]] = []
+    moved: list[Moved] = []
+    failed: list[Stayed] = []
     vms = ctx.ledger.vms.all(host=name)
     for i, record in enumerate(vms, 1):
         prefix = f"[{i}/{len(vms)}] {record.name}: "
@@ -177,10 +202,10 @@ def evacuate(ctx: Context, name: str, say: Say = lambda _: None,
             say(prefix + f"{mode} migration to {target}" + (" (copying its disk)" if copy else ""))
             stats = migrate(ctx, record.name, target, MigrateOptions(mode=mode, copy_storage=copy), on_progress,
                             lambda step: say(prefix + step))  # noqa: B023 - called within this iteration only
-            moved.append({"vm": record.name, "to": target, "mode": mode, "total_s": stats.get("total_s")})
+            moved.append(Moved(record.name, target, mode, stats.total_s))
         except HvctlError as exc:
-            failed.append({"vm": record.name, "error": exc.message})
+            failed.append(Stayed(record.name, exc.message))
     ctx.ledger.events.log(None, name, "host.evacuated", f"host {name}: {len(moved)} VM(s) moved, "
                                                        f"{len(failed)} could not be"
-                                                       + "".join(f"; {f['vm']}: {f['error']}" for f in failed))
-    return {"host": name, "moved": moved, "failed": failed}
+                                                       + "".join(f"; {vm}: {why}" for vm, why in failed))
+    return Evacuated(name, tuple(moved), tuple(failed))

@@ -33,6 +33,7 @@ from hvctl.ops.ckpt_migrate import checkpoint_migrate
 from hvctl.ops.create import check_network
 from hvctl.ops.incarnation import make_overlay
 from hvctl.ops.intent import Operation, operation
+from hvctl.ops.migrated import Migrated
 from hvctl.ops.networks import leave_if_unused
 from hvctl.paths import make_private_dir
 from hvctl.placement import NoValidHost, host_allowance
@@ -53,7 +54,7 @@ class MigrateOptions:
 
 def migrate(ctx: Context, name: str, target: str, opts: MigrateOptions,
             on_progress: Callable[[dict[str, Any]], None] | None = None,
-            say: Say = quiet) -> dict[str, Any]:
+            say: Say = quiet) -> Migrated:
     """A live (or offline) migration holds the VM's operation lock with a durable intent (``hvctl.ops.intent``),
     so a crash at any step is finished or rolled back by ``reconcile_migration``."""
     ctx.ledger.vms.get(name)  # NotFound before any lock
@@ -64,7 +65,7 @@ def migrate(ctx: Context, name: str, target: str, opts: MigrateOptions,
 
 def _migrate(ctx: Context, name: str, target: str, opts: MigrateOptions,
              on_progress: Callable[[dict[str, Any]], None] | None, say: Say,
-             op: Operation) -> dict[str, Any]:
+             op: Operation) -> Migrated:
     ledger = ctx.ledger
     record = ledger.vms.get(name)
     _refuse(ctx, record, target, opts)
@@ -113,7 +114,7 @@ def _refuse(ctx: Context, record: VMRecord, target: str, opts: MigrateOptions) -
 
 
 def _checkpoint(ctx: Context, record: VMRecord, target: str, opts: MigrateOptions, say: Say,
-                op: Operation) -> dict[str, Any]:
+                op: Operation) -> Migrated:
     """A checkpoint migration (``hvctl.ops.ckpt_migrate``), its failure logged and named as one."""
     name = record.name
     try:
@@ -146,7 +147,7 @@ def _refuse_storage(ctx: Context, record: VMRecord, target: str, opts: MigrateOp
 
 
 def _move(ctx: Context, record: VMRecord, guest: Guest, target: str, opts: MigrateOptions,
-          on_progress: Callable[[dict[str, Any]], None] | None, say: Say, op: Operation) -> dict[str, Any]:
+          on_progress: Callable[[dict[str, Any]], None] | None, say: Say, op: Operation) -> Migrated:
     """Reserve the target (its share and an SSH port), move the domain, and commit the move in the ledger; a
     failure releases the reservation and leaves the VM on its source."""
     name, ledger = record.name, ctx.ledger
@@ -190,7 +191,7 @@ def _move(ctx: Context, record: VMRecord, guest: Guest, target: str, opts: Migra
                                                                 f"{message}; it stays on {record.host}",
                          {"mode": opts.mode, "target": target})
         raise
-    ledger.vms.complete_migration(name, target, port, reservation, stats, moved=moved)
+    ledger.vms.complete_migration(name, target, port, reservation, stats.as_json(), moved=moved)
     op.step("committed")
     if opts.copy_storage:
         _discard_source_files(ctx, record)  # the source's copy: the VM runs on the new one
@@ -426,7 +427,7 @@ def _recording(ctx: Context, op: Operation, source: str, target: str,
 
 
 def _run(ctx: Context, guest: Guest, source: str, target: str, dest_xml: str, opts: MigrateOptions,
-         on_progress: Callable[[dict[str, Any]], None] | None, copy_disks: tuple[str, ...] = ()) -> dict[str, Any]:
+         on_progress: Callable[[dict[str, Any]], None] | None, copy_disks: tuple[str, ...] = ()) -> Migrated:
     name = guest.name
     dst = ctx.host(target)
     failure: list[BaseException] = []
@@ -484,11 +485,14 @@ def _run(ctx: Context, guest: Guest, source: str, target: str, dest_xml: str, op
     total = time.monotonic() - started
     arrived = dst.find_guest(name)
     completed = arrived.job_stats(completed=True) if arrived is not None else {}
-    return {
-        "total_s": round(total, 3),
-        "downtime_ms": completed.get("downtime"),
-        "bytes": completed.get("data_processed") or completed.get("memory_processed"),
-        "memory_iterations": completed.get("memory_iteration"),
-        "mode": opts.mode,
-        "switched_to_postcopy": switched and (opts.mode == "postcopy" or opts.timeout_action == "postcopy"),
-    }
+    return Migrated(
+        mode=opts.mode, total_s=round(total, 3), downtime_ms=_count(completed.get("downtime")),
+        bytes=_count(completed.get("data_processed") or completed.get("memory_processed")),
+        memory_iterations=_count(completed.get("memory_iteration")),
+        switched_to_postcopy=switched and (opts.mode == "postcopy" or opts.timeout_action == "postcopy"),
+    )
+
+
+def _count(value: object) -> int | None:
+    """One of libvirt's job statistics (integers), or None where the job did not report it."""
+    return int(value) if isinstance(value, int) else None

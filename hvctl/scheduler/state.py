@@ -183,35 +183,12 @@ class ClusterState:
         self.enabled: BoolArray = rows[_ENABLED] != 0
         self.admission[ADMISSION_ENABLED] = np.where(self.enabled, 0.0, -1.0)
 
-        models = sorted({m for h in hosts for m in h.gpu_models})
-        self.gpu_model_row = {m: i for i, m in enumerate(models)}
-        self.gpu_model_free = np.zeros((len(models), host_count), dtype=np.float64)
-        self.gpu_model_listed = np.zeros((len(models), host_count), dtype=np.bool_)
-        for column, host in enumerate(hosts):
-            if host.gpu_models:
-                for model, free_gpus in host.gpu_models.items():
-                    self.gpu_model_free[self.gpu_model_row[model], column] = free_gpus
-                    self.gpu_model_listed[self.gpu_model_row[model], column] = True
-
-        # Hosts with fewer cells are padded with empty cells, which can never fit anything.
-        host_cells = [h.numa_cells for h in hosts]
-        cell_counts = [len(c) for c in host_cells]
-        cell_count = max(cell_counts, default=0)
-        self.numa_cell_count = np.array(cell_counts, dtype=np.int64)
-        if cell_counts.count(cell_count) != host_count:
-            padding = (_EMPTY_CELL,) * cell_count
-            host_cells = [c + padding[len(c) :] for c in host_cells]
-        cells = np.array(
-            [x for h in host_cells for c in h for x in (c.free_vcpus, c.free_memory_mib)], dtype=np.float64
-        ).reshape(host_count, cell_count, 2)
-        self.numa_vcpus: FloatArray = cells[:, :, 0].T.copy()
-        self.numa_memory: FloatArray = cells[:, :, 1].T.copy()
-
+        self._index_gpu_models(hosts)
+        self._index_numa_cells(hosts)
         self.group_hosts: dict[str, BoolArray] = {}
         for column, host in enumerate(hosts):
-            if host.anti_affinity_groups:
-                for group in host.anti_affinity_groups:
-                    self.group_hosts.setdefault(group, np.zeros(host_count, dtype=np.bool_))[column] = True
+            for group in host.anti_affinity_groups:
+                self.group_hosts.setdefault(group, np.zeros(host_count, dtype=np.bool_))[column] = True
 
         self._largest_limits: list[tuple[float, int]] | None = None
 
@@ -220,6 +197,33 @@ class ClusterState:
         self.features[FEATURE_INVERSE_CAPACITY] = self.inverse_capacity
         self.features[FEATURE_HAS_GPUS] = self.capacity[GPUS] > 0
         self.features[FEATURE_CONSTANT] = 1.0
+
+    def _index_gpu_models(self, hosts: Sequence[HostInventory]) -> None:
+        """Per GPU model (a row each), per host: how many are free, and whether the host lists the model."""
+        models = sorted({m for h in hosts for m in h.gpu_models})
+        self.gpu_model_row = {m: i for i, m in enumerate(models)}
+        self.gpu_model_free = np.zeros((len(models), len(hosts)), dtype=np.float64)
+        self.gpu_model_listed = np.zeros((len(models), len(hosts)), dtype=np.bool_)
+        for column, host in enumerate(hosts):
+            for model, free_gpus in host.gpu_models.items():
+                self.gpu_model_free[self.gpu_model_row[model], column] = free_gpus
+                self.gpu_model_listed[self.gpu_model_row[model], column] = True
+
+    def _index_numa_cells(self, hosts: Sequence[HostInventory]) -> None:
+        """Free vCPUs and memory per NUMA cell (a row each), per host. Hosts with fewer cells are padded with empty
+        cells, which can never fit anything."""
+        host_cells = [h.numa_cells for h in hosts]
+        cell_counts = [len(c) for c in host_cells]
+        cell_count = max(cell_counts, default=0)
+        self.numa_cell_count = np.array(cell_counts, dtype=np.int64)
+        if cell_counts.count(cell_count) != len(hosts):
+            padding = (_EMPTY_CELL,) * cell_count
+            host_cells = [c + padding[len(c) :] for c in host_cells]
+        cells = np.array(
+            [x for h in host_cells for c in h for x in (c.free_vcpus, c.free_memory_mib)], dtype=np.float64
+        ).reshape(len(hosts), cell_count, 2)
+        self.numa_vcpus: FloatArray = cells[:, :, 0].T.copy()
+        self.numa_memory: FloatArray = cells[:, :, 1].T.copy()
 
     @property
     def host_count(self) -> int:
