@@ -44,7 +44,8 @@ class Job:
         port = free_port()
         self.procs = []
         for i in range(ranks):
-            env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+            # TMPDIR: torch.distributed.run makes a torchelastic_* directory per launch and leaves it behind.
+            env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp)}
             if hold and i in hold:  # the fault hook: this launcher's worker stops after that step
                 env["HVCTL_TEST_HOLD_AFTER_STEP"] = str(hold[i])
             argv = [sys.executable, "-m", "guest.workloads", "run", "train-ddp", "--job", f"t{port}",
