@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     opts = parser.parse_args(argv)
     if opts.rounds < 1:
         parser.error("--rounds must be at least 1")
-    compare(opts.rev_a, opts.rev_b, opts.benchmark, [a for a in opts.args if a != "--"], opts.rounds)
+    args = opts.args[1:] if opts.args[:1] == ["--"] else opts.args  # a "--" of the benchmark's own is kept
+    compare(opts.rev_a, opts.rev_b, opts.benchmark, args, opts.rounds)
     return 0
 
 

@@ -190,7 +190,8 @@ class Host:
         return self._capabilities
 
     def qemu_gid(self) -> int | None:
-        """The group QEMU runs as on this host: ``+64055:+64055`` on Debian (the libvirt-qemu group)."""
+        """The group QEMU runs as on this host (libvirt-qemu's on Debian), or None where the DAC driver is off or
+        QEMU runs as root."""
         return self.capabilities().qemu_gid
 
     def facts(self) -> HostFacts:

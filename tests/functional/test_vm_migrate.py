@@ -282,9 +282,6 @@ def test_copy_storage_takes_a_vm_to_a_remote_host_and_back_with_no_shared_storag
         assert record.agent_token is not None
         return float(ctx.agent(record.host, record.name, record.agent_token, timeout=60).call("ping").uptime_s)
 
-    def pool() -> list[str]:
-        return far.listdir("/var/lib/libvirt/images/hvctl")
-
     try:
         far.start()
         added = hvctl(hosts, "host", "add", "far", far.uri)
@@ -299,7 +296,7 @@ def test_copy_storage_takes_a_vm_to_a_remote_host_and_back_with_no_shared_storag
         assert out.returncode == 0, out.stderr
         there = ctx.ledger.vms.get("rover")
         assert there.host == "far" and str(there.overlay) == "/var/lib/libvirt/images/hvctl/vm-rover.qcow2"
-        assert {"vm-rover.qcow2", "vm-rover.seed.iso"} <= set(pool())
+        assert {"vm-rover.qcow2", "vm-rover.seed.iso"} <= set(far.pool_listing())
         assert not home.overlay.parent.exists()  # the source's copy, here, is gone
         assert ctx.host("h1").state("rover") is DomainState.MISSING and ctx.ledger.reservations.all() == []
         read = agent_exec(ctx, there, "echo 3 > /proc/sys/vm/drop_caches; cat /root/marker")
@@ -318,14 +315,15 @@ def test_copy_storage_takes_a_vm_to_a_remote_host_and_back_with_no_shared_storag
         repaired = json.loads(hvctl(hosts, "doctor", "--repair", "--json").stdout)["repaired"]["operations"]
         assert [r["outcome"] for r in repaired] == ["it never left far: rolled back"], repaired
         assert not any(d.exists() for d in (ctx.paths.vm_dir("rover"), ctx.paths.vm_dir("rover", 1)))
-        assert ctx.ledger.vms.get("rover").host == "far" and {"vm-rover.qcow2", "vm-rover.seed.iso"} <= set(pool())
+        assert ctx.ledger.vms.get("rover").host == "far"
+        assert {"vm-rover.qcow2", "vm-rover.seed.iso"} <= set(far.pool_listing())
         assert ctx.ledger.reservations.all() == [] and ctx.ledger.operations.all() == []
 
         back = hvctl(hosts, "migrate", "rover", "--to", "h1", "--copy-storage", "--json", timeout=600)
         assert back.returncode == 0, back.stderr
         again = ctx.ledger.vms.get("rover")
         assert again.host == "h1" and again.overlay.exists() and again.overlay.parent != home.overlay.parent
-        assert not [f for f in pool() if f.startswith("vm-")]  # far's copy is gone
+        assert not [f for f in far.pool_listing() if f.startswith("vm-")]  # far's copy is gone
         read = agent_exec(ctx, again, "echo 3 > /proc/sys/vm/drop_caches; cat /root/marker")
         assert read.exit_code == 0 and read.stdout.strip() == marker, read.stderr
         assert uptime(again) > up

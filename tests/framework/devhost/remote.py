@@ -31,6 +31,7 @@ from pathlib import Path
 from framework.devhost import _alive, _read_pid, _set_conf, _terminate
 from framework.devhost.cgroups import CgroupTree, supported
 from hvctl.errors import HostUnreachable
+from hvctl.host import DEFAULT_POOL_PATH
 
 # Bind-mounted from ``root`` over the same path inside the host's mount namespace.
 _HOST_DIRS = ("etc/libvirt", "run", "var/lib/libvirt", "var/log/libvirt", "var/cache/libvirt")
@@ -333,6 +334,10 @@ class RemoteStyleHost:
         listed = subprocess.run(["nsenter", "-t", str(holder), "-m", "ls", "-A", path], capture_output=True,
                                 text=True, check=True, timeout=30)
         return listed.stdout.split()
+
+    def pool_listing(self) -> list[str]:
+        """The files in hvctl's storage pool on this host."""
+        return self.listdir(str(DEFAULT_POOL_PATH))
 
     def stop(self, timeout: float = 15.0) -> None:
         """Guests first (QEMU outlives libvirtd), then sshd, libvirtd and virtlogd, then the holder, whose exit takes
