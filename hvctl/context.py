@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from hvctl.designer import HostCapabilities
     from hvctl.domain import Accel
     from hvctl.host import Host
-    from hvctl.ledger import Ledger
+    from hvctl.ledger import HostRecord, Ledger
     from hvctl.policy import Policy
     from images.store import Image, ImageStore
     from vfio import SysfsWriter
@@ -189,12 +189,14 @@ class Context:
 
     def capabilities(self, name: str | None = None) -> HostCapabilities:
         """Host facts with the accelerator, probed once per host and cached in the ledger."""
-        from hvctl.designer import HostCapabilities
-        from hvctl.domain import Accel
-
         ledger = self.ledger  # resolves -c to a host name first
-        name = name or self.host_name
-        record = ledger.hosts.get(name)
+        return self.capabilities_of(self.probed(ledger.hosts.get(name or self.host_name)))
+
+    def probed(self, record: HostRecord) -> HostRecord:
+        """``record`` with the facts a placement needs: the accelerator, CPUs and memory (a host never asked before
+        is probed, which may boot a probe domain there) and the size of the storage its VMs' disks live on. What
+        is measured is recorded in the ledger, so each is done once per host; the record is read again only then."""
+        name = record.name
         if record.accel is None or record.cpus is None or record.memory_mib is None:
             host = self.host(name)
             facts = host.facts()
@@ -215,6 +217,14 @@ class Context:
                 disk_gib = pool.space().capacity // 2**30
             self.ledger.hosts.record_disk(name, disk_gib)
             record = self.ledger.hosts.get(name)
+        return record
+
+    def capabilities_of(self, record: HostRecord) -> HostCapabilities:
+        """What the designer needs to know of a probed host (``probed``)."""
+        from hvctl.designer import HostCapabilities
+        from hvctl.domain import Accel
+
+        name = record.name
         return HostCapabilities(name=name, accel=Accel(record.accel or "qemu"), cpus=record.cpus or 1,
                                 memory_mib=record.memory_mib or 0,
                                 memory_limits=can_limit_memory() if self.is_this_machine(name)

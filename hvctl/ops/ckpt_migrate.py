@@ -46,7 +46,7 @@ from hvctl.ops.intent import Operation
 from hvctl.ops.migrated import Migrated, Resumed
 from hvctl.ops.networks import leave_if_unused
 from hvctl.ops.run import checkpoint_name, operator_identity
-from hvctl.placement import host_allowance
+from hvctl.ops.target import Target
 from images.store import Image
 
 DEFAULT_TIMEOUT_S = 900.0
@@ -75,7 +75,7 @@ class _Move:
 
     ctx: Context
     record: VMRecord
-    target: str
+    dest: Target
     key: Path  # hvctl's SSH key: checkpoints move over SSH
     source_agent: AgentClient
     deadline: float
@@ -83,6 +83,10 @@ class _Move:
     op: Operation
     workdir: Path = Path()
     port: int = 0  # the SSH forward port the target's incarnation gets, held with the reservation
+
+    @property
+    def target(self) -> str:
+        return self.dest.name
 
     def drain(self, draining: list[str]) -> None:
         """Wait for every inference workload to finish (the source keeps serving until then)."""
@@ -124,8 +128,8 @@ class _Move:
         self.op.step("checkpointed", target_dir=str(files.dir))
         secrets = GuestSecrets.fresh(self.ctx, record.spec)
         gpu_alloc = passthrough.allocate(self.ctx, self.ctx.gpu_env, record.spec, target, undo)
-        new = Incarnation(record.spec, target, LocalStorage(files, image, self.ctx.host(target).qemu_gid()), port,
-                          secrets, gpu_alloc)
+        new = Incarnation(record.spec, image, self.dest, LocalStorage(files, image, self.dest.host.qemu_gid()),
+                          port, secrets, gpu_alloc)
         boot(self.ctx, new, BootOptions(timeout=min(DEFAULT_BOOT_TIMEOUT * 2,
                                                     max(self.deadline - time.monotonic(), 1.0))),
              undo, self.say, step=self.op.step)  # "files", "defined" (the new domain's uuid), "started"
@@ -159,14 +163,15 @@ class _Move:
         return verified
 
 
-def checkpoint_migrate(ctx: Context, record: VMRecord, target: str, timeout_s: float | None,
+def checkpoint_migrate(ctx: Context, record: VMRecord, dest: Target, timeout_s: float | None,
                        say: Say, op: Operation) -> Migrated:
     started = time.monotonic()
     ledger, name = ctx.ledger, record.name
     if record.agent_token is None:
         raise InvalidSpec(f"{name} has no agent, and checkpoint mode moves workloads through it",
                           hint="use --mode offline")
-    move = _Move(ctx, record, target, operator_identity(ctx, record),
+    target = dest.name
+    move = _Move(ctx, record, dest, operator_identity(ctx, record),
                  ctx.agent(record.host, name, record.agent_token, timeout=60),
                  started + (timeout_s or DEFAULT_TIMEOUT_S), say, op)
     say("asking the source agent for its workloads")
@@ -184,13 +189,11 @@ def checkpoint_migrate(ctx: Context, record: VMRecord, target: str, timeout_s: f
     draining = [w.id for w in running if w.kind not in CHECKPOINTABLE]
     image = ctx.images.get(record.spec.image)
     image.verify()
-    ledger.hosts.get(target)  # a host hvctl knows
-    ctx.capabilities(target)  # reachable, and its accelerator known, before anything is reserved
     source_uuid = ctx.host(record.host).guest(name).uuid
     op.step("checked", source=record.host, source_uuid=source_uuid, source_dir=str(record.overlay.parent))
     reservation, move.port = ledger.reservations.hold_with_port(
         target, record.tenant, host_footprint(record.spec), "migration", name,
-        host_limit=host_allowance(ledger, ctx.policy, target), probe_on=str(record.spec.ssh_bind))
+        host_limit=dest.allowance, probe_on=str(record.spec.ssh_bind))
     move.workdir = Path(tempfile.mkdtemp(prefix=f"hvctl-ckpt-{name}-"))
     op.step("reserved", reservation=reservation, workdir=str(move.workdir))
     try:
@@ -206,7 +209,7 @@ def checkpoint_migrate(ctx: Context, record: VMRecord, target: str, timeout_s: f
                              workloads=tuple(verified), drained=tuple(draining), source_host=record.host)
             # The new incarnation is a new domain: its UUID moves with the rest, in the same transaction.
             ledger.vms.complete_migration(name, target, new.ssh_port, reservation, stats.as_json(),
-                                      moved=new.ledger_columns() | {"domain_uuid": ctx.host(target).guest(name).uuid})
+                                      moved=new.ledger_columns() | {"domain_uuid": dest.host.guest(name).uuid})
             undo.commit()
             op.step("committed")
     finally:

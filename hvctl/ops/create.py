@@ -15,7 +15,8 @@ from hvctl.ops.incarnation import BootOptions, GuestSecrets, Incarnation, LocalS
 from hvctl.ops.intent import operation
 from hvctl.ops.lifecycle import remove_vm_files
 from hvctl.ops.networks import ensure_on_host, publish_lease, withdraw_lease, withdraw_vm_lease
-from hvctl.placement import NoValidHost, admission_for, choose_host
+from hvctl.ops.target import Target
+from hvctl.placement import choose_host
 from hvctl.spec import VMSpec
 from images.store import Image
 
@@ -34,30 +35,23 @@ def create(ctx: Context, spec: VMSpec, say: Say = quiet, options: BootOptions | 
         say("placing")
         spec = spec.model_copy(update={"host": choose_host(ctx.ledger, policy, spec)})
     assert spec.host is not None
-    if not ctx.ledger.hosts.get(spec.host).enabled:
-        raise NoValidHost(f"host {spec.host} is disabled: nothing new is placed there",
-                          hint=f"`hvctl host enable {spec.host}`, or leave out --host")
-    host = ctx.host(spec.host)
-    ctx.capabilities(spec.host)  # probed (cached) before anything is written
-    admission = admission_for(ctx.ledger, policy, spec.tenant, spec.host)
-    if host.exists(spec.name):
-        raise AlreadyExists(f"a domain named {spec.name!r} already exists on host {spec.host}")
-    check_network(ctx, spec, spec.host, say)
+    target = Target.resolve(ctx, spec.host, hint=f"`hvctl host enable {spec.host}`, or leave out --host")
+    if target.host.exists(spec.name):
+        raise AlreadyExists(f"a domain named {spec.name!r} already exists on host {target.name}")
+    check_network(ctx, spec, target, say)
     if spec.disk_gib * 2**30 < image.disk_virtual_bytes:
         need = -(-image.disk_virtual_bytes // 2**30)
         raise InvalidSpec(f"image {image.name} needs a disk of at least {need} GiB; {spec.disk_gib} GiB requested")
-    storage = _storage_for(ctx, spec, image, say, stats)
+    storage = _storage_for(ctx, spec, image, target, say, stats)
     secrets = GuestSecrets.fresh(ctx, spec)
 
-    with operation(ctx, spec.name, "create", target=spec.host, say=say) as op, Undo() as undo:
+    with operation(ctx, spec.name, "create", target=target.name, say=say) as op, Undo() as undo:
         say("reserving in the ledger")
-        here = ctx.is_this_machine(spec.host)
-        record = ctx.ledger.vms.reserve(spec, spec.host, storage.paths, agent_token=secrets.token,
-                                       host_pubkey=secrets.host_key.public_line, admission=admission,
-                                       probe_ports=here)
+        record = ctx.ledger.vms.reserve(spec, target.name, storage.paths, agent_token=secrets.token,
+                                       host_pubkey=secrets.host_key.public_line,
+                                       admission=target.admission(policy, spec.tenant), probe_ports=target.here)
         undo.push("forget the ledger row", lambda: ctx.ledger.vms.delete(spec.name, "create rolled back"))
         spec = record.spec.model_copy(update={"host": record.host})  # as recorded: with its tenant address, if any
-        assert spec.host is not None
         op.step("reserved")
         served = publish_lease(ctx, spec, say)
         if served and spec.network is not None and spec.network.tenant_network is not None:
@@ -65,37 +59,37 @@ def create(ctx: Context, spec: VMSpec, say: Say = quiet, options: BootOptions | 
                       functools.partial(withdraw_lease, ctx, spec.network.tenant_network, spec.name, served))
         if spec.gpus.count:
             say(f"binding {spec.gpus.count} GPU(s) to vfio-pci")
-        gpu_alloc = passthrough.allocate(ctx, ctx.gpu_env, spec, spec.host, undo)
+        gpu_alloc = passthrough.allocate(ctx, ctx.gpu_env, spec, target.name, undo)
         if gpu_alloc and gpu_alloc.unsized:
-            say(f"host {spec.host}'s libvirt does not report BAR sizes and the policy gives no mmio64_gib for "
+            say(f"host {target.name}'s libvirt does not report BAR sizes and the policy gives no mmio64_gib for "
                 f"{', '.join(gpu_alloc.unsized)}: the guest gets QEMU's default 64-bit PCI hole (32 GiB)")
-        incarnation = Incarnation(spec, spec.host, storage, record.ssh_port, secrets, gpu_alloc)
+        incarnation = Incarnation(spec, image, target, storage, record.ssh_port, secrets, gpu_alloc)
         message = boot(ctx, incarnation, options or BootOptions(), undo, say,
-                       lambda refused: ctx.ledger.vms.move_ssh_port(spec.name, str(spec.ssh_bind), refused, probe=here),
+                       lambda refused: ctx.ledger.vms.move_ssh_port(spec.name, str(spec.ssh_bind), refused,
+                                                                    probe=target.here),
                        op.step)
         op.step("ready")
         if gpu_alloc:
             message += f"; GPUs {', '.join(gpu_alloc.gpus)}"
-        ctx.ledger.vms.set_domain_uuid(spec.name, host.guest(spec.name).uuid)
+        ctx.ledger.vms.set_domain_uuid(spec.name, target.host.guest(spec.name).uuid)
         ctx.ledger.vms.set_state(spec.name, VMState.RUNNING, message)
         undo.commit()
     return ctx.ledger.vms.get(spec.name)
 
 
-def _storage_for(ctx: Context, spec: VMSpec, image: Image, say: Say,
+def _storage_for(ctx: Context, spec: VMSpec, image: Image, target: Target, say: Say,
                  stats: dict[str, object] | None) -> Storage:
     """Where the VM's files go, checked for room before anything is written: this machine's state dir, or, on a
     host that does not share this machine's filesystem, that host's storage pool (the image uploaded once)."""
-    assert spec.host is not None
-    if ctx.is_this_machine(spec.host):
+    if target.here:
         files = ctx.paths.vm_files(spec.name)
         if files.overlay.exists():
             raise AlreadyExists(f"disk path {files.overlay} already exists", hint="remove it or pick another name")
-        return LocalStorage(files, image, ctx.host(spec.host).qemu_gid())
-    pool_files = pooled.open_files(ctx.host(spec.host), spec.name)
-    pooled.check_room(pool_files, spec, spec.host)
+        return LocalStorage(files, image, target.host.qemu_gid())
+    pool_files = pooled.open_files(target.host, spec.name)
+    pooled.check_room(pool_files, spec, target.name)
     # Shared per host and content-addressed, so not part of this VM's undo; an upload cut short leaves nothing.
-    volumes = pooled.upload_image(ctx, spec.host, pool_files, image, say, _upload_progress(say))
+    volumes = pooled.upload_image(ctx, target.name, pool_files, image, say, _upload_progress(say))
     if stats is not None:
         stats["image_upload"] = {"image": image.name, "bytes": volumes.uploaded_bytes,
                                  "seconds": round(volumes.seconds, 3)}
@@ -115,25 +109,25 @@ def _upload_progress(say: Say) -> Callable[[str, int, int], None]:
     return progress
 
 
-def check_network(ctx: Context, spec: VMSpec, host_name: str, say: Say = quiet) -> None:
-    """The production NIC's bridge or libvirt network must exist (and be up) before anything is written; a tenant
-    network is set up on the host then (it stays there until `hvctl network rm`)."""
+def check_network(ctx: Context, spec: VMSpec, target: Target, say: Say = quiet) -> None:
+    """The production NIC's bridge or libvirt network must exist (and be up) on ``target`` before anything is
+    written; a tenant network is set up on the host then (it stays there until `hvctl network rm`)."""
     net = spec.network
     if net is None:
         return
     if net.tenant_network is not None:  # hvctl's own: checked in the ledger, and made on the host if it is not there
-        ensure_on_host(ctx, spec, host_name, say)
+        ensure_on_host(ctx, spec, target.name, say)
         return
     if net.network is not None:
-        active = ctx.host(host_name).network_active(net.network)
+        active = target.host.network_active(net.network)
         if active is None:
-            raise InvalidSpec(f"host {host_name} has no libvirt network {net.network!r}",
+            raise InvalidSpec(f"host {target.name} has no libvirt network {net.network!r}",
                               hint="define it with `virsh net-define` / `net-start`, or use --bridge")
         if not active:
-            raise InvalidSpec(f"libvirt network {net.network!r} on host {host_name} is not active",
+            raise InvalidSpec(f"libvirt network {net.network!r} on host {target.name} is not active",
                               hint=f"virsh net-start {net.network}")
-    elif ctx.is_this_machine(host_name) and not Path(f"/sys/class/net/{net.bridge}/bridge").is_dir():
-        raise InvalidSpec(f"there is no bridge {net.bridge!r} on host {host_name}",
+    elif target.here and not Path(f"/sys/class/net/{net.bridge}/bridge").is_dir():
+        raise InvalidSpec(f"there is no bridge {net.bridge!r} on host {target.name}",
                           hint=f"create it first (ip link add {net.bridge} type bridge)")
 
 

@@ -28,6 +28,7 @@ from hvctl.errors import AlreadyExists, GuestTimeout, HypervisorError, ImageErro
 from hvctl.host import DomainState, Guest
 from hvctl.ledger import VMPaths
 from hvctl.ops import Say, Undo
+from hvctl.ops.target import Target
 from hvctl.passthrough import GpuAllocation
 from hvctl.paths import VMFiles, make_private_dir
 from hvctl.seed import KeyPair, build_seed, generate_ed25519, new_agent_token, operator_key, public_key_of
@@ -128,11 +129,12 @@ class LocalStorage:
 
 @dataclass(frozen=True)
 class Incarnation:
-    """One incarnation of ``spec`` on host ``host``. The caller holds its capacity (a ledger row, or a
-    migration's reservation) and its port."""
+    """One incarnation of ``spec``, booted from ``image`` on ``target``. The caller holds its capacity (a ledger
+    row, or a migration's reservation) and its port."""
 
     spec: VMSpec
-    host: str
+    image: Image
+    target: Target
     storage: Storage
     ssh_port: int
     secrets: GuestSecrets
@@ -156,9 +158,8 @@ def boot(ctx: Context, inc: Incarnation, options: BootOptions, undo: Undo, say: 
     ``move_port``: when QEMU cannot bind the SSH forward port on the host (something there holds it), it is called
     with that port and returns another, already recorded; the domain is defined again with it. Without it, a taken
     port fails the boot."""
-    spec, storage = inc.spec, inc.storage
-    image = ctx.images.get(spec.image)
-    host, caps = ctx.host(inc.host), ctx.capabilities(inc.host)
+    spec, storage, image, where = inc.spec, inc.storage, inc.image, inc.target.name
+    host, caps = inc.target.host, inc.target.caps
     record = step or (lambda *_a, **_k: None)
     storage.make(spec, inc.secrets, undo, say)
     record("files")
@@ -178,7 +179,7 @@ def boot(ctx: Context, inc: Incarnation, options: BootOptions, undo: Undo, say: 
         record("defined", uuid=defined.uuid)
         return defined
 
-    say(f"defining domain on {inc.host} ({caps.accel.value}, q35, {spec.vcpus} vCPU, {spec.memory_mib} MiB)")
+    say(f"defining domain on {where} ({caps.accel.value}, q35, {spec.vcpus} vCPU, {spec.memory_mib} MiB)")
     port = inc.ssh_port
     guest = define(caps, port)
     # The handle, not the name: if this boot defines the domain again, the undo acts on the latest definition.
@@ -197,19 +198,19 @@ def boot(ctx: Context, inc: Incarnation, options: BootOptions, undo: Undo, say: 
                 # A libvirtd without CAP_SYS_RESOURCE cannot raise QEMU's locked-memory limit, and refuses every
                 # domain with a memory hard limit. This machine's is checked before designing; another host's
                 # only tells here.
-                say(f"host {inc.host} cannot set memory hard limits; starting without one")
-                ctx.ledger.hosts.record_no_memory_limits(inc.host)  # the next boot there knows it from the start
+                say(f"host {where} cannot set memory hard limits; starting without one")
+                ctx.ledger.hosts.record_no_memory_limits(where)  # the next boot there knows it from the start
                 caps = dataclasses.replace(caps, memory_limits=False)
-                note = f"; no memory hard limit (host {inc.host}'s libvirtd may not set one)"
+                note = f"; no memory hard limit (host {where}'s libvirtd may not set one)"
             elif HOSTFWD_REFUSED in exc.message and move_port is not None:
                 refused, port = port, move_port(port)
-                say(f"port {refused} is taken on host {inc.host}; moving the SSH forward to {port}")
+                say(f"port {refused} is taken on host {where}; moving the SSH forward to {port}")
             else:
                 raise
         guest.undefine()
         guest = define(caps, port)
     else:
-        raise HypervisorError(f"{spec.name} could not bind an SSH forward port on host {inc.host} in "
+        raise HypervisorError(f"{spec.name} could not bind an SSH forward port on host {where} in "
                               f"{PORT_ATTEMPTS} tries", hint="something there is binding ports in hvctl's range")
     undo.push("destroy the domain", guest.destroy)
     record("started")
@@ -225,7 +226,7 @@ def boot(ctx: Context, inc: Incarnation, options: BootOptions, undo: Undo, say: 
     message = f"guest up after {waited:.2f} s: {line}{note}"
     if image.agent:
         say("waiting for the agent")
-        wait_for_agent(ctx.agent(inc.host, spec.name, inc.secrets.token), spec.name, console,
+        wait_for_agent(ctx.agent(where, spec.name, inc.secrets.token), spec.name, console,
                        options.timeout - (time.monotonic() - started))
         message += f"; agent ready after {time.monotonic() - started:.2f} s"
     return message

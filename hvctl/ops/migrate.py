@@ -35,8 +35,8 @@ from hvctl.ops.incarnation import make_overlay
 from hvctl.ops.intent import Operation, operation
 from hvctl.ops.migrated import Migrated
 from hvctl.ops.networks import leave_if_unused
+from hvctl.ops.target import Target
 from hvctl.paths import make_private_dir
-from hvctl.placement import NoValidHost, host_allowance
 
 Mode = Literal["live", "postcopy", "offline", "checkpoint"]
 
@@ -68,36 +68,34 @@ def _migrate(ctx: Context, name: str, target: str, opts: MigrateOptions,
              op: Operation) -> Migrated:
     ledger = ctx.ledger
     record = ledger.vms.get(name)
-    _refuse(ctx, record, target, opts)
+    target_record = ledger.hosts.get(target)  # an unknown host is refused first
+    _refuse(ctx, record, target, opts)  # from the ledger alone, before any host is contacted
+    dest = Target.of(ctx, target_record)
     src = ctx.host(record.host)
     guest = src.guest(name)
-    check_network(ctx, record.spec, target, say)  # its production NIC's bridge or network must exist there too
+    check_network(ctx, record.spec, dest, say)  # its production NIC's bridge or network must exist there too
     if guest.state() is not DomainState.RUNNING and opts.mode != "offline":
         raise InvalidSpec(f"{name} is not running; use --mode offline")
     if guest.state() is DomainState.SHUTOFF and opts.copy_storage:
         raise InvalidSpec(f"{name} is stopped: libvirt moves a stopped domain's definition only, and cannot copy "
                           "its disk", hint=f"`hvctl start {name}` and migrate it live with --copy-storage")
     if opts.mode == "checkpoint":
-        return _checkpoint(ctx, record, target, opts, say, op)
-    compatible, detail = src.cpu_compatible_with(ctx.host(target))
+        return _checkpoint(ctx, record, dest, opts, say, op)
+    compatible, detail = src.cpu_compatible_with(dest.host)
     if not compatible:
         raise InvalidSpec(f"cannot migrate {name} to {target}: {detail}")
-    _refuse_storage(ctx, record, target, opts)
+    _refuse_storage(ctx, record, dest, opts)
     op.step("checked", source=record.host, uuid=guest.uuid, source_overlay=str(record.overlay),
             copy_storage=opts.copy_storage)
-    return _move(ctx, record, guest, target, opts, on_progress, say, op)
+    return _move(ctx, record, guest, dest, opts, on_progress, say, op)
 
 
 def _refuse(ctx: Context, record: VMRecord, target: str, opts: MigrateOptions) -> None:
-    """What the ledger alone can refuse: the VM's own host, a disabled target, GPUs moved live, an agentless
-    checkpoint migration, internal snapshots, and options that contradict each other."""
+    """What the ledger alone can refuse: the VM's own host, GPUs moved live, an agentless checkpoint migration,
+    internal snapshots, and options that contradict each other. (A disabled target is refused by its ``Target``.)"""
     name = record.name
-    target_record = ctx.ledger.hosts.get(target)
     if target == record.host:
         raise InvalidSpec(f"{name} is already on host {target}")
-    if not target_record.enabled:
-        raise NoValidHost(f"host {target} is disabled: nothing new is placed there",
-                          hint=f"`hvctl host enable {target}` first")
     if record.spec.gpus.count and opts.mode != "checkpoint":
         raise InvalidSpec(f"{name} holds {record.spec.gpus.count} passthrough GPU(s), whose state cannot be moved "
                           "live", hint="use --mode checkpoint")
@@ -113,12 +111,12 @@ def _refuse(ctx: Context, record: VMRecord, target: str, opts: MigrateOptions) -
         raise InvalidSpec("--copy-storage does not apply to --mode checkpoint, which boots a fresh disk on the target")
 
 
-def _checkpoint(ctx: Context, record: VMRecord, target: str, opts: MigrateOptions, say: Say,
+def _checkpoint(ctx: Context, record: VMRecord, dest: Target, opts: MigrateOptions, say: Say,
                 op: Operation) -> Migrated:
     """A checkpoint migration (``hvctl.ops.ckpt_migrate``), its failure logged and named as one."""
-    name = record.name
+    name, target = record.name, dest.name
     try:
-        return checkpoint_migrate(ctx, record, target, opts.timeout_s, say, op)
+        return checkpoint_migrate(ctx, record, dest, opts.timeout_s, say, op)
     except BaseException as exc:
         message = exc.message if isinstance(exc, HvctlError) else f"{type(exc).__name__}: {exc}"
         ctx.ledger.events.log(name, record.host, "migration.failed", f"checkpoint-migration of {name} to {target} "
@@ -130,10 +128,10 @@ def _checkpoint(ctx: Context, record: VMRecord, target: str, opts: MigrateOption
                               f"it is still on {record.host}, its workloads running") from exc
 
 
-def _refuse_storage(ctx: Context, record: VMRecord, target: str, opts: MigrateOptions) -> None:
+def _refuse_storage(ctx: Context, record: VMRecord, dest: Target, opts: MigrateOptions) -> None:
     """The VM's disk must either stay reachable from the target (both hosts this machine) or be copied."""
-    name = record.name
-    both_here = ctx.is_this_machine(record.host) and ctx.is_this_machine(target)
+    name, target = record.name, dest.name
+    both_here = ctx.is_this_machine(record.host) and dest.here
     if not both_here and not opts.copy_storage:
         raise InvalidSpec(f"{record.host} and {target} share no storage that hvctl knows of, so {name}'s disk "
                           "cannot stay where it is", hint="use --copy-storage")
@@ -146,25 +144,21 @@ def _refuse_storage(ctx: Context, record: VMRecord, target: str, opts: MigrateOp
                                   hint=None if opts.copy_storage else "use --copy-storage")
 
 
-def _move(ctx: Context, record: VMRecord, guest: Guest, target: str, opts: MigrateOptions,
+def _move(ctx: Context, record: VMRecord, guest: Guest, dest: Target, opts: MigrateOptions,
           on_progress: Callable[[dict[str, Any]], None] | None, say: Say, op: Operation) -> Migrated:
     """Reserve the target (its share and an SSH port), move the domain, and commit the move in the ledger; a
     failure releases the reservation and leaves the VM on its source."""
-    name, ledger = record.name, ctx.ledger
-    # A host never used since it was registered (the default host, say) has its capacity probed first: its limit
-    # would read as zero otherwise.
-    ctx.capabilities(target)
+    name, ledger, target = record.name, ctx.ledger, dest.name
     reservation, port = ledger.reservations.hold_with_port(
-        target, record.tenant, host_footprint(record.spec), "migration", name,
-        host_limit=host_allowance(ledger, ctx.policy, target),
-        probe_on=str(record.spec.ssh_bind) if ctx.is_this_machine(target) else None)
+        target, record.tenant, host_footprint(record.spec), "migration", name, host_limit=dest.allowance,
+        probe_on=str(record.spec.ssh_bind) if dest.here else None)
     copy: StorageCopy | None = None
     try:
         op.step("reserved", reservation=reservation, port=port)
         dest_xml = retarget_tenant_filter(retarget_ssh_forward(guest.migratable_xml(), port))
         moved: dict[str, str] | None = None
         if opts.copy_storage:
-            copy = prepare_storage_copy(ctx, record, target, dest_xml, say)
+            copy = prepare_storage_copy(ctx, record, dest, dest_xml, say)
             dest_xml, moved = copy.dest_xml, copy.moved
             op.step("prepared", moved=moved)
         else:
@@ -178,7 +172,7 @@ def _move(ctx: Context, record: VMRecord, guest: Guest, target: str, opts: Migra
             op.step("prepared", moved=moved)
         if opts.max_downtime_ms:
             guest.set_max_downtime(opts.max_downtime_ms)
-        stats = _run(ctx, guest, record.host, target, dest_xml, opts, _recording(ctx, op, record.host, target,
+        stats = _run(ctx, guest, record.host, dest, dest_xml, opts, _recording(ctx, op, record.host, target,
                                                                                  on_progress),
                      copy.copy_disks if copy else ())
         op.step("migrated")  # libvirt has finished: the VM runs on the target, the ledger does not say so yet
@@ -309,7 +303,7 @@ class StorageCopy:
     discard: Callable[[], object]
 
 
-def prepare_storage_copy(ctx: Context, record: VMRecord, target: str, dest_xml: str,
+def prepare_storage_copy(ctx: Context, record: VMRecord, dest: Target, dest_xml: str,
                          say: Say) -> StorageCopy:
     """An empty overlay of the same size on the target, on the image's base there (QEMU mirrors the source overlay
     into it; only the top layer travels), the seed, and new console and agent paths. On this machine they are
@@ -318,13 +312,14 @@ def prepare_storage_copy(ctx: Context, record: VMRecord, target: str, dest_xml: 
     image = ctx.images.for_base(record.base_disk)  # the build its overlay was made on, whichever is newest
     os_el = ET.fromstring(dest_xml).find("os")
     seed = _seed_bytes(ctx, record) if record.seed else None
+    target = dest.name
     new: dict[str, object]
-    if ctx.is_this_machine(target):
+    if dest.here:
         files = ctx.paths.next_vm_files(record.name, record.overlay)
         if files.dir.exists():
             raise AlreadyExists(f"{files.dir} is left over from an earlier operation on {record.name}",
                                 hint="remove it (nothing in the ledger refers to it)")
-        make_private_dir(files.dir, ctx.host(target).qemu_gid())
+        make_private_dir(files.dir, dest.host.qemu_gid())
         try:
             make_overlay(image.base_disk, files.overlay, record.spec.disk_gib)
             if seed is not None:
@@ -337,7 +332,7 @@ def prepare_storage_copy(ctx: Context, record: VMRecord, target: str, dest_xml: 
         new = {"overlay": files.overlay, "console_log": files.console_log, "agent_socket": files.agent_socket,
                "seed": files.seed, "base_disk": image.base_disk, "kernel": image.kernel, "initrd": image.initrd}
     else:
-        pool_files = pooled.open_files(ctx.host(target), record.name)
+        pool_files = pooled.open_files(dest.host, record.name)
         pooled.check_room(pool_files, record.spec, target)
         volumes = pooled.upload_image(ctx, target, pool_files, image, say)
         pool = pool_files.pool
@@ -426,13 +421,12 @@ def _recording(ctx: Context, op: Operation, source: str, target: str,
     return record
 
 
-def _run(ctx: Context, guest: Guest, source: str, target: str, dest_xml: str, opts: MigrateOptions,
+def _run(ctx: Context, guest: Guest, source: str, dest: Target, dest_xml: str, opts: MigrateOptions,
          on_progress: Callable[[dict[str, Any]], None] | None, copy_disks: tuple[str, ...] = ()) -> Migrated:
-    name = guest.name
-    dst = ctx.host(target)
+    name, target, dst = guest.name, dest.name, dest.host
     failure: list[BaseException] = []
     migrate_uri = f"tcp://{migration_address(ctx, source, target)}"
-    both_here = ctx.is_this_machine(source) and ctx.is_this_machine(target)
+    both_here = ctx.is_this_machine(source) and dest.here
 
     def worker() -> None:
         try:

@@ -78,6 +78,7 @@ def test_checkpoint_mode_refuses_a_member_of_a_distributed_job_before_reserving(
     rig = Rig(tmp_path)
     rig.create("member", gpus=0)
     rig.ctx.ledger.hosts.ensure("h2", "test:///default")
+    rig.ctx.ledger.hosts.record_facts("h2", "qemu", 8, 16384)  # what `hvctl host add` probes
     agent = Agent(token=TOKEN, workdir=tmp_path / "agent",
                   workloads={"train-ddp": lambda _args: [sys.executable, "-c", "import time; time.sleep(60)"]})
     sock = Path("/tmp") / f"hvctl-ckpt-test-{time.time_ns()}.sock"
