@@ -14,6 +14,7 @@ import hmac
 import json
 import os
 import platform
+import shutil
 import signal
 import socket
 import subprocess
@@ -22,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -386,8 +388,6 @@ def _gpus() -> list[str]:
 
 
 def _package_versions() -> dict[str, str]:
-    from importlib import metadata
-
     versions = {}
     for name in ("pydantic", "torch", "transformers", "onnxruntime-gpu", "onnxruntime", "numpy", "tokenizers"):
         try:
@@ -447,8 +447,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def power_off() -> None:
     """Sync and power off now. Minimal Debian has no `poweroff` without an init system; busybox's works anywhere."""
-    import shutil
-
     os.sync()
     for command in (["poweroff", "-f"], ["busybox", "poweroff", "-f"]):
         if shutil.which(command[0]):

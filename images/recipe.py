@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError, 
 
 from guest.kinds import BAKED_MODELS
 from guest.validation import describe
+from hvctl.errors import ImageError
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 INIT_DIR = Path(__file__).parent / "init"
@@ -77,8 +78,6 @@ class Recipe(BaseModel):
 
 
 def load_recipe(name_or_path: str) -> Recipe:
-    from hvctl.errors import ImageError
-
     path = Path(name_or_path)
     if not path.suffix:
         path = RECIPES_DIR / f"{name_or_path}.toml"

@@ -20,7 +20,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from hvctl.errors import ImageError
-from images.recipe import Recipe, RecipeKind, load_recipe
+from images.recipe import Recipe, RecipeKind, load_recipe, shipped_recipe_names
 
 Progress = Callable[[str], None]
 # The largest virtual disk `hvctl image import` takes (a cloud image is a few GiB; VMs grow their overlays).
@@ -142,6 +142,7 @@ class ImageStore:
         work.mkdir()
         say = progress or (lambda _msg: None)
         try:
+            # Each builder (debootstrap, cpio, the kernel's modules) loads only when a build of its kind runs.
             if recipe.kind is RecipeKind.INITRAMFS:
                 from images.initramfs import build_initramfs_image
 
@@ -170,8 +171,6 @@ class ImageStore:
         file would make the image depend on something outside the store; raw and other formats are not checked
         for what they hide), a virtual size over ``max_virtual_bytes``, a checksum that does not match. The copy
         is checked with ``qemu-img check`` before it is renamed into place."""
-        from images.recipe import shipped_recipe_names
-
         say = progress or (lambda _msg: None)
         if not re.fullmatch(r"[a-z][a-z0-9.-]{0,62}", name):
             raise ImageError(f"invalid image name {name!r}: must match [a-z][a-z0-9.-]{{0,62}}")

@@ -128,6 +128,7 @@ class Engine:
 
     def __init__(self, model: Any, *, max_queue: int = 64, page_size: int = PAGE_SIZE, max_batch_tokens: int = 2048,
                  eos_token_id: int | None = None, max_context: int | None = None) -> None:
+        # transformers loads with the first model, not with the agent that imports this module (the guest's boot).
         from transformers import GenerationConfig
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
 

@@ -172,6 +172,7 @@ def _retire(old: api.Model) -> None:
 
 
 def _load_model(name: str, path: Path, max_seqs: int, context: int) -> api.Model:
+    # torch and transformers load with the first model: the server answers /health and its control socket before.
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

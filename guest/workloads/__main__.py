@@ -4,6 +4,10 @@
 Output is human-readable, or one JSON document with ``--json`` (with ``--stream --json``, one JSON line per token
 first). Errors are one line on stderr with the error class's own exit code (``errors.py``: 2 bad request, 3 model
 dir, 4 prompt too long, 5 bad media, 6 checkpoint mismatch, 7 out of memory, 1 any other workload error).
+
+Each handler imports its workload's module inside its own body: the agent starts this CLI for every workload, and
+one kind must not pay for another's imports (torch, transformers, onnxruntime, numpy take seconds, and minutes in
+a TCG guest). A function-local import in this module has that reason.
 """
 
 from __future__ import annotations
@@ -11,7 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -190,9 +196,6 @@ def _run_perception_train(args: argparse.Namespace) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> None:
-    import signal
-    import threading
-
     # SIGUSR1 asks for a checkpoint at the next step boundary (the agent's workload.checkpoint); training goes on.
     asked = threading.Event()
     signal.signal(signal.SIGUSR1, lambda *_: asked.set())

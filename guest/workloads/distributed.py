@@ -17,6 +17,10 @@ How a job runs (hvctl's ``run --vms a,b,c train --distributed`` drives it throug
 - A VM that dies leaves its peers blocked in a collective until ``collective_timeout_s``; their workers fail, the
   launchers rendezvous again with whoever is left (at least ``min_nodes``) and the new workers resume from the newest
   checkpoint any rank holds (:func:`agree_on_checkpoint`), now with slices of B/W' for the new world size W'.
+
+torch is imported inside the functions that use it, after :func:`launch` has set the environment that torch's
+process groups read (the tenant NIC for gloo and NCCL, a fresh store per rendezvous round): nothing of torch is
+loaded before that environment is in place.
 """
 
 from __future__ import annotations

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import LlamaConfig, PreTrainedModel
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
+from .decode import decoder_for
 from .llm import LoadedModel, TokenCallback, load_model, run_generate
 from .runtime import inference_dtype, resolve_device, synchronize
 from .schema import LLMRequest, LLMResult
@@ -41,8 +42,6 @@ def llama_1b_config(max_position_embeddings: int = 4096) -> LlamaConfig:
 
 def random_model(config: LlamaConfig, device: torch.device, seed: int = 0) -> PreTrainedModel:
     """Random weights built directly on ``device`` in its inference dtype (a 1B model inits in seconds on GPU)."""
-    from transformers import LlamaForCausalLM
-
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []), device:
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
@@ -81,8 +80,6 @@ def generate_fast(
     The first call on a GPU compiles and captures graphs (tens of seconds); later calls with the same batch size and
     cache bucket reuse them. ``request.weights == "int8"`` runs torchao's weight-only int8.
     """
-    from .decode import decoder_for
-
     loaded = model or load_model(request.model_dir, resolve_device(request.device))
     return decoder_for(loaded, weights=request.weights).generate(request, on_token)
 

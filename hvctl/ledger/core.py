@@ -133,7 +133,7 @@ class Store(ABC):
     # -- what is in use ---------------------------------------------------------------------------------------
 
     def tenant_usage(self, tenant: str, db: Connection | None = None) -> Usage:
-        from hvctl.spec import VMSpec
+        from hvctl.spec import VMSpec  # pydantic loads only when a spec is read (hvctl's start-up: bench_cli)
 
         db = db or self.db
         total = Usage()
@@ -147,7 +147,7 @@ class Store(ABC):
         return total
 
     def host_usage(self, host: str, db: Connection | None = None) -> Usage:
-        from hvctl.spec import VMSpec
+        from hvctl.spec import VMSpec  # pydantic loads only when a spec is read (hvctl's start-up: bench_cli)
 
         db = db or self.db
         total = Usage()

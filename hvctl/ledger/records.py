@@ -108,7 +108,7 @@ class VMRecord:
     @cached_property
     def spec(self) -> VMSpec:
         if isinstance(self.spec_source, str):
-            from hvctl.spec import VMSpec
+            from hvctl.spec import VMSpec  # pydantic loads only when a spec is read (hvctl's start-up: bench_cli)
 
             return VMSpec.model_validate_json(self.spec_source)
         return self.spec_source

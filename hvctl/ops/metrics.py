@@ -210,7 +210,7 @@ def exposition(open_context: Callable[[], Context]) -> bytes:
 
 def serve(open_context: Callable[[], Context], address: str, port: int) -> Any:
     """Serve /metrics on ``address``:``port`` in a background thread; returns the server (``shutdown()`` stops)."""
-    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client import CollectorRegistry, start_http_server  # `hvctl metrics --serve` only
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(FleetCollector(open_context))
