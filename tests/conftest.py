@@ -11,12 +11,21 @@ import contextlib
 import os
 import shutil
 import subprocess
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from framework.controller import HVCTL, Controller, TwoHosts, hvctl_cli, two_local_hosts
+from framework.controller import (
+    HVCTL,
+    Controller,
+    Daemons,
+    RemoteFleet,
+    TwoHosts,
+    hvctl_cli,
+    remote_fleet,
+    short_tempdir,
+    two_local_hosts,
+)
 from framework.devhost import PrivateLibvirtd
 from framework.pgserver import PgServer
 
@@ -29,7 +38,8 @@ from hvctl.spec import VMSpec
 
 REPO = Path(__file__).resolve().parent.parent
 # What the test modules import from here: the framework's controller, and the VM fixtures below.
-__all__ = ["HVCTL", "REPO", "Controller", "TwoHosts", "hvctl_cli", "short_tempdir", "two_local_hosts"]
+__all__ = ["HVCTL", "REPO", "Controller", "Daemons", "RemoteFleet", "TwoHosts", "hvctl_cli", "remote_fleet",
+           "short_tempdir", "two_local_hosts"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -39,14 +49,6 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 @pytest.fixture
 def update_golden(request: pytest.FixtureRequest) -> bool:
     return bool(request.config.getoption("--update-golden"))
-
-
-def short_tempdir(prefix: str) -> Path:
-    """A 0755 directory under /var/tmp: QEMU runs as libvirt-qemu and must traverse it, and agent socket paths
-    under it must stay within the 107-byte unix socket limit (pytest's tmp_path is 0700 and deep)."""
-    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp"))
-    path.chmod(0o755)
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -84,11 +86,15 @@ def libvirtd() -> Iterator[PrivateLibvirtd]:
     if missing:
         # Fail, not skip: `make test` promises these tests ran. CI installs everything they need.
         pytest.fail(f"VM tests cannot run: {missing}")
-    daemon = PrivateLibvirtd(short_tempdir("hvd-"))
-    daemon.start()
-    yield daemon
-    daemon.stop()
-    shutil.rmtree(daemon.root, ignore_errors=True)
+    with Daemons(short_tempdir("hvd-")) as daemons:
+        yield daemons.start("d")
+
+
+@pytest.fixture
+def daemons() -> Iterator[Daemons]:
+    """Private libvirtds of a test's own, all stopped at its end (``Daemons.start``)."""
+    with Daemons(short_tempdir("hvk-")) as started:
+        yield started
 
 
 @pytest.fixture(scope="session")

@@ -9,16 +9,26 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
+
+from pydantic import BaseModel
 
 from framework.devhost import PrivateLibvirtd
+from framework.devhost.remote import RemoteStyleHost
+from guest import rpc
 from hvctl.context import Context
 from hvctl.ops.intent import CRASH_ENV, FAIL_ENV
 from hvctl.ops.lifecycle import destroy
 
 HVCTL = [sys.executable, "-m", "hvctl.cli"]
+# The default host of a controller whose every VM lives on remote-style hosts: libvirt's test driver, so that
+# nothing can land on this machine by mistake.
+NOWHERE = "test:///default"
+T = TypeVar("T", bound=BaseModel)
 
 
 def hvctl_cli(state_dir: Path | str, uri: str, *args: str, timeout: float = 180,
@@ -36,6 +46,42 @@ def hvctl_cli(state_dir: Path | str, uri: str, *args: str, timeout: float = 180,
         env[FAIL_ENV] = fail_after
     return subprocess.run([*HVCTL, *args], capture_output=True, text=True, env=env, timeout=timeout,
                           input=stdin, stdin=None if stdin is not None else subprocess.DEVNULL)
+
+
+class Daemons:
+    """Private libvirt daemons (``PrivateLibvirtd``) under one directory, each started on request; when the block
+    ends every one is stopped, the last started first, whatever failed before, and the directory is removed. The
+    session's daemon, two_local_hosts' pair and a test's own daemons all come from one."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.started: list[PrivateLibvirtd] = []
+
+    def start(self, name: str, timeout: float = 30.0, cgroups: bool = True, hide_kvm: bool = True) -> PrivateLibvirtd:
+        """A daemon in ``root/name``, started (``cgroups=False`` for a second "host" on this machine: see
+        ``PrivateLibvirtd.cgroups``; ``hide_kvm=False`` lets it see /dev/kvm)."""
+        daemon = PrivateLibvirtd(self.root / name, cgroups=cgroups, hide_kvm=hide_kvm)
+        self.started.append(daemon)
+        return daemon.start(timeout=timeout)
+
+    def __enter__(self) -> Daemons:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        try:
+            for daemon in reversed(self.started):
+                with contextlib.suppress(Exception):
+                    daemon.stop()
+        finally:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+def short_tempdir(prefix: str) -> Path:
+    """A 0755 directory under /var/tmp: QEMU runs as libvirt-qemu and must traverse it, and agent socket paths
+    under it must stay within the 107-byte unix socket limit (pytest's tmp_path is 0700 and deep)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp"))
+    path.chmod(0o755)
+    return path
 
 
 @dataclass
@@ -61,6 +107,16 @@ class Controller:
         return hvctl_cli(self.state, self.uri, *args, timeout=timeout or self.cli_timeout, crash_after=crash_after,
                          fail_after=fail_after, stdin=stdin)
 
+    def agent(self, vm: str, method: str, result: type[T], params: BaseModel | None = None, timeout: float = 120) -> T:
+        """``method`` of ``vm``'s agent, through its host's libvirt (as hvctl reaches it), decoded as ``result``."""
+        record = self.ctx.ledger.vms.get(vm)
+        assert record.agent_token, f"{vm} has no agent"
+        return self.ctx.agent(record.host, vm, record.agent_token, timeout=timeout).typed(method, result, params)
+
+    def sh(self, vm: str, script: str, timeout_s: float = 90) -> rpc.ExecResult:
+        """``script`` run by sh inside ``vm``, through its agent."""
+        return self.agent(vm, "exec", rpc.ExecResult, rpc.ExecParams(argv=["sh", "-c", script], timeout_s=timeout_s))
+
     def close(self, remove_state: bool = True) -> None:
         """Destroy every VM the ledger still has (one that refuses, say on a daemon a fault test killed, does not
         stop the others), then close the context and remove the state dir."""
@@ -74,14 +130,11 @@ class Controller:
                 shutil.rmtree(self.state, ignore_errors=True)
 
 
-@dataclass
-class TwoHosts:
-    """Two private libvirtd daemons on this machine registered as hosts h1 and h2, and a controller on h1."""
+class AroundController:
+    """A test setting built around one ``Controller`` (the hosts it drives, what a module keeps beside it): its
+    context, state dir, CLI and agents, as the controller's own."""
 
     controller: Controller
-    h1: PrivateLibvirtd
-    h2: PrivateLibvirtd
-    root: Path
 
     @property
     def ctx(self) -> Context:
@@ -91,9 +144,25 @@ class TwoHosts:
     def state(self) -> Path:
         return self.controller.state
 
-    def hvctl(self, *args: str, timeout: float | None = None,
-              crash_after: str | None = None) -> subprocess.CompletedProcess[str]:
-        return self.controller.hvctl(*args, timeout=timeout, crash_after=crash_after)
+    def hvctl(self, *args: str, timeout: float | None = None, crash_after: str | None = None,
+              fail_after: str | None = None) -> subprocess.CompletedProcess[str]:
+        return self.controller.hvctl(*args, timeout=timeout, crash_after=crash_after, fail_after=fail_after)
+
+    def agent(self, vm: str, method: str, result: type[T], params: BaseModel | None = None, timeout: float = 120) -> T:
+        return self.controller.agent(vm, method, result, params, timeout)
+
+    def sh(self, vm: str, script: str, timeout_s: float = 90) -> rpc.ExecResult:
+        return self.controller.sh(vm, script, timeout_s)
+
+
+@dataclass
+class TwoHosts(AroundController):
+    """Two private libvirtd daemons on this machine registered as hosts h1 and h2, and a controller on h1."""
+
+    controller: Controller
+    h1: PrivateLibvirtd
+    h2: PrivateLibvirtd
+    root: Path
 
 
 @contextlib.contextmanager
@@ -103,16 +172,46 @@ def two_local_hosts(root: Path, image_dir: Path, ledger_url: str | None = None) 
     ``ledger_url``: the controller's ledger is there (PostgreSQL) rather than in its state dir."""
     from hvctl.ops.hosts import add_host
 
-    h1 = PrivateLibvirtd(root / "h1", cgroups=False).start()
-    h2 = PrivateLibvirtd(root / "h2", cgroups=False)
-    try:
-        h2.start()
+    with Daemons(root) as daemons:
+        h1 = daemons.start("h1", cgroups=False)
+        h2 = daemons.start("h2", cgroups=False)
         controller = Controller.open(root / "state", h1.uri, image_dir, ledger_url=ledger_url)
-        add_host(controller.ctx, "h1", h1.uri)
-        add_host(controller.ctx, "h2", h2.uri)
-        yield TwoHosts(controller, h1, h2, root)
-        controller.close(remove_state=False)
+        try:
+            add_host(controller.ctx, "h1", h1.uri)
+            add_host(controller.ctx, "h2", h2.uri)
+            yield TwoHosts(controller, h1, h2, root)
+        finally:
+            controller.close(remove_state=False)  # the daemons, then the whole root, go after it
+
+
+@dataclass
+class RemoteFleet(AroundController):
+    """A controller whose own host is libvirt's test driver and remote-style hosts (``RemoteStyleHost``: libvirtd
+    and sshd in their own namespaces behind a veth), which cannot see its state dir and which it reaches only over
+    their networks. The hosts are started, not registered: each module adds them as its tests need."""
+
+    controller: Controller
+    hosts: dict[str, RemoteStyleHost] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def remote_fleet(image_dir: Path, hosts: dict[str, int], policy: str | None = None, cli_timeout: float = 300,
+                 tls: bool = False) -> Iterator[RemoteFleet]:
+    """A ``RemoteFleet`` with one started ``RemoteStyleHost`` per entry of ``hosts`` (name: its veth index, unique
+    across the test session; ``tls``: each listens for qemu+tls too). At the end every VM the ledger still has is
+    destroyed, then the hosts are stopped and every directory removed, whatever failed before."""
+    controller = Controller.open(short_tempdir("hvf-"), NOWHERE, image_dir, policy=policy, cli_timeout=cli_timeout)
+    fleet = RemoteFleet(controller)
+    try:
+        for name, index in hosts.items():
+            fleet.hosts[name] = RemoteStyleHost(short_tempdir("hvr-"), index=index, hide=(controller.state,),
+                                                tls=tls)
+            fleet.hosts[name].start()
+        yield fleet
     finally:
-        h1.stop()
-        h2.stop()
-        shutil.rmtree(root, ignore_errors=True)
+        try:
+            controller.close()
+        finally:
+            for host in fleet.hosts.values():
+                host.stop()
+                shutil.rmtree(host.root, ignore_errors=True)

@@ -8,12 +8,11 @@ the probe does succeed when the accelerator works (TCG always does), so it is no
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
-from conftest import short_tempdir
-from framework.devhost import PrivateLibvirtd, boots_under
+from conftest import Daemons
+from framework.devhost import boots_under
 
 from hvctl.domain import Accel
 from hvctl.host import Host
@@ -27,14 +26,13 @@ def test_probe_succeeds_when_the_accelerator_works(image_dir: Path) -> None:
     assert boots_under("tcg", image.kernel, image.initrd, timeout=60)
 
 
-def test_libvirt_probe_agrees_with_a_direct_boot(image_dir: Path) -> None:
+def test_libvirt_probe_agrees_with_a_direct_boot(image_dir: Path, daemons: Daemons) -> None:
     image = ImageStore(image_dir).get("minimal")
     direct = Accel.KVM if boots_under("kvm", image.kernel, image.initrd) else Accel.TCG
     # This daemon sees /dev/kvm, so libvirt offers the kvm domain type and the probe has to really boot.
-    daemon = PrivateLibvirtd(short_tempdir("hvk-"), hide_kvm=False)
-    daemon.start(timeout=120)
+    daemon = daemons.start("k", timeout=120, hide_kvm=False)
+    host = Host(daemon.uri)
     try:
-        host = Host(daemon.uri)
         offered = "kvm" in host.facts().domain_types
         via_libvirt = host.probe_accelerator(image.kernel, image.initrd, daemon.root / "probe", timeout=20)
         assert via_libvirt is direct
@@ -42,7 +40,5 @@ def test_libvirt_probe_agrees_with_a_direct_boot(image_dir: Path) -> None:
             assert via_libvirt is Accel.TCG
         # The transient probe domain is gone either way.
         assert host.domain_states() == {}
-        host.close()
     finally:
-        daemon.stop()
-        shutil.rmtree(daemon.root, ignore_errors=True)
+        host.close()

@@ -12,23 +12,19 @@ issue asks for, because every torch import under TCG costs minutes:
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import hvctl_cli, short_tempdir
-from framework.devhost.remote import RemoteStyleHost
+from conftest import RemoteFleet, remote_fleet
 
 from guest import rpc
 from guest.workloads.assets import make_tiny_llm
 from guest.workloads.protocol import parse_progress
-from hvctl.context import Context
 from images.store import ImageStore
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(3000)]
@@ -42,51 +38,19 @@ VMS = ("d1", "d2", "d3")
 STEPS, HOLD, BATCH = 8, 4, 6
 
 
-@dataclass
-class Fleet:
-    state: Path
-    host: RemoteStyleHost
-
-    def hvctl(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-        return hvctl_cli(self.state, "test:///default", *args, timeout=timeout)
-
-    def agent(self, vm: str, method: str, result: type, params: object = None) -> object:
-        ctx = Context(state_dir=self.state, uri="test:///default")
-        try:
-            record = ctx.ledger.vms.get(vm)
-            assert record.agent_token
-            return ctx.agent(record.host, vm, record.agent_token, timeout=120).typed(method, result, params)
-        finally:
-            ctx.close()
-
-    def sh(self, vm: str, script: str) -> rpc.ExecResult:
-        done = self.agent(vm, "exec", rpc.ExecResult, rpc.ExecParams(argv=["sh", "-c", script], timeout_s=90))
-        assert isinstance(done, rpc.ExecResult)
-        return done
-
-    def ddp_log(self, vm: str) -> str:
-        """The output of ``vm``'s train-ddp workload (its launcher and every worker it started)."""
-        listed = self.agent(vm, "workload.list", rpc.WorkloadList)
-        assert isinstance(listed, rpc.WorkloadList)
-        ours = [w for w in listed.workloads if w.kind == "train-ddp"]
-        if not ours:
-            return ""
-        logs = self.agent(vm, "workload.logs", rpc.WorkloadLogs, rpc.WorkloadLogsParams(id=ours[-1].id))
-        assert isinstance(logs, rpc.WorkloadLogs)
-        return logs.data
+def ddp_log(fleet: RemoteFleet, vm: str) -> str:
+    """The output of ``vm``'s train-ddp workload (its launcher and every worker it started)."""
+    ours = [w for w in fleet.agent(vm, "workload.list", rpc.WorkloadList).workloads if w.kind == "train-ddp"]
+    if not ours:
+        return ""
+    return fleet.agent(vm, "workload.logs", rpc.WorkloadLogs, rpc.WorkloadLogsParams(id=ours[-1].id)).data
 
 
 @pytest.fixture(scope="module")
-def fleet(image_dir: Path) -> Iterator[Fleet]:
+def fleet(image_dir: Path) -> Iterator[RemoteFleet]:
     ImageStore(image_dir).build("ml")
-    state = short_tempdir("hvd-")
-    (state / "images").symlink_to(image_dir)
-    (state / "policy.yaml").write_text(POLICY)
-    host = RemoteStyleHost(short_tempdir("hvr-"), index=47, hide=(state,))
-    try:
-        host.start()
-        f = Fleet(state, host)
-        assert f.hvctl("host", "add", "far", host.uri).returncode == 0
+    with remote_fleet(image_dir, {"far": 47}, POLICY, cli_timeout=900) as f:
+        assert f.hvctl("host", "add", "far", f.hosts["far"].uri).returncode == 0
         assert f.hvctl("network", "create", "lab", "--tenant", "acme", "--subnet", "10.96.30.0/24").returncode == 0
         def create(vm: str) -> subprocess.CompletedProcess[str]:
             return f.hvctl("create", vm, "--host", "far", "--image", "ml", "--memory", "1536", "--disk", "4",
@@ -98,12 +62,6 @@ def fleet(image_dir: Path) -> Iterator[Fleet]:
             for result in pool.map(create, VMS):
                 assert result.returncode == 0, result.stderr
         yield f
-    finally:
-        for leftover in Context(state_dir=state, uri="test:///default").ledger.vms.all():
-            hvctl_cli(state, "test:///default", "destroy", leftover.name, timeout=300)
-        host.stop()
-        shutil.rmtree(host.root, ignore_errors=True)
-        shutil.rmtree(state, ignore_errors=True)
 
 
 def single_process(tmp_path: Path) -> list[float]:
@@ -117,7 +75,7 @@ def single_process(tmp_path: Path) -> list[float]:
     return [float(x) for x in json.loads(done.stdout.splitlines()[-1])["losses"]]
 
 
-def test_a_job_over_three_vms_loses_one_and_finishes_on_two_with_one_processs_losses(fleet: Fleet,
+def test_a_job_over_three_vms_loses_one_and_finishes_on_two_with_one_processs_losses(fleet: RemoteFleet,
                                                                                       tmp_path: Path) -> None:
     # The fault hook: d3's worker stops for good after reporting step HOLD (its peers then wait in step HOLD+1).
     hook = fleet.sh("d3", f"mkdir -p /run/hvctl-test && echo {HOLD} > /run/hvctl-test/hold-after-step")
@@ -128,9 +86,9 @@ def test_a_job_over_three_vms_loses_one_and_finishes_on_two_with_one_processs_lo
                                 "--batch-size", str(BATCH), "--collective-timeout", "60", "--json", timeout=2400)
         # A hang guard only (the job's own timeout bounds it too): the hook, not a clock, decides when d3 goes.
         deadline = time.monotonic() + 2400
-        while not any(p.step == HOLD and p.checkpoint for p in parse_progress(fleet.ddp_log("d3"))):
+        while not any(p.step == HOLD and p.checkpoint for p in parse_progress(ddp_log(fleet, "d3"))):
             assert not job.done(), job.result().stderr
-            assert time.monotonic() < deadline, fleet.ddp_log("d3")[-3000:]
+            assert time.monotonic() < deadline, ddp_log(fleet, "d3")[-3000:]
             time.sleep(10)
         destroyed = fleet.hvctl("destroy", "d3", timeout=300)
         assert destroyed.returncode == 0, destroyed.stderr
@@ -142,7 +100,7 @@ def test_a_job_over_three_vms_loses_one_and_finishes_on_two_with_one_processs_lo
 
     reference = single_process(tmp_path)
     for vm in ("d1", "d2"):
-        steps = {p.step: p for p in parse_progress(fleet.ddp_log(vm))}  # a restart repeats no step
+        steps = {p.step: p for p in parse_progress(ddp_log(fleet, vm))}  # a restart repeats no step
         assert sorted(steps) == list(range(1, STEPS + 1)), sorted(steps)
         worlds = [steps[s].world_size for s in range(1, STEPS + 1)]
         assert worlds == [3] * HOLD + [2] * (STEPS - HOLD), worlds

@@ -14,7 +14,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,16 +21,15 @@ from pathlib import Path
 
 import libvirt
 import pytest
-from conftest import HVCTL, REPO, hvctl_cli, short_tempdir
+from conftest import HVCTL, REPO, Controller, short_tempdir
+from framework.controller import NOWHERE, AroundController
 from framework.devhost import PrivateLibvirtd
 from test_vm_vfio import EMULATED_DEVICES
 
 from hvctl.access import copy, run_command
-from hvctl.context import Context
 from hvctl.ledger import VMRecord
 from hvctl.ops.create import create
 from hvctl.ops.incarnation import BootOptions
-from hvctl.ops.lifecycle import destroy
 from hvctl.seed import operator_key
 from hvctl.spec import VMSpec
 from images.store import ImageStore
@@ -48,17 +46,14 @@ tenants:
 
 
 @dataclass
-class Fleet:
-    """The controller's state dir (this machine) with L1 registered as host ``l1``, and a way into L1 as root."""
+class Fleet(AroundController):
+    """The controller under test (on this machine) with L1 registered as host ``l1``, and a way into L1 as root."""
 
-    state: Path
+    controller: Controller
     uri: str
     l1: VMRecord
     key: Path
     added: subprocess.CompletedProcess[str]  # `hvctl host add l1 URI --json`
-
-    def hvctl(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        return hvctl_cli(self.state, "test:///default", *args, timeout=timeout)
 
     def on_l1(self, command: str) -> str:
         """What ``command`` prints inside L1 (L1's own view, which the test may look at and hvctl does not)."""
@@ -71,11 +66,7 @@ class Fleet:
             .strip() or "none"
 
     def bindings(self) -> list[tuple[str, str, str]]:
-        ctx = Context(state_dir=self.state, uri="test:///default")
-        try:
-            return [(r.address, r.vm, r.state) for r in ctx.ledger.gpus.bindings("l1")]
-        finally:
-            ctx.close()
+        return [(r.address, r.vm, r.state) for r in self.controller.ctx.ledger.gpus.bindings("l1")]
 
     def pool_files(self) -> list[str]:
         return sorted(self.on_l1("ls /var/lib/libvirt/images/hvctl").split())
@@ -86,12 +77,10 @@ def fleet(libvirtd: PrivateLibvirtd, image_dir: Path) -> Iterator[Fleet]:
     store = ImageStore(image_dir)
     store.build("nested")
     store.build("minimal")
-    outer = short_tempdir("hvn-")  # L0's hvctl, which boots L1 (the test's own scaffolding)
-    (outer / "images").symlink_to(image_dir)
-    ctx = Context(state_dir=outer, uri=libvirtd.uri)
-    state = short_tempdir("hvf-")  # the controller under test
-    (state / "images").symlink_to(image_dir)
-    (state / "policy.yaml").write_text(POLICY)
+    outer = Controller.open(short_tempdir("hvn-"), libvirtd.uri, image_dir)  # L0's, which boots L1 (scaffolding)
+    ctx = outer.ctx
+    inner = Controller.open(short_tempdir("hvf-"), NOWHERE, image_dir, policy=POLICY)  # the controller under test
+    state = inner.state
     try:
         # Two vCPUs: L2's QEMU runs its vCPU and I/O threads side by side, and L0 gives each a core (MTTCG). 8 GiB of
         # disk: hvctl's pool on a host wants 2 GiB free for images.
@@ -109,16 +98,13 @@ def fleet(libvirtd: PrivateLibvirtd, image_dir: Path) -> Iterator[Fleet]:
                            f"-o BatchMode=yes -i {key} \"$@\"\n")
         wrapper.chmod(0o700)
         uri = f"qemu+ssh://root@127.0.0.1:{l1.ssh_port}/system?command={wrapper}"
-        added = hvctl_cli(state, "test:///default", "host", "add", "l1", uri, "--json", timeout=600)
-        yield Fleet(state, uri, l1, key, added)
+        added = inner.hvctl("host", "add", "l1", uri, "--json", timeout=600)
+        yield Fleet(inner, uri, l1, key, added)
     finally:
-        for leftover in Context(state_dir=state, uri="test:///default").ledger.vms.all():
-            hvctl_cli(state, "test:///default", "destroy", leftover.name, timeout=600)
-        for vm in ctx.ledger.vms.all():
-            destroy(ctx, vm.name)
-        ctx.close()
-        shutil.rmtree(state, ignore_errors=True)
-        shutil.rmtree(outer, ignore_errors=True)
+        try:
+            inner.close()  # its VMs first: they run inside L1
+        finally:
+            outer.close()
 
 
 def test_host_add_and_gpu_list_show_the_remote_hosts_devices_from_its_libvirt(fleet: Fleet) -> None:
@@ -168,7 +154,7 @@ def refused(fleet: Fleet) -> subprocess.CompletedProcess[str]:
 def race(fleet: Fleet, refused: subprocess.CompletedProcess[str]) -> dict[str, subprocess.CompletedProcess[str]]:
     """Two creates at once for the last passable device: l2 and l3, each asking for one edu. The image is on l1 by
     then (``refused`` put it there), so they race for the device and not also to upload it."""
-    env = {"HVCTL_STATE_DIR": str(fleet.state), "HVCTL_CONNECT": "test:///default", "COLUMNS": "200",
+    env = {"HVCTL_STATE_DIR": str(fleet.state), "HVCTL_CONNECT": NOWHERE, "COLUMNS": "200",
            "NO_COLOR": "1"}
     procs = {name: subprocess.Popen([*HVCTL, "create", name, "--host", "l1", "--image", "minimal", "--memory", "128",
                                      "--gpus", "1", "--gpu-model", "edu", "--boot-timeout", "1200", "--json"],
@@ -241,9 +227,8 @@ def test_a_create_killed_after_its_domain_was_defined_is_undone_by_doctor_repair
         fleet: Fleet, race: dict[str, subprocess.CompletedProcess[str]]) -> None:
     """After the destroy above, edu is free again. A create is killed (SIGKILL, hvctl's crash hook) once its domain
     is defined on l1, with edu already detached to vfio-pci; `doctor --repair` finds it all from the ledger."""
-    killed = hvctl_cli(fleet.state, "test:///default", "create", "l5", "--host", "l1", "--image", "minimal",
-                       "--memory", "128", "--gpus", "1", "--gpu-model", "edu", crash_after="create.defined",
-                       timeout=600)
+    killed = fleet.hvctl("create", "l5", "--host", "l1", "--image", "minimal", "--memory", "128", "--gpus", "1",
+                         "--gpu-model", "edu", crash_after="create.defined", timeout=600)
     assert killed.returncode == -9, killed.stderr
     assert fleet.driver(EDU) == "vfio-pci" and [(a, vm) for a, vm, _ in fleet.bindings()] == [(EDU, "l5")]
     repaired = fleet.hvctl("doctor", "--repair", "--json", timeout=600)

@@ -23,7 +23,7 @@ from xml.etree import ElementTree as ET
 
 import libvirt
 import pytest
-from conftest import HVCTL, hvctl_cli, short_tempdir
+from conftest import HVCTL, RemoteFleet, remote_fleet, short_tempdir
 from framework.devhost import _alive
 from framework.devhost.cgroups import hierarchies
 from framework.devhost.remote import RemoteStyleHost
@@ -105,21 +105,11 @@ def test_a_remote_style_host_is_reached_only_over_its_network_and_leaves_nothing
 
 
 @pytest.fixture(scope="module")
-def remote(image_dir: Path) -> Iterator[tuple[RemoteStyleHost, Path]]:
-    """One remote-style host, and a controller state dir (with the image store) that it cannot see."""
-    state = short_tempdir("hvs-")
-    (state / "images").symlink_to(image_dir)
-    host = RemoteStyleHost(short_tempdir("hvr-"), index=42, hide=(state,))
-    try:
-        yield host.start(), state
-    finally:
-        host.stop()
-        shutil.rmtree(host.root, ignore_errors=True)
-        shutil.rmtree(state, ignore_errors=True)
-
-
-def hvctl_at(state: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return hvctl_cli(state, "test:///default", *args, timeout=timeout)
+def remote(image_dir: Path) -> Iterator[RemoteFleet]:
+    """One remote-style host, "far", and a controller state dir (with the image store) that it cannot see. Each
+    test registers the host as it needs it."""
+    with remote_fleet(image_dir, {"far": 42}, cli_timeout=120) as fleet:
+        yield fleet
 
 
 def console_session(state: Path, name: str, typed: bytes, until: bytes) -> tuple[bytes, int, str]:
@@ -157,9 +147,9 @@ def console_session(state: Path, name: str, typed: bytes, until: bytes) -> tuple
     return shown, proc.returncode, (banner + err).decode(errors="replace")
 
 
-def test_host_add_over_ssh_records_the_remote_hosts_facts(remote: tuple[RemoteStyleHost, Path]) -> None:
-    host, state = remote
-    added = hvctl_at(state, "host", "add", "far", host.uri, "--json")
+def test_host_add_over_ssh_records_the_remote_hosts_facts(remote: RemoteFleet) -> None:
+    host = remote.hosts["far"]
+    added = remote.hvctl("host", "add", "far", host.uri, "--json")
     assert added.returncode == 0, added.stderr
     view = json.loads(added.stdout)
     assert view["uri"] == host.uri and view["cpus"] >= 1 and view["memory_mib"] > 0 and view["accel"] == "qemu"
@@ -171,12 +161,12 @@ def test_host_add_over_ssh_records_the_remote_hosts_facts(remote: tuple[RemoteSt
     assert view["hostname"] == "hvctl-remote-42" and set(view["migration_from"]) == {"local"}
     # The pool's directory is the host's: made in its private tree, not on the controller's filesystem.
     assert (host.root / "var/lib/libvirt/images/hvctl").is_dir()
-    assert hvctl_at(state, "host", "rm", "far").returncode == 0
+    assert remote.hvctl("host", "rm", "far").returncode == 0
 
 
 def test_host_add_with_a_refused_key_or_a_closed_port_is_one_line_and_writes_nothing(
-        remote: tuple[RemoteStyleHost, Path], tmp_path: Path) -> None:
-    host, state = remote
+        remote: RemoteFleet, tmp_path: Path) -> None:
+    host = remote.hosts["far"]
     stranger = tmp_path / "stranger"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(stranger)], check=True)
     wrapper = tmp_path / "ssh"
@@ -186,18 +176,18 @@ def test_host_add_with_a_refused_key_or_a_closed_port_is_one_line_and_writes_not
     # Nothing listens there; the address is this host's own, so nothing leaves the veth pair.
     closed_port_uri = host.uri.replace(f"@{host.address}/", f"@{host.address}:2222/")
     for uri in (refused_uri, closed_port_uri):
-        result = hvctl_at(state, "host", "add", "bad", uri)
+        result = remote.hvctl("host", "add", "bad", uri)
         # stderr: the step that failed, then the one error line.
         last = result.stderr.strip().splitlines()[-1]
         assert result.returncode == 5 and last.startswith("hvctl: error: cannot reach libvirt at"), result.stderr
         assert "ssh" in last and "Traceback" not in result.stderr
-    listed = json.loads(hvctl_at(state, "host", "list", "--json").stdout)
+    listed = json.loads(remote.hvctl("host", "list", "--json").stdout)
     assert "bad" not in {h["name"] for h in listed}
 
 
-def test_an_image_is_uploaded_once_per_host_through_its_pool(remote: tuple[RemoteStyleHost, Path],
+def test_an_image_is_uploaded_once_per_host_through_its_pool(remote: RemoteFleet,
                                                               image_dir: Path) -> None:
-    host, _ = remote
+    host = remote.hosts["far"]
     image = ImageStore(image_dir).get("minimal")
     conn = Host(host.uri)
     try:
@@ -224,12 +214,12 @@ def test_an_image_is_uploaded_once_per_host_through_its_pool(remote: tuple[Remot
         conn.close()
 
 
-def test_two_commands_uploading_one_image_to_a_host_take_turns(remote: tuple[RemoteStyleHost, Path],
+def test_two_commands_uploading_one_image_to_a_host_take_turns(remote: RemoteFleet,
                                                                  image_dir: Path, tmp_path: Path) -> None:
     """Two creates onto a new host, each with its own connection and ledger handle. The second starts from the
     first's first uploaded chunk, and the first goes on once the second says it waits for its turn: without the
     turn, the second would delete the volume the first is writing. It then finds the first's volumes."""
-    host, _ = remote
+    host = remote.hosts["far"]
     image = ImageStore(image_dir).get("minimal")
     ledger_path = str(tmp_path / "ledger.sqlite3")
     waits = threading.Event()
@@ -277,17 +267,16 @@ def test_two_commands_uploading_one_image_to_a_host_take_turns(remote: tuple[Rem
 
 
 def test_a_vm_on_the_remote_host_lives_in_its_pool_answers_through_libvirt_and_leaves_nothing(
-        remote: tuple[RemoteStyleHost, Path], image_dir: Path) -> None:
+        remote: RemoteFleet, image_dir: Path) -> None:
     from guest import rpc
-    from hvctl.context import Context
 
-    host, state = remote
+    host, state = remote.hosts["far"], remote.state
     ImageStore(image_dir).build("base")
-    assert hvctl_at(state, "host", "add", "far", host.uri).returncode == 0
-    ctx = Context(state_dir=state, uri="test:///default")
+    assert remote.hvctl("host", "add", "far", host.uri).returncode == 0
+    ctx = remote.ctx
     tenant_key = state / "tenant_ed25519"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tenant_key)], check=True)
-    assert hvctl_at(state, "key", "add", "default", str(tenant_key.with_suffix(".pub"))).returncode == 0
+    assert remote.hvctl("key", "add", "default", str(tenant_key.with_suffix(".pub"))).returncode == 0
     # Something on the host holds the port the ledger gives rv1 next. It is free on this machine, so only the
     # host's QEMU can tell: the create moves the forward and goes on.
     taken = ctx.ledger.vms.free_port_on("far", bind_address=None)
@@ -295,7 +284,7 @@ def test_a_vm_on_the_remote_host_lives_in_its_pool_answers_through_libvirt_and_l
         ["nsenter", "-t", str(host.pids()["holder"]), "-n", sys.executable, "-c",
          f"import socket, time; s = socket.socket(); s.bind(('127.0.0.1', {taken})); s.listen(); time.sleep(900)"])
     try:
-        made = hvctl_at(state, "create", "rv1", "--host", "far", "--image", "base", "--memory", "512", "--disk", "2",
+        made = remote.hvctl("create", "rv1", "--host", "far", "--image", "base", "--memory", "512", "--disk", "2",
                         "--boot-timeout", "240", "--json", timeout=480)
         assert made.returncode == 0, made.stderr
         assert "uploading base's qcow2" in made.stderr  # the first VM of an image on a host uploads it
@@ -307,7 +296,7 @@ def test_a_vm_on_the_remote_host_lives_in_its_pool_answers_through_libvirt_and_l
         assert {"vm-rv1.qcow2", "vm-rv1.seed.iso", "vm-rv1.console.log"} <= set(host.pool_listing())
         assert not (state / "vms").exists() or not any((state / "vms").iterdir())
         # The agent answers through virDomain.openChannel over ssh, and runs a command inside the guest.
-        ping = hvctl_at(state, "agent", "rv1", "ping", "--json")
+        ping = remote.hvctl("agent", "rv1", "ping", "--json")
         assert ping.returncode == 0 and json.loads(ping.stdout)["pong"] is True, ping.stderr
         record = ctx.ledger.vms.get("rv1")
         assert record.agent_token
@@ -315,21 +304,21 @@ def test_a_vm_on_the_remote_host_lives_in_its_pool_answers_through_libvirt_and_l
             "exec", rpc.ExecResult, rpc.ExecParams(argv=["hostname"]))
         assert ran.exit_code == 0 and ran.stdout.strip() == "rv1"
         # Its console, read back as a pool volume.
-        console = hvctl_at(state, "console-log", "rv1")
+        console = remote.hvctl("console-log", "rv1")
         assert console.returncode == 0 and "HVCTL-READY" in console.stdout
 
         # SSH: the forward sits on the host's loopback, reached through a jump to the host (the URI's own ssh), with
         # the VM's host key pinned end to end: the operator's key, the tenant's, and SFTP both ways.
-        ran_ssh = hvctl_at(state, "exec", "rv1", "--", "hostname")
+        ran_ssh = remote.hvctl("exec", "rv1", "--", "hostname")
         assert ran_ssh.returncode == 0 and ran_ssh.stdout.split()[0] == "rv1", ran_ssh.stderr
-        as_tenant = hvctl_at(state, "exec", "rv1", "-i", str(tenant_key), "--", "sh", "-c", "echo tenant-$((6*7))")
+        as_tenant = remote.hvctl("exec", "rv1", "-i", str(tenant_key), "--", "sh", "-c", "echo tenant-$((6*7))")
         assert as_tenant.returncode == 0 and as_tenant.stdout.strip() == "tenant-42", as_tenant.stderr
         (state / "in.txt").write_text("through the jump\n")
-        assert hvctl_at(state, "cp", str(state / "in.txt"), "rv1:/root/in.txt").returncode == 0
-        back = hvctl_at(state, "cp", "rv1:/root/in.txt", str(state / "out.txt"))
+        assert remote.hvctl("cp", str(state / "in.txt"), "rv1:/root/in.txt").returncode == 0
+        back = remote.hvctl("cp", "rv1:/root/in.txt", str(state / "out.txt"))
         assert back.returncode == 0 and (state / "out.txt").read_text() == "through the jump\n", back.stderr
         # The same route as a plain OpenSSH command line, for the tenant's own tools: run it as printed.
-        printed = hvctl_at(state, "ssh", "rv1", "-i", str(tenant_key), "--print")
+        printed = remote.hvctl("ssh", "rv1", "-i", str(tenant_key), "--print")
         assert printed.returncode == 0, printed.stderr
         openssh = subprocess.run([*shlex.split(printed.stdout.strip()), "-o", "BatchMode=yes", "hostname"],
                                  capture_output=True, text=True, timeout=60)
@@ -337,14 +326,14 @@ def test_a_vm_on_the_remote_host_lives_in_its_pool_answers_through_libvirt_and_l
 
         # A second VM of the same image reuses the uploaded volumes; the minimal image (no agent) is ready by its
         # console alone.
-        again = hvctl_at(state, "create", "rv2", "--host", "far", "--image", "minimal", "--memory", "256",
+        again = remote.hvctl("create", "rv2", "--host", "far", "--image", "minimal", "--memory", "256",
                          "--disk", "1", "--boot-timeout", "240", timeout=300)
         assert again.returncode == 0, again.stderr
-        third = hvctl_at(state, "create", "rv3", "--host", "far", "--image", "minimal", "--memory", "256",
+        third = remote.hvctl("create", "rv3", "--host", "far", "--image", "minimal", "--memory", "256",
                          "--disk", "1", "--cpu-limit", "0.5", "--boot-timeout", "240", timeout=300)
         assert third.returncode == 0 and "uploading minimal's" not in third.stderr, third.stderr
         # rv3's CPU cap, read back through the host's libvirt (schedulerParameters and the rest), is what was asked.
-        shown = hvctl_at(state, "show", "rv3", "--json")
+        shown = remote.hvctl("show", "rv3", "--json")
         enforcement = json.loads(shown.stdout)["enforcement"]
         assert (enforcement["libvirt"]["global_quota_us"], enforcement["libvirt"]["global_period_us"]) == \
             (50_000, 100_000), enforcement
@@ -374,30 +363,30 @@ def test_a_vm_on_the_remote_host_lives_in_its_pool_answers_through_libvirt_and_l
         # The session is over: the console is free for the next client, and what was typed is in the log too.
         shown, status, err = console_session(state, "rv2", b"echo $((7*8))-again\r", b"56-again")
         assert b"56-again" in shown and status == 0, (shown, err)
-        assert "56-again" in hvctl_at(state, "console-log", "rv2").stdout
+        assert "56-again" in remote.hvctl("console-log", "rv2").stdout
 
         # rv1's ledger row lost (a ledger restored from an old backup): it is an orphan on far, and `hvctl adopt`
         # reads it back from its domain and its seed volume (downloaded through far's pool) as it was, so the agent
         # token and the pinned host key work again.
         before = ctx.ledger.vms.get("rv1")
         ctx.ledger.vms.delete("rv1", "test: the row is lost")
-        listed = json.loads(hvctl_at(state, "list", "--json").stdout)
+        listed = json.loads(remote.hvctl("list", "--json").stdout)
         assert [(o["vm"], o["host"]) for o in listed["orphans"]] == [("rv1", "far")], listed
-        adopted = hvctl_at(state, "adopt", "rv1", "--host", "far", "--json")
+        adopted = remote.hvctl("adopt", "rv1", "--host", "far", "--json")
         assert adopted.returncode == 0, adopted.stderr
         after = ctx.ledger.vms.get("rv1")
         fields = ("host", "state", "domain_uuid", "ssh_port", "overlay", "seed", "console_log", "base_disk",
                   "agent_token", "host_pubkey")
         assert [getattr(after, f) for f in fields] == [getattr(before, f) for f in fields]
         assert after.spec.model_dump() == before.spec.model_dump()
-        assert json.loads(hvctl_at(state, "list", "--json").stdout)["orphans"] == []
-        ping = hvctl_at(state, "agent", "rv1", "ping", "--json")
+        assert json.loads(remote.hvctl("list", "--json").stdout)["orphans"] == []
+        ping = remote.hvctl("agent", "rv1", "ping", "--json")
         assert ping.returncode == 0 and json.loads(ping.stdout)["pong"] is True, ping.stderr
-        ran_ssh = hvctl_at(state, "exec", "rv1", "--", "cat", "/root/in.txt")
+        ran_ssh = remote.hvctl("exec", "rv1", "--", "cat", "/root/in.txt")
         assert ran_ssh.returncode == 0 and ran_ssh.stdout == "through the jump\n", ran_ssh.stderr
 
         for name in ("rv1", "rv2", "rv3"):
-            gone = hvctl_at(state, "destroy", name)
+            gone = remote.hvctl("destroy", name)
             assert gone.returncode == 0, gone.stderr
         assert not [f for f in host.pool_listing() if f.startswith("vm-")]
         remote_conn = Host(host.uri)
@@ -409,25 +398,24 @@ def test_a_vm_on_the_remote_host_lives_in_its_pool_answers_through_libvirt_and_l
         squatter.kill()
         squatter.wait()
         for leftover in ctx.ledger.vms.all():
-            hvctl_at(state, "destroy", leftover.name)
-        ctx.close()
-        hvctl_at(state, "host", "rm", "far")
+            remote.hvctl("destroy", leftover.name)
+        remote.hvctl("host", "rm", "far")
 
 
-def test_bad_creates_on_the_remote_host_are_one_line_and_leave_nothing(remote: tuple[RemoteStyleHost, Path]) -> None:
-    host, state = remote
-    assert hvctl_at(state, "host", "add", "far2", host.uri).returncode == 0
+def test_bad_creates_on_the_remote_host_are_one_line_and_leave_nothing(remote: RemoteFleet) -> None:
+    host = remote.hosts["far"]
+    assert remote.hvctl("host", "add", "far2", host.uri).returncode == 0
     conn = Host(host.uri)
     try:
         before = sorted(host.pool_listing())
-        too_big = hvctl_at(state, "create", "big", "--host", "far2", "--image", "minimal", "--memory", "256",
+        too_big = remote.hvctl("create", "big", "--host", "far2", "--image", "minimal", "--memory", "256",
                            "--disk", "16000")
         assert too_big.returncode != 0
         assert too_big.stderr.strip().splitlines()[-1].startswith("hvctl: error: a 16000 GiB disk does not fit")
         # A volume of the VM's name that the ledger does not know: someone else's, so it is left alone.
         pool, _ = conn.ensure_pool()
         pool.upload("vm-squat.qcow2", b"not hvctl's")
-        squat = hvctl_at(state, "create", "squat", "--host", "far2", "--image", "minimal", "--memory", "256",
+        squat = remote.hvctl("create", "squat", "--host", "far2", "--image", "minimal", "--memory", "256",
                          "--disk", "1")
         assert squat.returncode != 0 and "already holds vm-squat.qcow2" in squat.stderr.strip().splitlines()[-1]
         assert pool.volume("vm-squat.qcow2") is not None
@@ -435,24 +423,24 @@ def test_bad_creates_on_the_remote_host_are_one_line_and_leave_nothing(remote: t
         # A domain of that name on the host, unknown to the ledger: someone else's too.
         conn.conn.defineXML("<domain type='qemu'><name>ghost</name><memory unit='MiB'>64</memory>"
                             "<os><type arch='x86_64'>hvm</type></os></domain>")
-        ghost = hvctl_at(state, "create", "ghost", "--host", "far2", "--image", "minimal", "--memory", "256",
+        ghost = remote.hvctl("create", "ghost", "--host", "far2", "--image", "minimal", "--memory", "256",
                          "--disk", "1")
         assert ghost.returncode != 0
         assert "a domain named 'ghost' already exists on host far2" in ghost.stderr.strip().splitlines()[-1]
         assert [d.name() for d in conn.conn.listAllDomains(0)] == ["ghost"]
         conn.conn.lookupByName("ghost").undefine()
         assert sorted(host.pool_listing()) == before and conn.conn.listAllDomains(0) == []
-        listed = json.loads(hvctl_at(state, "list", "--json").stdout)
+        listed = json.loads(remote.hvctl("list", "--json").stdout)
         assert listed["vms"] == []
     finally:
         conn.close()
-        hvctl_at(state, "host", "rm", "far2")
+        remote.hvctl("host", "rm", "far2")
 
 
-def test_a_host_whose_pool_cannot_be_used_is_refused_in_one_line(remote: tuple[RemoteStyleHost, Path]) -> None:
+def test_a_host_whose_pool_cannot_be_used_is_refused_in_one_line(remote: RemoteFleet) -> None:
     """hvctl's pool on the host is defined, but its directory cannot exist: `host add` says so, and changes
     nothing on either side."""
-    host, state = remote
+    host = remote.hosts["far"]
     conn = Host(host.uri)
     saved = None
     try:
@@ -464,11 +452,11 @@ def test_a_host_whose_pool_cannot_be_used_is_refused_in_one_line(remote: tuple[R
             existing.undefine()
         conn.conn.storagePoolDefineXML("<pool type='dir'><name>hvctl</name>"
                                        "<target><path>/proc/hvctl-no-such-dir</path></target></pool>", 0)
-        refused = hvctl_at(state, "host", "add", "nopool", host.uri)
+        refused = remote.hvctl("host", "add", "nopool", host.uri)
         last = refused.stderr.strip().splitlines()[-1]
         assert refused.returncode != 0 and last.startswith("hvctl: error: ") and "pool hvctl" in last, refused.stderr
         assert "Traceback" not in refused.stderr
-        assert "nopool" not in {h["name"] for h in json.loads(hvctl_at(state, "host", "list", "--json").stdout)}
+        assert "nopool" not in {h["name"] for h in json.loads(remote.hvctl("host", "list", "--json").stdout)}
         # The host's pool is as it was: defined by its admin, not started, not undefined, not rebuilt elsewhere.
         left = conn.conn.storagePoolLookupByName("hvctl")
         assert not left.isActive() and "/proc/hvctl-no-such-dir" in left.XMLDesc(0)
@@ -481,20 +469,20 @@ def test_a_host_whose_pool_cannot_be_used_is_refused_in_one_line(remote: tuple[R
 
 
 def test_a_host_whose_sshd_stops_shows_its_vms_unreachable_and_never_aborts_list_or_doctor(
-        remote: tuple[RemoteStyleHost, Path]) -> None:
-    host, state = remote
-    assert hvctl_at(state, "host", "add", "far", host.uri).returncode == 0
+        remote: RemoteFleet) -> None:
+    host = remote.hosts["far"]
+    assert remote.hvctl("host", "add", "far", host.uri).returncode == 0
     try:
-        made = hvctl_at(state, "create", "ru1", "--host", "far", "--image", "minimal", "--memory", "256", "--disk",
+        made = remote.hvctl("create", "ru1", "--host", "far", "--image", "minimal", "--memory", "256", "--disk",
                         "1", "--boot-timeout", "240", timeout=300)
         assert made.returncode == 0, made.stderr
         host.stop_sshd()
         try:
-            listing = hvctl_at(state, "list", "--json")
+            listing = remote.hvctl("list", "--json")
             assert listing.returncode == 5 and listing.stderr.startswith("hvctl: error: host far:"), listing.stderr
             (view,) = json.loads(listing.stdout)["vms"]
             assert view["name"] == "ru1" and view["actual"] == "unreachable"
-            doctor = hvctl_at(state, "doctor", "--json")
+            doctor = remote.hvctl("doctor", "--json")
             assert doctor.returncode == 1 and "Traceback" not in doctor.stderr, doctor.stderr
             checks = {c["name"]: c for c in json.loads(doctor.stdout)}
             assert not checks["hosts"]["ok"] and checks["hosts"]["detail"].startswith("far:")
@@ -502,55 +490,55 @@ def test_a_host_whose_sshd_stops_shows_its_vms_unreachable_and_never_aborts_list
         finally:
             host.start_sshd()
         # Back on the network: the VM is there, still running, and destroy leaves nothing.
-        back = hvctl_at(state, "list", "--json")
+        back = remote.hvctl("list", "--json")
         assert back.returncode == 0 and json.loads(back.stdout)["vms"][0]["actual"] == "running", back.stderr
-        gone = hvctl_at(state, "destroy", "ru1")
+        gone = remote.hvctl("destroy", "ru1")
         assert gone.returncode == 0, gone.stderr
         assert not [f for f in host.pool_listing() if f.startswith("vm-")]
     finally:
         for leftover in ("ru1",):
-            hvctl_at(state, "destroy", leftover)
-        hvctl_at(state, "host", "rm", "far")
+            remote.hvctl("destroy", leftover)
+        remote.hvctl("host", "rm", "far")
 
 
 def test_an_imported_cloud_image_is_uploaded_to_the_remote_host_and_boots_there(
-        remote: tuple[RemoteStyleHost, Path], stock_image: Path, image_dir: Path) -> None:
+        remote: RemoteFleet, stock_image: Path, image_dir: Path) -> None:
     """An imported image goes to a remote host's pool like a recipe's, its qcow2 alone (its bootloader is
     inside): the VM boots SeaBIOS -> GRUB -> cloud-init there, and answers over SSH through the host. It is on a
     tenant network, which a stock image configures by DHCP (cloud-init's network-config says so): its address there
     is the ledger's, served by the network's DHCP server on the host."""
-    host, state = remote
-    added = hvctl_at(state, "host", "add", "far", host.uri)
+    host = remote.hosts["far"]
+    added = remote.hvctl("host", "add", "far", host.uri)
     assert added.returncode in (0, 4), added.stderr  # 4: an earlier test of this module added it
-    imported = hvctl_at(state, "image", "import", "debian-cloud", str(stock_image), "--json")
+    imported = remote.hvctl("image", "import", "debian-cloud", str(stock_image), "--json")
     assert imported.returncode == 0, imported.stderr
     digest = json.loads(imported.stdout)["content_hash"]
-    net = hvctl_at(state, "network", "create", "cl", "--tenant", "default", "--subnet", "10.96.30.0/24")
+    net = remote.hvctl("network", "create", "cl", "--tenant", "default", "--subnet", "10.96.30.0/24")
     assert net.returncode == 0, net.stderr
     try:
-        made = hvctl_at(state, "create", "rc1", "--host", "far", "--image", "debian-cloud", "--memory", "512",
+        made = remote.hvctl("create", "rc1", "--host", "far", "--image", "debian-cloud", "--memory", "512",
                         "--disk", "4", "--net", "cl", "--boot-timeout", "800", "--json", timeout=1000)
         assert made.returncode == 0, made.stderr
         assert json.loads(made.stdout)["image_upload"]["image"] == "debian-cloud"
         listing = host.pool_listing()
         assert f"img-debian-cloud-{digest}.qcow2" in listing
         assert not [f for f in listing if f.startswith("img-debian-cloud") and f.endswith((".kernel", ".initrd"))]
-        console = hvctl_at(state, "console-log", "rc1")
+        console = remote.hvctl("console-log", "rc1")
         assert console.returncode == 0 and "HVCTL-READY name=rc1 cloud-init finished" in console.stdout
-        ran = hvctl_at(state, "exec", "rc1", "--", "cat", "/proc/cmdline")
+        ran = remote.hvctl("exec", "rc1", "--", "cat", "/proc/cmdline")
         assert ran.returncode == 0 and "BOOT_IMAGE=/boot/vmlinuz" in ran.stdout, ran.stderr
         # cloud-init rendered the tenant NIC as DHCP, and the address on it is the one the ledger gave.
-        nic = hvctl_at(state, "exec", "rc1", "--", "sh", "-c",
+        nic = remote.hvctl("exec", "rc1", "--", "sh", "-c",
                        f"for d in /sys/class/net/*; do [ $(cat $d/address) = {nic_mac('rc1')} ] && n=${{d##*/}}; "
                        "done; grep -h \"iface $n\" /etc/network/interfaces.d/*; ip -o -4 addr show dev $n")
         assert nic.returncode == 0, nic.stderr
         assert "inet dhcp" in nic.stdout and " inet 10.96.30.2/24 " in nic.stdout, nic.stdout
-        gone = hvctl_at(state, "destroy", "rc1")
+        gone = remote.hvctl("destroy", "rc1")
         assert gone.returncode == 0, gone.stderr
         assert not [f for f in host.pool_listing() if f.startswith("vm-")]
     finally:
-        hvctl_at(state, "destroy", "rc1")
-        hvctl_at(state, "network", "rm", "cl")
+        remote.hvctl("destroy", "rc1")
+        remote.hvctl("network", "rm", "cl")
         for image in ImageStore(image_dir).list():
             if image.name == "debian-cloud":
                 shutil.rmtree(image_dir / image.directory.name, ignore_errors=True)

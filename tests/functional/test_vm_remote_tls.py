@@ -11,14 +11,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import hvctl_cli, short_tempdir
-from framework.devhost.remote import RemoteStyleHost
+from conftest import remote_fleet
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(300)]
-
-
-def hvctl_at(state: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return hvctl_cli(state, "test:///default", *args, timeout=timeout)
 
 
 def test_a_vm_is_created_and_destroyed_over_qemu_tls_and_a_foreign_ca_is_refused(image_dir: Path,
@@ -26,38 +21,30 @@ def test_a_vm_is_created_and_destroyed_over_qemu_tls_and_a_foreign_ca_is_refused
     """The same host reached over qemu+tls (certificates made by openssl for the test, the client's in pkipath):
     the minimal image is uploaded into its pool, boots, is ready on its console, and destroy leaves nothing. A
     client that trusts another CA is refused in one line, and nothing is registered."""
-    state = short_tempdir("hvs-")
-    (state / "images").symlink_to(image_dir)
-    host = RemoteStyleHost(short_tempdir("hvr-"), index=43, hide=(state,), tls=True)
-    try:
-        host.start()
+    with remote_fleet(image_dir, {"far": 43}, cli_timeout=120, tls=True) as fleet:
+        host = fleet.hosts["far"]
         foreign = tmp_path / "pki"
         shutil.copytree(host.root / "controller" / "pki", foreign)
         subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(tmp_path / "k"),
                         "-out", str(foreign / "cacert.pem"), "-days", "1", "-subj", "/O=other/CN=other CA"],
                        check=True, capture_output=True)
-        refused = hvctl_at(state, "host", "add", "bad", host.tls_uri.replace(str(host.root / "controller" / "pki"),
-                                                                             str(foreign)))
+        refused = fleet.hvctl("host", "add", "bad", host.tls_uri.replace(str(host.root / "controller" / "pki"),
+                                                                         str(foreign)))
         last = refused.stderr.strip().splitlines()[-1]
         assert refused.returncode == 5 and last.startswith("hvctl: error: cannot reach libvirt at qemu+tls://"), \
             refused.stderr
         assert "Traceback" not in refused.stderr
-        assert "bad" not in {h["name"] for h in json.loads(hvctl_at(state, "host", "list", "--json").stdout)}
+        assert "bad" not in {h["name"] for h in json.loads(fleet.hvctl("host", "list", "--json").stdout)}
 
-        added = hvctl_at(state, "host", "add", "tls1", host.tls_uri)
+        added = fleet.hvctl("host", "add", "tls1", host.tls_uri)
         assert added.returncode == 0, added.stderr
-        made = hvctl_at(state, "create", "rt1", "--host", "tls1", "--image", "minimal", "--memory", "256", "--disk",
-                        "1", "--boot-timeout", "240", "--json", timeout=300)
+        made = fleet.hvctl("create", "rt1", "--host", "tls1", "--image", "minimal", "--memory", "256", "--disk",
+                           "1", "--boot-timeout", "240", "--json", timeout=300)
         assert made.returncode == 0, made.stderr
         assert json.loads(made.stdout)["image_upload"]["bytes"] > 0
         assert {"vm-rt1.qcow2", "vm-rt1.seed.iso"} <= set(host.pool_listing())
-        console = hvctl_at(state, "console-log", "rt1")
+        console = fleet.hvctl("console-log", "rt1")
         assert console.returncode == 0 and "HVCTL-READY name=rt1" in console.stdout
-        gone = hvctl_at(state, "destroy", "rt1")
+        gone = fleet.hvctl("destroy", "rt1")
         assert gone.returncode == 0, gone.stderr
         assert not [f for f in host.pool_listing() if f.startswith("vm-")]
-    finally:
-        hvctl_at(state, "destroy", "rt1")
-        host.stop()
-        shutil.rmtree(host.root, ignore_errors=True)
-        shutil.rmtree(state, ignore_errors=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import Controller, short_tempdir
+from conftest import Controller, Daemons, short_tempdir
 from framework.devhost import PrivateLibvirtd
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
@@ -41,20 +41,17 @@ pytestmark = [pytest.mark.vm, pytest.mark.timeout(1200)]
 def env(libvirtd: PrivateLibvirtd, image_dir: Path) -> Iterator[Controller]:
     ImageStore(image_dir).build("ml")
     controller = Controller.open(short_tempdir("hvw-"), libvirtd.uri, image_dir, cli_timeout=900)
-    # A second "host" for the checkpoint-migration tests: a private daemon of its own. cgroups off: both daemons
-    # run a domain named "ml" for a while, and on one machine their cgroup names would collide.
-    second = PrivateLibvirtd(controller.state / "h2", cgroups=False).start()
-    try:
-        add_host(controller.ctx, "h2", second.uri)
-        create(controller.ctx, VMSpec.parse(name="ml", memory_mib=1536, disk_gib=4, image="ml", host="local"),
-               options=BootOptions(timeout=300))
-        yield controller
-    finally:
+    with Daemons(controller.state / "daemons") as daemons:
         try:
-            controller.close(remove_state=False)
+            # A second "host" for the checkpoint-migration tests: a private daemon of its own. cgroups off: both
+            # daemons run a domain named "ml" for a while, and on one machine their cgroup names would collide.
+            add_host(controller.ctx, "h2", daemons.start("h2", cgroups=False).uri)
+            create(controller.ctx, VMSpec.parse(name="ml", memory_mib=1536, disk_gib=4, image="ml", host="local"),
+                   options=BootOptions(timeout=300))
+            yield controller
         finally:
-            second.stop()
-            shutil.rmtree(controller.state, ignore_errors=True)
+            controller.close(remove_state=False)  # its VMs first; the daemons, then the state dir, after
+    shutil.rmtree(controller.state, ignore_errors=True)
 
 
 def hvctl(env: Controller, *args: str, timeout: float = 900, crash_after: str | None = None,
@@ -225,9 +222,6 @@ def test_the_model_server_serves_a_tenant_swaps_in_fine_tuned_weights_and_surviv
     assert gone.returncode == 2 and "runs no model server" in gone.stderr, gone.stderr
 
 
-# The last three tests share one training run, started detached and still going when they run, in this order.
-
-
 def progress(env: Controller) -> list[dict[str, object]]:
     """The latest workload's per-step progress lines, read through `hvctl logs`."""
     result = hvctl(env, "logs", "ml")
@@ -235,21 +229,32 @@ def progress(env: Controller) -> list[dict[str, object]]:
     return [json.loads(line)["progress"] for line in result.stdout.splitlines() if line.startswith('{"progress"')]
 
 
-def test_detached_training_checkpoints_and_the_checkpoint_comes_out(env: Controller) -> None:
+@pytest.fixture(scope="module")
+def training(env: Controller) -> str:
+    """One training run of the tests below, started detached (checkpointing every 2 steps, and far from done when
+    they end), once its first checkpoint is reported. Each test that needs it asks for it, so any of them runs
+    alone too; run together, in this file's order, they share it, and it moves with the VM. Returns its id."""
     started = hvctl(env, "run", "ml", "train", "--objective", "ssl", "--steps", "100000", "--checkpoint-every", "2",
                     "--detach", "--json")
     assert started.returncode == 0, started.stderr
-    assert json.loads(started.stdout)["state"] == "running"
-    deadline = time.monotonic() + 600  # importing torch under TCG takes minutes
+    status = json.loads(started.stdout)
+    assert status["state"] == "running"
+    deadline = time.monotonic() + 600  # a hang guard: importing torch under TCG takes minutes
     while not any(p["checkpoint"] for p in progress(env)):
         assert time.monotonic() < deadline, "no checkpoint within 10 minutes"
         time.sleep(5)
+    return str(status["id"])
+
+
+@pytest.mark.usefixtures("training")
+def test_detached_training_checkpoints_and_the_checkpoint_comes_out(env: Controller) -> None:
     fetched = hvctl(env, "checkpoint", "ml", "--json")
     assert fetched.returncode == 0, fetched.stderr
     local = Path(json.loads(fetched.stdout)["checkpoint"])
     assert local.name.startswith("ckpt-") and local.stat().st_size > 10_000
 
 
+@pytest.mark.usefixtures("training")
 def test_a_checkpoint_migration_that_fails_leaves_the_source_training(env: Controller) -> None:
     """The migration fails at its last step before the commit, after the checkpoint, the copy, the target's boot and
     the restored workload's verified first step, so every undo runs. The failure is injected at that step (a
@@ -266,6 +271,7 @@ def test_a_checkpoint_migration_that_fails_leaves_the_source_training(env: Contr
     keeps_training(env)
 
 
+@pytest.mark.usefixtures("training")
 def test_a_checkpoint_migration_killed_before_its_commit_is_rolled_back_and_the_source_trains_on(
         env: Controller) -> None:
     """hvctl killed right after each step before the commit, then `doctor --repair`: the new incarnation on h2 (its
@@ -286,6 +292,7 @@ def test_a_checkpoint_migration_killed_before_its_commit_is_rolled_back_and_the_
     print("\n" + "\n".join(matrix))
 
 
+@pytest.mark.usefixtures("training")
 def test_checkpoint_migration_resumes_training_on_the_target_at_the_next_step(env: Controller) -> None:
     """The migration goes all the way, and hvctl is killed right after the ledger committed the move (the last row
     of the crash matrix): `doctor --repair` removes the source incarnation, as the command would have next (the
@@ -317,9 +324,10 @@ def test_checkpoint_migration_resumes_training_on_the_target_at_the_next_step(en
           f"{moved['resumed_step']} with loss {moved['loss']}")
 
 
+@pytest.mark.usefixtures("training")
 def test_cancel_stops_the_detached_training_and_workloads_shows_it(env: Controller) -> None:
-    """After the migration, the training restarted on h2 is the one running: `hvctl cancel` stops it, and the guest's
-    own list of workloads shows it cancelled."""
+    """The detached training (after the migration test, the run restarted on h2) is the one running: `hvctl cancel`
+    stops it, and the guest's own list of workloads shows it cancelled."""
     listed = hvctl(env, "workloads", "ml", "--json")
     assert listed.returncode == 0, listed.stderr
     running = [w for w in json.loads(listed.stdout) if w["state"] == "running"]
