@@ -25,6 +25,10 @@ from hvctl.cli.common import (
 from hvctl.errors import HostUnreachable
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from hvctl.ledger import Event
+    from hvctl.ops.events import StreamEvent
     from hvctl.ops.inspect import Drift, VMView
 
 # -- VM lifecycle ---------------------------------------------------------------------------------------------
@@ -199,13 +203,13 @@ def show(name: str, output: OutputOpt = None, as_json: JsonOpt = False) -> None:
         out.print("[bold]snapshots[/]: " + ", ".join(
             f"{safe(s.name)} ({'memory' if s.memory else 'disk'}, {s.disk_gib:g} GiB)" for s in detail.snapshots))
     out.print("[bold]events[/]")
-    out.print(render_events([{"ts": e.ts, "kind": e.kind, "message": e.message} for e in detail.events]))
+    out.print(render_events(detail.events))
 
 
-def render_events(events: list[dict[str, Any]]) -> str:
+def render_events(events: "Sequence[Event]") -> str:
     """Events can quote a guest (a workload's error): rendered as plain text, never as markup or escapes."""
-    return "\n".join(f"  {time.strftime('%H:%M:%S', time.localtime(e['ts']))} {safe(e['kind']):<18} "
-                     f"{safe(e['message'])}" for e in events)
+    return "\n".join(f"  {time.strftime('%H:%M:%S', time.localtime(e.ts))} {safe(e.kind):<18} "
+                     f"{safe(e.message)}" for e in events)
 
 
 @app.command()
@@ -223,20 +227,19 @@ def events(
     from hvctl.ops.events import follow as follow_events
     from hvctl.ops.events import history
 
-    def show_one(e: dict[str, Any]) -> None:
+    def show_one(e: "StreamEvent") -> None:
         if as_json:
-            sys.stdout.write(jsonlib.dumps(e) + "\n")
+            sys.stdout.write(jsonlib.dumps(e.as_json()) + "\n")
             sys.stdout.flush()
             return
-        when = time.strftime("%H:%M:%S", time.localtime(e["ts"]))
-        source = "" if e["source"] == "ledger" else f" [{e['source']}]"
-        out.print(f"{when} {safe(e['vm'] or '-'):<14} {safe(e['kind']):<24} {safe(e['message'])}{source}",
-                  highlight=False)
+        when = time.strftime("%H:%M:%S", time.localtime(e.ts))
+        source = "" if e.source == "ledger" else f" [{e.source}]"
+        out.print(f"{when} {safe(e.vm or '-'):<14} {safe(e.kind):<24} {safe(e.message)}{source}", highlight=False)
 
     if not follow:
         past = history(ctx(), vm, lines)
         if as_json:
-            emit_json(past)
+            emit_json([e.as_json() for e in past])
         else:
             for e in past:
                 show_one(e)

@@ -166,10 +166,6 @@ class Event:
     message: str
     data: dict[str, Any] | None = None
 
-    def as_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "ts": self.ts, "vm": self.vm, "host": self.host, "kind": self.kind,
-                "message": self.message, "source": "ledger"} | ({"data": self.data} if self.data else {})
-
 
 def event_from_row(r: Row) -> Event:
     return Event(r["id"], r["ts"], r["vm"], r["host"], r["kind"], r["message"],

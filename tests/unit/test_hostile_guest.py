@@ -198,8 +198,9 @@ def test_a_stored_event_quoting_a_guest_renders_as_plain_text() -> None:
     from rich.console import Console
 
     from hvctl.cli.vms import render_events
+    from hvctl.ledger import Event
 
-    events = [{"ts": 0.0, "kind": "workload.finished", "message": "w1 failed: [/] [bold]x\x1b]0;pwned\x07\x1b[2J"}]
+    events = [Event(1, 0.0, "vm", "local", "workload.finished", "w1 failed: [/] [bold]x\x1b]0;pwned\x07\x1b[2J")]
     buffer = io.StringIO()
     Console(file=buffer, width=200).print(render_events(events))
     printed = buffer.getvalue()
