@@ -70,8 +70,7 @@ def define_domains(ctx: Context, conn: libvirt.virConnect, count: int) -> None:
         spec = VMSpec(name=name, memory_mib=128)
         files = ctx.paths.vm_files(name)
         record = ctx.ledger.vms.reserve(spec, "local", VMPaths(image.base_disk, files.overlay, files.seed,
-                                                              files.console_log, files.agent_socket),
-                                       probe_ports=False)
+                                                              files.console_log, files.agent_socket))
         xml = design(spec, caps, BootArtifacts(image.kernel, image.initrd),
                      VMAllocation(files.overlay, files.console_log, files.agent_socket, record.ssh_port)).to_xml()
         dom = conn.defineXML(xml)

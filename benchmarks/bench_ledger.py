@@ -54,7 +54,7 @@ LIMITS = Admission(tenant_limit={"vcpus": 1e9, "memory_mib": 1e12, "disk_gib": 1
 def _admit(ledger: Ledger, name: str, scratch: Path) -> None:
     vm = scratch / name
     ledger.vms.reserve(VMSpec(name=name, tenant="default"), f"h{hash(name) % HOSTS}",
-                       VMPaths(vm / "b", vm / "o", vm / "s", vm / "c", vm / "a"), admission=LIMITS, probe_ports=False)
+                       VMPaths(vm / "b", vm / "o", vm / "s", vm / "c", vm / "a"), admission=LIMITS)
 
 
 def fresh_ledger(location: str, scratch: Path) -> None:

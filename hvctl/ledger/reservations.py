@@ -9,7 +9,7 @@ import time
 from hvctl.accounting import Usage, first_excess
 from hvctl.ledger.core import Repository
 from hvctl.ledger.records import DEFAULT_PORT_RANGE, QuotaExceeded, ReservationRecord, reservation_from_row
-from hvctl.ledger.vms import free_port, used_ports
+from hvctl.ledger.vms import PortCheck, free_port, used_ports
 
 
 class Reservations(Repository):
@@ -21,16 +21,16 @@ class Reservations(Repository):
         return self._hold(host, tenant, usage, kind, vm, counts_against_tenant, host_limit, None)[0]
 
     def hold_with_port(self, host: str, tenant: str, usage: Usage, kind: str, vm: str, *,
-                       host_limit: dict[str, float | None] | None = None, probe_on: str | None = None,
+                       host_limit: dict[str, float | None] | None = None, port_free: PortCheck | None = None,
                        port_range: tuple[int, int] = DEFAULT_PORT_RANGE) -> tuple[int, int]:
         """``hold``, and an SSH forward port on ``host`` for the VM on its way in, chosen in the same transaction
-        among those no VM and no other reservation there holds (and, with ``probe_on``, free on that address on
-        this machine). Returns the reservation's id and the port."""
-        return self._hold(host, tenant, usage, kind, vm, False, host_limit, (port_range, probe_on))
+        among those no VM and no other reservation there holds (and that ``port_free`` calls free). Returns the
+        reservation's id and the port."""
+        return self._hold(host, tenant, usage, kind, vm, False, host_limit, (port_range, port_free))
 
     def _hold(self, host: str, tenant: str, usage: Usage, kind: str, vm: str | None, counts_against_tenant: bool,
               host_limit: dict[str, float | None] | None,
-              port: tuple[tuple[int, int], str | None] | None) -> tuple[int, int]:
+              port: tuple[tuple[int, int], PortCheck | None] | None) -> tuple[int, int]:
         with self._store.transaction() as db:
             if host_limit is not None:
                 refusal = first_excess(f"host {host}", usage, self._store.host_usage(host, db), host_limit)

@@ -4,8 +4,8 @@ transaction, so that concurrent creates can never together overshoot a limit or 
 
 from __future__ import annotations
 
-import socket
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from hvctl.accounting import Usage, first_excess, host_footprint, tenant_charge
@@ -26,24 +26,27 @@ from hvctl.ledger.records import (
 if TYPE_CHECKING:
     from hvctl.spec import VMSpec
 
+# Whether a port is free where a VM's SSH forward will listen (``hvctl.ops.target.bindable_here`` on this machine).
+# The ledger knows which ports its rows hold, never what else a host runs: whoever can ask the host says.
+PortCheck = Callable[[int], bool]
+
 
 class VMs(Repository):
     def reserve(
         self, spec: VMSpec, host: str, paths: VMPaths, *, agent_token: str | None = None,
         host_pubkey: str | None = None, admission: Admission | None = None,
-        port_range: tuple[int, int] = DEFAULT_PORT_RANGE, probe_ports: bool = True,
+        port_range: tuple[int, int] = DEFAULT_PORT_RANGE, port_free: PortCheck | None = None,
     ) -> VMRecord:
         """Record the intent to create a VM and allocate its SSH port, atomically: one that no VM of the host
-        holds, and, with ``probe_ports`` (the host is this machine), free on ``spec.ssh_bind`` here. Another host's
-        ports cannot be probed from here: its QEMU reports a taken one at start, and the boot moves it.
+        holds, and that ``port_free`` says is free (given where the host can be asked: this machine). Another
+        host's ports cannot be probed from here: its QEMU reports a taken one at start, and the boot moves it.
         State starts as 'creating'.
 
         With ``admission``, the tenant's quota and the host's capacity are checked in the same transaction, so
         concurrent creates can never together overshoot either.
         """
         try:
-            return self._reserve(spec, host, paths, agent_token, host_pubkey, admission, port_range,
-                                    str(spec.ssh_bind) if probe_ports else None)
+            return self._reserve(spec, host, paths, agent_token, host_pubkey, admission, port_range, port_free)
         except QuotaExceeded as exc:
             # The refusal is worth keeping, but its transaction was rolled back: record it on its own.
             self._store.log_event(spec.name, host, "admission.refused", exc.message)
@@ -51,7 +54,7 @@ class VMs(Repository):
 
     def _reserve(self, spec: VMSpec, host: str, paths: VMPaths, agent_token: str | None,
                     host_pubkey: str | None, admission: Admission | None, port_range: tuple[int, int],
-                    probe_on: str | None) -> VMRecord:
+                    port_free: PortCheck | None) -> VMRecord:
         now = time.time()
         with self._store.transaction() as db:
             if db.execute("SELECT 1 FROM vms WHERE name = ?", (spec.name,)).fetchone():
@@ -59,7 +62,7 @@ class VMs(Repository):
             if admission is not None:
                 self._admit(db, spec, host, admission)
             spec = assign_address(db, spec)
-            port = free_port(port_range, used_ports(db, host), probe_on)
+            port = free_port(port_range, used_ports(db, host), port_free)
             _insert_vm(db, spec, host, paths, port, "creating", now, agent_token, host_pubkey, None)
             record_address(db, spec)
             self._store.event(db, spec.name, host, "create.requested", f"create {spec.name} on {host}, ssh port {port}")
@@ -104,15 +107,15 @@ class VMs(Repository):
             host = db.execute("SELECT host FROM vms WHERE name = ?", (name,)).fetchone()[0]
             self._store.event(db, name, host, f"state.{state}", message or f"{name} is {state}")
 
-    def move_ssh_port(self, name: str, bind_address: str, refused: int, probe: bool = True,
+    def move_ssh_port(self, name: str, bind_address: str, refused: int, port_free: PortCheck | None = None,
                       port_range: tuple[int, int] = DEFAULT_PORT_RANGE) -> int:
         """Give a VM a new SSH forward port because ``refused`` could not be bound at start (another process on
-        its host holds it). The new port is free in the ledger, and with ``probe`` on this machine too (the VM's
-        host is this machine); the move is an event."""
+        its host holds it). The new port is free in the ledger, and as ``port_free`` says; the move is an
+        event."""
         with self._store.transaction() as db:
             host = db.execute("SELECT host FROM vms WHERE name = ?", (name,)).fetchone()[0]
             used = used_ports(db, host) | {refused}
-            port = free_port(port_range, used, bind_address if probe else None)
+            port = free_port(port_range, used, port_free)
             db.execute("UPDATE vms SET ssh_port = ?, updated_at = ? WHERE name = ?", (port, time.time(), name))
             self._store.event(db, name, host, "port.moved", f"SSH forward port {refused} was taken by another process; "
                         f"{name} now forwards {bind_address}:{port}", {"from": refused, "to": port})
@@ -176,9 +179,9 @@ class VMs(Repository):
         return self.get(name)
 
     def free_port_on(self, host: str, port_range: tuple[int, int] = DEFAULT_PORT_RANGE,
-                     bind_address: str | None = "127.0.0.1") -> int:
-        """A port no VM of ``host`` holds, also free on ``bind_address`` here unless that is None."""
-        return free_port(port_range, used_ports(self._db, host), bind_address)
+                     port_free: PortCheck | None = None) -> int:
+        """A port no VM of ``host`` holds, and free as ``port_free`` says."""
+        return free_port(port_range, used_ports(self._db, host), port_free)
 
     def complete_migration(self, name: str, target: str, ssh_port: int, reservation_id: int,
                            stats: dict[str, Any], moved: dict[str, str] | None = None) -> None:
@@ -217,18 +220,9 @@ def used_ports(db: Connection, host: str) -> set[int]:
                                      "reservations WHERE host = ? AND ssh_port IS NOT NULL", (host, host))}
 
 
-def free_port(port_range: tuple[int, int], used: set[int], bind_address: str | None) -> int:
-    """The lowest port in range that no VM in the ledger holds and, unless ``bind_address`` is None, that nothing
-    on this machine is bound to."""
+def free_port(port_range: tuple[int, int], used: set[int], port_free: PortCheck | None) -> int:
+    """The lowest port in range that no VM in the ledger holds and that ``port_free``, if given, calls free."""
     for port in range(port_range[0], port_range[1] + 1):
-        if port in used:
-            continue
-        if bind_address is None:
+        if port not in used and (port_free is None or port_free(port)):
             return port
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            try:
-                probe.bind((bind_address, port))
-            except OSError:
-                continue
-        return port
     raise LedgerError(f"no free SSH forward port in {port_range[0]}-{port_range[1]}")

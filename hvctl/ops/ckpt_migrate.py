@@ -193,7 +193,7 @@ def checkpoint_migrate(ctx: Context, record: VMRecord, dest: Target, timeout_s: 
     op.step("checked", source=record.host, source_uuid=source_uuid, source_dir=str(record.overlay.parent))
     reservation, move.port = ledger.reservations.hold_with_port(
         target, record.tenant, host_footprint(record.spec), "migration", name,
-        host_limit=dest.allowance, probe_on=str(record.spec.ssh_bind))
+        host_limit=dest.allowance, port_free=dest.port_check(str(record.spec.ssh_bind)))
     move.workdir = Path(tempfile.mkdtemp(prefix=f"hvctl-ckpt-{name}-"))
     op.step("reserved", reservation=reservation, workdir=str(move.workdir))
     try:

@@ -49,7 +49,8 @@ def create(ctx: Context, spec: VMSpec, say: Say = quiet, options: BootOptions | 
         say("reserving in the ledger")
         record = ctx.ledger.vms.reserve(spec, target.name, storage.paths, agent_token=secrets.token,
                                        host_pubkey=secrets.host_key.public_line,
-                                       admission=target.admission(policy, spec.tenant), probe_ports=target.here)
+                                       admission=target.admission(policy, spec.tenant),
+                                       port_free=target.port_check(str(spec.ssh_bind)))
         undo.push("forget the ledger row", lambda: ctx.ledger.vms.delete(spec.name, "create rolled back"))
         spec = record.spec.model_copy(update={"host": record.host})  # as recorded: with its tenant address, if any
         op.step("reserved")
@@ -66,7 +67,7 @@ def create(ctx: Context, spec: VMSpec, say: Say = quiet, options: BootOptions | 
         incarnation = Incarnation(spec, image, target, storage, record.ssh_port, secrets, gpu_alloc)
         message = boot(ctx, incarnation, options or BootOptions(), undo, say,
                        lambda refused: ctx.ledger.vms.move_ssh_port(spec.name, str(spec.ssh_bind), refused,
-                                                                    probe=target.here),
+                                                                    target.port_check(str(spec.ssh_bind))),
                        op.step)
         op.step("ready")
         if gpu_alloc:

@@ -19,6 +19,7 @@ from hvctl.ops import Say, pooled, quiet
 from hvctl.ops.incarnation import DEFAULT_BOOT_TIMEOUT, HOSTFWD_REFUSED, PORT_ATTEMPTS
 from hvctl.ops.intent import operation
 from hvctl.ops.networks import leave_if_unused, with_current_filter, withdraw_vm_lease
+from hvctl.ops.target import bindable_here
 
 
 def start(ctx: Context, name: str, say: Say = quiet,
@@ -94,8 +95,9 @@ def start_claiming_a_port(ctx: Context, guest: Guest, say: Say) -> Guest:
         except HypervisorError as exc:
             if HOSTFWD_REFUSED not in exc.message:
                 raise
-        refused, port = port, ctx.ledger.vms.move_ssh_port(name, str(record.spec.ssh_bind), port,
-                                                       probe=ctx.is_this_machine(record.host))
+        bind = str(record.spec.ssh_bind)
+        refused, port = port, ctx.ledger.vms.move_ssh_port(
+            name, bind, port, bindable_here(bind) if ctx.is_this_machine(record.host) else None)
         say(f"port {refused} is taken by another process; moving the SSH forward to {port}")
         guest = guest.host.define(retarget_ssh_forward(guest.xml(inactive=True), port))
     raise HypervisorError(f"{name} could not bind an SSH forward port in {PORT_ATTEMPTS} tries",

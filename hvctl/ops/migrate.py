@@ -151,7 +151,7 @@ def _move(ctx: Context, record: VMRecord, guest: Guest, dest: Target, opts: Migr
     name, ledger, target = record.name, ctx.ledger, dest.name
     reservation, port = ledger.reservations.hold_with_port(
         target, record.tenant, host_footprint(record.spec), "migration", name, host_limit=dest.allowance,
-        probe_on=str(record.spec.ssh_bind) if dest.here else None)
+        port_free=dest.port_check(str(record.spec.ssh_bind)))
     copy: StorageCopy | None = None
     try:
         op.step("reserved", reservation=reservation, port=port)

@@ -9,12 +9,14 @@ them from the ``Target`` instead of asking the ledger and the connection again.
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 
 from hvctl.context import Context
 from hvctl.designer import HostCapabilities
 from hvctl.host import Host
 from hvctl.ledger import Admission, HostRecord
+from hvctl.ledger.vms import PortCheck
 from hvctl.placement import NoValidHost, host_limit
 from hvctl.policy import Policy
 
@@ -49,6 +51,25 @@ class Target:
         return cls(name, record, ctx.host(name), ctx.capabilities_of(record), ctx.is_this_machine(name),
                    host_limit(ctx.policy, record, gpus))
 
+    def port_check(self, address: str) -> PortCheck | None:
+        """How the ledger learns whether a port is free for a forward on ``address`` there: by binding it, on this
+        machine; on another host nothing here can tell (its QEMU refuses a taken port at start, and the boot moves
+        the forward)."""
+        return bindable_here(address) if self.here else None
+
     def admission(self, policy: Policy, tenant: str) -> Admission:
         """The limits a new allocation of ``tenant`` here is admitted against, inside the ledger's transaction."""
         return Admission(tenant_limit=policy.tenant(tenant).quota.model_dump(), host_limit=self.allowance)
+
+
+def bindable_here(address: str) -> PortCheck:
+    """Whether a port can be bound on ``address`` on this machine now (nothing else listens there)."""
+    def free(port: int) -> bool:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((address, port))
+            except OSError:
+                return False
+        return True
+
+    return free

@@ -26,6 +26,7 @@ from hvctl.ledger import VMRecord
 from hvctl.ops.create import create
 from hvctl.ops.incarnation import BootOptions
 from hvctl.ops.lifecycle import destroy
+from hvctl.ops.target import bindable_here
 from hvctl.spec import VMSpec
 from images.store import ImageStore
 
@@ -215,7 +216,7 @@ def test_destroy_never_deletes_the_disk_of_a_vm_running_on_another_host(rig: Two
     listed = json.loads(hvctl(rig, "list", "--json").stdout)
     assert {v["name"]: v["actual"] for v in listed["vms"]}["stray"] == "missing"
     # Put the ledger right by hand (what a reconcile with the intent would have done), then destroy works.
-    port = ctx.ledger.vms.free_port_on("h2")
+    port = ctx.ledger.vms.free_port_on("h2", port_free=bindable_here("127.0.0.1"))
     reservation = ctx.ledger.reservations.hold("h2", record.tenant, host_footprint(record.spec), "migration",
                                                 vm="stray")
     ctx.ledger.vms.complete_migration("stray", "h2", port, reservation, {"by": "test"})

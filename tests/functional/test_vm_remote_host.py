@@ -279,7 +279,7 @@ def test_a_vm_on_the_remote_host_lives_in_its_pool_answers_through_libvirt_and_l
     assert remote.hvctl("key", "add", "default", str(tenant_key.with_suffix(".pub"))).returncode == 0
     # Something on the host holds the port the ledger gives rv1 next. It is free on this machine, so only the
     # host's QEMU can tell: the create moves the forward and goes on.
-    taken = ctx.ledger.vms.free_port_on("far", bind_address=None)
+    taken = ctx.ledger.vms.free_port_on("far")
     squatter = subprocess.Popen(
         ["nsenter", "-t", str(host.pids()["holder"]), "-n", sys.executable, "-c",
          f"import socket, time; s = socket.socket(); s.bind(('127.0.0.1', {taken})); s.listen(); time.sleep(900)"])

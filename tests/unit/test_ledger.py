@@ -15,6 +15,7 @@ from framework.pgserver import PgServer
 
 from hvctl.errors import AlreadyExists, LedgerError, NotFound
 from hvctl.ledger import MIGRATIONS, Ledger, VMPaths
+from hvctl.ops.target import bindable_here
 from hvctl.ops.volumes import UploadLease
 from hvctl.spec import VMSpec
 
@@ -24,7 +25,8 @@ def reserve(ledger: Ledger, name: str, tmp: Path, port_range: tuple[int, int] = 
     vm = tmp / name
     return ledger.vms.reserve(VMSpec(name=name), host, VMPaths(tmp / "base.qcow2", vm / "disk.qcow2", vm / "seed.iso",
                                                             vm / "console.log", vm / "agent.sock"),
-                             port_range=port_range, probe_ports=probe_ports).ssh_port
+                             port_range=port_range,
+                             port_free=bindable_here("127.0.0.1") if probe_ports else None).ssh_port
 
 
 @pytest.fixture
@@ -177,7 +179,7 @@ def test_ports_are_per_host_and_another_hosts_are_not_probed_here(ledger: Ledger
         assert reserve(ledger, "there2", tmp_path, span, host="far", probe_ports=False) == taken + 1
         with pytest.raises(LedgerError, match="no free SSH forward port"):
             reserve(ledger, "there3", tmp_path, span, host="far", probe_ports=False)
-        moved = ledger.vms.move_ssh_port("there", "127.0.0.1", taken, probe=False, port_range=(taken, taken + 5))
+        moved = ledger.vms.move_ssh_port("there", "127.0.0.1", taken, port_range=(taken, taken + 5))
         assert moved == taken + 2 and ledger.vms.get("there").ssh_port == moved
         assert [e.kind for e in ledger.events.recent("there")][-1] == "port.moved"
 
@@ -189,7 +191,7 @@ def test_snapshots_are_charged_against_the_tenants_disk_and_released_with_them(l
     vm = tmp_path / "snap"
     spec = VMSpec(name="snap", disk_gib=4, memory_mib=1536)
     paths = VMPaths(tmp_path / "base.qcow2", vm / "disk.qcow2", vm / "seed.iso", vm / "console.log", vm / "agent.sock")
-    ledger.vms.reserve(spec, "local", paths, probe_ports=False)
+    ledger.vms.reserve(spec, "local", paths)
     limits = Admission(tenant_limit={"disk_gib": 14}, host_limit={"disk_gib": None})
     disk = ledger.snapshots.reserve("snap", "cold", False, limits)
     assert (disk.disk_gib, disk.state) == (4, "creating")

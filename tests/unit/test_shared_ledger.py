@@ -116,8 +116,7 @@ def populated(location: str, tmp: Path) -> None:
         vm = tmp / name
         attach = NetworkAttach(network="hvctl-net-blue", tenant_network="blue") if name == "a1" else None
         spec = VMSpec(name=name, tenant="acme", network=attach)
-        ledger.vms.reserve(spec, host, VMPaths(vm / "b", vm / "o", vm / "s", vm / "c", vm / "a"), agent_token="tok",
-                           probe_ports=False)
+        ledger.vms.reserve(spec, host, VMPaths(vm / "b", vm / "o", vm / "s", vm / "c", vm / "a"), agent_token="tok")
         ledger.vms.set_state(name, "running")
     ledger.keys.add("acme", "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGFrZQ test")
     ledger.reservations.hold("h2", "acme", host_footprint(VMSpec(name="a1")), "migration", vm="a1")
