@@ -23,7 +23,7 @@ from typing import Protocol
 from hvctl.agent_client import AgentClient, AgentError
 from hvctl.console import ConsoleSource, console_size, console_tail, wait_for_ready
 from hvctl.context import Context
-from hvctl.designer import BootArtifacts, HostCapabilities, VMAllocation, design, nic_mac
+from hvctl.designer import BootArtifacts, VMAllocation, design, nic_mac
 from hvctl.errors import AlreadyExists, GuestTimeout, HypervisorError, ImageError
 from hvctl.host import DomainState, Guest
 from hvctl.ledger import VMPaths
@@ -158,64 +158,25 @@ def boot(ctx: Context, inc: Incarnation, options: BootOptions, undo: Undo, say: 
     ``move_port``: when QEMU cannot bind the SSH forward port on the host (something there holds it), it is called
     with that port and returns another, already recorded; the domain is defined again with it. Without it, a taken
     port fails the boot."""
-    spec, storage, image, where = inc.spec, inc.storage, inc.image, inc.target.name
-    host, caps = inc.target.host, inc.target.caps
+    spec, storage, where = inc.spec, inc.storage, inc.target.name
     record = step or (lambda *_a, **_k: None)
     storage.make(spec, inc.secrets, undo, say)
     record("files")
-    paths = storage.paths
 
-    def define(caps: HostCapabilities, port: int) -> Guest:
-        domain = design(
-            spec, caps, storage.artifacts(image),
-            VMAllocation(overlay=paths.overlay, console_log=paths.console_log, agent_socket=paths.agent_socket,
-                         ssh_port=port, ssh_bind_address=str(spec.ssh_bind), seed=paths.seed,
-                         hostdevs=inc.gpus.hostdevs if inc.gpus else (),
-                         pcihole64_kib=inc.gpus.pcihole64_kib if inc.gpus else None),
-            options.extra_cmdline,
-            options.extra_qemu_args,
-        )
-        defined = host.define(domain.to_xml())
-        record("defined", uuid=defined.uuid)
-        return defined
-
-    say(f"defining domain on {where} ({caps.accel.value}, q35, {spec.vcpus} vCPU, {spec.memory_mib} MiB)")
-    port = inc.ssh_port
-    guest = define(caps, port)
-    # The handle, not the name: if this boot defines the domain again, the undo acts on the latest definition.
-    undo.push("undefine the domain", lambda: guest.undefine())
-
+    say(f"defining domain on {where} ({inc.target.caps.accel.value}, q35, {spec.vcpus} vCPU, "
+        f"{spec.memory_mib} MiB)")
+    domain = _Domain(inc, options, record)
+    # The latest definition, not the first: if this boot defines the domain again, the undo acts on that one.
+    undo.push("undefine the domain", lambda: domain.guest.undefine())
     say("starting")
     console = storage.console()
     offset = console_size(console)  # the log is appended to: only what this boot prints counts
-    note = ""
-    for _ in range(PORT_ATTEMPTS + 1):
-        try:
-            guest.start()
-            break
-        except HypervisorError as exc:
-            if _NO_MEMLOCK in exc.message and caps.memory_limits:
-                # A libvirtd without CAP_SYS_RESOURCE cannot raise QEMU's locked-memory limit, and refuses every
-                # domain with a memory hard limit. This machine's is checked before designing; another host's
-                # only tells here.
-                say(f"host {where} cannot set memory hard limits; starting without one")
-                ctx.ledger.hosts.record_no_memory_limits(where)  # the next boot there knows it from the start
-                caps = dataclasses.replace(caps, memory_limits=False)
-                note = f"; no memory hard limit (host {where}'s libvirtd may not set one)"
-            elif HOSTFWD_REFUSED in exc.message and move_port is not None:
-                refused, port = port, move_port(port)
-                say(f"port {refused} is taken on host {where}; moving the SSH forward to {port}")
-            else:
-                raise
-        guest.undefine()
-        guest = define(caps, port)
-    else:
-        raise HypervisorError(f"{spec.name} could not bind an SSH forward port on host {where} in "
-                              f"{PORT_ATTEMPTS} tries", hint="something there is binding ports in hvctl's range")
+    domain.start(ctx, move_port, say)
+    guest = domain.guest
     undo.push("destroy the domain", guest.destroy)
     record("started")
     if not options.wait:
-        return f"started; not waited for (--no-wait){note}"
+        return f"started; not waited for (--no-wait){domain.note}"
 
     say("waiting for the guest to report ready")
     started = time.monotonic()
@@ -223,13 +184,65 @@ def boot(ctx: Context, inc: Incarnation, options: BootOptions, undo: Undo, say: 
     poll = 0.05 if isinstance(console, Path) else 0.5
     line, waited = wait_for_ready(spec.name, console, options.timeout,
                                   lambda: guest.state() is DomainState.RUNNING, poll=poll, offset=offset)
-    message = f"guest up after {waited:.2f} s: {line}{note}"
-    if image.agent:
+    message = f"guest up after {waited:.2f} s: {line}{domain.note}"
+    if inc.image.agent:
         say("waiting for the agent")
         wait_for_agent(ctx.agent(where, spec.name, inc.secrets.token), spec.name, console,
                        options.timeout - (time.monotonic() - started))
         message += f"; agent ready after {time.monotonic() - started:.2f} s"
     return message
+
+
+class _Domain:
+    """An incarnation's domain as one boot defines it, and defines again with what a refused start taught: a host
+    that cannot set memory hard limits, an SSH forward port something there holds."""
+
+    def __init__(self, inc: Incarnation, options: BootOptions, record: Callable[..., None]) -> None:
+        self.inc, self.options, self.record = inc, options, record
+        self.caps = inc.target.caps
+        self.port = inc.ssh_port
+        self.note = ""  # what the boot's message adds about how it started
+        self.guest = self._define()
+
+    def _define(self) -> Guest:
+        inc, paths = self.inc, self.inc.storage.paths
+        domain = design(
+            inc.spec, self.caps, inc.storage.artifacts(inc.image),
+            VMAllocation(overlay=paths.overlay, console_log=paths.console_log, agent_socket=paths.agent_socket,
+                         ssh_port=self.port, ssh_bind_address=str(inc.spec.ssh_bind), seed=paths.seed,
+                         hostdevs=inc.gpus.hostdevs if inc.gpus else (),
+                         pcihole64_kib=inc.gpus.pcihole64_kib if inc.gpus else None),
+            self.options.extra_cmdline,
+            self.options.extra_qemu_args,
+        )
+        defined = inc.target.host.define(domain.to_xml())
+        self.record("defined", uuid=defined.uuid)
+        return defined
+
+    def start(self, ctx: Context, move_port: Callable[[int], int] | None, say: Say) -> None:
+        where = self.inc.target.name
+        for _ in range(PORT_ATTEMPTS + 1):
+            try:
+                self.guest.start()
+                return
+            except HypervisorError as exc:
+                if _NO_MEMLOCK in exc.message and self.caps.memory_limits:
+                    # A libvirtd without CAP_SYS_RESOURCE cannot raise QEMU's locked-memory limit, and refuses every
+                    # domain with a memory hard limit. This machine's is checked before designing; another host's
+                    # only tells here.
+                    say(f"host {where} cannot set memory hard limits; starting without one")
+                    ctx.ledger.hosts.record_no_memory_limits(where)  # the next boot there knows it from the start
+                    self.caps = dataclasses.replace(self.caps, memory_limits=False)
+                    self.note = f"; no memory hard limit (host {where}'s libvirtd may not set one)"
+                elif HOSTFWD_REFUSED in exc.message and move_port is not None:
+                    refused, self.port = self.port, move_port(self.port)
+                    say(f"port {refused} is taken on host {where}; moving the SSH forward to {self.port}")
+                else:
+                    raise
+            self.guest.undefine()
+            self.guest = self._define()
+        raise HypervisorError(f"{self.inc.spec.name} could not bind an SSH forward port on host {where} in "
+                              f"{PORT_ATTEMPTS} tries", hint="something there is binding ports in hvctl's range")
 
 
 def wait_for_agent(agent: AgentClient, name: str, console_log: Path | ConsoleSource, timeout: float) -> None:

@@ -150,7 +150,7 @@ def test_a_vm_cannot_reach_the_hosts_own_addresses_through_its_tenant_network(te
     but DHCP from a VM, and a VM that routes the host's underlay address through its tenant NIC must still get
     nothing to it. A UDP listener in the host's network namespace prints every datagram it gets until the test's
     own "done", sent from inside the host after a1 has sent its five to each address."""
-    host = tenants.host
+    host = tenants.hosts["far"]
     inside = ["nsenter", "-t", str(host.pids()["holder"]), "-n", sys.executable, "-c"]
     listener = subprocess.Popen(
         [*inside, "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ns.bind(('0.0.0.0', 5555))\n"
