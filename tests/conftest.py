@@ -23,6 +23,7 @@ from framework.controller import (
     TwoHosts,
     hvctl_cli,
     remote_fleet,
+    remote_hosts,
     short_tempdir,
     two_local_hosts,
 )
@@ -39,7 +40,7 @@ from hvctl.spec import VMSpec
 REPO = Path(__file__).resolve().parent.parent
 # What the test modules import from here: the framework's controller, and the VM fixtures below.
 __all__ = ["HVCTL", "REPO", "Controller", "Daemons", "RemoteFleet", "TwoHosts", "hvctl_cli", "remote_fleet",
-           "short_tempdir", "two_local_hosts"]
+           "remote_hosts", "short_tempdir", "two_local_hosts"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -195,23 +195,38 @@ class RemoteFleet(AroundController):
 
 
 @contextlib.contextmanager
+def remote_hosts(hosts: dict[str, int], hide: tuple[Path, ...],
+                 tls: bool = False) -> Iterator[dict[str, RemoteStyleHost]]:
+    """One started ``RemoteStyleHost`` per entry of ``hosts`` (name: its veth index, unique across the test session),
+    none of which sees the paths in ``hide`` (the controller's state dir); ``tls``: each listens for qemu+tls too. At
+    the end each one started is stopped and its directory removed, whatever failed before."""
+    started: dict[str, RemoteStyleHost] = {}
+    try:
+        for name, index in hosts.items():
+            started[name] = RemoteStyleHost(short_tempdir("hvr-"), index=index, hide=hide, tls=tls)
+            started[name].start()
+        yield started
+    finally:
+        for host in started.values():
+            host.stop()
+            shutil.rmtree(host.root, ignore_errors=True)
+
+
+@contextlib.contextmanager
 def remote_fleet(image_dir: Path, hosts: dict[str, int], policy: str | None = None, cli_timeout: float = 300,
                  tls: bool = False) -> Iterator[RemoteFleet]:
     """A ``RemoteFleet`` with one started ``RemoteStyleHost`` per entry of ``hosts`` (name: its veth index, unique
     across the test session; ``tls``: each listens for qemu+tls too). At the end every VM the ledger still has is
     destroyed, then the hosts are stopped and every directory removed, whatever failed before."""
     controller = Controller.open(short_tempdir("hvf-"), NOWHERE, image_dir, policy=policy, cli_timeout=cli_timeout)
-    fleet = RemoteFleet(controller)
+    closed = False
     try:
-        for name, index in hosts.items():
-            fleet.hosts[name] = RemoteStyleHost(short_tempdir("hvr-"), index=index, hide=(controller.state,),
-                                                tls=tls)
-            fleet.hosts[name].start()
-        yield fleet
+        with remote_hosts(hosts, hide=(controller.state,), tls=tls) as started:
+            try:
+                yield RemoteFleet(controller, started)
+            finally:
+                closed = True
+                controller.close()  # its VMs go before the hosts they run on
     finally:
-        try:
+        if not closed:  # a host failed to start
             controller.close()
-        finally:
-            for host in fleet.hosts.values():
-                host.stop()
-                shutil.rmtree(host.root, ignore_errors=True)

@@ -9,7 +9,6 @@ import json
 import os
 import re
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,8 +17,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import HVCTL, TwoHosts, short_tempdir, two_local_hosts
+from conftest import TwoHosts, remote_hosts, short_tempdir, two_local_hosts
 from framework.devhost import PrivateLibvirtd
+from framework.devhost.remote import RemoteStyleHost
 
 from guest import rpc
 from hvctl.context import Context
@@ -27,7 +27,6 @@ from hvctl.host import DomainState
 from hvctl.ledger import VMRecord
 from hvctl.ops.create import create
 from hvctl.ops.incarnation import BootOptions
-from hvctl.ops.intent import CRASH_ENV
 from hvctl.ops.lifecycle import destroy
 from hvctl.spec import VMSpec
 from images.store import ImageStore
@@ -270,71 +269,66 @@ def test_copy_storage_takes_a_vm_to_a_remote_host_and_back_with_no_shared_storag
     with --copy-storage: each time the overlay is mirrored into a new disk on the target (a volume in far's pool,
     then a file here again), the guest keeps running (its uptime only grows) and reads back from the copied disk
     a file written before the first move; each source's copy is deleted."""
-    from framework.devhost.remote import RemoteStyleHost
-
-    ctx = hosts.ctx
-    state = hosts.state
-    assert isinstance(state, Path)
     ImageStore(image_dir).build("base")
-    far = RemoteStyleHost(short_tempdir("hvr-"), index=44, hide=(state,))
+    with remote_hosts({"far": 44}, hide=(hosts.state,)) as started:
+        try:
+            moved_there_and_back(hosts, started["far"])
+        finally:
+            with contextlib.suppress(Exception):
+                destroy(hosts.ctx, "rover")
+            hvctl(hosts, "host", "rm", "far")
 
-    def uptime(record: VMRecord) -> float:
-        assert record.agent_token is not None
-        return float(ctx.agent(record.host, record.name, record.agent_token, timeout=60).call("ping").uptime_s)
 
-    try:
-        far.start()
-        added = hvctl(hosts, "host", "add", "far", far.uri)
-        assert added.returncode == 0, added.stderr
-        home = create(ctx, VMSpec.parse(name="rover", memory_mib=512, disk_gib=2, image="base", host="h1"),
-                      options=BootOptions(timeout=180))
-        marker = secrets.token_hex(8)
-        assert agent_exec(ctx, home, f"echo {marker} > /root/marker && sync").exit_code == 0
-        up = uptime(home)
+def uptime(ctx: Context, record: VMRecord) -> float:
+    assert record.agent_token is not None
+    return float(ctx.agent(record.host, record.name, record.agent_token, timeout=60).call("ping").uptime_s)
 
-        out = hvctl(hosts, "migrate", "rover", "--to", "far", "--copy-storage", "--json", timeout=600)
-        assert out.returncode == 0, out.stderr
-        there = ctx.ledger.vms.get("rover")
-        assert there.host == "far" and str(there.overlay) == "/var/lib/libvirt/images/hvctl/vm-rover.qcow2"
-        assert {"vm-rover.qcow2", "vm-rover.seed.iso"} <= set(far.pool_listing())
-        assert not home.overlay.parent.exists()  # the source's copy, here, is gone
-        assert ctx.host("h1").state("rover") is DomainState.MISSING and ctx.ledger.reservations.all() == []
-        read = agent_exec(ctx, there, "echo 3 > /proc/sys/vm/drop_caches; cat /root/marker")
-        assert read.exit_code == 0 and read.stdout.strip() == marker, read.stderr
-        assert uptime(there) > up
-        up = uptime(there)
 
-        # Killed after the disk was made here for the way back, before anything moved: the repair deletes that
-        # unused copy and the VM stays on far, its pool volumes untouched.
-        env = os.environ | {"HVCTL_STATE_DIR": str(state), "HVCTL_CONNECT": hosts.h1.uri,
-                            CRASH_ENV: "migrate.prepared"}
-        killed = subprocess.run([*HVCTL, "migrate", "rover", "--to", "h1", "--copy-storage"], env=env,
-                                capture_output=True, text=True, timeout=600)
-        assert killed.returncode == -9, killed.stderr
-        assert any(d.exists() for d in (ctx.paths.vm_dir("rover"), ctx.paths.vm_dir("rover", 1)))
-        repaired = json.loads(hvctl(hosts, "doctor", "--repair", "--json").stdout)["repaired"]["operations"]
-        assert [r["outcome"] for r in repaired] == ["it never left far: rolled back"], repaired
-        assert not any(d.exists() for d in (ctx.paths.vm_dir("rover"), ctx.paths.vm_dir("rover", 1)))
-        assert ctx.ledger.vms.get("rover").host == "far"
-        assert {"vm-rover.qcow2", "vm-rover.seed.iso"} <= set(far.pool_listing())
-        assert ctx.ledger.reservations.all() == [] and ctx.ledger.operations.all() == []
+def moved_there_and_back(hosts: TwoHosts, far: RemoteStyleHost) -> None:
+    ctx = hosts.ctx
+    added = hvctl(hosts, "host", "add", "far", far.uri)
+    assert added.returncode == 0, added.stderr
+    home = create(ctx, VMSpec.parse(name="rover", memory_mib=512, disk_gib=2, image="base", host="h1"),
+                  options=BootOptions(timeout=180))
+    marker = secrets.token_hex(8)
+    assert agent_exec(ctx, home, f"echo {marker} > /root/marker && sync").exit_code == 0
+    up = uptime(ctx, home)
 
-        back = hvctl(hosts, "migrate", "rover", "--to", "h1", "--copy-storage", "--json", timeout=600)
-        assert back.returncode == 0, back.stderr
-        again = ctx.ledger.vms.get("rover")
-        assert again.host == "h1" and again.overlay.exists() and again.overlay.parent != home.overlay.parent
-        assert not [f for f in far.pool_listing() if f.startswith("vm-")]  # far's copy is gone
-        read = agent_exec(ctx, again, "echo 3 > /proc/sys/vm/drop_caches; cat /root/marker")
-        assert read.exit_code == 0 and read.stdout.strip() == marker, read.stderr
-        assert uptime(again) > up
-        stats = json.loads(out.stdout), json.loads(back.stdout)
-        print(f"h1 -> far: {stats[0]['total_s']} s, {stats[0]['bytes']} bytes; "
-              f"far -> h1: {stats[1]['total_s']} s, {stats[1]['bytes']} bytes")
-        destroy(ctx, "rover")
-        assert not again.overlay.parent.exists()
-    finally:
-        with contextlib.suppress(Exception):
-            destroy(ctx, "rover")
-        hvctl(hosts, "host", "rm", "far")
-        far.stop()
-        shutil.rmtree(far.root, ignore_errors=True)
+    out = hvctl(hosts, "migrate", "rover", "--to", "far", "--copy-storage", "--json", timeout=600)
+    assert out.returncode == 0, out.stderr
+    there = ctx.ledger.vms.get("rover")
+    assert there.host == "far" and str(there.overlay) == "/var/lib/libvirt/images/hvctl/vm-rover.qcow2"
+    assert {"vm-rover.qcow2", "vm-rover.seed.iso"} <= set(far.pool_listing())
+    assert not home.overlay.parent.exists()  # the source's copy, here, is gone
+    assert ctx.host("h1").state("rover") is DomainState.MISSING and ctx.ledger.reservations.all() == []
+    read = agent_exec(ctx, there, "echo 3 > /proc/sys/vm/drop_caches; cat /root/marker")
+    assert read.exit_code == 0 and read.stdout.strip() == marker, read.stderr
+    assert uptime(ctx, there) > up
+    up = uptime(ctx, there)
+
+    # Killed after the disk was made here for the way back, before anything moved: the repair deletes that
+    # unused copy and the VM stays on far, its pool volumes untouched.
+    killed = hosts.hvctl("migrate", "rover", "--to", "h1", "--copy-storage", crash_after="migrate.prepared",
+                         timeout=600)
+    assert killed.returncode == -9, killed.stderr
+    assert any(d.exists() for d in (ctx.paths.vm_dir("rover"), ctx.paths.vm_dir("rover", 1)))
+    repaired = json.loads(hvctl(hosts, "doctor", "--repair", "--json").stdout)["repaired"]["operations"]
+    assert [r["outcome"] for r in repaired] == ["it never left far: rolled back"], repaired
+    assert not any(d.exists() for d in (ctx.paths.vm_dir("rover"), ctx.paths.vm_dir("rover", 1)))
+    assert ctx.ledger.vms.get("rover").host == "far"
+    assert {"vm-rover.qcow2", "vm-rover.seed.iso"} <= set(far.pool_listing())
+    assert ctx.ledger.reservations.all() == [] and ctx.ledger.operations.all() == []
+
+    back = hvctl(hosts, "migrate", "rover", "--to", "h1", "--copy-storage", "--json", timeout=600)
+    assert back.returncode == 0, back.stderr
+    again = ctx.ledger.vms.get("rover")
+    assert again.host == "h1" and again.overlay.exists() and again.overlay.parent != home.overlay.parent
+    assert not [f for f in far.pool_listing() if f.startswith("vm-")]  # far's copy is gone
+    read = agent_exec(ctx, again, "echo 3 > /proc/sys/vm/drop_caches; cat /root/marker")
+    assert read.exit_code == 0 and read.stdout.strip() == marker, read.stderr
+    assert uptime(ctx, again) > up
+    stats = json.loads(out.stdout), json.loads(back.stdout)
+    print(f"h1 -> far: {stats[0]['total_s']} s, {stats[0]['bytes']} bytes; "
+          f"far -> h1: {stats[1]['total_s']} s, {stats[1]['bytes']} bytes")
+    destroy(ctx, "rover")
+    assert not again.overlay.parent.exists()

@@ -7,19 +7,16 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO, short_tempdir
+from conftest import REPO, Controller, short_tempdir
 from framework.devhost import PrivateLibvirtd
 
 from hvctl.access import copy, run_command
-from hvctl.context import Context
 from hvctl.ops.create import create
 from hvctl.ops.incarnation import BootOptions
-from hvctl.ops.lifecycle import destroy
 from hvctl.seed import operator_key
 from hvctl.spec import VMSpec
 from images.store import ImageStore
@@ -39,9 +36,8 @@ EMULATED_DEVICES = (
 @pytest.fixture(scope="module")
 def probe_output(libvirtd: PrivateLibvirtd, image_dir: Path) -> Iterator[dict[str, object]]:
     ImageStore(image_dir).build("base")
-    state = short_tempdir("hvv-")
-    (state / "images").symlink_to(image_dir)
-    ctx = Context(state_dir=state, uri=libvirtd.uri)
+    controller = Controller.open(short_tempdir("hvv-"), libvirtd.uri, image_dir)
+    ctx, state = controller.ctx, controller.state
     try:
         record = create(ctx, VMSpec.parse(name="iommu", memory_mib=512, disk_gib=2, image="base", viommu=True),
                         options=BootOptions(timeout=180, extra_qemu_args=EMULATED_DEVICES))
@@ -56,10 +52,7 @@ def probe_output(libvirtd: PrivateLibvirtd, image_dir: Path) -> Iterator[dict[st
         assert code == 0, (state / "probe.err").read_text()
         yield json.loads(out.read_text())
     finally:
-        for vm in ctx.ledger.vms.all():
-            destroy(ctx, vm.name)
-        ctx.close()
-        shutil.rmtree(state, ignore_errors=True)
+        controller.close()
 
 
 def test_the_guest_kernel_has_iommu_groups(probe_output: dict[str, object]) -> None:
