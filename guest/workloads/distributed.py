@@ -9,7 +9,8 @@ How a job runs (hvctl's ``run --vms a,b,c train --distributed`` drives it throug
   the first few to finish importing torch.
 - The launchers rendezvous through the c10d store on the first VM (``is_host``), each advertising its tenant address
   (``--local-addr``), and start one worker each: ``run train --distributed``, that is :func:`join` below plus the
-  ordinary training loop of ``train.py``.
+  ordinary training loop of ``train.py``. The worker is forked from a forkserver that imports the training code
+  once, with the first worker, so an elastic restart does not import torch again.
 - The global batch of B windows is the one a single process would draw; rank r of W trains on the r-th of W equal
   slices and DDP averages the gradients, so a step is the single-process step with batch B up to float rounding.
   Every rank keeps the same data position, RNG states, model and optimizer, so each writes the same checkpoint to
@@ -26,6 +27,7 @@ loaded before that environment is in place.
 from __future__ import annotations
 
 import fcntl
+import multiprocessing
 import os
 import socket
 import struct
@@ -76,8 +78,14 @@ def interface_of(address: str) -> str:
     raise WorkloadError(f"no network interface here has the address {address}; is this VM on the tenant network?")
 
 
+def worker_argv(options: LaunchOptions) -> list[str]:
+    """The worker's command line, as ``python -m guest.workloads`` reads it."""
+    return ["run", "train", *options.train_args, "--distributed", "--json"]
+
+
 def launcher_argv(options: LaunchOptions) -> list[str]:
-    """torch.distributed.run's arguments for this node; the worker is ``run train ... --distributed``."""
+    """torch.distributed.run's arguments for this node, as ``torchrun`` would take them: the worker is
+    ``python -m guest.workloads run train ... --distributed``, started from the launcher's forkserver."""
     return [
         f"--nnodes={options.min_nodes}:{options.max_nodes}",
         "--nproc-per-node=1",
@@ -90,7 +98,8 @@ def launcher_argv(options: LaunchOptions) -> list[str]:
         f"--max-restarts={options.max_restarts}",
         f"--local-addr={options.local_address}",
         "--monitor-interval=1",
-        "-m", "guest.workloads", "run", "train", *options.train_args, "--distributed", "--json",
+        "--start-method=forkserver",
+        "-m", "guest.workloads", *worker_argv(options),
     ]
 
 
@@ -106,18 +115,35 @@ def launch(options: LaunchOptions) -> None:
     os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     from torch.distributed import run as elastic
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import elastic_launch
 
+    # torchrun's own parsing of its command line (the launcher's config), with the worker a function of ours.
+    config, _, _ = elastic.config_from_args(elastic.parse_args(launcher_argv(options)))  # type: ignore[no-untyped-call]
+    # Workers are forked from a forkserver that imports the training code once: a worker that torchrun started as
+    # a new interpreter imported torch and transformers again at each elastic restart, which under TCG took minutes.
+    # The forkserver starts with the first worker, after the first rendezvous: importing before it would compete
+    # with this launcher for the VM's CPU while the others wait for it to join.
+    multiprocessing.set_forkserver_preload([f"{__package__}.train"])
     print(ready_line(Ready(interface=nic, address=options.local_address)), flush=True)
     if options.go_file is not None:  # this VM's own, read once
         _wait_for(Path(options.go_file), options.join_timeout_s)
         Path(options.go_file).unlink(missing_ok=True)
     try:
-        elastic.main(launcher_argv(options))
+        elastic_launch(config, entrypoint=run_worker)(*worker_argv(options))
     except ChildFailedError as error:
         raise WorkloadError(f"distributed training failed on this VM: {error.get_first_failure()[1].message}") \
             from error
     except Exception as error:  # rendezvous timeouts, a store that went away with the first VM
         raise WorkloadError(f"distributed training failed on this VM: {type(error).__name__}: {error}") from error
+
+
+def run_worker(*argv: str) -> None:
+    """A worker, in a process the launcher's forkserver forked: ``python -m guest.workloads`` with ``argv``."""
+    from .__main__ import main  # here: __main__ imports this module
+
+    code = main(list(argv))
+    if code:
+        raise SystemExit(code)
 
 
 def _wait_for(path: Path, timeout_s: float) -> None:

@@ -224,15 +224,8 @@ def _train(request: TrainRequest, device: torch.device, on_progress: ProgressCal
     optimizer = torch.optim.AdamW(task.model.parameters(), lr=request.lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(request.warmup_steps, request.steps))
     fingerprint = _fingerprint(request, task.model)
-    start_step = 0
     payload = _resume_payload(request, fingerprint, group)
-    if payload is not None:
-        task.model.load_state_dict(payload["model"])
-        optimizer.load_state_dict(payload["optimizer"])
-        scheduler.load_state_dict(payload["scheduler"])
-        task.load_state(payload["task"])
-        restore_rng(payload["rng"])
-        start_step = int(payload["step"])
+    start_step = _restore(payload, task, optimizer, scheduler) if payload is not None else 0
     if group is not None:
         assert isinstance(task, CausalLMTask)  # the request's validator allows ssl only
         task.rows = distributed.shard_of(request.batch_size, group)
@@ -267,12 +260,7 @@ def _train(request: TrainRequest, device: torch.device, on_progress: ProgressCal
                                       world_size=group.world_size if group else 1))
     elapsed = time.perf_counter() - started
     steps_run = request.steps - start_step
-    exported = None
-    if request.export_dir is not None:
-        assert isinstance(task, CausalLMTask)
-        task.model.eval()
-        # save_llm writes beside the target and renames: a server never sees half a model.
-        exported = str(save_llm(request.export_dir, task.model.to("cpu"), task.tokenizer))  # type: ignore[arg-type]
+    exported = _export(request.export_dir, task) if request.export_dir is not None else None
     return TrainResult(
         objective=request.objective,
         start_step=start_step,
@@ -288,6 +276,25 @@ def _train(request: TrainRequest, device: torch.device, on_progress: ProgressCal
         world_size=group.world_size if group else 1,
         exported=exported,
     )
+
+
+def _restore(payload: dict[str, Any], task: Task, optimizer: torch.optim.Optimizer,
+             scheduler: torch.optim.lr_scheduler.LRScheduler) -> int:
+    """Everything a checkpoint holds back in place (weights, optimizer, schedule, data position, RNGs); its step."""
+    task.model.load_state_dict(payload["model"])
+    optimizer.load_state_dict(payload["optimizer"])
+    scheduler.load_state_dict(payload["scheduler"])
+    task.load_state(payload["task"])
+    restore_rng(payload["rng"])
+    return int(payload["step"])
+
+
+def _export(directory: str, task: Task) -> str:
+    """The trained model as an HF-format directory a model server can load."""
+    assert isinstance(task, CausalLMTask)
+    task.model.eval()
+    # save_llm writes beside the target and renames: a server never sees half a model.
+    return str(save_llm(directory, task.model.to("cpu"), task.tokenizer))  # type: ignore[arg-type]
 
 
 def _resume_payload(request: TrainRequest, fingerprint: dict[str, Any],

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from hvctl.context import Context
 from hvctl.errors import InvalidSpec
-from hvctl.host import DomainState
+from hvctl.host import ByteStream, DomainState
 
 ESCAPE = b"\x1d"  # Ctrl-]
 _POLL_S = 0.2
@@ -48,66 +48,78 @@ def attach(ctx: Context, name: str, inp: int, out: int, force: bool = False, esc
         raise InvalidSpec(f"{name} is not running, so its console has nobody on the other end",
                           hint=f"hvctl start {name}; hvctl console-log {name} shows what it printed before")
     stream = guest.open_console(force=force)
-    end = SessionEnd("guest-ended")
-    stop = threading.Event()
-    last_output = [time.monotonic()]
-
-    def pump_out() -> None:
-        try:
-            while not stop.is_set():
-                try:
-                    data = stream.recv(time.monotonic() + _POLL_S)
-                except TimeoutError:
-                    continue
-                if not data:
-                    break  # the guest's side closed: it powered off, or another client forced the console
-                last_output[0] = time.monotonic()
-                end.received += len(data)
-                _write_all(out, data)
-                if watch is not None and watch(data):
-                    end.reason = "stopped"
-                    break
-        except Exception:  # noqa: BLE001 - a broken stream ends the session like a closed one
-            pass
-        finally:
-            stop.set()
-
-    reader = threading.Thread(target=pump_out, name=f"console-{name}", daemon=True)
+    relay = _Relay(stream, out, escape, watch)
+    reader = threading.Thread(target=relay.guest_to_out, name=f"console-{name}", daemon=True)
     try:
         with _raw(inp):
             reader.start()
             if connected is not None:
                 connected()
-            input_open = True
-            while not stop.is_set():
-                if not input_open:
-                    if time.monotonic() - last_output[0] > _QUIET_S:
-                        end.reason = "input-ended"
-                        break
-                    stop.wait(_POLL_S)
-                    continue
-                ready, _, _ = select.select([inp], [], [], _POLL_S)
-                if not ready:
-                    continue
-                data = os.read(inp, 4096)
-                if not data:
-                    input_open = False
-                    last_output[0] = time.monotonic()
-                    continue
-                cut = data.find(escape)
-                if cut >= 0:
-                    data = data[:cut]
-                if data:
-                    stream.send(data, time.monotonic() + 10)
-                    end.sent += len(data)
-                if cut >= 0:
-                    end.reason = "escape"
-                    break
+            relay.inp_to_guest(inp)
     finally:
-        stop.set()
+        relay.stop.set()
         reader.join(timeout=2)
         stream.close()
-    return end
+    return relay.end
+
+
+class _Relay:
+    """One console session's two directions: the guest's output to ``out`` (on a thread of its own) and the user's
+    input to the guest, until either ends the session; ``end`` says how, and how many bytes went each way."""
+
+    def __init__(self, stream: ByteStream, out: int, escape: bytes, watch: Callable[[bytes], bool] | None) -> None:
+        self.stream, self.out, self.escape, self.watch = stream, out, escape, watch
+        self.end = SessionEnd("guest-ended")
+        self.stop = threading.Event()
+        self.last_output = time.monotonic()
+
+    def guest_to_out(self) -> None:
+        try:
+            while not self.stop.is_set():
+                try:
+                    data = self.stream.recv(time.monotonic() + _POLL_S)
+                except TimeoutError:
+                    continue
+                if not data:
+                    break  # the guest's side closed: it powered off, or another client forced the console
+                self.last_output = time.monotonic()
+                self.end.received += len(data)
+                _write_all(self.out, data)
+                if self.watch is not None and self.watch(data):
+                    self.end.reason = "stopped"
+                    break
+        except Exception:  # noqa: BLE001 - a broken stream ends the session like a closed one
+            pass
+        finally:
+            self.stop.set()
+
+    def inp_to_guest(self, inp: int) -> None:
+        """Until the escape, the guest's end, or (once ``inp`` has ended) a second with no output from the guest."""
+        input_open = True
+        while not self.stop.is_set():
+            if not input_open:
+                if time.monotonic() - self.last_output > _QUIET_S:
+                    self.end.reason = "input-ended"
+                    return
+                self.stop.wait(_POLL_S)
+                continue
+            ready, _, _ = select.select([inp], [], [], _POLL_S)
+            if not ready:
+                continue
+            data = os.read(inp, 4096)
+            if not data:
+                input_open = False
+                self.last_output = time.monotonic()
+                continue
+            cut = data.find(self.escape)
+            if cut >= 0:
+                data = data[:cut]
+            if data:
+                self.stream.send(data, time.monotonic() + 10)
+                self.end.sent += len(data)
+            if cut >= 0:
+                self.end.reason = "escape"
+                return
 
 
 @contextlib.contextmanager

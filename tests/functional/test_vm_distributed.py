@@ -2,11 +2,11 @@
 on a remote-style host (its bridges and firewall live in its own network namespace). One job checks both things the
 issue asks for, because every torch import under TCG costs minutes:
 
-- DDP correctness: steps 1-4 run on three VMs, steps 5-8 on two, each step with the global batch of 6; every loss
+- DDP correctness: steps 1-2 run on three VMs, steps 3-4 on two, each step with the global batch of 6; every loss
   must equal, within float tolerance, one process on this machine with batch 6 over the same data and seed.
-- Elastic restart: d3's worker holds after step 4 (a fault hook file written through its agent, so the job stops
+- Elastic restart: d3's worker holds after step 2 (a fault hook file written through its agent, so the job stops
   at that step on any machine), the test destroys d3, hvctl drops it, and d1 and d2 re-form and finish from the
-  step-4 checkpoint. The guests' own logs (through their agents) show who trained which step in which world.
+  step-2 checkpoint. The guests' own logs (through their agents) show who trained which step in which world.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ tenants:
   acme: {quota: {vcpus: 3, memory_mib: 4608, disk_gib: 12, vms: 3}}
 """
 VMS = ("d1", "d2", "d3")
-STEPS, HOLD, BATCH = 8, 4, 6
+STEPS, HOLD, BATCH = 4, 2, 6
 
 
 def ddp_log(fleet: RemoteFleet, vm: str) -> str:
