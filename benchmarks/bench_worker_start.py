@@ -1,10 +1,11 @@
-"""What an elastic restart costs a distributed training worker, the two ways of starting one, in one run.
+"""What starting a training workload costs, the two ways of starting one, in one run.
 
-torchrun starts each worker of a `train --distributed` job, at the first rendezvous and again at every elastic
-restart. Started as a new interpreter (torchrun's default for a module entry point, and hvctl's launcher before), a
-worker imports torch and transformers each time; forked from the launcher's forkserver, which imported the training
-code once (guest/workloads/distributed.py now), it does not. Both sides here run the same worker, the ssl training
-of the guest's tiny model for one step, to its end, on this machine:
+Two places start one: the agent, for every `hvctl run NAME train|llm|...`, and torchrun, for each worker of a
+`train --distributed` job at the first rendezvous and again at every elastic restart. Started as a new interpreter
+(the agent's Popen, and torchrun's default for a module entry point), a workload imports torch and transformers
+each time; forked from a forkserver that imported them once (the launcher's now, guest/workloads/distributed.py;
+the agent's in guest/warm.py, not on yet), it does not. Both sides here run the same workload, the ssl
+training of the guest's tiny model for one step, to its end, on this machine:
 
 - fresh: ``python -m guest.workloads run train ...`` as a new process;
 - forked: ``distributed.run_worker(...)`` in a process forked from a forkserver that preloaded

@@ -25,11 +25,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import BaseModel, ValidationError
 
-from guest import rpc
+from guest import rpc, warm
 from guest.kinds import CHECKPOINTABLE, KINDS
 from guest.serving.control import ServeControl, ServeRefused
 from guest.validation import describe
@@ -64,12 +64,27 @@ class RpcFailure(Exception):
         self.message = message
 
 
+class WorkloadProcess(Protocol):
+    """What the agent asks of a workload's process: a ``subprocess.Popen``, or a forked one (``warm.WarmProcess``)."""
+
+    pid: int
+
+    def poll(self) -> int | None: ...
+    def wait(self, timeout: float | None = None) -> int: ...
+    def send_signal(self, sig: int) -> None: ...
+
+
+# Kinds never forked from the warm server: train-ddp's launcher imports only torch's elastic agent, and starts its
+# workers from a forkserver of its own (guest/workloads/distributed.py).
+COLD_KINDS = frozenset({"train-ddp"})
+
+
 @dataclass
 class Workload:
     id: str
     kind: str
     args: list[str]
-    proc: subprocess.Popen[bytes]
+    proc: WorkloadProcess
     log: Path
     started_at: float
     ended_at: float | None = None
@@ -103,6 +118,13 @@ class Agent:
     shutdown_requested: threading.Event = field(default_factory=threading.Event)
     # The resident model server (guest/serving): its own process, found again by an agent restarted in this boot.
     serving: ServeControl | None = None
+    # Workloads forked from a server that imported torch and transformers once (guest/warm.py), where they are
+    # installed. Off by default, and no image turns it on yet: the first warm start of a boot waits in
+    # workload.start for the forkserver's imports (45-100 s under TCG), past the controller's 60 s RPC timeout (a
+    # checkpoint migration's restore on a fresh target failed so). Before it is on: start cold until the server is
+    # warm, and warm it where it takes nobody's CPU.
+    warm_starts: bool = False
+    _warm: warm.WarmStarter | None = None
 
     def __post_init__(self) -> None:
         if self.serving is None:
@@ -195,15 +217,28 @@ class Agent:
         self._next_id += 1
         self.workdir.mkdir(parents=True, exist_ok=True)
         log = self.workdir / f"{wid}.log"
+        argv = self.workloads[params.kind](params.args)
+        forked = warm.workload_args(argv) if params.kind not in COLD_KINDS else None
+        proc: WorkloadProcess
         with log.open("wb") as out:
-            # A new session: cancel signals the whole process group, including anything the workload spawned.
-            # SIGUSR1 starts out ignored: a checkpoint request that arrives before the workload has installed its
-            # handler must not kill it (SIGUSR1's default action); the controller retries after the first step.
-            proc = subprocess.Popen(self.workloads[params.kind](params.args), stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.workdir,
-                                    preexec_fn=_ignore_sigusr1)  # noqa: PLW1509 - async-signal-safe: one syscall
+            if forked is not None and self._warm_starter() is not None:
+                assert self._warm is not None
+                proc = self._warm.start(forked, log, self.workdir)  # set up as below, in the forked child
+            else:
+                # A new session: cancel signals the whole process group, including anything the workload spawned.
+                # SIGUSR1 starts out ignored: a checkpoint request that arrives before the workload has installed
+                # its handler must not kill it (SIGUSR1's default action); the controller retries after the first
+                # step.
+                proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                        start_new_session=True, cwd=self.workdir,
+                                        preexec_fn=_ignore_sigusr1)  # noqa: PLW1509 - async-signal-safe: one syscall
         self._running[wid] = Workload(wid, params.kind, list(params.args), proc, log, time.time())
         return self._running[wid].status()
+
+    def _warm_starter(self) -> warm.WarmStarter | None:
+        if self._warm is None and self.warm_starts and warm.available():
+            self._warm = warm.WarmStarter()
+        return self._warm
 
     def _workload(self, wid: str) -> Workload:
         if wid not in self._running:

@@ -181,25 +181,9 @@ class ImageStore:
         if not source.is_file():
             raise ImageError(f"{source} is not a file")
         say("inspecting it with qemu-img info")
-        probe = subprocess.run(["qemu-img", "info", "--output=json", str(source)], capture_output=True, text=True)
-        if probe.returncode != 0:
-            raise ImageError(f"qemu-img cannot read {source}: {probe.stderr.strip()}")
-        info = json.loads(probe.stdout)
-        if info.get("format") != "qcow2":
-            raise ImageError(f"{source} is {info.get('format')!r}, not qcow2", hint="qemu-img convert -O qcow2 it")
-        if info.get("backing-filename") or info.get("full-backing-filename"):
-            raise ImageError(f"{source} has a backing file ({info.get('backing-filename')}); an image must stand "
-                             "alone", hint="qemu-img convert -O qcow2 flattens it")
-        virtual = int(info.get("virtual-size", 0))
-        if virtual > max_virtual_bytes:
-            raise ImageError(f"{source} is {virtual / 2**30:.1f} GiB (virtual), over the {max_virtual_bytes / 2**30:g} "
-                             "GiB hvctl imports")
+        virtual = _standalone_qcow2_size(source, max_virtual_bytes)
         say("checksumming")
-        digest = hashlib.sha256()
-        with open(source, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-        actual = digest.hexdigest()
+        actual = _sha256(source)
         if sha256 is not None and actual != sha256.lower():
             raise ImageError(f"{source}: sha256 is {actual}, not {sha256}")
         final = self.root / f"{name}@{actual[:16]}"
@@ -240,6 +224,32 @@ class ImageStore:
         for image in victims:
             shutil.rmtree(image.directory)
         return victims
+
+
+def _standalone_qcow2_size(source: Path, max_virtual_bytes: int) -> int:
+    """The virtual size of ``source``, which must be a qcow2 with no backing file and at most ``max_virtual_bytes``."""
+    probe = subprocess.run(["qemu-img", "info", "--output=json", str(source)], capture_output=True, text=True)
+    if probe.returncode != 0:
+        raise ImageError(f"qemu-img cannot read {source}: {probe.stderr.strip()}")
+    info = json.loads(probe.stdout)
+    if info.get("format") != "qcow2":
+        raise ImageError(f"{source} is {info.get('format')!r}, not qcow2", hint="qemu-img convert -O qcow2 it")
+    if info.get("backing-filename") or info.get("full-backing-filename"):
+        raise ImageError(f"{source} has a backing file ({info.get('backing-filename')}); an image must stand "
+                         "alone", hint="qemu-img convert -O qcow2 flattens it")
+    virtual = int(info.get("virtual-size", 0))
+    if virtual > max_virtual_bytes:
+        raise ImageError(f"{source} is {virtual / 2**30:.1f} GiB (virtual), over the {max_virtual_bytes / 2**30:g} "
+                         "GiB hvctl imports")
+    return virtual
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _put_in_place(work: Path, final: Path) -> None:

@@ -468,14 +468,7 @@ def _run(ctx: Context, guest: Guest, source: str, dest: Target, dest_xml: str, o
                 guest.abort_job()
         thread.join(0.2)
     if failure:
-        exc = failure[0]
-        message = exc.message if isinstance(exc, HvctlError) else str(exc)
-        hint = None
-        if "Postcopy is not supported" in message:
-            hint = ("post-copy needs userfaultfd for the unprivileged QEMU on the destination: "
-                    "sysctl vm.unprivileged_userfaultfd=1, or use --auto-converge")
-        raise MigrationFailed(f"migration of {name} to {target} failed: {message}; it is still on {source}",
-                              hint=hint) from exc
+        raise _failed(name, source, target, failure[0]) from failure[0]
     total = time.monotonic() - started
     arrived = dst.find_guest(name)
     completed = arrived.job_stats(completed=True) if arrived is not None else {}
@@ -485,6 +478,15 @@ def _run(ctx: Context, guest: Guest, source: str, dest: Target, dest_xml: str, o
         memory_iterations=_count(completed.get("memory_iteration")),
         switched_to_postcopy=switched and (opts.mode == "postcopy" or opts.timeout_action == "postcopy"),
     )
+
+
+def _failed(name: str, source: str, target: str, exc: BaseException) -> MigrationFailed:
+    message = exc.message if isinstance(exc, HvctlError) else str(exc)
+    hint = None
+    if "Postcopy is not supported" in message:
+        hint = ("post-copy needs userfaultfd for the unprivileged QEMU on the destination: "
+                "sysctl vm.unprivileged_userfaultfd=1, or use --auto-converge")
+    return MigrationFailed(f"migration of {name} to {target} failed: {message}; it is still on {source}", hint=hint)
 
 
 def _count(value: object) -> int | None:

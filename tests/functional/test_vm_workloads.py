@@ -276,10 +276,14 @@ def test_a_checkpoint_migration_killed_before_its_commit_is_rolled_back_and_the_
         env: Controller) -> None:
     """hvctl killed right after each step before the commit, then `doctor --repair`: the new incarnation on h2 (its
     domain, files and GPUs), the reservation and the checkpoints copied here are gone, the lock is free, and the
-    source, which never stopped, is still training. Prints its rows of the crash matrix."""
+    source, which never stopped, is still training. Prints its rows of the crash matrix.
+
+    Not killed after "verified": its repair is booted's (the new incarnation found by the UUID recorded at
+    "defined", destroyed with whatever runs in it), and reaching it costs a second torch import under TCG, about
+    2.5 minutes; the failing migration above goes through "verified" and is undone from there."""
     ctx = env.ctx
     matrix = []
-    for step in ("checked", "reserved", "checkpointed", "files", "defined", "started", "booted", "verified"):
+    for step in ("checked", "reserved", "checkpointed", "files", "defined", "started", "booted"):
         outcome = repair_after_crash(env, f"migrate-checkpoint.{step}", "migrate", "ml", "--to", "h2", "--mode",
                                      "checkpoint")
         assert ctx.ledger.vms.get("ml").host == "local", (step, outcome)

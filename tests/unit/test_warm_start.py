@@ -1,0 +1,81 @@
+"""Warm workload starts (guest/warm.py), not on by default yet (see Agent.warm_starts): the real agent forks the real
+train workload from a forkserver that imported torch and transformers once, and the forked workload is what a fresh
+process would have been."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+from guest import warm
+from guest.agent import Agent
+
+TOKEN = "t"
+ARGS = ["--objective", "ssl", "--steps", "3", "--batch-size", "2", "--seq-len", "16", "--checkpoint-every", "0",
+        "--no-resume"]
+
+
+def call(agent: Agent, method: str, **params: object) -> dict[str, object]:
+    reply = agent.handle_line(json.dumps({"v": 1, "id": 1, "token": TOKEN, "method": method,
+                                          "params": params}).encode())
+    assert reply.ok, reply.error
+    assert reply.result is not None
+    return reply.result
+
+
+def finished(agent: Agent, wid: str) -> dict[str, object]:
+    deadline = time.monotonic() + 240  # a hang guard: the first warm start waits for the forkserver's imports
+    while (status := call(agent, "workload.status", id=wid))["state"] == "running":
+        assert time.monotonic() < deadline, status
+        time.sleep(0.05)
+    return status
+
+
+def parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def test_workloads_fork_from_one_server_in_sessions_of_their_own_and_compute_what_a_fresh_process_does(
+        tmp_path: Path) -> None:
+    assert warm.available()  # torch and transformers are in this venv, as in an `ml` guest
+    agent = Agent(token=TOKEN, workdir=tmp_path / "warm", warm_starts=True)
+    servers, losses = set(), []
+    for _ in range(2):
+        wid = str(call(agent, "workload.start", kind="train", args=[*ARGS, "--checkpoint-dir", str(tmp_path / "w")])
+                  ["id"])
+        proc = agent._running[wid].proc
+        assert isinstance(proc, warm.WarmProcess)
+        try:
+            servers.add(parent_of(proc.pid))  # the forkserver, not the agent
+            assert os.getpgid(proc.pid) == os.getsid(proc.pid) == proc.pid  # cancel's killpg reaches all it starts
+        except ProcessLookupError:
+            pass  # it already finished: a forked step takes a tenth of a second
+        status = finished(agent, wid)
+        assert status["state"] == "succeeded" and status["exit_code"] == 0, status
+        losses.append(status["result"]["losses"])  # type: ignore[index]
+    assert len(servers) <= 1 and os.getpid() not in servers
+
+    cold = Agent(token=TOKEN, workdir=tmp_path / "cold")  # the default
+    wid = str(call(cold, "workload.start", kind="train", args=[*ARGS, "--checkpoint-dir", str(tmp_path / "c")])["id"])
+    assert isinstance(cold._running[wid].proc, subprocess.Popen)
+    status = finished(cold, wid)
+    assert losses == [status["result"]["losses"]] * 2  # type: ignore[index]
+
+
+def test_a_forked_workload_reports_a_bad_request_and_a_cancel_as_a_fresh_one_does(tmp_path: Path) -> None:
+    agent = Agent(token=TOKEN, workdir=tmp_path, warm_starts=True)
+    bad = str(call(agent, "workload.start", kind="train", args=["--steps", "0", "--objective", "ssl"])["id"])
+    status = finished(agent, bad)
+    assert status["state"] == "failed" and status["exit_code"] == 2 and "steps" in str(status["error"]), status
+    endless = str(call(agent, "workload.start", kind="train", args=["--objective", "ssl", "--steps", "1000000",
+                                                                   "--checkpoint-dir", str(tmp_path / "e")])["id"])
+    deadline = time.monotonic() + 240
+    while '{"progress"' not in str(call(agent, "workload.logs", id=endless)["data"]):
+        assert time.monotonic() < deadline, call(agent, "workload.logs", id=endless)
+        time.sleep(0.05)
+    pid = agent._running[endless].proc.pid
+    assert call(agent, "workload.cancel", id=endless)["state"] == "cancelled"
+    assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split(")")[1][:3]
