@@ -221,9 +221,8 @@ class Agent:
         forked = warm.workload_args(argv) if params.kind not in COLD_KINDS else None
         proc: WorkloadProcess
         with log.open("wb") as out:
-            if forked is not None and self._warm_starter() is not None:
-                assert self._warm is not None
-                proc = self._warm.start(forked, log, self.workdir)  # set up as below, in the forked child
+            if forked is not None and (starter := self._warm_starter()) is not None:
+                proc = starter.start(forked, log, self.workdir)  # set up as below, in the forked child
             else:
                 # A new session: cancel signals the whole process group, including anything the workload spawned.
                 # SIGUSR1 starts out ignored: a checkpoint request that arrives before the workload has installed
