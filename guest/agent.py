@@ -119,10 +119,10 @@ class Agent:
     # The resident model server (guest/serving): its own process, found again by an agent restarted in this boot.
     serving: ServeControl | None = None
     # Workloads forked from a server that imported torch and transformers once (guest/warm.py), where they are
-    # installed. Off by default, and no image turns it on yet: the first warm start of a boot waits in
-    # workload.start for the forkserver's imports (45-100 s under TCG), past the controller's 60 s RPC timeout (a
-    # checkpoint migration's restore on a fresh target failed so). Before it is on: start cold until the server is
-    # warm, and warm it where it takes nobody's CPU.
+    # installed; the server warms up at the idle scheduling class from the first workload on, and workloads start
+    # cold until it is ready. Off by default, and no image turns it on yet: as first built, a warm start waited in
+    # workload.start for the server's imports (45-100 s under TCG), past the controller's 60 s RPC timeout, and
+    # this cold-until-ready form has run on the host only, not yet in the VM suite.
     warm_starts: bool = False
     _warm: warm.WarmStarter | None = None
 
@@ -221,7 +221,7 @@ class Agent:
         forked = warm.workload_args(argv) if params.kind not in COLD_KINDS else None
         proc: WorkloadProcess
         with log.open("wb") as out:
-            if forked is not None and (starter := self._warm_starter()) is not None:
+            if forked is not None and (starter := self._warm_starter()) is not None and starter.ready.is_set():
                 proc = starter.start(forked, log, self.workdir)  # set up as below, in the forked child
             else:
                 # A new session: cancel signals the whole process group, including anything the workload spawned.
@@ -235,8 +235,11 @@ class Agent:
         return self._running[wid].status()
 
     def _warm_starter(self) -> warm.WarmStarter | None:
+        """The warm starter, warming up from the first workload on (which, like every one before it is ready,
+        starts cold)."""
         if self._warm is None and self.warm_starts and warm.available():
             self._warm = warm.WarmStarter()
+            self._warm.warm_up()
         return self._warm
 
     def _workload(self, wid: str) -> Workload:

@@ -13,6 +13,7 @@ This module is the agent's: standard library only, and it never imports torch it
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import multiprocessing
 import multiprocessing.process
@@ -20,6 +21,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+from multiprocessing import forkserver
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -66,11 +69,31 @@ class WarmStarter:
     def __init__(self, preload: tuple[str, ...] = PRELOAD) -> None:
         multiprocessing.set_forkserver_preload(list(preload))
         self._context = multiprocessing.get_context("forkserver")
+        self.ready = threading.Event()  # set once the forkserver has done its imports and forks at once
+        self._warming: threading.Thread | None = None
+
+    def warm_up(self) -> None:
+        """Start the forkserver in the background at the idle scheduling class, so that its imports take only CPU
+        time nobody else wants, and set ``ready`` once it forks. Until then a caller starts workloads cold: a
+        ``start`` before ``ready`` would wait for the imports. Calling it again does nothing."""
+        if self._warming is None:
+            self._warming = threading.Thread(target=self._warm, name="warm-up", daemon=True)
+            self._warming.start()
+
+    def _warm(self) -> None:
+        forkserver.ensure_running()
+        server = getattr(forkserver._forkserver, "_forkserver_pid", None)  # multiprocessing keeps no public handle
+        if server:
+            with contextlib.suppress(OSError):
+                os.sched_setscheduler(server, os.SCHED_IDLE, os.sched_param(0))
+        probe = self._context.Process(target=_noop, name="warm-up probe", daemon=True)  # forked after the imports
+        probe.start()
+        probe.join()
+        self.ready.set()
 
     def start(self, args: list[str], log: Path, cwd: Path) -> WarmProcess:
-        """``python -m guest.workloads ARGS``, forked, writing to ``log`` (which the caller has created). The first
-        call starts the forkserver, and that workload waits for its imports: nothing is imported before a
-        workload is asked for, so an ML guest that runs none spends no CPU or memory on it."""
+        """``python -m guest.workloads ARGS``, forked, writing to ``log`` (which the caller has created). Called
+        before ``ready``, it waits for the forkserver's imports."""
         ready, set_up = self._context.Pipe(duplex=False)
         process = self._context.Process(target=become_workload, args=(args, str(log), str(cwd), set_up),
                                         name=f"workload {' '.join(args[:2])}")
@@ -91,6 +114,8 @@ def become_workload(args: list[str], log: str, cwd: str, set_up: Connection) -> 
     """In the forked child: the process set-up the agent's Popen made, then the workload's own entry point."""
     os.setsid()
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    with contextlib.suppress(OSError):  # back from the server's idle class to the normal one
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
     set_up.send(True)
     set_up.close()
     out = os.open(log, os.O_WRONLY | os.O_APPEND)
@@ -104,3 +129,7 @@ def become_workload(args: list[str], log: str, cwd: str, set_up: Connection) -> 
     from guest.workloads.__main__ import main  # preloaded by the forkserver: nothing left to import
 
     sys.exit(main(args))
+
+
+def _noop() -> None:
+    pass

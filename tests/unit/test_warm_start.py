@@ -38,10 +38,35 @@ def parent_of(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
+def warm_agent(workdir: Path) -> Agent:
+    """An agent with warm starts on whose forkserver is ready (its first workload would start cold)."""
+    assert warm.available()  # torch and transformers are in this venv, as in an `ml` guest
+    agent = Agent(token=TOKEN, workdir=workdir, warm_starts=True)
+    starter = agent._warm_starter()
+    assert starter is not None and starter.ready.wait(240), "the forkserver never became ready"
+    return agent
+
+
+def test_workloads_start_cold_until_the_server_is_warm_which_warms_at_the_idle_class(tmp_path: Path) -> None:
+    agent = Agent(token=TOKEN, workdir=tmp_path, warm_starts=True)
+    first = str(call(agent, "workload.start", kind="train", args=[*ARGS, "--checkpoint-dir", str(tmp_path / "a")])
+                ["id"])
+    assert isinstance(agent._running[first].proc, subprocess.Popen)  # the server is only starting its imports
+    assert agent._warm is not None and agent._warm.ready.wait(240)
+    assert finished(agent, first)["state"] == "succeeded"
+    wid = str(call(agent, "workload.start", kind="train", args=["--objective", "ssl", "--steps", "1000000",
+                                                                "--checkpoint-dir", str(tmp_path / "b")])["id"])
+    proc = agent._running[wid].proc
+    assert isinstance(proc, warm.WarmProcess)
+    server = parent_of(proc.pid)
+    assert os.sched_getscheduler(server) == os.SCHED_IDLE  # the server's imports took only idle time
+    assert os.sched_getscheduler(proc.pid) == os.SCHED_OTHER  # the workload runs at the normal class
+    assert call(agent, "workload.cancel", id=wid)["state"] == "cancelled"
+
+
 def test_workloads_fork_from_one_server_in_sessions_of_their_own_and_compute_what_a_fresh_process_does(
         tmp_path: Path) -> None:
-    assert warm.available()  # torch and transformers are in this venv, as in an `ml` guest
-    agent = Agent(token=TOKEN, workdir=tmp_path / "warm", warm_starts=True)
+    agent = warm_agent(tmp_path / "warm")
     servers, losses = set(), []
     for _ in range(2):
         wid = str(call(agent, "workload.start", kind="train", args=[*ARGS, "--checkpoint-dir", str(tmp_path / "w")])
@@ -66,7 +91,7 @@ def test_workloads_fork_from_one_server_in_sessions_of_their_own_and_compute_wha
 
 
 def test_a_forked_workload_reports_a_bad_request_and_a_cancel_as_a_fresh_one_does(tmp_path: Path) -> None:
-    agent = Agent(token=TOKEN, workdir=tmp_path, warm_starts=True)
+    agent = warm_agent(tmp_path)
     bad = str(call(agent, "workload.start", kind="train", args=["--steps", "0", "--objective", "ssl"])["id"])
     status = finished(agent, bad)
     assert status["state"] == "failed" and status["exit_code"] == 2 and "steps" in str(status["error"]), status
