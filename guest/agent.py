@@ -120,9 +120,8 @@ class Agent:
     serving: ServeControl | None = None
     # Workloads forked from a server that imported torch and transformers once (guest/warm.py), where they are
     # installed; the server warms up at the idle scheduling class from the first workload on, and workloads start
-    # cold until it is ready. Off by default, and no image turns it on yet: as first built, a warm start waited in
-    # workload.start for the server's imports (45-100 s under TCG), past the controller's 60 s RPC timeout, and
-    # this cold-until-ready form has run on the host only, not yet in the VM suite.
+    # cold until it is ready. The guest's agent (main) turns it on; False here lets each test choose. (As first
+    # built, a warm start waited in workload.start for the server's imports, past the controller's 60 s timeout.)
     warm_starts: bool = False
     _warm: warm.WarmStarter | None = None
 
@@ -470,7 +469,8 @@ def main(argv: list[str] | None = None) -> int:
     if not token:
         print(f"hvctl-agent: error: token file {args.token_file} is empty", file=sys.stderr)
         return 2
-    agent = Agent(token=token, workdir=args.workdir, allow_poweroff=args.allow_poweroff, token_file=args.token_file)
+    agent = Agent(token=token, workdir=args.workdir, allow_poweroff=args.allow_poweroff, token_file=args.token_file,
+                  warm_starts=True)
     if args.socket:
         serve_socket(agent, args.socket)
     else:
