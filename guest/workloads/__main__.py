@@ -206,11 +206,12 @@ def _run_train(args: argparse.Namespace) -> None:
             return True
         return False
 
-    # A fault hook for tests: this process stops for good after reporting that step (and waits to be killed). The
-    # variable is for a process a test starts itself; the file for a workload a test starts in a VM through hvctl
-    # (it writes the file with the agent's exec first).
-    hold_after = int(os.environ.get("HVCTL_TEST_HOLD_AFTER_STEP")
-                     or (HOLD_FILE.read_text() if HOLD_FILE.is_file() else "0"))
+    # A fault hook for tests: "STEP" stops this process for good after reporting that step (it waits to be killed);
+    # "STEP WORLD" only while its job has fewer than WORLD ranks (a distributed worker that its launcher restarts into
+    # a larger world goes on). The variable is for a process a test starts itself; the file for a workload a test
+    # starts in a VM through hvctl (it writes the file with the agent's exec first).
+    hold = (os.environ.get("HVCTL_TEST_HOLD_AFTER_STEP") or (HOLD_FILE.read_text() if HOLD_FILE.is_file() else "0"))
+    hold_after, *below_world = (int(word) for word in hold.split())
 
     def progress(p: Any) -> None:
         if args.json:
@@ -218,7 +219,7 @@ def _run_train(args: argparse.Namespace) -> None:
         else:
             mark = f" checkpoint {p.checkpoint}" if p.checkpoint else ""
             print(f"step {p.step}/{args.steps} loss {p.loss:.4f} lr {p.lr:.2e}{mark}", flush=True)
-        while hold_after and p.step >= hold_after:
+        while hold_after and p.step >= hold_after and (not below_world or (p.world_size or 1) < below_world[0]):
             signal.pause()
 
     request = TrainRequest(

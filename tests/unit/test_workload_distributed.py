@@ -38,29 +38,40 @@ class Job:
     """``ranks`` launchers of one job, each in its own session (so one can be killed with all it started)."""
 
     def __init__(self, tmp: Path, ranks: int, min_nodes: int, steps: int, checkpoint_every: int,
-                 hold: dict[int, int] | None = None) -> None:
+                 hold: dict[int, str] | None = None) -> None:
+        self.tmp, self.ranks, self.min_nodes, self.steps = tmp, ranks, min_nodes, steps
+        self.checkpoint_every, self.port = checkpoint_every, free_port()
         self.logs = [tmp / f"rank{i}.log" for i in range(ranks)]
         self.go = [tmp / f"go{i}" for i in range(ranks)]  # each VM's own go file
-        port = free_port()
-        self.procs = []
-        for i in range(ranks):
-            # TMPDIR: torch.distributed.run makes a torchelastic_* directory per launch and leaves it behind.
-            env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp)}
-            if hold and i in hold:  # the fault hook: this launcher's worker stops after that step
-                env["HVCTL_TEST_HOLD_AFTER_STEP"] = str(hold[i])
-            argv = [sys.executable, "-m", "guest.workloads", "run", "train-ddp", "--job", f"t{port}",
-                    "--rendezvous", "127.0.0.1", "--address", "127.0.0.1", "--port", str(port),
-                    "--min-nodes", str(min_nodes), "--max-nodes", str(ranks), "--go-file", str(self.go[i]),
-                    *(["--hosts-store"] if i == 0 else []), "--",
-                    *TRAIN, "--steps", str(steps), "--checkpoint-every", str(checkpoint_every),
-                    "--checkpoint-dir", str(tmp / f"ck{i}"), "--json"]
-            with self.logs[i].open("w") as log:
-                self.procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                                   start_new_session=True))
+        self.cancelled: set[int] = set()  # ranks whose launcher was cancelled, and has not been started again
+        self.procs = [self.launch(i, (hold or {}).get(i), self.go[i], tmp / f"ck{i}") for i in range(ranks)]
         # The go barrier hvctl keeps: every launcher has imported torch before any joins the rendezvous.
         self.wait_for(lambda: all(any('"ready"' in line for line in self.lines(i)) for i in range(ranks)))
         for go in self.go:
             go.touch()
+
+    def launch(self, i: int, hold: str | None, go: Path | None, checkpoints: Path) -> subprocess.Popen[bytes]:
+        """Launcher ``i``: it waits for ``go`` before its first rendezvous, or with None joins at once (a VM that
+        comes back into a running job, as a member's new incarnation after a checkpoint migration does)."""
+        # TMPDIR: torch.distributed.run makes a torchelastic_* directory per launch and leaves it behind.
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TMPDIR": str(self.tmp)}
+        if hold is not None:  # the fault hook: this launcher's worker stops after that step
+            env["HVCTL_TEST_HOLD_AFTER_STEP"] = hold
+        argv = [sys.executable, "-m", "guest.workloads", "run", "train-ddp", "--job", f"t{self.port}",
+                "--rendezvous", "127.0.0.1", "--address", "127.0.0.1", "--port", str(self.port),
+                "--min-nodes", str(self.min_nodes), "--max-nodes", str(self.ranks),
+                *(["--go-file", str(go)] if go is not None else []), *(["--hosts-store"] if i == 0 else []), "--",
+                *TRAIN, "--steps", str(self.steps), "--checkpoint-every", str(self.checkpoint_every),
+                "--checkpoint-dir", str(checkpoints), "--json"]
+        with self.logs[i].open("a") as log:
+            return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+    def rejoin(self, rank: int) -> None:
+        """A new launcher for ``rank``, with an empty checkpoint directory, into the running job; its log starts
+        afresh."""
+        self.logs[rank].write_text("")
+        self.cancelled.discard(rank)
+        self.procs[rank] = self.launch(rank, None, None, self.tmp / f"ck{rank}-new")
 
     def lines(self, rank: int) -> list[str]:
         return self.logs[rank].read_text(errors="replace").splitlines()
@@ -75,7 +86,8 @@ class Job:
 
     def wait_for(self, condition: object) -> None:
         while not condition():  # type: ignore[operator]
-            assert all(p.poll() in (None, 0) for p in self.procs), [self.lines(i)[-5:] for i in range(len(self.procs))]
+            live = [p for i, p in enumerate(self.procs) if i not in self.cancelled]
+            assert all(p.poll() in (None, 0) for p in live), [self.lines(i)[-5:] for i in range(len(self.procs))]
             time.sleep(0.1)
 
     def kill(self, rank: int) -> None:
@@ -87,6 +99,12 @@ class Job:
         for pid in worker:
             os.kill(pid, signal.SIGKILL)
         self.procs[rank].wait()
+
+    def cancel(self, rank: int) -> None:
+        """What the agent's ``workload.cancel`` does: SIGTERM to the launcher's process group, then wait."""
+        os.killpg(self.procs[rank].pid, signal.SIGTERM)
+        self.procs[rank].wait(timeout=60)
+        self.cancelled.add(rank)
 
     def finish(self, ranks: list[int]) -> None:
         for i in ranks:
@@ -138,7 +156,7 @@ def test_a_rank_killed_mid_run_leaves_the_rest_to_finish_from_the_last_checkpoin
     steps = 16
     # The fault: the launcher of rank 2 holds its worker after step 10 (the others wait for it in step 11's
     # all-reduce) and is killed, worker and all, once it has reported that step and its checkpoint.
-    jobs.append(job := Job(tmp_path, ranks=3, min_nodes=2, steps=steps, checkpoint_every=5, hold={2: 10}))
+    jobs.append(job := Job(tmp_path, ranks=3, min_nodes=2, steps=steps, checkpoint_every=5, hold={2: "10"}))
     job.wait_for(lambda: any(p["step"] == 10 and p["checkpoint"] for p in job.progress(2)))
     job.kill(2)
     job.finish([0, 1])
@@ -152,6 +170,36 @@ def test_a_rank_killed_mid_run_leaves_the_rest_to_finish_from_the_last_checkpoin
         largest = max(abs(a - b) for a, b in zip(losses, reference[start:], strict=True))
         print(f"rank {rank} resumed at step {start} with 2 ranks; largest loss difference: {largest:.2e}")
         assert largest < 1e-3
+
+
+@pytest.mark.timeout(300)
+def test_a_rank_cancelled_and_started_again_elsewhere_rejoins_the_running_job(tmp_path: Path,
+                                                                           jobs: list[Job]) -> None:
+    """What a checkpoint migration of one member does (hvctl.ops.ckpt_migrate): its launcher is cancelled, the
+    rest re-form without it and go on; its new incarnation's launcher, with no checkpoint of its own, joins the
+    running job, which re-forms with it from the newest checkpoint any rank holds."""
+    steps = 12
+    # The hooks: rank 2 holds after step 4 until it is cancelled; ranks 0 and 1, re-formed without it, hold after
+    # step 8 for as long as the job has fewer than 3 ranks, so the job cannot end before rank 2 is back.
+    jobs.append(job := Job(tmp_path, ranks=3, min_nodes=2, steps=steps, checkpoint_every=4,
+                           hold={0: "8 3", 1: "8 3", 2: "4"}))
+    job.wait_for(lambda: any(p["step"] == 4 and p["checkpoint"] for p in job.progress(2)))
+    job.cancel(2)
+    job.wait_for(lambda: any(p["step"] == 8 and p["world_size"] == 2 for p in job.progress(0)))  # went on without it
+    job.rejoin(2)
+    job.finish([0, 1, 2])
+    reference = single_process(steps)
+    worlds = {1: 3, 2: 3, 3: 3, 4: 3, 5: 2, 6: 2, 7: 2, 8: 2} | {s: 3 for s in range(9, steps + 1)}
+    for rank in (0, 1, 2):
+        seen = {int(p["step"]): p for p in job.progress(rank)}  # type: ignore[call-overload]
+        result = job.result(rank)
+        assert (result["world_size"], result["start_step"], result["final_step"]) == (3, 8, steps), result
+        assert {s: p["world_size"] for s, p in seen.items()} == {s: worlds[s] for s in seen}
+        largest = max(abs(float(p["loss"]) - reference[s - 1]) for s, p in seen.items())  # type: ignore[arg-type]
+        print(f"rank {rank}: steps {min(seen)}-{max(seen)}; largest loss difference from one process {largest:.2e}")
+        assert largest < 1e-3
+    assert sorted(int(p["step"]) for p in job.progress(2)) == list(range(9, steps + 1))  # type: ignore[call-overload]
+    assert sorted({int(p["step"]) for p in job.progress(0)}) == list(range(1, steps + 1))  # type: ignore[call-overload]
 
 
 @pytest.mark.timeout(300)
