@@ -220,7 +220,7 @@ class Agent:
         forked = warm.workload_args(argv) if params.kind not in COLD_KINDS else None
         proc: WorkloadProcess
         with log.open("wb") as out:
-            if forked is not None and (starter := self._warm_starter()) is not None and starter.ready.is_set():
+            if forked is not None and (starter := self._warm_starter()) is not None and starter.usable():
                 proc = starter.start(forked, log, self.workdir)  # set up as below, in the forked child
             else:
                 # A new session: cancel signals the whole process group, including anything the workload spawned.

@@ -91,6 +91,24 @@ class WarmStarter:
         probe.join()
         self.ready.set()
 
+    def usable(self) -> bool:
+        """Whether a workload can be forked now. A forkserver that died after it was ready (killed, out of memory) is
+        started again in the background, at the idle class, and until it is ready workloads start cold: a fork
+        through multiprocessing would first restart it in the foreground and wait for its imports."""
+        if not self.ready.is_set():
+            return False
+        server = getattr(forkserver._forkserver, "_forkserver_pid", None)
+        try:  # WNOWAIT: the exit stays for multiprocessing to reap, which is how it knows to start the server anew
+            alive = server is not None and os.waitid(os.P_PID, server, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None
+        except ChildProcessError:
+            alive = False
+        if alive:
+            return True
+        self.ready.clear()
+        self._warming = None
+        self.warm_up()
+        return False
+
     def start(self, args: list[str], log: Path, cwd: Path) -> WarmProcess:
         """``python -m guest.workloads ARGS``, forked, writing to ``log`` (which the caller has created). Called
         before ``ready``, it waits for the forkserver's imports."""

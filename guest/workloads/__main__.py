@@ -206,12 +206,17 @@ def _run_train(args: argparse.Namespace) -> None:
             return True
         return False
 
-    # A fault hook for tests: "STEP" stops this process for good after reporting that step (it waits to be killed);
-    # "STEP WORLD" only while its job has fewer than WORLD ranks (a distributed worker that its launcher restarts into
-    # a larger world goes on). The variable is for a process a test starts itself; the file for a workload a test
-    # starts in a VM through hvctl (it writes the file with the agent's exec first).
-    hold = (os.environ.get("HVCTL_TEST_HOLD_AFTER_STEP") or (HOLD_FILE.read_text() if HOLD_FILE.is_file() else "0"))
-    hold_after, *below_world = (int(word) for word in hold.split())
+    # A fault hook for tests, rules separated by ";" or lines: "STEP" stops this process for good after it reports
+    # that step or a later one (it waits to be killed); "STEP WORLD" after it reports exactly that step in a job of
+    # fewer than WORLD ranks (a distributed worker its launcher restarts into a larger world goes on). The variable
+    # is for a process a test starts itself; the file for a workload a test starts in a VM through hvctl (it writes
+    # the file with the agent's exec first).
+    hook = os.environ.get("HVCTL_TEST_HOLD_AFTER_STEP") or (HOLD_FILE.read_text() if HOLD_FILE.is_file() else "")
+    holds = [[int(word) for word in rule.split()] for rule in hook.replace(";", "\n").splitlines() if rule.strip()]
+
+    def held(p: Any) -> bool:
+        return any(p.step >= rule[0] if len(rule) == 1 else p.step == rule[0] and (p.world_size or 1) < rule[1]
+                   for rule in holds)
 
     def progress(p: Any) -> None:
         if args.json:
@@ -219,7 +224,7 @@ def _run_train(args: argparse.Namespace) -> None:
         else:
             mark = f" checkpoint {p.checkpoint}" if p.checkpoint else ""
             print(f"step {p.step}/{args.steps} loss {p.loss:.4f} lr {p.lr:.2e}{mark}", flush=True)
-        while hold_after and p.step >= hold_after and (not below_world or (p.world_size or 1) < below_world[0]):
+        while held(p):
             signal.pause()
 
     request = TrainRequest(

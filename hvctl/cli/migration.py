@@ -71,7 +71,8 @@ def migrate(
         emit_json({"name": name, "host": to} | stats.as_json())
     elif mode == "checkpoint":
         resumed = "; ".join(f"{w.source_id} → {w.target_id} resumed at step {w.resumed_step} "
-                            f"(loss {w.loss:.6f}, equal to the source's)" for w in stats.workloads)
+                            f"(loss {w.loss:.6f}, equal to {f'{w.peer} in its job' if w.peer else 'the source'}'s)"
+                            for w in stats.workloads)
         out.print(f"{name} is on {to} (a new incarnation; the one on {stats.source_host} is destroyed): "
                   f"{stats.total_s:.1f} s total, {(stats.bytes or 0) / 2**20:.1f} MiB of checkpoints"
                   + (f"; {resumed}" if resumed else "; no training workload was running"))

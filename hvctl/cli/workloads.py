@@ -163,6 +163,11 @@ def run_distributed(vms: list[str], steps: int, checkpoint_every: int, model: st
             status_line.update(f"train on {','.join(vms)} ({elapsed}): rendezvous at {event.vm}")
         elif event.kind == "dropped":
             err.print(f"{event.vm} left the job: {safe(event.reason or '')}", markup=False)
+        elif event.kind == "moving":
+            err.print(f"{event.vm} is being moved by a checkpoint migration: the job goes on without it until it "
+                      "rejoins", markup=False)
+        elif event.kind == "rejoined":
+            err.print(f"{event.vm} rejoined the job ({event.workload})", markup=False)
         elif event.progress is not None:
             at[event.vm] = event.progress.step
             ranks = ", ".join(f"{vm} {step}" for vm, step in at.items())

@@ -18,6 +18,9 @@ Every step registers its undo (the new incarnation's domain and files, the reser
 records what it made in the operation's intent row (``hvctl.ops.intent``), so that hvctl killed at any step is
 decided by ``reconcile_checkpoint_migration``: before the commit, the new incarnation is removed and the source,
 which never stopped, stays; after it, the source incarnation is removed.
+
+A member of a distributed training job cannot keep training on the source meanwhile: it leaves its job before the
+target boots and rejoins from the new incarnation (``hvctl.ops.ckpt_member``), and a rollback brings it back.
 """
 
 from __future__ import annotations
@@ -30,30 +33,27 @@ from collections.abc import Callable
 from pathlib import Path
 
 from guest import rpc
-from guest.kinds import CHECKPOINTABLE, DISTRIBUTED
-from guest.workloads.protocol import parse_progress
+from guest.kinds import CHECKPOINTABLE
 from guest.workloads.schema import TrainProgress
 from hvctl import passthrough
 from hvctl.access import copy, route_for
 from hvctl.accounting import host_footprint
 from hvctl.agent_client import AgentClient, AgentError
 from hvctl.context import Context
-from hvctl.errors import GuestTimeout, HvctlError, InvalidSpec, MigrationFailed, NotFound
+from hvctl.errors import GuestTimeout, HvctlError, InvalidSpec, NotFound
 from hvctl.ledger import OperationRecord, VMRecord
 from hvctl.ops import Say, Undo
+from hvctl.ops.ckpt_member import find_member, leave, rejoin_and_verify, restart_after_rollback
 from hvctl.ops.incarnation import DEFAULT_BOOT_TIMEOUT, BootOptions, GuestSecrets, Incarnation, LocalStorage, boot
 from hvctl.ops.intent import Operation
 from hvctl.ops.migrated import Migrated, Resumed
 from hvctl.ops.networks import leave_if_unused
 from hvctl.ops.run import checkpoint_name, operator_identity
 from hvctl.ops.target import Target
+from hvctl.ops.train_progress import CheckpointMigrationFailed, wait_for_progress
 from images.store import Image
 
 DEFAULT_TIMEOUT_S = 900.0
-
-
-class CheckpointMigrationFailed(MigrationFailed):
-    """A step of a checkpoint migration failed; ``migrate`` reports it as the migration's failure."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,12 +102,12 @@ class _Move:
         moved: list[Moving] = []
         for item in moving:
             self.say(f"waiting for {item.source_id} to finish a step (it may still be starting up)")
-            _, offset = _wait_for_progress(self.source_agent, item.source_id, 0, self.deadline, lambda _: True,
+            _, offset = wait_for_progress(self.source_agent, item.source_id, 0, self.deadline, lambda _: True,
                                            "its first step")
             self.say(f"checkpointing {item.source_id} at its next step boundary")
             asked = self.source_agent.typed("workload.checkpoint", rpc.WorkloadCheckpointed,
                                             rpc.WorkloadRef(id=item.source_id))
-            event, offset = _wait_for_progress(self.source_agent, item.source_id, max(offset, asked.log_offset),
+            event, offset = wait_for_progress(self.source_agent, item.source_id, max(offset, asked.log_offset),
                                                self.deadline, lambda p: p.requested, "the requested checkpoint")
             remote = _reported_checkpoint(event, item)
             local = self.workdir / str(len(moved)) / checkpoint_name(event.step)
@@ -177,14 +177,7 @@ def checkpoint_migrate(ctx: Context, record: VMRecord, dest: Target, timeout_s: 
     say("asking the source agent for its workloads")
     running = [w for w in move.source_agent.typed("workload.list", rpc.WorkloadList).workloads
                if w.state == "running"]
-    member = next((w for w in running if w.kind in DISTRIBUTED), None)
-    if member is not None:
-        # Its job would re-form without it at once, and the new incarnation would share its tenant address with
-        # the source until the commit: a job's checkpoint is every member's, so it moves by running the job again.
-        raise InvalidSpec(f"{name} runs {member.id}, its part of a distributed training job: checkpoint migration "
-                          "moves a VM's own workloads, not one member of a job that spans VMs",
-                          hint=f"`hvctl cancel` the job's VMs, migrate {name}, and run the job again: it resumes "
-                               "from its newest checkpoint")
+    member = find_member(ctx, record, running)  # a distributed job's: it leaves the job and rejoins from the target
     moving = [Moving(w.id, w.args, _checkpoint_dir(w)) for w in running if w.kind in CHECKPOINTABLE]
     draining = [w.id for w in running if w.kind not in CHECKPOINTABLE]
     image = ctx.images.get(record.spec.image)
@@ -201,8 +194,12 @@ def checkpoint_migrate(ctx: Context, record: VMRecord, dest: Target, timeout_s: 
             undo.push("release the reservation", lambda: ledger.reservations.release(reservation))
             move.drain(draining)
             moved = move.checkpoint_out(moving)
+            if member is not None:
+                leave(ctx, record, member, move.source_agent, move.deadline, undo, say, op)
             new, as_moved, target_agent = move.boot_target(image, undo)
             verified = move.restore_and_verify(moved, as_moved, target_agent)
+            if member is not None:
+                verified.append(rejoin_and_verify(member, target, target_agent, move.deadline, say))
             say("committing the move in the ledger")
             stats = Migrated(mode="checkpoint", total_s=round(time.monotonic() - started, 3), downtime_ms=None,
                              bytes=sum(i.local_checkpoint.stat().st_size for i in moved if i.local_checkpoint),
@@ -260,6 +257,11 @@ def reconcile_checkpoint_migration(ctx: Context, op: OperationRecord) -> str:
         shutil.rmtree(target_dir, ignore_errors=True)
     if "reservation" in data:
         ledger.reservations.release_for(vm, "migration", target)
+    if "member_args" in data:  # a distributed job's member had left its job, and its source domain was paused
+        rejoined = restart_after_rollback(ctx, vm, source, record.agent_token, data["source_uuid"],
+                                          data["member_args"])
+        ledger.operations.end(vm)
+        return f"rolled back: the new incarnation on {target} is removed; {rejoined}"
     ledger.operations.end(vm)
     return f"rolled back: the new incarnation on {target} is removed; {vm} kept running on {source}"
 
@@ -289,40 +291,15 @@ def _wait(done: Callable[[], bool], deadline: float, what: str, poll: float = 0.
         time.sleep(poll)
 
 
-def _progress(agent: AgentClient, wid: str, offset: int) -> tuple[list[TrainProgress], int, bool]:
-    """The workload's ``{"progress": ...}`` lines from ``offset``, the next offset, and whether it has ended."""
-    logs = agent.typed("workload.logs", rpc.WorkloadLogs, rpc.WorkloadLogsParams(id=wid, offset=offset))
-    complete = logs.data[: logs.data.rfind("\n") + 1]  # a line still being written is read next time
-    return parse_progress(complete), offset + len(complete.encode()), logs.eof
-
-
-def _wait_for_progress(agent: AgentClient, wid: str, offset: int, deadline: float,
-                       match: Callable[[TrainProgress], bool], what: str) -> tuple[TrainProgress, int]:
-    """The first progress event from ``offset`` on that ``match``es, and the offset to read on from."""
-    while True:
-        start = offset
-        events, offset, ended = _progress(agent, wid, offset)
-        for i, event in enumerate(events):
-            if match(event):
-                return event, start if i + 1 < len(events) else offset
-        if ended:
-            status = agent.typed("workload.status", rpc.WorkloadStatus, rpc.WorkloadRef(id=wid))
-            raise CheckpointMigrationFailed(f"workload {wid} ended ({status.state}: {status.error}) before "
-                                            f"{what}")
-        if time.monotonic() > deadline:
-            raise GuestTimeout(f"workload {wid} did not report {what} within the migration's timeout")
-        time.sleep(0.5)
-
-
 def _verify(source: AgentClient, target: AgentClient, item: Moving, target_id: str,
             deadline: float) -> Resumed:
     """The resumed run's first step must be k+1 and its loss must equal the source's own step k+1: the source kept
     training past the checkpoint, so it is the uninterrupted run, on the same emulated CPU."""
-    first, _ = _wait_for_progress(target, target_id, 0, deadline, lambda _: True, "its first step after resuming")
+    first, _ = wait_for_progress(target, target_id, 0, deadline, lambda _: True, "its first step after resuming")
     if first.step != item.step + 1:
         raise CheckpointMigrationFailed(f"the restored workload started at step {first.step}, "
                                         f"not {item.step + 1}: the checkpoint was not picked up")
-    reference, _ = _wait_for_progress(source, item.source_id, item.log_offset, deadline,
+    reference, _ = wait_for_progress(source, item.source_id, item.log_offset, deadline,
                                       lambda p: p.step == item.step + 1, f"step {item.step + 1}")
     if first.loss != reference.loss:
         raise CheckpointMigrationFailed(f"step {item.step + 1} loss on the target is {first.loss!r}, on the source "

@@ -17,7 +17,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 from guest import rpc
 from guest.workloads.protocol import parse_progress, parse_ready
@@ -26,11 +26,11 @@ from guest.workloads.schema import TrainProgress
 from ..agent_client import AgentClient, AgentError
 from ..errors import HvctlError, InvalidSpec
 from ..host.guest import DomainState
-from .run import WorkloadFailed, agent_for
+from .ckpt_member import flag
+from .run import WorkloadFailed, agent_for, workloads
 
 if TYPE_CHECKING:
     from ..context import Context
-    from ..ledger import VMRecord
 
 GO_DIR = "/run/hvctl-ddp"  # in the guest: where the go files of its jobs are created
 
@@ -99,6 +99,10 @@ READY_TIMEOUT_S = 1800.0  # importing torch in a TCG guest takes minutes; on rea
 MAX_AGENT_RETRIES = 3  # reconnections to a running VM's agent in a row before the job is given up
 
 
+MOVING: Final = "moving"
+Relocation = Literal["moving"] | tuple[AgentClient, str] | None
+
+
 @dataclass
 class Node:
     """One member while the job runs: its agent, whether its VM still runs, and how far hvctl has read its log."""
@@ -116,15 +120,20 @@ class Node:
     ready: bool = False
     status: rpc.WorkloadStatus | None = None
     dropped: str | None = None  # why the job goes on without it
+    # Where its rank went when its workload was cancelled: MOVING while a checkpoint migration of its VM runs (the
+    # member left the job and rejoins from its new incarnation), then the agent and train-ddp workload that carry the
+    # rank now (the new incarnation's, or the source's again after a rollback), or None (it did not come back).
+    relocate: Callable[[], Relocation] | None = None
+    away: bool = False  # its VM is being moved: it counts as a member, and its rank rejoins
 
 
 @dataclass(frozen=True)
 class Event:
     """What :func:`drive` reports as the job runs."""
 
-    kind: Literal["started", "ready", "go", "progress", "dropped"]
+    kind: Literal["started", "ready", "go", "progress", "dropped", "moving", "rejoined"]
     vm: str  # for go: the VM that hosts the rendezvous
-    workload: str | None = None  # started: the VM's workload id
+    workload: str | None = None  # started, rejoined: the VM's workload id
     progress: TrainProgress | None = None  # progress: one step of the rank in this VM
     reason: str | None = None  # dropped: why the job goes on without the VM
 
@@ -195,6 +204,8 @@ def _follow(plan: JobPlan, members: list[Node], on_event: Callable[[Event], None
             timeout: float | None, poll: float) -> JobResult:
     while True:
         for node in members:
+            if node.away:
+                _follow_move(node, on_event)
             if node.dropped is not None or (node.status is not None and node.status.state != "running"):
                 continue
             try:
@@ -214,12 +225,16 @@ def _follow(plan: JobPlan, members: list[Node], on_event: Callable[[Event], None
             if node.status is not None and node.status.state == "failed":
                 node.dropped = f"its launcher failed: {node.status.error}"
                 on_event(Event("dropped", node.vm, reason=node.dropped))
+            elif node.status is not None and node.status.state == "cancelled" and node.relocate is not None \
+                    and node.relocate() == MOVING:
+                node.away = True
+                on_event(Event("moving", node.vm))
         left = [n for n in members if n.dropped is None]
         if len(left) < plan.min_nodes:
             gone = "; ".join(f"{n.vm}: {n.dropped}" for n in members if n.dropped is not None)
             raise WorkloadFailed(f"only {len(left)} of {len(members)} VMs are left, fewer than the job's minimum "
                                  f"of {plan.min_nodes} ({gone})")
-        if all(n.status is not None and n.status.state != "running" for n in left):
+        if all(n.status is not None and n.status.state != "running" and not n.away for n in left):
             done = [n for n in left if n.status is not None and n.status.state == "succeeded"]
             if len(done) != len(left):
                 raise WorkloadFailed(f"the job was cancelled in {', '.join(n.vm for n in left if n not in done)}")
@@ -230,6 +245,22 @@ def _follow(plan: JobPlan, members: list[Node], on_event: Callable[[Event], None
         if timeout is not None and time.monotonic() - started > timeout:
             raise WorkloadFailed(f"the job ran past {timeout:.0f} s; cancelled")
         time.sleep(poll)
+
+
+def _follow_move(node: Node, on_event: Callable[[Event], None]) -> None:
+    """A member whose VM a checkpoint migration is moving: once the move is over, follow its rank where it is now."""
+    assert node.relocate is not None
+    found = node.relocate()
+    if isinstance(found, str):  # MOVING
+        return
+    node.away = False
+    if found is None:
+        node.dropped = "its workload was cancelled by a checkpoint migration that did not start it again"
+        on_event(Event("dropped", node.vm, reason=node.dropped))
+        return
+    node.agent, node.workload = found
+    node.offset, node.partial, node.status = 0, "", None
+    on_event(Event("rejoined", node.vm, workload=node.workload))
 
 
 def _read(node: Node) -> str:
@@ -267,8 +298,10 @@ def run_job(ctx: Context, vms: list[str], train_args: list[str], batch_size: int
         members.append(Member(record.name, record.spec.tenant, addresses))
     plan = plan_job(members, train_args, batch_size, min_nodes)
 
-    def running(host: str, name: str) -> Callable[[], bool]:
+    # Each reads the VM's record anew: a checkpoint migration may have moved it to another host since the start.
+    def running(name: str) -> Callable[[], bool]:
         def ask() -> bool:
+            host = ctx.ledger.vms.get(name).host
             try:
                 return ctx.host(host).state(name) == DomainState.RUNNING
             except HvctlError:  # the connection to its host was closed under this long command: once more, anew
@@ -276,10 +309,25 @@ def run_job(ctx: Context, vms: list[str], train_args: list[str], batch_size: int
 
         return ask
 
-    def reconnect(record: VMRecord) -> Callable[[], AgentClient]:
-        return lambda: agent_for(ctx, record)  # through ctx.host, which running() renews
+    def reconnect(name: str) -> Callable[[], AgentClient]:
+        return lambda: agent_for(ctx, ctx.ledger.vms.get(name))  # through ctx.host, which running() renews
 
-    nodes = {r.name: Node(r.name, agent_for(ctx, r), running(r.host, r.name), reconnect(r)) for r in records}
+    def relocate(name: str) -> Callable[[], Relocation]:
+        def find() -> Relocation:
+            if any(op.vm == name and op.kind == "migrate-checkpoint" for op in ctx.ledger.operations.all()):
+                return MOVING
+            try:
+                agent = agent_for(ctx, ctx.ledger.vms.get(name))  # on whichever host the move left it
+                ours = [w for w in workloads(agent) if w.kind == "train-ddp" and w.state == "running"
+                        and flag(w.args, "--job") == plan.job]
+            except (AgentError, HvctlError):
+                return None
+            return (agent, ours[-1].id) if ours else None
+
+        return find
+
+    nodes = {r.name: Node(r.name, agent_for(ctx, r), running(r.name), reconnect(r.name), relocate=relocate(r.name))
+             for r in records}
     for record in records:
         ctx.ledger.events.log(record.name, record.host, "workload.started", f"distributed job {plan.job} started",
                              {"job": plan.job, "kind": "train-ddp"})

@@ -17,11 +17,13 @@ class Resumed:
     checkpoint_step: int
     resumed_step: int
     loss: float
-    source_loss: float
+    source_loss: float  # of a distributed job's member: the loss ``peer`` reported for that step
+    peer: str | None = None  # a distributed job's member: the VM whose step it was checked against
 
     def as_json(self) -> dict[str, Any]:
         return {"source_id": self.source_id, "target_id": self.target_id, "checkpoint_step": self.checkpoint_step,
-                "resumed_step": self.resumed_step, "loss": self.loss, "source_loss": self.source_loss}
+                "resumed_step": self.resumed_step, "loss": self.loss, "source_loss": self.source_loss} \
+            | ({"peer": self.peer} if self.peer is not None else {})
 
 
 @dataclass(frozen=True)

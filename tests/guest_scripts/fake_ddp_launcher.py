@@ -28,7 +28,7 @@ if behaviour == "fail-early":
     print("cannot import torch: pretend", file=sys.stderr)
     sys.exit(3)
 print(ready_line(Ready(interface="lo", address=args.address)), flush=True)
-while not Path(args.go_file).exists():
+while args.go_file is not None and not Path(args.go_file).exists():  # a launcher without one joins at once
     time.sleep(0.02)
 rank = 0 if args.hosts_store else 1
 for step in range(1, train.steps + 1):

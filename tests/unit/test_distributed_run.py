@@ -18,7 +18,8 @@ import pytest
 from guest import rpc
 from guest.agent import Agent, serve_socket
 from hvctl.agent_client import AgentClient
-from hvctl.ops.distributed import Event, JobPlan, Member, Node, drive, plan_job
+from hvctl.ops.ckpt_member import rejoin_args
+from hvctl.ops.distributed import MOVING, Event, JobPlan, Member, Node, Relocation, drive, plan_job
 from hvctl.ops.run import WorkloadFailed
 
 FAKE = Path(__file__).parents[1] / "guest_scripts" / "fake_ddp_launcher.py"
@@ -218,3 +219,48 @@ def test_an_agent_lost_while_its_vm_runs_is_reached_anew_and_a_lasting_loss_ends
     with pytest.raises(AgentError, match="cannot connect"):
         drive(plan(tmp_path, ["a", "b"]), lasting, break_b_for_good, poll=0.02)
     assert vms["a"].state(workloads["a"]) == "cancelled"
+
+
+def test_a_member_moved_by_a_checkpoint_migration_is_followed_to_its_new_incarnation(cluster) -> None:  # type: ignore[no-untyped-def]
+    """hvctl.ops.ckpt_member cancels the member's launcher in the source VM and starts it again, without its go file,
+    in the new incarnation (here a new agent, "c-new"); the driver must neither fail the job on the cancellation
+    nor lose the rank, and the job ends with every member."""
+    tmp_path, vms, start = cluster
+    for name, behaviour in (("a", "ok"), ("b", "ok"), ("c", "hold")):
+        start(name, behaviour)
+    job = plan(tmp_path, ["a", "b", "c"], min_nodes=2)
+    where: dict[str, Relocation] = {"c": None}
+    ours = nodes(vms)
+    ours["c"].relocate = lambda: where["c"]
+    events: list[Event] = []
+    started: dict[str, str] = {}
+
+    def on_event(event: Event) -> None:
+        events.append(event)
+        if event.kind == "started":
+            started[event.vm] = str(event.workload)
+        if event.progress and event.vm == "c" and event.progress.step == 2 and "c-new" not in vms:
+            where["c"] = MOVING  # the migration's intent row is there before it cancels the member
+            vms["c"].client.call("workload.cancel", rpc.WorkloadRef(id=started["c"]))
+        if event.kind == "moving":
+            new = start("c-new", "ok")
+            rejoined = new.client.typed("workload.start", rpc.WorkloadStatus, rpc.WorkloadStartParams(
+                kind="train-ddp", args=rejoin_args(job.launches[2].args)))
+            where["c"] = (new.client, rejoined.id)  # the move is over
+        if event.kind == "rejoined":
+            (tmp_path / "release").touch()
+
+    result = drive(job, ours, on_event, poll=0.02)
+    assert (result.finished, result.dropped) == (["a", "b", "c"], {})
+    assert [e.kind for e in events if e.kind in ("moving", "rejoined", "dropped")] == ["moving", "rejoined"]
+    assert vms["c"].state(started["c"]) == "cancelled"
+    assert vms["c-new"].state(result.workloads["c"]) == "succeeded"  # the rank it follows now is the new one's
+
+
+def test_a_member_args_without_the_go_file_join_at_once_and_keep_the_training_args() -> None:
+    from hvctl.ops.ckpt_member import flag
+
+    args = ["--job", "j1", "--go-file", "/run/hvctl-ddp/j1.go", "--min-nodes", "2", "--",
+            "--objective", "ssl", "--go-file", "x"]  # after "--": the training's, left alone
+    assert rejoin_args(args) == ["--job", "j1", "--min-nodes", "2", "--", "--objective", "ssl", "--go-file", "x"]
+    assert (flag(args, "--job"), flag(args, "--min-nodes"), flag(args, "--objective")) == ("j1", "2", None)

@@ -1,6 +1,6 @@
-"""Warm workload starts (guest/warm.py), not on by default yet (see Agent.warm_starts): the real agent forks the real
-train workload from a forkserver that imported torch and transformers once, and the forked workload is what a fresh
-process would have been."""
+"""Warm workload starts (guest/warm.py; on in the guest's agent, off by default in Agent.warm_starts): the real
+agent forks the real train workload from a forkserver that imported torch and transformers once, and the forked
+workload is what a fresh process would have been."""
 
 from __future__ import annotations
 
@@ -104,3 +104,22 @@ def test_a_forked_workload_reports_a_bad_request_and_a_cancel_as_a_fresh_one_doe
     pid = agent._running[endless].proc.pid
     assert call(agent, "workload.cancel", id=endless)["state"] == "cancelled"
     assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split(")")[1][:3]
+
+
+def test_a_forkserver_that_died_is_warmed_again_and_meanwhile_workloads_start_cold(tmp_path: Path) -> None:
+    agent = warm_agent(tmp_path)
+    starter = agent._warm
+    assert starter is not None and starter.usable()
+    server = warm.forkserver._forkserver._forkserver_pid  # type: ignore[attr-defined]
+    os.kill(server, 9)  # as the kernel's OOM killer would
+    while not os.path.exists(f"/proc/{server}") or Path(f"/proc/{server}/stat").read_text().split()[2] != "Z":
+        time.sleep(0.01)  # until it is a zombie: dead, not yet reaped
+    cold = str(call(agent, "workload.start", kind="train", args=[*ARGS, "--checkpoint-dir", str(tmp_path / "a")])["id"])
+    assert isinstance(agent._running[cold].proc, subprocess.Popen)  # not a fork that would wait for a new server
+    assert finished(agent, cold)["state"] == "succeeded"
+    assert starter.ready.wait(240), "the forkserver was not started again"
+    assert warm.forkserver._forkserver._forkserver_pid != server  # type: ignore[attr-defined]
+    forked = str(call(agent, "workload.start", kind="train", args=[*ARGS, "--checkpoint-dir", str(tmp_path / "b")])
+                 ["id"])
+    assert isinstance(agent._running[forked].proc, warm.WarmProcess)
+    assert finished(agent, forked)["state"] == "succeeded"
