@@ -42,9 +42,17 @@ from hvctl.agent_client import AgentClient, AgentError
 from hvctl.context import Context
 from hvctl.errors import GuestTimeout, HvctlError, InvalidSpec, NotFound
 from hvctl.ledger import OperationRecord, VMRecord
-from hvctl.ops import Say, Undo
+from hvctl.ops import Say, Undo, pooled
 from hvctl.ops.ckpt_member import find_member, leave, rejoin_and_verify, restart_after_rollback
-from hvctl.ops.incarnation import DEFAULT_BOOT_TIMEOUT, BootOptions, GuestSecrets, Incarnation, LocalStorage, boot
+from hvctl.ops.incarnation import (
+    DEFAULT_BOOT_TIMEOUT,
+    BootOptions,
+    GuestSecrets,
+    Incarnation,
+    LocalStorage,
+    Storage,
+    boot,
+)
 from hvctl.ops.intent import Operation
 from hvctl.ops.migrated import Migrated, Resumed
 from hvctl.ops.networks import leave_if_unused
@@ -123,22 +131,35 @@ class _Move:
         """The new incarnation on the target: its own files, SSH port, host key, agent token and GPUs. Returns it,
         the VM's record as it will be once moved, and a client for its agent."""
         record, target = self.record, self.target
-        files = self.ctx.paths.next_vm_files(record.name, record.overlay)
         port = self.port  # held with the reservation
-        self.op.step("checkpointed", target_dir=str(files.dir))
+        storage = self._storage(image)
         secrets = GuestSecrets.fresh(self.ctx, record.spec)
         gpu_alloc = passthrough.allocate(self.ctx, self.ctx.gpu_env, record.spec, target, undo)
-        new = Incarnation(record.spec, image, self.dest, LocalStorage(files, image, self.dest.host.qemu_gid()),
-                          port, secrets, gpu_alloc)
+        new = Incarnation(record.spec, image, self.dest, storage, port, secrets, gpu_alloc)
         boot(self.ctx, new, BootOptions(timeout=min(DEFAULT_BOOT_TIMEOUT * 2,
                                                     max(self.deadline - time.monotonic(), 1.0))),
              undo, self.say, step=self.op.step)  # "files", "defined" (the new domain's uuid), "started"
         self.op.step("booted")
+        files = storage.paths
         as_moved = dataclasses.replace(
             record, host=target, ssh_port=port, overlay=files.overlay, console_log=files.console_log,
             agent_socket=files.agent_socket, seed=files.seed, agent_token=secrets.token,
             host_pubkey=secrets.host_key.public_line)
         return new, as_moved, self.ctx.agent(target, record.name, secrets.token, timeout=60)
+
+    def _storage(self, image: Image) -> Storage:
+        """The new incarnation's files: here, in the state dir beside the source's (generation 1 or 0); on a host
+        that does not share this machine's filesystem, in its storage pool (the image uploaded once), as a create
+        there makes them. Recorded in the intent row before anything is made, for the repair."""
+        record, target = self.record, self.target
+        if self.dest.here:
+            files = self.ctx.paths.next_vm_files(record.name, record.overlay)
+            self.op.step("checkpointed", target_dir=str(files.dir))
+            return LocalStorage(files, image, self.dest.host.qemu_gid())
+        pool_files = pooled.open_files(self.dest.host, record.name)
+        pooled.check_room(pool_files, record.spec, target)
+        self.op.step("checkpointed", target_pool=True)
+        return pooled.PoolStorage(pool_files, pooled.upload_image(self.ctx, target, pool_files, image, self.say))
 
     def restore_and_verify(self, moved: list[Moving], as_moved: VMRecord,
                            target_agent: AgentClient) -> list[Resumed]:
@@ -179,7 +200,7 @@ def checkpoint_migrate(ctx: Context, record: VMRecord, dest: Target, timeout_s: 
                if w.state == "running"]
     member = find_member(ctx, record, running)  # a distributed job's: it leaves the job and rejoins from the target
     moving = [Moving(w.id, w.args, _checkpoint_dir(w)) for w in running if w.kind in CHECKPOINTABLE]
-    draining = [w.id for w in running if w.kind not in CHECKPOINTABLE]
+    draining = [w.id for w in running if w.kind not in CHECKPOINTABLE and (member is None or w.id != member.workload)]
     image = ctx.images.get(record.spec.image)
     image.verify()
     source_uuid = ctx.host(record.host).guest(name).uuid
@@ -255,6 +276,8 @@ def reconcile_checkpoint_migration(ctx: Context, op: OperationRecord) -> str:
     target_dir = data.get("target_dir")
     if target_dir and Path(target_dir) != record.overlay.parent and Path(target_dir).parent == ctx.paths.root / "vms":
         shutil.rmtree(target_dir, ignore_errors=True)
+    if data.get("target_pool"):  # the new incarnation's volumes in the target's pool (the source's are on another)
+        pooled.open_files(host, vm).delete()
     if "reservation" in data:
         ledger.reservations.release_for(vm, "migration", target)
     if "member_args" in data:  # a distributed job's member had left its job, and its source domain was paused
@@ -320,7 +343,9 @@ def _retire_source(ctx: Context, name: str, host_name: str, directory: Path, uui
                 guest.undefine()
         except NotFound:
             pass
-        if directory.parent == ctx.paths.root / "vms" and directory != ctx.ledger.vms.get(name).overlay.parent:
+        if not ctx.is_this_machine(host_name):  # its volumes in its host's pool
+            pooled.open_files(ctx.host(host_name), name).delete()
+        elif directory.parent == ctx.paths.root / "vms" and directory != ctx.ledger.vms.get(name).overlay.parent:
             shutil.rmtree(directory, ignore_errors=True)
         passthrough.release_vm(ctx, ctx.gpu_env, name, host_name)  # "its GPU returned to the host"
     except (HvctlError, AgentError) as exc:

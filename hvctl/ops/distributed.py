@@ -17,7 +17,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from guest import rpc
 from guest.workloads.protocol import parse_progress, parse_ready
@@ -99,10 +99,6 @@ READY_TIMEOUT_S = 1800.0  # importing torch in a TCG guest takes minutes; on rea
 MAX_AGENT_RETRIES = 3  # reconnections to a running VM's agent in a row before the job is given up
 
 
-MOVING: Final = "moving"
-Relocation = Literal["moving"] | tuple[AgentClient, str] | None
-
-
 @dataclass
 class Node:
     """One member while the job runs: its agent, whether its VM still runs, and how far hvctl has read its log."""
@@ -120,11 +116,13 @@ class Node:
     ready: bool = False
     status: rpc.WorkloadStatus | None = None
     dropped: str | None = None  # why the job goes on without it
-    # Where its rank went when its workload was cancelled: MOVING while a checkpoint migration of its VM runs (the
-    # member left the job and rejoins from its new incarnation), then the agent and train-ddp workload that carry the
-    # rank now (the new incarnation's, or the source's again after a rollback), or None (it did not come back).
-    relocate: Callable[[], Relocation] | None = None
-    away: bool = False  # its VM is being moved: it counts as a member, and its rank rejoins
+    # Whether a migration of its VM is under way (live, or by checkpoint): its agent may not answer meanwhile, and a
+    # checkpoint migration cancels its workload (the member leaves the job and rejoins from the new incarnation).
+    migrating: Callable[[], bool] = lambda: False
+    # Once such a move is over: the agent and train-ddp workload that carry its rank now (the new incarnation's, or
+    # the source's again after a rollback), or None (it did not come back).
+    relocate: Callable[[], tuple[AgentClient, str] | None] | None = None
+    away: bool = False  # its workload was cancelled by a checkpoint migration: it counts as a member, and rejoins
 
 
 @dataclass(frozen=True)
@@ -212,7 +210,9 @@ def _follow(plan: JobPlan, members: list[Node], on_event: Callable[[Event], None
                 for progress in parse_progress(_read(node)):
                     on_event(Event("progress", node.vm, progress=progress))
                 node.failures = 0
-            except AgentError as exc:
+            except (AgentError, HvctlError) as exc:
+                if node.migrating():  # moving live, or by checkpoint: read it again once it has arrived
+                    continue
                 if node.running():
                     if node.reconnect is None or node.failures >= MAX_AGENT_RETRIES:
                         raise
@@ -226,7 +226,7 @@ def _follow(plan: JobPlan, members: list[Node], on_event: Callable[[Event], None
                 node.dropped = f"its launcher failed: {node.status.error}"
                 on_event(Event("dropped", node.vm, reason=node.dropped))
             elif node.status is not None and node.status.state == "cancelled" and node.relocate is not None \
-                    and node.relocate() == MOVING:
+                    and node.migrating():
                 node.away = True
                 on_event(Event("moving", node.vm))
         left = [n for n in members if n.dropped is None]
@@ -250,9 +250,9 @@ def _follow(plan: JobPlan, members: list[Node], on_event: Callable[[Event], None
 def _follow_move(node: Node, on_event: Callable[[Event], None]) -> None:
     """A member whose VM a checkpoint migration is moving: once the move is over, follow its rank where it is now."""
     assert node.relocate is not None
-    found = node.relocate()
-    if isinstance(found, str):  # MOVING
+    if node.migrating():
         return
+    found = node.relocate()
     node.away = False
     if found is None:
         node.dropped = "its workload was cancelled by a checkpoint migration that did not start it again"
@@ -312,10 +312,11 @@ def run_job(ctx: Context, vms: list[str], train_args: list[str], batch_size: int
     def reconnect(name: str) -> Callable[[], AgentClient]:
         return lambda: agent_for(ctx, ctx.ledger.vms.get(name))  # through ctx.host, which running() renews
 
-    def relocate(name: str) -> Callable[[], Relocation]:
-        def find() -> Relocation:
-            if any(op.vm == name and op.kind == "migrate-checkpoint" for op in ctx.ledger.operations.all()):
-                return MOVING
+    def migrating(name: str) -> Callable[[], bool]:
+        return lambda: any(op.vm == name and op.kind.startswith("migrate") for op in ctx.ledger.operations.all())
+
+    def relocate(name: str) -> Callable[[], tuple[AgentClient, str] | None]:
+        def find() -> tuple[AgentClient, str] | None:
             try:
                 agent = agent_for(ctx, ctx.ledger.vms.get(name))  # on whichever host the move left it
                 ours = [w for w in workloads(agent) if w.kind == "train-ddp" and w.state == "running"
@@ -326,8 +327,8 @@ def run_job(ctx: Context, vms: list[str], train_args: list[str], batch_size: int
 
         return find
 
-    nodes = {r.name: Node(r.name, agent_for(ctx, r), running(r.name), reconnect(r.name), relocate=relocate(r.name))
-             for r in records}
+    nodes = {r.name: Node(r.name, agent_for(ctx, r), running(r.name), reconnect(r.name), migrating=migrating(r.name),
+                          relocate=relocate(r.name)) for r in records}
     for record in records:
         ctx.ledger.events.log(record.name, record.host, "workload.started", f"distributed job {plan.job} started",
                              {"job": plan.job, "kind": "train-ddp"})

@@ -19,7 +19,7 @@ from guest import rpc
 from guest.agent import Agent, serve_socket
 from hvctl.agent_client import AgentClient
 from hvctl.ops.ckpt_member import rejoin_args
-from hvctl.ops.distributed import MOVING, Event, JobPlan, Member, Node, Relocation, drive, plan_job
+from hvctl.ops.distributed import Event, JobPlan, Member, Node, drive, plan_job
 from hvctl.ops.run import WorkloadFailed
 
 FAKE = Path(__file__).parents[1] / "guest_scripts" / "fake_ddp_launcher.py"
@@ -229,8 +229,10 @@ def test_a_member_moved_by_a_checkpoint_migration_is_followed_to_its_new_incarna
     for name, behaviour in (("a", "ok"), ("b", "ok"), ("c", "hold")):
         start(name, behaviour)
     job = plan(tmp_path, ["a", "b", "c"], min_nodes=2)
-    where: dict[str, Relocation] = {"c": None}
+    moving = {"c": False}
+    where: dict[str, tuple[AgentClient, str] | None] = {"c": None}
     ours = nodes(vms)
+    ours["c"].migrating = lambda: moving["c"]
     ours["c"].relocate = lambda: where["c"]
     events: list[Event] = []
     started: dict[str, str] = {}
@@ -240,13 +242,14 @@ def test_a_member_moved_by_a_checkpoint_migration_is_followed_to_its_new_incarna
         if event.kind == "started":
             started[event.vm] = str(event.workload)
         if event.progress and event.vm == "c" and event.progress.step == 2 and "c-new" not in vms:
-            where["c"] = MOVING  # the migration's intent row is there before it cancels the member
+            moving["c"] = True  # the migration's intent row is there before it cancels the member
             vms["c"].client.call("workload.cancel", rpc.WorkloadRef(id=started["c"]))
         if event.kind == "moving":
             new = start("c-new", "ok")
             rejoined = new.client.typed("workload.start", rpc.WorkloadStatus, rpc.WorkloadStartParams(
                 kind="train-ddp", args=rejoin_args(job.launches[2].args)))
-            where["c"] = (new.client, rejoined.id)  # the move is over
+            where["c"] = (new.client, rejoined.id)
+            moving["c"] = False  # the move is over
         if event.kind == "rejoined":
             (tmp_path / "release").touch()
 
@@ -264,3 +267,27 @@ def test_a_member_args_without_the_go_file_join_at_once_and_keep_the_training_ar
             "--objective", "ssl", "--go-file", "x"]  # after "--": the training's, left alone
     assert rejoin_args(args) == ["--job", "j1", "--min-nodes", "2", "--", "--objective", "ssl", "--go-file", "x"]
     assert (flag(args, "--job"), flag(args, "--min-nodes"), flag(args, "--objective")) == ("j1", "2", None)
+
+
+def test_a_member_moving_live_is_not_dropped_and_is_read_again_once_it_has_arrived(cluster) -> None:  # type: ignore[no-untyped-def]
+    """A live migration of b: while it runs, b's agent does not answer through its old host and its domain there
+    does not run (its switch-over); b is neither dropped nor counted as failing, and is read where it arrived."""
+    tmp_path, vms, start = cluster
+    for name in ("a", "b"):
+        start(name, "ok")
+    (tmp_path / "release").touch()
+    moving = {"b": False}
+    broken = AgentClient.over_socket(tmp_path / "closed.sock", TOKEN, timeout=2)
+    ours = nodes(vms)
+    ours["b"].migrating = lambda: moving["b"]
+    ours["b"].running = lambda: not moving["b"]
+    ours["b"].reconnect = lambda: vms["b"].client  # through its new host
+
+    def on_event(event: Event) -> None:
+        if event.kind == "go":
+            moving["b"], ours["b"].agent = True, broken
+        if event.progress and event.vm == "a" and event.progress.step == 6:
+            moving["b"] = False  # arrived
+
+    result = drive(plan(tmp_path, ["a", "b"]), ours, on_event, poll=0.02)
+    assert (result.finished, result.dropped) == (["a", "b"], {})

@@ -113,6 +113,15 @@ class CgroupTree:
                 lines.append(f"ln -s {shlex.quote(str(link.readlink()))} {shlex.quote(str(link))}")
         return lines
 
+    def processes(self) -> list[int]:
+        """Every process in the subtree, as each hierarchy that has it lists them."""
+        found: set[int] = set()
+        for h in hierarchies():
+            top = h.path(self.name)
+            if top.is_dir():
+                found |= {int(pid) for procs in top.rglob("cgroup.procs") for pid in procs.read_text().split()}
+        return sorted(found)
+
     def remove(self, timeout: float = 15.0) -> None:
         """Every cgroup in the subtree, deepest first, once the processes in it have gone (the kernel lets an empty
         cgroup go a moment after its last process exits)."""

@@ -356,6 +356,10 @@ class RemoteStyleHost:
                 _run("ip", "link", "del", outer)
                 break
             time.sleep(0.05)
+        # What the daemons left running in the host's tree (libvirt's dnsmasq for a network it started) ends with
+        # the host, as a machine's shutdown ends it.
+        for pid in self._tree.processes() if self.cgroups_off is None else []:
+            _terminate(pid, timeout)
         self._tree.remove(timeout)
 
 
