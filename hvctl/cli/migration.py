@@ -29,6 +29,8 @@ def migrate(
     timeout: Annotated[float | None, typer.Option(help="Seconds before --timeout-action applies (checkpoint mode: "
                                                         "the whole operation, default 900).")] = None,
     timeout_action: Annotated[str, typer.Option(help="abort or postcopy.")] = "abort",
+    rejoin_job: Annotated[bool, typer.Option(help="Checkpoint mode, experimental: a member of a distributed training "
+                                                  "job leaves it and rejoins from the target.")] = False,
     cancel: Annotated[bool, typer.Option("--cancel", help="Cancel this VM's migration in progress.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -50,7 +52,7 @@ def migrate(
         fail("--mode must be live, postcopy, offline or checkpoint; --timeout-action abort or postcopy", 2)
     opts = MigrateOptions(mode=mode, max_downtime_ms=max_downtime, bandwidth_mib_s=bandwidth,  # type: ignore[arg-type]
                           auto_converge=auto_converge, copy_storage=copy_storage, timeout_s=timeout,
-                          timeout_action=timeout_action)  # type: ignore[arg-type]
+                          timeout_action=timeout_action, rejoin_job=rejoin_job)  # type: ignore[arg-type]
     progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
                         TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), console=err.console, transient=True)
     task = progress.add_task(f"migrate {name} → {to}", total=None, detail="prechecks")

@@ -19,8 +19,9 @@ records what it made in the operation's intent row (``hvctl.ops.intent``), so th
 decided by ``reconcile_checkpoint_migration``: before the commit, the new incarnation is removed and the source,
 which never stopped, stays; after it, the source incarnation is removed.
 
-A member of a distributed training job cannot keep training on the source meanwhile: it leaves its job before the
-target boots and rejoins from the new incarnation (``hvctl.ops.ckpt_member``), and a rollback brings it back.
+A member of a distributed training job cannot keep training on the source meanwhile: by default it is refused;
+with ``rejoin_job`` (experimental: its VM test has not passed yet) it leaves its job before the target boots and
+rejoins from the new incarnation (``hvctl.ops.ckpt_member``), and a rollback brings it back.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from guest import rpc
-from guest.kinds import CHECKPOINTABLE
+from guest.kinds import CHECKPOINTABLE, DISTRIBUTED
 from guest.workloads.schema import TrainProgress
 from hvctl import passthrough
 from hvctl.access import copy, route_for
@@ -185,7 +186,7 @@ class _Move:
 
 
 def checkpoint_migrate(ctx: Context, record: VMRecord, dest: Target, timeout_s: float | None,
-                       say: Say, op: Operation) -> Migrated:
+                       say: Say, op: Operation, rejoin_job: bool = False) -> Migrated:
     started = time.monotonic()
     ledger, name = ctx.ledger, record.name
     if record.agent_token is None:
@@ -198,9 +199,18 @@ def checkpoint_migrate(ctx: Context, record: VMRecord, dest: Target, timeout_s: 
     say("asking the source agent for its workloads")
     running = [w for w in move.source_agent.typed("workload.list", rpc.WorkloadList).workloads
                if w.state == "running"]
-    member = find_member(ctx, record, running)  # a distributed job's: it leaves the job and rejoins from the target
+    member = next((w for w in running if w.kind in DISTRIBUTED), None)
+    if member is not None and not rejoin_job:
+        # Its job would re-form without it at once, and the new incarnation would share its tenant address with
+        # the source until the commit: by default a job's member moves by running the job again.
+        raise InvalidSpec(f"{name} runs {member.id}, its part of a distributed training job: checkpoint migration "
+                          "moves a VM's own workloads, not one member of a job that spans VMs",
+                          hint=f"`hvctl cancel` the job's VMs, migrate {name}, and run the job again: it resumes "
+                               "from its newest checkpoint (or, experimental, --rejoin-job)")
+    # --rejoin-job: the member leaves the job and rejoins from the target (hvctl.ops.ckpt_member)
+    joining = find_member(ctx, record, running) if member is not None else None
     moving = [Moving(w.id, w.args, _checkpoint_dir(w)) for w in running if w.kind in CHECKPOINTABLE]
-    draining = [w.id for w in running if w.kind not in CHECKPOINTABLE and (member is None or w.id != member.workload)]
+    draining = [w.id for w in running if w.kind not in CHECKPOINTABLE and w.kind not in DISTRIBUTED]
     image = ctx.images.get(record.spec.image)
     image.verify()
     source_uuid = ctx.host(record.host).guest(name).uuid
@@ -215,12 +225,12 @@ def checkpoint_migrate(ctx: Context, record: VMRecord, dest: Target, timeout_s: 
             undo.push("release the reservation", lambda: ledger.reservations.release(reservation))
             move.drain(draining)
             moved = move.checkpoint_out(moving)
-            if member is not None:
-                leave(ctx, record, member, move.source_agent, move.deadline, undo, say, op)
+            if joining is not None:
+                leave(ctx, record, joining, move.source_agent, move.deadline, undo, say, op)
             new, as_moved, target_agent = move.boot_target(image, undo)
-            verified = move.restore_and_verify(moved, as_moved, target_agent)
-            if member is not None:
-                verified.append(rejoin_and_verify(member, target, target_agent, move.deadline, say))
+            # A member runs alone in its VM (find_member refuses training beside it): one or the other is verified.
+            verified = [rejoin_and_verify(joining, target, target_agent, move.deadline, say)] if joining else []
+            verified += move.restore_and_verify(moved, as_moved, target_agent)  # records "verified"
             say("committing the move in the ledger")
             stats = Migrated(mode="checkpoint", total_s=round(time.monotonic() - started, 3), downtime_ms=None,
                              bytes=sum(i.local_checkpoint.stat().st_size for i in moved if i.local_checkpoint),

@@ -50,6 +50,7 @@ class MigrateOptions:
     copy_storage: bool = False
     timeout_s: float | None = None
     timeout_action: Literal["abort", "postcopy"] = "abort"
+    rejoin_job: bool = False  # checkpoint mode: a job member leaves and rejoins (ckpt_member; experimental)
 
 
 def migrate(ctx: Context, name: str, target: str, opts: MigrateOptions,
@@ -116,7 +117,7 @@ def _checkpoint(ctx: Context, record: VMRecord, dest: Target, opts: MigrateOptio
     """A checkpoint migration (``hvctl.ops.ckpt_migrate``), its failure logged and named as one."""
     name, target = record.name, dest.name
     try:
-        return checkpoint_migrate(ctx, record, dest, opts.timeout_s, say, op)
+        return checkpoint_migrate(ctx, record, dest, opts.timeout_s, say, op, rejoin_job=opts.rejoin_job)
     except BaseException as exc:
         message = exc.message if isinstance(exc, HvctlError) else f"{type(exc).__name__}: {exc}"
         ctx.ledger.events.log(name, record.host, "migration.failed", f"checkpoint-migration of {name} to {target} "

@@ -70,7 +70,7 @@ def test_checkpoint_mode_needs_an_agent_and_says_so_before_reserving(ctx: Contex
 
 
 
-def test_checkpoint_mode_refuses_a_member_whose_job_cannot_go_on_without_it_before_reserving(
+def test_checkpoint_mode_refuses_a_member_of_a_distributed_job_before_reserving(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A running domain on libvirt's test driver, and a real agent (guest/agent.py serving a unix socket in a
     thread, its train-ddp a sleeping stand-in): only the channel to the agent is a socket here instead of the
@@ -89,10 +89,12 @@ def test_checkpoint_mode_refuses_a_member_whose_job_cannot_go_on_without_it_befo
         started = client.typed("workload.start", rpc.WorkloadStatus, rpc.WorkloadStartParams(
             kind="train-ddp", args=["--job", "ddp-1", "--min-nodes", "1", "--", "--objective", "ssl"]))
         monkeypatch.setattr(rig.ctx, "agent", lambda *_a, **_k: client)
-        # Its job's other members would train on while it moves; here it has none left.
+        with pytest.raises(InvalidSpec, match=f"member runs {started.id}, its part of a distributed training job"):
+            migrate(rig.ctx, "member", "h2", MigrateOptions(mode="checkpoint"))
+        # Experimental, asked for: its job's other members would train on while it moves; here it has none left.
         with pytest.raises(InvalidSpec, match="job ddp-1 runs on 1 VM.s. with a minimum of 1: it cannot go on "
                                               "without member while it moves"):
-            migrate(rig.ctx, "member", "h2", MigrateOptions(mode="checkpoint"))
+            migrate(rig.ctx, "member", "h2", MigrateOptions(mode="checkpoint", rejoin_job=True))
         assert rig.ctx.ledger.reservations.all() == [] and rig.ctx.ledger.vms.get("member").host == "local"
         assert client.typed("workload.status", rpc.WorkloadStatus, rpc.WorkloadRef(id=started.id)).state == "running"
         # `hvctl cancel`'s core: every running workload stopped, and reported; an unknown id refused.
