@@ -64,12 +64,12 @@ def fleet(image_dir: Path) -> Iterator[RemoteFleet]:
         yield f
 
 
-def single_process(tmp_path: Path) -> list[float]:
+def single_process(tmp_path: Path, steps: int = STEPS) -> list[float]:
     """The reference: this machine's guest code, one process, the whole global batch, the image's tiny LLM (seeded,
     so the same weights), the guest's defaults for everything else."""
     model = make_tiny_llm(tmp_path / "tiny-llm")
     done = subprocess.run([sys.executable, "-m", "guest.workloads", "run", "train", "--objective", "ssl",
-                           "--steps", str(STEPS), "--batch-size", str(BATCH), "--model", str(model),
+                           "--steps", str(steps), "--batch-size", str(BATCH), "--model", str(model),
                            "--checkpoint-dir", str(tmp_path / "ck"), "--checkpoint-every", "0", "--json"],
                           capture_output=True, text=True, timeout=600, check=True)
     return [float(x) for x in json.loads(done.stdout.splitlines()[-1])["losses"]]

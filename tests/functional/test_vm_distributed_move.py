@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import json
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,35 +30,26 @@ from pathlib import Path
 import pytest
 from conftest import RemoteFleet, remote_fleet
 from framework.devhost.remote import link_hosts
+from test_vm_distributed import BATCH, VMS, ddp_log, single_process  # the same job's helpers
 
-from guest import rpc
-from guest.workloads.assets import make_tiny_llm
 from guest.workloads.protocol import parse_progress
 from images.store import ImageStore
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(3000),
-              pytest.mark.skip(reason="pending: the job did not re-form with d3's new incarnation (stop 45); "
-                                      "`migrate --rejoin-job` is experimental until this passes")]
+              pytest.mark.skip(reason="pending: the job did not re-form with d3's new incarnation (stop 45: the "
+                                      "new round waited 60 s for its MASTER_ADDR key); `migrate --rejoin-job` "
+                                      "is experimental until this passes")]
 
 POLICY = """
 hosts: {cpu_overcommit: 4.0, reserve: {memory_mib: 0}}
 tenants:
   acme: {quota: {vcpus: 4, memory_mib: 6144, disk_gib: 16, vms: 4}}
 """
-VMS = ("d1", "d2", "d3")
-STEPS, BATCH = 8, 6
+STEPS = 8
 # The fault hooks (guest/workloads/__main__.py): every first worker holds after step 2 ("2 4": exactly that step, in
 # a world of fewer than 4, which this job always is); their successors, which resume at step 3, do not. d2 holds
 # after step 6 for good, until it is destroyed.
 HOOKS = {"d1": "2 4", "d2": "2 4;6", "d3": "2 4"}
-
-
-def ddp_log(fleet: RemoteFleet, vm: str) -> str:
-    """The output of ``vm``'s train-ddp workload (its launcher and every worker it started)."""
-    ours = [w for w in fleet.agent(vm, "workload.list", rpc.WorkloadList).workloads if w.kind == "train-ddp"]
-    if not ours:
-        return ""
-    return fleet.agent(vm, "workload.logs", rpc.WorkloadLogs, rpc.WorkloadLogsParams(id=ours[-1].id)).data
 
 
 @pytest.fixture(scope="module")
@@ -82,17 +72,6 @@ def fleet(image_dir: Path) -> Iterator[RemoteFleet]:
             for result in pool.map(create, VMS):
                 assert result.returncode == 0, result.stderr
         yield f
-
-
-def single_process(tmp_path: Path) -> list[float]:
-    """The reference: this machine's guest code, one process, the whole global batch, the image's tiny LLM (seeded,
-    so the same weights), the guest's defaults for everything else."""
-    model = make_tiny_llm(tmp_path / "tiny-llm")
-    done = subprocess.run([sys.executable, "-m", "guest.workloads", "run", "train", "--objective", "ssl",
-                           "--steps", str(STEPS), "--batch-size", str(BATCH), "--model", str(model),
-                           "--checkpoint-dir", str(tmp_path / "ck"), "--checkpoint-every", "0", "--json"],
-                          capture_output=True, text=True, timeout=600, check=True)
-    return [float(x) for x in json.loads(done.stdout.splitlines()[-1])["losses"]]
 
 
 def wait_for_step(fleet: RemoteFleet, vm: str, step: int, job: Future[subprocess.CompletedProcess[str]]) -> None:
@@ -160,7 +139,7 @@ def test_a_job_over_three_vms_moves_one_loses_one_and_finishes_with_one_processs
     # Three VMs until d2 was destroyed (d3 by its new incarnation from step 3), two to the end. A step trained again
     # after a restart counts as it was last trained.
     worlds = {1: 3, 2: 3, 3: 3, 4: 3, 5: 3, 6: 3, 7: 2, 8: 2}
-    reference = single_process(tmp_path)
+    reference = single_process(tmp_path, STEPS)
     for vm, trained in (("d1", range(1, STEPS + 1)), ("d3", range(3, STEPS + 1))):
         steps = {p.step: p for p in parse_progress(ddp_log(fleet, vm))}
         assert sorted(steps) == list(trained), sorted(steps)
