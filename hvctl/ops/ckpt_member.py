@@ -22,7 +22,6 @@ with it), and a job that would fall below its ``--min-nodes`` while the member i
 from __future__ import annotations
 
 import contextlib
-import time
 from dataclasses import dataclass
 
 from guest import rpc
@@ -30,26 +29,38 @@ from guest.kinds import CHECKPOINTABLE, DISTRIBUTED
 
 from ..agent_client import AgentClient, AgentError
 from ..context import Context
-from ..errors import GuestTimeout, HvctlError, InvalidSpec, MigrationFailed
+from ..errors import HvctlError, InvalidSpec, MigrationFailed
 from ..ledger import VMRecord
 from . import Say, Undo
 from .intent import Operation
 from .migrated import Resumed
-from .train_progress import CheckpointMigrationFailed, wait_for_progress
+from .run import workloads
+from .train_progress import CheckpointMigrationFailed, progress, wait_for_progress, wait_until
 
 _HINT = "`hvctl cancel` the job's VMs, migrate {name}, and run the job again: it resumes from its newest checkpoint"
 
 
+def _split(args: list[str]) -> tuple[list[str], list[str]]:
+    """A train-ddp workload's arguments: the launcher's own, and from ``--`` on, the training's."""
+    at = args.index("--") if "--" in args else len(args)
+    return args[:at], args[at:]
+
+
 def flag(args: list[str], name: str) -> str | None:
     """The value of launcher option ``name`` in a train-ddp workload's arguments (before its ``--``)."""
-    own = args[: args.index("--")] if "--" in args else args
+    own, _ = _split(args)
     return own[own.index(name) + 1] if name in own and own.index(name) + 1 < len(own) else None
+
+
+def job_workload(workloads: list[rpc.WorkloadStatus], job: str) -> rpc.WorkloadStatus | None:
+    """The newest running launcher of distributed job ``job`` among a VM's workloads."""
+    ours = [w for w in workloads if w.state == "running" and w.kind in DISTRIBUTED and flag(w.args, "--job") == job]
+    return ours[-1] if ours else None
 
 
 def rejoin_args(args: list[str]) -> list[str]:
     """The member's arguments without its go file: a launcher started with them joins the running job at once."""
-    split = args.index("--") if "--" in args else len(args)
-    own, rest = args[:split], args[split:]
+    own, rest = _split(args)
     if "--go-file" in own:
         at = own.index("--go-file")
         own = own[:at] + own[at + 2:]
@@ -73,17 +84,14 @@ class JobMember:
     job: str
     peers: list[Peer]
     peer_offset: int = 0  # in the first peer's log, when the member left: its steps after the rejoin come later
-    rejoined: str | None = None  # the new incarnation's workload
 
 
-def find_member(ctx: Context, record: VMRecord, running: list[rpc.WorkloadStatus]) -> JobMember | None:
-    """The VM's running job member, once checked that the job can go on while it moves; None when it runs none."""
+def find_member(ctx: Context, record: VMRecord, member: rpc.WorkloadStatus,
+                running: list[rpc.WorkloadStatus]) -> JobMember:
+    """``member``, the VM's part of a distributed job, once checked that the job can go on while it moves."""
     name = record.name
-    member = next((w for w in running if w.kind in DISTRIBUTED), None)
-    if member is None:
-        return None
     job = flag(member.args, "--job") or "?"
-    if "--hosts-store" in member.args[: member.args.index("--") if "--" in member.args else len(member.args)]:
+    if "--hosts-store" in _split(member.args)[0]:
         raise InvalidSpec(f"{name} hosts the rendezvous of distributed job {job} (it is the job's first VM), and the "
                           "job ends without it", hint=_HINT.format(name=name))
     others = [w.id for w in running if w.kind in CHECKPOINTABLE]
@@ -100,19 +108,21 @@ def find_member(ctx: Context, record: VMRecord, running: list[rpc.WorkloadStatus
 
 
 def _peers(ctx: Context, record: VMRecord, job: str) -> list[Peer]:
-    """The job's other members: the tenant's VMs whose agents run a train-ddp workload of ``job``."""
+    """The job's other members: the VMs on this VM's tenant network (a job spans one) whose agents run a launcher
+    of ``job``."""
+    network = record.spec.network.tenant_network if record.spec.network is not None else None
     found = []
     for other in ctx.ledger.vms.all():
-        if other.name == record.name or other.spec.tenant != record.spec.tenant or other.agent_token is None:
+        net = other.spec.network
+        if other.name == record.name or net is None or net.tenant_network != network or other.agent_token is None:
             continue
         try:
             agent = ctx.agent(other.host, other.name, other.agent_token, timeout=30)
-            workloads = agent.typed("workload.list", rpc.WorkloadList).workloads
+            ours = job_workload(workloads(agent), job)
         except (AgentError, HvctlError):  # stopped, or no agent answering: not training in any job
             continue
-        ours = [w for w in workloads if w.state == "running" and w.kind in DISTRIBUTED and flag(w.args, "--job") == job]
-        if ours:
-            found.append(Peer(other.name, agent, ours[-1].id))
+        if ours is not None:
+            found.append(Peer(other.name, agent, ours.id))
     return found
 
 
@@ -123,11 +133,9 @@ def leave(ctx: Context, record: VMRecord, member: JobMember, source_agent: Agent
     member.peer_offset = _log_end(member.peers[0])
     say(f"taking {member.vm} out of job {member.job}: {peers} re-form without it and go on")
     source_agent.call("workload.cancel", rpc.WorkloadRef(id=member.workload))
-    while source_agent.typed("workload.status", rpc.WorkloadStatus,
-                             rpc.WorkloadRef(id=member.workload)).state == "running":
-        if time.monotonic() > deadline:
-            raise GuestTimeout(f"workload {member.workload} did not stop within the migration's timeout")
-        time.sleep(0.5)
+    wait_until(lambda: source_agent.typed("workload.status", rpc.WorkloadStatus,
+                                          rpc.WorkloadRef(id=member.workload)).state != "running",
+               deadline, f"workload {member.workload} did not stop")
     undo.push(f"{member.vm} rejoins job {member.job} on {record.host}",
               lambda: _start(source_agent, member.args))
     guest = ctx.host(record.host).guest(record.name)
@@ -141,7 +149,6 @@ def rejoin_and_verify(member: JobMember, target: str, target_agent: AgentClient,
     """Steps 2 and 3: the member's launcher again, on the new incarnation, and its first step checked against a
     peer's step of the same number in the same world (every rank reports the loss averaged over all ranks)."""
     status = _start(target_agent, member.args)
-    member.rejoined = status.id
     say(f"waiting for {status.id} on {target} to rejoin job {member.job} (it imports torch first)")
     first, _ = wait_for_progress(target_agent, status.id, 0, deadline, lambda _: True, "its first step in the job")
     peer = member.peers[0]
@@ -163,12 +170,10 @@ def _log_end(peer: Peer) -> int:
     """The offset just past the whole lines of ``peer``'s log so far."""
     offset = 0
     while True:
-        logs = peer.agent.typed("workload.logs", rpc.WorkloadLogs,
-                                rpc.WorkloadLogsParams(id=peer.workload, offset=offset))
-        whole = logs.data[: logs.data.rfind("\n") + 1]
-        offset += len(whole.encode())
-        if logs.eof or not whole:
-            return offset
+        _, after, ended = progress(peer.agent, peer.workload, offset)
+        if after == offset or ended:
+            return after
+        offset = after
 
 
 def restart_after_rollback(ctx: Context, vm: str, host: str, token: str | None, source_uuid: str,

@@ -30,7 +30,6 @@ import dataclasses
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from guest import rpc
@@ -41,7 +40,7 @@ from hvctl.access import copy, route_for
 from hvctl.accounting import host_footprint
 from hvctl.agent_client import AgentClient, AgentError
 from hvctl.context import Context
-from hvctl.errors import GuestTimeout, HvctlError, InvalidSpec, NotFound
+from hvctl.errors import HvctlError, InvalidSpec, NotFound
 from hvctl.ledger import OperationRecord, VMRecord
 from hvctl.ops import Say, Undo, pooled
 from hvctl.ops.ckpt_member import find_member, leave, rejoin_and_verify, restart_after_rollback
@@ -59,7 +58,7 @@ from hvctl.ops.migrated import Migrated, Resumed
 from hvctl.ops.networks import leave_if_unused
 from hvctl.ops.run import checkpoint_name, operator_identity
 from hvctl.ops.target import Target
-from hvctl.ops.train_progress import CheckpointMigrationFailed, wait_for_progress
+from hvctl.ops.train_progress import CheckpointMigrationFailed, wait_for_progress, wait_until
 from images.store import Image
 
 DEFAULT_TIMEOUT_S = 900.0
@@ -101,7 +100,7 @@ class _Move:
         """Wait for every inference workload to finish (the source keeps serving until then)."""
         for wid in draining:
             self.say(f"draining inference workload {wid}")
-            _wait(lambda wid=wid: self.source_agent.typed(  # type: ignore[misc]
+            wait_until(lambda wid=wid: self.source_agent.typed(  # type: ignore[misc]
                 "workload.status", rpc.WorkloadStatus, rpc.WorkloadRef(id=wid)).state != "running",
                 self.deadline, f"inference workload {wid} did not finish")
 
@@ -208,7 +207,7 @@ def checkpoint_migrate(ctx: Context, record: VMRecord, dest: Target, timeout_s: 
                           hint=f"`hvctl cancel` the job's VMs, migrate {name}, and run the job again: it resumes "
                                "from its newest checkpoint (or, experimental, --rejoin-job)")
     # --rejoin-job: the member leaves the job and rejoins from the target (hvctl.ops.ckpt_member)
-    joining = find_member(ctx, record, running) if member is not None else None
+    joining = find_member(ctx, record, member, running) if member is not None else None
     moving = [Moving(w.id, w.args, _checkpoint_dir(w)) for w in running if w.kind in CHECKPOINTABLE]
     draining = [w.id for w in running if w.kind not in CHECKPOINTABLE and w.kind not in DISTRIBUTED]
     image = ctx.images.get(record.spec.image)
@@ -315,13 +314,6 @@ def _checkpoint_dir(status: rpc.WorkloadStatus) -> str:
         raise InvalidSpec(f"training workload {status.id} runs without --checkpoint-dir, so it cannot checkpoint",
                           hint="start training with `hvctl run NAME train`, which always sets one")
     return args[args.index("--checkpoint-dir") + 1]
-
-
-def _wait(done: Callable[[], bool], deadline: float, what: str, poll: float = 0.5) -> None:
-    while not done():
-        if time.monotonic() > deadline:
-            raise GuestTimeout(f"{what} within the migration's timeout")
-        time.sleep(poll)
 
 
 def _verify(source: AgentClient, target: AgentClient, item: Moving, target_id: str,

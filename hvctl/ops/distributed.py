@@ -26,7 +26,7 @@ from guest.workloads.schema import TrainProgress
 from ..agent_client import AgentClient, AgentError
 from ..errors import HvctlError, InvalidSpec
 from ..host.guest import DomainState
-from .ckpt_member import flag
+from .ckpt_member import job_workload
 from .run import WorkloadFailed, agent_for, workloads
 
 if TYPE_CHECKING:
@@ -319,11 +319,10 @@ def run_job(ctx: Context, vms: list[str], train_args: list[str], batch_size: int
         def find() -> tuple[AgentClient, str] | None:
             try:
                 agent = agent_for(ctx, ctx.ledger.vms.get(name))  # on whichever host the move left it
-                ours = [w for w in workloads(agent) if w.kind == "train-ddp" and w.state == "running"
-                        and flag(w.args, "--job") == plan.job]
+                ours = job_workload(workloads(agent), plan.job)
             except (AgentError, HvctlError):
                 return None
-            return (agent, ours[-1].id) if ours else None
+            return (agent, ours.id) if ours is not None else None
 
         return find
 

@@ -39,3 +39,11 @@ def wait_for_progress(agent: AgentClient, wid: str, offset: int, deadline: float
         if time.monotonic() > deadline:
             raise GuestTimeout(f"workload {wid} did not report {what} within the migration's timeout")
         time.sleep(0.5)
+
+
+def wait_until(done: Callable[[], bool], deadline: float, what: str, poll: float = 0.5) -> None:
+    """Poll ``done`` until it holds; GuestTimeout ("``what`` within the migration's timeout") past ``deadline``."""
+    while not done():
+        if time.monotonic() > deadline:
+            raise GuestTimeout(f"{what} within the migration's timeout")
+        time.sleep(poll)

@@ -15,7 +15,7 @@ from guest import rpc
 from hvctl.errors import InvalidSpec
 from hvctl.ops.ckpt_member import find_member
 
-RECORD: Any = SimpleNamespace(name="d2", spec=SimpleNamespace(tenant="acme"))
+RECORD: Any = SimpleNamespace(name="d2", spec=SimpleNamespace(tenant="acme", network=None))
 NO_PEERS: Any = SimpleNamespace(ledger=SimpleNamespace(vms=SimpleNamespace(all=lambda: [])))
 
 
@@ -28,20 +28,16 @@ def member(*extra: str) -> rpc.WorkloadStatus:
     return workload("train-ddp", ["--job", "ddp-1", "--min-nodes", "2", *extra, "--", "--objective", "ssl"])
 
 
-def test_a_vm_without_a_job_member_has_none() -> None:
-    assert find_member(NO_PEERS, RECORD, [workload("train", ["--objective", "ssl"])]) is None
-
-
 def test_the_member_that_hosts_the_rendezvous_is_refused() -> None:
     with pytest.raises(InvalidSpec, match="d2 hosts the rendezvous of distributed job ddp-1"):
-        find_member(NO_PEERS, RECORD, [member("--hosts-store")])
+        find_member(NO_PEERS, RECORD, member("--hosts-store"), [member("--hosts-store")])
 
 
 def test_a_member_beside_its_own_training_is_refused() -> None:
     with pytest.raises(InvalidSpec, match=r"beside its own training \(w2\)"):
-        find_member(NO_PEERS, RECORD, [member(), workload("train", ["--objective", "ssl"], wid="w2")])
+        find_member(NO_PEERS, RECORD, member(), [member(), workload("train", ["--objective", "ssl"], wid="w2")])
 
 
 def test_a_job_that_would_fall_below_its_minimum_is_refused() -> None:
     with pytest.raises(InvalidSpec, match="job ddp-1 runs on 1 VM.s. with a minimum of 2: it cannot go on without d2"):
-        find_member(NO_PEERS, RECORD, [member()])
+        find_member(NO_PEERS, RECORD, member(), [member()])
